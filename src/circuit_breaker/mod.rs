@@ -1,0 +1,1 @@
+//! Not yet built: see the crate's issue tracker.

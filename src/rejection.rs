@@ -1,0 +1,346 @@
+//! [`Rejection`]: the typed error a bulwark layer returns when it refuses a request.
+//!
+//! Every layer of this crate that can refuse a request (rate limit, backpressure, circuit
+//! breaker, idempotency) returns a [`Rejection`] boxed in tower's
+//! [`BoxError`](tower::BoxError). It knows its [`RejectionKind`], how long the caller should
+//! wait before trying again ([`Rejection::retry_after`]) and, for rate limits, the figures of
+//! the limit ([`RateLimitInfo`]).
+//!
+//! Callers find it with `downcast_ref`:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::BoxError;
+//! use tower_bulwark::{Rejection, RejectionKind};
+//!
+//! let err: BoxError = Rejection::overloaded(Some(Duration::from_millis(50))).into();
+//! let rejection = err.downcast_ref::<Rejection>().expect("a rejection");
+//! assert_eq!(rejection.kind(), RejectionKind::Overloaded);
+//! assert_eq!(rejection.retry_after(), Some(Duration::from_millis(50)));
+//! ```
+//!
+//! [`RejectionLayer`](crate::RejectionLayer) turns a rejection into the HTTP response or gRPC
+//! status that the table in the crate docs gives, so Axum stacks need no `HandleErrorLayer`.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why a request was refused.
+///
+/// The HTTP status and gRPC code of each kind are those of
+/// [`RejectionLayer`](crate::RejectionLayer); see [`RejectionKind::http_status`] and
+/// [`RejectionKind::grpc_code`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// The rate limit is spent (HTTP 429, gRPC `RESOURCE_EXHAUSTED`).
+    RateLimited,
+    /// Too many requests in flight: shed at once or after waiting too long (HTTP 503, gRPC
+    /// `UNAVAILABLE`).
+    Overloaded,
+    /// The circuit breaker is open (HTTP 503, gRPC `UNAVAILABLE`).
+    CircuitOpen,
+    /// A request with the same idempotency key is still running (HTTP 409, gRPC `ABORTED`).
+    IdempotencyInFlight,
+    /// The idempotency key was used before with another payload (HTTP 422, gRPC
+    /// `FAILED_PRECONDITION`).
+    IdempotencyKeyReused,
+    /// The idempotency key is required but missing (HTTP 400, gRPC `INVALID_ARGUMENT`).
+    IdempotencyKeyMissing,
+    /// The idempotency key is malformed, or sent more than once (HTTP 400, gRPC
+    /// `INVALID_ARGUMENT`).
+    IdempotencyKeyInvalid,
+    /// The key completed before, but its response was too large to keep, so it cannot be
+    /// replayed (HTTP 409, gRPC `ABORTED`). The request is not run a second time.
+    IdempotencyResponseNotStored,
+    /// The request body is larger than the layer accepts (HTTP 413, gRPC
+    /// `RESOURCE_EXHAUSTED`).
+    PayloadTooLarge,
+    /// A shared store (such as Redis) is unreachable and the policy is to fail closed (HTTP 503,
+    /// gRPC `UNAVAILABLE`).
+    StoreUnavailable,
+}
+
+impl RejectionKind {
+    /// The HTTP status code [`RejectionLayer::http`](crate::RejectionLayer::http) answers with.
+    pub fn http_status(self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            RejectionKind::RateLimited => S::TOO_MANY_REQUESTS,
+            RejectionKind::Overloaded
+            | RejectionKind::CircuitOpen
+            | RejectionKind::StoreUnavailable => S::SERVICE_UNAVAILABLE,
+            RejectionKind::IdempotencyInFlight | RejectionKind::IdempotencyResponseNotStored => {
+                S::CONFLICT
+            }
+            RejectionKind::IdempotencyKeyReused => S::UNPROCESSABLE_ENTITY,
+            RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
+                S::BAD_REQUEST
+            }
+            RejectionKind::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// The gRPC status code [`RejectionLayer::grpc`](crate::RejectionLayer) answers with.
+    pub fn grpc_code(self) -> crate::classify::GrpcCode {
+        use crate::classify::GrpcCode as G;
+        match self {
+            RejectionKind::RateLimited | RejectionKind::PayloadTooLarge => G::ResourceExhausted,
+            RejectionKind::Overloaded
+            | RejectionKind::CircuitOpen
+            | RejectionKind::StoreUnavailable => G::Unavailable,
+            RejectionKind::IdempotencyInFlight | RejectionKind::IdempotencyResponseNotStored => {
+                G::Aborted
+            }
+            RejectionKind::IdempotencyKeyReused => G::FailedPrecondition,
+            RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
+                G::InvalidArgument
+            }
+        }
+    }
+
+    /// A short, stable, lowercase slug for this kind, used in problem+json `type` URIs and in
+    /// `tracing` fields.
+    pub fn slug(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => "rate-limited",
+            RejectionKind::Overloaded => "overloaded",
+            RejectionKind::CircuitOpen => "circuit-open",
+            RejectionKind::IdempotencyInFlight => "idempotency-key-in-flight",
+            RejectionKind::IdempotencyKeyReused => "idempotency-key-reused",
+            RejectionKind::IdempotencyKeyMissing => "idempotency-key-missing",
+            RejectionKind::IdempotencyKeyInvalid => "idempotency-key-invalid",
+            RejectionKind::IdempotencyResponseNotStored => "idempotency-response-not-stored",
+            RejectionKind::PayloadTooLarge => "payload-too-large",
+            RejectionKind::StoreUnavailable => "store-unavailable",
+        }
+    }
+
+    /// A short human-readable title (the problem+json `title`).
+    pub fn title(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => "rate limit exceeded",
+            RejectionKind::Overloaded => "service overloaded",
+            RejectionKind::CircuitOpen => "circuit open",
+            RejectionKind::IdempotencyInFlight => "request with this idempotency key in flight",
+            RejectionKind::IdempotencyKeyReused => "idempotency key reused with another payload",
+            RejectionKind::IdempotencyKeyMissing => "idempotency key missing",
+            RejectionKind::IdempotencyKeyInvalid => "idempotency key malformed",
+            RejectionKind::IdempotencyResponseNotStored => {
+                "idempotency key completed; response too large to replay"
+            }
+            RejectionKind::PayloadTooLarge => "payload too large",
+            RejectionKind::StoreUnavailable => "shared store unavailable",
+        }
+    }
+}
+
+impl fmt::Display for RejectionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.title())
+    }
+}
+
+/// The figures of a rate limit, carried by a [`Rejection`] of kind
+/// [`RejectionKind::RateLimited`] and written as `RateLimit` / `RateLimit-Policy` headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    /// The quota: how many requests the window allows (its burst).
+    pub limit: u64,
+    /// Requests that could still be admitted now.
+    pub remaining: u64,
+    /// Time until the limit is whole again (all of its burst available).
+    pub reset: Duration,
+    /// The window of the quota: the time in which `limit` requests are replenished.
+    pub window: Duration,
+}
+
+impl RateLimitInfo {
+    /// Writes the IETF draft `RateLimit-Policy` and `RateLimit` headers, for the policy named
+    /// `"default"`: `RateLimit-Policy: "default";q=<limit>;w=<window secs>` and
+    /// `RateLimit: "default";r=<remaining>;t=<secs to reset>`. Seconds are rounded up.
+    pub fn write_headers(&self, headers: &mut http::HeaderMap) {
+        let ceil = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        let policy = format!(
+            "\"default\";q={};w={}",
+            self.limit,
+            ceil(self.window).max(1)
+        );
+        let state = format!("\"default\";r={};t={}", self.remaining, ceil(self.reset));
+        if let Ok(v) = http::HeaderValue::from_str(&policy) {
+            headers.insert("ratelimit-policy", v);
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&state) {
+            headers.insert("ratelimit", v);
+        }
+    }
+}
+
+/// A request refused by one of this crate's layers.
+///
+/// Returned boxed in a [`BoxError`](tower::BoxError); find it with `downcast_ref`. Its
+/// `Display` is lowercase, in the manner of tower's `Overloaded` and `Elapsed`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    kind: RejectionKind,
+    retry_after: Option<Duration>,
+    rate_limit: Option<RateLimitInfo>,
+    detail: Option<&'static str>,
+}
+
+impl Rejection {
+    /// A rejection of the given kind, with no wait hint.
+    pub const fn new(kind: RejectionKind) -> Self {
+        Rejection {
+            kind,
+            retry_after: None,
+            rate_limit: None,
+            detail: None,
+        }
+    }
+
+    /// A rate-limit rejection: retry after `retry_after`, with the limit's figures.
+    pub const fn rate_limited(retry_after: Duration, info: RateLimitInfo) -> Self {
+        Rejection {
+            kind: RejectionKind::RateLimited,
+            retry_after: Some(retry_after),
+            rate_limit: Some(info),
+            detail: None,
+        }
+    }
+
+    /// An overload rejection (shed), with an optional wait hint.
+    pub const fn overloaded(retry_after: Option<Duration>) -> Self {
+        Rejection {
+            kind: RejectionKind::Overloaded,
+            retry_after,
+            rate_limit: None,
+            detail: None,
+        }
+    }
+
+    /// A circuit-open rejection: the breaker stays open for `retry_after`.
+    pub const fn circuit_open(retry_after: Duration) -> Self {
+        Rejection {
+            kind: RejectionKind::CircuitOpen,
+            retry_after: Some(retry_after),
+            rate_limit: None,
+            detail: None,
+        }
+    }
+
+    /// The same rejection with a wait hint.
+    pub const fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// The same rejection with a static detail message (the problem+json `detail`).
+    pub const fn with_detail(mut self, detail: &'static str) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    /// Why the request was refused.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// How long the caller should wait before trying again, when the layer knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The figures of the rate limit, for [`RejectionKind::RateLimited`].
+    pub fn rate_limit(&self) -> Option<&RateLimitInfo> {
+        self.rate_limit.as_ref()
+    }
+
+    /// A detail message, when the layer gave one.
+    pub fn detail(&self) -> Option<&'static str> {
+        self.detail
+    }
+
+    /// Finds a [`Rejection`] in an error, looking through its `source()` chain.
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Rejection> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(r) = e.downcast_ref::<Rejection>() {
+                return Some(r);
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.title())?;
+        if let Some(d) = self.detail {
+            write!(f, ": {d}")?;
+        }
+        if let Some(after) = self.retry_after {
+            write!(f, " (retry after {after:?})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::BoxError;
+
+    #[test]
+    fn found_in_box_error() {
+        let info = RateLimitInfo {
+            limit: 10,
+            remaining: 0,
+            reset: Duration::from_secs(1),
+            window: Duration::from_secs(1),
+        };
+        let err: BoxError = Rejection::rate_limited(Duration::from_millis(100), info).into();
+        let r = err.downcast_ref::<Rejection>().unwrap();
+        assert_eq!(r.kind(), RejectionKind::RateLimited);
+        assert_eq!(r.rate_limit(), Some(&info));
+        assert_eq!(
+            Rejection::find(&*err).map(Rejection::kind),
+            Some(RejectionKind::RateLimited)
+        );
+    }
+
+    #[test]
+    fn display_is_lowercase() {
+        let r = Rejection::circuit_open(Duration::from_secs(2));
+        let s = r.to_string();
+        assert_eq!(s, "circuit open (retry after 2s)");
+        assert_eq!(
+            Rejection::new(RejectionKind::IdempotencyKeyInvalid)
+                .with_detail("empty key")
+                .to_string(),
+            "idempotency key malformed: empty key"
+        );
+    }
+
+    #[test]
+    fn table_of_statuses() {
+        use http::StatusCode as S;
+        let table = [
+            (RejectionKind::RateLimited, S::TOO_MANY_REQUESTS),
+            (RejectionKind::Overloaded, S::SERVICE_UNAVAILABLE),
+            (RejectionKind::CircuitOpen, S::SERVICE_UNAVAILABLE),
+            (RejectionKind::IdempotencyInFlight, S::CONFLICT),
+            (RejectionKind::IdempotencyKeyReused, S::UNPROCESSABLE_ENTITY),
+            (RejectionKind::IdempotencyKeyMissing, S::BAD_REQUEST),
+            (RejectionKind::IdempotencyKeyInvalid, S::BAD_REQUEST),
+            (RejectionKind::StoreUnavailable, S::SERVICE_UNAVAILABLE),
+            (RejectionKind::PayloadTooLarge, S::PAYLOAD_TOO_LARGE),
+        ];
+        for (kind, status) in table {
+            assert_eq!(kind.http_status(), status, "{kind:?}");
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! [`RejectionLayer`]: turns a [`Rejection`] into the HTTP response or gRPC status it stands for.
+//!
+//! Every layer of this crate that refuses a request returns a [`Rejection`] as its error. Put
+//! `RejectionLayer` outermost and the stack's error type becomes [`Infallible`], so an Axum
+//! `Router` or a tonic server accepts it with no `HandleErrorLayer`:
+//!
+//! | kind | HTTP | gRPC |
+//! |---|---|---|
+//! | rate limited | 429, `Retry-After`, `RateLimit`, `RateLimit-Policy` | `RESOURCE_EXHAUSTED`, `grpc-retry-pushback-ms` |
+//! | overloaded | 503, `Retry-After` | `UNAVAILABLE` |
+//! | circuit open | 503, `Retry-After` | `UNAVAILABLE` |
+//! | idempotency key in flight | 409 | `ABORTED` |
+//! | idempotency key reused with another payload | 422 | `FAILED_PRECONDITION` |
+//! | idempotency key missing or malformed | 400 | `INVALID_ARGUMENT` |
+//! | body too large | 413 | `RESOURCE_EXHAUSTED` |
+//! | shared store down (fail closed) | 503 | `UNAVAILABLE` |
+//!
+//! HTTP bodies are `application/problem+json` (RFC 9457) with `type`, `title`, `status`,
+//! `detail` and, where there is a wait, `retry_after` (seconds). `Retry-After` is in whole
+//! seconds, rounded up, and never 0 when there is a wait.
+//!
+//! # Errors that are not rejections
+//!
+//! An error from the inner service that is not a [`Rejection`] (anywhere in its `source()`
+//! chain) becomes a **500** `application/problem+json` response (gRPC: `INTERNAL`) whose
+//! detail does not reveal the error's text to the client, and a `tracing` event at `ERROR`
+//! level with the error's text for the operator. If you want to handle such errors yourself,
+//! put your own error handling inside `RejectionLayer`.
+//!
+//! # Where to place this layer
+//!
+//! Outermost, above every layer that can reject:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::{BoxError, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::{Rejection, RejectionLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let svc = ServiceBuilder::new()
+//!     .layer(RejectionLayer::http())
+//!     .service_fn(|_req: Request<()>| async {
+//!         // Stands for any layer below that refuses the request.
+//!         Err::<Response<Full<Bytes>>, BoxError>(Rejection::overloaded(None).into())
+//!     });
+//! let res = svc.oneshot(Request::new(())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower::BoxError;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::rejection::Rejection;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Http,
+    #[cfg(feature = "grpc")]
+    Grpc,
+}
+
+/// Turns [`Rejection`]s into responses; see the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct RejectionLayer {
+    mode: Mode,
+}
+
+impl RejectionLayer {
+    /// Rejections become HTTP responses with `application/problem+json` bodies.
+    pub fn http() -> Self {
+        RejectionLayer { mode: Mode::Http }
+    }
+
+    /// Rejections become trailers-only gRPC responses: HTTP 200 with `grpc-status`,
+    /// `grpc-message` and, where there is a wait, `grpc-retry-pushback-ms`.
+    #[cfg(feature = "grpc")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+    pub fn grpc() -> Self {
+        RejectionLayer { mode: Mode::Grpc }
+    }
+}
+
+impl<S> Layer<S> for RejectionLayer {
+    type Service = RejectionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RejectionService {
+            inner,
+            mode: self.mode,
+            ready_error: None,
+        }
+    }
+}
+
+/// The service made by [`RejectionLayer`].
+pub struct RejectionService<S> {
+    inner: S,
+    mode: Mode,
+    // An error returned by the inner service's `poll_ready`, answered by the next `call`.
+    ready_error: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for RejectionService<S> {
+    fn clone(&self) -> Self {
+        RejectionService {
+            inner: self.inner.clone(),
+            mode: self.mode,
+            ready_error: None,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RejectionService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectionService")
+            .field("inner", &self.inner)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for RejectionService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<RejectionBody<ResB>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.ready_error.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(self.inner.poll_ready(cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => {
+                // The error is answered as a response by the next call.
+                self.ready_error = Some(e.into());
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if let Some(err) = self.ready_error.take() {
+            return ResponseFuture {
+                state: State::Failed { err: Some(err) },
+                mode: self.mode,
+            };
+        }
+        ResponseFuture {
+            state: State::Inner {
+                fut: self.inner.call(req),
+            },
+            mode: self.mode,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`RejectionService`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+        mode: Mode,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Inner { #[pin] fut: F },
+        Failed { err: Option<BoxError> },
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<RejectionBody<ResB>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let err = match this.state.project() {
+            StateProj::Inner { fut } => match ready!(fut.poll(cx)) {
+                Ok(res) => return Poll::Ready(Ok(res.map(RejectionBody::inner))),
+                Err(e) => e.into(),
+            },
+            StateProj::Failed { err } => err.take().expect("polled after completion"),
+        };
+        Poll::Ready(Ok(error_response(*this.mode, err)))
+    }
+}
+
+fn error_response<B>(mode: Mode, err: BoxError) -> Response<RejectionBody<B>> {
+    match Rejection::find(&*err) {
+        Some(rejection) => match mode {
+            Mode::Http => http_response(rejection),
+            #[cfg(feature = "grpc")]
+            Mode::Grpc => grpc_response(rejection),
+        },
+        None => {
+            tracing::error!(error = %err, "inner service failed; answering with an internal error");
+            match mode {
+                Mode::Http => internal_http_response(),
+                #[cfg(feature = "grpc")]
+                Mode::Grpc => grpc_status_response(
+                    crate::classify::GrpcCode::Internal,
+                    "internal error",
+                    None,
+                ),
+            }
+        }
+    }
+}
+
+/// `Retry-After` value: whole seconds, rounded up, never 0 when there is a wait.
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+fn http_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
+    let kind = rejection.kind();
+    let status = kind.http_status();
+    let mut body = String::with_capacity(192);
+    body.push_str("{\"type\":\"tag:tower-bulwark,2026:");
+    body.push_str(kind.slug());
+    body.push_str("\",\"title\":");
+    push_json_str(&mut body, kind.title());
+    body.push_str(",\"status\":");
+    body.push_str(itoa_u64(u64::from(status.as_u16())).as_str());
+    body.push_str(",\"detail\":");
+    let detail = rejection.to_string();
+    push_json_str(&mut body, &detail);
+    let mut headers = HeaderMap::new();
+    if let Some(after) = rejection.retry_after() {
+        let secs = retry_after_secs(after);
+        body.push_str(",\"retry_after\":");
+        body.push_str(itoa_u64(secs).as_str());
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    body.push('}');
+    if let Some(info) = rejection.rate_limit() {
+        info.write_headers(&mut headers);
+    }
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    let mut res = Response::new(RejectionBody::full(Bytes::from(body)));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    res
+}
+
+fn internal_http_response<B>() -> Response<RejectionBody<B>> {
+    let body = "{\"type\":\"about:blank\",\"title\":\"Internal Server Error\",\"status\":500,\
+                \"detail\":\"the service failed to produce a response\"}";
+    let mut res = Response::new(RejectionBody::full(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+#[cfg(feature = "grpc")]
+fn grpc_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
+    let msg = rejection.to_string();
+    grpc_status_response(rejection.kind().grpc_code(), &msg, rejection.retry_after())
+}
+
+#[cfg(feature = "grpc")]
+fn grpc_status_response<B>(
+    code: crate::classify::GrpcCode,
+    message: &str,
+    pushback: Option<Duration>,
+) -> Response<RejectionBody<B>> {
+    let mut res = Response::new(RejectionBody::full(Bytes::new()));
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code.as_i32()));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(message)) {
+        h.insert("grpc-message", v);
+    }
+    if let Some(after) = pushback {
+        let ms = after.as_millis() + u128::from(after.subsec_nanos() % 1_000_000 > 0);
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX).max(1);
+        h.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+    }
+    res
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 protocol asks: bytes outside
+/// 0x20..=0x7E, and `%`, become `%XX`.
+#[cfg(feature = "grpc")]
+fn percent_encode_grpc(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn itoa_u64(n: u64) -> String {
+    n.to_string()
+}
+
+pin_project! {
+    /// The body of a response from [`RejectionService`]: the inner service's body, or the
+    /// problem+json body of a rejection.
+    pub struct RejectionBody<B> {
+        #[pin]
+        kind: BodyKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = BodyKindProj]
+    enum BodyKind<B> {
+        Inner { #[pin] body: B },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl<B> RejectionBody<B> {
+    fn inner(body: B) -> Self {
+        RejectionBody {
+            kind: BodyKind::Inner { body },
+        }
+    }
+
+    fn full(data: Bytes) -> Self {
+        RejectionBody {
+            kind: BodyKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RejectionBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            BodyKind::Inner { .. } => f.write_str("RejectionBody::Inner"),
+            BodyKind::Full { data } => f
+                .debug_struct("RejectionBody::Full")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for RejectionBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            BodyKindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            BodyKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Inner { body } => body.is_end_stream(),
+            BodyKind::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Inner { body } => body.size_hint(),
+            BodyKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rejection::{RateLimitInfo, RejectionKind};
+    use http_body_util::{BodyExt, Full};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    async fn answer(err: BoxError) -> Response<RejectionBody<Full<Bytes>>> {
+        let err = std::sync::Mutex::new(Some(err));
+        let svc = ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .service_fn(move |_req: Request<()>| {
+                let e = err.lock().unwrap().take().unwrap();
+                async move { Err::<Response<Full<Bytes>>, BoxError>(e) }
+            });
+        svc.oneshot(Request::new(())).await.unwrap()
+    }
+
+    async fn body_json(res: Response<RejectionBody<Full<Bytes>>>) -> serde_json::Value {
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn retry_after_rounds_up_never_zero() {
+        assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(999)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+
+    #[tokio::test]
+    async fn rate_limited_is_429_with_headers() {
+        let info = RateLimitInfo {
+            limit: 100,
+            remaining: 0,
+            reset: Duration::from_millis(30_500),
+            window: Duration::from_secs(60),
+        };
+        let res = answer(Rejection::rate_limited(Duration::from_millis(600), info).into()).await;
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()[RETRY_AFTER], "1");
+        assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=100;w=60");
+        assert_eq!(res.headers()["ratelimit"], "\"default\";r=0;t=31");
+        assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
+        let v = body_json(res).await;
+        assert_eq!(v["status"], 429);
+        assert_eq!(v["title"], "rate limit exceeded");
+        assert_eq!(v["type"], "tag:tower-bulwark,2026:rate-limited");
+        assert_eq!(v["retry_after"], 1);
+        assert!(v["detail"].as_str().unwrap().contains("retry after"));
+    }
+
+    #[tokio::test]
+    async fn every_kind_maps_to_its_status() {
+        let kinds = [
+            RejectionKind::Overloaded,
+            RejectionKind::CircuitOpen,
+            RejectionKind::IdempotencyInFlight,
+            RejectionKind::IdempotencyKeyReused,
+            RejectionKind::IdempotencyKeyMissing,
+            RejectionKind::IdempotencyKeyInvalid,
+            RejectionKind::IdempotencyResponseNotStored,
+            RejectionKind::PayloadTooLarge,
+            RejectionKind::StoreUnavailable,
+        ];
+        for kind in kinds {
+            let res = answer(Rejection::new(kind).into()).await;
+            assert_eq!(res.status(), kind.http_status());
+            assert!(res.headers().get(RETRY_AFTER).is_none());
+            let v = body_json(res).await;
+            assert_eq!(v["status"], kind.http_status().as_u16());
+        }
+        let res = answer(Rejection::circuit_open(Duration::from_millis(2500)).into()).await;
+        assert_eq!(res.headers()[RETRY_AFTER], "3");
+    }
+
+    #[tokio::test]
+    async fn other_errors_are_500_without_leaking() {
+        let res = answer("database password is hunter2".into()).await;
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(!text.contains("hunter2"));
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["status"], 500);
+    }
+
+    #[derive(Debug)]
+    struct Wrapper(Rejection);
+    impl fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn wrapped_rejection_is_found() {
+        let res = answer(Box::new(Wrapper(Rejection::overloaded(None)))).await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn success_passes_through() {
+        let svc = ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .service_fn(|_req: Request<()>| async {
+                Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+            });
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"hello");
+    }
+
+    #[derive(Clone)]
+    struct FailsReady;
+    impl Service<Request<()>> for FailsReady {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Err(
+                Rejection::overloaded(Some(Duration::from_secs(2))).into()
+            ))
+        }
+        fn call(&mut self, _req: Request<()>) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    #[tokio::test]
+    async fn poll_ready_error_is_answered() {
+        let svc = RejectionLayer::http().layer(FailsReady);
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[RETRY_AFTER], "2");
+    }
+
+    #[cfg(feature = "grpc")]
+    #[tokio::test]
+    async fn grpc_resource_exhausted_with_pushback() {
+        let info = RateLimitInfo {
+            limit: 1,
+            remaining: 0,
+            reset: Duration::from_secs(1),
+            window: Duration::from_secs(1),
+        };
+        let svc = ServiceBuilder::new()
+            .layer(RejectionLayer::grpc())
+            .service_fn(move |_req: Request<()>| async move {
+                Err::<Response<Full<Bytes>>, BoxError>(
+                    Rejection::rate_limited(Duration::from_micros(1500), info).into(),
+                )
+            });
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[CONTENT_TYPE], "application/grpc");
+        assert_eq!(res.headers()["grpc-status"], "8");
+        assert_eq!(res.headers()["grpc-retry-pushback-ms"], "2");
+        assert!(res.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .starts_with("rate limit exceeded"));
+        assert!(res.into_body().is_end_stream());
+        assert_eq!(percent_encode_grpc("a%b\n"), "a%25b%0A");
+    }
+}
