@@ -13,6 +13,20 @@
 //! [`classify`]. Time comes from a pluggable [`clock::Clock`]: fast by default, and one line
 //! away from following tokio's paused time in tests (`Clock::tokio()`).
 //!
+//! # A server stack
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_bulwark::{Quota, RateLimitLayer, RejectionLayer};
+//!
+//! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
+//!     ServiceBuilder::new()
+//!         .layer(RejectionLayer::http())
+//!         .layer(RateLimitLayer::new(Quota::per_second(100).unwrap().burst(200).unwrap())),
+//! );
+//! ```
+//!
 //! # Feature flags
 //!
 //! - `fast-clock` (default): a TSC-based clock through `quanta`.
@@ -37,6 +51,7 @@ pub mod rejection;
 pub mod respond;
 pub mod retry;
 
+pub use crate::rate_limit::{Quota, RateLimitLayer};
 pub use crate::rejection::{Rejection, RejectionKind};
 pub use crate::respond::RejectionLayer;
 

@@ -1,1 +1,163 @@
-//! Not yet built.
+//! Token-bucket rate limiting (GCRA), global or per key, lock-free.
+//!
+//! [`RateLimitLayer::new`] puts one limit on every request through it;
+//! [`RateLimitLayer::keyed`] puts one limit on each key that a function reads from the request
+//! (an API key header, the client address, a path segment). A request over the limit is
+//! refused at once with a [`Rejection`](crate::Rejection) of kind `RateLimited` whose
+//! `retry_after` is exactly the time until the next token; put
+//! [`RejectionLayer`](crate::RejectionLayer) above to answer it with a 429, `Retry-After` and
+//! the `RateLimit` headers. Clients can [`wait_up_to`](RateLimitLayer::wait_up_to) a bound
+//! instead.
+//!
+//! # Why GCRA, and how it differs from its neighbours
+//!
+//! The generic cell rate algorithm is a token bucket kept as one number (the time at which the
+//! bucket would be full again), so one admit is one clock read and one compare-and-swap on one
+//! `AtomicU64`: no lock, no allocation, no refill task. The per-key limiter keeps these numbers
+//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitLayer::max_keys), 16 bytes a
+//! key): a key whose time is in the past is the same as an absent key, so its slot is reused
+//! at once and memory stays bounded under millions of distinct keys, with no sweeper.
+//!
+//! - tower's `RateLimit` counts requests in fixed windows, waits in `poll_ready`, and keeps its
+//!   state per service *clone*: under Axum, which clones the service per request and layers
+//!   each route separately, it limits nothing. Here the state lives in the layer.
+//! - governor has the same algorithm but no Tower layer, and its quota is fixed at build time;
+//!   here [`RateLimitHandle::set_quota`] changes it at run time.
+//! - tower_governor's `per_second(n)` means one token every `n` seconds. Here
+//!   [`Quota::per_second(n)`](Quota::per_second) means `n` per second (its doc test proves it).
+//!
+//! # Where to place this layer
+//!
+//! On a server: below [`RejectionLayer`](crate::RejectionLayer), above the work it protects,
+//! and above backpressure (a request refused by the limit should not take a permit). Put the
+//! idempotency layer *below* it, so that a client's retries of one key are counted like any
+//! request. On a client: inside the retry layer, with `wait_up_to`, so that each attempt waits
+//! for its turn.
+//!
+//! # Testing with paused time
+//!
+//! The limiter reads the crate's fast clock by default, which does not stop under
+//! `tokio::time::pause()`. In tests, one line makes it follow tokio's time:
+//! `.clock(Clock::tokio())`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{body::Body, routing::get, Router};
+//! use http::{Request, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_bulwark::{clock::Clock, Quota, RateLimitLayer, RejectionLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let app = Router::new().route("/", get(|| async { "hello" })).layer(
+//!     ServiceBuilder::new()
+//!         .layer(RejectionLayer::http())
+//!         .layer(
+//!             RateLimitLayer::new(Quota::per_second(2).unwrap())
+//!                 .clock(Clock::tokio()),
+//!         ),
+//! );
+//! let get = || Request::get("/").body(Body::empty()).unwrap();
+//! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
+//! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
+//! let res = app.clone().oneshot(get()).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(res.headers()["retry-after"], "1");
+//! tokio::time::advance(Duration::from_millis(500)).await; // one token back
+//! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
+//! # }
+//! ```
+//!
+//! # Keys
+//!
+//! A key function is any `Fn(&Req) -> K + Clone + Send + Sync + 'static` with `K: Hash`, or an
+//! extractor of [`key`]: [`key::Header`] (a header's value) and [`key::ClientIp`] (the peer
+//! address, or the client address forwarded by trusted proxies only). Keys are hashed with a
+//! per-layer random seed, so a client cannot aim keys at one table slot. An empty key or a very
+//! long key works like any other (a long key costs its hashing time only; nothing is stored
+//! but a 60-bit hash); requests whose key function returns the same value share one limit, so
+//! a function that returns `None` for requests without a key puts all of them under one limit.
+
+pub mod future;
+mod gcra;
+pub mod key;
+mod keyed;
+mod layer;
+mod service;
+
+use std::hash::Hash;
+
+pub use self::gcra::{Quota, QuotaError};
+pub use self::layer::{RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS};
+pub use self::service::RateLimit;
+use crate::rejection::RateLimitInfo;
+
+/// Reads the rate-limit key from a request.
+///
+/// Implemented for closures `Fn(&Req) -> K` with `K: Hash`, and for the extractors of
+/// [`key`].
+pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
+    /// The key: requests with equal keys share one limit.
+    type Key: Hash;
+
+    /// The key of a request.
+    fn key(&self, req: &Req) -> Self::Key;
+}
+
+impl<Req, K, F> KeyFn<Req> for F
+where
+    F: Fn(&Req) -> K + Clone + Send + Sync + 'static,
+    K: Hash,
+{
+    type Key = K;
+
+    #[inline]
+    fn key(&self, req: &Req) -> K {
+        self(req)
+    }
+}
+
+/// The key of a global limiter: every request shares one limit.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Global;
+
+impl<Req> KeyFn<Req> for Global {
+    type Key = ();
+
+    #[inline]
+    fn key(&self, _req: &Req) {}
+}
+
+/// Adds rate-limit figures to successful responses, or not. See
+/// [`RateLimitLayer::response_headers`].
+pub trait ResponseHeaders<Res>: Clone + Default {
+    /// Whether the figures are computed at all.
+    const ENABLED: bool;
+
+    /// Writes the figures on a response.
+    fn apply(res: &mut Res, info: &RateLimitInfo);
+}
+
+/// Successful responses are left as they are (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHeaders;
+
+impl<Res> ResponseHeaders<Res> for NoHeaders {
+    const ENABLED: bool = false;
+
+    #[inline]
+    fn apply(_res: &mut Res, _info: &RateLimitInfo) {}
+}
+
+/// Successful HTTP responses carry `RateLimit` and `RateLimit-Policy` headers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WithHeaders;
+
+impl<B> ResponseHeaders<http::Response<B>> for WithHeaders {
+    const ENABLED: bool = true;
+
+    fn apply(res: &mut http::Response<B>, info: &RateLimitInfo) {
+        info.write_headers(res.headers_mut());
+    }
+}

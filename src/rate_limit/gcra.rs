@@ -1,0 +1,369 @@
+//! The quota and the pure GCRA arithmetic, in nanoseconds.
+//!
+//! GCRA (the generic cell rate algorithm) keeps one number per limit: the *theoretical arrival
+//! time* (TAT), the instant at which the limit would be whole again if no request came. A
+//! request at `now` is admitted when `max(tat, now) + interval - tolerance <= now`, where
+//! `interval` is the time one token takes to come back and `tolerance = burst * interval`;
+//! admitting it moves the TAT to `max(tat, now) + interval`. A TAT in the past is the same as
+//! a fresh limit, which is what lets the keyed table reuse such slots at once.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::clock::duration_nanos;
+
+/// The largest `burst * interval` accepted, in nanoseconds: about 9 years. The keyed table
+/// keeps times in 60 bits, so this also bounds how far ahead a TAT can be.
+pub(crate) const MAX_TOLERANCE_NS: u64 = 1 << 58;
+
+/// A rate: how many requests per period, and how many may come at once (the burst).
+///
+/// `Quota::per_second(n)` means **n requests per second** (one token every `1/n` s), with a
+/// burst of `n` unless [`Quota::burst`] says otherwise:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_bulwark::Quota;
+///
+/// let q = Quota::per_second(100)?;
+/// assert_eq!(q.interval(), Duration::from_millis(10)); // n per second, not one per n seconds
+/// assert_eq!(q.burst_size(), 100);
+///
+/// let q = Quota::per_minute(60)?.burst(5)?;
+/// assert_eq!(q.interval(), Duration::from_secs(1));
+/// assert_eq!(q.burst_size(), 5);
+///
+/// // One token every 250 ms, no burst beyond one.
+/// let q = Quota::with_period(Duration::from_millis(250))?;
+/// assert_eq!(q.burst_size(), 1);
+///
+/// // Zero and absurd values are refused here, never at request time.
+/// assert!(Quota::per_second(0).is_err());
+/// assert!(Quota::per_second(100)?.burst(0).is_err());
+/// # Ok::<(), tower_bulwark::rate_limit::QuotaError>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    interval_ns: u64,
+    burst: u32,
+}
+
+/// Why a [`Quota`] was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuotaError {
+    /// A count, burst or period of zero.
+    Zero,
+    /// More than one token per nanosecond.
+    TooFast,
+    /// `burst * interval` longer than about 9 years.
+    TooLong,
+}
+
+impl fmt::Display for QuotaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QuotaError::Zero => "quota count, burst and period must be greater than zero",
+            QuotaError::TooFast => "quota allows more than one request per nanosecond",
+            QuotaError::TooLong => "quota burst times interval exceeds about 9 years",
+        })
+    }
+}
+
+impl std::error::Error for QuotaError {}
+
+impl Quota {
+    /// `n` requests per second, burst `n`.
+    pub fn per_second(n: u32) -> Result<Quota, QuotaError> {
+        Quota::per_period(n, Duration::from_secs(1))
+    }
+
+    /// `n` requests per minute, burst `n`.
+    pub fn per_minute(n: u32) -> Result<Quota, QuotaError> {
+        Quota::per_period(n, Duration::from_secs(60))
+    }
+
+    /// `n` requests per hour, burst `n`.
+    pub fn per_hour(n: u32) -> Result<Quota, QuotaError> {
+        Quota::per_period(n, Duration::from_secs(3600))
+    }
+
+    /// `n` requests per `period`, burst `n`. The interval is `period / n`, rounded down to
+    /// the nanosecond.
+    pub fn per_period(n: u32, period: Duration) -> Result<Quota, QuotaError> {
+        if n == 0 || period.is_zero() {
+            return Err(QuotaError::Zero);
+        }
+        let period_ns = duration_nanos(period);
+        let interval_ns = period_ns / u64::from(n);
+        if interval_ns == 0 {
+            return Err(QuotaError::TooFast);
+        }
+        Quota::checked(interval_ns, n)
+    }
+
+    /// One request every `interval`, burst 1.
+    pub fn with_period(interval: Duration) -> Result<Quota, QuotaError> {
+        if interval.is_zero() {
+            return Err(QuotaError::Zero);
+        }
+        if interval < Duration::from_nanos(1) {
+            return Err(QuotaError::TooFast);
+        }
+        Quota::checked(duration_nanos(interval), 1)
+    }
+
+    /// The same rate with another burst: how many requests may come at once after a quiet
+    /// time.
+    pub fn burst(self, burst: u32) -> Result<Quota, QuotaError> {
+        if burst == 0 {
+            return Err(QuotaError::Zero);
+        }
+        Quota::checked(self.interval_ns, burst)
+    }
+
+    fn checked(interval_ns: u64, burst: u32) -> Result<Quota, QuotaError> {
+        match interval_ns.checked_mul(u64::from(burst)) {
+            Some(t) if t <= MAX_TOLERANCE_NS => Ok(Quota { interval_ns, burst }),
+            _ => Err(QuotaError::TooLong),
+        }
+    }
+
+    /// The time one token takes to come back.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
+    }
+
+    /// How many requests may come at once.
+    pub fn burst_size(&self) -> u32 {
+        self.burst
+    }
+
+    /// The time the whole burst takes to come back: the quota's window.
+    pub fn window(&self) -> Duration {
+        Duration::from_nanos(self.tolerance_ns())
+    }
+
+    /// Rebuilds a quota from parts that came from a valid quota.
+    pub(crate) fn from_parts(interval_ns: u64, burst: u32) -> Quota {
+        Quota { interval_ns, burst }
+    }
+
+    pub(crate) fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
+    pub(crate) fn tolerance_ns(&self) -> u64 {
+        self.interval_ns * u64::from(self.burst)
+    }
+}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quota")
+            .field("interval", &self.interval())
+            .field("burst", &self.burst)
+            .finish()
+    }
+}
+
+/// The outcome of one GCRA step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Admitted: store `new_tat`; the request may go after `wait_ns` (0: at once).
+    Admit { new_tat: u64, wait_ns: u64 },
+    /// Refused: the next admit is possible in `retry_after_ns`.
+    Reject { retry_after_ns: u64 },
+}
+
+/// One GCRA step: a request at `now` against a limit whose TAT is `tat`.
+///
+/// `max_wait_ns` is how long the caller accepts to wait for its turn (0: admit only at once).
+/// A `now` earlier than a previous one (a clock that jumped back) is handled: the TAT is never
+/// moved back, so such a step can only be stricter, never admit more.
+#[inline]
+pub(crate) fn step(tat: u64, now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
+    let new_tat = tat.max(now).saturating_add(interval);
+    // The earliest instant at which this request fits in the burst.
+    let allowed_at = new_tat.saturating_sub(tolerance);
+    if allowed_at <= now {
+        Step::Admit {
+            new_tat,
+            wait_ns: 0,
+        }
+    } else {
+        let wait = allowed_at - now;
+        if wait <= max_wait_ns {
+            Step::Admit {
+                new_tat,
+                wait_ns: wait,
+            }
+        } else {
+            Step::Reject {
+                retry_after_ns: wait,
+            }
+        }
+    }
+}
+
+/// Requests that could be admitted at `now` against `tat`.
+#[inline]
+pub(crate) fn remaining(tat: u64, now: u64, interval: u64, tolerance: u64) -> u64 {
+    let ahead = tat.saturating_sub(now);
+    tolerance.saturating_sub(ahead) / interval
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn quota_constructors() {
+        let q = Quota::per_second(3).unwrap();
+        assert_eq!(q.interval_ns(), 333_333_333);
+        assert_eq!(q.burst_size(), 3);
+        assert_eq!(Quota::per_second(0), Err(QuotaError::Zero));
+        assert_eq!(Quota::per_period(1, Duration::ZERO), Err(QuotaError::Zero));
+        assert_eq!(
+            Quota::per_period(2_000_000_000, Duration::from_secs(1)),
+            Err(QuotaError::TooFast)
+        );
+        assert_eq!(
+            Quota::with_period(Duration::from_secs(86_400 * 365 * 10)),
+            Err(QuotaError::TooLong)
+        );
+        assert_eq!(Quota::with_period(Duration::ZERO), Err(QuotaError::Zero));
+        assert_eq!(
+            Quota::per_hour(1).unwrap().burst(u32::MAX),
+            Err(QuotaError::TooLong)
+        );
+        assert_eq!(
+            Quota::per_second(1).unwrap().burst(0),
+            Err(QuotaError::Zero)
+        );
+        assert_eq!(
+            Quota::per_minute(60).unwrap().window(),
+            Duration::from_secs(60)
+        );
+        assert!(QuotaError::TooFast.to_string().contains("nanosecond"));
+    }
+
+    #[test]
+    fn burst_then_one_per_interval() {
+        let (i, tol) = (10, 30);
+        let mut tat = 0;
+        let now = 1_000;
+        for _ in 0..3 {
+            match step(tat, now, i, tol, 0) {
+                Step::Admit {
+                    new_tat,
+                    wait_ns: 0,
+                } => tat = new_tat,
+                s => panic!("{s:?}"),
+            }
+        }
+        assert_eq!(
+            step(tat, now, i, tol, 0),
+            Step::Reject { retry_after_ns: 10 }
+        );
+        assert_eq!(remaining(tat, now, i, tol), 0);
+        // Exactly at the retry time it is admitted; one nanosecond before it is not.
+        assert_eq!(
+            step(tat, now + 9, i, tol, 0),
+            Step::Reject { retry_after_ns: 1 }
+        );
+        assert!(matches!(step(tat, now + 10, i, tol, 0), Step::Admit { .. }));
+        // A waiter within its bound is admitted with the wait.
+        assert_eq!(
+            step(tat, now, i, tol, 10),
+            Step::Admit {
+                new_tat: tat + 10,
+                wait_ns: 10
+            }
+        );
+    }
+
+    #[test]
+    fn clock_going_back_is_stricter() {
+        let (i, tol) = (10, 30);
+        let Step::Admit { new_tat, .. } = step(0, 1_000, i, tol, 0) else {
+            panic!()
+        };
+        // The clock jumps back by 500 ns: nothing panics, and the limit is not refilled.
+        let mut tat = new_tat;
+        let mut admitted = 0;
+        for _ in 0..10 {
+            if let Step::Admit { new_tat, .. } = step(tat, 500, i, tol, 0) {
+                tat = new_tat;
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 0);
+        assert_eq!(
+            step(u64::MAX, 0, i, tol, 0),
+            Step::Reject {
+                retry_after_ns: u64::MAX - tol
+            }
+        );
+    }
+
+    proptest! {
+        /// Over any sequence of request times (monotonic or not), the number admitted never
+        /// exceeds `burst + span / interval`, where span is the range of times seen.
+        #[test]
+        fn never_over_admits(
+            interval in 1u64..1_000_000,
+            burst in 1u64..50,
+            deltas in proptest::collection::vec(-5_000_000i64..5_000_000, 1..400),
+        ) {
+            let tol = interval * burst;
+            let start: u64 = 1 << 40;
+            let mut now = start;
+            let mut max_now = start;
+            let mut min_now = start;
+            let mut tat = 0;
+            let mut admitted = 0u64;
+            for d in deltas {
+                now = now.saturating_add_signed(d);
+                max_now = max_now.max(now);
+                min_now = min_now.min(now);
+                if let Step::Admit { new_tat, wait_ns } = step(tat, now, interval, tol, 0) {
+                    prop_assert_eq!(wait_ns, 0);
+                    tat = new_tat;
+                    admitted += 1;
+                }
+                let allowed = burst + (max_now - min_now) / interval;
+                prop_assert!(admitted <= allowed, "admitted {} > allowed {}", admitted, allowed);
+            }
+        }
+
+        /// A rejection's retry_after is exact: one nanosecond earlier is still refused, at it
+        /// the request is admitted.
+        #[test]
+        fn retry_after_is_exact(
+            interval in 1u64..1_000_000,
+            burst in 1u64..20,
+            extra in 1u64..50,
+            now in 0u64..1_000_000_000,
+        ) {
+            let tol = interval * burst;
+            let mut tat = 0;
+            for _ in 0..(burst + extra) {
+                if let Step::Admit { new_tat, .. } = step(tat, now, interval, tol, 0) {
+                    tat = new_tat;
+                }
+            }
+            let Step::Reject { retry_after_ns } = step(tat, now, interval, tol, 0) else {
+                return Err(TestCaseError::fail("expected a rejection"));
+            };
+            let just_before = step(tat, now + retry_after_ns - 1, interval, tol, 0);
+            prop_assert_eq!(just_before, Step::Reject { retry_after_ns: 1 });
+            let admitted_at_retry = matches!(
+                step(tat, now + retry_after_ns, interval, tol, 0),
+                Step::Admit { wait_ns: 0, .. }
+            );
+            prop_assert!(admitted_at_retry);
+        }
+    }
+}

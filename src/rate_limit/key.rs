@@ -1,0 +1,442 @@
+//! Key extractors for [`RateLimitLayer::keyed`](super::RateLimitLayer::keyed).
+//!
+//! - [`Header`]: the value of a header such as `x-api-key` (`None` when absent: all requests
+//!   without the header share one limit).
+//! - [`ClientIp`]: the client's address, safe behind proxies: the peer address, or, **only
+//!   when the peer is a trusted proxy**, the rightmost address of `X-Forwarded-For` (or
+//!   `Forwarded`) that is not a trusted proxy. The leftmost entry of those headers is whatever
+//!   the client wrote, so trusting it would let any client pick its own key.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Extensions, Request};
+
+use super::KeyFn;
+
+/// Keys requests by the value of one header.
+///
+/// ```
+/// use tower_bulwark::{rate_limit::key, Quota, RateLimitLayer};
+///
+/// let layer = RateLimitLayer::keyed(Quota::per_second(5)?, key::Header::new("x-api-key"));
+/// # Ok::<(), tower_bulwark::rate_limit::QuotaError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Header {
+    name: HeaderName,
+}
+
+impl Header {
+    /// Keys by the header `name`.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid header name; use [`Header::from_name`] with a checked
+    /// `HeaderName` to avoid that.
+    pub fn new(name: &'static str) -> Self {
+        Header {
+            name: HeaderName::from_static(name),
+        }
+    }
+
+    /// Keys by the header `name`.
+    pub fn from_name(name: HeaderName) -> Self {
+        Header { name }
+    }
+}
+
+impl<B> KeyFn<Request<B>> for Header {
+    type Key = Option<HeaderValue>;
+
+    #[inline]
+    fn key(&self, req: &Request<B>) -> Option<HeaderValue> {
+        req.headers().get(&self.name).cloned()
+    }
+}
+
+/// An IP network such as `10.0.0.0/8` or `fd00::/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A network that could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidNetwork(String);
+
+impl fmt::Display for InvalidNetwork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid IP network {:?}: expected ADDR or ADDR/PREFIX",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidNetwork {}
+
+impl std::str::FromStr for IpNet {
+    type Err = InvalidNetwork;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || InvalidNetwork(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| err())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| err())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(err());
+        }
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl IpNet {
+    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which header trusted proxies write the client's address to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (the default).
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+/// Reads the peer address from a request's extensions.
+pub type PeerFn = fn(&Extensions) -> Option<IpAddr>;
+
+fn default_peer(ext: &Extensions) -> Option<IpAddr> {
+    ext.get::<SocketAddr>()
+        .map(SocketAddr::ip)
+        .or_else(|| ext.get::<IpAddr>().copied())
+}
+
+/// Keys requests by the client's IP address, safe behind proxies.
+///
+/// The peer address comes from the request's extensions: by default a `SocketAddr` or an
+/// `IpAddr` stored there; with Axum's `ConnectInfo`, say where it is:
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use axum::extract::ConnectInfo;
+/// use tower_bulwark::{rate_limit::key::ClientIp, Quota, RateLimitLayer};
+///
+/// let client_ip = ClientIp::new()
+///     .peer_addr(|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
+///     .trust_proxies(["10.0.0.0/8", "127.0.0.1"])?;
+/// let layer = RateLimitLayer::keyed(Quota::per_second(5)?, client_ip);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// When the peer is not a trusted proxy, the key is the peer address, whatever the headers
+/// say. When it is, the forwarding header is read from right to left (every occurrence of the
+/// header, in order), skipping trusted proxies; the first address that is not one is the
+/// client. If an entry cannot be parsed before a client address is found, or all entries are
+/// trusted, the key is the last trusted address seen: the chain cannot be trusted further. The
+/// key is `None` when there is no peer address at all.
+///
+/// Only one header is read (see [`ForwardedHeader`]): reading both would let a client forge
+/// the one its proxy does not write.
+#[derive(Clone)]
+pub struct ClientIp {
+    trusted: Arc<[IpNet]>,
+    header: ForwardedHeader,
+    peer: PeerFn,
+    v6_prefix: u8,
+}
+
+impl Default for ClientIp {
+    fn default() -> Self {
+        ClientIp::new()
+    }
+}
+
+impl fmt::Debug for ClientIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIp")
+            .field("trusted", &self.trusted)
+            .field("header", &self.header)
+            .field("v6_prefix", &self.v6_prefix)
+            .finish()
+    }
+}
+
+impl ClientIp {
+    /// The peer address only; no proxy trusted.
+    pub fn new() -> Self {
+        ClientIp {
+            trusted: Arc::from(Vec::new()),
+            header: ForwardedHeader::XForwardedFor,
+            peer: default_peer,
+            v6_prefix: 128,
+        }
+    }
+
+    /// Trusts these proxy networks (`"10.0.0.0/8"`, `"::1"`...) to report the client's
+    /// address.
+    pub fn trust_proxies<'a>(
+        mut self,
+        networks: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, InvalidNetwork> {
+        let nets = networks
+            .into_iter()
+            .map(str::parse)
+            .collect::<Result<Vec<IpNet>, _>>()?;
+        self.trusted = Arc::from(nets);
+        Ok(self)
+    }
+
+    /// Reads the client address from `Forwarded` (RFC 7239) instead of `X-Forwarded-For`.
+    pub fn use_forwarded(mut self) -> Self {
+        self.header = ForwardedHeader::Forwarded;
+        self
+    }
+
+    /// Where to find the peer address in the request's extensions.
+    pub fn peer_addr(mut self, f: PeerFn) -> Self {
+        self.peer = f;
+        self
+    }
+
+    /// Keys IPv6 clients by their first `prefix` bits (64 is common: one subscriber gets a
+    /// whole /64). Values above 128 mean 128.
+    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
+        self.v6_prefix = prefix.min(128);
+        self
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
+    }
+
+    /// The client address of a request, as described in the type docs.
+    pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        let peer = (self.peer)(req.extensions())?.to_canonical();
+        let ip = if self.trusted.is_empty() || !self.is_trusted(peer) {
+            peer
+        } else {
+            self.forwarded_client(req.headers(), peer)
+        };
+        Some(self.mask(ip))
+    }
+
+    fn forwarded_client(&self, headers: &http::HeaderMap, peer: IpAddr) -> IpAddr {
+        let name = match self.header {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        };
+        let mut last_trusted = peer;
+        let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+        for value in values.iter().rev() {
+            let Ok(s) = value.to_str() else {
+                return last_trusted;
+            };
+            for entry in s.rsplit(',') {
+                let parsed = match self.header {
+                    ForwardedHeader::XForwardedFor => parse_xff_entry(entry),
+                    ForwardedHeader::Forwarded => parse_forwarded_entry(entry),
+                };
+                match parsed {
+                    Some(ip) if self.is_trusted(ip) => last_trusted = ip,
+                    Some(ip) => return ip,
+                    None => return last_trusted,
+                }
+            }
+        }
+        last_trusted
+    }
+
+    fn mask(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) if self.v6_prefix < 128 => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.v6_prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            ip => ip,
+        }
+    }
+}
+
+fn parse_ip_port(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    // "[v6]" without a port.
+    s.strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|r| r.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+}
+
+fn parse_xff_entry(entry: &str) -> Option<IpAddr> {
+    parse_ip_port(entry)
+}
+
+/// One element of `Forwarded`: `for=192.0.2.60;proto=http;by=203.0.113.43`, with `for` maybe
+/// quoted (`for="[2001:db8::1]:4711"`). Obfuscated identifiers and `unknown` are not
+/// addresses.
+fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    entry.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
+        parse_ip_port(v)
+    })
+}
+
+impl<B> KeyFn<Request<B>> for ClientIp {
+    type Key = Option<IpAddr>;
+
+    #[inline]
+    fn key(&self, req: &Request<B>) -> Option<IpAddr> {
+        self.client_ip(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(peer: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut r = b.body(()).unwrap();
+        r.extensions_mut()
+            .insert(peer.parse::<SocketAddr>().unwrap());
+        r
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn untrusted_peer_is_the_key_whatever_headers_say() {
+        let c = ClientIp::new().trust_proxies(["10.0.0.0/8"]).unwrap();
+        let r = req("203.0.113.9:5000", &[("x-forwarded-for", "1.1.1.1")]);
+        assert_eq!(c.client_ip(&r), ip("203.0.113.9"));
+        let c = ClientIp::new();
+        let r = req("10.0.0.1:5000", &[("x-forwarded-for", "1.1.1.1")]);
+        assert_eq!(c.client_ip(&r), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn rightmost_untrusted_forwarded_for() {
+        let c = ClientIp::new()
+            .trust_proxies(["10.0.0.0/8", "192.168.0.0/16"])
+            .unwrap();
+        // The client forged "6.6.6.6"; the proxy appended the real address 198.51.100.7.
+        let r = req(
+            "10.0.0.2:443",
+            &[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 192.168.1.1")],
+        );
+        assert_eq!(c.client_ip(&r), ip("198.51.100.7"));
+        // Several header lines are one list, in order.
+        let r = req(
+            "10.0.0.2:443",
+            &[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-for", "198.51.100.8"),
+            ],
+        );
+        assert_eq!(c.client_ip(&r), ip("198.51.100.8"));
+        // Malformed before a client is found: the last trusted hop.
+        let r = req(
+            "10.0.0.2:443",
+            &[("x-forwarded-for", "1.2.3.4, garbage, 10.9.9.9")],
+        );
+        assert_eq!(c.client_ip(&r), ip("10.9.9.9"));
+        // All trusted, or no header: the last trusted hop.
+        let r = req("10.0.0.2:443", &[("x-forwarded-for", "10.1.1.1")]);
+        assert_eq!(c.client_ip(&r), ip("10.1.1.1"));
+        let r = req("10.0.0.2:443", &[]);
+        assert_eq!(c.client_ip(&r), ip("10.0.0.2"));
+        // Ports and brackets.
+        let r = req("10.0.0.2:443", &[("x-forwarded-for", "[2001:db8::1]:4711")]);
+        assert_eq!(c.client_ip(&r), ip("2001:db8::1"));
+    }
+
+    #[test]
+    fn rfc7239_forwarded() {
+        let c = ClientIp::new()
+            .trust_proxies(["127.0.0.1"])
+            .unwrap()
+            .use_forwarded();
+        let r = req(
+            "127.0.0.1:80",
+            &[
+                (
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https",
+                ),
+                ("x-forwarded-for", "9.9.9.9"),
+            ],
+        );
+        assert_eq!(c.client_ip(&r), ip("2001:db8:cafe::17"));
+        let r = req("127.0.0.1:80", &[("forwarded", "for=unknown")]);
+        assert_eq!(c.client_ip(&r), ip("127.0.0.1"));
+    }
+
+    #[test]
+    fn networks_and_prefixes() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains("10.255.0.1".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("banana".parse::<IpNet>().is_err());
+        assert!(ClientIp::new().trust_proxies(["nope"]).is_err());
+        let c = ClientIp::new().ipv6_prefix(64);
+        let r = req("[2001:db8:1:2:3:4:5:6]:1", &[]);
+        assert_eq!(c.client_ip(&r), ip("2001:db8:1:2::"));
+        let r = Request::new(());
+        assert_eq!(ClientIp::new().client_ip(&r), None);
+    }
+}

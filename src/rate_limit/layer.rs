@@ -1,0 +1,366 @@
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::gcra::{self, Quota};
+use super::keyed::Table;
+use super::service::RateLimit;
+use super::{Global, NoHeaders, WithHeaders};
+use crate::clock::{duration_nanos, Clock};
+use crate::rejection::RateLimitInfo;
+
+/// The default bound on the number of keys a keyed limiter tracks.
+pub const DEFAULT_MAX_KEYS: usize = 65_536;
+
+/// The TAT of the global limiter, alone on its cache line.
+#[repr(align(128))]
+struct Hot {
+    tat: AtomicU64,
+}
+
+/// The state a layer shares with every service it makes.
+pub(crate) struct Shared {
+    hot: Hot,
+    // Read on every check; written only through the handle.
+    interval: AtomicU64,
+    tolerance: AtomicU64,
+    pub(crate) clock: Clock,
+    pub(crate) table: Option<Table>,
+    rejected: AtomicU64,
+}
+
+impl Shared {
+    fn new(quota: Quota, clock: Clock, table: Option<Table>) -> Shared {
+        Shared {
+            hot: Hot {
+                tat: AtomicU64::new(0),
+            },
+            interval: AtomicU64::new(quota.interval_ns()),
+            tolerance: AtomicU64::new(quota.tolerance_ns()),
+            clock,
+            table,
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// `(interval, tolerance)`, read without a lock. A check that races with a quota change
+    /// may pair the old interval with the new burst (or the reverse) once.
+    #[inline]
+    pub(crate) fn params(&self) -> (u64, u64) {
+        (
+            self.interval.load(Ordering::Relaxed),
+            self.tolerance.load(Ordering::Relaxed),
+        )
+    }
+
+    /// One check of the global limiter. Returns the step and the TAT after it.
+    #[inline]
+    pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64) {
+        let (interval, tolerance) = self.params();
+        let mut tat = self.hot.tat.load(Ordering::Relaxed);
+        loop {
+            match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
+                gcra::Step::Admit { new_tat, wait_ns } => {
+                    // Relaxed is enough: the TAT is the only datum, and every change of it is
+                    // a read-modify-write on this one word.
+                    match self.hot.tat.compare_exchange_weak(
+                        tat,
+                        new_tat,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => return (gcra::Step::Admit { new_tat, wait_ns }, new_tat),
+                        Err(actual) => tat = actual,
+                    }
+                }
+                reject => return (reject, tat),
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn count_rejection(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The figures for headers, given a TAT.
+    pub(crate) fn info(&self, tat: u64, now: u64) -> RateLimitInfo {
+        let (interval, tolerance) = self.params();
+        RateLimitInfo {
+            limit: tolerance / interval.max(1),
+            remaining: gcra::remaining(tat, now, interval, tolerance),
+            reset: Duration::from_nanos(tat.saturating_sub(now)),
+            window: Duration::from_nanos(tolerance),
+        }
+    }
+}
+
+/// Applies a token-bucket (GCRA) rate limit; see the [module docs](super).
+///
+/// # Clone
+///
+/// Clones of a layer share its limit, and so do all the services a layer makes, whether by
+/// cloning or by repeated [`Layer::layer`] calls (Axum applies a layer to each route: they
+/// all draw on one limit). Two limits need two layers.
+pub struct RateLimitLayer<K = Global, H = NoHeaders> {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: K,
+    pub(crate) max_wait_ns: u64,
+    pub(crate) headers: H,
+    quota: Quota,
+    max_keys: usize,
+}
+
+impl RateLimitLayer {
+    /// One limit shared by every request through this layer.
+    pub fn new(quota: Quota) -> Self {
+        RateLimitLayer {
+            shared: Arc::new(Shared::new(quota, Clock::new(), None)),
+            key: Global,
+            max_wait_ns: 0,
+            headers: NoHeaders,
+            quota,
+            max_keys: 0,
+        }
+    }
+}
+
+impl<K> RateLimitLayer<K> {
+    /// A limit per key: `key` reads the key from the request (any `Fn(&Req) -> K` where
+    /// `K: Hash`, or one of the extractors in [`key`](super::key)).
+    ///
+    /// At most [`DEFAULT_MAX_KEYS`] keys are tracked; see [`max_keys`](Self::max_keys).
+    pub fn keyed(quota: Quota, key: K) -> Self {
+        RateLimitLayer {
+            shared: Arc::new(Shared::new(
+                quota,
+                Clock::new(),
+                Some(Table::new(DEFAULT_MAX_KEYS)),
+            )),
+            key,
+            max_wait_ns: 0,
+            headers: NoHeaders,
+            quota,
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
+impl<K, H> RateLimitLayer<K, H> {
+    fn rebuilt(mut self) -> Self {
+        let table = (self.max_keys > 0).then(|| Table::new(self.max_keys));
+        self.shared = Arc::new(Shared::new(self.quota, self.shared.clock.clone(), table));
+        self
+    }
+
+    /// Bounds the number of keys tracked (rounded up to a power of two; between 8 and 2^26).
+    /// Memory is 16 bytes a key, fixed when the layer is built. Has no effect on a global
+    /// limiter.
+    ///
+    /// Configure the layer before taking its [`handle`](Self::handle): this starts a fresh
+    /// limit.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        if self.max_keys > 0 {
+            self.max_keys = max_keys.max(1);
+            self = self.rebuilt();
+        }
+        self
+    }
+
+    /// Uses another clock. `Clock::tokio()` makes the limiter follow tokio's paused time, for
+    /// tests. Configure the layer before taking its [`handle`](Self::handle): this starts a
+    /// fresh limit.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.shared = Arc::new(Shared::new(
+            self.quota,
+            clock,
+            (self.max_keys > 0).then(|| Table::new(self.max_keys)),
+        ));
+        self
+    }
+
+    /// For clients: a request over the limit waits (with `tokio::time`) for its turn when
+    /// that turn comes within `max_wait`, and is rejected otherwise. The turn is reserved at
+    /// once, so waiters are served in order and never exceed the quota. Default: zero (reject
+    /// at once), which is what servers want.
+    pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
+        self.max_wait_ns = duration_nanos(max_wait);
+        self
+    }
+
+    /// Successful HTTP responses carry the `RateLimit` and `RateLimit-Policy` headers (IETF
+    /// draft syntax), as rejections always do.
+    pub fn response_headers(self) -> RateLimitLayer<K, WithHeaders> {
+        RateLimitLayer {
+            shared: self.shared,
+            key: self.key,
+            max_wait_ns: self.max_wait_ns,
+            headers: WithHeaders,
+            quota: self.quota,
+            max_keys: self.max_keys,
+        }
+    }
+
+    /// A handle to read and change this layer's limit at run time.
+    pub fn handle(&self) -> RateLimitHandle {
+        RateLimitHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K: Clone, H: Clone> Clone for RateLimitLayer<K, H> {
+    fn clone(&self) -> Self {
+        RateLimitLayer {
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+            max_wait_ns: self.max_wait_ns,
+            headers: self.headers.clone(),
+            quota: self.quota,
+            max_keys: self.max_keys,
+        }
+    }
+}
+
+impl<K, H> fmt::Debug for RateLimitLayer<K, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("quota", &self.quota)
+            .field("keyed", &self.shared.table.is_some())
+            .field("max_wait", &Duration::from_nanos(self.max_wait_ns))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K: Clone, H: Clone> Layer<S> for RateLimitLayer<K, H> {
+    type Service = RateLimit<S, K, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+            max_wait_ns: self.max_wait_ns,
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+/// Reads and changes a [`RateLimitLayer`]'s limit at run time.
+///
+/// ```
+/// use tower_bulwark::{Quota, RateLimitLayer};
+///
+/// let layer = RateLimitLayer::new(Quota::per_second(10)?);
+/// let handle = layer.handle();
+/// assert_eq!(handle.remaining(), 10);
+/// handle.set_quota(Quota::per_second(100)?); // no rebuild
+/// assert_eq!(handle.quota().burst_size(), 100);
+/// # Ok::<(), tower_bulwark::rate_limit::QuotaError>(())
+/// ```
+#[derive(Clone)]
+pub struct RateLimitHandle {
+    shared: Arc<Shared>,
+}
+
+impl RateLimitHandle {
+    /// Changes the quota of every service of the layer. Keys keep their state: a key that
+    /// spent its burst under the old quota is whole again as soon as the new quota says so.
+    pub fn set_quota(&self, quota: Quota) {
+        // Tolerance first when growing and last when shrinking, so that a racing check sees
+        // at worst the smaller of the two limits for a moment.
+        let old_tol = self.shared.tolerance.load(Ordering::Relaxed);
+        if quota.tolerance_ns() > old_tol {
+            self.shared
+                .interval
+                .store(quota.interval_ns(), Ordering::Relaxed);
+            self.shared
+                .tolerance
+                .store(quota.tolerance_ns(), Ordering::Relaxed);
+        } else {
+            self.shared
+                .tolerance
+                .store(quota.tolerance_ns(), Ordering::Relaxed);
+            self.shared
+                .interval
+                .store(quota.interval_ns(), Ordering::Relaxed);
+        }
+        tracing::info!(
+            interval_ns = quota.interval_ns(),
+            burst = quota.burst_size(),
+            "rate limit quota changed"
+        );
+    }
+
+    /// The quota in force.
+    pub fn quota(&self) -> Quota {
+        let (interval, tolerance) = self.shared.params();
+        Quota::from_parts(
+            interval,
+            u32::try_from(tolerance / interval.max(1)).unwrap_or(u32::MAX),
+        )
+    }
+
+    /// Requests the global limit would admit now (for a keyed limiter: what an unseen key
+    /// has).
+    pub fn remaining(&self) -> u64 {
+        let now = self.shared.clock.now_nanos();
+        let (interval, tolerance) = self.shared.params();
+        let tat = if self.shared.table.is_some() {
+            0
+        } else {
+            self.shared.hot.tat.load(Ordering::Relaxed)
+        };
+        gcra::remaining(tat, now, interval, tolerance)
+    }
+
+    /// Requests a keyed limiter would admit now for `key` (the value the key function returns,
+    /// of the same type, so that it hashes the same).
+    pub fn remaining_for<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        let now = self.shared.clock.now_nanos();
+        let (interval, tolerance) = self.shared.params();
+        let tat = match &self.shared.table {
+            Some(t) => t.peek(t.hash(key)).unwrap_or(0),
+            None => self.shared.hot.tat.load(Ordering::Relaxed),
+        };
+        gcra::remaining(tat, now, interval, tolerance)
+    }
+
+    /// Requests rejected so far.
+    pub fn rejected(&self) -> u64 {
+        self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Keys that currently hold state (keyed limiter; 0 for a global one). Walks the table.
+    pub fn tracked_keys(&self) -> usize {
+        let now = self.shared.clock.now_nanos();
+        self.shared
+            .table
+            .as_ref()
+            .map_or(0, |t| t.live_entries(now))
+    }
+
+    /// The most keys the table can hold (0 for a global limiter).
+    pub fn max_keys(&self) -> usize {
+        self.shared.table.as_ref().map_or(0, Table::capacity)
+    }
+
+    /// Keys evicted while their state was still ahead because their group was full.
+    pub fn evictions(&self) -> u64 {
+        self.shared.table.as_ref().map_or(0, Table::evictions)
+    }
+}
+
+impl fmt::Debug for RateLimitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitHandle")
+            .field("quota", &self.quota())
+            .field("rejected", &self.rejected())
+            .field("max_keys", &self.max_keys())
+            .finish()
+    }
+}

@@ -1,0 +1,113 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::BoxError;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::gcra::Step;
+use super::layer::Shared;
+use super::{Global, KeyFn, NoHeaders, ResponseHeaders};
+use crate::rejection::Rejection;
+
+/// Applies a rate limit to requests; made by [`RateLimitLayer`](super::RateLimitLayer).
+///
+/// `poll_ready` is the inner service's: the limit is checked in `call`, which reads the clock
+/// once and does one compare-and-swap. A request over the limit gets a
+/// [`Rejection`](crate::Rejection) of kind `RateLimited` (or waits its turn, with
+/// [`wait_up_to`](super::RateLimitLayer::wait_up_to)).
+///
+/// # Clone
+///
+/// Clones share the limit. A clone starts unreserved, as the tower contract asks.
+pub struct RateLimit<S, K = Global, H = NoHeaders> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: K,
+    pub(crate) max_wait_ns: u64,
+    pub(crate) headers: H,
+}
+
+impl<S: Clone, K: Clone, H: Clone> Clone for RateLimit<S, K, H> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+            max_wait_ns: self.max_wait_ns,
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, H> fmt::Debug for RateLimit<S, K, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("keyed", &self.shared.table.is_some())
+            .field("max_wait", &Duration::from_nanos(self.max_wait_ns))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, K, H> Service<Req> for RateLimit<S, K, H>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    K: KeyFn<Req>,
+    H: ResponseHeaders<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, H>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let shared = &*self.shared;
+        let now = shared.clock.now_nanos();
+        let (step, tat) = match &shared.table {
+            None => shared.check_global(now, self.max_wait_ns),
+            Some(table) => {
+                let (interval, tolerance) = shared.params();
+                let hash = table.hash(&self.key.key(&req));
+                let c = table.check(hash, now, interval, tolerance, self.max_wait_ns);
+                (c.step, c.tat)
+            }
+        };
+        match step {
+            Step::Admit { wait_ns: 0, .. } => {
+                let info = H::ENABLED.then(|| shared.info(tat, now));
+                ResponseFuture::called(self.inner.call(req), self.headers.clone(), info)
+            }
+            Step::Admit { wait_ns, .. } => {
+                // The turn is reserved; wait for it with the ready service, leaving a clone.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let info = H::ENABLED.then(|| shared.info(tat, now));
+                tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
+                ResponseFuture::waiting(
+                    Duration::from_nanos(wait_ns),
+                    ready,
+                    req,
+                    self.headers.clone(),
+                    info,
+                )
+            }
+            Step::Reject { retry_after_ns } => {
+                shared.count_rejection();
+                tracing::trace!(retry_after_ns, "rate limit: request rejected");
+                ResponseFuture::rejected(Rejection::rate_limited(
+                    Duration::from_nanos(retry_after_ns),
+                    shared.info(tat, now),
+                ))
+            }
+        }
+    }
+}

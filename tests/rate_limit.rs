@@ -1,0 +1,436 @@
+//! Integration tests of the rate limiter: paused time, threads, keys, Axum, gRPC, bad input.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use axum::{body::Body, routing::get, Router};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::clock::Clock;
+use tower_bulwark::rate_limit::{key, QuotaError};
+use tower_bulwark::{Quota, RateLimitLayer, Rejection, RejectionKind, RejectionLayer};
+
+/// A ready service that counts its calls.
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicU64>);
+
+impl<Req> Service<Req> for Counting {
+    type Response = ();
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<(), Infallible>>;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _req: Req) -> Self::Future {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Polls ready, calls, and polls the response once (the limiter answers at once when it does
+/// not wait). `Some(Ok)` admitted, `Some(Err)` rejected.
+fn check<S: Service<Req, Response = (), Error = BoxError>, Req>(
+    svc: &mut S,
+    req: Req,
+) -> Result<(), BoxError> {
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let mut fut = std::pin::pin!(svc.call(req));
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(r) => r,
+        Poll::Pending => panic!("pending"),
+    }
+}
+
+use std::future::Future;
+
+fn retry_after(err: &BoxError) -> Duration {
+    let r = err.downcast_ref::<Rejection>().expect("a rejection");
+    assert_eq!(r.kind(), RejectionKind::RateLimited);
+    r.retry_after().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn burst_at_once_then_one_per_period() {
+    let quota = Quota::per_second(10).unwrap().burst(5).unwrap();
+    let calls = Counting::default();
+    let mut svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(quota).clock(Clock::tokio()))
+        .service(calls.clone());
+    let admitted = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
+    assert_eq!(admitted, 5, "exactly the burst at once");
+    assert_eq!(
+        calls.0.load(Ordering::SeqCst),
+        5,
+        "rejected requests never reach the service"
+    );
+
+    // Then exactly one per 100 ms.
+    for period in 1..=10 {
+        let err = check(&mut svc, ()).unwrap_err();
+        let wait = retry_after(&err);
+        // The retry_after is exact: one nanosecond before it, still refused...
+        tokio::time::advance(wait - Duration::from_nanos(1)).await;
+        let err = check(&mut svc, ()).unwrap_err();
+        assert_eq!(
+            retry_after(&err),
+            Duration::from_nanos(1),
+            "period {period}"
+        );
+        // ...and at it, admitted, once.
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert!(check(&mut svc, ()).is_ok(), "period {period}");
+        assert!(check(&mut svc, ()).is_err(), "period {period}");
+    }
+    assert_eq!(calls.0.load(Ordering::SeqCst), 15);
+}
+
+#[test]
+fn two_threads_frozen_clock_admit_exactly_the_burst() {
+    let (clock, _hand) = Clock::manual();
+    let layer =
+        RateLimitLayer::new(Quota::per_second(1000).unwrap().burst(777).unwrap()).clock(clock);
+    let admitted = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let mut svc = layer.layer(Counting::default());
+            let admitted = admitted.clone();
+            s.spawn(move || {
+                for _ in 0..100_000 {
+                    if check(&mut svc, ()).is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::Relaxed), 777);
+    assert_eq!(layer.handle().rejected(), 200_000 - 777);
+}
+
+#[test]
+fn two_threads_stepping_clock_admit_what_the_quota_allows() {
+    let quota = Quota::per_second(1000).unwrap().burst(50).unwrap(); // one token per ms
+    let (clock, hand) = Clock::manual();
+    let layer = RateLimitLayer::new(quota).clock(clock);
+    let admitted = Arc::new(AtomicU64::new(0));
+    let ticks = 99;
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let mut svc = layer.layer(Counting::default());
+            let admitted = admitted.clone();
+            let hand = hand.clone();
+            s.spawn(move || {
+                for i in 1..=100_000u64 {
+                    if check(&mut svc, ()).is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Thread 0 moves time by one token every 1,000 of its checks, and keeps
+                    // checking afterwards, so every token it creates is taken.
+                    if t == 0 && i % 1_000 == 0 && i / 1_000 <= ticks {
+                        hand.advance(Duration::from_millis(1));
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::Relaxed), 50 + ticks);
+}
+
+#[test]
+fn two_threads_one_key_frozen_clock() {
+    let (clock, _hand) = Clock::manual();
+    let layer = RateLimitLayer::keyed(Quota::per_minute(100).unwrap(), |k: &u64| *k).clock(clock);
+    let admitted = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let mut svc = layer.layer(Counting::default());
+            let admitted = admitted.clone();
+            s.spawn(move || {
+                for i in 0..100_000u64 {
+                    // Ten keys, all contended by both threads.
+                    if check(&mut svc, i % 10).is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::Relaxed), 10 * 100);
+}
+
+#[test]
+fn a_million_keys_stay_within_the_bound() {
+    let (clock, hand) = Clock::manual();
+    let layer = RateLimitLayer::keyed(Quota::per_second(1).unwrap(), |k: &u64| *k)
+        .max_keys(4096)
+        .clock(clock);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    for k in 0..1_000_000u64 {
+        // Every new key has its full burst: distinct keys never limit each other...
+        assert!(check(&mut svc, k).is_ok(), "key {k}");
+        if k % 1000 == 0 {
+            hand.advance(Duration::from_millis(1));
+        }
+    }
+    assert_eq!(handle.max_keys(), 4096);
+    // ...and the table never holds more than its bound.
+    assert!(handle.tracked_keys() <= 4096);
+    // A recent key is still limited.
+    assert!(check(&mut svc, 999_999).is_err());
+    assert_eq!(handle.remaining_for(&999_999u64), 0);
+}
+
+#[test]
+fn keyed_limits_are_independent_and_odd_keys_work() {
+    let (clock, _hand) = Clock::manual();
+    let layer =
+        RateLimitLayer::keyed(Quota::per_second(2).unwrap(), |k: &String| k.clone()).clock(clock);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    let long = "k".repeat(1 << 20);
+    for key in [String::new(), long.clone(), "a".to_owned()] {
+        assert!(check(&mut svc, key.clone()).is_ok());
+        assert!(check(&mut svc, key.clone()).is_ok());
+        assert!(check(&mut svc, key.clone()).is_err(), "{}", key.len());
+        assert_eq!(handle.remaining_for(&key), 0);
+    }
+    assert_eq!(handle.remaining_for("never seen"), 2);
+}
+
+#[test]
+fn clock_jumping_back_neither_panics_nor_over_admits() {
+    let (clock, hand) = Clock::manual();
+    hand.set_nanos(10_000_000_000);
+    let layer = RateLimitLayer::new(Quota::per_second(10).unwrap()).clock(clock);
+    let mut svc = layer.layer(Counting::default());
+    let first = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
+    assert_eq!(first, 10);
+    hand.set_nanos(0); // ten seconds back
+    let after = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
+    assert_eq!(after, 0);
+    hand.set_nanos(10_100_000_000); // forward again: one token per 100 ms
+    assert_eq!((0..20).filter(|_| check(&mut svc, ()).is_ok()).count(), 1);
+}
+
+#[test]
+fn invalid_quotas_are_refused_at_construction() {
+    assert_eq!(Quota::per_second(0), Err(QuotaError::Zero));
+    assert_eq!(Quota::per_minute(0), Err(QuotaError::Zero));
+    assert_eq!(Quota::with_period(Duration::ZERO), Err(QuotaError::Zero));
+    assert_eq!(
+        Quota::per_second(5).unwrap().burst(0),
+        Err(QuotaError::Zero)
+    );
+    assert_eq!(
+        Quota::per_period(u32::MAX, Duration::from_nanos(10)),
+        Err(QuotaError::TooFast)
+    );
+    assert_eq!(Quota::with_period(Duration::MAX), Err(QuotaError::TooLong));
+}
+
+#[tokio::test(start_paused = true)]
+async fn handle_changes_the_quota_at_run_time() {
+    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap()).clock(Clock::tokio());
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    assert!(check(&mut svc, ()).is_ok());
+    assert!(check(&mut svc, ()).is_err());
+    handle.set_quota(Quota::per_second(100).unwrap());
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert!(check(&mut svc, ()).is_ok());
+    assert_eq!(handle.quota(), Quota::per_second(100).unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn clients_wait_up_to_a_bound_in_order() {
+    let quota = Quota::per_second(10).unwrap().burst(1).unwrap();
+    let calls = Counting::default();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(quota)
+                .clock(Clock::tokio())
+                .wait_up_to(Duration::from_millis(250)),
+        )
+        .service(calls.clone());
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            svc.oneshot(()).await.map(|_| tokio::time::Instant::now())
+        }));
+    }
+    tokio::task::yield_now().await;
+    // The fourth would wait 300 ms: more than the bound, so it is refused at once.
+    let err = svc.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(retry_after(&err), Duration::from_millis(300));
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(t.await.unwrap().unwrap() - start);
+    }
+    times.sort();
+    assert_eq!(
+        times,
+        [
+            Duration::ZERO,
+            Duration::from_millis(100),
+            Duration::from_millis(200)
+        ]
+    );
+    assert_eq!(calls.0.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_dropped_never_reaches_the_service() {
+    let quota = Quota::per_second(1).unwrap();
+    let calls = Counting::default();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(quota)
+                .clock(Clock::tokio())
+                .wait_up_to(Duration::from_secs(5)),
+        )
+        .service(calls.clone());
+    assert!(check(&mut svc, ()).is_ok());
+    let fut = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
+    let fut = tokio::time::timeout(Duration::from_millis(10), fut);
+    assert!(fut.await.is_err(), "still waiting when dropped");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1);
+}
+
+fn app(
+    layer: RateLimitLayer<impl tower_bulwark::rate_limit::KeyFn<Request<Body>>>,
+    hits: Arc<AtomicU64>,
+) -> Router {
+    let h2 = hits.clone();
+    Router::new()
+        .route(
+            "/a",
+            get(move || {
+                hits.fetch_add(1, Ordering::SeqCst);
+                async { "a" }
+            }),
+        )
+        .route(
+            "/b",
+            get(move || {
+                h2.fetch_add(1, Ordering::SeqCst);
+                async { "b" }
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(RejectionLayer::http())
+                .layer(layer),
+        )
+}
+
+#[tokio::test(start_paused = true)]
+async fn axum_answers_429_with_headers_and_shares_one_limit_across_routes() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let layer = RateLimitLayer::new(Quota::per_minute(3).unwrap()).clock(Clock::tokio());
+    let app = app(layer, hits.clone());
+    let req = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+    // Three requests over two routes spend one limit.
+    for p in ["/a", "/b", "/a"] {
+        let res = app.clone().oneshot(req(p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let res = app.clone().oneshot(req("/b")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let h = res.headers().clone();
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry, 20);
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert_eq!(h["ratelimit-policy"], "\"default\";q=3;w=60");
+    assert_eq!(h["ratelimit"], "\"default\";r=0;t=60");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["status"], 429);
+    assert_eq!(v["retry_after"], 20);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "the handler did not run when rejected"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn axum_keyed_by_header_with_success_headers() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let layer = RateLimitLayer::keyed(Quota::per_second(2).unwrap(), key::Header::new("x-api-key"))
+        .clock(Clock::tokio())
+        .response_headers();
+    let h2 = hits.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move || {
+                h2.fetch_add(1, Ordering::SeqCst);
+                async { "ok" }
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(RejectionLayer::http())
+                .layer(layer),
+        );
+    let req = |k: &str| {
+        Request::get("/")
+            .header("x-api-key", k)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = app.clone().oneshot(req("alice")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["ratelimit"], "\"default\";r=1;t=1");
+    assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=2;w=1");
+    assert_eq!(
+        app.clone().oneshot(req("alice")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.clone().oneshot(req("alice")).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Bob has his own limit.
+    assert_eq!(
+        app.clone().oneshot(req("bob")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn grpc_rejection_is_resource_exhausted_with_pushback() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::grpc())
+        .layer(RateLimitLayer::new(Quota::per_second(4).unwrap()).clock(Clock::tokio()))
+        .service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "0")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+        });
+    for _ in 0..4 {
+        let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.headers()["grpc-status"], "0");
+    }
+    let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "8");
+    assert_eq!(res.headers()["grpc-retry-pushback-ms"], "250");
+}
