@@ -85,6 +85,9 @@ pub mod key;
 mod keyed;
 mod layer;
 mod service;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod store;
 
 use std::hash::Hash;
 

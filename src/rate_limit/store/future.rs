@@ -1,0 +1,121 @@
+//! The response future of the Redis-backed rate limiter.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::redis::RedisShared;
+
+/// What a check returns: the script's reply, a Redis error, or the timeout.
+pub(crate) type CheckOutput =
+    Result<Result<(i64, i64, i64), redis::RedisError>, tokio::time::error::Elapsed>;
+
+/// One check in flight. The Redis client boxes each command's future itself; this box holds
+/// it with its connection handle and timeout, so the check is one allocation of ours.
+pub(crate) type CheckFuture = Pin<Box<dyn Future<Output = CheckOutput> + Send>>;
+
+pin_project! {
+    /// Response future of [`RedisRateLimit`](super::RedisRateLimit).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it while the check is in flight drops the check (the multiplexed connection
+    /// discards the reply) and the inner service it held ready, which gives back whatever
+    /// that service reserved in `poll_ready` (a concurrency permit, say). If Redis had already
+    /// run the script, the token stays spent, as it would for a request that was sent.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct RedisResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        shared: Arc<RedisShared>,
+        local_hash: u64,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Checking { check: CheckFuture, svc: Option<S>, req: Option<Req> },
+        Called { #[pin] fut: S::Future },
+        Done,
+    }
+}
+
+impl<S: Service<Req>, Req> RedisResponseFuture<S, Req> {
+    pub(crate) fn new(
+        check: CheckFuture,
+        svc: S,
+        req: Req,
+        shared: Arc<RedisShared>,
+        local_hash: u64,
+    ) -> Self {
+        RedisResponseFuture {
+            state: State::Checking {
+                check,
+                svc: Some(svc),
+                req: Some(req),
+            },
+            shared,
+            local_hash,
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for RedisResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Checking { .. } => "checking",
+            State::Called { .. } => "called",
+            State::Done => "done",
+        };
+        f.debug_struct("RedisResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, Req> Future for RedisResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let this = self.as_mut().project();
+            match this.state.project() {
+                StateProj::Checking { check, svc, req } => {
+                    let out = ready!(check.as_mut().poll(cx));
+                    match this.shared.decide(out, *this.local_hash) {
+                        Ok(()) => {
+                            // The service was made ready by `poll_ready` before `call`.
+                            let mut s = svc.take().expect("polled after completion");
+                            let r = req.take().expect("polled after completion");
+                            let fut = s.call(r);
+                            self.as_mut().project().state.set(State::Called { fut });
+                        }
+                        Err(rejection) => {
+                            self.as_mut().project().state.set(State::Done);
+                            return Poll::Ready(Err(rejection.into()));
+                        }
+                    }
+                }
+                StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Done => panic!("polled after completion"),
+            }
+        }
+    }
+}

@@ -1,0 +1,874 @@
+//! The Redis-backed limiter: layer, service, handle and shared state.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tower::BoxError;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::future::{CheckFuture, CheckOutput, RedisResponseFuture};
+use crate::clock::Clock;
+use crate::rate_limit::gcra::{self, Quota};
+use crate::rate_limit::layer::Shared as LocalShared;
+use crate::rate_limit::{Global, KeyFn, RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS};
+use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
+
+/// The GCRA step, run by `EVALSHA` (loaded again after a `NOSCRIPT`).
+static SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
+
+/// The key prefix used unless [`RedisRateLimitLayer::prefix`] says otherwise.
+pub const DEFAULT_PREFIX: &str = "bulwark:rl:";
+
+/// The time a Redis check may take before the failure policy decides, unless
+/// [`RedisRateLimitLayer::timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The longest prefix accepted, in bytes.
+pub const MAX_PREFIX_LEN: usize = 256;
+
+/// The largest `tolerance + interval` the script computes exactly (Lua numbers are doubles):
+/// about 52 days.
+pub(crate) const MAX_REDIS_SPAN_NS: u64 = 1 << 52;
+
+/// At most one failure event per this many nanoseconds.
+const LOG_EVERY_NS: u64 = 1_000_000_000;
+const NEVER: u64 = u64::MAX;
+
+/// What a Redis-backed layer does with a request when Redis cannot answer in time.
+///
+/// Every such decision is counted (see [`RedisRateLimitHandle`]) and logged with `tracing` at
+/// `WARN`, at most once a second with the number of events left out; the first successful
+/// check afterwards logs an `INFO` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Admit the request: the limit is off while Redis is down.
+    FailOpen,
+    /// Refuse the request with a [`Rejection`] of kind
+    /// [`StoreUnavailable`](RejectionKind::StoreUnavailable) (HTTP 503, gRPC `UNAVAILABLE`).
+    FailClosed,
+    /// Decide with an in-process limiter of the same quota and key function (the default):
+    /// each replica then admits up to the whole quota on its own while Redis is down.
+    Local,
+}
+
+/// Why a Redis-backed limiter's configuration was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisConfigError {
+    /// The quota's window plus one interval exceeds 2^52 ns (about 52 days), beyond what the
+    /// script computes exactly.
+    QuotaTooLong,
+    /// The prefix contains `{` or `}`, which would change the key's Redis Cluster hash tag.
+    PrefixBraces,
+    /// The prefix is longer than [`MAX_PREFIX_LEN`] bytes.
+    PrefixTooLong,
+    /// A timeout of zero.
+    ZeroTimeout,
+}
+
+impl fmt::Display for RedisConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedisConfigError::QuotaTooLong => {
+                "quota window plus interval exceeds 2^52 ns (about 52 days) for a Redis limit"
+            }
+            RedisConfigError::PrefixBraces => "redis key prefix must not contain '{' or '}'",
+            RedisConfigError::PrefixTooLong => "redis key prefix is longer than 256 bytes",
+            RedisConfigError::ZeroTimeout => "redis timeout must be greater than zero",
+        })
+    }
+}
+
+impl std::error::Error for RedisConfigError {}
+
+fn check_quota(quota: Quota) -> Result<Quota, RedisConfigError> {
+    match quota.tolerance_ns().checked_add(quota.interval_ns()) {
+        Some(span) if span <= MAX_REDIS_SPAN_NS => Ok(quota),
+        _ => Err(RedisConfigError::QuotaTooLong),
+    }
+}
+
+/// Feeds a key's `Hash` bytes to SHA-1 in a fixed byte order, so that every replica (whatever
+/// its platform) derives the same Redis key from the same value.
+struct DigestHasher(sha1_smol::Sha1);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        let d = self.0.digest().bytes();
+        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0.update(&(n as u64).to_le_bytes());
+    }
+    fn write_i16(&mut self, n: i16) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_i32(&mut self, n: i32) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_i128(&mut self, n: i128) {
+        self.0.update(&n.to_le_bytes());
+    }
+    fn write_isize(&mut self, n: isize) {
+        self.0.update(&(n as i64).to_le_bytes());
+    }
+}
+
+/// The Redis key of a user key: `prefix{<32 hex digits>}`, the hex being the first 128 bits
+/// of the SHA-1 of the key's `Hash` bytes. Whatever the user key holds (any length, any
+/// bytes, braces), the key name has this fixed shape, so it can neither leave the prefix nor
+/// change the hash tag, and one user key maps to one Redis Cluster slot.
+pub(crate) fn redis_key<Q: Hash + ?Sized>(prefix: &[u8], key: &Q) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut h = DigestHasher(sha1_smol::Sha1::new());
+    key.hash(&mut h);
+    let digest = h.0.digest().bytes();
+    let mut out = Vec::with_capacity(prefix.len() + 34);
+    out.extend_from_slice(prefix);
+    out.push(b'{');
+    for b in &digest[..16] {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
+    }
+    out.push(b'}');
+    out
+}
+
+/// Logs store failures at most once a second, and the recovery once.
+pub(crate) struct FailureLog {
+    last_ns: AtomicU64,
+    suppressed: AtomicU64,
+    degraded: AtomicBool,
+}
+
+impl FailureLog {
+    fn new() -> FailureLog {
+        FailureLog {
+            last_ns: AtomicU64::new(NEVER),
+            suppressed: AtomicU64::new(0),
+            degraded: AtomicBool::new(false),
+        }
+    }
+
+    /// A failure at `now`: `Some(events left out since the last line)` when this one should
+    /// be logged.
+    fn failure(&self, now: u64) -> Option<u64> {
+        self.degraded.store(true, Ordering::Relaxed);
+        let last = self.last_ns.load(Ordering::Relaxed);
+        let due = last == NEVER || now.saturating_sub(last) >= LOG_EVERY_NS;
+        if due
+            && self
+                .last_ns
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// A success: true once after failures.
+    #[inline]
+    fn success(&self) -> bool {
+        if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::Relaxed) {
+            self.last_ns.store(NEVER, Ordering::Relaxed);
+            self.suppressed.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    rejected: AtomicU64,
+    store_failures: AtomicU64,
+    timeouts: AtomicU64,
+    failed_open: AtomicU64,
+    failed_closed: AtomicU64,
+    local_fallbacks: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the layer keeps for the `Local` policy: an in-process limiter of the same quota.
+struct Local {
+    shared: Arc<LocalShared>,
+    handle: RateLimitHandle,
+}
+
+/// The state a layer shares with every service it makes.
+pub(crate) struct RedisShared {
+    conn: ConnectionManager,
+    prefix: Arc<[u8]>,
+    interval: AtomicU64,
+    tolerance: AtomicU64,
+    timeout: Duration,
+    policy: FailurePolicy,
+    local: Option<Local>,
+    clock: Clock,
+    counters: Counters,
+    log: FailureLog,
+}
+
+impl RedisShared {
+    fn new(c: &Config) -> RedisShared {
+        let local = (c.policy == FailurePolicy::Local).then(|| {
+            let layer = if c.keyed {
+                RateLimitLayer::keyed(c.quota, Global)
+                    .max_keys(c.max_keys)
+                    .clock(c.clock.clone())
+            } else {
+                RateLimitLayer::new(c.quota).clock(c.clock.clone())
+            };
+            Local {
+                handle: layer.handle(),
+                shared: layer.shared,
+            }
+        });
+        RedisShared {
+            conn: c.conn.clone(),
+            prefix: c.prefix.clone(),
+            interval: AtomicU64::new(c.quota.interval_ns()),
+            tolerance: AtomicU64::new(c.quota.tolerance_ns()),
+            timeout: c.timeout,
+            policy: c.policy,
+            local,
+            clock: c.clock.clone(),
+            counters: Counters::default(),
+            log: FailureLog::new(),
+        }
+    }
+
+    #[inline]
+    fn params(&self) -> (u64, u64) {
+        (
+            self.interval.load(Ordering::Relaxed),
+            self.tolerance.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The hash of `key` in the local fallback's table (0 without one).
+    #[inline]
+    pub(crate) fn local_hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        match self.local.as_ref().and_then(|l| l.shared.table.as_ref()) {
+            Some(table) => table.hash(key),
+            None => 0,
+        }
+    }
+
+    /// The check of one key: one `EVALSHA` (plus a `SCRIPT LOAD` and a second `EVALSHA` after
+    /// a `NOSCRIPT`), bounded by the timeout as a whole.
+    pub(crate) fn check(&self, key: Vec<u8>) -> CheckFuture {
+        let (interval, tolerance) = self.params();
+        let mut conn = self.conn.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let mut invocation = SCRIPT.key(key);
+            invocation.arg(interval).arg(tolerance).arg(0u64);
+            tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await
+        })
+    }
+
+    /// Turns the outcome of a check into a decision.
+    pub(crate) fn decide(&self, out: CheckOutput, local_hash: u64) -> Result<(), Rejection> {
+        match out {
+            Ok(Ok((admitted, wait, ahead))) => {
+                if self.log.success() {
+                    tracing::info!(
+                        prefix = %String::from_utf8_lossy(&self.prefix),
+                        "redis rate limit: store reachable again"
+                    );
+                }
+                if admitted == 1 {
+                    Ok(())
+                } else {
+                    bump(&self.counters.rejected);
+                    let (interval, tolerance) = self.params();
+                    let ahead = u64::try_from(ahead).unwrap_or(0);
+                    let wait = u64::try_from(wait).unwrap_or(0);
+                    tracing::trace!(retry_after_ns = wait, "redis rate limit: request rejected");
+                    Err(Rejection::rate_limited(
+                        Duration::from_nanos(wait),
+                        RateLimitInfo {
+                            limit: tolerance / interval.max(1),
+                            remaining: gcra::remaining(ahead, 0, interval.max(1), tolerance),
+                            reset: Duration::from_nanos(ahead),
+                            window: Duration::from_nanos(tolerance),
+                        },
+                    ))
+                }
+            }
+            Ok(Err(e)) => self.on_failure(&e, false, local_hash),
+            Err(elapsed) => self.on_failure(&elapsed, true, local_hash),
+        }
+    }
+
+    #[cold]
+    fn on_failure(
+        &self,
+        error: &dyn fmt::Display,
+        timed_out: bool,
+        local_hash: u64,
+    ) -> Result<(), Rejection> {
+        bump(&self.counters.store_failures);
+        if timed_out {
+            bump(&self.counters.timeouts);
+        }
+        let now = self.clock.now_nanos();
+        if let Some(suppressed) = self.log.failure(now) {
+            tracing::warn!(
+                policy = ?self.policy,
+                error = %error,
+                timed_out,
+                suppressed,
+                prefix = %String::from_utf8_lossy(&self.prefix),
+                "redis rate limit: store unavailable, deciding by the failure policy"
+            );
+        }
+        match (self.policy, &self.local) {
+            (FailurePolicy::FailOpen, _) => {
+                bump(&self.counters.failed_open);
+                Ok(())
+            }
+            (FailurePolicy::Local, Some(local)) => {
+                bump(&self.counters.local_fallbacks);
+                let l = &*local.shared;
+                let (step, tat) = match &l.table {
+                    None => l.check_global(now, 0),
+                    Some(table) => {
+                        let (interval, tolerance) = l.params();
+                        let c = table.check(local_hash, now, interval, tolerance, 0);
+                        (c.step, c.tat)
+                    }
+                };
+                match step {
+                    gcra::Step::Admit { .. } => Ok(()),
+                    gcra::Step::Reject { retry_after_ns } => {
+                        l.count_rejection();
+                        bump(&self.counters.rejected);
+                        Err(Rejection::rate_limited(
+                            Duration::from_nanos(retry_after_ns),
+                            l.info(tat, now),
+                        ))
+                    }
+                }
+            }
+            _ => {
+                bump(&self.counters.failed_closed);
+                Err(Rejection::new(RejectionKind::StoreUnavailable)
+                    .with_detail("the rate limit store is unreachable"))
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Config {
+    conn: ConnectionManager,
+    prefix: Arc<[u8]>,
+    quota: Quota,
+    timeout: Duration,
+    policy: FailurePolicy,
+    clock: Clock,
+    keyed: bool,
+    max_keys: usize,
+}
+
+/// Applies a rate limit kept in Redis, shared by every replica; see the
+/// [module docs](super).
+///
+/// # Clone
+///
+/// Clones of a layer share its state (connection, counters, local fallback), and so do all
+/// the services a layer makes, whether by cloning or by repeated [`Layer::layer`] calls. The
+/// limit itself lives in Redis: every layer, in any process, with the same prefix and key
+/// draws on it.
+pub struct RedisRateLimitLayer<K = Global> {
+    shared: Arc<RedisShared>,
+    key: K,
+    config: Config,
+}
+
+impl RedisRateLimitLayer {
+    /// One limit shared by every request through every replica's layer with this prefix.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::QuotaTooLong`] when the quota's window plus one interval exceeds
+    /// about 52 days.
+    pub fn new(conn: ConnectionManager, quota: Quota) -> Result<Self, RedisConfigError> {
+        Self::build(conn, quota, Global, false)
+    }
+}
+
+impl<K> RedisRateLimitLayer<K> {
+    /// A limit per key: `key` reads the key from the request, as for
+    /// [`RateLimitLayer::keyed`]. The Redis key is the prefix and a digest of the key's `Hash`
+    /// bytes: use the same key function (and this crate's version) on every replica.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::QuotaTooLong`] when the quota's window plus one interval exceeds
+    /// about 52 days.
+    pub fn keyed(conn: ConnectionManager, quota: Quota, key: K) -> Result<Self, RedisConfigError> {
+        Self::build(conn, quota, key, true)
+    }
+
+    fn build(
+        conn: ConnectionManager,
+        quota: Quota,
+        key: K,
+        keyed: bool,
+    ) -> Result<Self, RedisConfigError> {
+        let config = Config {
+            conn,
+            prefix: Arc::from(DEFAULT_PREFIX.as_bytes()),
+            quota: check_quota(quota)?,
+            timeout: DEFAULT_TIMEOUT,
+            policy: FailurePolicy::Local,
+            clock: Clock::new(),
+            keyed,
+            max_keys: DEFAULT_MAX_KEYS,
+        };
+        Ok(RedisRateLimitLayer {
+            shared: Arc::new(RedisShared::new(&config)),
+            key,
+            config,
+        })
+    }
+
+    fn rebuilt(mut self) -> Self {
+        self.shared = Arc::new(RedisShared::new(&self.config));
+        self
+    }
+
+    /// The prefix of this limit's Redis keys (default [`DEFAULT_PREFIX`]). The prefix names
+    /// the limit: two layers with the same prefix share one limit, in any process.
+    ///
+    /// # Errors
+    ///
+    /// When the prefix contains `{` or `}` (they would change the Redis Cluster hash tag) or
+    /// is longer than [`MAX_PREFIX_LEN`] bytes.
+    pub fn prefix(mut self, prefix: &str) -> Result<Self, RedisConfigError> {
+        if prefix.len() > MAX_PREFIX_LEN {
+            return Err(RedisConfigError::PrefixTooLong);
+        }
+        if prefix.contains(['{', '}']) {
+            return Err(RedisConfigError::PrefixBraces);
+        }
+        self.config.prefix = Arc::from(prefix.as_bytes());
+        Ok(self.rebuilt())
+    }
+
+    /// How long a check may take, reconnection included, before the failure policy decides
+    /// (default [`DEFAULT_TIMEOUT`], 50 ms).
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::ZeroTimeout`] for a zero duration.
+    pub fn timeout(mut self, timeout: Duration) -> Result<Self, RedisConfigError> {
+        if timeout.is_zero() {
+            return Err(RedisConfigError::ZeroTimeout);
+        }
+        self.config.timeout = timeout;
+        Ok(self.rebuilt())
+    }
+
+    /// What to do when Redis cannot answer in time (default [`FailurePolicy::Local`]).
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.config.policy = policy;
+        self.rebuilt()
+    }
+
+    /// The clock of the local fallback and of the failure log. `Clock::tokio()` makes the
+    /// fallback follow tokio's paused time, for tests. The Redis limit itself reads Redis's
+    /// clock (`TIME`), never the process's.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.config.clock = clock;
+        self.rebuilt()
+    }
+
+    /// Bounds the keys the local fallback tracks (see [`RateLimitLayer::max_keys`]). Redis
+    /// memory is bounded by expiry instead: each key expires when its state is in the past.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.config.max_keys = max_keys.max(1);
+        self.rebuilt()
+    }
+
+    /// A handle to read the counters and change the quota at run time.
+    pub fn handle(&self) -> RedisRateLimitHandle {
+        RedisRateLimitHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K: Clone> Clone for RedisRateLimitLayer<K> {
+    fn clone(&self) -> Self {
+        RedisRateLimitLayer {
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<K> fmt::Debug for RedisRateLimitLayer<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimitLayer")
+            .field("quota", &self.config.quota)
+            .field("keyed", &self.config.keyed)
+            .field(
+                "prefix",
+                &String::from_utf8_lossy(&self.config.prefix).as_ref(),
+            )
+            .field("timeout", &self.config.timeout)
+            .field("policy", &self.config.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K: Clone> Layer<S> for RedisRateLimitLayer<K> {
+    type Service = RedisRateLimit<S, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RedisRateLimit {
+            inner,
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// Applies a Redis-backed rate limit; made by [`RedisRateLimitLayer`].
+///
+/// `poll_ready` is the inner service's. `call` derives the Redis key and starts the check;
+/// the response future runs it (one round trip) and then calls the inner service that
+/// `poll_ready` made ready, or refuses the request.
+///
+/// # Clone
+///
+/// Clones share the layer's state. A clone starts unreserved, as the tower contract asks:
+/// `call` moves the ready inner service into the response future and leaves a clone.
+pub struct RedisRateLimit<S, K = Global> {
+    inner: S,
+    shared: Arc<RedisShared>,
+    key: K,
+}
+
+impl<S: Clone, K: Clone> Clone for RedisRateLimit<S, K> {
+    fn clone(&self) -> Self {
+        RedisRateLimit {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for RedisRateLimit<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimit")
+            .field("inner", &self.inner)
+            .field("policy", &self.shared.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, K> Service<Req> for RedisRateLimit<S, K>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    K: KeyFn<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = RedisResponseFuture<S, Req>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let shared = &*self.shared;
+        let key = self.key.key(&req);
+        let local_hash = shared.local_hash(&key);
+        let check = shared.check(redis_key(&shared.prefix, &key));
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        RedisResponseFuture::new(check, ready, req, self.shared.clone(), local_hash)
+    }
+}
+
+/// Reads a [`RedisRateLimitLayer`]'s counters and changes its quota at run time.
+///
+/// The counters are this process's: each replica has its own.
+#[derive(Clone)]
+pub struct RedisRateLimitHandle {
+    shared: Arc<RedisShared>,
+}
+
+impl RedisRateLimitHandle {
+    /// The quota in force.
+    pub fn quota(&self) -> Quota {
+        let (interval, tolerance) = self.shared.params();
+        Quota::from_parts(
+            interval,
+            u32::try_from(tolerance / interval.max(1)).unwrap_or(u32::MAX),
+        )
+    }
+
+    /// Changes the quota this process sends with each check (and its local fallback's).
+    /// Every replica should be told: the quota travels with each check, the state in Redis
+    /// is only the theoretical arrival time.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::QuotaTooLong`], as for [`RedisRateLimitLayer::new`].
+    pub fn set_quota(&self, quota: Quota) -> Result<(), RedisConfigError> {
+        let quota = check_quota(quota)?;
+        let s = &self.shared;
+        // Tolerance first when growing and last when shrinking: a racing check sees at worst
+        // the smaller limit for a moment.
+        if quota.tolerance_ns() > s.tolerance.load(Ordering::Relaxed) {
+            s.interval.store(quota.interval_ns(), Ordering::Relaxed);
+            s.tolerance.store(quota.tolerance_ns(), Ordering::Relaxed);
+        } else {
+            s.tolerance.store(quota.tolerance_ns(), Ordering::Relaxed);
+            s.interval.store(quota.interval_ns(), Ordering::Relaxed);
+        }
+        if let Some(local) = &s.local {
+            local.handle.set_quota(quota);
+        }
+        Ok(())
+    }
+
+    /// The failure policy.
+    pub fn policy(&self) -> FailurePolicy {
+        self.shared.policy
+    }
+
+    /// Requests refused because the limit was spent (by Redis, or by the local fallback).
+    pub fn rejected(&self) -> u64 {
+        self.shared.counters.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Checks Redis could not answer (errors and timeouts), each decided by the policy.
+    pub fn store_failures(&self) -> u64 {
+        self.shared.counters.store_failures.load(Ordering::Relaxed)
+    }
+
+    /// Of [`store_failures`](Self::store_failures), those that ran out of time.
+    pub fn timeouts(&self) -> u64 {
+        self.shared.counters.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Requests admitted by [`FailurePolicy::FailOpen`].
+    pub fn failed_open(&self) -> u64 {
+        self.shared.counters.failed_open.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused by [`FailurePolicy::FailClosed`].
+    pub fn failed_closed(&self) -> u64 {
+        self.shared.counters.failed_closed.load(Ordering::Relaxed)
+    }
+
+    /// Requests decided by the local limiter of [`FailurePolicy::Local`].
+    pub fn local_fallbacks(&self) -> u64 {
+        self.shared.counters.local_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last check that finished could not reach Redis.
+    pub fn degraded(&self) -> bool {
+        self.shared.log.degraded()
+    }
+
+    /// The timeout of each check.
+    pub fn timeout(&self) -> Duration {
+        self.shared.timeout
+    }
+}
+
+impl fmt::Debug for RedisRateLimitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimitHandle")
+            .field("quota", &self.quota())
+            .field("policy", &self.policy())
+            .field("rejected", &self.rejected())
+            .field("store_failures", &self.store_failures())
+            .field("degraded", &self.degraded())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_have_a_fixed_shape() {
+        let hostile: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            b"}{".to_vec(),
+            b"{evil}".to_vec(),
+            b"a}b{c}d".to_vec(),
+            vec![0xff; 100_000],
+            (0u8..=255).collect(),
+            b"bulwark:rl:{0000}".to_vec(),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for k in &hostile {
+            let key = redis_key(b"app:", k);
+            assert!(key.starts_with(b"app:{"), "{key:?}");
+            assert_eq!(key.len(), b"app:".len() + 34);
+            assert_eq!(key.last(), Some(&b'}'));
+            let tag = &key[5..key.len() - 1];
+            assert!(tag.iter().all(|b| b.is_ascii_hexdigit()), "{tag:?}");
+            assert_eq!(key.iter().filter(|&&b| b == b'{').count(), 1);
+            assert_eq!(key.iter().filter(|&&b| b == b'}').count(), 1);
+            assert!(seen.insert(key), "two hostile keys collided");
+        }
+    }
+
+    #[test]
+    fn keys_are_stable_and_distinct() {
+        // The same value gives the same key in every process (no random seed).
+        assert_eq!(redis_key(b"p:", "alice"), redis_key(b"p:", "alice"));
+        assert_eq!(
+            redis_key(b"p:", "alice"),
+            redis_key(b"p:", &String::from("alice"))
+        );
+        assert_ne!(redis_key(b"p:", "alice"), redis_key(b"p:", "bob"));
+        assert_ne!(redis_key(b"p:", &1u64), redis_key(b"p:", &2u64));
+        // A known vector: pins the derivation, so that replicas of two builds agree.
+        assert_eq!(
+            String::from_utf8(redis_key(b"p:", &7u32)).unwrap(),
+            format!("p:{{{}}}", &sha1_hex(&7u32.to_le_bytes())[..32])
+        );
+    }
+
+    fn sha1_hex(bytes: &[u8]) -> String {
+        sha1_smol::Sha1::from(bytes).digest().to_string()
+    }
+
+    #[test]
+    fn quotas_beyond_the_script_range_are_refused() {
+        assert!(check_quota(Quota::per_hour(1000).unwrap()).is_ok());
+        assert_eq!(
+            check_quota(Quota::per_hour(1).unwrap().burst(24 * 60).unwrap()),
+            Err(RedisConfigError::QuotaTooLong)
+        );
+    }
+
+    #[test]
+    fn failures_are_logged_at_most_once_a_second() {
+        let log = FailureLog::new();
+        assert_eq!(log.failure(0), Some(0));
+        assert_eq!(log.failure(10), None);
+        assert_eq!(log.failure(999_999_999), None);
+        assert!(log.degraded());
+        assert_eq!(log.failure(1_000_000_000), Some(2));
+        assert_eq!(log.failure(1_000_000_001), None);
+        assert!(log.success());
+        assert!(!log.success());
+        assert!(!log.degraded());
+        // After a recovery, the next outage is logged at once.
+        assert_eq!(log.failure(1_000_000_002), Some(0));
+    }
+
+    /// The Lua script is the same GCRA as `gcra::step`: driven with the same times (given to
+    /// the script in place of `TIME`), a real Redis and the pure function agree on every
+    /// decision, wait and state, including when time jumps back.
+    #[test]
+    fn script_agrees_with_the_in_process_step() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config as PtConfig, TestRunner};
+
+        let Some(server) = super::super::redis_server::RedisServer::start(
+            "script_agrees_with_the_in_process_step",
+        ) else {
+            return;
+        };
+        let client = redis::Client::open(server.url()).unwrap();
+        let con = std::cell::RefCell::new(client.get_connection().unwrap());
+        let case = std::cell::Cell::new(0u64);
+        let strategy = (
+            100_000_000u64..2_000_000_000,
+            1u64..10,
+            proptest::collection::vec(-1_000_000i64..3_000_000, 1..40),
+        );
+        let mut runner = TestRunner::new(PtConfig::with_cases(64));
+        runner
+            .run(&strategy, |(interval, burst, deltas_us)| {
+                case.set(case.get() + 1);
+                let key = format!("diff:{{{}}}", case.get());
+                let tolerance = interval * burst;
+                let mut now_us: i64 = 1_764_000_000_000_000;
+                let mut tat = 0u64;
+                for d in deltas_us {
+                    // Steps of whole microseconds, as Redis's TIME has.
+                    now_us += d * (interval as i64 / 1_000_000) / 1_000;
+                    let now_ns = now_us as u64 * 1_000;
+                    let (admitted, wait, ahead): (i64, i64, i64) = SCRIPT
+                        .key(&key)
+                        .arg(interval)
+                        .arg(tolerance)
+                        .arg(0u64)
+                        .arg(now_us / 1_000_000)
+                        .arg(now_us % 1_000_000)
+                        .invoke(&mut *con.borrow_mut())
+                        .unwrap();
+                    match gcra::step(tat, now_ns, interval, tolerance, 0) {
+                        gcra::Step::Admit { new_tat, wait_ns } => {
+                            prop_assert_eq!(admitted, 1);
+                            prop_assert_eq!(wait as u64, wait_ns);
+                            prop_assert_eq!(ahead as u64, new_tat - now_ns);
+                            tat = new_tat;
+                        }
+                        gcra::Step::Reject { retry_after_ns } => {
+                            prop_assert_eq!(admitted, 0);
+                            prop_assert_eq!(wait as u64, retry_after_ns);
+                            prop_assert_eq!(ahead as u64, tat.saturating_sub(now_ns));
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}

@@ -1,0 +1,452 @@
+//! The Redis-backed rate limiter against a real `redis-server` (skipped, with a message, when
+//! the binary is absent; required when `BULWARK_REQUIRE_REDIS=1`).
+//!
+//! These tests run in real time: a paused runtime would advance its clock while waiting for
+//! Redis's socket and fire the checks' timeouts. Nothing sleeps: each step waits only for
+//! Redis's replies (or a check's own timeout).
+#![cfg(feature = "redis")]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use axum::{body::Body, routing::get, Router};
+use futures_util::future::join_all;
+use http::{Request, StatusCode};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::clock::Clock;
+use tower_bulwark::rate_limit::store::{
+    FailurePolicy, RedisConfigError, RedisRateLimitHandle, RedisRateLimitLayer,
+};
+use tower_bulwark::{Quota, Rejection, RejectionKind, RejectionLayer};
+
+use redis_server::RedisServer;
+
+macro_rules! server_or_skip {
+    ($name:expr) => {
+        match RedisServer::start($name) {
+            Some(s) => s,
+            None => return,
+        }
+    };
+}
+
+/// A connection manager that gives up reconnecting quickly, so that a stopped server is
+/// seen within a check's timeout and a restarted one is found again soon.
+async fn conn(url: &str) -> ConnectionManager {
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_min_delay(Duration::from_millis(2))
+        .set_max_delay(Duration::from_millis(20))
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(Duration::from_millis(100)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager_with_config(cfg)
+        .await
+        .unwrap()
+}
+
+/// A ready service that counts its calls.
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicU64>);
+
+impl Counting {
+    fn calls(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl<Req> Service<Req> for Counting {
+    type Response = ();
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<(), Infallible>>;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _req: Req) -> Self::Future {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    }
+}
+
+fn kind(err: &BoxError) -> RejectionKind {
+    err.downcast_ref::<Rejection>()
+        .unwrap_or_else(|| panic!("not a rejection: {err}"))
+        .kind()
+}
+
+type Key = Vec<u8>;
+
+fn by_request(req: &Key) -> Key {
+    req.clone()
+}
+
+/// Two replicas: two layers, two connections, local clocks a day apart.
+async fn replicas(
+    url: &str,
+    quota: Quota,
+    prefix: &str,
+) -> [(RedisRateLimitLayer<fn(&Key) -> Key>, RedisRateLimitHandle); 2] {
+    let mut out = Vec::new();
+    for skew in [0u64, 86_400_000_000_000] {
+        let (clock, hand) = Clock::manual();
+        hand.set_nanos(skew);
+        let layer =
+            RedisRateLimitLayer::keyed(conn(url).await, quota, by_request as fn(&Key) -> Key)
+                .unwrap()
+                .prefix(prefix)
+                .unwrap()
+                .clock(clock);
+        let handle = layer.handle();
+        out.push((layer, handle));
+    }
+    out.try_into().ok().unwrap()
+}
+
+#[tokio::test]
+async fn two_replicas_admit_exactly_the_quota_over_a_window() {
+    let server = server_or_skip!("two_replicas_admit_exactly_the_quota_over_a_window");
+    // 25 per hour: the window (one hour) spans the whole test, so exactly 25 are admitted.
+    let quota = Quota::per_hour(25).unwrap();
+    let [(a, ha), (b, hb)] = replicas(&server.url(), quota, "t1:").await;
+    let calls = Counting::default();
+    let sa = ServiceBuilder::new().layer(a).service(calls.clone());
+    let sb = ServiceBuilder::new().layer(b).service(calls.clone());
+    // 64 concurrent requests for one key, split across the replicas, then 36 more in turn.
+    let burst = (0..64).map(|i| {
+        let svc = if i % 2 == 0 { sa.clone() } else { sb.clone() };
+        svc.oneshot(b"tenant-1".to_vec())
+    });
+    let results = join_all(burst).await;
+    let mut admitted = results.iter().filter(|r| r.is_ok()).count();
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(kind(r), RejectionKind::RateLimited);
+        let rej = r.downcast_ref::<Rejection>().unwrap();
+        let after = rej.retry_after().unwrap();
+        // The next token comes one interval (144 s) after the first admit, give or take the
+        // test's run time.
+        assert!(after > Duration::from_secs(140) && after <= Duration::from_secs(144));
+        let info = rej.rate_limit().unwrap();
+        assert_eq!(info.limit, 25);
+        assert_eq!(info.remaining, 0);
+        assert_eq!(info.window, Duration::from_secs(3600));
+    }
+    for i in 0..36 {
+        let svc = if i % 2 == 0 { sa.clone() } else { sb.clone() };
+        if svc.oneshot(b"tenant-1".to_vec()).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 25);
+    assert_eq!(calls.calls(), 25);
+    assert_eq!(ha.rejected() + hb.rejected(), 100 - 25);
+    assert_eq!(ha.store_failures() + hb.store_failures(), 0);
+    // Another key has its own limit.
+    assert!(sa.clone().oneshot(b"tenant-2".to_vec()).await.is_ok());
+}
+
+#[tokio::test]
+async fn global_limit_shared_by_two_layers() {
+    let server = server_or_skip!("global_limit_shared_by_two_layers");
+    let quota = Quota::per_minute(10).unwrap().burst(4).unwrap();
+    let mk = |c| {
+        RedisRateLimitLayer::new(c, quota)
+            .unwrap()
+            .prefix("t2:")
+            .unwrap()
+    };
+    let calls = Counting::default();
+    let mut sa = ServiceBuilder::new()
+        .layer(mk(conn(&server.url()).await))
+        .service(calls.clone());
+    let mut sb = ServiceBuilder::new()
+        .layer(mk(conn(&server.url()).await))
+        .service(calls.clone());
+    for i in 0..10 {
+        let svc = if i % 2 == 0 { &mut sa } else { &mut sb };
+        let _ = ServiceExt::<()>::ready(svc).await.unwrap().call(()).await;
+    }
+    assert_eq!(calls.calls(), 4);
+}
+
+#[tokio::test]
+async fn script_flush_mid_run_reloads_the_script() {
+    let server = server_or_skip!("script_flush_mid_run_reloads_the_script");
+    let c = conn(&server.url()).await;
+    let layer = RedisRateLimitLayer::new(c.clone(), Quota::per_second(1000).unwrap()).unwrap();
+    let handle = layer.handle();
+    let calls = Counting::default();
+    let svc = ServiceBuilder::new().layer(layer).service(calls.clone());
+    svc.clone().oneshot(()).await.unwrap();
+    let mut admin = c.clone();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let loaded: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(redis::Script::new(include_str!("../src/rate_limit/store/gcra.lua")).get_hash())
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(loaded, [false]);
+    svc.clone().oneshot(()).await.unwrap();
+    svc.clone().oneshot(()).await.unwrap();
+    assert_eq!(calls.calls(), 3);
+    assert_eq!(handle.store_failures(), 0);
+}
+
+#[tokio::test]
+async fn hostile_keys_stay_under_the_prefix_and_expire() {
+    let server = server_or_skip!("hostile_keys_stay_under_the_prefix_and_expire");
+    let c = conn(&server.url()).await;
+    let quota = Quota::per_second(2).unwrap().burst(3).unwrap(); // window 1.5 s
+    let layer = RedisRateLimitLayer::keyed(c.clone(), quota, by_request)
+        .unwrap()
+        .prefix("app:rl:")
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(Counting::default());
+    let hostile: Vec<Key> = vec![
+        b"}{".to_vec(),
+        b"{other}".to_vec(),
+        b"x}y{z".to_vec(),
+        b"*".to_vec(),
+        b"app:rl:{0123}".to_vec(),
+        vec![0u8, 0xff, b'\n', b'{'],
+        vec![b'{'; 1 << 20], // 1 MiB of braces
+        Vec::new(),
+    ];
+    for k in &hostile {
+        svc.clone().oneshot(k.clone()).await.unwrap();
+    }
+    let mut admin = c.clone();
+    let keys: Vec<Vec<u8>> = admin.keys("*").await.unwrap();
+    assert_eq!(keys.len(), hostile.len(), "one Redis key per user key");
+    for k in &keys {
+        let tag = k
+            .strip_prefix(b"app:rl:{")
+            .and_then(|r| r.strip_suffix(b"}"))
+            .unwrap_or_else(|| panic!("key outside the prefix: {:?}", String::from_utf8_lossy(k)));
+        assert_eq!(tag.len(), 32);
+        assert!(tag.iter().all(u8::is_ascii_hexdigit));
+        // Every key expires when its state is in the past: one interval (500 ms) ahead.
+        let ttl: i64 = admin.pttl(k).await.unwrap();
+        assert!(ttl > 0 && ttl <= 500, "ttl {ttl}");
+    }
+    // A third and fourth request of one key: the TTL follows the state (3 intervals ahead).
+    for _ in 0..2 {
+        svc.clone().oneshot(b"}{".to_vec()).await.unwrap();
+    }
+    let ttls: Vec<i64> = {
+        let mut v = Vec::new();
+        for k in &keys {
+            v.push(admin.pttl(k).await.unwrap());
+        }
+        v
+    };
+    assert_eq!(ttls.iter().filter(|&&t| t > 1000 && t <= 1500).count(), 1);
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_run_each_policy_then_recovers() {
+    let mut server = server_or_skip!("redis_stopped_mid_run_each_policy_then_recovers");
+    let c = conn(&server.url()).await;
+    let quota = Quota::per_hour(3).unwrap();
+    let calls = Counting::default();
+    let mk = |policy, prefix| {
+        RedisRateLimitLayer::keyed(c.clone(), quota, by_request)
+            .unwrap()
+            .prefix(prefix)
+            .unwrap()
+            .timeout(Duration::from_millis(50))
+            .unwrap()
+            .failure_policy(policy)
+    };
+    let open = mk(FailurePolicy::FailOpen, "open:");
+    let closed = mk(FailurePolicy::FailClosed, "closed:");
+    let local = mk(FailurePolicy::Local, "local:");
+    let (ho, hc, hl) = (open.handle(), closed.handle(), local.handle());
+    let so = ServiceBuilder::new().layer(open).service(calls.clone());
+    let sc = ServiceBuilder::new().layer(closed).service(calls.clone());
+    let sl = ServiceBuilder::new().layer(local).service(calls.clone());
+
+    // Healthy: each layer admits one request of key "k".
+    for s in [&so, &sc, &sl] {
+        s.clone().oneshot(b"k".to_vec()).await.unwrap();
+    }
+    assert_eq!(calls.calls(), 3);
+
+    server.stop();
+
+    // FailOpen: everything admitted, counted.
+    for _ in 0..5 {
+        so.clone().oneshot(b"k".to_vec()).await.unwrap();
+    }
+    assert_eq!(ho.failed_open(), 5);
+    assert_eq!(ho.store_failures(), 5);
+    assert!(ho.degraded());
+    assert_eq!(calls.calls(), 8);
+
+    // FailClosed: refused with StoreUnavailable; the inner service never runs.
+    for _ in 0..5 {
+        let err = sc.clone().oneshot(b"k".to_vec()).await.unwrap_err();
+        assert_eq!(kind(&err), RejectionKind::StoreUnavailable);
+    }
+    assert_eq!(hc.failed_closed(), 5);
+    assert_eq!(calls.calls(), 8);
+
+    // Local: an in-process limiter of the same quota (3 per hour) decides.
+    let mut local_ok = 0;
+    for _ in 0..5 {
+        match sl.clone().oneshot(b"k".to_vec()).await {
+            Ok(()) => local_ok += 1,
+            Err(e) => assert_eq!(kind(&e), RejectionKind::RateLimited),
+        }
+    }
+    assert_eq!(local_ok, 3);
+    assert_eq!(hl.local_fallbacks(), 5);
+    assert_eq!(hl.rejected(), 2);
+    assert_eq!(calls.calls(), 11);
+
+    // Redis back (empty): the same services recover with no restart. Reconnection happens in
+    // the background; each failing attempt takes at most the 50 ms timeout.
+    server.restart();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(attempts < 200, "no recovery");
+        let before = hc.store_failures();
+        let r = sc.clone().oneshot(b"k".to_vec()).await;
+        if hc.store_failures() == before {
+            r.unwrap();
+            break;
+        }
+    }
+    assert!(!hc.degraded());
+    // Recovered for good: the limit counts in Redis again (the restarted Redis is empty, so
+    // "k" has its whole quota: 2 more after the one above).
+    let before = hc.store_failures();
+    sc.clone().oneshot(b"k".to_vec()).await.unwrap();
+    sc.clone().oneshot(b"k".to_vec()).await.unwrap();
+    let err = sc.clone().oneshot(b"k".to_vec()).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::RateLimited);
+    assert_eq!(hc.store_failures(), before);
+}
+
+#[tokio::test]
+async fn a_dropped_future_releases_what_the_inner_service_reserved() {
+    let server = server_or_skip!("a_dropped_future_releases_what_the_inner_service_reserved");
+    let layer =
+        RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_second(100).unwrap())
+            .unwrap();
+    // ConcurrencyLimit(1) below: its permit is taken in poll_ready and moves into the future.
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .concurrency_limit(1)
+        .service(Counting::default());
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut other = svc.clone();
+    assert!(Service::<()>::poll_ready(&mut svc, &mut cx).is_ready());
+    let mut fut = Box::pin(svc.call(()));
+    // The check is in flight: the permit is held by the future, not by `svc`.
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    assert!(Service::<()>::poll_ready(&mut other, &mut cx).is_pending());
+    drop(fut);
+    assert!(
+        Service::<()>::poll_ready(&mut other, &mut cx).is_ready(),
+        "permit leaked"
+    );
+    // A readiness reserved and never used is released with the service.
+    drop(other);
+    assert!(Service::<()>::poll_ready(&mut svc, &mut cx).is_ready());
+    svc.call(()).await.unwrap();
+}
+
+#[tokio::test]
+async fn axum_answers_429_and_503() {
+    let mut server = server_or_skip!("axum_answers_429_and_503");
+    let layer = RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(2).unwrap())
+        .unwrap()
+        .failure_policy(FailurePolicy::FailClosed);
+    let handle = layer.handle();
+    let app = Router::new().route("/", get(|| async { "hello" })).layer(
+        ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .layer(layer),
+    );
+    let get = || Request::get("/").body(Body::empty()).unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            app.clone().oneshot(get()).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let res = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "1800");
+    assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=2;w=3600");
+    // A bigger burst at run time: admitted again at once.
+    handle
+        .set_quota(Quota::per_hour(2).unwrap().burst(3).unwrap())
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    server.stop();
+    let res = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(handle.failed_closed(), 1);
+}
+
+#[tokio::test]
+async fn configuration_is_checked_at_construction() {
+    let server = server_or_skip!("configuration_is_checked_at_construction");
+    let c = conn(&server.url()).await;
+    let q = Quota::per_second(1).unwrap();
+    let l = || RedisRateLimitLayer::new(c.clone(), q).unwrap();
+    assert_eq!(
+        l().prefix("a{b").unwrap_err(),
+        RedisConfigError::PrefixBraces
+    );
+    assert_eq!(l().prefix("}").unwrap_err(), RedisConfigError::PrefixBraces);
+    assert_eq!(
+        l().prefix(&"p".repeat(257)).unwrap_err(),
+        RedisConfigError::PrefixTooLong
+    );
+    assert_eq!(
+        l().timeout(Duration::ZERO).unwrap_err(),
+        RedisConfigError::ZeroTimeout
+    );
+    let long = Quota::per_hour(1).unwrap().burst(24 * 60).unwrap(); // 60 days
+    assert_eq!(
+        RedisRateLimitLayer::new(c.clone(), long).unwrap_err(),
+        RedisConfigError::QuotaTooLong
+    );
+    assert_eq!(
+        l().handle().set_quota(long).unwrap_err(),
+        RedisConfigError::QuotaTooLong
+    );
+    assert_eq!(l().handle().quota(), q);
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<RedisRateLimitLayer>();
+    assert_send_sync::<RedisRateLimitHandle>();
+    assert_send_sync::<tower_bulwark::rate_limit::store::RedisRateLimit<Counting>>();
+    fn assert_send<T: Send>() {}
+    assert_send::<tower_bulwark::rate_limit::store::RedisResponseFuture<Counting, ()>>();
+}
