@@ -706,4 +706,177 @@ mod tests {
         let lo = draws.iter().filter(|&&d| d < 5_000 * MS).count();
         assert!((20..=80).contains(&lo), "{lo} of 100 below the middle");
     }
+
+    /// A reference model: the outcomes kept in a plain list, the conditions computed from
+    /// scratch at each step.
+    struct Model {
+        calls: Vec<(u64, bool, bool)>, // (completion time, failed, slow)
+    }
+
+    impl Model {
+        fn window(&self, now: u64, window: Window) -> Tally {
+            let kept: Vec<_> = match window {
+                Window::Count(n) => {
+                    let skip = self.calls.len().saturating_sub(n as usize);
+                    self.calls[skip..].to_vec()
+                }
+                Window::Time { span, buckets } => {
+                    let width = duration_nanos(span) / u64::from(buckets);
+                    let cur = now / width;
+                    self.calls
+                        .iter()
+                        .copied()
+                        .filter(|(t, _, _)| t / width + u64::from(buckets) > cur)
+                        .collect()
+                }
+            };
+            Tally {
+                calls: kept.len() as u32,
+                failures: kept.iter().filter(|c| c.1).count() as u32,
+                slow: kept.iter().filter(|c| c.2).count() as u32,
+            }
+        }
+    }
+
+    use super::super::config::Window;
+    use proptest::prelude::*;
+
+    fn check(
+        window: Window,
+        min: u32,
+        rate: f64,
+        slow_rate: f64,
+        consecutive: u32,
+        steps: Vec<(bool, u64, u64)>,
+    ) -> Result<(), TestCaseError> {
+        let slow_t = Duration::from_millis(100);
+        let config = BreakerConfig::failure_rate(rate)
+            .or_slow_call_rate(slow_rate, slow_t)
+            .or_consecutive_failures(consecutive)
+            .minimum_calls(min)
+            .open_time(Duration::from_secs(1_000_000))
+            .max_open_time(Duration::from_secs(1_000_000));
+        let config = match window {
+            Window::Count(n) => config.window(n),
+            Window::Time { span, buckets } => config.time_window(span, buckets),
+        };
+        let (s, hand) = shared(config);
+        let mut model = Model { calls: vec![] };
+        let mut run = 0u32;
+        for (i, (failed, took_ms, gap_ms)) in steps.into_iter().enumerate() {
+            hand.advance(Duration::from_millis(gap_ms));
+            let (permit, start) = s.admit(0).expect("closed until the condition held");
+            let Permit::Closed { gen } = permit else {
+                return Err(TestCaseError::fail("not closed"));
+            };
+            hand.advance(Duration::from_millis(took_ms));
+            s.record_closed(0, gen, failed, start);
+            let now = hand.now_nanos();
+            let slow = took_ms >= 100;
+            model.calls.push((now, failed, slow));
+            run = if failed { run + 1 } else { 0 };
+            let t = model.window(now, window);
+            let holds = run >= consecutive
+                || (t.calls >= min
+                    && ((t.failures > 0 && f64::from(t.failures) / f64::from(t.calls) >= rate)
+                        || (t.slow > 0 && f64::from(t.slow) / f64::from(t.calls) >= slow_rate)));
+            let open = s.snapshot(0).state == BreakerState::Open;
+            prop_assert_eq!(open, holds, "step {}: window {:?}, run {}", i, t, run);
+            if open {
+                prop_assert!(s.admit(0).is_err());
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn a_rate() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            Just(0.0),
+            Just(0.2),
+            Just(0.25),
+            Just(0.3),
+            Just(0.5),
+            Just(0.75),
+            Just(1.0),
+            0.0f64..=1.0
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn count_window_opens_exactly_when_the_condition_holds(
+            n in 1u32..150,
+            min_frac in 0.0f64..=1.0,
+            rate in a_rate(),
+            slow_rate in a_rate(),
+            consecutive in prop_oneof![1u32..10, 10u32..200],
+            steps in proptest::collection::vec(
+                (
+                    proptest::bool::weighted(0.3),
+                    prop_oneof![Just(0u64), Just(99), Just(100), 0u64..300],
+                    0u64..50,
+                ),
+                0..400,
+            ),
+        ) {
+            let min = ((f64::from(n) * min_frac) as u32).clamp(1, n);
+            check(Window::Count(n), min, rate, slow_rate, consecutive, steps)?;
+        }
+
+        #[test]
+        fn time_window_opens_exactly_when_the_condition_holds(
+            buckets in 1u32..20,
+            bucket_ms in 1u64..500,
+            min in 1u32..50,
+            rate in a_rate(),
+            slow_rate in a_rate(),
+            consecutive in prop_oneof![1u32..10, 10u32..200],
+            steps in proptest::collection::vec(
+                (
+                    proptest::bool::weighted(0.3),
+                    prop_oneof![Just(0u64), Just(100), 0u64..300],
+                    0u64..400,
+                ),
+                0..300,
+            ),
+        ) {
+            let span = Duration::from_millis(bucket_ms * u64::from(buckets));
+            check(Window::Time { span, buckets }, min, rate, slow_rate, consecutive, steps)?;
+        }
+    }
+
+    #[test]
+    fn half_open_admits_k_probes_and_never_sticks() {
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(1)
+                .open_time(Duration::from_secs(1))
+                .jitter(0.0)
+                .half_open_probes(2),
+        );
+        call(&s, true).unwrap();
+        hand.advance(Duration::from_secs(1));
+        let (a, _) = s.admit(0).unwrap();
+        let (b, _) = s.admit(0).unwrap();
+        assert!(matches!(a, Permit::Probe { .. }) && a == b);
+        assert!(s.admit(0).is_err());
+        let Permit::Probe { gen } = a else {
+            unreachable!()
+        };
+        // Both probes vanish without a verdict: the slots come back.
+        s.release_probe(0, gen);
+        s.release_probe(0, gen);
+        assert_eq!(s.snapshot(0).probes_in_flight, 0);
+        let (c, _) = s.admit(0).unwrap();
+        assert_eq!(c, a);
+        s.record_probe(0, gen, false);
+        assert_eq!(s.snapshot(0).state, BreakerState::HalfOpen);
+        assert_eq!(s.snapshot(0).probe_successes, 1);
+        call(&s, false).unwrap();
+        assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+        // A stale probe of the closed round changes nothing.
+        s.release_probe(0, gen);
+        s.record_probe(0, gen, true);
+        assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+    }
 }
