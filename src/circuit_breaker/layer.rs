@@ -105,7 +105,9 @@ impl CircuitBreakerLayer {
             key: Single,
         })
     }
+}
 
+impl<C> CircuitBreakerLayer<C, Single> {
     /// A handle on the layer's breaker: its state and figures, and manual control.
     pub fn handle(&self) -> BreakerHandle {
         BreakerHandle::new(self.shared.clone(), 0)
@@ -136,7 +138,9 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
             key: ByKey { key_fn },
         })
     }
+}
 
+impl<C, F> CircuitBreakerLayer<C, ByKey<F>> {
     /// A handle on the breaker of `key`, if the key has one (it gets one with its first
     /// request).
     pub fn handle_for<Q: Hash + ?Sized>(&self, key: &Q) -> Option<BreakerHandle> {

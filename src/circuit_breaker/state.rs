@@ -879,4 +879,84 @@ mod tests {
         s.record_probe(0, gen, true);
         assert_eq!(s.snapshot(0).state, BreakerState::Closed);
     }
+
+    #[test]
+    fn two_threads_never_exceed_k_probes_per_round() {
+        use std::sync::atomic::AtomicI64;
+        const K: u32 = 3;
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(1)
+                .open_time(Duration::from_micros(1))
+                .max_open_time(Duration::from_micros(4))
+                .half_open_probes(K),
+        );
+        // Probe permits held, per generation of the state word.
+        let held: Vec<AtomicI64> = (0..=GEN_MASK).map(|_| AtomicI64::new(0)).collect();
+        let max_seen = AtomicI64::new(0);
+        let rounds = AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..2u64 {
+                let (s, hand, held, max_seen, rounds) = (&s, &hand, &held, &max_seen, &rounds);
+                scope.spawn(move || {
+                    let mut rng = 0x1234_5678_u64 ^ t;
+                    let mut next = move || {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng
+                    };
+                    let mut mine: Vec<(Permit, u64)> = Vec::new();
+                    for _ in 0..200_000 {
+                        if t == 0 {
+                            hand.advance(Duration::from_nanos(250));
+                        }
+                        if mine.len() < 6 && next() % 2 == 0 {
+                            if let Ok((p, start)) = s.admit(0) {
+                                if let Permit::Probe { gen } = p {
+                                    let n = held[gen as usize].fetch_add(1, AcqRel) + 1;
+                                    max_seen.fetch_max(n, AcqRel);
+                                    rounds.fetch_add(1, Relaxed);
+                                }
+                                mine.push((p, start));
+                            }
+                        } else if !mine.is_empty() {
+                            let i = (next() % mine.len() as u64) as usize;
+                            let (p, start) = mine.swap_remove(i);
+                            let r = next() % 10;
+                            match p {
+                                Permit::Probe { gen } => {
+                                    held[gen as usize].fetch_sub(1, AcqRel);
+                                    match r {
+                                        0..=2 => s.release_probe(0, gen),
+                                        3..=4 => s.record_probe(0, gen, true),
+                                        _ => s.record_probe(0, gen, false),
+                                    }
+                                }
+                                Permit::Closed { gen } => s.record_closed(0, gen, r < 2, start),
+                                Permit::Free => {}
+                            }
+                        }
+                    }
+                    for (p, _) in mine {
+                        if let Permit::Probe { gen } = p {
+                            held[gen as usize].fetch_sub(1, AcqRel);
+                            s.release_probe(0, gen);
+                        }
+                    }
+                });
+            }
+        });
+        let max = max_seen.load(Acquire);
+        assert!(max <= i64::from(K), "{max} probes of one round at once");
+        assert!(max >= 2, "the test never had concurrent probes ({max})");
+        assert!(
+            rounds.load(Relaxed) > 1000,
+            "too few probes to mean anything"
+        );
+        // Never stuck half-open with slots lost: once quiet, a probe is admitted.
+        hand.advance(Duration::from_secs(1));
+        let snap = s.snapshot(0);
+        assert_eq!(snap.probes_in_flight, 0, "{:?}", snap.state);
+        assert!(s.admit(0).is_ok());
+    }
 }
