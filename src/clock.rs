@@ -83,10 +83,8 @@ impl Clock {
     /// A clock that reads `tokio::time::Instant`, so it stands still under
     /// `tokio::time::pause()` and moves with `advance()`.
     ///
-    /// # Panics
-    ///
-    /// Made outside a tokio runtime, reading it later is fine, but under a paused runtime the
-    /// base is taken from the paused time when the clock is made: make it inside the test.
+    /// Its zero is tokio's time when the clock is made: under a paused runtime, make it inside
+    /// the test, after `pause()`.
     pub fn tokio() -> Clock {
         Clock {
             inner: Inner::Tokio(tokio::time::Instant::now()),

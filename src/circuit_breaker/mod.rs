@@ -1,1 +1,128 @@
-//! Not yet built: see the crate's issue tracker.
+//! Stops calling a dependency that keeps failing, probes it after a while, and closes again
+//! when it has healed.
+//!
+//! # Why
+//!
+//! A dependency that is down answers slowly or not at all; callers that keep calling it spend
+//! their threads, sockets and time budget on requests that will fail, and add load to a
+//! service that is trying to recover. A circuit breaker counts outcomes and, once they are bad
+//! enough, *opens*: requests are refused at once with a [`Rejection`](crate::Rejection) of kind
+//! [`CircuitOpen`](crate::RejectionKind::CircuitOpen) whose `retry_after` is the time left
+//! open ([`RejectionLayer`](crate::RejectionLayer) answers 503 with `Retry-After`, or gRPC
+//! `UNAVAILABLE`). After the open time it is *half-open*: at most `k` probe calls go through
+//! at once; `k` successes close it, one failure opens it again for longer (multiplied by
+//! [`backoff_multiplier`](BreakerConfig::backoff_multiplier), capped, with jitter so that
+//! breakers in many replicas do not probe in lockstep).
+//!
+//! It trips on any of ([`BreakerConfig`]):
+//!
+//! - `n` consecutive failures;
+//! - a failure rate over a count window (the last `N` calls) or a time window (the last `T`,
+//!   in buckets), once the window holds a minimum of calls;
+//! - a slow-call rate over the same window: a call is slow when it takes at least a threshold,
+//!   success or not.
+//!
+//! What a failure is comes from [`classify`](crate::classify), the same decision the retry
+//! layer makes: [`ErrorsOnly`](crate::classify::ErrorsOnly) by default (every error);
+//! [`HttpStatus`](crate::classify::HttpStatus) counts 5xx responses and errors, never 4xx (a
+//! 404 or 422 says the *request* was wrong, not that the dependency is sick, and one bad
+//! client must not open the breaker for everybody); 429 is "throttled" and counts as neither;
+//! [`GrpcStatus`](crate::classify::GrpcStatus) counts `UNAVAILABLE`, `INTERNAL`,
+//! `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS`, not client-side codes such as
+//! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call
+//! whose future is dropped counts as neither and frees any probe slot it held.
+//!
+//! # How it differs from its neighbours
+//!
+//! [`retry`](crate::retry) re-sends one request that failed; the breaker stops sending *all*
+//! requests to a dependency that keeps failing. [`backpressure`](crate::backpressure) and
+//! [`rate_limit`](crate::rate_limit) bound how much load goes down whatever its outcome; the
+//! breaker looks only at outcomes. Unlike tower-resilience's breaker (a `tokio` `Mutex` on every
+//! call) and failsafe's, the closed path here is a few atomics: no lock and no allocation, and
+//! every transition is one compare-and-swap on a single state word.
+//!
+//! # Where to place this layer
+//!
+//! In a **client** stack, below the retry layer: each attempt is counted by the breaker, and
+//! an open breaker's refusal (classified as throttled) tells the retry layer to wait, not to
+//! hammer. Above it, the retry layer sees one `CircuitOpen` error instead of `n` timeouts.
+//! Put a timeout *below* the breaker so that a hung call counts as a failure (or use the
+//! slow-call rate). In a **server** stack, a breaker protects a handler's dependency (put it
+//! on the client the handler uses), or the whole route; [`RejectionLayer`](crate::RejectionLayer)
+//! goes outermost. For a client that calls many hosts, use [`CircuitBreakerLayer::keyed`]
+//! with the request's authority as key, so one sick host does not cut off the others.
+//!
+//! ```text
+//!   RejectionLayer  (servers: Rejection -> 503 + Retry-After)
+//!     RetryLayer
+//!       CircuitBreakerLayer
+//!         timeout
+//!           the dependency
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{BoxError, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
+//! use tower_bulwark::{Rejection, RejectionKind};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+//! let breaker = CircuitBreakerLayer::new(
+//!     BreakerConfig::consecutive_failures(2).open_time(Duration::from_secs(30)),
+//! )?;
+//! let handle = breaker.handle();
+//! let svc = ServiceBuilder::new()
+//!     .layer(breaker)
+//!     .service_fn(|fail: bool| async move {
+//!         if fail { Err::<&str, BoxError>("dependency down".into()) } else { Ok("ok") }
+//!     });
+//!
+//! assert_eq!(svc.clone().oneshot(false).await?, "ok");
+//! assert!(svc.clone().oneshot(true).await.is_err());
+//! assert!(svc.clone().oneshot(true).await.is_err());
+//! assert_eq!(handle.state(), BreakerState::Open);
+//!
+//! // Open: refused at once, without calling the service.
+//! let err = svc.clone().oneshot(false).await.unwrap_err();
+//! let rejection = err.downcast_ref::<Rejection>().expect("a rejection");
+//! assert_eq!(rejection.kind(), RejectionKind::CircuitOpen);
+//! assert!(rejection.retry_after().unwrap() <= Duration::from_secs(33));
+//! # Ok(()) }
+//! ```
+//!
+//! # State and clones
+//!
+//! The state lives in the layer: every service the layer makes, every clone of them, and the
+//! [`BreakerHandle`] share it (Axum applies a layer to each route; they all share one breaker).
+//! Two dependencies that must trip separately need two layers, or one keyed layer.
+//!
+//! # Time in tests
+//!
+//! The breaker reads the crate's [`Clock`](crate::clock::Clock) (fast by default): at most
+//! once per call, none at all on the closed path of a count window, two (start and end) when
+//! slow-call detection is on. A test under tokio's paused time makes the breaker follow it
+//! with one line: `BreakerConfig::default().clock(Clock::tokio())`, then `tokio::time::advance`
+//! moves the open time. [`BreakerConfig::seed`] makes the jitter reproducible.
+//!
+//! # Concurrency
+//!
+//! The state is one `AtomicU64` moved by compare-and-swap, so half-open never admits more than
+//! `k` probes at once, whatever the number of threads. The count window is a pair of bitsets
+//! and one position counter: on one thread it is exact; under contention, a call that races
+//! another `N` positions away may be lost, never double counted.
+
+mod config;
+pub mod future;
+mod handle;
+mod layer;
+mod service;
+mod state;
+mod window;
+
+pub use self::config::{BreakerConfig, BreakerConfigError, Window};
+pub use self::handle::{BreakerFigures, BreakerHandle};
+pub use self::layer::{BreakerKey, ByKey, CircuitBreakerLayer, Single};
+pub use self::service::CircuitBreaker;
+pub use self::state::BreakerState;

@@ -175,8 +175,9 @@ impl Table {
                 }
             }
 
-            // Absent: claim a slot whose state is in the past (or, failing that, the slot
-            // closest to whole), bumping its generation.
+            // Absent: claim an empty slot, else one whose state is in the past (the oldest),
+            // else the slot closest to whole; bump its generation. Empty slots first, so that
+            // keys sharing a group do not take each other's stale slots in turn.
             let mut victim: Option<(&Slot, u64)> = None;
             for slot in &group.slots {
                 let (tag, word) = settle(slot);
@@ -184,11 +185,11 @@ impl Table {
                     // The key was published meanwhile.
                     continue 'retry;
                 }
-                let tat = word >> GEN_BITS;
-                if tat <= now {
+                if tag == 0 && word >> GEN_BITS <= now {
                     victim = Some((slot, word));
                     break;
                 }
+                let tat = word >> GEN_BITS;
                 if victim.is_none_or(|(_, w)| (w >> GEN_BITS) > tat) {
                     victim = Some((slot, word));
                 }
@@ -279,6 +280,35 @@ mod tests {
         assert_eq!(t.peek(t.hash("c")), None);
         assert_eq!(t.live_entries(now), 2);
         assert_eq!(t.live_entries(now + 3_000), 0);
+    }
+
+    #[test]
+    fn keys_sharing_a_group_keep_their_slots() {
+        // Two keys of one group, both stale between their requests: each keeps its slot
+        // (empty slots are taken before stale ones).
+        let t = Table::new(8);
+        let (i, tol) = (1, 1 << 32);
+        let (a, b) = (t.hash(&1u64), t.hash(&2u64));
+        t.check(a, 10, i, tol, 0);
+        t.check(b, 20, i, tol, 0);
+        let before = t.groups[0]
+            .slots
+            .iter()
+            .filter(|s| s.tag.load(Ordering::Relaxed) != 0)
+            .count();
+        for now in (30..1_000).step_by(10) {
+            t.check(if now % 20 == 0 { a } else { b }, now, i, tol, 0);
+        }
+        let after = t.groups[0]
+            .slots
+            .iter()
+            .filter(|s| s.tag.load(Ordering::Relaxed) != 0)
+            .count();
+        assert_eq!((before, after), (2, 2));
+        // Each slot's generation was bumped once, at its claim.
+        for s in &t.groups[0].slots[..2] {
+            assert_eq!(s.tag.load(Ordering::Relaxed) & GEN_MASK, 1);
+        }
     }
 
     #[test]

@@ -1,0 +1,158 @@
+//! [`ResponseFuture`]: the future of a [`CircuitBreaker`](super::CircuitBreaker) call.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower::BoxError;
+
+use super::state::{Permit, Shared};
+use crate::classify::{Classify, Outcome};
+use crate::rejection::Rejection;
+
+/// What an admitted call holds until its outcome is known: the breaker it counts for and,
+/// for a half-open probe, its probe slot. Dropped without an outcome, it frees the slot.
+pub(crate) struct Guard {
+    shared: Arc<Shared>,
+    idx: u32,
+    permit: Permit,
+    start: u64,
+}
+
+impl Guard {
+    pub(crate) fn new(shared: Arc<Shared>, idx: usize, permit: Permit, start: u64) -> Guard {
+        Guard {
+            shared,
+            idx: idx as u32,
+            permit,
+            start,
+        }
+    }
+
+    fn complete(mut self, outcome: Outcome) {
+        let permit = std::mem::replace(&mut self.permit, Permit::Free);
+        let idx = self.idx as usize;
+        let verdict = match outcome {
+            Outcome::Success => Some(false),
+            o if o.is_failure() => Some(true),
+            // Throttled: neither healthy nor sick.
+            _ => None,
+        };
+        match (permit, verdict) {
+            (Permit::Closed { gen }, Some(failed)) => {
+                self.shared.record_closed(idx, gen, failed, self.start)
+            }
+            (Permit::Probe { gen }, Some(failed)) => self.shared.record_probe(idx, gen, failed),
+            (Permit::Probe { gen }, None) => self.shared.release_probe(idx, gen),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Reached with a probe permit only when the call ended without an outcome.
+        if let Permit::Probe { gen } = self.permit {
+            self.shared.release_probe(self.idx as usize, gen);
+        }
+    }
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("breaker", &self.idx)
+            .field("permit", &self.permit)
+            .finish()
+    }
+}
+
+pin_project! {
+    /// Response future of [`CircuitBreaker`](super::CircuitBreaker).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, the call counts as neither success nor failure, and a
+    /// half-open probe slot it held is freed at once.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        state: State<F>,
+        guard: Option<Guard>,
+        classify: C,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] fut: F },
+        Rejected { rejection: Option<Rejection> },
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    pub(crate) fn called(fut: F, guard: Guard, classify: C) -> Self {
+        ResponseFuture {
+            state: State::Called { fut },
+            guard: Some(guard),
+            classify,
+        }
+    }
+
+    pub(crate) fn rejected(rejection: Rejection, classify: C) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                rejection: Some(rejection),
+            },
+            guard: None,
+            classify,
+        }
+    }
+}
+
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("guard", &self.guard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E, C> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.state.project() {
+            StateProj::Called { fut } => {
+                let result = ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(guard) = this.guard.take() {
+                    let outcome = match &result {
+                        Ok(res) => this.classify.classify_response(res),
+                        Err(err) => this.classify.classify_error(err),
+                    };
+                    guard.complete(outcome);
+                }
+                Poll::Ready(result)
+            }
+            StateProj::Rejected { rejection } => Poll::Ready(Err(rejection
+                .take()
+                .expect("polled after completion")
+                .into())),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::state::{BreakerState, Shared};
+
+/// A handle on one breaker: its state and window figures, and manual control.
+///
+/// Made by [`CircuitBreakerLayer::handle`](super::CircuitBreakerLayer::handle) (or
+/// [`handle_for`](super::CircuitBreakerLayer::handle_for) for a key). Cheap to clone; clones
+/// act on the same breaker.
+#[derive(Clone)]
+pub struct BreakerHandle {
+    shared: Arc<Shared>,
+    idx: usize,
+}
+
+impl BreakerHandle {
+    pub(crate) fn new(shared: Arc<Shared>, idx: usize) -> Self {
+        BreakerHandle { shared, idx }
+    }
+
+    /// The breaker's state now. An open breaker whose open time is over still reads
+    /// [`BreakerState::Open`] until a request makes it half-open.
+    pub fn state(&self) -> BreakerState {
+        self.shared.snapshot(self.idx).state
+    }
+
+    /// The breaker's state and the figures of its window.
+    pub fn figures(&self) -> BreakerFigures {
+        let s = self.shared.snapshot(self.idx);
+        let rate = |n: u32| {
+            if s.tally.calls == 0 {
+                0.0
+            } else {
+                f64::from(n) / f64::from(s.tally.calls)
+            }
+        };
+        BreakerFigures {
+            state: s.state,
+            calls: s.tally.calls,
+            failures: s.tally.failures,
+            slow_calls: s.tally.slow,
+            failure_rate: rate(s.tally.failures),
+            slow_call_rate: rate(s.tally.slow),
+            consecutive_failures: s.consecutive,
+            reopens: s.reopens,
+            probes_in_flight: s.probes_in_flight,
+            probe_successes: s.probe_successes,
+            open_remaining: s.open_remaining,
+        }
+    }
+
+    /// Opens the breaker until [`reset`](Self::reset): every request is refused, with the
+    /// configured open time as its wait hint.
+    pub fn force_open(&self) {
+        self.shared.force_open(self.idx);
+    }
+
+    /// Closes the breaker until [`reset`](Self::reset): every request goes through and
+    /// nothing is counted, so it cannot trip.
+    pub fn force_closed(&self) {
+        self.shared.force_closed(self.idx);
+    }
+
+    /// Closes the breaker with an empty window, whatever its state.
+    pub fn reset(&self) {
+        self.shared.reset(self.idx);
+    }
+}
+
+impl fmt::Debug for BreakerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerHandle")
+            .field("breaker", &self.idx)
+            .field("figures", &self.figures())
+            .finish()
+    }
+}
+
+/// A breaker's state and window figures, read by [`BreakerHandle::figures`].
+///
+/// The window figures count only calls recorded since the breaker last closed; the window is
+/// kept only when a rate condition is configured (otherwise they are zero).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct BreakerFigures {
+    /// The state.
+    pub state: BreakerState,
+    /// Calls in the window.
+    pub calls: u32,
+    /// Failures in the window.
+    pub failures: u32,
+    /// Slow calls in the window.
+    pub slow_calls: u32,
+    /// `failures / calls` (0 with no call).
+    pub failure_rate: f64,
+    /// `slow_calls / calls` (0 with no call).
+    pub slow_call_rate: f64,
+    /// Failures in a row, up to the last success.
+    pub consecutive_failures: u32,
+    /// Failed probe rounds since the breaker last closed (what the open time grew by).
+    pub reopens: u32,
+    /// Half-open probes in flight.
+    pub probes_in_flight: u32,
+    /// Successful probes of the current half-open round.
+    pub probe_successes: u32,
+    /// Time left open, when open.
+    pub open_remaining: Option<Duration>,
+}

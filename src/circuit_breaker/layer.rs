@@ -1,0 +1,186 @@
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::config::{BreakerConfig, BreakerConfigError};
+use super::handle::BreakerHandle;
+use super::service::CircuitBreaker;
+use super::state::Shared;
+use crate::classify::ErrorsOnly;
+
+/// Chooses the breaker a request counts for: the layer's one breaker ([`Single`]) or a
+/// breaker per key ([`ByKey`], made by [`CircuitBreakerLayer::keyed`]).
+///
+/// Implemented by [`Single`] and [`ByKey`]; the layer's constructors pick it.
+pub trait BreakerKey<Req>: Clone {
+    /// The hash of the request's key under the layer's hasher, or `None` for the layer's
+    /// single breaker.
+    fn key_hash(&self, req: &Req, hasher: &RandomState) -> Option<u64>;
+}
+
+/// One breaker for every request (the [`CircuitBreakerLayer::new`] layer).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Single;
+
+impl<Req> BreakerKey<Req> for Single {
+    #[inline]
+    fn key_hash(&self, _req: &Req, _hasher: &RandomState) -> Option<u64> {
+        None
+    }
+}
+
+/// A breaker per key, the key given by a function of the request (the
+/// [`CircuitBreakerLayer::keyed`] layer).
+#[derive(Clone)]
+pub struct ByKey<F> {
+    key_fn: F,
+}
+
+impl<F> fmt::Debug for ByKey<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ByKey").finish_non_exhaustive()
+    }
+}
+
+impl<Req, F, K> BreakerKey<Req> for ByKey<F>
+where
+    F: Fn(&Req) -> K + Clone,
+    K: Hash,
+{
+    #[inline]
+    fn key_hash(&self, req: &Req, hasher: &RandomState) -> Option<u64> {
+        Some(hasher.hash_one((self.key_fn)(req)))
+    }
+}
+
+/// Applies a circuit breaker to a service; see the [module docs](super).
+///
+/// # Clone
+///
+/// Clones share the breaker(s): every service made by one layer, and every clone of those
+/// services, counts into the same state and is refused together when it opens. Two
+/// dependencies that must trip separately need two layers (or one [keyed](Self::keyed) layer).
+pub struct CircuitBreakerLayer<C = ErrorsOnly, K = Single> {
+    shared: Arc<Shared>,
+    classify: C,
+    key: K,
+}
+
+impl<C: Clone, K: Clone> Clone for CircuitBreakerLayer<C, K> {
+    fn clone(&self) -> Self {
+        CircuitBreakerLayer {
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<C: fmt::Debug, K: fmt::Debug> fmt::Debug for CircuitBreakerLayer<C, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("limits", &self.shared.limits)
+            .field("classify", &self.classify)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CircuitBreakerLayer {
+    /// One breaker, shared by every service this layer makes, classifying with
+    /// [`ErrorsOnly`] (change it with [`classify`](Self::classify)).
+    ///
+    /// # Errors
+    ///
+    /// A [`BreakerConfigError`] when the configuration is invalid (see
+    /// [`BreakerConfig::validate`]).
+    pub fn new(config: BreakerConfig) -> Result<Self, BreakerConfigError> {
+        config.validate()?;
+        Ok(CircuitBreakerLayer {
+            shared: Arc::new(Shared::new(&config, false)),
+            classify: ErrorsOnly,
+            key: Single,
+        })
+    }
+}
+
+impl<C> CircuitBreakerLayer<C, Single> {
+    /// A handle on the layer's breaker: its state and figures, and manual control.
+    pub fn handle(&self) -> BreakerHandle {
+        BreakerHandle::new(self.shared.clone(), 0)
+    }
+}
+
+impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
+    /// A breaker per key, where `key_fn` gives a request's key (such as its host or
+    /// authority, for a client that calls many hosts).
+    ///
+    /// At most [`max_keys`](BreakerConfig::max_keys) keys (rounded up to a power of two) have
+    /// a breaker; the breakers are allocated when the layer is built, so the memory is fixed.
+    /// Keys live in a fixed-capacity lock-free table, identified by a 64-bit SipHash of the
+    /// key under a random per-layer seed: looking up a key, and claiming a free slot for a new
+    /// one, take no lock. A new key whose slots (8 places from its hash) are all taken
+    /// reuses one whose breaker is healthy (closed, no failure in its window); a breaker that
+    /// has tripped is never reused. If none is free, the request goes through without a
+    /// breaker (a `tracing` event at `DEBUG` says so).
+    ///
+    /// # Errors
+    ///
+    /// A [`BreakerConfigError`] when the configuration is invalid.
+    pub fn keyed(config: BreakerConfig, key_fn: F) -> Result<Self, BreakerConfigError> {
+        config.validate()?;
+        Ok(CircuitBreakerLayer {
+            shared: Arc::new(Shared::new(&config, true)),
+            classify: ErrorsOnly,
+            key: ByKey { key_fn },
+        })
+    }
+}
+
+impl<C, F> CircuitBreakerLayer<C, ByKey<F>> {
+    /// A handle on the breaker of `key`, if the key has one (it gets one with its first
+    /// request).
+    pub fn handle_for<Q: Hash + ?Sized>(&self, key: &Q) -> Option<BreakerHandle> {
+        let h = self.shared.hasher.hash_one(key);
+        self.shared
+            .find_slot(h)
+            .map(|idx| BreakerHandle::new(self.shared.clone(), idx))
+    }
+
+    /// How many keys have a breaker now.
+    pub fn keys_in_use(&self) -> usize {
+        self.shared.keys_in_use()
+    }
+}
+
+impl<C, K> CircuitBreakerLayer<C, K> {
+    /// Decides with `classify` what counts as a failure: [`HttpStatus`] (5xx) for HTTP,
+    /// [`GrpcStatus`] for gRPC, a [`ClassifyFn`], or [`ErrorsOnly`] (the default).
+    ///
+    /// [`HttpStatus`]: crate::classify::HttpStatus
+    /// [`GrpcStatus`]: crate::classify::GrpcStatus
+    /// [`ClassifyFn`]: crate::classify::ClassifyFn
+    pub fn classify<C2>(self, classify: C2) -> CircuitBreakerLayer<C2, K> {
+        CircuitBreakerLayer {
+            shared: self.shared,
+            classify,
+            key: self.key,
+        }
+    }
+}
+
+impl<S, C: Clone, K: Clone> Layer<S> for CircuitBreakerLayer<C, K> {
+    type Service = CircuitBreaker<S, C, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker::new(
+            inner,
+            self.shared.clone(),
+            self.classify.clone(),
+            self.key.clone(),
+        )
+    }
+}

@@ -1,0 +1,119 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::BoxError;
+use tower_service::Service;
+
+use super::future::{Guard, ResponseFuture};
+use super::layer::{BreakerKey, Single};
+use super::state::{Permit, Shared};
+use crate::classify::{Classify, ErrorsOnly};
+
+/// A service guarded by a circuit breaker; made by
+/// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// `poll_ready` is the inner service's: the breaker decides in `call`, and a refused request
+/// completes at once with a [`Rejection`](crate::Rejection) of kind
+/// [`CircuitOpen`](crate::RejectionKind::CircuitOpen) without reaching the inner service.
+///
+/// # Clone
+///
+/// Clones share the breaker state of the layer that made them.
+pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
+    inner: S,
+    shared: Arc<Shared>,
+    classify: C,
+    key: K,
+}
+
+impl<S, C, K> CircuitBreaker<S, C, K> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>, classify: C, key: K) -> Self {
+        CircuitBreaker {
+            inner,
+            shared,
+            classify,
+            key,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming the breaker service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C: Clone, K: Clone> Clone for CircuitBreaker<S, C, K> {
+    fn clone(&self) -> Self {
+        CircuitBreaker {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C: fmt::Debug, K: fmt::Debug> fmt::Debug for CircuitBreaker<S, C, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("classify", &self.classify)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, C, K> Service<Req> for CircuitBreaker<S, C, K>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: BreakerKey<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let idx = match self.key.key_hash(&req, &self.shared.hasher) {
+            None => 0,
+            Some(hash) => match self.shared.slot_for(hash) {
+                Some(idx) => idx,
+                None => {
+                    tracing::debug!("circuit breaker table full: request goes through unguarded");
+                    let guard = Guard::new(self.shared.clone(), 0, Permit::Free, 0);
+                    return ResponseFuture::called(
+                        self.inner.call(req),
+                        guard,
+                        self.classify.clone(),
+                    );
+                }
+            },
+        };
+        match self.shared.admit(idx) {
+            Ok((permit, start)) => ResponseFuture::called(
+                self.inner.call(req),
+                Guard::new(self.shared.clone(), idx, permit, start),
+                self.classify.clone(),
+            ),
+            Err(rejection) => ResponseFuture::rejected(rejection, self.classify.clone()),
+        }
+    }
+}

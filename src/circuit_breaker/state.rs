@@ -1,0 +1,962 @@
+//! The breaker's state machine: one `AtomicU64` word moved by compare-and-swap.
+//!
+//! The word holds a 2-bit tag, a 14-bit generation and a 48-bit payload:
+//!
+//! | tag | payload |
+//! |---|---|
+//! | closed | 0 |
+//! | open | the end of the open time, in microseconds of the layer's clock |
+//! | half-open | probes in flight (bits 0..16), probe successes (bits 16..32) |
+//! | forced | 1 forced open, 0 forced closed |
+//!
+//! Every transition bumps the generation, so an outcome from a call admitted under another
+//! state (a closed-state call that finishes after the breaker tripped, a probe of an earlier
+//! half-open round) is not counted.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
+use std::time::Duration;
+
+use super::config::BreakerConfig;
+use super::window::{Padded, Ring, Tally};
+use crate::clock::{duration_nanos, Clock};
+use crate::rejection::Rejection;
+
+const TAG_SHIFT: u32 = 62;
+const GEN_SHIFT: u32 = 48;
+const GEN_MASK: u64 = (1 << 14) - 1;
+const PAYLOAD_MASK: u64 = (1 << GEN_SHIFT) - 1;
+
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const FORCED: u64 = 3;
+
+/// The wait hint given to callers refused while half-open probes are in flight.
+pub(crate) const HALF_OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[inline]
+const fn pack(tag: u64, gen: u64, payload: u64) -> u64 {
+    (tag << TAG_SHIFT) | ((gen & GEN_MASK) << GEN_SHIFT) | (payload & PAYLOAD_MASK)
+}
+
+#[inline]
+const fn tag(s: u64) -> u64 {
+    s >> TAG_SHIFT
+}
+
+#[inline]
+const fn gen(s: u64) -> u64 {
+    (s >> GEN_SHIFT) & GEN_MASK
+}
+
+#[inline]
+const fn payload(s: u64) -> u64 {
+    s & PAYLOAD_MASK
+}
+
+#[inline]
+const fn half(inflight: u64, successes: u64) -> u64 {
+    inflight | (successes << 16)
+}
+
+/// The state of a breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Calls go through and their outcomes are counted.
+    Closed,
+    /// Calls are refused until the open time is over; the first call after it makes the
+    /// breaker half-open.
+    Open,
+    /// A few probe calls go through; their outcomes close or reopen the breaker.
+    HalfOpen,
+    /// Refused by [`BreakerHandle::force_open`](super::BreakerHandle::force_open) until
+    /// [`reset`](super::BreakerHandle::reset).
+    ForcedOpen,
+    /// Let through by [`BreakerHandle::force_closed`](super::BreakerHandle::force_closed),
+    /// counting nothing, until [`reset`](super::BreakerHandle::reset).
+    ForcedClosed,
+}
+
+impl BreakerState {
+    fn of(s: u64) -> BreakerState {
+        match tag(s) {
+            CLOSED => BreakerState::Closed,
+            OPEN => BreakerState::Open,
+            HALF_OPEN => BreakerState::HalfOpen,
+            _ if payload(s) == 1 => BreakerState::ForcedOpen,
+            _ => BreakerState::ForcedClosed,
+        }
+    }
+}
+
+/// What was granted to an admitted call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Permit {
+    /// Admitted while closed under generation `gen`.
+    Closed { gen: u64 },
+    /// A half-open probe of generation `gen`: holds a probe slot.
+    Probe { gen: u64 },
+    /// Admitted with nothing to count (forced closed, or no breaker for the key).
+    Free,
+}
+
+/// Why a breaker tripped, for the `tracing` event.
+#[derive(Clone, Copy, Debug)]
+enum Reason {
+    ConsecutiveFailures,
+    FailureRate,
+    SlowCallRate,
+}
+
+/// Small copy of the validated configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    failure_rate: Option<f64>,
+    consecutive: Option<u32>,
+    slow_rate: Option<f64>,
+    pub(crate) slow_nanos: Option<u64>,
+    min_calls: u32,
+    open_nanos: u64,
+    max_open_nanos: u64,
+    multiplier: f64,
+    jitter: f64,
+    probes: u64,
+}
+
+impl Limits {
+    fn new(c: &BreakerConfig) -> Limits {
+        Limits {
+            failure_rate: c.failure_rate,
+            consecutive: c.consecutive_failures,
+            slow_rate: c.slow_call.map(|(r, _)| r),
+            slow_nanos: c.slow_call.map(|(_, t)| duration_nanos(t)),
+            min_calls: c.minimum_calls,
+            open_nanos: duration_nanos(c.open_time),
+            max_open_nanos: duration_nanos(c.max_open_time),
+            multiplier: c.multiplier,
+            jitter: c.jitter,
+            probes: u64::from(c.probes),
+        }
+    }
+
+    #[inline]
+    fn uses_window(&self) -> bool {
+        self.failure_rate.is_some() || self.slow_rate.is_some()
+    }
+
+    /// Whether the rates of a tally trip the breaker.
+    fn rate_trips(&self, t: Tally) -> Option<Reason> {
+        if t.calls < self.min_calls || t.calls == 0 {
+            return None;
+        }
+        let calls = f64::from(t.calls);
+        if let Some(r) = self.failure_rate {
+            if t.failures > 0 && f64::from(t.failures) / calls >= r {
+                return Some(Reason::FailureRate);
+            }
+        }
+        if let Some(r) = self.slow_rate {
+            if t.slow > 0 && f64::from(t.slow) / calls >= r {
+                return Some(Reason::SlowCallRate);
+            }
+        }
+        None
+    }
+}
+
+/// One breaker.
+pub(crate) struct Breaker {
+    state: Padded<AtomicU64>,
+    consecutive: AtomicU32,
+    reopens: AtomicU32,
+    window: Ring,
+}
+
+impl Breaker {
+    fn new(config: &BreakerConfig) -> Breaker {
+        Breaker {
+            state: Padded(AtomicU64::new(pack(CLOSED, 0, 0))),
+            consecutive: AtomicU32::new(0),
+            reopens: AtomicU32::new(0),
+            window: Ring::new(config.window),
+        }
+    }
+}
+
+/// Everything the services, futures and handles of one layer share.
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) clock: Clock,
+    rng: AtomicU64,
+    breakers: Box<[Breaker]>,
+    /// Per-key table: the key hash held by each breaker (0: free). Empty for one breaker.
+    keys: Box<[AtomicU64]>,
+    pub(crate) hasher: RandomState,
+}
+
+/// How far a key's probe sequence looks for its slot.
+const KEY_PROBES: usize = 8;
+
+/// The figures of one breaker, as read by a handle.
+pub(crate) struct Snapshot {
+    pub(crate) state: BreakerState,
+    pub(crate) tally: Tally,
+    pub(crate) consecutive: u32,
+    pub(crate) reopens: u32,
+    pub(crate) probes_in_flight: u32,
+    pub(crate) probe_successes: u32,
+    pub(crate) open_remaining: Option<Duration>,
+}
+
+impl Shared {
+    /// A layer's state: one breaker, or `max_keys` (rounded up to a power of two) when keyed.
+    /// The configuration must be valid.
+    pub(crate) fn new(config: &BreakerConfig, keyed: bool) -> Shared {
+        let n = if keyed {
+            config.max_keys.next_power_of_two()
+        } else {
+            1
+        };
+        let hasher = RandomState::new();
+        let seed = config.seed.unwrap_or_else(|| hasher.hash_one(0x5eed_u64));
+        Shared {
+            limits: Limits::new(config),
+            clock: config.clock.clone(),
+            rng: AtomicU64::new(seed),
+            breakers: (0..n).map(|_| Breaker::new(config)).collect(),
+            keys: if keyed {
+                (0..n).map(|_| AtomicU64::new(0)).collect()
+            } else {
+                Box::new([])
+            },
+            hasher,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_nanos()
+    }
+
+    /// A uniform `u64` (SplitMix64 over one atomic counter).
+    fn next_u64(&self) -> u64 {
+        const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut z = self.rng.fetch_add(GAMMA, Relaxed).wrapping_add(GAMMA);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The open time after `reopens` failed probe rounds: multiplied, capped, jittered.
+    pub(crate) fn open_nanos(&self, reopens: u32) -> u64 {
+        let l = &self.limits;
+        let grown = l.open_nanos as f64 * l.multiplier.powi(reopens.min(4096) as i32);
+        let capped = grown.min(l.max_open_nanos as f64);
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let jittered = capped * (1.0 + l.jitter * (2.0 * u - 1.0));
+        (jittered as u64).max(1)
+    }
+
+    /// The slot of a key hash, claiming a free one (or a healthy one when all of the key's
+    /// probe sequence is taken). `None` when the table has no room for it.
+    pub(crate) fn slot_for(&self, hash: u64) -> Option<usize> {
+        let h = hash.max(1);
+        let mask = self.keys.len() - 1;
+        let probes = KEY_PROBES.min(self.keys.len());
+        for i in 0..probes {
+            let s = (h as usize).wrapping_add(i) & mask;
+            match self.keys[s].load(Acquire) {
+                k if k == h => return Some(s),
+                0 => match self.keys[s].compare_exchange(0, h, AcqRel, Acquire) {
+                    Ok(_) => return Some(s),
+                    Err(k) if k == h => return Some(s),
+                    Err(_) => {}
+                },
+                _ => {}
+            }
+        }
+        // All taken: reuse a healthy breaker (closed, no failure in its window). A tripped
+        // breaker is never evicted, so a flood of new keys cannot reset it.
+        let now = self.now();
+        for i in 0..probes {
+            let s = (h as usize).wrapping_add(i) & mask;
+            let k = self.keys[s].load(Acquire);
+            let b = &self.breakers[s];
+            let st = b.state.0.load(Acquire);
+            if tag(st) == CLOSED
+                && b.consecutive.load(Relaxed) == 0
+                && b.window.tally(now).failures == 0
+                && self.keys[s].compare_exchange(k, h, AcqRel, Acquire).is_ok()
+            {
+                self.reset(s);
+                tracing::debug!(breaker = s, "circuit breaker slot reused for a new key");
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// The slot of a key hash, if it has one.
+    pub(crate) fn find_slot(&self, hash: u64) -> Option<usize> {
+        let h = hash.max(1);
+        let mask = self.keys.len().checked_sub(1)?;
+        (0..KEY_PROBES.min(self.keys.len()))
+            .map(|i| (h as usize).wrapping_add(i) & mask)
+            .find(|&s| self.keys[s].load(Acquire) == h)
+    }
+
+    /// How many key slots are taken.
+    pub(crate) fn keys_in_use(&self) -> usize {
+        self.keys.iter().filter(|k| k.load(Relaxed) != 0).count()
+    }
+
+    /// Admits or refuses a call. `start` is the time read for slow-call detection, if any.
+    #[inline]
+    pub(crate) fn admit(&self, idx: usize) -> Result<(Permit, u64), Rejection> {
+        let b = &self.breakers[idx];
+        let s = b.state.0.load(Acquire);
+        if tag(s) == CLOSED {
+            let start = if self.limits.slow_nanos.is_some() {
+                self.now()
+            } else {
+                0
+            };
+            return Ok((Permit::Closed { gen: gen(s) }, start));
+        }
+        self.admit_slow(idx, s)
+    }
+
+    #[cold]
+    fn admit_slow(&self, idx: usize, mut cur: u64) -> Result<(Permit, u64), Rejection> {
+        let b = &self.breakers[idx];
+        let mut read: Option<u64> = None;
+        let mut now = || *read.get_or_insert_with(|| self.now());
+        loop {
+            match tag(cur) {
+                CLOSED => {
+                    let start = if self.limits.slow_nanos.is_some() {
+                        now()
+                    } else {
+                        0
+                    };
+                    return Ok((Permit::Closed { gen: gen(cur) }, start));
+                }
+                FORCED => {
+                    return if payload(cur) == 1 {
+                        Err(Rejection::circuit_open(Duration::from_nanos(
+                            self.limits.open_nanos,
+                        )))
+                    } else {
+                        Ok((Permit::Free, 0))
+                    };
+                }
+                OPEN => {
+                    let t = now();
+                    let until = payload(cur).saturating_mul(1000);
+                    if t < until {
+                        return Err(Rejection::circuit_open(Duration::from_nanos(until - t)));
+                    }
+                    let g = gen(cur) + 1;
+                    let next = pack(HALF_OPEN, g, half(1, 0));
+                    match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
+                        Ok(_) => {
+                            tracing::info!(
+                                breaker = idx,
+                                from = "open",
+                                to = "half-open",
+                                probes = self.limits.probes,
+                                reopens = b.reopens.load(Relaxed),
+                                "circuit breaker half-open"
+                            );
+                            return Ok((Permit::Probe { gen: g & GEN_MASK }, t));
+                        }
+                        Err(actual) => cur = actual,
+                    }
+                }
+                _ => {
+                    // Half-open.
+                    let p = payload(cur);
+                    let inflight = p & 0xFFFF;
+                    if inflight >= self.limits.probes {
+                        return Err(Rejection::circuit_open(HALF_OPEN_RETRY_AFTER)
+                            .with_detail("half-open: probes in flight"));
+                    }
+                    let next = pack(HALF_OPEN, gen(cur), p + 1);
+                    match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
+                        Ok(_) => return Ok((Permit::Probe { gen: gen(cur) }, now())),
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the outcome of a call admitted while closed.
+    #[inline]
+    pub(crate) fn record_closed(&self, idx: usize, g: u64, failed: bool, start: u64) {
+        let b = &self.breakers[idx];
+        let s = b.state.0.load(Acquire);
+        if s != pack(CLOSED, g, 0) {
+            return;
+        }
+        let l = &self.limits;
+        let needs_now = l.slow_nanos.is_some() || (l.uses_window() && b.window.needs_time());
+        let now = if needs_now { self.now() } else { 0 };
+        let slow = l.slow_nanos.is_some_and(|t| now.saturating_sub(start) >= t);
+        let mut reason = None;
+        let mut consecutive = 0;
+        if failed {
+            consecutive = b.consecutive.fetch_add(1, Relaxed).saturating_add(1);
+            if l.consecutive.is_some_and(|n| consecutive >= n) {
+                reason = Some(Reason::ConsecutiveFailures);
+            }
+        } else if b.consecutive.load(Relaxed) != 0 {
+            b.consecutive.store(0, Relaxed);
+        }
+        let mut tally = None;
+        if l.uses_window() {
+            tally = b.window.record(now, failed, slow, l.min_calls);
+            if reason.is_none() {
+                reason = tally.and_then(|t| l.rate_trips(t));
+            }
+        }
+        if let Some(reason) = reason {
+            let now = if needs_now { now } else { self.now() };
+            self.trip(idx, s, now, reason, tally, consecutive);
+        }
+    }
+
+    #[cold]
+    fn trip(
+        &self,
+        idx: usize,
+        from: u64,
+        now: u64,
+        reason: Reason,
+        tally: Option<Tally>,
+        consecutive: u32,
+    ) {
+        let b = &self.breakers[idx];
+        let open = self.open_nanos(0);
+        let until = now.saturating_add(open).div_ceil(1000);
+        let next = pack(OPEN, gen(from) + 1, until);
+        if b.state
+            .0
+            .compare_exchange(from, next, AcqRel, Acquire)
+            .is_ok()
+        {
+            b.reopens.store(0, Relaxed);
+            let t = tally.unwrap_or_default();
+            let rate = |n: u32| {
+                if t.calls == 0 {
+                    0.0
+                } else {
+                    f64::from(n) / f64::from(t.calls)
+                }
+            };
+            tracing::warn!(
+                breaker = idx,
+                from = "closed",
+                to = "open",
+                reason = ?reason,
+                calls = t.calls,
+                failures = t.failures,
+                slow_calls = t.slow,
+                failure_rate = rate(t.failures),
+                slow_call_rate = rate(t.slow),
+                consecutive_failures = consecutive,
+                open_ms = open / 1_000_000,
+                "circuit breaker opened"
+            );
+        }
+    }
+
+    /// Records the outcome of a probe: a success may close the breaker, a failure reopens it.
+    pub(crate) fn record_probe(&self, idx: usize, g: u64, failed: bool) {
+        let b = &self.breakers[idx];
+        let mut s = b.state.0.load(Acquire);
+        let mut now = None;
+        loop {
+            if tag(s) != HALF_OPEN || gen(s) != g {
+                return;
+            }
+            let p = payload(s);
+            let (inflight, successes) = (p & 0xFFFF, (p >> 16) & 0xFFFF);
+            let next;
+            let mut open = 0;
+            let reopens = b.reopens.load(Relaxed).saturating_add(1);
+            if failed {
+                let t = *now.get_or_insert_with(|| self.now());
+                open = self.open_nanos(reopens);
+                next = pack(OPEN, g + 1, t.saturating_add(open).div_ceil(1000));
+            } else if successes + 1 >= self.limits.probes {
+                next = pack(CLOSED, g + 1, 0);
+            } else {
+                next = pack(
+                    HALF_OPEN,
+                    g,
+                    half(inflight.saturating_sub(1), successes + 1),
+                );
+            }
+            match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
+                Ok(_) => {
+                    match tag(next) {
+                        OPEN => {
+                            b.reopens.store(reopens, Relaxed);
+                            tracing::warn!(
+                                breaker = idx,
+                                from = "half-open",
+                                to = "open",
+                                probe_successes = successes,
+                                reopens,
+                                open_ms = open / 1_000_000,
+                                "circuit breaker reopened: a probe failed"
+                            );
+                        }
+                        CLOSED => {
+                            b.window.clear();
+                            b.consecutive.store(0, Relaxed);
+                            b.reopens.store(0, Relaxed);
+                            tracing::info!(
+                                breaker = idx,
+                                from = "half-open",
+                                to = "closed",
+                                probe_successes = successes + 1,
+                                "circuit breaker closed"
+                            );
+                        }
+                        _ => {}
+                    }
+                    return;
+                }
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    /// Frees a probe slot whose call ended with no verdict (dropped, or throttled).
+    pub(crate) fn release_probe(&self, idx: usize, g: u64) {
+        let b = &self.breakers[idx];
+        let mut s = b.state.0.load(Acquire);
+        loop {
+            if tag(s) != HALF_OPEN || gen(s) != g {
+                return;
+            }
+            let p = payload(s);
+            if p & 0xFFFF == 0 {
+                return;
+            }
+            match b
+                .state
+                .0
+                .compare_exchange(s, pack(HALF_OPEN, g, p - 1), AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    fn store(&self, idx: usize, tag_: u64, payload_: u64, what: &'static str) {
+        let b = &self.breakers[idx];
+        let mut s = b.state.0.load(Acquire);
+        loop {
+            let next = pack(tag_, gen(s) + 1, payload_);
+            match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
+                Ok(_) => break,
+                Err(actual) => s = actual,
+            }
+        }
+        b.window.clear();
+        b.consecutive.store(0, Relaxed);
+        b.reopens.store(0, Relaxed);
+        tracing::info!(
+            breaker = idx,
+            to = what,
+            "circuit breaker set by its handle"
+        );
+    }
+
+    pub(crate) fn force_open(&self, idx: usize) {
+        self.store(idx, FORCED, 1, "forced-open");
+    }
+
+    pub(crate) fn force_closed(&self, idx: usize) {
+        self.store(idx, FORCED, 0, "forced-closed");
+    }
+
+    pub(crate) fn reset(&self, idx: usize) {
+        self.store(idx, CLOSED, 0, "closed");
+    }
+
+    pub(crate) fn snapshot(&self, idx: usize) -> Snapshot {
+        let b = &self.breakers[idx];
+        let s = b.state.0.load(Acquire);
+        let now = self.now();
+        let p = payload(s);
+        let (probes_in_flight, probe_successes) = if tag(s) == HALF_OPEN {
+            ((p & 0xFFFF) as u32, ((p >> 16) & 0xFFFF) as u32)
+        } else {
+            (0, 0)
+        };
+        Snapshot {
+            state: BreakerState::of(s),
+            tally: b.window.tally(now),
+            consecutive: b.consecutive.load(Relaxed),
+            reopens: b.reopens.load(Relaxed),
+            probes_in_flight,
+            probe_successes,
+            open_remaining: (tag(s) == OPEN)
+                .then(|| Duration::from_nanos(p.saturating_mul(1000).saturating_sub(now))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::rejection::RejectionKind;
+
+    const MS: u64 = 1_000_000;
+
+    fn shared(config: BreakerConfig) -> (Shared, ManualClock) {
+        let (clock, hand) = Clock::manual();
+        let config = config.clock(clock).seed(7);
+        config.validate().unwrap();
+        (Shared::new(&config, false), hand)
+    }
+
+    fn call(s: &Shared, failed: bool) -> Result<(), Rejection> {
+        match s.admit(0)? {
+            (Permit::Closed { gen }, start) => s.record_closed(0, gen, failed, start),
+            (Permit::Probe { gen }, _) => s.record_probe(0, gen, failed),
+            (Permit::Free, _) => {}
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn state_word_round_trips() {
+        let s = pack(HALF_OPEN, GEN_MASK + 3, half(2, 5));
+        assert_eq!(tag(s), HALF_OPEN);
+        assert_eq!(gen(s), 2);
+        assert_eq!(payload(s) & 0xFFFF, 2);
+        assert_eq!(payload(s) >> 16, 5);
+        assert_eq!(
+            BreakerState::of(pack(FORCED, 0, 1)),
+            BreakerState::ForcedOpen
+        );
+    }
+
+    #[test]
+    fn consecutive_failures_trip_and_open_time_runs_out() {
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(3)
+                .open_time(Duration::from_secs(1))
+                .jitter(0.0)
+                .half_open_probes(1),
+        );
+        call(&s, true).unwrap();
+        call(&s, false).unwrap();
+        call(&s, true).unwrap();
+        call(&s, true).unwrap();
+        assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+        call(&s, true).unwrap();
+        assert_eq!(s.snapshot(0).state, BreakerState::Open);
+        hand.advance(Duration::from_millis(400));
+        let r = call(&s, false).unwrap_err();
+        assert_eq!(r.kind(), RejectionKind::CircuitOpen);
+        assert_eq!(r.retry_after(), Some(Duration::from_millis(600)));
+        hand.advance(Duration::from_millis(600));
+        call(&s, false).unwrap();
+        assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn open_time_grows_capped_and_jittered() {
+        let (s, _hand) = shared(
+            BreakerConfig::default()
+                .open_time(Duration::from_millis(100))
+                .max_open_time(Duration::from_millis(1000))
+                .backoff_multiplier(3.0)
+                .jitter(0.2),
+        );
+        for (reopens, base) in [(0, 100), (1, 300), (2, 900), (3, 1000), (50, 1000)] {
+            for _ in 0..200 {
+                let d = s.open_nanos(reopens);
+                let lo = (base as f64 * 0.8 * MS as f64) as u64;
+                let hi = (base as f64 * 1.2 * MS as f64) as u64;
+                assert!((lo..=hi).contains(&d), "{reopens}: {d} not in {lo}..={hi}");
+            }
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_open_times() {
+        let (s, _hand) = shared(BreakerConfig::default().jitter(0.5));
+        let draws: std::collections::HashSet<u64> = (0..100).map(|_| s.open_nanos(0)).collect();
+        assert!(draws.len() > 90, "{} distinct", draws.len());
+        let lo = draws.iter().filter(|&&d| d < 5_000 * MS).count();
+        assert!((20..=80).contains(&lo), "{lo} of 100 below the middle");
+    }
+
+    /// A reference model: the outcomes kept in a plain list, the conditions computed from
+    /// scratch at each step.
+    struct Model {
+        calls: Vec<(u64, bool, bool)>, // (completion time, failed, slow)
+    }
+
+    impl Model {
+        fn window(&self, now: u64, window: Window) -> Tally {
+            let kept: Vec<_> = match window {
+                Window::Count(n) => {
+                    let skip = self.calls.len().saturating_sub(n as usize);
+                    self.calls[skip..].to_vec()
+                }
+                Window::Time { span, buckets } => {
+                    let width = duration_nanos(span) / u64::from(buckets);
+                    let cur = now / width;
+                    self.calls
+                        .iter()
+                        .copied()
+                        .filter(|(t, _, _)| t / width + u64::from(buckets) > cur)
+                        .collect()
+                }
+            };
+            Tally {
+                calls: kept.len() as u32,
+                failures: kept.iter().filter(|c| c.1).count() as u32,
+                slow: kept.iter().filter(|c| c.2).count() as u32,
+            }
+        }
+    }
+
+    use super::super::config::Window;
+    use proptest::prelude::*;
+
+    fn check(
+        window: Window,
+        min: u32,
+        rate: f64,
+        slow_rate: f64,
+        consecutive: u32,
+        steps: Vec<(bool, u64, u64)>,
+    ) -> Result<(), TestCaseError> {
+        let slow_t = Duration::from_millis(100);
+        let config = BreakerConfig::failure_rate(rate)
+            .or_slow_call_rate(slow_rate, slow_t)
+            .or_consecutive_failures(consecutive)
+            .minimum_calls(min)
+            .open_time(Duration::from_secs(1_000_000))
+            .max_open_time(Duration::from_secs(1_000_000));
+        let config = match window {
+            Window::Count(n) => config.window(n),
+            Window::Time { span, buckets } => config.time_window(span, buckets),
+        };
+        let (s, hand) = shared(config);
+        let mut model = Model { calls: vec![] };
+        let mut run = 0u32;
+        for (i, (failed, took_ms, gap_ms)) in steps.into_iter().enumerate() {
+            hand.advance(Duration::from_millis(gap_ms));
+            let (permit, start) = s.admit(0).expect("closed until the condition held");
+            let Permit::Closed { gen } = permit else {
+                return Err(TestCaseError::fail("not closed"));
+            };
+            hand.advance(Duration::from_millis(took_ms));
+            s.record_closed(0, gen, failed, start);
+            let now = hand.now_nanos();
+            let slow = took_ms >= 100;
+            model.calls.push((now, failed, slow));
+            run = if failed { run + 1 } else { 0 };
+            let t = model.window(now, window);
+            let holds = run >= consecutive
+                || (t.calls >= min
+                    && ((t.failures > 0 && f64::from(t.failures) / f64::from(t.calls) >= rate)
+                        || (t.slow > 0 && f64::from(t.slow) / f64::from(t.calls) >= slow_rate)));
+            let open = s.snapshot(0).state == BreakerState::Open;
+            prop_assert_eq!(open, holds, "step {}: window {:?}, run {}", i, t, run);
+            if open {
+                prop_assert!(s.admit(0).is_err());
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn a_rate() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            Just(0.0),
+            Just(0.2),
+            Just(0.25),
+            Just(0.3),
+            Just(0.5),
+            Just(0.75),
+            Just(1.0),
+            0.0f64..=1.0
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn count_window_opens_exactly_when_the_condition_holds(
+            n in 1u32..150,
+            min_frac in 0.0f64..=1.0,
+            rate in a_rate(),
+            slow_rate in a_rate(),
+            consecutive in prop_oneof![1u32..10, 10u32..200],
+            steps in proptest::collection::vec(
+                (
+                    proptest::bool::weighted(0.3),
+                    prop_oneof![Just(0u64), Just(99), Just(100), 0u64..300],
+                    0u64..50,
+                ),
+                0..400,
+            ),
+        ) {
+            let min = ((f64::from(n) * min_frac) as u32).clamp(1, n);
+            check(Window::Count(n), min, rate, slow_rate, consecutive, steps)?;
+        }
+
+        #[test]
+        fn time_window_opens_exactly_when_the_condition_holds(
+            buckets in 1u32..20,
+            bucket_ms in 1u64..500,
+            min in 1u32..50,
+            rate in a_rate(),
+            slow_rate in a_rate(),
+            consecutive in prop_oneof![1u32..10, 10u32..200],
+            steps in proptest::collection::vec(
+                (
+                    proptest::bool::weighted(0.3),
+                    prop_oneof![Just(0u64), Just(100), 0u64..300],
+                    0u64..400,
+                ),
+                0..300,
+            ),
+        ) {
+            let span = Duration::from_millis(bucket_ms * u64::from(buckets));
+            check(Window::Time { span, buckets }, min, rate, slow_rate, consecutive, steps)?;
+        }
+    }
+
+    #[test]
+    fn half_open_admits_k_probes_and_never_sticks() {
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(1)
+                .open_time(Duration::from_secs(1))
+                .jitter(0.0)
+                .half_open_probes(2),
+        );
+        call(&s, true).unwrap();
+        hand.advance(Duration::from_secs(1));
+        let (a, _) = s.admit(0).unwrap();
+        let (b, _) = s.admit(0).unwrap();
+        assert!(matches!(a, Permit::Probe { .. }) && a == b);
+        assert!(s.admit(0).is_err());
+        let Permit::Probe { gen } = a else {
+            unreachable!()
+        };
+        // Both probes vanish without a verdict: the slots come back.
+        s.release_probe(0, gen);
+        s.release_probe(0, gen);
+        assert_eq!(s.snapshot(0).probes_in_flight, 0);
+        let (c, _) = s.admit(0).unwrap();
+        assert_eq!(c, a);
+        s.record_probe(0, gen, false);
+        assert_eq!(s.snapshot(0).state, BreakerState::HalfOpen);
+        assert_eq!(s.snapshot(0).probe_successes, 1);
+        call(&s, false).unwrap();
+        assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+        // A stale probe of the closed round changes nothing.
+        s.release_probe(0, gen);
+        s.record_probe(0, gen, true);
+        assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn two_threads_never_exceed_k_probes_per_round() {
+        use std::sync::atomic::AtomicI64;
+        const K: u32 = 3;
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(1)
+                .open_time(Duration::from_micros(1))
+                .max_open_time(Duration::from_micros(4))
+                .half_open_probes(K),
+        );
+        // Probe permits held, per generation of the state word.
+        let held: Vec<AtomicI64> = (0..=GEN_MASK).map(|_| AtomicI64::new(0)).collect();
+        let max_seen = AtomicI64::new(0);
+        let rounds = AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..2u64 {
+                let (s, hand, held, max_seen, rounds) = (&s, &hand, &held, &max_seen, &rounds);
+                scope.spawn(move || {
+                    let mut rng = 0x1234_5678_u64 ^ t;
+                    let mut next = move || {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng
+                    };
+                    let mut mine: Vec<(Permit, u64)> = Vec::new();
+                    for _ in 0..200_000 {
+                        if t == 0 {
+                            hand.advance(Duration::from_nanos(250));
+                        }
+                        if mine.len() < 6 && next() % 2 == 0 {
+                            if let Ok((p, start)) = s.admit(0) {
+                                if let Permit::Probe { gen } = p {
+                                    let n = held[gen as usize].fetch_add(1, AcqRel) + 1;
+                                    max_seen.fetch_max(n, AcqRel);
+                                    rounds.fetch_add(1, Relaxed);
+                                }
+                                mine.push((p, start));
+                            }
+                        } else if !mine.is_empty() {
+                            let i = (next() % mine.len() as u64) as usize;
+                            let (p, start) = mine.swap_remove(i);
+                            let r = next() % 10;
+                            match p {
+                                Permit::Probe { gen } => {
+                                    held[gen as usize].fetch_sub(1, AcqRel);
+                                    match r {
+                                        0..=2 => s.release_probe(0, gen),
+                                        3..=4 => s.record_probe(0, gen, true),
+                                        _ => s.record_probe(0, gen, false),
+                                    }
+                                }
+                                Permit::Closed { gen } => s.record_closed(0, gen, r < 2, start),
+                                Permit::Free => {}
+                            }
+                        }
+                    }
+                    for (p, _) in mine {
+                        if let Permit::Probe { gen } = p {
+                            held[gen as usize].fetch_sub(1, AcqRel);
+                            s.release_probe(0, gen);
+                        }
+                    }
+                });
+            }
+        });
+        let max = max_seen.load(Acquire);
+        assert!(max <= i64::from(K), "{max} probes of one round at once");
+        assert!(max >= 2, "the test never had concurrent probes ({max})");
+        assert!(
+            rounds.load(Relaxed) > 1000,
+            "too few probes to mean anything"
+        );
+        // Never stuck half-open with slots lost: once quiet, a probe is admitted.
+        hand.advance(Duration::from_secs(1));
+        let snap = s.snapshot(0);
+        assert_eq!(snap.probes_in_flight, 0, "{:?}", snap.state);
+        assert!(s.admit(0).is_ok());
+    }
+}

@@ -1,0 +1,388 @@
+//! Sliding windows of outcomes, kept in atomics and driven by nanoseconds.
+//!
+//! The count window is two bitsets (failures, slow calls) over a ring of `n` positions and one
+//! position counter: recording a healthy call where a healthy call was is one `fetch_add` and
+//! two loads. Rates are computed (by popcount) only when an outcome could trip the breaker.
+//! The time window is a ring of buckets, each stamped with its bucket number.
+//!
+//! On one thread both windows are exact. Under concurrency a call that races a roll-over (two
+//! calls `n` positions apart, or a bucket being recycled) may be lost; the counts never drift,
+//! since the bits and buckets are the only record.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use super::config::Window;
+use crate::clock::duration_nanos;
+
+/// Keeps a value on a cache line of its own.
+#[repr(align(64))]
+#[derive(Default)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+/// What a window holds at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) calls: u32,
+    pub(crate) failures: u32,
+    pub(crate) slow: u32,
+}
+
+pub(crate) enum Ring {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+impl Ring {
+    pub(crate) fn new(window: Window) -> Ring {
+        match window {
+            Window::Count(n) => Ring::Count(CountWindow::new(n)),
+            Window::Time { span, buckets } => Ring::Time(TimeWindow::new(
+                duration_nanos(span) / u64::from(buckets),
+                buckets,
+            )),
+        }
+    }
+
+    /// Whether recording needs the time.
+    #[inline]
+    pub(crate) fn needs_time(&self) -> bool {
+        matches!(self, Ring::Time(_))
+    }
+
+    /// Records an outcome; returns the tally when the outcome could have made a rate reach
+    /// its threshold (a failure, a slow call, or the window reaching `minimum_calls`).
+    #[inline]
+    pub(crate) fn record(&self, now: u64, failed: bool, slow: bool, min: u32) -> Option<Tally> {
+        match self {
+            Ring::Count(w) => w.record(failed, slow, min),
+            Ring::Time(w) => Some(w.record(now, failed, slow)),
+        }
+    }
+
+    pub(crate) fn tally(&self, now: u64) -> Tally {
+        match self {
+            Ring::Count(w) => w.tally(),
+            Ring::Time(w) => w.tally(now),
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        match self {
+            Ring::Count(w) => w.clear(),
+            Ring::Time(w) => w.clear(),
+        }
+    }
+}
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ring::Count(w) => f.debug_tuple("Count").field(&w.size).finish(),
+            Ring::Time(w) => f
+                .debug_struct("Time")
+                .field("bucket_nanos", &w.bucket_nanos)
+                .field("buckets", &w.buckets.len())
+                .finish(),
+        }
+    }
+}
+
+/// The last `size` calls.
+pub(crate) struct CountWindow {
+    size: u64,
+    head: Padded<AtomicU64>,
+    fail: Box<[AtomicU64]>,
+    slow: Box<[AtomicU64]>,
+}
+
+impl CountWindow {
+    pub(crate) fn new(size: u32) -> Self {
+        let words = (size as usize).div_ceil(64);
+        let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
+        CountWindow {
+            size: u64::from(size),
+            head: Padded(AtomicU64::new(0)),
+            fail: bits(),
+            slow: bits(),
+        }
+    }
+
+    #[inline]
+    fn set(words: &[AtomicU64], idx: usize, on: bool) {
+        let word = &words[idx / 64];
+        let bit = 1u64 << (idx % 64);
+        if on {
+            if word.load(Relaxed) & bit == 0 {
+                word.fetch_or(bit, Relaxed);
+            }
+        } else if word.load(Relaxed) & bit != 0 {
+            word.fetch_and(!bit, Relaxed);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn record(&self, failed: bool, slow: bool, min: u32) -> Option<Tally> {
+        let pos = self.head.0.fetch_add(1, Relaxed);
+        let idx = (pos % self.size) as usize;
+        Self::set(&self.fail, idx, failed);
+        Self::set(&self.slow, idx, slow);
+        if failed || slow || pos + 1 == u64::from(min) {
+            Some(self.tally_at(pos + 1))
+        } else {
+            None
+        }
+    }
+
+    fn tally_at(&self, recorded: u64) -> Tally {
+        let count = |w: &[AtomicU64]| w.iter().map(|x| x.load(Relaxed).count_ones()).sum();
+        Tally {
+            calls: recorded.min(self.size) as u32,
+            failures: count(&self.fail),
+            slow: count(&self.slow),
+        }
+    }
+
+    pub(crate) fn tally(&self) -> Tally {
+        self.tally_at(self.head.0.load(Relaxed))
+    }
+
+    pub(crate) fn clear(&self) {
+        for w in self.fail.iter().chain(self.slow.iter()) {
+            w.store(0, Relaxed);
+        }
+        self.head.0.store(0, Relaxed);
+    }
+}
+
+const EMPTY: u64 = u64::MAX;
+
+struct Bucket {
+    stamp: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+    slow: AtomicU32,
+}
+
+/// The calls of the last `bucket_nanos × buckets.len()`.
+pub(crate) struct TimeWindow {
+    bucket_nanos: u64,
+    buckets: Box<[Bucket]>,
+}
+
+impl TimeWindow {
+    pub(crate) fn new(bucket_nanos: u64, buckets: u32) -> Self {
+        TimeWindow {
+            bucket_nanos: bucket_nanos.max(1),
+            buckets: (0..buckets)
+                .map(|_| Bucket {
+                    stamp: AtomicU64::new(EMPTY),
+                    calls: AtomicU32::new(0),
+                    failures: AtomicU32::new(0),
+                    slow: AtomicU32::new(0),
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn record(&self, now: u64, failed: bool, slow: bool) -> Tally {
+        let n = now / self.bucket_nanos;
+        let b = &self.buckets[(n % self.buckets.len() as u64) as usize];
+        let stamp = b.stamp.load(Relaxed);
+        if (stamp == EMPTY || stamp < n)
+            && b.stamp.compare_exchange(stamp, n, Relaxed, Relaxed).is_ok()
+        {
+            b.calls.store(0, Relaxed);
+            b.failures.store(0, Relaxed);
+            b.slow.store(0, Relaxed);
+        }
+        // A bucket stamped later than `n` (the clock stepped back, or a racing newer call):
+        // the outcome joins that bucket.
+        b.calls.fetch_add(1, Relaxed);
+        if failed {
+            b.failures.fetch_add(1, Relaxed);
+        }
+        if slow {
+            b.slow.fetch_add(1, Relaxed);
+        }
+        self.tally(now)
+    }
+
+    pub(crate) fn tally(&self, now: u64) -> Tally {
+        let n = now / self.bucket_nanos;
+        let len = self.buckets.len() as u64;
+        let mut t = Tally::default();
+        for b in self.buckets.iter() {
+            let stamp = b.stamp.load(Relaxed);
+            // In the window: stamps n-len+1..=n (and later ones, after a clock step back).
+            if stamp != EMPTY && stamp.saturating_add(len) > n {
+                t.calls = t.calls.saturating_add(b.calls.load(Relaxed));
+                t.failures = t.failures.saturating_add(b.failures.load(Relaxed));
+                t.slow = t.slow.saturating_add(b.slow.load(Relaxed));
+            }
+        }
+        t
+    }
+
+    pub(crate) fn clear(&self) {
+        for b in self.buckets.iter() {
+            b.stamp.store(EMPTY, Relaxed);
+            b.calls.store(0, Relaxed);
+            b.failures.store(0, Relaxed);
+            b.slow.store(0, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn count_window_slides() {
+        let w = CountWindow::new(4);
+        assert_eq!(
+            w.record(true, false, 10),
+            Some(Tally {
+                calls: 1,
+                failures: 1,
+                slow: 0
+            })
+        );
+        assert_eq!(w.record(false, false, 10), None);
+        assert_eq!(
+            w.record(false, true, 10),
+            Some(Tally {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            })
+        );
+        assert_eq!(w.record(false, false, 10), None);
+        assert_eq!(
+            w.tally(),
+            Tally {
+                calls: 4,
+                failures: 1,
+                slow: 1
+            }
+        );
+        // The fifth call replaces the first (a failure).
+        assert_eq!(w.record(false, false, 10), None);
+        assert_eq!(
+            w.tally(),
+            Tally {
+                calls: 4,
+                failures: 0,
+                slow: 1
+            }
+        );
+        // Two more push the slow call out.
+        w.record(false, false, 10);
+        w.record(false, false, 10);
+        assert_eq!(
+            w.tally(),
+            Tally {
+                calls: 4,
+                failures: 0,
+                slow: 0
+            }
+        );
+        w.clear();
+        assert_eq!(w.tally(), Tally::default());
+    }
+
+    #[test]
+    fn count_window_reports_reaching_minimum_calls() {
+        let w = CountWindow::new(10);
+        assert_eq!(w.record(false, false, 3), None);
+        assert_eq!(w.record(false, false, 3), None);
+        assert_eq!(
+            w.record(false, false, 3),
+            Some(Tally {
+                calls: 3,
+                failures: 0,
+                slow: 0
+            })
+        );
+        assert_eq!(w.record(false, false, 3), None);
+    }
+
+    #[test]
+    fn count_window_larger_than_a_word() {
+        let w = CountWindow::new(130);
+        for i in 0..300 {
+            w.record(i % 3 == 0, i % 5 == 0, 1);
+        }
+        // The last 130 calls are i = 170..300.
+        let fails = (170..300).filter(|i| i % 3 == 0).count() as u32;
+        let slow = (170..300).filter(|i| i % 5 == 0).count() as u32;
+        assert_eq!(
+            w.tally(),
+            Tally {
+                calls: 130,
+                failures: fails,
+                slow
+            }
+        );
+    }
+
+    #[test]
+    fn time_window_buckets_roll_over() {
+        // 1 s in 10 buckets of 100 ms.
+        let w = TimeWindow::new(100 * MS, 10);
+        w.record(0, true, false);
+        w.record(50 * MS, false, true);
+        w.record(150 * MS, false, false);
+        assert_eq!(
+            w.tally(150 * MS),
+            Tally {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            }
+        );
+        // At 999 ms the first bucket (0..100 ms) is still in.
+        assert_eq!(w.tally(999 * MS).calls, 3);
+        // At 1000 ms it is out.
+        assert_eq!(
+            w.tally(1000 * MS),
+            Tally {
+                calls: 1,
+                failures: 0,
+                slow: 0
+            }
+        );
+        // Recording at 1050 ms recycles bucket 0 for bucket 10.
+        let t = w.record(1050 * MS, true, false);
+        assert_eq!(
+            t,
+            Tally {
+                calls: 2,
+                failures: 1,
+                slow: 0
+            }
+        );
+        // Long after, everything is gone.
+        assert_eq!(w.tally(10_000 * MS), Tally::default());
+        w.clear();
+        assert_eq!(w.tally(1050 * MS), Tally::default());
+    }
+
+    #[test]
+    fn ring_from_config() {
+        let r = Ring::new(Window::Time {
+            span: Duration::from_secs(10),
+            buckets: 10,
+        });
+        assert!(r.needs_time());
+        r.record(0, true, false, 1);
+        assert_eq!(r.tally(9_999 * MS).failures, 1);
+        assert_eq!(r.tally(10_000 * MS).failures, 0);
+        let r = Ring::new(Window::Count(5));
+        assert!(!r.needs_time());
+    }
+}

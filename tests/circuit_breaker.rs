@@ -1,0 +1,442 @@
+//! Integration tests of the circuit breaker: paused time, cancellation, flapping, keys,
+//! handles, configuration.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::advance;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::circuit_breaker::{
+    BreakerConfig, BreakerConfigError, BreakerState, CircuitBreaker, CircuitBreakerLayer,
+};
+use tower_bulwark::clock::Clock;
+use tower_bulwark::{Rejection, RejectionKind};
+
+type Reply = Result<&'static str, &'static str>;
+
+type DepFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<&'static str, BoxError>> + Send>>;
+type DepFn = fn(oneshot::Receiver<Reply>) -> DepFuture;
+type Svc = CircuitBreaker<tower::util::ServiceFn<DepFn>>;
+
+/// A dependency that answers what each request carries, when the test says so.
+fn dependency(rx: oneshot::Receiver<Reply>) -> DepFuture {
+    Box::pin(async move {
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err("dependency went away".into()),
+        }
+    })
+}
+
+fn now_reply(r: Reply) -> oneshot::Receiver<Reply> {
+    let (tx, rx) = oneshot::channel();
+    tx.send(r).unwrap();
+    rx
+}
+
+fn rejection(err: &BoxError) -> &Rejection {
+    err.downcast_ref::<Rejection>()
+        .unwrap_or_else(|| panic!("not a rejection: {err}"))
+}
+
+fn stack(layer: &CircuitBreakerLayer) -> Svc {
+    ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(dependency as DepFn)
+}
+
+async fn once(svc: &mut Svc, r: Reply) -> Result<&'static str, BoxError> {
+    svc.ready().await?.call(now_reply(r)).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_time_probes_close_and_reopen_longer() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(2)
+            .open_time(Duration::from_secs(10))
+            .max_open_time(Duration::from_secs(100))
+            .backoff_multiplier(2.0)
+            .jitter(0.1)
+            .half_open_probes(2)
+            .clock(Clock::tokio())
+            .seed(42),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = stack(&layer);
+
+    assert!(once(&mut svc, Err("boom")).await.is_err());
+    assert_eq!(handle.state(), BreakerState::Closed);
+    assert!(once(&mut svc, Err("boom")).await.is_err());
+    assert_eq!(handle.state(), BreakerState::Open);
+
+    // Open: refused without reaching the dependency (a pending reply would hang).
+    let (_tx, rx) = oneshot::channel();
+    let err = svc.ready().await.unwrap().call(rx).await.unwrap_err();
+    let first = rejection(&err).retry_after().unwrap();
+    assert_eq!(rejection(&err).kind(), RejectionKind::CircuitOpen);
+    assert!(
+        first >= Duration::from_secs(9) && first <= Duration::from_secs(11),
+        "{first:?}"
+    );
+    advance(Duration::from_secs(5)).await;
+    let err = once(&mut svc, Ok("x")).await.unwrap_err();
+    assert_eq!(
+        rejection(&err).retry_after().unwrap(),
+        first - Duration::from_secs(5)
+    );
+    assert_eq!(
+        handle.figures().open_remaining,
+        Some(first - Duration::from_secs(5))
+    );
+
+    // Half-open: exactly k = 2 probes at once.
+    advance(first - Duration::from_secs(5)).await;
+    let (tx1, rx1) = oneshot::channel();
+    let (tx2, rx2) = oneshot::channel();
+    let p1 = svc.ready().await.unwrap().call(rx1);
+    let p2 = svc.ready().await.unwrap().call(rx2);
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    assert_eq!(handle.figures().probes_in_flight, 2);
+    let err = once(&mut svc, Ok("x")).await.unwrap_err();
+    assert_eq!(rejection(&err).kind(), RejectionKind::CircuitOpen);
+
+    // One success frees a slot, and a third probe may go.
+    tx1.send(Ok("a")).unwrap();
+    assert_eq!(p1.await.unwrap(), "a");
+    assert_eq!(handle.figures().probe_successes, 1);
+    assert_eq!(handle.figures().probes_in_flight, 1);
+    let (_tx3, rx3) = oneshot::channel();
+    let p3 = svc.ready().await.unwrap().call(rx3);
+    assert_eq!(handle.figures().probes_in_flight, 2);
+    // k = 2 successes close it.
+    tx2.send(Ok("b")).unwrap();
+    assert_eq!(p2.await.unwrap(), "b");
+    assert_eq!(handle.state(), BreakerState::Closed);
+    drop(p3);
+    assert_eq!(once(&mut svc, Ok("fine")).await.unwrap(), "fine");
+
+    // Trip again; each failed probe round doubles the open time (±10%), capped at 100 s.
+    once(&mut svc, Err("boom")).await.unwrap_err();
+    once(&mut svc, Err("boom")).await.unwrap_err();
+    assert_eq!(handle.state(), BreakerState::Open);
+    let mut expected = 10.0;
+    for round in 1..=5 {
+        let left = handle.figures().open_remaining.unwrap();
+        advance(left).await;
+        let err = once(&mut svc, Err("still down")).await.unwrap_err();
+        assert!(
+            err.downcast_ref::<Rejection>().is_none(),
+            "the probe reached the dependency"
+        );
+        assert_eq!(handle.state(), BreakerState::Open);
+        assert_eq!(handle.figures().reopens, round);
+        expected = f64::min(expected * 2.0, 100.0);
+        let open = handle.figures().open_remaining.unwrap().as_secs_f64();
+        assert!(
+            open >= expected * 0.9 - 1e-6 && open <= expected * 1.1 + 1e-6,
+            "round {round}: {open} s, expected {expected} ±10%"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_probes_free_their_slots() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = stack(&layer);
+    once(&mut svc, Err("boom")).await.unwrap_err();
+    advance(Duration::from_secs(2)).await;
+
+    // A probe dropped before it is polled.
+    let (_tx, rx) = oneshot::channel();
+    let probe = svc.ready().await.unwrap().call(rx);
+    assert_eq!(handle.figures().probes_in_flight, 1);
+    assert!(once(&mut svc, Ok("x")).await.is_err());
+    drop(probe);
+    assert_eq!(handle.figures().probes_in_flight, 0);
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+
+    // A probe dropped while the dependency is working on it (polled, pending: a timeout
+    // above it fires).
+    let (_tx, rx) = oneshot::channel();
+    let probe = svc.ready().await.unwrap().call(rx);
+    let timed_out = tokio::time::timeout(Duration::from_millis(10), probe).await;
+    assert!(timed_out.is_err());
+    assert_eq!(handle.figures().probes_in_flight, 0);
+
+    // Not stuck: the next call is a probe, and its success closes the breaker.
+    assert_eq!(once(&mut svc, Ok("healed")).await.unwrap(), "healed");
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_closed_calls_count_as_neither() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::failure_rate(0.5)
+            .window(4)
+            .minimum_calls(4)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = stack(&layer);
+    for _ in 0..10 {
+        let (_tx, rx) = oneshot::channel();
+        drop(svc.ready().await.unwrap().call(rx));
+    }
+    assert_eq!(handle.figures().calls, 0);
+    once(&mut svc, Err("boom")).await.unwrap_err();
+    once(&mut svc, Ok("x")).await.unwrap();
+    assert_eq!(handle.figures().calls, 2);
+    assert_eq!(handle.figures().failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_trip_the_breaker() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::slow_call_rate(0.5, Duration::from_millis(100))
+            .window(4)
+            .minimum_calls(4)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, BoxError>(ms)
+        });
+    for ms in [10, 150, 20] {
+        svc.clone().oneshot(ms).await.unwrap();
+    }
+    assert_eq!(handle.figures().slow_calls, 1);
+    assert_eq!(handle.state(), BreakerState::Closed);
+    // 99 ms is not slow; 100 ms is (successes, all of them).
+    svc.clone().oneshot(99).await.unwrap();
+    assert_eq!(handle.state(), BreakerState::Closed, "1 slow of 4");
+    svc.clone().oneshot(100).await.unwrap();
+    let f = handle.figures();
+    assert_eq!((f.calls, f.slow_calls, f.failures), (4, 2, 0));
+    assert_eq!(f.state, BreakerState::Open);
+}
+
+#[test]
+fn bad_configuration_is_refused_at_construction() {
+    use BreakerConfigError as E;
+    let cases: Vec<(BreakerConfig, E)> = vec![
+        (BreakerConfig::failure_rate(1.01), E::FailureRate(1.01)),
+        (BreakerConfig::failure_rate(-0.1), E::FailureRate(-0.1)),
+        (
+            BreakerConfig::default().or_slow_call_rate(2.0, Duration::from_secs(1)),
+            E::SlowCallRate(2.0),
+        ),
+        (
+            BreakerConfig::slow_call_rate(0.5, Duration::ZERO),
+            E::SlowCallThreshold,
+        ),
+        (
+            BreakerConfig::consecutive_failures(0),
+            E::ConsecutiveFailures,
+        ),
+        (BreakerConfig::default().window(0), E::Window),
+        (
+            BreakerConfig::default().time_window(Duration::from_secs(1), 0),
+            E::Window,
+        ),
+        (
+            BreakerConfig::default().time_window(Duration::ZERO, 10),
+            E::Window,
+        ),
+        (BreakerConfig::default().half_open_probes(0), E::Probes),
+        (BreakerConfig::default().half_open_probes(70_000), E::Probes),
+        (BreakerConfig::default().minimum_calls(0), E::MinimumCalls),
+        (
+            BreakerConfig::default().window(10).minimum_calls(11),
+            E::MinimumCalls,
+        ),
+        (
+            BreakerConfig::default().open_time(Duration::ZERO),
+            E::OpenTime,
+        ),
+        (
+            BreakerConfig::default().max_open_time(Duration::from_secs(1)),
+            E::OpenTime,
+        ),
+        (
+            BreakerConfig::default().backoff_multiplier(0.5),
+            E::Multiplier(0.5),
+        ),
+        (BreakerConfig::default().jitter(1.5), E::Jitter(1.5)),
+        (BreakerConfig::default().max_keys(0), E::MaxKeys),
+    ];
+    for (config, want) in cases {
+        let got = CircuitBreakerLayer::new(config.clone()).unwrap_err();
+        assert_eq!(got, want, "{config:?}");
+        assert!(!got.to_string().is_empty());
+        assert!(CircuitBreakerLayer::keyed(config, |r: &u32| *r).is_err());
+    }
+    let nan = CircuitBreakerLayer::new(BreakerConfig::failure_rate(f64::NAN)).unwrap_err();
+    assert!(matches!(nan, E::FailureRate(r) if r.is_nan()));
+    // The edges are accepted.
+    for config in [
+        BreakerConfig::failure_rate(0.0),
+        BreakerConfig::failure_rate(1.0),
+        BreakerConfig::default().window(1).minimum_calls(1),
+        BreakerConfig::default().jitter(0.0).jitter(1.0),
+        BreakerConfig::default().time_window(Duration::from_secs(10), 10),
+    ] {
+        assert!(CircuitBreakerLayer::new(config).is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_and_layered_services_share_one_breaker() {
+    let layer =
+        CircuitBreakerLayer::new(BreakerConfig::consecutive_failures(2).clock(Clock::tokio()))
+            .unwrap();
+    let mut a = stack(&layer);
+    let mut b = stack(&layer); // a second `Layer::layer` call, as Axum makes per route
+    let mut c = a.clone();
+    once(&mut a, Err("boom")).await.unwrap_err();
+    once(&mut b, Err("boom")).await.unwrap_err();
+    let err = once(&mut c, Ok("x")).await.unwrap_err();
+    assert_eq!(rejection(&err).kind(), RejectionKind::CircuitOpen);
+    assert_eq!(layer.clone().handle().state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_ready_is_the_inner_services() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig::default()).unwrap();
+    let (mut svc, mut handle) = tower_test::mock::spawn_layer::<u32, u32, _>(layer);
+    handle.allow(0);
+    tokio_test::assert_pending!(svc.poll_ready());
+    handle.allow(1);
+    tokio_test::assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(7);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 7);
+    send.send_response(8);
+    assert_eq!(fut.await.unwrap(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn handle_forces_and_resets() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(7))
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = stack(&layer);
+
+    handle.force_open();
+    assert_eq!(handle.state(), BreakerState::ForcedOpen);
+    advance(Duration::from_secs(3600)).await;
+    let err = once(&mut svc, Ok("x")).await.unwrap_err();
+    assert_eq!(rejection(&err).retry_after(), Some(Duration::from_secs(7)));
+
+    handle.force_closed();
+    for _ in 0..5 {
+        once(&mut svc, Err("boom")).await.unwrap_err();
+    }
+    assert_eq!(handle.state(), BreakerState::ForcedClosed);
+    assert_eq!(handle.figures().consecutive_failures, 0);
+
+    handle.reset();
+    assert_eq!(handle.state(), BreakerState::Closed);
+    once(&mut svc, Err("boom")).await.unwrap_err();
+    assert_eq!(handle.state(), BreakerState::Open);
+    handle.reset();
+    assert_eq!(once(&mut svc, Ok("x")).await.unwrap(), "x");
+    let f = handle.figures();
+    assert_eq!(
+        (f.state, f.consecutive_failures, f.reopens),
+        (BreakerState::Closed, 0, 0)
+    );
+    assert!(format!("{handle:?}").contains("Closed"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_breakers_trip_apart_and_stay_bounded() {
+    let layer = CircuitBreakerLayer::keyed(
+        BreakerConfig::consecutive_failures(1)
+            .max_keys(2)
+            .open_time(Duration::from_secs(10))
+            .clock(Clock::tokio()),
+        |req: &(&'static str, bool)| req.0,
+    )
+    .unwrap();
+    let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+        |(_, ok): (&'static str, bool)| async move {
+            if ok {
+                Ok::<_, BoxError>("ok")
+            } else {
+                Err::<&str, BoxError>("down".into())
+            }
+        },
+    );
+    let kind = |r: Result<&str, BoxError>| match r {
+        Ok(_) => "ok",
+        Err(e) if e.downcast_ref::<Rejection>().is_some() => "open",
+        Err(_) => "failed",
+    };
+
+    assert_eq!(kind(svc.clone().oneshot(("a", false)).await), "failed");
+    assert_eq!(kind(svc.clone().oneshot(("a", true)).await), "open");
+    assert_eq!(kind(svc.clone().oneshot(("b", true)).await), "ok");
+    assert_eq!(layer.handle_for("a").unwrap().state(), BreakerState::Open);
+    assert_eq!(layer.handle_for("b").unwrap().state(), BreakerState::Closed);
+    assert!(layer.handle_for("c").is_none());
+    assert_eq!(layer.keys_in_use(), 2);
+
+    // The table is full: a new key takes the healthy breaker of "b", never the open one.
+    assert_eq!(kind(svc.clone().oneshot(("c", true)).await), "ok");
+    assert_eq!(layer.keys_in_use(), 2);
+    assert!(layer.handle_for("b").is_none());
+    assert_eq!(layer.handle_for("a").unwrap().state(), BreakerState::Open);
+    assert_eq!(kind(svc.clone().oneshot(("a", true)).await), "open");
+
+    // Both breakers open: a new key goes through unguarded rather than share a breaker.
+    assert_eq!(kind(svc.clone().oneshot(("c", false)).await), "failed");
+    assert_eq!(kind(svc.clone().oneshot(("d", false)).await), "failed");
+    assert_eq!(kind(svc.clone().oneshot(("d", true)).await), "ok");
+    assert!(layer.handle_for("d").is_none());
+
+    // Open time over: "a" probes and heals on its own.
+    advance(Duration::from_secs(12)).await;
+    assert_eq!(kind(svc.clone().oneshot(("a", true)).await), "ok");
+    let a = layer.handle_for("a").unwrap();
+    assert_eq!(a.state(), BreakerState::HalfOpen);
+    for _ in 0..2 {
+        svc.clone().oneshot(("a", true)).await.unwrap();
+    }
+    assert_eq!(a.state(), BreakerState::Closed);
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<CircuitBreakerLayer>();
+    is::<Svc>();
+    is::<tower_bulwark::circuit_breaker::BreakerHandle>();
+    is::<tower_bulwark::circuit_breaker::BreakerFigures>();
+    is::<BreakerConfig>();
+    is::<BreakerConfigError>();
+    is::<
+        tower_bulwark::circuit_breaker::future::ResponseFuture<
+            std::future::Ready<Result<(), BoxError>>,
+            tower_bulwark::classify::HttpStatus,
+        >,
+    >();
+}
