@@ -11,6 +11,14 @@ use super::ConfigError;
 
 const SLOTS: usize = 16;
 const COUNT_MASK: u64 = 0xffff_ffff;
+/// A mark packs an epoch (high 24 bits) and the request total when it was set (low 40 bits).
+const MARK_BITS: u32 = 40;
+const MARK_MASK: u64 = (1 << MARK_BITS) - 1;
+const EPOCH_MASK: u64 = (1 << 24) - 1;
+
+/// The request total, alone on its cache line: the only state a request touches.
+#[repr(align(128))]
+struct Total(AtomicU64);
 
 /// A retry budget shared by every clone of a layer, and by several layers if the same
 /// `Budget` is given to each.
@@ -31,10 +39,15 @@ const COUNT_MASK: u64 = 0xffff_ffff;
 ///
 /// # How it works
 ///
-/// Sixteen slots, each a window's sixteenth, count requests and retries in one `AtomicU64`
-/// each (an epoch tag and a count): a request costs one clock reading and one `fetch_add`; a
-/// retry sums the slots. No lock. Concurrent retry decisions may overshoot the budget by at
-/// most their number.
+/// A request costs one `fetch_add` on a running total and no clock reading: a budget needs no
+/// nanoseconds. Retry decisions, which are rare, read the clock: the window is sixteen slots,
+/// each a sixteenth of it; the first decision in a slot marks the running total there, and
+/// the requests of the window are the total minus the oldest mark still in the window.
+/// Retries are counted per slot. No lock anywhere. Two consequences, both on the side of
+/// fewer retries: requests between a slot's start and its first retry decision are not
+/// counted, and after a quiet spell longer than the window the ratio starts again from zero
+/// (the floor still applies) and grows over the next window. Concurrent retry decisions may
+/// overshoot the budget by at most their number.
 ///
 /// # Clone
 ///
@@ -66,7 +79,8 @@ pub struct Budget {
 }
 
 struct State {
-    requests: [AtomicU64; SLOTS],
+    total: Total,
+    marks: [AtomicU64; SLOTS],
     retries: [AtomicU64; SLOTS],
     /// `f64` bits of the ratio.
     ratio: AtomicU64,
@@ -128,9 +142,11 @@ impl Budget {
         }
     }
 
-    /// Counts one request (done by the retry layer for every request it sees).
+    /// Counts one request (done by the retry layer for every request it sees): one atomic
+    /// add, no clock reading.
+    #[inline]
     pub fn deposit(&self) {
-        self.deposit_at(self.inner.clock.now_nanos());
+        self.inner.total.0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.
@@ -171,10 +187,30 @@ impl Budget {
         ((u128::from(now) * u128::from(self.inner.inv_width)) >> 64) as u64
     }
 
-    #[inline]
-    pub(crate) fn deposit_at(&self, now: u64) {
-        let epoch = self.epoch(now);
-        bump(&self.inner.requests[epoch as usize % SLOTS], epoch);
+    /// Requests in the window: the total minus the oldest mark in the window (marking the
+    /// current slot first if it has no mark).
+    fn requests_in_window(&self, epoch: u64) -> u64 {
+        let s = &*self.inner;
+        let total = s.total.0.load(Ordering::Relaxed);
+        let e = epoch & EPOCH_MASK;
+        let slot = &s.marks[epoch as usize % SLOTS];
+        let cur = slot.load(Ordering::Relaxed);
+        if cur >> MARK_BITS != e {
+            let _ = slot.compare_exchange(
+                cur,
+                (e << MARK_BITS) | (total & MARK_MASK),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        for back in (0..SLOTS as u64).rev() {
+            let want = epoch.wrapping_sub(back);
+            let mark = s.marks[want as usize % SLOTS].load(Ordering::Relaxed);
+            if mark >> MARK_BITS == want & EPOCH_MASK {
+                return total.wrapping_sub(mark) & MARK_MASK;
+            }
+        }
+        0
     }
 
     pub(crate) fn try_withdraw_at(&self, now: u64) -> bool {
@@ -194,7 +230,7 @@ impl Budget {
 
     fn figures_epoch(&self, now: u64, epoch: u64) -> BudgetFigures {
         let s = &*self.inner;
-        let requests = sum(&s.requests, epoch);
+        let requests = self.requests_in_window(epoch);
         let retries = sum(&s.retries, epoch);
         let ratio = f64::from_bits(s.ratio.load(Ordering::Relaxed));
         // The floor is a rate: `min_per_second` for each second of the budget's age (the
@@ -291,13 +327,18 @@ impl BudgetBuilder {
         let width = window_nanos / SLOTS as u64;
         let clock = self.clock.unwrap_or_default();
         let created = clock.now_nanos();
+        let inv_width = u64::MAX / width;
+        let first = ((u128::from(created) * u128::from(inv_width)) >> 64) as u64;
+        let marks: [AtomicU64; SLOTS] = Default::default();
+        marks[first as usize % SLOTS].store((first & EPOCH_MASK) << MARK_BITS, Ordering::Relaxed);
         Ok(Budget {
             inner: Arc::new(State {
-                requests: Default::default(),
+                total: Total(AtomicU64::new(0)),
+                marks,
                 retries: Default::default(),
                 ratio: AtomicU64::new(self.ratio.to_bits()),
                 min_per_second: AtomicU32::new(self.min_per_second),
-                inv_width: u64::MAX / width,
+                inv_width,
                 window_nanos,
                 created,
                 clock,

@@ -46,7 +46,9 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Called { #[pin] fut: F },
-        Backoff { #[pin] sleep: Sleep },
+        // Boxed: only a retry pays for the timer, and the future stays small for the common
+        // case where the first attempt succeeds.
+        Backoff { sleep: Pin<Box<Sleep>> },
         Ready,
     }
 }
@@ -246,12 +248,12 @@ where
                         }
                         Some(0) => this.state.set(State::Ready),
                         Some(nanos) => this.state.set(State::Backoff {
-                            sleep: tokio::time::sleep(Duration::from_nanos(nanos)),
+                            sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(nanos))),
                         }),
                     }
                 }
                 StateProj::Backoff { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {

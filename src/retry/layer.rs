@@ -38,7 +38,7 @@ pub(crate) struct Control {
     pub(crate) deadline: Option<u64>,
     pub(crate) budget: Option<Budget>,
     pub(crate) clock: Clock,
-    /// Whether a request needs a time reading (a budget or a deadline).
+    /// Whether a retry decision needs a time reading (a budget or a deadline).
     pub(crate) needs_clock: bool,
     pub(crate) rng: Rng,
     pub(crate) retries: AtomicU64,

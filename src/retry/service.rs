@@ -83,14 +83,14 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let ctl = &self.shared.control;
-        // The one time reading of the request: the budget's deposit and the deadline's start.
-        let start = if ctl.needs_clock {
+        // The deadline's start is the request's one time reading; the budget needs none.
+        let start = if ctl.deadline.is_some() {
             ctl.clock.now_nanos()
         } else {
             0
         };
         if let Some(budget) = &ctl.budget {
-            budget.deposit_at(start);
+            budget.deposit();
         }
         let max = ctl.max_attempts.load(Ordering::Relaxed);
         let rng = &ctl.rng;
