@@ -291,8 +291,8 @@ impl<B: Body> Body for PermitBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             None => drop(this.permit.take()),
             Some(Err(_)) => {
@@ -300,6 +300,8 @@ impl<B: Body> Body for PermitBody<B> {
                     permit.set_outcome(Outcome::Failure);
                 }
             }
+            // A body that knows it has ended may never be polled again: release now.
+            Some(Ok(_)) if this.inner.is_end_stream() => drop(this.permit.take()),
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)

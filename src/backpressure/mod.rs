@@ -70,7 +70,12 @@
 //!   [`waiting`](BackpressureHandle::waiting) and their time in the channel is not bounded by
 //!   `max_wait`. The total in flight stays at most the limit; the total admitted into the
 //!   stack is at most the limit plus `max_queue` waiters plus the Buffer's bound. Keep the
-//!   bound small, or put this layer above the Buffer.
+//!   bound small.
+//! - **With a Buffer (or any service that can be not ready) below it**, the inner readiness
+//!   gates calls, as everywhere in tower: callers beyond the Buffer's bound wait in
+//!   `poll_ready`, which this layer does not bound, and a request waiting for a permit keeps
+//!   the inner slot its `poll_ready` reserved until it is admitted (or dropped). Put a
+//!   timeout or a load shedder above if that wait must be bounded too.
 //! - **On a client** (in front of one dependency), wait a little (`max_wait`) rather than shed,
 //!   and put a retry layer above it that honours the rejection's `retry_after`.
 //!
