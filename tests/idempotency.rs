@@ -907,3 +907,69 @@ mod failing_store {
         );
     }
 }
+
+/// A gRPC-style unary response: one data frame, then `grpc-status` in trailers.
+fn grpc_like(status: &'static str) -> Response<Body> {
+    let frames = futures_util::stream::iter([
+        Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(
+            b"\0\0\0\0\x02hi",
+        ))),
+        Ok(http_body::Frame::trailers({
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static(status));
+            t
+        })),
+    ]);
+    Response::builder()
+        .header("content-type", "application/grpc")
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn trailers_are_stored_and_replayed_and_grpc_failures_are_not_stored() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let svc = builder()
+        .build()
+        .unwrap()
+        .layer(tower::service_fn(move |req: Request<Body>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let status = if req.uri().path() == "/svc/Fail" {
+                "14"
+            } else {
+                "0"
+            };
+            async move { Ok::<_, BoxError>(grpc_like(status)) }
+        }));
+    let call = |path: &'static str| {
+        Request::post(path)
+            .header("idempotency-key", "g")
+            .header("content-type", "application/grpc")
+            .body(Body::from("\0\0\0\0\x01x"))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(call("/svc/Fail")).await.unwrap();
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "UNAVAILABLE is not stored");
+
+    let key_ok = |path| {
+        let mut r = call(path);
+        r.headers_mut()
+            .insert("idempotency-key", HeaderValue::from_static("g2"));
+        r
+    };
+    let first = svc.clone().oneshot(key_ok("/svc/Ok")).await.unwrap();
+    let first = first.into_body().collect().await.unwrap();
+    let again = svc.clone().oneshot(key_ok("/svc/Ok")).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["content-type"], "application/grpc");
+    let again = again.into_body().collect().await.unwrap();
+    assert_eq!(again.trailers(), first.trailers());
+    assert_eq!(again.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(again.to_bytes(), first.to_bytes());
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
