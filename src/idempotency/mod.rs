@@ -1,1 +1,161 @@
-//! Not yet built: see the crate's issue tracker.
+//! Runs a request that carries an `Idempotency-Key` once, and replays its stored response to
+//! every repeat.
+//!
+//! # Why
+//!
+//! A client that sends a POST and loses the connection cannot tell whether the order was
+//! placed. Retrying may place it twice; not retrying may lose it. With an idempotency key the
+//! client can retry safely: the server runs the first request, stores its response under the
+//! key, and answers repeats with the stored response. The semantics follow the IETF
+//! `Idempotency-Key` header draft (draft-ietf-httpapi-idempotency-key-header) and Stripe's
+//! documented behaviour:
+//!
+//! | request | answer |
+//! |---|---|
+//! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran |
+//! | repeat, same payload, after completion | the stored response, identical in status, headers and body, plus `Idempotent-Replayed: true`; the handler does not run |
+//! | repeat while the first is in flight | 409, or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays |
+//! | same key, another payload | 422 |
+//! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
+//! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
+//! | body over the buffer limit (1 MiB) | 413; the handler does not run |
+//! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
+//! | the first request's future is dropped (client gone) | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
+//! | the process crashes mid-request | the lease expires after its time to live (60 s) |
+//!
+//! Keys are accepted both as the draft's structured-field string (`"abc"`, quoted) and as the
+//! bare token Stripe's clients send (`abc`); both name the same key. The fingerprint of a
+//! request is its method, path and query, and body ([`Fingerprint`]). The body is buffered to
+//! compute it and handed to the handler unchanged.
+//!
+//! **Scope your keys.** Without [`scope`](IdempotencyBuilder::scope), all clients share one key
+//! space, and a client that sends another client's key receives that client's stored
+//! response. Scope by tenant, API key or principal whenever more than one client can reach the
+//! service.
+//!
+//! # How it differs from its neighbours
+//!
+//! The retry layer makes a client send a request again; this layer makes a server safe to
+//! receive it again. Neither tower, governor, tower-resilience nor failsafe has an
+//! idempotency layer. Unlike an HTTP cache, it stores only the outcome of unsafe methods,
+//! keyed by the client's key and scope, never serves a response to a different payload, and
+//! also works on a tonic server (gRPC metadata `idempotency-key`, stored trailers replayed).
+//!
+//! # Where to place this layer
+//!
+//! Below [`RejectionLayer`](crate::RejectionLayer) (which turns its rejections into 400, 409,
+//! 413, 422 and 503 responses), and **outside** the rate limiter and backpressure: a replay
+//! costs no handler work, so it should not spend the client's rate or a concurrency permit,
+//! and a request shed below this layer is a failure that releases its key. Below
+//! authentication, so that the scope function can read the principal.
+//!
+//! ```text
+//! RejectionLayer -> auth -> IdempotencyLayer -> RateLimitLayer -> BackpressureLayer -> handler
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_bulwark::idempotency::{IdempotencyLayer, MemoryStore};
+//! use tower_bulwark::RejectionLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let runs = Arc::new(AtomicUsize::new(0));
+//! let counter = runs.clone();
+//! let layer = IdempotencyLayer::builder(MemoryStore::default())
+//!     .scope(|head: &http::request::Parts| {
+//!         // The tenant, from whatever authenticated the request.
+//!         head.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
+//!     })
+//!     .build()
+//!     .expect("valid configuration");
+//! let svc = ServiceBuilder::new()
+//!     .layer(RejectionLayer::http())
+//!     .layer(layer)
+//!     .service_fn(move |_req: Request<Full<Bytes>>| {
+//!         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+//!         async move {
+//!             let mut res = Response::new(Full::new(Bytes::from(format!("order {n}"))));
+//!             *res.status_mut() = StatusCode::CREATED;
+//!             Ok::<_, Infallible>(res)
+//!         }
+//!     });
+//!
+//! let order = || {
+//!     Request::post("/orders")
+//!         .header("idempotency-key", "\"8e03978e-40d5\"")
+//!         .header("x-tenant", "acme")
+//!         .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))
+//!         .unwrap()
+//! };
+//! let first = svc.clone().oneshot(order()).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::CREATED);
+//! assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "order 1");
+//!
+//! let again = svc.clone().oneshot(order()).await.unwrap();
+//! assert_eq!(again.status(), StatusCode::CREATED);
+//! assert_eq!(again.headers()["idempotent-replayed"], "true");
+//! assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), "order 1");
+//! assert_eq!(runs.load(Ordering::SeqCst), 1);
+//! # }
+//! ```
+//!
+//! # gRPC
+//!
+//! On a tonic server the key is the `idempotency-key` metadata (the same header), the stored
+//! response includes its trailers (`grpc-status`), and with
+//! [`RejectionLayer::grpc`](crate::RejectionLayer) the rejections become gRPC statuses
+//! (`ABORTED`, `FAILED_PRECONDITION`, `INVALID_ARGUMENT`, `UNAVAILABLE`). tonic's body is not
+//! `From<Bytes>`: give the builder
+//! `.rebuild_body(|b| tonic::body::Body::new(http_body_util::Full::new(b)))`. Only unary calls
+//! make sense here: a streamed response is buffered up to
+//! [`max_response_body`](IdempotencyBuilder::max_response_body).
+//!
+//! # Stores
+//!
+//! [`MemoryStore`] keeps leases and records in process, sharded and bounded by entries and
+//! bytes. A store shared by replicas implements [`Store`]: atomic claim with an owner token,
+//! compare-and-set complete and release, time to live on every key, and records in the
+//! [`Record`] encoding. When the store fails, the layer answers 503 (see [`FailurePolicy`]).
+//!
+//! # Time in tests
+//!
+//! The layer waits (for a request in flight) with `tokio::time`; the [`MemoryStore`] reads
+//! its expiry clock from a [`Clock`](crate::clock::Clock). Under paused tokio time, build the
+//! store with `MemoryStore::builder().clock(Clock::tokio())` and both follow `advance()`.
+//!
+//! # Cancel safety
+//!
+//! Dropping a response future at any point releases the lease it holds (in `Drop`), so a
+//! client that goes away never blocks its key until the lease expires, unless
+//! [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop) asks for that.
+
+mod body;
+mod fingerprint;
+pub mod future;
+mod key;
+mod layer;
+mod record;
+mod service;
+pub mod store;
+
+pub use self::body::ReplayBody;
+pub use self::fingerprint::Fingerprint;
+pub use self::future::IDEMPOTENT_REPLAYED;
+pub use self::layer::{
+    ConfigError, FailurePolicy, FromBytes, IdempotencyBuilder, IdempotencyHandle, IdempotencyLayer,
+    IdempotencyStats, RebuildBody,
+};
+pub use self::record::{DecodeError, Record};
+pub use self::service::Idempotency;
+pub use self::store::{
+    Claim, Lease, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
+    StoreErrorKind, StoreKey,
+};

@@ -12,7 +12,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::ResponseHeaders;
-use crate::rejection::{RateLimitInfo, Rejection};
+use crate::rejection::Rejection;
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
@@ -25,11 +25,11 @@ pin_project! {
     pub struct ResponseFuture<S, Req, H>
     where
         S: Service<Req>,
+        H: ResponseHeaders<S::Response>,
     {
         #[pin]
         state: State<S, Req>,
-        headers: H,
-        info: Option<RateLimitInfo>,
+        slot: H::Slot,
     }
 }
 
@@ -41,52 +41,43 @@ pin_project! {
     {
         Called { #[pin] fut: S::Future },
         Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req> },
-        Rejected { rejection: Option<Rejection> },
+        Rejected { err: Option<BoxError> },
     }
 }
 
-impl<S: Service<Req>, Req, H> ResponseFuture<S, Req, H> {
-    pub(crate) fn called(fut: S::Future, headers: H, info: Option<RateLimitInfo>) -> Self {
+impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Req, H> {
+    #[inline]
+    pub(crate) fn called(fut: S::Future, slot: H::Slot) -> Self {
         ResponseFuture {
             state: State::Called { fut },
-            headers,
-            info,
+            slot,
         }
     }
 
-    pub(crate) fn waiting(
-        wait: Duration,
-        svc: S,
-        req: Req,
-        headers: H,
-        info: Option<RateLimitInfo>,
-    ) -> Self {
+    pub(crate) fn waiting(wait: Duration, svc: S, req: Req, slot: H::Slot) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 sleep: Box::pin(tokio::time::sleep(wait)),
                 svc: Some(svc),
                 req: Some(req),
             },
-            headers,
-            info,
+            slot,
         }
     }
 
-    pub(crate) fn rejected(rejection: Rejection) -> Self
-    where
-        H: Default,
-    {
+    pub(crate) fn rejected(rejection: Rejection) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                rejection: Some(rejection),
+                err: Some(Box::new(rejection)),
             },
-            headers: H::default(),
-            info: None,
+            slot: H::Slot::default(),
         }
     }
 }
 
-impl<S: Service<Req>, Req, H> fmt::Debug for ResponseFuture<S, Req, H> {
+impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> fmt::Debug
+    for ResponseFuture<S, Req, H>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Called { .. } => "called",
@@ -107,15 +98,14 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let this = self.as_mut().project();
             match this.state.project() {
                 StateProj::Called { fut } => {
                     let mut res = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    if let Some(info) = this.info {
-                        H::apply(&mut res, info);
-                    }
+                    H::apply(&mut res, this.slot);
                     return Poll::Ready(Ok(res));
                 }
                 StateProj::Waiting { sleep, svc, req } => {
@@ -126,9 +116,8 @@ where
                     let fut = s.call(req);
                     self.as_mut().project().state.set(State::Called { fut });
                 }
-                StateProj::Rejected { rejection } => {
-                    let r = rejection.take().expect("polled after completion");
-                    return Poll::Ready(Err(r.into()));
+                StateProj::Rejected { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
             }
         }

@@ -138,8 +138,14 @@ pub trait ResponseHeaders<Res>: Clone + Default {
     /// Whether the figures are computed at all.
     const ENABLED: bool;
 
-    /// Writes the figures on a response.
-    fn apply(res: &mut Res, info: &RateLimitInfo);
+    /// What the response future keeps until the response comes: nothing, or the figures.
+    type Slot: Default;
+
+    /// Keeps the figures for [`apply`](Self::apply).
+    fn keep(info: RateLimitInfo) -> Self::Slot;
+
+    /// Writes the kept figures on a response.
+    fn apply(res: &mut Res, slot: &Self::Slot);
 }
 
 /// Successful responses are left as they are (the default).
@@ -148,9 +154,13 @@ pub struct NoHeaders;
 
 impl<Res> ResponseHeaders<Res> for NoHeaders {
     const ENABLED: bool = false;
+    type Slot = ();
 
     #[inline]
-    fn apply(_res: &mut Res, _info: &RateLimitInfo) {}
+    fn keep(_info: RateLimitInfo) {}
+
+    #[inline]
+    fn apply(_res: &mut Res, _slot: &()) {}
 }
 
 /// Successful HTTP responses carry `RateLimit` and `RateLimit-Policy` headers.
@@ -159,8 +169,15 @@ pub struct WithHeaders;
 
 impl<B> ResponseHeaders<http::Response<B>> for WithHeaders {
     const ENABLED: bool = true;
+    type Slot = Option<RateLimitInfo>;
 
-    fn apply(res: &mut http::Response<B>, info: &RateLimitInfo) {
-        info.write_headers(res.headers_mut());
+    fn keep(info: RateLimitInfo) -> Option<RateLimitInfo> {
+        Some(info)
+    }
+
+    fn apply(res: &mut http::Response<B>, slot: &Option<RateLimitInfo>) {
+        if let Some(info) = slot {
+            info.write_headers(res.headers_mut());
+        }
     }
 }

@@ -83,22 +83,24 @@ where
         };
         match step {
             Step::Admit { wait_ns: 0, .. } => {
-                let info = H::ENABLED.then(|| shared.info(tat, now));
-                ResponseFuture::called(self.inner.call(req), self.headers.clone(), info)
+                let slot = if H::ENABLED {
+                    H::keep(shared.info(tat, now))
+                } else {
+                    H::Slot::default()
+                };
+                ResponseFuture::called(self.inner.call(req), slot)
             }
             Step::Admit { wait_ns, .. } => {
                 // The turn is reserved; wait for it with the ready service, leaving a clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                let info = H::ENABLED.then(|| shared.info(tat, now));
+                let slot = if H::ENABLED {
+                    H::keep(shared.info(tat, now))
+                } else {
+                    H::Slot::default()
+                };
                 tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
-                ResponseFuture::waiting(
-                    Duration::from_nanos(wait_ns),
-                    ready,
-                    req,
-                    self.headers.clone(),
-                    info,
-                )
+                ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot)
             }
             Step::Reject { retry_after_ns } => {
                 shared.count_rejection();

@@ -1,1 +1,119 @@
-//! Not yet built: see the crate's issue tracker.
+//! Retries failed requests with jittered exponential backoff, inside a retry budget, safely
+//! for HTTP and gRPC.
+//!
+//! A request whose outcome [`classify`](crate::classify) calls retryable (an error, a 502, 503
+//! or 504, a 429, gRPC `UNAVAILABLE` or `RESOURCE_EXHAUSTED`) is sent again after a backoff,
+//! up to a number of attempts, within an optional overall deadline, and only while the
+//! [`Budget`] allows: retries stay below a share of requests (20% by default) plus a small
+//! floor per second, shared by every clone of the layer.
+//!
+//! # Why
+//!
+//! A transient failure (a connection reset, a restarting pod, a brief overload) should not
+//! become the caller's failure. But blind retries multiply the load on a dependency exactly
+//! when it is sick: three attempts triple it, and every layer of retries multiplies it again.
+//! So this layer spreads retries with jitter, honours the server's `Retry-After` and
+//! `grpc-retry-pushback-ms`, never hammers an open circuit breaker, and stops when its budget
+//! is spent, returning the last response or error as it was.
+//!
+//! # How it differs from its neighbours
+//!
+//! - tower's `Retry` leaves the policy, the backoff and request cloning to you, cannot retry
+//!   requests whose body is not `Clone` (hyper's, Axum's, tonic's), and its `TpsBudget` takes a
+//!   lock per request. Here the HTTP policy keeps the body in a bounded replay buffer
+//!   ([`ReplayBody`], 64 KiB by default) as it streams, so retries work for hyper, Axum and
+//!   tonic clients; the budget is lock-free.
+//! - tower-resilience's and failsafe's retries know nothing of HTTP safety: this layer retries
+//!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
+//!   [`RetryPolicy::add_idempotency_key`] gives POST and PATCH a fresh key, the same on every
+//!   attempt, so that a server with `IdempotencyLayer` runs the request once.
+//! - The circuit breaker stops calls to a dependency that keeps failing; this layer repeats a
+//!   call that failed once. They pair: a `CircuitOpen` [`Rejection`](crate::Rejection) from a
+//!   breaker below is waited out if its `retry_after` fits the maximum delay, the deadline and
+//!   the budget, and otherwise returned at once.
+//!
+//! # Where to place this layer
+//!
+//! On the client side, outside the circuit breaker: each attempt then passes through the
+//! breaker, which counts it and refuses at once while open (and the retry layer waits out
+//! or gives up, as above). Put a per-attempt timeout *below* this layer and an overall timeout
+//! (or [`RetryPolicy::deadline`]) above or in it. Do not put a retry layer on a server in front
+//! of your own handlers: retries belong to the caller that can wait. A rate limiter or
+//! concurrency limit below the retry layer sees every attempt; above it, every request.
+//!
+//! ```text
+//! caller ─▶ Retry ─▶ CircuitBreaker ─▶ Timeout (per attempt) ─▶ client
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::clock::Clock;
+//! use tower_bulwark::retry::{Backoff, RetryLayer, RetryPolicy};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let flaky = {
+//!     let calls = calls.clone();
+//!     // Fails twice, then answers.
+//!     service_fn(move |n: u32| {
+//!         let call = calls.fetch_add(1, Ordering::SeqCst);
+//!         async move {
+//!             if call < 2 { Err::<u32, BoxError>("connection reset".into()) } else { Ok(n * 2) }
+//!         }
+//!     })
+//! };
+//! let policy = RetryPolicy::errors()
+//!     .max_attempts(3)
+//!     .backoff(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)))
+//!     .clock(Clock::tokio()); // follows tokio's paused time, as tests want
+//! let svc = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(policy)?)
+//!     .service(flaky);
+//! assert_eq!(svc.oneshot(21).await?, 42);
+//! assert_eq!(calls.load(Ordering::SeqCst), 3);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! For HTTP, [`RetryPolicy::http`] (or [`RetryPolicy::grpc`]): the inner service receives
+//! `http::Request<ReplayBody<B>>`, which hyper-util's client and Axum's `Router` accept as they
+//! are; a tonic `Channel` needs `.map_request(|r| r.map(tonic::body::Body::new))` below the
+//! layer.
+//!
+//! # Time in tests
+//!
+//! Backoff sleeps use `tokio::time`, so `#[tokio::test(start_paused = true)]` and
+//! `tokio::time::advance` drive them. The deadline and the budget read the layer's
+//! [`Clock`](crate::clock::Clock): give the policy `.clock(Clock::tokio())` (or the budget
+//! `Budget::builder().clock(Clock::tokio())`) so that they follow the paused time too.
+//!
+//! # Tracing
+//!
+//! Each retry is a `debug` event of target `tower_bulwark::retry` with the attempt, the delay
+//! and the reason; a retry refused by the budget is an `info` event; other reasons to stop
+//! (attempts, deadline, pushback, an unreplayable body, a long-open circuit) are `debug`
+//! events.
+
+mod backoff;
+mod budget;
+pub mod future;
+mod layer;
+mod policy;
+mod replay;
+mod service;
+
+pub use self::backoff::{Backoff, Jitter};
+pub use self::budget::{Budget, BudgetBuilder, BudgetFigures};
+pub use self::layer::{RetryHandle, RetryLayer};
+pub use self::policy::{
+    is_idempotent, CloneRequest, ConfigError, ErrorPredicate, Hint, Hints, HttpReplay, Replay,
+    RetryPolicy, IDEMPOTENCY_KEY,
+};
+pub use self::replay::{HttpSaved, ReplayBody, SavedBody};
+pub use self::service::Retry;

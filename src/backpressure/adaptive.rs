@@ -1,0 +1,809 @@
+//! Adaptive limits: AIMD and gradient, as pure arithmetic over windows of latency samples.
+//!
+//! Each completed request gives a sample (its latency from admission to completion, and
+//! whether it failed). Samples are summed in a window (a minimum duration and a minimum
+//! count); the completion that closes a window folds it into the algorithm, which returns the
+//! next limit. The arithmetic ([`Aimd::update`], [`Gradient::update`]) takes nanoseconds and
+//! counts in and gives a limit out, with no clock and no runtime.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::error::ConfigError;
+use super::state::{Shared, MAX_LIMIT};
+use crate::clock::{duration_nanos, Clock};
+
+/// An adaptive limit: an algorithm, the bounds it moves the limit between, and its window.
+///
+/// Build one with [`Adaptive::aimd`] or [`Adaptive::gradient`] and pass it to
+/// [`BackpressureLayer::adaptive`](super::BackpressureLayer::adaptive), which checks it.
+///
+/// Defaults: floor 1, ceiling 1024, initial limit 16, windows of at least 100 ms and 10
+/// samples, the crate's default [`Clock`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_bulwark::backpressure::{Adaptive, BackpressureLayer, Gradient};
+///
+/// let layer = BackpressureLayer::adaptive(
+///     Adaptive::gradient(Gradient::default())
+///         .floor(4)
+///         .ceiling(256)
+///         .initial(32)
+///         .window(Duration::from_millis(250)),
+/// )
+/// .expect("a valid configuration");
+/// assert_eq!(layer.handle().limit(), 32);
+/// ```
+#[derive(Clone)]
+pub struct Adaptive {
+    pub(crate) algorithm: Algorithm,
+    pub(crate) floor: usize,
+    pub(crate) ceiling: usize,
+    pub(crate) initial: usize,
+    pub(crate) window: Duration,
+    pub(crate) min_samples: u32,
+    pub(crate) clock: Option<Clock>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Algorithm {
+    Aimd(Aimd),
+    Gradient(Gradient),
+}
+
+impl Adaptive {
+    fn with(algorithm: Algorithm) -> Adaptive {
+        Adaptive {
+            algorithm,
+            floor: 1,
+            ceiling: 1024,
+            initial: 16,
+            window: Duration::from_millis(100),
+            min_samples: 10,
+            clock: None,
+        }
+    }
+
+    /// Additive increase, multiplicative decrease: see [`Aimd`].
+    pub fn aimd(aimd: Aimd) -> Adaptive {
+        Adaptive::with(Algorithm::Aimd(aimd))
+    }
+
+    /// A latency gradient: see [`Gradient`].
+    pub fn gradient(gradient: Gradient) -> Adaptive {
+        Adaptive::with(Algorithm::Gradient(gradient))
+    }
+
+    /// The lowest limit (at least 1).
+    pub fn floor(mut self, floor: usize) -> Adaptive {
+        self.floor = floor;
+        self
+    }
+
+    /// The highest limit.
+    pub fn ceiling(mut self, ceiling: usize) -> Adaptive {
+        self.ceiling = ceiling;
+        self
+    }
+
+    /// The limit to start from (between floor and ceiling).
+    pub fn initial(mut self, initial: usize) -> Adaptive {
+        self.initial = initial;
+        self
+    }
+
+    /// The shortest window of samples between two updates of the limit (not zero).
+    pub fn window(mut self, window: Duration) -> Adaptive {
+        self.window = window;
+        self
+    }
+
+    /// The fewest samples in a window before the limit is updated (at least 1).
+    pub fn min_samples(mut self, min_samples: u32) -> Adaptive {
+        self.min_samples = min_samples;
+        self
+    }
+
+    /// The clock latency is measured with. Use [`Clock::tokio`] in tests under paused time.
+    pub fn clock(mut self, clock: Clock) -> Adaptive {
+        self.clock = Some(clock);
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.floor == 0 {
+            return Err(ConfigError::ZeroFloor);
+        }
+        if self.floor > self.ceiling || self.ceiling > MAX_LIMIT as usize {
+            return Err(ConfigError::BadBounds {
+                floor: self.floor,
+                ceiling: self.ceiling,
+            });
+        }
+        if self.initial < self.floor || self.initial > self.ceiling {
+            return Err(ConfigError::InitialOutOfBounds {
+                initial: self.initial,
+                floor: self.floor,
+                ceiling: self.ceiling,
+            });
+        }
+        if self.window.is_zero() {
+            return Err(ConfigError::ZeroWindow);
+        }
+        if self.min_samples == 0 {
+            return Err(ConfigError::ZeroMinSamples);
+        }
+        match self.algorithm {
+            Algorithm::Aimd(a) => a.validate(),
+            Algorithm::Gradient(g) => g.validate(),
+        }
+    }
+}
+
+impl fmt::Debug for Adaptive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adaptive")
+            .field("algorithm", &self.algorithm)
+            .field("floor", &self.floor)
+            .field("ceiling", &self.ceiling)
+            .field("initial", &self.initial)
+            .field("window", &self.window)
+            .field("min_samples", &self.min_samples)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+fn check_factor(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > lo && value <= hi {
+        Ok(())
+    } else {
+        Err(ConfigError::BadFactor { name, value })
+    }
+}
+
+/// One window of samples, the input of an algorithm's update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sample {
+    /// Requests completed in the window.
+    pub count: u32,
+    /// Of which failed (an error).
+    pub failures: u32,
+    /// Mean latency of the window, in nanoseconds.
+    pub avg_rtt_nanos: u64,
+    /// Lowest latency of the window, in nanoseconds.
+    pub min_rtt_nanos: u64,
+    /// Most requests in flight at once during the window.
+    pub peak_in_flight: u32,
+}
+
+/// What an algorithm remembers between windows.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Estimate {
+    /// The limit, with its fraction (the limit in force is this, rounded and bounded).
+    pub limit: f64,
+    /// The latency with no queueing, in nanoseconds (0: not measured yet). Used by
+    /// [`Gradient`].
+    pub no_load_rtt_nanos: u64,
+    /// Windows seen.
+    pub windows: u64,
+    /// While [`Gradient`] measures the no-load latency (one window at the floor): the limit
+    /// to go back to. 0 otherwise.
+    pub probe_saved: f64,
+}
+
+impl Estimate {
+    /// An estimate that starts at `limit`.
+    pub fn new(limit: f64) -> Estimate {
+        Estimate {
+            limit,
+            no_load_rtt_nanos: 0,
+            windows: 0,
+            probe_saved: 0.0,
+        }
+    }
+
+    /// The limit in force: rounded, between `floor` and `ceiling`.
+    pub fn bounded(&self, floor: u32, ceiling: u32) -> u32 {
+        let l = self.limit.round();
+        if l.is_nan() || l <= f64::from(floor) {
+            floor
+        } else if l >= f64::from(ceiling) {
+            ceiling
+        } else {
+            l as u32
+        }
+    }
+}
+
+/// Additive increase, multiplicative decrease (TCP's congestion control; Netflix
+/// concurrency-limits' `AIMDLimit`).
+///
+/// After each window: if a request failed, or the mean latency passed the latency threshold,
+/// the limit is multiplied by `backoff` (default 0.9); otherwise, if the window used at least
+/// half of the limit, it grows by `increase` (default 1). A window that used less than half
+/// leaves the limit alone, so an idle service does not drift to the ceiling.
+///
+/// AIMD needs a signal to back off on: failures, or a latency threshold. Without one, it
+/// grows to the ceiling while the dependency is healthy and backs off only when it fails.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Aimd {
+    backoff: f64,
+    increase: f64,
+    latency_threshold: Option<Duration>,
+}
+
+impl Default for Aimd {
+    fn default() -> Self {
+        Aimd {
+            backoff: 0.9,
+            increase: 1.0,
+            latency_threshold: None,
+        }
+    }
+}
+
+impl Aimd {
+    /// The factor the limit is multiplied by on a bad window (in (0, 1); default 0.9).
+    pub fn backoff(mut self, backoff: f64) -> Aimd {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How much the limit grows after a good window (positive; default 1).
+    pub fn increase(mut self, increase: f64) -> Aimd {
+        self.increase = increase;
+        self
+    }
+
+    /// A window whose mean latency passes this counts as bad (default: none, only failures
+    /// count).
+    pub fn latency_threshold(mut self, threshold: Duration) -> Aimd {
+        self.latency_threshold = Some(threshold);
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_factor("backoff", self.backoff, 0.0, 1.0 - f64::EPSILON)?;
+        check_factor("increase", self.increase, 0.0, f64::from(MAX_LIMIT))
+    }
+
+    /// The next estimate after a window: pure arithmetic, bounded by `floor` and `ceiling`.
+    pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
+        let slow = self
+            .latency_threshold
+            .is_some_and(|t| s.avg_rtt_nanos > duration_nanos(t));
+        let limit = if s.failures > 0 || slow {
+            est.limit * self.backoff
+        } else if f64::from(s.peak_in_flight) * 2.0 >= est.limit {
+            est.limit + self.increase
+        } else {
+            est.limit
+        };
+        Estimate {
+            limit: limit.clamp(f64::from(floor), f64::from(ceiling)),
+            no_load_rtt_nanos: est.no_load_rtt_nanos,
+            windows: est.windows + 1,
+            probe_saved: est.probe_saved,
+        }
+    }
+}
+
+/// A latency gradient (Netflix concurrency-limits' `GradientLimit`, Envoy's adaptive
+/// concurrency filter).
+///
+/// It keeps the lowest latency seen (the latency with no queueing) and compares each
+/// window's mean latency with it:
+///
+/// ```text
+/// gradient = clamp(tolerance × no_load_rtt / window_rtt, 0.5, 1.0)
+/// target   = limit × gradient + queue
+/// limit    = limit × (1 − smoothing) + target × smoothing
+/// ```
+///
+/// While latency stays at its floor, the gradient is 1 and the limit grows by `queue` (by
+/// default the square root of the limit). Once requests queue in the dependency, latency grows
+/// with concurrency and the gradient pulls the limit back, so it settles just above the
+/// concurrency the dependency serves without queueing (by about `queue`). `tolerance`
+/// (default 1.0) is how much latency growth counts as normal; Envoy uses about 1.1. A window
+/// with failures multiplies the limit by `backoff` (default 0.9).
+///
+/// The no-load latency is measured again every `probe_every` windows (default 500: about a
+/// minute with 100 ms windows), as Envoy does: for one window the limit drops to the floor,
+/// so requests do not queue, and that window's lowest latency becomes the new no-load
+/// latency. This lets the limit follow a dependency that became slower for good, at the cost
+/// of one window of reduced concurrency.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gradient {
+    tolerance: f64,
+    smoothing: f64,
+    backoff: f64,
+    queue: Option<u32>,
+    probe_every: u64,
+}
+
+impl Default for Gradient {
+    fn default() -> Self {
+        Gradient {
+            tolerance: 1.0,
+            smoothing: 0.2,
+            backoff: 0.9,
+            queue: None,
+            probe_every: 500,
+        }
+    }
+}
+
+impl Gradient {
+    /// How much latency growth over the no-load latency counts as normal (at least 1;
+    /// default 1.0).
+    pub fn tolerance(mut self, tolerance: f64) -> Gradient {
+        self.tolerance = tolerance;
+        self
+    }
+
+    /// How far each window moves the limit toward its target (in (0, 1]; default 0.2).
+    pub fn smoothing(mut self, smoothing: f64) -> Gradient {
+        self.smoothing = smoothing;
+        self
+    }
+
+    /// The factor the limit is multiplied by on a window with failures (in (0, 1); default
+    /// 0.9).
+    pub fn backoff(mut self, backoff: f64) -> Gradient {
+        self.backoff = backoff;
+        self
+    }
+
+    /// A fixed allowance for queueing, instead of the square root of the limit.
+    pub fn queue(mut self, queue: u32) -> Gradient {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Measure the no-load latency again every this many windows (at least 1; default 500).
+    pub fn probe_every(mut self, windows: u64) -> Gradient {
+        self.probe_every = windows;
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_factor("tolerance", self.tolerance, 1.0 - f64::EPSILON, 1e6)?;
+        check_factor("smoothing", self.smoothing, 0.0, 1.0)?;
+        check_factor("backoff", self.backoff, 0.0, 1.0 - f64::EPSILON)?;
+        if self.probe_every == 0 {
+            return Err(ConfigError::BadFactor {
+                name: "probe_every",
+                value: 0.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// The next estimate after a window: pure arithmetic, bounded by `floor` and `ceiling`.
+    pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
+        let windows = est.windows + 1;
+        let (lo, hi) = (f64::from(floor), f64::from(ceiling));
+        if est.probe_saved > 0.0 {
+            // This window ran at the floor: its lowest latency is the no-load latency.
+            return Estimate {
+                limit: est.probe_saved.clamp(lo, hi),
+                no_load_rtt_nanos: if s.min_rtt_nanos > 0 {
+                    s.min_rtt_nanos
+                } else {
+                    est.no_load_rtt_nanos
+                },
+                windows,
+                probe_saved: 0.0,
+            };
+        }
+        if est.no_load_rtt_nanos != 0 && windows.is_multiple_of(self.probe_every) {
+            // Measure the no-load latency again: one window at the floor.
+            return Estimate {
+                limit: lo,
+                no_load_rtt_nanos: est.no_load_rtt_nanos,
+                windows,
+                probe_saved: est.limit.clamp(lo, hi),
+            };
+        }
+        let no_load = if est.no_load_rtt_nanos == 0
+            || (s.min_rtt_nanos > 0 && s.min_rtt_nanos < est.no_load_rtt_nanos)
+        {
+            s.min_rtt_nanos
+        } else {
+            est.no_load_rtt_nanos
+        };
+        let limit = if s.failures > 0 {
+            est.limit * self.backoff
+        } else if s.avg_rtt_nanos == 0 || f64::from(s.peak_in_flight) * 2.0 < est.limit {
+            // No latency to compare, or the window did not use the limit: nothing learned.
+            est.limit
+        } else {
+            let ratio = self.tolerance * no_load.max(1) as f64 / s.avg_rtt_nanos as f64;
+            let gradient = ratio.clamp(0.5, 1.0);
+            let queue = match self.queue {
+                Some(q) => f64::from(q),
+                None => est.limit.max(1.0).sqrt(),
+            };
+            let target = est.limit * gradient + queue;
+            est.limit * (1.0 - self.smoothing) + target * self.smoothing
+        };
+        Estimate {
+            limit: limit.clamp(lo, hi),
+            no_load_rtt_nanos: no_load,
+            windows,
+            probe_saved: 0.0,
+        }
+    }
+}
+
+impl Algorithm {
+    fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
+        match self {
+            Algorithm::Aimd(a) => a.update(est, s, floor, ceiling),
+            Algorithm::Gradient(g) => g.update(est, s, floor, ceiling),
+        }
+    }
+}
+
+/// The run-time half of an adaptive budget: the current window's sums and the estimate.
+pub(crate) struct AdaptiveState {
+    algorithm: Algorithm,
+    floor: u32,
+    ceiling: u32,
+    window_nanos: u64,
+    min_samples: u32,
+    /// End of the current window; 0 before the first sample.
+    window_end: AtomicU64,
+    count: AtomicU32,
+    failures: AtomicU32,
+    rtt_sum: AtomicU64,
+    min_rtt: AtomicU64,
+    // The estimate, written only by the completion that closed a window.
+    limit_bits: AtomicU64,
+    no_load_rtt: AtomicU64,
+    windows: AtomicU64,
+    probe_saved_bits: AtomicU64,
+}
+
+impl AdaptiveState {
+    pub(crate) fn new(cfg: &Adaptive) -> AdaptiveState {
+        AdaptiveState {
+            algorithm: cfg.algorithm,
+            floor: cfg.floor as u32,
+            ceiling: cfg.ceiling as u32,
+            window_nanos: duration_nanos(cfg.window),
+            min_samples: cfg.min_samples,
+            window_end: AtomicU64::new(0),
+            count: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            rtt_sum: AtomicU64::new(0),
+            min_rtt: AtomicU64::new(u64::MAX),
+            limit_bits: AtomicU64::new((cfg.initial as f64).to_bits()),
+            no_load_rtt: AtomicU64::new(0),
+            windows: AtomicU64::new(0),
+            probe_saved_bits: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    /// Bounds a limit set by hand and makes it the estimate.
+    pub(crate) fn reset_to(&self, limit: u32) -> u32 {
+        let limit = limit.clamp(self.floor, self.ceiling);
+        self.limit_bits
+            .store(f64::from(limit).to_bits(), Ordering::Relaxed);
+        self.probe_saved_bits
+            .store(0f64.to_bits(), Ordering::Relaxed);
+        limit
+    }
+
+    /// Adds a sample; if it closes a window, folds the window into the estimate and returns
+    /// the new limit.
+    pub(crate) fn record(&self, now: u64, rtt: u64, failed: bool, shared: &Shared) -> Option<u32> {
+        let count = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        self.rtt_sum.fetch_add(rtt, Ordering::AcqRel);
+        self.min_rtt.fetch_min(rtt, Ordering::AcqRel);
+        if failed {
+            self.failures.fetch_add(1, Ordering::AcqRel);
+        }
+        let end = self.window_end.load(Ordering::Acquire);
+        if end == 0 {
+            // First sample: the first window starts now.
+            let _ = self.window_end.compare_exchange(
+                0,
+                now.saturating_add(self.window_nanos).max(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            return None;
+        }
+        if now < end || count < self.min_samples {
+            return None;
+        }
+        // One completion wins the window; the others go on.
+        self.window_end
+            .compare_exchange(
+                end,
+                now.saturating_add(self.window_nanos).max(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .ok()?;
+        // Samples that land while the sums are taken go to one window or the next.
+        let count = self.count.swap(0, Ordering::AcqRel);
+        let sum = self.rtt_sum.swap(0, Ordering::AcqRel);
+        let min = self.min_rtt.swap(u64::MAX, Ordering::AcqRel);
+        let failures = self.failures.swap(0, Ordering::AcqRel);
+        let peak = shared.take_peak().max(shared.in_flight());
+        if count == 0 {
+            return None;
+        }
+        let sample = Sample {
+            count,
+            failures,
+            avg_rtt_nanos: sum / u64::from(count),
+            min_rtt_nanos: if min == u64::MAX { 0 } else { min },
+            peak_in_flight: peak,
+        };
+        let est = Estimate {
+            limit: f64::from_bits(self.limit_bits.load(Ordering::Relaxed)),
+            no_load_rtt_nanos: self.no_load_rtt.load(Ordering::Relaxed),
+            windows: self.windows.load(Ordering::Relaxed),
+            probe_saved: f64::from_bits(self.probe_saved_bits.load(Ordering::Relaxed)),
+        };
+        let next = self
+            .algorithm
+            .update(est, &sample, self.floor, self.ceiling);
+        self.limit_bits
+            .store(next.limit.to_bits(), Ordering::Relaxed);
+        self.no_load_rtt
+            .store(next.no_load_rtt_nanos, Ordering::Relaxed);
+        self.windows.store(next.windows, Ordering::Relaxed);
+        self.probe_saved_bits
+            .store(next.probe_saved.to_bits(), Ordering::Relaxed);
+        let limit = next.bounded(self.floor, self.ceiling);
+        tracing::debug!(
+            target: "tower_bulwark::backpressure",
+            limit,
+            avg_rtt_us = sample.avg_rtt_nanos / 1_000,
+            min_rtt_us = sample.min_rtt_nanos / 1_000,
+            samples = sample.count,
+            failures = sample.failures,
+            peak_in_flight = sample.peak_in_flight,
+            "backpressure: adaptive limit updated"
+        );
+        Some(limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(avg: u64, min: u64, peak: u32, failures: u32) -> Sample {
+        Sample {
+            count: 100,
+            failures,
+            avg_rtt_nanos: avg,
+            min_rtt_nanos: min,
+            peak_in_flight: peak,
+        }
+    }
+
+    #[test]
+    fn aimd_backs_off_on_failure_and_grows_when_used() {
+        let a = Aimd::default();
+        let est = Estimate::new(100.0);
+        let down = a.update(est, &sample(10, 10, 100, 1), 1, 1000);
+        assert!((down.limit - 90.0).abs() < 1e-9);
+        let up = a.update(est, &sample(10, 10, 100, 0), 1, 1000);
+        assert!((up.limit - 101.0).abs() < 1e-9);
+        let idle = a.update(est, &sample(10, 10, 10, 0), 1, 1000);
+        assert_eq!(idle.limit, 100.0);
+        let slow = Aimd::default().latency_threshold(Duration::from_nanos(50));
+        let down = slow.update(est, &sample(60, 10, 100, 0), 1, 1000);
+        assert!(down.limit < 100.0);
+    }
+
+    #[test]
+    fn gradient_grows_at_no_load_and_shrinks_under_queueing() {
+        let g = Gradient::default();
+        let est = Estimate {
+            limit: 100.0,
+            no_load_rtt_nanos: 1_000,
+            windows: 1,
+            probe_saved: 0.0,
+        };
+        let up = g.update(est, &sample(1_000, 1_000, 100, 0), 1, 1000);
+        assert!(up.limit > 100.0, "{up:?}");
+        let down = g.update(est, &sample(4_000, 1_000, 100, 0), 1, 1000);
+        assert!(down.limit < 100.0, "{down:?}");
+        assert_eq!(down.no_load_rtt_nanos, 1_000);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert_eq!(
+            Adaptive::aimd(Aimd::default()).floor(0).validate(),
+            Err(ConfigError::ZeroFloor)
+        );
+        assert!(matches!(
+            Adaptive::aimd(Aimd::default())
+                .floor(10)
+                .ceiling(5)
+                .validate(),
+            Err(ConfigError::BadBounds { .. })
+        ));
+        assert!(matches!(
+            Adaptive::aimd(Aimd::default()).initial(5000).validate(),
+            Err(ConfigError::InitialOutOfBounds { .. })
+        ));
+        assert!(matches!(
+            Adaptive::aimd(Aimd::default().backoff(f64::NAN)).validate(),
+            Err(ConfigError::BadFactor {
+                name: "backoff",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Adaptive::aimd(Aimd::default().backoff(1.0)).validate(),
+            Err(ConfigError::BadFactor { .. })
+        ));
+        assert!(matches!(
+            Adaptive::gradient(Gradient::default().tolerance(0.5)).validate(),
+            Err(ConfigError::BadFactor {
+                name: "tolerance",
+                ..
+            })
+        ));
+        assert_eq!(
+            Adaptive::gradient(Gradient::default())
+                .window(Duration::ZERO)
+                .validate(),
+            Err(ConfigError::ZeroWindow)
+        );
+        assert!(Adaptive::gradient(Gradient::default()).validate().is_ok());
+    }
+
+    /// A dependency that serves `c` requests at once in `base` and queues the rest: latency
+    /// at concurrency `n` is `base × max(1, n / c)`. The limit is the concurrency.
+    /// Returns the limit after each window, leaving out the windows that measure the no-load
+    /// latency at the floor.
+    fn simulate(alg: Algorithm, c: u32, windows: usize) -> Vec<u32> {
+        let base = 10_000_000u64;
+        let (floor, ceiling) = (1, 10 * c);
+        let mut est = Estimate::new(8.0);
+        let mut out = Vec::with_capacity(windows);
+        for _ in 0..windows {
+            let n = est.bounded(floor, ceiling);
+            let rtt = base * u64::from(n.max(c)) / u64::from(c);
+            let s = Sample {
+                count: 50,
+                failures: 0,
+                avg_rtt_nanos: rtt,
+                min_rtt_nanos: rtt,
+                peak_in_flight: n,
+            };
+            est = alg.update(est, &s, floor, ceiling);
+            if est.probe_saved == 0.0 {
+                out.push(est.bounded(floor, ceiling));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pure_convergence_within_20_percent() {
+        for c in [50u32, 100, 400, 2000] {
+            let aimd = Aimd::default().latency_threshold(Duration::from_millis(11));
+            for alg in [
+                Algorithm::Aimd(aimd),
+                Algorithm::Gradient(Gradient::default()),
+            ] {
+                let limits = simulate(alg, c, 4000);
+                assert!(limits.len() > 3900);
+                for &l in &limits[3000..] {
+                    let err = (f64::from(l) - f64::from(c)).abs() / f64::from(c);
+                    assert!(err <= 0.2, "{alg:?} c={c}: limit {l}");
+                }
+            }
+        }
+    }
+
+    fn any_sample() -> impl Strategy<Value = Sample> {
+        (
+            1u32..10_000,
+            0u32..100,
+            0u64..10_000_000_000,
+            0u64..10_000_000_000,
+            0u32..100_000,
+        )
+            .prop_map(|(count, failures, avg, min, peak)| Sample {
+                count,
+                failures: failures.min(count),
+                avg_rtt_nanos: avg.max(min),
+                min_rtt_nanos: min.min(avg),
+                peak_in_flight: peak,
+            })
+    }
+
+    fn any_algorithm() -> impl Strategy<Value = Algorithm> {
+        prop_oneof![
+            (0.01f64..0.99, 0.1f64..50.0).prop_map(|(b, i)| Algorithm::Aimd(
+                Aimd::default()
+                    .backoff(b)
+                    .increase(i)
+                    .latency_threshold(Duration::from_millis(5))
+            )),
+            (1.0f64..3.0, 0.01f64..1.0, 0.01f64..0.99, 3u64..1000).prop_map(|(t, s, b, p)| {
+                Algorithm::Gradient(
+                    Gradient::default()
+                        .tolerance(t)
+                        .smoothing(s)
+                        .backoff(b)
+                        .probe_every(p),
+                )
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the samples, the limit stays finite and within its bounds.
+        #[test]
+        fn limit_stays_within_bounds(
+            alg in any_algorithm(),
+            floor in 1u32..100,
+            span in 0u32..10_000,
+            start in 0f64..20_000.0,
+            samples in proptest::collection::vec(any_sample(), 1..50),
+        ) {
+            let ceiling = floor + span;
+            let mut est = Estimate::new(start);
+            for s in &samples {
+                est = alg.update(est, s, floor, ceiling);
+                prop_assert!(est.limit.is_finite());
+                prop_assert!(est.limit >= f64::from(floor) && est.limit <= f64::from(ceiling));
+                let l = est.bounded(floor, ceiling);
+                prop_assert!(l >= floor && l <= ceiling);
+            }
+        }
+
+        /// A window with failures never raises the limit.
+        #[test]
+        fn failures_never_raise(alg in any_algorithm(), s in any_sample(), start in 1f64..5000.0) {
+            let s = Sample { failures: s.failures.max(1), ..s };
+            let est = Estimate { limit: start, no_load_rtt_nanos: 1_000, windows: 1, probe_saved: 0.0 };
+            let next = alg.update(est, &s, 1, 10_000);
+            prop_assert!(next.limit <= start.max(1.0));
+        }
+
+        /// An idle window (less than half of the limit used, no failures) never changes it.
+        #[test]
+        fn idle_windows_change_nothing(alg in any_algorithm(), s in any_sample(), start in 4f64..5000.0) {
+            let s = Sample {
+                failures: 0,
+                peak_in_flight: (start / 2.0) as u32 - 1,
+                avg_rtt_nanos: 1,
+                min_rtt_nanos: 1,
+                ..s
+            };
+            let est = Estimate { limit: start, no_load_rtt_nanos: 1, windows: 1, probe_saved: 0.0 };
+            let next = alg.update(est, &s, 1, 10_000);
+            prop_assert_eq!(next.limit, start);
+        }
+
+        /// The gradient never moves the limit down by more than half in one window, nor up
+        /// by more than its queue allowance.
+        #[test]
+        fn gradient_steps_are_bounded(s in any_sample(), start in 1f64..5000.0, no_load in 1u64..1_000_000) {
+            let s = Sample { failures: 0, peak_in_flight: 100_000, ..s };
+            let g = Gradient::default().smoothing(1.0);
+            let est = Estimate { limit: start, no_load_rtt_nanos: no_load, windows: 1, probe_saved: 0.0 };
+            let next = g.update(est, &s, 1, 100_000);
+            prop_assert!(next.limit >= (start * 0.5).max(1.0) - 1e-9);
+            prop_assert!(next.limit <= start + start.sqrt() + 1e-9);
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The response future and the response body of the backpressure layer.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::futures::Notified;
+use tokio::time::Sleep;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
+use super::state::{Outcome, Permit, Shared};
+use crate::rejection::Rejection;
+
+pin_project! {
+    /// Response future of [`Backpressure`](super::Backpressure).
+    ///
+    /// It holds the request's permit, or waits for one, or carries the shed rejection.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped at any point, it gives back what it holds: the permit of a running request,
+    /// the place of a waiting one (and a wake-up it was handed passes on to the next waiter).
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ResponseFuture<S, Req, R>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        _release: PhantomData<fn() -> R>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Running {
+            #[pin]
+            fut: S::Future,
+            permit: Option<Permit>,
+        },
+        Waiting {
+            // Boxed so the admit path's future stays small; only waiters pay for it.
+            waiter: Pin<Box<Waiter<S, Req>>>,
+        },
+        Shed {
+            retry_after: Duration,
+        },
+        Done,
+    }
+}
+
+pin_project! {
+    struct Waiter<S, Req> {
+        #[pin]
+        notified: Notified<'static>,
+        #[pin]
+        sleep: Sleep,
+        svc: Option<S>,
+        req: Option<Req>,
+        retry_after: Duration,
+        queued: Queued,
+    }
+}
+
+/// A place in the queue of waiters, given back on drop.
+struct Queued(Arc<Shared>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.leave_queue();
+    }
+}
+
+impl<S, Req> Waiter<S, Req> {
+    /// `Some(in_flight)` once a permit is taken, `None` at the deadline.
+    fn poll_admit(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<u32>> {
+        let mut this = self.project();
+        let shared = &this.queued.0;
+        // Register for a wake-up before looking at the budget, so a permit given back in
+        // between is not missed.
+        while this.notified.as_mut().poll(cx).is_ready() {
+            this.notified.set(shared.hot.notify.notified());
+        }
+        if let Some(in_flight) = shared.hot.try_acquire() {
+            return Poll::Ready(Some(in_flight));
+        }
+        if this.sleep.poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+}
+
+impl<S, Req, R> ResponseFuture<S, Req, R>
+where
+    S: Service<Req>,
+{
+    #[inline]
+    pub(crate) fn running(fut: S::Future, permit: Permit) -> Self {
+        ResponseFuture {
+            state: State::Running {
+                fut,
+                permit: Some(permit),
+            },
+            _release: PhantomData,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn shed(retry_after: Duration) -> Self {
+        ResponseFuture {
+            state: State::Shed { retry_after },
+            _release: PhantomData,
+        }
+    }
+
+    /// A waiter: already counted in the budget's queue.
+    pub(crate) fn waiting(svc: S, req: Req, shared: Arc<Shared>, cfg: Config) -> Self {
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(cfg.max_wait)
+            .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365 * 30));
+        let notified = shared.hot.notify.notified();
+        ResponseFuture {
+            state: State::Waiting {
+                waiter: Box::pin(Waiter {
+                    notified,
+                    sleep: tokio::time::sleep_until(deadline),
+                    svc: Some(svc),
+                    req: Some(req),
+                    retry_after: cfg.retry_after,
+                    queued: Queued(shared),
+                }),
+            },
+            _release: PhantomData,
+        }
+    }
+
+    /// Drives the request to its response, and hands back the permit with it.
+    fn poll_core(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(S::Response, Permit), BoxError>>
+    where
+        S::Error: Into<BoxError>,
+    {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Running { fut, permit } => {
+                    let out = ready!(fut.poll(cx));
+                    let mut permit = permit.take().expect("polled after completion");
+                    state.set(State::Done);
+                    return Poll::Ready(match out {
+                        Ok(res) => {
+                            permit.set_outcome(Outcome::Success);
+                            Ok((res, permit))
+                        }
+                        Err(e) => {
+                            permit.set_outcome(Outcome::Failure);
+                            drop(permit);
+                            Err(e.into())
+                        }
+                    });
+                }
+                StateProj::Waiting { waiter } => match ready!(waiter.as_mut().poll_admit(cx)) {
+                    Some(in_flight) => {
+                        let w = waiter.as_mut().project();
+                        let permit = Permit::new(&w.queued.0, in_flight);
+                        let mut svc = w.svc.take().expect("admitted once");
+                        let req = w.req.take().expect("admitted once");
+                        // `svc` was made ready by `poll_ready` before the call that queued it.
+                        let fut = svc.call(req);
+                        state.set(State::Running {
+                            fut,
+                            permit: Some(permit),
+                        });
+                    }
+                    None => {
+                        let retry_after = *waiter.as_mut().project().retry_after;
+                        waiter.as_ref().get_ref().queued.0.on_shed(true);
+                        state.set(State::Done);
+                        return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
+                            .with_detail("waited too long for a permit")
+                            .into()));
+                    }
+                },
+                StateProj::Shed { retry_after } => {
+                    let retry_after = *retry_after;
+                    state.set(State::Done);
+                    return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
+                        .with_detail("too many requests in flight")
+                        .into()));
+                }
+                StateProj::Done => panic!("polled after completion"),
+            }
+        }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req, ReleaseOnResponse>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The permit is dropped, given back, here.
+        self.poll_core(cx).map_ok(|(res, _permit)| res)
+    }
+}
+
+impl<S, ReqB, ResB> Future for ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd>
+where
+    S: Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<http::Response<PermitBody<ResB>>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_core(cx).map_ok(|(res, permit)| {
+            res.map(|body| PermitBody {
+                inner: body,
+                permit: Some(permit),
+            })
+        })
+    }
+}
+
+impl<S, Req, R> fmt::Debug for ResponseFuture<S, Req, R>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Running { .. } => "running",
+            State::Waiting { .. } => "waiting",
+            State::Shed { .. } => "shed",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+pin_project! {
+    /// A response body that holds its request's permit until the body has been streamed to
+    /// its end, has failed, or is dropped.
+    ///
+    /// Made by [`BackpressureLayer::hold_until_body_end`](super::BackpressureLayer::hold_until_body_end).
+    pub struct PermitBody<B> {
+        #[pin]
+        inner: B,
+        permit: Option<Permit>,
+    }
+}
+
+impl<B> PermitBody<B> {
+    /// Whether the body still holds its permit.
+    pub fn holds_permit(&self) -> bool {
+        self.permit.is_some()
+    }
+
+    /// The body inside.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B: Body> Body for PermitBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            None => drop(this.permit.take()),
+            Some(Err(_)) => {
+                if let Some(mut permit) = this.permit.take() {
+                    permit.set_outcome(Outcome::Failure);
+                }
+            }
+            // A body that knows it has ended may never be polled again: release now.
+            Some(Ok(_)) if this.inner.is_end_stream() => drop(this.permit.take()),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for PermitBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PermitBody")
+            .field("holds_permit", &self.permit.is_some())
+            .finish_non_exhaustive()
+    }
+}

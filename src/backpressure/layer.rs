@@ -1,0 +1,189 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::adaptive::{Adaptive, AdaptiveState};
+use super::error::ConfigError;
+use super::service::Backpressure;
+use super::state::{BackpressureHandle, Shared, MAX_LIMIT};
+use crate::clock::Clock;
+
+/// The permit is given back when the response future completes (the default).
+///
+/// A marker for [`BackpressureLayer`]; see [`BackpressureLayer::hold_until_body_end`] for the
+/// other choice.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReleaseOnResponse;
+
+/// The permit is given back when the HTTP response body has been streamed to its end, fails,
+/// or is dropped.
+///
+/// A marker for [`BackpressureLayer`], set by [`BackpressureLayer::hold_until_body_end`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReleaseOnBodyEnd;
+
+/// Settings of one layer, copied into every service it makes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Config {
+    pub(crate) max_wait: Duration,
+    pub(crate) max_queue: usize,
+    pub(crate) retry_after: Duration,
+}
+
+/// Bounds the requests in flight with a budget shared by every service this layer makes;
+/// see the [module docs](super).
+///
+/// By default a request that finds the budget spent is shed at once; [`max_wait`] lets it
+/// wait for a permit, at most that long, with at most [`max_queue`] others.
+///
+/// # Clone
+///
+/// Clones of the layer, every service made from it (by any number of [`Layer::layer`] calls)
+/// and every clone of those services draw on one budget. A layer made with
+/// [`BackpressureLayer::shared`] draws on the budget of the handle it was given.
+///
+/// [`max_wait`]: BackpressureLayer::max_wait
+/// [`max_queue`]: BackpressureLayer::max_queue
+pub struct BackpressureLayer<R = ReleaseOnResponse> {
+    shared: Arc<Shared>,
+    cfg: Config,
+    _release: PhantomData<fn() -> R>,
+}
+
+impl BackpressureLayer {
+    /// A layer that admits at most `max_in_flight` requests at once and sheds the rest.
+    ///
+    /// `max_in_flight` of 0 admits nothing until the limit is raised through the
+    /// [handle](BackpressureLayer::handle) (a drain switch); values above 2³¹ − 1 are clamped
+    /// to it.
+    pub fn new(max_in_flight: usize) -> Self {
+        let limit = u32::try_from(max_in_flight).unwrap_or(MAX_LIMIT);
+        Self::from_shared(Arc::new(Shared::new(limit, None, None)))
+    }
+
+    /// A layer whose limit moves between a floor and a ceiling with the latency and failures
+    /// it measures (AIMD or a gradient; see [`Adaptive`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when the configuration cannot work: a floor of 0, bounds out of order,
+    /// an initial limit out of bounds, a zero window, or a factor out of range.
+    pub fn adaptive(adaptive: Adaptive) -> Result<Self, ConfigError> {
+        adaptive.validate()?;
+        let state = AdaptiveState::new(&adaptive);
+        Ok(Self::from_shared(Arc::new(Shared::new(
+            adaptive.initial as u32,
+            Some(state),
+            adaptive.clock.clone(),
+        ))))
+    }
+
+    /// A layer that draws on the budget of `handle`: several routes or layers, one limit.
+    ///
+    /// The new layer starts with the default settings (shed at once); its own
+    /// [`max_wait`](BackpressureLayer::max_wait) and [`max_queue`](BackpressureLayer::max_queue)
+    /// apply to its requests, and `max_queue` is checked against the waiters of the whole
+    /// budget.
+    pub fn shared(handle: &BackpressureHandle) -> Self {
+        Self::from_shared(handle.shared.clone())
+    }
+
+    fn from_shared(shared: Arc<Shared>) -> Self {
+        BackpressureLayer {
+            shared,
+            cfg: Config {
+                max_wait: Duration::ZERO,
+                max_queue: usize::MAX,
+                retry_after: Duration::from_secs(1),
+            },
+            _release: PhantomData,
+        }
+    }
+}
+
+impl<R> BackpressureLayer<R> {
+    /// How long a request may wait for a permit before it is shed (default zero: shed at
+    /// once).
+    ///
+    /// Waiting needs a tokio runtime with the time driver (`tokio::time`).
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.cfg.max_wait = max_wait;
+        self
+    }
+
+    /// How many requests may wait at once (default: no bound beyond `max_wait`). A request
+    /// that would be the `max_queue + 1`-th waiter is shed at once.
+    pub fn max_queue(mut self, max_queue: usize) -> Self {
+        self.cfg.max_queue = max_queue;
+        self
+    }
+
+    /// The `retry_after` hint a shed request's [`Rejection`](crate::Rejection) carries
+    /// (default 1 s; `Retry-After: 1` over HTTP).
+    pub fn retry_after(mut self, retry_after: Duration) -> Self {
+        self.cfg.retry_after = retry_after;
+        self
+    }
+
+    /// The clock the budget reads: for adaptive latency samples and to rate-limit the
+    /// shedding event. Use [`Clock::tokio`] under tokio's paused time.
+    ///
+    /// The clock belongs to the budget: the first one set on it stays (a budget's samples
+    /// must all be read on one time line), later calls change nothing.
+    pub fn clock(self, clock: Clock) -> Self {
+        let _ = self.shared.set_clock(clock);
+        self
+    }
+
+    /// Holds each permit until the HTTP response body has been streamed to its end (or has
+    /// failed, or was dropped), not only until the response head, so a streaming response
+    /// counts as in flight. The service's responses become
+    /// `http::Response<`[`PermitBody<B>`](super::PermitBody)`>`.
+    pub fn hold_until_body_end(self) -> BackpressureLayer<ReleaseOnBodyEnd> {
+        BackpressureLayer {
+            shared: self.shared,
+            cfg: self.cfg,
+            _release: PhantomData,
+        }
+    }
+
+    /// A handle on this layer's budget: figures, and the limit changed at run time.
+    pub fn handle(&self) -> BackpressureHandle {
+        BackpressureHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<R> Clone for BackpressureLayer<R> {
+    fn clone(&self) -> Self {
+        BackpressureLayer {
+            shared: self.shared.clone(),
+            cfg: self.cfg,
+            _release: PhantomData,
+        }
+    }
+}
+
+impl<R> fmt::Debug for BackpressureLayer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackpressureLayer")
+            .field("budget", &self.handle())
+            .field("max_wait", &self.cfg.max_wait)
+            .field("max_queue", &self.cfg.max_queue)
+            .field("retry_after", &self.cfg.retry_after)
+            .field("release", &std::any::type_name::<R>())
+            .finish()
+    }
+}
+
+impl<S, R> Layer<S> for BackpressureLayer<R> {
+    type Service = Backpressure<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Backpressure::from_parts(inner, self.shared.clone(), self.cfg)
+    }
+}

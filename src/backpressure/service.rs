@@ -1,0 +1,145 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::BoxError;
+use tower_service::Service;
+
+use super::future::{PermitBody, ResponseFuture};
+use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
+use super::state::{BackpressureHandle, Permit, Shared};
+
+/// The service made by [`BackpressureLayer`](super::BackpressureLayer).
+///
+/// `poll_ready` is the inner service's readiness and nothing more: no permit is reserved by
+/// it, so a service made ready and never called (an idle keep-alive connection, a clone
+/// Axum made for a request that never came) holds no part of the budget. The decision is
+/// taken in `call`: admit with a permit, wait for one (in the response future, bounded by
+/// `max_wait` and `max_queue`), or shed.
+///
+/// # Clone
+///
+/// Clones draw on the same budget. A clone starts with nothing reserved.
+pub struct Backpressure<S, R = ReleaseOnResponse> {
+    inner: S,
+    shared: Arc<Shared>,
+    cfg: Config,
+    _release: PhantomData<fn() -> R>,
+}
+
+impl<S, R> Backpressure<S, R> {
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, cfg: Config) -> Self {
+        Backpressure {
+            inner,
+            shared,
+            cfg,
+            _release: PhantomData,
+        }
+    }
+
+    /// A handle on the budget this service draws on.
+    pub fn handle(&self) -> BackpressureHandle {
+        BackpressureHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes this service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    #[inline]
+    fn start<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, R>
+    where
+        S: Service<Req> + Clone,
+    {
+        if let Some(in_flight) = self.shared.hot.try_acquire() {
+            // The permit exists before the inner call, so a panic in `call` gives it back.
+            let permit = Permit::new(&self.shared, in_flight);
+            return ResponseFuture::running(self.inner.call(req), permit);
+        }
+        if self.cfg.max_wait.is_zero() || !self.shared.enter_queue(self.cfg.max_queue) {
+            self.shared.on_shed(false);
+            return ResponseFuture::shed(self.cfg.retry_after);
+        }
+        // Wait for a permit in the response future, with the service made ready by
+        // `poll_ready`; a fresh clone stays here and is made ready again for the next call.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        ResponseFuture::waiting(ready, req, self.shared.clone(), self.cfg)
+    }
+}
+
+impl<S: Clone, R> Clone for Backpressure<S, R> {
+    fn clone(&self) -> Self {
+        Backpressure {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            cfg: self.cfg,
+            _release: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, R> fmt::Debug for Backpressure<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backpressure")
+            .field("inner", &self.inner)
+            .field("budget", &self.handle())
+            .field("max_wait", &self.cfg.max_wait)
+            .field("max_queue", &self.cfg.max_queue)
+            .finish()
+    }
+}
+
+impl<S, Req> Service<Req> for Backpressure<S, ReleaseOnResponse>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, ReleaseOnResponse>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.start(req)
+    }
+}
+
+impl<S, ReqB, ResB> Service<http::Request<ReqB>> for Backpressure<S, ReleaseOnBodyEnd>
+where
+    S: Service<http::Request<ReqB>, Response = http::Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<PermitBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        self.start(req)
+    }
+}

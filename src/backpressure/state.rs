@@ -1,0 +1,421 @@
+//! The budget every service of one layer (or of several layers) draws on, and its handle.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+
+use super::adaptive::AdaptiveState;
+use crate::clock::Clock;
+
+/// Largest limit: the limit, the count in flight and a flag share one 64-bit word.
+pub(crate) const MAX_LIMIT: u32 = (1 << 31) - 1;
+
+/// Set in the word once no layer, service or handle refers to the budget any more: the last
+/// permit given back then returns the hot state to the pool.
+const ORPHAN: u64 = 1 << 63;
+
+/// Shed events are logged at most once per this many nanoseconds.
+const SHED_LOG_EVERY_NANOS: u64 = 1_000_000_000;
+
+#[inline]
+fn unpack(word: u64) -> (u32, u32) {
+    (((word >> 32) as u32) & MAX_LIMIT, word as u32)
+}
+
+#[inline]
+fn pack(limit: u32, in_flight: u32) -> u64 {
+    (u64::from(limit) << 32) | u64::from(in_flight)
+}
+
+/// The hot half of a budget: one word (limit and count in flight), the count of waiters and
+/// the waiters' wake-ups, on a cache line of their own.
+///
+/// Permits refer to it by a `&'static` reference, so taking and giving back a permit touches
+/// no reference count: two atomic operations in all. The memory is never freed but reused:
+/// when a budget's last owner is gone and its last permit is back, it returns to a pool that
+/// the next budget draws from, so the memory held is bounded by the most budgets alive at
+/// once.
+#[repr(align(64))]
+pub(crate) struct Hot {
+    /// Bit 63: orphaned. Bits 32..63: the limit. Bits 0..32: permits held.
+    word: AtomicU64,
+    /// Requests waiting for a permit.
+    waiting: AtomicUsize,
+    pub(crate) notify: Notify,
+}
+
+static POOL: Mutex<Vec<&'static Hot>> = Mutex::new(Vec::new());
+
+impl Hot {
+    /// A hot state from the pool, or a new one.
+    fn take(limit: u32) -> &'static Hot {
+        let reused = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match reused {
+            Some(hot) => {
+                hot.waiting.store(0, Ordering::SeqCst);
+                hot.word.store(pack(limit, 0), Ordering::SeqCst);
+                hot
+            }
+            None => Box::leak(Box::new(Hot {
+                word: AtomicU64::new(pack(limit, 0)),
+                waiting: AtomicUsize::new(0),
+                notify: Notify::new(),
+            })),
+        }
+    }
+
+    fn recycle(&'static self) {
+        POOL.lock().unwrap_or_else(|e| e.into_inner()).push(self);
+    }
+
+    /// Takes a permit if one is free. One load and one compare-and-swap when uncontended.
+    ///
+    /// Returns the count in flight after the admit.
+    #[inline]
+    pub(crate) fn try_acquire(&self) -> Option<u32> {
+        // SeqCst pairs with `release`: a waiter that registered (bumped `waiting`) before
+        // this load either sees the released permit here or is seen, and woken, by the
+        // releaser. On x86 a SeqCst load is a plain load.
+        let mut cur = self.word.load(Ordering::SeqCst);
+        loop {
+            let (limit, in_flight) = unpack(cur);
+            if in_flight >= limit {
+                return None;
+            }
+            match self
+                .word
+                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(in_flight + 1),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Gives a permit back and wakes one waiter if there is room for it.
+    #[inline]
+    pub(crate) fn release(&'static self) {
+        let prev = self.word.fetch_sub(1, Ordering::SeqCst);
+        let (limit, held) = unpack(prev);
+        if prev & ORPHAN != 0 {
+            if held == 1 {
+                self.recycle();
+            }
+            return;
+        }
+        if self.waiting.load(Ordering::SeqCst) != 0 && held - 1 < limit {
+            self.notify.notify_one();
+        }
+    }
+}
+
+#[repr(align(64))]
+struct Cold {
+    shed: AtomicU64,
+    shed_logged: AtomicU64,
+    last_log_nanos: AtomicU64,
+    peak_in_flight: AtomicU32,
+}
+
+pub(crate) struct Shared {
+    pub(crate) hot: &'static Hot,
+    cold: Cold,
+    clock_set: OnceLock<Clock>,
+    clock_default: Clock,
+    pub(crate) adaptive: Option<AdaptiveState>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // No layer, service, handle or waiter is left. Permits may be: the last one back
+        // returns the hot state to the pool, or it returns now if none is out.
+        let prev = self.hot.word.fetch_or(ORPHAN, Ordering::SeqCst);
+        if unpack(prev).1 == 0 {
+            self.hot.recycle();
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(limit: u32, adaptive: Option<AdaptiveState>, clock: Option<Clock>) -> Self {
+        let clock_set = OnceLock::new();
+        if let Some(c) = clock {
+            let _ = clock_set.set(c);
+        }
+        Shared {
+            hot: Hot::take(limit.min(MAX_LIMIT)),
+            cold: Cold {
+                shed: AtomicU64::new(0),
+                shed_logged: AtomicU64::new(0),
+                last_log_nanos: AtomicU64::new(0),
+                peak_in_flight: AtomicU32::new(0),
+            },
+            clock_set,
+            clock_default: Clock::new(),
+            adaptive,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn clock(&self) -> &Clock {
+        self.clock_set.get().unwrap_or(&self.clock_default)
+    }
+
+    /// Sets the clock once; later calls are ignored. Returns whether it was set.
+    pub(crate) fn set_clock(&self, clock: Clock) -> bool {
+        self.clock_set.set(clock).is_ok()
+    }
+
+    /// Registers a waiter unless `max_queue` are already waiting.
+    pub(crate) fn enter_queue(&self, max_queue: usize) -> bool {
+        let prev = self.hot.waiting.fetch_add(1, Ordering::SeqCst);
+        if prev >= max_queue {
+            self.hot.waiting.fetch_sub(1, Ordering::SeqCst);
+            false
+        } else {
+            true
+        }
+    }
+
+    pub(crate) fn leave_queue(&self) {
+        self.hot.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        unpack(self.hot.word.load(Ordering::Acquire)).1
+    }
+
+    pub(crate) fn limit(&self) -> u32 {
+        unpack(self.hot.word.load(Ordering::Acquire)).0
+    }
+
+    pub(crate) fn waiting(&self) -> usize {
+        self.hot.waiting.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn shed_count(&self) -> u64 {
+        self.cold.shed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_peak(&self, in_flight: u32) {
+        self.cold
+            .peak_in_flight
+            .fetch_max(in_flight, Ordering::Relaxed);
+    }
+
+    pub(crate) fn take_peak(&self) -> u32 {
+        self.cold.peak_in_flight.swap(0, Ordering::Relaxed)
+    }
+
+    /// Replaces the limit, keeping the count in flight. Wakes as many waiters as the limit
+    /// grew by. Returns the previous limit.
+    pub(crate) fn set_limit(&self, limit: u32) -> u32 {
+        let limit = limit.min(MAX_LIMIT);
+        let word = &self.hot.word;
+        let mut cur = word.load(Ordering::SeqCst);
+        loop {
+            let (old, in_flight) = unpack(cur);
+            if old == limit {
+                return old;
+            }
+            let next = (cur & ORPHAN) | pack(limit, in_flight);
+            match word.compare_exchange_weak(cur, next, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    if limit > old && limit > in_flight {
+                        let room = (limit - old.max(in_flight)) as usize;
+                        let wake = room.min(self.hot.waiting.load(Ordering::SeqCst));
+                        for _ in 0..wake {
+                            self.hot.notify.notify_one();
+                        }
+                    }
+                    return old;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Counts a shed request and, at most once a second, emits a `tracing` event that says
+    /// how many were shed since the last one.
+    pub(crate) fn on_shed(&self, waited: bool) {
+        let total = self.cold.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.clock().now_nanos();
+        let last = self.cold.last_log_nanos.load(Ordering::Relaxed);
+        let first = self.cold.shed_logged.load(Ordering::Relaxed) == 0;
+        if (first || now.saturating_sub(last) >= SHED_LOG_EVERY_NANOS)
+            && self
+                .cold
+                .last_log_nanos
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let before = self.cold.shed_logged.swap(total, Ordering::Relaxed);
+            let (limit, in_flight) = unpack(self.hot.word.load(Ordering::Relaxed));
+            tracing::warn!(
+                target: "tower_bulwark::backpressure",
+                shed = total - before,
+                shed_total = total,
+                limit,
+                in_flight,
+                waiting = self.waiting(),
+                after_waiting = waited,
+                "backpressure: shedding requests (overloaded)"
+            );
+        }
+    }
+}
+
+/// A permit, held by a response future (or a response body) and given back on drop.
+pub(crate) struct Permit {
+    hot: &'static Hot,
+    /// For adaptive budgets: the budget and the clock reading at admission.
+    sample: Option<(Arc<Shared>, u64)>,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Dropped before an outcome was known: no latency sample.
+    Cancelled,
+    Success,
+    Failure,
+}
+
+impl Permit {
+    /// Wraps a permit already taken with [`Hot::try_acquire`].
+    #[inline]
+    pub(crate) fn new(shared: &Arc<Shared>, in_flight: u32) -> Permit {
+        let sample = match &shared.adaptive {
+            None => None,
+            Some(_) => {
+                shared.note_peak(in_flight);
+                Some((shared.clone(), shared.clock().now_nanos()))
+            }
+        };
+        Permit {
+            hot: shared.hot,
+            sample,
+            outcome: Outcome::Cancelled,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some((shared, start)) = &self.sample {
+            if let (Some(adaptive), false) = (&shared.adaptive, self.outcome == Outcome::Cancelled)
+            {
+                let now = shared.clock().now_nanos();
+                let rtt = now.saturating_sub(*start);
+                let failed = self.outcome == Outcome::Failure;
+                if let Some(limit) = adaptive.record(now, rtt, failed, shared) {
+                    shared.set_limit(limit);
+                }
+            }
+        }
+        self.hot.release();
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (limit, in_flight) = unpack(self.hot.word.load(Ordering::Relaxed));
+        f.debug_struct("Permit")
+            .field("in_flight", &in_flight)
+            .field("limit", &limit)
+            .finish()
+    }
+}
+
+/// A handle on a backpressure budget: figures, and the limit changed at run time.
+///
+/// Get one from [`BackpressureLayer::handle`](super::BackpressureLayer::handle). Pass it to
+/// [`BackpressureLayer::shared`](super::BackpressureLayer::shared) to make another layer that
+/// draws on the same budget (two routes, one limit).
+///
+/// # Clone
+///
+/// Clones are handles on the same budget.
+///
+/// ```
+/// use tower_bulwark::backpressure::BackpressureLayer;
+///
+/// let layer = BackpressureLayer::new(8);
+/// let handle = layer.handle();
+/// assert_eq!(handle.limit(), 8);
+/// assert_eq!(handle.available(), 8);
+/// handle.set_limit(2);
+/// assert_eq!(handle.limit(), 2);
+/// ```
+#[derive(Clone)]
+pub struct BackpressureHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl BackpressureHandle {
+    /// Requests holding a permit now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight() as usize
+    }
+
+    /// Requests waiting for a permit now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting()
+    }
+
+    /// Requests shed since the budget was made (at once, or after waiting too long).
+    pub fn shed(&self) -> u64 {
+        self.shared.shed_count()
+    }
+
+    /// The current limit on requests in flight.
+    pub fn limit(&self) -> usize {
+        self.shared.limit() as usize
+    }
+
+    /// Permits free now: the limit minus the requests in flight (0 when the limit was lowered
+    /// below the count in flight).
+    pub fn available(&self) -> usize {
+        self.limit().saturating_sub(self.in_flight())
+    }
+
+    /// Sets the limit on requests in flight, and returns the limit now in force.
+    ///
+    /// Raising it admits waiters at once. Lowering it below the count in flight sheds nothing:
+    /// no request is admitted until enough have finished. A limit of 0 admits nothing (a
+    /// drain switch). Limits above 2³¹ − 1 are clamped to it. For an adaptive budget the
+    /// value is clamped between its floor and ceiling, and the algorithm moves on from it.
+    pub fn set_limit(&self, limit: usize) -> usize {
+        let mut limit = u32::try_from(limit).unwrap_or(MAX_LIMIT);
+        if let Some(adaptive) = &self.shared.adaptive {
+            limit = adaptive.reset_to(limit);
+        }
+        self.shared.set_limit(limit);
+        limit as usize
+    }
+
+    /// Whether two handles are on the same budget.
+    pub fn same_budget(&self, other: &BackpressureHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl fmt::Debug for BackpressureHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackpressureHandle")
+            .field("limit", &self.limit())
+            .field("in_flight", &self.in_flight())
+            .field("waiting", &self.waiting())
+            .field("shed", &self.shed())
+            .field("adaptive", &self.shared.adaptive.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,214 @@
+//! [`ReplayBody`]: the response body of the idempotency layer.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower::BoxError;
+
+pin_project! {
+    /// The body of a response from the idempotency layer: the inner service's body as it
+    /// streams, a buffered body (with its trailers) for a first run or a replay, or the part
+    /// of a too-large body already read followed by the rest.
+    pub struct ReplayBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Prefixed { prefix: Option<Bytes>, #[pin] body: B },
+    }
+}
+
+impl<B> ReplayBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        ReplayBody {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        ReplayBody {
+            kind: Kind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    pub(crate) fn prefixed(prefix: Bytes, body: B) -> Self {
+        ReplayBody {
+            kind: Kind::Prefixed {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                body,
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Inner { .. } => f.write_str("ReplayBody::Inner"),
+            Kind::Buffered { data, trailers } => f
+                .debug_struct("ReplayBody::Buffered")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &trailers.is_some())
+                .finish(),
+            Kind::Prefixed { prefix, .. } => f
+                .debug_struct("ReplayBody::Prefixed")
+                .field("prefix_len", &prefix.as_ref().map_or(0, Bytes::len))
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::Buffered { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            KindProj::Prefixed { prefix, body } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                body.poll_frame(cx).map_err(Into::into)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Prefixed { prefix, body } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let h = body.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower().saturating_add(p));
+                if let Some(u) = h.upper() {
+                    out.set_upper(u.saturating_add(p));
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Collects body chunks; a single chunk is kept as it is, without a copy.
+#[derive(Default)]
+pub(crate) struct BodyBuf {
+    first: Option<Bytes>,
+    rest: Option<BytesMut>,
+    len: usize,
+}
+
+impl BodyBuf {
+    pub(crate) fn push(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.len += b.len();
+        if let Some(m) = &mut self.rest {
+            m.extend_from_slice(&b);
+        } else if let Some(f) = self.first.take() {
+            let mut m = BytesMut::with_capacity(self.len.max(2 * f.len()));
+            m.extend_from_slice(&f);
+            m.extend_from_slice(&b);
+            self.rest = Some(m);
+        } else {
+            self.first = Some(b);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn take(&mut self) -> Bytes {
+        self.len = 0;
+        match (self.first.take(), self.rest.take()) {
+            (Some(f), _) => f,
+            (None, Some(m)) => m.freeze(),
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn body_buf_concatenates(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..8)) {
+            let mut buf = BodyBuf::default();
+            let mut want = Vec::new();
+            for c in &chunks {
+                buf.push(Bytes::from(c.clone()));
+                want.extend_from_slice(c);
+            }
+            prop_assert_eq!(buf.len(), want.len());
+            prop_assert_eq!(buf.take(), Bytes::from(want));
+            prop_assert_eq!(buf.len(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn buffered_yields_data_then_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        let body: ReplayBody<Full<Bytes>> =
+            ReplayBody::buffered(Bytes::from_static(b"abc"), Some(t.clone()));
+        assert_eq!(body.size_hint().exact(), Some(3));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&t));
+        assert_eq!(collected.to_bytes(), "abc");
+    }
+
+    #[tokio::test]
+    async fn prefixed_yields_prefix_then_rest() {
+        let body = ReplayBody::prefixed(
+            Bytes::from_static(b"head-"),
+            Full::new(Bytes::from_static(b"tail")),
+        );
+        assert_eq!(body.size_hint().exact(), Some(9));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "head-tail");
+    }
+}

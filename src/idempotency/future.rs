@@ -1,0 +1,583 @@
+//! The response future of the idempotency service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{request, response, HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::BoxError;
+use tower_service::Service;
+
+use super::body::{BodyBuf, ReplayBody};
+use super::fingerprint::Fingerprint;
+use super::layer::{Counters, FailurePolicy, RebuildBody, Shared};
+use super::record::Record;
+use super::store::{Claim, Lease, Store, StoreKey};
+use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
+use crate::rejection::{Rejection, RejectionKind};
+
+/// The header added to replayed responses.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pin_project! {
+    /// Response future of [`Idempotency`](super::Idempotency).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it at any point gives up the lease it holds (or, with
+    /// [`keep_lease_on_drop`](super::IdempotencyBuilder::keep_lease_on_drop), leaves it to
+    /// expire): the release is done in `Drop`.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<S, St, M, ReqB, ResB>
+    where
+        S: Service<Request<ReqB>>,
+        St: Store,
+    {
+        #[pin]
+        state: State<S::Future, St::ClaimFuture, St::CompleteFuture, ReqB, ResB>,
+        ctx: Option<Keyed<S, St, M, ResB>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, CF, KF, ReqB, ResB> {
+        Passthrough { #[pin] fut: F },
+        Ready { out: Option<Result<Response<ReplayBody<ResB>>, BoxError>> },
+        ReadBody { #[pin] body: ReqB },
+        Claim { #[pin] fut: CF },
+        Wait { #[pin] sleep: Sleep },
+        Call { #[pin] fut: F },
+        Buffer { body: Option<ResB> },
+        Complete { #[pin] fut: KF },
+    }
+}
+
+/// What a keyed request carries through its states.
+pub(crate) struct Keyed<S, St: Store, M, ResB> {
+    inner: Option<S>,
+    store: St,
+    shared: Arc<Shared>,
+    rebuild: M,
+    parts: Option<request::Parts>,
+    key: StoreKey,
+    buf: BodyBuf,
+    body: Bytes,
+    fingerprint: Fingerprint,
+    guard: Option<LeaseGuard<St>>,
+    deadline: Option<Instant>,
+    res_parts: Option<response::Parts>,
+    trailers: Option<HeaderMap>,
+    pending: Option<Response<ReplayBody<ResB>>>,
+}
+
+impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
+    pub(crate) fn new(
+        inner: S,
+        store: St,
+        shared: Arc<Shared>,
+        rebuild: M,
+        parts: request::Parts,
+        key: StoreKey,
+    ) -> Self {
+        Keyed {
+            inner: Some(inner),
+            store,
+            shared,
+            rebuild,
+            parts: Some(parts),
+            key,
+            buf: BodyBuf::default(),
+            body: Bytes::new(),
+            fingerprint: Fingerprint::from_u128(0),
+            guard: None,
+            deadline: None,
+            res_parts: None,
+            trailers: None,
+            pending: None,
+        }
+    }
+
+    fn claim(&self) -> St::ClaimFuture {
+        self.store
+            .claim(&self.key, self.fingerprint, self.shared.lease_ttl())
+    }
+
+    fn release(&mut self) {
+        if let Some(g) = self.guard.take() {
+            g.release();
+        }
+    }
+}
+
+/// Holds a lease; gives it up in `Drop` unless it was completed.
+struct LeaseGuard<St: Store> {
+    store: St,
+    lease: Option<Lease>,
+    release_on_drop: bool,
+}
+
+impl<St: Store> LeaseGuard<St> {
+    /// Gives the lease up now (failure, error): the key can run again.
+    fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.store.release_detached(lease);
+        }
+    }
+
+    /// The lease became a record: nothing to give up.
+    fn disarm(mut self) {
+        self.lease = None;
+    }
+
+    fn lease(&self) -> &Lease {
+        self.lease
+            .as_ref()
+            .expect("a guard holds its lease until consumed")
+    }
+}
+
+impl<St: Store> Drop for LeaseGuard<St> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if self.release_on_drop {
+                tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease released");
+                self.store.release_detached(lease);
+            } else {
+                tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease left to expire");
+            }
+        }
+    }
+}
+
+impl<S, St, M, ReqB, ResB> ResponseFuture<S, St, M, ReqB, ResB>
+where
+    S: Service<Request<ReqB>>,
+    St: Store,
+{
+    pub(crate) fn passthrough(fut: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Passthrough { fut },
+            ctx: None,
+        }
+    }
+
+    pub(crate) fn reject(rejection: Rejection) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                out: Some(Err(rejection.into())),
+            },
+            ctx: None,
+        }
+    }
+
+    pub(crate) fn keyed(ctx: Keyed<S, St, M, ResB>, body: ReqB) -> Self {
+        ResponseFuture {
+            state: State::ReadBody { body },
+            ctx: Some(ctx),
+        }
+    }
+}
+
+impl<S, St, M, ReqB, ResB> fmt::Debug for ResponseFuture<S, St, M, ReqB, ResB>
+where
+    S: Service<Request<ReqB>>,
+    St: Store,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Passthrough { .. } => "passthrough",
+            State::Ready { .. } => "ready",
+            State::ReadBody { .. } => "reading request body",
+            State::Claim { .. } => "claiming key",
+            State::Wait { .. } => "waiting for request in flight",
+            State::Call { .. } => "calling inner service",
+            State::Buffer { .. } => "buffering response",
+            State::Complete { .. } => "storing response",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("key", &self.ctx.as_ref().map(|c| &c.key))
+            .finish()
+    }
+}
+
+impl<S, St, M, ReqB, ResB> Future for ResponseFuture<S, St, M, ReqB, ResB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    St: Store,
+    M: RebuildBody<ReqB>,
+    ReqB: Body,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Unpin,
+    ResB::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ReplayBody<ResB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Passthrough { fut } => {
+                    let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    return Poll::Ready(Ok(res.map(ReplayBody::inner)));
+                }
+                StateProj::Ready { out } => {
+                    return Poll::Ready(out.take().expect("polled after completion"));
+                }
+                StateProj::ReadBody { mut body } => {
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    let max = k.shared.config.max_request_body;
+                    loop {
+                        match ready!(body.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => {
+                                if let Ok(mut data) = frame.into_data() {
+                                    let n = data.remaining();
+                                    k.buf.push(data.copy_to_bytes(n));
+                                    if k.buf.len() > max {
+                                        Counters::bump(&k.shared.stats.too_large);
+                                        break ready_err(Rejection::new(
+                                            RejectionKind::PayloadTooLarge,
+                                        )
+                                        .with_detail(
+                                            "request body larger than the idempotency layer buffers",
+                                        ));
+                                    }
+                                }
+                            }
+                            Some(Err(e)) => {
+                                break State::Ready {
+                                    out: Some(Err(e.into())),
+                                }
+                            }
+                            None => {
+                                k.body = k.buf.take();
+                                let parts = k.parts.as_ref().expect("request head");
+                                let pq = parts
+                                    .uri
+                                    .path_and_query()
+                                    .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+                                k.fingerprint = Fingerprint::of(parts.method.as_str(), pq, &k.body);
+                                break State::Claim { fut: k.claim() };
+                            }
+                        }
+                    }
+                }
+                StateProj::Claim { fut } => {
+                    let claimed = ready!(fut.poll(cx));
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    let stats = &k.shared.stats;
+                    match claimed {
+                        Err(e) => {
+                            Counters::bump(&stats.store_errors);
+                            match k.shared.config.policy {
+                                FailurePolicy::FailOpen => {
+                                    tracing::warn!(error = %e, "idempotency store failed; running the request without a key (fail open)");
+                                    State::Call { fut: call_inner(k) }
+                                }
+                                FailurePolicy::FailClosed => {
+                                    tracing::warn!(error = %e, "idempotency store failed; refusing the request (fail closed)");
+                                    ready_err(
+                                        Rejection::new(RejectionKind::StoreUnavailable)
+                                            .with_detail("the idempotency store failed"),
+                                    )
+                                }
+                            }
+                        }
+                        Ok(Claim::Claimed(lease)) => {
+                            Counters::bump(&stats.executed);
+                            k.guard = Some(LeaseGuard {
+                                store: k.store.clone(),
+                                lease: Some(lease),
+                                release_on_drop: k.shared.config.release_on_drop,
+                            });
+                            State::Call { fut: call_inner(k) }
+                        }
+                        Ok(Claim::InFlight) => match k.shared.wait() {
+                            Some(max) => {
+                                let now = Instant::now();
+                                let deadline = *k.deadline.get_or_insert(now + max);
+                                if now >= deadline {
+                                    Counters::bump(&stats.in_flight);
+                                    tracing::debug!(key = ?k.key, "waited for the request in flight; giving up");
+                                    ready_err(Rejection::new(RejectionKind::IdempotencyInFlight))
+                                } else {
+                                    let at = deadline.min(now + k.shared.config.poll_interval);
+                                    State::Wait {
+                                        sleep: tokio::time::sleep_until(at),
+                                    }
+                                }
+                            }
+                            None => {
+                                Counters::bump(&stats.in_flight);
+                                tracing::debug!(key = ?k.key, "request with this key in flight");
+                                ready_err(Rejection::new(RejectionKind::IdempotencyInFlight))
+                            }
+                        },
+                        Ok(Claim::Completed(record)) => {
+                            if record.is_kept() {
+                                Counters::bump(&stats.replayed);
+                                tracing::debug!(key = ?k.key, status = %record.status(), "replaying stored response");
+                                State::Ready {
+                                    out: Some(Ok(replay(&record))),
+                                }
+                            } else {
+                                Counters::bump(&stats.replayed);
+                                ready_err(Rejection::new(
+                                    RejectionKind::IdempotencyResponseNotStored,
+                                ))
+                            }
+                        }
+                        Ok(Claim::Mismatch) => {
+                            Counters::bump(&stats.mismatched);
+                            tracing::debug!(key = ?k.key, "idempotency key reused with another payload");
+                            ready_err(Rejection::new(RejectionKind::IdempotencyKeyReused))
+                        }
+                    }
+                }
+                StateProj::Wait { sleep } => {
+                    ready!(sleep.poll(cx));
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    State::Claim { fut: k.claim() }
+                }
+                StateProj::Call { fut } => {
+                    let result = ready!(fut.poll(cx));
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    let res = match result {
+                        Ok(res) => res,
+                        Err(e) => {
+                            k.release();
+                            return Poll::Ready(Err(e.into()));
+                        }
+                    };
+                    if k.guard.is_none() {
+                        // Failed open: nothing to store.
+                        return Poll::Ready(Ok(res.map(ReplayBody::inner)));
+                    }
+                    if !k.shared.config.store_failures
+                        && head_is_failure(res.status(), res.headers())
+                    {
+                        Counters::bump(&k.shared.stats.not_stored);
+                        k.release();
+                        return Poll::Ready(Ok(res.map(ReplayBody::inner)));
+                    }
+                    let (parts, body) = res.into_parts();
+                    k.res_parts = Some(parts);
+                    State::Buffer { body: Some(body) }
+                }
+                StateProj::Buffer { body } => {
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    let max = k.shared.config.max_response_body;
+                    loop {
+                        let b = body.as_mut().expect("response body");
+                        match ready!(Pin::new(b).poll_frame(cx)) {
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(data) => {
+                                    k.buf.push(data);
+                                    if k.buf.len() > max {
+                                        let parts = k.res_parts.take().expect("response head");
+                                        let record = Record::not_kept(k.fingerprint, parts.status);
+                                        tracing::debug!(key = ?k.key, "response too large to keep; recorded as not kept");
+                                        let rest = body.take().expect("response body");
+                                        k.pending = Some(Response::from_parts(
+                                            parts,
+                                            ReplayBody::prefixed(k.buf.take(), rest),
+                                        ));
+                                        break complete(k, record);
+                                    }
+                                }
+                                Err(frame) => {
+                                    if let Ok(t) = frame.into_trailers() {
+                                        match &mut k.trailers {
+                                            Some(have) => have.extend(t),
+                                            None => k.trailers = Some(t),
+                                        }
+                                    }
+                                }
+                            },
+                            Some(Err(e)) => {
+                                k.release();
+                                return Poll::Ready(Err(e.into()));
+                            }
+                            None => {
+                                let parts = k.res_parts.take().expect("response head");
+                                let data = k.buf.take();
+                                let trailers = k.trailers.take();
+                                let failed = trailers.as_ref().is_some_and(|t| {
+                                    GrpcStatus::default().classify_trailers(t) != Outcome::Success
+                                });
+                                if failed && !k.shared.config.store_failures {
+                                    Counters::bump(&k.shared.stats.not_stored);
+                                    k.release();
+                                    return Poll::Ready(Ok(Response::from_parts(
+                                        parts,
+                                        ReplayBody::buffered(data, trailers),
+                                    )));
+                                }
+                                let record = Record::response(
+                                    k.fingerprint,
+                                    parts.status,
+                                    stored_headers(&parts.headers, &k.shared.config.exclude),
+                                    data.clone(),
+                                    trailers.clone(),
+                                );
+                                k.pending = Some(Response::from_parts(
+                                    parts,
+                                    ReplayBody::buffered(data, trailers),
+                                ));
+                                break complete(k, record);
+                            }
+                        }
+                    }
+                }
+                StateProj::Complete { fut } => {
+                    let done = ready!(fut.poll(cx));
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    match done {
+                        Ok(()) => {
+                            if let Some(g) = k.guard.take() {
+                                g.disarm();
+                            }
+                        }
+                        Err(e) => {
+                            Counters::bump(&k.shared.stats.store_errors);
+                            tracing::warn!(error = %e, key = ?k.key, "could not store the idempotent response; the key is released");
+                            k.release();
+                        }
+                    }
+                    return Poll::Ready(Ok(k.pending.take().expect("pending response")));
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+fn ready_err<F, CF, KF, ReqB, ResB>(rejection: Rejection) -> State<F, CF, KF, ReqB, ResB> {
+    State::Ready {
+        out: Some(Err(rejection.into())),
+    }
+}
+
+fn call_inner<S, St, M, ReqB, ResB>(k: &mut Keyed<S, St, M, ResB>) -> S::Future
+where
+    S: Service<Request<ReqB>>,
+    St: Store,
+    M: RebuildBody<ReqB>,
+{
+    let parts = k.parts.take().expect("request head");
+    let body = k.rebuild.rebuild(std::mem::take(&mut k.body));
+    let mut inner = k.inner.take().expect("inner service");
+    inner.call(Request::from_parts(parts, body))
+}
+
+fn complete<F, CF, St, ReqB, ResB, S, M>(
+    k: &mut Keyed<S, St, M, ResB>,
+    record: Record,
+) -> State<F, CF, St::CompleteFuture, ReqB, ResB>
+where
+    St: Store,
+{
+    let ttl = k.shared.ttl();
+    let guard = k.guard.as_ref().expect("a lease is held");
+    State::Complete {
+        fut: k.store.complete(guard.lease(), record, ttl),
+    }
+}
+
+/// The replay of a stored response: same status, headers, body and trailers, plus
+/// `Idempotent-Replayed: true`.
+fn replay<B>(record: &Record) -> Response<ReplayBody<B>> {
+    let mut res = Response::new(ReplayBody::buffered(
+        record.body().clone(),
+        record.trailers().cloned(),
+    ));
+    *res.status_mut() = record.status();
+    let headers = res.headers_mut();
+    *headers = record.headers().clone();
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    res
+}
+
+/// Whether a response head says the request failed in a way worth retrying: 5xx, 429, or a
+/// gRPC failure status in the headers (a trailers-only response).
+fn head_is_failure(status: StatusCode, headers: &HeaderMap) -> bool {
+    if HttpStatus::default().classify_status(status) != Outcome::Success {
+        return true;
+    }
+    GrpcCode::from_headers(headers)
+        .is_some_and(|c| GrpcStatus::default().classify_code(c) != Outcome::Success)
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The headers kept in a record: all but `Set-Cookie`, hop-by-hop headers (and those named
+/// by `Connection`), and the configured exclusions.
+fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
+    let mut out = headers.clone();
+    for v in headers.get_all(header::CONNECTION) {
+        if let Ok(s) = v.to_str() {
+            for name in s.split(',') {
+                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    out.remove(n);
+                }
+            }
+        }
+    }
+    out.remove(header::SET_COOKIE);
+    for h in HOP_BY_HOP.iter().chain(exclude) {
+        out.remove(h);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_headers_leave_out_cookies_and_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.append("set-cookie", "a=1".parse().unwrap());
+        h.append("set-cookie", "b=2".parse().unwrap());
+        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-request-cost", "3".parse().unwrap());
+        let out = stored_headers(&h, &[HeaderName::from_static("x-request-cost")]);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out["content-type"], "application/json");
+    }
+
+    #[test]
+    fn failure_heads() {
+        let empty = HeaderMap::new();
+        assert!(head_is_failure(StatusCode::INTERNAL_SERVER_ERROR, &empty));
+        assert!(head_is_failure(StatusCode::TOO_MANY_REQUESTS, &empty));
+        assert!(!head_is_failure(StatusCode::CREATED, &empty));
+        assert!(!head_is_failure(StatusCode::UNPROCESSABLE_ENTITY, &empty));
+        let mut grpc = HeaderMap::new();
+        grpc.insert("grpc-status", "14".parse().unwrap());
+        assert!(head_is_failure(StatusCode::OK, &grpc));
+        grpc.insert("grpc-status", "5".parse().unwrap());
+        assert!(!head_is_failure(StatusCode::OK, &grpc));
+    }
+}

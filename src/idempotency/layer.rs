@@ -1,0 +1,570 @@
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{request::Parts, HeaderName, Method};
+use tower_layer::Layer;
+
+use super::service::Idempotency;
+use super::store::Store;
+use crate::clock::duration_nanos;
+
+/// A configuration value was refused when a layer or store was built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting that must be positive (named) is zero.
+    Zero(&'static str),
+    /// The set of methods is empty.
+    NoMethods,
+    /// The shard count is not a power of two from 1 to 4096.
+    Shards,
+    /// A bound (named) leaves a shard less than one entry or 1 KiB.
+    TooSmall(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Zero(what) => write!(f, "`{what}` must be greater than zero"),
+            ConfigError::NoMethods => {
+                f.write_str("the idempotency layer needs at least one method")
+            }
+            ConfigError::Shards => {
+                f.write_str("the shard count must be a power of two from 1 to 4096")
+            }
+            ConfigError::TooSmall(what) => {
+                write!(f, "`{what}` leaves a shard less than one entry or 1 KiB")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What the layer does when its store fails (unreachable, timed out, full).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Refuse the request with 503
+    /// [`RejectionKind::StoreUnavailable`](crate::RejectionKind::StoreUnavailable) (the
+    /// default): a request is never run without its key held.
+    #[default]
+    FailClosed,
+    /// Run the request without idempotency, and store nothing: availability over
+    /// exactly-once.
+    FailOpen,
+}
+
+/// Turns the buffered request body back into the inner service's body type.
+///
+/// The layer reads the request body to fingerprint it and hands the same bytes on. The
+/// default, [`FromBytes`], fits every body that is `From<Bytes>` (axum's `Body`, `Full`);
+/// any `Fn(Bytes) -> B` fits too, for example for tonic:
+/// `|b| tonic::body::Body::new(http_body_util::Full::new(b))`.
+pub trait RebuildBody<B>: Clone + Send + Sync + 'static {
+    /// A body that yields `bytes`.
+    fn rebuild(&self, bytes: Bytes) -> B;
+}
+
+/// Rebuilds bodies that are `From<Bytes>`; the default [`RebuildBody`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FromBytes;
+
+impl<B: From<Bytes>> RebuildBody<B> for FromBytes {
+    fn rebuild(&self, bytes: Bytes) -> B {
+        B::from(bytes)
+    }
+}
+
+impl<B, F> RebuildBody<B> for F
+where
+    F: Fn(Bytes) -> B + Clone + Send + Sync + 'static,
+{
+    fn rebuild(&self, bytes: Bytes) -> B {
+        self(bytes)
+    }
+}
+
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Bytes + Send + Sync;
+
+/// Configuration fixed at construction.
+pub(crate) struct Config {
+    pub(crate) header: HeaderName,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) required: bool,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) poll_interval: Duration,
+    pub(crate) release_on_drop: bool,
+    pub(crate) store_failures: bool,
+    pub(crate) exclude: Vec<HeaderName>,
+    pub(crate) policy: FailurePolicy,
+}
+
+/// State shared by the layer, its services, their clones and the handle.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    ttl: AtomicU64,
+    lease_ttl: AtomicU64,
+    /// Nanoseconds to wait for a request in flight; 0 = answer 409 at once.
+    wait: AtomicU64,
+    pub(crate) stats: Counters,
+}
+
+impl Shared {
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_nanos(self.ttl.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        Duration::from_nanos(self.lease_ttl.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn wait(&self) -> Option<Duration> {
+        match self.wait.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) executed: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) mismatched: AtomicU64,
+    pub(crate) invalid: AtomicU64,
+    pub(crate) too_large: AtomicU64,
+    pub(crate) not_stored: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Applies idempotency keys to requests: see the [module docs](super).
+///
+/// Made with [`IdempotencyLayer::new`] (defaults) or [`IdempotencyLayer::builder`].
+///
+/// # Clone
+///
+/// Clones, and every service the layer makes, share one store, one configuration and one
+/// set of figures: a key claimed through one route's service is in flight for all of them.
+pub struct IdempotencyLayer<St, M = FromBytes> {
+    store: St,
+    shared: Arc<Shared>,
+    rebuild: M,
+}
+
+impl<St: Clone, M: Clone> Clone for IdempotencyLayer<St, M> {
+    fn clone(&self) -> Self {
+        IdempotencyLayer {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            rebuild: self.rebuild.clone(),
+        }
+    }
+}
+
+impl<St: fmt::Debug, M> fmt::Debug for IdempotencyLayer<St, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.shared.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.store)
+            .field("header", &c.header)
+            .field("methods", &c.methods)
+            .field("required", &c.required)
+            .field("scoped", &c.scope.is_some())
+            .field("ttl", &self.shared.ttl())
+            .field("lease_ttl", &self.shared.lease_ttl())
+            .field("wait_for_in_flight", &self.shared.wait())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: Store> IdempotencyLayer<St> {
+    /// A layer with the default configuration (see [`IdempotencyBuilder`]).
+    pub fn new(store: St) -> Self {
+        IdempotencyLayer::builder(store)
+            .build()
+            .expect("the default configuration is valid")
+    }
+
+    /// A builder, to configure the layer.
+    pub fn builder(store: St) -> IdempotencyBuilder<St> {
+        IdempotencyBuilder {
+            store,
+            rebuild: FromBytes,
+            header: HeaderName::from_static("idempotency-key"),
+            methods: vec![Method::POST, Method::PATCH],
+            required: false,
+            scope: None,
+            max_request_body: 1 << 20,
+            max_response_body: 1 << 20,
+            ttl: Duration::from_secs(24 * 60 * 60),
+            lease_ttl: Duration::from_secs(60),
+            wait: None,
+            poll_interval: Duration::from_millis(20),
+            release_on_drop: true,
+            store_failures: false,
+            exclude: Vec::new(),
+            policy: FailurePolicy::FailClosed,
+        }
+    }
+}
+
+impl<St, M> IdempotencyLayer<St, M> {
+    /// A handle to read figures and change settings at run time.
+    pub fn handle(&self) -> IdempotencyHandle {
+        IdempotencyHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+}
+
+impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
+    type Service = Idempotency<S, St, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(
+            inner,
+            self.store.clone(),
+            self.shared.clone(),
+            self.rebuild.clone(),
+        )
+    }
+}
+
+/// Configures an [`IdempotencyLayer`]; made by [`IdempotencyLayer::builder`].
+///
+/// Defaults: header `Idempotency-Key`; methods POST and PATCH; a missing key passes through;
+/// no scope; request and response bodies up to 1 MiB; records kept 24 hours; leases of 60
+/// seconds; a repeat in flight gets 409 at once; a dropped request releases its lease; 5xx,
+/// 429 and gRPC failure statuses are not stored; `Set-Cookie` and hop-by-hop headers are not
+/// stored; a failing store gives 503.
+pub struct IdempotencyBuilder<St, M = FromBytes> {
+    store: St,
+    rebuild: M,
+    header: HeaderName,
+    methods: Vec<Method>,
+    required: bool,
+    scope: Option<Arc<ScopeFn>>,
+    max_request_body: usize,
+    max_response_body: usize,
+    ttl: Duration,
+    lease_ttl: Duration,
+    wait: Option<Duration>,
+    poll_interval: Duration,
+    release_on_drop: bool,
+    store_failures: bool,
+    exclude: Vec<HeaderName>,
+    policy: FailurePolicy,
+}
+
+impl<St: fmt::Debug, M> fmt::Debug for IdempotencyBuilder<St, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyBuilder")
+            .field("store", &self.store)
+            .field("header", &self.header)
+            .field("methods", &self.methods)
+            .field("required", &self.required)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: Store, M> IdempotencyBuilder<St, M> {
+    /// The header that carries the key (default `Idempotency-Key`; gRPC metadata
+    /// `idempotency-key` is the same header).
+    pub fn header(mut self, name: HeaderName) -> Self {
+        self.header = name;
+        self
+    }
+
+    /// The methods the layer applies to (default POST and PATCH); others pass through.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Refuse requests of those methods that carry no key, with 400
+    /// [`RejectionKind::IdempotencyKeyMissing`](crate::RejectionKind::IdempotencyKeyMissing).
+    pub fn required(mut self) -> Self {
+        self.required = true;
+        self
+    }
+
+    /// Scopes keys by a value drawn from the request head (tenant, API key, principal): the
+    /// store key is (scope, key), so one client can never receive another's response.
+    ///
+    /// Without a scope, every client shares one key space: a client that learns or guesses
+    /// another's key receives that client's stored response. Set a scope whenever more than
+    /// one client can reach the service.
+    pub fn scope<F, T>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> T + Send + Sync + 'static,
+        T: Into<Bytes>,
+    {
+        self.scope = Some(Arc::new(move |p: &Parts| f(p).into()));
+        self
+    }
+
+    /// The largest request body buffered for the fingerprint (default 1 MiB); larger gets
+    /// 413 [`RejectionKind::PayloadTooLarge`](crate::RejectionKind::PayloadTooLarge) and the
+    /// handler does not run.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.max_request_body = bytes;
+        self
+    }
+
+    /// The largest response body kept for replay (default 1 MiB). A larger response is
+    /// passed on whole, and the key is recorded as completed with a response too large to
+    /// keep: repeats get 409
+    /// [`RejectionKind::IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored),
+    /// never a second run.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.max_response_body = bytes;
+        self
+    }
+
+    /// How long a completed response is replayed (default 24 hours).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a lease lives if its owner never completes nor releases it, for example
+    /// because the process crashed (default 60 seconds). Longer than the slowest handler.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// A repeat that arrives while the first request is in flight waits up to `max` for it
+    /// and gets its response replayed, instead of 409 at once. If the first fails and
+    /// releases the key, the waiter runs the request itself.
+    pub fn wait_for_in_flight(mut self, max: Duration) -> Self {
+        self.wait = Some(max);
+        self
+    }
+
+    /// How often a waiting repeat asks the store again (default 20 ms).
+    pub fn wait_poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
+        self
+    }
+
+    /// When a first request's future is dropped (client gone, a timeout above), keep its
+    /// lease until it expires instead of releasing it at once (the default). Choose this when
+    /// the handler may have had effects before it was cancelled: a repeat then gets 409 until
+    /// `lease_ttl` ends rather than running again at once.
+    pub fn keep_lease_on_drop(mut self) -> Self {
+        self.release_on_drop = false;
+        self
+    }
+
+    /// Store failing responses too (5xx, 429, gRPC `UNAVAILABLE`, `INTERNAL`...). By default
+    /// they are not stored and the lease is released, so the client can retry.
+    pub fn store_failures(mut self, yes: bool) -> Self {
+        self.store_failures = yes;
+        self
+    }
+
+    /// A response header to leave out of stored records, besides `Set-Cookie` and the
+    /// hop-by-hop headers.
+    pub fn exclude_header(mut self, name: HeaderName) -> Self {
+        self.exclude.push(name);
+        self
+    }
+
+    /// What to do when the store fails (default [`FailurePolicy::FailClosed`]).
+    pub fn on_store_error(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How the buffered request body is turned back into the inner service's body type
+    /// (default [`FromBytes`]).
+    pub fn rebuild_body<M2>(self, rebuild: M2) -> IdempotencyBuilder<St, M2> {
+        IdempotencyBuilder {
+            store: self.store,
+            rebuild,
+            header: self.header,
+            methods: self.methods,
+            required: self.required,
+            scope: self.scope,
+            max_request_body: self.max_request_body,
+            max_response_body: self.max_response_body,
+            ttl: self.ttl,
+            lease_ttl: self.lease_ttl,
+            wait: self.wait,
+            poll_interval: self.poll_interval,
+            release_on_drop: self.release_on_drop,
+            store_failures: self.store_failures,
+            exclude: self.exclude,
+            policy: self.policy,
+        }
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when a duration or body limit is zero, or no method is given.
+    pub fn build(self) -> Result<IdempotencyLayer<St, M>, ConfigError> {
+        if self.methods.is_empty() {
+            return Err(ConfigError::NoMethods);
+        }
+        for (d, name) in [
+            (self.ttl, "ttl"),
+            (self.lease_ttl, "lease_ttl"),
+            (self.poll_interval, "wait_poll_interval"),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.wait.is_some_and(|w| w.is_zero()) {
+            return Err(ConfigError::Zero("wait_for_in_flight"));
+        }
+        if self.max_request_body == 0 {
+            return Err(ConfigError::Zero("max_request_body"));
+        }
+        if self.max_response_body == 0 {
+            return Err(ConfigError::Zero("max_response_body"));
+        }
+        let shared = Shared {
+            config: Config {
+                header: self.header,
+                methods: self.methods,
+                required: self.required,
+                scope: self.scope,
+                max_request_body: self.max_request_body,
+                max_response_body: self.max_response_body,
+                poll_interval: self.poll_interval,
+                release_on_drop: self.release_on_drop,
+                store_failures: self.store_failures,
+                exclude: self.exclude,
+                policy: self.policy,
+            },
+            ttl: AtomicU64::new(duration_nanos(self.ttl)),
+            lease_ttl: AtomicU64::new(duration_nanos(self.lease_ttl)),
+            wait: AtomicU64::new(self.wait.map_or(0, duration_nanos)),
+            stats: Counters::default(),
+        };
+        Ok(IdempotencyLayer {
+            store: self.store,
+            shared: Arc::new(shared),
+            rebuild: self.rebuild,
+        })
+    }
+}
+
+/// Reads figures and changes settings of an [`IdempotencyLayer`] at run time; cheap to clone.
+#[derive(Clone)]
+pub struct IdempotencyHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for IdempotencyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyHandle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Figures of an [`IdempotencyLayer`], counted since it was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyStats {
+    /// Keyed requests that claimed their key and ran.
+    pub executed: u64,
+    /// Repeats answered with a stored response.
+    pub replayed: u64,
+    /// Repeats refused (409) because the first was still in flight.
+    pub in_flight_rejected: u64,
+    /// Keys reused with another payload (422).
+    pub mismatched: u64,
+    /// Keys malformed, repeated or missing where required (400).
+    pub invalid_keys: u64,
+    /// Request bodies over the limit (413).
+    pub too_large: u64,
+    /// Responses not stored (failures), their lease released.
+    pub not_stored: u64,
+    /// Store operations that failed.
+    pub store_errors: u64,
+}
+
+impl IdempotencyHandle {
+    /// The figures so far.
+    pub fn stats(&self) -> IdempotencyStats {
+        let s = &self.shared.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        IdempotencyStats {
+            executed: get(&s.executed),
+            replayed: get(&s.replayed),
+            in_flight_rejected: get(&s.in_flight),
+            mismatched: get(&s.mismatched),
+            invalid_keys: get(&s.invalid),
+            too_large: get(&s.too_large),
+            not_stored: get(&s.not_stored),
+            store_errors: get(&s.store_errors),
+        }
+    }
+
+    /// How long completed responses are kept, from the next completion on.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for a zero duration.
+    pub fn set_ttl(&self, ttl: Duration) -> Result<(), ConfigError> {
+        if ttl.is_zero() {
+            return Err(ConfigError::Zero("ttl"));
+        }
+        self.shared
+            .ttl
+            .store(duration_nanos(ttl), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The time to live of new leases.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for a zero duration.
+    pub fn set_lease_ttl(&self, ttl: Duration) -> Result<(), ConfigError> {
+        if ttl.is_zero() {
+            return Err(ConfigError::Zero("lease_ttl"));
+        }
+        self.shared
+            .lease_ttl
+            .store(duration_nanos(ttl), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether, and how long, repeats wait for a request in flight (`None`: 409 at once).
+    pub fn set_wait_for_in_flight(&self, max: Option<Duration>) {
+        let n = max.map_or(0, |d| duration_nanos(d).max(1));
+        self.shared.wait.store(n, Ordering::Relaxed);
+    }
+
+    /// The current time to live of completed responses.
+    pub fn ttl(&self) -> Duration {
+        self.shared.ttl()
+    }
+}

@@ -1,0 +1,287 @@
+//! The [`Store`] trait: where leases and records live, in process or shared by replicas.
+//!
+//! A store does four atomic things, each as a future so that a remote store (Redis) fits as
+//! well as [`MemoryStore`]:
+//!
+//! - [`Store::claim`]: look the key up and, if it is free, take a [`Lease`] on it (an owner
+//!   token with a time to live) in the same atomic step. The answer is a [`Claim`]: the lease,
+//!   or that the key is in flight, completed (with its [`Record`]), or used with another
+//!   fingerprint.
+//! - [`Store::complete`]: replace the lease by the record, with a time to live, **only if the
+//!   lease is still ours** (compare-and-set on the owner token).
+//! - [`Store::release`]: drop the lease, only if it is still ours, so the key can be retried.
+//! - [`Store::get`]: read a completed record.
+//!
+//! A lease whose owner crashed expires by itself after its time to live. Store failures are
+//! [`StoreError`]s with a [`StoreErrorKind`], so the layer can apply its
+//! [`FailurePolicy`](super::FailurePolicy).
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower::BoxError;
+
+use super::fingerprint::Fingerprint;
+use super::record::Record;
+
+pub mod memory;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
+
+/// The key a record is stored under: the request's scope and its idempotency key.
+///
+/// Two requests share a record only if both their scope and their key are equal, so a client
+/// in one scope can never receive a response stored for another.
+///
+/// # Encoding
+///
+/// [`StoreKey::encode_into`] writes the scope's length (4 bytes, big-endian), the scope, then
+/// the key: unambiguous, and binary-safe for a remote store to use as (part of) its key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StoreKey {
+    scope: Bytes,
+    key: Bytes,
+}
+
+impl StoreKey {
+    /// A key in a scope (an empty scope for none).
+    pub fn new(scope: impl Into<Bytes>, key: impl Into<Bytes>) -> StoreKey {
+        StoreKey {
+            scope: scope.into(),
+            key: key.into(),
+        }
+    }
+
+    /// The scope (tenant, principal), empty when the layer has no scope function.
+    pub fn scope(&self) -> &Bytes {
+        &self.scope
+    }
+
+    /// The idempotency key as the client sent it (unquoted).
+    pub fn key(&self) -> &Bytes {
+        &self.key
+    }
+
+    /// The length of the encoding.
+    pub fn encoded_len(&self) -> usize {
+        4 + self.scope.len() + self.key.len()
+    }
+
+    /// Appends the encoding (see the type docs) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let n = u32::try_from(self.scope.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&self.scope);
+        out.extend_from_slice(&self.key);
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreKey")
+            .field("scope", &String::from_utf8_lossy(&self.scope))
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .finish()
+    }
+}
+
+/// A claim on a key: proof that this request owns it until it completes, is released, or the
+/// lease's time to live runs out.
+///
+/// The owner token tells this owner's lease from a later one on the same key, so a late
+/// `complete` or `release` never overwrites another owner's work.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    key: StoreKey,
+    token: u128,
+    fingerprint: Fingerprint,
+}
+
+impl Lease {
+    /// A lease on `key` held by the owner `token`, for a request of `fingerprint`. Made by
+    /// stores in [`Store::claim`].
+    pub fn new(key: StoreKey, token: u128, fingerprint: Fingerprint) -> Lease {
+        Lease {
+            key,
+            token,
+            fingerprint,
+        }
+    }
+
+    /// The key held.
+    pub fn key(&self) -> &StoreKey {
+        &self.key
+    }
+
+    /// The owner token, unique to this claim.
+    pub fn token(&self) -> u128 {
+        self.token
+    }
+
+    /// The fingerprint of the request holding the lease.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("token", &format_args!("{:032x}", self.token))
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+/// The answer to [`Store::claim`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The key was free: this request owns it now and runs.
+    Claimed(Lease),
+    /// Another request with the same key and fingerprint holds a live lease.
+    InFlight,
+    /// The key completed with the same fingerprint: here is its record.
+    Completed(Arc<Record>),
+    /// The key is in flight or completed with another fingerprint.
+    Mismatch,
+}
+
+/// What went wrong in a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store cannot be reached or refused the operation.
+    Unavailable,
+    /// The operation took longer than its time limit.
+    Timeout,
+    /// The store is full of live leases and cannot take another.
+    Full,
+    /// The lease is no longer ours: it expired and another request claimed the key.
+    LeaseLost,
+    /// Stored bytes could not be decoded.
+    Corrupt,
+}
+
+/// An error from a [`Store`].
+pub struct StoreError {
+    kind: StoreErrorKind,
+    source: Option<BoxError>,
+}
+
+impl StoreError {
+    /// An error of `kind`.
+    pub fn new(kind: StoreErrorKind) -> StoreError {
+        StoreError { kind, source: None }
+    }
+
+    /// An error of `kind` caused by `source`.
+    pub fn with_source(kind: StoreErrorKind, source: impl Into<BoxError>) -> StoreError {
+        StoreError {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Debug for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreError")
+            .field("kind", &self.kind)
+            .field("source", &self.source.as_ref().map(|e| e.to_string()))
+            .finish()
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            StoreErrorKind::Unavailable => "idempotency store unavailable",
+            StoreErrorKind::Timeout => "idempotency store timed out",
+            StoreErrorKind::Full => "idempotency store full of leases in flight",
+            StoreErrorKind::LeaseLost => "idempotency lease lost to another owner",
+            StoreErrorKind::Corrupt => "idempotency record corrupt",
+        };
+        f.write_str(what)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Where the idempotency layer keeps leases and records.
+///
+/// Every operation is atomic for its key and returns a `'static` future, so that a remote
+/// store can own what it sends. Implementations: [`MemoryStore`] (one process); a Redis store
+/// fits the same contract (`SET NX PX` with an owner token for `claim`, compare-and-set
+/// scripts for `complete` and `release`, a time to live on every key).
+///
+/// # Contract
+///
+/// - `claim` is one atomic step: a free or expired key becomes a lease with a new owner token
+///   and `lease_ttl`; a live lease or live record with the same fingerprint answers
+///   [`Claim::InFlight`] or [`Claim::Completed`]; with another fingerprint,
+///   [`Claim::Mismatch`].
+/// - `complete` stores the record for `ttl` only while the key holds this lease's token, else
+///   fails with [`StoreErrorKind::LeaseLost`].
+/// - `release` removes the key only while it holds this lease's token; otherwise it does
+///   nothing and succeeds.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// The future of [`Store::claim`].
+    type ClaimFuture: Future<Output = Result<Claim, StoreError>> + Send + 'static;
+    /// The future of [`Store::complete`].
+    type CompleteFuture: Future<Output = Result<(), StoreError>> + Send + 'static;
+    /// The future of [`Store::release`].
+    type ReleaseFuture: Future<Output = Result<(), StoreError>> + Send + 'static;
+    /// The future of [`Store::get`].
+    type GetFuture: Future<Output = Result<Option<Arc<Record>>, StoreError>> + Send + 'static;
+
+    /// Looks `key` up and claims it if free, atomically.
+    fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease_ttl: Duration,
+    ) -> Self::ClaimFuture;
+
+    /// Replaces `lease` by `record`, kept for `ttl`, if the lease is still held.
+    fn complete(&self, lease: &Lease, record: Record, ttl: Duration) -> Self::CompleteFuture;
+
+    /// Gives `lease` up, if it is still held, so the key can run again.
+    fn release(&self, lease: &Lease) -> Self::ReleaseFuture;
+
+    /// The completed record of `key`, if there is a live one.
+    fn get(&self, key: &StoreKey) -> Self::GetFuture;
+
+    /// Gives `lease` up from a place that cannot wait: a `Drop`. The default spawns
+    /// [`Store::release`] on the current tokio runtime, or leaves the lease to expire when
+    /// there is none. Stores that can release at once (such as [`MemoryStore`]) do so.
+    fn release_detached(&self, lease: Lease) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let fut = self.release(&lease);
+            rt.spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::debug!(error = %e, "idempotency lease release failed; it will expire");
+                }
+            });
+        }
+    }
+}

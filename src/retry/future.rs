@@ -1,0 +1,282 @@
+//! The response future of [`Retry`](super::Retry).
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::BoxError;
+use tower_service::Service;
+
+use crate::classify::{Classify, Outcome};
+use crate::rejection::{Rejection, RejectionKind};
+
+use super::layer::Shared;
+use super::policy::{Hint, Hints, Replay};
+
+pin_project! {
+    /// The response future of [`Retry`](super::Retry): the first attempt, then, while the
+    /// outcome is retryable and the attempts, deadline and budget allow, a backoff and another
+    /// attempt.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it at any point stops everything: the attempt in flight is dropped, a backoff
+    /// sleep is dropped, no task is left behind and no later attempt is made.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<S, Req, C, R>
+    where
+        S: Service<<R as Replay<Req>>::Request>,
+        R: Replay<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        retry: Option<Retrying<S, R::Saved, C, R>>,
+        _req: PhantomData<fn(Req)>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] fut: F },
+        // Boxed: only a retry pays for the timer, and the future stays small for the common
+        // case where the first attempt succeeds.
+        Backoff { sleep: Pin<Box<Sleep>> },
+        Ready,
+    }
+}
+
+/// What a request that may be retried carries: a service clone, the kept request, the state.
+pub(crate) struct Retrying<S, Saved, C, R> {
+    pub(crate) svc: S,
+    pub(crate) saved: Option<Saved>,
+    pub(crate) shared: Arc<Shared<C, R>>,
+    pub(crate) start: u64,
+    /// Attempts made so far.
+    pub(crate) attempt: u32,
+    pub(crate) max: u32,
+    pub(crate) prev_delay: u64,
+}
+
+impl<S, Req, C, R> ResponseFuture<S, Req, C, R>
+where
+    S: Service<<R as Replay<Req>>::Request>,
+    R: Replay<Req>,
+{
+    pub(crate) fn new(fut: S::Future, retry: Option<Retrying<S, R::Saved, C, R>>) -> Self {
+        ResponseFuture {
+            state: State::Called { fut },
+            retry,
+            _req: PhantomData,
+        }
+    }
+}
+
+impl<S, Req, C, R> fmt::Debug for ResponseFuture<S, Req, C, R>
+where
+    S: Service<<R as Replay<Req>>::Request>,
+    R: Replay<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Backoff { .. } => "backoff",
+            State::Ready => "ready",
+        };
+        let mut d = f.debug_struct("ResponseFuture");
+        d.field("state", &state);
+        if let Some(r) = &self.retry {
+            d.field("attempt", &r.attempt).field("max_attempts", &r.max);
+        }
+        d.finish()
+    }
+}
+
+fn lost() -> BoxError {
+    "retry: the request could not be replayed".into()
+}
+
+/// Why a retry is made, for the `tracing` event.
+fn reason<Res>(outcome: Outcome, result: &Result<Res, BoxError>) -> String {
+    match result {
+        Ok(_) => format!("{outcome:?} response"),
+        Err(e) => format!("{outcome:?} error: {e}"),
+    }
+}
+
+impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
+    /// Whether to retry the outcome `result`, and after how many nanoseconds.
+    fn decide<Req, Res>(&mut self, result: &Result<Res, BoxError>) -> Option<u64>
+    where
+        R: Replay<Req, Saved = Saved> + Hints<Res>,
+        C: Classify<Res>,
+    {
+        let shared = &*self.shared;
+        let ctl = &shared.control;
+        let outcome = match result {
+            Ok(res) => shared.classify.classify_response(res),
+            Err(e) => shared.classify.classify_error(e),
+        };
+        if !outcome.is_retryable() {
+            return None;
+        }
+        if self.attempt >= self.max {
+            tracing::debug!(
+                target: "tower_bulwark::retry",
+                attempts = self.attempt,
+                "not retrying: attempts exhausted"
+            );
+            return None;
+        }
+        if !self
+            .saved
+            .as_ref()
+            .is_some_and(|s| shared.replay.can_replay(s))
+        {
+            tracing::debug!(
+                target: "tower_bulwark::retry",
+                attempts = self.attempt,
+                "not retrying: the request cannot be replayed"
+            );
+            return None;
+        }
+        let max_delay = crate::clock::duration_nanos(ctl.backoff.max());
+        let hint = match result {
+            Ok(res) => shared.replay.hint(res),
+            Err(e) => match Rejection::find(&**e) {
+                Some(r) if r.kind() == RejectionKind::CircuitOpen => match r.retry_after() {
+                    // An open breaker below: wait for it if the wait fits, else stop at once.
+                    Some(d) if crate::clock::duration_nanos(d) > max_delay => {
+                        tracing::debug!(
+                            target: "tower_bulwark::retry",
+                            attempts = self.attempt,
+                            retry_after_ms = d.as_millis() as u64,
+                            "not retrying: the circuit stays open longer than the maximum delay"
+                        );
+                        return None;
+                    }
+                    Some(d) => Hint::After(d),
+                    None => Hint::None,
+                },
+                Some(r) => r.retry_after().map_or(Hint::None, Hint::After),
+                None => Hint::None,
+            },
+        };
+        let delay = match hint {
+            Hint::Stop => {
+                tracing::debug!(
+                    target: "tower_bulwark::retry",
+                    attempts = self.attempt,
+                    "not retrying: the server's pushback says not to"
+                );
+                return None;
+            }
+            Hint::After(d) => crate::clock::duration_nanos(d).min(max_delay),
+            Hint::None => ctl
+                .backoff
+                .delay(self.attempt - 1, self.prev_delay, &ctl.rng),
+        };
+        let now = if ctl.needs_clock {
+            ctl.clock.now_nanos()
+        } else {
+            0
+        };
+        if let Some(deadline) = ctl.deadline {
+            if now.saturating_sub(self.start).saturating_add(delay) > deadline {
+                tracing::debug!(
+                    target: "tower_bulwark::retry",
+                    attempts = self.attempt,
+                    delay_ms = delay / 1_000_000,
+                    "not retrying: the next attempt would start past the deadline"
+                );
+                return None;
+            }
+        }
+        if let Some(budget) = &ctl.budget {
+            if !budget.try_withdraw_at(now) {
+                ctl.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    target: "tower_bulwark::retry",
+                    attempts = self.attempt,
+                    "not retrying: retry budget exhausted"
+                );
+                return None;
+            }
+        }
+        ctl.retries.fetch_add(1, Ordering::Relaxed);
+        self.prev_delay = delay;
+        tracing::debug!(
+            target: "tower_bulwark::retry",
+            attempt = self.attempt + 1,
+            delay_ms = delay as f64 / 1e6,
+            reason = %reason(outcome, result),
+            "retrying"
+        );
+        Some(delay)
+    }
+}
+
+impl<S, Req, C, R> Future for ResponseFuture<S, Req, C, R>
+where
+    R: Replay<Req> + Hints<S::Response>,
+    S: Service<R::Request>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { fut } => {
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let Some(retry) = this.retry.as_mut() else {
+                        return Poll::Ready(result);
+                    };
+                    match retry.decide::<Req, S::Response>(&result) {
+                        None => {
+                            *this.retry = None;
+                            return Poll::Ready(result);
+                        }
+                        Some(0) => this.state.set(State::Ready),
+                        Some(nanos) => this.state.set(State::Backoff {
+                            sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(nanos))),
+                        }),
+                    }
+                }
+                StateProj::Backoff { sleep } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    let Some(retry) = this.retry.as_mut() else {
+                        return Poll::Ready(Err(lost()));
+                    };
+                    if let Err(e) = ready!(retry.svc.poll_ready(cx)) {
+                        *this.retry = None;
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    retry.attempt += 1;
+                    let last = retry.attempt >= retry.max;
+                    let Some(req) = retry.shared.replay.replay(&mut retry.saved, last) else {
+                        *this.retry = None;
+                        return Poll::Ready(Err(lost()));
+                    };
+                    let fut = retry.svc.call(req);
+                    if last {
+                        *this.retry = None;
+                    }
+                    this.state.set(State::Called { fut });
+                }
+            }
+        }
+    }
+}

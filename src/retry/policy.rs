@@ -1,0 +1,663 @@
+//! What to retry, how often, how to replay a request, and what the server's hints say.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response};
+use http_body::Body;
+use tower::BoxError;
+
+use crate::classify::{Classify, ErrorsOnly, GrpcStatus, HttpStatus, Outcome};
+use crate::clock::Clock;
+
+use super::backoff::Backoff;
+use super::budget::Budget;
+use super::replay::{HttpSaved, ReplayBody};
+
+/// The `Idempotency-Key` header.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+const GRPC_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// A configuration refused when a [`RetryLayer`](super::RetryLayer) or [`Budget`] is built.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_attempts` was zero: at least the first attempt must be allowed.
+    ZeroAttempts,
+    /// The backoff multiplier was below 1, NaN or infinite.
+    Multiplier(f64),
+    /// The proportional jitter was NaN or outside `[0, 1]`.
+    Jitter(f64),
+    /// The backoff's maximum delay was below its base.
+    MaxBelowBase,
+    /// The overall deadline was zero.
+    ZeroDeadline,
+    /// The budget ratio was NaN, negative or above 1000.
+    Ratio(f64),
+    /// The budget window was under 16 ms.
+    Window(Duration),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::ZeroAttempts => f.write_str("max attempts must be at least 1"),
+            ConfigError::Multiplier(m) => {
+                write!(
+                    f,
+                    "backoff multiplier must be finite and at least 1, got {m}"
+                )
+            }
+            ConfigError::Jitter(j) => write!(f, "jitter must lie in [0, 1], got {j}"),
+            ConfigError::MaxBelowBase => f.write_str("maximum backoff is below the base"),
+            ConfigError::ZeroDeadline => f.write_str("the retry deadline must not be zero"),
+            ConfigError::Ratio(r) => write!(f, "budget ratio must lie in [0, 1000], got {r}"),
+            ConfigError::Window(w) => write!(f, "budget window must be at least 16ms, got {w:?}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What the retry layer does with a response's or an error's hint about when to try again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hint {
+    /// No hint: the backoff decides.
+    None,
+    /// Wait this long (capped by the backoff's maximum delay).
+    After(Duration),
+    /// Do not retry (a negative or malformed `grpc-retry-pushback-ms`).
+    Stop,
+}
+
+/// How a request is sent to each attempt and kept for the next one.
+///
+/// Implemented by [`CloneRequest`] (any `Clone` request) and [`HttpReplay`] (HTTP requests
+/// with any body, made replayable by a bounded buffer).
+pub trait Replay<Req> {
+    /// The request the inner service receives.
+    type Request;
+    /// What is kept for another attempt.
+    type Saved;
+
+    /// Prepares the first attempt. `retry` says whether another attempt may follow; `key`
+    /// draws a fresh 128-bit value (for an idempotency key). Returns the request to send and,
+    /// if the request may be retried, what is kept for the next attempt.
+    fn prepare(
+        &self,
+        req: Req,
+        retry: bool,
+        key: &dyn Fn() -> u128,
+    ) -> (Self::Request, Option<Self::Saved>);
+
+    /// Whether the kept request can be sent again now.
+    fn can_replay(&self, saved: &Self::Saved) -> bool;
+
+    /// The next attempt's request. On the `last` attempt the kept request is moved, not
+    /// cloned. `None` only if `saved` is `None`.
+    fn replay(&self, saved: &mut Option<Self::Saved>, last: bool) -> Option<Self::Request>;
+}
+
+/// Reads a response's hint about when to retry.
+pub trait Hints<Res> {
+    /// The hint carried by `res`.
+    fn hint(&self, res: &Res) -> Hint;
+}
+
+/// Replays any `Clone` request by cloning it (only while another attempt can still happen);
+/// reads no hints from responses. For generic services.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloneRequest;
+
+impl<Req: Clone> Replay<Req> for CloneRequest {
+    type Request = Req;
+    type Saved = Req;
+
+    #[inline]
+    fn prepare(&self, req: Req, retry: bool, _key: &dyn Fn() -> u128) -> (Req, Option<Req>) {
+        if retry {
+            (req.clone(), Some(req))
+        } else {
+            (req, None)
+        }
+    }
+
+    fn can_replay(&self, _saved: &Req) -> bool {
+        true
+    }
+
+    fn replay(&self, saved: &mut Option<Req>, last: bool) -> Option<Req> {
+        if last {
+            saved.take()
+        } else {
+            saved.clone()
+        }
+    }
+}
+
+impl<Res> Hints<Res> for CloneRequest {
+    #[inline]
+    fn hint(&self, _res: &Res) -> Hint {
+        Hint::None
+    }
+}
+
+/// Replays HTTP requests with any body, and reads `Retry-After` and `grpc-retry-pushback-ms`.
+///
+/// - Only safe requests are retried: idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE,
+///   TRACE) or requests that carry an `Idempotency-Key` (which
+///   [`RetryPolicy::add_idempotency_key`] adds to the others). gRPC calls are all POST:
+///   [`RetryPolicy::grpc`] leaves the method out, as gRPC's own retry policy does, because the
+///   codes it retries by default say the call was not processed.
+/// - The body streams to the first attempt while its bytes are kept, up to a cap (64 KiB by
+///   default); a body over the cap is sent once and not retried. The inner service receives a
+///   [`ReplayBody`].
+/// - The request head (method, URI, headers, extensions) is cloned only while another attempt
+///   can still happen.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpReplay {
+    check_method: bool,
+    add_key: bool,
+    body_limit: usize,
+}
+
+impl HttpReplay {
+    fn http() -> Self {
+        HttpReplay {
+            check_method: true,
+            add_key: false,
+            body_limit: 64 * 1024,
+        }
+    }
+}
+
+/// Whether a method is idempotent (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// A key in UUID version 4 form from 128 random bits.
+pub(crate) fn format_key(bits: u128) -> HeaderValue {
+    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    let s = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    HeaderValue::from_str(&s).expect("hex digits and dashes are a valid header value")
+}
+
+impl<B> Replay<Request<B>> for HttpReplay
+where
+    B: Body,
+{
+    type Request = Request<ReplayBody<B>>;
+    type Saved = HttpSaved<B>;
+
+    fn prepare(
+        &self,
+        req: Request<B>,
+        retry: bool,
+        key: &dyn Fn() -> u128,
+    ) -> (Self::Request, Option<HttpSaved<B>>) {
+        let (mut parts, body) = req.into_parts();
+        if !retry {
+            return (Request::from_parts(parts, ReplayBody::once(body)), None);
+        }
+        if !is_idempotent(&parts.method) && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+            if self.add_key {
+                parts.headers.insert(IDEMPOTENCY_KEY, format_key(key()));
+            } else if self.check_method {
+                return (Request::from_parts(parts, ReplayBody::once(body)), None);
+            }
+        }
+        if body.size_hint().lower() > self.body_limit as u64 {
+            return (Request::from_parts(parts, ReplayBody::once(body)), None);
+        }
+        let (body, saved) = ReplayBody::record(body, self.body_limit);
+        let saved = HttpSaved {
+            parts: parts.clone(),
+            body: saved,
+        };
+        (Request::from_parts(parts, body), Some(saved))
+    }
+
+    fn can_replay(&self, saved: &HttpSaved<B>) -> bool {
+        saved.body.can_replay()
+    }
+
+    fn replay(
+        &self,
+        saved: &mut Option<HttpSaved<B>>,
+        last: bool,
+    ) -> Option<Request<ReplayBody<B>>> {
+        if last {
+            let s = saved.take()?;
+            let body = s.body.replay();
+            Some(Request::from_parts(s.parts, body))
+        } else {
+            let s = saved.as_ref()?;
+            Some(Request::from_parts(s.parts.clone(), s.body.replay()))
+        }
+    }
+}
+
+impl<B> Hints<Response<B>> for HttpReplay {
+    fn hint(&self, res: &Response<B>) -> Hint {
+        let headers = res.headers();
+        if let Some(v) = headers.get(GRPC_PUSHBACK) {
+            return parse_pushback(v);
+        }
+        match headers.get(RETRY_AFTER) {
+            Some(v) => parse_retry_after(v, SystemTime::now()),
+            None => Hint::None,
+        }
+    }
+}
+
+/// `grpc-retry-pushback-ms`: a non-negative integer of milliseconds; anything else (negative,
+/// malformed) means "do not retry", as the gRPC retry design says.
+pub(crate) fn parse_pushback(v: &HeaderValue) -> Hint {
+    match std::str::from_utf8(v.as_bytes())
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+    {
+        Some(ms) if ms >= 0 => Hint::After(Duration::from_millis(ms.unsigned_abs())),
+        _ => Hint::Stop,
+    }
+}
+
+/// `Retry-After`: delta-seconds or an IMF-fixdate HTTP-date (RFC 9110 §10.2.3). A malformed
+/// value is ignored (the backoff decides); a date in the past means "now".
+pub(crate) fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Hint {
+    let Ok(s) = std::str::from_utf8(v.as_bytes()) else {
+        return Hint::None;
+    };
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<u64>() {
+            Ok(secs) => Hint::After(Duration::from_secs(secs)),
+            Err(_) => Hint::After(Duration::MAX),
+        };
+    }
+    match parse_http_date(s) {
+        Some(at) => Hint::After(at.duration_since(now).unwrap_or(Duration::ZERO)),
+        None => Hint::None,
+    }
+}
+
+/// Parses an IMF-fixdate, such as `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub(crate) fn parse_http_date(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 29 || &b[3..5] != b", " || &b[25..29] != b" GMT" {
+        return None;
+    }
+    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u64> {
+        let d = &s[r];
+        if d.bytes().all(|c| c.is_ascii_digit()) {
+            d.parse().ok()
+        } else {
+            None
+        }
+    };
+    let day = num(5..7)?;
+    let month = match &s[8..11] {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year = num(12..16)?;
+    let (h, m, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
+    if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), for years from 1970.
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + m * 60 + sec;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
+/// Classifies with a predicate on errors: an error for which it returns `true` is retryable,
+/// any other error a failure; every response is a success. See [`RetryPolicy::errors_where`].
+pub struct ErrorPredicate<F> {
+    f: Arc<F>,
+}
+
+impl<F> Clone for ErrorPredicate<F> {
+    fn clone(&self) -> Self {
+        ErrorPredicate { f: self.f.clone() }
+    }
+}
+
+impl<F> fmt::Debug for ErrorPredicate<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ErrorPredicate").finish_non_exhaustive()
+    }
+}
+
+impl<Res, F> Classify<Res> for ErrorPredicate<F>
+where
+    F: Fn(&BoxError) -> bool + Send + Sync + 'static,
+{
+    fn classify_response(&self, _res: &Res) -> Outcome {
+        Outcome::Success
+    }
+
+    fn classify_error(&self, err: &BoxError) -> Outcome {
+        if (self.f)(err) {
+            Outcome::Retryable
+        } else {
+            Outcome::Failure
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum BudgetChoice {
+    Default,
+    Given(Budget),
+    Off,
+}
+
+/// What a [`RetryLayer`](super::RetryLayer) retries and how: a classifier `C` decides what is
+/// retryable, a replay strategy `R` ([`CloneRequest`] or [`HttpReplay`]) resends the request.
+///
+/// | constructor | retries | request |
+/// |---|---|---|
+/// | [`RetryPolicy::errors`] | every error except a rejection retrying cannot help | any `Clone` request |
+/// | [`RetryPolicy::errors_where`] | errors your predicate accepts | any `Clone` request |
+/// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429 | `http::Request<B>`, any body |
+/// | [`RetryPolicy::grpc`] | errors, `UNAVAILABLE`, `RESOURCE_EXHAUSTED` | `http::Request<B>`, any body |
+///
+/// Defaults: 3 attempts, [`Backoff::default`] (25 ms doubling to 1 s, full jitter), no
+/// overall deadline, the default [`Budget`] (20% of requests plus 10 per second over 10 s),
+/// [`Clock::new`].
+#[derive(Clone, Debug)]
+pub struct RetryPolicy<C = ErrorsOnly, R = CloneRequest> {
+    pub(crate) classify: C,
+    pub(crate) replay: R,
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) budget: BudgetChoice,
+    pub(crate) clock: Option<Clock>,
+    pub(crate) seed: Option<u64>,
+}
+
+impl RetryPolicy {
+    /// Retries errors of a generic service (with [`ErrorsOnly`]: every error, except a
+    /// [`Rejection`](crate::Rejection) that retrying cannot help); requests are cloned.
+    pub fn errors() -> RetryPolicy<ErrorsOnly, CloneRequest> {
+        RetryPolicy::with(ErrorsOnly, CloneRequest)
+    }
+
+    /// Retries the errors for which `predicate` returns `true`; requests are cloned.
+    pub fn errors_where<F>(predicate: F) -> RetryPolicy<ErrorPredicate<F>, CloneRequest>
+    where
+        F: Fn(&BoxError) -> bool + Send + Sync + 'static,
+    {
+        RetryPolicy::with(
+            ErrorPredicate {
+                f: Arc::new(predicate),
+            },
+            CloneRequest,
+        )
+    }
+
+    /// Retries HTTP requests: errors (connection errors), 502, 503, 504 and 429 by default
+    /// ([`HttpStatus`]; change with [`RetryPolicy::classify`]), only when the request is safe
+    /// to repeat, honouring `Retry-After`.
+    pub fn http() -> RetryPolicy<HttpStatus, HttpReplay> {
+        RetryPolicy::with(HttpStatus::default(), HttpReplay::http())
+    }
+
+    /// Retries gRPC calls: errors, `UNAVAILABLE` and `RESOURCE_EXHAUSTED` by default
+    /// ([`GrpcStatus`]), honouring `grpc-retry-pushback-ms`. gRPC calls are all POST; the
+    /// method is not checked (see [`HttpReplay`]).
+    pub fn grpc() -> RetryPolicy<GrpcStatus, HttpReplay> {
+        RetryPolicy::with(
+            GrpcStatus::default(),
+            HttpReplay {
+                check_method: false,
+                ..HttpReplay::http()
+            },
+        )
+    }
+}
+
+impl<C, R> RetryPolicy<C, R> {
+    /// A policy with any classifier and replay strategy.
+    pub fn with(classify: C, replay: R) -> Self {
+        RetryPolicy {
+            classify,
+            replay,
+            max_attempts: 3,
+            backoff: Backoff::default(),
+            deadline: None,
+            budget: BudgetChoice::Default,
+            clock: None,
+            seed: None,
+        }
+    }
+
+    /// Replaces the classifier (for example [`HttpStatus::retryable_statuses`]).
+    pub fn classify<C2>(self, classify: C2) -> RetryPolicy<C2, R> {
+        RetryPolicy {
+            classify,
+            replay: self.replay,
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            deadline: self.deadline,
+            budget: self.budget,
+            clock: self.clock,
+            seed: self.seed,
+        }
+    }
+
+    /// Attempts in all, the first included (3 by default; 0 is refused).
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// The backoff between attempts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// An overall deadline across attempts, from the call: no backoff and no new attempt
+    /// starts past it. An attempt in flight is not cut (put a timeout below this layer for
+    /// that).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Uses `budget` (which may be shared with other layers) instead of a budget of the
+    /// layer's own. The budget's clock is then the layer's time source.
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budget = BudgetChoice::Given(budget);
+        self
+    }
+
+    /// No retry budget: only `max_attempts` bounds retries. Not advised for clients of a
+    /// shared dependency.
+    pub fn no_budget(mut self) -> Self {
+        self.budget = BudgetChoice::Off;
+        self
+    }
+
+    /// The time source of the deadline and the layer's own budget ([`Clock::new`] by
+    /// default). Tests under tokio's paused time use `.clock(Clock::tokio())`.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Seeds the jitter and idempotency-key generator, for reproducible tests.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+}
+
+impl<C> RetryPolicy<C, HttpReplay> {
+    /// Gives requests that are not idempotent (POST, PATCH) and carry no `Idempotency-Key` a
+    /// fresh key, the same on every attempt, so they may be retried: a server with
+    /// `IdempotencyLayer` then runs the request once however many attempts reach it.
+    pub fn add_idempotency_key(mut self) -> Self {
+        self.replay.add_key = true;
+        self
+    }
+
+    /// The largest request body kept for replay (64 KiB by default). A larger body is sent
+    /// once and not retried.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.replay.body_limit = bytes;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        let h = |s: &str| parse_retry_after(&HeaderValue::from_str(s).unwrap(), now);
+        assert_eq!(h("120"), Hint::After(Duration::from_secs(120)));
+        assert_eq!(h(" 0 "), Hint::After(Duration::ZERO));
+        assert_eq!(
+            h("Sun, 06 Nov 1994 08:50:07 GMT"),
+            Hint::After(Duration::from_secs(30))
+        );
+        assert_eq!(
+            h("Sun, 06 Nov 1994 08:00:00 GMT"),
+            Hint::After(Duration::ZERO)
+        );
+        assert_eq!(h("99999999999999999999999"), Hint::After(Duration::MAX));
+        for bad in [
+            "",
+            "-1",
+            "soon",
+            "1.5",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(h(bad), Hint::None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http_date_known_values() {
+        let d = parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT").unwrap();
+        assert_eq!(d, UNIX_EPOCH);
+        let d = parse_http_date("Tue, 29 Feb 2000 12:00:00 GMT").unwrap();
+        assert_eq!(d.duration_since(UNIX_EPOCH).unwrap().as_secs(), 951_825_600);
+    }
+
+    #[test]
+    fn pushback_forms() {
+        let p = |s: &str| parse_pushback(&HeaderValue::from_str(s).unwrap());
+        assert_eq!(p("250"), Hint::After(Duration::from_millis(250)));
+        assert_eq!(p("0"), Hint::After(Duration::ZERO));
+        assert_eq!(p("-1"), Hint::Stop);
+        assert_eq!(p("abc"), Hint::Stop);
+        assert_eq!(p(""), Hint::Stop);
+    }
+
+    #[test]
+    fn keys_are_uuid_v4() {
+        let k = format_key(u128::MAX);
+        let s = k.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_ne!(format_key(1), format_key(2));
+    }
+
+    #[test]
+    fn methods() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+            Method::TRACE,
+        ] {
+            assert!(is_idempotent(&m));
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&m));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn http_date_round_trips(secs in 0u64..8_000_000_000) {
+            // Format with the same calendar the other way, then parse back.
+            let days = secs / 86_400;
+            let rem = secs % 86_400;
+            let z = days + 719_468;
+            let era = z / 146_097;
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let d = doy - (153 * mp + 2) / 5 + 1;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 };
+            let y = yoe + era * 400 + u64::from(m <= 2);
+            let months = ["Jan","Feb","Mar","Apr","May","Jun","Jul","Aug","Sep","Oct","Nov","Dec"];
+            let s = format!("Mon, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
+                d, months[(m - 1) as usize], y, rem / 3600, rem / 60 % 60, rem % 60);
+            let parsed = parse_http_date(&s).unwrap();
+            prop_assert_eq!(parsed, UNIX_EPOCH + Duration::from_secs(secs));
+        }
+
+        #[test]
+        fn pushback_never_panics(s in "\\PC*") {
+            if let Ok(v) = HeaderValue::from_str(&s) {
+                let _ = parse_pushback(&v);
+                let _ = parse_retry_after(&v, SystemTime::now());
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The service made by [`RetryLayer`](super::RetryLayer).
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::BoxError;
+use tower_service::Service;
+
+use crate::classify::{Classify, ErrorsOnly};
+
+use super::future::{ResponseFuture, Retrying};
+use super::layer::Shared;
+use super::policy::{CloneRequest, Hints, Replay};
+
+/// Retries requests to `S`; made by [`RetryLayer`](super::RetryLayer).
+///
+/// # Clone
+///
+/// Clones share the layer's state (budget, figures, settings) and start unreserved: a clone
+/// must be polled ready before it is called, as tower requires.
+pub struct Retry<S, C = ErrorsOnly, R = CloneRequest> {
+    inner: S,
+    shared: Arc<Shared<C, R>>,
+}
+
+impl<S, C, R> Retry<S, C, R> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<C, R>>) -> Self {
+        Retry { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C, R> Clone for Retry<S, C, R> {
+    fn clone(&self) -> Self {
+        Retry {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, R> fmt::Debug for Retry<S, C, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("control", &self.shared.control)
+            .finish()
+    }
+}
+
+impl<S, Req, C, R> Service<Req> for Retry<S, C, R>
+where
+    R: Replay<Req> + Hints<S::Response>,
+    S: Service<R::Request> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, C, R>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let ctl = &self.shared.control;
+        // The deadline's start is the request's one time reading; the budget needs none.
+        let start = if ctl.deadline.is_some() {
+            ctl.clock.now_nanos()
+        } else {
+            0
+        };
+        if let Some(budget) = &ctl.budget {
+            budget.deposit();
+        }
+        let max = ctl.max_attempts.load(Ordering::Relaxed);
+        let rng = &ctl.rng;
+        let key = || (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
+        let (req, saved) = self.shared.replay.prepare(req, max > 1, &key);
+        // The ready service takes the first attempt; an unreserved clone takes the retries.
+        let fut = self.inner.call(req);
+        let retry = saved.map(|saved| Retrying {
+            svc: self.inner.clone(),
+            saved: Some(saved),
+            shared: self.shared.clone(),
+            start,
+            attempt: 1,
+            max,
+            prev_delay: 0,
+        });
+        ResponseFuture::new(fut, retry)
+    }
+}

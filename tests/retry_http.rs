@@ -1,0 +1,483 @@
+//! The retry layer with HTTP and gRPC: method safety, idempotency keys, server hints, body
+//! replay (Axum and tonic bodies) and the rejection response end to end. Paused tokio time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::time::Instant;
+use tower::{service_fn, BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::clock::Clock;
+use tower_bulwark::retry::{Backoff, Jitter, ReplayBody, RetryLayer, RetryPolicy, IDEMPOTENCY_KEY};
+use tower_bulwark::{Rejection, RejectionLayer};
+
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    key: Option<String>,
+    body: Bytes,
+    at: Instant,
+}
+
+type Reply = (u16, &'static [(&'static str, &'static str)]);
+
+/// Answers from a script (the last line repeats) and records what each attempt carried.
+#[derive(Clone)]
+struct Scripted {
+    script: Arc<Vec<Reply>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Scripted {
+    fn new(script: Vec<Reply>) -> Self {
+        Scripted {
+            script: Arc::new(script),
+            seen: Arc::default(),
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl<B> Service<Request<B>> for Scripted
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map_err(Into::into)?.to_bytes();
+            let n = {
+                let mut seen = this.seen.lock().unwrap();
+                seen.push(Seen {
+                    method: parts.method,
+                    key: parts
+                        .headers
+                        .get(IDEMPOTENCY_KEY)
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                    body,
+                    at: Instant::now(),
+                });
+                seen.len() - 1
+            };
+            let (status, headers) = this.script[n.min(this.script.len() - 1)];
+            let mut res = Response::builder().status(status);
+            for (k, v) in headers {
+                res = res.header(*k, *v);
+            }
+            Ok(res.body(Full::new(Bytes::from("done"))).unwrap())
+        })
+    }
+}
+
+fn req(method: Method) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("http://svc/orders")
+        .body(Full::new(Bytes::from_static(b"{\"qty\":1}")))
+        .unwrap()
+}
+
+fn fixed(ms: u64) -> Backoff {
+    Backoff::exponential(Duration::from_millis(ms), Duration::from_millis(ms)).jitter(Jitter::None)
+}
+
+const UNAVAILABLE: Reply = (503, &[]);
+
+#[tokio::test(start_paused = true)]
+async fn post_without_a_key_is_never_retried() {
+    let layer =
+        RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()).backoff(fixed(10))).unwrap();
+    for (method, want) in [
+        (Method::POST, 1),
+        (Method::PATCH, 1),
+        (Method::GET, 3),
+        (Method::PUT, 3),
+        (Method::DELETE, 3),
+    ] {
+        let inner = Scripted::new(vec![UNAVAILABLE]);
+        let res = layer
+            .layer(inner.clone())
+            .oneshot(req(method.clone()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
+        assert_eq!(inner.seen().len(), want, "{method}");
+        assert!(inner.seen().iter().all(|s| s.body == "{\"qty\":1}"));
+        assert!(inner.seen().iter().all(|s| s.method == method));
+    }
+    // A POST that carries its own key may be retried; the key is left as it was.
+    let inner = Scripted::new(vec![UNAVAILABLE, UNAVAILABLE, (201, &[])]);
+    let mut r = req(Method::POST);
+    r.headers_mut()
+        .insert(IDEMPOTENCY_KEY, "order-17".parse().unwrap());
+    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let keys: Vec<_> = inner.seen().into_iter().map(|s| s.key).collect();
+    assert_eq!(keys, vec![Some("order-17".to_owned()); 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn add_idempotency_key_gives_every_attempt_the_same_fresh_key() {
+    let layer = RetryLayer::new(
+        RetryPolicy::http()
+            .add_idempotency_key()
+            .clock(Clock::tokio())
+            .backoff(fixed(10)),
+    )
+    .unwrap();
+    let mut first_keys = Vec::new();
+    for method in [Method::POST, Method::PATCH, Method::POST] {
+        let inner = Scripted::new(vec![UNAVAILABLE, (502, &[]), (200, &[])]);
+        let res = layer
+            .layer(inner.clone())
+            .oneshot(req(method))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let seen = inner.seen();
+        assert_eq!(seen.len(), 3);
+        let key = seen[0].key.clone().expect("a key on the first attempt");
+        assert_eq!(key.len(), 36);
+        assert!(seen.iter().all(|s| s.key.as_deref() == Some(&key)));
+        first_keys.push(key);
+    }
+    first_keys.dedup();
+    assert_eq!(first_keys.len(), 3, "a fresh key per logical request");
+    // Idempotent methods need no key and get none.
+    let inner = Scripted::new(vec![UNAVAILABLE, (200, &[])]);
+    let _ = layer
+        .layer(inner.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .unwrap();
+    assert!(inner.seen().iter().all(|s| s.key.is_none()));
+}
+
+async fn wait_before_retry(
+    policy: RetryPolicy<tower_bulwark::classify::HttpStatus, tower_bulwark::retry::HttpReplay>,
+    first: Reply,
+) -> (usize, Duration) {
+    let layer = RetryLayer::new(policy.clock(Clock::tokio())).unwrap();
+    let inner = Scripted::new(vec![first, (200, &[])]);
+    let _ = layer
+        .layer(inner.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .unwrap();
+    let seen = inner.seen();
+    let gap = if seen.len() > 1 {
+        seen[1].at - seen[0].at
+    } else {
+        Duration::ZERO
+    };
+    (seen.len(), gap)
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_and_capped() {
+    let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
+        .jitter(Jitter::None);
+    let p = || RetryPolicy::http().backoff(backoff);
+    assert_eq!(
+        wait_before_retry(p(), (503, &[("retry-after", "2")])).await,
+        (2, Duration::from_secs(2))
+    );
+    assert_eq!(
+        wait_before_retry(p(), (429, &[("retry-after", "3600")])).await,
+        (2, Duration::from_secs(5)),
+        "capped by the maximum delay"
+    );
+    assert_eq!(
+        wait_before_retry(
+            p(),
+            (503, &[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")])
+        )
+        .await,
+        (2, Duration::from_secs(5)),
+        "an HTTP-date, capped"
+    );
+    assert_eq!(
+        wait_before_retry(
+            p(),
+            (503, &[("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")])
+        )
+        .await,
+        (2, Duration::ZERO),
+        "a date in the past: at once"
+    );
+    for bad in ["soon", "-3", "1.5", "Sunday, 06-Nov-94"] {
+        let header: &'static [(&'static str, &'static str)] =
+            Box::leak(Box::new([("retry-after", bad)]));
+        assert_eq!(
+            wait_before_retry(p(), (503, header)).await,
+            (2, Duration::from_millis(100)),
+            "malformed {bad:?}: the backoff decides"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_pushback_is_honoured_capped_and_malformed_stops() {
+    let run = |first: Reply| async move {
+        let layer = RetryLayer::new(
+            RetryPolicy::grpc().clock(Clock::tokio()).backoff(
+                Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1))
+                    .jitter(Jitter::None),
+            ),
+        )
+        .unwrap();
+        let inner = Scripted::new(vec![first, (200, &[("grpc-status", "0")])]);
+        // gRPC calls are POST; the method does not stop them.
+        let _ = layer
+            .layer(inner.clone())
+            .oneshot(req(Method::POST))
+            .await
+            .unwrap();
+        let seen = inner.seen();
+        let gap = if seen.len() > 1 {
+            seen[1].at - seen[0].at
+        } else {
+            Duration::ZERO
+        };
+        (seen.len(), gap)
+    };
+    assert_eq!(
+        run((
+            200,
+            &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "300")]
+        ))
+        .await,
+        (2, Duration::from_millis(300))
+    );
+    assert_eq!(
+        run((
+            200,
+            &[("grpc-status", "8"), ("grpc-retry-pushback-ms", "60000")]
+        ))
+        .await,
+        (2, Duration::from_secs(1)),
+        "capped"
+    );
+    assert_eq!(
+        run((
+            200,
+            &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "-1")]
+        ))
+        .await,
+        (1, Duration::ZERO),
+        "negative: do not retry"
+    );
+    assert_eq!(
+        run((
+            200,
+            &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "later")]
+        ))
+        .await,
+        (1, Duration::ZERO),
+        "malformed: do not retry"
+    );
+    assert_eq!(
+        run((200, &[("grpc-status", "14")])).await,
+        (2, Duration::from_millis(50)),
+        "no hint: the backoff"
+    );
+    assert_eq!(
+        run((200, &[("grpc-status", "3")])).await,
+        (1, Duration::ZERO),
+        "INVALID_ARGUMENT is not retried"
+    );
+}
+
+fn streamed(chunks: &[&'static str]) -> axum::body::Body {
+    let frames: Vec<Result<Bytes, Infallible>> = chunks
+        .iter()
+        .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+        .collect();
+    axum::body::Body::from_stream(futures_util::stream::iter(frames))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_axum_body_is_replayed_to_an_axum_router() {
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<Vec<Bytes>>>);
+    async fn flaky(State(calls): State<Calls>, body: Bytes) -> (StatusCode, Bytes) {
+        let mut seen = calls.0.lock().unwrap();
+        seen.push(body.clone());
+        if seen.len() < 3 {
+            (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
+        } else {
+            (StatusCode::OK, body)
+        }
+    }
+    let calls = Calls::default();
+    let router = Router::new()
+        .route("/orders", post(flaky))
+        .with_state(calls.clone());
+    let client = ServiceBuilder::new()
+        .layer(
+            RetryLayer::new(
+                RetryPolicy::http()
+                    .add_idempotency_key()
+                    .clock(Clock::tokio())
+                    .backoff(fixed(5)),
+            )
+            .unwrap(),
+        )
+        .service(router);
+    let req = Request::post("/orders")
+        .body(streamed(&["{\"sku\":", "\"tea\",", "\"qty\":2}"]))
+        .unwrap();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "{\"sku\":\"tea\",\"qty\":2}");
+    let seen = calls.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|b| b == "{\"sku\":\"tea\",\"qty\":2}"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_limit_is_sent_once() {
+    let layer = RetryLayer::new(
+        RetryPolicy::http()
+            .body_limit(8)
+            .clock(Clock::tokio())
+            .backoff(fixed(5)),
+    )
+    .unwrap();
+    // Size known in advance.
+    let inner = Scripted::new(vec![UNAVAILABLE]);
+    let r = Request::put("http://svc/x")
+        .body(Full::new(Bytes::from_static(b"0123456789")))
+        .unwrap();
+    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(inner.seen().len(), 1);
+    // Size found out while streaming: the attempt gets every byte, and is the only one.
+    let inner = Scripted::new(vec![UNAVAILABLE]);
+    let r = Request::put("http://svc/x")
+        .body(streamed(&["01234", "56789"]))
+        .unwrap();
+    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let seen = inner.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, "0123456789");
+    // Under the limit, streamed: retried with the whole body.
+    let inner = Scripted::new(vec![UNAVAILABLE, (200, &[])]);
+    let r = Request::put("http://svc/x")
+        .body(streamed(&["012", "345"]))
+        .unwrap();
+    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(inner.seen().iter().all(|s| s.body == "012345"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_below_becomes_a_503_above_without_being_hammered() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let breaker = {
+        let calls = calls.clone();
+        service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err::<Response<Full<Bytes>>, BoxError>(
+                    Rejection::circuit_open(Duration::from_secs(30)).into(),
+                )
+            }
+        })
+    };
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(RetryLayer::new(RetryPolicy::http().clock(Clock::tokio())).unwrap())
+        .service(breaker);
+    let res = svc.oneshot(req(Method::GET)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "30");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_open_briefly_is_waited_out() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let breaker = {
+        let calls = calls.clone();
+        service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err::<_, BoxError>(Rejection::circuit_open(Duration::from_millis(400)).into())
+                } else {
+                    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            }
+        })
+    };
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(RetryLayer::new(RetryPolicy::http().clock(Clock::tokio())).unwrap())
+        .service(breaker);
+    let start = Instant::now();
+    let res = svc.oneshot(req(Method::GET)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_millis(400));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tonic_body_is_replayed_through_a_map_request() {
+    // A tonic client's request type, as a `Channel` takes it.
+    let inner = Scripted::new(vec![
+        (200, &[("grpc-status", "14")]),
+        (200, &[("grpc-status", "0")]),
+    ]);
+    let svc = ServiceBuilder::new()
+        .layer(
+            RetryLayer::new(RetryPolicy::grpc().clock(Clock::tokio()).backoff(fixed(5))).unwrap(),
+        )
+        .map_request(|r: Request<ReplayBody<tonic::body::Body>>| r.map(tonic::body::Body::new))
+        .service(inner.clone());
+    let frames: Vec<Result<Bytes, tonic::Status>> = vec![
+        Ok(Bytes::from_static(b"\0\0\0\0\x02")),
+        Ok(Bytes::from_static(b"hi")),
+    ];
+    let body = tonic::body::Body::new(StreamBody::new(futures_util::stream::iter(
+        frames.into_iter().map(|f| f.map(http_body::Frame::data)),
+    )));
+    let r = Request::post("http://svc/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .body(body)
+        .unwrap();
+    let res = svc.oneshot(r).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "0");
+    let seen = inner.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|s| s.body == b"\0\0\0\0\x02hi"[..]));
+}
