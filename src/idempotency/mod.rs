@@ -159,3 +159,6 @@ pub use self::store::{
     Claim, Lease, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
     StoreErrorKind, StoreKey,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::store::{RedisStore, RedisStoreConfigError, RedisStoreStats};

@@ -28,7 +28,12 @@ use super::fingerprint::Fingerprint;
 use super::record::Record;
 
 pub mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreConfigError, RedisStoreStats};
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
 /// The key a record is stored under: the request's scope and its idempotency key.

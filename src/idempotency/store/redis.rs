@@ -1,0 +1,473 @@
+//! [`RedisStore`]: idempotency leases and records in Redis, shared by every replica.
+//!
+//! One Redis key per idempotency key holds either a lease or a record, each with a time to
+//! live:
+//!
+//! - [`claim`](Store::claim) is one Lua script, one round trip: `GET`, and when the key is
+//!   free, `SET key <lease> NX PX <lease ttl>` with a fresh owner token; otherwise it answers
+//!   in flight, mismatch, or the stored record itself (a replay costs one round trip).
+//! - [`complete`](Store::complete) and [`release`](Store::release) are compare-and-set
+//!   scripts: they act only while the key still holds this owner's token, so only the owner
+//!   completes or releases.
+//! - [`get`](Store::get) is one `GET`.
+//!
+//! Values are compact binary: a lease is `L`, the request's fingerprint (16 bytes) and the
+//! owner token (16 bytes); a record is `R`, the fingerprint and [`Record::encode`]'s bytes (no
+//! serde). Keys are `<prefix>{<hex of 128 bits of SHA-1 of the scope and key>}`: a hostile
+//! idempotency key (long, binary, braces) can leave neither the prefix nor the Redis Cluster
+//! hash tag.
+//!
+//! # What the owner token protects against, and lease loss on failover
+//!
+//! The token protects against a *late owner*: a request that ran longer than its lease, whose
+//! key was meanwhile claimed by a retry. Its `complete` finds another token and fails with
+//! [`StoreErrorKind::LeaseLost`] instead of overwriting the new owner's lease or record, and
+//! its `release` leaves the new owner's lease alone.
+//!
+//! It cannot protect against Redis losing the lease itself. Redis replication is
+//! asynchronous: if the primary fails after acknowledging a claim and before a replica
+//! received it, the promoted replica has no lease, and a retry of the same key claims it and
+//! runs **a second time**. The same happens if Redis restarts without persistence, or evicts
+//! the key under memory pressure (use a `noeviction` or `volatile-*` policy). Exactly-once
+//! holds while Redis keeps what it acknowledged; handlers that must never run twice should
+//! also be idempotent in their own database (a unique constraint on the key).
+//!
+//! # Failures
+//!
+//! Every call has a [timeout](RedisStore::timeout) (default 50 ms); a timeout is a
+//! [`StoreErrorKind::Timeout`], any other Redis failure a [`StoreErrorKind::Unavailable`], and
+//! the idempotency layer applies its failure policy (`FailClosed` by default: 503, nothing
+//! runs; or `FailOpen`: runs without deduplication). The store counts failures
+//! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
+//! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
+
+use std::fmt;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use super::{Claim, Lease, Store, StoreError, StoreErrorKind, StoreKey};
+use crate::clock::{duration_nanos, Clock};
+use crate::idempotency::{Fingerprint, Record};
+
+/// The key prefix used unless [`RedisStore::prefix`] says otherwise.
+pub const DEFAULT_PREFIX: &str = "bulwark:idem:";
+
+/// The time a store call may take, unless [`RedisStore::timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The longest prefix accepted, in bytes.
+pub const MAX_PREFIX_LEN: usize = 256;
+
+const LOG_EVERY_NS: u64 = 1_000_000_000;
+const NEVER: u64 = u64::MAX;
+
+/// `GET`; if free, `SET NX PX` a lease; else answer from what the key holds.
+/// Returns {1, ''} claimed, {2, ''} in flight, {3, record} completed, {4, ''} mismatch.
+static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'L' .. ARGV[1] .. ARGV[2], 'NX', 'PX', ARGV[3])
+  return {1, ''}
+end
+if string.sub(v, 2, 17) ~= ARGV[1] then return {4, ''} end
+local kind = string.sub(v, 1, 1)
+if kind == 'L' then return {2, ''} end
+if kind == 'R' then return {3, string.sub(v, 18)} end
+return {4, ''}
+",
+    )
+});
+
+/// Replaces the lease by the record, only while the key holds this owner's token.
+static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Deletes the lease, only while the key holds this owner's token.
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// Why a [`RedisStore`]'s configuration was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisStoreConfigError {
+    /// The prefix contains `{` or `}`, which would change the key's Redis Cluster hash tag.
+    PrefixBraces,
+    /// The prefix is longer than [`MAX_PREFIX_LEN`] bytes.
+    PrefixTooLong,
+    /// A timeout of zero.
+    ZeroTimeout,
+}
+
+impl fmt::Display for RedisStoreConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedisStoreConfigError::PrefixBraces => "redis key prefix must not contain '{' or '}'",
+            RedisStoreConfigError::PrefixTooLong => "redis key prefix is longer than 256 bytes",
+            RedisStoreConfigError::ZeroTimeout => "redis timeout must be greater than zero",
+        })
+    }
+}
+
+impl std::error::Error for RedisStoreConfigError {}
+
+/// The future of every [`RedisStore`] operation. The Redis client boxes each command's future
+/// itself; this box holds it with its connection handle and timeout.
+pub type RedisStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// Figures of a [`RedisStore`], for this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisStoreStats {
+    /// Calls Redis could not answer (errors and timeouts).
+    pub failures: u64,
+    /// Of `failures`, those that ran out of time.
+    pub timeouts: u64,
+    /// `complete` calls that found another owner's lease (or none).
+    pub leases_lost: u64,
+    /// Records that could not be decoded.
+    pub corrupt: u64,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    prefix: Arc<[u8]>,
+    timeout: Duration,
+    /// Two SipHash keys drawn from the OS at start: owner tokens are a keyed hash of a
+    /// counter, unique in this process and unpredictable across processes.
+    token_keys: (
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    ),
+    next_token: AtomicU64,
+    clock: Clock,
+    failures: AtomicU64,
+    timeouts: AtomicU64,
+    leases_lost: AtomicU64,
+    corrupt: AtomicU64,
+    last_log: AtomicU64,
+    suppressed: AtomicU64,
+    degraded: AtomicBool,
+}
+
+/// Idempotency leases and records in Redis; see the [module docs](self).
+///
+/// ```no_run
+/// use tower_bulwark::idempotency::{IdempotencyLayer, RedisStore};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1/".into());
+/// let conn = redis::Client::open(url)?.get_connection_manager().await?;
+/// let layer = IdempotencyLayer::new(RedisStore::new(conn).prefix("orders:idem:")?);
+/// # let _ = layer; Ok(()) }
+/// ```
+///
+/// # Clone
+///
+/// Clones share the connection and the counters. The records live in Redis: every store, in
+/// any process, with the same prefix sees them.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl RedisStore {
+    /// A store on this connection, with the default prefix and timeout.
+    pub fn new(conn: ConnectionManager) -> RedisStore {
+        RedisStore::build(conn, Arc::from(DEFAULT_PREFIX.as_bytes()), DEFAULT_TIMEOUT)
+    }
+
+    fn build(conn: ConnectionManager, prefix: Arc<[u8]>, timeout: Duration) -> RedisStore {
+        RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                prefix,
+                timeout,
+                token_keys: Default::default(),
+                next_token: AtomicU64::new(1),
+                clock: Clock::new(),
+                failures: AtomicU64::new(0),
+                timeouts: AtomicU64::new(0),
+                leases_lost: AtomicU64::new(0),
+                corrupt: AtomicU64::new(0),
+                last_log: AtomicU64::new(NEVER),
+                suppressed: AtomicU64::new(0),
+                degraded: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The prefix of this store's Redis keys (default [`DEFAULT_PREFIX`]). Stores with the
+    /// same prefix share their records.
+    ///
+    /// # Errors
+    ///
+    /// When the prefix contains `{` or `}` or is longer than [`MAX_PREFIX_LEN`] bytes.
+    pub fn prefix(self, prefix: &str) -> Result<RedisStore, RedisStoreConfigError> {
+        if prefix.len() > MAX_PREFIX_LEN {
+            return Err(RedisStoreConfigError::PrefixTooLong);
+        }
+        if prefix.contains(['{', '}']) {
+            return Err(RedisStoreConfigError::PrefixBraces);
+        }
+        Ok(RedisStore::build(
+            self.inner.conn.clone(),
+            Arc::from(prefix.as_bytes()),
+            self.inner.timeout,
+        ))
+    }
+
+    /// How long each call may take, reconnection included (default [`DEFAULT_TIMEOUT`]).
+    ///
+    /// # Errors
+    ///
+    /// [`RedisStoreConfigError::ZeroTimeout`] for a zero duration.
+    pub fn timeout(self, timeout: Duration) -> Result<RedisStore, RedisStoreConfigError> {
+        if timeout.is_zero() {
+            return Err(RedisStoreConfigError::ZeroTimeout);
+        }
+        Ok(RedisStore::build(
+            self.inner.conn.clone(),
+            self.inner.prefix.clone(),
+            timeout,
+        ))
+    }
+
+    /// This process's figures.
+    pub fn stats(&self) -> RedisStoreStats {
+        let i = &self.inner;
+        RedisStoreStats {
+            failures: i.failures.load(Ordering::Relaxed),
+            timeouts: i.timeouts.load(Ordering::Relaxed),
+            leases_lost: i.leases_lost.load(Ordering::Relaxed),
+            corrupt: i.corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The Redis key of a store key: `<prefix>{<32 hex digits>}`.
+    pub fn redis_key(&self, key: &StoreKey) -> Vec<u8> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut encoded = Vec::with_capacity(key.encoded_len());
+        key.encode_into(&mut encoded);
+        let digest = sha1_smol::Sha1::from(&encoded).digest().bytes();
+        let prefix = &self.inner.prefix;
+        let mut out = Vec::with_capacity(prefix.len() + 34);
+        out.extend_from_slice(prefix);
+        out.push(b'{');
+        for b in &digest[..16] {
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        }
+        out.push(b'}');
+        out
+    }
+
+    fn token(&self) -> u128 {
+        let n = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let (a, b) = &self.inner.token_keys;
+        (u128::from(a.hash_one(n)) << 64) | u128::from(b.hash_one(n))
+    }
+
+    /// Runs `op` with the timeout, mapping and counting failures.
+    fn run<T, F>(&self, op: F) -> RedisStoreFuture<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<Result<T, StoreError>, redis::RedisError>> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let out = tokio::time::timeout(inner.timeout, op).await;
+            match out {
+                Ok(Ok(result)) => {
+                    if inner.degraded.load(Ordering::Relaxed)
+                        && inner.degraded.swap(false, Ordering::Relaxed)
+                    {
+                        inner.last_log.store(NEVER, Ordering::Relaxed);
+                        inner.suppressed.store(0, Ordering::Relaxed);
+                        tracing::info!("redis idempotency store: reachable again");
+                    }
+                    if let Err(e) = &result {
+                        match e.kind() {
+                            StoreErrorKind::LeaseLost => {
+                                inner.leases_lost.fetch_add(1, Ordering::Relaxed);
+                            }
+                            StoreErrorKind::Corrupt => {
+                                inner.corrupt.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                    }
+                    result
+                }
+                Ok(Err(e)) => {
+                    inner.failure(&e, false);
+                    Err(StoreError::with_source(StoreErrorKind::Unavailable, e))
+                }
+                Err(elapsed) => {
+                    inner.failure(&elapsed, true);
+                    Err(StoreError::with_source(StoreErrorKind::Timeout, elapsed))
+                }
+            }
+        })
+    }
+}
+
+impl Inner {
+    #[cold]
+    fn failure(&self, error: &dyn fmt::Display, timed_out: bool) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if timed_out {
+            self.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.degraded.store(true, Ordering::Relaxed);
+        let now = self.clock.now_nanos();
+        let last = self.last_log.load(Ordering::Relaxed);
+        let due = last == NEVER || now.saturating_sub(last) >= LOG_EVERY_NS;
+        if due
+            && self
+                .last_log
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                error = %error,
+                timed_out,
+                suppressed,
+                prefix = %String::from_utf8_lossy(&self.prefix),
+                "redis idempotency store: unavailable"
+            );
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn ttl_ms(d: Duration) -> u64 {
+    duration_nanos(d).div_ceil(1_000_000).max(1)
+}
+
+fn decode_record(bytes: &[u8]) -> Result<Arc<Record>, StoreError> {
+    Record::decode(bytes)
+        .map(Arc::new)
+        .map_err(|e| StoreError::with_source(StoreErrorKind::Corrupt, e))
+}
+
+impl Store for RedisStore {
+    type ClaimFuture = RedisStoreFuture<Claim>;
+    type CompleteFuture = RedisStoreFuture<()>;
+    type ReleaseFuture = RedisStoreFuture<()>;
+    type GetFuture = RedisStoreFuture<Option<Arc<Record>>>;
+
+    fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease_ttl: Duration,
+    ) -> Self::ClaimFuture {
+        let rkey = self.redis_key(key);
+        let token = self.token();
+        let lease = Lease::new(key.clone(), token, fingerprint);
+        let mut conn = self.inner.conn.clone();
+        self.run(async move {
+            let mut inv = CLAIM.key(rkey);
+            inv.arg(&fingerprint.as_u128().to_be_bytes()[..])
+                .arg(&token.to_be_bytes()[..])
+                .arg(ttl_ms(lease_ttl));
+            let (code, bytes): (i64, Vec<u8>) = inv.invoke_async(&mut conn).await?;
+            Ok(match code {
+                1 => Ok(Claim::Claimed(lease)),
+                2 => Ok(Claim::InFlight),
+                3 => decode_record(&bytes).map(Claim::Completed),
+                _ => Ok(Claim::Mismatch),
+            })
+        })
+    }
+
+    fn complete(&self, lease: &Lease, record: Record, ttl: Duration) -> Self::CompleteFuture {
+        let rkey = self.redis_key(lease.key());
+        let token = lease.token();
+        let mut value = Vec::with_capacity(17 + record.encoded_len());
+        value.push(b'R');
+        value.extend_from_slice(&lease.fingerprint().as_u128().to_be_bytes());
+        record.encode_into(&mut value);
+        let mut conn = self.inner.conn.clone();
+        self.run(async move {
+            let mut inv = COMPLETE.key(rkey);
+            inv.arg(&token.to_be_bytes()[..])
+                .arg(value)
+                .arg(ttl_ms(ttl));
+            let done: i64 = inv.invoke_async(&mut conn).await?;
+            Ok(if done == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::new(StoreErrorKind::LeaseLost))
+            })
+        })
+    }
+
+    fn release(&self, lease: &Lease) -> Self::ReleaseFuture {
+        let rkey = self.redis_key(lease.key());
+        let token = lease.token();
+        let mut conn = self.inner.conn.clone();
+        self.run(async move {
+            let mut inv = RELEASE.key(rkey);
+            inv.arg(&token.to_be_bytes()[..]);
+            let _: i64 = inv.invoke_async(&mut conn).await?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn get(&self, key: &StoreKey) -> Self::GetFuture {
+        let rkey = self.redis_key(key);
+        let mut conn = self.inner.conn.clone();
+        self.run(async move {
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(rkey).query_async(&mut conn).await?;
+            Ok(match v {
+                Some(v) if v.first() == Some(&b'R') && v.len() >= 17 => {
+                    decode_record(&v[17..]).map(Some)
+                }
+                _ => Ok(None),
+            })
+        })
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field(
+                "prefix",
+                &String::from_utf8_lossy(&self.inner.prefix).as_ref(),
+            )
+            .field("timeout", &self.inner.timeout)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
