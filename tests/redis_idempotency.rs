@@ -51,6 +51,14 @@ async fn conn(url: &str) -> ConnectionManager {
         .unwrap()
 }
 
+/// Calls in these tests may take long on a loaded machine without being failures: a stopped
+/// server is seen at once (connection refused), not by the timeout.
+fn store(c: &ConnectionManager) -> RedisStore {
+    RedisStore::new(c.clone())
+        .timeout(Duration::from_secs(2))
+        .unwrap()
+}
+
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -85,7 +93,7 @@ fn lease(c: Claim) -> Lease {
 async fn store_contract_claim_complete_replay_mismatch_release() {
     let server = server_or_skip!("store_contract_claim_complete_replay_mismatch_release");
     let c = conn(&server.url()).await;
-    let store = RedisStore::new(c.clone()).prefix("c:").unwrap();
+    let store = store(&c).prefix("c:").unwrap();
     let k = key(b"order-1");
 
     let l1 = lease(store.claim(&k, fp(1), LEASE).await.unwrap());
@@ -147,7 +155,7 @@ async fn store_contract_claim_complete_replay_mismatch_release() {
 async fn only_the_owner_completes_or_releases() {
     let server = server_or_skip!("only_the_owner_completes_or_releases");
     let c = conn(&server.url()).await;
-    let store = RedisStore::new(c.clone());
+    let store = store(&c);
     let k = key(b"slow");
     let old = lease(store.claim(&k, fp(1), LEASE).await.unwrap());
     // The old owner's lease is lost (as if it expired) and a retry claims the key.
@@ -177,7 +185,7 @@ async fn only_the_owner_completes_or_releases() {
 async fn hostile_keys_stay_under_the_prefix() {
     let server = server_or_skip!("hostile_keys_stay_under_the_prefix");
     let c = conn(&server.url()).await;
-    let store = RedisStore::new(c.clone()).prefix("idem:").unwrap();
+    let store = store(&c).prefix("idem:").unwrap();
     let hostile: Vec<Vec<u8>> = vec![
         b"}{".to_vec(),
         b"{x}".to_vec(),
@@ -218,7 +226,7 @@ fn post(k: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_layers_sharing_one_redis_run_a_key_once() {
     let server = server_or_skip!("two_layers_sharing_one_redis_run_a_key_once");
     let runs = Arc::new(AtomicU64::new(0));
@@ -227,7 +235,7 @@ async fn two_layers_sharing_one_redis_run_a_key_once() {
     let gate = Arc::new(Semaphore::new(0));
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let layer = IdempotencyLayer::builder(RedisStore::new(conn(&server.url()).await))
+        let layer = IdempotencyLayer::builder(store(&conn(&server.url()).await))
             .build()
             .unwrap();
         let handle = layer.handle();
@@ -308,12 +316,9 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
         (svc, handle)
     };
     let c = conn(&server.url()).await;
-    let closed_store = RedisStore::new(c.clone()).prefix("closed:").unwrap();
+    let closed_store = store(&c).prefix("closed:").unwrap();
     let (closed, hc) = mk(closed_store.clone(), FailurePolicy::FailClosed);
-    let (open, ho) = mk(
-        RedisStore::new(c.clone()).prefix("open:").unwrap(),
-        FailurePolicy::FailOpen,
-    );
+    let (open, ho) = mk(store(&c).prefix("open:").unwrap(), FailurePolicy::FailOpen);
 
     // Healthy: "a" runs once on each layer, then replays.
     for svc in [&closed, &open] {

@@ -54,6 +54,14 @@ async fn conn(url: &str) -> ConnectionManager {
         .unwrap()
 }
 
+/// Checks in these tests may take long on a loaded machine without being failures: a stopped
+/// server is seen at once (connection refused), not by the timeout.
+const PATIENT: Duration = Duration::from_secs(2);
+
+fn patient<K>(layer: RedisRateLimitLayer<K>) -> RedisRateLimitLayer<K> {
+    layer.timeout(PATIENT).unwrap()
+}
+
 /// A ready service that counts its calls.
 #[derive(Clone, Default)]
 struct Counting(Arc<AtomicU64>);
@@ -102,6 +110,8 @@ async fn replicas(
         let layer =
             RedisRateLimitLayer::keyed(conn(url).await, quota, by_request as fn(&Key) -> Key)
                 .unwrap()
+                .timeout(PATIENT)
+                .unwrap()
                 .prefix(prefix)
                 .unwrap()
                 .clock(clock);
@@ -111,7 +121,7 @@ async fn replicas(
     out.try_into().ok().unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_admit_exactly_the_quota_over_a_window() {
     let server = server_or_skip!("two_replicas_admit_exactly_the_quota_over_a_window");
     // 25 per hour: the window (one hour) spans the whole test, so exactly 25 are admitted.
@@ -160,6 +170,8 @@ async fn global_limit_shared_by_two_layers() {
     let mk = |c| {
         RedisRateLimitLayer::new(c, quota)
             .unwrap()
+            .timeout(PATIENT)
+            .unwrap()
             .prefix("t2:")
             .unwrap()
     };
@@ -181,7 +193,8 @@ async fn global_limit_shared_by_two_layers() {
 async fn script_flush_mid_run_reloads_the_script() {
     let server = server_or_skip!("script_flush_mid_run_reloads_the_script");
     let c = conn(&server.url()).await;
-    let layer = RedisRateLimitLayer::new(c.clone(), Quota::per_second(1000).unwrap()).unwrap();
+    let layer =
+        patient(RedisRateLimitLayer::new(c.clone(), Quota::per_second(1000).unwrap()).unwrap());
     let handle = layer.handle();
     let calls = Counting::default();
     let svc = ServiceBuilder::new().layer(layer).service(calls.clone());
@@ -205,12 +218,58 @@ async fn script_flush_mid_run_reloads_the_script() {
     assert_eq!(handle.store_failures(), 0);
 }
 
+/// Calls of a command since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+async fn calls(admin: &mut ConnectionManager, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn one_round_trip_per_check() {
+    let server = server_or_skip!("one_round_trip_per_check");
+    let c = conn(&server.url()).await;
+    let layer = patient(
+        RedisRateLimitLayer::keyed(c.clone(), Quota::per_second(2).unwrap(), by_request).unwrap(),
+    );
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(Counting::default());
+    // The first check ever loads the script.
+    svc.clone().oneshot(b"warm".to_vec()).await.unwrap();
+    let mut admin = c.clone();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Admitted or rejected, each check is one EVALSHA and nothing else.
+    for _ in 0..5 {
+        let _ = svc.clone().oneshot(b"k".to_vec()).await;
+    }
+    assert_eq!(calls(&mut admin, "evalsha").await, 5);
+    assert_eq!(calls(&mut admin, "eval").await, 0);
+    assert_eq!(calls(&mut admin, "script|load").await, 0);
+    // Inside the script (Redis counts those too): one GET per check, a SET per admit only
+    // (burst 2: two admitted, three rejected without a write).
+    assert_eq!(calls(&mut admin, "get").await, 5);
+    assert_eq!(calls(&mut admin, "set").await, 2);
+}
+
 #[tokio::test]
 async fn hostile_keys_stay_under_the_prefix_and_expire() {
     let server = server_or_skip!("hostile_keys_stay_under_the_prefix_and_expire");
     let c = conn(&server.url()).await;
     let quota = Quota::per_second(2).unwrap().burst(3).unwrap(); // window 1.5 s
     let layer = RedisRateLimitLayer::keyed(c.clone(), quota, by_request)
+        .unwrap()
+        .timeout(PATIENT)
         .unwrap()
         .prefix("app:rl:")
         .unwrap();
@@ -269,7 +328,7 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
             .unwrap()
             .prefix(prefix)
             .unwrap()
-            .timeout(Duration::from_millis(50))
+            .timeout(PATIENT)
             .unwrap()
             .failure_policy(policy)
     };
@@ -345,11 +404,60 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
 }
 
 #[tokio::test]
+async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
+    let server = server_or_skip!("a_redis_that_does_not_answer_is_cut_off_by_the_timeout");
+    let c = conn(&server.url()).await;
+    let layer = RedisRateLimitLayer::new(c.clone(), Quota::per_hour(100).unwrap())
+        .unwrap()
+        .timeout(Duration::from_millis(30))
+        .unwrap()
+        .failure_policy(FailurePolicy::FailOpen);
+    let handle = layer.handle();
+    let calls = Counting::default();
+    let svc = ServiceBuilder::new().layer(layer).service(calls.clone());
+    svc.clone().oneshot(()).await.unwrap();
+    // Redis holds every client's commands for a second (the connection stays up, nothing
+    // answers).
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        svc.clone().oneshot(()).await.unwrap();
+    }
+    assert_eq!(handle.timeouts(), 3);
+    assert_eq!(handle.failed_open(), 3);
+    assert_eq!(calls.calls(), 4);
+    // When the pause ends, checks succeed again (each failed attempt takes the 30 ms timeout).
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(attempts < 100, "no recovery");
+        let before = handle.store_failures();
+        svc.clone().oneshot(()).await.unwrap();
+        if handle.store_failures() == before {
+            break;
+        }
+    }
+    assert!(!handle.degraded());
+    assert!(handle.timeouts() >= 3);
+}
+
+#[tokio::test]
 async fn a_dropped_future_releases_what_the_inner_service_reserved() {
     let server = server_or_skip!("a_dropped_future_releases_what_the_inner_service_reserved");
-    let layer =
+    let layer = patient(
         RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_second(100).unwrap())
-            .unwrap();
+            .unwrap(),
+    );
     // ConcurrencyLimit(1) below: its permit is taken in poll_ready and moves into the future.
     let mut svc = ServiceBuilder::new()
         .layer(layer)
@@ -377,6 +485,8 @@ async fn a_dropped_future_releases_what_the_inner_service_reserved() {
 async fn axum_answers_429_and_503() {
     let mut server = server_or_skip!("axum_answers_429_and_503");
     let layer = RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(2).unwrap())
+        .unwrap()
+        .timeout(PATIENT)
         .unwrap()
         .failure_policy(FailurePolicy::FailClosed);
     let handle = layer.handle();
