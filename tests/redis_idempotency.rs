@@ -374,3 +374,114 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
         "a key ran twice after recovery"
     );
 }
+
+#[derive(Clone, Debug)]
+enum Op {
+    Claim { key: u8, fp: u8 },
+    Complete { lease: usize, body: u8 },
+    Release { lease: usize },
+    Get { key: u8 },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0u8..3, 0u8..2).prop_map(|(key, fp)| Op::Claim { key, fp }),
+        2 => (0usize..8, 0u8..4).prop_map(|(lease, body)| Op::Complete { lease, body }),
+        1 => (0usize..8).prop_map(|lease| Op::Release { lease }),
+        1 => (0u8..3).prop_map(|key| Op::Get { key }),
+    ]
+}
+
+/// What an operation answered, comparable across stores.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Claimed,
+    InFlight,
+    Completed(Bytes),
+    Mismatch,
+    Done(Result<(), StoreErrorKind>),
+    Got(Option<Bytes>),
+    NoLease,
+}
+
+fn seen_claim(c: Claim, leases: &mut Vec<Lease>) -> Seen {
+    match c {
+        Claim::Claimed(l) => {
+            leases.push(l);
+            Seen::Claimed
+        }
+        Claim::InFlight => Seen::InFlight,
+        Claim::Completed(r) => Seen::Completed(r.body().clone()),
+        Claim::Mismatch => Seen::Mismatch,
+        other => panic!("unexpected claim {other:?}"),
+    }
+}
+
+/// The Redis store and the in-process `MemoryStore` are two implementations of one contract:
+/// driven by the same random operations (no expiry), they answer the same.
+#[test]
+fn redis_store_agrees_with_memory_store() {
+    use proptest::test_runner::{Config, TestRunner};
+    use tower_bulwark::idempotency::MemoryStore;
+
+    let Some(server) = RedisServer::start("redis_store_agrees_with_memory_store") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = rt.block_on(conn(&server.url()));
+    let case = std::cell::Cell::new(0u32);
+    let mut runner = TestRunner::new(Config::with_cases(64));
+    runner
+        .run(&proptest::collection::vec(op(), 1..40), |ops| {
+            case.set(case.get() + 1);
+            let redis = store(&c).prefix(&format!("m{}:", case.get())).unwrap();
+            let memory = MemoryStore::default();
+            let (mut rl, mut ml) = (Vec::new(), Vec::new());
+            let bodies = ["zero", "one", "two", "three"];
+            for op in ops {
+                let (a, b) = rt.block_on(async {
+                    match op {
+                        Op::Claim { key: k, fp: f } => {
+                            let k = key(&[k]);
+                            let f = fp(u128::from(f) + 1);
+                            (
+                                seen_claim(redis.claim(&k, f, LEASE).await.unwrap(), &mut rl),
+                                seen_claim(memory.claim(&k, f, LEASE).await.unwrap(), &mut ml),
+                            )
+                        }
+                        Op::Complete { lease, body } if lease < rl.len() => {
+                            let (l1, l2) = (&rl[lease], &ml[lease]);
+                            let r = |l: &Lease| record(l.fingerprint(), bodies[usize::from(body)]);
+                            (
+                                Seen::Done(
+                                    redis.complete(l1, r(l1), TTL).await.map_err(|e| e.kind()),
+                                ),
+                                Seen::Done(
+                                    memory.complete(l2, r(l2), TTL).await.map_err(|e| e.kind()),
+                                ),
+                            )
+                        }
+                        Op::Release { lease } if lease < rl.len() => (
+                            Seen::Done(redis.release(&rl[lease]).await.map_err(|e| e.kind())),
+                            Seen::Done(memory.release(&ml[lease]).await.map_err(|e| e.kind())),
+                        ),
+                        Op::Get { key: k } => {
+                            let k = key(&[k]);
+                            (
+                                Seen::Got(redis.get(&k).await.unwrap().map(|r| r.body().clone())),
+                                Seen::Got(memory.get(&k).await.unwrap().map(|r| r.body().clone())),
+                            )
+                        }
+                        _ => (Seen::NoLease, Seen::NoLease),
+                    }
+                });
+                proptest::prop_assert_eq!(a, b);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
