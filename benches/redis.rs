@@ -5,6 +5,8 @@
 //! - `redis/ping` and `redis/bulwark/rate_limit_check`: one request at a time.
 //! - `redis/script` and `redis/script_64_in_flight`: the limiter's Lua script invoked bare,
 //!   the floor of a check (Redis's own cost).
+//! - `redis/bulwark/idempotency_replay` (one claim that returns the record) and
+//!   `redis/bulwark/idempotency_first` (claim and complete: two round trips), on `RedisStore`.
 //! - `redis/ping_64_in_flight` and `redis/bulwark/rate_limit_check_64_in_flight`: 64 requests
 //!   in flight over one multiplexed connection (throughput is per request).
 
@@ -14,6 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use tower::{Service, ServiceExt};
+use tower_bulwark::idempotency::{Claim, Fingerprint, Record, RedisStore, Store, StoreKey};
 use tower_bulwark::rate_limit::store::RedisRateLimitLayer;
 use tower_bulwark::Quota;
 
@@ -34,6 +37,21 @@ async fn script(conn: &mut ConnectionManager, script: &redis::Script) {
         .await
         .unwrap();
     assert_eq!(admitted, 1);
+}
+
+fn record(fp: Fingerprint) -> Record {
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    Record::response(
+        fp,
+        http::StatusCode::CREATED,
+        h,
+        bytes::Bytes::from_static(b"{\"id\":42,\"status\":\"created\"}"),
+        None,
+    )
 }
 
 async fn ping(conn: &mut ConnectionManager) {
@@ -110,6 +128,61 @@ fn redis(c: &mut Criterion) {
             })
         })
     });
+    // The idempotency store: a replay is one claim (one round trip, the record comes back
+    // with the answer); a first request is a claim and a complete (two).
+    let store = RedisStore::new(conn.clone())
+        .timeout(Duration::from_secs(1))
+        .unwrap();
+    let fp = Fingerprint::from_u128(7);
+    let replayed = StoreKey::new("bench", "replayed");
+    rt.block_on(async {
+        match store
+            .claim(&replayed, fp, Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
+            Claim::Claimed(lease) => store
+                .complete(&lease, record(fp), Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            other => panic!("{other:?}"),
+        }
+    });
+    g.bench_function("bulwark/idempotency_replay", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let c = store.claim(&replayed, fp, Duration::from_secs(60)).await;
+                    assert!(matches!(c, Ok(Claim::Completed(_))));
+                }
+                start.elapsed()
+            })
+        })
+    });
+    let mut n = 0u64;
+    g.bench_function("bulwark/idempotency_first", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    n += 1;
+                    let key = StoreKey::new("bench", n.to_string());
+                    let Ok(Claim::Claimed(lease)) =
+                        store.claim(&key, fp, Duration::from_secs(60)).await
+                    else {
+                        panic!("a fresh key is claimed");
+                    };
+                    store
+                        .complete(&lease, record(fp), Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                }
+                start.elapsed()
+            })
+        })
+    });
+
     g.throughput(Throughput::Elements(64));
     g.bench_function("ping_64_in_flight", |b| {
         b.iter_custom(|iters| {
