@@ -451,6 +451,66 @@ async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
     assert!(handle.timeouts() >= 3);
 }
 
+/// A writer for a `tracing` subscriber that keeps what it is given.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .matches(needle)
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn failures_are_logged_once_a_second_and_the_recovery_once() {
+    let mut server = server_or_skip!("failures_are_logged_once_a_second_and_the_recovery_once");
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let layer = patient(
+        RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(100).unwrap()).unwrap(),
+    )
+    .failure_policy(FailurePolicy::FailOpen);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(Counting::default());
+    svc.clone().oneshot(()).await.unwrap();
+    server.stop();
+    for _ in 0..20 {
+        svc.clone().oneshot(()).await.unwrap();
+    }
+    assert_eq!(handle.failed_open(), 20);
+    // Twenty failures within a second: one line, which names the policy.
+    assert_eq!(logs.count("store unavailable"), 1);
+    assert_eq!(logs.count("policy=FailOpen"), 1);
+    server.restart();
+    let mut attempts = 0;
+    while handle.degraded() || attempts == 0 {
+        attempts += 1;
+        assert!(attempts < 200, "no recovery");
+        svc.clone().oneshot(()).await.unwrap();
+    }
+    assert_eq!(logs.count("store reachable again"), 1);
+}
+
 #[tokio::test]
 async fn a_dropped_future_releases_what_the_inner_service_reserved() {
     let server = server_or_skip!("a_dropped_future_releases_what_the_inner_service_reserved");
