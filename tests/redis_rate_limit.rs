@@ -581,6 +581,36 @@ async fn axum_answers_429_and_503() {
 }
 
 #[tokio::test]
+async fn successful_responses_carry_the_limit_figures_when_asked() {
+    let mut server = server_or_skip!("successful_responses_carry_the_limit_figures_when_asked");
+    let layer = patient(
+        RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(4).unwrap()).unwrap(),
+    )
+    .response_headers();
+    let app = Router::new().route("/", get(|| async { "hello" })).layer(
+        ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .layer(layer),
+    );
+    let get = || Request::get("/").body(Body::empty()).unwrap();
+    for remaining in [3, 2] {
+        let res = app.clone().oneshot(get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=4;w=3600");
+        let state = res.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(
+            state.starts_with(&format!("\"default\";r={remaining};t=")),
+            "{state}"
+        );
+    }
+    // The local fallback (the default policy) writes its own figures: a fresh limit.
+    server.stop();
+    let res = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["ratelimit"], "\"default\";r=3;t=900");
+}
+
+#[tokio::test]
 async fn configuration_is_checked_at_construction() {
     let server = server_or_skip!("configuration_is_checked_at_construction");
     let c = conn(&server.url()).await;
@@ -618,5 +648,11 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<RedisRateLimitHandle>();
     assert_send_sync::<tower_bulwark::rate_limit::store::RedisRateLimit<Counting>>();
     fn assert_send<T: Send>() {}
-    assert_send::<tower_bulwark::rate_limit::store::RedisResponseFuture<Counting, ()>>();
+    assert_send::<
+        tower_bulwark::rate_limit::store::RedisResponseFuture<
+            Counting,
+            (),
+            tower_bulwark::rate_limit::NoHeaders,
+        >,
+    >();
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -11,6 +12,8 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::redis::RedisShared;
+use crate::rate_limit::ResponseHeaders;
+use crate::rejection::RateLimitInfo;
 
 /// What a check returns: the script's reply, a Redis error, or the timeout.
 pub(crate) type CheckOutput =
@@ -30,7 +33,7 @@ pin_project! {
     /// that service reserved in `poll_ready` (a concurrency permit, say). If Redis had already
     /// run the script, the token stays spent, as it would for a request that was sent.
     #[must_use = "futures do nothing unless polled"]
-    pub struct RedisResponseFuture<S, Req>
+    pub struct RedisResponseFuture<S, Req, H>
     where
         S: Service<Req>,
     {
@@ -38,6 +41,8 @@ pin_project! {
         state: State<S, Req>,
         shared: Arc<RedisShared>,
         local_hash: u64,
+        info: Option<RateLimitInfo>,
+        _headers: PhantomData<fn() -> H>,
     }
 }
 
@@ -53,7 +58,7 @@ pin_project! {
     }
 }
 
-impl<S: Service<Req>, Req> RedisResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
     pub(crate) fn new(
         check: CheckFuture,
         svc: S,
@@ -69,11 +74,13 @@ impl<S: Service<Req>, Req> RedisResponseFuture<S, Req> {
             },
             shared,
             local_hash,
+            info: None,
+            _headers: PhantomData,
         }
     }
 }
 
-impl<S: Service<Req>, Req> fmt::Debug for RedisResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, H> fmt::Debug for RedisResponseFuture<S, Req, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Checking { .. } => "checking",
@@ -86,10 +93,11 @@ impl<S: Service<Req>, Req> fmt::Debug for RedisResponseFuture<S, Req> {
     }
 }
 
-impl<S, Req> Future for RedisResponseFuture<S, Req>
+impl<S, Req, H> Future for RedisResponseFuture<S, Req, H>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    H: ResponseHeaders<S::Response>,
 {
     type Output = Result<S::Response, BoxError>;
 
@@ -99,8 +107,9 @@ where
             match this.state.project() {
                 StateProj::Checking { check, svc, req } => {
                     let out = ready!(check.as_mut().poll(cx));
-                    match this.shared.decide(out, *this.local_hash) {
-                        Ok(()) => {
+                    match this.shared.decide(out, *this.local_hash, H::ENABLED) {
+                        Ok(info) => {
+                            *this.info = info;
                             // The service was made ready by `poll_ready` before `call`.
                             let mut s = svc.take().expect("polled after completion");
                             let r = req.take().expect("polled after completion");
@@ -113,7 +122,13 @@ where
                         }
                     }
                 }
-                StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Called { fut } => {
+                    let mut res = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    if let Some(info) = this.info {
+                        H::apply(&mut res, &H::keep(*info));
+                    }
+                    return Poll::Ready(Ok(res));
+                }
                 StateProj::Done => panic!("polled after completion"),
             }
         }

@@ -6,7 +6,9 @@
 //! Redis's `TIME` as the clock, so the replicas' clocks may disagree without changing the
 //! limit. A request over the limit gets the same [`Rejection`](crate::Rejection) of kind
 //! `RateLimited`, with `retry_after` and the limit's figures, answered with a 429 by
-//! [`RejectionLayer`](crate::RejectionLayer).
+//! [`RejectionLayer`](crate::RejectionLayer);
+//! [`response_headers`](RedisRateLimitLayer::response_headers) puts the figures on successful
+//! responses too.
 //!
 //! # Why, and how it differs from its neighbours
 //!

@@ -16,7 +16,10 @@ use super::future::{CheckFuture, CheckOutput, RedisResponseFuture};
 use crate::clock::Clock;
 use crate::rate_limit::gcra::{self, Quota};
 use crate::rate_limit::layer::Shared as LocalShared;
-use crate::rate_limit::{Global, KeyFn, RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS};
+use crate::rate_limit::{
+    Global, KeyFn, NoHeaders, RateLimitHandle, RateLimitLayer, ResponseHeaders, WithHeaders,
+    DEFAULT_MAX_KEYS,
+};
 use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
 
 /// The GCRA step, run by `EVALSHA` (loaded again after a `NOSCRIPT`).
@@ -303,8 +306,14 @@ impl RedisShared {
         })
     }
 
-    /// Turns the outcome of a check into a decision.
-    pub(crate) fn decide(&self, out: CheckOutput, local_hash: u64) -> Result<(), Rejection> {
+    /// Turns the outcome of a check into a decision; an admit carries the limit's figures
+    /// when `want_info` (for response headers).
+    pub(crate) fn decide(
+        &self,
+        out: CheckOutput,
+        local_hash: u64,
+        want_info: bool,
+    ) -> Result<Option<RateLimitInfo>, Rejection> {
         match out {
             Ok(Ok((admitted, wait, ahead))) => {
                 if self.log.success() {
@@ -313,27 +322,32 @@ impl RedisShared {
                         "redis rate limit: store reachable again"
                     );
                 }
+                let ahead = u64::try_from(ahead).unwrap_or(0);
                 if admitted == 1 {
-                    Ok(())
+                    Ok(want_info.then(|| self.info(ahead)))
                 } else {
                     bump(&self.counters.rejected);
-                    let (interval, tolerance) = self.params();
-                    let ahead = u64::try_from(ahead).unwrap_or(0);
                     let wait = u64::try_from(wait).unwrap_or(0);
                     tracing::trace!(retry_after_ns = wait, "redis rate limit: request rejected");
                     Err(Rejection::rate_limited(
                         Duration::from_nanos(wait),
-                        RateLimitInfo {
-                            limit: tolerance / interval.max(1),
-                            remaining: gcra::remaining(ahead, 0, interval.max(1), tolerance),
-                            reset: Duration::from_nanos(ahead),
-                            window: Duration::from_nanos(tolerance),
-                        },
+                        self.info(ahead),
                     ))
                 }
             }
-            Ok(Err(e)) => self.on_failure(&e, false, local_hash),
-            Err(elapsed) => self.on_failure(&elapsed, true, local_hash),
+            Ok(Err(e)) => self.on_failure(&e, false, local_hash, want_info),
+            Err(elapsed) => self.on_failure(&elapsed, true, local_hash, want_info),
+        }
+    }
+
+    /// The figures of the limit, given how far its state is ahead of now.
+    fn info(&self, ahead: u64) -> RateLimitInfo {
+        let (interval, tolerance) = self.params();
+        RateLimitInfo {
+            limit: tolerance / interval.max(1),
+            remaining: gcra::remaining(ahead, 0, interval.max(1), tolerance),
+            reset: Duration::from_nanos(ahead),
+            window: Duration::from_nanos(tolerance),
         }
     }
 
@@ -343,7 +357,8 @@ impl RedisShared {
         error: &dyn fmt::Display,
         timed_out: bool,
         local_hash: u64,
-    ) -> Result<(), Rejection> {
+        want_info: bool,
+    ) -> Result<Option<RateLimitInfo>, Rejection> {
         bump(&self.counters.store_failures);
         if timed_out {
             bump(&self.counters.timeouts);
@@ -362,7 +377,7 @@ impl RedisShared {
         match (self.policy, &self.local) {
             (FailurePolicy::FailOpen, _) => {
                 bump(&self.counters.failed_open);
-                Ok(())
+                Ok(None)
             }
             (FailurePolicy::Local, Some(local)) => {
                 bump(&self.counters.local_fallbacks);
@@ -376,7 +391,7 @@ impl RedisShared {
                     }
                 };
                 match step {
-                    gcra::Step::Admit { .. } => Ok(()),
+                    gcra::Step::Admit { .. } => Ok(want_info.then(|| l.info(tat, now))),
                     gcra::Step::Reject { retry_after_ns } => {
                         l.count_rejection();
                         bump(&self.counters.rejected);
@@ -417,9 +432,10 @@ struct Config {
 /// the services a layer makes, whether by cloning or by repeated [`Layer::layer`] calls. The
 /// limit itself lives in Redis: every layer, in any process, with the same prefix and key
 /// draws on it.
-pub struct RedisRateLimitLayer<K = Global> {
+pub struct RedisRateLimitLayer<K = Global, H = NoHeaders> {
     shared: Arc<RedisShared>,
     key: K,
+    headers: H,
     config: Config,
 }
 
@@ -467,10 +483,13 @@ impl<K> RedisRateLimitLayer<K> {
         Ok(RedisRateLimitLayer {
             shared: Arc::new(RedisShared::new(&config)),
             key,
+            headers: NoHeaders,
             config,
         })
     }
+}
 
+impl<K, H> RedisRateLimitLayer<K, H> {
     fn rebuilt(mut self) -> Self {
         self.shared = Arc::new(RedisShared::new(&self.config));
         self
@@ -529,6 +548,17 @@ impl<K> RedisRateLimitLayer<K> {
         self.rebuilt()
     }
 
+    /// Successful HTTP responses carry the `RateLimit` and `RateLimit-Policy` headers, from
+    /// the figures the check returned, as rejections always do.
+    pub fn response_headers(self) -> RedisRateLimitLayer<K, WithHeaders> {
+        RedisRateLimitLayer {
+            shared: self.shared,
+            key: self.key,
+            headers: WithHeaders,
+            config: self.config,
+        }
+    }
+
     /// A handle to read the counters and change the quota at run time.
     pub fn handle(&self) -> RedisRateLimitHandle {
         RedisRateLimitHandle {
@@ -537,17 +567,18 @@ impl<K> RedisRateLimitLayer<K> {
     }
 }
 
-impl<K: Clone> Clone for RedisRateLimitLayer<K> {
+impl<K: Clone, H: Clone> Clone for RedisRateLimitLayer<K, H> {
     fn clone(&self) -> Self {
         RedisRateLimitLayer {
             shared: self.shared.clone(),
             key: self.key.clone(),
+            headers: self.headers.clone(),
             config: self.config.clone(),
         }
     }
 }
 
-impl<K> fmt::Debug for RedisRateLimitLayer<K> {
+impl<K, H> fmt::Debug for RedisRateLimitLayer<K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisRateLimitLayer")
             .field("quota", &self.config.quota)
@@ -562,14 +593,15 @@ impl<K> fmt::Debug for RedisRateLimitLayer<K> {
     }
 }
 
-impl<S, K: Clone> Layer<S> for RedisRateLimitLayer<K> {
-    type Service = RedisRateLimit<S, K>;
+impl<S, K: Clone, H: Clone> Layer<S> for RedisRateLimitLayer<K, H> {
+    type Service = RedisRateLimit<S, K, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RedisRateLimit {
             inner,
             shared: self.shared.clone(),
             key: self.key.clone(),
+            headers: self.headers.clone(),
         }
     }
 }
@@ -584,23 +616,25 @@ impl<S, K: Clone> Layer<S> for RedisRateLimitLayer<K> {
 ///
 /// Clones share the layer's state. A clone starts unreserved, as the tower contract asks:
 /// `call` moves the ready inner service into the response future and leaves a clone.
-pub struct RedisRateLimit<S, K = Global> {
+pub struct RedisRateLimit<S, K = Global, H = NoHeaders> {
     inner: S,
     shared: Arc<RedisShared>,
     key: K,
+    headers: H,
 }
 
-impl<S: Clone, K: Clone> Clone for RedisRateLimit<S, K> {
+impl<S: Clone, K: Clone, H: Clone> Clone for RedisRateLimit<S, K, H> {
     fn clone(&self) -> Self {
         RedisRateLimit {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             key: self.key.clone(),
+            headers: self.headers.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, K> fmt::Debug for RedisRateLimit<S, K> {
+impl<S: fmt::Debug, K, H> fmt::Debug for RedisRateLimit<S, K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisRateLimit")
             .field("inner", &self.inner)
@@ -609,15 +643,16 @@ impl<S: fmt::Debug, K> fmt::Debug for RedisRateLimit<S, K> {
     }
 }
 
-impl<S, Req, K> Service<Req> for RedisRateLimit<S, K>
+impl<S, Req, K, H> Service<Req> for RedisRateLimit<S, K, H>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     K: KeyFn<Req>,
+    H: ResponseHeaders<S::Response>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = RedisResponseFuture<S, Req>;
+    type Future = RedisResponseFuture<S, Req, H>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
