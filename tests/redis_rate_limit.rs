@@ -610,6 +610,50 @@ async fn successful_responses_carry_the_limit_figures_when_asked() {
     assert_eq!(res.headers()["ratelimit"], "\"default\";r=3;t=900");
 }
 
+/// `wait_up_to` waits for real (the turn comes from Redis's clock): about half a second.
+#[tokio::test]
+async fn clients_of_two_replicas_wait_for_reserved_turns_in_order() {
+    let server = server_or_skip!("clients_of_two_replicas_wait_for_reserved_turns_in_order");
+    // One token every 250 ms, no burst; a client waits up to 600 ms for its turn.
+    let quota = Quota::per_second(4).unwrap().burst(1).unwrap();
+    let calls = Counting::default();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
+            .prefix("wait:")
+            .unwrap()
+            .wait_up_to(Duration::from_millis(600));
+        replicas.push(ServiceBuilder::new().layer(layer).service(calls.clone()));
+    }
+    let start = std::time::Instant::now();
+    let results = join_all((0..4).map(|i| {
+        let svc = replicas[i % 2].clone();
+        async move {
+            let r = svc.oneshot(()).await;
+            (r, start.elapsed())
+        }
+    }))
+    .await;
+    let mut waited: Vec<Duration> = results
+        .iter()
+        .filter(|(r, _)| r.is_ok())
+        .map(|(_, t)| *t)
+        .collect();
+    waited.sort();
+    assert_eq!(waited.len(), 3, "three turns within 600 ms");
+    let refused: Vec<_> = results
+        .iter()
+        .filter_map(|(r, _)| r.as_ref().err())
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(kind(refused[0]), RejectionKind::RateLimited);
+    // Turns at about 0, 250 and 500 ms (Redis's clock and tokio's timers agree to a few ms).
+    assert!(waited[0] < Duration::from_millis(200), "{waited:?}");
+    assert!(waited[1] >= Duration::from_millis(230), "{waited:?}");
+    assert!(waited[2] >= Duration::from_millis(480), "{waited:?}");
+    assert_eq!(calls.calls(), 3);
+}
+
 #[tokio::test]
 async fn configuration_is_checked_at_construction() {
     let server = server_or_skip!("configuration_is_checked_at_construction");

@@ -6,12 +6,14 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::redis::RedisShared;
+use super::redis::{Admitted, RedisShared};
 use crate::rate_limit::ResponseHeaders;
 use crate::rejection::RateLimitInfo;
 
@@ -28,10 +30,11 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropping it while the check is in flight drops the check (the multiplexed connection
-    /// discards the reply) and the inner service it held ready, which gives back whatever
-    /// that service reserved in `poll_ready` (a concurrency permit, say). If Redis had already
-    /// run the script, the token stays spent, as it would for a request that was sent.
+    /// Dropping it while the check is in flight (or while it waits for a reserved turn) drops
+    /// the check (the multiplexed connection discards the reply) and the inner service it
+    /// held ready, which gives back whatever that service reserved in `poll_ready` (a
+    /// concurrency permit, say). If Redis had already run the script, the token stays spent,
+    /// as it would for a request that was sent.
     #[must_use = "futures do nothing unless polled"]
     pub struct RedisResponseFuture<S, Req, H>
     where
@@ -53,6 +56,7 @@ pin_project! {
         S: Service<Req>,
     {
         Checking { check: CheckFuture, svc: Option<S>, req: Option<Req> },
+        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req> },
         Called { #[pin] fut: S::Future },
         Done,
     }
@@ -84,6 +88,7 @@ impl<S: Service<Req>, Req, H> fmt::Debug for RedisResponseFuture<S, Req, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Checking { .. } => "checking",
+            State::Waiting { .. } => "waiting",
             State::Called { .. } => "called",
             State::Done => "done",
         };
@@ -108,19 +113,43 @@ where
                 StateProj::Checking { check, svc, req } => {
                     let out = ready!(check.as_mut().poll(cx));
                     match this.shared.decide(out, *this.local_hash, H::ENABLED) {
-                        Ok(info) => {
+                        Ok(Admitted { info, wait_ns }) => {
                             *this.info = info;
-                            // The service was made ready by `poll_ready` before `call`.
-                            let mut s = svc.take().expect("polled after completion");
+                            let s = svc.take().expect("polled after completion");
                             let r = req.take().expect("polled after completion");
-                            let fut = s.call(r);
-                            self.as_mut().project().state.set(State::Called { fut });
+                            if wait_ns > 0 {
+                                // A reserved turn (`wait_up_to`): wait for it, holding the
+                                // ready service.
+                                tracing::trace!(
+                                    wait_ns,
+                                    "redis rate limit: waiting for a reserved turn"
+                                );
+                                let sleep =
+                                    Box::pin(tokio::time::sleep(Duration::from_nanos(wait_ns)));
+                                self.as_mut().project().state.set(State::Waiting {
+                                    sleep,
+                                    svc: Some(s),
+                                    req: Some(r),
+                                });
+                            } else {
+                                // The service was made ready by `poll_ready` before `call`.
+                                let mut s = s;
+                                let fut = s.call(r);
+                                self.as_mut().project().state.set(State::Called { fut });
+                            }
                         }
                         Err(rejection) => {
                             self.as_mut().project().state.set(State::Done);
                             return Poll::Ready(Err(rejection.into()));
                         }
                     }
+                }
+                StateProj::Waiting { sleep, svc, req } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    let mut s = svc.take().expect("polled after completion");
+                    let r = req.take().expect("polled after completion");
+                    let fut = s.call(r);
+                    self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {
                     let mut res = ready!(fut.poll(cx)).map_err(Into::into)?;

@@ -10,6 +10,11 @@
 //! [`response_headers`](RedisRateLimitLayer::response_headers) puts the figures on successful
 //! responses too.
 //!
+//! Clients that share an upstream's quota across replicas (a third-party API's limit, say)
+//! can [`wait_up_to`](RedisRateLimitLayer::wait_up_to) a bound for their turn instead: the
+//! turn is reserved in Redis by the check, so the waiters of every replica are served in
+//! order and never exceed the quota.
+//!
 //! # Why, and how it differs from its neighbours
 //!
 //! One process needs no Redis: the in-process limiter is lock-free and costs nanoseconds. Run

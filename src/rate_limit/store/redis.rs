@@ -13,7 +13,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::future::{CheckFuture, CheckOutput, RedisResponseFuture};
-use crate::clock::Clock;
+use crate::clock::{duration_nanos, Clock};
 use crate::rate_limit::gcra::{self, Quota};
 use crate::rate_limit::layer::Shared as LocalShared;
 use crate::rate_limit::{
@@ -163,6 +163,14 @@ pub(crate) fn redis_key<Q: Hash + ?Sized>(prefix: &[u8], key: &Q) -> Vec<u8> {
     out
 }
 
+/// An admitted request: the figures for headers (when asked) and how long to wait for its
+/// turn (0: at once).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Admitted {
+    pub(crate) info: Option<RateLimitInfo>,
+    pub(crate) wait_ns: u64,
+}
+
 /// Logs store failures at most once a second, and the recovery once.
 pub(crate) struct FailureLog {
     last_ns: AtomicU64,
@@ -240,6 +248,7 @@ pub(crate) struct RedisShared {
     interval: AtomicU64,
     tolerance: AtomicU64,
     timeout: Duration,
+    max_wait_ns: u64,
     policy: FailurePolicy,
     local: Option<Local>,
     clock: Clock,
@@ -268,6 +277,7 @@ impl RedisShared {
             interval: AtomicU64::new(c.quota.interval_ns()),
             tolerance: AtomicU64::new(c.quota.tolerance_ns()),
             timeout: c.timeout,
+            max_wait_ns: c.max_wait_ns,
             policy: c.policy,
             local,
             clock: c.clock.clone(),
@@ -299,9 +309,10 @@ impl RedisShared {
         let (interval, tolerance) = self.params();
         let mut conn = self.conn.clone();
         let timeout = self.timeout;
+        let max_wait = self.max_wait_ns;
         Box::pin(async move {
             let mut invocation = SCRIPT.key(key);
-            invocation.arg(interval).arg(tolerance).arg(0u64);
+            invocation.arg(interval).arg(tolerance).arg(max_wait);
             tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await
         })
     }
@@ -313,7 +324,7 @@ impl RedisShared {
         out: CheckOutput,
         local_hash: u64,
         want_info: bool,
-    ) -> Result<Option<RateLimitInfo>, Rejection> {
+    ) -> Result<Admitted, Rejection> {
         match out {
             Ok(Ok((admitted, wait, ahead))) => {
                 if self.log.success() {
@@ -324,7 +335,10 @@ impl RedisShared {
                 }
                 let ahead = u64::try_from(ahead).unwrap_or(0);
                 if admitted == 1 {
-                    Ok(want_info.then(|| self.info(ahead)))
+                    Ok(Admitted {
+                        info: want_info.then(|| self.info(ahead)),
+                        wait_ns: u64::try_from(wait).unwrap_or(0),
+                    })
                 } else {
                     bump(&self.counters.rejected);
                     let wait = u64::try_from(wait).unwrap_or(0);
@@ -358,7 +372,7 @@ impl RedisShared {
         timed_out: bool,
         local_hash: u64,
         want_info: bool,
-    ) -> Result<Option<RateLimitInfo>, Rejection> {
+    ) -> Result<Admitted, Rejection> {
         bump(&self.counters.store_failures);
         if timed_out {
             bump(&self.counters.timeouts);
@@ -377,21 +391,27 @@ impl RedisShared {
         match (self.policy, &self.local) {
             (FailurePolicy::FailOpen, _) => {
                 bump(&self.counters.failed_open);
-                Ok(None)
+                Ok(Admitted {
+                    info: None,
+                    wait_ns: 0,
+                })
             }
             (FailurePolicy::Local, Some(local)) => {
                 bump(&self.counters.local_fallbacks);
                 let l = &*local.shared;
                 let (step, tat) = match &l.table {
-                    None => l.check_global(now, 0),
+                    None => l.check_global(now, self.max_wait_ns),
                     Some(table) => {
                         let (interval, tolerance) = l.params();
-                        let c = table.check(local_hash, now, interval, tolerance, 0);
+                        let c = table.check(local_hash, now, interval, tolerance, self.max_wait_ns);
                         (c.step, c.tat)
                     }
                 };
                 match step {
-                    gcra::Step::Admit { .. } => Ok(want_info.then(|| l.info(tat, now))),
+                    gcra::Step::Admit { wait_ns, .. } => Ok(Admitted {
+                        info: want_info.then(|| l.info(tat, now)),
+                        wait_ns,
+                    }),
                     gcra::Step::Reject { retry_after_ns } => {
                         l.count_rejection();
                         bump(&self.counters.rejected);
@@ -417,6 +437,7 @@ struct Config {
     prefix: Arc<[u8]>,
     quota: Quota,
     timeout: Duration,
+    max_wait_ns: u64,
     policy: FailurePolicy,
     clock: Clock,
     keyed: bool,
@@ -475,6 +496,7 @@ impl<K> RedisRateLimitLayer<K> {
             prefix: Arc::from(DEFAULT_PREFIX.as_bytes()),
             quota: check_quota(quota)?,
             timeout: DEFAULT_TIMEOUT,
+            max_wait_ns: 0,
             policy: FailurePolicy::Local,
             clock: Clock::new(),
             keyed,
@@ -525,6 +547,16 @@ impl<K, H> RedisRateLimitLayer<K, H> {
         }
         self.config.timeout = timeout;
         Ok(self.rebuilt())
+    }
+
+    /// For clients: a request over the limit waits (with `tokio::time`) for its turn when that
+    /// turn comes within `max_wait`, and is rejected otherwise. The turn is reserved in Redis
+    /// at once, so waiters of every replica are served in order and never exceed the quota.
+    /// Default: zero (reject at once), which is what servers want. Values beyond the script's
+    /// range (about 52 days) are capped.
+    pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
+        self.config.max_wait_ns = duration_nanos(max_wait).min(MAX_REDIS_SPAN_NS);
+        self.rebuilt()
     }
 
     /// What to do when Redis cannot answer in time (default [`FailurePolicy::Local`]).
@@ -588,6 +620,7 @@ impl<K, H> fmt::Debug for RedisRateLimitLayer<K, H> {
                 &String::from_utf8_lossy(&self.config.prefix).as_ref(),
             )
             .field("timeout", &self.config.timeout)
+            .field("max_wait", &Duration::from_nanos(self.config.max_wait_ns))
             .field("policy", &self.config.policy)
             .finish_non_exhaustive()
     }
@@ -866,44 +899,54 @@ mod tests {
             100_000_000u64..2_000_000_000,
             1u64..10,
             proptest::collection::vec(-1_000_000i64..3_000_000, 1..40),
+            0u64..3_000_000,
         );
         let mut runner = TestRunner::new(PtConfig::with_cases(64));
         runner
-            .run(&strategy, |(interval, burst, deltas_us)| {
-                case.set(case.get() + 1);
-                let key = format!("diff:{{{}}}", case.get());
-                let tolerance = interval * burst;
-                let mut now_us: i64 = 1_764_000_000_000_000;
-                let mut tat = 0u64;
-                for d in deltas_us {
-                    // Steps of whole microseconds, as Redis's TIME has.
-                    now_us += d * (interval as i64 / 1_000_000) / 1_000;
-                    let now_ns = now_us as u64 * 1_000;
-                    let (admitted, wait, ahead): (i64, i64, i64) = SCRIPT
-                        .key(&key)
-                        .arg(interval)
-                        .arg(tolerance)
-                        .arg(0u64)
-                        .arg(now_us / 1_000_000)
-                        .arg(now_us % 1_000_000)
-                        .invoke(&mut *con.borrow_mut())
-                        .unwrap();
-                    match gcra::step(tat, now_ns, interval, tolerance, 0) {
-                        gcra::Step::Admit { new_tat, wait_ns } => {
-                            prop_assert_eq!(admitted, 1);
-                            prop_assert_eq!(wait as u64, wait_ns);
-                            prop_assert_eq!(ahead as u64, new_tat - now_ns);
-                            tat = new_tat;
-                        }
-                        gcra::Step::Reject { retry_after_ns } => {
-                            prop_assert_eq!(admitted, 0);
-                            prop_assert_eq!(wait as u64, retry_after_ns);
-                            prop_assert_eq!(ahead as u64, tat.saturating_sub(now_ns));
+            .run(
+                &strategy,
+                |(interval, burst, deltas_us, wait_millionths)| {
+                    case.set(case.get() + 1);
+                    let key = format!("diff:{{{}}}", case.get());
+                    let tolerance = interval * burst;
+                    // Half the cases admit at once only; the others accept to wait.
+                    let max_wait = if case.get().is_multiple_of(2) {
+                        0
+                    } else {
+                        wait_millionths * (interval / 1_000_000)
+                    };
+                    let mut now_us: i64 = 1_764_000_000_000_000;
+                    let mut tat = 0u64;
+                    for d in deltas_us {
+                        // Steps of whole microseconds, as Redis's TIME has.
+                        now_us += d * (interval as i64 / 1_000_000) / 1_000;
+                        let now_ns = now_us as u64 * 1_000;
+                        let (admitted, wait, ahead): (i64, i64, i64) = SCRIPT
+                            .key(&key)
+                            .arg(interval)
+                            .arg(tolerance)
+                            .arg(max_wait)
+                            .arg(now_us / 1_000_000)
+                            .arg(now_us % 1_000_000)
+                            .invoke(&mut *con.borrow_mut())
+                            .unwrap();
+                        match gcra::step(tat, now_ns, interval, tolerance, max_wait) {
+                            gcra::Step::Admit { new_tat, wait_ns } => {
+                                prop_assert_eq!(admitted, 1);
+                                prop_assert_eq!(wait as u64, wait_ns);
+                                prop_assert_eq!(ahead as u64, new_tat - now_ns);
+                                tat = new_tat;
+                            }
+                            gcra::Step::Reject { retry_after_ns } => {
+                                prop_assert_eq!(admitted, 0);
+                                prop_assert_eq!(wait as u64, retry_after_ns);
+                                prop_assert_eq!(ahead as u64, tat.saturating_sub(now_ns));
+                            }
                         }
                     }
-                }
-                Ok(())
-            })
+                    Ok(())
+                },
+            )
             .unwrap();
     }
 }
