@@ -268,6 +268,7 @@ async fn tour_backpressure(server: &Server, client: &HttpClient) -> Result<(), E
 
 /// The client stack: retry (3 attempts, 20% budget, idempotency keys for POST) around a
 /// circuit breaker (5 failures in a row open it for 1 s) around hyper-util's client.
+#[allow(clippy::type_complexity)]
 fn client_stack(
     hyper_client: Client<HttpConnector, ReplayBody<Full<Bytes>>>,
 ) -> Result<
