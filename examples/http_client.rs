@@ -124,9 +124,10 @@ async fn main() -> Result<(), tower::BoxError> {
         match client.clone().oneshot(req).await {
             Ok(res) => println!("GET /down #{i} -> {}", res.status()),
             Err(e) => match Rejection::find(&*e) {
-                Some(r) => {
-                    println!("GET /down #{i} -> refused by the client: {r} (server not called)")
-                }
+                Some(r) => println!(
+                    "GET /down #{i} -> refused by the client: {r}; server calls so far: {}",
+                    seen.down_calls.load(Ordering::SeqCst)
+                ),
                 None => println!("GET /down #{i} -> error: {e}"),
             },
         }
