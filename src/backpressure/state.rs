@@ -74,24 +74,25 @@ impl Hot {
     ///
     /// Returns the count in flight after the admit.
     #[inline]
-    pub(crate) fn try_acquire(&self) -> Option<u32> {
-        // SeqCst pairs with `release`: a waiter that registered (bumped `waiting`) before
-        // this load either sees the released permit here or is seen, and woken, by the
-        // releaser. On x86 a SeqCst load is a plain load.
-        let mut cur = self.word.load(Ordering::SeqCst);
-        loop {
-            let (limit, in_flight) = unpack(cur);
-            if in_flight >= limit {
-                return None;
-            }
-            match self
-                .word
-                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Some(in_flight + 1),
-                Err(actual) => cur = actual,
-            }
+    pub(crate) fn try_acquire(&'static self) -> Option<u32> {
+        // One unconditional increment: the common case (room) costs a single atomic
+        // operation. SeqCst pairs with `release`: a waiter that registered (bumped
+        // `waiting`) before this either sees the released permit here or is seen, and
+        // woken, by the releaser.
+        let prev = self.word.fetch_add(1, Ordering::SeqCst);
+        let (limit, in_flight) = unpack(prev);
+        if in_flight < limit {
+            return Some(in_flight + 1);
         }
+        // Full: undo, as a release would (a permit given back meanwhile may need its
+        // wake-up passed on).
+        self.undo();
+        None
+    }
+
+    #[cold]
+    fn undo(&'static self) {
+        self.release();
     }
 
     /// Gives a permit back and wakes one waiter if there is room for it.
@@ -241,14 +242,14 @@ impl Shared {
     /// how many were shed since the last one.
     pub(crate) fn on_shed(&self, waited: bool) {
         let total = self.cold.shed.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = self.clock().now_nanos();
+        // Times are kept one nanosecond late so that 0 means "never logged".
+        let now = self.clock().now_nanos().saturating_add(1);
         let last = self.cold.last_log_nanos.load(Ordering::Relaxed);
-        let first = self.cold.shed_logged.load(Ordering::Relaxed) == 0;
-        if (first || now.saturating_sub(last) >= SHED_LOG_EVERY_NANOS)
+        if (last == 0 || now.saturating_sub(last) >= SHED_LOG_EVERY_NANOS)
             && self
                 .cold
                 .last_log_nanos
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             let before = self.cold.shed_logged.swap(total, Ordering::Relaxed);
@@ -285,41 +286,62 @@ pub(crate) enum Outcome {
 
 impl Permit {
     /// Wraps a permit already taken with [`Hot::try_acquire`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(shared: &Arc<Shared>, in_flight: u32) -> Permit {
-        let sample = match &shared.adaptive {
-            None => None,
-            Some(_) => {
-                shared.note_peak(in_flight);
-                Some((shared.clone(), shared.clock().now_nanos()))
-            }
-        };
         Permit {
             hot: shared.hot,
-            sample,
+            sample: shared
+                .adaptive
+                .as_ref()
+                .map(|_| Permit::start_sample(shared, in_flight)),
             outcome: Outcome::Cancelled,
         }
+    }
+
+    /// A permit of a budget with a fixed limit: nothing to measure.
+    #[inline(always)]
+    pub(crate) fn fixed(hot: &'static Hot) -> Permit {
+        Permit {
+            hot,
+            sample: None,
+            outcome: Outcome::Cancelled,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> (Arc<Shared>, u64) {
+        shared.note_peak(in_flight);
+        (shared.clone(), shared.clock().now_nanos())
     }
 
     #[inline]
     pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }
-}
 
-impl Drop for Permit {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some((shared, start)) = &self.sample {
+    #[cold]
+    #[inline(never)]
+    fn end_sample(&mut self) {
+        if let Some((shared, start)) = self.sample.take() {
             if let (Some(adaptive), false) = (&shared.adaptive, self.outcome == Outcome::Cancelled)
             {
                 let now = shared.clock().now_nanos();
-                let rtt = now.saturating_sub(*start);
+                let rtt = now.saturating_sub(start);
                 let failed = self.outcome == Outcome::Failure;
-                if let Some(limit) = adaptive.record(now, rtt, failed, shared) {
+                if let Some(limit) = adaptive.record(now, rtt, failed, &shared) {
                     shared.set_limit(limit);
                 }
             }
+        }
+    }
+}
+
+impl Drop for Permit {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if self.sample.is_some() {
+            self.end_sample();
         }
         self.hot.release();
     }
