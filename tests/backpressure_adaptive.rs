@@ -181,3 +181,57 @@ async fn failures_pull_the_limit_down_and_set_limit_overrides_within_bounds() {
     assert_eq!(handle.limit(), 64);
     assert_eq!(handle.set_limit(0), 4, "clamped to the floor");
 }
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_count_as_failures_when_holding_until_body_end() {
+    let layer = BackpressureLayer::adaptive(
+        Adaptive::aimd(Aimd::default())
+            .floor(2)
+            .ceiling(64)
+            .initial(32)
+            .window(Duration::from_millis(10))
+            .min_samples(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .hold_until_body_end();
+    let handle = layer.handle();
+    let mut svc = layer.layer(tower::service_fn(|req: http::Request<u16>| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let res = http::Response::builder()
+            .status(*req.body())
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+            .unwrap();
+        Ok::<_, Infallible>(res)
+    }));
+    for _ in 0..100 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(503))
+            .await
+            .unwrap();
+        drop(res);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        handle.limit(),
+        2,
+        "5xx responses drive the limit to its floor"
+    );
+    for _ in 0..30 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(200))
+            .await
+            .unwrap();
+        // The sample is taken when the body ends (here: dropped after its head).
+        drop(res);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    let after = handle.limit();
+    assert!(after > 2, "successes let it grow again: {after}");
+}

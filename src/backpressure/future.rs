@@ -239,7 +239,11 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_with(cx, |res, permit| {
+        self.poll_with(cx, |res, mut permit| {
+            if res.status().is_server_error() {
+                // For an adaptive limit, a 5xx is a failure of the dependency.
+                permit.set_outcome(Outcome::Failure);
+            }
             res.map(|body| PermitBody {
                 inner: body,
                 permit: Some(permit),

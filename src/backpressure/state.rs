@@ -70,7 +70,7 @@ impl Hot {
         POOL.lock().unwrap_or_else(|e| e.into_inner()).push(self);
     }
 
-    /// Takes a permit if one is free. One load and one compare-and-swap when uncontended.
+    /// Takes a permit if one is free: one atomic add (and, when full, one subtract).
     ///
     /// Returns the count in flight after the admit.
     #[inline]
@@ -384,6 +384,10 @@ pub struct BackpressureHandle {
 
 impl BackpressureHandle {
     /// Requests holding a permit now.
+    ///
+    /// A request being refused counts for an instant (its attempt is an add, undone), so under
+    /// contention at the limit this can read one or two above it; the service below never
+    /// sees more than the limit.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight() as usize
     }
@@ -439,5 +443,104 @@ impl fmt::Debug for BackpressureHandle {
             .field("shed", &self.shed())
             .field("adaptive", &self.shared.adaptive.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_contains(hot: &'static Hot) -> bool {
+        POOL.lock().unwrap().iter().any(|h| std::ptr::eq(*h, hot))
+    }
+
+    fn pool_len() -> usize {
+        POOL.lock().unwrap().len()
+    }
+
+    #[test]
+    fn hot_state_is_reused_only_once_its_last_permit_is_back() {
+        let shared = Arc::new(Shared::new(2, None, None));
+        let hot = shared.hot;
+        let permit = Permit::new(&shared, hot.try_acquire().unwrap());
+        drop(shared);
+        // Orphaned with a permit out: not reusable yet.
+        assert_ne!(hot.word.load(Ordering::SeqCst) & ORPHAN, 0);
+        assert!(!pool_contains(hot));
+        drop(permit);
+        // Back in the pool, or already taken (and reset) by a budget made meanwhile.
+        assert!(pool_contains(hot) || hot.word.load(Ordering::SeqCst) & ORPHAN == 0);
+    }
+
+    #[test]
+    fn a_reused_hot_state_starts_clean() {
+        let shared = Arc::new(Shared::new(3, None, None));
+        let _ = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+        shared.set_limit(1);
+        drop(shared);
+        for _ in 0..100 {
+            let s = Shared::new(5, None, None);
+            assert_eq!(s.limit(), 5);
+            assert_eq!(s.in_flight(), 0);
+            assert_eq!(s.waiting(), 0);
+        }
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_budgets_alive_at_once() {
+        let before = pool_len();
+        for _ in 0..10_000 {
+            let shared = Arc::new(Shared::new(1, None, None));
+            let permit = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+            drop(shared);
+            drop(permit);
+        }
+        // Other tests running at the same time may return a few of theirs.
+        assert!(pool_len() <= before + 64, "{} -> {}", before, pool_len());
+    }
+
+    #[test]
+    fn a_full_budget_admits_nothing_and_undoes_its_count() {
+        let shared = Shared::new(1, None, None);
+        let a = shared.hot.try_acquire();
+        assert_eq!(a, Some(1));
+        assert_eq!(shared.hot.try_acquire(), None);
+        assert_eq!(shared.in_flight(), 1);
+        shared.hot.release();
+        assert_eq!(shared.in_flight(), 0);
+        shared.set_limit(0);
+        assert_eq!(shared.hot.try_acquire(), None);
+        assert_eq!(shared.in_flight(), 0);
+    }
+
+    #[test]
+    fn last_owner_and_last_permit_racing_recycle_exactly_once() {
+        use std::sync::Barrier;
+        let barrier = Arc::new(Barrier::new(2));
+        let (tx, rx) = std::sync::mpsc::channel::<Permit>();
+        let releaser = {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                for permit in rx {
+                    barrier.wait();
+                    drop(permit);
+                }
+            })
+        };
+        for _ in 0..2_000 {
+            let shared = Arc::new(Shared::new(1, None, None));
+            let permit = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+            tx.send(permit).unwrap();
+            barrier.wait();
+            drop(shared);
+        }
+        drop(tx);
+        releaser.join().unwrap();
+        let pool = POOL.lock().unwrap();
+        for (i, a) in pool.iter().enumerate() {
+            for b in &pool[i + 1..] {
+                assert!(!std::ptr::eq(*a, *b), "a hot state pooled twice");
+            }
+        }
     }
 }
