@@ -271,8 +271,14 @@ impl Shared {
 /// A permit, held by a response future (or a response body) and given back on drop.
 pub(crate) struct Permit {
     hot: &'static Hot,
-    /// For adaptive budgets: the budget and the clock reading at admission.
-    sample: Option<(Arc<Shared>, u64)>,
+    /// For adaptive budgets: what the latency sample needs.
+    sample: Option<Sampling>,
+}
+
+struct Sampling {
+    shared: Arc<Shared>,
+    /// Clock reading at admission.
+    start: u64,
     outcome: Outcome,
 }
 
@@ -294,44 +300,46 @@ impl Permit {
                 .adaptive
                 .as_ref()
                 .map(|_| Permit::start_sample(shared, in_flight)),
-            outcome: Outcome::Cancelled,
         }
     }
 
     /// A permit of a budget with a fixed limit: nothing to measure.
     #[inline(always)]
     pub(crate) fn fixed(hot: &'static Hot) -> Permit {
-        Permit {
-            hot,
-            sample: None,
+        Permit { hot, sample: None }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> Sampling {
+        shared.note_peak(in_flight);
+        Sampling {
+            shared: shared.clone(),
+            start: shared.clock().now_nanos(),
             outcome: Outcome::Cancelled,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
+        if let Some(s) = &mut self.sample {
+            s.outcome = outcome;
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> (Arc<Shared>, u64) {
-        shared.note_peak(in_flight);
-        (shared.clone(), shared.clock().now_nanos())
-    }
-
-    #[inline]
-    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
-        self.outcome = outcome;
-    }
-
-    #[cold]
-    #[inline(never)]
     fn end_sample(&mut self) {
-        if let Some((shared, start)) = self.sample.take() {
-            if let (Some(adaptive), false) = (&shared.adaptive, self.outcome == Outcome::Cancelled)
-            {
-                let now = shared.clock().now_nanos();
-                let rtt = now.saturating_sub(start);
-                let failed = self.outcome == Outcome::Failure;
-                if let Some(limit) = adaptive.record(now, rtt, failed, &shared) {
-                    shared.set_limit(limit);
-                }
+        let Some(s) = self.sample.take() else { return };
+        let Some(adaptive) = &s.shared.adaptive else {
+            return;
+        };
+        if s.outcome != Outcome::Cancelled {
+            let now = s.shared.clock().now_nanos();
+            let rtt = now.saturating_sub(s.start);
+            let failed = s.outcome == Outcome::Failure;
+            if let Some(limit) = adaptive.record(now, rtt, failed, &s.shared) {
+                s.shared.set_limit(limit);
             }
         }
     }
