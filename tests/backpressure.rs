@@ -452,3 +452,20 @@ async fn shedding_is_logged_at_most_once_a_second() {
     assert!(logged[1].contains("shed_total=1002"), "{}", logged[1]);
     assert_eq!(layer.handle().shed(), 1002);
 }
+
+#[test]
+fn outside_a_runtime_a_would_be_waiter_is_shed_not_panicked_on() {
+    let layer = BackpressureLayer::new(1).max_wait(Duration::from_secs(1));
+    let handle = layer.handle();
+    let mut svc = layer.layer(tower::service_fn(
+        |n: u32| async move { Ok::<_, Infallible>(n) },
+    ));
+    let mut held = task::spawn(svc.call(1));
+    assert_eq!(assert_ready_ok!(held.poll()), 1);
+    let running = svc.call(2);
+    let mut refused = task::spawn(svc.call(3));
+    overloaded(&assert_ready!(refused.poll()).unwrap_err());
+    assert_eq!(handle.shed(), 1);
+    drop(running);
+    assert_eq!(handle.in_flight(), 0);
+}

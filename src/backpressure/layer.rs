@@ -108,7 +108,8 @@ impl<R> BackpressureLayer<R> {
     /// How long a request may wait for a permit before it is shed (default zero: shed at
     /// once).
     ///
-    /// Waiting needs a tokio runtime with the time driver (`tokio::time`).
+    /// Waiting needs a tokio runtime with the time driver (`tokio::time`); a request that
+    /// would wait outside any tokio runtime is shed at once.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.cfg.max_wait = max_wait;
         self

@@ -79,7 +79,11 @@ impl<S, R> Backpressure<S, R> {
             };
             return ResponseFuture::running(self.inner.call(req), permit);
         }
-        if self.cfg.max_wait.is_zero() || !self.shared.enter_queue(self.cfg.max_queue) {
+        // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.
+        if self.cfg.max_wait.is_zero()
+            || tokio::runtime::Handle::try_current().is_err()
+            || !self.shared.enter_queue(self.cfg.max_queue)
+        {
             self.shared.on_shed(false);
             return ResponseFuture::shed(self.cfg.retry_after);
         }
