@@ -176,7 +176,10 @@ impl<R> fmt::Debug for BackpressureLayer<R> {
             .field("max_wait", &self.cfg.max_wait)
             .field("max_queue", &self.cfg.max_queue)
             .field("retry_after", &self.cfg.retry_after)
-            .field("release", &std::any::type_name::<R>())
+            .field(
+                "release",
+                &std::any::type_name::<R>().rsplit("::").next().unwrap_or(""),
+            )
             .finish()
     }
 }

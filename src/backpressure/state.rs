@@ -551,4 +551,79 @@ mod tests {
             }
         }
     }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Acquire,
+        Release(usize),
+        SetLimit(u32),
+        Enter(usize),
+        Leave,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(Op::Acquire),
+            3 => any::<usize>().prop_map(Op::Release),
+            1 => (0u32..12).prop_map(Op::SetLimit),
+            1 => (0usize..6).prop_map(Op::Enter),
+            1 => Just(Op::Leave),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The budget against a model: a permit is granted exactly when fewer than the limit
+        /// are held, counts never drift, and the queue never passes its bound.
+        #[test]
+        fn budget_follows_its_model(
+            limit in 0u32..10,
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let shared = Arc::new(Shared::new(limit, None, None));
+            let mut model_limit = limit;
+            let mut held: Vec<Permit> = Vec::new();
+            let mut queued = 0usize;
+            for op in ops {
+                match op {
+                    Op::Acquire => {
+                        let got = shared.hot.try_acquire();
+                        let room = (held.len() as u32) < model_limit;
+                        proptest::prop_assert_eq!(got.is_some(), room);
+                        if let Some(n) = got {
+                            proptest::prop_assert_eq!(n as usize, held.len() + 1);
+                            held.push(Permit::new(&shared, n));
+                        }
+                    }
+                    Op::Release(i) => {
+                        if !held.is_empty() {
+                            held.swap_remove(i % held.len());
+                        }
+                    }
+                    Op::SetLimit(l) => {
+                        shared.set_limit(l);
+                        model_limit = l;
+                    }
+                    Op::Enter(max) => {
+                        let entered = shared.enter_queue(max);
+                        proptest::prop_assert_eq!(entered, queued < max);
+                        if entered {
+                            queued += 1;
+                        }
+                    }
+                    Op::Leave => {
+                        if queued > 0 {
+                            shared.leave_queue();
+                            queued -= 1;
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(shared.in_flight() as usize, held.len());
+                proptest::prop_assert_eq!(shared.limit(), model_limit);
+                proptest::prop_assert_eq!(shared.waiting(), queued);
+            }
+            drop(held);
+            proptest::prop_assert_eq!(shared.in_flight(), 0);
+        }
+    }
 }
