@@ -170,6 +170,14 @@
 //! clock too: `Adaptive::gradient(..).clock(Clock::tokio())` (or
 //! `.clock(Clock::tokio())` on the layer), made inside the test.
 //!
+//! # Order of admission
+//!
+//! Waiters are woken in the order they started waiting, one per permit given back. There is
+//! no hand-off: a request that arrives while a permit is free takes it at once, even if others
+//! are waiting, and a woken waiter that finds the permit gone waits again, at the end of the
+//! line, up to its deadline. Under overload this favours fresh requests, whose callers are
+//! still there, over ones that have waited longest.
+//!
 //! # Cost and memory
 //!
 //! Admitting and releasing a request are one atomic operation each, on one cache line, with
