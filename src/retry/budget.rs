@@ -461,6 +461,45 @@ mod tests {
         assert_eq!(b.figures().requests, 100_000);
     }
 
+    #[test]
+    fn two_threads_withdrawing_overshoot_at_most_by_two() {
+        let (b, _hand) = budget(0.5, 0);
+        for _ in 0..10_000 {
+            b.deposit();
+        }
+        let granted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..10_000 {
+                        if b.try_withdraw() {
+                            granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let granted = granted.into_inner();
+        assert!((5_000..=5_002).contains(&granted), "{granted}");
+        assert_eq!(b.figures().retries, granted);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_the_ratio_starts_again() {
+        let (b, hand) = budget(1.0, 0);
+        hand.advance(Duration::from_secs(60));
+        // Requests made before any retry decision in this window are not counted...
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert!(!b.try_withdraw());
+        // ...those after it are.
+        for _ in 0..3 {
+            b.deposit();
+        }
+        assert_eq!((0..10).filter(|_| b.try_withdraw()).count(), 3);
+    }
+
     proptest! {
         /// Whatever the pattern of requests and retries over time, the retries granted within
         /// any one window never exceed `ratio × requests in the window + floor`.
@@ -482,20 +521,22 @@ mod tests {
                     requests.push(now);
                 }
                 for _ in 0..tries {
-                    if b.try_withdraw() {
-                        grants.push(now);
+                    if !b.try_withdraw() {
+                        continue;
                     }
+                    grants.push(now);
+                    // At the moment of a grant, the grants of the last 15/16 window (the least
+                    // the slots cover) are bounded by the requests of the last full window.
+                    let lo = now.saturating_sub(10_000 * MS * 15 / 16);
+                    let reqs = requests.iter().filter(|&&t| t + 10_000 * MS >= now).count();
+                    let recent = grants.iter().filter(|&&t| t > lo || lo == 0).count();
+                    let floor_total =
+                        f64::from(floor) * (now.clamp(1_000 * MS, 10_000 * MS) as f64 / 1e9);
+                    prop_assert!(
+                        recent as f64 <= ratio * reqs as f64 + floor_total + 1e-9,
+                        "recent {} reqs {} floor {}", recent, reqs, floor_total
+                    );
                 }
-                // Within the last full window the budget can see at least the last 15
-                // sixteenths; grants there are bounded by all requests of the last window.
-                let lo = now.saturating_sub(10_000 * MS * 15 / 16);
-                let hi_reqs = requests.iter().filter(|&&t| t + 10_000 * MS >= now).count();
-                let recent = grants.iter().filter(|&&t| t > lo).count();
-                let floor_total = f64::from(floor) * (now.clamp(1_000 * MS, 10_000 * MS) as f64 / 1e9);
-                prop_assert!(
-                    recent as f64 <= ratio * hi_reqs as f64 + floor_total + 1e-9,
-                    "recent {} reqs {} floor {}", recent, hi_reqs, floor_total
-                );
             }
         }
     }

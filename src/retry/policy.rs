@@ -158,6 +158,12 @@ impl<Res> Hints<Res> for CloneRequest {
 ///   [`ReplayBody`].
 /// - The request head (method, URI, headers, extensions) is cloned only while another attempt
 ///   can still happen.
+///
+/// Costs: a request that cannot be retried, or has an empty body, pays nothing more than the
+/// head's clone. A retryable request with a body allocates its replay state once; the body's
+/// frames are shared by reference count (`Bytes`), not copied. The replay state sits behind a
+/// `std::sync::Mutex` taken once per attempt's body and at the retry decision, never held
+/// across an await and never on the admit path.
 #[derive(Clone, Copy, Debug)]
 pub struct HttpReplay {
     check_method: bool,
