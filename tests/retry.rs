@@ -505,5 +505,17 @@ async fn tracing_says_each_retry_and_why_the_budget_stopped() {
     assert!(text.contains("delay_ms=20"), "{text}");
     assert!(text.contains("connection reset"), "the reason: {text}");
     assert!(text.contains("retry budget exhausted"), "{text}");
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(out.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let _guard2 = tracing::subscriber::set_default(subscriber);
+    let capped = RetryLayer::new(policy().max_attempts(2).backoff(Backoff::none())).unwrap();
+    let _ = capped.layer(Flaky::new(u32::MAX)).oneshot(1).await;
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("giving up: attempts exhausted"), "{text}");
+    assert!(text.contains("attempts=2"), "{text}");
     assert_eq!(layer.handle().budget_exhausted(), 1);
 }

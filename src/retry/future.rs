@@ -131,7 +131,8 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             tracing::debug!(
                 target: "tower_bulwark::retry",
                 attempts = self.attempt,
-                "not retrying: attempts exhausted"
+                reason = %reason(outcome, result),
+                "giving up: attempts exhausted"
             );
             return None;
         }
@@ -271,9 +272,6 @@ where
                         return Poll::Ready(Err(lost()));
                     };
                     let fut = retry.svc.call(req);
-                    if last {
-                        *this.retry = None;
-                    }
                     this.state.set(State::Called { fut });
                 }
             }
