@@ -189,19 +189,20 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A key in UUID version 4 form from 128 random bits.
+/// A key from 128 random bits: a UUID (version 4 form) written as a structured-field string,
+/// `"8e03978e-40d5-43e8-bc93-6894a57f9324"`, as the IETF `Idempotency-Key` draft shows it.
 pub(crate) fn format_key(bits: u128) -> HeaderValue {
     let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
     let hex = format!("{bits:032x}");
     let s = format!(
-        "{}-{}-{}-{}-{}",
+        "\"{}-{}-{}-{}-{}\"",
         &hex[0..8],
         &hex[8..12],
         &hex[12..16],
         &hex[16..20],
         &hex[20..32]
     );
-    HeaderValue::from_str(&s).expect("hex digits and dashes are a valid header value")
+    HeaderValue::from_str(&s).expect("hex digits, dashes and quotes are a valid header value")
 }
 
 impl<B> Replay<Request<B>> for HttpReplay
@@ -543,7 +544,8 @@ impl<C, R> RetryPolicy<C, R> {
 
 impl<C> RetryPolicy<C, HttpReplay> {
     /// Gives requests that are not idempotent (POST, PATCH) and carry no `Idempotency-Key` a
-    /// fresh key, the same on every attempt, so they may be retried: a server with
+    /// fresh key (a random UUID, as a structured-field string: `"…"`), the same on every
+    /// attempt, so they may be retried: a server with
     /// `IdempotencyLayer` then runs the request once however many attempts reach it.
     pub fn add_idempotency_key(mut self) -> Self {
         self.replay.add_key = true;
@@ -613,9 +615,12 @@ mod tests {
     fn keys_are_uuid_v4() {
         let k = format_key(u128::MAX);
         let s = k.to_str().unwrap();
-        assert_eq!(s.len(), 36);
+        assert_eq!(s.len(), 38);
+        assert!(s.starts_with('"') && s.ends_with('"'));
+        let s = &s[1..37];
         assert_eq!(&s[14..15], "4");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!(s.matches('-').count(), 4);
         assert_ne!(format_key(1), format_key(2));
     }
 
