@@ -1,7 +1,8 @@
 //! The retry budget: retries stay below a share of requests over a sliding window.
 
+use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +17,33 @@ const MARK_BITS: u32 = 40;
 const MARK_MASK: u64 = (1 << MARK_BITS) - 1;
 const EPOCH_MASK: u64 = (1 << 24) - 1;
 
-/// The request total, alone on its cache line: the only state a request touches.
+/// Shards of the request total: each thread counts on its own cache line, so threads that
+/// share a budget do not contend for one.
+const SHARDS: usize = 4;
+
+/// A shard of the request total, alone on its cache line: the only state a request touches.
 #[repr(align(128))]
+#[derive(Default)]
 struct Total(AtomicU64);
+
+/// This thread's shard, given out in turn on its first request.
+#[inline]
+fn shard() -> usize {
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    SHARD.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            v
+        } else {
+            let v = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            s.set(v);
+            v
+        }
+    })
+}
 
 /// A retry budget shared by every clone of a layer, and by several layers if the same
 /// `Budget` is given to each.
@@ -39,8 +64,8 @@ struct Total(AtomicU64);
 ///
 /// # How it works
 ///
-/// A request costs one `fetch_add` on a running total and no clock reading: a budget needs no
-/// nanoseconds. Retry decisions, which are rare, read the clock: the window is sixteen slots,
+/// A request costs one `fetch_add` on a running total (sharded by thread, so that threads do
+/// not contend) and no clock reading: a budget needs no nanoseconds. Retry decisions, which are rare, read the clock: the window is sixteen slots,
 /// each a sixteenth of it; the first decision in a slot marks the running total there, and
 /// the requests of the window are the total minus the oldest mark still in the window.
 /// Retries are counted per slot. No lock anywhere. Two consequences, both on the side of
@@ -79,7 +104,7 @@ pub struct Budget {
 }
 
 struct State {
-    total: Total,
+    total: [Total; SHARDS],
     marks: [AtomicU64; SLOTS],
     retries: [AtomicU64; SLOTS],
     /// `f64` bits of the ratio.
@@ -146,7 +171,7 @@ impl Budget {
     /// add, no clock reading.
     #[inline]
     pub fn deposit(&self) {
-        self.inner.total.0.fetch_add(1, Ordering::Relaxed);
+        self.inner.total[shard()].0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.
@@ -191,7 +216,10 @@ impl Budget {
     /// current slot first if it has no mark).
     fn requests_in_window(&self, epoch: u64) -> u64 {
         let s = &*self.inner;
-        let total = s.total.0.load(Ordering::Relaxed);
+        let total = s
+            .total
+            .iter()
+            .fold(0u64, |sum, t| sum.wrapping_add(t.0.load(Ordering::Relaxed)));
         let e = epoch & EPOCH_MASK;
         let slot = &s.marks[epoch as usize % SLOTS];
         let cur = slot.load(Ordering::Relaxed);
@@ -333,7 +361,7 @@ impl BudgetBuilder {
         marks[first as usize % SLOTS].store((first & EPOCH_MASK) << MARK_BITS, Ordering::Relaxed);
         Ok(Budget {
             inner: Arc::new(State {
-                total: Total(AtomicU64::new(0)),
+                total: Default::default(),
                 marks,
                 retries: Default::default(),
                 ratio: AtomicU64::new(self.ratio.to_bits()),
