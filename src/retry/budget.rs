@@ -12,10 +12,12 @@ use super::ConfigError;
 
 const SLOTS: usize = 16;
 const COUNT_MASK: u64 = 0xffff_ffff;
-/// A mark packs an epoch (high 24 bits) and the request total when it was set (low 40 bits).
-const MARK_BITS: u32 = 40;
+/// A mark packs an epoch (high 32 bits: 85 years of 625 ms slots before it wraps) and the
+/// request total when it was set (low 32 bits: differences are taken modulo 2^32, exact while
+/// a window holds fewer than 4 billion requests).
+const MARK_BITS: u32 = 32;
 const MARK_MASK: u64 = (1 << MARK_BITS) - 1;
-const EPOCH_MASK: u64 = (1 << 24) - 1;
+const EPOCH_MASK: u64 = (1 << 32) - 1;
 
 /// Shards of the request total: each thread counts on its own cache line, so threads that
 /// share a budget do not contend for one.
