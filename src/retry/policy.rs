@@ -285,8 +285,9 @@ pub(crate) fn parse_pushback(v: &HeaderValue) -> Hint {
     }
 }
 
-/// `Retry-After`: delta-seconds or an IMF-fixdate HTTP-date (RFC 9110 §10.2.3). A malformed
-/// value is ignored (the backoff decides); a date in the past means "now".
+/// `Retry-After`: delta-seconds or an HTTP-date in any of its three forms (RFC 9110
+/// §10.2.3). A malformed value is ignored (the backoff decides); a date in the past means
+/// "now".
 pub(crate) fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Hint {
     let Ok(s) = std::str::from_utf8(v.as_bytes()) else {
         return Hint::None;
@@ -304,25 +305,59 @@ pub(crate) fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Hint {
     }
 }
 
-/// Parses an IMF-fixdate, such as `Sun, 06 Nov 1994 08:49:37 GMT`.
+/// Parses an HTTP-date in any of the three forms a recipient must accept (RFC 9110 §5.6.7):
+/// IMF-fixdate `Sun, 06 Nov 1994 08:49:37 GMT`, the obsolete RFC 850 form
+/// `Sunday, 06-Nov-94 08:49:37 GMT` (a two-digit year from 70 is 19xx, below 70 is 20xx) and
+/// asctime `Sun Nov  6 08:49:37 1994`.
 pub(crate) fn parse_http_date(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() != 29 || &b[3..5] != b", " || &b[25..29] != b" GMT" {
-        return None;
-    }
-    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u64> {
-        let d = &s[r];
-        if d.bytes().all(|c| c.is_ascii_digit()) {
+    let digits = |d: &str| -> Option<u64> {
+        if !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()) {
             d.parse().ok()
         } else {
             None
         }
     };
-    let day = num(5..7)?;
-    let month = match &s[8..11] {
+    let clock = |t: &str| -> Option<(u64, u64, u64)> {
+        let b = t.as_bytes();
+        if b.len() != 8 || b[2] != b':' || b[5] != b':' {
+            return None;
+        }
+        Some((digits(&t[0..2])?, digits(&t[3..5])?, digits(&t[6..8])?))
+    };
+    let mut parts = [""; 7];
+    let mut n = 0;
+    for p in s.split(' ') {
+        *parts.get_mut(n)? = p;
+        n += 1;
+    }
+    let (day, month, year, time) = match &parts[..n] {
+        // IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`
+        [wd, d, mo, y, t, "GMT"]
+            if wd.len() == 4 && wd.ends_with(',') && d.len() == 2 && y.len() == 4 =>
+        {
+            (digits(d)?, *mo, digits(y)?, clock(t)?)
+        }
+        // RFC 850: `Sunday, 06-Nov-94 08:49:37 GMT`
+        [wd, dmy, t, "GMT"] if wd.ends_with(',') && dmy.len() == 9 => {
+            let (d, rest) = dmy.split_at(2);
+            let (mo, yy) = rest.strip_prefix('-')?.split_once('-')?;
+            if yy.len() != 2 {
+                return None;
+            }
+            let yy = digits(yy)?;
+            let year = if yy >= 70 { 1900 + yy } else { 2000 + yy };
+            (digits(d)?, mo, year, clock(t)?)
+        }
+        // asctime: `Sun Nov  6 08:49:37 1994` (a one-digit day is padded with a space)
+        [_, mo, "", d, t, y] if d.len() == 1 && y.len() == 4 => {
+            (digits(d)?, *mo, digits(y)?, clock(t)?)
+        }
+        [_, mo, d, t, y] if d.len() == 2 && y.len() == 4 => {
+            (digits(d)?, *mo, digits(y)?, clock(t)?)
+        }
+        _ => return None,
+    };
+    let month = match month {
         "Jan" => 1,
         "Feb" => 2,
         "Mar" => 3,
@@ -337,8 +372,7 @@ pub(crate) fn parse_http_date(s: &str) -> Option<SystemTime> {
         "Dec" => 12,
         _ => return None,
     };
-    let year = num(12..16)?;
-    let (h, m, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
+    let (h, m, sec) = time;
     if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || sec > 60 {
         return None;
     }
@@ -580,14 +614,34 @@ mod tests {
             Hint::After(Duration::ZERO)
         );
         assert_eq!(h("99999999999999999999999"), Hint::After(Duration::MAX));
+        assert_eq!(
+            h("Sunday, 06-Nov-94 08:50:07 GMT"),
+            Hint::After(Duration::from_secs(30)),
+            "RFC 850"
+        );
+        assert_eq!(
+            h("Sun Nov  6 08:50:37 1994"),
+            Hint::After(Duration::from_secs(60)),
+            "asctime"
+        );
+        assert_eq!(
+            h("Sun Nov 16 08:49:37 1994"),
+            Hint::After(Duration::from_secs(10 * 86_400)),
+            "asctime, two-digit day"
+        );
         for bad in [
             "",
             "-1",
             "soon",
             "1.5",
-            "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun, 32 Nov 1994 08:49:37 GMT",
             "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+            "Sunday, 06-Nov-1994 08:49:37 GMT",
+            "Sun Nov 6 08:49:37 1994",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 06 Nov 1994 08:49:37 GMT extra words",
         ] {
             assert_eq!(h(bad), Hint::None, "{bad:?}");
         }
@@ -659,8 +713,16 @@ mod tests {
             let months = ["Jan","Feb","Mar","Apr","May","Jun","Jul","Aug","Sep","Oct","Nov","Dec"];
             let s = format!("Mon, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
                 d, months[(m - 1) as usize], y, rem / 3600, rem / 60 % 60, rem % 60);
-            let parsed = parse_http_date(&s).unwrap();
-            prop_assert_eq!(parsed, UNIX_EPOCH + Duration::from_secs(secs));
+            let want = UNIX_EPOCH + Duration::from_secs(secs);
+            prop_assert_eq!(parse_http_date(&s).unwrap(), want);
+            let asctime = format!("Mon {} {:>2} {:02}:{:02}:{:02} {:04}",
+                months[(m - 1) as usize], d, rem / 3600, rem / 60 % 60, rem % 60, y);
+            prop_assert_eq!(parse_http_date(&asctime).unwrap(), want, "{}", asctime);
+            if y < 2070 {
+                let rfc850 = format!("Monday, {:02}-{}-{:02} {:02}:{:02}:{:02} GMT",
+                    d, months[(m - 1) as usize], y % 100, rem / 3600, rem / 60 % 60, rem % 60);
+                prop_assert_eq!(parse_http_date(&rfc850).unwrap(), want, "{}", rfc850);
+            }
         }
 
         #[test]
