@@ -106,6 +106,12 @@ pub trait Replay<Req> {
 pub trait Hints<Res> {
     /// The hint carried by `res`.
     fn hint(&self, res: &Res) -> Hint;
+
+    /// A short description of `res` for `tracing` events (such as `status 503`); called only
+    /// when the event is enabled.
+    fn describe(&self, _res: &Res) -> Option<String> {
+        None
+    }
 }
 
 /// Replays any `Clone` request by cloning it (only while another attempt can still happen);
@@ -270,6 +276,15 @@ impl<B> Hints<Response<B>> for HttpReplay {
             Some(v) => parse_retry_after(v, SystemTime::now()),
             None => Hint::None,
         }
+    }
+
+    fn describe(&self, res: &Response<B>) -> Option<String> {
+        Some(
+            match crate::classify::GrpcCode::from_headers(res.headers()) {
+                Some(code) => format!("status {}, grpc-status {code}", res.status().as_u16()),
+                None => format!("status {}", res.status().as_u16()),
+            },
+        )
     }
 }
 
