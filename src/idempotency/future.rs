@@ -531,19 +531,25 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// The headers kept in a record: all but `Set-Cookie`, hop-by-hop headers (and those named
 /// by `Connection`), and the configured exclusions.
 fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
-    let mut out = headers.clone();
-    for v in headers.get_all(header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            for name in s.split(',') {
-                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
-                    out.remove(n);
-                }
-            }
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let listed = headers.get_all(header::CONNECTION);
+    let named_by_connection = |name: &HeaderName| {
+        listed.iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+        })
+    };
+    let has_connection = headers.contains_key(header::CONNECTION);
+    for (name, value) in headers {
+        let skip = name == header::SET_COOKIE
+            || HOP_BY_HOP.contains(name)
+            || exclude.contains(name)
+            || (has_connection && named_by_connection(name));
+        if !skip {
+            out.append(name.clone(), value.clone());
         }
-    }
-    out.remove(header::SET_COOKIE);
-    for h in HOP_BY_HOP.iter().chain(exclude) {
-        out.remove(h);
     }
     out
 }
