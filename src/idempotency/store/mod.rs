@@ -33,7 +33,9 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 /// The key a record is stored under: the request's scope and its idempotency key.
 ///
 /// Two requests share a record only if both their scope and their key are equal, so a client
-/// in one scope can never receive a response stored for another.
+/// in one scope can never receive a response stored for another. Its `Debug` output (and so
+/// the layer's `tracing` events) shows the key but only the length of the scope, which may be
+/// drawn from credentials.
 ///
 /// # Encoding
 ///
@@ -106,8 +108,9 @@ impl StoreKey {
 
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The scope may be drawn from credentials: its bytes are not printed.
         f.debug_struct("StoreKey")
-            .field("scope", &String::from_utf8_lossy(self.scope()))
+            .field("scope_len", &self.scope().len())
             .field("key", &String::from_utf8_lossy(self.key()))
             .finish()
     }
