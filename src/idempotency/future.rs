@@ -55,8 +55,16 @@ pin_project! {
         Claim { #[pin] fut: CF },
         Wait { #[pin] sleep: Sleep },
         Call { #[pin] fut: F },
-        Buffer { body: Option<ResB> },
-        Complete { #[pin] fut: KF },
+        Buffer {
+            body: Option<ResB>,
+            parts: Option<response::Parts>,
+            trailers: Option<HeaderMap>,
+        },
+        Complete {
+            #[pin]
+            fut: KF,
+            pending: Option<Response<ReplayBody<ResB>>>,
+        },
     }
 }
 
@@ -73,9 +81,7 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     fingerprint: Fingerprint,
     guard: Option<LeaseGuard<St>>,
     deadline: Option<Instant>,
-    res_parts: Option<response::Parts>,
-    trailers: Option<HeaderMap>,
-    pending: Option<Response<ReplayBody<ResB>>>,
+    _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
 impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
@@ -99,9 +105,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             fingerprint: Fingerprint::from_u128(0),
             guard: None,
             deadline: None,
-            res_parts: None,
-            trailers: None,
-            pending: None,
+            _body: std::marker::PhantomData,
         }
     }
 
@@ -370,10 +374,17 @@ where
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                     }
                     let (parts, body) = res.into_parts();
-                    k.res_parts = Some(parts);
-                    State::Buffer { body: Some(body) }
+                    State::Buffer {
+                        body: Some(body),
+                        parts: Some(parts),
+                        trailers: None,
+                    }
                 }
-                StateProj::Buffer { body } => {
+                StateProj::Buffer {
+                    body,
+                    parts: head,
+                    trailers: tail,
+                } => {
                     let k = this.ctx.as_mut().expect("keyed state");
                     let max = k.shared.config.max_response_body;
                     loop {
@@ -383,22 +394,22 @@ where
                                 Ok(data) => {
                                     k.buf.push(data);
                                     if k.buf.len() > max {
-                                        let parts = k.res_parts.take().expect("response head");
+                                        let parts = head.take().expect("response head");
                                         let record = Record::not_kept(k.fingerprint, parts.status);
                                         tracing::debug!(key = ?k.key, "response too large to keep; recorded as not kept");
                                         let rest = body.take().expect("response body");
-                                        k.pending = Some(Response::from_parts(
+                                        let res = Response::from_parts(
                                             parts,
                                             ReplayBody::prefixed(k.buf.take(), rest),
-                                        ));
-                                        break complete(k, record);
+                                        );
+                                        break complete(k, record, res);
                                     }
                                 }
                                 Err(frame) => {
                                     if let Ok(t) = frame.into_trailers() {
-                                        match &mut k.trailers {
+                                        match tail {
                                             Some(have) => have.extend(t),
-                                            None => k.trailers = Some(t),
+                                            None => *tail = Some(t),
                                         }
                                     }
                                 }
@@ -408,9 +419,9 @@ where
                                 return Poll::Ready(Err(e.into()));
                             }
                             None => {
-                                let parts = k.res_parts.take().expect("response head");
+                                let parts = head.take().expect("response head");
                                 let data = k.buf.take();
-                                let trailers = k.trailers.take();
+                                let trailers = tail.take();
                                 let failed = trailers.as_ref().is_some_and(|t| {
                                     GrpcStatus::default().classify_trailers(t) != Outcome::Success
                                 });
@@ -429,16 +440,16 @@ where
                                     data.clone(),
                                     trailers.clone(),
                                 );
-                                k.pending = Some(Response::from_parts(
+                                let res = Response::from_parts(
                                     parts,
                                     ReplayBody::buffered(data, trailers),
-                                ));
-                                break complete(k, record);
+                                );
+                                break complete(k, record, res);
                             }
                         }
                     }
                 }
-                StateProj::Complete { fut } => {
+                StateProj::Complete { fut, pending } => {
                     let done = ready!(fut.poll(cx));
                     let k = this.ctx.as_mut().expect("keyed state");
                     match done {
@@ -453,7 +464,7 @@ where
                             k.release();
                         }
                     }
-                    return Poll::Ready(Ok(k.pending.take().expect("pending response")));
+                    return Poll::Ready(Ok(pending.take().expect("pending response")));
                 }
             };
             this.state.set(next);
@@ -482,6 +493,7 @@ where
 fn complete<F, CF, St, ReqB, ResB, S, M>(
     k: &mut Keyed<S, St, M, ResB>,
     record: Record,
+    res: Response<ReplayBody<ResB>>,
 ) -> State<F, CF, St::CompleteFuture, ReqB, ResB>
 where
     St: Store,
@@ -490,6 +502,7 @@ where
     let guard = k.guard.as_ref().expect("a lease is held");
     State::Complete {
         fut: k.store.complete(guard.lease(), record, ttl),
+        pending: Some(res),
     }
 }
 

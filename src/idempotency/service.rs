@@ -43,6 +43,16 @@ impl<S, St, M> Idempotency<S, St, M> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Clone, St: Clone, M: Clone> Clone for Idempotency<S, St, M> {
