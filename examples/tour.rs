@@ -1,32 +1,97 @@
-//! A tour of tower-bulwark: starts a real Axum server on 127.0.0.1 (a free port), drives real
-//! HTTP traffic through every layer with a hyper client, and prints what each layer did.
+//! A tour of tower-bulwark: starts a real Axum server on 127.0.0.1 (a free port) with the
+//! server layers (RejectionLayer, rate limit, backpressure, idempotency), drives it with a
+//! client stack (retry + circuit breaker around hyper-util's client, itself a Tower service)
+//! against routes that are limited, slow, flaky and idempotent, and prints what each layer did.
 //!
 //! Run: `cargo run --example tour`. It finishes by itself in a few seconds and exits 0.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::{extract::ConnectInfo, routing::get, Router};
+use axum::extract::{ConnectInfo, Request as AxumRequest, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use tower::ServiceBuilder;
-use tower_bulwark::rate_limit::key::ClientIp;
-use tower_bulwark::rate_limit::{key, RateLimitHandle};
-use tower_bulwark::{Quota, RateLimitLayer, RejectionLayer};
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::backpressure::BackpressureHandle;
+use tower_bulwark::circuit_breaker::{BreakerHandle, BreakerState};
+use tower_bulwark::classify::HttpStatus;
+use tower_bulwark::idempotency::IdempotencyHandle;
+use tower_bulwark::rate_limit::key::{self, ClientIp};
+use tower_bulwark::rate_limit::RateLimitHandle;
+use tower_bulwark::retry::{Backoff, ReplayBody, RetryHandle};
+use tower_bulwark::{
+    BackpressureLayer, BreakerConfig, Budget, CircuitBreakerLayer, IdempotencyLayer, MemoryStore,
+    Quota, RateLimitLayer, Rejection, RejectionKind, RejectionLayer, RetryLayer, RetryPolicy,
+};
 
+type Error = Box<dyn std::error::Error + Send + Sync>;
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// What the server shares with its handlers, and the layers' handles for the report.
+#[derive(Clone)]
+struct Shared {
+    healthy: Arc<AtomicBool>,
+    flaky_calls: Arc<AtomicU64>,
+    orders_run: Arc<AtomicU64>,
+    lose_next_response: Arc<AtomicBool>,
+}
 
 struct Server {
     addr: SocketAddr,
+    shared: Shared,
     limited: RateLimitHandle,
+    slow: BackpressureHandle,
+    orders: IdempotencyHandle,
 }
 
-async fn start_server() -> Result<Server, Box<dyn std::error::Error>> {
-    // GET /limited: 5 requests per second, burst 5, per API key (else per client address).
+async fn create_order(State(s): State<Shared>, body: Bytes) -> impl IntoResponse {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let id = s.orders_run.fetch_add(1, Ordering::SeqCst) + 1;
+    let echo = String::from_utf8_lossy(&body).into_owned();
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "order_id": id, "request": echo })),
+    )
+}
+
+async fn flaky(State(s): State<Shared>) -> Response {
+    s.flaky_calls.fetch_add(1, Ordering::SeqCst);
+    if s.healthy.load(Ordering::SeqCst) {
+        (StatusCode::OK, "flaky ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "flaky down\n").into_response()
+    }
+}
+
+/// Stands for a proxy between client and server that loses one response on its way back:
+/// the order ran, but the client sees a 502 and retries.
+async fn lossy_gateway(State(s): State<Shared>, req: AxumRequest, next: Next) -> Response {
+    let res = next.run(req).await;
+    if s.lose_next_response.swap(false, Ordering::SeqCst) {
+        return (StatusCode::BAD_GATEWAY, "response lost on the way\n").into_response();
+    }
+    res
+}
+
+async fn start_server() -> Result<Server, Error> {
+    let shared = Shared {
+        healthy: Arc::new(AtomicBool::new(false)),
+        flaky_calls: Arc::default(),
+        orders_run: Arc::default(),
+        lose_next_response: Arc::default(),
+    };
+
+    // GET /limited: 5 per second, burst 5, per API key; and 50 per second per client address.
     let by_key = RateLimitLayer::keyed(Quota::per_second(5)?, key::Header::new("x-api-key"))
         .response_headers();
     let limited = by_key.handle();
@@ -34,6 +99,14 @@ async fn start_server() -> Result<Server, Box<dyn std::error::Error>> {
         Quota::per_second(50)?,
         ClientIp::new().peer_addr(|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())),
     );
+
+    // GET /slow: 4 in flight, a waiter waits at most 50 ms, then is shed.
+    let backpressure = BackpressureLayer::new(4).max_wait(Duration::from_millis(50));
+    let slow = backpressure.handle();
+
+    // POST /orders: each Idempotency-Key runs once; repeats get the stored response.
+    let idempotency = IdempotencyLayer::new(MemoryStore::default());
+    let orders = idempotency.handle();
 
     let app = Router::new()
         .route(
@@ -45,7 +118,33 @@ async fn start_server() -> Result<Server, Box<dyn std::error::Error>> {
                     .layer(by_key),
             ),
         )
-        .route("/health", get(|| async { "ok\n" }));
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                "slow ok\n"
+            })
+            .layer(
+                ServiceBuilder::new()
+                    .layer(RejectionLayer::http())
+                    .layer(backpressure),
+            ),
+        )
+        .route("/flaky", get(flaky))
+        .route(
+            "/orders",
+            post(create_order).layer(
+                ServiceBuilder::new()
+                    .layer(middleware::from_fn_with_state(
+                        shared.clone(),
+                        lossy_gateway,
+                    ))
+                    .layer(RejectionLayer::http())
+                    .layer(idempotency),
+            ),
+        )
+        .route("/health", get(|| async { "ok\n" }))
+        .with_state(shared.clone());
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -56,37 +155,47 @@ async fn start_server() -> Result<Server, Box<dyn std::error::Error>> {
         )
         .await
     });
-    Ok(Server { addr, limited })
+    Ok(Server {
+        addr,
+        shared,
+        limited,
+        slow,
+        orders,
+    })
 }
 
 async fn fetch(
     client: &HttpClient,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> Result<(StatusCode, http::HeaderMap, Bytes), Box<dyn std::error::Error>> {
-    let mut req = Request::get(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let res = client.request(req.body(Full::new(Bytes::new()))?).await?;
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), Error> {
+    let res = client.request(req).await?;
     let (parts, body) = res.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok((parts.status, parts.headers, body))
 }
 
-/// Rate limiting: two API keys send 12 requests each at once; each key gets its burst of 5.
-async fn tour_rate_limit(
-    server: &Server,
-    client: &HttpClient,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn get_req(url: &str, headers: &[(&str, &str)]) -> Result<Request<Full<Bytes>>, Error> {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    Ok(req.body(Full::new(Bytes::new()))?)
+}
+
+fn header<'a>(h: &'a http::HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-")
+}
+
+/// Rate limiting: two API keys send 12 requests each; each key gets its burst of 5.
+async fn tour_rate_limit(server: &Server, client: &HttpClient) -> Result<(), Error> {
     println!("== rate limit: GET /limited, 5/s burst 5 per x-api-key");
     let url = format!("http://{}/limited", server.addr);
-    let start = Instant::now();
     for api_key in ["alice", "bob"] {
         let mut counts: BTreeMap<u16, u32> = BTreeMap::new();
         let mut first_reject = None;
         for _ in 0..12 {
-            let (status, headers, body) = fetch(client, &url, &[("x-api-key", api_key)]).await?;
+            let (status, headers, body) =
+                fetch(client, get_req(&url, &[("x-api-key", api_key)])?).await?;
             *counts.entry(status.as_u16()).or_default() += 1;
             if status == StatusCode::TOO_MANY_REQUESTS && first_reject.is_none() {
                 first_reject = Some((headers, body));
@@ -95,9 +204,9 @@ async fn tour_rate_limit(
         println!("   {api_key:>5}: {counts:?} (status: count)");
         if let Some((h, body)) = first_reject {
             println!(
-                "          first 429: Retry-After {:?}, RateLimit {:?}, body {}",
-                h.get("retry-after").map(|v| v.to_str().unwrap_or("?")),
-                h.get("ratelimit").map(|v| v.to_str().unwrap_or("?")),
+                "          first 429: Retry-After {}, RateLimit {}, body {}",
+                header(&h, "retry-after"),
+                header(&h, "ratelimit"),
                 String::from_utf8_lossy(&body)
             );
         }
@@ -109,22 +218,240 @@ async fn tour_rate_limit(
             .limited
             .remaining_for(&Some(http::HeaderValue::from_static("alice")))
     );
-    // A token comes back every 200 ms.
+    let start = Instant::now();
     tokio::time::sleep(Duration::from_millis(450)).await;
     let mut admitted = 0;
     for _ in 0..5 {
-        let (status, _, _) = fetch(client, &url, &[("x-api-key", "alice")]).await?;
+        let (status, _, _) = fetch(client, get_req(&url, &[("x-api-key", "alice")])?).await?;
         admitted += u32::from(status == StatusCode::OK);
     }
     println!(
-        "   {} ms later: alice admitted {admitted} of 5 (one token comes back every 200 ms)",
+        "   {} ms later: alice admitted {admitted} of 5 (a token comes back every 200 ms)",
         start.elapsed().as_millis()
     );
     Ok(())
 }
 
+/// Backpressure: 12 concurrent requests to a route that allows 4 in flight and waits 50 ms.
+async fn tour_backpressure(server: &Server, client: &HttpClient) -> Result<(), Error> {
+    println!("\n== backpressure: GET /slow, 4 in flight, wait at most 50 ms (handler: 200 ms)");
+    let url = format!("http://{}/slow", server.addr);
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let client = client.clone();
+        let req = get_req(&url, &[])?;
+        tasks.push(tokio::spawn(async move { fetch(&client, req).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    println!(
+        "   while running: {} in flight, {} waiting",
+        server.slow.in_flight(),
+        server.slow.waiting()
+    );
+    let mut counts: BTreeMap<u16, u32> = BTreeMap::new();
+    let mut retry_after = None;
+    for t in tasks {
+        let (status, h, _) = t.await??;
+        *counts.entry(status.as_u16()).or_default() += 1;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            retry_after = Some(header(&h, "retry-after").to_owned());
+        }
+    }
+    println!(
+        "   12 concurrent: {counts:?}; shed with Retry-After {}; handle: {} shed, {} in flight now",
+        retry_after.as_deref().unwrap_or("-"),
+        server.slow.shed(),
+        server.slow.in_flight()
+    );
+    Ok(())
+}
+
+/// The client stack: retry (3 attempts, 20% budget, idempotency keys for POST) around a
+/// circuit breaker (5 failures in a row open it for 1 s) around hyper-util's client.
+#[allow(clippy::type_complexity)]
+fn client_stack(
+    hyper_client: Client<HttpConnector, ReplayBody<Full<Bytes>>>,
+) -> Result<
+    (
+        impl Service<
+                Request<Full<Bytes>>,
+                Response = http::Response<hyper::body::Incoming>,
+                Error = BoxError,
+                Future: Send,
+            > + Clone
+            + Send,
+        RetryHandle,
+        BreakerHandle,
+    ),
+    Error,
+> {
+    let retry = RetryLayer::new(
+        RetryPolicy::http()
+            .max_attempts(3)
+            .backoff(Backoff::exponential(
+                Duration::from_millis(20),
+                Duration::from_millis(200),
+            ))
+            .budget(Budget::ratio(0.2)?)
+            .add_idempotency_key(),
+    )?;
+    let breaker = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(5)
+            .open_time(Duration::from_secs(1))
+            .half_open_probes(2),
+    )?
+    .classify(HttpStatus::default());
+    let (retries, breaker_handle) = (retry.handle(), breaker.handle());
+    let svc = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(hyper_client);
+    Ok((svc, retries, breaker_handle))
+}
+
+fn outcome(r: &Result<http::Response<hyper::body::Incoming>, BoxError>) -> String {
+    match r {
+        Ok(res) => res.status().as_u16().to_string(),
+        Err(e) => match Rejection::find(&**e).map(Rejection::kind) {
+            Some(RejectionKind::CircuitOpen) => "circuit open".into(),
+            Some(k) => format!("{k}"),
+            None => format!("error: {e}"),
+        },
+    }
+}
+
+/// Retry and circuit breaker: a dependency that fails, then heals.
+async fn tour_breaker(server: &Server) -> Result<(), Error> {
+    println!("\n== client: retry (3 attempts, 20% budget) + circuit breaker (5 failures in a row) -> GET /flaky");
+    let hyper_client = Client::builder(TokioExecutor::new()).build_http();
+    let (client, retries, breaker) = client_stack(hyper_client)?;
+    let url = format!("http://{}/flaky", server.addr);
+    let mut transitions = vec![breaker.state()];
+    let mut note = |s: BreakerState| {
+        if transitions.last() != Some(&s) {
+            transitions.push(s);
+        }
+    };
+
+    server.shared.healthy.store(false, Ordering::SeqCst);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..10 {
+        let r = client.clone().oneshot(get_req(&url, &[])?).await;
+        *counts.entry(outcome(&r)).or_default() += 1;
+        note(breaker.state());
+    }
+    println!(
+        "   server down, 10 calls: {counts:?}; server saw {} calls; {} retries",
+        server.shared.flaky_calls.load(Ordering::SeqCst),
+        retries.retries()
+    );
+    if let Some(b) = retries.budget() {
+        let f = b.figures();
+        println!(
+            "   retry budget: {} retries of {:.1} allowed over {} requests in the window",
+            f.retries, f.allowed, f.requests
+        );
+    }
+    let fig = breaker.figures();
+    println!(
+        "   breaker: {:?}, {} failures in a row, open for {:?} more",
+        fig.state, fig.consecutive_failures, fig.open_remaining
+    );
+
+    server.shared.healthy.store(true, Ordering::SeqCst);
+    println!("   server heals; waiting out the open time (1 s + jitter)...");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    while Instant::now() < deadline {
+        let r = client.clone().oneshot(get_req(&url, &[])?).await;
+        *counts.entry(outcome(&r)).or_default() += 1;
+        note(breaker.state());
+        if breaker.state() == BreakerState::Closed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..5 {
+        let r = client.clone().oneshot(get_req(&url, &[])?).await;
+        *counts.entry(outcome(&r)).or_default() += 1;
+    }
+    println!("   after healing: {counts:?}");
+    println!("   breaker transitions: {transitions:?}");
+    Ok(())
+}
+
+/// Idempotency: a POST whose response is lost on the way back is retried by the client with
+/// the same Idempotency-Key; the server replays the stored response instead of running the
+/// order twice.
+async fn tour_idempotency(server: &Server, client: &HttpClient) -> Result<(), Error> {
+    println!("\n== idempotency: POST /orders (the handler takes 100 ms)");
+    let url = format!("http://{}/orders", server.addr);
+    let hyper_client = Client::builder(TokioExecutor::new()).build_http();
+    let (retrying, retries, _) = client_stack(hyper_client)?;
+    let retries_before = retries.retries();
+
+    server
+        .shared
+        .lose_next_response
+        .store(true, Ordering::SeqCst);
+    let req = Request::post(&url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))?;
+    let res = retrying.oneshot(req).await?;
+    let (status, replayed) = (
+        res.status(),
+        header(res.headers(), "idempotent-replayed").to_owned(),
+    );
+    let body = res.into_body().collect().await?.to_bytes();
+    println!(
+        "   retried POST (first response lost as a 502): {status}, Idempotent-Replayed {replayed}, {} retry, body {}",
+        retries.retries() - retries_before,
+        String::from_utf8_lossy(&body)
+    );
+    println!(
+        "   the order handler ran {} time(s)",
+        server.shared.orders_run.load(Ordering::SeqCst)
+    );
+
+    // Plain client, explicit keys: a repeat, another payload, a concurrent duplicate.
+    let post = |key: &str, body: &'static str| -> Result<Request<Full<Bytes>>, Error> {
+        Ok(Request::post(&url)
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))?)
+    };
+    let (s1, _, _) = fetch(client, post("order-7", "{\"sku\":7}")?).await?;
+    let (s2, h2, _) = fetch(client, post("order-7", "{\"sku\":7}")?).await?;
+    let (s3, _, _) = fetch(client, post("order-7", "{\"sku\":8}")?).await?;
+    println!(
+        "   key order-7: first {s1}, repeat {s2} (replayed: {}), other payload {s3}",
+        header(&h2, "idempotent-replayed")
+    );
+    let a = fetch(client, post("order-8", "{\"sku\":8}")?);
+    let b = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fetch(client, post("order-8", "{\"sku\":8}")?).await
+    };
+    let (a, b) = tokio::join!(a, b);
+    println!(
+        "   key order-8 sent twice at once: {} and {} (in flight)",
+        a?.0, b?.0
+    );
+    let long_key = "k".repeat(300);
+    let (s, _, body) = fetch(client, post(&long_key, "{}")?).await?;
+    println!(
+        "   300-character key: {s} {}",
+        String::from_utf8_lossy(&body)
+    );
+    let st = server.orders.stats();
+    println!(
+        "   handle: {} executed, {} replayed, {} in flight (409), {} mismatched (422), {} invalid (400)",
+        st.executed, st.replayed, st.in_flight_rejected, st.mismatched, st.invalid_keys
+    );
+    Ok(())
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), Error> {
     let started = Instant::now();
     let server = start_server().await?;
     println!(
@@ -134,6 +461,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     tour_rate_limit(&server, &client).await?;
+    tour_backpressure(&server, &client).await?;
+    tour_breaker(&server).await?;
+    tour_idempotency(&server, &client).await?;
 
     println!(
         "\ntour finished in {:.1} s",

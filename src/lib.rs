@@ -5,6 +5,10 @@
 //!
 //! | module | layer | what it does |
 //! |---|---|---|
+//! | [`retry`] | [`RetryLayer`] | re-sends failed requests with exponential backoff and jitter, inside a retry budget |
+//! | [`circuit_breaker`] | [`CircuitBreakerLayer`] | stops calling a dependency that keeps failing, probes it, closes again |
+//! | [`idempotency`] | [`IdempotencyLayer`] | runs a request with an `Idempotency-Key` once; replays its response to repeats |
+//! | [`backpressure`] | [`BackpressureLayer`] | bounds requests in flight; waits a bounded time, then sheds |
 //! | [`rate_limit`] | [`RateLimitLayer`] | token-bucket (GCRA) limit, global or per key, lock-free |
 //!
 //! Every layer that refuses a request returns a typed [`Rejection`]; [`RejectionLayer`] turns
@@ -15,16 +19,67 @@
 //!
 //! # A server stack
 //!
-//! ```
-//! use axum::{routing::get, Router};
-//! use tower::ServiceBuilder;
-//! use tower_bulwark::{Quota, RateLimitLayer, RejectionLayer};
+//! Outermost first: rejections become responses; the rate limit refuses excess at once;
+//! backpressure bounds the work in flight; idempotency runs each `Idempotency-Key` once.
 //!
-//! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
+//! ```
+//! use std::time::Duration;
+//! use axum::{routing::post, Router};
+//! use tower::ServiceBuilder;
+//! use tower_bulwark::rate_limit::key;
+//! use tower_bulwark::{
+//!     BackpressureLayer, IdempotencyLayer, MemoryStore, Quota, RateLimitLayer, RejectionLayer,
+//! };
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! async fn create_order() -> &'static str { "created" }
+//!
+//! let app: Router = Router::new().route("/orders", post(create_order)).layer(
 //!     ServiceBuilder::new()
-//!         .layer(RejectionLayer::http())
-//!         .layer(RateLimitLayer::new(Quota::per_second(100).unwrap().burst(200).unwrap())),
+//!         .layer(RejectionLayer::http()) // Rejection -> 429/503/409/422/400 response
+//!         .layer(RateLimitLayer::keyed(
+//!             Quota::per_second(100)?.burst(200)?,
+//!             key::Header::new("x-api-key"),
+//!         ))
+//!         .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
+//!         .layer(IdempotencyLayer::new(MemoryStore::default())),
 //! );
+//! # Ok(()) }
+//! ```
+//!
+//! # A client stack
+//!
+//! Retries inside a budget (never more than 20% extra load), honouring `Retry-After`; a
+//! breaker below it so that each attempt counts and an open breaker stops the retries:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tower::ServiceBuilder;
+//! use tower_bulwark::classify::HttpStatus;
+//! use tower_bulwark::{BreakerConfig, Budget, CircuitBreakerLayer, RetryLayer, RetryPolicy};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Stands for hyper-util's client, itself a tower service.
+//! let http_client = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+//!     Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+//! });
+//! let client = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(
+//!         RetryPolicy::http()
+//!             .max_attempts(3)
+//!             .budget(Budget::ratio(0.2)?)
+//!             .add_idempotency_key(),
+//!     )?)
+//!     .layer(
+//!         CircuitBreakerLayer::new(BreakerConfig::failure_rate(0.5).window(100))?
+//!             .classify(HttpStatus::default()),
+//!     )
+//!     .service(http_client);
+//! # let _ = client;
+//! # Ok(()) }
 //! ```
 //!
 //! # Feature flags
@@ -51,9 +106,13 @@ pub mod rejection;
 pub mod respond;
 pub mod retry;
 
+pub use crate::backpressure::BackpressureLayer;
+pub use crate::circuit_breaker::{BreakerConfig, CircuitBreakerLayer};
+pub use crate::idempotency::{IdempotencyLayer, MemoryStore};
 pub use crate::rate_limit::{Quota, RateLimitLayer};
 pub use crate::rejection::{Rejection, RejectionKind};
 pub use crate::respond::RejectionLayer;
+pub use crate::retry::{Budget, RetryLayer, RetryPolicy};
 
 /// Alias for a type-erased error type, as in tower.
 pub use tower::BoxError;

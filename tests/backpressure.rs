@@ -393,3 +393,79 @@ async fn grpc_status_through_rejection_layer() {
     assert_eq!(res.headers()["grpc-status"], "14");
     assert_eq!(res.headers()["grpc-retry-pushback-ms"], "1000");
 }
+
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shedding_is_logged_at_most_once_a_second() {
+    let out = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let out = out.clone();
+            move || out.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let events = || {
+        String::from_utf8(out.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("shedding requests"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    let layer = BackpressureLayer::new(0).clock(tower_bulwark::clock::Clock::tokio());
+    let mut svc = layer.layer(tower::service_fn(|_: u32| async { Ok::<_, Infallible>(0) }));
+    for i in 0..1_000 {
+        assert!(svc.ready().await.unwrap().call(i).await.is_err());
+    }
+    let logged = events();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(
+        logged[0].contains("WARN") && logged[0].contains("shed=1"),
+        "{}",
+        logged[0]
+    );
+
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(svc.ready().await.unwrap().call(0).await.is_err());
+    assert_eq!(events().len(), 1);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(svc.ready().await.unwrap().call(0).await.is_err());
+    let logged = events();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    // The second event counts every request shed since the first.
+    assert!(logged[1].contains("shed=1001"), "{}", logged[1]);
+    assert!(logged[1].contains("shed_total=1002"), "{}", logged[1]);
+    assert_eq!(layer.handle().shed(), 1002);
+}
+
+#[test]
+fn outside_a_runtime_a_would_be_waiter_is_shed_not_panicked_on() {
+    let layer = BackpressureLayer::new(1).max_wait(Duration::from_secs(1));
+    let handle = layer.handle();
+    let mut svc = layer.layer(tower::service_fn(
+        |n: u32| async move { Ok::<_, Infallible>(n) },
+    ));
+    let mut held = task::spawn(svc.call(1));
+    assert_eq!(assert_ready_ok!(held.poll()), 1);
+    let running = svc.call(2);
+    let mut refused = task::spawn(svc.call(3));
+    overloaded(&assert_ready!(refused.poll()).unwrap_err());
+    assert_eq!(handle.shed(), 1);
+    drop(running);
+    assert_eq!(handle.in_flight(), 0);
+}

@@ -973,3 +973,82 @@ async fn trailers_are_stored_and_replayed_and_grpc_failures_are_not_stored() {
     assert_eq!(again.to_bytes(), first.to_bytes());
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
+
+mod slow_store {
+    use super::*;
+    use std::future::{pending, Pending};
+    use tower_bulwark::idempotency::{Fingerprint, Lease, Record, Store, StoreError, StoreKey};
+
+    /// A `MemoryStore` whose `complete` never finishes, and that releases through the trait's
+    /// default `release_detached` (a task spawned on the runtime), as a remote store would.
+    #[derive(Clone, Debug)]
+    pub(super) struct Stuck(pub(super) MemoryStore);
+
+    impl Store for Stuck {
+        type ClaimFuture = <MemoryStore as Store>::ClaimFuture;
+        type CompleteFuture = Pending<Result<(), StoreError>>;
+        type ReleaseFuture = <MemoryStore as Store>::ReleaseFuture;
+        type GetFuture = <MemoryStore as Store>::GetFuture;
+
+        fn claim(&self, k: &StoreKey, f: Fingerprint, ttl: Duration) -> Self::ClaimFuture {
+            self.0.claim(k, f, ttl)
+        }
+        fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
+            pending()
+        }
+        fn release(&self, lease: &Lease) -> Self::ReleaseFuture {
+            self.0.release(lease)
+        }
+        fn get(&self, k: &StoreKey) -> Self::GetFuture {
+            self.0.get(k)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_while_storing_releases_through_a_spawned_release() {
+        let app = App::new();
+        let mem = store();
+        let layer = IdempotencyLayer::new(Stuck(mem.clone()));
+        let mut svc = layer.layer(app.service());
+        {
+            let mut fut = pin!(svc.call(req("s", "{}")));
+            assert!(poll_once(fut.as_mut()).is_pending(), "stuck in complete");
+            assert_eq!(app.runs(), 1);
+            assert_eq!(mem.stats().entries, 1);
+        }
+        // The release runs on a spawned task.
+        tokio::task::yield_now().await;
+        assert_eq!(mem.stats().entries, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_while_waiting_holds_nothing() {
+        let app = App::new();
+        let layer = builder()
+            .wait_for_in_flight(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mem = layer.store().clone();
+        let svc = layer.layer(app.service());
+        let gated = post("w", "{}")
+            .header("x-gate", "1")
+            .body(Body::from("{}"))
+            .unwrap();
+        let first = tokio::spawn(svc.clone().oneshot(gated));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        {
+            let mut s = svc.clone();
+            let mut waiter = pin!(s.call(req("w", "{}")));
+            assert!(poll_once(waiter.as_mut()).is_pending());
+        }
+        assert_eq!(mem.stats().entries, 1, "only the first request's lease");
+        // Waiting can be switched off at run time: a repeat now gets 409 at once.
+        handle.set_wait_for_in_flight(None);
+        let err = svc.clone().oneshot(req("w", "{}")).await.unwrap_err();
+        assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight);
+        app.gate.add_permits(1);
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::CREATED);
+        assert_eq!(app.runs(), 1);
+    }
+}

@@ -460,3 +460,62 @@ fn public_types_are_send_and_sync() {
         >,
     >();
 }
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tracing_says_each_retry_and_why_the_budget_stopped() {
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(out.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let budget = Budget::builder()
+        .ratio(0.0)
+        .min_per_second(1)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap();
+    let layer = RetryLayer::new(policy().backoff(fixed(20)).budget(budget)).unwrap();
+    let _ = layer.layer(Flaky::new(u32::MAX)).oneshot(1).await;
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("retrying"), "{text}");
+    assert!(text.contains("attempt=2"), "{text}");
+    assert!(text.contains("delay_ms=20"), "{text}");
+    assert!(text.contains("connection reset"), "the reason: {text}");
+    assert!(text.contains("retry budget exhausted"), "{text}");
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(out.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let _guard2 = tracing::subscriber::set_default(subscriber);
+    let capped = RetryLayer::new(policy().max_attempts(2).backoff(Backoff::none())).unwrap();
+    let _ = capped.layer(Flaky::new(u32::MAX)).oneshot(1).await;
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("giving up: attempts exhausted"), "{text}");
+    assert!(text.contains("attempts=2"), "{text}");
+    assert_eq!(layer.handle().budget_exhausted(), 1);
+}

@@ -161,7 +161,7 @@ async fn add_idempotency_key_gives_every_attempt_the_same_fresh_key() {
         let seen = inner.seen();
         assert_eq!(seen.len(), 3);
         let key = seen[0].key.clone().expect("a key on the first attempt");
-        assert_eq!(key.len(), 36);
+        assert_eq!(key.len(), 38, "a quoted UUID: {key}");
         assert!(seen.iter().all(|s| s.key.as_deref() == Some(&key)));
         first_keys.push(key);
     }
@@ -480,4 +480,38 @@ async fn a_tonic_body_is_replayed_through_a_map_request() {
     let seen = inner.seen();
     assert_eq!(seen.len(), 2);
     assert!(seen.iter().all(|s| s.body == b"\0\0\0\0\x02hi"[..]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_event_names_the_status() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(out.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let layer =
+        RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()).backoff(fixed(10))).unwrap();
+    let inner = Scripted::new(vec![(502, &[]), (200, &[])]);
+    let _ = layer.layer(inner).oneshot(req(Method::GET)).await.unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("Retryable response: status 502"), "{text}");
 }

@@ -3,7 +3,10 @@
 //! Each completed request gives a sample (its latency from admission to completion, and
 //! whether it failed). Samples are summed in a window (a minimum duration and a minimum
 //! count); the completion that closes a window folds it into the algorithm, which returns the
-//! next limit. The arithmetic ([`Aimd::update`], [`Gradient::update`]) takes nanoseconds and
+//! next limit. A sample is a failure when the service below returned an error; with
+//! [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
+//! response is a 5xx or its body fails, and its latency runs to the end of the body. A request
+//! dropped before its response (the client went away) gives no sample. The arithmetic ([`Aimd::update`], [`Gradient::update`]) takes nanoseconds and
 //! counts in and gives a limit out, with no clock and no runtime.
 
 use std::fmt;
@@ -21,6 +24,19 @@ use crate::clock::{duration_nanos, Clock};
 ///
 /// Defaults: floor 1, ceiling 1024, initial limit 16, windows of at least 100 ms and 10
 /// samples, the crate's default [`Clock`].
+///
+/// # Samples
+///
+/// Each completed request gives a sample: its latency from admission to completion, and
+/// whether it failed. A sample is a failure when the service below returned an error; with
+/// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
+/// response is a 5xx or its body fails, and its latency runs to the end of the body. A request
+/// dropped before its response (the client went away) gives no sample. Samples are summed in
+/// a window; the completion that closes a window folds it into the algorithm, which gives the
+/// next limit. The algorithms are pure arithmetic ([`Aimd::update`], [`Gradient::update`]):
+/// nanoseconds and counts in, a limit out.
+///
+/// Under tokio's paused time, measure on tokio's clock: `.clock(Clock::tokio())`.
 ///
 /// ```
 /// use std::time::Duration;

@@ -148,11 +148,13 @@ where
         }
     }
 
-    /// Drives the request to its response, and hands back the permit with it.
-    fn poll_core(
+    /// Drives the request to its response, and hands the response and its permit to `done`.
+    #[inline]
+    fn poll_with<T>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(S::Response, Permit), BoxError>>
+        done: impl FnOnce(S::Response, Permit) -> T,
+    ) -> Poll<Result<T, BoxError>>
     where
         S::Error: Into<BoxError>,
     {
@@ -161,12 +163,13 @@ where
             match state.as_mut().project() {
                 StateProj::Running { fut, permit } => {
                     let out = ready!(fut.poll(cx));
+                    // The inner future is left in place, done: polling again is a caller's
+                    // bug that the permit being gone reports.
                     let mut permit = permit.take().expect("polled after completion");
-                    state.set(State::Done);
                     return Poll::Ready(match out {
                         Ok(res) => {
                             permit.set_outcome(Outcome::Success);
-                            Ok((res, permit))
+                            Ok(done(res, permit))
                         }
                         Err(e) => {
                             permit.set_outcome(Outcome::Failure);
@@ -220,7 +223,10 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The permit is dropped, given back, here.
-        self.poll_core(cx).map_ok(|(res, _permit)| res)
+        self.poll_with(cx, |res, permit| {
+            drop(permit);
+            res
+        })
     }
 }
 
@@ -233,7 +239,11 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_core(cx).map_ok(|(res, permit)| {
+        self.poll_with(cx, |res, mut permit| {
+            if res.status().is_server_error() {
+                // For an adaptive limit, a 5xx is a failure of the dependency.
+                permit.set_outcome(Outcome::Failure);
+            }
             res.map(|body| PermitBody {
                 inner: body,
                 permit: Some(permit),

@@ -108,7 +108,8 @@ impl<R> BackpressureLayer<R> {
     /// How long a request may wait for a permit before it is shed (default zero: shed at
     /// once).
     ///
-    /// Waiting needs a tokio runtime with the time driver (`tokio::time`).
+    /// Waiting needs a tokio runtime with the time driver (`tokio::time`); a request that
+    /// would wait outside any tokio runtime is shed at once.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.cfg.max_wait = max_wait;
         self
@@ -175,7 +176,10 @@ impl<R> fmt::Debug for BackpressureLayer<R> {
             .field("max_wait", &self.cfg.max_wait)
             .field("max_queue", &self.cfg.max_queue)
             .field("retry_after", &self.cfg.retry_after)
-            .field("release", &std::any::type_name::<R>())
+            .field(
+                "release",
+                &std::any::type_name::<R>().rsplit("::").next().unwrap_or(""),
+            )
             .finish()
     }
 }

@@ -17,7 +17,7 @@
 //! to each route and clones the service for each request: the limit holds across all of
 //! them). [`BackpressureLayer::shared`] makes another layer on the same budget.
 //!
-//! - A request that finds a free permit takes it (one compare-and-swap) and keeps it in its
+//! - A request that finds a free permit takes it (one atomic add) and keeps it in its
 //!   response future until the response is ready, fails, or is dropped; with
 //!   [`hold_until_body_end`](BackpressureLayer::hold_until_body_end), until its HTTP body has
 //!   been streamed to the end, so a streaming response counts as in flight.
@@ -42,8 +42,9 @@
 //! - [`rate_limit`](crate::rate_limit) bounds how many requests *start* per second; this layer
 //!   bounds how many *run* at once, which is what a slow dependency or a full thread pool
 //!   feels. They go well together.
-//! - tower-resilience's bulkhead does the same job with a semaphore behind a boxed future per
-//!   call; it releases at the response head and does not adapt its limit.
+//! - tower-resilience's bulkhead does the same job with a semaphore, behind a boxed future and
+//!   a clock read per call; its permit ends with the response head, and its limit is fixed
+//!   (tower-resilience adapts limits in a separate layer).
 //!
 //! # Where to place this layer
 //!
@@ -135,12 +136,58 @@
 //! # }
 //! ```
 //!
+//! In an HTTP stack, through [`RejectionLayer`](crate::RejectionLayer):
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::backpressure::BackpressureLayer;
+//! use tower_bulwark::RejectionLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(RejectionLayer::http())
+//!     .layer(BackpressureLayer::new(1))
+//!     .service_fn(|_: Request<()>| async {
+//!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+//!     });
+//! let busy = svc.ready().await.unwrap().call(Request::new(())); // holds the only permit
+//! let res = svc.ready().await.unwrap().call(Request::new(())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! assert_eq!(res.headers()["retry-after"], "1");
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! assert_eq!(busy.await.unwrap().status(), StatusCode::OK);
+//! # }
+//! ```
+//!
 //! # Tests under paused time
 //!
 //! Waiting uses `tokio::time`, so `#[tokio::test(start_paused = true)]` and
 //! `tokio::time::advance` drive `max_wait`. For adaptive limits, measure latency on tokio's
 //! clock too: `Adaptive::gradient(..).clock(Clock::tokio())` (or
 //! `.clock(Clock::tokio())` on the layer), made inside the test.
+//!
+//! # Order of admission
+//!
+//! Waiters are woken in the order they started waiting, one per permit given back. There is
+//! no hand-off: a request that arrives while a permit is free takes it at once, even if others
+//! are waiting, and a woken waiter that finds the permit gone waits again, at the end of the
+//! line, up to its deadline. Under overload this favours fresh requests, whose callers are
+//! still there, over ones that have waited longest.
+//!
+//! # Cost and memory
+//!
+//! Admitting and releasing a request are one atomic operation each, on one cache line, with
+//! no lock, no allocation and no reference count: a permit refers to its budget's hot state
+//! (the limit, the count in flight, the waiters) by a `'static` reference. That state is
+//! allocated once and reused: when a budget is gone and its last permit is back, it returns
+//! to a process-wide pool the next budget draws from, so the memory held is bounded by the
+//! most budgets alive at once (about a hundred bytes each). Waiting requests allocate one
+//! small box each; adaptive budgets read the clock when a request is admitted and when it
+//! completes.
 //!
 //! # Cancel safety
 //!

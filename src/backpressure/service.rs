@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::future::{PermitBody, ResponseFuture};
 use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
-use super::state::{BackpressureHandle, Permit, Shared};
+use super::state::{BackpressureHandle, Hot, Permit, Shared};
 
 /// The service made by [`BackpressureLayer`](super::BackpressureLayer).
 ///
@@ -23,6 +23,9 @@ use super::state::{BackpressureHandle, Permit, Shared};
 /// Clones draw on the same budget. A clone starts with nothing reserved.
 pub struct Backpressure<S, R = ReleaseOnResponse> {
     inner: S,
+    // The budget's hot state, read without going through `shared` on the admit path.
+    hot: &'static Hot,
+    adaptive: bool,
     shared: Arc<Shared>,
     cfg: Config,
     _release: PhantomData<fn() -> R>,
@@ -32,6 +35,8 @@ impl<S, R> Backpressure<S, R> {
     pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, cfg: Config) -> Self {
         Backpressure {
             inner,
+            hot: shared.hot,
+            adaptive: shared.adaptive.is_some(),
             shared,
             cfg,
             _release: PhantomData,
@@ -65,12 +70,20 @@ impl<S, R> Backpressure<S, R> {
     where
         S: Service<Req> + Clone,
     {
-        if let Some(in_flight) = self.shared.hot.try_acquire() {
+        if let Some(in_flight) = self.hot.try_acquire() {
             // The permit exists before the inner call, so a panic in `call` gives it back.
-            let permit = Permit::new(&self.shared, in_flight);
+            let permit = if self.adaptive {
+                Permit::new(&self.shared, in_flight)
+            } else {
+                Permit::fixed(self.hot)
+            };
             return ResponseFuture::running(self.inner.call(req), permit);
         }
-        if self.cfg.max_wait.is_zero() || !self.shared.enter_queue(self.cfg.max_queue) {
+        // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.
+        if self.cfg.max_wait.is_zero()
+            || tokio::runtime::Handle::try_current().is_err()
+            || !self.shared.enter_queue(self.cfg.max_queue)
+        {
             self.shared.on_shed(false);
             return ResponseFuture::shed(self.cfg.retry_after);
         }
@@ -86,6 +99,8 @@ impl<S: Clone, R> Clone for Backpressure<S, R> {
     fn clone(&self) -> Self {
         Backpressure {
             inner: self.inner.clone(),
+            hot: self.hot,
+            adaptive: self.adaptive,
             shared: self.shared.clone(),
             cfg: self.cfg,
             _release: PhantomData,

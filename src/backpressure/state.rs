@@ -70,28 +70,29 @@ impl Hot {
         POOL.lock().unwrap_or_else(|e| e.into_inner()).push(self);
     }
 
-    /// Takes a permit if one is free. One load and one compare-and-swap when uncontended.
+    /// Takes a permit if one is free: one atomic add (and, when full, one subtract).
     ///
     /// Returns the count in flight after the admit.
     #[inline]
-    pub(crate) fn try_acquire(&self) -> Option<u32> {
-        // SeqCst pairs with `release`: a waiter that registered (bumped `waiting`) before
-        // this load either sees the released permit here or is seen, and woken, by the
-        // releaser. On x86 a SeqCst load is a plain load.
-        let mut cur = self.word.load(Ordering::SeqCst);
-        loop {
-            let (limit, in_flight) = unpack(cur);
-            if in_flight >= limit {
-                return None;
-            }
-            match self
-                .word
-                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Some(in_flight + 1),
-                Err(actual) => cur = actual,
-            }
+    pub(crate) fn try_acquire(&'static self) -> Option<u32> {
+        // One unconditional increment: the common case (room) costs a single atomic
+        // operation. SeqCst pairs with `release`: a waiter that registered (bumped
+        // `waiting`) before this either sees the released permit here or is seen, and
+        // woken, by the releaser.
+        let prev = self.word.fetch_add(1, Ordering::SeqCst);
+        let (limit, in_flight) = unpack(prev);
+        if in_flight < limit {
+            return Some(in_flight + 1);
         }
+        // Full: undo, as a release would (a permit given back meanwhile may need its
+        // wake-up passed on).
+        self.undo();
+        None
+    }
+
+    #[cold]
+    fn undo(&'static self) {
+        self.release();
     }
 
     /// Gives a permit back and wakes one waiter if there is room for it.
@@ -241,14 +242,14 @@ impl Shared {
     /// how many were shed since the last one.
     pub(crate) fn on_shed(&self, waited: bool) {
         let total = self.cold.shed.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = self.clock().now_nanos();
+        // Times are kept one nanosecond late so that 0 means "never logged".
+        let now = self.clock().now_nanos().saturating_add(1);
         let last = self.cold.last_log_nanos.load(Ordering::Relaxed);
-        let first = self.cold.shed_logged.load(Ordering::Relaxed) == 0;
-        if (first || now.saturating_sub(last) >= SHED_LOG_EVERY_NANOS)
+        if (last == 0 || now.saturating_sub(last) >= SHED_LOG_EVERY_NANOS)
             && self
                 .cold
                 .last_log_nanos
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             let before = self.cold.shed_logged.swap(total, Ordering::Relaxed);
@@ -270,8 +271,14 @@ impl Shared {
 /// A permit, held by a response future (or a response body) and given back on drop.
 pub(crate) struct Permit {
     hot: &'static Hot,
-    /// For adaptive budgets: the budget and the clock reading at admission.
-    sample: Option<(Arc<Shared>, u64)>,
+    /// For adaptive budgets: what the latency sample needs.
+    sample: Option<Sampling>,
+}
+
+struct Sampling {
+    shared: Arc<Shared>,
+    /// Clock reading at admission.
+    start: u64,
     outcome: Outcome,
 }
 
@@ -285,41 +292,64 @@ pub(crate) enum Outcome {
 
 impl Permit {
     /// Wraps a permit already taken with [`Hot::try_acquire`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(shared: &Arc<Shared>, in_flight: u32) -> Permit {
-        let sample = match &shared.adaptive {
-            None => None,
-            Some(_) => {
-                shared.note_peak(in_flight);
-                Some((shared.clone(), shared.clock().now_nanos()))
-            }
-        };
         Permit {
             hot: shared.hot,
-            sample,
+            sample: shared
+                .adaptive
+                .as_ref()
+                .map(|_| Permit::start_sample(shared, in_flight)),
+        }
+    }
+
+    /// A permit of a budget with a fixed limit: nothing to measure.
+    #[inline(always)]
+    pub(crate) fn fixed(hot: &'static Hot) -> Permit {
+        Permit { hot, sample: None }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> Sampling {
+        shared.note_peak(in_flight);
+        Sampling {
+            shared: shared.clone(),
+            start: shared.clock().now_nanos(),
             outcome: Outcome::Cancelled,
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
-        self.outcome = outcome;
+        if let Some(s) = &mut self.sample {
+            s.outcome = outcome;
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn end_sample(&mut self) {
+        let Some(s) = self.sample.take() else { return };
+        let Some(adaptive) = &s.shared.adaptive else {
+            return;
+        };
+        if s.outcome != Outcome::Cancelled {
+            let now = s.shared.clock().now_nanos();
+            let rtt = now.saturating_sub(s.start);
+            let failed = s.outcome == Outcome::Failure;
+            if let Some(limit) = adaptive.record(now, rtt, failed, &s.shared) {
+                s.shared.set_limit(limit);
+            }
+        }
     }
 }
 
 impl Drop for Permit {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
-        if let Some((shared, start)) = &self.sample {
-            if let (Some(adaptive), false) = (&shared.adaptive, self.outcome == Outcome::Cancelled)
-            {
-                let now = shared.clock().now_nanos();
-                let rtt = now.saturating_sub(*start);
-                let failed = self.outcome == Outcome::Failure;
-                if let Some(limit) = adaptive.record(now, rtt, failed, shared) {
-                    shared.set_limit(limit);
-                }
-            }
+        if self.sample.is_some() {
+            self.end_sample();
         }
         self.hot.release();
     }
@@ -362,6 +392,10 @@ pub struct BackpressureHandle {
 
 impl BackpressureHandle {
     /// Requests holding a permit now.
+    ///
+    /// A request being refused counts for an instant (its attempt is an add, undone), so under
+    /// contention at the limit this can read one or two above it; the service below never
+    /// sees more than the limit.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight() as usize
     }
@@ -417,5 +451,179 @@ impl fmt::Debug for BackpressureHandle {
             .field("shed", &self.shed())
             .field("adaptive", &self.shared.adaptive.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_contains(hot: &'static Hot) -> bool {
+        POOL.lock().unwrap().iter().any(|h| std::ptr::eq(*h, hot))
+    }
+
+    fn pool_len() -> usize {
+        POOL.lock().unwrap().len()
+    }
+
+    #[test]
+    fn hot_state_is_reused_only_once_its_last_permit_is_back() {
+        let shared = Arc::new(Shared::new(2, None, None));
+        let hot = shared.hot;
+        let permit = Permit::new(&shared, hot.try_acquire().unwrap());
+        drop(shared);
+        // Orphaned with a permit out: not reusable yet.
+        assert_ne!(hot.word.load(Ordering::SeqCst) & ORPHAN, 0);
+        assert!(!pool_contains(hot));
+        drop(permit);
+        // Back in the pool, or already taken (and reset) by a budget made meanwhile.
+        assert!(pool_contains(hot) || hot.word.load(Ordering::SeqCst) & ORPHAN == 0);
+    }
+
+    #[test]
+    fn a_reused_hot_state_starts_clean() {
+        let shared = Arc::new(Shared::new(3, None, None));
+        let _ = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+        shared.set_limit(1);
+        drop(shared);
+        for _ in 0..100 {
+            let s = Shared::new(5, None, None);
+            assert_eq!(s.limit(), 5);
+            assert_eq!(s.in_flight(), 0);
+            assert_eq!(s.waiting(), 0);
+        }
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_budgets_alive_at_once() {
+        let before = pool_len();
+        for _ in 0..10_000 {
+            let shared = Arc::new(Shared::new(1, None, None));
+            let permit = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+            drop(shared);
+            drop(permit);
+        }
+        // Other tests running at the same time may return a few of theirs.
+        assert!(pool_len() <= before + 64, "{} -> {}", before, pool_len());
+    }
+
+    #[test]
+    fn a_full_budget_admits_nothing_and_undoes_its_count() {
+        let shared = Shared::new(1, None, None);
+        let a = shared.hot.try_acquire();
+        assert_eq!(a, Some(1));
+        assert_eq!(shared.hot.try_acquire(), None);
+        assert_eq!(shared.in_flight(), 1);
+        shared.hot.release();
+        assert_eq!(shared.in_flight(), 0);
+        shared.set_limit(0);
+        assert_eq!(shared.hot.try_acquire(), None);
+        assert_eq!(shared.in_flight(), 0);
+    }
+
+    #[test]
+    fn last_owner_and_last_permit_racing_recycle_exactly_once() {
+        use std::sync::Barrier;
+        let barrier = Arc::new(Barrier::new(2));
+        let (tx, rx) = std::sync::mpsc::channel::<Permit>();
+        let releaser = {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                for permit in rx {
+                    barrier.wait();
+                    drop(permit);
+                }
+            })
+        };
+        for _ in 0..2_000 {
+            let shared = Arc::new(Shared::new(1, None, None));
+            let permit = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+            tx.send(permit).unwrap();
+            barrier.wait();
+            drop(shared);
+        }
+        drop(tx);
+        releaser.join().unwrap();
+        let pool = POOL.lock().unwrap();
+        for (i, a) in pool.iter().enumerate() {
+            for b in &pool[i + 1..] {
+                assert!(!std::ptr::eq(*a, *b), "a hot state pooled twice");
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Acquire,
+        Release(usize),
+        SetLimit(u32),
+        Enter(usize),
+        Leave,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(Op::Acquire),
+            3 => any::<usize>().prop_map(Op::Release),
+            1 => (0u32..12).prop_map(Op::SetLimit),
+            1 => (0usize..6).prop_map(Op::Enter),
+            1 => Just(Op::Leave),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The budget against a model: a permit is granted exactly when fewer than the limit
+        /// are held, counts never drift, and the queue never passes its bound.
+        #[test]
+        fn budget_follows_its_model(
+            limit in 0u32..10,
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let shared = Arc::new(Shared::new(limit, None, None));
+            let mut model_limit = limit;
+            let mut held: Vec<Permit> = Vec::new();
+            let mut queued = 0usize;
+            for op in ops {
+                match op {
+                    Op::Acquire => {
+                        let got = shared.hot.try_acquire();
+                        let room = (held.len() as u32) < model_limit;
+                        proptest::prop_assert_eq!(got.is_some(), room);
+                        if let Some(n) = got {
+                            proptest::prop_assert_eq!(n as usize, held.len() + 1);
+                            held.push(Permit::new(&shared, n));
+                        }
+                    }
+                    Op::Release(i) => {
+                        if !held.is_empty() {
+                            held.swap_remove(i % held.len());
+                        }
+                    }
+                    Op::SetLimit(l) => {
+                        shared.set_limit(l);
+                        model_limit = l;
+                    }
+                    Op::Enter(max) => {
+                        let entered = shared.enter_queue(max);
+                        proptest::prop_assert_eq!(entered, queued < max);
+                        if entered {
+                            queued += 1;
+                        }
+                    }
+                    Op::Leave => {
+                        if queued > 0 {
+                            shared.leave_queue();
+                            queued -= 1;
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(shared.in_flight() as usize, held.len());
+                proptest::prop_assert_eq!(shared.limit(), model_limit);
+                proptest::prop_assert_eq!(shared.waiting(), queued);
+            }
+            drop(held);
+            proptest::prop_assert_eq!(shared.in_flight(), 0);
+        }
     }
 }

@@ -81,7 +81,7 @@ impl Hasher {
     }
 
     #[inline(always)]
-    fn word(&mut self, w: u64) {
+    pub(crate) fn word(&mut self, w: u64) {
         self.a = mix(self.a ^ w, K2);
         self.b = mix(self.b.rotate_left(23) ^ w, K3).wrapping_add(w);
     }

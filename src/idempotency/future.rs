@@ -55,8 +55,16 @@ pin_project! {
         Claim { #[pin] fut: CF },
         Wait { #[pin] sleep: Sleep },
         Call { #[pin] fut: F },
-        Buffer { body: Option<ResB> },
-        Complete { #[pin] fut: KF },
+        Buffer {
+            body: Option<ResB>,
+            parts: Option<response::Parts>,
+            trailers: Option<HeaderMap>,
+        },
+        Complete {
+            #[pin]
+            fut: KF,
+            pending: Option<Response<ReplayBody<ResB>>>,
+        },
     }
 }
 
@@ -73,9 +81,7 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     fingerprint: Fingerprint,
     guard: Option<LeaseGuard<St>>,
     deadline: Option<Instant>,
-    res_parts: Option<response::Parts>,
-    trailers: Option<HeaderMap>,
-    pending: Option<Response<ReplayBody<ResB>>>,
+    _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
 impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
@@ -99,9 +105,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             fingerprint: Fingerprint::from_u128(0),
             guard: None,
             deadline: None,
-            res_parts: None,
-            trailers: None,
-            pending: None,
+            _body: std::marker::PhantomData,
         }
     }
 
@@ -370,10 +374,17 @@ where
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                     }
                     let (parts, body) = res.into_parts();
-                    k.res_parts = Some(parts);
-                    State::Buffer { body: Some(body) }
+                    State::Buffer {
+                        body: Some(body),
+                        parts: Some(parts),
+                        trailers: None,
+                    }
                 }
-                StateProj::Buffer { body } => {
+                StateProj::Buffer {
+                    body,
+                    parts: head,
+                    trailers: tail,
+                } => {
                     let k = this.ctx.as_mut().expect("keyed state");
                     let max = k.shared.config.max_response_body;
                     loop {
@@ -383,22 +394,22 @@ where
                                 Ok(data) => {
                                     k.buf.push(data);
                                     if k.buf.len() > max {
-                                        let parts = k.res_parts.take().expect("response head");
+                                        let parts = head.take().expect("response head");
                                         let record = Record::not_kept(k.fingerprint, parts.status);
                                         tracing::debug!(key = ?k.key, "response too large to keep; recorded as not kept");
                                         let rest = body.take().expect("response body");
-                                        k.pending = Some(Response::from_parts(
+                                        let res = Response::from_parts(
                                             parts,
                                             ReplayBody::prefixed(k.buf.take(), rest),
-                                        ));
-                                        break complete(k, record);
+                                        );
+                                        break complete(k, record, res);
                                     }
                                 }
                                 Err(frame) => {
                                     if let Ok(t) = frame.into_trailers() {
-                                        match &mut k.trailers {
+                                        match tail {
                                             Some(have) => have.extend(t),
-                                            None => k.trailers = Some(t),
+                                            None => *tail = Some(t),
                                         }
                                     }
                                 }
@@ -408,9 +419,9 @@ where
                                 return Poll::Ready(Err(e.into()));
                             }
                             None => {
-                                let parts = k.res_parts.take().expect("response head");
+                                let parts = head.take().expect("response head");
                                 let data = k.buf.take();
-                                let trailers = k.trailers.take();
+                                let trailers = tail.take();
                                 let failed = trailers.as_ref().is_some_and(|t| {
                                     GrpcStatus::default().classify_trailers(t) != Outcome::Success
                                 });
@@ -429,16 +440,16 @@ where
                                     data.clone(),
                                     trailers.clone(),
                                 );
-                                k.pending = Some(Response::from_parts(
+                                let res = Response::from_parts(
                                     parts,
                                     ReplayBody::buffered(data, trailers),
-                                ));
-                                break complete(k, record);
+                                );
+                                break complete(k, record, res);
                             }
                         }
                     }
                 }
-                StateProj::Complete { fut } => {
+                StateProj::Complete { fut, pending } => {
                     let done = ready!(fut.poll(cx));
                     let k = this.ctx.as_mut().expect("keyed state");
                     match done {
@@ -453,7 +464,7 @@ where
                             k.release();
                         }
                     }
-                    return Poll::Ready(Ok(k.pending.take().expect("pending response")));
+                    return Poll::Ready(Ok(pending.take().expect("pending response")));
                 }
             };
             this.state.set(next);
@@ -482,6 +493,7 @@ where
 fn complete<F, CF, St, ReqB, ResB, S, M>(
     k: &mut Keyed<S, St, M, ResB>,
     record: Record,
+    res: Response<ReplayBody<ResB>>,
 ) -> State<F, CF, St::CompleteFuture, ReqB, ResB>
 where
     St: Store,
@@ -490,6 +502,7 @@ where
     let guard = k.guard.as_ref().expect("a lease is held");
     State::Complete {
         fut: k.store.complete(guard.lease(), record, ttl),
+        pending: Some(res),
     }
 }
 
@@ -531,19 +544,25 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// The headers kept in a record: all but `Set-Cookie`, hop-by-hop headers (and those named
 /// by `Connection`), and the configured exclusions.
 fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
-    let mut out = headers.clone();
-    for v in headers.get_all(header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            for name in s.split(',') {
-                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
-                    out.remove(n);
-                }
-            }
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let listed = headers.get_all(header::CONNECTION);
+    let named_by_connection = |name: &HeaderName| {
+        listed.iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+        })
+    };
+    let has_connection = headers.contains_key(header::CONNECTION);
+    for (name, value) in headers {
+        let skip = name == header::SET_COOKIE
+            || HOP_BY_HOP.contains(name)
+            || exclude.contains(name)
+            || (has_connection && named_by_connection(name));
+        if !skip {
+            out.append(name.clone(), value.clone());
         }
-    }
-    out.remove(header::SET_COOKIE);
-    for h in HOP_BY_HOP.iter().chain(exclude) {
-        out.remove(h);
     }
     out
 }

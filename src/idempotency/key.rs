@@ -1,6 +1,7 @@
 //! Reading the `Idempotency-Key` header: the draft's structured-field string or a bare token.
 
-use bytes::Bytes;
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName};
 
 /// The longest key accepted, in characters.
@@ -14,7 +15,10 @@ pub(crate) type KeyError = &'static str;
 /// `Ok(None)`: no such header. A key is accepted as the draft's structured-field string
 /// (`"abc"`, with `\"` and `\\` escapes) or as a bare token (`abc`); either way the key is 1 to
 /// 255 visible ASCII characters (0x21 to 0x7E). More than one header is an error.
-pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Bytes>, KeyError> {
+pub(crate) fn parse<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Cow<'h, [u8]>>, KeyError> {
     let mut all = headers.get_all(name).iter();
     let Some(value) = all.next() else {
         return Ok(None);
@@ -25,7 +29,7 @@ pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Byt
     parse_value(value.as_bytes()).map(Some)
 }
 
-pub(crate) fn parse_value(raw: &[u8]) -> Result<Bytes, KeyError> {
+pub(crate) fn parse_value(raw: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
     let raw = raw.trim_ascii();
     if raw.first() == Some(&b'"') {
         if raw.len() < 2 || raw.last() != Some(&b'"') {
@@ -36,7 +40,7 @@ pub(crate) fn parse_value(raw: &[u8]) -> Result<Bytes, KeyError> {
             if inner.contains(&b'"') {
                 return Err("unescaped quote in key");
             }
-            return check(inner).map(|_| Bytes::copy_from_slice(inner));
+            return check(inner).map(|_| Cow::Borrowed(inner));
         }
         let mut out = Vec::with_capacity(inner.len());
         let mut it = inner.iter();
@@ -50,9 +54,10 @@ pub(crate) fn parse_value(raw: &[u8]) -> Result<Bytes, KeyError> {
                 c => out.push(c),
             }
         }
-        check(&out).map(|_| Bytes::from(out))
+        check(&out)?;
+        Ok(Cow::Owned(out))
     } else {
-        check(raw).map(|_| Bytes::copy_from_slice(raw))
+        check(raw).map(|_| Cow::Borrowed(raw))
     }
 }
 
@@ -75,17 +80,17 @@ mod tests {
     use http::HeaderValue;
     use proptest::prelude::*;
 
-    fn one(v: &[u8]) -> Result<Option<Bytes>, KeyError> {
+    fn one(v: &[u8]) -> Result<Option<Vec<u8>>, KeyError> {
         let mut h = HeaderMap::new();
         h.insert("idempotency-key", HeaderValue::from_bytes(v).unwrap());
-        parse(&h, &HeaderName::from_static("idempotency-key"))
+        parse(&h, &HeaderName::from_static("idempotency-key")).map(|k| k.map(Cow::into_owned))
     }
 
     #[test]
     fn quoted_and_bare_are_the_same_key() {
-        assert_eq!(one(b"\"abc-1\"").unwrap().unwrap(), "abc-1");
-        assert_eq!(one(b"abc-1").unwrap().unwrap(), "abc-1");
-        assert_eq!(one(b"\"a\\\"b\\\\c\"").unwrap().unwrap(), "a\"b\\c");
+        assert_eq!(one(b"\"abc-1\"").unwrap().unwrap(), b"abc-1");
+        assert_eq!(one(b"abc-1").unwrap().unwrap(), b"abc-1");
+        assert_eq!(one(b"\"a\\\"b\\\\c\"").unwrap().unwrap(), b"a\"b\\c");
     }
 
     #[test]
@@ -125,7 +130,7 @@ mod tests {
                 && key[0] != b'"';
             let got = parse_value(&key);
             if valid {
-                prop_assert_eq!(got.unwrap(), Bytes::from(key));
+                prop_assert_eq!(got.unwrap().into_owned(), key);
             } else if key.first() != Some(&b'"') && !key.iter().any(u8::is_ascii_whitespace) {
                 prop_assert!(got.is_err());
             }
@@ -139,7 +144,7 @@ mod tests {
                 quoted.push(c);
             }
             quoted.push('"');
-            prop_assert_eq!(parse_value(quoted.as_bytes()).unwrap(), Bytes::from(key));
+            prop_assert_eq!(parse_value(quoted.as_bytes()).unwrap().into_owned(), key.into_bytes());
         }
     }
 }

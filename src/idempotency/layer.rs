@@ -63,7 +63,8 @@ pub enum FailurePolicy {
 /// The layer reads the request body to fingerprint it and hands the same bytes on. The
 /// default, [`FromBytes`], fits every body that is `From<Bytes>` (axum's `Body`, `Full`);
 /// any `Fn(Bytes) -> B` fits too, for example for tonic:
-/// `|b| tonic::body::Body::new(http_body_util::Full::new(b))`.
+/// `|b| tonic::body::Body::new(http_body_util::Full::new(b))`. Request trailers, which HTTP
+/// clients and gRPC unary calls do not send, are not carried over.
 pub trait RebuildBody<B>: Clone + Send + Sync + 'static {
     /// A body that yields `bytes`.
     fn rebuild(&self, bytes: Bytes) -> B;
@@ -356,7 +357,9 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
 
     /// A repeat that arrives while the first request is in flight waits up to `max` for it
     /// and gets its response replayed, instead of 409 at once. If the first fails and
-    /// releases the key, the waiter runs the request itself.
+    /// releases the key, the waiter runs the request itself. While it waits it keeps the
+    /// readiness it reserved from the inner service (a concurrency permit below, say), so
+    /// keep `max` short, or place the limiter above this layer.
     pub fn wait_for_in_flight(mut self, max: Duration) -> Self {
         self.wait = Some(max);
         self

@@ -118,6 +118,13 @@
 //! make sense here: a streamed response is buffered up to
 //! [`max_response_body`](IdempotencyBuilder::max_response_body).
 //!
+//! # Body types
+//!
+//! The request body is rebuilt from the buffered bytes by a [`RebuildBody`] (`From<Bytes>`
+//! by default: axum's `Body`, `Full`). The response body must be `Unpin`, as axum's, tonic's,
+//! hyper's and `Full` are; box any other (`http_body_util::combinators::UnsyncBoxBody`).
+//! Responses come back as [`ReplayBody`].
+//!
 //! # Stores
 //!
 //! [`MemoryStore`] keeps leases and records in process, sharded and bounded by entries and

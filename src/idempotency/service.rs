@@ -43,6 +43,16 @@ impl<S, St, M> Idempotency<S, St, M> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Clone, St: Clone, M: Clone> Clone for Idempotency<S, St, M> {
@@ -89,9 +99,16 @@ where
         if !cfg.methods.iter().any(|m| m == req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let key = match key::parse(req.headers(), &cfg.header) {
-            Ok(Some(key)) => key,
-            Ok(None) if !cfg.required => return ResponseFuture::passthrough(self.inner.call(req)),
+        let (parts, body) = req.into_parts();
+        let key = match key::parse(&parts.headers, &cfg.header) {
+            Ok(Some(key)) => match &cfg.scope {
+                Some(scope) => StoreKey::new(scope(&parts), &key),
+                None => StoreKey::new([], &key),
+            },
+            Ok(None) if !cfg.required => {
+                let req = Request::from_parts(parts, body);
+                return ResponseFuture::passthrough(self.inner.call(req));
+            }
             Ok(None) => {
                 Counters::bump(&self.shared.stats.invalid);
                 return ResponseFuture::reject(Rejection::new(
@@ -106,13 +123,13 @@ where
                 );
             }
         };
-        let declared = req
-            .headers()
+        let declared = parts
+            .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let too_large = declared.is_some_and(|n| n > cfg.max_request_body as u64)
-            || req.body().size_hint().lower() > cfg.max_request_body as u64;
+            || body.size_hint().lower() > cfg.max_request_body as u64;
         if too_large {
             Counters::bump(&self.shared.stats.too_large);
             return ResponseFuture::reject(
@@ -120,8 +137,6 @@ where
                     .with_detail("request body larger than the idempotency layer buffers"),
             );
         }
-        let (parts, body) = req.into_parts();
-        let scope = cfg.scope.as_ref().map_or_else(Bytes::new, |f| f(&parts));
         // Take the service that `poll_ready` made ready; leave an unreserved clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -132,7 +147,7 @@ where
                 self.shared.clone(),
                 self.rebuild.clone(),
                 parts,
-                StoreKey::new(scope, key),
+                key,
             ),
             body,
         )

@@ -29,10 +29,11 @@
 //! # Where to place this layer
 //!
 //! On a server: below [`RejectionLayer`](crate::RejectionLayer), above the work it protects,
-//! and above backpressure (a request refused by the limit should not take a permit). Put the
-//! idempotency layer *below* it, so that a client's retries of one key are counted like any
-//! request. On a client: inside the retry layer, with `wait_up_to`, so that each attempt waits
-//! for its turn.
+//! and above backpressure (a request refused by the limit should not take a permit). With the
+//! idempotency layer *below* it, every repeat of a key spends a token like any request; with
+//! it *above*, replays are served from the store without spending one (and a repeat that is
+//! refused does not look like a completed request either way). On a client: inside the retry
+//! layer, with `wait_up_to`, so that each attempt waits for its turn.
 //!
 //! # Testing with paused time
 //!

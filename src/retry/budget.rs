@@ -1,7 +1,8 @@
 //! The retry budget: retries stay below a share of requests over a sliding window.
 
+use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,14 +12,40 @@ use super::ConfigError;
 
 const SLOTS: usize = 16;
 const COUNT_MASK: u64 = 0xffff_ffff;
-/// A mark packs an epoch (high 24 bits) and the request total when it was set (low 40 bits).
-const MARK_BITS: u32 = 40;
+/// A mark packs an epoch (high 32 bits: 85 years of 625 ms slots before it wraps) and the
+/// request total when it was set (low 32 bits: differences are taken modulo 2^32, exact while
+/// a window holds fewer than 4 billion requests).
+const MARK_BITS: u32 = 32;
 const MARK_MASK: u64 = (1 << MARK_BITS) - 1;
-const EPOCH_MASK: u64 = (1 << 24) - 1;
+const EPOCH_MASK: u64 = (1 << 32) - 1;
 
-/// The request total, alone on its cache line: the only state a request touches.
+/// Shards of the request total: each thread counts on its own cache line, so threads that
+/// share a budget do not contend for one.
+const SHARDS: usize = 4;
+
+/// A shard of the request total, alone on its cache line: the only state a request touches.
 #[repr(align(128))]
+#[derive(Default)]
 struct Total(AtomicU64);
+
+/// This thread's shard, given out in turn on its first request.
+#[inline]
+fn shard() -> usize {
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    SHARD.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            v
+        } else {
+            let v = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            s.set(v);
+            v
+        }
+    })
+}
 
 /// A retry budget shared by every clone of a layer, and by several layers if the same
 /// `Budget` is given to each.
@@ -39,8 +66,8 @@ struct Total(AtomicU64);
 ///
 /// # How it works
 ///
-/// A request costs one `fetch_add` on a running total and no clock reading: a budget needs no
-/// nanoseconds. Retry decisions, which are rare, read the clock: the window is sixteen slots,
+/// A request costs one `fetch_add` on a running total (sharded by thread, so that threads do
+/// not contend) and no clock reading: a budget needs no nanoseconds. Retry decisions, which are rare, read the clock: the window is sixteen slots,
 /// each a sixteenth of it; the first decision in a slot marks the running total there, and
 /// the requests of the window are the total minus the oldest mark still in the window.
 /// Retries are counted per slot. No lock anywhere. Two consequences, both on the side of
@@ -79,7 +106,7 @@ pub struct Budget {
 }
 
 struct State {
-    total: Total,
+    total: [Total; SHARDS],
     marks: [AtomicU64; SLOTS],
     retries: [AtomicU64; SLOTS],
     /// `f64` bits of the ratio.
@@ -146,7 +173,7 @@ impl Budget {
     /// add, no clock reading.
     #[inline]
     pub fn deposit(&self) {
-        self.inner.total.0.fetch_add(1, Ordering::Relaxed);
+        self.inner.total[shard()].0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.
@@ -191,7 +218,10 @@ impl Budget {
     /// current slot first if it has no mark).
     fn requests_in_window(&self, epoch: u64) -> u64 {
         let s = &*self.inner;
-        let total = s.total.0.load(Ordering::Relaxed);
+        let total = s
+            .total
+            .iter()
+            .fold(0u64, |sum, t| sum.wrapping_add(t.0.load(Ordering::Relaxed)));
         let e = epoch & EPOCH_MASK;
         let slot = &s.marks[epoch as usize % SLOTS];
         let cur = slot.load(Ordering::Relaxed);
@@ -333,7 +363,7 @@ impl BudgetBuilder {
         marks[first as usize % SLOTS].store((first & EPOCH_MASK) << MARK_BITS, Ordering::Relaxed);
         Ok(Budget {
             inner: Arc::new(State {
-                total: Total(AtomicU64::new(0)),
+                total: Default::default(),
                 marks,
                 retries: Default::default(),
                 ratio: AtomicU64::new(self.ratio.to_bits()),
@@ -461,6 +491,45 @@ mod tests {
         assert_eq!(b.figures().requests, 100_000);
     }
 
+    #[test]
+    fn two_threads_withdrawing_overshoot_at_most_by_two() {
+        let (b, _hand) = budget(0.5, 0);
+        for _ in 0..10_000 {
+            b.deposit();
+        }
+        let granted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..10_000 {
+                        if b.try_withdraw() {
+                            granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let granted = granted.into_inner();
+        assert!((5_000..=5_002).contains(&granted), "{granted}");
+        assert_eq!(b.figures().retries, granted);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_the_ratio_starts_again() {
+        let (b, hand) = budget(1.0, 0);
+        hand.advance(Duration::from_secs(60));
+        // Requests made before any retry decision in this window are not counted...
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert!(!b.try_withdraw());
+        // ...those after it are.
+        for _ in 0..3 {
+            b.deposit();
+        }
+        assert_eq!((0..10).filter(|_| b.try_withdraw()).count(), 3);
+    }
+
     proptest! {
         /// Whatever the pattern of requests and retries over time, the retries granted within
         /// any one window never exceed `ratio × requests in the window + floor`.
@@ -482,20 +551,22 @@ mod tests {
                     requests.push(now);
                 }
                 for _ in 0..tries {
-                    if b.try_withdraw() {
-                        grants.push(now);
+                    if !b.try_withdraw() {
+                        continue;
                     }
+                    grants.push(now);
+                    // At the moment of a grant, the grants of the last 15/16 window (the least
+                    // the slots cover) are bounded by the requests of the last full window.
+                    let lo = now.saturating_sub(10_000 * MS * 15 / 16);
+                    let reqs = requests.iter().filter(|&&t| t + 10_000 * MS >= now).count();
+                    let recent = grants.iter().filter(|&&t| t > lo || lo == 0).count();
+                    let floor_total =
+                        f64::from(floor) * (now.clamp(1_000 * MS, 10_000 * MS) as f64 / 1e9);
+                    prop_assert!(
+                        recent as f64 <= ratio * reqs as f64 + floor_total + 1e-9,
+                        "recent {} reqs {} floor {}", recent, reqs, floor_total
+                    );
                 }
-                // Within the last full window the budget can see at least the last 15
-                // sixteenths; grants there are bounded by all requests of the last window.
-                let lo = now.saturating_sub(10_000 * MS * 15 / 16);
-                let hi_reqs = requests.iter().filter(|&&t| t + 10_000 * MS >= now).count();
-                let recent = grants.iter().filter(|&&t| t > lo).count();
-                let floor_total = f64::from(floor) * (now.clamp(1_000 * MS, 10_000 * MS) as f64 / 1e9);
-                prop_assert!(
-                    recent as f64 <= ratio * hi_reqs as f64 + floor_total + 1e-9,
-                    "recent {} reqs {} floor {}", recent, hi_reqs, floor_total
-                );
             }
         }
     }

@@ -104,9 +104,16 @@ fn lost() -> BoxError {
 }
 
 /// Why a retry is made, for the `tracing` event.
-fn reason<Res>(outcome: Outcome, result: &Result<Res, BoxError>) -> String {
+fn reason<Res, H: Hints<Res>>(
+    hints: &H,
+    outcome: Outcome,
+    result: &Result<Res, BoxError>,
+) -> String {
     match result {
-        Ok(_) => format!("{outcome:?} response"),
+        Ok(res) => match hints.describe(res) {
+            Some(d) => format!("{outcome:?} response: {d}"),
+            None => format!("{outcome:?} response"),
+        },
         Err(e) => format!("{outcome:?} error: {e}"),
     }
 }
@@ -131,7 +138,8 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             tracing::debug!(
                 target: "tower_bulwark::retry",
                 attempts = self.attempt,
-                "not retrying: attempts exhausted"
+                reason = %reason(&shared.replay, outcome, result),
+                "giving up: attempts exhausted"
             );
             return None;
         }
@@ -216,7 +224,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             target: "tower_bulwark::retry",
             attempt = self.attempt + 1,
             delay_ms = delay as f64 / 1e6,
-            reason = %reason(outcome, result),
+            reason = %reason(&shared.replay, outcome, result),
             "retrying"
         );
         Some(delay)
@@ -271,9 +279,6 @@ where
                         return Poll::Ready(Err(lost()));
                     };
                     let fut = retry.svc.call(req);
-                    if last {
-                        *this.retry = None;
-                    }
                     this.state.set(State::Called { fut });
                 }
             }

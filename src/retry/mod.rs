@@ -19,11 +19,12 @@
 //! # How it differs from its neighbours
 //!
 //! - tower's `Retry` leaves the policy, the backoff and request cloning to you, cannot retry
-//!   requests whose body is not `Clone` (hyper's, Axum's, tonic's), and its `TpsBudget` takes a
-//!   lock per request. Here the HTTP policy keeps the body in a bounded replay buffer
-//!   ([`ReplayBody`], 64 KiB by default) as it streams, so retries work for hyper, Axum and
-//!   tonic clients; the budget is lock-free.
-//! - tower-resilience's and failsafe's retries know nothing of HTTP safety: this layer retries
+//!   requests whose body is not `Clone` (hyper's, Axum's, tonic's: tower#682), and its
+//!   `TpsBudget` takes a lock and reads the clock on every request. Here the HTTP policy keeps
+//!   the body in a bounded replay buffer ([`ReplayBody`], 64 KiB by default) as it streams, so
+//!   retries work for hyper, Axum and tonic clients; the budget is lock-free and a request
+//!   costs it one atomic add.
+//! - tower-resilience's retry knows nothing of HTTP safety or server hints: this layer retries
 //!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
 //!   [`RetryPolicy::add_idempotency_key`] gives POST and PATCH a fresh key, the same on every
 //!   attempt, so that a server with `IdempotencyLayer` runs the request once.

@@ -106,6 +106,12 @@ pub trait Replay<Req> {
 pub trait Hints<Res> {
     /// The hint carried by `res`.
     fn hint(&self, res: &Res) -> Hint;
+
+    /// A short description of `res` for `tracing` events (such as `status 503`); called only
+    /// when the event is enabled.
+    fn describe(&self, _res: &Res) -> Option<String> {
+        None
+    }
 }
 
 /// Replays any `Clone` request by cloning it (only while another attempt can still happen);
@@ -158,6 +164,12 @@ impl<Res> Hints<Res> for CloneRequest {
 ///   [`ReplayBody`].
 /// - The request head (method, URI, headers, extensions) is cloned only while another attempt
 ///   can still happen.
+///
+/// Costs: a request that cannot be retried, or has an empty body, pays nothing more than the
+/// head's clone. A retryable request with a body allocates its replay state once; the body's
+/// frames are shared by reference count (`Bytes`), not copied. The replay state sits behind a
+/// `std::sync::Mutex` taken once per attempt's body and at the retry decision, never held
+/// across an await and never on the admit path.
 #[derive(Clone, Copy, Debug)]
 pub struct HttpReplay {
     check_method: bool,
@@ -183,19 +195,20 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A key in UUID version 4 form from 128 random bits.
+/// A key from 128 random bits: a UUID (version 4 form) written as a structured-field string,
+/// `"8e03978e-40d5-43e8-bc93-6894a57f9324"`, as the IETF `Idempotency-Key` draft shows it.
 pub(crate) fn format_key(bits: u128) -> HeaderValue {
     let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
     let hex = format!("{bits:032x}");
     let s = format!(
-        "{}-{}-{}-{}-{}",
+        "\"{}-{}-{}-{}-{}\"",
         &hex[0..8],
         &hex[8..12],
         &hex[12..16],
         &hex[16..20],
         &hex[20..32]
     );
-    HeaderValue::from_str(&s).expect("hex digits and dashes are a valid header value")
+    HeaderValue::from_str(&s).expect("hex digits, dashes and quotes are a valid header value")
 }
 
 impl<B> Replay<Request<B>> for HttpReplay
@@ -264,6 +277,15 @@ impl<B> Hints<Response<B>> for HttpReplay {
             None => Hint::None,
         }
     }
+
+    fn describe(&self, res: &Response<B>) -> Option<String> {
+        Some(
+            match crate::classify::GrpcCode::from_headers(res.headers()) {
+                Some(code) => format!("status {}, grpc-status {code}", res.status().as_u16()),
+                None => format!("status {}", res.status().as_u16()),
+            },
+        )
+    }
 }
 
 /// `grpc-retry-pushback-ms`: a non-negative integer of milliseconds; anything else (negative,
@@ -278,8 +300,9 @@ pub(crate) fn parse_pushback(v: &HeaderValue) -> Hint {
     }
 }
 
-/// `Retry-After`: delta-seconds or an IMF-fixdate HTTP-date (RFC 9110 §10.2.3). A malformed
-/// value is ignored (the backoff decides); a date in the past means "now".
+/// `Retry-After`: delta-seconds or an HTTP-date in any of its three forms (RFC 9110
+/// §10.2.3). A malformed value is ignored (the backoff decides); a date in the past means
+/// "now".
 pub(crate) fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Hint {
     let Ok(s) = std::str::from_utf8(v.as_bytes()) else {
         return Hint::None;
@@ -297,25 +320,59 @@ pub(crate) fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Hint {
     }
 }
 
-/// Parses an IMF-fixdate, such as `Sun, 06 Nov 1994 08:49:37 GMT`.
+/// Parses an HTTP-date in any of the three forms a recipient must accept (RFC 9110 §5.6.7):
+/// IMF-fixdate `Sun, 06 Nov 1994 08:49:37 GMT`, the obsolete RFC 850 form
+/// `Sunday, 06-Nov-94 08:49:37 GMT` (a two-digit year from 70 is 19xx, below 70 is 20xx) and
+/// asctime `Sun Nov  6 08:49:37 1994`.
 pub(crate) fn parse_http_date(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() != 29 || &b[3..5] != b", " || &b[25..29] != b" GMT" {
-        return None;
-    }
-    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u64> {
-        let d = &s[r];
-        if d.bytes().all(|c| c.is_ascii_digit()) {
+    let digits = |d: &str| -> Option<u64> {
+        if !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()) {
             d.parse().ok()
         } else {
             None
         }
     };
-    let day = num(5..7)?;
-    let month = match &s[8..11] {
+    let clock = |t: &str| -> Option<(u64, u64, u64)> {
+        let b = t.as_bytes();
+        if b.len() != 8 || b[2] != b':' || b[5] != b':' {
+            return None;
+        }
+        Some((digits(&t[0..2])?, digits(&t[3..5])?, digits(&t[6..8])?))
+    };
+    let mut parts = [""; 7];
+    let mut n = 0;
+    for p in s.split(' ') {
+        *parts.get_mut(n)? = p;
+        n += 1;
+    }
+    let (day, month, year, time) = match &parts[..n] {
+        // IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`
+        [wd, d, mo, y, t, "GMT"]
+            if wd.len() == 4 && wd.ends_with(',') && d.len() == 2 && y.len() == 4 =>
+        {
+            (digits(d)?, *mo, digits(y)?, clock(t)?)
+        }
+        // RFC 850: `Sunday, 06-Nov-94 08:49:37 GMT`
+        [wd, dmy, t, "GMT"] if wd.ends_with(',') && dmy.len() == 9 => {
+            let (d, rest) = dmy.split_at(2);
+            let (mo, yy) = rest.strip_prefix('-')?.split_once('-')?;
+            if yy.len() != 2 {
+                return None;
+            }
+            let yy = digits(yy)?;
+            let year = if yy >= 70 { 1900 + yy } else { 2000 + yy };
+            (digits(d)?, mo, year, clock(t)?)
+        }
+        // asctime: `Sun Nov  6 08:49:37 1994` (a one-digit day is padded with a space)
+        [_, mo, "", d, t, y] if d.len() == 1 && y.len() == 4 => {
+            (digits(d)?, *mo, digits(y)?, clock(t)?)
+        }
+        [_, mo, d, t, y] if d.len() == 2 && y.len() == 4 => {
+            (digits(d)?, *mo, digits(y)?, clock(t)?)
+        }
+        _ => return None,
+    };
+    let month = match month {
         "Jan" => 1,
         "Feb" => 2,
         "Mar" => 3,
@@ -330,8 +387,7 @@ pub(crate) fn parse_http_date(s: &str) -> Option<SystemTime> {
         "Dec" => 12,
         _ => return None,
     };
-    let year = num(12..16)?;
-    let (h, m, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
+    let (h, m, sec) = time;
     if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || sec > 60 {
         return None;
     }
@@ -537,7 +593,8 @@ impl<C, R> RetryPolicy<C, R> {
 
 impl<C> RetryPolicy<C, HttpReplay> {
     /// Gives requests that are not idempotent (POST, PATCH) and carry no `Idempotency-Key` a
-    /// fresh key, the same on every attempt, so they may be retried: a server with
+    /// fresh key (a random UUID, as a structured-field string: `"…"`), the same on every
+    /// attempt, so they may be retried: a server with
     /// `IdempotencyLayer` then runs the request once however many attempts reach it.
     pub fn add_idempotency_key(mut self) -> Self {
         self.replay.add_key = true;
@@ -572,14 +629,34 @@ mod tests {
             Hint::After(Duration::ZERO)
         );
         assert_eq!(h("99999999999999999999999"), Hint::After(Duration::MAX));
+        assert_eq!(
+            h("Sunday, 06-Nov-94 08:50:07 GMT"),
+            Hint::After(Duration::from_secs(30)),
+            "RFC 850"
+        );
+        assert_eq!(
+            h("Sun Nov  6 08:50:37 1994"),
+            Hint::After(Duration::from_secs(60)),
+            "asctime"
+        );
+        assert_eq!(
+            h("Sun Nov 16 08:49:37 1994"),
+            Hint::After(Duration::from_secs(10 * 86_400)),
+            "asctime, two-digit day"
+        );
         for bad in [
             "",
             "-1",
             "soon",
             "1.5",
-            "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun, 32 Nov 1994 08:49:37 GMT",
             "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+            "Sunday, 06-Nov-1994 08:49:37 GMT",
+            "Sun Nov 6 08:49:37 1994",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 06 Nov 1994 08:49:37 GMT extra words",
         ] {
             assert_eq!(h(bad), Hint::None, "{bad:?}");
         }
@@ -607,9 +684,12 @@ mod tests {
     fn keys_are_uuid_v4() {
         let k = format_key(u128::MAX);
         let s = k.to_str().unwrap();
-        assert_eq!(s.len(), 36);
+        assert_eq!(s.len(), 38);
+        assert!(s.starts_with('"') && s.ends_with('"'));
+        let s = &s[1..37];
         assert_eq!(&s[14..15], "4");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!(s.matches('-').count(), 4);
         assert_ne!(format_key(1), format_key(2));
     }
 
@@ -648,8 +728,16 @@ mod tests {
             let months = ["Jan","Feb","Mar","Apr","May","Jun","Jul","Aug","Sep","Oct","Nov","Dec"];
             let s = format!("Mon, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
                 d, months[(m - 1) as usize], y, rem / 3600, rem / 60 % 60, rem % 60);
-            let parsed = parse_http_date(&s).unwrap();
-            prop_assert_eq!(parsed, UNIX_EPOCH + Duration::from_secs(secs));
+            let want = UNIX_EPOCH + Duration::from_secs(secs);
+            prop_assert_eq!(parse_http_date(&s).unwrap(), want);
+            let asctime = format!("Mon {} {:>2} {:02}:{:02}:{:02} {:04}",
+                months[(m - 1) as usize], d, rem / 3600, rem / 60 % 60, rem % 60, y);
+            prop_assert_eq!(parse_http_date(&asctime).unwrap(), want, "{}", asctime);
+            if y < 2070 {
+                let rfc850 = format!("Monday, {:02}-{}-{:02} {:02}:{:02}:{:02} GMT",
+                    d, months[(m - 1) as usize], y % 100, rem / 3600, rem / 60 % 60, rem % 60);
+                prop_assert_eq!(parse_http_date(&rfc850).unwrap(), want, "{}", rfc850);
+            }
         }
 
         #[test]

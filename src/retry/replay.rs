@@ -41,6 +41,8 @@ enum Kind<B> {
         /// Chunks of the recording already sent by this body.
         pos: usize,
         trailers_sent: bool,
+        /// The size known when this body was made, for before it first polls.
+        hint: SizeHint,
     },
 }
 
@@ -111,6 +113,7 @@ impl<B> ReplayBody<B> {
                     state: Some(state),
                     pos: 0,
                     trailers_sent: false,
+                    hint: SizeHint::new(),
                 },
             },
             SavedBody {
@@ -133,18 +136,51 @@ impl<B> SavedBody<B> {
         }
     }
 
-    pub(crate) fn replay(&self) -> ReplayBody<B> {
+    pub(crate) fn replay(&self) -> ReplayBody<B>
+    where
+        B: Body,
+    {
         match &self.shared {
             None => ReplayBody::empty(),
-            Some(shared) => ReplayBody {
-                kind: Kind::Shared {
-                    shared: shared.clone(),
-                    state: None,
-                    pos: 0,
-                    trailers_sent: false,
-                },
-            },
+            Some(shared) => {
+                // The whole body's size, so that a retry is framed as the first attempt was
+                // (a known length rather than chunks).
+                let hint = match &*shared.lock().unwrap_or_else(PoisonError::into_inner) {
+                    Some(rec) => rec.size_hint_from(0),
+                    None => SizeHint::new(),
+                };
+                ReplayBody {
+                    kind: Kind::Shared {
+                        shared: shared.clone(),
+                        state: None,
+                        pos: 0,
+                        trailers_sent: false,
+                        hint,
+                    },
+                }
+            }
         }
+    }
+}
+
+impl<B: Body> Recorded<B> {
+    /// The size still to send for a body that has sent `pos` chunks of the recording.
+    fn size_hint_from(&self, pos: usize) -> SizeHint {
+        let kept: u64 = self.chunks[pos.min(self.chunks.len())..]
+            .iter()
+            .map(|c| c.len() as u64)
+            .sum();
+        let rest = self
+            .rest
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| SizeHint::with_exact(0));
+        let mut h = SizeHint::new();
+        h.set_lower(kept + rest.lower());
+        if let Some(u) = rest.upper() {
+            h.set_upper(kept + u);
+        }
+        h
     }
 }
 
@@ -193,6 +229,7 @@ where
                 state,
                 pos,
                 trailers_sent,
+                ..
             } => {
                 if state.is_none() {
                     let mut slot = shared.lock().unwrap_or_else(PoisonError::into_inner);
@@ -276,7 +313,7 @@ where
                     && rec.rest.as_ref().is_none_or(|b| b.is_end_stream())
                     && (rec.trailers.is_none() || *trailers_sent)
             }
-            Kind::Shared { .. } => false,
+            Kind::Shared { hint, .. } => hint.exact() == Some(0),
         }
     }
 
@@ -288,24 +325,8 @@ where
                 state: Some(rec),
                 pos,
                 ..
-            } => {
-                let kept: u64 = rec.chunks[(*pos).min(rec.chunks.len())..]
-                    .iter()
-                    .map(|c| c.len() as u64)
-                    .sum();
-                let rest = rec
-                    .rest
-                    .as_ref()
-                    .map(|b| b.size_hint())
-                    .unwrap_or_else(|| SizeHint::with_exact(0));
-                let mut h = SizeHint::new();
-                h.set_lower(kept + rest.lower());
-                if let Some(u) = rest.upper() {
-                    h.set_upper(kept + u);
-                }
-                h
-            }
-            Kind::Shared { .. } => SizeHint::new(),
+            } => rec.size_hint_from(*pos),
+            Kind::Shared { hint, .. } => *hint,
         }
     }
 }
@@ -354,6 +375,17 @@ mod tests {
             let again = saved.replay().collect().await.unwrap().to_bytes();
             assert_eq!(again, "abcdef");
         }
+    }
+
+    #[tokio::test]
+    async fn a_replay_knows_its_size_before_it_polls() {
+        let (body, saved) = ReplayBody::record(Full::new(Bytes::from_static(b"hello")), 64);
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let _ = body.collect().await.unwrap();
+        let replay = saved.replay();
+        assert_eq!(replay.size_hint().exact(), Some(5));
+        assert!(!replay.is_end_stream());
+        assert_eq!(replay.collect().await.unwrap().to_bytes(), "hello");
     }
 
     #[tokio::test]

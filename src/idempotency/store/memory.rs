@@ -1,6 +1,5 @@
 //! [`MemoryStore`]: an in-process, sharded, bounded store.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Ready};
@@ -79,9 +78,37 @@ struct Inner {
     expired: AtomicU64,
 }
 
-#[derive(Default)]
+/// The maps' hasher: this crate's multiply-fold hash with a random seed per store (keys come
+/// from clients, so the seed keeps them from choosing collisions).
+#[derive(Clone, Copy)]
+struct KeyHash(u64);
+
+impl BuildHasher for KeyHash {
+    type Hasher = SeededHasher;
+
+    fn build_hasher(&self) -> SeededHasher {
+        SeededHasher(Hasher::new(self.0))
+    }
+}
+
+struct SeededHasher(Hasher);
+
+impl std::hash::Hasher for SeededHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.segment(bytes);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0.word(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish64()
+    }
+}
+
 struct Shard {
-    map: HashMap<Arc<[u8]>, Entry>,
+    map: HashMap<Arc<[u8]>, Entry, KeyHash>,
     /// Completed records in completion order: `(key, seq)`; stale pairs are skipped.
     completed: VecDeque<(Arc<[u8]>, u64)>,
     /// Leases in claim order: `(key, seq)`; stale pairs are skipped.
@@ -189,7 +216,17 @@ impl MemoryStoreBuilder {
         let token_salt = h.finish();
         Ok(MemoryStore {
             inner: Arc::new(Inner {
-                shards: (0..self.shards).map(|_| Mutex::default()).collect(),
+                shards: (0..self.shards)
+                    .map(|_| {
+                        Mutex::new(Shard {
+                            map: HashMap::with_hasher(KeyHash(seed)),
+                            completed: VecDeque::new(),
+                            leases: VecDeque::new(),
+                            bytes: 0,
+                            seq: 0,
+                        })
+                    })
+                    .collect(),
                 mask: self.shards - 1,
                 seed,
                 clock: self.clock.unwrap_or_default(),
@@ -279,7 +316,8 @@ impl MemoryStore {
     fn shard(&self, enc: &[u8]) -> MutexGuard<'_, Shard> {
         let mut h = Hasher::new(self.inner.seed);
         h.segment(enc);
-        let i = (h.finish64() as usize) & self.inner.mask;
+        // High bits: the maps index their buckets by the low bits of their own hash.
+        let i = ((h.finish64() >> 40) as usize) & self.inner.mask;
         lock(&self.inner.shards[i])
     }
 
@@ -296,115 +334,107 @@ impl MemoryStore {
     ) -> Result<Claim, StoreError> {
         let now = self.inner.clock.now_nanos();
         let inner = &*self.inner;
-        with_encoded(key, |enc| {
-            let mut s = self.shard(enc);
-            s.sweep(now, inner);
-            if let Some(e) = s.map.get(enc) {
-                if e.expires_at > now {
-                    if e.fingerprint != fingerprint {
-                        return Ok(Claim::Mismatch);
-                    }
-                    return Ok(match &e.state {
-                        State::Lease(_) => Claim::InFlight,
-                        State::Done(r) => Claim::Completed(r.clone()),
-                    });
+        let enc = key.encoded();
+        let mut s = self.shard(enc);
+        s.sweep(now, inner);
+        if let Some(e) = s.map.get(enc) {
+            if e.expires_at > now {
+                if e.fingerprint != fingerprint {
+                    return Ok(Claim::Mismatch);
                 }
-                s.remove(enc);
-                inner.expired.fetch_add(1, Ordering::Relaxed);
+                return Ok(match &e.state {
+                    State::Lease(_) => Claim::InFlight,
+                    State::Done(r) => Claim::Completed(r.clone()),
+                });
             }
-            let size = ENTRY_OVERHEAD + enc.len();
-            if !s.make_room(1, size, now, inner) {
-                return Err(StoreError::new(StoreErrorKind::Full));
-            }
-            let token = self.token();
-            let k: Arc<[u8]> = Arc::from(enc);
-            s.seq += 1;
-            let seq = s.seq;
-            s.map.insert(
-                k.clone(),
-                Entry {
-                    seq,
-                    expires_at: now.saturating_add(duration_nanos(lease_ttl)),
-                    fingerprint,
-                    size,
-                    state: State::Lease(token),
-                },
-            );
-            s.bytes += size;
-            s.leases.push_back((k, seq));
-            Ok(Claim::Claimed(Lease::new(key.clone(), token, fingerprint)))
-        })
+            s.remove(enc);
+            inner.expired.fetch_add(1, Ordering::Relaxed);
+        }
+        let size = ENTRY_OVERHEAD + enc.len();
+        if !s.make_room(1, size, now, inner) {
+            return Err(StoreError::new(StoreErrorKind::Full));
+        }
+        let token = self.token();
+        let k = key.encoded_arc().clone();
+        s.seq += 1;
+        let seq = s.seq;
+        s.map.insert(
+            k.clone(),
+            Entry {
+                seq,
+                expires_at: now.saturating_add(duration_nanos(lease_ttl)),
+                fingerprint,
+                size,
+                state: State::Lease(token),
+            },
+        );
+        s.bytes += size;
+        s.leases.push_back((k, seq));
+        drop(s);
+        Ok(Claim::Claimed(Lease::new(key.clone(), token, fingerprint)))
     }
 
     fn complete_now(&self, lease: &Lease, record: Record, ttl: Duration) -> Result<(), StoreError> {
         let now = self.inner.clock.now_nanos();
         let inner = &*self.inner;
-        with_encoded(lease.key(), |enc| {
-            let mut s = self.shard(enc);
-            let held = matches!(
-                s.map.get(enc),
-                Some(Entry { state: State::Lease(t), .. }) if *t == lease.token()
-            );
-            if !held {
-                return Err(StoreError::new(StoreErrorKind::LeaseLost));
-            }
-            let mut record = record;
-            let base = ENTRY_OVERHEAD + enc.len();
-            if base + record.encoded_len() > inner.shard_bytes {
-                record = Record::not_kept(record.fingerprint(), record.status());
-            }
-            let mut extra = record.encoded_len();
+        let enc = lease.key().encoded();
+        let mut s = self.shard(enc);
+        let held = matches!(
+            s.map.get(enc),
+            Some(Entry { state: State::Lease(t), .. }) if *t == lease.token()
+        );
+        if !held {
+            return Err(StoreError::new(StoreErrorKind::LeaseLost));
+        }
+        let mut record = record;
+        if ENTRY_OVERHEAD + enc.len() + record.encoded_len() > inner.shard_bytes {
+            record = Record::not_kept(record.fingerprint(), record.status());
+        }
+        let mut extra = record.encoded_len();
+        if !s.make_room(0, extra, now, inner) {
+            // Could not fit even after evicting every completed record: keep the marker.
+            record = Record::not_kept(record.fingerprint(), record.status());
+            extra = record.encoded_len();
             if !s.make_room(0, extra, now, inner) {
-                // Could not fit even after evicting every completed record: keep the marker.
-                record = Record::not_kept(record.fingerprint(), record.status());
-                extra = record.encoded_len();
-                if !s.make_room(0, extra, now, inner) {
-                    return Err(StoreError::new(StoreErrorKind::Full));
-                }
+                return Err(StoreError::new(StoreErrorKind::Full));
             }
-            s.seq += 1;
-            let seq = s.seq;
-            let Some((k, e)) = s.map.get_key_value(enc) else {
-                return Err(StoreError::new(StoreErrorKind::LeaseLost));
-            };
-            let _ = e;
-            let k = k.clone();
-            let e = s.map.get_mut(enc).expect("entry present");
-            e.state = State::Done(Arc::new(record));
-            e.size += extra;
-            e.seq = seq;
-            e.expires_at = now.saturating_add(duration_nanos(ttl));
-            s.bytes += extra;
-            s.completed.push_back((k, seq));
-            Ok(())
-        })
+        }
+        s.seq += 1;
+        let seq = s.seq;
+        let e = s.map.get_mut(enc).expect("a held lease is never evicted");
+        e.state = State::Done(Arc::new(record));
+        e.size += extra;
+        e.seq = seq;
+        e.expires_at = now.saturating_add(duration_nanos(ttl));
+        s.bytes += extra;
+        s.completed
+            .push_back((lease.key().encoded_arc().clone(), seq));
+        Ok(())
     }
 
     fn release_now(&self, lease: &Lease) {
-        with_encoded(lease.key(), |enc| {
-            let mut s = self.shard(enc);
-            if matches!(
-                s.map.get(enc),
-                Some(Entry { state: State::Lease(t), .. }) if *t == lease.token()
-            ) {
-                s.remove(enc);
-            }
-        })
+        let enc = lease.key().encoded();
+        let mut s = self.shard(enc);
+        if matches!(
+            s.map.get(enc),
+            Some(Entry { state: State::Lease(t), .. }) if *t == lease.token()
+        ) {
+            s.remove(enc);
+        }
     }
 
     fn get_now(&self, key: &StoreKey) -> Option<Arc<Record>> {
         let now = self.inner.clock.now_nanos();
-        with_encoded(key, |enc| {
-            let s = self.shard(enc);
-            match s.map.get(enc) {
-                Some(Entry {
-                    state: State::Done(r),
-                    expires_at,
-                    ..
-                }) if *expires_at > now => Some(r.clone()),
-                _ => None,
-            }
-        })
+        let enc = key.encoded();
+        let s = self.shard(enc);
+        match s.map.get(enc) {
+            Some(Entry {
+                state: State::Done(r),
+                expires_at,
+                ..
+            }) if *expires_at > now => Some(r.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -423,19 +453,26 @@ impl Shard {
     fn sweep(&mut self, now: u64, inner: &Inner) {
         for q in [Queue::Completed, Queue::Leases] {
             for _ in 0..4 {
-                let Some((k, seq)) = self.queue(q).front().cloned() else {
+                let queue = match q {
+                    Queue::Completed => &self.completed,
+                    Queue::Leases => &self.leases,
+                };
+                let Some((k, seq)) = queue.front() else {
                     break;
                 };
-                match self.is_live_at(&k, seq) {
-                    None => {
-                        self.queue(q).pop_front();
+                let expired = match self.map.get(&**k) {
+                    Some(e) if e.seq == *seq => {
+                        if e.expires_at > now {
+                            break;
+                        }
+                        true
                     }
-                    Some(e) if e.expires_at <= now => {
-                        self.queue(q).pop_front();
-                        self.remove(&k);
-                        inner.expired.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(_) => break,
+                    _ => false,
+                };
+                let (k, _) = self.queue(q).pop_front().expect("a front pair");
+                if expired {
+                    self.remove(&k);
+                    inner.expired.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -523,26 +560,6 @@ fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard leaves its map consistent (every update is a single
     // insert or remove), so a poisoned lock is used as it is.
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` over the encoded key, in a buffer reused by the thread.
-fn with_encoded<R>(key: &StoreKey, f: impl FnOnce(&[u8]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            buf.clear();
-            key.encode_into(&mut buf);
-            f(&buf)
-        }
-        Err(_) => {
-            let mut buf = Vec::with_capacity(key.encoded_len());
-            key.encode_into(&mut buf);
-            f(&buf)
-        }
-    })
 }
 
 impl Store for MemoryStore {

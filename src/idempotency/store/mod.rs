@@ -21,7 +21,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tower::BoxError;
 
 use super::fingerprint::Fingerprint;
@@ -39,56 +38,85 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 /// The key a record is stored under: the request's scope and its idempotency key.
 ///
 /// Two requests share a record only if both their scope and their key are equal, so a client
-/// in one scope can never receive a response stored for another.
+/// in one scope can never receive a response stored for another. Its `Debug` output (and so
+/// the layer's `tracing` events) shows the key but only the length of the scope, which may be
+/// drawn from credentials.
 ///
 /// # Encoding
 ///
-/// [`StoreKey::encode_into`] writes the scope's length (4 bytes, big-endian), the scope, then
-/// the key: unambiguous, and binary-safe for a remote store to use as (part of) its key.
+/// [`StoreKey::encoded`] is the scope's length (4 bytes, big-endian), the scope, then the key:
+/// unambiguous (`("ab", "c")` and `("a", "bc")` differ), and binary-safe for a remote store to
+/// use as (part of) its key. The key is held in that form, in one shared allocation, so
+/// clones are cheap.
+///
+/// ```
+/// use tower_bulwark::idempotency::StoreKey;
+///
+/// let k = StoreKey::new("tenant-7", "order-1");
+/// assert_eq!(k.scope(), b"tenant-7");
+/// assert_eq!(k.key(), b"order-1");
+/// assert_eq!(&k.encoded()[..4], &[0, 0, 0, 8]);
+/// assert_ne!(StoreKey::new("ab", "c"), StoreKey::new("a", "bc"));
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct StoreKey {
-    scope: Bytes,
-    key: Bytes,
+    encoded: Arc<[u8]>,
 }
 
 impl StoreKey {
     /// A key in a scope (an empty scope for none).
-    pub fn new(scope: impl Into<Bytes>, key: impl Into<Bytes>) -> StoreKey {
+    pub fn new(scope: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> StoreKey {
+        let (scope, key) = (scope.as_ref(), key.as_ref());
+        let n = u32::try_from(scope.len()).expect("a scope shorter than 4 GiB");
+        let len = 4 + scope.len() + key.len();
+        let mut stack = [0u8; 320];
+        let mut heap;
+        let buf: &mut [u8] = if len <= stack.len() {
+            &mut stack[..len]
+        } else {
+            heap = vec![0u8; len];
+            &mut heap[..]
+        };
+        buf[..4].copy_from_slice(&n.to_be_bytes());
+        buf[4..4 + scope.len()].copy_from_slice(scope);
+        buf[4 + scope.len()..].copy_from_slice(key);
         StoreKey {
-            scope: scope.into(),
-            key: key.into(),
+            encoded: Arc::from(&*buf),
         }
     }
 
+    fn scope_len(&self) -> usize {
+        let mut n = [0u8; 4];
+        n.copy_from_slice(&self.encoded[..4]);
+        u32::from_be_bytes(n) as usize
+    }
+
     /// The scope (tenant, principal), empty when the layer has no scope function.
-    pub fn scope(&self) -> &Bytes {
-        &self.scope
+    pub fn scope(&self) -> &[u8] {
+        &self.encoded[4..4 + self.scope_len()]
     }
 
     /// The idempotency key as the client sent it (unquoted).
-    pub fn key(&self) -> &Bytes {
-        &self.key
+    pub fn key(&self) -> &[u8] {
+        &self.encoded[4 + self.scope_len()..]
     }
 
-    /// The length of the encoding.
-    pub fn encoded_len(&self) -> usize {
-        4 + self.scope.len() + self.key.len()
+    /// The encoding (see the type docs).
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
     }
 
-    /// Appends the encoding (see the type docs) to `out`.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let n = u32::try_from(self.scope.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&n.to_be_bytes());
-        out.extend_from_slice(&self.scope);
-        out.extend_from_slice(&self.key);
+    pub(crate) fn encoded_arc(&self) -> &Arc<[u8]> {
+        &self.encoded
     }
 }
 
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The scope may be drawn from credentials: its bytes are not printed.
         f.debug_struct("StoreKey")
-            .field("scope", &String::from_utf8_lossy(&self.scope))
-            .field("key", &String::from_utf8_lossy(&self.key))
+            .field("scope_len", &self.scope().len())
+            .field("key", &String::from_utf8_lossy(self.key()))
             .finish()
     }
 }

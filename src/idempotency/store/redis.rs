@@ -273,9 +273,7 @@ impl RedisStore {
     /// The Redis key of a store key: `<prefix>{<32 hex digits>}`.
     pub fn redis_key(&self, key: &StoreKey) -> Vec<u8> {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut encoded = Vec::with_capacity(key.encoded_len());
-        key.encode_into(&mut encoded);
-        let digest = sha1_smol::Sha1::from(&encoded).digest().bytes();
+        let digest = sha1_smol::Sha1::from(key.encoded()).digest().bytes();
         let prefix = &self.inner.prefix;
         let mut out = Vec::with_capacity(prefix.len() + 34);
         out.extend_from_slice(prefix);

@@ -1,0 +1,237 @@
+//! Adaptive limits converge on a simulated dependency, in paused time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+use tower_bulwark::backpressure::{
+    Adaptive, Aimd, BackpressureHandle, BackpressureLayer, Gradient,
+};
+use tower_bulwark::clock::Clock;
+
+/// A dependency that serves `capacity` requests at once in `base` and queues the rest, so its
+/// latency at concurrency `n` is `base × max(1, n / capacity)`.
+#[derive(Clone)]
+struct Dependency {
+    in_flight: Arc<AtomicUsize>,
+    capacity: usize,
+    base: Duration,
+}
+
+struct Leave(Arc<AtomicUsize>);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Service<()> for Dependency {
+    type Response = ();
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let leave = Leave(self.in_flight.clone());
+        let latency = self.base * n.max(self.capacity) as u32 / self.capacity as u32;
+        Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            drop(leave);
+            Ok(())
+        })
+    }
+}
+
+/// Drives `3 × capacity` closed-loop clients through the layer for `run`, and returns the
+/// limit seen every 100 ms.
+async fn drive(
+    layer: BackpressureLayer,
+    capacity: usize,
+    run: Duration,
+) -> (Vec<usize>, BackpressureHandle) {
+    let handle = layer.handle();
+    let dep = Dependency {
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        capacity,
+        base: Duration::from_millis(10),
+    };
+    let svc = layer.layer(dep.clone());
+    let end = Instant::now() + run;
+    let served = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3 * capacity)
+        .map(|_| {
+            let svc = svc.clone();
+            let served = served.clone();
+            tokio::spawn(async move {
+                while Instant::now() < end {
+                    match svc.clone().oneshot(()).await {
+                        Ok(()) => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut limits = Vec::new();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        limits.push(handle.limit());
+        // The dependency never sees more than the limit in force allows, give or take a
+        // limit lowered under running requests.
+        assert!(dep.in_flight.load(Ordering::SeqCst) <= 10 * capacity);
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(served.load(Ordering::Relaxed) > 1000);
+    assert_eq!(handle.in_flight(), 0);
+    (limits, handle)
+}
+
+fn assert_settled_within(limits: &[usize], capacity: usize, tolerance: f64, what: &str) {
+    let tail = &limits[limits.len() / 2..];
+    for &l in tail {
+        let err = (l as f64 - capacity as f64).abs() / capacity as f64;
+        assert!(
+            err <= tolerance,
+            "{what}: limit {l} is {:.0}% from {capacity}; last limits: {tail:?}",
+            err * 100.0
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn gradient_settles_within_20_percent_of_the_dependency_capacity() {
+    const C: usize = 50;
+    let layer = BackpressureLayer::adaptive(
+        Adaptive::gradient(Gradient::default())
+            .floor(2)
+            .ceiling(10 * C)
+            .initial(10)
+            .window(Duration::from_millis(50))
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .max_wait(Duration::from_secs(1));
+    let (limits, _) = drive(layer, C, Duration::from_secs(12)).await;
+    assert!(limits[0] < C, "started low: {limits:?}");
+    assert_settled_within(&limits, C, 0.2, "gradient");
+}
+
+#[tokio::test(start_paused = true)]
+async fn aimd_settles_within_20_percent_of_the_dependency_capacity() {
+    const C: usize = 50;
+    let layer = BackpressureLayer::adaptive(
+        Adaptive::aimd(Aimd::default().latency_threshold(Duration::from_millis(11)))
+            .floor(2)
+            .ceiling(10 * C)
+            .initial(10)
+            .window(Duration::from_millis(50))
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .max_wait(Duration::from_secs(1));
+    let (limits, _) = drive(layer, C, Duration::from_secs(12)).await;
+    assert!(limits[0] < C, "started low: {limits:?}");
+    assert_settled_within(&limits, C, 0.2, "aimd");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_pull_the_limit_down_and_set_limit_overrides_within_bounds() {
+    let layer = BackpressureLayer::adaptive(
+        Adaptive::aimd(Aimd::default())
+            .floor(4)
+            .ceiling(64)
+            .initial(32)
+            .window(Duration::from_millis(10))
+            .min_samples(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(tower::service_fn(|fail: bool| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if fail {
+            Err("dependency failed")
+        } else {
+            Ok(())
+        }
+    }));
+    for _ in 0..200 {
+        let _ = svc.ready().await.unwrap().call(true).await;
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(handle.limit(), 4, "failures drive the limit to its floor");
+    assert_eq!(handle.set_limit(1000), 64, "clamped to the ceiling");
+    assert_eq!(handle.limit(), 64);
+    assert_eq!(handle.set_limit(0), 4, "clamped to the floor");
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_count_as_failures_when_holding_until_body_end() {
+    let layer = BackpressureLayer::adaptive(
+        Adaptive::aimd(Aimd::default())
+            .floor(2)
+            .ceiling(64)
+            .initial(32)
+            .window(Duration::from_millis(10))
+            .min_samples(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .hold_until_body_end();
+    let handle = layer.handle();
+    let mut svc = layer.layer(tower::service_fn(|req: http::Request<u16>| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let res = http::Response::builder()
+            .status(*req.body())
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+            .unwrap();
+        Ok::<_, Infallible>(res)
+    }));
+    for _ in 0..100 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(503))
+            .await
+            .unwrap();
+        drop(res);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        handle.limit(),
+        2,
+        "5xx responses drive the limit to its floor"
+    );
+    for _ in 0..30 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(200))
+            .await
+            .unwrap();
+        // The sample is taken when the body ends (here: dropped after its head).
+        drop(res);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    let after = handle.limit();
+    assert!(after > 2, "successes let it grow again: {after}");
+}
