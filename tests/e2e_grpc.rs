@@ -3,9 +3,7 @@
 //! table as a gRPC status.
 #![cfg(feature = "grpc")]
 
-use std::future::{ready, Ready};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,13 +13,15 @@ use tonic::transport::{server::TcpIncoming, Channel, Server};
 use tonic::{Code, Status};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 use tower::ServiceBuilder;
-use tower_bulwark::idempotency::{
-    Claim, Fingerprint, Lease, Record, Store, StoreError, StoreErrorKind, StoreKey,
-};
 use tower_bulwark::{
     BackpressureLayer, BreakerConfig, CircuitBreakerLayer, IdempotencyLayer, MemoryStore, Quota,
     RateLimitLayer, RejectionLayer,
 };
+
+#[path = "support/down_store.rs"]
+mod down_store;
+use down_store::Down;
+use tower_bulwark::idempotency::Store;
 
 /// Serves the health service behind `layers` (below `RejectionLayer::grpc()`), with a delay
 /// of `delay` in every call so that requests can overlap; evaluates to the address.
@@ -175,30 +175,6 @@ async fn idempotency_rows_are_aborted_failed_precondition_invalid_argument() {
     let long = "x".repeat(300);
     let status = call(&c, check("", Some(&long))).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-}
-
-/// A shared store that is down.
-#[derive(Clone, Debug)]
-struct Down;
-
-impl Store for Down {
-    type ClaimFuture = Ready<Result<Claim, StoreError>>;
-    type CompleteFuture = Ready<Result<(), StoreError>>;
-    type ReleaseFuture = Ready<Result<(), StoreError>>;
-    type GetFuture = Ready<Result<Option<Arc<Record>>, StoreError>>;
-
-    fn claim(&self, _: &StoreKey, _: Fingerprint, _: Duration) -> Self::ClaimFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-    fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-    fn release(&self, _: &Lease) -> Self::ReleaseFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-    fn get(&self, _: &StoreKey) -> Self::GetFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
 }
 
 #[tokio::test]

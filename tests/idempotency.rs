@@ -843,39 +843,13 @@ fn public_types_are_send_and_sync() {
     both::<tower_bulwark::idempotency::Idempotency<(), MemoryStore>>();
 }
 
+#[path = "support/down_store.rs"]
+mod down_store;
+
 mod failing_store {
+    use super::down_store::Down;
     use super::*;
-    use std::future::{ready, Ready};
-    use tower_bulwark::idempotency::{
-        Claim, Fingerprint, Lease, Record, Store, StoreError, StoreErrorKind, StoreKey,
-    };
-
-    /// A store that is always down.
-    #[derive(Clone, Debug)]
-    pub(super) struct Down;
-
-    impl Store for Down {
-        type ClaimFuture = Ready<Result<Claim, StoreError>>;
-        type CompleteFuture = Ready<Result<(), StoreError>>;
-        type ReleaseFuture = Ready<Result<(), StoreError>>;
-        type GetFuture = Ready<Result<Option<Arc<Record>>, StoreError>>;
-
-        fn claim(&self, _: &StoreKey, _: Fingerprint, _: Duration) -> Self::ClaimFuture {
-            ready(Err(StoreError::with_source(
-                StoreErrorKind::Unavailable,
-                "connection refused",
-            )))
-        }
-        fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
-            ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-        }
-        fn release(&self, _: &Lease) -> Self::ReleaseFuture {
-            ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-        }
-        fn get(&self, _: &StoreKey) -> Self::GetFuture {
-            ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-        }
-    }
+    use tower_bulwark::idempotency::{StoreError, StoreErrorKind};
 
     #[tokio::test]
     async fn store_down_is_503_by_default_and_runs_when_failing_open() {
