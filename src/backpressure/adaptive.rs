@@ -31,7 +31,8 @@ use crate::clock::{duration_nanos, Clock};
 /// whether it failed. A sample is a failure when the service below returned an error; with
 /// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
 /// response is a 5xx or its body fails, and its latency runs to the end of the body. A request
-/// dropped before its response (the client went away) gives no sample. Samples are summed in
+/// dropped before its response, or a body dropped before its end (the client went away), gives
+/// no sample. Samples are summed in
 /// a window; the completion that closes a window folds it into the algorithm, which gives the
 /// next limit. The algorithms are pure arithmetic ([`Aimd::update`], [`Gradient::update`]):
 /// nanoseconds and counts in, a limit out.
