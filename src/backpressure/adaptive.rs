@@ -434,6 +434,19 @@ impl Gradient {
     }
 
     /// The next estimate after a window: pure arithmetic, bounded by `floor` and `ceiling`.
+    ///
+    /// ```
+    /// use tower_bulwark::backpressure::{Estimate, Gradient, Sample};
+    ///
+    /// let g = Gradient::default();
+    /// // The first window sets the no-load latency: 1 ms. Latency at its floor: grow.
+    /// let est = g.update(Estimate::new(100.0), &Sample::new(500, 0, 1_000_000, 1_000_000, 100), 1, 1000);
+    /// assert!(est.limit > 100.0);
+    /// // Latency doubled: requests queue in the dependency, so the limit comes down.
+    /// let before = est.limit;
+    /// let est = g.update(est, &Sample::new(500, 0, 2_000_000, 1_900_000, 101), 1, 1000);
+    /// assert!(est.limit < before);
+    /// ```
     pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
         let windows = est.windows + 1;
         let (lo, hi) = (f64::from(floor), f64::from(ceiling));
