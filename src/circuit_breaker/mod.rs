@@ -110,8 +110,9 @@
 //!
 //! The state is one `AtomicU64` moved by compare-and-swap, so half-open never admits more than
 //! `k` probes at once, whatever the number of threads. The count window is a pair of bitsets
-//! and one position counter: on one thread it is exact; under contention, a call that races
-//! another `N` positions away may be lost, never double counted.
+//! and one position counter advanced without a locked instruction: on one thread it is exact;
+//! when two calls complete at the same instant on two cores, one of them may go uncounted
+//! (never counted twice), so under contention the window is a fair sample of the last calls.
 
 mod config;
 pub mod future;

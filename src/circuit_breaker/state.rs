@@ -190,6 +190,10 @@ impl Breaker {
 }
 
 /// Everything the services, futures and handles of one layer share.
+///
+/// Aligned to a cache line so that the `Arc`'s reference counts, written by every call, do not
+/// share a line with the configuration that every call reads.
+#[repr(align(64))]
 pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) clock: Clock,
