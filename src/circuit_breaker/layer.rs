@@ -120,9 +120,10 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
     ///
     /// At most [`max_keys`](BreakerConfig::max_keys) keys (rounded up to a power of two) have
     /// a breaker; the breakers are allocated when the layer is built, so the memory is fixed.
-    /// Keys live in a fixed-capacity lock-free table, identified by a 64-bit SipHash of the
-    /// key under a random per-layer seed: looking up a key, and claiming a free slot for a new
-    /// one, take no lock. A new key whose slots (8 places from its hash) are all taken
+    /// Keys live in a fixed-capacity lock-free table, identified by a 64-bit hash of the key
+    /// (the standard library's `RandomState`, randomly seeded per layer; two keys whose hashes
+    /// collide, a chance of about 2^-64 per pair, share a breaker): looking up a key, and
+    /// claiming a free slot for a new one, take no lock. A new key whose slots (8 places from its hash) are all taken
     /// reuses one whose breaker is healthy (closed, no failure in its window); a breaker that
     /// has tripped is never reused. If none is free, the request goes through without a
     /// breaker (a `tracing` event at `DEBUG` says so).

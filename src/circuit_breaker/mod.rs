@@ -38,8 +38,8 @@
 //! requests to a dependency that keeps failing. [`backpressure`](crate::backpressure) and
 //! [`rate_limit`](crate::rate_limit) bound how much load goes down whatever its outcome; the
 //! breaker looks only at outcomes. Unlike tower-resilience's breaker (a `tokio` `Mutex` on every
-//! call) and failsafe's, the closed path here is a few atomics: no lock and no allocation, and
-//! every transition is one compare-and-swap on a single state word.
+//! call) and failsafe's (a `parking_lot` `Mutex`), the closed path here is a few atomics: no
+//! lock and no allocation, and every transition is one compare-and-swap on a single state word.
 //!
 //! # Where to place this layer
 //!
