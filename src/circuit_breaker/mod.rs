@@ -30,7 +30,9 @@
 //! [`GrpcStatus`](crate::classify::GrpcStatus) counts `UNAVAILABLE`, `INTERNAL`,
 //! `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS`, not client-side codes such as
 //! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call
-//! whose future is dropped counts as neither and frees any probe slot it held.
+//! whose future is dropped counts as neither and frees any probe slot it held. With slow-call
+//! detection on, a half-open probe that is slow counts as a failed probe: a dependency that
+//! answers, but too slowly, is not healed.
 //!
 //! # How it differs from its neighbours
 //!

@@ -544,6 +544,14 @@ impl Shared {
         }
     }
 
+    /// Whether a call that started at `start` is slow now (never, without slow-call
+    /// detection). Reads the clock only with it.
+    pub(crate) fn is_slow(&self, start: u64) -> bool {
+        self.limits
+            .slow_nanos
+            .is_some_and(|t| self.now().saturating_sub(start) >= t)
+    }
+
     /// Frees a probe slot whose call ended with no verdict (dropped, or throttled).
     pub(crate) fn release_probe(&self, idx: usize, g: u64) {
         let b = &self.breakers[idx];
