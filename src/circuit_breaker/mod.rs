@@ -100,6 +100,13 @@
 //! [`BreakerHandle`] share it (Axum applies a layer to each route; they all share one breaker).
 //! Two dependencies that must trip separately need two layers, or one keyed layer.
 //!
+//! # Cancel safety
+//!
+//! A probe slot is held by the response future and freed in its `Drop`: a future dropped at
+//! any point (the client went away, a timeout above fired) frees its slot at once and counts
+//! as neither success nor failure, so half-open never sticks. The breaker reserves nothing in
+//! `poll_ready`; it decides in `call`, so a clone starts with nothing reserved.
+//!
 //! # Time in tests
 //!
 //! The breaker reads the crate's [`Clock`](crate::clock::Clock) (fast by default): at most
