@@ -18,7 +18,10 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tower::ServiceBuilder;
-use tower_bulwark::{Quota, RateLimitLayer, RejectionLayer};
+use tower_bulwark::rate_limit::key;
+use tower_bulwark::{
+    BackpressureLayer, IdempotencyLayer, MemoryStore, Quota, RateLimitLayer, RejectionLayer,
+};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -38,8 +41,9 @@ fn bare() -> Router {
     Router::new().route("/", get(|| async { "hello" }))
 }
 
-/// The server stack, with limits far above what the load can reach: what is measured is the
-/// cost of the layers on the admit path, not their refusals.
+/// The server stack (rejections, a keyed rate limit, backpressure, idempotency), with limits
+/// far above what the load can reach: what is measured is the cost of the layers on the admit
+/// path, not their refusals. The requests are GETs, which idempotency passes through.
 fn stacked() -> Router {
     let generous = Quota::per_second(1_000_000_000)
         .unwrap()
@@ -48,7 +52,12 @@ fn stacked() -> Router {
     Router::new().route("/", get(|| async { "hello" })).layer(
         ServiceBuilder::new()
             .layer(RejectionLayer::http())
-            .layer(RateLimitLayer::new(generous)),
+            .layer(RateLimitLayer::keyed(
+                generous,
+                key::Header::new("x-api-key"),
+            ))
+            .layer(BackpressureLayer::new(1 << 16))
+            .layer(IdempotencyLayer::new(MemoryStore::default())),
     )
 }
 

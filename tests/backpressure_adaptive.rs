@@ -212,7 +212,8 @@ async fn server_errors_count_as_failures_when_holding_until_body_end() {
             .call(http::Request::new(503))
             .await
             .unwrap();
-        drop(res);
+        // The sample is taken when the body ends.
+        let _ = http_body_util::BodyExt::collect(res.into_body()).await;
         tokio::time::advance(Duration::from_millis(5)).await;
     }
     assert_eq!(
@@ -228,10 +229,22 @@ async fn server_errors_count_as_failures_when_holding_until_body_end() {
             .call(http::Request::new(200))
             .await
             .unwrap();
-        // The sample is taken when the body ends (here: dropped after its head).
-        drop(res);
+        let _ = http_body_util::BodyExt::collect(res.into_body()).await;
         tokio::time::advance(Duration::from_millis(5)).await;
     }
     let after = handle.limit();
     assert!(after > 2, "successes let it grow again: {after}");
+    // Bodies dropped before their end give no sample: the limit stays where it is.
+    for _ in 0..30 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(503))
+            .await
+            .unwrap();
+        drop(res);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(handle.limit(), after);
 }

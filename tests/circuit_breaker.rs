@@ -230,6 +230,40 @@ async fn slow_calls_trip_the_breaker() {
     assert_eq!(f.state, BreakerState::Open);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_slow_probe_reopens() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::slow_call_rate(1.0, Duration::from_millis(100))
+            .window(2)
+            .minimum_calls(2)
+            .open_time(Duration::from_secs(1))
+            .jitter(0.0)
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, BoxError>(ms)
+        });
+    svc.clone().oneshot(150).await.unwrap();
+    svc.clone().oneshot(150).await.unwrap();
+    assert_eq!(handle.state(), BreakerState::Open);
+    advance(Duration::from_secs(1)).await;
+    // The probe succeeds, but slowly: the breaker reopens, for twice as long.
+    svc.clone().oneshot(150).await.unwrap();
+    let f = handle.figures();
+    assert_eq!((f.state, f.reopens), (BreakerState::Open, 1));
+    assert_eq!(f.open_remaining, Some(Duration::from_secs(2)));
+    advance(Duration::from_secs(2)).await;
+    // A quick probe closes it.
+    svc.clone().oneshot(10).await.unwrap();
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
 #[test]
 fn bad_configuration_is_refused_at_construction() {
     use BreakerConfigError as E;

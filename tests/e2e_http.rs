@@ -3,7 +3,6 @@
 //! idempotent POST retried by the client after a dropped connection runs once on the server; a
 //! breaker in the client opens against a failing server and closes after it heals.
 
-use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,40 +21,17 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::BreakerState;
 use tower_bulwark::classify::HttpStatus;
 use tower_bulwark::clock::Clock;
-use tower_bulwark::idempotency::{
-    Claim, Fingerprint, Lease, Record, Store, StoreError, StoreErrorKind, StoreKey,
-};
 use tower_bulwark::retry::Backoff;
 use tower_bulwark::{
     BackpressureLayer, BreakerConfig, CircuitBreakerLayer, IdempotencyLayer, MemoryStore, Quota,
     RateLimitLayer, Rejection, RejectionKind, RejectionLayer, RetryLayer, RetryPolicy,
 };
 
+#[path = "support/down_store.rs"]
+mod down_store;
+use down_store::Down;
+
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// A shared store that is down.
-#[derive(Clone, Debug)]
-struct Down;
-
-impl Store for Down {
-    type ClaimFuture = Ready<Result<Claim, StoreError>>;
-    type CompleteFuture = Ready<Result<(), StoreError>>;
-    type ReleaseFuture = Ready<Result<(), StoreError>>;
-    type GetFuture = Ready<Result<Option<Arc<Record>>, StoreError>>;
-
-    fn claim(&self, _: &StoreKey, _: Fingerprint, _: Duration) -> Self::ClaimFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-    fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-    fn release(&self, _: &Lease) -> Self::ReleaseFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-    fn get(&self, _: &StoreKey) -> Self::GetFuture {
-        ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-    }
-}
 
 #[derive(Clone, Default)]
 struct Counters {

@@ -843,39 +843,13 @@ fn public_types_are_send_and_sync() {
     both::<tower_bulwark::idempotency::Idempotency<(), MemoryStore>>();
 }
 
+#[path = "support/down_store.rs"]
+mod down_store;
+
 mod failing_store {
+    use super::down_store::Down;
     use super::*;
-    use std::future::{ready, Ready};
-    use tower_bulwark::idempotency::{
-        Claim, Fingerprint, Lease, Record, Store, StoreError, StoreErrorKind, StoreKey,
-    };
-
-    /// A store that is always down.
-    #[derive(Clone, Debug)]
-    pub(super) struct Down;
-
-    impl Store for Down {
-        type ClaimFuture = Ready<Result<Claim, StoreError>>;
-        type CompleteFuture = Ready<Result<(), StoreError>>;
-        type ReleaseFuture = Ready<Result<(), StoreError>>;
-        type GetFuture = Ready<Result<Option<Arc<Record>>, StoreError>>;
-
-        fn claim(&self, _: &StoreKey, _: Fingerprint, _: Duration) -> Self::ClaimFuture {
-            ready(Err(StoreError::with_source(
-                StoreErrorKind::Unavailable,
-                "connection refused",
-            )))
-        }
-        fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
-            ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-        }
-        fn release(&self, _: &Lease) -> Self::ReleaseFuture {
-            ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-        }
-        fn get(&self, _: &StoreKey) -> Self::GetFuture {
-            ready(Err(StoreError::new(StoreErrorKind::Unavailable)))
-        }
-    }
+    use tower_bulwark::idempotency::{StoreError, StoreErrorKind};
 
     #[tokio::test]
     async fn store_down_is_503_by_default_and_runs_when_failing_open() {
@@ -1050,5 +1024,117 @@ mod slow_store {
         app.gate.add_permits(1);
         assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::CREATED);
         assert_eq!(app.runs(), 1);
+    }
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Send {
+            key: u8,
+            payload: u8,
+            fail: bool,
+            drop_early: bool,
+        },
+        Advance(u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..3, 0u8..2, any::<bool>(), prop::bool::weighted(0.2)).prop_map(
+                |(key, payload, fail, drop_early)| Op::Send { key, payload, fail, drop_early }
+            ),
+            1 => (0u16..800).prop_map(Op::Advance),
+        ]
+    }
+
+    struct Stored {
+        payload: u8,
+        run: String,
+        until: Duration,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Random requests, failures, cancellations and time against a model of the layer:
+        /// a completed key replays its first response until its TTL, another payload gets
+        /// 422, failures and cancellations store nothing, and the handler runs exactly when
+        /// the model says so.
+        #[test]
+        fn layer_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let ttl = Duration::from_secs(1);
+                let app = App::new();
+                let svc = builder().ttl(ttl).build().unwrap().layer(app.service());
+                let start = tokio::time::Instant::now();
+                let mut model: HashMap<u8, Stored> = HashMap::new();
+                let mut runs = 0;
+                for op in ops {
+                    match op {
+                        Op::Advance(ms) => {
+                            tokio::time::advance(Duration::from_millis(u64::from(ms))).await
+                        }
+                        Op::Send { key, payload, fail, drop_early } => {
+                            let now = start.elapsed();
+                            let mut r = post(&format!("k{key}"), "")
+                                .header("x-payload", payload.to_string());
+                            if fail {
+                                r = r.header("x-status", "500");
+                            }
+                            if drop_early {
+                                r = r.header("x-gate", "1");
+                            }
+                            let body = Body::from(vec![b'p'; usize::from(payload) + 1]);
+                            let live = model.get(&key).filter(|s| s.until > now);
+                            let expect_run = live.is_none();
+                            if drop_early {
+                                let mut s = svc.clone();
+                                let mut fut = pin!(s.call(r.body(body).unwrap()));
+                                let polled = poll_once(fut.as_mut());
+                                match live {
+                                    None => prop_assert!(polled.is_pending()),
+                                    Some(_) => prop_assert!(polled.is_ready()),
+                                }
+                            } else {
+                                let out = svc.clone().oneshot(r.body(body).unwrap()).await;
+                                match live {
+                                    Some(stored) if stored.payload == payload => {
+                                        let res = out.unwrap();
+                                        prop_assert_eq!(&res.headers()["idempotent-replayed"], "true");
+                                        prop_assert_eq!(res.headers()["x-run"].to_str().unwrap(), stored.run.as_str());
+                                    }
+                                    Some(_) => {
+                                        prop_assert_eq!(kind(&out.unwrap_err()), RejectionKind::IdempotencyKeyReused);
+                                    }
+                                    None => {
+                                        let res = out.unwrap();
+                                        prop_assert!(res.headers().get("idempotent-replayed").is_none());
+                                        if !fail {
+                                            let run = res.headers()["x-run"].to_str().unwrap().to_string();
+                                            model.insert(key, Stored { payload, run, until: now + ttl });
+                                        }
+                                    }
+                                }
+                            }
+                            if expect_run {
+                                runs += 1;
+                            }
+                            prop_assert_eq!(app.runs(), runs);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
     }
 }

@@ -31,7 +31,8 @@ use crate::clock::{duration_nanos, Clock};
 /// whether it failed. A sample is a failure when the service below returned an error; with
 /// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
 /// response is a 5xx or its body fails, and its latency runs to the end of the body. A request
-/// dropped before its response (the client went away) gives no sample. Samples are summed in
+/// dropped before its response, or a body dropped before its end (the client went away), gives
+/// no sample. Samples are summed in
 /// a window; the completion that closes a window folds it into the algorithm, which gives the
 /// next limit. The algorithms are pure arithmetic ([`Aimd::update`], [`Gradient::update`]):
 /// nanoseconds and counts in, a limit out.
@@ -182,6 +183,7 @@ fn check_factor(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), 
 
 /// One window of samples, the input of an algorithm's update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Sample {
     /// Requests completed in the window.
     pub count: u32,
@@ -197,6 +199,7 @@ pub struct Sample {
 
 /// What an algorithm remembers between windows.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
+#[non_exhaustive]
 pub struct Estimate {
     /// The limit, with its fraction (the limit in force is this, rounded and bounded).
     pub limit: f64,
@@ -208,6 +211,26 @@ pub struct Estimate {
     /// While [`Gradient`] measures the no-load latency (one window at the floor): the limit
     /// to go back to. 0 otherwise.
     pub probe_saved: f64,
+}
+
+impl Sample {
+    /// A window of `count` requests, `failures` of which failed, with their mean and lowest
+    /// latency in nanoseconds and the most requests in flight at once.
+    pub fn new(
+        count: u32,
+        failures: u32,
+        avg_rtt_nanos: u64,
+        min_rtt_nanos: u64,
+        peak_in_flight: u32,
+    ) -> Sample {
+        Sample {
+            count,
+            failures,
+            avg_rtt_nanos,
+            min_rtt_nanos,
+            peak_in_flight,
+        }
+    }
 }
 
 impl Estimate {
@@ -287,6 +310,18 @@ impl Aimd {
     }
 
     /// The next estimate after a window: pure arithmetic, bounded by `floor` and `ceiling`.
+    ///
+    /// ```
+    /// use tower_bulwark::backpressure::{Aimd, Estimate, Sample};
+    ///
+    /// let aimd = Aimd::default();
+    /// // A window that used the whole limit, with no failure: one more.
+    /// let next = aimd.update(Estimate::new(10.0), &Sample::new(50, 0, 1_000, 900, 10), 1, 100);
+    /// assert_eq!(next.bounded(1, 100), 11);
+    /// // A window with a failure: back off by 10%.
+    /// let next = aimd.update(Estimate::new(10.0), &Sample::new(50, 1, 1_000, 900, 10), 1, 100);
+    /// assert_eq!(next.bounded(1, 100), 9);
+    /// ```
     pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
         let slow = self
             .latency_threshold
@@ -399,6 +434,19 @@ impl Gradient {
     }
 
     /// The next estimate after a window: pure arithmetic, bounded by `floor` and `ceiling`.
+    ///
+    /// ```
+    /// use tower_bulwark::backpressure::{Estimate, Gradient, Sample};
+    ///
+    /// let g = Gradient::default();
+    /// // The first window sets the no-load latency: 1 ms. Latency at its floor: grow.
+    /// let est = g.update(Estimate::new(100.0), &Sample::new(500, 0, 1_000_000, 1_000_000, 100), 1, 1000);
+    /// assert!(est.limit > 100.0);
+    /// // Latency doubled: requests queue in the dependency, so the limit comes down.
+    /// let before = est.limit;
+    /// let est = g.update(est, &Sample::new(500, 0, 2_000_000, 1_900_000, 101), 1, 1000);
+    /// assert!(est.limit < before);
+    /// ```
     pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
         let windows = est.windows + 1;
         let (lo, hi) = (f64::from(floor), f64::from(ceiling));

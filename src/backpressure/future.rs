@@ -49,6 +49,8 @@ pin_project! {
             #[pin]
             fut: S::Future,
             permit: Option<Permit>,
+            // Admission time, for an adaptive budget's latency sample.
+            start: u64,
         },
         Waiting {
             // Boxed so the admit path's future stays small; only waiters pay for it.
@@ -108,11 +110,12 @@ where
     S: Service<Req>,
 {
     #[inline]
-    pub(crate) fn running(fut: S::Future, permit: Permit) -> Self {
+    pub(crate) fn running(fut: S::Future, permit: Permit, start: u64) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
                 permit: Some(permit),
+                start,
             },
             _release: PhantomData,
         }
@@ -153,7 +156,7 @@ where
     fn poll_with<T>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        done: impl FnOnce(S::Response, Permit) -> T,
+        done: impl FnOnce(S::Response, Permit, u64) -> T,
     ) -> Poll<Result<T, BoxError>>
     where
         S::Error: Into<BoxError>,
@@ -161,19 +164,15 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Running { fut, permit } => {
+                StateProj::Running { fut, permit, start } => {
                     let out = ready!(fut.poll(cx));
                     // The inner future is left in place, done: polling again is a caller's
                     // bug that the permit being gone reports.
-                    let mut permit = permit.take().expect("polled after completion");
+                    let permit = permit.take().expect("polled after completion");
                     return Poll::Ready(match out {
-                        Ok(res) => {
-                            permit.set_outcome(Outcome::Success);
-                            Ok(done(res, permit))
-                        }
+                        Ok(res) => Ok(done(res, permit, *start)),
                         Err(e) => {
-                            permit.set_outcome(Outcome::Failure);
-                            drop(permit);
+                            permit.finish(*start, Outcome::Failure);
                             Err(e.into())
                         }
                     });
@@ -181,7 +180,7 @@ where
                 StateProj::Waiting { waiter } => match ready!(waiter.as_mut().poll_admit(cx)) {
                     Some(in_flight) => {
                         let w = waiter.as_mut().project();
-                        let permit = Permit::new(&w.queued.0, in_flight);
+                        let (permit, start) = Permit::new(&w.queued.0, in_flight);
                         let mut svc = w.svc.take().expect("admitted once");
                         let req = w.req.take().expect("admitted once");
                         // `svc` was made ready by `poll_ready` before the call that queued it.
@@ -189,6 +188,7 @@ where
                         state.set(State::Running {
                             fut,
                             permit: Some(permit),
+                            start,
                         });
                     }
                     None => {
@@ -223,8 +223,8 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The permit is dropped, given back, here.
-        self.poll_with(cx, |res, permit| {
-            drop(permit);
+        self.poll_with(cx, |res, permit, start| {
+            permit.finish(start, Outcome::Success);
             res
         })
     }
@@ -239,14 +239,18 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_with(cx, |res, mut permit| {
-            if res.status().is_server_error() {
-                // For an adaptive limit, a 5xx is a failure of the dependency.
-                permit.set_outcome(Outcome::Failure);
-            }
+        self.poll_with(cx, |res, permit, start| {
+            // For an adaptive limit, a 5xx is a failure of the dependency.
+            let outcome = if res.status().is_server_error() {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
             res.map(|body| PermitBody {
                 inner: body,
                 permit: Some(permit),
+                start,
+                outcome,
             })
         })
     }
@@ -278,6 +282,8 @@ pin_project! {
         #[pin]
         inner: B,
         permit: Option<Permit>,
+        start: u64,
+        outcome: Outcome,
     }
 }
 
@@ -303,16 +309,15 @@ impl<B: Body> Body for PermitBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        match &frame {
-            None => drop(this.permit.take()),
-            Some(Err(_)) => {
-                if let Some(mut permit) = this.permit.take() {
-                    permit.set_outcome(Outcome::Failure);
-                }
-            }
+        let outcome = match &frame {
+            None => *this.outcome,
+            Some(Err(_)) => Outcome::Failure,
             // A body that knows it has ended may never be polled again: release now.
-            Some(Ok(_)) if this.inner.is_end_stream() => drop(this.permit.take()),
-            Some(Ok(_)) => {}
+            Some(Ok(_)) if this.inner.is_end_stream() => *this.outcome,
+            Some(Ok(_)) => return Poll::Ready(frame),
+        };
+        if let Some(permit) = this.permit.take() {
+            permit.finish(*this.start, outcome);
         }
         Poll::Ready(frame)
     }

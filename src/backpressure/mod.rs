@@ -180,14 +180,14 @@
 //!
 //! # Cost and memory
 //!
-//! Admitting and releasing a request are one atomic operation each, on one cache line, with
-//! no lock, no allocation and no reference count: a permit refers to its budget's hot state
-//! (the limit, the count in flight, the waiters) by a `'static` reference. That state is
-//! allocated once and reused: when a budget is gone and its last permit is back, it returns
-//! to a process-wide pool the next budget draws from, so the memory held is bounded by the
-//! most budgets alive at once (about a hundred bytes each). Waiting requests allocate one
-//! small box each; adaptive budgets read the clock when a request is admitted and when it
-//! completes.
+//! With a fixed limit, admitting and releasing a request are one atomic operation each, on
+//! one cache line, with no lock, no allocation and no reference count: a permit is two words
+//! and refers to its budget's hot state (the limit, the count in flight, the waiters) by a
+//! `'static` reference. That state is allocated once and reused: when a budget is gone and its
+//! last permit is back, it returns to a process-wide pool the next budget draws from, so the
+//! memory held is bounded by the most budgets alive at once (about a hundred bytes each). An
+//! adaptive budget's permits also hold a reference to the budget and read the clock when the
+//! request is admitted and when it completes. Waiting requests allocate one small box each.
 //!
 //! # Cancel safety
 //!

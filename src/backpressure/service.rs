@@ -72,12 +72,12 @@ impl<S, R> Backpressure<S, R> {
     {
         if let Some(in_flight) = self.hot.try_acquire() {
             // The permit exists before the inner call, so a panic in `call` gives it back.
-            let permit = if self.adaptive {
+            let (permit, start) = if self.adaptive {
                 Permit::new(&self.shared, in_flight)
             } else {
-                Permit::fixed(self.hot)
+                (Permit::fixed(self.hot), 0)
             };
-            return ResponseFuture::running(self.inner.call(req), permit);
+            return ResponseFuture::running(self.inner.call(req), permit, start);
         }
         // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.
         if self.cfg.max_wait.is_zero()

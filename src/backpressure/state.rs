@@ -269,78 +269,72 @@ impl Shared {
 }
 
 /// A permit, held by a response future (or a response body) and given back on drop.
+///
+/// Two words, so it moves in registers. For an adaptive budget it also holds the budget, and
+/// whoever holds the permit keeps the admission time beside it and calls [`Permit::finish`]
+/// with the outcome; a permit dropped without it (a request cancelled) gives no sample.
 pub(crate) struct Permit {
     hot: &'static Hot,
-    /// For adaptive budgets: what the latency sample needs.
-    sample: Option<Sampling>,
-}
-
-struct Sampling {
-    shared: Arc<Shared>,
-    /// Clock reading at admission.
-    start: u64,
-    outcome: Outcome,
+    adaptive: Option<Arc<Shared>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// Dropped before an outcome was known: no latency sample.
-    Cancelled,
     Success,
     Failure,
 }
 
 impl Permit {
-    /// Wraps a permit already taken with [`Hot::try_acquire`].
+    /// Wraps a permit already taken with [`Hot::try_acquire`], with the admission time (0
+    /// for a fixed limit).
     #[inline(always)]
-    pub(crate) fn new(shared: &Arc<Shared>, in_flight: u32) -> Permit {
-        Permit {
-            hot: shared.hot,
-            sample: shared
-                .adaptive
-                .as_ref()
-                .map(|_| Permit::start_sample(shared, in_flight)),
+    pub(crate) fn new(shared: &Arc<Shared>, in_flight: u32) -> (Permit, u64) {
+        match &shared.adaptive {
+            None => (Permit::fixed(shared.hot), 0),
+            Some(_) => Permit::start_sample(shared, in_flight),
         }
     }
 
     /// A permit of a budget with a fixed limit: nothing to measure.
     #[inline(always)]
     pub(crate) fn fixed(hot: &'static Hot) -> Permit {
-        Permit { hot, sample: None }
+        Permit {
+            hot,
+            adaptive: None,
+        }
     }
 
     #[cold]
     #[inline(never)]
-    fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> Sampling {
+    fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> (Permit, u64) {
         shared.note_peak(in_flight);
-        Sampling {
-            shared: shared.clone(),
-            start: shared.clock().now_nanos(),
-            outcome: Outcome::Cancelled,
-        }
+        let permit = Permit {
+            hot: shared.hot,
+            adaptive: Some(shared.clone()),
+        };
+        (permit, shared.clock().now_nanos())
     }
 
+    /// Gives the permit back after a request completed, with its latency sample for an
+    /// adaptive budget.
     #[inline(always)]
-    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
-        if let Some(s) = &mut self.sample {
-            s.outcome = outcome;
+    pub(crate) fn finish(self, start: u64, outcome: Outcome) {
+        if let Some(shared) = &self.adaptive {
+            Permit::record(shared, start, outcome);
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn end_sample(&mut self) {
-        let Some(s) = self.sample.take() else { return };
-        let Some(adaptive) = &s.shared.adaptive else {
+    fn record(shared: &Arc<Shared>, start: u64, outcome: Outcome) {
+        let Some(adaptive) = &shared.adaptive else {
             return;
         };
-        if s.outcome != Outcome::Cancelled {
-            let now = s.shared.clock().now_nanos();
-            let rtt = now.saturating_sub(s.start);
-            let failed = s.outcome == Outcome::Failure;
-            if let Some(limit) = adaptive.record(now, rtt, failed, &s.shared) {
-                s.shared.set_limit(limit);
-            }
+        let now = shared.clock().now_nanos();
+        let rtt = now.saturating_sub(start);
+        let failed = outcome == Outcome::Failure;
+        if let Some(limit) = adaptive.record(now, rtt, failed, shared) {
+            shared.set_limit(limit);
         }
     }
 }
@@ -348,9 +342,8 @@ impl Permit {
 impl Drop for Permit {
     #[inline(always)]
     fn drop(&mut self) {
-        if self.sample.is_some() {
-            self.end_sample();
-        }
+        // For an adaptive budget, its `Arc` is dropped after the release: if it was the last
+        // owner, the hot state goes back to the pool, no permit being out.
         self.hot.release();
     }
 }
@@ -470,7 +463,7 @@ mod tests {
     fn hot_state_is_reused_only_once_its_last_permit_is_back() {
         let shared = Arc::new(Shared::new(2, None, None));
         let hot = shared.hot;
-        let permit = Permit::new(&shared, hot.try_acquire().unwrap());
+        let (permit, _) = Permit::new(&shared, hot.try_acquire().unwrap());
         drop(shared);
         // Orphaned with a permit out: not reusable yet.
         assert_ne!(hot.word.load(Ordering::SeqCst) & ORPHAN, 0);
@@ -483,7 +476,7 @@ mod tests {
     #[test]
     fn a_reused_hot_state_starts_clean() {
         let shared = Arc::new(Shared::new(3, None, None));
-        let _ = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+        let _ = Permit::new(&shared, shared.hot.try_acquire().unwrap()).0;
         shared.set_limit(1);
         drop(shared);
         for _ in 0..100 {
@@ -499,7 +492,7 @@ mod tests {
         let before = pool_len();
         for _ in 0..10_000 {
             let shared = Arc::new(Shared::new(1, None, None));
-            let permit = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+            let (permit, _) = Permit::new(&shared, shared.hot.try_acquire().unwrap());
             drop(shared);
             drop(permit);
         }
@@ -537,7 +530,7 @@ mod tests {
         };
         for _ in 0..2_000 {
             let shared = Arc::new(Shared::new(1, None, None));
-            let permit = Permit::new(&shared, shared.hot.try_acquire().unwrap());
+            let (permit, _) = Permit::new(&shared, shared.hot.try_acquire().unwrap());
             tx.send(permit).unwrap();
             barrier.wait();
             drop(shared);
@@ -592,7 +585,7 @@ mod tests {
                         proptest::prop_assert_eq!(got.is_some(), room);
                         if let Some(n) = got {
                             proptest::prop_assert_eq!(n as usize, held.len() + 1);
-                            held.push(Permit::new(&shared, n));
+                            held.push(Permit::new(&shared, n).0);
                         }
                     }
                     Op::Release(i) => {
@@ -625,5 +618,14 @@ mod tests {
             drop(held);
             proptest::prop_assert_eq!(shared.in_flight(), 0);
         }
+    }
+}
+
+#[cfg(test)]
+mod layout {
+    #[test]
+    fn a_permit_is_two_words() {
+        assert_eq!(std::mem::size_of::<super::Permit>(), 16);
+        assert_eq!(std::mem::size_of::<Option<super::Permit>>(), 16);
     }
 }

@@ -45,7 +45,10 @@ impl Guard {
             (Permit::Closed { gen }, Some(failed)) => {
                 self.shared.record_closed(idx, gen, failed, self.start)
             }
-            (Permit::Probe { gen }, Some(failed)) => self.shared.record_probe(idx, gen, failed),
+            (Permit::Probe { gen }, Some(failed)) => {
+                let failed = failed || self.shared.is_slow(self.start);
+                self.shared.record_probe(idx, gen, failed)
+            }
             (Permit::Probe { gen }, None) => self.shared.release_probe(idx, gen),
             _ => {}
         }

@@ -120,12 +120,45 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
     ///
     /// At most [`max_keys`](BreakerConfig::max_keys) keys (rounded up to a power of two) have
     /// a breaker; the breakers are allocated when the layer is built, so the memory is fixed.
-    /// Keys live in a fixed-capacity lock-free table, identified by a 64-bit SipHash of the
-    /// key under a random per-layer seed: looking up a key, and claiming a free slot for a new
-    /// one, take no lock. A new key whose slots (8 places from its hash) are all taken
+    /// Keys live in a fixed-capacity lock-free table, identified by a 64-bit hash of the key
+    /// (the standard library's `RandomState`, randomly seeded per layer; two keys whose hashes
+    /// collide, a chance of about 2^-64 per pair, share a breaker): looking up a key, and
+    /// claiming a free slot for a new one, take no lock. A new key whose slots (8 places from its hash) are all taken
     /// reuses one whose breaker is healthy (closed, no failure in its window); a breaker that
     /// has tripped is never reused. If none is free, the request goes through without a
     /// breaker (a `tracing` event at `DEBUG` says so).
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use tower::{BoxError, ServiceBuilder, ServiceExt};
+    /// use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
+    /// use tower_bulwark::classify::HttpStatus;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+    /// // One breaker per host, for a client that calls many.
+    /// let breakers = CircuitBreakerLayer::keyed(
+    ///     BreakerConfig::consecutive_failures(1).max_keys(256),
+    ///     |req: &Request<()>| req.uri().authority().map(|a| a.to_string()),
+    /// )?
+    /// .classify(HttpStatus::new());
+    /// let client = ServiceBuilder::new()
+    ///     .layer(breakers.clone())
+    ///     .service_fn(|req: Request<()>| async move {
+    ///         let status = if req.uri().host() == Some("sick.example") { 503 } else { 200 };
+    ///         Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+    ///     });
+    ///
+    /// let get = |uri: &str| Request::get(uri).body(()).unwrap();
+    /// client.clone().oneshot(get("http://sick.example/a")).await?;
+    /// client.clone().oneshot(get("http://well.example/a")).await?;
+    /// let sick = breakers.handle_for(&Some("sick.example".to_string())).unwrap();
+    /// let well = breakers.handle_for(&Some("well.example".to_string())).unwrap();
+    /// assert_eq!(sick.state(), BreakerState::Open);
+    /// assert_eq!(well.state(), BreakerState::Closed);
+    /// assert!(client.clone().oneshot(get("http://sick.example/b")).await.is_err());
+    /// assert!(client.oneshot(get("http://well.example/b")).await.is_ok());
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///

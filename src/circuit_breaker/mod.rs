@@ -30,7 +30,9 @@
 //! [`GrpcStatus`](crate::classify::GrpcStatus) counts `UNAVAILABLE`, `INTERNAL`,
 //! `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS`, not client-side codes such as
 //! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call
-//! whose future is dropped counts as neither and frees any probe slot it held.
+//! whose future is dropped counts as neither and frees any probe slot it held. With slow-call
+//! detection on, a half-open probe that is slow counts as a failed probe: a dependency that
+//! answers, but too slowly, is not healed.
 //!
 //! # How it differs from its neighbours
 //!
@@ -38,8 +40,8 @@
 //! requests to a dependency that keeps failing. [`backpressure`](crate::backpressure) and
 //! [`rate_limit`](crate::rate_limit) bound how much load goes down whatever its outcome; the
 //! breaker looks only at outcomes. Unlike tower-resilience's breaker (a `tokio` `Mutex` on every
-//! call) and failsafe's, the closed path here is a few atomics: no lock and no allocation, and
-//! every transition is one compare-and-swap on a single state word.
+//! call) and failsafe's (a `parking_lot` `Mutex`), the closed path here is a few atomics: no
+//! lock and no allocation, and every transition is one compare-and-swap on a single state word.
 //!
 //! # Where to place this layer
 //!
@@ -98,6 +100,13 @@
 //! [`BreakerHandle`] share it (Axum applies a layer to each route; they all share one breaker).
 //! Two dependencies that must trip separately need two layers, or one keyed layer.
 //!
+//! # Cancel safety
+//!
+//! A probe slot is held by the response future and freed in its `Drop`: a future dropped at
+//! any point (the client went away, a timeout above fired) frees its slot at once and counts
+//! as neither success nor failure, so half-open never sticks. The breaker reserves nothing in
+//! `poll_ready`; it decides in `call`, so a clone starts with nothing reserved.
+//!
 //! # Time in tests
 //!
 //! The breaker reads the crate's [`Clock`](crate::clock::Clock) (fast by default): at most
@@ -110,8 +119,9 @@
 //!
 //! The state is one `AtomicU64` moved by compare-and-swap, so half-open never admits more than
 //! `k` probes at once, whatever the number of threads. The count window is a pair of bitsets
-//! and one position counter: on one thread it is exact; under contention, a call that races
-//! another `N` positions away may be lost, never double counted.
+//! and one position counter advanced without a locked instruction: on one thread it is exact;
+//! when two calls complete at the same instant on two cores, one of them may go uncounted
+//! (never counted twice), so under contention the window is a fair sample of the last calls.
 
 mod config;
 pub mod future;

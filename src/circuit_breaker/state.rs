@@ -190,6 +190,10 @@ impl Breaker {
 }
 
 /// Everything the services, futures and handles of one layer share.
+///
+/// Aligned to a cache line so that the `Arc`'s reference counts, written by every call, do not
+/// share a line with the configuration that every call reads.
+#[repr(align(64))]
 pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) clock: Clock,
@@ -538,6 +542,14 @@ impl Shared {
                 Err(actual) => s = actual,
             }
         }
+    }
+
+    /// Whether a call that started at `start` is slow now (never, without slow-call
+    /// detection). Reads the clock only with it.
+    pub(crate) fn is_slow(&self, start: u64) -> bool {
+        self.limits
+            .slow_nanos
+            .is_some_and(|t| self.now().saturating_sub(start) >= t)
     }
 
     /// Frees a probe slot whose call ended with no verdict (dropped, or throttled).
