@@ -42,7 +42,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, St::ClaimFuture, St::CompleteFuture, ReqB, ResB>,
-        ctx: Option<Keyed<S, St, M, ResB>>,
+        // Boxed: a keyed request allocates anyway (its key, its record), and a request that
+        // passes through keeps a small future.
+        ctx: Option<Box<Keyed<S, St, M, ResB>>>,
     }
 }
 
@@ -185,7 +187,7 @@ where
     pub(crate) fn keyed(ctx: Keyed<S, St, M, ResB>, body: ReqB) -> Self {
         ResponseFuture {
             state: State::ReadBody { body },
-            ctx: Some(ctx),
+            ctx: Some(Box::new(ctx)),
         }
     }
 }

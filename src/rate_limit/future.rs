@@ -40,8 +40,18 @@ pin_project! {
         S: Service<Req>,
     {
         Called { #[pin] fut: S::Future },
-        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req> },
+        // Boxed so that the admit path's future stays small; only waiters pay for it.
+        Waiting { waiter: Pin<Box<Waiter<S, Req>>> },
         Rejected { err: Option<BoxError> },
+    }
+}
+
+pin_project! {
+    struct Waiter<S, Req> {
+        #[pin]
+        sleep: Sleep,
+        svc: Option<S>,
+        req: Option<Req>,
     }
 }
 
@@ -57,9 +67,11 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
     pub(crate) fn waiting(wait: Duration, svc: S, req: Req, slot: H::Slot) -> Self {
         ResponseFuture {
             state: State::Waiting {
-                sleep: Box::pin(tokio::time::sleep(wait)),
-                svc: Some(svc),
-                req: Some(req),
+                waiter: Box::pin(Waiter {
+                    sleep: tokio::time::sleep(wait),
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
             },
             slot,
         }
@@ -98,7 +110,6 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let this = self.as_mut().project();
@@ -108,8 +119,10 @@ where
                     H::apply(&mut res, this.slot);
                     return Poll::Ready(Ok(res));
                 }
-                StateProj::Waiting { sleep, svc, req } => {
-                    ready!(sleep.as_mut().poll(cx));
+                StateProj::Waiting { waiter } => {
+                    let w = waiter.as_mut().project();
+                    ready!(w.sleep.poll(cx));
+                    let (svc, req) = (w.svc, w.req);
                     let s = svc.as_mut().expect("polled after completion");
                     ready!(s.poll_ready(cx)).map_err(Into::into)?;
                     let req = req.take().expect("polled after completion");

@@ -120,6 +120,9 @@ impl Table {
     }
 
     /// One GCRA step for the key with this hash.
+    ///
+    /// The fast path finds the key in its group and moves its TAT with one compare-and-swap;
+    /// anything else (absent key, a claim in progress, a lost race) takes the slow path.
     #[inline]
     pub(crate) fn check(
         &self,
@@ -130,6 +133,54 @@ impl Table {
         max_wait_ns: u64,
     ) -> Checked {
         let now = now.min(MAX_TIME - 1);
+        let group = &self.groups[(hash as usize) & self.mask];
+        let ident = Self::ident(hash);
+        for slot in &group.slots {
+            let tag = slot.tag.load(Ordering::Acquire);
+            if tag & !GEN_MASK != ident {
+                continue;
+            }
+            let gen = tag & GEN_MASK;
+            let word = slot.tat.load(Ordering::Acquire);
+            if word & GEN_MASK == gen {
+                let tat = word >> GEN_BITS;
+                match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
+                    Step::Admit { new_tat, wait_ns } => {
+                        let new_tat = new_tat.min(MAX_TIME);
+                        if slot
+                            .tat
+                            .compare_exchange_weak(
+                                word,
+                                (new_tat << GEN_BITS) | gen,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            )
+                            .is_ok()
+                        {
+                            return Checked {
+                                step: Step::Admit { new_tat, wait_ns },
+                                tat: new_tat,
+                            };
+                        }
+                    }
+                    reject @ Step::Reject { .. } => return Checked { step: reject, tat },
+                }
+            }
+            break;
+        }
+        self.check_slow(hash, now, interval, tolerance, max_wait_ns)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn check_slow(
+        &self,
+        hash: u64,
+        now: u64,
+        interval: u64,
+        tolerance: u64,
+        max_wait_ns: u64,
+    ) -> Checked {
         let group = &self.groups[(hash as usize) & self.mask];
         let ident = Self::ident(hash);
         'retry: loop {
