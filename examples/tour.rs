@@ -4,6 +4,10 @@
 //! against routes that are limited, slow, flaky and idempotent, and prints what each layer did.
 //!
 //! Run: `cargo run --example tour`. It finishes by itself in a few seconds and exits 0.
+//!
+//! Memory stores by default. With `REDIS_URL` set (e.g. `redis://127.0.0.1:6379`) and the
+//! `redis` feature (`cargo run --example tour --features redis`), the rate limit of `/limited`
+//! and the idempotency records of `/orders` live in Redis, as they would for many replicas.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -46,10 +50,50 @@ struct Shared {
     lose_next_response: Arc<AtomicBool>,
 }
 
+/// The `/limited` limiter's handle: in process, or in Redis.
+enum Limited {
+    Local(RateLimitHandle),
+    #[cfg(feature = "redis")]
+    Redis(tower_bulwark::rate_limit::store::RedisRateLimitHandle),
+}
+
+impl Limited {
+    fn rejected(&self) -> u64 {
+        match self {
+            Limited::Local(h) => h.rejected(),
+            #[cfg(feature = "redis")]
+            Limited::Redis(h) => h.rejected(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Limited::Local(h) => format!(
+                "in process, alice has {} left",
+                h.remaining_for(&Some(http::HeaderValue::from_static("alice")))
+            ),
+            #[cfg(feature = "redis")]
+            Limited::Redis(_) => "in Redis, shared by every replica".to_owned(),
+        }
+    }
+}
+
+/// A Redis connection when `REDIS_URL` is set (and the `redis` feature is on).
+#[cfg(feature = "redis")]
+async fn redis_conn() -> Result<Option<redis::aio::ConnectionManager>, Error> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) => {
+            let client = redis::Client::open(url)?;
+            Ok(Some(client.get_connection_manager().await?))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
 struct Server {
     addr: SocketAddr,
     shared: Shared,
-    limited: RateLimitHandle,
+    limited: Limited,
     slow: BackpressureHandle,
     orders: IdempotencyHandle,
 }
@@ -92,32 +136,121 @@ async fn start_server() -> Result<Server, Error> {
     };
 
     // GET /limited: 5 per second, burst 5, per API key; and 50 per second per client address.
-    let by_key = RateLimitLayer::keyed(Quota::per_second(5)?, key::Header::new("x-api-key"))
-        .response_headers();
-    let limited = by_key.handle();
     let by_ip = RateLimitLayer::keyed(
         Quota::per_second(50)?,
         ClientIp::new().peer_addr(|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())),
     );
+    let per_key = Quota::per_second(5)?;
+    #[cfg(feature = "redis")]
+    let redis = redis_conn().await?;
+    #[cfg(not(feature = "redis"))]
+    if std::env::var("REDIS_URL").is_ok() {
+        println!(
+            "REDIS_URL is set, but the tour was built without the `redis` feature: memory stores."
+        );
+    }
+    let limited_route = get(|| async { "limited ok\n" });
+    let (limited_route, limited) = {
+        #[cfg(feature = "redis")]
+        let redis_limit = match &redis {
+            Some(conn) => {
+                let layer = tower_bulwark::rate_limit::store::RedisRateLimitLayer::keyed(
+                    conn.clone(),
+                    per_key,
+                    key::Header::new("x-api-key"),
+                )?
+                .prefix(&format!("tour:{}:", std::process::id()))?
+                .response_headers();
+                let handle = Limited::Redis(layer.handle());
+                Some((
+                    limited_route.clone().layer(
+                        ServiceBuilder::new()
+                            .layer(RejectionLayer::http())
+                            .layer(by_ip.clone())
+                            .layer(layer),
+                    ),
+                    handle,
+                ))
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "redis"))]
+        let redis_limit = None;
+        match redis_limit {
+            Some(r) => r,
+            None => {
+                let by_key = RateLimitLayer::keyed(per_key, key::Header::new("x-api-key"))
+                    .response_headers();
+                let handle = Limited::Local(by_key.handle());
+                (
+                    limited_route.layer(
+                        ServiceBuilder::new()
+                            .layer(RejectionLayer::http())
+                            .layer(by_ip)
+                            .layer(by_key),
+                    ),
+                    handle,
+                )
+            }
+        }
+    };
 
     // GET /slow: 4 in flight, a waiter waits at most 50 ms, then is shed.
     let backpressure = BackpressureLayer::new(4).max_wait(Duration::from_millis(50));
     let slow = backpressure.handle();
 
     // POST /orders: each Idempotency-Key runs once; repeats get the stored response.
-    let idempotency = IdempotencyLayer::new(MemoryStore::default());
-    let orders = idempotency.handle();
+    let orders_route = post(create_order);
+    #[cfg(feature = "redis")]
+    let redis_orders = redis.as_ref().map(|conn| {
+        let layer =
+            IdempotencyLayer::new(tower_bulwark::idempotency::RedisStore::new(conn.clone()));
+        (layer.handle(), layer)
+    });
+    #[cfg(not(feature = "redis"))]
+    let redis_orders: Option<(IdempotencyHandle, IdempotencyLayer<MemoryStore>)> = None;
+    let (orders, orders_route) = match redis_orders {
+        #[cfg(feature = "redis")]
+        Some((handle, layer)) => (
+            handle,
+            orders_route.layer(
+                ServiceBuilder::new()
+                    .layer(middleware::from_fn_with_state(
+                        shared.clone(),
+                        lossy_gateway,
+                    ))
+                    .layer(RejectionLayer::http())
+                    .layer(layer),
+            ),
+        ),
+        _ => {
+            let layer = IdempotencyLayer::new(MemoryStore::default());
+            (
+                layer.handle(),
+                orders_route.layer(
+                    ServiceBuilder::new()
+                        .layer(middleware::from_fn_with_state(
+                            shared.clone(),
+                            lossy_gateway,
+                        ))
+                        .layer(RejectionLayer::http())
+                        .layer(layer),
+                ),
+            )
+        }
+    };
+    #[cfg(feature = "redis")]
+    println!(
+        "stores: {}",
+        if redis.is_some() {
+            "Redis (REDIS_URL)"
+        } else {
+            "in memory"
+        }
+    );
 
     let app = Router::new()
-        .route(
-            "/limited",
-            get(|| async { "limited ok\n" }).layer(
-                ServiceBuilder::new()
-                    .layer(RejectionLayer::http())
-                    .layer(by_ip)
-                    .layer(by_key),
-            ),
-        )
+        .route("/limited", limited_route)
         .route(
             "/slow",
             get(|| async {
@@ -131,18 +264,7 @@ async fn start_server() -> Result<Server, Error> {
             ),
         )
         .route("/flaky", get(flaky))
-        .route(
-            "/orders",
-            post(create_order).layer(
-                ServiceBuilder::new()
-                    .layer(middleware::from_fn_with_state(
-                        shared.clone(),
-                        lossy_gateway,
-                    ))
-                    .layer(RejectionLayer::http())
-                    .layer(idempotency),
-            ),
-        )
+        .route("/orders", orders_route)
         .route("/health", get(|| async { "ok\n" }))
         .with_state(shared.clone());
 
@@ -212,11 +334,9 @@ async fn tour_rate_limit(server: &Server, client: &HttpClient) -> Result<(), Err
         }
     }
     println!(
-        "   handle: {} rejected, alice has {} left",
+        "   handle: {} rejected; limit {}",
         server.limited.rejected(),
-        server
-            .limited
-            .remaining_for(&Some(http::HeaderValue::from_static("alice")))
+        server.limited.describe()
     );
     let start = Instant::now();
     tokio::time::sleep(Duration::from_millis(450)).await;

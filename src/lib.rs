@@ -86,7 +86,8 @@
 //!
 //! - `fast-clock` (default): a TSC-based clock through `quanta`.
 //! - `grpc`: [`RejectionLayer::grpc`], gRPC statuses for rejections.
-//! - `redis`: Redis-backed state for many replicas.
+//! - `redis`: Redis-backed state for many replicas: [`rate_limit::store`] (a GCRA limit shared
+//!   by every replica) and `idempotency::RedisStore`.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -108,7 +109,13 @@ pub mod retry;
 
 pub use crate::backpressure::BackpressureLayer;
 pub use crate::circuit_breaker::{BreakerConfig, CircuitBreakerLayer};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::idempotency::RedisStore;
 pub use crate::idempotency::{IdempotencyLayer, MemoryStore};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::rate_limit::store::RedisRateLimitLayer;
 pub use crate::rate_limit::{Quota, RateLimitLayer};
 pub use crate::rejection::{Rejection, RejectionKind};
 pub use crate::respond::RejectionLayer;
