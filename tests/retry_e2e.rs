@@ -1,5 +1,6 @@
 //! Over a real loopback socket: a hyper client and a tonic client, each behind the retry layer,
 //! against a server that fails its first calls. Backoff is zero, so nothing sleeps.
+#![cfg_attr(not(feature = "grpc"), allow(dead_code, unused_imports))]
 
 use std::convert::Infallible;
 use std::future::Future;
