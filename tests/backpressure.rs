@@ -1,5 +1,7 @@
 //! Behaviour of the backpressure layer, step by step, under paused tokio time.
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -420,6 +422,7 @@ async fn shedding_is_logged_at_most_once_a_second() {
         })
         .with_ansi(false)
         .finish();
+    tracing_on::tracing_always_on();
     let _guard = tracing::subscriber::set_default(subscriber);
     let events = || {
         String::from_utf8(out.0.lock().unwrap().clone())

@@ -9,6 +9,8 @@
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -483,6 +485,7 @@ async fn failures_are_logged_once_a_second_and_the_recovery_once() {
         .with_max_level(tracing::Level::INFO)
         .with_ansi(false)
         .finish();
+    tracing_on::tracing_always_on();
     let _guard = tracing::subscriber::set_default(subscriber);
     let layer = patient(
         RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(100).unwrap()).unwrap(),

@@ -1,6 +1,8 @@
 //! The retry layer around generic services: attempts, deadline, budget, jitter, hints,
 //! cancellation, the poll_ready contract and configuration checks. Time is tokio's paused time.
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -490,6 +492,7 @@ async fn tracing_says_each_retry_and_why_the_budget_stopped() {
         .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
         .finish();
+    tracing_on::tracing_always_on();
     let _guard = tracing::subscriber::set_default(subscriber);
     let budget = Budget::builder()
         .ratio(0.0)
@@ -511,6 +514,7 @@ async fn tracing_says_each_retry_and_why_the_budget_stopped() {
         .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
         .finish();
+    tracing_on::tracing_always_on();
     let _guard2 = tracing::subscriber::set_default(subscriber);
     let capped = RetryLayer::new(policy().max_attempts(2).backoff(Backoff::none())).unwrap();
     let _ = capped.layer(Flaky::new(u32::MAX)).oneshot(1).await;

@@ -1,6 +1,8 @@
 //! The retry layer with HTTP and gRPC: method safety, idempotency keys, server hints, body
 //! replay (Axum and tonic bodies) and the rejection response end to end. Paused tokio time.
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -507,6 +509,7 @@ async fn the_retry_event_names_the_status() {
         .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
         .finish();
+    tracing_on::tracing_always_on();
     let _guard = tracing::subscriber::set_default(subscriber);
     let layer =
         RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()).backoff(fixed(10))).unwrap();
