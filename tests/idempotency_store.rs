@@ -119,6 +119,21 @@ fn only_the_owner_completes_or_releases() {
 }
 
 #[test]
+fn completing_an_expired_lease_in_a_full_shard_is_lease_lost_not_a_panic() {
+    // A shard at its byte bound: completing makes room by sweeping expired entries, and the
+    // lease being completed is one of them.
+    let rec_len = record(fp(1), 4096).encoded_len();
+    let (s, hand) = manual_store(100, rec_len + 512, 1);
+    let k = key("slow");
+    let l = lease(claim(&s, &k, fp(1)));
+    hand.advance(LEASE + Duration::from_nanos(1));
+    let err = now(s.complete(&l, record(fp(1), 4096), TTL)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    // The key is free again.
+    assert!(matches!(claim(&s, &k, fp(1)), Claim::Claimed(_)));
+}
+
+#[test]
 fn records_and_leases_expire() {
     let (s, hand) = manual_store(100, 1 << 20, 1);
     let k = key("a");

@@ -325,6 +325,11 @@ pub(crate) fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Hint {
 /// `Sunday, 06-Nov-94 08:49:37 GMT` (a two-digit year from 70 is 19xx, below 70 is 20xx) and
 /// asctime `Sun Nov  6 08:49:37 1994`.
 pub(crate) fn parse_http_date(s: &str) -> Option<SystemTime> {
+    // Every valid form is ASCII; slicing below relies on it (a multi-byte character could
+    // otherwise put a byte index inside a character).
+    if !s.is_ascii() {
+        return None;
+    }
     let digits = |d: &str| -> Option<u64> {
         if !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()) {
             d.parse().ok()
@@ -738,6 +743,28 @@ mod tests {
                     d, months[(m - 1) as usize], y % 100, rem / 3600, rem / 60 % 60, rem % 60);
                 prop_assert_eq!(parse_http_date(&rfc850).unwrap(), want, "{}", rfc850);
             }
+        }
+
+        /// Date-shaped values with arbitrary characters in every field (multi-byte ones
+        /// included), which a plain random string almost never produces.
+        #[test]
+        fn date_shaped_values_never_panic(
+            parts in proptest::collection::vec("[a-zA-Z0-9:é\u{80}-\u{10ffff}-]{0,11}", 4..7),
+        ) {
+            let s = parts.join(" ");
+            let _ = parse_http_date(&s);
+            let rfc850 = format!("x, {}", parts.join(" "));
+            let _ = parse_http_date(&rfc850);
+            if let Ok(v) = HeaderValue::from_bytes(s.as_bytes()) {
+                let _ = parse_retry_after(&v, SystemTime::now());
+            }
+        }
+
+        #[test]
+        fn rfc850_with_a_multibyte_day_is_refused(_x in 0u8..1) {
+            prop_assert_eq!(parse_http_date("x, aé-Nov-9 08:49:37 GMT"), None);
+            let v = HeaderValue::from_bytes("x, aé-Nov-9 08:49:37 GMT".as_bytes()).unwrap();
+            prop_assert_eq!(parse_retry_after(&v, SystemTime::now()), Hint::None);
         }
 
         #[test]

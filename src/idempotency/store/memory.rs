@@ -379,9 +379,12 @@ impl MemoryStore {
         let inner = &*self.inner;
         let enc = lease.key().encoded();
         let mut s = self.shard(enc);
+        // A lease past its expiry is lost, as it would be in a remote store: it may already be
+        // swept (or claimed again), so it must not be completed.
         let held = matches!(
             s.map.get(enc),
-            Some(Entry { state: State::Lease(t), .. }) if *t == lease.token()
+            Some(Entry { state: State::Lease(t), expires_at, .. })
+                if *t == lease.token() && *expires_at > now
         );
         if !held {
             return Err(StoreError::new(StoreErrorKind::LeaseLost));
@@ -401,7 +404,9 @@ impl MemoryStore {
         }
         s.seq += 1;
         let seq = s.seq;
-        let e = s.map.get_mut(enc).expect("a held lease is never evicted");
+        let Some(e) = s.map.get_mut(enc) else {
+            return Err(StoreError::new(StoreErrorKind::LeaseLost));
+        };
         e.state = State::Done(Arc::new(record));
         e.size += extra;
         e.seq = seq;
