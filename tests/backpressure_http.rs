@@ -279,3 +279,47 @@ async fn hyper_keep_alive_connections_hold_no_permit_between_requests() {
     assert_eq!(handle.shed(), 0);
     assert_eq!(handle.in_flight(), 0);
 }
+
+/// hyper drops a body that says it has ended without polling it: an empty-bodied response
+/// gives its permit back, and its outcome (a 503 here) reaches the adaptive limit, as soon as
+/// the response head is out.
+#[tokio::test(start_paused = true)]
+async fn an_empty_body_gives_the_permit_back_and_counts_its_failure() {
+    use tower_bulwark::backpressure::{Adaptive, Aimd};
+    use tower_bulwark::clock::Clock;
+
+    let layer = BackpressureLayer::adaptive(
+        Adaptive::aimd(Aimd::default())
+            .floor(1)
+            .ceiling(100)
+            .initial(50)
+            .window(Duration::from_millis(100))
+            .min_samples(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .hold_until_body_end();
+    let handle = layer.handle();
+    let svc = layer.layer(tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+    }));
+    let before = handle.limit();
+    for _ in 0..20 {
+        let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+        // The body is never polled, as hyper would not poll it.
+        assert!(!res.body().holds_permit());
+        assert_eq!(handle.in_flight(), 0);
+        tokio::time::advance(Duration::from_millis(20)).await;
+    }
+    assert!(
+        handle.limit() < before,
+        "failures lowered the limit: {} -> {}",
+        before,
+        handle.limit()
+    );
+}

@@ -13,6 +13,8 @@ use pin_project_lite::pin_project;
 use tokio::sync::futures::Notified;
 use tokio::time::Sleep;
 use tower::BoxError;
+
+use crate::classify::{GrpcStatus, HttpStatus};
 use tower_service::Service;
 
 use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
@@ -234,21 +236,37 @@ impl<S, ReqB, ResB> Future for ResponseFuture<S, http::Request<ReqB>, ReleaseOnB
 where
     S: Service<http::Request<ReqB>, Response = http::Response<ResB>>,
     S::Error: Into<BoxError>,
+    ResB: Body,
 {
     type Output = Result<http::Response<PermitBody<ResB>>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.poll_with(cx, |res, permit, start| {
-            // For an adaptive limit, a 5xx is a failure of the dependency.
-            let outcome = if res.status().is_server_error() {
+            // For an adaptive limit, a failure of the dependency as `classify` sees it: a 5xx,
+            // or a failing gRPC status in the headers (trailers-only responses).
+            let failed = HttpStatus::default()
+                .classify_status(res.status())
+                .is_failure()
+                || GrpcStatus::default()
+                    .classify_trailers(res.headers())
+                    .is_failure();
+            let outcome = if failed {
                 Outcome::Failure
             } else {
                 Outcome::Success
             };
+            // A body that is already at its end may never be polled (hyper drops it unread):
+            // finish the sample and give the permit back now.
+            let permit = if res.body().is_end_stream() {
+                permit.finish(start, outcome);
+                None
+            } else {
+                Some(permit)
+            };
             res.map(|body| PermitBody {
                 inner: body,
-                permit: Some(permit),
+                permit,
                 start,
                 outcome,
             })

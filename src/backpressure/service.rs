@@ -143,6 +143,7 @@ impl<S, ReqB, ResB> Service<http::Request<ReqB>> for Backpressure<S, ReleaseOnBo
 where
     S: Service<http::Request<ReqB>, Response = http::Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
+    ResB: http_body::Body,
 {
     type Response = http::Response<PermitBody<ResB>>;
     type Error = BoxError;

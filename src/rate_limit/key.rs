@@ -257,8 +257,7 @@ impl ClientIp {
             ForwardedHeader::Forwarded => "forwarded",
         };
         let mut last_trusted = peer;
-        let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
-        for value in values.iter().rev() {
+        for value in headers.get_all(name).iter().rev() {
             let Ok(s) = value.to_str() else {
                 return last_trusted;
             };
