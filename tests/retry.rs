@@ -523,3 +523,40 @@ async fn tracing_says_each_retry_and_why_the_budget_stopped() {
     assert!(text.contains("attempts=2"), "{text}");
     assert_eq!(layer.handle().budget_exhausted(), 1);
 }
+
+/// Two OS threads racing to withdraw from one budget never take more than it allows.
+#[test]
+fn racing_withdrawals_never_overdraw_the_budget() {
+    for round in 0..500 {
+        let (clock, _hand) = Clock::manual();
+        let budget = Budget::builder()
+            .ratio(0.0)
+            .min_per_second(64)
+            .window(Duration::from_secs(10))
+            .clock(clock)
+            .build()
+            .unwrap();
+        let allowed = budget.figures().allowed;
+        assert_eq!(allowed, 64.0);
+        let taken = std::sync::atomic::AtomicU64::new(0);
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    barrier.wait();
+                    for _ in 0..200 {
+                        if budget.try_withdraw() {
+                            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let taken = taken.into_inner();
+        assert!(
+            taken <= 64,
+            "round {round}: {taken} withdrawals from an allowance of 64"
+        );
+        assert!(taken >= 1, "round {round}: the budget allowed none");
+    }
+}

@@ -246,10 +246,19 @@ impl Budget {
     pub(crate) fn try_withdraw_at(&self, now: u64) -> bool {
         let epoch = self.epoch(now);
         let f = self.figures_epoch(now, epoch);
-        if (f.retries + 1) as f64 <= f.allowed {
-            bump(&self.inner.retries[epoch as usize % SLOTS], epoch);
+        if (f.retries + 1) as f64 > f.allowed {
+            return false;
+        }
+        let slot = &self.inner.retries[epoch as usize % SLOTS];
+        bump(slot, epoch);
+        // Check again with this withdrawal counted: of several threads that all saw room for
+        // one more, those beyond the allowance take theirs back. (All of them may, which errs
+        // towards fewer retries, never more.)
+        let f = self.figures_epoch(now, epoch);
+        if f.retries as f64 <= f.allowed {
             true
         } else {
+            unbump(slot, epoch);
             false
         }
     }
@@ -291,6 +300,19 @@ fn bump(slot: &AtomicU64, epoch: u64) {
         }
         // An old epoch: this slot starts again with our request.
         match slot.compare_exchange_weak(cur, tag | 1, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// Takes back one count from `slot` if it still counts `epoch` (a slot that moved on to a
+/// newer epoch has nothing of ours left to take back).
+fn unbump(slot: &AtomicU64, epoch: u64) {
+    let tag = (epoch & COUNT_MASK) << 32;
+    let mut cur = slot.load(Ordering::Relaxed);
+    while cur & !COUNT_MASK == tag && cur & COUNT_MASK > 0 {
+        match slot.compare_exchange_weak(cur, cur - 1, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => return,
             Err(actual) => cur = actual,
         }
