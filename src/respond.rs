@@ -27,6 +27,14 @@
 //! level with the error's text for the operator. If you want to handle such errors yourself,
 //! put your own error handling inside `RejectionLayer`.
 //!
+//! # Errors from `poll_ready`
+//!
+//! The service's error type is [`Infallible`], so an error that the inner service returns
+//! from `poll_ready` (a `Buffer` whose worker is gone, say) cannot be passed up: it is
+//! answered, as a response, to the next request, and the inner service is polled again
+//! afterwards. A service that stays failed keeps answering 500s (or its rejection); put
+//! health checks or a breaker where such a failure must close connections.
+//!
 //! # Where to place this layer
 //!
 //! Outermost, above every layer that can reject:

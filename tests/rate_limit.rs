@@ -434,3 +434,53 @@ async fn grpc_rejection_is_resource_exhausted_with_pushback() {
     assert_eq!(res.headers()["grpc-status"], "8");
     assert_eq!(res.headers()["grpc-retry-pushback-ms"], "250");
 }
+
+/// A waiter dropped before its turn gives the turn back: the next request gets it. Keyed
+/// and global.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_gives_its_turn_back() {
+    let quota = Quota::per_second(10).unwrap().burst(1).unwrap(); // a token per 100 ms
+    for max_keys in [8usize, 65_536] {
+        let calls = Counting::default();
+        let layer = RateLimitLayer::keyed(quota, |_: &()| 7u64)
+            .max_keys(max_keys)
+            .clock(Clock::tokio())
+            .wait_up_to(Duration::from_secs(1));
+        let mut svc = layer.layer(calls.clone());
+        assert!(check(&mut svc, ()).is_ok(), "the burst");
+        // The next turn is at +100 ms; this waiter reserves it, then its caller goes away.
+        let waiter = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
+        drop(waiter);
+        // So the next request gets the +100 ms turn, not +200 ms.
+        let start = tokio::time::Instant::now();
+        svc.clone().oneshot(()).await.unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(100),
+            "max_keys {max_keys}"
+        );
+        assert_eq!(calls.0.load(Ordering::SeqCst), 2);
+    }
+    // Global: same.
+    let calls = Counting::default();
+    let mut svc = RateLimitLayer::new(quota)
+        .clock(Clock::tokio())
+        .wait_up_to(Duration::from_secs(1))
+        .layer(calls.clone());
+    assert!(check(&mut svc, ()).is_ok());
+    let waiter = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
+    let later = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
+    // Two turns reserved (+100, +200 ms); the first waiter goes away, but a later turn was
+    // reserved after it, so its turn stays spent: the later one keeps +200 ms.
+    drop(waiter);
+    let start = tokio::time::Instant::now();
+    later.await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(200));
+    // And the last reserved turn, dropped, comes back.
+    let start = tokio::time::Instant::now();
+    let w = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
+    drop(w);
+    svc.clone().oneshot(()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(calls.0.load(Ordering::SeqCst), 3);
+}

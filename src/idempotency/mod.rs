@@ -53,6 +53,12 @@
 //! RejectionLayer -> auth -> IdempotencyLayer -> RateLimitLayer -> BackpressureLayer -> handler
 //! ```
 //!
+//! A keyed request keeps the inner service that `poll_ready` made ready while its body is read
+//! and its key is claimed, and calls it afterwards, as the tower contract asks. Below it,
+//! prefer layers that reserve nothing in `poll_ready` (this crate's rate limit and
+//! backpressure decide in `call`): under a `Buffer` or tower's `ConcurrencyLimit`, which take
+//! a slot in `poll_ready`, a client that uploads its body slowly holds that slot meanwhile.
+//!
 //! # Example
 //!
 //! ```

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio::time::Sleep;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::layer::Shared;
 use super::ResponseHeaders;
 use crate::rejection::Rejection;
 
@@ -19,8 +21,9 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropping it while it waits for a reserved turn gives nothing back: the turn stays
-    /// spent, as a request that was sent would. Nothing else is held.
+    /// Dropping it while it waits for a reserved turn gives the turn back, unless a later turn
+    /// was reserved meanwhile (then it stays spent: giving it back would hand the next waiter
+    /// a turn twice). Nothing else is held.
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, Req, H>
     where
@@ -52,6 +55,24 @@ pin_project! {
         sleep: Sleep,
         svc: Option<S>,
         req: Option<Req>,
+        refund: Refund,
+    }
+}
+
+/// A reserved turn that was not used: given back when the waiter is dropped before its turn
+/// (when no later turn was reserved meanwhile; otherwise it stays spent, never double-spent).
+pub(crate) struct Refund {
+    pub(crate) shared: Option<Arc<Shared>>,
+    pub(crate) hash: Option<u64>,
+    pub(crate) new_tat: u64,
+    pub(crate) interval: u64,
+}
+
+impl Drop for Refund {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.refund(self.hash, self.new_tat, self.interval);
+        }
     }
 }
 
@@ -64,13 +85,14 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
         }
     }
 
-    pub(crate) fn waiting(wait: Duration, svc: S, req: Req, slot: H::Slot) -> Self {
+    pub(crate) fn waiting(wait: Duration, svc: S, req: Req, slot: H::Slot, refund: Refund) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 waiter: Box::pin(Waiter {
                     sleep: tokio::time::sleep(wait),
                     svc: Some(svc),
                     req: Some(req),
+                    refund,
                 }),
             },
             slot,
@@ -122,6 +144,8 @@ where
                 StateProj::Waiting { waiter } => {
                     let w = waiter.as_mut().project();
                     ready!(w.sleep.poll(cx));
+                    // The turn has come: it is used, whatever happens next.
+                    w.refund.shared = None;
                     let (svc, req) = (w.svc, w.req);
                     let s = svc.as_mut().expect("polled after completion");
                     ready!(s.poll_ready(cx)).map_err(Into::into)?;

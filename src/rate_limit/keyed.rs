@@ -171,6 +171,26 @@ impl Table {
         self.check_slow(hash, now, interval, tolerance, max_wait_ns)
     }
 
+    /// Moves the key's TAT back by one interval if it is still `new_tat` (a reserved turn
+    /// given back); does nothing if the key moved on or left its slot.
+    pub(crate) fn refund(&self, hash: u64, new_tat: u64, interval: u64) {
+        let group = &self.groups[(hash as usize) & self.mask];
+        let ident = Self::ident(hash);
+        for slot in &group.slots {
+            let tag = slot.tag.load(Ordering::Acquire);
+            if tag & !GEN_MASK != ident {
+                continue;
+            }
+            let gen = tag & GEN_MASK;
+            let word = (new_tat.min(MAX_TIME) << GEN_BITS) | gen;
+            let back = (new_tat.min(MAX_TIME).saturating_sub(interval) << GEN_BITS) | gen;
+            let _ = slot
+                .tat
+                .compare_exchange(word, back, Ordering::AcqRel, Ordering::Acquire);
+            return;
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn check_slow(

@@ -82,6 +82,22 @@ impl Shared {
         }
     }
 
+    /// Gives back a reserved turn that was not used (see `future::Refund`): moves the TAT
+    /// back by one interval if it is still the one this turn set.
+    pub(crate) fn refund(&self, hash: Option<u64>, new_tat: u64, interval: u64) {
+        match (hash, &self.table) {
+            (Some(hash), Some(table)) => table.refund(hash, new_tat, interval),
+            _ => {
+                let _ = self.hot.tat.compare_exchange(
+                    new_tat,
+                    new_tat.saturating_sub(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
     #[inline]
     pub(crate) fn count_rejection(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);

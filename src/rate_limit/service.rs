@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Refund, ResponseFuture};
 use super::gcra::Step;
 use super::layer::Shared;
 use super::{Global, KeyFn, NoHeaders, ResponseHeaders};
@@ -72,13 +72,16 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
         let now = shared.clock.now_nanos();
-        let (step, tat) = match &shared.table {
-            None => shared.check_global(now, self.max_wait_ns),
+        let (step, tat, hash) = match &shared.table {
+            None => {
+                let (step, tat) = shared.check_global(now, self.max_wait_ns);
+                (step, tat, None)
+            }
             Some(table) => {
                 let (interval, tolerance) = shared.params();
                 let hash = table.hash(&self.key.key(&req));
                 let c = table.check(hash, now, interval, tolerance, self.max_wait_ns);
-                (c.step, c.tat)
+                (c.step, c.tat, Some(hash))
             }
         };
         match step {
@@ -100,7 +103,13 @@ where
                     H::Slot::default()
                 };
                 tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
-                ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot)
+                let refund = Refund {
+                    shared: Some(self.shared.clone()),
+                    hash,
+                    new_tat: tat,
+                    interval: shared.params().0,
+                };
+                ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot, refund)
             }
             Step::Reject { retry_after_ns } => {
                 shared.count_rejection();
