@@ -6,7 +6,7 @@
 //! the Redis tests must run.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 
@@ -29,7 +29,10 @@ impl RedisServer {
             if std::env::var("BULWARK_REQUIRE_REDIS").as_deref() == Ok("1") {
                 panic!("{test}: redis-server not found but BULWARK_REQUIRE_REDIS=1");
             }
-            eprintln!(
+            // Written to the process's stderr directly, past the test harness's output
+            // capture, so that the skip shows in a passing run.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: redis-server not found on PATH \
                  (install it, e.g. `apt-get install redis-server`, to run the Redis tests)"
             );
