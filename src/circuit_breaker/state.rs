@@ -684,15 +684,18 @@ static LEASED: AtomicUsize = AtomicUsize::new(0);
 
 /// The owner of a layer's state, shared by its layer, services and handles (not by futures).
 ///
-/// When the last owner goes, a leased state is reset and returned to the pool: every breaker
-/// moves to closed under a new generation, so an outcome of a call still in flight from the
-/// old layer is ignored and a probe slot it frees is not counted (the same guarantee as for
-/// an outcome of an earlier state), and its window and counters are cleared. A new layer takes
-/// a pooled state only when its limits, window and kind of clock are the same; its clock must
-/// be a system clock ([`Clock::fast`](crate::clock::Clock::fast) or
-/// [`Clock::std`](crate::clock::Clock::std)), whose readings do not depend on when it was
-/// made as far as the breaker is concerned. Keyed layers, other clocks and large windows are
-/// always counted.
+/// When the last owner goes, a leased state is reset and returned to the pool: every breaker moves
+/// to closed under a new generation, so an outcome of a call still in flight from the old layer is
+/// ignored and a probe slot it frees is not counted (the same guarantee as for an outcome of an
+/// earlier state), and its window and counters are cleared. As with a reset by a handle, an outcome
+/// whose generation check ran just before the reset may still land in the cleared window: one
+/// outcome at most per call in flight, never a transition of its own (a trip compares the whole
+/// state word). The generation has 14 bits: an outcome is misread only if its call outlives 16384
+/// transitions. A new layer takes a pooled state only when its limits, window and kind of clock are
+/// the same; its clock must be a system clock ([`Clock::fast`](crate::clock::Clock::fast) or
+/// [`Clock::std`](crate::clock::Clock::std)), whose readings do not depend on when it was made as
+/// far as the breaker is concerned. Keyed layers, other clocks and large windows are always
+/// counted.
 pub(crate) struct Owner {
     shared: SharedRef,
 }
