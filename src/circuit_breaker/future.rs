@@ -3,27 +3,26 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 use tower::BoxError;
 
-use super::state::{Permit, Shared};
+use super::state::{Permit, SharedRef};
 use crate::classify::{Classify, Outcome};
 use crate::rejection::Rejection;
 
 /// What an admitted call holds until its outcome is known: the breaker it counts for and,
 /// for a half-open probe, its probe slot. Dropped without an outcome, it frees the slot.
 pub(crate) struct Guard {
-    shared: Arc<Shared>,
+    shared: SharedRef,
     idx: u32,
     permit: Permit,
     start: u64,
 }
 
 impl Guard {
-    pub(crate) fn new(shared: Arc<Shared>, idx: usize, permit: Permit, start: u64) -> Guard {
+    pub(crate) fn new(shared: SharedRef, idx: usize, permit: Permit, start: u64) -> Guard {
         Guard {
             shared,
             idx: idx as u32,

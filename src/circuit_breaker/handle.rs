@@ -2,7 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::{BreakerState, Shared};
+use super::state::{BreakerState, Owner};
 
 /// A handle on one breaker: its state and window figures, and manual control.
 ///
@@ -11,12 +11,12 @@ use super::state::{BreakerState, Shared};
 /// act on the same breaker.
 #[derive(Clone)]
 pub struct BreakerHandle {
-    shared: Arc<Shared>,
+    shared: Arc<Owner>,
     idx: usize,
 }
 
 impl BreakerHandle {
-    pub(crate) fn new(shared: Arc<Shared>, idx: usize) -> Self {
+    pub(crate) fn new(shared: Arc<Owner>, idx: usize) -> Self {
         BreakerHandle { shared, idx }
     }
 

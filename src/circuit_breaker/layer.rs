@@ -8,7 +8,7 @@ use tower_layer::Layer;
 use super::config::{BreakerConfig, BreakerConfigError};
 use super::handle::BreakerHandle;
 use super::service::CircuitBreaker;
-use super::state::Shared;
+use super::state::Owner;
 use crate::classify::ErrorsOnly;
 
 /// Chooses the breaker a request counts for: the layer's one breaker ([`Single`]) or a
@@ -63,8 +63,21 @@ where
 /// Clones share the breaker(s): every service made by one layer, and every clone of those
 /// services, counts into the same state and is refused together when it opens. Two
 /// dependencies that must trip separately need two layers (or one [keyed](Self::keyed) layer).
+///
+/// # Memory
+///
+/// The state of a one-breaker layer with a system clock ([`Clock::fast`] or [`Clock::std`])
+/// and a small window (at most 4096 calls or 64 buckets) is kept in a `'static` place, so that
+/// a call's future refers to it without a reference count. Such a state is not freed when its
+/// layer, services and handles are gone but reset and kept for the next layer made with the
+/// same configuration; at most 256 are ever made in a process (a few kilobytes each at most),
+/// and past that layers keep their state behind an `Arc`, as keyed layers and layers with
+/// other clocks always do.
+///
+/// [`Clock::fast`]: crate::clock::Clock::fast
+/// [`Clock::std`]: crate::clock::Clock::std
 pub struct CircuitBreakerLayer<C = ErrorsOnly, K = Single> {
-    shared: Arc<Shared>,
+    shared: Arc<Owner>,
     classify: C,
     key: K,
 }
@@ -100,7 +113,7 @@ impl CircuitBreakerLayer {
     pub fn new(config: BreakerConfig) -> Result<Self, BreakerConfigError> {
         config.validate()?;
         Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared::new(&config, false)),
+            shared: Arc::new(Owner::new(&config, false)),
             classify: ErrorsOnly,
             key: Single,
         })
@@ -166,7 +179,7 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
     pub fn keyed(config: BreakerConfig, key_fn: F) -> Result<Self, BreakerConfigError> {
         config.validate()?;
         Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared::new(&config, true)),
+            shared: Arc::new(Owner::new(&config, true)),
             classify: ErrorsOnly,
             key: ByKey { key_fn },
         })

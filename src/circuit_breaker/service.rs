@@ -7,7 +7,7 @@ use tower_service::Service;
 
 use super::future::{Guard, ResponseFuture};
 use super::layer::{BreakerKey, Single};
-use super::state::{Permit, Shared};
+use super::state::{Owner, Permit};
 use crate::classify::{Classify, ErrorsOnly};
 
 /// A service guarded by a circuit breaker; made by
@@ -22,13 +22,13 @@ use crate::classify::{Classify, ErrorsOnly};
 /// Clones share the breaker state of the layer that made them.
 pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Owner>,
     classify: C,
     key: K,
 }
 
 impl<S, C, K> CircuitBreaker<S, C, K> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>, classify: C, key: K) -> Self {
+    pub(crate) fn new(inner: S, shared: Arc<Owner>, classify: C, key: K) -> Self {
         CircuitBreaker {
             inner,
             shared,
@@ -98,7 +98,7 @@ where
                 Some(idx) => idx,
                 None => {
                     tracing::debug!("circuit breaker table full: request goes through unguarded");
-                    let guard = Guard::new(self.shared.clone(), 0, Permit::Free, 0);
+                    let guard = Guard::new(self.shared.share(), 0, Permit::Free, 0);
                     return ResponseFuture::called(
                         self.inner.call(req),
                         guard,
@@ -110,7 +110,7 @@ where
         match self.shared.admit(idx) {
             Ok((permit, start)) => ResponseFuture::called(
                 self.inner.call(req),
-                Guard::new(self.shared.clone(), idx, permit, start),
+                Guard::new(self.shared.share(), idx, permit, start),
                 self.classify.clone(),
             ),
             Err(rejection) => ResponseFuture::rejected(rejection, self.classify.clone()),

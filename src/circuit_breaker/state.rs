@@ -15,13 +15,15 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::ops::Deref;
 use std::sync::atomic::{
-    AtomicU32, AtomicU64,
+    AtomicU32, AtomicU64, AtomicUsize,
     Ordering::{AcqRel, Acquire, Relaxed},
 };
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::config::BreakerConfig;
+use super::config::{BreakerConfig, Window};
 use super::window::{Padded, Ring, Tally};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::Rejection;
@@ -115,7 +117,7 @@ enum Reason {
 }
 
 /// Small copy of the validated configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Limits {
     failure_rate: Option<f64>,
     consecutive: Option<u32>,
@@ -202,6 +204,8 @@ pub(crate) struct Shared {
     /// Per-key table: the key hash held by each breaker (0: free). Empty for one breaker.
     keys: Box<[AtomicU64]>,
     pub(crate) hasher: RandomState,
+    /// The window the breakers were made with, to match a pooled state to a configuration.
+    window: Window,
 }
 
 /// How far a key's probe sequence looks for its slot.
@@ -240,6 +244,7 @@ impl Shared {
                 Box::new([])
             },
             hasher,
+            window: config.window,
         }
     }
 
@@ -576,6 +581,20 @@ impl Shared {
     }
 
     fn store(&self, idx: usize, tag_: u64, payload_: u64, what: &'static str) {
+        self.set(idx, tag_, payload_);
+        tracing::info!(
+            breaker = idx,
+            to = what,
+            "circuit breaker set by its handle"
+        );
+    }
+
+    /// Closes a breaker under a new generation and clears its window and counters, quietly.
+    fn clear(&self, idx: usize) {
+        self.set(idx, CLOSED, 0);
+    }
+
+    fn set(&self, idx: usize, tag_: u64, payload_: u64) {
         let b = &self.breakers[idx];
         let mut s = b.state.0.load(Acquire);
         loop {
@@ -588,11 +607,6 @@ impl Shared {
         b.window.clear();
         b.consecutive.store(0, Relaxed);
         b.reopens.store(0, Relaxed);
-        tracing::info!(
-            breaker = idx,
-            to = what,
-            "circuit breaker set by its handle"
-        );
     }
 
     pub(crate) fn force_open(&self, idx: usize) {
@@ -628,6 +642,134 @@ impl Shared {
                 .then(|| Duration::from_nanos(p.saturating_mul(1000).saturating_sub(now))),
         }
     }
+}
+
+/// How a future, service or handle reaches its layer's state.
+///
+/// A `Leased` state lives in a `'static` place, so that a call's future refers to it without
+/// touching a reference count (two locked instructions per call saved). Leased states are
+/// leaked and reused rather than freed (see [`Owner`]); their number is bounded by
+/// [`MAX_LEASED`], past which layers fall back to a `Counted` state behind an `Arc`.
+#[derive(Clone)]
+pub(crate) enum SharedRef {
+    Leased(&'static Shared),
+    Counted(Arc<Shared>),
+}
+
+impl Deref for SharedRef {
+    type Target = Shared;
+
+    #[inline]
+    fn deref(&self) -> &Shared {
+        match self {
+            SharedRef::Leased(s) => s,
+            SharedRef::Counted(s) => s,
+        }
+    }
+}
+
+/// The most leased states ever made (the memory kept by the pool of unused ones is bounded by
+/// this times the size of one state).
+pub(crate) const MAX_LEASED: usize = 256;
+
+/// The largest count window (or number of time buckets) of a leased state: each leased state
+/// stays small (a few hundred bytes plus 2 × 512 bytes of bits at most).
+const MAX_LEASED_WINDOW: u32 = 1 << 12;
+const MAX_LEASED_BUCKETS: u32 = 64;
+
+/// Leased states whose layers are gone, ready for a new layer of the same configuration.
+static POOL: Mutex<Vec<&'static Shared>> = Mutex::new(Vec::new());
+/// Leased states made so far.
+static LEASED: AtomicUsize = AtomicUsize::new(0);
+
+/// The owner of a layer's state, shared by its layer, services and handles (not by futures).
+///
+/// When the last owner goes, a leased state is reset and returned to the pool: every breaker moves
+/// to closed under a new generation, so an outcome of a call still in flight from the old layer is
+/// ignored and a probe slot it frees is not counted (the same guarantee as for an outcome of an
+/// earlier state), and its window and counters are cleared. As with a reset by a handle, an outcome
+/// whose generation check ran just before the reset may still land in the cleared window: one
+/// outcome at most per call in flight, never a transition of its own (a trip compares the whole
+/// state word). The generation has 14 bits: an outcome is misread only if its call outlives 16384
+/// transitions. A new layer takes a pooled state only when its limits, window and kind of clock are
+/// the same; its clock must be a system clock ([`Clock::fast`](crate::clock::Clock::fast) or
+/// [`Clock::std`](crate::clock::Clock::std)), whose readings do not depend on when it was made as
+/// far as the breaker is concerned. Keyed layers, other clocks and large windows are always
+/// counted.
+pub(crate) struct Owner {
+    shared: SharedRef,
+}
+
+impl Owner {
+    pub(crate) fn new(config: &BreakerConfig, keyed: bool) -> Owner {
+        let shared = match Self::lease(config, keyed) {
+            Some(s) => SharedRef::Leased(s),
+            None => SharedRef::Counted(Arc::new(Shared::new(config, keyed))),
+        };
+        Owner { shared }
+    }
+
+    fn lease(config: &BreakerConfig, keyed: bool) -> Option<&'static Shared> {
+        let small = match config.window {
+            Window::Count(n) => n <= MAX_LEASED_WINDOW,
+            Window::Time { buckets, .. } => buckets <= MAX_LEASED_BUCKETS,
+        };
+        if keyed || !small {
+            return None;
+        }
+        let kind = clock_kind(&config.clock)?;
+        let limits = Limits::new(config);
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let found = pool.iter().position(|s| {
+            s.limits == limits && s.window == config.window && clock_kind(&s.clock) == Some(kind)
+        });
+        if let Some(i) = found {
+            let s = pool.swap_remove(i);
+            drop(pool);
+            let seed = config.seed.unwrap_or_else(|| s.hasher.hash_one(0x5eed_u64));
+            s.rng.store(seed, Relaxed);
+            return Some(s);
+        }
+        drop(pool);
+        LEASED
+            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_LEASED).then_some(n + 1))
+            .ok()?;
+        Some(Box::leak(Box::new(Shared::new(config, false))))
+    }
+
+    /// The state, for a call's future: a copy of a reference when leased.
+    #[inline]
+    pub(crate) fn share(&self) -> SharedRef {
+        self.shared.clone()
+    }
+}
+
+impl Deref for Owner {
+    type Target = Shared;
+
+    #[inline]
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let SharedRef::Leased(s) = self.shared {
+            for idx in 0..s.breakers.len() {
+                s.clear(idx);
+            }
+            POOL.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+        }
+    }
+}
+
+/// The kind of a system clock (`None` for the others), as its `Debug` form names it.
+fn clock_kind(clock: &Clock) -> Option<&'static str> {
+    let text = format!("{clock:?}");
+    ["\"fast\"", "\"std\""]
+        .into_iter()
+        .find(|k| text.contains(&format!("kind: {k}")))
 }
 
 #[cfg(test)]
@@ -750,7 +892,6 @@ mod tests {
         }
     }
 
-    use super::super::config::Window;
     use proptest::prelude::*;
 
     fn check(
@@ -970,5 +1111,52 @@ mod tests {
         let snap = s.snapshot(0);
         assert_eq!(snap.probes_in_flight, 0, "{:?}", snap.state);
         assert!(s.admit(0).is_ok());
+    }
+
+    #[test]
+    fn a_leased_state_is_reused_and_ignores_calls_of_its_old_layer() {
+        // A configuration no other test uses, so that the pooled state is this test's.
+        let config = || {
+            BreakerConfig::consecutive_failures(2)
+                .window(37)
+                .minimum_calls(3)
+                .open_time(Duration::from_millis(1237))
+                .clock(Clock::std())
+        };
+        let old = Owner::new(&config(), false);
+        let SharedRef::Leased(first) = old.share() else {
+            panic!("a std clock and a small window are leased");
+        };
+        let (permit, start) = old.admit(0).unwrap();
+        let Permit::Closed { gen } = permit else {
+            unreachable!()
+        };
+        drop(old);
+        let new = Owner::new(&config(), false);
+        let SharedRef::Leased(second) = new.share() else {
+            panic!("leased");
+        };
+        assert!(std::ptr::eq(first, second), "the pooled state is reused");
+        // The old layer's call completes now: not counted.
+        new.record_closed(0, gen, true, start);
+        new.record_closed(0, gen, true, start);
+        let snap = new.snapshot(0);
+        assert_eq!(snap.state, BreakerState::Closed);
+        assert_eq!((snap.consecutive, snap.tally.calls), (0, 0));
+        // Its own calls count.
+        call(&new, true).unwrap();
+        call(&new, true).unwrap();
+        assert_eq!(new.snapshot(0).state, BreakerState::Open);
+    }
+
+    #[test]
+    fn manual_clocks_and_keyed_layers_are_counted() {
+        let (clock, _hand) = Clock::manual();
+        let manual = Owner::new(&BreakerConfig::default().clock(clock), false);
+        assert!(matches!(manual.share(), SharedRef::Counted(_)));
+        let keyed = Owner::new(&BreakerConfig::default(), true);
+        assert!(matches!(keyed.share(), SharedRef::Counted(_)));
+        let tokio = Owner::new(&BreakerConfig::default().clock(Clock::tokio()), false);
+        assert!(matches!(tokio.share(), SharedRef::Counted(_)));
     }
 }
