@@ -114,6 +114,17 @@ impl Clock {
         }
     }
 
+    /// The kind of a clock that reads the system's time (`"fast"` or `"std"`), `None` for the
+    /// tokio and manual clocks, whose time is a test's.
+    pub(crate) fn system_kind(&self) -> Option<&'static str> {
+        match &self.inner {
+            #[cfg(feature = "fast-clock")]
+            Inner::Fast { .. } => Some("fast"),
+            Inner::Std(_) => Some("std"),
+            Inner::Tokio(_) | Inner::Manual(_) => None,
+        }
+    }
+
     /// The `tokio::time::Instant` that corresponds to `nanos` on this clock, for sleeping until
     /// a deadline computed in this clock's time.
     pub fn deadline_after(&self, nanos_from_now: u64) -> tokio::time::Instant {
