@@ -70,6 +70,7 @@ where
     S: Service<<R as Replay<Req>>::Request>,
     R: Replay<Req>,
 {
+    #[inline]
     pub(crate) fn new(fut: S::Future, retry: Option<Retrying<S, R::Saved, C, R>>) -> Self {
         ResponseFuture {
             state: State::Called { fut },
