@@ -173,7 +173,13 @@ impl Budget {
     /// add, no clock reading.
     #[inline]
     pub fn deposit(&self) {
-        self.inner.total[shard()].0.fetch_add(1, Ordering::Relaxed);
+        self.deposit_on(shard());
+    }
+
+    /// [`deposit`](Self::deposit) on a shard the caller has already looked up.
+    #[inline]
+    pub(crate) fn deposit_on(&self, shard: usize) {
+        self.inner.total[shard].0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.

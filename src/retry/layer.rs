@@ -11,7 +11,7 @@ use crate::classify::ErrorsOnly;
 use crate::clock::{duration_nanos, Clock};
 
 use super::backoff::{Backoff, Rng};
-use super::budget::{shard, Budget, SHARDS};
+use super::budget::{Budget, SHARDS};
 use super::policy::{BudgetChoice, CloneRequest, ConfigError, RetryPolicy};
 use super::service::Retry;
 
@@ -60,10 +60,11 @@ impl<C, R> Hub<C, R> {
         }
     }
 
-    /// A reference to the state for a response future, counted on this thread's line.
+    /// A reference to the state for a response future, counted on the line of `shard` (this
+    /// thread's, from `budget::shard`).
     #[inline]
-    pub(crate) fn anchor(&self) -> Arc<Anchor<C, R>> {
-        self.anchors[shard()].clone()
+    pub(crate) fn anchor(&self, shard: usize) -> Arc<Anchor<C, R>> {
+        self.anchors[shard].clone()
     }
 }
 

@@ -10,6 +10,7 @@ use tower_service::Service;
 
 use crate::classify::{Classify, ErrorsOnly};
 
+use super::budget::shard;
 use super::future::{ResponseFuture, Retrying};
 use super::layer::Hub;
 use super::policy::{CloneRequest, Hints, Replay};
@@ -90,8 +91,10 @@ where
         } else {
             0
         };
+        // One look-up of this thread's shard serves the budget and the future's anchor.
+        let shard = shard();
         if let Some(budget) = &ctl.budget {
-            budget.deposit();
+            budget.deposit_on(shard);
         }
         let max = ctl.max_attempts.load(Ordering::Relaxed);
         let rng = &ctl.rng;
@@ -102,7 +105,7 @@ where
         let retry = saved.map(|saved| Retrying {
             svc: self.inner.clone(),
             saved: Some(saved),
-            shared: self.hub.anchor(),
+            shared: self.hub.anchor(shard),
             start,
             attempt: 1,
             max,
