@@ -81,6 +81,29 @@ impl Service<u64> for EveryOther {
     }
 }
 
+/// A ready HTTP service that answers an empty 200 at once.
+#[derive(Clone, Copy)]
+struct NoopHttp;
+
+impl<B> Service<http::Request<B>> for NoopHttp {
+    type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(http::Response::new(http_body_util::Empty::new())))
+    }
+}
+
+/// An empty GET.
+fn http_get() -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::new(http_body_util::Full::new(bytes::Bytes::new()))
+}
+
 fn bulwark_default() -> RetryLayer {
     RetryLayer::new(RetryPolicy::errors()).expect("the default policy is valid")
 }
@@ -102,6 +125,15 @@ pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
         .expect("valid");
         let mut svc = layer.layer(EveryOther::default());
         b.iter(|| assert!(call_ready(&mut svc, black_box(7u64))))
+    });
+    g.bench_function("bulwark/retry_http_success", |b| {
+        let layer = RetryLayer::new(RetryPolicy::http()).expect("valid policy");
+        let mut svc = layer.layer(NoopHttp);
+        b.iter(|| assert!(call_ready(&mut svc, black_box(http_get()))))
+    });
+    g.bench_function("bare/http", |b| {
+        let mut svc = NoopHttp;
+        b.iter(|| assert!(call_ready(&mut svc, black_box(http_get()))))
     });
     g.bench_function("tower/retry_success", |b| {
         let mut svc = tower::retry::Retry::new(NeverRetry, Noop::<()>::default());

@@ -21,7 +21,7 @@ const EPOCH_MASK: u64 = (1 << 32) - 1;
 
 /// Shards of the request total: each thread counts on its own cache line, so threads that
 /// share a budget do not contend for one.
-const SHARDS: usize = 4;
+pub(crate) const SHARDS: usize = 4;
 
 /// A shard of the request total, alone on its cache line: the only state a request touches.
 #[repr(align(128))]
@@ -30,7 +30,7 @@ struct Total(AtomicU64);
 
 /// This thread's shard, given out in turn on its first request.
 #[inline]
-fn shard() -> usize {
+pub(crate) fn shard() -> usize {
     thread_local! {
         static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
     }
@@ -173,7 +173,13 @@ impl Budget {
     /// add, no clock reading.
     #[inline]
     pub fn deposit(&self) {
-        self.inner.total[shard()].0.fetch_add(1, Ordering::Relaxed);
+        self.deposit_on(shard());
+    }
+
+    /// [`deposit`](Self::deposit) on a shard the caller has already looked up.
+    #[inline]
+    pub(crate) fn deposit_on(&self, shard: usize) {
+        self.inner.total[shard].0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.

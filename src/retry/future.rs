@@ -17,7 +17,7 @@ use tower_service::Service;
 use crate::classify::{Classify, Outcome};
 use crate::rejection::{Rejection, RejectionKind};
 
-use super::layer::Shared;
+use super::layer::Anchor;
 use super::policy::{Hint, Hints, Replay};
 
 pin_project! {
@@ -57,7 +57,7 @@ pin_project! {
 pub(crate) struct Retrying<S, Saved, C, R> {
     pub(crate) svc: S,
     pub(crate) saved: Option<Saved>,
-    pub(crate) shared: Arc<Shared<C, R>>,
+    pub(crate) shared: Arc<Anchor<C, R>>,
     pub(crate) start: u64,
     /// Attempts made so far.
     pub(crate) attempt: u32,
@@ -70,6 +70,7 @@ where
     S: Service<<R as Replay<Req>>::Request>,
     R: Replay<Req>,
 {
+    #[inline]
     pub(crate) fn new(fut: S::Future, retry: Option<Retrying<S, R::Saved, C, R>>) -> Self {
         ResponseFuture {
             state: State::Called { fut },
@@ -125,7 +126,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
         R: Replay<Req, Saved = Saved> + Hints<Res>,
         C: Classify<Res>,
     {
-        let shared = &*self.shared;
+        let shared = &**self.shared;
         let ctl = &shared.control;
         let outcome = match result {
             Ok(res) => shared.classify.classify_response(res),

@@ -1,6 +1,7 @@
 //! The layer, its shared state and its handle.
 
 use std::fmt;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use crate::classify::ErrorsOnly;
 use crate::clock::{duration_nanos, Clock};
 
 use super::backoff::{Backoff, Rng};
-use super::budget::Budget;
+use super::budget::{Budget, SHARDS};
 use super::policy::{BudgetChoice, CloneRequest, ConfigError, RetryPolicy};
 use super::service::Retry;
 
@@ -22,7 +23,49 @@ use super::service::Retry;
 /// Clones, and every service the layer makes, share one state: the budget, the random
 /// generator, the figures and the run-time settings of the [`RetryHandle`].
 pub struct RetryLayer<C = ErrorsOnly, R = CloneRequest> {
-    shared: Arc<Shared<C, R>>,
+    hub: Arc<Hub<C, R>>,
+}
+
+/// The state of a layer and the anchors its response futures hold it by.
+///
+/// A response future that may retry must keep the state alive, but taking a reference on one
+/// count per call would make every thread write one cache line. Each anchor is a reference to
+/// the state on a cache line of its own; a future takes a reference on its thread's anchor
+/// instead, so threads count on different lines. The memory is bounded: [`SHARDS`] anchors per
+/// layer, freed with the layer's last service, handle or future.
+pub(crate) struct Hub<C, R> {
+    pub(crate) shared: Arc<Shared<C, R>>,
+    anchors: [Arc<Anchor<C, R>>; SHARDS],
+}
+
+/// A reference to a layer's state, alone on its cache line; see [`Hub`].
+#[repr(align(128))]
+pub(crate) struct Anchor<C, R>(Arc<Shared<C, R>>);
+
+impl<C, R> Deref for Anchor<C, R> {
+    type Target = Shared<C, R>;
+
+    #[inline]
+    fn deref(&self) -> &Shared<C, R> {
+        &self.0
+    }
+}
+
+impl<C, R> Hub<C, R> {
+    fn new(shared: Shared<C, R>) -> Self {
+        let shared = Arc::new(shared);
+        Hub {
+            anchors: std::array::from_fn(|_| Arc::new(Anchor(shared.clone()))),
+            shared,
+        }
+    }
+
+    /// A reference to the state for a response future, counted on the line of `shard` (this
+    /// thread's, from `budget::shard`).
+    #[inline]
+    pub(crate) fn anchor(&self, shard: usize) -> Arc<Anchor<C, R>> {
+        self.anchors[shard].clone()
+    }
 }
 
 pub(crate) struct Shared<C, R> {
@@ -78,7 +121,7 @@ impl<C, R> RetryLayer<C, R> {
             None => Rng::from_entropy(),
         };
         Ok(RetryLayer {
-            shared: Arc::new(Shared {
+            hub: Arc::new(Hub::new(Shared {
                 control: Control {
                     max_attempts: AtomicU32::new(policy.max_attempts),
                     backoff: policy.backoff,
@@ -92,7 +135,7 @@ impl<C, R> RetryLayer<C, R> {
                 },
                 classify: policy.classify,
                 replay: policy.replay,
-            }),
+            })),
         })
     }
 
@@ -103,7 +146,7 @@ impl<C, R> RetryLayer<C, R> {
         R: Send + Sync + 'static,
     {
         RetryHandle {
-            shared: self.shared.clone(),
+            shared: self.hub.shared.clone(),
         }
     }
 }
@@ -111,7 +154,7 @@ impl<C, R> RetryLayer<C, R> {
 impl<C, R> Clone for RetryLayer<C, R> {
     fn clone(&self) -> Self {
         RetryLayer {
-            shared: self.shared.clone(),
+            hub: self.hub.clone(),
         }
     }
 }
@@ -119,9 +162,9 @@ impl<C, R> Clone for RetryLayer<C, R> {
 impl<C: fmt::Debug, R: fmt::Debug> fmt::Debug for RetryLayer<C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryLayer")
-            .field("classify", &self.shared.classify)
-            .field("replay", &self.shared.replay)
-            .field("control", &self.shared.control)
+            .field("classify", &self.hub.shared.classify)
+            .field("replay", &self.hub.shared.replay)
+            .field("control", &self.hub.shared.control)
             .finish()
     }
 }
@@ -146,7 +189,7 @@ impl<S, C, R> Layer<S> for RetryLayer<C, R> {
     type Service = Retry<S, C, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::new(inner, self.shared.clone())
+        Retry::new(inner, self.hub.clone())
     }
 }
 

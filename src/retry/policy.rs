@@ -218,6 +218,7 @@ where
     type Request = Request<ReplayBody<B>>;
     type Saved = HttpSaved<B>;
 
+    #[inline]
     fn prepare(
         &self,
         req: Request<B>,

@@ -52,7 +52,8 @@ struct Recorded<B> {
     limit: usize,
     /// The original body while it has more to give.
     rest: Option<B>,
-    trailers: Option<HeaderMap>,
+    /// Boxed: few bodies have trailers, and every body carries this state inline.
+    trailers: Option<Box<HeaderMap>>,
     /// The body outgrew the limit or failed: it cannot be sent again.
     spoiled: bool,
 }
@@ -90,6 +91,7 @@ impl<B> ReplayBody<B> {
     }
 
     /// The first attempt's body, recording into the returned [`SavedBody`].
+    #[inline]
     pub(crate) fn record(body: B, limit: usize) -> (Self, SavedBody<B>)
     where
         B: Body,
@@ -277,7 +279,7 @@ where
                             }
                             Err(frame) => match frame.into_trailers() {
                                 Ok(trailers) => {
-                                    rec.trailers = Some(trailers.clone());
+                                    rec.trailers = Some(Box::new(trailers.clone()));
                                     rec.rest = None;
                                     *trailers_sent = true;
                                     Poll::Ready(Some(Ok(Frame::trailers(trailers))))
@@ -291,7 +293,7 @@ where
                 match (&rec.trailers, *trailers_sent) {
                     (Some(t), false) => {
                         *trailers_sent = true;
-                        Poll::Ready(Some(Ok(Frame::trailers(t.clone()))))
+                        Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::clone(t)))))
                     }
                     _ => Poll::Ready(None),
                 }

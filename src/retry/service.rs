@@ -10,8 +10,9 @@ use tower_service::Service;
 
 use crate::classify::{Classify, ErrorsOnly};
 
+use super::budget::shard;
 use super::future::{ResponseFuture, Retrying};
-use super::layer::Shared;
+use super::layer::Hub;
 use super::policy::{CloneRequest, Hints, Replay};
 
 /// Retries requests to `S`; made by [`RetryLayer`](super::RetryLayer).
@@ -22,12 +23,12 @@ use super::policy::{CloneRequest, Hints, Replay};
 /// must be polled ready before it is called, as tower requires.
 pub struct Retry<S, C = ErrorsOnly, R = CloneRequest> {
     inner: S,
-    shared: Arc<Shared<C, R>>,
+    hub: Arc<Hub<C, R>>,
 }
 
 impl<S, C, R> Retry<S, C, R> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<C, R>>) -> Self {
-        Retry { inner, shared }
+    pub(crate) fn new(inner: S, hub: Arc<Hub<C, R>>) -> Self {
+        Retry { inner, hub }
     }
 
     /// The inner service.
@@ -50,7 +51,7 @@ impl<S: Clone, C, R> Clone for Retry<S, C, R> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
+            hub: self.hub.clone(),
         }
     }
 }
@@ -59,7 +60,7 @@ impl<S: fmt::Debug, C, R> fmt::Debug for Retry<S, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("control", &self.shared.control)
+            .field("control", &self.hub.shared.control)
             .finish()
     }
 }
@@ -82,26 +83,29 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let ctl = &self.shared.control;
+        let shared = &*self.hub.shared;
+        let ctl = &shared.control;
         // The deadline's start is the request's one time reading; the budget needs none.
         let start = if ctl.deadline.is_some() {
             ctl.clock.now_nanos()
         } else {
             0
         };
+        // One look-up of this thread's shard serves the budget and the future's anchor.
+        let shard = shard();
         if let Some(budget) = &ctl.budget {
-            budget.deposit();
+            budget.deposit_on(shard);
         }
         let max = ctl.max_attempts.load(Ordering::Relaxed);
         let rng = &ctl.rng;
         let key = || (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
-        let (req, saved) = self.shared.replay.prepare(req, max > 1, &key);
+        let (req, saved) = shared.replay.prepare(req, max > 1, &key);
         // The ready service takes the first attempt; an unreserved clone takes the retries.
         let fut = self.inner.call(req);
         let retry = saved.map(|saved| Retrying {
             svc: self.inner.clone(),
             saved: Some(saved),
-            shared: self.shared.clone(),
+            shared: self.hub.anchor(shard),
             start,
             attempt: 1,
             max,
