@@ -93,32 +93,60 @@ where
                 };
                 ResponseFuture::called(self.inner.call(req), slot)
             }
-            Step::Admit { wait_ns, .. } => {
-                // The turn is reserved; wait for it with the ready service, leaving a clone.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                let slot = if H::ENABLED {
-                    H::keep(shared.info(tat, now))
-                } else {
-                    H::Slot::default()
-                };
-                tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
-                let refund = Refund {
-                    shared: Some(self.shared.clone()),
-                    hash,
-                    new_tat: tat,
-                    interval: shared.params().0,
-                };
-                ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot, refund)
-            }
-            Step::Reject { retry_after_ns } => {
-                shared.count_rejection();
-                tracing::trace!(retry_after_ns, "rate limit: request rejected");
-                ResponseFuture::rejected(Rejection::rate_limited(
-                    Duration::from_nanos(retry_after_ns),
-                    shared.info(tat, now),
-                ))
-            }
+            Step::Admit { wait_ns, .. } => self.wait_for_turn(req, wait_ns, tat, now, hash),
+            Step::Reject { retry_after_ns } => self.reject(retry_after_ns, tat, now),
         }
+    }
+}
+
+impl<S, K, H> RateLimit<S, K, H> {
+    /// A turn reserved ahead: wait for it with the ready service, leaving a clone.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_turn<Req>(
+        &mut self,
+        req: Req,
+        wait_ns: u64,
+        tat: u64,
+        now: u64,
+        hash: Option<u64>,
+    ) -> ResponseFuture<S, Req, H>
+    where
+        S: Service<Req> + Clone,
+        H: ResponseHeaders<S::Response>,
+    {
+        let shared = &*self.shared;
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let slot = if H::ENABLED {
+            H::keep(shared.info(tat, now))
+        } else {
+            H::Slot::default()
+        };
+        tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
+        let refund = Refund {
+            shared: Some(self.shared.clone()),
+            hash,
+            new_tat: tat,
+            interval: shared.params().0,
+        };
+        ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot, refund)
+    }
+
+    /// Over the limit: a rejection with the time to the next token.
+    #[cold]
+    #[inline(never)]
+    fn reject<Req>(&self, retry_after_ns: u64, tat: u64, now: u64) -> ResponseFuture<S, Req, H>
+    where
+        S: Service<Req>,
+        H: ResponseHeaders<S::Response>,
+    {
+        let shared = &*self.shared;
+        shared.count_rejection();
+        tracing::trace!(retry_after_ns, "rate limit: request rejected");
+        ResponseFuture::rejected(Rejection::rate_limited(
+            Duration::from_nanos(retry_after_ns),
+            shared.info(tat, now),
+        ))
     }
 }
