@@ -7,6 +7,7 @@
 #![cfg(feature = "redis")]
 
 #[path = "support/redis_server.rs"]
+#[macro_use]
 mod redis_server;
 
 use std::convert::Infallible;
@@ -27,29 +28,7 @@ use tower_bulwark::idempotency::{
 };
 use tower_bulwark::RejectionLayer;
 
-use redis_server::RedisServer;
-
-macro_rules! server_or_skip {
-    ($name:expr) => {
-        match RedisServer::start($name) {
-            Some(s) => s,
-            None => return,
-        }
-    };
-}
-
-async fn conn(url: &str) -> ConnectionManager {
-    let cfg = redis::aio::ConnectionManagerConfig::new()
-        .set_min_delay(Duration::from_millis(2))
-        .set_max_delay(Duration::from_millis(20))
-        .set_number_of_retries(1)
-        .set_connection_timeout(Some(Duration::from_millis(100)));
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(cfg)
-        .await
-        .unwrap()
-}
+use redis_server::{conn, RedisServer};
 
 /// Calls in these tests may take long on a loaded machine without being failures: a stopped
 /// server is seen at once (connection refused), not by the timeout.

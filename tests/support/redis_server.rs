@@ -4,11 +4,12 @@
 //! When the binary is absent, [`RedisServer::start`] prints a `SKIPPED` line and returns
 //! `None`, unless `BULWARK_REQUIRE_REDIS=1` (set by `.ci/run`), in which case it panics: in CI
 //! the Redis tests must run.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -123,4 +124,30 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts a `redis-server` for the named test, or returns from the test when the binary is
+/// absent (see [`RedisServer::start`]).
+macro_rules! server_or_skip {
+    ($name:expr) => {
+        match RedisServer::start($name) {
+            Some(s) => s,
+            None => return,
+        }
+    };
+}
+
+/// A connection manager that gives up reconnecting quickly, so that a stopped server is
+/// seen within a check's timeout and a restarted one is found again soon.
+pub async fn conn(url: &str) -> redis::aio::ConnectionManager {
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_min_delay(Duration::from_millis(2))
+        .set_max_delay(Duration::from_millis(20))
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(Duration::from_millis(100)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager_with_config(cfg)
+        .await
+        .unwrap()
 }
