@@ -303,7 +303,7 @@ impl Shared {
                 && b.window.tally(now).failures == 0
                 && self.keys[s].compare_exchange(k, h, AcqRel, Acquire).is_ok()
             {
-                self.reset(s);
+                self.clear(s);
                 tracing::debug!(breaker = s, "circuit breaker slot reused for a new key");
                 return Some(s);
             }
