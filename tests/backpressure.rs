@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing_on::Captured as Capture;
 
 use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok, task};
@@ -397,19 +398,6 @@ async fn grpc_status_through_rejection_layer() {
     let res = svc.oneshot(http::Request::new(())).await.unwrap();
     assert_eq!(res.headers()["grpc-status"], "14");
     assert_eq!(res.headers()["grpc-retry-pushback-ms"], "1000");
-}
-
-#[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test(start_paused = true)]

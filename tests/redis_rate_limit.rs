@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use tracing_on::Captured;
 
 use axum::{body::Body, routing::get, Router};
 use futures_util::future::join_all;
@@ -428,28 +429,6 @@ async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
     }
     assert!(!handle.degraded());
     assert!(handle.timeouts() >= 3);
-}
-
-/// A writer for a `tracing` subscriber that keeps what it is given.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn count(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .matches(needle)
-            .count()
-    }
 }
 
 #[tokio::test]

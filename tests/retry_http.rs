@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tracing_on::Captured;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -486,23 +487,6 @@ async fn a_tonic_body_is_replayed_through_a_map_request() {
 
 #[tokio::test(start_paused = true)]
 async fn the_retry_event_names_the_status() {
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
     let out = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(out.clone())

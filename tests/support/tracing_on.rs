@@ -6,6 +6,8 @@
 //! global subscriber that is interested in everything (and writes nowhere) keeps every
 //! callsite enabled, so the thread's scoped subscriber always sees its events.
 
+#![allow(dead_code)]
+
 use std::sync::Once;
 
 /// Installs the global always-interested subscriber, once per process.
@@ -19,4 +21,40 @@ pub fn tracing_always_on() {
         // Another global subscriber already installed serves as well.
         let _ = tracing::subscriber::set_global_default(sink);
     });
+}
+
+/// A `tracing` writer that keeps what it is given, for a test to read.
+#[derive(Clone, Default)]
+pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    /// What was written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// How many times `needle` was written.
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
 }
