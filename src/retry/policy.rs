@@ -14,7 +14,7 @@ use crate::clock::Clock;
 
 use super::backoff::Backoff;
 use super::budget::Budget;
-use super::replay::{HttpSaved, ReplayBody};
+use super::replay::{Head, HttpSaved, ReplayBody};
 
 /// The `Idempotency-Key` header.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -241,7 +241,7 @@ where
         }
         let (body, saved) = ReplayBody::record(body, self.body_limit);
         let saved = HttpSaved {
-            parts: parts.clone(),
+            head: Head::copy_of(&parts),
             body: saved,
         };
         (Request::from_parts(parts, body), Some(saved))
@@ -259,10 +259,10 @@ where
         if last {
             let s = saved.take()?;
             let body = s.body.replay();
-            Some(Request::from_parts(s.parts, body))
+            Some(s.head.into_request(body))
         } else {
             let s = saved.as_ref()?;
-            Some(Request::from_parts(s.parts.clone(), s.body.replay()))
+            Some(s.head.clone().into_request(s.body.replay()))
         }
     }
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::HeaderMap;
+use http::request::Parts;
+use http::{Extensions, HeaderMap, Method, Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tower::BoxError;
 
@@ -35,9 +36,11 @@ enum Kind<B> {
     Empty,
     /// Recorded (first attempt) or replayed (later attempts).
     Shared {
-        shared: Arc<Mutex<Option<Recorded<B>>>>,
-        /// The recording while this body is polled; given back on drop.
-        state: Option<Recorded<B>>,
+        shared: Slot<B>,
+        /// The recording while this body is polled; given back on drop. Boxed, as in
+        /// `shared`: it moves between the two as a pointer, and every request carries this
+        /// body inline.
+        state: Option<Box<Recorded<B>>>,
         /// Chunks of the recording already sent by this body.
         pos: usize,
         trailers_sent: bool,
@@ -45,6 +48,9 @@ enum Kind<B> {
         hint: SizeHint,
     },
 }
+
+/// Where a recording rests between attempts (`None` while a body holds it).
+type Slot<B> = Arc<Mutex<Option<Box<Recorded<B>>>>>;
 
 struct Recorded<B> {
     chunks: Vec<Bytes>,
@@ -60,22 +66,68 @@ struct Recorded<B> {
 
 /// The kept body of a request; see [`HttpSaved`].
 pub struct SavedBody<B> {
-    shared: Option<Arc<Mutex<Option<Recorded<B>>>>>,
+    shared: Option<Slot<B>>,
 }
 
 /// An HTTP request kept for another attempt by [`HttpReplay`](super::HttpReplay): its head
 /// and its recorded body.
 pub struct HttpSaved<B> {
-    pub(crate) parts: http::request::Parts,
+    pub(crate) head: Head,
     pub(crate) body: SavedBody<B>,
 }
 
 impl<B> fmt::Debug for HttpSaved<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpSaved")
-            .field("method", &self.parts.method)
-            .field("uri", &self.parts.uri)
+            .field("method", &self.head.method)
+            .field("uri", &self.head.uri)
             .finish_non_exhaustive()
+    }
+}
+
+/// A copy of a request's head (method, URI, version, headers, extensions), kept for another
+/// attempt.
+#[derive(Clone)]
+pub(crate) struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+impl Head {
+    /// Copies `parts`. An empty header map or set of extensions is made anew rather than
+    /// cloned: cheaper, and common for requests that a client builds (hyper adds `Host` and
+    /// the framing headers itself, below any layer).
+    #[inline]
+    pub(crate) fn copy_of(parts: &Parts) -> Head {
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: if parts.headers.is_empty() {
+                HeaderMap::new()
+            } else {
+                parts.headers.clone()
+            },
+            extensions: if parts.extensions.is_empty() {
+                Extensions::new()
+            } else {
+                parts.extensions.clone()
+            },
+        }
+    }
+
+    /// A request with this head and `body`.
+    pub(crate) fn into_request<B>(self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        *req.extensions_mut() = self.extensions;
+        req
     }
 }
 
@@ -100,14 +152,14 @@ impl<B> ReplayBody<B> {
             return (ReplayBody::empty(), SavedBody { shared: None });
         }
         let shared = Arc::new(Mutex::new(None));
-        let state = Recorded {
+        let state = Box::new(Recorded {
             chunks: Vec::new(),
             len: 0,
             limit,
             rest: Some(body),
             trailers: None,
             spoiled: false,
-        };
+        });
         (
             ReplayBody {
                 kind: Kind::Shared {
@@ -443,6 +495,56 @@ mod tests {
         let c = saved.replay().collect().await.unwrap();
         assert_eq!(c.trailers(), Some(&t));
         assert_eq!(c.to_bytes(), "hi");
+    }
+
+    fn head_of(req: &Request<()>) -> Request<()> {
+        let (parts, ()) = Request::new(()).into_parts();
+        let mut parts = parts;
+        parts.method = req.method().clone();
+        parts.uri = req.uri().clone();
+        parts.version = req.version();
+        parts.headers = req.headers().clone();
+        parts.extensions = req.extensions().clone();
+        Head::copy_of(&parts).into_request(())
+    }
+
+    #[test]
+    fn a_head_is_sent_again_whole() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Tag(u32);
+        let mut req = Request::builder()
+            .method(Method::PUT)
+            .uri("https://example.com:8443/a/b?c=d")
+            .version(Version::HTTP_2)
+            .header("x-one", "1")
+            .header("x-many", "a")
+            .header("x-many", "b")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(Tag(7));
+        let again = head_of(&req);
+        assert_eq!(again.method(), Method::PUT);
+        assert_eq!(again.uri(), req.uri());
+        assert_eq!(again.version(), Version::HTTP_2);
+        assert_eq!(again.headers(), req.headers());
+        assert_eq!(
+            again.headers().get_all("x-many").iter().count(),
+            2,
+            "repeated headers are kept"
+        );
+        assert_eq!(again.extensions().get::<Tag>(), Some(&Tag(7)));
+
+        // An empty head (no headers, no extensions) comes back empty, not as defaults.
+        let bare = Request::builder()
+            .method(Method::DELETE)
+            .uri("/x")
+            .body(())
+            .unwrap();
+        let again = head_of(&bare);
+        assert_eq!(again.method(), Method::DELETE);
+        assert_eq!(again.uri(), "/x");
+        assert!(again.headers().is_empty());
+        assert!(again.extensions().is_empty());
     }
 
     #[tokio::test]
