@@ -24,9 +24,17 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
-        Prefixed { prefix: Option<Bytes>, #[pin] body: B },
+        // Boxed, as the prefix below: a first run or a replay allocates anyway, and every
+        // response that passes through carries this body inline (and moves it up the stack).
+        Buffered { buf: Box<Buffered> },
+        Prefixed { prefix: Option<Box<Bytes>>, #[pin] body: B },
     }
+}
+
+/// A whole body, with its trailers.
+struct Buffered {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 impl<B> ReplayBody<B> {
@@ -39,8 +47,10 @@ impl<B> ReplayBody<B> {
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         ReplayBody {
             kind: Kind::Buffered {
-                data: (!data.is_empty()).then_some(data),
-                trailers,
+                buf: Box::new(Buffered {
+                    data: (!data.is_empty()).then_some(data),
+                    trailers,
+                }),
             },
         }
     }
@@ -48,7 +58,7 @@ impl<B> ReplayBody<B> {
     pub(crate) fn prefixed(prefix: Bytes, body: B) -> Self {
         ReplayBody {
             kind: Kind::Prefixed {
-                prefix: (!prefix.is_empty()).then_some(prefix),
+                prefix: (!prefix.is_empty()).then(|| Box::new(prefix)),
                 body,
             },
         }
@@ -59,14 +69,14 @@ impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             Kind::Inner { .. } => f.write_str("ReplayBody::Inner"),
-            Kind::Buffered { data, trailers } => f
+            Kind::Buffered { buf } => f
                 .debug_struct("ReplayBody::Buffered")
-                .field("len", &data.as_ref().map_or(0, Bytes::len))
-                .field("trailers", &trailers.is_some())
+                .field("len", &buf.data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &buf.trailers.is_some())
                 .finish(),
             Kind::Prefixed { prefix, .. } => f
                 .debug_struct("ReplayBody::Prefixed")
-                .field("prefix_len", &prefix.as_ref().map_or(0, Bytes::len))
+                .field("prefix_len", &prefix.as_ref().map_or(0, |p| p.len()))
                 .finish_non_exhaustive(),
         }
     }
@@ -86,15 +96,15 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
-            KindProj::Buffered { data, trailers } => {
-                if let Some(d) = data.take() {
+            KindProj::Buffered { buf } => {
+                if let Some(d) = buf.data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(buf.trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             KindProj::Prefixed { prefix, body } => {
                 if let Some(p) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                    return Poll::Ready(Some(Ok(Frame::data(*p))));
                 }
                 body.poll_frame(cx).map_err(Into::into)
             }
@@ -104,7 +114,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Buffered { buf } => buf.data.is_none() && buf.trailers.is_none(),
             Kind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
         }
     }
@@ -112,8 +122,8 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Buffered { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Buffered { buf } => {
+                SizeHint::with_exact(buf.data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Prefixed { prefix, body } => {
                 let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
