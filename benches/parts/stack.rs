@@ -111,6 +111,41 @@ where
     }
 }
 
+/// tower's stack with a Retry that can retry: its policy clones the request for another
+/// attempt and draws on a `TpsBudget`, as a retry layer must to be able to resend a request.
+fn tower_stack_retrying() -> impl Service<Request<Full<Bytes>>> {
+    ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(1 << 20)
+        .rate_limit(u64::MAX, Duration::from_secs(1))
+        .layer(tower::retry::RetryLayer::new(BudgetRetry(Arc::new(
+            TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+        ))))
+        .service(NoopHttp)
+}
+
+/// The stack without its retry layer: what the other four layers cost together.
+fn bulwark_stack_without_retry(
+) -> impl Service<Request<Full<Bytes>>, Response = Response<impl Sized>> + Clone + Send {
+    ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()))
+        .layer(RateLimitLayer::new(generous()))
+        .layer(BackpressureLayer::new(1 << 20))
+        .layer(CircuitBreakerLayer::new(BreakerConfig::default()).expect("valid config"))
+        .service(NoopHttp)
+}
+
+/// The least any layer that may resend a request pays: a copy of the method and URI, made and
+/// dropped around the no-op service.
+fn head_copy() -> impl Service<Request<Full<Bytes>>> {
+    ServiceBuilder::new()
+        .map_request(|req: Request<Full<Bytes>>| {
+            black_box((req.method().clone(), req.uri().clone()));
+            req
+        })
+        .service(NoopHttp)
+}
+
 /// governor has no tower layer: the check a user writes by hand, in front of the service.
 #[derive(Clone)]
 struct Governed<S> {
@@ -184,6 +219,23 @@ pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
             .expect("runtime");
         let _guard = rt.enter();
         let mut svc = tower_stack();
+        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
+    });
+    g.bench_function("bulwark/stack_all_but_retry", |b| {
+        let mut svc = bulwark_stack_without_retry();
+        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
+    });
+    g.bench_function("tower/stack_retrying", |b| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        let mut svc = tower_stack_retrying();
+        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
+    });
+    g.bench_function("bare/http_head_copy", |b| {
+        let mut svc = head_copy();
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
     });
     g.bench_function("peers/stack", |b| {
