@@ -186,7 +186,7 @@ impl Breaker {
             state: Padded(AtomicU64::new(pack(CLOSED, 0, 0))),
             consecutive: AtomicU32::new(0),
             reopens: AtomicU32::new(0),
-            window: Ring::new(config.window),
+            window: Ring::new(config.window, config.slow_call.is_some()),
         }
     }
 }

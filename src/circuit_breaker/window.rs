@@ -34,9 +34,11 @@ pub(crate) enum Ring {
 }
 
 impl Ring {
-    pub(crate) fn new(window: Window) -> Ring {
+    /// `track_slow`: whether slow calls are counted (a slow-call rate is configured); a
+    /// count window then keeps no bits for them and records a call with half the work.
+    pub(crate) fn new(window: Window, track_slow: bool) -> Ring {
         match window {
-            Window::Count(n) => Ring::Count(CountWindow::new(n)),
+            Window::Count(n) => Ring::Count(CountWindow::new(n, track_slow)),
             Window::Time { span, buckets } => Ring::Time(TimeWindow::new(
                 duration_nanos(span) / u64::from(buckets),
                 buckets,
@@ -100,7 +102,7 @@ pub(crate) struct CountWindow {
 }
 
 impl CountWindow {
-    pub(crate) fn new(size: u32) -> Self {
+    pub(crate) fn new(size: u32, track_slow: bool) -> Self {
         let ring = u64::from(size).next_power_of_two();
         let words = (ring as usize).div_ceil(64);
         let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
@@ -109,7 +111,8 @@ impl CountWindow {
             mask: ring - 1,
             head: Padded(AtomicU64::new(0)),
             fail: bits(),
-            slow: bits(),
+            // Empty when slow calls are not counted.
+            slow: if track_slow { bits() } else { Box::new([]) },
         }
     }
 
@@ -133,14 +136,19 @@ impl CountWindow {
         // counted. The window stays a fair sample and a locked instruction is saved per call.
         let pos = self.head.0.load(Relaxed);
         self.head.0.store(pos.wrapping_add(1), Relaxed);
+        let track_slow = !self.slow.is_empty();
         if pos >= self.size {
             let gone = ((pos - self.size) & self.mask) as usize;
             Self::set(&self.fail, gone, false);
-            Self::set(&self.slow, gone, false);
+            if track_slow {
+                Self::set(&self.slow, gone, false);
+            }
         }
         let idx = (pos & self.mask) as usize;
         Self::set(&self.fail, idx, failed);
-        Self::set(&self.slow, idx, slow);
+        if track_slow {
+            Self::set(&self.slow, idx, slow);
+        }
         if failed || slow || pos + 1 == u64::from(min) {
             Some(self.tally_at(pos + 1))
         } else {
@@ -257,7 +265,7 @@ mod tests {
 
     #[test]
     fn count_window_slides() {
-        let w = CountWindow::new(4);
+        let w = CountWindow::new(4, true);
         assert_eq!(
             w.record(true, false, 10),
             Some(Tally {
@@ -310,8 +318,24 @@ mod tests {
     }
 
     #[test]
+    fn count_window_without_slow_calls_counts_failures_alike() {
+        let with = CountWindow::new(4, true);
+        let without = CountWindow::new(4, false);
+        for i in 0..11 {
+            let failed = i % 3 == 0;
+            let a = with.record(failed, false, 2);
+            let b = without.record(failed, false, 2);
+            assert_eq!(a, b, "call {i}");
+            assert_eq!(with.tally(), without.tally(), "call {i}");
+        }
+        assert_eq!(without.tally().slow, 0);
+        without.clear();
+        assert_eq!(without.tally(), Tally::default());
+    }
+
+    #[test]
     fn count_window_reports_reaching_minimum_calls() {
-        let w = CountWindow::new(10);
+        let w = CountWindow::new(10, true);
         assert_eq!(w.record(false, false, 3), None);
         assert_eq!(w.record(false, false, 3), None);
         assert_eq!(
@@ -327,7 +351,7 @@ mod tests {
 
     #[test]
     fn count_window_larger_than_a_word() {
-        let w = CountWindow::new(130);
+        let w = CountWindow::new(130, true);
         for i in 0..300 {
             w.record(i % 3 == 0, i % 5 == 0, 1);
         }
@@ -388,15 +412,18 @@ mod tests {
 
     #[test]
     fn ring_from_config() {
-        let r = Ring::new(Window::Time {
-            span: Duration::from_secs(10),
-            buckets: 10,
-        });
+        let r = Ring::new(
+            Window::Time {
+                span: Duration::from_secs(10),
+                buckets: 10,
+            },
+            true,
+        );
         assert!(r.needs_time());
         r.record(0, true, false, 1);
         assert_eq!(r.tally(9_999 * MS).failures, 1);
         assert_eq!(r.tally(10_000 * MS).failures, 0);
-        let r = Ring::new(Window::Count(5));
+        let r = Ring::new(Window::Count(5), false);
         assert!(!r.needs_time());
     }
 }
