@@ -92,7 +92,8 @@ pub(crate) struct Head {
     method: Method,
     uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    /// `None` for an empty map: nothing to make or drop.
+    headers: Option<HeaderMap>,
     extensions: Extensions,
 }
 
@@ -107,9 +108,9 @@ impl Head {
             uri: parts.uri.clone(),
             version: parts.version,
             headers: if parts.headers.is_empty() {
-                HeaderMap::new()
+                None
             } else {
-                parts.headers.clone()
+                Some(parts.headers.clone())
             },
             extensions: if parts.extensions.is_empty() {
                 Extensions::new()
@@ -125,7 +126,9 @@ impl Head {
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
+        if let Some(headers) = self.headers {
+            *req.headers_mut() = headers;
+        }
         *req.extensions_mut() = self.extensions;
         req
     }

@@ -102,15 +102,18 @@ where
         let (req, saved) = shared.replay.prepare(req, max > 1, &key);
         // The ready service takes the first attempt; an unreserved clone takes the retries.
         let fut = self.inner.call(req);
-        let retry = saved.map(|saved| Retrying {
-            svc: self.inner.clone(),
-            saved: Some(saved),
-            shared: self.hub.anchor(shard),
-            start,
-            attempt: 1,
-            max,
-            prev_delay: 0,
-        });
+        let retry = match saved {
+            None => None,
+            Some(saved) => Some(Retrying {
+                svc: self.inner.clone(),
+                saved: Some(saved),
+                shared: self.hub.anchor(shard),
+                start,
+                attempt: 1,
+                max,
+                prev_delay: 0,
+            }),
+        };
         ResponseFuture::new(fut, retry)
     }
 }
