@@ -86,13 +86,16 @@ pub trait Replay<Req> {
 
     /// Prepares the first attempt. `retry` says whether another attempt may follow; `key`
     /// draws a fresh 128-bit value (for an idempotency key). Returns the request to send and,
-    /// if the request may be retried, what is kept for the next attempt.
+    /// if the request may be retried, puts what is kept for the next attempt in `saved`
+    /// (which is `None` on entry; an out-parameter, so that the kept request is written once
+    /// rather than moved through a return value).
     fn prepare(
         &self,
         req: Req,
         retry: bool,
         key: &dyn Fn() -> u128,
-    ) -> (Self::Request, Option<Self::Saved>);
+        saved: &mut Option<Self::Saved>,
+    ) -> Self::Request;
 
     /// Whether the kept request can be sent again now.
     fn can_replay(&self, saved: &Self::Saved) -> bool;
@@ -124,12 +127,17 @@ impl<Req: Clone> Replay<Req> for CloneRequest {
     type Saved = Req;
 
     #[inline]
-    fn prepare(&self, req: Req, retry: bool, _key: &dyn Fn() -> u128) -> (Req, Option<Req>) {
+    fn prepare(
+        &self,
+        req: Req,
+        retry: bool,
+        _key: &dyn Fn() -> u128,
+        saved: &mut Option<Req>,
+    ) -> Req {
         if retry {
-            (req.clone(), Some(req))
-        } else {
-            (req, None)
+            *saved = Some(req.clone());
         }
+        req
     }
 
     fn can_replay(&self, _saved: &Req) -> bool {
@@ -224,27 +232,28 @@ where
         req: Request<B>,
         retry: bool,
         key: &dyn Fn() -> u128,
-    ) -> (Self::Request, Option<HttpSaved<B>>) {
+        saved: &mut Option<HttpSaved<B>>,
+    ) -> Self::Request {
         let (mut parts, body) = req.into_parts();
         if !retry {
-            return (Request::from_parts(parts, ReplayBody::once(body)), None);
+            return Request::from_parts(parts, ReplayBody::once(body));
         }
         if !is_idempotent(&parts.method) && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
             if self.add_key {
                 parts.headers.insert(IDEMPOTENCY_KEY, format_key(key()));
             } else if self.check_method {
-                return (Request::from_parts(parts, ReplayBody::once(body)), None);
+                return Request::from_parts(parts, ReplayBody::once(body));
             }
         }
         if body.size_hint().lower() > self.body_limit as u64 {
-            return (Request::from_parts(parts, ReplayBody::once(body)), None);
+            return Request::from_parts(parts, ReplayBody::once(body));
         }
-        let (body, saved) = ReplayBody::record(body, self.body_limit);
-        let saved = HttpSaved {
+        let (body, kept) = ReplayBody::record(body, self.body_limit);
+        *saved = Some(HttpSaved {
             head: Head::copy_of(&parts),
-            body: saved,
-        };
-        (Request::from_parts(parts, body), Some(saved))
+            body: kept,
+        });
+        Request::from_parts(parts, body)
     }
 
     fn can_replay(&self, saved: &HttpSaved<B>) -> bool {

@@ -99,7 +99,8 @@ where
         let max = ctl.max_attempts.load(Ordering::Relaxed);
         let rng = &ctl.rng;
         let key = || (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
-        let (req, saved) = shared.replay.prepare(req, max > 1, &key);
+        let mut saved = None;
+        let req = shared.replay.prepare(req, max > 1, &key, &mut saved);
         // The ready service takes the first attempt; an unreserved clone takes the retries.
         let fut = self.inner.call(req);
         let retry = match saved {
