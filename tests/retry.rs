@@ -391,6 +391,115 @@ async fn a_retry_waits_for_the_service_to_be_ready() {
     assert_eq!(assert_ready!(fut.poll()).unwrap(), 9);
 }
 
+/// A service that counts its clones and its live instances, failing its first `fail` calls.
+struct CloneCounted {
+    clones: Arc<AtomicU32>,
+    live: Arc<AtomicU32>,
+    inner: Flaky,
+}
+
+impl CloneCounted {
+    fn new(fail: u32) -> Self {
+        let live = Arc::new(AtomicU32::new(1));
+        CloneCounted {
+            clones: Arc::default(),
+            live,
+            inner: Flaky::new(fail),
+        }
+    }
+}
+
+impl Clone for CloneCounted {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::Relaxed);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        CloneCounted {
+            clones: self.clones.clone(),
+            live: self.live.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for CloneCounted {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Service<u32> for CloneCounted {
+    type Response = u32;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<u32, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, n: u32) -> Self::Future {
+        self.inner.call(n)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_service_is_cloned_for_retries_only() {
+    let inner = CloneCounted::new(0);
+    let (clones, live, calls) = (
+        inner.clones.clone(),
+        inner.live.clone(),
+        inner.inner.clone(),
+    );
+    let layer = RetryLayer::new(policy().backoff(fixed(1))).unwrap();
+    let mut svc = layer.layer(inner);
+    for n in 0..100 {
+        assert_eq!(svc.ready().await.unwrap().call(n).await.unwrap(), n * 2);
+    }
+    assert_eq!(calls.count(), 100);
+    assert_eq!(
+        clones.load(Ordering::Relaxed),
+        1,
+        "one clone is kept for retries; a request that succeeds costs no clone"
+    );
+    drop(svc);
+    assert_eq!(
+        live.load(Ordering::Relaxed),
+        0,
+        "the kept clone goes with the service"
+    );
+
+    // Two failures, then success: each retry is made on a fresh clone of the kept one, which
+    // the future drops when it completes.
+    let inner = CloneCounted::new(2);
+    let (clones, live, calls) = (
+        inner.clones.clone(),
+        inner.live.clone(),
+        inner.inner.clone(),
+    );
+    let mut svc = layer.layer(inner);
+    assert_eq!(svc.ready().await.unwrap().call(5).await.unwrap(), 10);
+    assert_eq!(calls.count(), 3);
+    assert_eq!(
+        clones.load(Ordering::Relaxed),
+        2,
+        "the kept clone, and one for the retries"
+    );
+    assert_eq!(
+        live.load(Ordering::Relaxed),
+        2,
+        "the service and its kept clone"
+    );
+    let mut other = svc.clone();
+    assert_eq!(other.ready().await.unwrap().call(6).await.unwrap(), 12);
+    drop(svc);
+    assert_eq!(
+        live.load(Ordering::Relaxed),
+        2,
+        "a clone of the service keeps the kept one"
+    );
+    drop(other);
+    assert_eq!(live.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn max_attempts_change_at_run_time() {
     let layer = RetryLayer::new(policy().backoff(Backoff::none()).no_budget()).unwrap();

@@ -53,11 +53,12 @@ pin_project! {
     }
 }
 
-/// What a request that may be retried carries: a service clone, the kept request, the state.
+/// What a request that may be retried carries: the kept request, the state, and (from the
+/// first retry on) a clone of the service to retry on.
 pub(crate) struct Retrying<S, Saved, C, R> {
-    pub(crate) svc: S,
+    pub(crate) svc: Option<S>,
     pub(crate) saved: Option<Saved>,
-    pub(crate) shared: Arc<Anchor<C, R>>,
+    pub(crate) shared: Arc<Anchor<S, C, R>>,
     pub(crate) start: u64,
     /// Attempts made so far.
     pub(crate) attempt: u32,
@@ -235,7 +236,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
 impl<S, Req, C, R> Future for ResponseFuture<S, Req, C, R>
 where
     R: Replay<Req> + Hints<S::Response>,
-    S: Service<R::Request>,
+    S: Service<R::Request> + Clone,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
 {
@@ -269,7 +270,14 @@ where
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(Err(lost()));
                     };
-                    if let Err(e) = ready!(retry.svc.poll_ready(cx)) {
+                    if retry.svc.is_none() {
+                        retry.svc = retry.shared.service();
+                    }
+                    let Some(svc) = retry.svc.as_mut() else {
+                        *this.retry = None;
+                        return Poll::Ready(Err(lost()));
+                    };
+                    if let Err(e) = ready!(svc.poll_ready(cx)) {
                         *this.retry = None;
                         return Poll::Ready(Err(e.into()));
                     }
@@ -279,7 +287,11 @@ where
                         *this.retry = None;
                         return Poll::Ready(Err(lost()));
                     };
-                    let fut = retry.svc.call(req);
+                    let Some(svc) = retry.svc.as_mut() else {
+                        *this.retry = None;
+                        return Poll::Ready(Err(lost()));
+                    };
+                    let fut = svc.call(req);
                     this.state.set(State::Called { fut });
                 }
             }

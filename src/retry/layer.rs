@@ -3,7 +3,7 @@
 use std::fmt;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tower_layer::Layer;
 
@@ -23,48 +23,74 @@ use super::service::Retry;
 /// Clones, and every service the layer makes, share one state: the budget, the random
 /// generator, the figures and the run-time settings of the [`RetryHandle`].
 pub struct RetryLayer<C = ErrorsOnly, R = CloneRequest> {
-    hub: Arc<Hub<C, R>>,
+    shared: Arc<Shared<C, R>>,
 }
 
-/// The state of a layer and the anchors its response futures hold it by.
-///
-/// A response future that may retry must keep the state alive, but taking a reference on one
-/// count per call would make every thread write one cache line. Each anchor is a reference to
-/// the state on a cache line of its own; a future takes a reference on its thread's anchor
-/// instead, so threads count on different lines. The memory is bounded: [`SHARDS`] anchors per
-/// layer, freed with the layer's last service, handle or future.
-pub(crate) struct Hub<C, R> {
+/// What a retry service shares with its clones and its response futures: the layer's state,
+/// and the service that retries are made on (a clone of the wrapped service, made once, on
+/// the first call that may be retried, and cloned again only when a retry happens). The
+/// first attempt therefore pays no clone of the inner service.
+pub(crate) struct Core<S, C, R> {
     pub(crate) shared: Arc<Shared<C, R>>,
-    anchors: [Arc<Anchor<C, R>>; SHARDS],
+    /// In a `Mutex` so that the core is `Sync` for any `Send` service; locked only to clone
+    /// the service for a retry, never on the first attempt.
+    template: OnceLock<Mutex<S>>,
 }
 
-/// A reference to a layer's state, alone on its cache line; see [`Hub`].
+/// One of a service's per-thread holds on its [`Core`]: a response future clones the `Arc`
+/// of its thread's anchor, so threads do not all write one reference count.
 #[repr(align(128))]
-pub(crate) struct Anchor<C, R>(Arc<Shared<C, R>>);
+pub(crate) struct Anchor<S, C, R>(Arc<Core<S, C, R>>);
 
-impl<C, R> Deref for Anchor<C, R> {
+impl<S, C, R> Deref for Anchor<S, C, R> {
     type Target = Shared<C, R>;
 
     #[inline]
     fn deref(&self) -> &Shared<C, R> {
-        &self.0
+        &self.0.shared
     }
 }
 
-impl<C, R> Hub<C, R> {
-    fn new(shared: Shared<C, R>) -> Self {
-        let shared = Arc::new(shared);
-        Hub {
-            anchors: std::array::from_fn(|_| Arc::new(Anchor(shared.clone()))),
-            shared,
+impl<S: Clone, C, R> Anchor<S, C, R> {
+    /// Keeps a clone of `svc` for retries, the first time only.
+    #[inline]
+    pub(crate) fn keep_template(&self, svc: &S) {
+        if self.0.template.get().is_none() {
+            let _ = self.0.template.set(Mutex::new(svc.clone()));
         }
     }
 
-    /// A reference to the state for a response future, counted on the line of `shard` (this
-    /// thread's, from `budget::shard`).
+    /// A fresh clone of the service for a retry (`None` if none was kept, which a future that
+    /// retries never sees: the template is kept before its first attempt is made).
+    pub(crate) fn service(&self) -> Option<S> {
+        let template = self.0.template.get()?;
+        let svc = template.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(svc.clone())
+    }
+}
+
+/// A retry service's anchors, one per thread shard.
+pub(crate) struct Anchors<S, C, R>([Arc<Anchor<S, C, R>>; SHARDS]);
+
+impl<S, C, R> Anchors<S, C, R> {
+    pub(crate) fn new(shared: Arc<Shared<C, R>>) -> Self {
+        let core = Arc::new(Core {
+            shared,
+            template: OnceLock::new(),
+        });
+        Anchors(std::array::from_fn(|_| Arc::new(Anchor(core.clone()))))
+    }
+
+    /// The layer's state.
     #[inline]
-    pub(crate) fn anchor(&self, shard: usize) -> Arc<Anchor<C, R>> {
-        self.anchors[shard].clone()
+    pub(crate) fn shared(&self) -> &Shared<C, R> {
+        &self.0[0].0.shared
+    }
+
+    /// This shard's anchor, for a response future.
+    #[inline]
+    pub(crate) fn anchor(&self, shard: usize) -> Arc<Anchor<S, C, R>> {
+        self.0[shard].clone()
     }
 }
 
@@ -121,7 +147,7 @@ impl<C, R> RetryLayer<C, R> {
             None => Rng::from_entropy(),
         };
         Ok(RetryLayer {
-            hub: Arc::new(Hub::new(Shared {
+            shared: Arc::new(Shared {
                 control: Control {
                     max_attempts: AtomicU32::new(policy.max_attempts),
                     backoff: policy.backoff,
@@ -135,7 +161,7 @@ impl<C, R> RetryLayer<C, R> {
                 },
                 classify: policy.classify,
                 replay: policy.replay,
-            })),
+            }),
         })
     }
 
@@ -146,7 +172,7 @@ impl<C, R> RetryLayer<C, R> {
         R: Send + Sync + 'static,
     {
         RetryHandle {
-            shared: self.hub.shared.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -154,7 +180,7 @@ impl<C, R> RetryLayer<C, R> {
 impl<C, R> Clone for RetryLayer<C, R> {
     fn clone(&self) -> Self {
         RetryLayer {
-            hub: self.hub.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -162,9 +188,9 @@ impl<C, R> Clone for RetryLayer<C, R> {
 impl<C: fmt::Debug, R: fmt::Debug> fmt::Debug for RetryLayer<C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryLayer")
-            .field("classify", &self.hub.shared.classify)
-            .field("replay", &self.hub.shared.replay)
-            .field("control", &self.hub.shared.control)
+            .field("classify", &self.shared.classify)
+            .field("replay", &self.shared.replay)
+            .field("control", &self.shared.control)
             .finish()
     }
 }
@@ -189,7 +215,7 @@ impl<S, C, R> Layer<S> for RetryLayer<C, R> {
     type Service = Retry<S, C, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::new(inner, self.hub.clone())
+        Retry::new(inner, Arc::new(Anchors::new(self.shared.clone())))
     }
 }
 

@@ -12,23 +12,29 @@ use crate::classify::{Classify, ErrorsOnly};
 
 use super::budget::shard;
 use super::future::{ResponseFuture, Retrying};
-use super::layer::Hub;
+use super::layer::Anchors;
 use super::policy::{CloneRequest, Hints, Replay};
 
 /// Retries requests to `S`; made by [`RetryLayer`](super::RetryLayer).
 ///
+/// The first attempt goes to the service made ready by `poll_ready`. Retries go to clones of
+/// one clone of it, kept from the first request that may be retried: a request that succeeds
+/// at once costs no clone of the inner service (for a hyper or tonic client, several
+/// reference counts). Changes made through [`get_mut`](Self::get_mut) after that are not seen
+/// by retries.
+///
 /// # Clone
 ///
-/// Clones share the layer's state (budget, figures, settings) and start unreserved: a clone
-/// must be polled ready before it is called, as tower requires.
+/// Clones share the layer's state (budget, figures, settings) and the kept clone, and start
+/// unreserved: a clone must be polled ready before it is called, as tower requires.
 pub struct Retry<S, C = ErrorsOnly, R = CloneRequest> {
     inner: S,
-    hub: Arc<Hub<C, R>>,
+    anchors: Arc<Anchors<S, C, R>>,
 }
 
 impl<S, C, R> Retry<S, C, R> {
-    pub(crate) fn new(inner: S, hub: Arc<Hub<C, R>>) -> Self {
-        Retry { inner, hub }
+    pub(crate) fn new(inner: S, anchors: Arc<Anchors<S, C, R>>) -> Self {
+        Retry { inner, anchors }
     }
 
     /// The inner service.
@@ -51,7 +57,7 @@ impl<S: Clone, C, R> Clone for Retry<S, C, R> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            hub: self.hub.clone(),
+            anchors: self.anchors.clone(),
         }
     }
 }
@@ -60,7 +66,7 @@ impl<S: fmt::Debug, C, R> fmt::Debug for Retry<S, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("control", &self.hub.shared.control)
+            .field("control", &self.anchors.shared().control)
             .finish()
     }
 }
@@ -83,7 +89,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let shared = &*self.hub.shared;
+        let shared = self.anchors.shared();
         let ctl = &shared.control;
         // The deadline's start is the request's one time reading; the budget needs none.
         let start = if ctl.deadline.is_some() {
@@ -105,15 +111,21 @@ where
         let fut = self.inner.call(req);
         let retry = match saved {
             None => None,
-            Some(saved) => Some(Retrying {
-                svc: self.inner.clone(),
-                saved: Some(saved),
-                shared: self.hub.anchor(shard),
-                start,
-                attempt: 1,
-                max,
-                prev_delay: 0,
-            }),
+            Some(saved) => {
+                let anchor = self.anchors.anchor(shard);
+                // Retries are made on clones of one kept clone of the service, made here the
+                // first time: no clone of the service per request.
+                anchor.keep_template(&self.inner);
+                Some(Retrying {
+                    svc: None,
+                    saved: Some(saved),
+                    shared: anchor,
+                    start,
+                    attempt: 1,
+                    max,
+                    prev_delay: 0,
+                })
+            }
         };
         ResponseFuture::new(fut, retry)
     }
