@@ -659,3 +659,137 @@ fn public_types_are_send_and_sync() {
         >,
     >();
 }
+
+/// Polls `fut` (yielding to the runtime in between, so its Redis reply can arrive) until its
+/// `Debug` says it waits for its reserved turn.
+async fn until_waiting<F: Future + Unpin + std::fmt::Debug>(fut: &mut F) {
+    for _ in 0..1_000_000 {
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            std::pin::Pin::new(&mut *fut).poll(&mut cx).is_pending(),
+            "the turn is reserved ahead, not at once"
+        );
+        if format!("{fut:?}").contains("waiting") {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the check never came back");
+}
+
+/// A client that goes away while it waits for its reserved turn gives the turn back, unless a
+/// later turn was reserved meanwhile (then giving it back would hand that later slot out
+/// twice). Real time, as the other `wait_up_to` test: about a second.
+#[tokio::test]
+async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
+    let server = server_or_skip!("a_client_that_goes_away_gives_its_reserved_turn_back");
+    // One token every 250 ms, no burst; a client waits up to 600 ms for its turn.
+    let quota = Quota::per_second(4).unwrap().burst(1).unwrap();
+    let mut admin = conn(&server.url()).await;
+
+    // A takes the token; B reserves the turn at about 250 ms and goes away; C then gets B's
+    // turn (about 250 ms), not the next one (about 500 ms).
+    let ran = Counting::default();
+    let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
+        .prefix("refund1:")
+        .unwrap()
+        .wait_up_to(Duration::from_millis(600));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(ran.clone());
+    let t0 = std::time::Instant::now();
+    svc.clone().oneshot(()).await.unwrap();
+    let mut b_svc = svc.clone();
+    ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
+    let mut b = b_svc.call(());
+    until_waiting(&mut b).await;
+    drop(b);
+    for _ in 0..1_000_000 {
+        if handle.turns_given_back() == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(handle.turns_given_back(), 1, "the refund reached Redis");
+    svc.clone().oneshot(()).await.unwrap();
+    let c_done = t0.elapsed();
+    assert!(
+        c_done < Duration::from_millis(420),
+        "C took B's turn at about 250 ms, not the next at 500 ms: {c_done:?}"
+    );
+    assert_eq!(ran.calls(), 2);
+
+    // A takes the token; B and C reserve the turns at about 250 and 500 ms; B goes away. Its
+    // turn is not given back (C's is the last reserved), so D, whose turn would come at about
+    // 750 ms, past its 600 ms, is refused.
+    let ran = Counting::default();
+    let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
+        .prefix("refund2:")
+        .unwrap()
+        .wait_up_to(Duration::from_millis(600));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(ran.clone());
+    svc.clone().oneshot(()).await.unwrap();
+    let (mut b_svc, mut c_svc) = (svc.clone(), svc.clone());
+    ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
+    let mut b = b_svc.call(());
+    until_waiting(&mut b).await;
+    ServiceExt::<()>::ready(&mut c_svc).await.unwrap();
+    let mut c = c_svc.call(());
+    until_waiting(&mut c).await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    drop(b);
+    // The refund script runs (the script is loaded: one EVALSHA) and changes nothing.
+    for _ in 0..1_000_000 {
+        if calls(&mut admin, "evalsha").await >= 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(calls(&mut admin, "evalsha").await, 1);
+    assert_eq!(handle.turns_given_back(), 0);
+    let d = svc.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(kind(&d), RejectionKind::RateLimited);
+    c.await.unwrap();
+    assert_eq!(ran.calls(), 2, "A and C ran; B went away; D was refused");
+}
+
+/// With Redis down, the `Local` policy reserves turns in the in-process limiter; a client
+/// that goes away while it waits gives its turn back there too.
+#[tokio::test]
+async fn a_turn_reserved_by_the_local_fallback_is_given_back_too() {
+    let mut server = server_or_skip!("a_turn_reserved_by_the_local_fallback_is_given_back_too");
+    let quota = Quota::per_second(4).unwrap().burst(1).unwrap();
+    let ran = Counting::default();
+    let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
+        .prefix("refund3:")
+        .unwrap()
+        .wait_up_to(Duration::from_millis(600));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(ran.clone());
+    server.stop();
+    let t0 = std::time::Instant::now();
+    svc.clone().oneshot(()).await.unwrap();
+    assert_eq!(handle.local_fallbacks(), 1);
+    let mut b_svc = svc.clone();
+    ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
+    let mut b = b_svc.call(());
+    until_waiting(&mut b).await;
+    drop(b);
+    assert_eq!(
+        handle.turns_given_back(),
+        1,
+        "given back at once, in process"
+    );
+    svc.clone().oneshot(()).await.unwrap();
+    let c_done = t0.elapsed();
+    assert!(
+        c_done < Duration::from_millis(420),
+        "C took B's turn at about 250 ms, not the next at 500 ms: {c_done:?}"
+    );
+    assert_eq!(handle.local_fallbacks(), 3);
+    assert_eq!(ran.calls(), 2);
+}

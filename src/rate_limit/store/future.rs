@@ -13,13 +13,13 @@ use tokio::time::Sleep;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::redis::{Admitted, RedisShared};
+use super::redis::{Admitted, RedisShared, Turn};
 use crate::rate_limit::ResponseHeaders;
 use crate::rejection::RateLimitInfo;
 
 /// What a check returns: the script's reply, a Redis error, or the timeout.
 pub(crate) type CheckOutput =
-    Result<Result<(i64, i64, i64), redis::RedisError>, tokio::time::error::Elapsed>;
+    Result<Result<(i64, i64, i64, Vec<u8>), redis::RedisError>, tokio::time::error::Elapsed>;
 
 /// One check in flight. The Redis client boxes each command's future itself; this box holds
 /// it with its connection handle and timeout, so the check is one allocation of ours.
@@ -30,11 +30,14 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropping it while the check is in flight (or while it waits for a reserved turn) drops
-    /// the check (the multiplexed connection discards the reply) and the inner service it
-    /// held ready, which gives back whatever that service reserved in `poll_ready` (a
-    /// concurrency permit, say). If Redis had already run the script, the token stays spent,
-    /// as it would for a request that was sent.
+    /// Dropping it while the check is in flight drops the check (the multiplexed connection
+    /// discards the reply) and the inner service it held ready, which gives back whatever
+    /// that service reserved in `poll_ready` (a concurrency permit, say). If Redis had
+    /// already run the script, the token stays spent, as it would for a request that was
+    /// sent. Dropping it while it waits for a reserved turn (`wait_up_to`) also gives the
+    /// turn back, unless a later turn was reserved meanwhile (then it stays spent: giving it
+    /// back would hand that later turn's slot out twice); in Redis this is one more script,
+    /// sent from a spawned task.
     #[must_use = "futures do nothing unless polled"]
     pub struct RedisResponseFuture<S, Req, H>
     where
@@ -44,6 +47,8 @@ pin_project! {
         state: State<S, Req>,
         shared: Arc<RedisShared>,
         local_hash: u64,
+        // The Redis key, kept by layers whose clients wait for reserved turns.
+        key: Option<Vec<u8>>,
         info: Option<RateLimitInfo>,
         _headers: PhantomData<fn() -> H>,
     }
@@ -56,9 +61,22 @@ pin_project! {
         S: Service<Req>,
     {
         Checking { check: CheckFuture, svc: Option<S>, req: Option<Req> },
-        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req> },
+        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req>, refund: Refund },
         Called { #[pin] fut: S::Future },
         Done,
+    }
+}
+
+/// A turn reserved ahead and not yet used: given back when dropped armed.
+pub(crate) struct Refund {
+    armed: Option<(Arc<RedisShared>, Vec<u8>, Turn)>,
+}
+
+impl Drop for Refund {
+    fn drop(&mut self) {
+        if let Some((shared, key, turn)) = self.armed.take() {
+            shared.refund(key, turn);
+        }
     }
 }
 
@@ -69,6 +87,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
         req: Req,
         shared: Arc<RedisShared>,
         local_hash: u64,
+        key: Option<Vec<u8>>,
     ) -> Self {
         RedisResponseFuture {
             state: State::Checking {
@@ -78,6 +97,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             },
             shared,
             local_hash,
+            key,
             info: None,
             _headers: PhantomData,
         }
@@ -113,7 +133,11 @@ where
                 StateProj::Checking { check, svc, req } => {
                     let out = ready!(check.as_mut().poll(cx));
                     match this.shared.decide(out, *this.local_hash, H::ENABLED) {
-                        Ok(Admitted { info, wait_ns }) => {
+                        Ok(Admitted {
+                            info,
+                            wait_ns,
+                            turn,
+                        }) => {
                             *this.info = info;
                             let s = svc.take().expect("polled after completion");
                             let r = req.take().expect("polled after completion");
@@ -126,10 +150,20 @@ where
                                 );
                                 let sleep =
                                     Box::pin(tokio::time::sleep(Duration::from_nanos(wait_ns)));
+                                let refund = Refund {
+                                    armed: turn.map(|turn| {
+                                        (
+                                            this.shared.clone(),
+                                            this.key.take().unwrap_or_default(),
+                                            turn,
+                                        )
+                                    }),
+                                };
                                 self.as_mut().project().state.set(State::Waiting {
                                     sleep,
                                     svc: Some(s),
                                     req: Some(r),
+                                    refund,
                                 });
                             } else {
                                 // The service was made ready by `poll_ready` before `call`.
@@ -144,8 +178,15 @@ where
                         }
                     }
                 }
-                StateProj::Waiting { sleep, svc, req } => {
+                StateProj::Waiting {
+                    sleep,
+                    svc,
+                    req,
+                    refund,
+                } => {
                     ready!(sleep.as_mut().poll(cx));
+                    // The turn has come: it is used, whatever happens next.
+                    refund.armed = None;
                     let mut s = svc.take().expect("polled after completion");
                     let r = req.take().expect("polled after completion");
                     let fut = s.call(r);

@@ -11,7 +11,9 @@
 -- layer refuses quotas whose tolerance + interval exceeds 2^52 ns. The key expires when its
 -- TAT passes: a TAT in the past is the same as an absent key.
 --
--- Returns {admitted (0|1), wait or retry-after (ns), TAT - now after the step (ns)}.
+-- Returns {admitted (0|1), wait or retry-after (ns), TAT - now after the step (ns), the TAT
+-- stored by an admit ("" for a rejection)}. A client that gives up a reserved turn hands
+-- that TAT to refund.lua.
 if redis.replicate_commands then redis.replicate_commands() end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
@@ -37,11 +39,11 @@ end
 local new_ahead = ahead + interval
 local wait = new_ahead - tolerance
 if wait > max_wait then
-  return {0, wait, ahead}
+  return {0, wait, ahead, ''}
 end
 if wait < 0 then wait = 0 end
 local total = now_ns + new_ahead
 local add_s = math.floor(total / 1e9)
 local tat = string.format('%d:%d', now_s + add_s, total - add_s * 1e9)
 redis.call('SET', KEYS[1], tat, 'PX', math.ceil(new_ahead / 1e6))
-return {1, wait, new_ahead}
+return {1, wait, new_ahead, tat}

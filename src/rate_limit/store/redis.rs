@@ -26,6 +26,10 @@ use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
 static SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
 
+/// Gives back a reserved turn whose client went away before it came.
+static REFUND: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("refund.lua")));
+
 /// The key prefix used unless [`RedisRateLimitLayer::prefix`] says otherwise.
 pub const DEFAULT_PREFIX: &str = "bulwark:rl:";
 
@@ -163,12 +167,26 @@ pub(crate) fn redis_key<Q: Hash + ?Sized>(prefix: &[u8], key: &Q) -> Vec<u8> {
     out
 }
 
-/// An admitted request: the figures for headers (when asked) and how long to wait for its
-/// turn (0: at once).
-#[derive(Clone, Copy, Debug)]
+/// An admitted request: the figures for headers (when asked), how long to wait for its turn
+/// (0: at once) and, for a turn reserved ahead, what gives it back.
+#[derive(Debug)]
 pub(crate) struct Admitted {
     pub(crate) info: Option<RateLimitInfo>,
     pub(crate) wait_ns: u64,
+    pub(crate) turn: Option<Turn>,
+}
+
+/// A turn reserved ahead (`wait_up_to`), to give back if its client goes away first.
+#[derive(Debug)]
+pub(crate) enum Turn {
+    /// Reserved in Redis: the TAT the check stored, and the interval it used.
+    Redis { tat: Vec<u8>, interval: u64 },
+    /// Reserved in the local fallback's limiter.
+    Local {
+        hash: Option<u64>,
+        new_tat: u64,
+        interval: u64,
+    },
 }
 
 /// Logs store failures at most once a second, and the recovery once.
@@ -229,6 +247,7 @@ struct Counters {
     failed_open: AtomicU64,
     failed_closed: AtomicU64,
     local_fallbacks: AtomicU64,
+    turns_given_back: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -326,7 +345,7 @@ impl RedisShared {
         want_info: bool,
     ) -> Result<Admitted, Rejection> {
         match out {
-            Ok(Ok((admitted, wait, ahead))) => {
+            Ok(Ok((admitted, wait, ahead, tat))) => {
                 if self.log.success() {
                     tracing::info!(
                         prefix = %String::from_utf8_lossy(&self.prefix),
@@ -335,9 +354,14 @@ impl RedisShared {
                 }
                 let ahead = u64::try_from(ahead).unwrap_or(0);
                 if admitted == 1 {
+                    let wait_ns = u64::try_from(wait).unwrap_or(0);
                     Ok(Admitted {
                         info: want_info.then(|| self.info(ahead)),
-                        wait_ns: u64::try_from(wait).unwrap_or(0),
+                        wait_ns,
+                        turn: (wait_ns > 0).then(|| Turn::Redis {
+                            tat,
+                            interval: self.params().0,
+                        }),
                     })
                 } else {
                     bump(&self.counters.rejected);
@@ -351,6 +375,42 @@ impl RedisShared {
             }
             Ok(Err(e)) => self.on_failure(&e, false, local_hash, want_info),
             Err(elapsed) => self.on_failure(&elapsed, true, local_hash, want_info),
+        }
+    }
+
+    /// Gives back a reserved turn whose client went away before it came: in the local
+    /// fallback at once, in Redis by a compare-and-set script sent from a spawned task (a
+    /// `Drop` cannot wait for a round trip; without a tokio runtime the turn stays spent).
+    pub(crate) fn refund(self: Arc<Self>, key: Vec<u8>, turn: Turn) {
+        match turn {
+            Turn::Local {
+                hash,
+                new_tat,
+                interval,
+            } => {
+                if let Some(local) = &self.local {
+                    local.shared.refund(hash, new_tat, interval);
+                    bump(&self.counters.turns_given_back);
+                }
+            }
+            Turn::Redis { tat, interval } => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let mut conn = self.conn.clone();
+                let timeout = self.timeout;
+                runtime.spawn(async move {
+                    let mut invocation = REFUND.key(key);
+                    invocation.arg(tat).arg(interval);
+                    let given: Result<Result<i64, _>, _> =
+                        tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await;
+                    let given_back = matches!(given, Ok(Ok(1)));
+                    if given_back {
+                        bump(&self.counters.turns_given_back);
+                    }
+                    tracing::trace!(given_back, "redis rate limit: a reserved turn was not used");
+                });
+            }
         }
     }
 
@@ -394,6 +454,7 @@ impl RedisShared {
                 Ok(Admitted {
                     info: None,
                     wait_ns: 0,
+                    turn: None,
                 })
             }
             (FailurePolicy::Local, Some(local)) => {
@@ -411,6 +472,11 @@ impl RedisShared {
                     gcra::Step::Admit { wait_ns, .. } => Ok(Admitted {
                         info: want_info.then(|| l.info(tat, now)),
                         wait_ns,
+                        turn: (wait_ns > 0).then(|| Turn::Local {
+                            hash: l.table.as_ref().map(|_| local_hash),
+                            new_tat: tat,
+                            interval: l.params().0,
+                        }),
                     }),
                     gcra::Step::Reject { retry_after_ns } => {
                         l.count_rejection();
@@ -552,6 +618,9 @@ impl<K, H> RedisRateLimitLayer<K, H> {
     /// For clients: a request over the limit waits (with `tokio::time`) for its turn when that
     /// turn comes within `max_wait`, and is rejected otherwise. The turn is reserved in Redis
     /// at once, so waiters of every replica are served in order and never exceed the quota.
+    /// A client that goes away before its turn gives the turn back (one more script, sent
+    /// from a spawned task), unless a later turn was reserved meanwhile; see
+    /// [`RedisRateLimitHandle::turns_given_back`].
     /// Default: zero (reject at once), which is what servers want. Values beyond the script's
     /// range (about 52 days) are capped.
     pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
@@ -696,10 +765,13 @@ where
         let shared = &*self.shared;
         let key = self.key.key(&req);
         let local_hash = shared.local_hash(&key);
-        let check = shared.check(redis_key(&shared.prefix, &key));
+        let rkey = redis_key(&shared.prefix, &key);
+        // A layer whose clients wait for reserved turns keeps the key, to give a turn back.
+        let kept = (shared.max_wait_ns > 0).then(|| rkey.clone());
+        let check = shared.check(rkey);
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        RedisResponseFuture::new(check, ready, req, self.shared.clone(), local_hash)
+        RedisResponseFuture::new(check, ready, req, self.shared.clone(), local_hash, kept)
     }
 }
 
@@ -779,6 +851,16 @@ impl RedisRateLimitHandle {
     /// Requests decided by the local limiter of [`FailurePolicy::Local`].
     pub fn local_fallbacks(&self) -> u64 {
         self.shared.counters.local_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Turns reserved ahead ([`wait_up_to`](RedisRateLimitLayer::wait_up_to)) and given back
+    /// because their client went away before they came (a turn is not given back when a
+    /// later one was reserved meanwhile).
+    pub fn turns_given_back(&self) -> u64 {
+        self.shared
+            .counters
+            .turns_given_back
+            .load(Ordering::Relaxed)
     }
 
     /// Whether the last check that finished could not reach Redis.
@@ -921,7 +1003,7 @@ mod tests {
                         // Steps of whole microseconds, as Redis's TIME has.
                         now_us += d * (interval as i64 / 1_000_000) / 1_000;
                         let now_ns = now_us as u64 * 1_000;
-                        let (admitted, wait, ahead): (i64, i64, i64) = SCRIPT
+                        let (admitted, wait, ahead, stored): (i64, i64, i64, String) = SCRIPT
                             .key(&key)
                             .arg(interval)
                             .arg(tolerance)
@@ -935,10 +1017,16 @@ mod tests {
                                 prop_assert_eq!(admitted, 1);
                                 prop_assert_eq!(wait as u64, wait_ns);
                                 prop_assert_eq!(ahead as u64, new_tat - now_ns);
+                                // The TAT handed back for a refund is the one stored.
+                                let (secs, nanos) = stored.split_once(':').unwrap();
+                                let stored_ns = secs.parse::<u64>().unwrap() * 1_000_000_000
+                                    + nanos.parse::<u64>().unwrap();
+                                prop_assert_eq!(stored_ns, new_tat);
                                 tat = new_tat;
                             }
                             gcra::Step::Reject { retry_after_ns } => {
                                 prop_assert_eq!(admitted, 0);
+                                prop_assert_eq!(stored, "");
                                 prop_assert_eq!(wait as u64, retry_after_ns);
                                 prop_assert_eq!(ahead as u64, tat.saturating_sub(now_ns));
                             }
