@@ -608,9 +608,11 @@ async fn failures_stored_when_asked() {
 #[tokio::test(start_paused = true)]
 async fn too_large_response_passes_whole_and_is_never_run_again() {
     let app = App::new();
+    let layer = builder().max_response_body(64).build().unwrap();
+    let handle = layer.handle();
     let svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
-        .layer(builder().max_response_body(64).build().unwrap())
+        .layer(layer)
         .service(app.service());
     let r = || {
         post("big", "{}")
@@ -632,6 +634,10 @@ async fn too_large_response_passes_whole_and_is_never_run_again() {
         "tag:tower-bulwark,2026:idempotency-response-not-stored"
     );
     assert_eq!(app.runs(), 1);
+    let stats = handle.stats();
+    assert_eq!(stats.executed, 1);
+    assert_eq!(stats.replayed, 0, "nothing was replayed");
+    assert_eq!(stats.unreplayable, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -336,7 +336,7 @@ where
                                     out: Some(Ok(replay(&record))),
                                 }
                             } else {
-                                Counters::bump(&stats.replayed);
+                                Counters::bump(&stats.unreplayable);
                                 ready_err(Rejection::new(
                                     RejectionKind::IdempotencyResponseNotStored,
                                 ))

@@ -137,6 +137,7 @@ impl Shared {
 pub(crate) struct Counters {
     pub(crate) executed: AtomicU64,
     pub(crate) replayed: AtomicU64,
+    pub(crate) unreplayable: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) mismatched: AtomicU64,
     pub(crate) invalid: AtomicU64,
@@ -499,6 +500,9 @@ pub struct IdempotencyStats {
     pub executed: u64,
     /// Repeats answered with a stored response.
     pub replayed: u64,
+    /// Repeats refused (409) because the first response was too large to keep: it ran once
+    /// and is not run again.
+    pub unreplayable: u64,
     /// Repeats refused (409) because the first was still in flight.
     pub in_flight_rejected: u64,
     /// Keys reused with another payload (422).
@@ -521,6 +525,7 @@ impl IdempotencyHandle {
         IdempotencyStats {
             executed: get(&s.executed),
             replayed: get(&s.replayed),
+            unreplayable: get(&s.unreplayable),
             in_flight_rejected: get(&s.in_flight),
             mismatched: get(&s.mismatched),
             invalid_keys: get(&s.invalid),
