@@ -28,7 +28,7 @@ mod redis_server;
 /// The limiter's script, invoked bare (no layer, no timeout, fixed key): the floor a check
 /// can reach, to tell Redis's own cost from the layer's.
 async fn script(conn: &mut ConnectionManager, script: &redis::Script) {
-    let (admitted, _, _): (i64, i64, i64) = script
+    let (admitted, _, _, _): (i64, i64, i64, Vec<u8>) = script
         .key("bench:{script}")
         .arg(1u64)
         .arg(1_000_000_000u64)
