@@ -660,6 +660,30 @@ fn public_types_are_send_and_sync() {
     >();
 }
 
+/// A client-side limiter of `quota` under `prefix` that waits up to 600 ms for a reserved turn,
+/// around a counting service.
+async fn waiting_client(
+    url: &str,
+    quota: Quota,
+    prefix: &str,
+) -> (
+    impl Service<(), Response = (), Error = BoxError, Future: Send + Unpin + std::fmt::Debug> + Clone,
+    RedisRateLimitHandle,
+    Counting,
+) {
+    let ran = Counting::default();
+    let layer = patient(RedisRateLimitLayer::new(conn(url).await, quota).unwrap())
+        .prefix(prefix)
+        .unwrap()
+        .wait_up_to(Duration::from_millis(600));
+    let handle = layer.handle();
+    (
+        ServiceBuilder::new().layer(layer).service(ran.clone()),
+        handle,
+        ran,
+    )
+}
+
 /// Polls `fut` (yielding to the runtime in between, so its Redis reply can arrive) until its
 /// `Debug` says it waits for its reserved turn.
 async fn until_waiting<F: Future + Unpin + std::fmt::Debug>(fut: &mut F) {
@@ -689,13 +713,7 @@ async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
 
     // A takes the token; B reserves the turn at about 250 ms and goes away; C then gets B's
     // turn (about 250 ms), not the next one (about 500 ms).
-    let ran = Counting::default();
-    let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
-        .prefix("refund1:")
-        .unwrap()
-        .wait_up_to(Duration::from_millis(600));
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new().layer(layer).service(ran.clone());
+    let (svc, handle, ran) = waiting_client(&server.url(), quota, "refund1:").await;
     let t0 = std::time::Instant::now();
     svc.clone().oneshot(()).await.unwrap();
     let mut b_svc = svc.clone();
@@ -721,13 +739,7 @@ async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
     // A takes the token; B and C reserve the turns at about 250 and 500 ms; B goes away. Its
     // turn is not given back (C's is the last reserved), so D, whose turn would come at about
     // 750 ms, past its 600 ms, is refused.
-    let ran = Counting::default();
-    let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
-        .prefix("refund2:")
-        .unwrap()
-        .wait_up_to(Duration::from_millis(600));
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new().layer(layer).service(ran.clone());
+    let (svc, handle, ran) = waiting_client(&server.url(), quota, "refund2:").await;
     svc.clone().oneshot(()).await.unwrap();
     let (mut b_svc, mut c_svc) = (svc.clone(), svc.clone());
     ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
@@ -763,13 +775,7 @@ async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
 async fn a_turn_reserved_by_the_local_fallback_is_given_back_too() {
     let mut server = server_or_skip!("a_turn_reserved_by_the_local_fallback_is_given_back_too");
     let quota = Quota::per_second(4).unwrap().burst(1).unwrap();
-    let ran = Counting::default();
-    let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
-        .prefix("refund3:")
-        .unwrap()
-        .wait_up_to(Duration::from_millis(600));
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new().layer(layer).service(ran.clone());
+    let (svc, handle, ran) = waiting_client(&server.url(), quota, "refund3:").await;
     server.stop();
     let t0 = std::time::Instant::now();
     svc.clone().oneshot(()).await.unwrap();

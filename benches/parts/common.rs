@@ -85,3 +85,12 @@ where
         start.elapsed()
     })
 }
+
+/// A current-thread tokio runtime with timers, for services that need one to be built or
+/// called (enter it for the bench's duration).
+pub fn timer_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}

@@ -9,7 +9,7 @@ use criterion::{measurement::WallTime, BenchmarkGroup, Criterion};
 use tower::Layer;
 use tower_bulwark::{Quota, RateLimitLayer};
 
-use super::common::{call_ready, two_threads, Noop};
+use super::common::{call_ready, timer_runtime, two_threads, Noop};
 
 /// A quota that a bench never exhausts: one token per nanosecond, a burst of 2^32 - 1.
 fn generous() -> Quota {
@@ -49,10 +49,7 @@ pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
         })
     });
     g.bench_function("tower/rate_limit", |b| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _guard = rt.enter();
         let mut svc = tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1))
             .layer(Noop::<()>::default());

@@ -20,7 +20,7 @@ use tower_bulwark::{
     RateLimitLayer, RetryLayer, RetryPolicy,
 };
 
-use super::common::{call_ready, two_threads};
+use super::common::{call_ready, timer_runtime, two_threads};
 
 /// A ready HTTP service that answers at once with an empty 200.
 #[derive(Clone, Copy, Debug, Default)]
@@ -213,10 +213,7 @@ pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
     });
     g.bench_function("tower/stack", |b| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _guard = rt.enter();
         let mut svc = tower_stack();
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
@@ -226,10 +223,7 @@ pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
     });
     g.bench_function("tower/stack_retrying", |b| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _guard = rt.enter();
         let mut svc = tower_stack_retrying();
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
@@ -239,10 +233,7 @@ pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
     });
     g.bench_function("peers/stack", |b| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
+        let rt = timer_runtime();
         let _guard = rt.enter();
         let mut svc = peers_stack();
         b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
