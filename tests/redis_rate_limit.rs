@@ -701,6 +701,19 @@ async fn until_waiting<F: Future + Unpin + std::fmt::Debug>(fut: &mut F) {
     panic!("the check never came back");
 }
 
+/// A call through a clone of `svc` that has reserved a turn ahead and waits for it.
+async fn reserve<S>(svc: &S) -> S::Future
+where
+    S: Service<(), Error = BoxError> + Clone,
+    S::Future: Unpin + std::fmt::Debug,
+{
+    let mut svc = svc.clone();
+    ServiceExt::<()>::ready(&mut svc).await.unwrap();
+    let mut fut = svc.call(());
+    until_waiting(&mut fut).await;
+    fut
+}
+
 /// A client that goes away while it waits for its reserved turn gives the turn back, unless a
 /// later turn was reserved meanwhile (then giving it back would hand that later slot out
 /// twice). Real time, as the other `wait_up_to` test: about a second.
@@ -716,10 +729,7 @@ async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
     let (svc, handle, ran) = waiting_client(&server.url(), quota, "refund1:").await;
     let t0 = std::time::Instant::now();
     svc.clone().oneshot(()).await.unwrap();
-    let mut b_svc = svc.clone();
-    ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
-    let mut b = b_svc.call(());
-    until_waiting(&mut b).await;
+    let b = reserve(&svc).await;
     drop(b);
     for _ in 0..1_000_000 {
         if handle.turns_given_back() == 1 {
@@ -741,13 +751,8 @@ async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
     // 750 ms, past its 600 ms, is refused.
     let (svc, handle, ran) = waiting_client(&server.url(), quota, "refund2:").await;
     svc.clone().oneshot(()).await.unwrap();
-    let (mut b_svc, mut c_svc) = (svc.clone(), svc.clone());
-    ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
-    let mut b = b_svc.call(());
-    until_waiting(&mut b).await;
-    ServiceExt::<()>::ready(&mut c_svc).await.unwrap();
-    let mut c = c_svc.call(());
-    until_waiting(&mut c).await;
+    let b = reserve(&svc).await;
+    let c = reserve(&svc).await;
     let () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut admin)
@@ -780,10 +785,7 @@ async fn a_turn_reserved_by_the_local_fallback_is_given_back_too() {
     let t0 = std::time::Instant::now();
     svc.clone().oneshot(()).await.unwrap();
     assert_eq!(handle.local_fallbacks(), 1);
-    let mut b_svc = svc.clone();
-    ServiceExt::<()>::ready(&mut b_svc).await.unwrap();
-    let mut b = b_svc.call(());
-    until_waiting(&mut b).await;
+    let b = reserve(&svc).await;
     drop(b);
     assert_eq!(
         handle.turns_given_back(),
