@@ -206,38 +206,32 @@ fn peers_stack() -> impl Service<Request<Full<Bytes>>> {
     tower::limit::ConcurrencyLimit::new(breaker.layer(governed), 1 << 20)
 }
 
+/// One entry: `make`'s service called with an empty GET. A runtime is entered for every
+/// entry alike (tower's rate limit and the peers' breaker need one to be built and called).
+fn entry<S>(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, make: impl Fn() -> S)
+where
+    S: Service<Request<Full<Bytes>>>,
+{
+    g.bench_function(name, |b| {
+        let rt = timer_runtime();
+        let _guard = rt.enter();
+        let mut svc = make();
+        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
+    });
+}
+
 /// Entries of the `overhead` group (single thread).
 pub fn overhead(g: &mut BenchmarkGroup<'_, WallTime>) {
-    g.bench_function("bulwark/stack_all", |b| {
-        let mut svc = bulwark_stack();
-        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
-    });
-    g.bench_function("tower/stack", |b| {
-        let rt = timer_runtime();
-        let _guard = rt.enter();
-        let mut svc = tower_stack();
-        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
-    });
-    g.bench_function("bulwark/stack_all_but_retry", |b| {
-        let mut svc = bulwark_stack_without_retry();
-        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
-    });
-    g.bench_function("tower/stack_retrying", |b| {
-        let rt = timer_runtime();
-        let _guard = rt.enter();
-        let mut svc = tower_stack_retrying();
-        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
-    });
-    g.bench_function("bare/http_head_copy", |b| {
-        let mut svc = head_copy();
-        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
-    });
-    g.bench_function("peers/stack", |b| {
-        let rt = timer_runtime();
-        let _guard = rt.enter();
-        let mut svc = peers_stack();
-        b.iter(|| assert!(call_ready(&mut svc, black_box(req()))))
-    });
+    entry(g, "bulwark/stack_all", bulwark_stack);
+    entry(g, "tower/stack", tower_stack);
+    entry(
+        g,
+        "bulwark/stack_all_but_retry",
+        bulwark_stack_without_retry,
+    );
+    entry(g, "tower/stack_retrying", tower_stack_retrying);
+    entry(g, "bare/http_head_copy", head_copy);
+    entry(g, "peers/stack", peers_stack);
 }
 
 /// Entries of the `contention` bench (2 threads on one shared instance).
