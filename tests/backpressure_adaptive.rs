@@ -12,6 +12,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_bulwark::backpressure::{
     Adaptive, Aimd, BackpressureHandle, BackpressureLayer, Gradient,
 };
+use tower_bulwark::classify::HttpStatus;
 use tower_bulwark::clock::Clock;
 
 /// A dependency that serves `capacity` requests at once in `base` and queues the rest, so its
@@ -247,4 +248,59 @@ async fn server_errors_count_as_failures_when_holding_until_body_end() {
         tokio::time::advance(Duration::from_millis(5)).await;
     }
     assert_eq!(handle.limit(), after);
+}
+
+/// With the default release (the permit goes back with the response), a classifier says which
+/// responses are failures: with `HttpStatus`, 5xx responses pull the limit to its floor;
+/// without one, responses are successes and the limit stays up.
+#[tokio::test(start_paused = true)]
+async fn a_classifier_makes_server_errors_failures() {
+    let layer = || {
+        BackpressureLayer::adaptive(
+            Adaptive::aimd(Aimd::default())
+                .floor(2)
+                .ceiling(64)
+                .initial(32)
+                .window(Duration::from_millis(10))
+                .min_samples(1)
+                .clock(Clock::tokio()),
+        )
+        .unwrap()
+    };
+    let answer = |status: u16| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let res = http::Response::builder().status(status).body(()).unwrap();
+        Ok::<_, Infallible>(res)
+    };
+    let classified = layer().classify(HttpStatus::default());
+    let unclassified = layer();
+    let (with, without) = (classified.handle(), unclassified.handle());
+    let mut a = classified.layer(tower::service_fn(answer));
+    let mut b = unclassified.layer(tower::service_fn(answer));
+    for _ in 0..100 {
+        let res = a.ready().await.unwrap().call(503).await.unwrap();
+        assert_eq!(res.status(), 503);
+        let res = b.ready().await.unwrap().call(503).await.unwrap();
+        assert_eq!(res.status(), 503);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        with.limit(),
+        2,
+        "5xx responses drive the limit to its floor"
+    );
+    assert!(
+        without.limit() >= 32,
+        "without a classifier a response is a success: {}",
+        without.limit()
+    );
+    for _ in 0..30 {
+        a.ready().await.unwrap().call(200).await.unwrap();
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert!(
+        with.limit() > 2,
+        "successes let it grow again: {}",
+        with.limit()
+    );
 }

@@ -14,7 +14,7 @@ use tokio::sync::futures::Notified;
 use tokio::time::Sleep;
 use tower::BoxError;
 
-use crate::classify::{GrpcStatus, HttpStatus};
+use crate::classify::{Classify, ErrorsOnly, GrpcStatus, HttpStatus};
 use tower_service::Service;
 
 use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
@@ -31,12 +31,14 @@ pin_project! {
     /// Dropped at any point, it gives back what it holds: the permit of a running request,
     /// the place of a waiting one (and a wake-up it was handed passes on to the next waiter).
     #[must_use = "futures do nothing unless you `.await` or poll them"]
-    pub struct ResponseFuture<S, Req, R>
+    pub struct ResponseFuture<S, Req, R, C = ErrorsOnly>
     where
         S: Service<Req>,
     {
         #[pin]
         state: State<S, Req>,
+        // What counts as a failure in an adaptive limit's samples.
+        classify: C,
         _release: PhantomData<fn() -> R>,
     }
 }
@@ -107,32 +109,34 @@ impl<S, Req> Waiter<S, Req> {
     }
 }
 
-impl<S, Req, R> ResponseFuture<S, Req, R>
+impl<S, Req, R, C> ResponseFuture<S, Req, R, C>
 where
     S: Service<Req>,
 {
     #[inline]
-    pub(crate) fn running(fut: S::Future, permit: Permit, start: u64) -> Self {
+    pub(crate) fn running(fut: S::Future, permit: Permit, start: u64, classify: C) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
                 permit: Some(permit),
                 start,
             },
+            classify,
             _release: PhantomData,
         }
     }
 
     #[inline]
-    pub(crate) fn shed(retry_after: Duration) -> Self {
+    pub(crate) fn shed(retry_after: Duration, classify: C) -> Self {
         ResponseFuture {
             state: State::Shed { retry_after },
+            classify,
             _release: PhantomData,
         }
     }
 
     /// A waiter: already counted in the budget's queue.
-    pub(crate) fn waiting(svc: S, req: Req, shared: Arc<Shared>, cfg: Config) -> Self {
+    pub(crate) fn waiting(svc: S, req: Req, shared: Arc<Shared>, cfg: Config, classify: C) -> Self {
         let now = tokio::time::Instant::now();
         let deadline = now
             .checked_add(cfg.max_wait)
@@ -149,6 +153,7 @@ where
                     queued: Queued(shared),
                 }),
             },
+            classify,
             _release: PhantomData,
         }
     }
@@ -158,12 +163,14 @@ where
     fn poll_with<T>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        done: impl FnOnce(S::Response, Permit, u64) -> T,
+        done: impl FnOnce(S::Response, Permit, u64, &C) -> T,
     ) -> Poll<Result<T, BoxError>>
     where
         S::Error: Into<BoxError>,
     {
-        let mut state = self.project().state;
+        let this = self.project();
+        let classify = &*this.classify;
+        let mut state = this.state;
         loop {
             match state.as_mut().project() {
                 StateProj::Running { fut, permit, start } => {
@@ -172,7 +179,7 @@ where
                     // bug that the permit being gone reports.
                     let permit = permit.take().expect("polled after completion");
                     return Poll::Ready(match out {
-                        Ok(res) => Ok(done(res, permit, *start)),
+                        Ok(res) => Ok(done(res, permit, *start, classify)),
                         Err(e) => {
                             permit.finish(*start, Outcome::Failure);
                             Err(e.into())
@@ -215,42 +222,52 @@ where
     }
 }
 
-impl<S, Req> Future for ResponseFuture<S, Req, ReleaseOnResponse>
+impl<S, Req, C> Future for ResponseFuture<S, Req, ReleaseOnResponse, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
 {
     type Output = Result<S::Response, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The permit is dropped, given back, here.
-        self.poll_with(cx, |res, permit, start| {
-            permit.finish(start, Outcome::Success);
+        self.poll_with(cx, |res, permit, start, classify| {
+            // Only an adaptive limit takes a sample, so only it asks the classifier.
+            let outcome = if permit.is_adaptive() && classify.classify_response(&res).is_failure() {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            permit.finish(start, outcome);
             res
         })
     }
 }
 
-impl<S, ReqB, ResB> Future for ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd>
+impl<S, ReqB, ResB, C> Future for ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd, C>
 where
     S: Service<http::Request<ReqB>, Response = http::Response<ResB>>,
     S::Error: Into<BoxError>,
     ResB: Body,
+    C: Classify<http::Response<ResB>>,
 {
     type Output = Result<http::Response<PermitBody<ResB>>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_with(cx, |res, permit, start| {
+        self.poll_with(cx, |res, permit, start, classify| {
             // For an adaptive limit, a failure of the dependency as `classify` sees it: a 5xx,
-            // or a failing gRPC status in the headers (trailers-only responses).
+            // or a failing gRPC status in the headers (trailers-only responses), or what the
+            // layer's classifier calls a failure.
             let failed = HttpStatus::default()
                 .classify_status(res.status())
                 .is_failure()
                 || GrpcStatus::default()
                     .classify_trailers(res.headers())
-                    .is_failure();
+                    .is_failure()
+                || (permit.is_adaptive() && classify.classify_response(&res).is_failure());
             let outcome = if failed {
                 Outcome::Failure
             } else {
@@ -274,7 +291,7 @@ where
     }
 }
 
-impl<S, Req, R> fmt::Debug for ResponseFuture<S, Req, R>
+impl<S, Req, R, C> fmt::Debug for ResponseFuture<S, Req, R, C>
 where
     S: Service<Req>,
 {

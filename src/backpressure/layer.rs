@@ -9,6 +9,7 @@ use super::adaptive::{Adaptive, AdaptiveState};
 use super::error::ConfigError;
 use super::service::Backpressure;
 use super::state::{BackpressureHandle, Shared, MAX_LIMIT};
+use crate::classify::ErrorsOnly;
 use crate::clock::Clock;
 
 /// The permit is given back when the response future completes (the default).
@@ -47,9 +48,10 @@ pub(crate) struct Config {
 ///
 /// [`max_wait`]: BackpressureLayer::max_wait
 /// [`max_queue`]: BackpressureLayer::max_queue
-pub struct BackpressureLayer<R = ReleaseOnResponse> {
+pub struct BackpressureLayer<R = ReleaseOnResponse, C = ErrorsOnly> {
     shared: Arc<Shared>,
     cfg: Config,
+    classify: C,
     _release: PhantomData<fn() -> R>,
 }
 
@@ -99,12 +101,13 @@ impl BackpressureLayer {
                 max_queue: usize::MAX,
                 retry_after: Duration::from_secs(1),
             },
+            classify: ErrorsOnly,
             _release: PhantomData,
         }
     }
 }
 
-impl<R> BackpressureLayer<R> {
+impl<R, C> BackpressureLayer<R, C> {
     /// How long a request may wait for a permit before it is shed (default zero: shed at
     /// once).
     ///
@@ -143,10 +146,39 @@ impl<R> BackpressureLayer<R> {
     /// failed, or was dropped), not only until the response head, so a streaming response
     /// counts as in flight. The service's responses become
     /// `http::Response<`[`PermitBody<B>`](super::PermitBody)`>`.
-    pub fn hold_until_body_end(self) -> BackpressureLayer<ReleaseOnBodyEnd> {
+    pub fn hold_until_body_end(self) -> BackpressureLayer<ReleaseOnBodyEnd, C> {
         BackpressureLayer {
             shared: self.shared,
             cfg: self.cfg,
+            classify: self.classify,
+            _release: PhantomData,
+        }
+    }
+
+    /// What counts as a failure of the dependency in an adaptive limit's samples, for the
+    /// responses (errors always count as failures). Responses whose outcome
+    /// [`is_failure`](crate::classify::Outcome::is_failure) are failures.
+    ///
+    /// By default ([`ErrorsOnly`]) every response is a success: for an HTTP service, give
+    /// [`HttpStatus`](crate::classify::HttpStatus) so that 5xx responses pull the limit down
+    /// (with [`hold_until_body_end`](Self::hold_until_body_end), 5xx and failing gRPC statuses
+    /// in the headers always count, and the classifier adds to them). A fixed limit takes no
+    /// samples and never calls the classifier.
+    ///
+    /// ```
+    /// use tower_bulwark::backpressure::{Adaptive, Aimd, BackpressureLayer};
+    /// use tower_bulwark::classify::HttpStatus;
+    ///
+    /// let layer = BackpressureLayer::adaptive(Adaptive::aimd(Aimd::default()))
+    ///     .expect("valid configuration")
+    ///     .classify(HttpStatus::default());
+    /// # let _ = layer;
+    /// ```
+    pub fn classify<C2>(self, classify: C2) -> BackpressureLayer<R, C2> {
+        BackpressureLayer {
+            shared: self.shared,
+            cfg: self.cfg,
+            classify,
             _release: PhantomData,
         }
     }
@@ -159,17 +191,18 @@ impl<R> BackpressureLayer<R> {
     }
 }
 
-impl<R> Clone for BackpressureLayer<R> {
+impl<R, C: Clone> Clone for BackpressureLayer<R, C> {
     fn clone(&self) -> Self {
         BackpressureLayer {
             shared: self.shared.clone(),
             cfg: self.cfg,
+            classify: self.classify.clone(),
             _release: PhantomData,
         }
     }
 }
 
-impl<R> fmt::Debug for BackpressureLayer<R> {
+impl<R, C> fmt::Debug for BackpressureLayer<R, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackpressureLayer")
             .field("budget", &self.handle())
@@ -180,14 +213,18 @@ impl<R> fmt::Debug for BackpressureLayer<R> {
                 "release",
                 &std::any::type_name::<R>().rsplit("::").next().unwrap_or(""),
             )
+            .field(
+                "classify",
+                &std::any::type_name::<C>().rsplit("::").next().unwrap_or(""),
+            )
             .finish()
     }
 }
 
-impl<S, R> Layer<S> for BackpressureLayer<R> {
-    type Service = Backpressure<S, R>;
+impl<S, R, C: Clone> Layer<S> for BackpressureLayer<R, C> {
+    type Service = Backpressure<S, R, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Backpressure::from_parts(inner, self.shared.clone(), self.cfg)
+        Backpressure::from_parts(inner, self.shared.clone(), self.cfg, self.classify.clone())
     }
 }

@@ -26,7 +26,9 @@
 //!   [`max_queue`](BackpressureLayer::max_queue) others, and is admitted the moment a permit
 //!   comes back.
 //! - [`BackpressureLayer::adaptive`] moves the limit between a floor and a ceiling from the
-//!   latency and failures it measures ([`Aimd`], [`Gradient`]).
+//!   latency and failures it measures ([`Aimd`], [`Gradient`]). Errors are failures; which
+//!   responses are comes from a classifier ([`BackpressureLayer::classify`], such as
+//!   [`HttpStatus`](crate::classify::HttpStatus) for 5xx).
 //! - The [`BackpressureHandle`] reports the requests in flight, waiting and shed, and changes
 //!   the limit at run time. Shedding emits a `tracing` `WARN` event at most once a second,
 //!   with the count shed since the last one.

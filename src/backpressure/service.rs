@@ -9,6 +9,7 @@ use tower_service::Service;
 use super::future::{PermitBody, ResponseFuture};
 use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
 use super::state::{BackpressureHandle, Hot, Permit, Shared};
+use crate::classify::{Classify, ErrorsOnly};
 
 /// The service made by [`BackpressureLayer`](super::BackpressureLayer).
 ///
@@ -21,24 +22,26 @@ use super::state::{BackpressureHandle, Hot, Permit, Shared};
 /// # Clone
 ///
 /// Clones draw on the same budget. A clone starts with nothing reserved.
-pub struct Backpressure<S, R = ReleaseOnResponse> {
+pub struct Backpressure<S, R = ReleaseOnResponse, C = ErrorsOnly> {
     inner: S,
     // The budget's hot state, read without going through `shared` on the admit path.
     hot: &'static Hot,
     adaptive: bool,
     shared: Arc<Shared>,
     cfg: Config,
+    classify: C,
     _release: PhantomData<fn() -> R>,
 }
 
-impl<S, R> Backpressure<S, R> {
-    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, cfg: Config) -> Self {
+impl<S, R, C> Backpressure<S, R, C> {
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, cfg: Config, classify: C) -> Self {
         Backpressure {
             inner,
             hot: shared.hot,
             adaptive: shared.adaptive.is_some(),
             shared,
             cfg,
+            classify,
             _release: PhantomData,
         }
     }
@@ -66,9 +69,10 @@ impl<S, R> Backpressure<S, R> {
     }
 
     #[inline]
-    fn start<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, R>
+    fn start<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, R, C>
     where
         S: Service<Req> + Clone,
+        C: Clone,
     {
         if let Some(in_flight) = self.hot.try_acquire() {
             // The permit exists before the inner call, so a panic in `call` gives it back.
@@ -77,7 +81,12 @@ impl<S, R> Backpressure<S, R> {
             } else {
                 (Permit::fixed(self.hot), 0)
             };
-            return ResponseFuture::running(self.inner.call(req), permit, start);
+            return ResponseFuture::running(
+                self.inner.call(req),
+                permit,
+                start,
+                self.classify.clone(),
+            );
         }
         // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.
         if self.cfg.max_wait.is_zero()
@@ -85,17 +94,23 @@ impl<S, R> Backpressure<S, R> {
             || !self.shared.enter_queue(self.cfg.max_queue)
         {
             self.shared.on_shed(false);
-            return ResponseFuture::shed(self.cfg.retry_after);
+            return ResponseFuture::shed(self.cfg.retry_after, self.classify.clone());
         }
         // Wait for a permit in the response future, with the service made ready by
         // `poll_ready`; a fresh clone stays here and is made ready again for the next call.
         let fresh = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, fresh);
-        ResponseFuture::waiting(ready, req, self.shared.clone(), self.cfg)
+        ResponseFuture::waiting(
+            ready,
+            req,
+            self.shared.clone(),
+            self.cfg,
+            self.classify.clone(),
+        )
     }
 }
 
-impl<S: Clone, R> Clone for Backpressure<S, R> {
+impl<S: Clone, R, C: Clone> Clone for Backpressure<S, R, C> {
     fn clone(&self) -> Self {
         Backpressure {
             inner: self.inner.clone(),
@@ -103,12 +118,13 @@ impl<S: Clone, R> Clone for Backpressure<S, R> {
             adaptive: self.adaptive,
             shared: self.shared.clone(),
             cfg: self.cfg,
+            classify: self.classify.clone(),
             _release: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, R> fmt::Debug for Backpressure<S, R> {
+impl<S: fmt::Debug, R, C> fmt::Debug for Backpressure<S, R, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Backpressure")
             .field("inner", &self.inner)
@@ -119,14 +135,15 @@ impl<S: fmt::Debug, R> fmt::Debug for Backpressure<S, R> {
     }
 }
 
-impl<S, Req> Service<Req> for Backpressure<S, ReleaseOnResponse>
+impl<S, Req, C> Service<Req> for Backpressure<S, ReleaseOnResponse, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, ReleaseOnResponse>;
+    type Future = ResponseFuture<S, Req, ReleaseOnResponse, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -139,15 +156,16 @@ where
     }
 }
 
-impl<S, ReqB, ResB> Service<http::Request<ReqB>> for Backpressure<S, ReleaseOnBodyEnd>
+impl<S, ReqB, ResB, C> Service<http::Request<ReqB>> for Backpressure<S, ReleaseOnBodyEnd, C>
 where
     S: Service<http::Request<ReqB>, Response = http::Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
     ResB: http_body::Body,
+    C: Classify<http::Response<ResB>>,
 {
     type Response = http::Response<PermitBody<ResB>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd>;
+    type Future = ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {

@@ -315,6 +315,12 @@ impl Permit {
         (permit, shared.clock().now_nanos())
     }
 
+    /// Whether the budget is adaptive (the permit takes a sample when it finishes).
+    #[inline(always)]
+    pub(crate) fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
     /// Gives the permit back after a request completed, with its latency sample for an
     /// adaptive budget.
     #[inline(always)]
