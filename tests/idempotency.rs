@@ -15,8 +15,10 @@ use tokio::sync::Semaphore;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::clock::Clock;
 use tower_bulwark::idempotency::{
-    ConfigError, FailurePolicy, IdempotencyBuilder, IdempotencyLayer, MemoryStore, ReplayBody,
+    ConfigError, FailurePolicy, IdempotencyBuilder, IdempotencyHandle, IdempotencyLayer,
+    MemoryStore, ReplayBody,
 };
+use tower_bulwark::respond::RejectionBody;
 use tower_bulwark::{Rejection, RejectionKind, RejectionLayer};
 
 /// A handler that counts its runs; request headers steer it:
@@ -118,6 +120,29 @@ fn builder() -> IdempotencyBuilder<MemoryStore> {
     IdempotencyLayer::builder(store())
 }
 
+/// `layer` around the app, its rejections answered as HTTP responses; and the layer's handle.
+fn answered(
+    layer: IdempotencyLayer<MemoryStore>,
+    app: &App,
+) -> (
+    impl Service<
+            Request<Body>,
+            Response = Response<RejectionBody<ReplayBody<Body>>>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+    IdempotencyHandle,
+) {
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(layer)
+        .service(app.service());
+    (svc, handle)
+}
+
 async fn body_of(res: Response<ReplayBody<Body>>) -> Bytes {
     res.into_body().collect().await.unwrap().to_bytes()
 }
@@ -201,12 +226,7 @@ async fn another_payload_with_the_same_key_is_422() {
 #[tokio::test(start_paused = true)]
 async fn malformed_keys_are_400_and_never_run() {
     let app = App::new();
-    let layer = builder().build().unwrap();
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new()
-        .layer(RejectionLayer::http())
-        .layer(layer)
-        .service(app.service());
+    let (svc, handle) = answered(builder().build().unwrap(), &app);
     let long = "k".repeat(256);
     let bad: Vec<HeaderValue> = vec![
         HeaderValue::from_static(""),
@@ -301,12 +321,7 @@ async fn other_methods_are_not_replayed() {
 #[tokio::test(start_paused = true)]
 async fn oversized_body_is_413_and_never_runs() {
     let app = App::new();
-    let layer = builder().max_request_body(16).build().unwrap();
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new()
-        .layer(RejectionLayer::http())
-        .layer(layer)
-        .service(app.service());
+    let (svc, handle) = answered(builder().max_request_body(16).build().unwrap(), &app);
     // Known length.
     let r = req("big", "0123456789abcdefX");
     assert_eq!(
@@ -391,12 +406,7 @@ async fn sixty_four(wait: bool) {
     if wait {
         b = b.wait_for_in_flight(Duration::from_secs(5));
     }
-    let layer = b.build().unwrap();
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new()
-        .layer(RejectionLayer::http())
-        .layer(layer)
-        .service(app.service());
+    let (svc, handle) = answered(b.build().unwrap(), &app);
     let tasks: Vec<_> = (0..64)
         .map(|_| {
             let svc = svc.clone();
@@ -608,12 +618,7 @@ async fn failures_stored_when_asked() {
 #[tokio::test(start_paused = true)]
 async fn too_large_response_passes_whole_and_is_never_run_again() {
     let app = App::new();
-    let layer = builder().max_response_body(64).build().unwrap();
-    let handle = layer.handle();
-    let svc = ServiceBuilder::new()
-        .layer(RejectionLayer::http())
-        .layer(layer)
-        .service(app.service());
+    let (svc, handle) = answered(builder().max_response_body(64).build().unwrap(), &app);
     let r = || {
         post("big", "{}")
             .header("x-big", "1000")
