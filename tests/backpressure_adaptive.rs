@@ -116,19 +116,38 @@ fn assert_settled_within(limits: &[usize], capacity: usize, tolerance: f64, what
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn gradient_settles_within_20_percent_of_the_dependency_capacity() {
-    const C: usize = 50;
-    let layer = BackpressureLayer::adaptive(
-        Adaptive::gradient(Gradient::default())
+/// An adaptive layer started low (10) with a 50 ms window, as the convergence tests use.
+fn settling(adaptive: Adaptive, capacity: usize) -> BackpressureLayer {
+    BackpressureLayer::adaptive(
+        adaptive
             .floor(2)
-            .ceiling(10 * C)
+            .ceiling(10 * capacity)
             .initial(10)
             .window(Duration::from_millis(50))
             .clock(Clock::tokio()),
     )
     .unwrap()
-    .max_wait(Duration::from_secs(1));
+    .max_wait(Duration::from_secs(1))
+}
+
+/// An AIMD layer at 32 between `floor` and 64 that moves on every 10 ms window with a sample.
+fn quick_aimd(floor: usize) -> BackpressureLayer {
+    BackpressureLayer::adaptive(
+        Adaptive::aimd(Aimd::default())
+            .floor(floor)
+            .ceiling(64)
+            .initial(32)
+            .window(Duration::from_millis(10))
+            .min_samples(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn gradient_settles_within_20_percent_of_the_dependency_capacity() {
+    const C: usize = 50;
+    let layer = settling(Adaptive::gradient(Gradient::default()), C);
     let (limits, _) = drive(layer, C, Duration::from_secs(12)).await;
     assert!(limits[0] < C, "started low: {limits:?}");
     assert_settled_within(&limits, C, 0.2, "gradient");
@@ -137,16 +156,10 @@ async fn gradient_settles_within_20_percent_of_the_dependency_capacity() {
 #[tokio::test(start_paused = true)]
 async fn aimd_settles_within_20_percent_of_the_dependency_capacity() {
     const C: usize = 50;
-    let layer = BackpressureLayer::adaptive(
-        Adaptive::aimd(Aimd::default().latency_threshold(Duration::from_millis(11)))
-            .floor(2)
-            .ceiling(10 * C)
-            .initial(10)
-            .window(Duration::from_millis(50))
-            .clock(Clock::tokio()),
-    )
-    .unwrap()
-    .max_wait(Duration::from_secs(1));
+    let layer = settling(
+        Adaptive::aimd(Aimd::default().latency_threshold(Duration::from_millis(11))),
+        C,
+    );
     let (limits, _) = drive(layer, C, Duration::from_secs(12)).await;
     assert!(limits[0] < C, "started low: {limits:?}");
     assert_settled_within(&limits, C, 0.2, "aimd");
@@ -154,16 +167,7 @@ async fn aimd_settles_within_20_percent_of_the_dependency_capacity() {
 
 #[tokio::test(start_paused = true)]
 async fn failures_pull_the_limit_down_and_set_limit_overrides_within_bounds() {
-    let layer = BackpressureLayer::adaptive(
-        Adaptive::aimd(Aimd::default())
-            .floor(4)
-            .ceiling(64)
-            .initial(32)
-            .window(Duration::from_millis(10))
-            .min_samples(1)
-            .clock(Clock::tokio()),
-    )
-    .unwrap();
+    let layer = quick_aimd(4);
     let handle = layer.handle();
     let mut svc = layer.layer(tower::service_fn(|fail: bool| async move {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -185,17 +189,7 @@ async fn failures_pull_the_limit_down_and_set_limit_overrides_within_bounds() {
 
 #[tokio::test(start_paused = true)]
 async fn server_errors_count_as_failures_when_holding_until_body_end() {
-    let layer = BackpressureLayer::adaptive(
-        Adaptive::aimd(Aimd::default())
-            .floor(2)
-            .ceiling(64)
-            .initial(32)
-            .window(Duration::from_millis(10))
-            .min_samples(1)
-            .clock(Clock::tokio()),
-    )
-    .unwrap()
-    .hold_until_body_end();
+    let layer = quick_aimd(2).hold_until_body_end();
     let handle = layer.handle();
     let mut svc = layer.layer(tower::service_fn(|req: http::Request<u16>| async move {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -255,18 +249,7 @@ async fn server_errors_count_as_failures_when_holding_until_body_end() {
 /// without one, responses are successes and the limit stays up.
 #[tokio::test(start_paused = true)]
 async fn a_classifier_makes_server_errors_failures() {
-    let layer = || {
-        BackpressureLayer::adaptive(
-            Adaptive::aimd(Aimd::default())
-                .floor(2)
-                .ceiling(64)
-                .initial(32)
-                .window(Duration::from_millis(10))
-                .min_samples(1)
-                .clock(Clock::tokio()),
-        )
-        .unwrap()
-    };
+    let layer = || quick_aimd(2);
     let answer = |status: u16| async move {
         tokio::time::sleep(Duration::from_millis(1)).await;
         let res = http::Response::builder().status(status).body(()).unwrap();
