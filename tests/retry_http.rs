@@ -180,6 +180,17 @@ async fn add_idempotency_key_gives_every_attempt_the_same_fresh_key() {
     assert!(inner.seen().iter().all(|s| s.key.is_none()));
 }
 
+/// How many attempts `inner` saw, and the time between the first two (zero for one).
+fn attempts_and_gap(inner: &Scripted) -> (usize, Duration) {
+    let seen = inner.seen();
+    let gap = if seen.len() > 1 {
+        seen[1].at - seen[0].at
+    } else {
+        Duration::ZERO
+    };
+    (seen.len(), gap)
+}
+
 async fn wait_before_retry(
     policy: RetryPolicy<tower_bulwark::classify::HttpStatus, tower_bulwark::retry::HttpReplay>,
     first: Reply,
@@ -191,13 +202,7 @@ async fn wait_before_retry(
         .oneshot(req(Method::GET))
         .await
         .unwrap();
-    let seen = inner.seen();
-    let gap = if seen.len() > 1 {
-        seen[1].at - seen[0].at
-    } else {
-        Duration::ZERO
-    };
-    (seen.len(), gap)
+    attempts_and_gap(&inner)
 }
 
 #[tokio::test(start_paused = true)]
@@ -260,13 +265,7 @@ async fn grpc_pushback_is_honoured_capped_and_malformed_stops() {
             .oneshot(req(Method::POST))
             .await
             .unwrap();
-        let seen = inner.seen();
-        let gap = if seen.len() > 1 {
-            seen[1].at - seen[0].at
-        } else {
-            Duration::ZERO
-        };
-        (seen.len(), gap)
+        attempts_and_gap(&inner)
     };
     assert_eq!(
         run((
