@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing_on::Captured as Capture;
 
 use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok, task};
@@ -402,19 +401,9 @@ async fn grpc_status_through_rejection_layer() {
 
 #[tokio::test(start_paused = true)]
 async fn shedding_is_logged_at_most_once_a_second() {
-    let out = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let out = out.clone();
-            move || out.clone()
-        })
-        .with_ansi(false)
-        .finish();
-    tracing_on::tracing_always_on();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (out, _guard) = tracing_on::capture(tracing::Level::INFO);
     let events = || {
-        String::from_utf8(out.0.lock().unwrap().clone())
-            .unwrap()
+        out.text()
             .lines()
             .filter(|l| l.contains("shedding requests"))
             .map(str::to_owned)

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tracing_on::Captured;
 
 use axum::{body::Body, routing::get, Router};
 use futures_util::future::join_all;
@@ -434,15 +433,7 @@ async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
 #[tokio::test]
 async fn failures_are_logged_once_a_second_and_the_recovery_once() {
     let mut server = server_or_skip!("failures_are_logged_once_a_second_and_the_recovery_once");
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .finish();
-    tracing_on::tracing_always_on();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = tracing_on::capture(tracing::Level::INFO);
     let layer = patient(
         RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(100).unwrap()).unwrap(),
     )

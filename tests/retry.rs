@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
-use tracing_on::Captured;
 
 use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready};
@@ -575,14 +574,7 @@ fn public_types_are_send_and_sync() {
 
 #[tokio::test(start_paused = true)]
 async fn tracing_says_each_retry_and_why_the_budget_stopped() {
-    let out = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(out.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .finish();
-    tracing_on::tracing_always_on();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (out, _guard) = tracing_on::capture(tracing::Level::DEBUG);
     let budget = Budget::builder()
         .ratio(0.0)
         .min_per_second(1)
@@ -597,14 +589,7 @@ async fn tracing_says_each_retry_and_why_the_budget_stopped() {
     assert!(text.contains("delay_ms=20"), "{text}");
     assert!(text.contains("connection reset"), "the reason: {text}");
     assert!(text.contains("retry budget exhausted"), "{text}");
-    let out = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(out.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .finish();
-    tracing_on::tracing_always_on();
-    let _guard2 = tracing::subscriber::set_default(subscriber);
+    let (out, _guard2) = tracing_on::capture(tracing::Level::DEBUG);
     let capped = RetryLayer::new(policy().max_attempts(2).backoff(Backoff::none())).unwrap();
     let _ = capped.layer(Flaky::new(u32::MAX)).oneshot(1).await;
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();

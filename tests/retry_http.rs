@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tracing_on::Captured;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -486,14 +485,7 @@ async fn a_tonic_body_is_replayed_through_a_map_request() {
 
 #[tokio::test(start_paused = true)]
 async fn the_retry_event_names_the_status() {
-    let out = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(out.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .finish();
-    tracing_on::tracing_always_on();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (out, _guard) = tracing_on::capture(tracing::Level::DEBUG);
     let layer =
         RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()).backoff(fixed(10))).unwrap();
     let inner = Scripted::new(vec![(502, &[]), (200, &[])]);

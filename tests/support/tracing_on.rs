@@ -23,6 +23,19 @@ pub fn tracing_always_on() {
     });
 }
 
+/// Captures this thread's `tracing` events at `level` and above (without colours) until the
+/// guard is dropped.
+pub fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(out.clone())
+        .with_max_level(level)
+        .with_ansi(false)
+        .finish();
+    tracing_always_on();
+    (out, tracing::subscriber::set_default(subscriber))
+}
+
 /// A `tracing` writer that keeps what it is given, for a test to read.
 #[derive(Clone, Default)]
 pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
