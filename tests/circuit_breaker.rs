@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::advance;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::{
     BreakerConfig, BreakerConfigError, BreakerState, CircuitBreaker, CircuitBreakerLayer,
 };
@@ -175,6 +175,67 @@ async fn dropped_probes_free_their_slots() {
 
     // Not stuck: the next call is a probe, and its success closes the breaker.
     assert_eq!(once(&mut svc, Ok("healed")).await.unwrap(), "healed");
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+/// A service whose `call` panics on `Err("panic")` and otherwise answers at once.
+#[derive(Clone)]
+struct Panicky;
+
+impl Service<Reply> for Panicky {
+    type Response = &'static str;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<&'static str, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: Reply) -> Self::Future {
+        if r == Err("panic") {
+            panic!("the inner service panicked in call");
+        }
+        std::future::ready(r.map_err(Into::into))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_call_panics_frees_its_slot() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(Panicky);
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Err("boom"))
+        .await
+        .unwrap_err();
+    advance(Duration::from_secs(2)).await;
+    svc.ready().await.unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = svc.call(Err("panic"));
+    }));
+    assert!(panicked.is_err());
+    assert_eq!(
+        handle.figures().probes_in_flight,
+        0,
+        "the slot unwound free"
+    );
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    // The next call is a probe, and its success closes the breaker.
+    assert_eq!(
+        svc.ready().await.unwrap().call(Ok("healed")).await.unwrap(),
+        "healed"
+    );
     assert_eq!(handle.state(), BreakerState::Closed);
 }
 

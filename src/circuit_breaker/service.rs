@@ -108,11 +108,12 @@ where
             },
         };
         match self.shared.admit(idx) {
-            Ok((permit, start)) => ResponseFuture::called(
-                self.inner.call(req),
-                Guard::new(self.shared.share(), idx, permit, start),
-                self.classify.clone(),
-            ),
+            Ok((permit, start)) => {
+                // The guard exists before the inner call, so a panic in `call` frees a probe
+                // slot as it unwinds.
+                let guard = Guard::new(self.shared.share(), idx, permit, start);
+                ResponseFuture::called(self.inner.call(req), guard, self.classify.clone())
+            }
             Err(rejection) => ResponseFuture::rejected(rejection, self.classify.clone()),
         }
     }
