@@ -47,8 +47,9 @@ pin_project! {
         state: State<S, Req>,
         shared: Arc<RedisShared>,
         local_hash: u64,
-        // The Redis key, kept by layers whose clients wait for reserved turns.
-        key: Option<Vec<u8>>,
+        // The Redis key and the check's interval, kept by layers whose clients wait for
+        // reserved turns.
+        kept: Option<Kept>,
         info: Option<RateLimitInfo>,
         _headers: PhantomData<fn() -> H>,
     }
@@ -67,15 +68,18 @@ pin_project! {
     }
 }
 
+/// What a waiting layer keeps of a check: the Redis key and the interval sent.
+pub(crate) type Kept = (Vec<u8>, u64);
+
 /// A turn reserved ahead and not yet used: given back when dropped armed.
 pub(crate) struct Refund {
-    armed: Option<(Arc<RedisShared>, Vec<u8>, Turn)>,
+    armed: Option<(Arc<RedisShared>, Kept, Turn)>,
 }
 
 impl Drop for Refund {
     fn drop(&mut self) {
-        if let Some((shared, key, turn)) = self.armed.take() {
-            shared.refund(key, turn);
+        if let Some((shared, (key, interval), turn)) = self.armed.take() {
+            shared.refund(key, interval, turn);
         }
     }
 }
@@ -87,7 +91,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
         req: Req,
         shared: Arc<RedisShared>,
         local_hash: u64,
-        key: Option<Vec<u8>>,
+        kept: Option<Kept>,
     ) -> Self {
         RedisResponseFuture {
             state: State::Checking {
@@ -97,7 +101,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             },
             shared,
             local_hash,
-            key,
+            kept,
             info: None,
             _headers: PhantomData,
         }
@@ -154,7 +158,7 @@ where
                                     armed: turn.map(|turn| {
                                         (
                                             this.shared.clone(),
-                                            this.key.take().unwrap_or_default(),
+                                            this.kept.take().unwrap_or_default(),
                                             turn,
                                         )
                                     }),

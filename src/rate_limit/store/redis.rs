@@ -179,8 +179,8 @@ pub(crate) struct Admitted {
 /// A turn reserved ahead (`wait_up_to`), to give back if its client goes away first.
 #[derive(Debug)]
 pub(crate) enum Turn {
-    /// Reserved in Redis: the TAT the check stored, and the interval it used.
-    Redis { tat: Vec<u8>, interval: u64 },
+    /// Reserved in Redis: the TAT the check stored.
+    Redis { tat: Vec<u8> },
     /// Reserved in the local fallback's limiter.
     Local {
         hash: Option<u64>,
@@ -323,17 +323,19 @@ impl RedisShared {
     }
 
     /// The check of one key: one `EVALSHA` (plus a `SCRIPT LOAD` and a second `EVALSHA` after
-    /// a `NOSCRIPT`), bounded by the timeout as a whole.
-    pub(crate) fn check(&self, key: Vec<u8>) -> CheckFuture {
+    /// a `NOSCRIPT`), bounded by the timeout as a whole; and the interval it sends (a turn it
+    /// reserves is given back by that interval, whatever `set_quota` does meanwhile).
+    pub(crate) fn check(&self, key: Vec<u8>) -> (CheckFuture, u64) {
         let (interval, tolerance) = self.params();
         let mut conn = self.conn.clone();
         let timeout = self.timeout;
         let max_wait = self.max_wait_ns;
-        Box::pin(async move {
+        let check = Box::pin(async move {
             let mut invocation = SCRIPT.key(key);
             invocation.arg(interval).arg(tolerance).arg(max_wait);
             tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await
-        })
+        });
+        (check, interval)
     }
 
     /// Turns the outcome of a check into a decision; an admit carries the limit's figures
@@ -358,10 +360,7 @@ impl RedisShared {
                     Ok(Admitted {
                         info: want_info.then(|| self.info(ahead)),
                         wait_ns,
-                        turn: (wait_ns > 0).then(|| Turn::Redis {
-                            tat,
-                            interval: self.params().0,
-                        }),
+                        turn: (wait_ns > 0).then_some(Turn::Redis { tat }),
                     })
                 } else {
                     bump(&self.counters.rejected);
@@ -381,7 +380,9 @@ impl RedisShared {
     /// Gives back a reserved turn whose client went away before it came: in the local
     /// fallback at once, in Redis by a compare-and-set script sent from a spawned task (a
     /// `Drop` cannot wait for a round trip; without a tokio runtime the turn stays spent).
-    pub(crate) fn refund(self: Arc<Self>, key: Vec<u8>, turn: Turn) {
+    /// `key` and `interval` are the Redis key and the interval of the check that reserved a
+    /// Redis turn.
+    pub(crate) fn refund(self: Arc<Self>, key: Vec<u8>, interval: u64, turn: Turn) {
         match turn {
             Turn::Local {
                 hash,
@@ -393,7 +394,7 @@ impl RedisShared {
                     bump(&self.counters.turns_given_back);
                 }
             }
-            Turn::Redis { tat, interval } => {
+            Turn::Redis { tat } => {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     return;
                 };
@@ -766,9 +767,12 @@ where
         let key = self.key.key(&req);
         let local_hash = shared.local_hash(&key);
         let rkey = redis_key(&shared.prefix, &key);
-        // A layer whose clients wait for reserved turns keeps the key, to give a turn back.
-        let kept = (shared.max_wait_ns > 0).then(|| rkey.clone());
-        let check = shared.check(rkey);
+        let waits = shared.max_wait_ns > 0;
+        // A layer whose clients wait for reserved turns keeps the key and the check's
+        // interval, to give a turn back.
+        let kept_key = waits.then(|| rkey.clone());
+        let (check, interval) = shared.check(rkey);
+        let kept = kept_key.map(|key| (key, interval));
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         RedisResponseFuture::new(check, ready, req, self.shared.clone(), local_hash, kept)
