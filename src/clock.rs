@@ -187,12 +187,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clocks_move_forward() {
+    fn system_clocks_agree_with_std_instant() {
+        // Spin (no sleep) until std's clock has moved 2 ms; a system clock must have moved
+        // about as much, not stood still and not raced ahead. Std's readings bracket the
+        // clock's (outer) and are bracketed by them (inner), so preemption cannot fail this.
         for c in [Clock::new(), Clock::std()] {
+            let outer = std::time::Instant::now();
             let a = c.now_nanos();
-            std::hint::black_box(0u64..1000).for_each(drop);
+            let inner = std::time::Instant::now();
+            while inner.elapsed() < std::time::Duration::from_millis(2) {
+                std::hint::spin_loop();
+            }
+            let inner_ns = inner.elapsed().as_nanos() as u64;
             let b = c.now_nanos();
-            assert!(b >= a);
+            let outer_ns = outer.elapsed().as_nanos() as u64;
+            let moved = b - a;
+            assert!(
+                moved >= inner_ns * 3 / 4,
+                "{moved} ns while std moved {inner_ns}"
+            );
+            assert!(
+                moved <= outer_ns * 5 / 4 + 100_000,
+                "{moved} ns while std moved {outer_ns}"
+            );
         }
     }
 

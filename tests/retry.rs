@@ -126,6 +126,7 @@ async fn the_deadline_stops_retries() {
 async fn full_jitter_delays_lie_within_bounds() {
     let base = Duration::from_millis(100);
     let cap = Duration::from_millis(500);
+    let mut ratios = Vec::new();
     for seed in 0..20 {
         let inner = Flaky::new(u32::MAX);
         let layer = RetryLayer::new(
@@ -146,8 +147,16 @@ async fn full_jitter_delays_lie_within_bounds() {
                 gap <= ceiling,
                 "seed {seed} retry {n}: {gap:?} > {ceiling:?}"
             );
+            ratios.push(gap.as_secs_f64() / ceiling.as_secs_f64());
         }
     }
+    // Full jitter draws each delay uniformly below its ceiling: neither always the ceiling
+    // (no jitter) nor always zero, spread over the whole range, about half on average.
+    assert_eq!(ratios.len(), 100);
+    assert!(ratios.iter().any(|&r| r < 0.25), "{ratios:?}");
+    assert!(ratios.iter().any(|&r| r > 0.75), "{ratios:?}");
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    assert!((0.35..0.65).contains(&mean), "mean {mean}: {ratios:?}");
 }
 
 #[tokio::test(start_paused = true)]
