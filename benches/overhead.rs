@@ -25,6 +25,15 @@ fn overhead(c: &mut Criterion) {
         let mut svc = common::Noop::<()>::default();
         b.iter(|| common::call_ready(&mut svc, std::hint::black_box(7u64)))
     });
+    // One reading of each clock the layers can use (README's `fast-clock` figures).
+    g.bench_function("clock/fast", |b| {
+        let clock = tower_bulwark::clock::Clock::fast();
+        b.iter(|| std::hint::black_box(clock.now_nanos()))
+    });
+    g.bench_function("clock/std", |b| {
+        let clock = tower_bulwark::clock::Clock::std();
+        b.iter(|| std::hint::black_box(clock.now_nanos()))
+    });
     rate_limit::overhead(&mut g);
     backpressure::overhead(&mut g);
     circuit_breaker::overhead(&mut g);

@@ -1,7 +1,7 @@
 //! The crate's time source: a cheap monotonic nanosecond counter.
 //!
 //! Reading the clock is the largest cost of a cheap admit decision (`Instant::now` costs about
-//! 22 ns where a TSC read costs about 9), so every time-based layer reads a [`Clock`] at most
+//! 24 ns where a TSC read costs about 9: `overhead/clock/*` in BENCHMARKS.md), so every time-based layer reads a [`Clock`] at most
 //! once per request, and the default one is fast:
 //!
 //! - [`Clock::fast`] (the default with the `fast-clock` feature): the CPU's time-stamp counter
