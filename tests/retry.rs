@@ -361,6 +361,39 @@ async fn dropped_during_backoff_nothing_more_reaches_the_service() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_given_up_during_its_backoff_gives_its_budget_back() {
+    // One retry allowed in all (no ratio, a floor of one per second).
+    let budget = Budget::builder()
+        .ratio(0.0)
+        .min_per_second(1)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap();
+    let layer = RetryLayer::new(policy().backoff(fixed(1_000)).budget(budget.clone())).unwrap();
+    let handle = layer.handle();
+    let inner = Flaky::new(u32::MAX);
+    let mut svc = layer.layer(inner.clone());
+    let mut fut = tokio_test::task::spawn(svc.ready().await.unwrap().call(1));
+    assert_pending!(
+        fut.poll(),
+        "the first attempt failed: waiting out the backoff"
+    );
+    assert_eq!(budget.figures().retries, 1, "the retry is withdrawn");
+    drop(fut);
+    assert_eq!(
+        budget.figures().retries,
+        0,
+        "a retry never made is given back"
+    );
+    assert_eq!(handle.retries(), 0, "and is not counted as made");
+    assert_eq!(inner.count(), 1);
+    // So the next request still has its retry.
+    let _ = svc.ready().await.unwrap().call(2).await;
+    assert_eq!(inner.count(), 3, "its first attempt and its one retry");
+    assert_eq!(handle.retries(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropped_during_an_attempt_nothing_more_happens() {
     let (mock, mut handle) = tower_test::mock::pair::<u32, u32>();
     let layer = RetryLayer::new(policy().backoff(Backoff::none())).unwrap();

@@ -250,10 +250,16 @@ impl Budget {
     }
 
     pub(crate) fn try_withdraw_at(&self, now: u64) -> bool {
+        self.withdraw_at(now).is_some()
+    }
+
+    /// Takes one retry if the budget allows it, and returns the epoch it was counted in (for
+    /// [`refund`](Self::refund)).
+    pub(crate) fn withdraw_at(&self, now: u64) -> Option<u64> {
         let epoch = self.epoch(now);
         let f = self.figures_epoch(now, epoch);
         if (f.retries + 1) as f64 > f.allowed {
-            return false;
+            return None;
         }
         let slot = &self.inner.retries[epoch as usize % SLOTS];
         bump(slot, epoch);
@@ -262,11 +268,17 @@ impl Budget {
         // towards fewer retries, never more.)
         let f = self.figures_epoch(now, epoch);
         if f.retries as f64 <= f.allowed {
-            true
+            Some(epoch)
         } else {
             unbump(slot, epoch);
-            false
+            None
         }
+    }
+
+    /// Gives back a retry withdrawn in `epoch` that was never made (its request went away
+    /// during the backoff, or could not be sent again); nothing if the window moved past it.
+    pub(crate) fn refund(&self, epoch: u64) {
+        unbump(&self.inner.retries[epoch as usize % SLOTS], epoch);
     }
 
     pub(crate) fn figures_at(&self, now: u64) -> BudgetFigures {

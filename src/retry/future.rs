@@ -64,6 +64,18 @@ pub(crate) struct Retrying<S, Saved, C, R> {
     pub(crate) attempt: u32,
     pub(crate) max: u32,
     pub(crate) prev_delay: u64,
+    /// The budget's epoch of a retry withdrawn and not made yet: given back if it never is.
+    pub(crate) withdrawn: Option<u64>,
+}
+
+impl<S, Saved, C, R> Drop for Retrying<S, Saved, C, R> {
+    fn drop(&mut self) {
+        if let Some(epoch) = self.withdrawn.take() {
+            if let Some(budget) = &self.shared.control.budget {
+                budget.refund(epoch);
+            }
+        }
+    }
 }
 
 impl<S, Req, C, R> ResponseFuture<S, Req, C, R>
@@ -210,7 +222,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             }
         }
         if let Some(budget) = &ctl.budget {
-            if !budget.try_withdraw_at(now) {
+            let Some(epoch) = budget.withdraw_at(now) else {
                 ctl.budget_exhausted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     target: "tower_bulwark::retry",
@@ -218,9 +230,9 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
                     "not retrying: retry budget exhausted"
                 );
                 return None;
-            }
+            };
+            self.withdrawn = Some(epoch);
         }
-        ctl.retries.fetch_add(1, Ordering::Relaxed);
         self.prev_delay = delay;
         tracing::debug!(
             target: "tower_bulwark::retry",
@@ -292,6 +304,9 @@ where
                         return Poll::Ready(Err(lost()));
                     };
                     let fut = svc.call(req);
+                    // The retry is made: its withdrawal is spent, and it counts.
+                    retry.withdrawn = None;
+                    retry.shared.control.retries.fetch_add(1, Ordering::Relaxed);
                     this.state.set(State::Called { fut });
                 }
             }

@@ -124,6 +124,7 @@ where
                     attempt: 1,
                     max,
                     prev_delay: 0,
+                    withdrawn: None,
                 })
             }
         };
