@@ -38,6 +38,31 @@ struct Counters {
     orders: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     flaky: Arc<AtomicU64>,
+    gate: Arc<Gate>,
+}
+
+/// Holds the next request of `/slow` or `/orders` in its handler until the test releases it,
+/// so that a second request meets the first in flight without the test sleeping.
+#[derive(Default)]
+struct Gate {
+    armed: AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Gate {
+    /// In a handler: if armed, disarm, say so, and wait to be released.
+    async fn pass(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+    }
+
+    /// In the test: the next gated request will be held.
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
 }
 
 async fn serve(app: Router) -> SocketAddr {
@@ -48,11 +73,11 @@ async fn serve(app: Router) -> SocketAddr {
 }
 
 fn server_app(c: Counters) -> Router {
-    let orders = c.orders.clone();
+    let (orders, gate) = (c.orders.clone(), c.gate.clone());
     let create = move |body: Bytes| {
-        let orders = orders.clone();
+        let (orders, gate) = (orders.clone(), gate.clone());
         async move {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            gate.pass().await;
             let n = orders.fetch_add(1, Ordering::SeqCst) + 1;
             (StatusCode::CREATED, format!("order {n}: {}", body.len()))
         }
@@ -84,9 +109,12 @@ fn server_app(c: Counters) -> Router {
         )
         .route(
             "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                "slow"
+            get({
+                let gate = c.gate.clone();
+                move || async move {
+                    gate.pass().await;
+                    "slow"
+                }
             })
             .layer(
                 ServiceBuilder::new()
@@ -167,7 +195,8 @@ fn retry_after(h: &HeaderMap) -> u64 {
 
 #[tokio::test]
 async fn every_row_of_the_rejection_table_over_a_socket() {
-    let addr = serve(server_app(Counters::default())).await;
+    let counters = Counters::default();
+    let addr = serve(server_app(counters.clone())).await;
     let c = client();
 
     // Rate limited: 429, Retry-After, RateLimit headers.
@@ -182,12 +211,14 @@ async fn every_row_of_the_rejection_table_over_a_socket() {
         .starts_with("\"default\";r=0;t="));
 
     // Overloaded: 503, Retry-After.
+    counters.gate.arm();
     let first = tokio::spawn({
         let c = c.clone();
         async move { send(&c, get_req(addr, "/slow")).await.0 }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    counters.gate.entered.notified().await;
     let (s, h, v) = send(&c, get_req(addr, "/slow")).await;
+    counters.gate.release.notify_one();
     assert_problem(s, &h, &v, StatusCode::SERVICE_UNAVAILABLE);
     assert!(retry_after(&h) >= 1);
     assert_eq!(v["type"], "tag:tower-bulwark,2026:overloaded");
@@ -200,6 +231,7 @@ async fn every_row_of_the_rejection_table_over_a_socket() {
     assert!(retry_after(&h) >= 1);
 
     // Idempotency key in flight: 409; reused with another payload: 422.
+    counters.gate.arm();
     let first = tokio::spawn({
         let c = c.clone();
         async move {
@@ -208,8 +240,9 @@ async fn every_row_of_the_rejection_table_over_a_socket() {
                 .0
         }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    counters.gate.entered.notified().await;
     let (s, h, v) = send(&c, post_req(addr, "/orders", Some("k1"), "{\"a\":1}")).await;
+    counters.gate.release.notify_one();
     assert_problem(s, &h, &v, StatusCode::CONFLICT);
     assert_eq!(first.await.unwrap(), StatusCode::CREATED);
     let (s, h, v) = send(&c, post_req(addr, "/orders", Some("k1"), "{\"a\":2}")).await;
