@@ -4,6 +4,7 @@
 #![cfg(feature = "grpc")]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,25 +19,31 @@ use tower_bulwark::{
     RateLimitLayer, RejectionLayer,
 };
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Gate;
 #[path = "support/down_store.rs"]
 mod down_store;
 use down_store::Down;
 use tower_bulwark::idempotency::Store;
 
-/// Serves the health service behind `layers` (below `RejectionLayer::grpc()`), with a delay
-/// of `delay` in every call so that requests can overlap; evaluates to the address.
+/// Serves the health service behind `layers` (below `RejectionLayer::grpc()`), every call
+/// passing `gate` (which the test arms to hold one in flight); evaluates to the address.
 macro_rules! start {
-    ($layers:expr, $delay:expr) => {{
-        let delay: Duration = $delay;
+    ($layers:expr, $gate:expr) => {{
+        let gate: Arc<Gate> = $gate;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (_reporter, health) = tonic_health::server::health_reporter();
         let stack = ServiceBuilder::new()
             .layer(RejectionLayer::grpc())
             .layer($layers)
-            .map_future(move |fut| async move {
-                tokio::time::sleep(delay).await;
-                fut.await
+            .map_future(move |fut| {
+                let gate = gate.clone();
+                async move {
+                    gate.pass().await;
+                    fut.await
+                }
             })
             .into_inner();
         tokio::spawn(async move {
@@ -88,7 +95,7 @@ fn pushback(status: &Status) -> Option<u64> {
 async fn rate_limited_is_resource_exhausted_with_pushback() {
     let addr = start!(
         RateLimitLayer::new(Quota::per_minute(2).unwrap()),
-        Duration::ZERO
+        Arc::default()
     );
     let c = client(addr).await;
     for _ in 0..2 {
@@ -104,14 +111,17 @@ async fn rate_limited_is_resource_exhausted_with_pushback() {
 
 #[tokio::test]
 async fn overloaded_is_unavailable() {
-    let addr = start!(BackpressureLayer::new(1), Duration::from_millis(300));
+    let gate = Arc::new(Gate::default());
+    let addr = start!(BackpressureLayer::new(1), gate.clone());
     let c = client(addr).await;
+    gate.arm();
     let first = tokio::spawn({
         let c = c.clone();
         async move { call(&c, check("", None)).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.entered().await;
     let status = call(&c, check("", None)).await.unwrap_err();
+    gate.release();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().starts_with("service overloaded"));
     assert_eq!(first.await.unwrap().unwrap(), 1);
@@ -124,7 +134,7 @@ async fn circuit_open_is_unavailable_with_pushback() {
     )
     .unwrap();
     breaker.handle().force_open();
-    let addr = start!(breaker, Duration::ZERO);
+    let addr = start!(breaker, Arc::default());
     let c = client(addr).await;
     let status = call(&c, check("", None)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -148,19 +158,19 @@ fn idempotency<St: Store>(
 
 #[tokio::test]
 async fn idempotency_rows_are_aborted_failed_precondition_invalid_argument() {
-    let addr = start!(
-        idempotency(MemoryStore::default()),
-        Duration::from_millis(300)
-    );
+    let gate = Arc::new(Gate::default());
+    let addr = start!(idempotency(MemoryStore::default()), gate.clone());
     let c = client(addr).await;
 
     // In flight: ABORTED.
+    gate.arm();
     let first = tokio::spawn({
         let c = c.clone();
         async move { call(&c, check("", Some("k1"))).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.entered().await;
     let status = call(&c, check("", Some("k1"))).await.unwrap_err();
+    gate.release();
     assert_eq!(status.code(), Code::Aborted);
     assert_eq!(first.await.unwrap().unwrap(), 1);
 
@@ -179,7 +189,7 @@ async fn idempotency_rows_are_aborted_failed_precondition_invalid_argument() {
 
 #[tokio::test]
 async fn store_down_fail_closed_is_unavailable() {
-    let addr = start!(idempotency(Down), Duration::ZERO);
+    let addr = start!(idempotency(Down), Arc::default());
     let c = client(addr).await;
     let status = call(&c, check("", Some("k"))).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);

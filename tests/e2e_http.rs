@@ -27,6 +27,9 @@ use tower_bulwark::{
     RateLimitLayer, Rejection, RejectionKind, RejectionLayer, RetryLayer, RetryPolicy,
 };
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Gate;
 #[path = "support/down_store.rs"]
 mod down_store;
 use down_store::Down;
@@ -39,30 +42,6 @@ struct Counters {
     healthy: Arc<AtomicBool>,
     flaky: Arc<AtomicU64>,
     gate: Arc<Gate>,
-}
-
-/// Holds the next request of `/slow` or `/orders` in its handler until the test releases it,
-/// so that a second request meets the first in flight without the test sleeping.
-#[derive(Default)]
-struct Gate {
-    armed: AtomicBool,
-    entered: tokio::sync::Notify,
-    release: tokio::sync::Notify,
-}
-
-impl Gate {
-    /// In a handler: if armed, disarm, say so, and wait to be released.
-    async fn pass(&self) {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.entered.notify_one();
-            self.release.notified().await;
-        }
-    }
-
-    /// In the test: the next gated request will be held.
-    fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
-    }
 }
 
 async fn serve(app: Router) -> SocketAddr {
@@ -216,9 +195,9 @@ async fn every_row_of_the_rejection_table_over_a_socket() {
         let c = c.clone();
         async move { send(&c, get_req(addr, "/slow")).await.0 }
     });
-    counters.gate.entered.notified().await;
+    counters.gate.entered().await;
     let (s, h, v) = send(&c, get_req(addr, "/slow")).await;
-    counters.gate.release.notify_one();
+    counters.gate.release();
     assert_problem(s, &h, &v, StatusCode::SERVICE_UNAVAILABLE);
     assert!(retry_after(&h) >= 1);
     assert_eq!(v["type"], "tag:tower-bulwark,2026:overloaded");
@@ -240,9 +219,9 @@ async fn every_row_of_the_rejection_table_over_a_socket() {
                 .0
         }
     });
-    counters.gate.entered.notified().await;
+    counters.gate.entered().await;
     let (s, h, v) = send(&c, post_req(addr, "/orders", Some("k1"), "{\"a\":1}")).await;
-    counters.gate.release.notify_one();
+    counters.gate.release();
     assert_problem(s, &h, &v, StatusCode::CONFLICT);
     assert_eq!(first.await.unwrap(), StatusCode::CREATED);
     let (s, h, v) = send(&c, post_req(addr, "/orders", Some("k1"), "{\"a\":2}")).await;
