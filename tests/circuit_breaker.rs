@@ -47,6 +47,17 @@ fn stack(layer: &CircuitBreakerLayer) -> Svc {
         .service_fn(dependency as DepFn)
 }
 
+/// Opens on one failure for 1 s, then admits one probe at a time.
+fn one_probe_breaker() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+}
+
 async fn once(svc: &mut Svc, r: Reply) -> Result<&'static str, BoxError> {
     svc.ready().await?.call(now_reply(r)).await
 }
@@ -144,13 +155,7 @@ async fn open_time_probes_close_and_reopen_longer() {
 
 #[tokio::test(start_paused = true)]
 async fn dropped_probes_free_their_slots() {
-    let layer = CircuitBreakerLayer::new(
-        BreakerConfig::consecutive_failures(1)
-            .open_time(Duration::from_secs(1))
-            .half_open_probes(1)
-            .clock(Clock::tokio()),
-    )
-    .unwrap();
+    let layer = one_probe_breaker();
     let handle = layer.handle();
     let mut svc = stack(&layer);
     once(&mut svc, Err("boom")).await.unwrap_err();
@@ -204,13 +209,7 @@ impl Service<Reply> for Panicky {
 
 #[tokio::test(start_paused = true)]
 async fn a_probe_whose_call_panics_frees_its_slot() {
-    let layer = CircuitBreakerLayer::new(
-        BreakerConfig::consecutive_failures(1)
-            .open_time(Duration::from_secs(1))
-            .half_open_probes(1)
-            .clock(Clock::tokio()),
-    )
-    .unwrap();
+    let layer = one_probe_breaker();
     let handle = layer.handle();
     let mut svc = layer.layer(Panicky);
     svc.ready()

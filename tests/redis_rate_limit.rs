@@ -706,6 +706,16 @@ where
     );
 }
 
+/// Waits (yielding, bounded) until `handle` counts `n` turns given back.
+async fn given_back(handle: &RedisRateLimitHandle, n: u64) {
+    for _ in 0..1_000_000 {
+        if handle.turns_given_back() == n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A call through a clone of `svc` that has reserved a turn ahead and waits for it.
 async fn reserve<S>(svc: &S) -> S::Future
 where
@@ -736,12 +746,7 @@ async fn a_client_that_goes_away_gives_its_reserved_turn_back() {
     let b = reserve(&svc).await;
     let bs_turn = stored_tat(&mut admin, "refund1:").await;
     drop(b);
-    for _ in 0..1_000_000 {
-        if handle.turns_given_back() == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    given_back(&handle, 1).await;
     assert_eq!(handle.turns_given_back(), 1, "the refund reached Redis");
     // C reserves B's turn again (the stored TAT is B's), not the next one (an interval on).
     let c = reserve(&svc).await;
@@ -835,12 +840,7 @@ async fn a_turn_is_given_back_by_the_interval_that_reserved_it() {
         .set_quota(Quota::per_second(1).unwrap().burst(1).unwrap())
         .unwrap();
     drop(b);
-    for _ in 0..1_000_000 {
-        if handle.turns_given_back() == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    given_back(&handle, 1).await;
     assert_eq!(handle.turns_given_back(), 1);
     let after_refund = stored_tat(&mut admin, "refund4:").await;
     assert!(

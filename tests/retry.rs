@@ -73,6 +73,16 @@ fn fixed(ms: u64) -> Backoff {
     Backoff::exponential(Duration::from_millis(ms), Duration::from_millis(ms)).jitter(Jitter::None)
 }
 
+/// A budget of one retry in all: no ratio, a floor of one a second.
+fn one_retry_budget() -> Budget {
+    Budget::builder()
+        .ratio(0.0)
+        .min_per_second(1)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap()
+}
+
 fn policy() -> RetryPolicy {
     RetryPolicy::errors().clock(Clock::tokio()).seed(7)
 }
@@ -197,12 +207,7 @@ async fn the_budget_bounds_attempts_of_a_dependency_that_always_fails() {
 
 #[tokio::test(start_paused = true)]
 async fn the_budget_is_shared_by_every_service_of_the_layer() {
-    let budget = Budget::builder()
-        .ratio(0.0)
-        .min_per_second(1)
-        .clock(Clock::tokio())
-        .build()
-        .unwrap();
+    let budget = one_retry_budget();
     let layer = RetryLayer::new(policy().backoff(Backoff::none()).budget(budget)).unwrap();
     let a = Flaky::new(u32::MAX);
     let b = Flaky::new(u32::MAX);
@@ -362,13 +367,7 @@ async fn dropped_during_backoff_nothing_more_reaches_the_service() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_given_up_during_its_backoff_gives_its_budget_back() {
-    // One retry allowed in all (no ratio, a floor of one per second).
-    let budget = Budget::builder()
-        .ratio(0.0)
-        .min_per_second(1)
-        .clock(Clock::tokio())
-        .build()
-        .unwrap();
+    let budget = one_retry_budget();
     let layer = RetryLayer::new(policy().backoff(fixed(1_000)).budget(budget.clone())).unwrap();
     let handle = layer.handle();
     let inner = Flaky::new(u32::MAX);
@@ -617,12 +616,7 @@ fn public_types_are_send_and_sync() {
 #[tokio::test(start_paused = true)]
 async fn tracing_says_each_retry_and_why_the_budget_stopped() {
     let (out, _guard) = tracing_on::capture(tracing::Level::DEBUG);
-    let budget = Budget::builder()
-        .ratio(0.0)
-        .min_per_second(1)
-        .clock(Clock::tokio())
-        .build()
-        .unwrap();
+    let budget = one_retry_budget();
     let layer = RetryLayer::new(policy().backoff(fixed(20)).budget(budget)).unwrap();
     let _ = layer.layer(Flaky::new(u32::MAX)).oneshot(1).await;
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
