@@ -720,7 +720,8 @@ async fn dropped_first_request_frees_the_key_at_every_await_point() {
     }
     assert_eq!(store.stats().entries, 0);
 
-    // 3. Dropped while buffering the response body.
+    // 3. Dropped while buffering the response body: the handler has answered, so the key is
+    // kept (as completed, its response not kept), never released to run twice.
     {
         let mut s = svc.clone();
         let r = post("d3", "{}")
@@ -731,14 +732,15 @@ async fn dropped_first_request_frees_the_key_at_every_await_point() {
         assert!(poll_once(fut.as_mut()).is_pending());
         assert_eq!(store.stats().entries, 1);
     }
-    assert_eq!(store.stats().entries, 0);
+    assert_eq!(store.stats().entries, 1);
 
-    // Each key runs again at once.
-    for key in ["d1", "d3"] {
-        let res = svc.clone().oneshot(req(key, "{}")).await.unwrap();
-        assert_eq!(res.status(), StatusCode::CREATED);
-        assert!(res.headers().get("idempotent-replayed").is_none());
-    }
+    // The key dropped in its handler runs again at once; the one that had answered does not.
+    let res = svc.clone().oneshot(req("d1", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    let err = svc.clone().oneshot(req("d3", "{}")).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyResponseNotStored);
+    assert_eq!(app.runs(), 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -972,6 +974,7 @@ mod slow_store {
     impl Store for Stuck {
         type ClaimFuture = <MemoryStore as Store>::ClaimFuture;
         type CompleteFuture = Pending<Result<(), StoreError>>;
+        type RenewFuture = <MemoryStore as Store>::RenewFuture;
         type ReleaseFuture = <MemoryStore as Store>::ReleaseFuture;
         type GetFuture = <MemoryStore as Store>::GetFuture;
 
@@ -980,6 +983,9 @@ mod slow_store {
         }
         fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
             pending()
+        }
+        fn renew(&self, lease: &Lease, ttl: Duration) -> Self::RenewFuture {
+            self.0.renew(lease, ttl)
         }
         fn release(&self, lease: &Lease) -> Self::ReleaseFuture {
             self.0.release(lease)
@@ -990,7 +996,7 @@ mod slow_store {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn dropped_while_storing_releases_through_a_spawned_release() {
+    async fn dropped_while_storing_never_releases_the_key() {
         let app = App::new();
         let mem = store();
         let layer = IdempotencyLayer::new(Stuck(mem.clone()));
@@ -1001,9 +1007,12 @@ mod slow_store {
             assert_eq!(app.runs(), 1);
             assert_eq!(mem.stats().entries, 1);
         }
-        // The release runs on a spawned task.
+        // The handler has run: the write goes on in a spawned task and the lease stays.
         tokio::task::yield_now().await;
-        assert_eq!(mem.stats().entries, 0);
+        assert_eq!(mem.stats().entries, 1);
+        let err = svc.clone().oneshot(req("s", "{}")).await.unwrap_err();
+        assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight);
+        assert_eq!(app.runs(), 1);
     }
 
     #[tokio::test(start_paused = true)]

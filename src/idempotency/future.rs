@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::header::{self, HeaderName, HeaderValue};
@@ -19,7 +20,7 @@ use super::body::{BodyBuf, ReplayBody};
 use super::fingerprint::Fingerprint;
 use super::layer::{Counters, FailurePolicy, RebuildBody, Shared};
 use super::record::Record;
-use super::store::{Claim, Lease, Store, StoreKey};
+use super::store::{Claim, Lease, Store, StoreErrorKind, StoreKey};
 use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
 use crate::rejection::{Rejection, RejectionKind};
 
@@ -29,11 +30,20 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 pin_project! {
     /// Response future of [`Idempotency`](super::Idempotency).
     ///
+    /// While the handler runs (its future, then the response body the layer reads), this
+    /// future renews the lease every third of its time to live, so no repeat can claim the
+    /// key of a handler that outlives `lease_ttl`.
+    ///
     /// # Cancel safety
     ///
-    /// Dropping it at any point gives up the lease it holds (or, with
+    /// Dropped before the handler has answered (reading the request body, claiming, in the
+    /// handler), it gives up the lease it holds (or, with
     /// [`keep_lease_on_drop`](super::IdempotencyBuilder::keep_lease_on_drop), leaves it to
-    /// expire): the release is done in `Drop`.
+    /// expire): the release is done in `Drop`. Dropped once the handler has answered with a
+    /// response to store (reading its body, storing it), the request has run and its key is
+    /// never released: the record (or, for a body not read to its end, a record that the
+    /// response was not kept) is written under the lease in the background. A claim still on
+    /// its way to the store is the store's to clean up (see [`Store`]).
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, St, M, ReqB, ResB>
     where
@@ -82,6 +92,10 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     body: Bytes,
     fingerprint: Fingerprint,
     guard: Option<LeaseGuard<St>>,
+    /// Until when a lease taken by the claim in flight would be held: when it was sent plus
+    /// the lease's time to live.
+    claimed_until: Option<(Instant, Duration)>,
+    renewal: Option<Renewal<St::RenewFuture>>,
     deadline: Option<Instant>,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
@@ -106,33 +120,151 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             body: Bytes::new(),
             fingerprint: Fingerprint::from_u128(0),
             guard: None,
+            claimed_until: None,
+            renewal: None,
             deadline: None,
             _body: std::marker::PhantomData,
         }
     }
 
-    fn claim(&self) -> St::ClaimFuture {
-        self.store
-            .claim(&self.key, self.fingerprint, self.shared.lease_ttl())
+    fn claim(&mut self) -> St::ClaimFuture {
+        let ttl = self.shared.lease_ttl();
+        self.claimed_until = Some((Instant::now() + ttl, ttl));
+        self.store.claim(&self.key, self.fingerprint, ttl)
     }
 
     fn release(&mut self) {
+        self.renewal = None;
         if let Some(g) = self.guard.take() {
             g.release();
         }
     }
+
+    /// Keeps the lease while the handler runs: renews it when due and polls the renewal in
+    /// flight. `Ready` when the lease can no longer be known held (a renewal found it lost, or
+    /// none succeeded before it would expire) and the policy is to fail closed: the request
+    /// must stop. Failing open, renewing stops and the request goes on.
+    fn poll_lease(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(guard) = self.guard.as_mut() else {
+            return Poll::Pending;
+        };
+        if guard.lease.is_none() {
+            return Poll::Pending;
+        }
+        // Made on the first wait only: a handler that answers at once costs no timer.
+        let r = self.renewal.get_or_insert_with(|| {
+            let next = guard.held_until - guard.ttl + guard.ttl / 3;
+            Renewal {
+                timer: Box::pin(tokio::time::sleep_until(next)),
+                next,
+                sent: None,
+                stopped: false,
+            }
+        });
+        if r.stopped {
+            return Poll::Pending;
+        }
+        let fail_closed = self.shared.config.policy == FailurePolicy::FailClosed;
+        loop {
+            if let Some((fut, at, ttl)) = r.sent.as_mut() {
+                if let Poll::Ready(done) = fut.as_mut().poll(cx) {
+                    let (at, ttl) = (*at, *ttl);
+                    r.sent = None;
+                    match done {
+                        Ok(()) => {
+                            guard.held_until = at + ttl;
+                            guard.ttl = ttl;
+                            r.next = at + ttl / 3;
+                        }
+                        Err(e) => {
+                            Counters::bump(&self.shared.stats.store_errors);
+                            if e.kind() == StoreErrorKind::LeaseLost {
+                                tracing::warn!(key = ?self.key, "idempotency lease lost while the request runs");
+                                if fail_closed {
+                                    return Poll::Ready(());
+                                }
+                                r.stopped = true;
+                                return Poll::Pending;
+                            }
+                            tracing::warn!(error = %e, key = ?self.key, "idempotency lease renewal failed; trying again");
+                            r.next = Instant::now() + ttl / 6;
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= guard.held_until {
+                tracing::warn!(key = ?self.key, "idempotency lease could not be renewed before it expired");
+                if fail_closed {
+                    return Poll::Ready(());
+                }
+                r.stopped = true;
+                return Poll::Pending;
+            }
+            if r.sent.is_none() && now >= r.next {
+                let ttl = self.shared.lease_ttl();
+                let renew = self.store.renew(guard.lease(), ttl);
+                r.sent = Some((Box::pin(renew), now, ttl));
+                continue;
+            }
+            let wake = match r.sent {
+                Some(_) => guard.held_until,
+                None => r.next.min(guard.held_until),
+            };
+            if r.timer.deadline() != wake {
+                r.timer.as_mut().reset(wake);
+            }
+            if r.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// The request stops because its lease could not be kept (failing closed): its handler
+    /// (future or body) is dropped with this state, the lease goes as on a drop at this point,
+    /// and the client gets 503.
+    fn lease_not_kept<F, CF, KF, ReqB>(&mut self) -> State<F, CF, KF, ReqB, ResB> {
+        tracing::warn!(key = ?self.key, "idempotency lease could not be kept; stopping the request (fail closed)");
+        self.renewal = None;
+        drop(self.guard.take());
+        ready_err(
+            Rejection::new(RejectionKind::StoreUnavailable)
+                .with_detail("the idempotency lease could not be kept"),
+        )
+    }
 }
 
-/// Holds a lease; gives it up in `Drop` unless it was completed.
+/// The lease's renewal while the handler runs.
+struct Renewal<F> {
+    /// Fires at the next renewal, or at the lease's end while one is in flight.
+    timer: Pin<Box<Sleep>>,
+    /// When to send the next renewal.
+    next: Instant,
+    /// The renewal in flight: its future, when it was sent, the time to live it asks for.
+    sent: Option<(Pin<Box<F>>, Instant, Duration)>,
+    /// The lease could not be kept and the request fails open: no more renewals.
+    stopped: bool,
+}
+
+/// Holds a lease; in `Drop`, unless it was completed, gives it up (before the handler has
+/// answered) or writes its record in the background (after).
 struct LeaseGuard<St: Store> {
     store: St,
     lease: Option<Lease>,
     release_on_drop: bool,
+    /// Set once the handler has answered with a response to store: what to write under the
+    /// lease, and for how long, if the request ends before its record is written.
+    record: Option<(Record, Duration)>,
+    /// Until when the lease is known held: when its claim or last renewal was sent, plus the
+    /// time to live it asked for (`ttl`).
+    held_until: Instant,
+    ttl: Duration,
 }
 
 impl<St: Store> LeaseGuard<St> {
     /// Gives the lease up now (failure, error): the key can run again.
     fn release(mut self) {
+        self.record = None;
         if let Some(lease) = self.lease.take() {
             self.store.release_detached(lease);
         }
@@ -153,7 +285,13 @@ impl<St: Store> LeaseGuard<St> {
 impl<St: Store> Drop for LeaseGuard<St> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            if self.release_on_drop {
+            if let Some((record, ttl)) = self.record.take() {
+                // The handler has run: its key must never run again, so the lease is never
+                // given up; it becomes the record, or expires if that cannot be written.
+                tracing::debug!(key = ?lease.key(), "idempotent request ended after its handler answered; writing its record in the background");
+                self.store
+                    .complete_detached(lease, record, ttl, self.held_until);
+            } else if self.release_on_drop {
                 tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease released");
                 self.store.release_detached(lease);
             } else {
@@ -300,10 +438,14 @@ where
                         }
                         Ok(Claim::Claimed(lease)) => {
                             Counters::bump(&stats.executed);
+                            let (held_until, ttl) = k.claimed_until.expect("a claim was sent");
                             k.guard = Some(LeaseGuard {
                                 store: k.store.clone(),
                                 lease: Some(lease),
                                 release_on_drop: k.shared.config.release_on_drop,
+                                record: None,
+                                held_until,
+                                ttl,
                             });
                             State::Call { fut: call_inner(k) }
                         }
@@ -354,9 +496,13 @@ where
                     let k = this.ctx.as_mut().expect("keyed state");
                     State::Claim { fut: k.claim() }
                 }
-                StateProj::Call { fut } => {
-                    let result = ready!(fut.poll(cx));
+                StateProj::Call { fut } => 'call: {
+                    let polled = fut.poll(cx);
                     let k = this.ctx.as_mut().expect("keyed state");
+                    let Poll::Ready(result) = polled else {
+                        ready!(k.poll_lease(cx));
+                        break 'call k.lease_not_kept();
+                    };
                     let res = match result {
                         Ok(res) => res,
                         Err(e) => {
@@ -376,6 +522,11 @@ where
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                     }
                     let (parts, body) = res.into_parts();
+                    // The handler has answered: from here on its key never runs again.
+                    let marker = Record::not_kept(k.fingerprint, parts.status);
+                    if let Some(g) = k.guard.as_mut() {
+                        g.record = Some((marker, k.shared.ttl()));
+                    }
                     State::Buffer {
                         body: Some(body),
                         parts: Some(parts),
@@ -391,7 +542,11 @@ where
                     let max = k.shared.config.max_response_body;
                     loop {
                         let b = body.as_mut().expect("response body");
-                        match ready!(Pin::new(b).poll_frame(cx)) {
+                        let Poll::Ready(frame) = Pin::new(b).poll_frame(cx) else {
+                            ready!(k.poll_lease(cx));
+                            break k.lease_not_kept();
+                        };
+                        match frame {
                             Some(Ok(frame)) => match frame.into_data() {
                                 Ok(data) => {
                                     k.buf.push(data);
@@ -460,10 +615,19 @@ where
                                 g.disarm();
                             }
                         }
-                        Err(e) => {
+                        Err(e) if e.kind() == StoreErrorKind::LeaseLost => {
                             Counters::bump(&k.shared.stats.store_errors);
-                            tracing::warn!(error = %e, key = ?k.key, "could not store the idempotent response; the key is released");
-                            k.release();
+                            tracing::warn!(error = %e, key = ?k.key, "could not store the idempotent response: its lease was lost");
+                            if let Some(g) = k.guard.take() {
+                                g.disarm();
+                            }
+                        }
+                        Err(e) => {
+                            // The handler has run: never release. The guard writes the record
+                            // in the background (the answer may only have been lost).
+                            Counters::bump(&k.shared.stats.store_errors);
+                            tracing::warn!(error = %e, key = ?k.key, "could not store the idempotent response; the key stays leased and the write is tried again");
+                            drop(k.guard.take());
                         }
                     }
                     return Poll::Ready(Ok(pending.take().expect("pending response")));
@@ -501,7 +665,10 @@ where
     St: Store,
 {
     let ttl = k.shared.ttl();
-    let guard = k.guard.as_ref().expect("a lease is held");
+    // The lease becomes the record: no more renewals.
+    k.renewal = None;
+    let guard = k.guard.as_mut().expect("a lease is held");
+    guard.record = Some((record.clone(), ttl));
     State::Complete {
         fut: k.store.complete(guard.lease(), record, ttl),
         pending: Some(res),

@@ -22,6 +22,7 @@ fn down<T>() -> Ready<Result<T, StoreError>> {
 impl Store for Down {
     type ClaimFuture = Ready<Result<Claim, StoreError>>;
     type CompleteFuture = Ready<Result<(), StoreError>>;
+    type RenewFuture = Ready<Result<(), StoreError>>;
     type ReleaseFuture = Ready<Result<(), StoreError>>;
     type GetFuture = Ready<Result<Option<Arc<Record>>, StoreError>>;
 
@@ -29,6 +30,9 @@ impl Store for Down {
         down()
     }
     fn complete(&self, _: &Lease, _: Record, _: Duration) -> Self::CompleteFuture {
+        down()
+    }
+    fn renew(&self, _: &Lease, _: Duration) -> Self::RenewFuture {
         down()
     }
     fn release(&self, _: &Lease) -> Self::ReleaseFuture {

@@ -570,6 +570,7 @@ fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 impl Store for MemoryStore {
     type ClaimFuture = Ready<Result<Claim, StoreError>>;
     type CompleteFuture = Ready<Result<(), StoreError>>;
+    type RenewFuture = Ready<Result<(), StoreError>>;
     type ReleaseFuture = Ready<Result<(), StoreError>>;
     type GetFuture = Ready<Result<Option<Arc<Record>>, StoreError>>;
 
@@ -586,6 +587,21 @@ impl Store for MemoryStore {
         ready(self.complete_now(lease, record, ttl))
     }
 
+    fn renew(&self, lease: &Lease, lease_ttl: Duration) -> Self::RenewFuture {
+        let now = self.inner.clock.now_nanos();
+        let mut s = self.shard(lease.key().encoded());
+        ready(match s.map.get_mut(lease.key().encoded()) {
+            Some(e)
+                if matches!(e.state, State::Lease(t) if t == lease.token())
+                    && e.expires_at > now =>
+            {
+                e.expires_at = now.saturating_add(duration_nanos(lease_ttl));
+                Ok(())
+            }
+            _ => Err(StoreError::new(StoreErrorKind::LeaseLost)),
+        })
+    }
+
     fn release(&self, lease: &Lease) -> Self::ReleaseFuture {
         self.release_now(lease);
         ready(Ok(()))
@@ -597,6 +613,18 @@ impl Store for MemoryStore {
 
     fn release_detached(&self, lease: Lease) {
         self.release_now(&lease);
+    }
+
+    fn complete_detached(
+        &self,
+        lease: Lease,
+        record: Record,
+        ttl: Duration,
+        _until: tokio::time::Instant,
+    ) {
+        if let Err(e) = self.complete_now(&lease, record, ttl) {
+            tracing::warn!(error = %e, "idempotency record not written; the lease will expire");
+        }
     }
 }
 

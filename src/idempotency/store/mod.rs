@@ -9,10 +9,14 @@
 //!   fingerprint.
 //! - [`Store::complete`]: replace the lease by the record, with a time to live, **only if the
 //!   lease is still ours** (compare-and-set on the owner token).
+//! - [`Store::renew`]: extend the lease's time to live, only if it is still ours, while the
+//!   request runs.
 //! - [`Store::release`]: drop the lease, only if it is still ours, so the key can be retried.
 //! - [`Store::get`]: read a completed record.
 //!
-//! A lease whose owner crashed expires by itself after its time to live. Store failures are
+//! The layer renews its lease every third of the lease's time to live while the handler runs,
+//! so a handler may run longer than `lease_ttl`; a lease whose owner crashed stops being
+//! renewed and expires by itself after its time to live. Store failures are
 //! [`StoreError`]s with a [`StoreErrorKind`], so the layer can apply its
 //! [`FailurePolicy`](super::FailurePolicy).
 
@@ -263,9 +267,10 @@ impl std::error::Error for StoreError {
 /// Where the idempotency layer keeps leases and records.
 ///
 /// Every operation is atomic for its key and returns a `'static` future, so that a remote
-/// store can own what it sends. Implementations: [`MemoryStore`] (one process); a Redis store
-/// fits the same contract (`SET NX PX` with an owner token for `claim`, compare-and-set
-/// scripts for `complete` and `release`, a time to live on every key).
+/// store can own what it sends. Implementations: [`MemoryStore`] (one process) and, with the
+/// `redis` feature, `RedisStore` (`SET NX PX` with an owner token for `claim`,
+/// compare-and-set scripts for `complete`, `renew` and `release`, a time to live on every
+/// key).
 ///
 /// # Contract
 ///
@@ -273,8 +278,15 @@ impl std::error::Error for StoreError {
 ///   and `lease_ttl`; a live lease or live record with the same fingerprint answers
 ///   [`Claim::InFlight`] or [`Claim::Completed`]; with another fingerprint,
 ///   [`Claim::Mismatch`].
+/// - A claim future dropped before it answers (cancelled, or timed out by the store itself)
+///   leaves no lease that nobody holds: a store whose claim may still take effect after its
+///   caller stopped waiting (a remote store) releases that lease with the token it made.
 /// - `complete` stores the record for `ttl` only while the key holds this lease's token, else
-///   fails with [`StoreErrorKind::LeaseLost`].
+///   fails with [`StoreErrorKind::LeaseLost`]. Writing the same record again under the same
+///   lease (a retry after a lost answer) succeeds.
+/// - `renew` sets the lease's time to live to `lease_ttl` from now only while the key holds
+///   this lease's token, unexpired; otherwise it changes nothing and fails with
+///   [`StoreErrorKind::LeaseLost`].
 /// - `release` removes the key only while it holds this lease's token; otherwise it does
 ///   nothing and succeeds.
 pub trait Store: Clone + Send + Sync + 'static {
@@ -282,6 +294,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     type ClaimFuture: Future<Output = Result<Claim, StoreError>> + Send + 'static;
     /// The future of [`Store::complete`].
     type CompleteFuture: Future<Output = Result<(), StoreError>> + Send + 'static;
+    /// The future of [`Store::renew`].
+    type RenewFuture: Future<Output = Result<(), StoreError>> + Send + 'static;
     /// The future of [`Store::release`].
     type ReleaseFuture: Future<Output = Result<(), StoreError>> + Send + 'static;
     /// The future of [`Store::get`].
@@ -298,11 +312,33 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Replaces `lease` by `record`, kept for `ttl`, if the lease is still held.
     fn complete(&self, lease: &Lease, record: Record, ttl: Duration) -> Self::CompleteFuture;
 
+    /// Extends `lease` to `lease_ttl` from now, if it is still held.
+    fn renew(&self, lease: &Lease, lease_ttl: Duration) -> Self::RenewFuture;
+
     /// Gives `lease` up, if it is still held, so the key can run again.
     fn release(&self, lease: &Lease) -> Self::ReleaseFuture;
 
     /// The completed record of `key`, if there is a live one.
     fn get(&self, key: &StoreKey) -> Self::GetFuture;
+
+    /// Writes `record` under `lease` from a place that cannot wait (a `Drop`, or once the
+    /// response has gone to the client), trying again while the store fails in a way that may
+    /// pass, until `until`, when the lease would expire by itself. The default runs
+    /// [`Store::complete`] on a task of the current tokio runtime, or leaves the lease to
+    /// expire when there is none. Stores that can write at once (such as [`MemoryStore`]) do
+    /// so.
+    fn complete_detached(
+        &self,
+        lease: Lease,
+        record: Record,
+        ttl: Duration,
+        until: tokio::time::Instant,
+    ) {
+        let store = self.clone();
+        retry_detached("write of an idempotent response", until, move || {
+            store.complete(&lease, record.clone(), ttl)
+        });
+    }
 
     /// Gives `lease` up from a place that cannot wait: a `Drop`. The default spawns
     /// [`Store::release`] on the current tokio runtime, or leaves the lease to expire when
@@ -317,4 +353,45 @@ pub trait Store: Clone + Send + Sync + 'static {
             });
         }
     }
+}
+
+/// Whether an operation that failed this way may succeed if tried again.
+fn worth_retrying(kind: StoreErrorKind) -> bool {
+    matches!(
+        kind,
+        StoreErrorKind::Unavailable | StoreErrorKind::Timeout | StoreErrorKind::Full
+    )
+}
+
+/// Runs `op` on a task of the current tokio runtime until it succeeds, fails in a way that
+/// trying again cannot mend, or `until` passes (each attempt is cut off there too); attempts
+/// are spaced 10 ms, doubling, up to 1 s. Without a runtime, nothing is tried. `what` names
+/// the operation in `tracing` events.
+pub(crate) fn retry_detached<F, Fut>(what: &'static str, until: tokio::time::Instant, mut op: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::debug!(what, "no tokio runtime to retry on; the lease will expire");
+        return;
+    };
+    rt.spawn(async move {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let error = match tokio::time::timeout_at(until, op()).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => StoreError::new(StoreErrorKind::Timeout),
+            };
+            let now = tokio::time::Instant::now();
+            if !worth_retrying(error.kind()) || now + pause >= until {
+                tracing::warn!(what, error = %error, "idempotency store: giving up");
+                return;
+            }
+            tracing::debug!(what, error = %error, "idempotency store: trying again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    });
 }

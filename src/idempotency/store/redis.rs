@@ -6,10 +6,19 @@
 //! - [`claim`](Store::claim) is one Lua script, one round trip: `GET`, and when the key is
 //!   free, `SET key <lease> NX PX <lease ttl>` with a fresh owner token; otherwise it answers
 //!   in flight, mismatch, or the stored record itself (a replay costs one round trip).
-//! - [`complete`](Store::complete) and [`release`](Store::release) are compare-and-set
-//!   scripts: they act only while the key still holds this owner's token, so only the owner
-//!   completes or releases.
+//! - [`complete`](Store::complete), [`renew`](Store::renew) and [`release`](Store::release)
+//!   are compare-and-set scripts: they act only while the key still holds this owner's token,
+//!   so only the owner completes, extends (`PEXPIRE`) or releases its lease. A `complete` that
+//!   finds its own record already written (its first answer was lost) succeeds.
 //! - [`get`](Store::get) is one `GET`.
+//!
+//! A claim whose answer never came back (the connection cut, or the call's timeout) may still
+//! have taken its lease in Redis, late. The store keeps that claim's owner token and releases
+//! the lease with it (retrying while Redis is unreachable, until the lease would have
+//! expired anyway), so that a late claim leaves no lease that nobody holds: a repeat can run
+//! once Redis has seen the release. The release is sent after the claim on the same
+//! connection, so Redis runs them in that order; only a claim that reaches Redis after the
+//! release went through another connection could still linger, until its time to live.
 //!
 //! Values are compact binary: a lease is `L`, the request's fingerprint (16 bytes) and the
 //! owner token (16 bytes); a record is `R`, the fingerprint and [`Record::encode`]'s bytes (no
@@ -86,13 +95,29 @@ return {4, ''}
     )
 });
 
-/// Replaces the lease by the record, only while the key holds this owner's token.
+/// Replaces the lease by the record, only while the key holds this owner's token; succeeds
+/// too when the key already holds this very record (a retry whose first answer was lost).
 static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if v == ARGV[2] then return 1 end
+return 0
+",
+    )
+});
+
+/// Extends the lease, only while the key holds this owner's token.
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
@@ -149,7 +174,7 @@ pub struct RedisStoreStats {
     pub failures: u64,
     /// Of `failures`, those that ran out of time.
     pub timeouts: u64,
-    /// `complete` calls that found another owner's lease (or none).
+    /// `complete` and `renew` calls that found another owner's lease (or none).
     pub leases_lost: u64,
     /// Records that could not be decoded.
     pub corrupt: u64,
@@ -377,9 +402,38 @@ fn decode_record(bytes: &[u8]) -> Result<Arc<Record>, StoreError> {
         .map_err(|e| StoreError::with_source(StoreErrorKind::Corrupt, e))
 }
 
+/// The lease of a claim sent to Redis and not yet answered. If the claim's future ends
+/// without an answer (its timeout, a lost connection, the caller gone), the claim may still
+/// have taken, or still take, the lease: it is released with the same owner token.
+struct Unanswered {
+    store: RedisStore,
+    lease: Option<Lease>,
+    /// When the lease would expire by itself: no point releasing after that.
+    until: tokio::time::Instant,
+}
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.lease = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            tracing::debug!(key = ?lease.key(), "idempotency claim unanswered; releasing the lease it may have taken");
+            let store = self.store.clone();
+            super::retry_detached("release of an unanswered claim", self.until, move || {
+                store.release(&lease)
+            });
+        }
+    }
+}
+
 impl Store for RedisStore {
     type ClaimFuture = RedisStoreFuture<Claim>;
     type CompleteFuture = RedisStoreFuture<()>;
+    type RenewFuture = RedisStoreFuture<()>;
     type ReleaseFuture = RedisStoreFuture<()>;
     type GetFuture = RedisStoreFuture<Option<Arc<Record>>>;
 
@@ -393,12 +447,20 @@ impl Store for RedisStore {
         let token = self.token();
         let lease = Lease::new(key.clone(), token, fingerprint);
         let mut conn = self.inner.conn.clone();
+        let unanswered = Unanswered {
+            store: self.clone(),
+            lease: Some(lease.clone()),
+            until: tokio::time::Instant::now() + lease_ttl,
+        };
         self.run(async move {
             let mut inv = CLAIM.key(rkey);
             inv.arg(&fingerprint.as_u128().to_be_bytes()[..])
                 .arg(&token.to_be_bytes()[..])
                 .arg(ttl_ms(lease_ttl));
+            // On an error the claim's fate is unknown: `unanswered` is dropped and releases.
             let (code, bytes): (i64, Vec<u8>) = inv.invoke_async(&mut conn).await?;
+            // Answered: a lease taken (code 1) is the caller's from here on.
+            unanswered.answered();
             Ok(match code {
                 1 => Ok(Claim::Claimed(lease)),
                 2 => Ok(Claim::InFlight),
@@ -421,6 +483,22 @@ impl Store for RedisStore {
             inv.arg(&token.to_be_bytes()[..])
                 .arg(value)
                 .arg(ttl_ms(ttl));
+            let done: i64 = inv.invoke_async(&mut conn).await?;
+            Ok(if done == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::new(StoreErrorKind::LeaseLost))
+            })
+        })
+    }
+
+    fn renew(&self, lease: &Lease, lease_ttl: Duration) -> Self::RenewFuture {
+        let rkey = self.redis_key(lease.key());
+        let token = lease.token();
+        let mut conn = self.inner.conn.clone();
+        self.run(async move {
+            let mut inv = RENEW.key(rkey);
+            inv.arg(&token.to_be_bytes()[..]).arg(ttl_ms(lease_ttl));
             let done: i64 = inv.invoke_async(&mut conn).await?;
             Ok(if done == 1 {
                 Ok(())
