@@ -29,7 +29,6 @@ struct Rule {
     fault: Fault,
 }
 
-#[derive(Default)]
 struct Shared {
     rules: Mutex<Vec<Rule>>,
     /// One permit per rule that has acted (for a delay: once the bytes went on).
@@ -64,7 +63,10 @@ impl Proxy {
     pub async fn start(upstream_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            rules: Mutex::new(Vec::new()),
+            fired: Semaphore::new(0),
+        });
         let s = shared.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {

@@ -1,0 +1,327 @@
+//! `RedisStore` leases under time and faults, against a real `redis-server` (skipped, with a
+//! message, when the binary is absent; required when `BULWARK_REQUIRE_REDIS=1`): a handler
+//! that outlives its lease, the `complete` command lost on a cut connection, a claim answered
+//! after its timeout, a request dropped while its claim is on the way.
+//!
+//! Faults come from a TCP forwarder of the tests' own (`support/proxy.rs`) that cuts or holds
+//! back the one command that carries a pattern. Redis keeps time itself, so these tests run
+//! in real time; every wait is short and bounded.
+#![cfg(feature = "redis")]
+
+#[path = "support/redis_server.rs"]
+#[macro_use]
+mod redis_server;
+#[path = "support/proxy.rs"]
+mod proxy;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_bulwark::idempotency::{
+    Claim, Fingerprint, IdempotencyLayer, Lease, Record, RedisStore, Store, StoreErrorKind,
+    StoreKey,
+};
+use tower_bulwark::RejectionLayer;
+
+use proxy::{Fault, Proxy};
+
+/// The body of the stack's responses.
+type Body = tower_bulwark::respond::RejectionBody<tower_bulwark::idempotency::ReplayBody<Full<Bytes>>>;
+use redis_server::{conn, RedisServer};
+
+fn store(c: &ConnectionManager, timeout: Duration) -> RedisStore {
+    RedisStore::new(c.clone()).timeout(timeout).unwrap()
+}
+
+fn post(k: &str, body: &'static str) -> Request<Full<Bytes>> {
+    Request::post("/orders")
+        .header("idempotency-key", format!("\"{k}\""))
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+/// A stack over `store` whose handler counts its runs, takes `work`, and answers 201 with
+/// `answer` and the run's number.
+fn app(
+    store: RedisStore,
+    lease_ttl: Duration,
+    work: Duration,
+    answer: &'static str,
+) -> (
+    impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+    Arc<AtomicU64>,
+) {
+    let runs = Arc::new(AtomicU64::new(0));
+    let counter = runs.clone();
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(
+            IdempotencyLayer::builder(store)
+                .lease_ttl(lease_ttl)
+                .build()
+                .unwrap(),
+        )
+        .service_fn(move |_req: Request<Full<Bytes>>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(work).await;
+                let mut res = Response::new(Full::new(Bytes::from(format!("{answer} {n}"))));
+                *res.status_mut() = StatusCode::CREATED;
+                Ok::<_, Infallible>(res)
+            }
+        });
+    (svc, runs)
+}
+
+/// What the Redis key of `k` holds now: its first byte (`L` lease, `R` record), or `None`.
+async fn held(admin: &mut ConnectionManager, store: &RedisStore, k: &str) -> Option<u8> {
+    let rkey = store.redis_key(&StoreKey::new([], k));
+    let v: Option<Vec<u8>> = admin.get(rkey).await.unwrap();
+    v.and_then(|v| v.first().copied())
+}
+
+/// Waits (at most a second) while the key of `k` holds `now`; what it holds then.
+async fn while_held(
+    admin: &mut ConnectionManager,
+    store: &RedisStore,
+    k: &str,
+    now: Option<u8>,
+) -> Option<u8> {
+    let mut seen = held(admin, store, k).await;
+    for _ in 0..100 {
+        if seen != now {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        seen = held(admin, store, k).await;
+    }
+    seen
+}
+
+/// ITEM: a handler that runs three times its lease keeps its key on Redis: the layer renews
+/// the lease, every repeat meanwhile gets 409, and the handler runs once.
+#[tokio::test]
+async fn a_handler_three_times_longer_than_its_lease_keeps_the_key() {
+    let server = server_or_skip!("a_handler_three_times_longer_than_its_lease_keeps_the_key");
+    let c = conn(&server.url()).await;
+    let lease = Duration::from_millis(200);
+    let (svc, runs) = app(
+        store(&c, Duration::from_secs(2)),
+        lease,
+        3 * lease,
+        "order",
+    );
+    let first = tokio::spawn(svc.clone().oneshot(post("long", "{}")));
+    let start = std::time::Instant::now();
+    let mut repeats = 0;
+    while !first.is_finished() {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let res = svc.clone().oneshot(post("long", "{}")).await.unwrap();
+        let at = start.elapsed();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "ran again, {at:?} into a {lease:?} lease");
+        if first.is_finished() && res.status() == StatusCode::CREATED {
+            break; // the first completed meanwhile: a replay
+        }
+        assert_eq!(res.status(), StatusCode::CONFLICT, "a repeat {at:?} into the lease");
+        repeats += 1;
+    }
+    assert!(repeats >= 5, "{repeats} repeats");
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let again = svc.clone().oneshot(post("long", "{}")).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        again.into_body().collect().await.unwrap().to_bytes(),
+        "order 1"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// `renew` and `complete` act only for the lease's owner; a `complete` sent again after its
+/// answer was lost succeeds.
+#[tokio::test]
+async fn renewal_is_the_owners_only_and_complete_can_be_sent_again() {
+    let server = server_or_skip!("renewal_is_the_owners_only_and_complete_can_be_sent_again");
+    let c = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    let mut admin = c.clone();
+    let k = StoreKey::new("tenant", "order");
+    let fp = Fingerprint::from_u128(9);
+    let lease = match store.claim(&k, fp, Duration::from_secs(1)).await.unwrap() {
+        Claim::Claimed(l) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    };
+    let rkey = store.redis_key(&k);
+    let forged = Lease::new(k.clone(), lease.token() ^ 1, fp);
+    let err = store
+        .renew(&forged, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    let ttl: i64 = admin.pttl(&rkey).await.unwrap();
+    assert!(ttl <= 1_000, "a stranger's renewal extended the lease: {ttl} ms");
+    store
+        .renew(&lease, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ttl: i64 = admin.pttl(&rkey).await.unwrap();
+    assert!(ttl > 59_000, "the owner's renewal: {ttl} ms");
+
+    let record = Record::not_kept(fp, StatusCode::CREATED);
+    let day = Duration::from_secs(86_400);
+    store.complete(&lease, record.clone(), day).await.unwrap();
+    store.complete(&lease, record.clone(), day).await.unwrap();
+    let other = Record::not_kept(fp, StatusCode::ACCEPTED);
+    let err = store.complete(&lease, other, day).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    let err = store.renew(&lease, day).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    assert_eq!(store.get(&k).await.unwrap().unwrap().status(), StatusCode::CREATED);
+}
+
+/// ITEM: `FailClosed` on Redis, the `complete` command lost as the connection is cut: the
+/// client has its 201, the key is never released, the record is written once the store is
+/// reachable again, and a repeat replays it instead of running the handler a second time.
+#[tokio::test]
+async fn a_lost_complete_never_runs_the_handler_twice() {
+    let server = server_or_skip!("a_lost_complete_never_runs_the_handler_twice");
+    let proxy = Proxy::start(server.port()).await;
+    let c = conn(&proxy.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    let (svc, runs) = app(
+        store.clone(),
+        Duration::from_secs(30),
+        Duration::ZERO,
+        "order made by run",
+    );
+    // Scripts loaded, connection warm: the fault below hits the command itself.
+    let res = svc.clone().oneshot(post("warm", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    // Only `complete` carries the response body.
+    proxy.on(&b"order made by run 2"[..], Fault::Cut);
+    let res = svc.clone().oneshot(post("cut", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "the client has its answer");
+    assert_eq!(proxy.pending(), 0, "the connection was cut at `complete`");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // Whatever the layer does next happens within the lease; wait (bounded) until the key
+    // holds something other than the lease.
+    let seen = while_held(&mut admin, &store, "cut", Some(b'L')).await;
+    let res = svc.clone().oneshot(post("cut", "{}")).await.unwrap();
+    let status = res.status();
+    let replayed = res.headers().get("idempotent-replayed").is_some();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the handler ran a second time ({status}, {body:?}; key held {:?})",
+        seen.map(char::from)
+    );
+    assert_eq!(seen, Some(b'R'), "the record was written");
+    assert!(replayed && status == StatusCode::CREATED, "{status} {body:?}");
+    assert_eq!(body, "order made by run 2");
+}
+
+/// Repeats `post(k)` while the store times out (503), at most `n` times; the last answer.
+async fn until_not_503<S>(svc: &S, k: &str, body: &'static str, n: usize) -> StatusCode
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = Response<Body>,
+            Error = Infallible,
+        > + Clone,
+{
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..n {
+        status = svc.clone().oneshot(post(k, body)).await.unwrap().status();
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+    }
+    status
+}
+
+/// The bytes by which the proxy knows a claim for `body` on `/orders`: its fingerprint, sent
+/// as a 16-byte argument.
+fn claim_pattern(body: &[u8]) -> Vec<u8> {
+    let fp = Fingerprint::of("POST", "/orders", body).as_u128().to_be_bytes();
+    [&b"$16\r\n"[..], &fp[..]].concat()
+}
+
+/// ITEM: a claim that Redis runs after the store's timeout gave up on it: the lease it takes
+/// late is released with its owner token, so a repeat runs at once instead of getting 409
+/// for the lease's whole life.
+#[tokio::test]
+async fn a_claim_answered_after_its_timeout_leaves_no_orphan_lease() {
+    let server = server_or_skip!("a_claim_answered_after_its_timeout_leaves_no_orphan_lease");
+    let proxy = Proxy::start(server.port()).await;
+    let c = conn(&proxy.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let store = store(&c, Duration::from_millis(100));
+    let (svc, runs) = app(store.clone(), Duration::from_secs(30), Duration::ZERO, "order");
+    assert_eq!(until_not_503(&svc, "warm", "{}", 20).await, StatusCode::CREATED);
+    let before = runs.load(Ordering::SeqCst);
+
+    proxy.on(claim_pattern(b"{\"late\":1}"), Fault::Delay(Duration::from_millis(400)));
+    let res = svc.clone().oneshot(post("late", "{\"late\":1}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "the claim timed out");
+    assert_eq!(runs.load(Ordering::SeqCst), before, "nothing ran");
+    // The claim reaches Redis now, late, and takes its lease; the release the store sent
+    // after it follows on the same connection (and is tried again if Redis could not run it).
+    proxy.fired().await;
+    let seen = while_held(&mut admin, &store, "late", Some(b'L')).await;
+    assert_eq!(seen, None, "the late lease is released");
+    let status = until_not_503(&svc, "late", "{\"late\":1}", 20).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "a repeat after the late claim (key holds {:?})",
+        held(&mut admin, &store, "late").await.map(char::from)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), before + 1);
+}
+
+/// A request dropped while its claim is on the way to Redis (client gone) leaves no lease
+/// behind when the claim lands afterwards.
+#[tokio::test]
+async fn dropped_while_claiming_leaves_no_orphan_lease() {
+    let server = server_or_skip!("dropped_while_claiming_leaves_no_orphan_lease");
+    let proxy = Proxy::start(server.port()).await;
+    let c = conn(&proxy.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    let (svc, runs) = app(store.clone(), Duration::from_secs(30), Duration::ZERO, "order");
+    assert_eq!(until_not_503(&svc, "warm", "{}", 20).await, StatusCode::CREATED);
+    let before = runs.load(Ordering::SeqCst);
+
+    proxy.on(claim_pattern(b"{\"gone\":1}"), Fault::Delay(Duration::from_millis(200)));
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        svc.clone().oneshot(post("gone", "{\"gone\":1}")),
+    )
+    .await;
+    assert!(dropped.is_err(), "still claiming when dropped");
+    proxy.fired().await;
+    let seen = while_held(&mut admin, &store, "gone", Some(b'L')).await;
+    assert_eq!(seen, None, "the late lease is released");
+    let status = until_not_503(&svc, "gone", "{\"gone\":1}", 20).await;
+    assert_eq!(status, StatusCode::CREATED, "a repeat after the late claim");
+    assert_eq!(runs.load(Ordering::SeqCst), before + 1);
+}
