@@ -254,10 +254,10 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 ///
 /// Defaults: header `Idempotency-Key`; methods POST and PATCH; a missing key passes through;
 /// keys scoped by the caller's credentials (a digest of the `Authorization` header, see
-/// [`scope`](IdempotencyBuilder::scope)); request and response bodies up to 1 MiB; records kept 24 hours; leases of 60
-/// seconds; a repeat in flight gets 409 at once; a dropped request releases its lease; 5xx,
-/// 429 and gRPC failure statuses are not stored; `Set-Cookie` and hop-by-hop headers are not
-/// stored; a failing store gives 503.
+/// [`scope`](IdempotencyBuilder::scope)); request and response bodies up to 1 MiB; records
+/// kept 24 hours; leases of 60 seconds; a repeat in flight gets 409 at once; a dropped request
+/// releases its lease; 5xx, 429 and gRPC failure statuses are not stored; `Set-Cookie` and
+/// hop-by-hop headers and trailers are not stored; a failing store gives 503.
 pub struct IdempotencyBuilder<St, M = FromBytes> {
     store: St,
     rebuild: M,
@@ -434,8 +434,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// A response header to leave out of stored records, besides `Set-Cookie` and the
-    /// hop-by-hop headers.
+    /// A response header (or trailer) to leave out of stored records, besides `Set-Cookie`
+    /// and the hop-by-hop headers.
     pub fn exclude_header(mut self, name: HeaderName) -> Self {
         self.exclude.push(name);
         self

@@ -129,7 +129,8 @@
 //! # gRPC
 //!
 //! On a tonic server the key is the `idempotency-key` metadata (the same header), the stored
-//! response includes its trailers (`grpc-status`), and with
+//! response includes its trailers (`grpc-status`; like headers, without `Set-Cookie`,
+//! hop-by-hop names and [`exclude_header`](IdempotencyBuilder::exclude_header)'s), and with
 //! [`RejectionLayer::grpc`](crate::RejectionLayer) the rejections become gRPC statuses
 //! (`ABORTED`, `FAILED_PRECONDITION`, `INVALID_ARGUMENT`, `UNAVAILABLE`). tonic's body is not
 //! `From<Bytes>`: give the builder
