@@ -404,6 +404,35 @@ mod tests {
         b
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Header counts around and above what a `HeaderMap` holds, backed by as many header
+        /// entries as the count says (empty ones, or distinct valid ones): arbitrary bytes
+        /// alone are never long enough to reach them.
+        #[test]
+        fn large_header_counts_never_panic(count in 0u32..70_000, valid in any::<bool>()) {
+            let mut b = prefix();
+            b.extend_from_slice(&count.to_be_bytes());
+            for i in 0..count {
+                if valid {
+                    let name = format!("h{i}");
+                    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    b.extend_from_slice(name.as_bytes());
+                } else {
+                    b.extend_from_slice(&0u32.to_be_bytes());
+                }
+                b.extend_from_slice(&0u32.to_be_bytes());
+            }
+            b.extend_from_slice(&0u32.to_be_bytes());
+            match Record::decode(&b) {
+                Ok(rec) => prop_assert_eq!(rec.headers().len(), count as usize),
+                Err(DecodeError("too many headers")) => prop_assert!(count >= 1 << 14),
+                Err(e) => prop_assert!(!valid, "{}", e),
+            }
+        }
+    }
+
     #[test]
     fn header_count_above_header_map_limit_is_an_error() {
         // A count above what a `HeaderMap` can hold (2^15), with enough bytes after it that the
