@@ -324,8 +324,10 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// [`scope_by_cookie`](Self::scope_by_cookie).
     ///
     /// Set a scope function when the principal is elsewhere (an API key header, a client
-    /// certificate, an extension your authentication layer adds): it must tell apart every
-    /// caller who must not see another's responses. The value is kept in the store key as it
+    /// certificate, an extension your authentication layer adds), or when a client's token
+    /// can change between its retries (a refreshed OAuth token is other credentials to the
+    /// default, so the retry would run again): it must tell apart every caller who must not
+    /// see another's responses. The value is kept in the store key as it
     /// is: return a digest (or an opaque id) rather than a secret.
     ///
     /// ```

@@ -39,7 +39,8 @@
 //!
 //! - [`scope`](IdempotencyBuilder::scope) replaces the default with a function of the request
 //!   head (the tenant or principal your authentication layer put in the request, an API-key
-//!   header), for credentials that are not in `Authorization`;
+//!   header), for credentials that are not in `Authorization` or tokens that are refreshed
+//!   between a client's retries (to the default, a new token is a new caller);
 //! - [`scope_by_cookie`](IdempotencyBuilder::scope_by_cookie) adds one named session cookie
 //!   to the credentials;
 //! - [`unscoped`](IdempotencyBuilder::unscoped) is the explicit opt-out, one key space for
