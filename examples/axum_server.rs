@@ -7,7 +7,8 @@
 //! - `POST /orders`: idempotent. The handler takes 100 ms and answers 201 with a JSON order
 //!   and a fresh id; a repeat with the same `Idempotency-Key` gets the stored response with
 //!   `Idempotent-Replayed: true`; the same key with another body gets 422; a repeat while the
-//!   first runs gets 409.
+//!   first runs gets 409. Keys are scoped by caller (the `Authorization` header, the
+//!   layer's default): the same key sent with other credentials is another caller's key.
 //! - `GET /limited`: 5 per second, burst 5, per `x-api-key` header, else per client address.
 //! - `GET /slow`: at most 4 in flight; a request waits at most 50 ms for a slot, then gets
 //!   503 with `Retry-After`. The handler sleeps 200 ms.
@@ -20,6 +21,8 @@
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: abc' -d '{"sku":1}'
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: abc' -d '{"sku":1}'   # replayed
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: abc' -d '{"sku":2}'   # 422
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: abc' -d '{"sku":2}' \
+//!      -H 'Authorization: Bearer other'                                             # runs: 201
 //! for i in $(seq 8); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/limited; done
 //! for i in $(seq 8); do curl -s -o /dev/null -w '%{http_code}\n' localhost:3000/slow & done; wait
 //! ```
@@ -93,6 +96,8 @@ fn api_key_or_peer(req: &Request<Body>) -> String {
 fn app() -> Result<Router, Box<dyn std::error::Error>> {
     let orders = ServiceBuilder::new()
         .layer(RejectionLayer::http())
+        // Keys scoped by caller: a digest of the `Authorization` header (the default), so one
+        // caller never receives another's stored response.
         .layer(IdempotencyLayer::new(MemoryStore::default()));
     let limited = ServiceBuilder::new()
         .layer(RejectionLayer::http())

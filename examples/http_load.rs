@@ -57,6 +57,7 @@ fn stacked() -> Router {
                 key::Header::new("x-api-key"),
             ))
             .layer(BackpressureLayer::new(1 << 16))
+            // Keys scoped by caller (the `Authorization` digest, the default).
             .layer(IdempotencyLayer::new(MemoryStore::default())),
     )
 }

@@ -199,7 +199,9 @@ async fn start_server() -> Result<Server, Error> {
     let backpressure = BackpressureLayer::new(4).max_wait(Duration::from_millis(50));
     let slow = backpressure.handle();
 
-    // POST /orders: each Idempotency-Key runs once; repeats get the stored response.
+    // POST /orders: each Idempotency-Key runs once; repeats get the stored response. Keys are
+    // scoped by caller, by a digest of the `Authorization` header (the layer's default): one
+    // caller never receives another's stored response.
     let orders_route = post(create_order);
     #[cfg(feature = "redis")]
     let redis_orders = redis.as_ref().map(|conn| {
@@ -533,18 +535,25 @@ async fn tour_idempotency(server: &Server, client: &HttpClient) -> Result<(), Er
         server.shared.orders_run.load(Ordering::SeqCst)
     );
 
-    // Plain client, explicit keys: a repeat, another payload, a concurrent duplicate.
-    let post = |key: &str, body: &'static str| -> Result<Request<Full<Bytes>>, Error> {
-        Ok(Request::post(&url)
-            .header("idempotency-key", key)
-            .body(Full::new(Bytes::from_static(body.as_bytes())))?)
-    };
+    // Plain client, explicit keys: a repeat, another payload, another caller, a concurrent
+    // duplicate.
+    let post_as =
+        |caller: &str, key: &str, body: &'static str| -> Result<Request<Full<Bytes>>, Error> {
+            Ok(Request::post(&url)
+                .header("authorization", format!("Bearer {caller}"))
+                .header("idempotency-key", key)
+                .body(Full::new(Bytes::from_static(body.as_bytes())))?)
+        };
+    let post = |key: &str, body: &'static str| post_as("alice", key, body);
     let (s1, _, _) = fetch(client, post("order-7", "{\"sku\":7}")?).await?;
     let (s2, h2, _) = fetch(client, post("order-7", "{\"sku\":7}")?).await?;
     let (s3, _, _) = fetch(client, post("order-7", "{\"sku\":8}")?).await?;
+    let (s4, h4, _) = fetch(client, post_as("bob", "order-7", "{\"sku\":7}")?).await?;
     println!(
-        "   key order-7: first {s1}, repeat {s2} (replayed: {}), other payload {s3}",
-        header(&h2, "idempotent-replayed")
+        "   key order-7: first {s1}, repeat {s2} (replayed: {}), other payload {s3}, \
+         another caller's same request {s4} (replayed: {})",
+        header(&h2, "idempotent-replayed"),
+        header(&h4, "idempotent-replayed"),
     );
     let a = fetch(client, post("order-8", "{\"sku\":8}")?);
     let b = async {

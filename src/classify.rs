@@ -595,4 +595,31 @@ mod tests {
         let e: BoxError = "x".into();
         assert_eq!(c.classify_error(&e), Outcome::Failure);
     }
+
+    /// Outside input, as arbitrary bytes: an answer, never a panic.
+    mod never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn grpc_status_of_arbitrary_bytes_is_a_code_never_a_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..24),
+            ) {
+                let Ok(v) = http::HeaderValue::from_bytes(&bytes) else {
+                    return Ok(());
+                };
+                let mut h = HeaderMap::new();
+                h.insert("grpc-status", v);
+                let code = GrpcCode::from_headers(&h).expect("a grpc-status header is a code");
+                // A number from 0 to 16 is its code; anything else is UNKNOWN.
+                let n = std::str::from_utf8(&bytes).ok().and_then(|s| s.trim().parse::<i32>().ok());
+                match n {
+                    Some(n @ 0..=16) => prop_assert_eq!(code.as_i32(), n),
+                    _ => prop_assert_eq!(code, GrpcCode::Unknown),
+                }
+                let _ = GrpcStatus::default().classify_trailers(&h);
+            }
+        }
+    }
 }

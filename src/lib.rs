@@ -20,7 +20,9 @@
 //! # A server stack
 //!
 //! Outermost first: rejections become responses; the rate limit refuses excess at once;
-//! backpressure bounds the work in flight; idempotency runs each `Idempotency-Key` once.
+//! backpressure bounds the work in flight; idempotency runs each `Idempotency-Key` once per
+//! caller (keys are scoped by the request's `Authorization` header unless told otherwise, so
+//! one caller never receives another's stored response).
 //!
 //! ```
 //! use std::time::Duration;
@@ -42,6 +44,7 @@
 //!             key::Header::new("x-api-key"),
 //!         ))
 //!         .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
+//!         // Keys scoped by caller: a digest of the `Authorization` header (the default).
 //!         .layer(IdempotencyLayer::new(MemoryStore::default())),
 //! );
 //! # Ok(()) }

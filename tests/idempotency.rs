@@ -961,6 +961,53 @@ async fn trailers_are_stored_and_replayed_and_grpc_failures_are_not_stored() {
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
+#[tokio::test(start_paused = true)]
+async fn set_cookie_and_hop_by_hop_trailers_are_not_replayed() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let svc = builder()
+        .exclude_header(http::HeaderName::from_static("x-request-cost"))
+        .build()
+        .unwrap()
+        .layer(tower::service_fn(move |_req: Request<Body>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let frames = futures_util::stream::iter([
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(b"hi"))),
+                Ok(http_body::Frame::trailers({
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", HeaderValue::from_static("0"));
+                    t.insert("grpc-message", HeaderValue::from_static("ok"));
+                    t.append("set-cookie", HeaderValue::from_static("session=secret"));
+                    t.insert("connection", HeaderValue::from_static("x-private"));
+                    t.insert("x-private", HeaderValue::from_static("1"));
+                    t.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+                    t.insert("x-request-cost", HeaderValue::from_static("3"));
+                    t
+                })),
+            ]);
+            let res = Response::builder()
+                .body(Body::new(http_body_util::StreamBody::new(frames)))
+                .unwrap();
+            async move { Ok::<_, BoxError>(res) }
+        }));
+    let first = svc.clone().oneshot(req("t", "{}")).await.unwrap();
+    let first = first.into_body().collect().await.unwrap();
+    // The first response goes out as the handler made it.
+    assert_eq!(first.trailers().unwrap()["set-cookie"], "session=secret");
+    let again = svc.clone().oneshot(req("t", "{}")).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again = again.into_body().collect().await.unwrap();
+    let trailers = again.trailers().unwrap();
+    let mut names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["grpc-message", "grpc-status"],
+        "replayed trailers: {trailers:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 mod slow_store {
     use super::*;
     use std::future::{pending, Pending};

@@ -1,5 +1,6 @@
 //! A tonic server behind the idempotency layer and `RejectionLayer::grpc()`: keys from
-//! `idempotency-key` metadata, trailers replayed, rejections as gRPC statuses.
+//! `idempotency-key` metadata, scoped by `authorization` metadata, trailers replayed,
+//! rejections as gRPC statuses.
 #![cfg(feature = "grpc")]
 
 use bytes::Bytes;
@@ -95,6 +96,25 @@ async fn tonic_server_replays_and_rejects_with_grpc_statuses() {
     // Same key, another payload: FAILED_PRECONDITION.
     let reused = client.check(check("other", Some("g-1"))).await.unwrap_err();
     assert_eq!(reused.code(), Code::FailedPrecondition);
+
+    // Another caller (other `authorization` metadata) with the same key and payload: keys are
+    // scoped by credentials by default, so it runs and sees today's answer, not a replay; with
+    // another payload it is not told the key is in use either.
+    let as_other = |caller: &str, service: &str| {
+        let mut req = check(service, Some("g-1"));
+        req.metadata_mut()
+            .insert("authorization", caller.parse().unwrap());
+        req
+    };
+    let other = client.check(as_other("Bearer b", "orders")).await.unwrap();
+    assert!(other.metadata().get("idempotent-replayed").is_none());
+    assert_eq!(other.get_ref().status, ServingStatus::NotServing as i32);
+    let other = client
+        .check(as_other("Bearer c", "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound, "not FAILED_PRECONDITION");
+    assert!(other.metadata().get("idempotent-replayed").is_none());
 
     // Malformed key: INVALID_ARGUMENT.
     let bad = client

@@ -590,12 +590,13 @@ where
                                         ReplayBody::buffered(data, trailers),
                                     )));
                                 }
+                                let exclude = &k.shared.config.exclude;
                                 let record = Record::response(
                                     k.fingerprint,
                                     parts.status,
-                                    stored_headers(&parts.headers, &k.shared.config.exclude),
+                                    stored_headers(&parts.headers, exclude),
                                     data.clone(),
-                                    trailers.clone(),
+                                    trailers.as_ref().map(|t| stored_headers(t, exclude)),
                                 );
                                 let res = Response::from_parts(
                                     parts,
@@ -710,8 +711,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// The headers kept in a record: all but `Set-Cookie`, hop-by-hop headers (and those named
-/// by `Connection`), and the configured exclusions.
+/// The headers (or trailers) kept in a record: all but `Set-Cookie`, hop-by-hop headers (and
+/// those named by `Connection`), and the configured exclusions.
 fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
     let listed = headers.get_all(header::CONNECTION);

@@ -147,4 +147,28 @@ mod tests {
             prop_assert_eq!(parse_value(quoted.as_bytes()).unwrap().into_owned(), key.into_bytes());
         }
     }
+
+    proptest! {
+        #[test]
+        fn header_of_arbitrary_bytes_never_panics(
+            values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..3),
+        ) {
+            let name = HeaderName::from_static("idempotency-key");
+            let mut h = HeaderMap::new();
+            for v in &values {
+                if let Ok(v) = HeaderValue::from_bytes(v) {
+                    h.append(&name, v);
+                }
+            }
+            match parse(&h, &name) {
+                Ok(Some(key)) => {
+                    prop_assert_eq!(h.len(), 1);
+                    prop_assert!((1..=MAX_KEY_LEN).contains(&key.len()));
+                    prop_assert!(key.iter().all(|b| (0x21..=0x7e).contains(b)));
+                }
+                Ok(None) => prop_assert!(h.is_empty()),
+                Err(_) => prop_assert!(!h.is_empty()),
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{request::Parts, HeaderName, Method};
 use tower_layer::Layer;
 
+use super::scope::Scope;
 use super::service::Idempotency;
 use super::store::Store;
 use crate::clock::duration_nanos;
@@ -89,14 +90,12 @@ where
     }
 }
 
-pub(crate) type ScopeFn = dyn Fn(&Parts) -> Bytes + Send + Sync;
-
 /// Configuration fixed at construction.
 pub(crate) struct Config {
     pub(crate) header: HeaderName,
     pub(crate) methods: Vec<Method>,
     pub(crate) required: bool,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) scope: Scope,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) poll_interval: Duration,
@@ -185,7 +184,7 @@ impl<St: fmt::Debug, M> fmt::Debug for IdempotencyLayer<St, M> {
             .field("header", &c.header)
             .field("methods", &c.methods)
             .field("required", &c.required)
-            .field("scoped", &c.scope.is_some())
+            .field("scope", &c.scope)
             .field("ttl", &self.shared.ttl())
             .field("lease_ttl", &self.shared.lease_ttl())
             .field("wait_for_in_flight", &self.shared.wait())
@@ -209,7 +208,7 @@ impl<St: Store> IdempotencyLayer<St> {
             header: HeaderName::from_static("idempotency-key"),
             methods: vec![Method::POST, Method::PATCH],
             required: false,
-            scope: None,
+            scope: Scope::Credentials,
             max_request_body: 1 << 20,
             max_response_body: 1 << 20,
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -254,17 +253,18 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 /// Configures an [`IdempotencyLayer`]; made by [`IdempotencyLayer::builder`].
 ///
 /// Defaults: header `Idempotency-Key`; methods POST and PATCH; a missing key passes through;
-/// no scope; request and response bodies up to 1 MiB; records kept 24 hours; leases of 60
-/// seconds; a repeat in flight gets 409 at once; a dropped request releases its lease; 5xx,
-/// 429 and gRPC failure statuses are not stored; `Set-Cookie` and hop-by-hop headers are not
-/// stored; a failing store gives 503.
+/// keys scoped by the caller's credentials (a digest of the `Authorization` header, see
+/// [`scope`](IdempotencyBuilder::scope)); request and response bodies up to 1 MiB; records
+/// kept 24 hours; leases of 60 seconds; a repeat in flight gets 409 at once; a dropped request
+/// releases its lease; 5xx, 429 and gRPC failure statuses are not stored; `Set-Cookie` and
+/// hop-by-hop headers and trailers are not stored; a failing store gives 503.
 pub struct IdempotencyBuilder<St, M = FromBytes> {
     store: St,
     rebuild: M,
     header: HeaderName,
     methods: Vec<Method>,
     required: bool,
-    scope: Option<Arc<ScopeFn>>,
+    scope: Scope,
     max_request_body: usize,
     max_response_body: usize,
     ttl: Duration,
@@ -284,6 +284,7 @@ impl<St: fmt::Debug, M> fmt::Debug for IdempotencyBuilder<St, M> {
             .field("header", &self.header)
             .field("methods", &self.methods)
             .field("required", &self.required)
+            .field("scope", &self.scope)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
     }
@@ -311,17 +312,64 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     }
 
     /// Scopes keys by a value drawn from the request head (tenant, API key, principal): the
-    /// store key is (scope, key), so one client can never receive another's response.
+    /// store key is (scope, key), so a request only ever meets records of its own scope.
     ///
-    /// Without a scope, every client shares one key space: a client that learns or guesses
-    /// another's key receives that client's stored response. Set a scope whenever more than
-    /// one client can reach the service.
+    /// **The function replaces the default scope**, it does not add to it. The default scopes
+    /// by the caller's credentials: a digest (SHA-1, stable across processes) of every
+    /// `Authorization` header value, which is also where gRPC carries `authorization`
+    /// metadata. Two requests with different `Authorization` values, or one with and one
+    /// without, never see each other's records: no replay, no 409, no 422. Requests without
+    /// `Authorization` share one anonymous scope. Cookies are not part of the default (a
+    /// browser's unrelated cookies change between its retries); see
+    /// [`scope_by_cookie`](Self::scope_by_cookie).
+    ///
+    /// Set a scope function when the principal is elsewhere (an API key header, a client
+    /// certificate, an extension your authentication layer adds), or when a client's token
+    /// can change between its retries (a refreshed OAuth token is other credentials to the
+    /// default, so the retry would run again): it must tell apart every caller who must not
+    /// see another's responses. The value is kept in the store key as it
+    /// is: return a digest (or an opaque id) rather than a secret.
+    ///
+    /// ```
+    /// use tower_bulwark::idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::builder(MemoryStore::default())
+    ///     // The tenant id that the authentication layer above put in the request.
+    ///     .scope(|head: &http::request::Parts| {
+    ///         head.headers.get("x-tenant-id").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
+    ///     })
+    ///     .build()
+    ///     .expect("valid configuration");
+    /// # let _ = layer;
+    /// ```
     pub fn scope<F, T>(mut self, f: F) -> Self
     where
         F: Fn(&Parts) -> T + Send + Sync + 'static,
         T: Into<Bytes>,
     {
-        self.scope = Some(Arc::new(move |p: &Parts| f(p).into()));
+        self.scope = Scope::Custom(Arc::new(move |p: &Parts| f(p).into()));
+        self
+    }
+
+    /// Scopes keys by the caller's credentials, as the default does, and by the cookie `name`
+    /// too (a session cookie): two requests share records only when their `Authorization`
+    /// headers and their `name` cookies are equal. Other cookies are ignored. Like the
+    /// default, the scope is a digest: the cookie's value is never stored. Replaces a
+    /// [`scope`](Self::scope) function set before.
+    pub fn scope_by_cookie(mut self, name: impl Into<String>) -> Self {
+        self.scope = Scope::CredentialsAndCookie(name.into().into());
+        self
+    }
+
+    /// Gives every caller **one key space**: a caller that sends another's key with the same
+    /// payload receives that caller's stored response, without the handler (and its
+    /// authorization check) running, and a 409 or 422 tells it that the key is in use.
+    ///
+    /// Only for a service that a single principal can reach (an internal queue consumer, a
+    /// service behind one trusted client), or whose responses are the same for every caller.
+    /// Replaces the default credential scope and any [`scope`](Self::scope) function.
+    pub fn unscoped(mut self) -> Self {
+        self.scope = Scope::Unscoped;
         self
     }
 
@@ -388,8 +436,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// A response header to leave out of stored records, besides `Set-Cookie` and the
-    /// hop-by-hop headers.
+    /// A response header (or trailer) to leave out of stored records, besides `Set-Cookie`
+    /// and the hop-by-hop headers.
     pub fn exclude_header(mut self, name: HeaderName) -> Self {
         self.exclude.push(name);
         self

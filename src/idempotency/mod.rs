@@ -28,10 +28,23 @@
 //! request is its method, path and query, and body ([`Fingerprint`]). The body is buffered to
 //! compute it and handed to the handler unchanged.
 //!
-//! **Scope your keys.** Without [`scope`](IdempotencyBuilder::scope), all clients share one key
-//! space, and a client that sends another client's key receives that client's stored
-//! response. Scope by tenant, API key or principal whenever more than one client can reach the
-//! service.
+//! **Keys are scoped by caller.** A key names a record only within its scope, and by default
+//! the scope is the caller's credentials: a digest of the `Authorization` header (gRPC's
+//! `authorization` metadata is the same header). A request with other credentials, or none,
+//! never meets another caller's record: it is not replayed that caller's response, nor told by
+//! a 409 or a 422 that the key is in use; it runs as a request of its own. The credentials are
+//! never stored or logged: the store key holds their SHA-1 digest (stable, so replicas that
+//! share a Redis store agree). Requests without `Authorization` share one anonymous scope, and
+//! cookies are left out (a browser's unrelated cookies change between its retries):
+//!
+//! - [`scope`](IdempotencyBuilder::scope) replaces the default with a function of the request
+//!   head (the tenant or principal your authentication layer put in the request, an API-key
+//!   header), for credentials that are not in `Authorization` or tokens that are refreshed
+//!   between a client's retries (to the default, a new token is a new caller);
+//! - [`scope_by_cookie`](IdempotencyBuilder::scope_by_cookie) adds one named session cookie
+//!   to the credentials;
+//! - [`unscoped`](IdempotencyBuilder::unscoped) is the explicit opt-out, one key space for
+//!   every caller, for a service that only one principal can reach.
 //!
 //! # How it differs from its neighbours
 //!
@@ -77,7 +90,8 @@
 //! let counter = runs.clone();
 //! let layer = IdempotencyLayer::builder(MemoryStore::default())
 //!     .scope(|head: &http::request::Parts| {
-//!         // The tenant, from whatever authenticated the request.
+//!         // The tenant, from whatever authenticated the request. This replaces the default
+//!         // scope (the `Authorization` header): the function alone tells callers apart.
 //!         head.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
 //!     })
 //!     .build()
@@ -116,7 +130,8 @@
 //! # gRPC
 //!
 //! On a tonic server the key is the `idempotency-key` metadata (the same header), the stored
-//! response includes its trailers (`grpc-status`), and with
+//! response includes its trailers (`grpc-status`; like headers, without `Set-Cookie`,
+//! hop-by-hop names and [`exclude_header`](IdempotencyBuilder::exclude_header)'s), and with
 //! [`RejectionLayer::grpc`](crate::RejectionLayer) the rejections become gRPC statuses
 //! (`ABORTED`, `FAILED_PRECONDITION`, `INVALID_ARGUMENT`, `UNAVAILABLE`). tonic's body is not
 //! `From<Bytes>`: give the builder
@@ -156,6 +171,7 @@ pub mod future;
 mod key;
 mod layer;
 mod record;
+mod scope;
 mod service;
 pub mod store;
 

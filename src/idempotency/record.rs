@@ -170,7 +170,8 @@ impl Record {
     /// # Errors
     ///
     /// [`DecodeError`] when the bytes are truncated, of an unknown version, or hold an invalid
-    /// status, header name or header value.
+    /// status, header name or header value, or more headers than a [`HeaderMap`] holds. It never
+    /// panics, whatever the bytes.
     pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         let mut r = Reader { b: bytes };
         if r.u8()? != VERSION {
@@ -243,6 +244,12 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// The most headers a [`HeaderMap`] holds.
+const MAX_HEADERS: usize = 1 << 15;
+
+/// How many headers a decoded map reserves room for before it has read them.
+const PREALLOCATED_HEADERS: usize = 32;
+
 struct Reader<'a> {
     b: &'a [u8],
 }
@@ -272,7 +279,14 @@ impl<'a> Reader<'a> {
         if n > self.b.len() / 8 {
             return Err(DecodeError("truncated record"));
         }
-        let mut m = HeaderMap::with_capacity(n);
+        // A `HeaderMap` holds at most 2^15 headers and panics past that: the count and every
+        // append are checked, and nothing is reserved beyond a few headers on the word of the
+        // bytes alone.
+        if n > MAX_HEADERS {
+            return Err(DecodeError("too many headers"));
+        }
+        let mut m = HeaderMap::try_with_capacity(n.min(PREALLOCATED_HEADERS))
+            .map_err(|_| DecodeError("too many headers"))?;
         for _ in 0..n {
             let len = self.u32()?;
             let name = HeaderName::from_bytes(self.take(len)?)
@@ -280,7 +294,8 @@ impl<'a> Reader<'a> {
             let len = self.u32()?;
             let value = HeaderValue::from_bytes(self.take(len)?)
                 .map_err(|_| DecodeError("invalid header value"))?;
-            m.append(name, value);
+            m.try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         Ok(m)
     }
@@ -332,9 +347,117 @@ mod tests {
         }
 
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let _ = Record::decode(&bytes);
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            // An error or a record, never a panic; a record it reads encodes to one it reads
+            // back the same.
+            if let Ok(rec) = Record::decode(&bytes) {
+                prop_assert_eq!(Record::decode(&rec.encode()), Ok(rec));
+            }
         }
+
+        #[test]
+        fn any_header_count_after_a_valid_prefix_never_panics(
+            count in any::<u32>(),
+            rest in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut b = prefix();
+            b.extend_from_slice(&count.to_be_bytes());
+            b.extend_from_slice(&rest);
+            if let Ok(rec) = Record::decode(&b) {
+                prop_assert_eq!(Record::decode(&rec.encode()), Ok(rec));
+            }
+        }
+
+        #[test]
+        fn corrupted_records_never_panic(
+            headers in header_map(),
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+            trailers in proptest::option::of(header_map()),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let rec = Record::response(
+                Fingerprint::from_u128(7),
+                StatusCode::OK,
+                headers,
+                Bytes::from(body),
+                trailers,
+            );
+            let mut b = rec.encode();
+            for (at, byte) in edits {
+                let i = at.index(b.len());
+                b[i] = byte;
+            }
+            b.truncate(cut.index(b.len() + 1));
+            if let Ok(rec) = Record::decode(&b) {
+                prop_assert_eq!(Record::decode(&rec.encode()), Ok(rec));
+            }
+        }
+    }
+
+    /// The fixed part of an encoded record (version, flags, fingerprint, status 200), to which a
+    /// test appends a header count of its own.
+    fn prefix() -> Vec<u8> {
+        let mut b = vec![VERSION, FLAG_KEPT];
+        b.extend_from_slice(&[0; 16]);
+        b.extend_from_slice(&200u16.to_be_bytes());
+        b
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Header counts around and above what a `HeaderMap` holds, backed by as many header
+        /// entries as the count says (empty ones, or distinct valid ones): arbitrary bytes
+        /// alone are never long enough to reach them.
+        #[test]
+        fn large_header_counts_never_panic(count in 0u32..70_000, valid in any::<bool>()) {
+            let mut b = prefix();
+            b.extend_from_slice(&count.to_be_bytes());
+            for i in 0..count {
+                if valid {
+                    let name = format!("h{i}");
+                    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    b.extend_from_slice(name.as_bytes());
+                } else {
+                    b.extend_from_slice(&0u32.to_be_bytes());
+                }
+                b.extend_from_slice(&0u32.to_be_bytes());
+            }
+            b.extend_from_slice(&0u32.to_be_bytes());
+            match Record::decode(&b) {
+                Ok(rec) => prop_assert_eq!(rec.headers().len(), count as usize),
+                Err(DecodeError("too many headers")) => prop_assert!(count >= 1 << 14),
+                Err(e) => prop_assert!(!valid, "{}", e),
+            }
+        }
+    }
+
+    #[test]
+    fn header_count_above_header_map_limit_is_an_error() {
+        // A count above what a `HeaderMap` can hold (2^15), with enough bytes after it that the
+        // count looks plausible, used to reach `HeaderMap::with_capacity` and panic.
+        let n: u32 = (1 << 15) + 1;
+        let mut b = prefix();
+        b.extend_from_slice(&n.to_be_bytes());
+        b.resize(b.len() + 8 * n as usize, 0);
+        assert_eq!(Record::decode(&b), Err(DecodeError("too many headers")));
+    }
+
+    #[test]
+    fn more_distinct_headers_than_a_header_map_holds_is_an_error() {
+        // Valid, distinct headers, as many as the count allows: an error, not a panic.
+        let n: u32 = 1 << 15;
+        let mut b = prefix();
+        b.extend_from_slice(&n.to_be_bytes());
+        for i in 0..n {
+            let name = format!("h{i}");
+            b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(&0u32.to_be_bytes());
+        }
+        b.extend_from_slice(&0u32.to_be_bytes());
+        assert_eq!(Record::decode(&b), Err(DecodeError("too many headers")));
     }
 
     #[test]

@@ -101,10 +101,7 @@ where
         }
         let (parts, body) = req.into_parts();
         let key = match key::parse(&parts.headers, &cfg.header) {
-            Ok(Some(key)) => match &cfg.scope {
-                Some(scope) => StoreKey::new(scope(&parts), &key),
-                None => StoreKey::new([], &key),
-            },
+            Ok(Some(key)) => StoreKey::new(cfg.scope.of(&parts), &key),
             Ok(None) if !cfg.required => {
                 let req = Request::from_parts(parts, body);
                 return ResponseFuture::passthrough(self.inner.call(req));

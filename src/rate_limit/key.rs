@@ -438,4 +438,75 @@ mod tests {
         let r = Request::new(());
         assert_eq!(ClientIp::new().client_ip(&r), None);
     }
+
+    /// Outside input, as arbitrary bytes: an answer, never a panic.
+    mod never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Pieces of forwarding headers, so that generated values are often nearly valid.
+        fn forwarding_text() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("for=".to_owned()),
+                Just("For = ".to_owned()),
+                Just("\"".to_owned()),
+                Just("[".to_owned()),
+                Just("]".to_owned()),
+                Just(":".to_owned()),
+                Just(",".to_owned()),
+                Just(";".to_owned()),
+                Just("=".to_owned()),
+                Just(" ".to_owned()),
+                Just("203.0.113.7".to_owned()),
+                Just("127.0.0.1".to_owned()),
+                Just("2001:db8::1".to_owned()),
+                Just("::ffff:10.0.0.1".to_owned()),
+                Just("4711".to_owned()),
+                Just("unknown".to_owned()),
+                Just("_hidden".to_owned()),
+                "\\PC{0,3}",
+            ];
+            proptest::collection::vec(piece, 0..16).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #[test]
+            fn forwarding_headers_of_arbitrary_bytes_never_panic(
+                values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..4),
+                shaped in proptest::collection::vec(forwarding_text(), 0..3),
+                forwarded in any::<bool>(),
+                trusted_peer in any::<bool>(),
+            ) {
+                let mut c = ClientIp::new()
+                    .trust_proxies(["127.0.0.0/8", "10.0.0.0/8", "::1"])
+                    .unwrap();
+                if forwarded {
+                    c = c.use_forwarded();
+                }
+                let name = if forwarded { "forwarded" } else { "x-forwarded-for" };
+                let peer = if trusted_peer { "127.0.0.1:80" } else { "203.0.113.9:5000" };
+                let mut r = req(peer, &[]);
+                let raw = values.iter().map(Vec::as_slice).chain(shaped.iter().map(String::as_bytes));
+                for v in raw {
+                    if let Ok(v) = HeaderValue::from_bytes(v) {
+                        r.headers_mut().append(name, v);
+                    }
+                }
+                // Always an address: the peer, or one a trusted proxy forwarded.
+                let got = c.client_ip(&r);
+                prop_assert!(got.is_some());
+                if !trusted_peer {
+                    prop_assert_eq!(got, ip("203.0.113.9"));
+                }
+            }
+
+            #[test]
+            fn forwarding_entries_never_panic(s in forwarding_text(), t in "\\PC*") {
+                for entry in [s.as_str(), t.as_str()] {
+                    let _ = parse_xff_entry(entry);
+                    let _ = parse_forwarded_entry(entry);
+                }
+            }
+        }
+    }
 }

@@ -785,4 +785,26 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        #[test]
+        fn hints_of_arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..48),
+            now in 0u64..(1 << 40),
+        ) {
+            let Ok(v) = HeaderValue::from_bytes(&bytes) else {
+                return Ok(());
+            };
+            let now = UNIX_EPOCH + Duration::from_secs(now);
+            let _ = parse_retry_after(&v, now);
+            // A pushback is a wait only for a non-negative integer; anything else stops.
+            let ms = std::str::from_utf8(&bytes).ok().and_then(|s| s.trim().parse::<i64>().ok());
+            match (parse_pushback(&v), ms) {
+                (Hint::After(d), Some(ms)) => prop_assert_eq!(d, Duration::from_millis(ms.unsigned_abs())),
+                (Hint::Stop, None) => {}
+                (Hint::Stop, Some(ms)) => prop_assert!(ms < 0),
+                (hint, ms) => prop_assert!(false, "{:?} for {:?}", hint, ms),
+            }
+        }
+    }
 }

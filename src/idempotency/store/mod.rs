@@ -95,7 +95,8 @@ impl StoreKey {
         u32::from_be_bytes(n) as usize
     }
 
-    /// The scope (tenant, principal), empty when the layer has no scope function.
+    /// The scope (a digest of the caller's credentials, a tenant, a principal); empty for a
+    /// request without credentials, or when the layer is unscoped.
     pub fn scope(&self) -> &[u8] {
         &self.encoded[4..4 + self.scope_len()]
     }

@@ -1,0 +1,153 @@
+//! The scope of a key: whose key space a request's `Idempotency-Key` lives in.
+//!
+//! By default a request's scope is a digest of its credentials, the `Authorization` header
+//! (where gRPC carries its `authorization` metadata too), so that two callers never share a
+//! record: a stranger who sends another caller's key and payload gets neither that caller's
+//! response, nor a 409, nor a 422.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, request::Parts, HeaderMap};
+
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Bytes + Send + Sync;
+
+/// How a layer scopes its keys.
+#[derive(Clone)]
+pub(crate) enum Scope {
+    /// A digest of the `Authorization` header (the default).
+    Credentials,
+    /// A digest of the `Authorization` header and of one named cookie.
+    CredentialsAndCookie(Arc<str>),
+    /// A user function.
+    Custom(Arc<ScopeFn>),
+    /// One key space for every caller.
+    Unscoped,
+}
+
+impl Scope {
+    /// The scope of a request; empty for a request without credentials (all such requests
+    /// share one anonymous key space) and for [`Scope::Unscoped`].
+    pub(crate) fn of(&self, parts: &Parts) -> Bytes {
+        match self {
+            Scope::Credentials => credentials(&parts.headers, None),
+            Scope::CredentialsAndCookie(name) => credentials(&parts.headers, Some(name)),
+            Scope::Custom(f) => f(parts),
+            Scope::Unscoped => Bytes::new(),
+        }
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Credentials => f.write_str("Credentials(authorization)"),
+            Scope::CredentialsAndCookie(name) => {
+                write!(f, "Credentials(authorization, cookie {name:?})")
+            }
+            Scope::Custom(_) => f.write_str("Custom"),
+            Scope::Unscoped => f.write_str("Unscoped"),
+        }
+    }
+}
+
+/// What the digest is of, so that it never equals a digest of the same bytes made for another
+/// purpose.
+const DOMAIN: &[u8] = b"tower-bulwark idempotency scope v1\0";
+
+/// The digest of a request's credentials: every `Authorization` value, in order, and, when
+/// `cookie` is named, every value of that cookie, each length-prefixed. Empty when the request
+/// carries none of them. A stable digest (SHA-1, which resists preimages), the same in every
+/// process, so replicas that share a store agree on a caller's scope; the store and the logs
+/// only ever see the digest.
+fn credentials(headers: &HeaderMap, cookie: Option<&str>) -> Bytes {
+    // Made on the first credential: a request without any costs no digest.
+    let mut h: Option<sha1_smol::Sha1> = None;
+    let mut feed = |tag: u8, value: &[u8]| {
+        let h = h.get_or_insert_with(|| sha1_smol::Sha1::from(DOMAIN));
+        h.update(&[tag]);
+        h.update(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+        h.update(value);
+    };
+    for v in headers.get_all(header::AUTHORIZATION) {
+        feed(b'a', v.as_bytes());
+    }
+    if let Some(name) = cookie {
+        for v in cookie_values(headers, name) {
+            feed(b'c', v);
+        }
+    }
+    h.map_or_else(Bytes::new, |h| Bytes::copy_from_slice(&h.digest().bytes()))
+}
+
+/// The values of the cookie `name` in the request's `Cookie` headers (HTTP/2 may send several).
+fn cookie_values<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .filter_map(move |pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut b = Request::post("/orders");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn credentials_are_hashed_never_kept_in_clear() {
+        let p = parts(&[("authorization", "Bearer s3cret-token")]);
+        let scope = Scope::Credentials.of(&p);
+        assert_eq!(scope.len(), 20);
+        assert!(!scope.windows(6).any(|w| w == b"s3cret"), "{scope:?}");
+        // Stable: the same credentials give the same scope, in every process.
+        assert_eq!(scope, Scope::Credentials.of(&p));
+    }
+
+    #[test]
+    fn other_credentials_or_none_are_other_scopes() {
+        let a = Scope::Credentials.of(&parts(&[("authorization", "Bearer a")]));
+        let b = Scope::Credentials.of(&parts(&[("authorization", "Bearer b")]));
+        let none = Scope::Credentials.of(&parts(&[]));
+        let empty = Scope::Credentials.of(&parts(&[("authorization", "")]));
+        assert_ne!(a, b);
+        assert!(none.is_empty());
+        assert_ne!(a, none);
+        assert_ne!(empty, none);
+        // Cookies, which change between a client's retries, are no part of the default scope.
+        let with_cookie = Scope::Credentials.of(&parts(&[
+            ("authorization", "Bearer a"),
+            ("cookie", "_ga=123"),
+        ]));
+        assert_eq!(a, with_cookie);
+    }
+
+    #[test]
+    fn named_cookie_scope_reads_that_cookie_only() {
+        let s = Scope::CredentialsAndCookie("session".into());
+        let one = s.of(&parts(&[("cookie", "_ga=1; session=abc; theme=dark")]));
+        let same = s.of(&parts(&[("cookie", "session=abc"), ("cookie", "_ga=2")]));
+        let other = s.of(&parts(&[("cookie", "_ga=1; session=abd")]));
+        let prefix = s.of(&parts(&[("cookie", "xsession=abc")]));
+        assert_eq!(one, same);
+        assert_ne!(one, other);
+        assert!(prefix.is_empty());
+        assert!(!one.windows(3).any(|w| w == b"abc"));
+        // The credentials still count.
+        let with_auth = s.of(&parts(&[("cookie", "session=abc"), ("authorization", "x")]));
+        assert_ne!(one, with_auth);
+    }
+}
