@@ -51,11 +51,12 @@ impl std::error::Error for ConfigError {}
 pub enum FailurePolicy {
     /// Refuse the request with 503
     /// [`RejectionKind::StoreUnavailable`](crate::RejectionKind::StoreUnavailable) (the
-    /// default): a request is never run without its key held.
+    /// default): a request is never run without its key held. A handler whose lease can no
+    /// longer be renewed is stopped before the lease runs out, with the same 503.
     #[default]
     FailClosed,
     /// Run the request without idempotency, and store nothing: availability over
-    /// exactly-once.
+    /// exactly-once. A handler whose lease can no longer be renewed goes on.
     FailOpen,
 }
 
@@ -397,8 +398,10 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// How long a lease lives if its owner never completes nor releases it, for example
-    /// because the process crashed (default 60 seconds). Longer than the slowest handler.
+    /// How long a lease lives if its owner stops renewing it, for example because the process
+    /// crashed (default 60 seconds). While the handler runs the layer renews the lease every
+    /// third of this, so a handler may run longer; a shorter lease frees a crashed owner's key
+    /// sooner, at the cost of more renewals (see the [module docs](super#leases)).
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
         self

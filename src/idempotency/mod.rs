@@ -20,8 +20,12 @@
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
 //! | body over the buffer limit (1 MiB) | 413; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
-//! | the first request's future is dropped (client gone) | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
-//! | the process crashes mid-request | the lease expires after its time to live (60 s) |
+//! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
+//! | the first request's future is dropped (client gone) before its handler answers | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
+//! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
+//! | the store fails while the response is stored | the client gets the response; the key is never released and the write is tried again in the background while the lease lasts |
+//! | the lease cannot be renewed (store unreachable) | failing closed, the handler is stopped before the lease can run out, and the client gets 503; failing open, it goes on |
+//! | the process crashes mid-request | renewals stop and the lease expires after its time to live (60 s) |
 //!
 //! Keys are accepted both as the draft's structured-field string (`"abc"`, quoted) and as the
 //! bare token Stripe's clients send (`abc`); both name the same key. The fingerprint of a
@@ -150,8 +154,28 @@
 //!
 //! [`MemoryStore`] keeps leases and records in process, sharded and bounded by entries and
 //! bytes. A store shared by replicas implements [`Store`]: atomic claim with an owner token,
-//! compare-and-set complete and release, time to live on every key, and records in the
+//! compare-and-set complete, renew and release, time to live on every key, and records in the
 //! [`Record`] encoding. When the store fails, the layer answers 503 (see [`FailurePolicy`]).
+//!
+//! # Leases
+//!
+//! A request that claims its key holds a lease of
+//! [`lease_ttl`](IdempotencyBuilder::lease_ttl) (60 s) and renews it every third of that while
+//! its handler runs, from the response future itself (with `tokio::time`, so paused time
+//! drives it too; nothing is spawned), so a handler may run longer than the lease and no
+//! repeat runs beside it. Renewing stops when the future completes or is dropped, so the
+//! lease of a crashed process expires. A renewal that fails is tried again sooner (every
+//! sixth); if none succeeds before the lease would run out, or the store says the lease is
+//! lost, the layer can no longer promise that no other request holds the key. Failing closed
+//! (the default), it refuses to go on, as the crate does whenever the choice is between
+//! running twice and refusing: it stops the handler (drops its future, or the body it is
+//! reading) before the lease's end and answers 503. Failing open, the handler goes on.
+//!
+//! Once the handler has answered with a response to store, the request has run, and its key
+//! is never released: if the record cannot be written (the store down, the connection cut as
+//! the command went out), the client still gets its response, the lease stays, and the write
+//! is tried again in the background, under the owner token, until the lease would expire. A
+//! repeat meanwhile gets 409, then the replay.
 //!
 //! # Time in tests
 //!
@@ -161,9 +185,14 @@
 //!
 //! # Cancel safety
 //!
-//! Dropping a response future at any point releases the lease it holds (in `Drop`), so a
-//! client that goes away never blocks its key until the lease expires, unless
-//! [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop) asks for that.
+//! Dropping a response future before its handler has answered (reading the request body,
+//! claiming, in the handler) releases the lease it holds (in `Drop`), so a client that goes
+//! away never blocks its key until the lease expires, unless
+//! [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop) asks for that. A claim still
+//! on its way to a remote store is released by the store with its owner token if it lands
+//! late. Dropping it after the handler answered (reading its response body, storing it) never
+//! releases: the handler has run, so its record, or a record that its response was not kept,
+//! is written under the lease in the background, and the key is never run twice.
 
 mod body;
 mod fingerprint;

@@ -283,8 +283,8 @@ impl std::error::Error for StoreError {
 ///   leaves no lease that nobody holds: a store whose claim may still take effect after its
 ///   caller stopped waiting (a remote store) releases that lease with the token it made.
 /// - `complete` stores the record for `ttl` only while the key holds this lease's token, else
-///   fails with [`StoreErrorKind::LeaseLost`]. Writing the same record again under the same
-///   lease (a retry after a lost answer) succeeds.
+///   fails with [`StoreErrorKind::LeaseLost`] (as does a `complete` sent again after the
+///   first took effect and its answer was lost).
 /// - `renew` sets the lease's time to live to `lease_ttl` from now only while the key holds
 ///   this lease's token, unexpired; otherwise it changes nothing and fails with
 ///   [`StoreErrorKind::LeaseLost`].
@@ -385,6 +385,12 @@ where
                 Ok(Err(e)) => e,
                 Err(_) => StoreError::new(StoreErrorKind::Timeout),
             };
+            if error.kind() == StoreErrorKind::LeaseLost {
+                // Another owner's now, or expired; or an earlier attempt took effect and its
+                // answer was lost.
+                tracing::debug!(what, "idempotency lease no longer held; nothing more to do");
+                return;
+            }
             let now = tokio::time::Instant::now();
             if !worth_retrying(error.kind()) || now + pause >= until {
                 tracing::warn!(what, error = %error, "idempotency store: giving up");

@@ -8,8 +8,7 @@
 //!   in flight, mismatch, or the stored record itself (a replay costs one round trip).
 //! - [`complete`](Store::complete), [`renew`](Store::renew) and [`release`](Store::release)
 //!   are compare-and-set scripts: they act only while the key still holds this owner's token,
-//!   so only the owner completes, extends (`PEXPIRE`) or releases its lease. A `complete` that
-//!   finds its own record already written (its first answer was lost) succeeds.
+//!   so only the owner completes, extends (`PEXPIRE`) or releases its lease.
 //! - [`get`](Store::get) is one `GET`.
 //!
 //! A claim whose answer never came back (the connection cut, or the call's timeout) may still
@@ -46,7 +45,10 @@
 //! Every call has a [timeout](RedisStore::timeout) (default 50 ms); a timeout is a
 //! [`StoreErrorKind::Timeout`], any other Redis failure a [`StoreErrorKind::Unavailable`], and
 //! the idempotency layer applies its failure policy (`FailClosed` by default: 503, nothing
-//! runs; or `FailOpen`: runs without deduplication). The store counts failures
+//! runs; or `FailOpen`: runs without deduplication). A `complete` that fails after the
+//! handler ran (the command or its answer lost) never releases the key: the layer keeps the
+//! lease and sends the record again once Redis answers, until the lease would expire (a
+//! `complete` whose first attempt did land then finds no lease, and stops). The store counts failures
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
 
@@ -95,8 +97,7 @@ return {4, ''}
     )
 });
 
-/// Replaces the lease by the record, only while the key holds this owner's token; succeeds
-/// too when the key already holds this very record (a retry whose first answer was lost).
+/// Replaces the lease by the record, only while the key holds this owner's token.
 static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -105,7 +106,6 @@ if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
-if v == ARGV[2] then return 1 end
 return 0
 ",
     )
