@@ -313,6 +313,7 @@ struct Spy {
 impl Store for Spy {
     type ClaimFuture = <MemoryStore as Store>::ClaimFuture;
     type CompleteFuture = <MemoryStore as Store>::CompleteFuture;
+    type RenewFuture = <MemoryStore as Store>::RenewFuture;
     type ReleaseFuture = <MemoryStore as Store>::ReleaseFuture;
     type GetFuture = <MemoryStore as Store>::GetFuture;
 
@@ -323,6 +324,10 @@ impl Store for Spy {
 
     fn complete(&self, lease: &Lease, record: Record, ttl: Duration) -> Self::CompleteFuture {
         self.inner.complete(lease, record, ttl)
+    }
+
+    fn renew(&self, lease: &Lease, lease_ttl: Duration) -> Self::RenewFuture {
+        self.inner.renew(lease, lease_ttl)
     }
 
     fn release(&self, lease: &Lease) -> Self::ReleaseFuture {

@@ -24,6 +24,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_bulwark::idempotency::{
     Claim, Fingerprint, IdempotencyLayer, Lease, Record, RedisStore, Store, StoreErrorKind,
@@ -32,6 +33,9 @@ use tower_bulwark::idempotency::{
 use tower_bulwark::RejectionLayer;
 
 use proxy::{Fault, Proxy};
+
+/// The stack under test.
+type Svc = BoxCloneService<Request<Full<Bytes>>, Response<Body>, Infallible>;
 
 /// The body of the stack's responses.
 type Body =
@@ -56,17 +60,7 @@ fn app(
     lease_ttl: Duration,
     work: Duration,
     answer: &'static str,
-) -> (
-    impl tower::Service<
-            Request<Full<Bytes>>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
-        > + Clone
-        + Send
-        + 'static,
-    Arc<AtomicU64>,
-) {
+) -> (Svc, Arc<AtomicU64>) {
     let runs = Arc::new(AtomicU64::new(0));
     let counter = runs.clone();
     let svc = ServiceBuilder::new()
@@ -86,7 +80,7 @@ fn app(
                 Ok::<_, Infallible>(res)
             }
         });
-    (svc, runs)
+    (BoxCloneService::new(svc), runs)
 }
 
 /// What the Redis key of `k` holds now: its first byte (`L` lease, `R` record), or `None`.
@@ -249,10 +243,7 @@ async fn a_lost_complete_never_runs_the_handler_twice() {
 }
 
 /// Repeats `post(k)` while the store times out (503), at most `n` times; the last answer.
-async fn until_not_503<S>(svc: &S, k: &str, body: &'static str, n: usize) -> StatusCode
-where
-    S: tower::Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Infallible> + Clone,
-{
+async fn until_not_503(svc: &Svc, k: &str, body: &'static str, n: usize) -> StatusCode {
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     for _ in 0..n {
         status = svc.clone().oneshot(post(k, body)).await.unwrap().status();
