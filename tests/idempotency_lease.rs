@@ -434,3 +434,58 @@ async fn a_lease_that_cannot_be_renewed_lets_the_handler_finish_when_failing_ope
     assert!(!app.cancelled.load(Ordering::SeqCst));
     assert_eq!(app.runs(), 1);
 }
+
+/// Dropped in its handler after renewals: the renewed lease is released like any other, and
+/// the key runs again at once.
+#[tokio::test(start_paused = true)]
+async fn dropped_in_a_handler_that_outlived_its_lease_releases_the_key() {
+    let app = Slow::new(3 * LEASE);
+    let mem = store();
+    let layer = IdempotencyLayer::builder(mem.clone())
+        .lease_ttl(LEASE)
+        .build()
+        .unwrap();
+    let svc = layer.layer(app.service());
+    let first = tokio::spawn(svc.clone().oneshot(req("d")));
+    tokio::time::sleep(2 * LEASE).await;
+    assert_eq!(mem.stats().entries, 1, "renewed past its first expiry");
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    assert!(app.cancelled.load(Ordering::SeqCst));
+    assert_eq!(mem.stats().entries, 0, "released");
+    let app2 = Slow::new(Duration::ZERO);
+    let res = IdempotencyLayer::builder(mem.clone())
+        .build()
+        .unwrap()
+        .layer(app2.service())
+        .oneshot(req("d"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(app2.runs(), 1);
+}
+
+/// Renewing stops with the future: a lease kept on drop (`keep_lease_on_drop`) expires one
+/// lease after its last renewal, as a crashed owner's would.
+#[tokio::test(start_paused = true)]
+async fn renewal_stops_when_the_future_is_dropped() {
+    let app = Slow::new(10 * LEASE);
+    let layer = IdempotencyLayer::builder(store())
+        .lease_ttl(LEASE)
+        .keep_lease_on_drop()
+        .build()
+        .unwrap();
+    let svc = layer.layer(app.service());
+    let first = tokio::spawn(svc.clone().oneshot(req("k")));
+    tokio::time::sleep(2 * LEASE).await;
+    first.abort();
+    let _ = first.await;
+    let err = svc.clone().oneshot(req("k")).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight, "kept");
+    tokio::time::sleep(LEASE).await;
+    // Expired: the key runs again (its handler takes long; seeing it start is enough).
+    let second = tokio::spawn(svc.clone().oneshot(req("k")));
+    tokio::task::yield_now().await;
+    assert_eq!(app.runs(), 2, "the lease expired after its last renewal");
+    second.abort();
+}
