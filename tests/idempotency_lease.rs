@@ -101,7 +101,7 @@ impl Slow {
     }
 }
 
-/// ITEM: a handler that runs three times its lease keeps the key: every repeat meanwhile gets
+/// A handler that runs three times its lease keeps the key: every repeat meanwhile gets
 /// 409 and the handler runs once.
 #[tokio::test(start_paused = true)]
 async fn a_handler_three_times_longer_than_its_lease_keeps_the_key() {

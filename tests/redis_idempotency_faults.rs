@@ -108,7 +108,7 @@ async fn while_held(
     seen
 }
 
-/// ITEM: a handler that runs three times its lease keeps its key on Redis: the layer renews
+/// A handler that runs three times its lease keeps its key on Redis: the layer renews
 /// the lease, every repeat meanwhile gets 409, and the handler runs once.
 #[tokio::test]
 async fn a_handler_three_times_longer_than_its_lease_keeps_the_key() {
@@ -190,7 +190,7 @@ async fn renewal_is_the_owners_only() {
     );
 }
 
-/// ITEM: `FailClosed` on Redis, the `complete` command lost as the connection is cut: the
+/// `FailClosed` on Redis, the `complete` command lost as the connection is cut: the
 /// client has its 201, the key is never released, the record is written once the store is
 /// reachable again, and a repeat replays it instead of running the handler a second time.
 #[tokio::test]
@@ -263,7 +263,7 @@ fn claim_pattern(body: &[u8]) -> Vec<u8> {
     [&b"$16\r\n"[..], &fp[..]].concat()
 }
 
-/// ITEM: a claim that Redis runs after the store's timeout gave up on it: the lease it takes
+/// A claim that Redis runs after the store's timeout gave up on it: the lease it takes
 /// late is released with its owner token, so a repeat runs at once instead of getting 409
 /// for the lease's whole life.
 #[tokio::test]

@@ -423,10 +423,11 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// When a first request's future is dropped (client gone, a timeout above), keep its
-    /// lease until it expires instead of releasing it at once (the default). Choose this when
-    /// the handler may have had effects before it was cancelled: a repeat then gets 409 until
-    /// `lease_ttl` ends rather than running again at once.
+    /// When a first request's future is dropped (client gone, a timeout above) before its
+    /// handler has answered, keep its lease until it expires instead of releasing it at once
+    /// (the default). Choose this when the handler may have had effects before it was
+    /// cancelled: a repeat then gets 409 until `lease_ttl` ends rather than running again at
+    /// once. (Dropped after the handler answered, the key is never released either way.)
     pub fn keep_lease_on_drop(mut self) -> Self {
         self.release_on_drop = false;
         self
