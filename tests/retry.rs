@@ -230,7 +230,12 @@ async fn an_open_circuit_is_waited_out_when_it_fits() {
     let start = Instant::now();
     assert_eq!(layer.layer(inner.clone()).oneshot(5).await.unwrap(), 10);
     assert_eq!(inner.count(), 2);
-    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    // Never before the breaker's hint, and spread past it by at most as much again.
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited <= Duration::from_millis(600),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -254,14 +259,45 @@ async fn an_open_circuit_longer_than_the_maximum_delay_stops_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_rejection_hint_is_capped_by_the_maximum_delay() {
+async fn a_rejection_hint_longer_than_the_maximum_delay_stops_at_once() {
     let inner = Flaky::with_err(1, || {
         Rejection::overloaded(Some(Duration::from_secs(60))).into()
     });
     let layer = RetryLayer::new(policy().backoff(fixed(200))).unwrap();
     let start = Instant::now();
-    assert_eq!(layer.layer(inner.clone()).oneshot(1).await.unwrap(), 2);
-    assert_eq!(start.elapsed(), Duration::from_millis(200));
+    let err = layer.layer(inner.clone()).oneshot(1).await.unwrap_err();
+    assert_eq!(inner.count(), 1, "not retried before the layer below said");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let r = err
+        .downcast_ref::<Rejection>()
+        .expect("the rejection itself");
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(60)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_is_waited_out_with_jitter_and_never_less() {
+    // Many callers refused with the same hint do not come back on one instant.
+    let mut waits = Vec::new();
+    for seed in 0..50 {
+        let inner = Flaky::with_err(1, || {
+            Rejection::overloaded(Some(Duration::from_millis(200))).into()
+        });
+        let layer = RetryLayer::new(policy().seed(seed).backoff(fixed(500))).unwrap();
+        let start = Instant::now();
+        assert_eq!(layer.layer(inner.clone()).oneshot(1).await.unwrap(), 2);
+        waits.push(start.elapsed());
+    }
+    assert!(
+        waits.iter().all(|w| *w >= Duration::from_millis(200)),
+        "{waits:?}"
+    );
+    assert!(
+        waits.iter().all(|w| *w <= Duration::from_millis(700)),
+        "{waits:?}"
+    );
+    waits.sort();
+    waits.dedup();
+    assert!(waits.len() >= 45, "the waits are spread: {waits:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -30,8 +30,28 @@
 //!   attempt, so that a server with `IdempotencyLayer` runs the request once.
 //! - The circuit breaker stops calls to a dependency that keeps failing; this layer repeats a
 //!   call that failed once. They pair: a `CircuitOpen` [`Rejection`](crate::Rejection) from a
-//!   breaker below is waited out if its `retry_after` fits the maximum delay, the deadline and
-//!   the budget, and otherwise returned at once.
+//!   breaker below is waited out (with jitter) if its `retry_after` fits the maximum delay,
+//!   the deadline and the budget, and otherwise returned at once (see
+//!   [Server hints](#server-hints)).
+//!
+//! # Server hints
+//!
+//! A response's `Retry-After` (delta-seconds or an HTTP-date) or `grpc-retry-pushback-ms`,
+//! and the `retry_after` of a [`Rejection`](crate::Rejection) from a layer below (an open
+//! breaker, a rate limit, a shed), say when to try again. The layer never tries earlier:
+//!
+//! - A hint longer than the backoff's maximum delay ([`Backoff::max`]), or one that would
+//!   start the next attempt past the [`deadline`](RetryPolicy::deadline), stops the retries:
+//!   the response or error is returned at once, hint included, for the caller to act on. So
+//!   does a retry the [`Budget`] refuses, and a negative or malformed
+//!   `grpc-retry-pushback-ms` (gRPC's "do not retry").
+//! - A hint that fits is waited out as the hint plus a jitter: a uniform share of the hint
+//!   itself, or of the retry's backoff ceiling when that is larger (so a wait lies in
+//!   `[hint, 2 × hint]` for hints above the ceiling), cut only by the deadline. Callers
+//!   refused together with hints that point at one instant (an open breaker's time left, a
+//!   rate limit's reset) come back spread over a span about as long as the one over which
+//!   they were refused, not in one herd; and never before the server said.
+//! - No hint, or a malformed `Retry-After`: the backoff decides.
 //!
 //! # Where to place this layer
 //!
@@ -98,8 +118,8 @@
 //!
 //! Each retry is a `debug` event of target `tower_bulwark::retry` with the attempt, the delay
 //! and the reason; a retry refused by the budget is an `info` event; other reasons to stop
-//! (attempts, deadline, pushback, an unreplayable body, a long-open circuit) are `debug`
-//! events.
+//! (attempts, deadline, pushback, an unreplayable body, a hint longer than the maximum
+//! delay) are `debug` events.
 
 mod backoff;
 mod budget;

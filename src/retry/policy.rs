@@ -68,7 +68,8 @@ impl std::error::Error for ConfigError {}
 pub enum Hint {
     /// No hint: the backoff decides.
     None,
-    /// Wait this long (capped by the backoff's maximum delay).
+    /// Wait at least this long (plus a jitter). A hint longer than the backoff's maximum
+    /// delay, or than the deadline leaves, stops the retries: the answer is returned.
     After(Duration),
     /// Do not retry (a negative or malformed `grpc-retry-pushback-ms`).
     Stop,
