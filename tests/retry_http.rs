@@ -229,9 +229,9 @@ async fn retry_after_is_honoured_never_early() {
     for seed in 0..20 {
         let (n, gap) = wait_before_retry(p().seed(seed), (503, &[("retry-after", "2")])).await;
         assert_eq!(n, 2);
-        // Never before the server said; spread by at most the hint itself.
+        // Never before the server said; spread by at most twice the hint.
         assert!(
-            gap >= Duration::from_secs(2) && gap <= Duration::from_secs(4),
+            gap >= Duration::from_secs(2) && gap <= Duration::from_secs(6),
             "{gap:?}"
         );
     }
@@ -309,7 +309,7 @@ async fn grpc_pushback_is_honoured_and_malformed_stops() {
     .await;
     assert_eq!(n, 2);
     assert!(
-        gap >= Duration::from_millis(300) && gap <= Duration::from_millis(600),
+        gap >= Duration::from_millis(300) && gap <= Duration::from_millis(900),
         "never before the pushback: {gap:?}"
     );
     assert_eq!(
@@ -488,7 +488,7 @@ async fn a_breaker_open_briefly_is_waited_out() {
     assert_eq!(res.status(), StatusCode::OK);
     let waited = start.elapsed();
     assert!(
-        waited >= Duration::from_millis(400) && waited <= Duration::from_millis(800),
+        waited >= Duration::from_millis(400) && waited <= Duration::from_millis(1200),
         "never before the breaker said, spread past it: {waited:?}"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);

@@ -203,10 +203,13 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
                     );
                     return None;
                 }
-                // Waited out as the hint plus a uniform share of the hint itself (or of this
-                // retry's backoff ceiling, when larger): callers refused together over a span
-                // come back spread over a span as long, never before they were told.
-                let spread = d.max(ctl.backoff.ceiling_nanos(self.attempt - 1));
+                // Waited out as the hint plus a uniform share of twice the hint (at least this
+                // retry's backoff ceiling, at most the maximum delay): callers refused over a
+                // span before one instant (an open breaker's end, a rate limit's reset) come
+                // back spread over a span after it, never before they were told.
+                let spread = d
+                    .saturating_mul(2)
+                    .clamp(ctl.backoff.ceiling_nanos(self.attempt - 1), max_delay);
                 let jitter = (spread as f64 * ctl.rng.next_f64()) as u64;
                 (d, d.saturating_add(jitter))
             }

@@ -45,11 +45,12 @@
 //!   the response or error is returned at once, hint included, for the caller to act on. So
 //!   does a retry the [`Budget`] refuses, and a negative or malformed
 //!   `grpc-retry-pushback-ms` (gRPC's "do not retry").
-//! - A hint that fits is waited out as the hint plus a jitter: a uniform share of the hint
-//!   itself, or of the retry's backoff ceiling when that is larger (so a wait lies in
-//!   `[hint, 2 × hint]` for hints above the ceiling), cut only by the deadline. Callers
-//!   refused together with hints that point at one instant (an open breaker's time left, a
-//!   rate limit's reset) come back spread over a span about as long as the one over which
+//! - A hint that fits is waited out as the hint plus a jitter, whatever the backoff's
+//!   [`Jitter`]: uniform in `[0, s]` with `s` twice the hint, at least the retry's backoff
+//!   ceiling and at most the maximum delay (a 300 ms hint under the default backoff waits
+//!   300 to 900 ms; a wait is never over the hint plus the maximum delay), cut only by the
+//!   deadline. Callers refused with hints that point at one instant (an open breaker's time
+//!   left, a rate limit's reset) come back spread over a span longer than the one over which
 //!   they were refused, not in one herd; and never before the server said.
 //! - No hint, or a malformed `Retry-After`: the backoff decides.
 //!
