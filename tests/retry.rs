@@ -632,6 +632,81 @@ fn bad_configuration_is_refused_at_construction() {
     assert!(ConfigError::ZeroAttempts.to_string().contains("at least 1"));
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_policy_clock_reaches_a_given_budget_in_either_order() {
+    let budget = || {
+        Budget::builder()
+            .ratio(10.0)
+            .min_per_second(1)
+            .build()
+            .unwrap()
+    };
+    let policy = || RetryPolicy::errors().max_attempts(10).backoff(fixed(500));
+    let layers = [
+        RetryLayer::new(policy().clock(Clock::tokio()).budget(budget())).unwrap(),
+        RetryLayer::new(policy().budget(budget()).clock(Clock::tokio())).unwrap(),
+    ];
+    tokio::time::advance(Duration::from_secs(5)).await;
+    for layer in &layers {
+        // The floor accrues with the budget's age on tokio's paused time: 5 s, 5 retries.
+        let figures = layer.handle().budget().unwrap().figures();
+        assert_eq!(figures.allowed, 5.0, "{figures:?}");
+    }
+    // And the deadline follows the same time: attempts at 0, 0.5, 1, 1.5 and 2 s.
+    let layer = RetryLayer::new(
+        policy()
+            .deadline(Duration::from_secs(2))
+            .budget(budget())
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let inner = Flaky::new(u32::MAX);
+    let start = Instant::now();
+    assert!(layer.layer(inner.clone()).oneshot(1).await.is_err());
+    assert_eq!(inner.count(), 5);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[test]
+fn a_policy_clock_that_contradicts_its_budget_is_refused() {
+    let (manual, _hand) = Clock::manual();
+    let on_manual = Budget::builder().clock(manual.clone()).build().unwrap();
+    assert_eq!(
+        RetryLayer::new(
+            RetryPolicy::errors()
+                .budget(on_manual.clone())
+                .clock(Clock::std())
+        )
+        .err(),
+        Some(ConfigError::BudgetClock)
+    );
+    // The same clock in both places, or in one of them, is fine.
+    assert!(RetryLayer::new(
+        RetryPolicy::errors()
+            .clock(manual)
+            .budget(on_manual.clone())
+    )
+    .is_ok());
+    assert!(RetryLayer::new(RetryPolicy::errors().budget(on_manual)).is_ok());
+    // A budget without a clock takes the first policy's; a second layer must agree with it.
+    let shared = Budget::builder().build().unwrap();
+    let clock = Clock::std();
+    assert!(RetryLayer::new(
+        RetryPolicy::errors()
+            .budget(shared.clone())
+            .clock(clock.clone())
+    )
+    .is_ok());
+    assert!(RetryLayer::new(RetryPolicy::errors().budget(shared.clone()).clock(clock)).is_ok());
+    assert!(RetryLayer::new(RetryPolicy::errors().budget(shared.clone())).is_ok());
+    let (other, _hand) = Clock::manual();
+    assert_eq!(
+        RetryLayer::new(RetryPolicy::errors().budget(shared).clock(other)).err(),
+        Some(ConfigError::BudgetClock)
+    );
+    assert!(ConfigError::BudgetClock.to_string().contains("clock"));
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn both<T: Send + Sync>() {}

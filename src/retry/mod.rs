@@ -23,7 +23,8 @@
 //!   `TpsBudget` takes a lock and reads the clock on every request. Here the HTTP policy keeps
 //!   the body in a bounded replay buffer ([`ReplayBody`], 64 KiB by default) as it streams, so
 //!   retries work for hyper, Axum and tonic clients; the budget is lock-free and a request
-//!   costs it one atomic add.
+//!   costs it one atomic add (and one in eight a clock reading, so that every request of the
+//!   window counts, as in `TpsBudget`).
 //! - tower-resilience's retry knows nothing of HTTP safety or server hints: this layer retries
 //!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
 //!   [`RetryPolicy::add_idempotency_key`] gives POST and PATCH a fresh key, the same on every
@@ -111,9 +112,12 @@
 //! # Time in tests
 //!
 //! Backoff sleeps use `tokio::time`, so `#[tokio::test(start_paused = true)]` and
-//! `tokio::time::advance` drive them. The deadline and the budget read the layer's
-//! [`Clock`](crate::clock::Clock): give the policy `.clock(Clock::tokio())` (or the budget
-//! `Budget::builder().clock(Clock::tokio())`) so that they follow the paused time too.
+//! `tokio::time::advance` drive them. The deadline and the budget read one
+//! [`Clock`](crate::clock::Clock): give the policy `.clock(Clock::tokio())` so that both follow
+//! the paused time too. The layer's own budget, and a given [`Budget`] built without a clock,
+//! take the policy's (whichever of `.clock` and `.budget` comes first); a budget built with
+//! `Budget::builder().clock(..)` gives its clock to the layer, and a policy clock that differs
+//! from it is refused with [`ConfigError::BudgetClock`].
 //!
 //! # Tracing
 //!
