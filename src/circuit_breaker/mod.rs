@@ -12,7 +12,9 @@
 //! `UNAVAILABLE`). After the open time it is *half-open*: at most `k` probe calls go through
 //! at once; `k` successes close it, one failure opens it again for longer (multiplied by
 //! [`backoff_multiplier`](BreakerConfig::backoff_multiplier), capped, with jitter so that
-//! breakers in many replicas do not probe in lockstep).
+//! breakers in many replicas do not probe in lockstep). A call refused while the probes are
+//! out is told to come back after a random share of the open time a failed probe would start
+//! (drawn for each caller, so that callers refused together do not come back together).
 //!
 //! It trips on any of ([`BreakerConfig`]):
 //!

@@ -38,9 +38,6 @@ const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
 const FORCED: u64 = 3;
 
-/// The wait hint given to callers refused while half-open probes are in flight.
-pub(crate) const HALF_OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
-
 #[inline]
 const fn pack(tag: u64, gen: u64, payload: u64) -> u64 {
     (tag << TAG_SHIFT) | ((gen & GEN_MASK) << GEN_SHIFT) | (payload & PAYLOAD_MASK)
@@ -272,6 +269,17 @@ impl Shared {
         (jittered as u64).max(1)
     }
 
+    /// The wait hint of a call refused while the probes are out: their verdict closes the
+    /// breaker, or a failed probe opens it again for the next open time. The hint is a uniform
+    /// share of that open time, drawn for each caller, so that callers refused together do
+    /// not come back together.
+    #[cold]
+    fn half_open_hint(&self, b: &Breaker) -> Duration {
+        let next = self.open_nanos(b.reopens.load(Relaxed).saturating_add(1));
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        Duration::from_nanos(((next as f64 * u) as u64).max(1))
+    }
+
     /// The slot of a key hash, claiming a free one (or a healthy one when all of the key's
     /// probe sequence is taken). `None` when the table has no room for it.
     pub(crate) fn slot_for(&self, hash: u64) -> Option<usize> {
@@ -393,7 +401,7 @@ impl Shared {
                     let p = payload(cur);
                     let inflight = p & 0xFFFF;
                     if inflight >= self.limits.probes {
-                        return Err(Rejection::circuit_open(HALF_OPEN_RETRY_AFTER)
+                        return Err(Rejection::circuit_open(self.half_open_hint(b))
                             .with_detail("half-open: probes in flight"));
                     }
                     let next = pack(HALF_OPEN, gen(cur), p + 1);
