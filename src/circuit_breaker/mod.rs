@@ -119,9 +119,9 @@
 //!
 //! The state is one `AtomicU64` moved by compare-and-swap, so half-open never admits more than
 //! `k` probes at once, whatever the number of threads. The count window is a pair of bitsets
-//! and one position counter advanced without a locked instruction: on one thread it is exact;
-//! when two calls complete at the same instant on two cores, one of them may go uncounted
-//! (never counted twice), so under contention the window is a fair sample of the last calls.
+//! and one position counter advanced by `fetch_add`: every completed call takes a position of
+//! its own, the counter never moves backwards, and a tally counts only the bits of its own
+//! window, so a call is never counted twice and none is lost to a race on the counter.
 
 mod config;
 pub mod future;
