@@ -13,6 +13,11 @@ pub(crate) const MAX_BUCKETS: u32 = 1 << 12;
 pub(crate) const MAX_PROBES: u32 = u16::MAX as u32;
 /// The largest number of per-key breakers.
 pub(crate) const MAX_KEYS: usize = 1 << 20;
+/// The longest open time and maximum open time: 365 days. The breaker's state word holds
+/// the end of an open time in 48 bits of microseconds (about 8.9 years of its clock); with
+/// jitter an open time is at most twice this, so its end fits for the first 6.9 years of
+/// the layer's clock.
+pub const MAX_OPEN_TIME: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The sliding window over which failure and slow-call rates are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,13 +191,16 @@ impl BreakerConfig {
         self
     }
 
-    /// How long the breaker stays open after it trips from closed (default 5 s).
+    /// How long the breaker stays open after it trips from closed (default 5 s; at most
+    /// [`MAX_OPEN_TIME`], 365 days).
     pub fn open_time(mut self, d: Duration) -> Self {
         self.open_time = d;
         self
     }
 
-    /// The longest open time, however many probe rounds failed (default 60 s).
+    /// The longest open time, however many probe rounds failed (default 60 s; at most
+    /// [`MAX_OPEN_TIME`], 365 days). The grown open time is capped at this before jitter, so
+    /// no number of failed rounds can overflow it.
     pub fn max_open_time(mut self, d: Duration) -> Self {
         self.max_open_time = d;
         self
@@ -285,6 +293,18 @@ impl BreakerConfig {
         if self.minimum_calls == 0 || window_calls.is_some_and(|n| self.minimum_calls > n) {
             return Err(E::MinimumCalls);
         }
+        if self.open_time > MAX_OPEN_TIME {
+            return Err(E::OpenTimeTooLong {
+                field: "open_time",
+                value: self.open_time,
+            });
+        }
+        if self.max_open_time > MAX_OPEN_TIME {
+            return Err(E::OpenTimeTooLong {
+                field: "max_open_time",
+                value: self.max_open_time,
+            });
+        }
         if self.open_time.is_zero() || self.max_open_time < self.open_time {
             return Err(E::OpenTime);
         }
@@ -325,6 +345,14 @@ pub enum BreakerConfigError {
     MinimumCalls,
     /// The open time is zero, or the maximum open time is shorter than it.
     OpenTime,
+    /// `open_time` or `max_open_time` (named by `field`) is longer than
+    /// [`MAX_OPEN_TIME`] (365 days).
+    OpenTimeTooLong {
+        /// The setting: `"open_time"` or `"max_open_time"`.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+    },
     /// The backoff multiplier is below 1.0, infinite or NaN.
     Multiplier(f64),
     /// The jitter is outside `0.0..=1.0` (or NaN).
@@ -348,6 +376,10 @@ impl fmt::Display for BreakerConfigError {
                 f.write_str("minimum calls is zero or larger than the count window")
             }
             Self::OpenTime => f.write_str("open time is zero or longer than the maximum open time"),
+            Self::OpenTimeTooLong { field, value } => write!(
+                f,
+                "{field} {value:?} is longer than the longest open time, {MAX_OPEN_TIME:?} (365 days)"
+            ),
             Self::Multiplier(m) => write!(f, "backoff multiplier {m} is below 1 or not finite"),
             Self::Jitter(j) => write!(f, "jitter {j} is outside 0..=1"),
             Self::Probes => f.write_str("half-open probes must be in 1..=65535"),

@@ -131,7 +131,7 @@ mod service;
 mod state;
 mod window;
 
-pub use self::config::{BreakerConfig, BreakerConfigError, Window};
+pub use self::config::{BreakerConfig, BreakerConfigError, Window, MAX_OPEN_TIME};
 pub use self::handle::{BreakerFigures, BreakerHandle};
 pub use self::layer::{BreakerKey, ByKey, CircuitBreakerLayer, Single};
 pub use self::service::CircuitBreaker;

@@ -61,6 +61,17 @@ const fn payload(s: u64) -> u64 {
     s & PAYLOAD_MASK
 }
 
+/// The payload of an open state: the end of the open time, `open` nanoseconds after `now`, in
+/// microseconds. A validated open time is at most twice [`MAX_OPEN_TIME`] (jitter included), so
+/// this fits the payload for the first 6.9 years of the clock; past that it saturates (it never
+/// wraps round to an earlier time).
+///
+/// [`MAX_OPEN_TIME`]: super::config::MAX_OPEN_TIME
+#[inline]
+fn open_until(now: u64, open: u64) -> u64 {
+    now.saturating_add(open).div_ceil(1000).min(PAYLOAD_MASK)
+}
+
 #[inline]
 const fn half(inflight: u64, successes: u64) -> u64 {
     inflight | (successes << 16)
@@ -453,8 +464,7 @@ impl Shared {
     ) {
         let b = &self.breakers[idx];
         let open = self.open_nanos(0);
-        let until = now.saturating_add(open).div_ceil(1000);
-        let next = pack(OPEN, gen(from) + 1, until);
+        let next = pack(OPEN, gen(from) + 1, open_until(now, open));
         if b.state
             .0
             .compare_exchange(from, next, AcqRel, Acquire)
@@ -503,7 +513,7 @@ impl Shared {
             if failed {
                 let t = *now.get_or_insert_with(|| self.now());
                 open = self.open_nanos(reopens);
-                next = pack(OPEN, g + 1, t.saturating_add(open).div_ceil(1000));
+                next = pack(OPEN, g + 1, open_until(t, open));
             } else if successes + 1 >= self.limits.probes {
                 next = pack(CLOSED, g + 1, 0);
             } else {
