@@ -105,7 +105,14 @@
 //! A probe slot is held by the response future and freed in its `Drop`: a future dropped at
 //! any point (the client went away, a timeout above fired) frees its slot at once and counts
 //! as neither success nor failure, so half-open never sticks. The breaker reserves nothing in
-//! `poll_ready`; it decides in `call`, so a clone starts with nothing reserved.
+//! `poll_ready`; it takes a probe slot in `call`, so a clone starts with nothing reserved.
+//!
+//! # Readiness
+//!
+//! A breaker that refuses does not wait on the dependency's readiness (tower's `LoadShed`
+//! pattern): open, or half-open with every probe slot taken, its `poll_ready` is ready at
+//! once without polling the service below, and `call` returns the refusal. A dependency
+//! that is never ready cannot make callers hang; see [`CircuitBreaker`]'s `# Readiness`.
 //!
 //! # Time in tests
 //!

@@ -349,18 +349,31 @@ impl Shared {
             };
             return Ok((Permit::Closed { gen: gen(s) }, start));
         }
-        self.admit_slow(idx, s)
+        self.admit_slow(idx, s, false)
     }
 
+    /// The rejection a call would get now, without claiming anything (no probe slot, no
+    /// transition): what `poll_ready` asks before it waits on the inner service. `None`
+    /// when a call would go through (closed, a probe slot free, or the open time over).
+    #[inline]
+    pub(crate) fn refusal(&self, idx: usize) -> Option<Rejection> {
+        let s = self.breakers[idx].state.0.load(Acquire);
+        if tag(s) == CLOSED {
+            return None;
+        }
+        self.admit_slow(idx, s, true).err()
+    }
+
+    /// `dry`: decide only, and return a `Free` permit where a call would be admitted.
     #[cold]
-    fn admit_slow(&self, idx: usize, mut cur: u64) -> Result<(Permit, u64), Rejection> {
+    fn admit_slow(&self, idx: usize, mut cur: u64, dry: bool) -> Result<(Permit, u64), Rejection> {
         let b = &self.breakers[idx];
         let mut read: Option<u64> = None;
         let mut now = || *read.get_or_insert_with(|| self.now());
         loop {
             match tag(cur) {
                 CLOSED => {
-                    let start = if self.limits.slow_nanos.is_some() {
+                    let start = if self.limits.slow_nanos.is_some() && !dry {
                         now()
                     } else {
                         0
@@ -381,6 +394,9 @@ impl Shared {
                     let until = payload(cur).saturating_mul(1000);
                     if t < until {
                         return Err(Rejection::circuit_open(Duration::from_nanos(until - t)));
+                    }
+                    if dry {
+                        return Ok((Permit::Free, 0));
                     }
                     let g = gen(cur) + 1;
                     let next = pack(HALF_OPEN, g, half(1, 0));
@@ -406,6 +422,9 @@ impl Shared {
                     if inflight >= self.limits.probes {
                         return Err(Rejection::circuit_open(HALF_OPEN_RETRY_AFTER)
                             .with_detail("half-open: probes in flight"));
+                    }
+                    if dry {
+                        return Ok((Permit::Free, 0));
                     }
                     let next = pack(HALF_OPEN, gen(cur), p + 1);
                     match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
