@@ -35,6 +35,25 @@ pub enum Window {
     },
 }
 
+/// What a call abandoned after it started (its response future dropped before the outcome:
+/// a timeout above the breaker fired, the client went away, a hedge lost) counts as. Set with
+/// [`BreakerConfig::abandoned`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Abandoned {
+    /// Neither success nor failure; a half-open probe frees its slot (the default). An
+    /// abandoned call says nothing certain about the dependency (the caller may have gone
+    /// away for its own reasons), and the breaker reads no clock on the closed path to tell a
+    /// hang from a hang-up. Put a timeout *below* the breaker so that a hung call is an error
+    /// the breaker counts, or use a slow-call rate.
+    #[default]
+    Ignore,
+    /// A failure: counted in the window and the consecutive failures while closed, and a
+    /// failed probe (the breaker opens again) while half-open. For stacks whose timeout is
+    /// *above* the breaker, where an abandoned call is a call that took too long.
+    Failure,
+}
+
 /// How a [`CircuitBreakerLayer`](super::CircuitBreakerLayer) decides to trip, how long it
 /// stays open and how it probes.
 ///
@@ -84,6 +103,7 @@ pub struct BreakerConfig {
     pub(crate) max_keys: usize,
     pub(crate) clock: Clock,
     pub(crate) seed: Option<u64>,
+    pub(crate) abandoned: Abandoned,
 }
 
 impl Default for BreakerConfig {
@@ -102,6 +122,7 @@ impl Default for BreakerConfig {
             max_keys: 1024,
             clock: Clock::new(),
             seed: None,
+            abandoned: Abandoned::Ignore,
         }
     }
 }
@@ -121,6 +142,7 @@ impl fmt::Debug for BreakerConfig {
             .field("probes", &self.probes)
             .field("max_keys", &self.max_keys)
             .field("clock", &self.clock)
+            .field("abandoned", &self.abandoned)
             .finish_non_exhaustive()
     }
 }
@@ -236,6 +258,12 @@ impl BreakerConfig {
     /// `.clock(Clock::tokio())`.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// What a call abandoned after it started counts as (default [`Abandoned::Ignore`]).
+    pub fn abandoned(mut self, abandoned: Abandoned) -> Self {
+        self.abandoned = abandoned;
         self
     }
 

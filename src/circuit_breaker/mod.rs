@@ -30,9 +30,11 @@
 //! [`GrpcStatus`](crate::classify::GrpcStatus) counts `UNAVAILABLE`, `INTERNAL`,
 //! `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS`, not client-side codes such as
 //! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call
-//! whose future is dropped counts as neither and frees any probe slot it held. With slow-call
-//! detection on, a half-open probe that is slow counts as a failed probe: a dependency that
-//! answers, but too slowly, is not healed.
+//! whose future is dropped after it started counts as its [`Abandoned`] policy says: by
+//! default as neither, freeing any probe slot it held; with [`Abandoned::Failure`] (for a
+//! timeout placed above the breaker) as a failure. With slow-call detection on, a half-open
+//! probe that is slow counts as a failed probe: a dependency that answers, but too slowly,
+//! is not healed.
 //!
 //! # How it differs from its neighbours
 //!
@@ -104,8 +106,9 @@
 //!
 //! A probe slot is held by the response future and freed in its `Drop`: a future dropped at
 //! any point (the client went away, a timeout above fired) frees its slot at once and counts
-//! as neither success nor failure, so half-open never sticks. The breaker reserves nothing in
-//! `poll_ready`; it takes a probe slot in `call`, so a clone starts with nothing reserved.
+//! as neither success nor failure (or, with [`Abandoned::Failure`], as a failed probe), so
+//! half-open never sticks. The breaker reserves nothing in `poll_ready`; it takes a probe
+//! slot in `call`, so a clone starts with nothing reserved.
 //!
 //! # Readiness
 //!
@@ -138,7 +141,7 @@ mod service;
 mod state;
 mod window;
 
-pub use self::config::{BreakerConfig, BreakerConfigError, Window, MAX_OPEN_TIME};
+pub use self::config::{Abandoned, BreakerConfig, BreakerConfigError, Window, MAX_OPEN_TIME};
 pub use self::handle::{BreakerFigures, BreakerHandle};
 pub use self::layer::{BreakerKey, ByKey, CircuitBreakerLayer, Single};
 pub use self::service::CircuitBreaker;

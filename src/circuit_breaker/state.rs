@@ -23,7 +23,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::config::{BreakerConfig, Window};
+use super::config::{Abandoned, BreakerConfig, Window};
 use super::window::{Padded, Ring, Tally};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::Rejection;
@@ -140,6 +140,8 @@ pub(crate) struct Limits {
     multiplier: f64,
     jitter: f64,
     probes: u64,
+    /// An abandoned call counts as a failure.
+    pub(crate) abandoned_failure: bool,
 }
 
 impl Limits {
@@ -155,6 +157,7 @@ impl Limits {
             multiplier: c.multiplier,
             jitter: c.jitter,
             probes: u64::from(c.probes),
+            abandoned_failure: c.abandoned == Abandoned::Failure,
         }
     }
 
