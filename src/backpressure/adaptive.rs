@@ -6,11 +6,14 @@
 //! next limit. A sample is a failure when the service below returned an error; with
 //! [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
 //! response is a 5xx or its body fails, and its latency runs to the end of the body. A request
-//! dropped before its response (the client went away) gives no sample. The arithmetic ([`Aimd::update`], [`Gradient::update`]) takes nanoseconds and
-//! counts in and gives a limit out, with no clock and no runtime.
+//! dropped before its response counts as its [`Dropped`] policy says (by default a failure
+//! once it has run 100 ms). Until the first sign of congestion the limit starts slowly, as
+//! TCP does: it doubles every round trip. The arithmetic ([`Aimd::update`],
+//! [`Gradient::update`]) takes nanoseconds and counts in and gives a limit out, with no clock
+//! and no runtime.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::error::ConfigError;
@@ -22,8 +25,9 @@ use crate::clock::{duration_nanos, Clock};
 /// Build one with [`Adaptive::aimd`] or [`Adaptive::gradient`] and pass it to
 /// [`BackpressureLayer::adaptive`](super::BackpressureLayer::adaptive), which checks it.
 ///
-/// Defaults: floor 1, ceiling 1024, initial limit 16, windows of at least 100 ms and 10
-/// samples, the crate's default [`Clock`].
+/// Defaults: floor 1, ceiling 1024, initial limit 16 with slow start on, windows of at least
+/// 100 ms and 10 samples, dropped requests [`Dropped::FailureAfter`] 100 ms, the crate's
+/// default [`Clock`].
 ///
 /// # Samples
 ///
@@ -31,11 +35,28 @@ use crate::clock::{duration_nanos, Clock};
 /// whether it failed. A sample is a failure when the service below returned an error; with
 /// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
 /// response is a 5xx or its body fails, and its latency runs to the end of the body. A request
-/// dropped before its response, or a body dropped before its end (the client went away), gives
-/// no sample. Samples are summed in
-/// a window; the completion that closes a window folds it into the algorithm, which gives the
-/// next limit. The algorithms are pure arithmetic ([`Aimd::update`], [`Gradient::update`]):
-/// nanoseconds and counts in, a limit out.
+/// dropped before its response, or a body dropped before its end (the caller timed out or
+/// went away), gives the sample its [`Dropped`] policy says: by default a failure when it had
+/// run at least 100 ms, none when it was dropped sooner. So a dependency that hangs while its
+/// callers time out lowers the limit, while a client that hangs up early says nothing about
+/// the dependency. Samples are summed in a window; the completion that closes a window folds
+/// it into the algorithm, which gives the next limit. The algorithms are pure arithmetic
+/// ([`Aimd::update`], [`Gradient::update`]): nanoseconds and counts in, a limit out.
+///
+/// # Slow start
+///
+/// A limit learned window by window grows by about one per window: from the initial 16 to a
+/// dependency that serves 500 at once would take a minute of refused load. So, as TCP does,
+/// the limit starts in *slow start* (on by default; [`slow_start`](Self::slow_start)): a
+/// window also closes as soon as it holds as many samples as the limit (one round trip of
+/// the dependency), and each window that used at least half of the limit doubles it. Slow
+/// start ends for good at the first sign of congestion: a failure (the algorithm backs off),
+/// a window whose lowest latency rose a quarter above the lowest seen or whose mean doubled
+/// (the limit is cut by the ratio of the two latencies, to about what the dependency served
+/// without queueing), or a window in which the algorithm itself would lower the limit. An
+/// idle window changes nothing, so a limit that waited idle at its initial value still
+/// doubles every round trip when a sudden load comes: with a dependency of 10 ms, from 16 to
+/// 1024 in under 100 ms.
 ///
 /// Under tokio's paused time, measure on tokio's clock: `.clock(Clock::tokio())`.
 ///
@@ -62,6 +83,31 @@ pub struct Adaptive {
     pub(crate) window: Duration,
     pub(crate) min_samples: u32,
     pub(crate) clock: Option<Clock>,
+    pub(crate) dropped: Dropped,
+    pub(crate) slow_start: bool,
+}
+
+/// What a request dropped before its outcome (its response future, or its body with
+/// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), dropped: the caller
+/// timed out or went away) counts as in an adaptive limit's samples. Set with
+/// [`Adaptive::dropped`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dropped {
+    /// No sample. A dependency that hangs while its callers time out then gives no sample at
+    /// all, and the limit never comes down.
+    Ignore,
+    /// A failed sample (with the time it ran as its latency) when the request had held its
+    /// permit at least this long; no sample when it was dropped sooner. The default is 100
+    /// ms: longer than a healthy dependency of most services takes, shorter than most
+    /// callers' timeouts. Set it just under your callers' timeout.
+    FailureAfter(Duration),
+}
+
+impl Default for Dropped {
+    fn default() -> Self {
+        Dropped::FailureAfter(Duration::from_millis(100))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -80,6 +126,8 @@ impl Adaptive {
             window: Duration::from_millis(100),
             min_samples: 10,
             clock: None,
+            dropped: Dropped::default(),
+            slow_start: true,
         }
     }
 
@@ -120,6 +168,20 @@ impl Adaptive {
     /// The fewest samples in a window before the limit is updated (at least 1).
     pub fn min_samples(mut self, min_samples: u32) -> Adaptive {
         self.min_samples = min_samples;
+        self
+    }
+
+    /// What a request dropped before its outcome counts as (default
+    /// [`Dropped::FailureAfter`] 100 ms); see [`Dropped`].
+    pub fn dropped(mut self, dropped: Dropped) -> Adaptive {
+        self.dropped = dropped;
+        self
+    }
+
+    /// Whether the limit starts in slow start, doubling every round trip until the first
+    /// sign of congestion (default on); see [Slow start](Self#slow-start).
+    pub fn slow_start(mut self, on: bool) -> Adaptive {
+        self.slow_start = on;
         self
     }
 
@@ -169,6 +231,8 @@ impl fmt::Debug for Adaptive {
             .field("window", &self.window)
             .field("min_samples", &self.min_samples)
             .field("clock", &self.clock)
+            .field("dropped", &self.dropped)
+            .field("slow_start", &self.slow_start)
             .finish()
     }
 }
@@ -503,6 +567,53 @@ impl Gradient {
     }
 }
 
+/// One window of slow start: the next estimate, and whether slow start goes on.
+///
+/// A failure ends it with the algorithm's update (a back-off); a latency rise (the window's
+/// lowest latency a quarter above the lowest seen, or its mean twice it) ends it with the
+/// limit cut by the ratio of the lowest latency to the window's mean; a window the algorithm
+/// itself would lower the limit on ends it with the algorithm's update; a window that used at
+/// least half of the limit doubles it; an idle window changes nothing.
+fn slow_start_update(
+    algorithm: &Algorithm,
+    est: Estimate,
+    s: &Sample,
+    floor: u32,
+    ceiling: u32,
+) -> (Estimate, bool) {
+    let (lo, hi) = (f64::from(floor), f64::from(ceiling));
+    let lowest = match (est.no_load_rtt_nanos, s.min_rtt_nanos) {
+        (0, m) => m,
+        (l, 0) => l,
+        (l, m) => l.min(m),
+    };
+    let steady = algorithm.update(est, s, floor, ceiling);
+    if s.failures > 0 {
+        return (steady, false);
+    }
+    let next = |limit: f64| Estimate {
+        limit: limit.clamp(lo, hi),
+        no_load_rtt_nanos: lowest,
+        windows: est.windows + 1,
+        probe_saved: 0.0,
+    };
+    if lowest > 0
+        && (s.min_rtt_nanos as f64 > 1.25 * lowest as f64
+            || s.avg_rtt_nanos as f64 > 2.0 * lowest as f64)
+    {
+        let ratio = lowest as f64 / s.avg_rtt_nanos.max(1) as f64;
+        return (next(est.limit * ratio.min(1.0)), false);
+    }
+    // (Not a window that measures the no-load latency at the floor.)
+    if steady.limit < est.limit && steady.probe_saved == 0.0 {
+        return (steady, false);
+    }
+    if f64::from(s.peak_in_flight) * 2.0 >= est.limit {
+        return (next(est.limit * 2.0), true);
+    }
+    (next(est.limit), true)
+}
+
 impl Algorithm {
     fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
         match self {
@@ -530,6 +641,10 @@ pub(crate) struct AdaptiveState {
     no_load_rtt: AtomicU64,
     windows: AtomicU64,
     probe_saved_bits: AtomicU64,
+    /// Whether the limit is still in slow start.
+    slow_start: AtomicBool,
+    /// A dropped request that ran this long is a failed sample (`u64::MAX`: never).
+    dropped_after: u64,
 }
 
 impl AdaptiveState {
@@ -549,7 +664,20 @@ impl AdaptiveState {
             no_load_rtt: AtomicU64::new(0),
             windows: AtomicU64::new(0),
             probe_saved_bits: AtomicU64::new(0f64.to_bits()),
+            slow_start: AtomicBool::new(cfg.slow_start),
+            dropped_after: match cfg.dropped {
+                Dropped::Ignore => u64::MAX,
+                Dropped::FailureAfter(d) => duration_nanos(d),
+            },
         }
+    }
+
+    /// A request dropped after `rtt`: a failed sample if its policy says so.
+    pub(crate) fn record_dropped(&self, now: u64, rtt: u64, shared: &Shared) -> Option<u32> {
+        if self.dropped_after == u64::MAX || rtt < self.dropped_after {
+            return None;
+        }
+        self.record(now, rtt, true, true, shared)
     }
 
     /// Bounds a limit set by hand and makes it the estimate.
@@ -563,11 +691,21 @@ impl AdaptiveState {
     }
 
     /// Adds a sample; if it closes a window, folds the window into the estimate and returns
-    /// the new limit.
-    pub(crate) fn record(&self, now: u64, rtt: u64, failed: bool, shared: &Shared) -> Option<u32> {
+    /// the new limit. `dropped`: the request was dropped after `rtt` (its latency is at
+    /// least that, so it does not count toward the lowest latency).
+    pub(crate) fn record(
+        &self,
+        now: u64,
+        rtt: u64,
+        failed: bool,
+        dropped: bool,
+        shared: &Shared,
+    ) -> Option<u32> {
         let count = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         self.rtt_sum.fetch_add(rtt, Ordering::AcqRel);
-        self.min_rtt.fetch_min(rtt, Ordering::AcqRel);
+        if !dropped {
+            self.min_rtt.fetch_min(rtt, Ordering::AcqRel);
+        }
         if failed {
             self.failures.fetch_add(1, Ordering::AcqRel);
         }
@@ -582,7 +720,11 @@ impl AdaptiveState {
             );
             return None;
         }
-        if now < end || count < self.min_samples {
+        let slow_start = self.slow_start.load(Ordering::Relaxed);
+        // In slow start a window is also one round trip: as many samples as the limit.
+        let round_trip = slow_start
+            && f64::from(count) >= f64::from_bits(self.limit_bits.load(Ordering::Relaxed)).max(1.0);
+        if (now < end && !round_trip) || count < self.min_samples {
             return None;
         }
         // One completion wins the window; the others go on.
@@ -616,9 +758,17 @@ impl AdaptiveState {
             windows: self.windows.load(Ordering::Relaxed),
             probe_saved: f64::from_bits(self.probe_saved_bits.load(Ordering::Relaxed)),
         };
-        let next = self
-            .algorithm
-            .update(est, &sample, self.floor, self.ceiling);
+        let next = if slow_start {
+            let (next, still) =
+                slow_start_update(&self.algorithm, est, &sample, self.floor, self.ceiling);
+            if !still {
+                self.slow_start.store(false, Ordering::Relaxed);
+            }
+            next
+        } else {
+            self.algorithm
+                .update(est, &sample, self.floor, self.ceiling)
+        };
         self.limit_bits
             .store(next.limit.to_bits(), Ordering::Relaxed);
         self.no_load_rtt
