@@ -838,6 +838,76 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_doubles_until_congestion() {
+        let alg = Algorithm::Gradient(Gradient::default());
+        // A window that used the limit at the lowest latency: doubled.
+        let (e, on) = slow_start_update(
+            &alg,
+            Estimate::new(16.0),
+            &sample(1_000, 1_000, 16, 0),
+            1,
+            1024,
+        );
+        assert!(on);
+        assert_eq!((e.limit, e.no_load_rtt_nanos), (32.0, 1_000));
+        // Idle: unchanged, still in slow start.
+        let (idle, on) = slow_start_update(&alg, e, &sample(1_000, 1_000, 4, 0), 1, 1024);
+        assert!(on);
+        assert_eq!(idle.limit, 32.0);
+        // Bounded by the ceiling.
+        let high = Estimate { limit: 800.0, ..e };
+        let (top, _) = slow_start_update(&alg, high, &sample(1_000, 1_000, 800, 0), 1, 1024);
+        assert_eq!(top.limit, 1024.0);
+        // Latency rose (lowest a quarter up): ends, cut by lowest / mean.
+        let busy = Estimate { limit: 200.0, ..e };
+        let (cut, on) = slow_start_update(&alg, busy, &sample(2_000, 1_300, 200, 0), 1, 1024);
+        assert!(!on);
+        assert!((cut.limit - 100.0).abs() < 1e-9, "{cut:?}");
+        assert_eq!(cut.no_load_rtt_nanos, 1_000);
+        // A failure: ends with the algorithm's back-off.
+        let aimd = Algorithm::Aimd(Aimd::default());
+        let (back, on) = slow_start_update(&aimd, e, &sample(1_000, 1_000, 32, 1), 1, 1024);
+        assert!(!on);
+        assert!((back.limit - 28.8).abs() < 1e-9, "{back:?}");
+        // AIMD past its latency threshold: ends with its back-off.
+        let slow = Algorithm::Aimd(Aimd::default().latency_threshold(Duration::from_nanos(1_100)));
+        let (back, on) = slow_start_update(&slow, e, &sample(1_200, 1_000, 32, 0), 1, 1024);
+        assert!(!on);
+        assert!(back.limit < 32.0, "{back:?}");
+    }
+
+    #[test]
+    fn dropped_requests_follow_their_policy() {
+        let shared = Shared::new(8, None, None);
+        let state = |d: Dropped| {
+            AdaptiveState::new(
+                &Adaptive::aimd(Aimd::default())
+                    .initial(8)
+                    .min_samples(1)
+                    .dropped(d),
+            )
+        };
+        let ms = 1_000_000;
+        let ignore = state(Dropped::Ignore);
+        let after = state(Dropped::FailureAfter(Duration::from_millis(50)));
+        // The first sample opens the first window; later ones past its end close it.
+        for (i, t) in [0u64, 200, 400].into_iter().enumerate() {
+            let now = t * ms;
+            assert_eq!(ignore.record_dropped(now, 60 * ms, &shared), None);
+            let next = after.record_dropped(now, 60 * ms, &shared);
+            if i > 0 {
+                assert!(next.is_some_and(|l| l < 8), "{i}: {next:?}");
+            }
+            // Dropped sooner than the policy's time: no sample.
+            assert_eq!(after.record_dropped(now, 40 * ms, &shared), None);
+        }
+        assert_eq!(
+            Adaptive::aimd(Aimd::default()).dropped,
+            Dropped::FailureAfter(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
     fn bad_configs_are_refused() {
         assert_eq!(
             Adaptive::aimd(Aimd::default()).floor(0).validate(),
@@ -984,7 +1054,32 @@ mod tests {
             }
         }
 
-        /// A window with failures never raises the limit.
+        /// Slow start keeps the limit finite and within its bounds, and a failure ends it.
+        #[test]
+        fn slow_start_stays_within_bounds(
+            alg in any_algorithm(),
+            floor in 1u32..100,
+            span in 0u32..10_000,
+            start in 0f64..20_000.0,
+            samples in proptest::collection::vec(any_sample(), 1..50),
+        ) {
+            let ceiling = floor + span;
+            let mut est = Estimate::new(start);
+            for s in &samples {
+                let (next, on) = slow_start_update(&alg, est, s, floor, ceiling);
+                prop_assert!(next.limit.is_finite());
+                prop_assert!(next.limit >= f64::from(floor) && next.limit <= f64::from(ceiling));
+                if s.failures > 0 {
+                    prop_assert!(!on);
+                }
+                est = next;
+                if !on {
+                    break;
+                }
+            }
+        }
+
+        /// A window with failures never raises the limit.        /// A window with failures never raises the limit.
         #[test]
         fn failures_never_raise(alg in any_algorithm(), s in any_sample(), start in 1f64..5000.0) {
             let s = Sample { failures: s.failures.max(1), ..s };
