@@ -43,20 +43,18 @@ impl Service<()> for Slots {
     }
 }
 
-const SLOTS: usize = 100;
-const LATENCY: Duration = Duration::from_millis(10);
 /// A request answered later than this after it arrived is of no use to its caller.
 const DEADLINE: Duration = Duration::from_millis(100);
 const SECONDS: usize = 3;
 
-/// An open-loop load of twice the dependency's capacity, from an idle start: the requests
-/// answered within the deadline, per second.
-async fn goodput(layer: BackpressureLayer) -> Vec<usize> {
+/// An open-loop load of twice the capacity of a dependency of `slots` × `latency`, from an
+/// idle start: the requests answered within the deadline, per second.
+async fn goodput(layer: BackpressureLayer, slots: usize, latency: Duration) -> Vec<usize> {
     let svc = layer.layer(Slots {
-        slots: Arc::new(Semaphore::new(SLOTS)),
-        latency: LATENCY,
+        slots: Arc::new(Semaphore::new(slots)),
+        latency,
     });
-    let per_ms = 2 * SLOTS / LATENCY.as_millis() as usize;
+    let per_ms = 2 * slots / latency.as_millis() as usize;
     let start = Instant::now();
     let served: Arc<Vec<AtomicUsize>> =
         Arc::new((0..SECONDS + 1).map(|_| AtomicUsize::new(0)).collect());
@@ -87,36 +85,40 @@ fn adaptive(a: Adaptive) -> BackpressureLayer {
     BackpressureLayer::adaptive(a.clock(Clock::tokio())).unwrap()
 }
 
-/// From the defaults (an initial limit of 16, a ceiling of 1024), a sudden load of twice the
-/// capacity of a dependency that serves 100 at once is served at 95% or more of what a fixed
-/// limit set at that capacity serves, from the first second on.
+/// From the defaults (an initial limit of 64, a ceiling of 1024), a sudden load of twice the
+/// capacity of a dependency is served at 95% or more of what a fixed limit set at that
+/// capacity serves, from the first second on: 100 slots of 10 ms, and 400 slots of 20 ms.
 #[tokio::test(start_paused = true)]
 async fn a_sudden_load_reaches_capacity_within_a_second() {
-    let fixed = goodput(BackpressureLayer::new(SLOTS)).await;
-    let capacity = 1000 * SLOTS / LATENCY.as_millis() as usize;
-    for (i, &n) in fixed.iter().enumerate() {
-        assert!(n * 100 >= capacity * 98, "fixed limit, second {i}: {n}");
-    }
-    for (name, layer) in [
-        (
-            "gradient",
-            adaptive(Adaptive::gradient(Gradient::default())),
-        ),
-        ("aimd", adaptive(Adaptive::aimd(Aimd::default()))),
-    ] {
-        let got = goodput(layer).await;
-        let share: Vec<f64> = got
-            .iter()
-            .zip(&fixed)
-            .map(|(&a, &f)| a as f64 / f as f64)
-            .collect();
-        eprintln!("{name}: {got:?} of {fixed:?}: {share:.3?}");
-        for (i, &s) in share.iter().enumerate() {
-            assert!(
-                s >= 0.95,
-                "{name}, second {i}: {:.1}% of a fixed limit's goodput ({got:?} of {fixed:?})",
-                s * 100.0
-            );
+    for (slots, ms) in [(100usize, 10u64), (400, 20)] {
+        let latency = Duration::from_millis(ms);
+        let fixed = goodput(BackpressureLayer::new(slots), slots, latency).await;
+        let capacity = 1000 * slots / ms as usize;
+        for (i, &n) in fixed.iter().enumerate() {
+            assert!(n * 100 >= capacity * 98, "fixed limit, second {i}: {n}");
+        }
+        for (name, layer) in [
+            (
+                "gradient",
+                adaptive(Adaptive::gradient(Gradient::default())),
+            ),
+            ("aimd", adaptive(Adaptive::aimd(Aimd::default()))),
+        ] {
+            let got = goodput(layer, slots, latency).await;
+            let share: Vec<f64> = got
+                .iter()
+                .zip(&fixed)
+                .map(|(&a, &f)| a as f64 / f as f64)
+                .collect();
+            eprintln!("{slots} × {ms} ms, {name}: {got:?} of {fixed:?}: {share:.3?}");
+            for (i, &s) in share.iter().enumerate() {
+                assert!(
+                    s >= 0.95,
+                    "{slots} × {ms} ms, {name}, second {i}: {:.1}% of a fixed limit's goodput \
+                     ({got:?} of {fixed:?})",
+                    s * 100.0
+                );
+            }
         }
     }
 }

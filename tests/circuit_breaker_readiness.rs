@@ -72,6 +72,13 @@ async fn an_open_breaker_refuses_without_waiting_on_the_inner_readiness() {
     assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
     // Nothing reached the inner service.
     assert_pending!(handle.poll_request());
+
+    // Forced open: the same.
+    state.force_open();
+    assert_ready_ok!(svc.poll_ready(), "a forced-open breaker must not wait");
+    let mut fut = tokio_test::task::spawn(svc.call(3));
+    circuit_open(assert_ready!(fut.poll()));
+    assert_pending!(handle.poll_request());
 }
 
 #[tokio::test(start_paused = true)]
