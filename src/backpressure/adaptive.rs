@@ -685,9 +685,10 @@ impl AdaptiveState {
         self.record(now, rtt, true, true, shared)
     }
 
-    /// Bounds a limit set by hand and makes it the estimate.
+    /// Bounds a limit set by hand and makes it the estimate; slow start, if still on, ends.
     pub(crate) fn reset_to(&self, limit: u32) -> u32 {
         let limit = limit.clamp(self.floor, self.ceiling);
+        self.slow_start.store(false, Ordering::Relaxed);
         self.limit_bits
             .store(f64::from(limit).to_bits(), Ordering::Relaxed);
         self.probe_saved_bits

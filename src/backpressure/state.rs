@@ -452,7 +452,8 @@ impl BackpressureHandle {
     /// Raising it admits waiters at once. Lowering it below the count in flight sheds nothing:
     /// no request is admitted until enough have finished. A limit of 0 admits nothing (a
     /// drain switch). Limits above 2³¹ − 1 are clamped to it. For an adaptive budget the
-    /// value is clamped between its floor and ceiling, and the algorithm moves on from it.
+    /// value is clamped between its floor and ceiling, and the algorithm moves on from it
+    /// (out of slow start).
     pub fn set_limit(&self, limit: usize) -> usize {
         let mut limit = u32::try_from(limit).unwrap_or(MAX_LIMIT);
         if let Some(adaptive) = &self.shared.adaptive {
