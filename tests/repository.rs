@@ -24,5 +24,8 @@ fn no_symbolic_links_in_the_repository() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut found = Vec::new();
     walk(root, &mut found);
-    assert!(found.is_empty(), "symbolic links in the repository: {found:?}");
+    assert!(
+        found.is_empty(),
+        "symbolic links in the repository: {found:?}"
+    );
 }
