@@ -114,6 +114,19 @@ impl Clock {
         }
     }
 
+    /// Whether `other` reads the same time line: a clone of this clock, or one of the same
+    /// kind made at the same instant.
+    pub(crate) fn same_line(&self, other: &Clock) -> bool {
+        match (&self.inner, &other.inner) {
+            #[cfg(feature = "fast-clock")]
+            (Inner::Fast { base: a, .. }, Inner::Fast { base: b, .. }) => a == b,
+            (Inner::Std(a), Inner::Std(b)) => a == b,
+            (Inner::Tokio(a), Inner::Tokio(b)) => a == b,
+            (Inner::Manual(a), Inner::Manual(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// The kind of a clock that reads the system's time (`"fast"` or `"std"`), `None` for the
     /// tokio and manual clocks, whose time is a test's.
     pub(crate) fn system_kind(&self) -> Option<&'static str> {

@@ -117,9 +117,12 @@ fn assert_settled_within(limits: &[usize], capacity: usize, tolerance: f64, what
 }
 
 /// An adaptive layer started low (10) with a 50 ms window, as the convergence tests use.
+/// Slow start is off: these tests follow the algorithms' own steps up from a low start
+/// (slow start's ramp has tests of its own, in `backpressure_adaptive_ramp`).
 fn settling(adaptive: Adaptive, capacity: usize) -> BackpressureLayer {
     BackpressureLayer::adaptive(
         adaptive
+            .slow_start(false)
             .floor(2)
             .ceiling(10 * capacity)
             .initial(10)

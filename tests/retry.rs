@@ -230,7 +230,12 @@ async fn an_open_circuit_is_waited_out_when_it_fits() {
     let start = Instant::now();
     assert_eq!(layer.layer(inner.clone()).oneshot(5).await.unwrap(), 10);
     assert_eq!(inner.count(), 2);
-    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    // Never before the breaker's hint, and spread past it by at most twice as much.
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited <= Duration::from_millis(900),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -254,14 +259,45 @@ async fn an_open_circuit_longer_than_the_maximum_delay_stops_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_rejection_hint_is_capped_by_the_maximum_delay() {
+async fn a_rejection_hint_longer_than_the_maximum_delay_stops_at_once() {
     let inner = Flaky::with_err(1, || {
         Rejection::overloaded(Some(Duration::from_secs(60))).into()
     });
     let layer = RetryLayer::new(policy().backoff(fixed(200))).unwrap();
     let start = Instant::now();
-    assert_eq!(layer.layer(inner.clone()).oneshot(1).await.unwrap(), 2);
-    assert_eq!(start.elapsed(), Duration::from_millis(200));
+    let err = layer.layer(inner.clone()).oneshot(1).await.unwrap_err();
+    assert_eq!(inner.count(), 1, "not retried before the layer below said");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let r = err
+        .downcast_ref::<Rejection>()
+        .expect("the rejection itself");
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(60)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_is_waited_out_with_jitter_and_never_less() {
+    // Many callers refused with the same hint do not come back on one instant.
+    let mut waits = Vec::new();
+    for seed in 0..50 {
+        let inner = Flaky::with_err(1, || {
+            Rejection::overloaded(Some(Duration::from_millis(200))).into()
+        });
+        let layer = RetryLayer::new(policy().seed(seed).backoff(fixed(500))).unwrap();
+        let start = Instant::now();
+        assert_eq!(layer.layer(inner.clone()).oneshot(1).await.unwrap(), 2);
+        waits.push(start.elapsed());
+    }
+    assert!(
+        waits.iter().all(|w| *w >= Duration::from_millis(200)),
+        "{waits:?}"
+    );
+    assert!(
+        waits.iter().all(|w| *w <= Duration::from_millis(700)),
+        "{waits:?}"
+    );
+    waits.sort();
+    waits.dedup();
+    assert!(waits.len() >= 45, "the waits are spread: {waits:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -594,6 +630,81 @@ fn bad_configuration_is_refused_at_construction() {
     assert!(matches!(Budget::ratio(-1.0), Err(ConfigError::Ratio(_))));
     assert!(RetryLayer::new(RetryPolicy::errors()).is_ok());
     assert!(ConfigError::ZeroAttempts.to_string().contains("at least 1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_policy_clock_reaches_a_given_budget_in_either_order() {
+    let budget = || {
+        Budget::builder()
+            .ratio(10.0)
+            .min_per_second(1)
+            .build()
+            .unwrap()
+    };
+    let policy = || RetryPolicy::errors().max_attempts(10).backoff(fixed(500));
+    let layers = [
+        RetryLayer::new(policy().clock(Clock::tokio()).budget(budget())).unwrap(),
+        RetryLayer::new(policy().budget(budget()).clock(Clock::tokio())).unwrap(),
+    ];
+    tokio::time::advance(Duration::from_secs(5)).await;
+    for layer in &layers {
+        // The floor accrues with the budget's age on tokio's paused time: 5 s, 5 retries.
+        let figures = layer.handle().budget().unwrap().figures();
+        assert_eq!(figures.allowed, 5.0, "{figures:?}");
+    }
+    // And the deadline follows the same time: attempts at 0, 0.5, 1, 1.5 and 2 s.
+    let layer = RetryLayer::new(
+        policy()
+            .deadline(Duration::from_secs(2))
+            .budget(budget())
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let inner = Flaky::new(u32::MAX);
+    let start = Instant::now();
+    assert!(layer.layer(inner.clone()).oneshot(1).await.is_err());
+    assert_eq!(inner.count(), 5);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[test]
+fn a_policy_clock_that_contradicts_its_budget_is_refused() {
+    let (manual, _hand) = Clock::manual();
+    let on_manual = Budget::builder().clock(manual.clone()).build().unwrap();
+    assert_eq!(
+        RetryLayer::new(
+            RetryPolicy::errors()
+                .budget(on_manual.clone())
+                .clock(Clock::std())
+        )
+        .err(),
+        Some(ConfigError::BudgetClock)
+    );
+    // The same clock in both places, or in one of them, is fine.
+    assert!(RetryLayer::new(
+        RetryPolicy::errors()
+            .clock(manual)
+            .budget(on_manual.clone())
+    )
+    .is_ok());
+    assert!(RetryLayer::new(RetryPolicy::errors().budget(on_manual)).is_ok());
+    // A budget without a clock takes the first policy's; a second layer must agree with it.
+    let shared = Budget::builder().build().unwrap();
+    let clock = Clock::std();
+    assert!(RetryLayer::new(
+        RetryPolicy::errors()
+            .budget(shared.clone())
+            .clock(clock.clone())
+    )
+    .is_ok());
+    assert!(RetryLayer::new(RetryPolicy::errors().budget(shared.clone()).clock(clock)).is_ok());
+    assert!(RetryLayer::new(RetryPolicy::errors().budget(shared.clone())).is_ok());
+    let (other, _hand) = Clock::manual();
+    assert_eq!(
+        RetryLayer::new(RetryPolicy::errors().budget(shared).clock(other)).err(),
+        Some(ConfigError::BudgetClock)
+    );
+    assert!(ConfigError::BudgetClock.to_string().contains("clock"));
 }
 
 #[test]

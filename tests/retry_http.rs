@@ -204,37 +204,46 @@ async fn wait_before_retry(
     attempts_and_gap(&inner)
 }
 
+/// The first attempt's response and how many attempts reached `inner`, for a policy that
+/// may stop on the first answer.
+async fn first_answer(
+    policy: RetryPolicy<tower_bulwark::classify::HttpStatus, tower_bulwark::retry::HttpReplay>,
+    first: Reply,
+) -> (Response<Full<Bytes>>, usize, Duration) {
+    let layer = RetryLayer::new(policy.clock(Clock::tokio())).unwrap();
+    let inner = Scripted::new(vec![first, (200, &[])]);
+    let start = Instant::now();
+    let res = layer
+        .layer(inner.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .unwrap();
+    (res, inner.seen().len(), start.elapsed())
+}
+
 #[tokio::test(start_paused = true)]
-async fn retry_after_is_honoured_and_capped() {
+async fn retry_after_is_honoured_never_early() {
     let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
         .jitter(Jitter::None);
     let p = || RetryPolicy::http().backoff(backoff);
-    assert_eq!(
-        wait_before_retry(p(), (503, &[("retry-after", "2")])).await,
-        (2, Duration::from_secs(2))
-    );
-    assert_eq!(
-        wait_before_retry(p(), (429, &[("retry-after", "3600")])).await,
-        (2, Duration::from_secs(5)),
-        "capped by the maximum delay"
-    );
-    assert_eq!(
-        wait_before_retry(
-            p(),
-            (503, &[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")])
-        )
-        .await,
-        (2, Duration::from_secs(5)),
-        "an HTTP-date, capped"
-    );
-    assert_eq!(
-        wait_before_retry(
-            p(),
-            (503, &[("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")])
-        )
-        .await,
-        (2, Duration::ZERO),
-        "a date in the past: at once"
+    for seed in 0..20 {
+        let (n, gap) = wait_before_retry(p().seed(seed), (503, &[("retry-after", "2")])).await;
+        assert_eq!(n, 2);
+        // Never before the server said; spread by at most twice the hint.
+        assert!(
+            gap >= Duration::from_secs(2) && gap <= Duration::from_secs(6),
+            "{gap:?}"
+        );
+    }
+    let (n, gap) = wait_before_retry(
+        p(),
+        (503, &[("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")]),
+    )
+    .await;
+    assert_eq!(n, 2);
+    assert!(
+        gap <= Duration::from_millis(100),
+        "a date in the past: at once, or within the first backoff: {gap:?}"
     );
     for bad in ["soon", "-3", "1.5", "Sunday, 06-Nov-94"] {
         let header: &'static [(&'static str, &'static str)] =
@@ -248,7 +257,34 @@ async fn retry_after_is_honoured_and_capped() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn grpc_pushback_is_honoured_capped_and_malformed_stops() {
+async fn a_retry_after_longer_than_the_policy_allows_returns_the_response() {
+    let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5));
+    let p = || RetryPolicy::http().backoff(backoff);
+    for (policy, header, why) in [
+        (p(), "3600", "longer than the maximum delay"),
+        (
+            p(),
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "an HTTP-date past the maximum delay",
+        ),
+        (
+            p().deadline(Duration::from_secs(3)),
+            "4",
+            "past the deadline",
+        ),
+    ] {
+        let header: &'static [(&'static str, &'static str)] =
+            Box::leak(Box::new([("retry-after", header)]));
+        let (res, attempts, elapsed) = first_answer(policy, (503, header)).await;
+        assert_eq!(attempts, 1, "{why}: not retried");
+        assert_eq!(elapsed, Duration::ZERO, "{why}: returned at once");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{why}");
+        assert_eq!(res.headers()["retry-after"], header[0].1, "{why}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_pushback_is_honoured_and_malformed_stops() {
     let run = |first: Reply| async move {
         let layer = RetryLayer::new(
             RetryPolicy::grpc().clock(Clock::tokio()).backoff(
@@ -266,13 +302,15 @@ async fn grpc_pushback_is_honoured_capped_and_malformed_stops() {
             .unwrap();
         attempts_and_gap(&inner)
     };
-    assert_eq!(
-        run((
-            200,
-            &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "300")]
-        ))
-        .await,
-        (2, Duration::from_millis(300))
+    let (n, gap) = run((
+        200,
+        &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "300")],
+    ))
+    .await;
+    assert_eq!(n, 2);
+    assert!(
+        gap >= Duration::from_millis(300) && gap <= Duration::from_millis(900),
+        "never before the pushback: {gap:?}"
     );
     assert_eq!(
         run((
@@ -280,8 +318,8 @@ async fn grpc_pushback_is_honoured_capped_and_malformed_stops() {
             &[("grpc-status", "8"), ("grpc-retry-pushback-ms", "60000")]
         ))
         .await,
-        (2, Duration::from_secs(1)),
-        "capped"
+        (1, Duration::ZERO),
+        "longer than the maximum delay: the response is returned"
     );
     assert_eq!(
         run((
@@ -448,7 +486,11 @@ async fn a_breaker_open_briefly_is_waited_out() {
     let start = Instant::now();
     let res = svc.oneshot(req(Method::GET)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(start.elapsed(), Duration::from_millis(400));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited <= Duration::from_millis(1200),
+        "never before the breaker said, spread past it: {waited:?}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 

@@ -183,7 +183,7 @@
 //! # Cost and memory
 //!
 //! With a fixed limit, admitting and releasing a request are one atomic operation each, on
-//! one cache line, with no lock, no allocation and no reference count: a permit is two words
+//! one cache line, with no lock, no allocation and no reference count: a permit is three words
 //! and refers to its budget's hot state (the limit, the count in flight, the waiters) by a
 //! `'static` reference. That state is allocated once and reused: when a budget is gone and its
 //! last permit is back, it returns to a process-wide pool the next budget draws from, so the
@@ -204,7 +204,7 @@ mod layer;
 mod service;
 mod state;
 
-pub use self::adaptive::{Adaptive, Aimd, Estimate, Gradient, Sample};
+pub use self::adaptive::{Adaptive, Aimd, Dropped, Estimate, Gradient, Sample};
 pub use self::error::ConfigError;
 pub use self::future::{PermitBody, ResponseFuture};
 pub use self::layer::{BackpressureLayer, ReleaseOnBodyEnd, ReleaseOnResponse};

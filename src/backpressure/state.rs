@@ -270,12 +270,15 @@ impl Shared {
 
 /// A permit, held by a response future (or a response body) and given back on drop.
 ///
-/// Two words, so it moves in registers. For an adaptive budget it also holds the budget, and
-/// whoever holds the permit keeps the admission time beside it and calls [`Permit::finish`]
-/// with the outcome; a permit dropped without it (a request cancelled) gives no sample.
+/// Three words. For an adaptive budget it also holds the budget and the admission time, and
+/// whoever holds the permit calls [`Permit::finish`] with the outcome; a permit dropped
+/// without it (a request cancelled) gives the sample its budget's
+/// [`Dropped`](super::Dropped) policy says.
 pub(crate) struct Permit {
     hot: &'static Hot,
     adaptive: Option<Arc<Shared>>,
+    /// Admission time (0 for a fixed limit).
+    start: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -301,6 +304,7 @@ impl Permit {
         Permit {
             hot,
             adaptive: None,
+            start: 0,
         }
     }
 
@@ -308,11 +312,13 @@ impl Permit {
     #[inline(never)]
     fn start_sample(shared: &Arc<Shared>, in_flight: u32) -> (Permit, u64) {
         shared.note_peak(in_flight);
+        let start = shared.clock().now_nanos();
         let permit = Permit {
             hot: shared.hot,
             adaptive: Some(shared.clone()),
+            start,
         };
-        (permit, shared.clock().now_nanos())
+        (permit, start)
     }
 
     /// Whether the budget is adaptive (the permit takes a sample when it finishes).
@@ -324,9 +330,12 @@ impl Permit {
     /// Gives the permit back after a request completed, with its latency sample for an
     /// adaptive budget.
     #[inline(always)]
-    pub(crate) fn finish(self, start: u64, outcome: Outcome) {
-        if let Some(shared) = &self.adaptive {
-            Permit::record(shared, start, outcome);
+    pub(crate) fn finish(mut self, start: u64, outcome: Outcome) {
+        if let Some(shared) = self.adaptive.take() {
+            Permit::record(&shared, start, outcome);
+            // The permit goes back before the budget's `Arc` (see `Drop`).
+            drop(self);
+            drop(shared);
         }
     }
 
@@ -339,7 +348,20 @@ impl Permit {
         let now = shared.clock().now_nanos();
         let rtt = now.saturating_sub(start);
         let failed = outcome == Outcome::Failure;
-        if let Some(limit) = adaptive.record(now, rtt, failed, shared) {
+        if let Some(limit) = adaptive.record(now, rtt, failed, false, shared) {
+            shared.set_limit(limit);
+        }
+    }
+
+    /// A request dropped before its outcome (cancelled): the sample its policy says.
+    #[cold]
+    #[inline(never)]
+    fn dropped(shared: &Arc<Shared>, start: u64) {
+        let Some(adaptive) = &shared.adaptive else {
+            return;
+        };
+        let now = shared.clock().now_nanos();
+        if let Some(limit) = adaptive.record_dropped(now, now.saturating_sub(start), shared) {
             shared.set_limit(limit);
         }
     }
@@ -348,6 +370,11 @@ impl Permit {
 impl Drop for Permit {
     #[inline(always)]
     fn drop(&mut self) {
+        // Still holding the budget here means no outcome was recorded: the request was
+        // dropped. (`finish` takes the budget out.)
+        if let Some(shared) = &self.adaptive {
+            Permit::dropped(shared, self.start);
+        }
         // For an adaptive budget, its `Arc` is dropped after the release: if it was the last
         // owner, the hot state goes back to the pool, no permit being out.
         self.hot.release();
@@ -425,7 +452,8 @@ impl BackpressureHandle {
     /// Raising it admits waiters at once. Lowering it below the count in flight sheds nothing:
     /// no request is admitted until enough have finished. A limit of 0 admits nothing (a
     /// drain switch). Limits above 2³¹ − 1 are clamped to it. For an adaptive budget the
-    /// value is clamped between its floor and ceiling, and the algorithm moves on from it.
+    /// value is clamped between its floor and ceiling, and the algorithm moves on from it
+    /// (out of slow start).
     pub fn set_limit(&self, limit: usize) -> usize {
         let mut limit = u32::try_from(limit).unwrap_or(MAX_LIMIT);
         if let Some(adaptive) = &self.shared.adaptive {
@@ -630,8 +658,8 @@ mod tests {
 #[cfg(test)]
 mod layout {
     #[test]
-    fn a_permit_is_two_words() {
-        assert_eq!(std::mem::size_of::<super::Permit>(), 16);
-        assert_eq!(std::mem::size_of::<Option<super::Permit>>(), 16);
+    fn a_permit_is_three_words() {
+        assert_eq!(std::mem::size_of::<super::Permit>(), 24);
+        assert_eq!(std::mem::size_of::<Option<super::Permit>>(), 24);
     }
 }

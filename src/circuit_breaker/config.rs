@@ -13,6 +13,11 @@ pub(crate) const MAX_BUCKETS: u32 = 1 << 12;
 pub(crate) const MAX_PROBES: u32 = u16::MAX as u32;
 /// The largest number of per-key breakers.
 pub(crate) const MAX_KEYS: usize = 1 << 20;
+/// The longest open time and maximum open time: 365 days. The breaker's state word holds
+/// the end of an open time in 48 bits of microseconds (about 8.9 years of its clock); with
+/// jitter an open time is at most twice this, so its end fits for the first 6.9 years of
+/// the layer's clock.
+pub const MAX_OPEN_TIME: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The sliding window over which failure and slow-call rates are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +33,25 @@ pub enum Window {
         /// How many buckets the span is cut into (the window's resolution).
         buckets: u32,
     },
+}
+
+/// What a call abandoned after it started (its response future dropped before the outcome:
+/// a timeout above the breaker fired, the client went away, a hedge lost) counts as. Set with
+/// [`BreakerConfig::abandoned`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Abandoned {
+    /// Neither success nor failure; a half-open probe frees its slot (the default). An
+    /// abandoned call says nothing certain about the dependency (the caller may have gone
+    /// away for its own reasons), and the breaker reads no clock on the closed path to tell a
+    /// hang from a hang-up. Put a timeout *below* the breaker so that a hung call is an error
+    /// the breaker counts, or use a slow-call rate.
+    #[default]
+    Ignore,
+    /// A failure: counted in the window and the consecutive failures while closed, and a
+    /// failed probe (the breaker opens again) while half-open. For stacks whose timeout is
+    /// *above* the breaker, where an abandoned call is a call that took too long.
+    Failure,
 }
 
 /// How a [`CircuitBreakerLayer`](super::CircuitBreakerLayer) decides to trip, how long it
@@ -79,6 +103,7 @@ pub struct BreakerConfig {
     pub(crate) max_keys: usize,
     pub(crate) clock: Clock,
     pub(crate) seed: Option<u64>,
+    pub(crate) abandoned: Abandoned,
 }
 
 impl Default for BreakerConfig {
@@ -97,6 +122,7 @@ impl Default for BreakerConfig {
             max_keys: 1024,
             clock: Clock::new(),
             seed: None,
+            abandoned: Abandoned::Ignore,
         }
     }
 }
@@ -116,6 +142,7 @@ impl fmt::Debug for BreakerConfig {
             .field("probes", &self.probes)
             .field("max_keys", &self.max_keys)
             .field("clock", &self.clock)
+            .field("abandoned", &self.abandoned)
             .finish_non_exhaustive()
     }
 }
@@ -186,13 +213,16 @@ impl BreakerConfig {
         self
     }
 
-    /// How long the breaker stays open after it trips from closed (default 5 s).
+    /// How long the breaker stays open after it trips from closed (default 5 s; at most
+    /// [`MAX_OPEN_TIME`], 365 days).
     pub fn open_time(mut self, d: Duration) -> Self {
         self.open_time = d;
         self
     }
 
-    /// The longest open time, however many probe rounds failed (default 60 s).
+    /// The longest open time, however many probe rounds failed (default 60 s; at most
+    /// [`MAX_OPEN_TIME`], 365 days). The grown open time is capped at this before jitter, so
+    /// no number of failed rounds can overflow it.
     pub fn max_open_time(mut self, d: Duration) -> Self {
         self.max_open_time = d;
         self
@@ -228,6 +258,12 @@ impl BreakerConfig {
     /// `.clock(Clock::tokio())`.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// What a call abandoned after it started counts as (default [`Abandoned::Ignore`]).
+    pub fn abandoned(mut self, abandoned: Abandoned) -> Self {
+        self.abandoned = abandoned;
         self
     }
 
@@ -285,6 +321,18 @@ impl BreakerConfig {
         if self.minimum_calls == 0 || window_calls.is_some_and(|n| self.minimum_calls > n) {
             return Err(E::MinimumCalls);
         }
+        if self.open_time > MAX_OPEN_TIME {
+            return Err(E::OpenTimeTooLong {
+                field: "open_time",
+                value: self.open_time,
+            });
+        }
+        if self.max_open_time > MAX_OPEN_TIME {
+            return Err(E::OpenTimeTooLong {
+                field: "max_open_time",
+                value: self.max_open_time,
+            });
+        }
         if self.open_time.is_zero() || self.max_open_time < self.open_time {
             return Err(E::OpenTime);
         }
@@ -325,6 +373,14 @@ pub enum BreakerConfigError {
     MinimumCalls,
     /// The open time is zero, or the maximum open time is shorter than it.
     OpenTime,
+    /// `open_time` or `max_open_time` (named by `field`) is longer than
+    /// [`MAX_OPEN_TIME`] (365 days).
+    OpenTimeTooLong {
+        /// The setting: `"open_time"` or `"max_open_time"`.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+    },
     /// The backoff multiplier is below 1.0, infinite or NaN.
     Multiplier(f64),
     /// The jitter is outside `0.0..=1.0` (or NaN).
@@ -348,6 +404,10 @@ impl fmt::Display for BreakerConfigError {
                 f.write_str("minimum calls is zero or larger than the count window")
             }
             Self::OpenTime => f.write_str("open time is zero or longer than the maximum open time"),
+            Self::OpenTimeTooLong { field, value } => write!(
+                f,
+                "{field} {value:?} is longer than the longest open time, {MAX_OPEN_TIME:?} (365 days)"
+            ),
             Self::Multiplier(m) => write!(f, "backoff multiplier {m} is below 1 or not finite"),
             Self::Jitter(j) => write!(f, "jitter {j} is outside 0..=1"),
             Self::Probes => f.write_str("half-open probes must be in 1..=65535"),

@@ -56,9 +56,18 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        // Reached with a probe permit only when the call ended without an outcome.
-        if let Permit::Probe { gen } = self.permit {
-            self.shared.release_probe(self.idx as usize, gen);
+        // Reached with a permit only when the call was abandoned (its future dropped before
+        // the outcome, or `call` panicked): `complete` takes the permit.
+        let idx = self.idx as usize;
+        match self.permit {
+            Permit::Closed { gen } if self.shared.limits.abandoned_failure => {
+                self.shared.record_closed(idx, gen, true, self.start)
+            }
+            Permit::Probe { gen } if self.shared.limits.abandoned_failure => {
+                self.shared.record_probe(idx, gen, true)
+            }
+            Permit::Probe { gen } => self.shared.release_probe(idx, gen),
+            _ => {}
         }
     }
 }
@@ -77,8 +86,9 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropped before it completes, the call counts as neither success nor failure, and a
-    /// half-open probe slot it held is freed at once.
+    /// Dropped before it completes, the call counts as its
+    /// [`Abandoned`](super::Abandoned) policy says (by default neither success nor failure),
+    /// and a half-open probe slot it held is freed at once.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F, C> {
         #[pin]

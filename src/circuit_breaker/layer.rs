@@ -19,6 +19,13 @@ pub trait BreakerKey<Req>: Clone {
     /// The hash of the request's key under the layer's hasher, or `None` for the layer's
     /// single breaker.
     fn key_hash(&self, req: &Req, hasher: &RandomState) -> Option<u64>;
+
+    /// Whether every request counts for the layer's single breaker, known before the
+    /// request is seen: then `poll_ready` can refuse without waiting on the inner service.
+    /// `false` by default (a keyed breaker is known only in `call`).
+    fn is_single(&self) -> bool {
+        false
+    }
 }
 
 /// One breaker for every request (the [`CircuitBreakerLayer::new`] layer).
@@ -29,6 +36,11 @@ impl<Req> BreakerKey<Req> for Single {
     #[inline]
     fn key_hash(&self, _req: &Req, _hasher: &RandomState) -> Option<u64> {
         None
+    }
+
+    #[inline]
+    fn is_single(&self) -> bool {
+        true
     }
 }
 

@@ -12,7 +12,9 @@
 //! `UNAVAILABLE`). After the open time it is *half-open*: at most `k` probe calls go through
 //! at once; `k` successes close it, one failure opens it again for longer (multiplied by
 //! [`backoff_multiplier`](BreakerConfig::backoff_multiplier), capped, with jitter so that
-//! breakers in many replicas do not probe in lockstep).
+//! breakers in many replicas do not probe in lockstep). A call refused while the probes are
+//! out is told to come back after a random share of the open time a failed probe would start
+//! (drawn for each caller, so that callers refused together do not come back together).
 //!
 //! It trips on any of ([`BreakerConfig`]):
 //!
@@ -30,9 +32,11 @@
 //! [`GrpcStatus`](crate::classify::GrpcStatus) counts `UNAVAILABLE`, `INTERNAL`,
 //! `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS`, not client-side codes such as
 //! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call
-//! whose future is dropped counts as neither and frees any probe slot it held. With slow-call
-//! detection on, a half-open probe that is slow counts as a failed probe: a dependency that
-//! answers, but too slowly, is not healed.
+//! whose future is dropped after it started counts as its [`Abandoned`] policy says: by
+//! default as neither, freeing any probe slot it held; with [`Abandoned::Failure`] (for a
+//! timeout placed above the breaker) as a failure. With slow-call detection on, a half-open
+//! probe that is slow counts as a failed probe: a dependency that answers, but too slowly,
+//! is not healed.
 //!
 //! # How it differs from its neighbours
 //!
@@ -104,8 +108,16 @@
 //!
 //! A probe slot is held by the response future and freed in its `Drop`: a future dropped at
 //! any point (the client went away, a timeout above fired) frees its slot at once and counts
-//! as neither success nor failure, so half-open never sticks. The breaker reserves nothing in
-//! `poll_ready`; it decides in `call`, so a clone starts with nothing reserved.
+//! as neither success nor failure (or, with [`Abandoned::Failure`], as a failed probe), so
+//! half-open never sticks. The breaker reserves nothing in `poll_ready`; it takes a probe
+//! slot in `call`, so a clone starts with nothing reserved.
+//!
+//! # Readiness
+//!
+//! A breaker that refuses does not wait on the dependency's readiness (tower's `LoadShed`
+//! pattern): open, or half-open with every probe slot taken, its `poll_ready` is ready at
+//! once without polling the service below, and `call` returns the refusal. A dependency
+//! that is never ready cannot make callers hang; see [`CircuitBreaker`]'s `# Readiness`.
 //!
 //! # Time in tests
 //!
@@ -119,9 +131,9 @@
 //!
 //! The state is one `AtomicU64` moved by compare-and-swap, so half-open never admits more than
 //! `k` probes at once, whatever the number of threads. The count window is a pair of bitsets
-//! and one position counter advanced without a locked instruction: on one thread it is exact;
-//! when two calls complete at the same instant on two cores, one of them may go uncounted
-//! (never counted twice), so under contention the window is a fair sample of the last calls.
+//! and one position counter advanced by `fetch_add`: every completed call takes a position of
+//! its own, the counter never moves backwards, and a tally counts only the bits of its own
+//! window, so a call is never counted twice and none is lost to a race on the counter.
 
 mod config;
 pub mod future;
@@ -131,7 +143,7 @@ mod service;
 mod state;
 mod window;
 
-pub use self::config::{BreakerConfig, BreakerConfigError, Window};
+pub use self::config::{Abandoned, BreakerConfig, BreakerConfigError, Window, MAX_OPEN_TIME};
 pub use self::handle::{BreakerFigures, BreakerHandle};
 pub use self::layer::{BreakerKey, ByKey, CircuitBreakerLayer, Single};
 pub use self::service::CircuitBreaker;

@@ -9,22 +9,40 @@ use super::future::{Guard, ResponseFuture};
 use super::layer::{BreakerKey, Single};
 use super::state::{Owner, Permit};
 use crate::classify::{Classify, ErrorsOnly};
+use crate::rejection::Rejection;
 
 /// A service guarded by a circuit breaker; made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
-/// `poll_ready` is the inner service's: the breaker decides in `call`, and a refused request
-/// completes at once with a [`Rejection`](crate::Rejection) of kind
+/// A refused request completes at once with a [`Rejection`](crate::Rejection) of kind
 /// [`CircuitOpen`](crate::RejectionKind::CircuitOpen) without reaching the inner service.
+///
+/// # Readiness
+///
+/// A breaker that refuses does not wait on the readiness of the service it protects (tower's
+/// `LoadShed` pattern): when it is open, forced open, or half-open with every probe slot
+/// taken, `poll_ready` returns `Ready(Ok(()))` at once without polling the inner service,
+/// and the `call` that follows returns the refusal decided then. A sick dependency that is
+/// never ready therefore cannot make callers hang. Otherwise (closed, forced closed, or a
+/// probe that may go) `poll_ready` is the inner service's. `poll_ready` claims nothing:
+/// the probe slot, if any, is taken in `call`, so a service made ready and never called
+/// holds nothing.
+///
+/// A [keyed](super::CircuitBreakerLayer::keyed) breaker learns the request's key only in
+/// `call`, so its `poll_ready` is the inner service's; an open key's requests are then
+/// refused in `call` without reaching the inner service.
 ///
 /// # Clone
 ///
-/// Clones share the breaker state of the layer that made them.
+/// Clones share the breaker state of the layer that made them. A clone starts with no
+/// refusal decided.
 pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
     inner: S,
     shared: Arc<Owner>,
     classify: C,
     key: K,
+    /// The refusal `poll_ready` decided without making the inner service ready.
+    refused: Option<Rejection>,
 }
 
 impl<S, C, K> CircuitBreaker<S, C, K> {
@@ -34,6 +52,7 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
             shared,
             classify,
             key,
+            refused: None,
         }
     }
 
@@ -60,6 +79,7 @@ impl<S: Clone, C: Clone, K: Clone> Clone for CircuitBreaker<S, C, K> {
             shared: self.shared.clone(),
             classify: self.classify.clone(),
             key: self.key.clone(),
+            refused: None,
         }
     }
 }
@@ -87,11 +107,23 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.key.is_single() {
+            // One load while closed; the clock is read only when open.
+            if let Some(rejection) = self.shared.refusal(0) {
+                self.refused = Some(rejection);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        self.refused = None;
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(rejection) = self.refused.take() {
+            // The inner service was not made ready: the refusal stands.
+            return ResponseFuture::rejected(rejection, self.classify.clone());
+        }
         let idx = match self.key.key_hash(&req, &self.shared.hasher) {
             None => 0,
             Some(hash) => match self.shared.slot_for(hash) {

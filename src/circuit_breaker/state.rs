@@ -23,7 +23,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::config::{BreakerConfig, Window};
+use super::config::{Abandoned, BreakerConfig, Window};
 use super::window::{Padded, Ring, Tally};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::Rejection;
@@ -37,9 +37,6 @@ const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
 const FORCED: u64 = 3;
-
-/// The wait hint given to callers refused while half-open probes are in flight.
-pub(crate) const HALF_OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[inline]
 const fn pack(tag: u64, gen: u64, payload: u64) -> u64 {
@@ -59,6 +56,17 @@ const fn gen(s: u64) -> u64 {
 #[inline]
 const fn payload(s: u64) -> u64 {
     s & PAYLOAD_MASK
+}
+
+/// The payload of an open state: the end of the open time, `open` nanoseconds after `now`, in
+/// microseconds. A validated open time is at most twice [`MAX_OPEN_TIME`] (jitter included), so
+/// this fits the payload for the first 6.9 years of the clock; past that it saturates (it never
+/// wraps round to an earlier time).
+///
+/// [`MAX_OPEN_TIME`]: super::config::MAX_OPEN_TIME
+#[inline]
+fn open_until(now: u64, open: u64) -> u64 {
+    now.saturating_add(open).div_ceil(1000).min(PAYLOAD_MASK)
 }
 
 #[inline]
@@ -129,6 +137,8 @@ pub(crate) struct Limits {
     multiplier: f64,
     jitter: f64,
     probes: u64,
+    /// An abandoned call counts as a failure.
+    pub(crate) abandoned_failure: bool,
 }
 
 impl Limits {
@@ -144,6 +154,7 @@ impl Limits {
             multiplier: c.multiplier,
             jitter: c.jitter,
             probes: u64::from(c.probes),
+            abandoned_failure: c.abandoned == Abandoned::Failure,
         }
     }
 
@@ -272,6 +283,17 @@ impl Shared {
         (jittered as u64).max(1)
     }
 
+    /// The wait hint of a call refused while the probes are out: their verdict closes the
+    /// breaker, or a failed probe opens it again for the next open time. The hint is a uniform
+    /// share of that open time, drawn for each caller, so that callers refused together do
+    /// not come back together.
+    #[cold]
+    fn half_open_hint(&self, b: &Breaker) -> Duration {
+        let next = self.open_nanos(b.reopens.load(Relaxed).saturating_add(1));
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        Duration::from_nanos(((next as f64 * u) as u64).max(1))
+    }
+
     /// The slot of a key hash, claiming a free one (or a healthy one when all of the key's
     /// probe sequence is taken). `None` when the table has no room for it.
     pub(crate) fn slot_for(&self, hash: u64) -> Option<usize> {
@@ -338,18 +360,31 @@ impl Shared {
             };
             return Ok((Permit::Closed { gen: gen(s) }, start));
         }
-        self.admit_slow(idx, s)
+        self.admit_slow(idx, s, false)
     }
 
+    /// The rejection a call would get now, without claiming anything (no probe slot, no
+    /// transition): what `poll_ready` asks before it waits on the inner service. `None`
+    /// when a call would go through (closed, a probe slot free, or the open time over).
+    #[inline]
+    pub(crate) fn refusal(&self, idx: usize) -> Option<Rejection> {
+        let s = self.breakers[idx].state.0.load(Acquire);
+        if tag(s) == CLOSED {
+            return None;
+        }
+        self.admit_slow(idx, s, true).err()
+    }
+
+    /// `dry`: decide only, and return a `Free` permit where a call would be admitted.
     #[cold]
-    fn admit_slow(&self, idx: usize, mut cur: u64) -> Result<(Permit, u64), Rejection> {
+    fn admit_slow(&self, idx: usize, mut cur: u64, dry: bool) -> Result<(Permit, u64), Rejection> {
         let b = &self.breakers[idx];
         let mut read: Option<u64> = None;
         let mut now = || *read.get_or_insert_with(|| self.now());
         loop {
             match tag(cur) {
                 CLOSED => {
-                    let start = if self.limits.slow_nanos.is_some() {
+                    let start = if self.limits.slow_nanos.is_some() && !dry {
                         now()
                     } else {
                         0
@@ -370,6 +405,9 @@ impl Shared {
                     let until = payload(cur).saturating_mul(1000);
                     if t < until {
                         return Err(Rejection::circuit_open(Duration::from_nanos(until - t)));
+                    }
+                    if dry {
+                        return Ok((Permit::Free, 0));
                     }
                     let g = gen(cur) + 1;
                     let next = pack(HALF_OPEN, g, half(1, 0));
@@ -393,8 +431,11 @@ impl Shared {
                     let p = payload(cur);
                     let inflight = p & 0xFFFF;
                     if inflight >= self.limits.probes {
-                        return Err(Rejection::circuit_open(HALF_OPEN_RETRY_AFTER)
+                        return Err(Rejection::circuit_open(self.half_open_hint(b))
                             .with_detail("half-open: probes in flight"));
+                    }
+                    if dry {
+                        return Ok((Permit::Free, 0));
                     }
                     let next = pack(HALF_OPEN, gen(cur), p + 1);
                     match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
@@ -453,8 +494,7 @@ impl Shared {
     ) {
         let b = &self.breakers[idx];
         let open = self.open_nanos(0);
-        let until = now.saturating_add(open).div_ceil(1000);
-        let next = pack(OPEN, gen(from) + 1, until);
+        let next = pack(OPEN, gen(from) + 1, open_until(now, open));
         if b.state
             .0
             .compare_exchange(from, next, AcqRel, Acquire)
@@ -503,7 +543,7 @@ impl Shared {
             if failed {
                 let t = *now.get_or_insert_with(|| self.now());
                 open = self.open_nanos(reopens);
-                next = pack(OPEN, g + 1, t.saturating_add(open).div_ceil(1000));
+                next = pack(OPEN, g + 1, open_until(t, open));
             } else if successes + 1 >= self.limits.probes {
                 next = pack(CLOSED, g + 1, 0);
             } else {

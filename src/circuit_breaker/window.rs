@@ -1,13 +1,14 @@
 //! Sliding windows of outcomes, kept in atomics and driven by nanoseconds.
 //!
-//! The count window is two bitsets (failures, slow calls) over a ring of `n` positions and one
-//! position counter: recording a healthy call where a healthy call was is one `fetch_add` and
-//! two loads. Rates are computed (by popcount) only when an outcome could trip the breaker.
-//! The time window is a ring of buckets, each stamped with its bucket number.
+//! The count window is two bitsets (failures, slow calls) over a ring of positions and one
+//! position counter: recording a healthy call where a healthy call was is one `fetch_add`
+//! and two loads. Rates are computed (by popcount) only when an outcome could trip the
+//! breaker. The time window is a ring of buckets, each stamped with its bucket number.
 //!
-//! On one thread both windows are exact. Under concurrency a call may be lost (two calls that
-//! complete at the same instant taking the same position, or a bucket being recycled), never
-//! counted twice; the counts never drift, since the bits and buckets are the only record.
+//! On one thread both windows are exact. Under concurrency every call of the count window
+//! takes a position of its own (see [`CountWindow`]'s memory ordering); a call of the time
+//! window may be lost when its bucket is being recycled. The counts never drift, since the
+//! bits and buckets are the only record.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -90,9 +91,32 @@ impl fmt::Debug for Ring {
     }
 }
 
-/// The last `size` calls, in a ring of `mask + 1` (a power of two ≥ `size`) bits: recording
-/// position `p` clears the bit of `p - size`, which has just left the window, so bits outside
-/// the window are always zero.
+/// The last `size` calls, in a ring of `mask + 1` bits (a power of two ≥ `2 × size`).
+///
+/// Each recorder takes a position of its own with one `fetch_add` on the head, so the head
+/// only moves forward and no two calls share a position. Recording position `p` clears the
+/// bit of `p - size` (the call that has just left the window) and writes its own bit at
+/// `p`. A tally counts only the bits of the `size` positions below the head it reads: a bit
+/// outside the window is never counted, whatever a late recorder left there.
+///
+/// # Memory ordering
+///
+/// All operations are `Relaxed`: the window is a set of counters, and nothing else is
+/// published through it. What holds, under any interleaving:
+///
+/// - positions are unique and the head never moves backwards (one read-modify-write on it);
+/// - a tally counts at most `size` calls, and only bits of positions inside its window;
+/// - a call is counted at most once at a time. The ring holds twice the window, so the
+///   bit a recorder writes is the one its position last had a lap ago, cleared `size`
+///   positions ago by the recorder of the call that left the window then. A recorder
+///   delayed between taking its position and writing its bit (preempted) leaves its call
+///   uncounted meanwhile (its bit still zero), or, delayed past a whole lap, writes over
+///   the bit of a later call: one outcome replaces another, never adds to it. Only a
+///   recorder stalled for `size` further calls before it clears the bit of the call leaving
+///   the window can let that call be seen twice, and then only while a second recorder is
+///   between taking its position and writing it.
+///
+/// On one thread the window is exact; the property tests and the stress test below check it.
 pub(crate) struct CountWindow {
     size: u64,
     mask: u64,
@@ -103,7 +127,7 @@ pub(crate) struct CountWindow {
 
 impl CountWindow {
     pub(crate) fn new(size: u32, track_slow: bool) -> Self {
-        let ring = u64::from(size).next_power_of_two();
+        let ring = (2 * u64::from(size)).next_power_of_two().max(64);
         let words = (ring as usize).div_ceil(64);
         let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
         CountWindow {
@@ -129,13 +153,10 @@ impl CountWindow {
         }
     }
 
+    /// Takes a position and writes the call's outcome there; returns the position.
     #[inline]
-    pub(crate) fn record(&self, failed: bool, slow: bool, min: u32) -> Option<Tally> {
-        // A load and a store, not a read-modify-write: two calls that complete at the same
-        // instant on two cores may take the same position, and one of them is then not
-        // counted. The window stays a fair sample and a locked instruction is saved per call.
-        let pos = self.head.0.load(Relaxed);
-        self.head.0.store(pos.wrapping_add(1), Relaxed);
+    fn place(&self, failed: bool, slow: bool) -> u64 {
+        let pos = self.head.0.fetch_add(1, Relaxed);
         let track_slow = !self.slow.is_empty();
         if pos >= self.size {
             let gone = ((pos - self.size) & self.mask) as usize;
@@ -149,6 +170,12 @@ impl CountWindow {
         if track_slow {
             Self::set(&self.slow, idx, slow);
         }
+        pos
+    }
+
+    #[inline]
+    pub(crate) fn record(&self, failed: bool, slow: bool, min: u32) -> Option<Tally> {
+        let pos = self.place(failed, slow);
         if failed || slow || pos + 1 == u64::from(min) {
             Some(self.tally_at(pos + 1))
         } else {
@@ -156,12 +183,47 @@ impl CountWindow {
         }
     }
 
+    /// The bits set among ring positions `[from, from + len)`, `len` at most the ring.
+    fn count_range(&self, words: &[AtomicU64], from: u64, len: u64) -> u32 {
+        let ring = self.mask + 1;
+        let start = from & self.mask;
+        let first = len.min(ring - start);
+        Self::count_span(words, start, start + first) + Self::count_span(words, 0, len - first)
+    }
+
+    /// The bits set among ring indices `[lo, hi)`, within the ring.
+    fn count_span(words: &[AtomicU64], lo: u64, hi: u64) -> u32 {
+        if lo >= hi {
+            return 0;
+        }
+        let (first, last) = ((lo / 64) as usize, ((hi - 1) / 64) as usize);
+        let mut n = 0;
+        for (i, w) in words[first..=last].iter().enumerate() {
+            let i = first + i;
+            let mut bits = w.load(Relaxed);
+            if i == first {
+                bits &= u64::MAX << (lo % 64);
+            }
+            if i == last && !hi.is_multiple_of(64) {
+                bits &= u64::MAX >> (64 - hi % 64);
+            }
+            n += bits.count_ones();
+        }
+        n
+    }
+
+    /// The window below `recorded` positions.
     fn tally_at(&self, recorded: u64) -> Tally {
-        let count = |w: &[AtomicU64]| w.iter().map(|x| x.load(Relaxed).count_ones()).sum();
+        let calls = recorded.min(self.size);
+        let from = recorded - calls;
         Tally {
-            calls: recorded.min(self.size) as u32,
-            failures: count(&self.fail),
-            slow: count(&self.slow),
+            calls: calls as u32,
+            failures: self.count_range(&self.fail, from, calls),
+            slow: if self.slow.is_empty() {
+                0
+            } else {
+                self.count_range(&self.slow, from, calls)
+            },
         }
     }
 
@@ -366,6 +428,80 @@ mod tests {
                 slow
             }
         );
+    }
+
+    /// A count window against a plain list, over windows that straddle words and the ring.
+    #[test]
+    fn count_window_matches_a_list() {
+        for size in [1u32, 2, 63, 64, 65, 100, 128, 130, 200] {
+            let w = CountWindow::new(size, true);
+            let mut list = Vec::new();
+            for i in 0u64..1000 {
+                let (failed, slow) = (i % 3 == 0 || i % 7 == 0, i % 5 == 0);
+                w.record(failed, slow, 1);
+                list.push((failed, slow));
+                let kept = &list[list.len().saturating_sub(size as usize)..];
+                let expect = Tally {
+                    calls: kept.len() as u32,
+                    failures: kept.iter().filter(|c| c.0).count() as u32,
+                    slow: kept.iter().filter(|c| c.1).count() as u32,
+                };
+                assert_eq!(w.tally(), expect, "size {size}, call {i}");
+            }
+        }
+    }
+
+    /// Real threads recording at once: every call takes a position of its own (the head
+    /// never loses or repeats one), no tally ever counts more failures than calls, and once
+    /// quiet the window holds exactly the last `size` calls.
+    #[test]
+    fn count_window_under_contention_never_double_counts() {
+        use std::sync::Barrier;
+        const THREADS: u64 = 2;
+        const CALLS: u64 = 200_000;
+        for size in [100u32, 64] {
+            let w = CountWindow::new(size, false);
+            let barrier = Barrier::new(THREADS as usize);
+            let over = AtomicU64::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..THREADS {
+                    scope.spawn(|| {
+                        // Every call fails: a failure counted twice shows as more failures
+                        // than calls.
+                        for _ in 0..CALLS {
+                            let t = w.record(true, false, 1).expect("a failure gives a tally");
+                            if t.failures > t.calls {
+                                over.fetch_add(1, Relaxed);
+                            }
+                        }
+                        barrier.wait();
+                        // Then every call succeeds: no failure may be left in the window.
+                        for _ in 0..CALLS {
+                            w.record(false, false, 1);
+                        }
+                    });
+                }
+            });
+            assert_eq!(
+                w.head.0.load(Relaxed),
+                2 * THREADS * CALLS,
+                "size {size}: every call takes one position"
+            );
+            assert_eq!(
+                over.load(Relaxed),
+                0,
+                "size {size}: tallies with more failures than calls"
+            );
+            assert_eq!(
+                w.tally(),
+                Tally {
+                    calls: size,
+                    failures: 0,
+                    slow: 0
+                },
+                "size {size}: the last calls all succeeded"
+            );
+        }
     }
 
     #[test]

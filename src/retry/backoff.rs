@@ -105,8 +105,9 @@ impl Backoff {
         self.base
     }
 
-    /// The largest delay, which also caps server hints (`Retry-After`,
-    /// `grpc-retry-pushback-ms`).
+    /// The largest delay, and the longest server hint (`Retry-After`,
+    /// `grpc-retry-pushback-ms`, a rejection's `retry_after`) that is waited out: a longer
+    /// one stops the retries and returns the answer as it is.
     pub fn max(&self) -> Duration {
         self.max
     }
@@ -132,7 +133,7 @@ impl Backoff {
         Ok(())
     }
 
-    fn ceiling_nanos(&self, n: u32) -> u64 {
+    pub(crate) fn ceiling_nanos(&self, n: u32) -> u64 {
         let base = duration_nanos(self.base) as f64;
         let max = duration_nanos(self.max);
         let exp = i32::try_from(n).unwrap_or(i32::MAX);

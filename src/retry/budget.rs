@@ -3,14 +3,21 @@
 use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::clock::{duration_nanos, Clock};
 
 use super::ConfigError;
 
-const SLOTS: usize = 16;
+/// Slots per window: the window is sixteen of them.
+const WINDOW_SLOTS: u64 = 16;
+/// Slots kept: one more than the window, so that the retries of a whole window (the oldest
+/// slot is partly out of it) are still counted when a retry is decided.
+const SLOTS: usize = WINDOW_SLOTS as usize + 1;
+/// One deposit in this many (a power of two), on each shard, also reads the clock to mark the
+/// window's slot.
+const SAMPLE: u64 = 8;
 const COUNT_MASK: u64 = 0xffff_ffff;
 /// A mark packs an epoch (high 32 bits: 85 years of 625 ms slots before it wraps) and the
 /// request total when it was set (low 32 bits: differences are taken modulo 2^32, exact while
@@ -53,8 +60,8 @@ pub(crate) fn shard() -> usize {
 /// Over a sliding window (10 s by default), retries stay at or below `ratio × requests`
 /// (`ratio` 0.2 by default) plus a floor of `min_per_second` retries per second (10 by default)
 /// of the budget's age, up to the window (the first second counts whole, so a new client can
-/// retry at once; a budget never lends more than that). These are the defaults of Finagle's retry budget; Envoy and gRPC budget retries
-/// the same way.
+/// retry at once; a budget never lends more than that). These are the defaults of Finagle's
+/// retry budget; Envoy and gRPC budget retries the same way.
 ///
 /// # Why a budget and not only a maximum of attempts?
 ///
@@ -67,14 +74,29 @@ pub(crate) fn shard() -> usize {
 /// # How it works
 ///
 /// A request costs one `fetch_add` on a running total (sharded by thread, so that threads do
-/// not contend) and no clock reading: a budget needs no nanoseconds. Retry decisions, which are rare, read the clock: the window is sixteen slots,
-/// each a sixteenth of it; the first decision in a slot marks the running total there, and
-/// the requests of the window are the total minus the oldest mark still in the window.
-/// Retries are counted per slot. No lock anywhere. Two consequences, both on the side of
-/// fewer retries: requests between a slot's start and its first retry decision are not
-/// counted, and after a quiet spell longer than the window the ratio starts again from zero
-/// (the floor still applies) and grows over the next window. Concurrent retry decisions may
-/// overshoot the budget by at most their number.
+/// not contend). The window is sixteen slots, each a sixteenth of it; the first reading of the
+/// clock in a slot marks the running total there, and the requests of the window are the
+/// total minus the oldest mark in the window. Every request of the window counts, whether or
+/// not a retry was decided in it: one deposit in eight on each shard also reads the clock (an
+/// amortised nanosecond or so), so that steady traffic marks every slot, and retry decisions
+/// mark theirs. Retries are counted per slot. No lock anywhere.
+///
+/// The window's edge is kept to a slot's precision, always on the side of fewer retries: the
+/// requests counted are those since the oldest mark that is wholly in the window (they lose at
+/// most a slot's worth, and a few requests between marks), while the retries counted reach a
+/// slot further back. So at any retry decision, the retries of the last window stay within
+/// `ratio ×` the requests of that window `+ min_per_second ×` its length, as the property tests
+/// check against a model of the definition. Concurrent retry decisions may overshoot the budget
+/// by at most their number.
+///
+/// # Clock
+///
+/// A budget built with [`BudgetBuilder::clock`] runs on that clock. Built without one, it runs
+/// on the clock of the first [`RetryPolicy`](super::RetryPolicy) it is given to (the policy's
+/// [`clock`](super::RetryPolicy::clock), or the default clock), or on the default clock if it
+/// is used on its own first. A policy whose clock is not the one its budget runs on is refused
+/// when the layer is built ([`ConfigError::BudgetClock`]): the budget never follows one time
+/// and the deadline another.
 ///
 /// # Clone
 ///
@@ -115,8 +137,15 @@ struct State {
     /// `floor(2^64 / slot width)`: epoch = (now × inv) >> 64.
     inv_width: u64,
     window_nanos: u64,
-    created: u64,
+    /// The clock, set once: by the builder, by the first layer given the budget, or by the
+    /// first use.
+    time: OnceLock<Time>,
+}
+
+/// The budget's clock and its reading when the budget took it (the start of its age).
+struct Time {
     clock: Clock,
+    created: u64,
 }
 
 /// Builds a [`Budget`]; see [`Budget::builder`].
@@ -179,17 +208,28 @@ impl Budget {
     /// [`deposit`](Self::deposit) on a shard the caller has already looked up.
     #[inline]
     pub(crate) fn deposit_on(&self, shard: usize) {
-        self.inner.total[shard].0.fetch_add(1, Ordering::Relaxed);
+        let n = self.inner.total[shard].0.fetch_add(1, Ordering::Relaxed);
+        if n & (SAMPLE - 1) == 0 {
+            self.observe();
+        }
+    }
+
+    /// Reads the clock and marks its slot, the request just counted included: how requests
+    /// are placed in the window.
+    #[cold]
+    fn observe(&self) {
+        let now = self.time().clock.now_nanos();
+        self.mark(self.epoch(now), 1);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.
     pub fn try_withdraw(&self) -> bool {
-        self.try_withdraw_at(self.inner.clock.now_nanos())
+        self.try_withdraw_at(self.time().clock.now_nanos())
     }
 
     /// The window's figures now.
     pub fn figures(&self) -> BudgetFigures {
-        self.figures_at(self.inner.clock.now_nanos())
+        self.figures_at(self.time().clock.now_nanos())
     }
 
     /// Changes the ratio at run time.
@@ -210,9 +250,44 @@ impl Budget {
             .store(min_per_second, Ordering::Relaxed);
     }
 
-    /// The budget's clock, which the retry layer reads for its one time reading per request.
-    pub(crate) fn clock(&self) -> &Clock {
-        &self.inner.clock
+    /// The budget's clock and its age's start, taking the default clock if it has none yet.
+    fn time(&self) -> &Time {
+        match self.inner.time.get() {
+            Some(t) => t,
+            None => self.take_clock(Clock::new()),
+        }
+    }
+
+    /// Sets the budget's clock if it has none, and marks the window there (requests from now
+    /// on count); returns the clock the budget runs on.
+    fn take_clock(&self, clock: Clock) -> &Time {
+        let mut taken = false;
+        let t = self.inner.time.get_or_init(|| {
+            taken = true;
+            let created = clock.now_nanos();
+            Time { clock, created }
+        });
+        if taken {
+            self.mark(self.epoch(t.created), 0);
+        }
+        t
+    }
+
+    /// The clock the budget runs on, for a layer whose policy gives `clock` (or none): the
+    /// budget takes it if it has no clock yet.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::BudgetClock`] if the budget already runs on another clock.
+    pub(crate) fn clock_for(&self, clock: Option<&Clock>) -> Result<Clock, ConfigError> {
+        let t = match clock {
+            None => self.time(),
+            Some(c) => self.take_clock(c.clone()),
+        };
+        match clock {
+            Some(c) if !t.clock.same_line(c) => Err(ConfigError::BudgetClock),
+            _ => Ok(t.clock.clone()),
+        }
     }
 
     #[inline]
@@ -220,18 +295,23 @@ impl Budget {
         ((u128::from(now) * u128::from(self.inner.inv_width)) >> 64) as u64
     }
 
-    /// Requests in the window: the total minus the oldest mark in the window (marking the
-    /// current slot first if it has no mark).
-    fn requests_in_window(&self, epoch: u64) -> u64 {
-        let s = &*self.inner;
-        let total = s
+    /// The running total of requests.
+    fn total(&self) -> u64 {
+        self.inner
             .total
             .iter()
-            .fold(0u64, |sum, t| sum.wrapping_add(t.0.load(Ordering::Relaxed)));
+            .fold(0u64, |sum, t| sum.wrapping_add(t.0.load(Ordering::Relaxed)))
+    }
+
+    /// Marks `epoch`'s slot with the running total less the `own` requests of the caller
+    /// made just before it read the clock, if the slot has no mark yet. The clock is read
+    /// before the total, so a mark never counts a request made before its slot began.
+    fn mark(&self, epoch: u64, own: u64) {
+        let slot = &self.inner.marks[epoch as usize % SLOTS];
         let e = epoch & EPOCH_MASK;
-        let slot = &s.marks[epoch as usize % SLOTS];
         let cur = slot.load(Ordering::Relaxed);
         if cur >> MARK_BITS != e {
+            let total = self.total().wrapping_sub(own);
             let _ = slot.compare_exchange(
                 cur,
                 (e << MARK_BITS) | (total & MARK_MASK),
@@ -239,9 +319,16 @@ impl Budget {
                 Ordering::Relaxed,
             );
         }
-        for back in (0..SLOTS as u64).rev() {
+    }
+
+    /// Requests in the window: the total minus the oldest mark of a slot wholly in the window
+    /// (marking the current slot first if it has no mark).
+    fn requests_in_window(&self, epoch: u64) -> u64 {
+        self.mark(epoch, 0);
+        let total = self.total();
+        for back in (0..WINDOW_SLOTS).rev() {
             let want = epoch.wrapping_sub(back);
-            let mark = s.marks[want as usize % SLOTS].load(Ordering::Relaxed);
+            let mark = self.inner.marks[want as usize % SLOTS].load(Ordering::Relaxed);
             if mark >> MARK_BITS == want & EPOCH_MASK {
                 return total.wrapping_sub(mark) & MARK_MASK;
             }
@@ -293,7 +380,7 @@ impl Budget {
         // The floor is a rate: `min_per_second` for each second of the budget's age (the
         // first second counts whole, so a new client can retry), up to the window.
         let age = now
-            .saturating_sub(s.created)
+            .saturating_sub(self.time().created)
             .max(1_000_000_000)
             .min(s.window_nanos);
         let floor = f64::from(s.min_per_second.load(Ordering::Relaxed)) * age as f64 / 1e9;
@@ -375,8 +462,9 @@ impl BudgetBuilder {
         self
     }
 
-    /// The budget's time source ([`Clock::new`] by default). Tests under tokio's paused time
-    /// use `Clock::tokio()`.
+    /// The budget's time source. Without one, the budget takes the clock of the first retry
+    /// policy it is given to, or [`Clock::new`] if it is used on its own first (see
+    /// [`Budget`]'s *Clock*). Tests under tokio's paused time use `Clock::tokio()`.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self
@@ -394,26 +482,26 @@ impl BudgetBuilder {
             return Err(ConfigError::Window(self.window));
         }
         let window_nanos = duration_nanos(self.window);
-        let width = window_nanos / SLOTS as u64;
-        let clock = self.clock.unwrap_or_default();
-        let created = clock.now_nanos();
+        let width = window_nanos / WINDOW_SLOTS;
         let inv_width = u64::MAX / width;
-        let first = ((u128::from(created) * u128::from(inv_width)) >> 64) as u64;
-        let marks: [AtomicU64; SLOTS] = Default::default();
-        marks[first as usize % SLOTS].store((first & EPOCH_MASK) << MARK_BITS, Ordering::Relaxed);
-        Ok(Budget {
+        // No slot starts out marked: the marks of epoch 0 would otherwise look current.
+        let never = (EPOCH_MASK << MARK_BITS) | MARK_MASK;
+        let budget = Budget {
             inner: Arc::new(State {
                 total: Default::default(),
-                marks,
+                marks: std::array::from_fn(|_| AtomicU64::new(never)),
                 retries: Default::default(),
                 ratio: AtomicU64::new(self.ratio.to_bits()),
                 min_per_second: AtomicU32::new(self.min_per_second),
                 inv_width,
                 window_nanos,
-                created,
-                clock,
+                time: OnceLock::new(),
             }),
-        })
+        };
+        if let Some(clock) = self.clock {
+            budget.take_clock(clock);
+        }
+        Ok(budget)
     }
 }
 
@@ -424,7 +512,11 @@ impl fmt::Debug for Budget {
             .field("ratio", &f64::from_bits(s.ratio.load(Ordering::Relaxed)))
             .field("min_per_second", &s.min_per_second.load(Ordering::Relaxed))
             .field("window", &Duration::from_nanos(s.window_nanos))
-            .field("figures", &self.figures())
+            .field(
+                "figures",
+                // Formatting does not give a budget its clock.
+                &s.time.get().map(|t| self.figures_at(t.clock.now_nanos())),
+            )
             .finish()
     }
 }
@@ -555,59 +647,180 @@ mod tests {
     }
 
     #[test]
-    fn after_a_quiet_spell_the_ratio_starts_again() {
+    fn after_a_quiet_spell_every_request_counts() {
         let (b, hand) = budget(1.0, 0);
         hand.advance(Duration::from_secs(60));
-        // Requests made before any retry decision in this window are not counted...
         for _ in 0..5 {
             b.deposit();
         }
-        assert!(!b.try_withdraw());
-        // ...those after it are.
-        for _ in 0..3 {
+        assert_eq!(b.figures().requests, 5);
+        assert_eq!((0..10).filter(|_| b.try_withdraw()).count(), 5);
+    }
+
+    /// Deposits `per_second` requests a second, evenly, for `secs` seconds.
+    fn steady(b: &Budget, hand: &crate::clock::ManualClock, per_second: u64, secs: u64) {
+        let gap = 1_000_000_000 / per_second;
+        for _ in 0..per_second * secs {
+            hand.advance(Duration::from_nanos(gap));
             b.deposit();
         }
-        assert_eq!((0..10).filter(|_| b.try_withdraw()).count(), 3);
+    }
+
+    #[test]
+    fn an_isolated_failure_under_steady_traffic_is_retried() {
+        // 11 requests a second, 20% of them: about 22 retries allowed over the 10 s window.
+        let (b, hand) = budget(0.2, 0);
+        steady(&b, &hand, 11, 60);
+        let f = b.figures();
+        assert!(
+            (100..=110).contains(&f.requests),
+            "the requests of the window count: {f:?}"
+        );
+        assert!(b.try_withdraw(), "an isolated failure is retried: {f:?}");
+    }
+
+    #[test]
+    fn a_budget_counts_the_same_requests_however_long_ago_it_was_built() {
+        let (clock, hand) = Clock::manual();
+        let build = || {
+            Budget::builder()
+                .ratio(0.2)
+                .min_per_second(0)
+                .clock(clock.clone())
+                .build()
+                .unwrap()
+        };
+        let old = build();
+        steady(&old, &hand, 100, 50);
+        let fresh = build();
+        let gap = Duration::from_millis(10);
+        for _ in 0..1_000 {
+            hand.advance(gap);
+            old.deposit();
+            fresh.deposit();
+        }
+        // A fault: every request fails and asks for a retry, until the budget says no.
+        let granted = |b: &Budget| (0..10_000).take_while(|_| b.try_withdraw()).count();
+        let (old_granted, fresh_granted) = (granted(&old), granted(&fresh));
+        // 20% of the 1,000 requests of the window, less at most a slot's worth.
+        for n in [old_granted, fresh_granted] {
+            assert!(
+                (185..=200).contains(&n),
+                "old {old_granted}, fresh {fresh_granted}"
+            );
+        }
+    }
+
+    /// One step of a trace: time passes, requests arrive, retries are asked for.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Wait(u64),
+        Requests(u32),
+        Retries(u32),
+    }
+
+    fn step(window: u64) -> impl Strategy<Value = Step> {
+        prop_oneof![
+            // From a few nanoseconds to a few windows: slot edges, quiet spells.
+            (0..window / 8).prop_map(Step::Wait),
+            (0..window * 3).prop_map(Step::Wait),
+            (0u32..40).prop_map(Step::Requests),
+            (0u32..10).prop_map(Step::Retries),
+        ]
+    }
+
+    fn trace() -> impl Strategy<Value = (u64, Vec<Step>)> {
+        (16 * MS..20_000 * MS).prop_flat_map(|window| {
+            (
+                Just(window),
+                proptest::collection::vec(step(window), 1..300),
+            )
+        })
     }
 
     proptest! {
-        /// Whatever the pattern of requests and retries over time, the retries granted within
-        /// any one window never exceed `ratio × requests in the window + floor`.
+        /// Against a model of the definition (every request and retry with its time, in
+        /// nanoseconds): at each retry granted, the retries of the last window, that one
+        /// included, never exceed `ratio ×` the requests of the window `+ floor ×` its length.
         #[test]
-        fn never_exceeds_allowance(
+        fn never_exceeds_the_allowance_of_the_window(
             ratio in 0.0f64..2.0,
             floor in 0u32..20,
-            steps in proptest::collection::vec((0u64..300, 0u32..5, 0u32..5), 1..200),
+            start in 0u64..1_000_000 * MS,
+            (window, steps) in trace(),
         ) {
-            let (b, hand) = budget(ratio, floor);
-            // Every grant with its time: a grant lives in the window for at most 10 s.
+            let (clock, hand) = Clock::manual();
+            hand.set_nanos(start);
+            let b = Budget::builder()
+                .ratio(ratio)
+                .min_per_second(floor)
+                .window(Duration::from_nanos(window))
+                .clock(clock)
+                .build()
+                .unwrap();
             let mut requests: Vec<u64> = Vec::new();
             let mut grants: Vec<u64> = Vec::new();
-            for (dt_ms, reqs, tries) in steps {
-                hand.advance(Duration::from_millis(dt_ms));
-                let now = hand.now_nanos();
-                for _ in 0..reqs {
-                    b.deposit();
-                    requests.push(now);
-                }
-                for _ in 0..tries {
-                    if !b.try_withdraw() {
-                        continue;
+            for step in steps {
+                match step {
+                    Step::Wait(ns) => hand.advance(Duration::from_nanos(ns)),
+                    Step::Requests(n) => {
+                        for _ in 0..n {
+                            b.deposit();
+                            requests.push(hand.now_nanos());
+                        }
                     }
-                    grants.push(now);
-                    // At the moment of a grant, the grants of the last 15/16 window (the least
-                    // the slots cover) are bounded by the requests of the last full window.
-                    let lo = now.saturating_sub(10_000 * MS * 15 / 16);
-                    let reqs = requests.iter().filter(|&&t| t + 10_000 * MS >= now).count();
-                    let recent = grants.iter().filter(|&&t| t > lo || lo == 0).count();
-                    let floor_total =
-                        f64::from(floor) * (now.clamp(1_000 * MS, 10_000 * MS) as f64 / 1e9);
-                    prop_assert!(
-                        recent as f64 <= ratio * reqs as f64 + floor_total + 1e-9,
-                        "recent {} reqs {} floor {}", recent, reqs, floor_total
-                    );
+                    Step::Retries(n) => {
+                        for _ in 0..n {
+                            if !b.try_withdraw() {
+                                continue;
+                            }
+                            let now = hand.now_nanos();
+                            grants.push(now);
+                            let in_window = |t: &&u64| **t + window > now;
+                            let reqs = requests.iter().filter(in_window).count();
+                            let retries = grants.iter().filter(in_window).count();
+                            let allowance =
+                                ratio * reqs as f64 + f64::from(floor) * window as f64 / 1e9;
+                            prop_assert!(
+                                retries as f64 <= allowance + 1e-9,
+                                "{} retries for {} requests in the window, allowance {}",
+                                retries, reqs, allowance
+                            );
+                        }
+                    }
                 }
             }
+        }
+
+        /// Under steady traffic, a failure is retried whenever the ratio of the window's
+        /// requests (less the slot and the sampling the window's edge may lose) allows one.
+        #[test]
+        fn an_isolated_failure_is_retried_under_any_steady_traffic(
+            ratio in 0.01f64..1.0,
+            window in 16 * MS..20_000 * MS,
+            per_window in 1u64..2_000,
+            windows in 1u64..5,
+            start in 0u64..1_000_000 * MS,
+        ) {
+            let counted = per_window as f64 * 14.0 / 16.0 - SAMPLE as f64 - 1.0;
+            prop_assume!(ratio * counted >= 1.0);
+            let (clock, hand) = Clock::manual();
+            hand.set_nanos(start);
+            let b = Budget::builder()
+                .ratio(ratio)
+                .min_per_second(0)
+                .window(Duration::from_nanos(window))
+                .clock(clock)
+                .build()
+                .unwrap();
+            // Run for long enough that the budget's first mark has left the window.
+            let gap = window / per_window;
+            for _ in 0..per_window * (windows + 1) {
+                hand.advance(Duration::from_nanos(gap));
+                b.deposit();
+            }
+            let f = b.figures();
+            prop_assert!(b.try_withdraw(), "{:?}", f);
         }
     }
 }

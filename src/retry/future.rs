@@ -15,7 +15,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use crate::classify::{Classify, Outcome};
-use crate::rejection::{Rejection, RejectionKind};
+use crate::rejection::Rejection;
 
 use super::layer::Anchor;
 use super::policy::{Hint, Hints, Replay};
@@ -172,26 +172,15 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
         let max_delay = crate::clock::duration_nanos(ctl.backoff.max());
         let hint = match result {
             Ok(res) => shared.replay.hint(res),
-            Err(e) => match Rejection::find(&**e) {
-                Some(r) if r.kind() == RejectionKind::CircuitOpen => match r.retry_after() {
-                    // An open breaker below: wait for it if the wait fits, else stop at once.
-                    Some(d) if crate::clock::duration_nanos(d) > max_delay => {
-                        tracing::debug!(
-                            target: "tower_bulwark::retry",
-                            attempts = self.attempt,
-                            retry_after_ms = d.as_millis() as u64,
-                            "not retrying: the circuit stays open longer than the maximum delay"
-                        );
-                        return None;
-                    }
-                    Some(d) => Hint::After(d),
-                    None => Hint::None,
-                },
-                Some(r) => r.retry_after().map_or(Hint::None, Hint::After),
+            // A rejection from a layer below (an open breaker, a rate limit, a shed) says when
+            // to come back, as a server's `Retry-After` does.
+            Err(e) => match Rejection::find(&**e).and_then(Rejection::retry_after) {
+                Some(d) => Hint::After(d),
                 None => Hint::None,
             },
         };
-        let delay = match hint {
+        // `earliest`: no attempt before it; `delay`: the wait drawn, at least `earliest`.
+        let (earliest, delay) = match hint {
             Hint::Stop => {
                 tracing::debug!(
                     target: "tower_bulwark::retry",
@@ -200,26 +189,55 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
                 );
                 return None;
             }
-            Hint::After(d) => crate::clock::duration_nanos(d).min(max_delay),
-            Hint::None => ctl
-                .backoff
-                .delay(self.attempt - 1, self.prev_delay, &ctl.rng),
+            Hint::After(d) => {
+                let d = crate::clock::duration_nanos(d);
+                if d > max_delay {
+                    // Retrying earlier than told is never right, and waiting longer than the
+                    // policy allows is not what the caller asked for: the answer is returned.
+                    tracing::debug!(
+                        target: "tower_bulwark::retry",
+                        attempts = self.attempt,
+                        retry_after_ms = d / 1_000_000,
+                        reason = %reason(&shared.replay, outcome, result),
+                        "not retrying: told to wait longer than the maximum delay"
+                    );
+                    return None;
+                }
+                // Waited out as the hint plus a uniform share of twice the hint (at least this
+                // retry's backoff ceiling, at most the maximum delay): callers refused over a
+                // span before one instant (an open breaker's end, a rate limit's reset) come
+                // back spread over a span after it, never before they were told.
+                let spread = d
+                    .saturating_mul(2)
+                    .clamp(ctl.backoff.ceiling_nanos(self.attempt - 1), max_delay);
+                let jitter = (spread as f64 * ctl.rng.next_f64()) as u64;
+                (d, d.saturating_add(jitter))
+            }
+            Hint::None => {
+                let d = ctl
+                    .backoff
+                    .delay(self.attempt - 1, self.prev_delay, &ctl.rng);
+                (d, d)
+            }
         };
+        let mut delay = delay;
         let now = if ctl.needs_clock {
             ctl.clock.now_nanos()
         } else {
             0
         };
         if let Some(deadline) = ctl.deadline {
-            if now.saturating_sub(self.start).saturating_add(delay) > deadline {
+            let left = deadline.saturating_sub(now.saturating_sub(self.start));
+            if earliest > left {
                 tracing::debug!(
                     target: "tower_bulwark::retry",
                     attempts = self.attempt,
-                    delay_ms = delay / 1_000_000,
+                    delay_ms = earliest / 1_000_000,
                     "not retrying: the next attempt would start past the deadline"
                 );
                 return None;
             }
+            delay = delay.min(left);
         }
         if let Some(budget) = &ctl.budget {
             let Some(epoch) = budget.withdraw_at(now) else {

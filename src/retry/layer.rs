@@ -120,7 +120,8 @@ impl<C, R> RetryLayer<C, R> {
     /// # Errors
     ///
     /// A [`ConfigError`] for zero attempts, a multiplier below 1, a NaN or out-of-range
-    /// jitter, a maximum delay below the base, or a zero deadline.
+    /// jitter, a maximum delay below the base, a zero deadline, or a policy clock that is not
+    /// the clock its budget runs on.
     pub fn new(policy: RetryPolicy<C, R>) -> Result<Self, ConfigError> {
         if policy.max_attempts == 0 {
             return Err(ConfigError::ZeroAttempts);
@@ -138,8 +139,10 @@ impl<C, R> RetryLayer<C, R> {
             BudgetChoice::Given(b) => Some(b),
             BudgetChoice::Off => None,
         };
+        // One clock for the deadline and the budget: the budget takes the policy's if it has
+        // none yet, and a contradiction is refused.
         let clock = match &budget {
-            Some(b) => b.clock().clone(),
+            Some(b) => b.clock_for(policy.clock.as_ref())?,
             None => policy.clock.unwrap_or_default(),
         };
         let rng = match policy.seed {

@@ -23,15 +23,37 @@
 //!   `TpsBudget` takes a lock and reads the clock on every request. Here the HTTP policy keeps
 //!   the body in a bounded replay buffer ([`ReplayBody`], 64 KiB by default) as it streams, so
 //!   retries work for hyper, Axum and tonic clients; the budget is lock-free and a request
-//!   costs it one atomic add.
+//!   costs it one atomic add (and one in eight a clock reading, so that every request of the
+//!   window counts, as in `TpsBudget`).
 //! - tower-resilience's retry knows nothing of HTTP safety or server hints: this layer retries
 //!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
 //!   [`RetryPolicy::add_idempotency_key`] gives POST and PATCH a fresh key, the same on every
 //!   attempt, so that a server with `IdempotencyLayer` runs the request once.
 //! - The circuit breaker stops calls to a dependency that keeps failing; this layer repeats a
 //!   call that failed once. They pair: a `CircuitOpen` [`Rejection`](crate::Rejection) from a
-//!   breaker below is waited out if its `retry_after` fits the maximum delay, the deadline and
-//!   the budget, and otherwise returned at once.
+//!   breaker below is waited out (with jitter) if its `retry_after` fits the maximum delay,
+//!   the deadline and the budget, and otherwise returned at once (see
+//!   [Server hints](#server-hints)).
+//!
+//! # Server hints
+//!
+//! A response's `Retry-After` (delta-seconds or an HTTP-date) or `grpc-retry-pushback-ms`,
+//! and the `retry_after` of a [`Rejection`](crate::Rejection) from a layer below (an open
+//! breaker, a rate limit, a shed), say when to try again. The layer never tries earlier:
+//!
+//! - A hint longer than the backoff's maximum delay ([`Backoff::max`]), or one that would
+//!   start the next attempt past the [`deadline`](RetryPolicy::deadline), stops the retries:
+//!   the response or error is returned at once, hint included, for the caller to act on. So
+//!   does a retry the [`Budget`] refuses, and a negative or malformed
+//!   `grpc-retry-pushback-ms` (gRPC's "do not retry").
+//! - A hint that fits is waited out as the hint plus a jitter, whatever the backoff's
+//!   [`Jitter`]: uniform in `[0, s]` with `s` twice the hint, at least the retry's backoff
+//!   ceiling and at most the maximum delay (a 300 ms hint under the default backoff waits
+//!   300 to 900 ms; a wait is never over the hint plus the maximum delay), cut only by the
+//!   deadline. Callers refused with hints that point at one instant (an open breaker's time
+//!   left, a rate limit's reset) come back spread over a span longer than the one over which
+//!   they were refused, not in one herd; and never before the server said.
+//! - No hint, or a malformed `Retry-After`: the backoff decides.
 //!
 //! # Where to place this layer
 //!
@@ -90,16 +112,19 @@
 //! # Time in tests
 //!
 //! Backoff sleeps use `tokio::time`, so `#[tokio::test(start_paused = true)]` and
-//! `tokio::time::advance` drive them. The deadline and the budget read the layer's
-//! [`Clock`](crate::clock::Clock): give the policy `.clock(Clock::tokio())` (or the budget
-//! `Budget::builder().clock(Clock::tokio())`) so that they follow the paused time too.
+//! `tokio::time::advance` drive them. The deadline and the budget read one
+//! [`Clock`](crate::clock::Clock): give the policy `.clock(Clock::tokio())` so that both follow
+//! the paused time too. The layer's own budget, and a given [`Budget`] built without a clock,
+//! take the policy's (whichever of `.clock` and `.budget` comes first); a budget built with
+//! `Budget::builder().clock(..)` gives its clock to the layer, and a policy clock that differs
+//! from it is refused with [`ConfigError::BudgetClock`].
 //!
 //! # Tracing
 //!
 //! Each retry is a `debug` event of target `tower_bulwark::retry` with the attempt, the delay
 //! and the reason; a retry refused by the budget is an `info` event; other reasons to stop
-//! (attempts, deadline, pushback, an unreplayable body, a long-open circuit) are `debug`
-//! events.
+//! (attempts, deadline, pushback, an unreplayable body, a hint longer than the maximum
+//! delay) are `debug` events.
 
 mod backoff;
 mod budget;

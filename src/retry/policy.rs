@@ -39,6 +39,10 @@ pub enum ConfigError {
     Ratio(f64),
     /// The budget window was under 16 ms.
     Window(Duration),
+    /// The policy's clock is not the one its [`Budget`] runs on (given to the budget's
+    /// builder, or taken from another layer or a first use): give one clock to both, or to
+    /// one of them.
+    BudgetClock,
 }
 
 impl fmt::Display for ConfigError {
@@ -56,6 +60,9 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroDeadline => f.write_str("the retry deadline must not be zero"),
             ConfigError::Ratio(r) => write!(f, "budget ratio must lie in [0, 1000], got {r}"),
             ConfigError::Window(w) => write!(f, "budget window must be at least 16ms, got {w:?}"),
+            ConfigError::BudgetClock => {
+                f.write_str("the retry budget runs on another clock than the policy's")
+            }
         }
     }
 }
@@ -68,7 +75,8 @@ impl std::error::Error for ConfigError {}
 pub enum Hint {
     /// No hint: the backoff decides.
     None,
-    /// Wait this long (capped by the backoff's maximum delay).
+    /// Wait at least this long (plus a jitter). A hint longer than the backoff's maximum
+    /// delay, or than the deadline leaves, stops the retries: the answer is returned.
     After(Duration),
     /// Do not retry (a negative or malformed `grpc-retry-pushback-ms`).
     Stop,
@@ -579,7 +587,9 @@ impl<C, R> RetryPolicy<C, R> {
     }
 
     /// Uses `budget` (which may be shared with other layers) instead of a budget of the
-    /// layer's own. The budget's clock is then the layer's time source.
+    /// layer's own. A budget built without a clock takes the policy's [`clock`](Self::clock)
+    /// (in whichever order the two are set); one that already runs on a clock gives it to the
+    /// layer, and a policy clock that differs is refused when the layer is built.
     pub fn budget(mut self, budget: Budget) -> Self {
         self.budget = BudgetChoice::Given(budget);
         self
@@ -592,8 +602,9 @@ impl<C, R> RetryPolicy<C, R> {
         self
     }
 
-    /// The time source of the deadline and the layer's own budget ([`Clock::new`] by
-    /// default). Tests under tokio's paused time use `.clock(Clock::tokio())`.
+    /// The time source of the deadline and of the budget ([`Clock::new`] by default): the
+    /// layer's own budget, or a given one that has no clock yet. Tests under tokio's paused
+    /// time use `.clock(Clock::tokio())`.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self

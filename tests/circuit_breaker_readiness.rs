@@ -1,0 +1,138 @@
+//! A breaker that refuses does not wait on the readiness of the service below it (tower's
+//! `LoadShed` pattern): an open breaker, or a half-open one with every probe slot taken,
+//! answers `poll_ready` at once and refuses in `call`.
+
+use std::time::Duration;
+
+use tokio::time::advance;
+use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
+use tower::BoxError;
+use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
+use tower_bulwark::clock::Clock;
+use tower_bulwark::{Rejection, RejectionKind};
+use tower_test::mock;
+
+fn layer() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .jitter(0.0)
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+}
+
+fn circuit_open(res: Result<&'static str, BoxError>) -> Rejection {
+    let err = res.expect_err("refused");
+    let r = err
+        .downcast_ref::<Rejection>()
+        .unwrap_or_else(|| panic!("not a rejection: {err}"))
+        .clone();
+    assert_eq!(r.kind(), RejectionKind::CircuitOpen);
+    r
+}
+
+/// Trips the breaker with one failure through the mock.
+async fn trip(
+    svc: &mut mock::Spawn<
+        tower_bulwark::circuit_breaker::CircuitBreaker<mock::Mock<u32, &'static str>>,
+    >,
+    handle: &mut mock::Handle<u32, &'static str>,
+) {
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+    assert!(fut.await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_refuses_without_waiting_on_the_inner_readiness() {
+    let layer = layer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+
+    // Closed: the inner service's readiness is the breaker's.
+    handle.allow(0);
+    assert_pending!(svc.poll_ready());
+
+    trip(&mut svc, &mut handle).await;
+    assert_eq!(state.state(), BreakerState::Open);
+
+    // Open, and the sick dependency is not ready: refused at once, not left waiting.
+    handle.allow(0);
+    assert_ready_ok!(
+        svc.poll_ready(),
+        "an open breaker must not wait on the inner service"
+    );
+    let mut fut = tokio_test::task::spawn(svc.call(2));
+    let r = circuit_open(assert_ready!(fut.poll()));
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
+    // Nothing reached the inner service.
+    assert_pending!(handle.poll_request());
+
+    // Forced open: the same.
+    state.force_open();
+    assert_ready_ok!(svc.poll_ready(), "a forced-open breaker must not wait");
+    let mut fut = tokio_test::task::spawn(svc.call(3));
+    circuit_open(assert_ready!(fut.poll()));
+    assert_pending!(handle.poll_request());
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_with_every_slot_taken_refuses_without_waiting() {
+    let layer = layer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+    trip(&mut svc, &mut handle).await;
+    advance(Duration::from_secs(1)).await;
+
+    // Open time over, the dependency not ready: the probe waits for it, as any call would.
+    handle.allow(0);
+    assert_pending!(svc.poll_ready());
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let probe = svc.call(3);
+    assert_eq!(state.state(), BreakerState::HalfOpen);
+    let (_, send) = handle.next_request().await.unwrap();
+
+    // The one probe slot is taken: the next caller is refused at once.
+    handle.allow(0);
+    assert_ready_ok!(svc.poll_ready(), "a full half-open breaker must not wait");
+    let mut fut = tokio_test::task::spawn(svc.call(4));
+    circuit_open(assert_ready!(fut.poll()));
+    assert_pending!(handle.poll_request());
+
+    // The probe succeeds: closed, and readiness is the inner service's again.
+    send.send_response("healed");
+    assert_eq!(probe.await.unwrap(), "healed");
+    assert_eq!(state.state(), BreakerState::Closed);
+    assert_pending!(svc.poll_ready());
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(5);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 5);
+    send.send_response("ok");
+    assert_eq!(fut.await.unwrap(), "ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_decided_in_poll_ready_is_what_call_returns() {
+    let layer = layer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+    trip(&mut svc, &mut handle).await;
+    handle.allow(0);
+    assert_ready_ok!(svc.poll_ready());
+    // The breaker closes between `poll_ready` and `call`: the inner service was never made
+    // ready, so the call is still refused rather than sent to a service that is not ready.
+    state.reset();
+    let mut fut = tokio_test::task::spawn(svc.call(6));
+    circuit_open(assert_ready!(fut.poll()));
+    assert_pending!(handle.poll_request());
+    // The next round is decided afresh.
+    assert_pending!(svc.poll_ready());
+}
