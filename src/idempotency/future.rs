@@ -16,10 +16,11 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::body::{BodyBuf, ReplayBody};
+use super::budget::Reservation;
 use super::fingerprint::Fingerprint;
 use super::layer::{Counters, FailurePolicy, RebuildBody, Shared};
 use super::record::Record;
-use super::store::{Claim, Lease, Store, StoreKey};
+use super::store::{Claim, Lease, Store, StoreErrorKind, StoreKey};
 use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
 use crate::rejection::{Rejection, RejectionKind};
 
@@ -83,6 +84,10 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     fingerprint: Fingerprint,
     guard: Option<LeaseGuard<St>>,
     deadline: Option<Instant>,
+    /// The layer's buffer budget held for the request body read so far.
+    held: Reservation,
+    /// The layer's buffer budget held for the response, reserved before the handler runs.
+    room: Reservation,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
@@ -107,6 +112,8 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             fingerprint: Fingerprint::from_u128(0),
             guard: None,
             deadline: None,
+            held: Reservation::default(),
+            room: Reservation::default(),
             _body: std::marker::PhantomData,
         }
     }
@@ -228,7 +235,30 @@ where
 {
     type Output = Result<Response<ReplayBody<ResB>>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = ready!(self.as_mut().poll_states(cx));
+        // Done: give back what the request still holds (its buffer reservations, its
+        // buffered body, the inner service). Every lease is completed or released by now.
+        *self.project().ctx = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<S, St, M, ReqB, ResB> ResponseFuture<S, St, M, ReqB, ResB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    St: Store,
+    M: RebuildBody<ReqB>,
+    ReqB: Body,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Unpin,
+    ResB::Error: Into<BoxError>,
+{
+    fn poll_states(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ReplayBody<ResB>>, BoxError>> {
         let mut this = self.project();
         loop {
             let next = match this.state.as_mut().project() {
@@ -257,6 +287,9 @@ where
                                             "request body larger than the idempotency layer buffers",
                                         ));
                                     }
+                                    if !k.held.grow(&k.shared.buffers, n) {
+                                        break ready_err(buffers_full(&k.shared));
+                                    }
                                 }
                             }
                             Some(Err(e)) => {
@@ -282,6 +315,17 @@ where
                     let k = this.ctx.as_mut().expect("keyed state");
                     let stats = &k.shared.stats;
                     match claimed {
+                        Err(e) if e.kind() == StoreErrorKind::Full => {
+                            // No room for the key: refused whatever the policy, since running
+                            // it would leave no record to stop a second run.
+                            Counters::bump(&stats.store_full);
+                            tracing::debug!(key = ?k.key, "idempotency store full; refusing a new key");
+                            ready_err(
+                                Rejection::new(RejectionKind::IdempotencyStoreFull)
+                                    .with_retry_after(k.shared.retry_hint(e.retry_after()))
+                                    .with_detail("no room for a new key in the idempotency store"),
+                            )
+                        }
                         Err(e) => {
                             Counters::bump(&stats.store_errors);
                             match k.shared.config.policy {
@@ -299,13 +343,20 @@ where
                             }
                         }
                         Ok(Claim::Claimed(lease)) => {
-                            Counters::bump(&stats.executed);
                             k.guard = Some(LeaseGuard {
                                 store: k.store.clone(),
                                 lease: Some(lease),
                                 release_on_drop: k.shared.config.release_on_drop,
                             });
-                            State::Call { fut: call_inner(k) }
+                            // Room for the whole response, before the handler runs.
+                            let max = k.shared.config.max_response_body;
+                            if k.room.grow(&k.shared.buffers, max) {
+                                Counters::bump(&k.shared.stats.executed);
+                                State::Call { fut: call_inner(k) }
+                            } else {
+                                k.release();
+                                ready_err(buffers_full(&k.shared))
+                            }
                         }
                         Ok(Claim::InFlight) => match k.shared.wait() {
                             Some(max) => {
@@ -357,6 +408,8 @@ where
                 StateProj::Call { fut } => {
                     let result = ready!(fut.poll(cx));
                     let k = this.ctx.as_mut().expect("keyed state");
+                    // The handler has the request body: the layer no longer buffers it.
+                    k.held.release();
                     let res = match result {
                         Ok(res) => res,
                         Err(e) => {
@@ -400,9 +453,12 @@ where
                                         let record = Record::not_kept(k.fingerprint, parts.status);
                                         tracing::debug!(key = ?k.key, "response too large to keep; recorded as not kept");
                                         let rest = body.take().expect("response body");
+                                        let prefix = k.buf.take();
+                                        let mut held = k.room.take();
+                                        held.shrink_to(prefix.len());
                                         let res = Response::from_parts(
                                             parts,
-                                            ReplayBody::prefixed(k.buf.take(), rest),
+                                            ReplayBody::prefixed(prefix, rest, held),
                                         );
                                         break complete(k, record, res);
                                     }
@@ -424,6 +480,10 @@ where
                                 let parts = head.take().expect("response head");
                                 let data = k.buf.take();
                                 let trailers = tail.take();
+                                // The response body holds its bytes' share of the budget until
+                                // it hands them on.
+                                let mut held = k.room.take();
+                                held.shrink_to(data.len());
                                 let failed = trailers.as_ref().is_some_and(|t| {
                                     GrpcStatus::default().classify_trailers(t) != Outcome::Success
                                 });
@@ -432,7 +492,7 @@ where
                                     k.release();
                                     return Poll::Ready(Ok(Response::from_parts(
                                         parts,
-                                        ReplayBody::buffered(data, trailers),
+                                        ReplayBody::buffered_held(data, trailers, held),
                                     )));
                                 }
                                 let record = Record::response(
@@ -444,7 +504,7 @@ where
                                 );
                                 let res = Response::from_parts(
                                     parts,
-                                    ReplayBody::buffered(data, trailers),
+                                    ReplayBody::buffered_held(data, trailers, held),
                                 );
                                 break complete(k, record, res);
                             }
@@ -472,6 +532,14 @@ where
             this.state.set(next);
         }
     }
+}
+
+/// The 503 of a request that finds the layer's buffers full.
+fn buffers_full(shared: &Shared) -> Rejection {
+    Counters::bump(&shared.stats.buffer_rejected);
+    tracing::debug!("idempotency layer's buffers full; refusing a keyed request");
+    Rejection::overloaded(Some(shared.retry_hint(None)))
+        .with_detail("the idempotency layer buffers as much as it may")
 }
 
 fn ready_err<F, CF, KF, ReqB, ResB>(rejection: Rejection) -> State<F, CF, KF, ReqB, ResB> {

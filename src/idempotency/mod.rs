@@ -151,6 +151,7 @@
 //! [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop) asks for that.
 
 mod body;
+mod budget;
 mod fingerprint;
 pub mod future;
 mod key;
