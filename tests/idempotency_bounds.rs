@@ -19,7 +19,7 @@ use tower_bulwark::idempotency::{ConfigError, IdempotencyLayer, MemoryStore};
 use tower_bulwark::{Rejection, RejectionKind, RejectionLayer};
 
 /// A handler that counts its runs; `x-gate` holds it until the gate gives a permit;
-/// `x-size: N` answers with an N-byte body.
+/// `x-fail` fails it; `x-size: N` answers with an N-byte body.
 #[derive(Clone)]
 struct App {
     runs: Arc<AtomicUsize>,
@@ -54,6 +54,9 @@ impl App {
                 app.runs.fetch_add(1, Ordering::SeqCst);
                 if req.headers().contains_key("x-gate") {
                     app.gate.acquire().await.unwrap().forget();
+                }
+                if req.headers().contains_key("x-fail") {
+                    return Err::<Response<Body>, BoxError>("handler failed".into());
                 }
                 let n: usize = req
                     .headers()
@@ -291,6 +294,20 @@ async fn buffer_reservations_are_given_back_when_dropped_at_any_point() {
         .unwrap();
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(handle.stats().buffered_bytes, 0);
+
+    // 5b. The handler fails: everything is given back with the error.
+    let err = svc
+        .clone()
+        .oneshot(
+            req("d5")
+                .header("x-fail", "1")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "handler failed");
+    assert_eq!(handle.stats().buffered_bytes, 0, "the handler failed");
 
     // 6. Dropped in a spawned task by a timeout above.
     let mut s = svc.clone();

@@ -94,12 +94,13 @@ const DEFAULT_SHARE: f64 = 0.25;
 ///
 /// let store = MemoryStore::builder()
 ///     .max_entries(10_000)
-///     .max_bytes(16 << 20)
+///     .max_bytes(32 << 20)
 ///     .scope_share(0.1)
 ///     .build()
 ///     .expect("valid bounds");
 /// assert_eq!(store.stats().entries, 0);
 /// assert_eq!(store.stats().max_entries, 10_000);
+/// // Room for the layer's default 1 MiB responses.
 /// assert!(store.stats().max_record >= 1 << 20);
 /// ```
 #[derive(Clone)]
