@@ -67,6 +67,7 @@ fn the_byte_bound_covers_what_the_process_really_spends() {
     let grown = after.saturating_sub(before);
     let charged = store.stats().bytes;
     assert_eq!(store.stats().entries, n as usize);
+    eprintln!("{n} records: RSS grew {grown} bytes, the store charged {charged}");
     // What the store charges covers what it really holds (with 10% for the allocator's
     // own bookkeeping and the test's noise), and does not overcharge by much either.
     assert!(
