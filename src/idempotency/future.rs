@@ -408,7 +408,7 @@ where
                 StateProj::Call { fut } => {
                     let result = ready!(fut.poll(cx));
                     let k = this.ctx.as_mut().expect("keyed state");
-                    // The handler has the request body: the layer no longer buffers it.
+                    // The handler is done with the request body: the layer holds it no more.
                     k.held.release();
                     let res = match result {
                         Ok(res) => res,
