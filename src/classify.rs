@@ -85,7 +85,8 @@ pub fn classify_error_default(err: &BoxError) -> Outcome {
             RejectionKind::CircuitOpen
             | RejectionKind::Overloaded
             | RejectionKind::RateLimited
-            | RejectionKind::StoreUnavailable,
+            | RejectionKind::StoreUnavailable
+            | RejectionKind::IdempotencyStoreFull,
         ) => Outcome::Throttled,
         Some(_) => Outcome::Failure,
         None => Outcome::Retryable,

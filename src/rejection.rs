@@ -59,6 +59,10 @@ pub enum RejectionKind {
     /// A shared store (such as Redis) is unreachable and the policy is to fail closed (HTTP 503,
     /// gRPC `UNAVAILABLE`).
     StoreUnavailable,
+    /// The idempotency store has no room for a new key (it keeps every completed record until
+    /// its time to live ends), or the key's scope holds its share of it: the request did not
+    /// run (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
+    IdempotencyStoreFull,
 }
 
 impl RejectionKind {
@@ -69,7 +73,8 @@ impl RejectionKind {
             RejectionKind::RateLimited => S::TOO_MANY_REQUESTS,
             RejectionKind::Overloaded
             | RejectionKind::CircuitOpen
-            | RejectionKind::StoreUnavailable => S::SERVICE_UNAVAILABLE,
+            | RejectionKind::StoreUnavailable
+            | RejectionKind::IdempotencyStoreFull => S::SERVICE_UNAVAILABLE,
             RejectionKind::IdempotencyInFlight | RejectionKind::IdempotencyResponseNotStored => {
                 S::CONFLICT
             }
@@ -88,7 +93,8 @@ impl RejectionKind {
             RejectionKind::RateLimited | RejectionKind::PayloadTooLarge => G::ResourceExhausted,
             RejectionKind::Overloaded
             | RejectionKind::CircuitOpen
-            | RejectionKind::StoreUnavailable => G::Unavailable,
+            | RejectionKind::StoreUnavailable
+            | RejectionKind::IdempotencyStoreFull => G::Unavailable,
             RejectionKind::IdempotencyInFlight | RejectionKind::IdempotencyResponseNotStored => {
                 G::Aborted
             }
@@ -113,6 +119,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyResponseNotStored => "idempotency-response-not-stored",
             RejectionKind::PayloadTooLarge => "payload-too-large",
             RejectionKind::StoreUnavailable => "store-unavailable",
+            RejectionKind::IdempotencyStoreFull => "idempotency-store-full",
         }
     }
 
@@ -131,6 +138,7 @@ impl RejectionKind {
             }
             RejectionKind::PayloadTooLarge => "payload too large",
             RejectionKind::StoreUnavailable => "shared store unavailable",
+            RejectionKind::IdempotencyStoreFull => "idempotency store full",
         }
     }
 }
@@ -337,6 +345,7 @@ mod tests {
             (RejectionKind::IdempotencyKeyMissing, S::BAD_REQUEST),
             (RejectionKind::IdempotencyKeyInvalid, S::BAD_REQUEST),
             (RejectionKind::StoreUnavailable, S::SERVICE_UNAVAILABLE),
+            (RejectionKind::IdempotencyStoreFull, S::SERVICE_UNAVAILABLE),
             (RejectionKind::PayloadTooLarge, S::PAYLOAD_TOO_LARGE),
         ];
         for (kind, status) in table {

@@ -14,6 +14,7 @@
 //! | idempotency key missing or malformed | 400 | `INVALID_ARGUMENT` |
 //! | body too large | 413 | `RESOURCE_EXHAUSTED` |
 //! | shared store down (fail closed) | 503 | `UNAVAILABLE` |
+//! | idempotency store full | 503, `Retry-After` | `UNAVAILABLE`, `grpc-retry-pushback-ms` |
 //!
 //! HTTP bodies are `application/problem+json` (RFC 9457) with `type`, `title`, `status`,
 //! `detail` and, where there is a wait, `retry_after` (seconds). `Retry-After` is in whole
@@ -514,6 +515,7 @@ mod tests {
             RejectionKind::IdempotencyResponseNotStored,
             RejectionKind::PayloadTooLarge,
             RejectionKind::StoreUnavailable,
+            RejectionKind::IdempotencyStoreFull,
         ];
         for kind in kinds {
             let res = answer(Rejection::new(kind).into()).await;

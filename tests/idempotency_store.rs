@@ -55,12 +55,14 @@ fn lease(c: Claim) -> Lease {
     }
 }
 
+/// A store on a manual clock, whose keys (all in one scope) may fill it.
 fn manual_store(entries: usize, bytes: usize, shards: usize) -> (MemoryStore, ManualClock) {
     let (clock, hand) = Clock::manual();
     let store = MemoryStore::builder()
         .max_entries(entries)
         .max_bytes(bytes)
         .shards(shards)
+        .scope_share(1.0)
         .clock(clock)
         .build()
         .unwrap();
@@ -122,8 +124,7 @@ fn only_the_owner_completes_or_releases() {
 fn completing_an_expired_lease_in_a_full_shard_is_lease_lost_not_a_panic() {
     // A shard at its byte bound: completing makes room by sweeping expired entries, and the
     // lease being completed is one of them.
-    let rec_len = record(fp(1), 4096).encoded_len();
-    let (s, hand) = manual_store(100, rec_len + 512, 1);
+    let (s, hand) = manual_store(100, 256 << 10, 1);
     let k = key("slow");
     let l = lease(claim(&s, &k, fp(1)));
     hand.advance(LEASE + Duration::from_nanos(1));
@@ -160,7 +161,8 @@ fn purge_removes_every_expired_entry() {
             now(s.complete(&l, record(fp(1), 100), Duration::from_secs(10))).unwrap();
         }
     }
-    assert_eq!(s.stats().entries, 500);
+    let filled = s.stats();
+    assert_eq!(filled.entries, 500);
     hand.advance(Duration::from_secs(11));
     lease(claim(&s, &key("fresh"), fp(1)));
     s.purge_expired();
@@ -173,12 +175,13 @@ fn purge_removes_every_expired_entry() {
     s.purge_expired();
     let st = s.stats();
     assert_eq!(st.entries, 0);
-    assert_eq!(st.bytes, 0);
+    // What is left is the store's tables, grown for 500 entries.
+    assert!(st.bytes < filled.bytes / 2, "{st:?} {filled:?}");
     assert_eq!(st.expired, 501);
 }
 
 #[test]
-fn full_store_evicts_the_oldest_completed_record() {
+fn a_full_store_refuses_new_keys_and_evicts_no_completed_record() {
     let (s, hand) = manual_store(4, 1 << 20, 1);
     let mut done = Vec::new();
     for i in 0..3 {
@@ -190,17 +193,48 @@ fn full_store_evicts_the_oldest_completed_record() {
     }
     let live = lease(claim(&s, &key("live"), fp(1)));
     assert_eq!(s.stats().entries, 4);
-    // Full: the next claim evicts done0, the oldest completion.
-    lease(claim(&s, &key("new1"), fp(1)));
-    assert!(now(s.get(&done[0])).unwrap().is_none());
-    assert!(now(s.get(&done[1])).unwrap().is_some());
-    lease(claim(&s, &key("new2"), fp(1)));
-    assert!(now(s.get(&done[1])).unwrap().is_none());
-    assert!(now(s.get(&done[2])).unwrap().is_some());
-    assert_eq!(s.stats().evicted, 2);
-    assert_eq!(s.stats().entries, 4);
-    // The live lease was never evicted.
+    // Full: a new key is refused; no completed record is dropped for it.
+    let err = now(s.claim(&key("new1"), fp(1), LEASE)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Full);
+    for k in &done {
+        assert!(matches!(claim(&s, k, fp(1)), Claim::Completed(_)), "{k:?}");
+    }
     assert!(matches!(claim(&s, live.key(), fp(1)), Claim::InFlight));
+    assert_eq!(s.stats().entries, 4);
+    // Expired records make room.
+    hand.advance(TTL);
+    lease(claim(&s, &key("new1"), fp(1)));
+}
+
+#[test]
+fn the_byte_bound_is_the_stores_not_a_shards() {
+    // 64 MiB over 64 shards, as by default: 500 records of 100 KiB (49 MB) all stay.
+    let (s, _) = manual_store(100_000, 64 << 20, 64);
+    let keys: Vec<_> = (0..500).map(|i| key(&format!("k{i}"))).collect();
+    for k in &keys {
+        let l = lease(claim(&s, k, fp(1)));
+        now(s.complete(&l, record(fp(1), 100 << 10), TTL)).unwrap();
+    }
+    for k in &keys {
+        match claim(&s, k, fp(1)) {
+            Claim::Completed(r) => assert!(r.is_kept(), "{k:?} kept"),
+            other => panic!("{k:?} forgotten: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_record_just_under_a_mebibyte_is_kept_by_the_default_store() {
+    let s = MemoryStore::default();
+    let k = key("big");
+    let l = lease(claim(&s, &k, fp(1)));
+    now(s.complete(&l, record(fp(1), (1 << 20) - 16), TTL)).unwrap();
+    let r = now(s.get(&k)).unwrap().unwrap();
+    assert!(
+        r.is_kept(),
+        "a response under the layer's 1 MiB cap is kept"
+    );
+    assert_eq!(r.body().len(), (1 << 20) - 16);
 }
 
 #[test]
@@ -221,40 +255,132 @@ fn a_store_full_of_live_leases_refuses_and_never_evicts_them() {
 }
 
 #[test]
-fn byte_bound_evicts_and_oversized_records_are_kept_as_markers() {
-    // One shard of 8 KiB.
-    let (s, _) = manual_store(1000, 8 << 10, 1);
+fn the_byte_bound_refuses_claims_and_a_record_without_room_is_kept_as_a_marker() {
+    // 256 KiB; claims stop at fifteen sixteenths of it, the rest is for completions.
+    let (s, _) = manual_store(1000, 256 << 10, 1);
+    let huge = key("huge");
+    let huge_lease = lease(claim(&s, &huge, fp(7)));
     let mut keys = Vec::new();
-    for i in 0..20 {
-        let k = key(&format!("k{i}"));
-        let l = lease(claim(&s, &k, fp(1)));
-        now(s.complete(&l, record(fp(1), 1000), TTL)).unwrap();
-        keys.push(k);
-        assert!(s.stats().bytes <= 8 << 10, "{:?}", s.stats());
+    loop {
+        let k = key(&format!("k{}", keys.len()));
+        match now(s.claim(&k, fp(1), LEASE)) {
+            Ok(Claim::Claimed(l)) => {
+                now(s.complete(&l, record(fp(1), 8 << 10), TTL)).unwrap();
+                keys.push(k);
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => {
+                assert_eq!(e.kind(), StoreErrorKind::Full);
+                break;
+            }
+        }
+        assert!(s.stats().bytes <= 256 << 10, "{:?}", s.stats());
+        assert!(keys.len() < 1000, "the byte bound refused no claim");
     }
-    assert!(s.stats().evicted > 0);
-    assert!(now(s.get(&keys[19])).unwrap().is_some());
-    // A record larger than the shard's budget becomes a "not kept" marker.
-    let k = key("huge");
-    let l = lease(claim(&s, &k, fp(7)));
-    now(s.complete(&l, record(fp(7), 20_000), TTL)).unwrap();
-    let r = now(s.get(&k)).unwrap().unwrap();
+    assert!(keys.len() > 10, "{} records fit", keys.len());
+    assert_eq!(s.stats().refused, 1);
+    // Every record is still there.
+    for k in &keys {
+        assert!(now(s.get(k)).unwrap().unwrap().is_kept(), "{k:?}");
+    }
+    // A record larger than the room left becomes a "not kept" marker: its key never runs
+    // twice.
+    now(s.complete(&huge_lease, record(fp(7), 64 << 10), TTL)).unwrap();
+    let r = now(s.get(&huge)).unwrap().unwrap();
     assert!(!r.is_kept());
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.fingerprint(), fp(7));
+    assert_eq!(s.stats().not_kept, 1);
+    assert!(s.stats().bytes <= 256 << 10, "{:?}", s.stats());
 }
 
 #[test]
-fn a_million_distinct_keys_stay_within_bounds() {
+fn a_full_store_says_when_its_earliest_entry_expires() {
+    let (s, hand) = manual_store(2, 1 << 20, 1);
+    lease(claim(&s, &key("a"), fp(1)));
+    hand.advance(Duration::from_secs(10));
+    lease(claim(&s, &key("b"), fp(1)));
+    let err = now(s.claim(&key("c"), fp(1), LEASE)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Full);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(50)), "{err:?}");
+}
+
+#[test]
+fn one_scope_holds_at_most_its_share() {
+    let (clock, hand) = Clock::manual();
+    let s = MemoryStore::builder()
+        .max_entries(100)
+        .scope_share(0.25)
+        .shards(4)
+        .clock(clock)
+        .build()
+        .unwrap();
+    let flood: Vec<_> = (0..25)
+        .map(|i| lease(claim(&s, &StoreKey::new("flood", format!("k{i}")), fp(1))))
+        .collect();
+    let err = now(s.claim(&StoreKey::new("flood", "one-more"), fp(1), LEASE)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Full);
+    // Other scopes go on.
+    for t in 0..10 {
+        lease(claim(&s, &StoreKey::new(format!("tenant-{t}"), "k"), fp(1)));
+    }
+    // The flood's room comes back as its keys are released or expire.
+    now(s.release(&flood[0])).unwrap();
+    lease(claim(&s, &StoreKey::new("flood", "one-more"), fp(1)));
+    assert!(now(s.claim(&StoreKey::new("flood", "again"), fp(1), LEASE)).is_err());
+    hand.advance(LEASE);
+    s.purge_expired();
+    lease(claim(&s, &StoreKey::new("flood", "again"), fp(1)));
+    // Bytes count too: a scope's share of 64 KiB of records.
+    let (clock, _) = Clock::manual();
+    let s = MemoryStore::builder()
+        .max_bytes(1 << 20)
+        .scope_share(0.0625)
+        .shards(1)
+        .clock(clock)
+        .build()
+        .unwrap();
+    let mut held = 0;
+    for i in 0..100 {
+        let k = StoreKey::new("big", format!("k{i}"));
+        match now(s.claim(&k, fp(1), LEASE)) {
+            Ok(Claim::Claimed(l)) => {
+                now(s.complete(&l, record(fp(1), 8 << 10), TTL)).unwrap();
+                held += 1;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        (6..=9).contains(&held),
+        "{held} records of 8 KiB in a 64 KiB share"
+    );
+    lease(claim(&s, &StoreKey::new("small", "k"), fp(1)));
+}
+
+#[test]
+fn many_distinct_keys_stay_within_bounds_and_expired_records_make_room() {
     let max_entries = 10_000;
     let max_bytes = 4 << 20;
     let (s, hand) = manual_store(max_entries, max_bytes, 16);
-    for i in 0..1_000_000u32 {
+    let ttl = Duration::from_millis(100);
+    let (mut refused, mut last) = (0, None);
+    for i in 0..300_000u32 {
         let k = StoreKey::new("tenant", Bytes::from(format!("key-{i}")));
         let f = fp(u128::from(i));
-        let l = lease(claim(&s, &k, f));
-        now(s.complete(&l, record(f, 64 + (i as usize % 256)), TTL)).unwrap();
-        if i % 100_000 == 0 {
+        match now(s.claim(&k, f, LEASE)) {
+            Ok(Claim::Claimed(l)) => {
+                now(s.complete(&l, record(f, 64 + (i as usize % 256)), ttl)).unwrap();
+                last = Some(k);
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => {
+                assert_eq!(e.kind(), StoreErrorKind::Full);
+                refused += 1;
+            }
+        }
+        if i % 200 == 0 {
             hand.advance(Duration::from_millis(1));
             let st = s.stats();
             assert!(st.entries <= max_entries && st.bytes <= max_bytes, "{st:?}");
@@ -263,11 +389,11 @@ fn a_million_distinct_keys_stay_within_bounds() {
     let st = s.stats();
     assert!(st.entries <= max_entries, "{st:?}");
     assert!(st.bytes <= max_bytes, "{st:?}");
-    // It is used, not empty: most of the room holds the newest records.
-    assert!(st.entries > max_entries / 2, "{st:?}");
-    assert_eq!(st.evicted as usize + st.entries, 1_000_000);
-    let last = StoreKey::new("tenant", Bytes::from("key-999999"));
-    assert!(now(s.get(&last)).unwrap().is_some());
+    assert!(refused > 0, "the bound was reached");
+    assert!(st.expired > 40_000, "expired records made room: {st:?}");
+    // It is used, not empty: the byte bound is the one reached.
+    assert!(st.bytes > max_bytes / 2, "{st:?}");
+    assert!(now(s.get(&last.unwrap())).unwrap().is_some());
 }
 
 #[test]
@@ -284,14 +410,24 @@ fn builder_validates() {
     assert_eq!(b().shards(3).build().err(), Some(ConfigError::Shards));
     assert_eq!(b().shards(0).build().err(), Some(ConfigError::Shards));
     assert_eq!(
-        b().max_entries(10).shards(64).build().err(),
-        Some(ConfigError::TooSmall("max_entries"))
-    );
-    assert_eq!(
         b().max_bytes(4096).shards(8).build().err(),
         Some(ConfigError::TooSmall("max_bytes"))
     );
-    assert!(b().max_entries(64).shards(64).build().is_ok());
+    for share in [0.0, -0.5, 1.5, f64::NAN] {
+        assert_eq!(
+            b().scope_share(share).build().err(),
+            Some(ConfigError::ScopeShare),
+            "{share}"
+        );
+    }
+    // The bounds are the store's, not a shard's: ten entries over 64 shards is fine.
+    assert!(b().max_entries(10).shards(64).build().is_ok());
+    assert!(b()
+        .max_entries(64)
+        .shards(64)
+        .scope_share(1.0)
+        .build()
+        .is_ok());
 }
 
 #[test]

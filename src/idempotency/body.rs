@@ -10,6 +10,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::BoxError;
 
+use super::budget::Reservation;
+
 pin_project! {
     /// The body of a response from the idempotency layer: the inner service's body as it
     /// streams, a buffered body (with its trailers) for a first run or a replay, or the part
@@ -27,7 +29,7 @@ pin_project! {
         // Boxed, as the prefix below: a first run or a replay allocates anyway, and every
         // response that passes through carries this body inline (and moves it up the stack).
         Buffered { buf: Box<Buffered> },
-        Prefixed { prefix: Option<Box<Bytes>>, #[pin] body: B },
+        Prefixed { prefix: Option<Box<Prefix>>, #[pin] body: B },
     }
 }
 
@@ -35,6 +37,14 @@ pin_project! {
 struct Buffered {
     data: Option<Bytes>,
     trailers: Option<HeaderMap>,
+    /// The layer's buffer reservation for `data`, given back once it is handed on.
+    held: Reservation,
+}
+
+/// The part of a too-large body already read.
+struct Prefix {
+    data: Bytes,
+    held: Reservation,
 }
 
 impl<B> ReplayBody<B> {
@@ -45,20 +55,34 @@ impl<B> ReplayBody<B> {
     }
 
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        ReplayBody::buffered_held(data, trailers, Reservation::default())
+    }
+
+    /// A buffered body that holds `held` of the layer's buffer budget until its data is
+    /// handed on or it is dropped.
+    pub(crate) fn buffered_held(
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+        mut held: Reservation,
+    ) -> Self {
+        if data.is_empty() {
+            held.release();
+        }
         ReplayBody {
             kind: Kind::Buffered {
                 buf: Box::new(Buffered {
                     data: (!data.is_empty()).then_some(data),
                     trailers,
+                    held,
                 }),
             },
         }
     }
 
-    pub(crate) fn prefixed(prefix: Bytes, body: B) -> Self {
+    pub(crate) fn prefixed(prefix: Bytes, body: B, held: Reservation) -> Self {
         ReplayBody {
             kind: Kind::Prefixed {
-                prefix: (!prefix.is_empty()).then(|| Box::new(prefix)),
+                prefix: (!prefix.is_empty()).then(|| Box::new(Prefix { data: prefix, held })),
                 body,
             },
         }
@@ -76,7 +100,7 @@ impl<B> fmt::Debug for ReplayBody<B> {
                 .finish(),
             Kind::Prefixed { prefix, .. } => f
                 .debug_struct("ReplayBody::Prefixed")
-                .field("prefix_len", &prefix.as_ref().map_or(0, |p| p.len()))
+                .field("prefix_len", &prefix.as_ref().map_or(0, |p| p.data.len()))
                 .finish_non_exhaustive(),
         }
     }
@@ -98,13 +122,16 @@ where
             KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
             KindProj::Buffered { buf } => {
                 if let Some(d) = buf.data.take() {
+                    buf.held.release();
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 Poll::Ready(buf.trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             KindProj::Prefixed { prefix, body } => {
                 if let Some(p) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(*p))));
+                    let Prefix { data, held } = *p;
+                    drop(held);
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 body.poll_frame(cx).map_err(Into::into)
             }
@@ -126,7 +153,7 @@ where
                 SizeHint::with_exact(buf.data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Prefixed { prefix, body } => {
-                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let p = prefix.as_ref().map_or(0, |d| d.data.len() as u64);
                 let h = body.size_hint();
                 let mut out = SizeHint::new();
                 out.set_lower(h.lower().saturating_add(p));
@@ -217,6 +244,7 @@ mod tests {
         let body = ReplayBody::prefixed(
             Bytes::from_static(b"head-"),
             Full::new(Bytes::from_static(b"tail")),
+            Reservation::default(),
         );
         assert_eq!(body.size_hint().exact(), Some(9));
         assert_eq!(body.collect().await.unwrap().to_bytes(), "head-tail");

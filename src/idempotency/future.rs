@@ -17,6 +17,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::body::{BodyBuf, ReplayBody};
+use super::budget::Reservation;
 use super::fingerprint::Fingerprint;
 use super::layer::{Counters, FailurePolicy, RebuildBody, Shared};
 use super::record::Record;
@@ -97,6 +98,10 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     claimed_until: Option<(Instant, Duration)>,
     renewal: Option<Renewal<St::RenewFuture>>,
     deadline: Option<Instant>,
+    /// The layer's buffer budget held for the request body read so far.
+    held: Reservation,
+    /// The layer's buffer budget held for the response, reserved before the handler runs.
+    room: Reservation,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
@@ -123,6 +128,8 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             claimed_until: None,
             renewal: None,
             deadline: None,
+            held: Reservation::default(),
+            room: Reservation::default(),
             _body: std::marker::PhantomData,
         }
     }
@@ -366,7 +373,30 @@ where
 {
     type Output = Result<Response<ReplayBody<ResB>>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = ready!(self.as_mut().poll_states(cx));
+        // Done: give back what the request still holds (its buffer reservations, its
+        // buffered body, the inner service). Every lease is completed or released by now.
+        *self.project().ctx = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<S, St, M, ReqB, ResB> ResponseFuture<S, St, M, ReqB, ResB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    St: Store,
+    M: RebuildBody<ReqB>,
+    ReqB: Body,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Unpin,
+    ResB::Error: Into<BoxError>,
+{
+    fn poll_states(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ReplayBody<ResB>>, BoxError>> {
         let mut this = self.project();
         loop {
             let next = match this.state.as_mut().project() {
@@ -395,6 +425,9 @@ where
                                             "request body larger than the idempotency layer buffers",
                                         ));
                                     }
+                                    if !k.held.grow(&k.shared.buffers, n) {
+                                        break ready_err(buffers_full(&k.shared));
+                                    }
                                 }
                             }
                             Some(Err(e)) => {
@@ -420,6 +453,17 @@ where
                     let k = this.ctx.as_mut().expect("keyed state");
                     let stats = &k.shared.stats;
                     match claimed {
+                        Err(e) if e.kind() == StoreErrorKind::Full => {
+                            // No room for the key: refused whatever the policy, since running
+                            // it would leave no record to stop a second run.
+                            Counters::bump(&stats.store_full);
+                            tracing::debug!(key = ?k.key, "idempotency store full; refusing a new key");
+                            ready_err(
+                                Rejection::new(RejectionKind::IdempotencyStoreFull)
+                                    .with_retry_after(k.shared.retry_hint(e.retry_after()))
+                                    .with_detail("no room for a new key in the idempotency store"),
+                            )
+                        }
                         Err(e) => {
                             Counters::bump(&stats.store_errors);
                             match k.shared.config.policy {
@@ -437,7 +481,6 @@ where
                             }
                         }
                         Ok(Claim::Claimed(lease)) => {
-                            Counters::bump(&stats.executed);
                             let (held_until, ttl) = k.claimed_until.expect("a claim was sent");
                             k.guard = Some(LeaseGuard {
                                 store: k.store.clone(),
@@ -447,7 +490,15 @@ where
                                 held_until,
                                 ttl,
                             });
-                            State::Call { fut: call_inner(k) }
+                            // Room for the whole response, before the handler runs.
+                            let max = k.shared.config.max_response_body;
+                            if k.room.grow(&k.shared.buffers, max) {
+                                Counters::bump(&k.shared.stats.executed);
+                                State::Call { fut: call_inner(k) }
+                            } else {
+                                k.release();
+                                ready_err(buffers_full(&k.shared))
+                            }
                         }
                         Ok(Claim::InFlight) => match k.shared.wait() {
                             Some(max) => {
@@ -503,6 +554,8 @@ where
                         ready!(k.poll_lease(cx));
                         break 'call k.lease_not_kept();
                     };
+                    // The handler is done with the request body: the layer holds it no more.
+                    k.held.release();
                     let res = match result {
                         Ok(res) => res,
                         Err(e) => {
@@ -555,9 +608,12 @@ where
                                         let record = Record::not_kept(k.fingerprint, parts.status);
                                         tracing::debug!(key = ?k.key, "response too large to keep; recorded as not kept");
                                         let rest = body.take().expect("response body");
+                                        let prefix = k.buf.take();
+                                        let mut held = k.room.take();
+                                        held.shrink_to(prefix.len());
                                         let res = Response::from_parts(
                                             parts,
-                                            ReplayBody::prefixed(k.buf.take(), rest),
+                                            ReplayBody::prefixed(prefix, rest, held),
                                         );
                                         break complete(k, record, res);
                                     }
@@ -579,6 +635,10 @@ where
                                 let parts = head.take().expect("response head");
                                 let data = k.buf.take();
                                 let trailers = tail.take();
+                                // The response body holds its bytes' share of the budget until
+                                // it hands them on.
+                                let mut held = k.room.take();
+                                held.shrink_to(data.len());
                                 let failed = trailers.as_ref().is_some_and(|t| {
                                     GrpcStatus::default().classify_trailers(t) != Outcome::Success
                                 });
@@ -587,7 +647,7 @@ where
                                     k.release();
                                     return Poll::Ready(Ok(Response::from_parts(
                                         parts,
-                                        ReplayBody::buffered(data, trailers),
+                                        ReplayBody::buffered_held(data, trailers, held),
                                     )));
                                 }
                                 let exclude = &k.shared.config.exclude;
@@ -600,7 +660,7 @@ where
                                 );
                                 let res = Response::from_parts(
                                     parts,
-                                    ReplayBody::buffered(data, trailers),
+                                    ReplayBody::buffered_held(data, trailers, held),
                                 );
                                 break complete(k, record, res);
                             }
@@ -637,6 +697,14 @@ where
             this.state.set(next);
         }
     }
+}
+
+/// The 503 of a request that finds the layer's buffers full.
+fn buffers_full(shared: &Shared) -> Rejection {
+    Counters::bump(&shared.stats.buffer_rejected);
+    tracing::debug!("idempotency layer's buffers full; refusing a keyed request");
+    Rejection::overloaded(Some(shared.retry_hint(None)))
+        .with_detail("the idempotency layer buffers as much as it may")
 }
 
 fn ready_err<F, CF, KF, ReqB, ResB>(rejection: Rejection) -> State<F, CF, KF, ReqB, ResB> {

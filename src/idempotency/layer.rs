@@ -8,6 +8,7 @@ use http::{request::Parts, HeaderName, Method};
 use tower_layer::Layer;
 
 use super::scope::Scope;
+use super::budget::BufferBudget;
 use super::service::Idempotency;
 use super::store::Store;
 use crate::clock::duration_nanos;
@@ -22,8 +23,22 @@ pub enum ConfigError {
     NoMethods,
     /// The shard count is not a power of two from 1 to 4096.
     Shards,
-    /// A bound (named) leaves a shard less than one entry or 1 KiB.
+    /// A bound (named) is too small for what it must hold: `max_bytes` for a store's fixed
+    /// tables and 64 KiB besides.
     TooSmall(&'static str),
+    /// A store's scope share is not in `(0, 1]`.
+    ScopeShare,
+    /// The layer's largest kept response (`max_response_body`, and 16 KiB for its head) does
+    /// not fit the largest record the store promises room for.
+    ResponseExceedsStore {
+        /// The layer's `max_response_body`.
+        max_response_body: usize,
+        /// The store's [`Store::max_record_len`].
+        store_max_record: usize,
+    },
+    /// `max_buffered_bytes` is less than one request and one response
+    /// (`max_request_body + max_response_body`): no keyed request could run.
+    BufferTooSmall,
 }
 
 impl fmt::Display for ConfigError {
@@ -36,16 +51,32 @@ impl fmt::Display for ConfigError {
             ConfigError::Shards => {
                 f.write_str("the shard count must be a power of two from 1 to 4096")
             }
-            ConfigError::TooSmall(what) => {
-                write!(f, "`{what}` leaves a shard less than one entry or 1 KiB")
-            }
+            ConfigError::TooSmall(what) => write!(f, "`{what}` is too small"),
+            ConfigError::ScopeShare => f.write_str("the scope share must be in (0, 1]"),
+            ConfigError::ResponseExceedsStore {
+                max_response_body,
+                store_max_record,
+            } => write!(
+                f,
+                "`max_response_body` ({max_response_body} bytes, and 16 KiB for the head) does \
+                 not fit the store's largest record ({store_max_record} bytes): lower it or \
+                 give the store more room"
+            ),
+            ConfigError::BufferTooSmall => f.write_str(
+                "`max_buffered_bytes` must hold one request and one response \
+                 (`max_request_body + max_response_body`)",
+            ),
         }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
-/// What the layer does when its store fails (unreachable, timed out, full).
+/// What the layer does when its store fails (unreachable, timed out).
+///
+/// A store that is full is not a failure: a new key it has no room for is always refused
+/// with 503 [`RejectionKind::IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull),
+/// whatever the policy, since running it would leave no record to stop a second run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FailurePolicy {
@@ -106,6 +137,10 @@ pub(crate) struct Config {
     pub(crate) policy: FailurePolicy,
 }
 
+/// Room kept in a record for the response's head (status, headers, trailers) besides its body,
+/// when the layer checks that its largest response fits the store.
+pub(crate) const HEAD_ALLOWANCE: usize = 16 << 10;
+
 /// State shared by the layer, its services, their clones and the handle.
 pub(crate) struct Shared {
     pub(crate) config: Config,
@@ -114,6 +149,10 @@ pub(crate) struct Shared {
     /// Nanoseconds to wait for a request in flight; 0 = answer 409 at once.
     wait: AtomicU64,
     pub(crate) stats: Counters,
+    /// The bytes buffered in flight by every service this layer makes.
+    pub(crate) buffers: Arc<BufferBudget>,
+    /// The state of the generator that jitters `Retry-After` hints.
+    rng: AtomicU64,
 }
 
 impl Shared {
@@ -123,6 +162,24 @@ impl Shared {
 
     pub(crate) fn lease_ttl(&self) -> Duration {
         Duration::from_nanos(self.lease_ttl.load(Ordering::Relaxed))
+    }
+
+    /// A `Retry-After` hint of at least `base` (floored at 1 s, capped at 60 s), jittered up
+    /// to half as much again, so that refused clients do not come back in step.
+    pub(crate) fn retry_hint(&self, base: Option<Duration>) -> Duration {
+        let base = base
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        // splitmix64 over an atomic counter.
+        let mut z = self
+            .rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        base + base.mul_f64(0.5 * unit)
     }
 
     pub(crate) fn wait(&self) -> Option<Duration> {
@@ -144,6 +201,8 @@ pub(crate) struct Counters {
     pub(crate) too_large: AtomicU64,
     pub(crate) not_stored: AtomicU64,
     pub(crate) store_errors: AtomicU64,
+    pub(crate) store_full: AtomicU64,
+    pub(crate) buffer_rejected: AtomicU64,
 }
 
 impl Counters {
@@ -195,10 +254,19 @@ impl<St: fmt::Debug, M> fmt::Debug for IdempotencyLayer<St, M> {
 
 impl<St: Store> IdempotencyLayer<St> {
     /// A layer with the default configuration (see [`IdempotencyBuilder`]).
+    ///
+    /// The largest response kept is 1 MiB, or less if the store promises room only for
+    /// smaller records ([`Store::max_record_len`]); [`IdempotencyLayer::builder`] instead
+    /// refuses such a store with [`ConfigError::ResponseExceedsStore`].
     pub fn new(store: St) -> Self {
-        IdempotencyLayer::builder(store)
-            .build()
-            .expect("the default configuration is valid")
+        let mut b = IdempotencyLayer::builder(store);
+        if let Some(room) = b.store.max_record_len() {
+            b.max_response_body = b
+                .max_response_body
+                .min(room.saturating_sub(HEAD_ALLOWANCE))
+                .max(1);
+        }
+        b.build().expect("the default configuration is valid")
     }
 
     /// A builder, to configure the layer.
@@ -212,6 +280,7 @@ impl<St: Store> IdempotencyLayer<St> {
             scope: Scope::Credentials,
             max_request_body: 1 << 20,
             max_response_body: 1 << 20,
+            max_buffered: 256 << 20,
             ttl: Duration::from_secs(24 * 60 * 60),
             lease_ttl: Duration::from_secs(60),
             wait: None,
@@ -255,7 +324,8 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 ///
 /// Defaults: header `Idempotency-Key`; methods POST and PATCH; a missing key passes through;
 /// keys scoped by the caller's credentials (a digest of the `Authorization` header, see
-/// [`scope`](IdempotencyBuilder::scope)); request and response bodies up to 1 MiB; records
+/// [`scope`](IdempotencyBuilder::scope)); request and response bodies up to 1 MiB, and
+/// 256 MiB buffered in flight by the whole layer; records
 /// kept 24 hours; leases of 60 seconds; a repeat in flight gets 409 at once; a dropped request
 /// releases its lease; 5xx, 429 and gRPC failure statuses are not stored; `Set-Cookie` and
 /// hop-by-hop headers and trailers are not stored; a failing store gives 503.
@@ -268,6 +338,7 @@ pub struct IdempotencyBuilder<St, M = FromBytes> {
     scope: Scope,
     max_request_body: usize,
     max_response_body: usize,
+    max_buffered: usize,
     ttl: Duration,
     lease_ttl: Duration,
     wait: Option<Duration>,
@@ -392,6 +463,19 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
+    /// The most bytes the whole layer buffers in flight (default 256 MiB), shared by every
+    /// service it makes, their clones and every route it is applied to. A keyed request
+    /// reserves its request body as it reads it, and room for a whole response
+    /// (`max_response_body`) before its handler runs; the room is given back as the response
+    /// is handed on, or when anything is dropped. A request that finds no room is refused
+    /// with 503 [`RejectionKind::Overloaded`](crate::RejectionKind::Overloaded) and a jittered
+    /// `Retry-After`, before it runs. So at most `max_buffered_bytes / max_response_body`
+    /// keyed handlers run at once (256 with the defaults). Replays reserve nothing.
+    pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.max_buffered = bytes;
+        self
+    }
+
     /// How long a completed response is replayed (default 24 hours).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -465,6 +549,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             scope: self.scope,
             max_request_body: self.max_request_body,
             max_response_body: self.max_response_body,
+            max_buffered: self.max_buffered,
             ttl: self.ttl,
             lease_ttl: self.lease_ttl,
             wait: self.wait,
@@ -480,7 +565,9 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] when a duration or body limit is zero, or no method is given.
+    /// [`ConfigError`] when a duration or body limit is zero, no method is given,
+    /// `max_buffered_bytes` cannot hold one request and one response, or the largest kept
+    /// response does not fit the store ([`ConfigError::ResponseExceedsStore`]).
     pub fn build(self) -> Result<IdempotencyLayer<St, M>, ConfigError> {
         if self.methods.is_empty() {
             return Err(ConfigError::NoMethods);
@@ -503,6 +590,20 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         if self.max_response_body == 0 {
             return Err(ConfigError::Zero("max_response_body"));
         }
+        if self.max_buffered == 0 {
+            return Err(ConfigError::Zero("max_buffered_bytes"));
+        }
+        if self.max_buffered < self.max_request_body.saturating_add(self.max_response_body) {
+            return Err(ConfigError::BufferTooSmall);
+        }
+        if let Some(room) = self.store.max_record_len() {
+            if self.max_response_body.saturating_add(HEAD_ALLOWANCE) > room {
+                return Err(ConfigError::ResponseExceedsStore {
+                    max_response_body: self.max_response_body,
+                    store_max_record: room,
+                });
+            }
+        }
         let shared = Shared {
             config: Config {
                 header: self.header,
@@ -521,6 +622,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             lease_ttl: AtomicU64::new(duration_nanos(self.lease_ttl)),
             wait: AtomicU64::new(self.wait.map_or(0, duration_nanos)),
             stats: Counters::default(),
+            buffers: BufferBudget::new(self.max_buffered),
+            rng: AtomicU64::new(random_seed()),
         };
         Ok(IdempotencyLayer {
             store: self.store,
@@ -567,6 +670,13 @@ pub struct IdempotencyStats {
     pub not_stored: u64,
     /// Store operations that failed.
     pub store_errors: u64,
+    /// New keys refused (503) because the store had no room for them, or their scope held its
+    /// share.
+    pub store_full: u64,
+    /// Keyed requests refused (503) because the layer's buffers in flight were full.
+    pub buffer_rejected: u64,
+    /// Bytes the layer's requests hold reserved for buffering now.
+    pub buffered_bytes: usize,
 }
 
 impl IdempotencyHandle {
@@ -584,6 +694,9 @@ impl IdempotencyHandle {
             too_large: get(&s.too_large),
             not_stored: get(&s.not_stored),
             store_errors: get(&s.store_errors),
+            store_full: get(&s.store_full),
+            buffer_rejected: get(&s.buffer_rejected),
+            buffered_bytes: self.shared.buffers.used(),
         }
     }
 
@@ -627,4 +740,12 @@ impl IdempotencyHandle {
     pub fn ttl(&self) -> Duration {
         self.shared.ttl()
     }
+}
+
+/// A seed from the standard library's per-process random keys.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    h.finish()
 }

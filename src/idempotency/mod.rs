@@ -19,6 +19,8 @@
 //! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
 //! | body over the buffer limit (1 MiB) | 413; the handler does not run |
+//! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
+//! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
 //! | the first request's future is dropped (client gone) before its handler answers | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
@@ -152,8 +154,18 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] keeps leases and records in process, sharded and bounded by entries and
-//! bytes. A store shared by replicas implements [`Store`]: atomic claim with an owner token,
+//! [`MemoryStore`] keeps leases and records in process, sharded, and bounded as a whole by
+//! entries and by bytes, the bytes being what it really allocates (see
+//! [its docs](MemoryStore#what-the-byte-bound-counts)). It never drops a completed record
+//! before its time to live to make room: when it is full, a new key is refused with 503
+//! [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) and a `Retry-After`
+//! (the time until its earliest entry expires, at least 1 s and at most 60 s, jittered up to
+//! half as much again so that refused clients do not return in step), and nothing runs. One
+//! scope may hold at most a share of it (a quarter by default), so one tenant cannot fill it
+//! for all. The layer checks at build time that its largest kept response fits the store
+//! ([`Store::max_record_len`]; [`ConfigError::ResponseExceedsStore`]).
+//!
+//! A store shared by replicas implements [`Store`]: atomic claim with an owner token,
 //! compare-and-set complete, renew and release, time to live on every key, and records in the
 //! [`Record`] encoding. When the store fails, the layer answers 503 (see [`FailurePolicy`]).
 //!
@@ -177,6 +189,17 @@
 //! is tried again in the background, under the owner token, until the lease would expire. A
 //! repeat meanwhile gets 409, then the replay.
 //!
+//! # Buffers in flight
+//!
+//! Each keyed request buffers its request body (up to
+//! [`max_request_body`](IdempotencyBuilder::max_request_body)) and its response (up to
+//! [`max_response_body`](IdempotencyBuilder::max_response_body)). The bytes all of them
+//! buffer at once are bounded for the whole layer by
+//! [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB by default), shared
+//! by every service the layer makes, wherever it sits in the stack. Reservations are atomic
+//! (no lock), and given back when the request completes, fails, or is dropped at any point,
+//! and when its response body is handed on or dropped.
+//!
 //! # Time in tests
 //!
 //! The layer waits (for a request in flight) with `tokio::time`; the [`MemoryStore`] reads
@@ -195,6 +218,7 @@
 //! is written under the lease in the background, and the key is never run twice.
 
 mod body;
+mod budget;
 mod fingerprint;
 pub mod future;
 mod key;

@@ -1,12 +1,16 @@
-//! [`MemoryStore`]: an in-process, sharded, bounded store.
+//! [`MemoryStore`]: an in-process, sharded store, bounded as a whole.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Ready};
 use std::hash::{BuildHasher, Hasher as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Claim, Lease, Store, StoreError, StoreErrorKind, StoreKey};
 use crate::clock::{duration_nanos, Clock};
@@ -14,29 +18,67 @@ use crate::idempotency::fingerprint::{Fingerprint, Hasher};
 use crate::idempotency::layer::ConfigError;
 use crate::idempotency::record::Record;
 
-/// What each entry costs beyond its key and record, in bytes, for the byte bound.
-const ENTRY_OVERHEAD: usize = 96;
-/// The smallest byte budget of one shard.
-const MIN_SHARD_BYTES: usize = 1024;
+/// Counters of each of the two rows of the per-scope usage table.
+const SCOPE_SLOTS: usize = 1024;
+/// Claims leave this fraction (1/16) of `max_bytes` free for the records they complete into.
+const RESERVE_DIVISOR: usize = 16;
+/// What the largest record the store promises room for leaves for its own bookkeeping.
+const RECORD_SLACK: usize = 4 << 10;
+/// How often, at most, a refused claim sweeps every shard for expired entries (100 ms).
+const RECLAIM_EVERY: u64 = 100_000_000;
+/// The default share of the store one scope may hold.
+const DEFAULT_SHARE: f64 = 0.25;
 
-/// An in-process idempotency store: sharded, bounded by entries and by bytes.
+/// An in-process idempotency store: sharded for concurrency, bounded as a whole by entries
+/// and by bytes.
 ///
-/// The key space is split over shards (64 by default); each has its own map behind a
-/// `std::sync::Mutex` held only for a map operation, never across an `.await`, and one
-/// shard's share of the bounds: `max_entries / shards` entries and `max_bytes / shards`
-/// bytes (key, encoded [`Record`] and 96 bytes of bookkeeping per entry).
+/// The key space is split over shards (64 by default), each a map behind a
+/// `std::sync::Mutex` held only for a map operation, never across an `.await`. The bounds,
+/// `max_entries` (default 100,000) and `max_bytes` (default 64 MiB), are the whole store's,
+/// kept in atomic counters, not split over the shards.
+///
+/// # What the byte bound counts
+///
+/// `max_bytes` bounds what the store really holds: every allocation it keeps alive (the key,
+/// the record, its header maps and values, its body and trailers, the slots of its maps and
+/// queues, and its fixed tables), each as the system allocator rounds it. A record's body and
+/// header values are copied into allocations of their exact size when it is stored, so a
+/// record never pins a larger buffer it was cut from. A test measures the figure against the
+/// process's resident memory. [`MemoryStoreStats::bytes`] reads it.
 ///
 /// # When full
 ///
-/// To make room for a new lease or record, the store first drops expired entries, then
-/// **evicts the oldest completed record** of the shard (oldest by completion). A live lease
-/// is never evicted: when a shard is full of live leases, `claim` fails with
-/// [`StoreErrorKind::Full`] (the layer answers 503 by default). A record larger than a
-/// shard's whole byte budget is kept as "completed, too large to replay"
-/// ([`Record::is_kept`] is `false`), so that its key never runs twice.
+/// A completed record is never dropped before its time to live to make room, nor is a live
+/// lease. When a new key does not fit, the store drops expired entries (from every shard, at
+/// most every 100 ms) and, if that is not enough, refuses the claim with
+/// [`StoreErrorKind::Full`], with [`StoreError::retry_after`] the time until its earliest
+/// entry expires. The [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) answers 503
+/// [`RejectionKind::IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a
+/// `Retry-After`, and nothing runs.
+///
+/// Claims leave a sixteenth of `max_bytes` free for the records of the leases in flight: a
+/// lease completes into that room ([`MemoryStoreStats::max_record`] is the largest record it
+/// promises room for, and the layer refuses at build time a `max_response_body` larger than
+/// that). A record that still does not fit, because many large responses complete at once
+/// into a nearly full store, is kept as "completed, too large to replay"
+/// ([`Record::is_kept`] is `false`; counted in [`MemoryStoreStats::not_kept`]), so that its
+/// key never runs twice.
 ///
 /// Expired records and leases are removed when their key is next seen, a few at a time on
 /// every claim, when room is needed, and all at once by [`MemoryStore::purge_expired`].
+///
+/// # One scope's share
+///
+/// One scope (a tenant, a principal: [`StoreKey::scope`]) may hold at most
+/// [`scope_share`](MemoryStoreBuilder::scope_share) of the entries and of the bytes (a quarter
+/// by default): past it, that scope's new keys are refused while every other scope goes on.
+/// The figures are counted in a fixed table of two rows of 1,024 counters (a count-min
+/// sketch: a scope's usage is read as the smaller of its two counters, never below the true
+/// figure), so a scope is always held to its share, and another scope is refused early only
+/// if both of its counters are shared with scopes over their share (about one chance in a
+/// million per flooding scope). The share is checked when a key is claimed; the records its
+/// leases complete into may take a scope past it. A layer whose keys all have one scope can
+/// use only that share: give such a store `scope_share(1.0)`.
 ///
 /// # Clone
 ///
@@ -52,11 +94,14 @@ const MIN_SHARD_BYTES: usize = 1024;
 ///
 /// let store = MemoryStore::builder()
 ///     .max_entries(10_000)
-///     .max_bytes(16 << 20)
+///     .max_bytes(32 << 20)
+///     .scope_share(0.1)
 ///     .build()
 ///     .expect("valid bounds");
 /// assert_eq!(store.stats().entries, 0);
 /// assert_eq!(store.stats().max_entries, 10_000);
+/// // Room for the layer's default 1 MiB responses.
+/// assert!(store.stats().max_record >= 1 << 20);
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
@@ -67,15 +112,34 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
     seed: u64,
+    scope_seed: u64,
     clock: Clock,
-    shard_entries: usize,
-    shard_bytes: usize,
     max_entries: usize,
     max_bytes: usize,
+    /// Claims are admitted while the bytes stay within this; the rest is for completions.
+    claim_bytes: usize,
+    share: f64,
+    share_entries: usize,
+    share_bytes: usize,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Per-scope usage: two rows of `SCOPE_SLOTS` counters.
+    scopes: Box<[ScopeUse]>,
     token_salt: u64,
     next_token: AtomicU64,
-    evicted: AtomicU64,
     expired: AtomicU64,
+    refused: AtomicU64,
+    not_kept: AtomicU64,
+    /// When the next sweep of every shard may run (clock nanoseconds).
+    next_reclaim: AtomicU64,
+    /// The earliest expiry the last sweep of every shard saw.
+    earliest: AtomicU64,
+}
+
+#[derive(Default)]
+struct ScopeUse {
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 /// The maps' hasher: this crate's multiply-fold hash with a random seed per store (keys come
@@ -113,7 +177,10 @@ struct Shard {
     completed: VecDeque<(Arc<[u8]>, u64)>,
     /// Leases in claim order: `(key, seq)`; stale pairs are skipped.
     leases: VecDeque<(Arc<[u8]>, u64)>,
-    bytes: usize,
+    /// The map's full capacity: the most entries its table holds before it grows.
+    full_cap: usize,
+    /// Bytes charged for the map's table and the queues' buffers.
+    tables: usize,
     seq: u64,
 }
 
@@ -121,7 +188,10 @@ struct Entry {
     seq: u64,
     expires_at: u64,
     fingerprint: Fingerprint,
+    /// Bytes charged for the key and the lease or record (the map's slot is in `tables`).
     size: usize,
+    /// The entry's counters in the per-scope table.
+    scope: [u16; 2],
     state: State,
 }
 
@@ -136,14 +206,19 @@ enum State {
 pub struct MemoryStoreStats {
     /// Leases and records held now (expired ones not yet removed included).
     pub entries: usize,
-    /// Bytes charged now.
+    /// Bytes the store holds now: its entries and tables, as allocated (see the
+    /// [type docs](MemoryStore#what-the-byte-bound-counts)).
     pub bytes: usize,
     /// The bound on entries.
     pub max_entries: usize,
     /// The bound on bytes.
     pub max_bytes: usize,
-    /// Completed records evicted before their time to make room.
-    pub evicted: u64,
+    /// The largest record, by [`Record::encoded_len`], the store promises room for.
+    pub max_record: usize,
+    /// Claims refused because the store, or the claim's scope, was full.
+    pub refused: u64,
+    /// Records kept as "completed, too large to replay" because they did not fit.
+    pub not_kept: u64,
     /// Expired entries removed.
     pub expired: u64,
 }
@@ -154,6 +229,7 @@ pub struct MemoryStoreBuilder {
     max_entries: usize,
     max_bytes: usize,
     shards: usize,
+    share: f64,
     clock: Option<Clock>,
 }
 
@@ -164,7 +240,7 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The most bytes held at once (default 64 MiB).
+    /// The most bytes held at once, all the store's allocations counted (default 64 MiB).
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
         self
@@ -173,6 +249,15 @@ impl MemoryStoreBuilder {
     /// The number of shards, a power of two from 1 to 4096 (default 64).
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = n;
+        self
+    }
+
+    /// The fraction of the entries and of the bytes one scope may hold, in `(0, 1]`
+    /// (default 0.25): a tenant that floods the store with keys is refused once it holds
+    /// its share, and the others go on. `1.0` lets one scope fill the store, as a layer
+    /// with a single scope needs.
+    pub fn scope_share(mut self, share: f64) -> Self {
+        self.share = share;
         self
     }
 
@@ -188,7 +273,8 @@ impl MemoryStoreBuilder {
     /// # Errors
     ///
     /// [`ConfigError`] when a bound is zero, the shard count is not a power of two from 1 to
-    /// 4096, or a shard's share is less than one entry or 1 KiB.
+    /// 4096, the scope share is not in `(0, 1]`, or `max_bytes` does not hold the store's
+    /// fixed tables and 64 KiB besides.
     pub fn build(self) -> Result<MemoryStore, ConfigError> {
         if self.max_entries == 0 {
             return Err(ConfigError::Zero("max_entries"));
@@ -199,45 +285,56 @@ impl MemoryStoreBuilder {
         if self.shards == 0 || self.shards > 4096 || !self.shards.is_power_of_two() {
             return Err(ConfigError::Shards);
         }
-        let shard_entries = self.max_entries / self.shards;
-        let shard_bytes = self.max_bytes / self.shards;
-        if shard_entries == 0 {
-            return Err(ConfigError::TooSmall("max_entries"));
+        if !(self.share > 0.0 && self.share <= 1.0) {
+            return Err(ConfigError::ScopeShare);
         }
-        if shard_bytes < MIN_SHARD_BYTES {
+        let fixed = alloc_size(self.shards * size_of::<Mutex<Shard>>())
+            + alloc_size(2 * SCOPE_SLOTS * size_of::<ScopeUse>())
+            + alloc_size(2 * size_of::<usize>() + size_of::<Inner>());
+        if self.max_bytes < fixed + (64 << 10) {
             return Err(ConfigError::TooSmall("max_bytes"));
         }
         let seeds = std::collections::hash_map::RandomState::new();
-        let mut h = seeds.build_hasher();
-        h.write_u8(1);
-        let seed = h.finish();
-        let mut h = seeds.build_hasher();
-        h.write_u8(2);
-        let token_salt = h.finish();
+        let seed_of = |n: u8| {
+            let mut h = seeds.build_hasher();
+            h.write_u8(n);
+            h.finish()
+        };
+        let share_of = |n: usize| ((n as f64 * self.share) as usize).max(1);
         Ok(MemoryStore {
             inner: Arc::new(Inner {
                 shards: (0..self.shards)
                     .map(|_| {
                         Mutex::new(Shard {
-                            map: HashMap::with_hasher(KeyHash(seed)),
+                            map: HashMap::with_hasher(KeyHash(seed_of(1))),
                             completed: VecDeque::new(),
                             leases: VecDeque::new(),
-                            bytes: 0,
+                            full_cap: 0,
+                            tables: 0,
                             seq: 0,
                         })
                     })
                     .collect(),
                 mask: self.shards - 1,
-                seed,
+                seed: seed_of(1),
+                scope_seed: seed_of(3),
                 clock: self.clock.unwrap_or_default(),
-                shard_entries,
-                shard_bytes,
                 max_entries: self.max_entries,
                 max_bytes: self.max_bytes,
-                token_salt,
+                claim_bytes: self.max_bytes - self.max_bytes / RESERVE_DIVISOR,
+                share: self.share,
+                share_entries: share_of(self.max_entries),
+                share_bytes: share_of(self.max_bytes),
+                entries: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(fixed),
+                scopes: (0..2 * SCOPE_SLOTS).map(|_| ScopeUse::default()).collect(),
+                token_salt: seed_of(2),
                 next_token: AtomicU64::new(1),
-                evicted: AtomicU64::new(0),
                 expired: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                not_kept: AtomicU64::new(0),
+                next_reclaim: AtomicU64::new(0),
+                earliest: AtomicU64::new(0),
             }),
         })
     }
@@ -249,13 +346,15 @@ impl Default for MemoryStoreBuilder {
             max_entries: 100_000,
             max_bytes: 64 << 20,
             shards: 64,
+            share: DEFAULT_SHARE,
             clock: None,
         }
     }
 }
 
 impl Default for MemoryStore {
-    /// A store of 100,000 entries and 64 MiB over 64 shards, on the default clock.
+    /// A store of 100,000 entries and 64 MiB over 64 shards, a quarter of it at most for one
+    /// scope, on the default clock.
     fn default() -> Self {
         MemoryStoreBuilder::default()
             .build()
@@ -264,52 +363,50 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store with the default bounds (100,000 entries, 64 MiB).
+    /// A store with the default bounds (100,000 entries, 64 MiB, a quarter for one scope).
     pub fn new() -> MemoryStore {
         MemoryStore::default()
     }
 
-    /// A builder to set bounds, shards and clock.
+    /// A builder to set bounds, shards, the scope share and the clock.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder::default()
     }
 
     /// Current figures.
     pub fn stats(&self) -> MemoryStoreStats {
-        let (mut entries, mut bytes) = (0, 0);
-        for s in self.inner.shards.iter() {
-            let s = lock(s);
-            entries += s.map.len();
-            bytes += s.bytes;
-        }
+        let i = &*self.inner;
         MemoryStoreStats {
-            entries,
-            bytes,
-            max_entries: self.inner.max_entries,
-            max_bytes: self.inner.max_bytes,
-            evicted: self.inner.evicted.load(Ordering::Relaxed),
-            expired: self.inner.expired.load(Ordering::Relaxed),
+            entries: i.entries.load(Relaxed),
+            bytes: i.bytes.load(Relaxed),
+            max_entries: i.max_entries,
+            max_bytes: i.max_bytes,
+            max_record: i.max_record(),
+            refused: i.refused.load(Relaxed),
+            not_kept: i.not_kept.load(Relaxed),
+            expired: i.expired.load(Relaxed),
         }
     }
 
     /// Removes every expired lease and record now.
     pub fn purge_expired(&self) {
-        let now = self.inner.clock.now_nanos();
-        for s in self.inner.shards.iter() {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        for s in inner.shards.iter() {
             let mut s = lock(s);
-            let before = s.map.len();
-            let mut freed = 0;
+            let (mut gone, mut freed) = (0, 0);
             s.map.retain(|_, e| {
                 let keep = e.expires_at > now;
                 if !keep {
+                    gone += 1;
                     freed += e.size;
+                    inner.scope_uncharge(e.scope, 1, e.size);
                 }
                 keep
             });
-            s.bytes -= freed;
-            let gone = before - s.map.len();
+            inner.uncharge(gone, freed);
             s.compact();
-            self.inner.expired.fetch_add(gone as u64, Ordering::Relaxed);
+            inner.expired.fetch_add(gone as u64, Relaxed);
         }
     }
 
@@ -322,7 +419,7 @@ impl MemoryStore {
     }
 
     fn token(&self) -> u128 {
-        let n = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let n = self.inner.next_token.fetch_add(1, Relaxed);
         (u128::from(self.inner.token_salt) << 64) | u128::from(n)
     }
 
@@ -333,27 +430,61 @@ impl MemoryStore {
         lease_ttl: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.inner.clock.now_nanos();
+        if let Some(c) = self.try_claim(key, fingerprint, lease_ttl, now) {
+            return Ok(c);
+        }
+        // No room: drop what has expired everywhere, then try once more.
+        self.reclaim(now);
+        if let Some(c) = self.try_claim(key, fingerprint, lease_ttl, now) {
+            return Ok(c);
+        }
+        self.inner.refused.fetch_add(1, Relaxed);
+        let earliest = self.inner.earliest.load(Relaxed);
+        let err = StoreError::new(StoreErrorKind::Full);
+        Err(if earliest > now {
+            err.with_retry_after(Duration::from_nanos(earliest - now))
+        } else {
+            err
+        })
+    }
+
+    /// The claim, or `None` when there is no room for a new key.
+    fn try_claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease_ttl: Duration,
+        now: u64,
+    ) -> Option<Claim> {
         let inner = &*self.inner;
         let enc = key.encoded();
         let mut s = self.shard(enc);
-        s.sweep(now, inner);
+        s.sweep(now, inner, 4);
         if let Some(e) = s.map.get(enc) {
             if e.expires_at > now {
                 if e.fingerprint != fingerprint {
-                    return Ok(Claim::Mismatch);
+                    return Some(Claim::Mismatch);
                 }
-                return Ok(match &e.state {
+                return Some(match &e.state {
                     State::Lease(_) => Claim::InFlight,
                     State::Done(r) => Claim::Completed(r.clone()),
                 });
             }
-            s.remove(enc);
-            inner.expired.fetch_add(1, Ordering::Relaxed);
+            s.remove(enc, inner);
+            inner.expired.fetch_add(1, Relaxed);
         }
-        let size = ENTRY_OVERHEAD + enc.len();
-        if !s.make_room(1, size, now, inner) {
-            return Err(StoreError::new(StoreErrorKind::Full));
+        // The lease is charged as the marker it may become, so completing always fits.
+        let size = key_cost(enc.len()) + marker_cost();
+        let grow = s.growth();
+        if !inner.charge(1, size + grow, inner.claim_bytes) {
+            return None;
         }
+        let scope = inner.scope_slots(key.scope());
+        if !inner.scope_charge(scope, size) {
+            inner.uncharge(1, size + grow);
+            return None;
+        }
+        s.tables += grow;
         let token = self.token();
         let k = key.encoded_arc().clone();
         s.seq += 1;
@@ -365,13 +496,37 @@ impl MemoryStore {
                 expires_at: now.saturating_add(duration_nanos(lease_ttl)),
                 fingerprint,
                 size,
+                scope,
                 state: State::Lease(token),
             },
         );
-        s.bytes += size;
+        s.full_cap = s.full_cap.max(s.map.capacity());
         s.leases.push_back((k, seq));
+        s.resync(inner);
         drop(s);
-        Ok(Claim::Claimed(Lease::new(key.clone(), token, fingerprint)))
+        Some(Claim::Claimed(Lease::new(key.clone(), token, fingerprint)))
+    }
+
+    /// Sweeps every shard for expired entries (at most every 100 ms) and notes the earliest
+    /// expiry left.
+    fn reclaim(&self, now: u64) {
+        let inner = &*self.inner;
+        let next = inner.next_reclaim.load(Relaxed);
+        if now < next
+            || inner
+                .next_reclaim
+                .compare_exchange(next, now + RECLAIM_EVERY, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let mut earliest = u64::MAX;
+        for s in inner.shards.iter() {
+            let mut s = lock(s);
+            s.sweep(now, inner, usize::MAX);
+            earliest = earliest.min(s.earliest());
+        }
+        inner.earliest.store(earliest, Relaxed);
     }
 
     fn complete_now(&self, lease: &Lease, record: Record, ttl: Duration) -> Result<(), StoreError> {
@@ -381,39 +536,41 @@ impl MemoryStore {
         let mut s = self.shard(enc);
         // A lease past its expiry is lost, as it would be in a remote store: it may already be
         // swept (or claimed again), so it must not be completed.
-        let held = matches!(
-            s.map.get(enc),
-            Some(Entry { state: State::Lease(t), expires_at, .. })
-                if *t == lease.token() && *expires_at > now
-        );
-        if !held {
-            return Err(StoreError::new(StoreErrorKind::LeaseLost));
-        }
-        let mut record = record;
-        if ENTRY_OVERHEAD + enc.len() + record.encoded_len() > inner.shard_bytes {
+        let scope = match s.map.get(enc) {
+            Some(Entry {
+                state: State::Lease(t),
+                expires_at,
+                scope,
+                ..
+            }) if *t == lease.token() && *expires_at > now => *scope,
+            _ => return Err(StoreError::new(StoreErrorKind::LeaseLost)),
+        };
+        let mut record = compact(record);
+        // The lease was charged as a marker: the record needs what it costs beyond that.
+        let mut extra = record_cost(&record).saturating_sub(marker_cost());
+        if extra > 0 && !inner.charge(0, extra, inner.max_bytes) {
             record = Record::not_kept(record.fingerprint(), record.status());
+            extra = 0;
+            inner.not_kept.fetch_add(1, Relaxed);
         }
-        let mut extra = record.encoded_len();
-        if !s.make_room(0, extra, now, inner) {
-            // Could not fit even after evicting every completed record: keep the marker.
-            record = Record::not_kept(record.fingerprint(), record.status());
-            extra = record.encoded_len();
-            if !s.make_room(0, extra, now, inner) {
-                return Err(StoreError::new(StoreErrorKind::Full));
-            }
-        }
+        inner.scope_add(scope, extra);
+        // Its place in the expiry queue; without room for it, the record is still removed
+        // when its key is next seen or by `purge_expired`.
+        let grow = queue_growth(&s.completed);
+        let queued = grow == 0 || inner.charge(0, grow, inner.max_bytes);
         s.seq += 1;
         let seq = s.seq;
-        let Some(e) = s.map.get_mut(enc) else {
-            return Err(StoreError::new(StoreErrorKind::LeaseLost));
-        };
+        let e = s.map.get_mut(enc).expect("the lease checked above");
         e.state = State::Done(Arc::new(record));
         e.size += extra;
         e.seq = seq;
         e.expires_at = now.saturating_add(duration_nanos(ttl));
-        s.bytes += extra;
-        s.completed
-            .push_back((lease.key().encoded_arc().clone(), seq));
+        if queued {
+            s.tables += grow;
+            s.completed
+                .push_back((lease.key().encoded_arc().clone(), seq));
+            s.resync(inner);
+        }
         Ok(())
     }
 
@@ -424,7 +581,7 @@ impl MemoryStore {
             s.map.get(enc),
             Some(Entry { state: State::Lease(t), .. }) if *t == lease.token()
         ) {
-            s.remove(enc);
+            s.remove(enc, &self.inner);
         }
     }
 
@@ -443,21 +600,105 @@ impl MemoryStore {
     }
 }
 
+impl Inner {
+    /// Adds `entries` and `bytes` to the store's figures if they stay within the bounds.
+    fn charge(&self, entries: usize, bytes: usize, max_bytes: usize) -> bool {
+        if entries > 0
+            && self
+                .entries
+                .fetch_update(Relaxed, Relaxed, |n| {
+                    n.checked_add(entries).filter(|&m| m <= self.max_entries)
+                })
+                .is_err()
+        {
+            return false;
+        }
+        if self
+            .bytes
+            .fetch_update(Relaxed, Relaxed, |n| {
+                n.checked_add(bytes).filter(|&m| m <= max_bytes)
+            })
+            .is_err()
+        {
+            self.entries.fetch_sub(entries, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn uncharge(&self, entries: usize, bytes: usize) {
+        self.entries.fetch_sub(entries, Relaxed);
+        self.bytes.fetch_sub(bytes, Relaxed);
+    }
+
+    fn max_record(&self) -> usize {
+        (self.max_bytes - self.claim_bytes)
+            .min(self.share_bytes)
+            .saturating_sub(RECORD_SLACK)
+    }
+
+    fn scope_slots(&self, scope: &[u8]) -> [u16; 2] {
+        let mut h = Hasher::new(self.scope_seed);
+        h.segment(scope);
+        let x = h.finish64();
+        let slot = |v: u64| (v as usize & (SCOPE_SLOTS - 1)) as u16;
+        [slot(x), slot(x >> 32)]
+    }
+
+    fn scope_use(&self, slots: [u16; 2]) -> [&ScopeUse; 2] {
+        [
+            &self.scopes[usize::from(slots[0])],
+            &self.scopes[SCOPE_SLOTS + usize::from(slots[1])],
+        ]
+    }
+
+    /// Counts a new entry of `bytes` for its scope, unless that takes the scope past its
+    /// share.
+    fn scope_charge(&self, slots: [u16; 2], bytes: usize) -> bool {
+        let [a, b] = self.scope_use(slots);
+        let entries = a
+            .entries
+            .fetch_add(1, Relaxed)
+            .min(b.entries.fetch_add(1, Relaxed));
+        let held = a
+            .bytes
+            .fetch_add(bytes, Relaxed)
+            .min(b.bytes.fetch_add(bytes, Relaxed));
+        if self.share < 1.0 && (entries >= self.share_entries || held + bytes > self.share_bytes) {
+            self.scope_uncharge(slots, 1, bytes);
+            return false;
+        }
+        true
+    }
+
+    fn scope_add(&self, slots: [u16; 2], bytes: usize) {
+        for u in self.scope_use(slots) {
+            u.bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    fn scope_uncharge(&self, slots: [u16; 2], entries: usize, bytes: usize) {
+        for u in self.scope_use(slots) {
+            u.entries.fetch_sub(entries, Relaxed);
+            u.bytes.fetch_sub(bytes, Relaxed);
+        }
+    }
+}
+
 impl Shard {
-    fn remove(&mut self, k: &[u8]) -> Option<Entry> {
+    fn remove(&mut self, k: &[u8], inner: &Inner) -> Option<Entry> {
         let e = self.map.remove(k)?;
-        self.bytes -= e.size;
+        inner.uncharge(1, e.size);
+        inner.scope_uncharge(e.scope, 1, e.size);
         Some(e)
     }
 
-    fn is_live_at(&self, k: &[u8], seq: u64) -> Option<&Entry> {
-        self.map.get(k).filter(|e| e.seq == seq)
-    }
-
-    /// Removes a few expired entries and stale queue pairs from the fronts of the queues.
-    fn sweep(&mut self, now: u64, inner: &Inner) {
+    /// Removes up to `max` expired entries, and the stale pairs before them, from the front
+    /// of each queue.
+    fn sweep(&mut self, now: u64, inner: &Inner, max: usize) {
         for q in [Queue::Completed, Queue::Leases] {
-            for _ in 0..4 {
+            let mut removed = 0;
+            while removed < max {
                 let queue = match q {
                     Queue::Completed => &self.completed,
                     Queue::Leases => &self.leases,
@@ -476,14 +717,29 @@ impl Shard {
                 };
                 let (k, _) = self.queue(q).pop_front().expect("a front pair");
                 if expired {
-                    self.remove(&k);
-                    inner.expired.fetch_add(1, Ordering::Relaxed);
+                    self.remove(&k, inner);
+                    inner.expired.fetch_add(1, Relaxed);
+                    removed += 1;
                 }
             }
         }
         if self.completed.len() + self.leases.len() > 2 * self.map.len() + 64 {
             self.compact();
         }
+    }
+
+    /// The expiry of the entry at the front of either queue that expires first.
+    fn earliest(&self) -> u64 {
+        [&self.completed, &self.leases]
+            .into_iter()
+            .filter_map(|q| {
+                q.iter()
+                    .take(8)
+                    .find_map(|(k, seq)| self.map.get(&**k).filter(|e| e.seq == *seq))
+                    .map(|e| e.expires_at)
+            })
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     fn queue(&mut self, q: Queue) -> &mut VecDeque<(Arc<[u8]>, u64)> {
@@ -501,57 +757,41 @@ impl Shard {
         self.leases.retain(live);
     }
 
-    /// Makes room for `entries` more entries and `bytes` more bytes: expired and then oldest
-    /// completed records go first, then expired leases. Never a live lease.
-    fn make_room(&mut self, entries: usize, bytes: usize, now: u64, inner: &Inner) -> bool {
-        loop {
-            if self.map.len() + entries <= inner.shard_entries
-                && self.bytes + bytes <= inner.shard_bytes
-            {
-                return true;
+    /// What the map's table and the queues' buffers take, as allocated.
+    fn table_bytes(&self) -> usize {
+        map_table_bytes(self.full_cap)
+            + queue_bytes(self.completed.capacity())
+            + queue_bytes(self.leases.capacity())
+    }
+
+    /// What one more entry in the map and one more pair in the lease queue would add to
+    /// [`Shard::table_bytes`].
+    fn growth(&self) -> usize {
+        let map = if self.map.len() < self.map.capacity() {
+            0
+        } else {
+            // hashbrown: rehash in place when half the table is tombstones, else grow.
+            let items = self.map.len() + 1;
+            if items <= self.full_cap / 2 {
+                0
+            } else {
+                let cap = items.max(self.full_cap + 1);
+                map_table_bytes(buckets_capacity(capacity_buckets(cap)))
+                    .saturating_sub(map_table_bytes(self.full_cap))
             }
-            if let Some((k, seq)) = self.completed.pop_front() {
-                if let Some(e) = self.is_live_at(&k, seq) {
-                    let expired = e.expires_at <= now;
-                    self.remove(&k);
-                    let counter = if expired {
-                        &inner.expired
-                    } else {
-                        &inner.evicted
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                continue;
-            }
-            let Some((k, seq)) = self.leases.pop_front() else {
-                return false;
-            };
-            match self.is_live_at(&k, seq) {
-                None => continue,
-                Some(e) if e.expires_at <= now => {
-                    self.remove(&k);
-                    inner.expired.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(_) => {
-                    // Leases expire roughly in claim order: look for an expired one further
-                    // on before giving up.
-                    let found = self.leases.iter().position(|(k2, s2)| {
-                        self.map
-                            .get(&**k2)
-                            .is_some_and(|e| e.seq == *s2 && e.expires_at <= now)
-                    });
-                    self.leases.push_front((k, seq));
-                    match found {
-                        Some(i) => {
-                            let (k2, _) = self.leases.remove(i + 1).expect("index in range");
-                            self.remove(&k2);
-                            inner.expired.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => return false,
-                    }
-                }
-            }
+        };
+        map + queue_growth(&self.leases)
+    }
+
+    /// Brings the charge for the tables to what they take now.
+    fn resync(&mut self, inner: &Inner) {
+        let now = self.table_bytes();
+        if now > self.tables {
+            inner.bytes.fetch_add(now - self.tables, Relaxed);
+        } else {
+            inner.bytes.fetch_sub(self.tables - now, Relaxed);
         }
+        self.tables = now;
     }
 }
 
@@ -565,6 +805,138 @@ fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard leaves its map consistent (every update is a single
     // insert or remove), so a poisoned lock is used as it is.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// What allocations cost. The figures follow the system allocator (glibc's malloc: 8 bytes
+// of header, 16-byte granules, 32 bytes at least; pages for large blocks), hashbrown's
+// tables (a control byte per bucket and a group of 16 more) and `http`'s header maps.
+
+/// The bytes an allocation of `n` takes.
+fn alloc_size(n: usize) -> usize {
+    match n {
+        0 => 0,
+        n if n >= 128 << 10 => (n + 16 + 4095) & !4095,
+        n => ((n + 8 + 15) & !15).max(32),
+    }
+}
+
+/// A key: an `Arc<[u8]>` of its encoding.
+fn key_cost(len: usize) -> usize {
+    alloc_size(2 * size_of::<usize>() + len)
+}
+
+/// A record with no headers and no body: its `Arc` alone.
+fn marker_cost() -> usize {
+    alloc_size(2 * size_of::<usize>() + size_of::<Record>())
+}
+
+fn record_cost(r: &Record) -> usize {
+    marker_cost()
+        + alloc_size(r.body().len())
+        + header_map_cost(r.headers())
+        + r.trailers().map_or(0, header_map_cost)
+}
+
+/// A header map built by [`compact_headers`]: its index and entry tables sized for its
+/// names, its extra values, and each name and value in an allocation of its own.
+fn header_map_cost(m: &HeaderMap) -> usize {
+    let names = m.keys_len();
+    if names == 0 {
+        return 0;
+    }
+    // `HeaderMap::with_capacity`: a power of two of 4-byte indices, 3/4 of it in entries
+    // (hash, links, name, value).
+    let raw = (names + names / 3).next_power_of_two();
+    let bucket = 4 * size_of::<usize>() + size_of::<HeaderName>() + size_of::<HeaderValue>();
+    let extra_value = 4 * size_of::<usize>() + size_of::<HeaderValue>();
+    let extras = m.len() - names;
+    let extra_cap = if extras == 0 {
+        0
+    } else {
+        extras.next_power_of_two().max(4)
+    };
+    let strings: usize = m
+        .keys()
+        .map(|n| alloc_size(n.as_str().len()))
+        .sum::<usize>()
+        + m.values().map(|v| alloc_size(v.len())).sum::<usize>();
+    alloc_size(4 * raw)
+        + alloc_size(bucket * (raw - raw / 4))
+        + alloc_size(extra_value * extra_cap)
+        + strings
+}
+
+/// A record in allocations of its own, of their exact size: the body and header values are
+/// copied, so a stored record pins no larger buffer it was cut from.
+fn compact(r: Record) -> Record {
+    if !r.is_kept() {
+        return Record::not_kept(r.fingerprint(), r.status());
+    }
+    Record::response(
+        r.fingerprint(),
+        r.status(),
+        compact_headers(r.headers()),
+        Bytes::copy_from_slice(r.body()),
+        r.trailers().map(compact_headers),
+    )
+}
+
+fn compact_headers(m: &HeaderMap) -> HeaderMap {
+    if m.is_empty() {
+        return HeaderMap::new();
+    }
+    let mut out = HeaderMap::with_capacity(m.keys_len());
+    for (name, value) in m {
+        let name =
+            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+        let mut v = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        v.set_sensitive(value.is_sensitive());
+        out.append(name, v);
+    }
+    out
+}
+
+/// The slot of a shard's map: key and entry.
+const SLOT: usize = size_of::<(Arc<[u8]>, Entry)>();
+
+/// hashbrown's table for a full capacity `cap`: its buckets and their control bytes.
+fn map_table_bytes(cap: usize) -> usize {
+    if cap == 0 {
+        return 0;
+    }
+    let buckets = if cap < 8 { cap + 1 } else { cap / 7 * 8 };
+    alloc_size(buckets * (SLOT + 1) + 16)
+}
+
+/// hashbrown's bucket count for a capacity.
+fn capacity_buckets(cap: usize) -> usize {
+    match cap {
+        0..4 => 4,
+        4..8 => 8,
+        _ => (cap * 8 / 7).next_power_of_two(),
+    }
+}
+
+/// hashbrown's full capacity of a table of `buckets`.
+fn buckets_capacity(buckets: usize) -> usize {
+    if buckets < 8 {
+        buckets - 1
+    } else {
+        buckets / 8 * 7
+    }
+}
+
+fn queue_bytes(cap: usize) -> usize {
+    alloc_size(cap * size_of::<(Arc<[u8]>, u64)>())
+}
+
+/// What one more push would add to a queue's buffer.
+fn queue_growth(q: &VecDeque<(Arc<[u8]>, u64)>) -> usize {
+    if q.len() < q.capacity() {
+        0
+    } else {
+        queue_bytes((2 * q.capacity()).max(4)) - queue_bytes(q.capacity())
+    }
 }
 
 impl Store for MemoryStore {
@@ -626,6 +998,10 @@ impl Store for MemoryStore {
             tracing::warn!(error = %e, "idempotency record not written; the lease will expire");
         }
     }
+
+    fn max_record_len(&self) -> Option<usize> {
+        Some(self.inner.max_record())
+    }
 }
 
 impl fmt::Debug for MemoryStore {
@@ -634,6 +1010,7 @@ impl fmt::Debug for MemoryStore {
             .field("shards", &self.inner.shards.len())
             .field("max_entries", &self.inner.max_entries)
             .field("max_bytes", &self.inner.max_bytes)
+            .field("scope_share", &self.inner.share)
             .field("clock", &self.inner.clock)
             .finish_non_exhaustive()
     }

@@ -197,7 +197,9 @@ pub enum StoreErrorKind {
     Unavailable,
     /// The operation took longer than its time limit.
     Timeout,
-    /// The store is full of live leases and cannot take another.
+    /// The store has no room for another key: it is full of live leases and records, or
+    /// the key's scope holds its share. [`StoreError::retry_after`] may say when room is
+    /// expected.
     Full,
     /// The lease is no longer ours: it expired and another request claimed the key.
     LeaseLost,
@@ -209,12 +211,17 @@ pub enum StoreErrorKind {
 pub struct StoreError {
     kind: StoreErrorKind,
     source: Option<BoxError>,
+    retry_after: Option<Duration>,
 }
 
 impl StoreError {
     /// An error of `kind`.
     pub fn new(kind: StoreErrorKind) -> StoreError {
-        StoreError { kind, source: None }
+        StoreError {
+            kind,
+            source: None,
+            retry_after: None,
+        }
     }
 
     /// An error of `kind` caused by `source`.
@@ -222,7 +229,20 @@ impl StoreError {
         StoreError {
             kind,
             source: Some(source.into()),
+            retry_after: None,
         }
+    }
+
+    /// The same error with a hint of when to try again: for [`StoreErrorKind::Full`], the
+    /// time until the store expects room (its earliest entry's expiry).
+    pub fn with_retry_after(mut self, after: Duration) -> StoreError {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// When the store expects the operation to succeed again, if it knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// What went wrong.
@@ -236,6 +256,7 @@ impl fmt::Debug for StoreError {
         f.debug_struct("StoreError")
             .field("kind", &self.kind)
             .field("source", &self.source.as_ref().map(|e| e.to_string()))
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -245,7 +266,7 @@ impl fmt::Display for StoreError {
         let what = match self.kind {
             StoreErrorKind::Unavailable => "idempotency store unavailable",
             StoreErrorKind::Timeout => "idempotency store timed out",
-            StoreErrorKind::Full => "idempotency store full of leases in flight",
+            StoreErrorKind::Full => "idempotency store full",
             StoreErrorKind::LeaseLost => "idempotency lease lost to another owner",
             StoreErrorKind::Corrupt => "idempotency record corrupt",
         };
@@ -339,6 +360,13 @@ pub trait Store: Clone + Send + Sync + 'static {
         retry_detached("write of an idempotent response", until, move || {
             store.complete(&lease, record.clone(), ttl)
         });
+    }
+
+    /// The largest record, by [`Record::encoded_len`], the store promises room for, if it
+    /// bounds records (default `None`: no bound). The layer refuses at build time a
+    /// `max_response_body` that would not fit.
+    fn max_record_len(&self) -> Option<usize> {
+        None
     }
 
     /// Gives `lease` up from a place that cannot wait: a `Drop`. The default spawns
