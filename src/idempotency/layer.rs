@@ -7,8 +7,8 @@ use bytes::Bytes;
 use http::{request::Parts, HeaderName, Method};
 use tower_layer::Layer;
 
-use super::scope::Scope;
 use super::budget::BufferBudget;
+use super::scope::Scope;
 use super::service::Idempotency;
 use super::store::Store;
 use crate::clock::duration_nanos;
