@@ -91,9 +91,8 @@ impl App {
                     app.gate.acquire().await.unwrap().forget();
                 }
                 let body = req.into_body().collect().await?.to_bytes();
-                let big: Option<usize> = h
-                    .get("x-big")
-                    .map(|v| v.to_str().unwrap().parse().unwrap());
+                let big: Option<usize> =
+                    h.get("x-big").map(|v| v.to_str().unwrap().parse().unwrap());
                 let mut res = Response::builder()
                     .status(201)
                     .header("content-type", "application/json")
@@ -107,17 +106,18 @@ impl App {
                     ))
                 } else if h.contains_key("x-grpc-fail") {
                     res = res.status(200).header("content-type", "application/grpc");
-                    let frames = futures_util::stream::iter([
-                        Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![
+                    let frames =
+                        futures_util::stream::iter([
+                            Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![
                             0u8;
                             big.unwrap_or(5)
                         ]))),
-                        Ok(http_body::Frame::trailers({
-                            let mut t = HeaderMap::new();
-                            t.insert("grpc-status", HeaderValue::from_static("14"));
-                            t
-                        })),
-                    ]);
+                            Ok(http_body::Frame::trailers({
+                                let mut t = HeaderMap::new();
+                                t.insert("grpc-status", HeaderValue::from_static("14"));
+                                t
+                            })),
+                        ]);
                     Body::new(http_body_util::StreamBody::new(frames))
                 } else if h.contains_key("x-body-error") {
                     let frames = futures_util::stream::iter([
@@ -373,7 +373,10 @@ async fn readme_stack_never_replays_one_api_key_callers_response_to_another() {
     let svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
         .layer(tower_bulwark::RateLimitLayer::keyed(
-            tower_bulwark::Quota::per_second(100).unwrap().burst(200).unwrap(),
+            tower_bulwark::Quota::per_second(100)
+                .unwrap()
+                .burst(200)
+                .unwrap(),
             tower_bulwark::rate_limit::key::Header::new("x-api-key"),
         ))
         .layer(IdempotencyLayer::new(store()))
@@ -622,8 +625,14 @@ async fn held_authorization_variants_never_share_a_scope() {
             vec![("authorization", b"Bearer  x")],
         ),
         (vec![("authorization", b"")], vec![]),
-        (vec![("authorization", b"x")], vec![("proxy-authorization", b"x")]),
-        (vec![("authorization", b"x")], vec![("x-authorization", b"x")]),
+        (
+            vec![("authorization", b"x")],
+            vec![("proxy-authorization", b"x")],
+        ),
+        (
+            vec![("authorization", b"x")],
+            vec![("x-authorization", b"x")],
+        ),
         (
             vec![("authorization", b"caf\xe9")],
             vec![("authorization", b"caf\xc3\xa9")],
@@ -656,7 +665,10 @@ async fn held_stranger_sees_a_fresh_key() {
         .unwrap();
     let owner = tokio::spawn(svc.clone().oneshot(owner));
     tokio::task::yield_now().await;
-    for (who, body) in [("Bearer stranger", "{}"), ("Bearer stranger-b", "{\"other\":1}")] {
+    for (who, body) in [
+        ("Bearer stranger", "{}"),
+        ("Bearer stranger-b", "{\"other\":1}"),
+    ] {
         let r = post("k")
             .header("authorization", who)
             .body(Body::from(body))
@@ -743,7 +755,11 @@ async fn held_fingerprint() {
             .body(Body::from(body))
             .unwrap();
         let res = svc.clone().oneshot(r).await.unwrap();
-        assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY, "{m} {uri} {body:?}");
+        assert_eq!(
+            res.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{m} {uri} {body:?}"
+        );
     }
     let chunks = futures_util::stream::iter(
         ["{\"", "q\"", ":1", "}"].map(|s| Ok::<_, BoxError>(Bytes::from_static(s.as_bytes()))),
