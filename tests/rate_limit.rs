@@ -484,3 +484,41 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     assert_eq!(calls.0.load(Ordering::SeqCst), 3);
 }
+
+/// A refusal does not wait on the inner service's readiness (tower's `LoadShed` pattern):
+/// with the service below not ready, `poll_ready` is ready at once, a request over the limit
+/// is refused at once, and an admitted one waits for the inner readiness in its future.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_does_not_wait_on_the_inner_readiness() {
+    use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
+    use tower_test::{assert_request_eq, mock};
+
+    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap()).clock(Clock::tokio());
+    let handle = layer.handle();
+    let (mut svc, mut mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    mock.allow(0);
+
+    assert_ready_ok!(svc.poll_ready(), "not held back by the inner readiness");
+    let mut admitted = task::spawn(svc.call(1));
+    assert_pending!(admitted.poll());
+    assert_ready_ok!(svc.poll_ready());
+    let err = assert_ready_err!(task::spawn(svc.call(2)).poll());
+    assert!(retry_after(&err) > Duration::ZERO);
+    assert_eq!(handle.rejected(), 1);
+
+    // The admitted request goes on once the inner service is ready.
+    mock.allow(1);
+    assert_pending!(admitted.poll());
+    assert_request_eq!(mock, 1).send_response(10);
+    assert_eq!(assert_ready_ok!(admitted.poll()), 10);
+
+    // One dropped while it waits for the inner readiness gives its turn back.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(handle.remaining(), 1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut waiting = task::spawn(svc.call(3));
+    assert_pending!(waiting.poll());
+    assert_eq!(handle.remaining(), 0);
+    drop(waiting);
+    assert_eq!(handle.remaining(), 1);
+}

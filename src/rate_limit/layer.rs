@@ -258,6 +258,7 @@ impl<S, K: Clone, H: Clone> Layer<S> for RateLimitLayer<K, H> {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             max_wait_ns: self.max_wait_ns,

@@ -14,16 +14,27 @@ use crate::rejection::Rejection;
 
 /// Applies a rate limit to requests; made by [`RateLimitLayer`](super::RateLimitLayer).
 ///
-/// `poll_ready` is the inner service's: the limit is checked in `call`, which reads the clock
-/// once and does one compare-and-swap. A request over the limit gets a
-/// [`Rejection`](crate::Rejection) of kind `RateLimited` (or waits its turn, with
-/// [`wait_up_to`](super::RateLimitLayer::wait_up_to)).
+/// The limit is checked in `call`, which reads the clock once and does one compare-and-swap.
+/// A request over the limit gets a [`Rejection`](crate::Rejection) of kind `RateLimited` (or
+/// waits its turn, with [`wait_up_to`](super::RateLimitLayer::wait_up_to)).
+///
+/// # Readiness
+///
+/// A refusal never waits on the inner service's readiness (tower's `LoadShed` pattern):
+/// `poll_ready` polls the inner service, remembers whether it is ready, and is ready itself
+/// at once (only an inner error is passed on). In `call`, a request over the limit is refused
+/// at once, whatever the inner readiness; an admitted request is called at once when the inner
+/// service was ready, and otherwise waits for its readiness in the response future, with the
+/// inner service moved there (a clone stays in place). Such a request that is dropped before
+/// the inner service is ready gives its turn back, as a waiter does.
 ///
 /// # Clone
 ///
 /// Clones share the limit. A clone starts unreserved, as the tower contract asks.
 pub struct RateLimit<S, K = Global, H = NoHeaders> {
     pub(crate) inner: S,
+    // Whether the inner service's last `poll_ready` was ready (a reservation to consume).
+    pub(crate) is_ready: bool,
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: K,
     pub(crate) max_wait_ns: u64,
@@ -34,6 +45,7 @@ impl<S: Clone, K: Clone, H: Clone> Clone for RateLimit<S, K, H> {
     fn clone(&self) -> Self {
         RateLimit {
             inner: self.inner.clone(),
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             max_wait_ns: self.max_wait_ns,
@@ -65,7 +77,13 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        // Never wait here: a refusal must not wait on the inner readiness.
+        self.is_ready = match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => false,
+        };
+        Poll::Ready(Ok(()))
     }
 
     #[inline]
@@ -85,7 +103,8 @@ where
             }
         };
         match step {
-            Step::Admit { wait_ns: 0, .. } => {
+            Step::Admit { wait_ns: 0, .. } if self.is_ready => {
+                self.is_ready = false;
                 let slot = if H::ENABLED {
                     H::keep(shared.info(tat, now))
                 } else {
@@ -100,7 +119,9 @@ where
 }
 
 impl<S, K, H> RateLimit<S, K, H> {
-    /// A turn reserved ahead: wait for it with the ready service, leaving a clone.
+    /// A turn reserved ahead, or an admitted request whose inner service is not ready yet:
+    /// wait for the turn and the readiness in the response future, with the service that
+    /// `poll_ready` polled, leaving a clone.
     #[cold]
     #[inline(never)]
     fn wait_for_turn<Req>(
@@ -118,19 +139,24 @@ impl<S, K, H> RateLimit<S, K, H> {
         let shared = &*self.shared;
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
+        self.is_ready = false;
         let slot = if H::ENABLED {
             H::keep(shared.info(tat, now))
         } else {
             H::Slot::default()
         };
-        tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
+        tracing::trace!(
+            wait_ns,
+            "rate limit: waiting for a reserved turn or readiness"
+        );
         let refund = Refund {
             shared: Some(self.shared.clone()),
             hash,
             new_tat: tat,
             interval: shared.params().0,
         };
-        ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot, refund)
+        let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
+        ResponseFuture::waiting(wait, ready, req, slot, refund)
     }
 
     /// Over the limit: a rejection with the time to the next token.

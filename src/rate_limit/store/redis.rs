@@ -702,6 +702,7 @@ impl<S, K: Clone, H: Clone> Layer<S> for RedisRateLimitLayer<K, H> {
     fn layer(&self, inner: S) -> Self::Service {
         RedisRateLimit {
             inner,
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             headers: self.headers.clone(),
@@ -711,16 +712,25 @@ impl<S, K: Clone, H: Clone> Layer<S> for RedisRateLimitLayer<K, H> {
 
 /// Applies a Redis-backed rate limit; made by [`RedisRateLimitLayer`].
 ///
-/// `poll_ready` is the inner service's. `call` derives the Redis key and starts the check;
-/// the response future runs it (one round trip) and then calls the inner service that
-/// `poll_ready` made ready, or refuses the request.
+/// `call` derives the Redis key and starts the check; the response future runs it (one round
+/// trip) and then calls the inner service, or refuses the request.
+///
+/// # Readiness
+///
+/// A refusal never waits on the inner service's readiness (tower's `LoadShed` pattern):
+/// `poll_ready` polls the inner service, remembers whether it is ready, and is ready itself
+/// at once (only an inner error is passed on). The response future refuses a request over the
+/// limit as soon as Redis answers, whatever the inner readiness; an admitted request whose
+/// inner service was not ready waits for that readiness, then is called.
 ///
 /// # Clone
 ///
 /// Clones share the layer's state. A clone starts unreserved, as the tower contract asks:
-/// `call` moves the ready inner service into the response future and leaves a clone.
+/// `call` moves the inner service (ready or not) into the response future and leaves a clone.
 pub struct RedisRateLimit<S, K = Global, H = NoHeaders> {
     inner: S,
+    // Whether the inner service's last `poll_ready` was ready (a reservation to consume).
+    is_ready: bool,
     shared: Arc<RedisShared>,
     key: K,
     headers: H,
@@ -730,6 +740,7 @@ impl<S: Clone, K: Clone, H: Clone> Clone for RedisRateLimit<S, K, H> {
     fn clone(&self) -> Self {
         RedisRateLimit {
             inner: self.inner.clone(),
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             headers: self.headers.clone(),
@@ -759,10 +770,17 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        // Never wait here: a refusal must not wait on the inner readiness.
+        self.is_ready = match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => false,
+        };
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let ready = std::mem::take(&mut self.is_ready);
         let shared = &*self.shared;
         let key = self.key.key(&req);
         let local_hash = shared.local_hash(&key);
@@ -774,8 +792,16 @@ where
         let (check, interval) = shared.check(rkey);
         let kept = kept_key.map(|key| (key, interval));
         let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        RedisResponseFuture::new(check, ready, req, self.shared.clone(), local_hash, kept)
+        let svc = std::mem::replace(&mut self.inner, clone);
+        RedisResponseFuture::new(
+            check,
+            svc,
+            ready,
+            req,
+            self.shared.clone(),
+            local_hash,
+            kept,
+        )
     }
 }
 
