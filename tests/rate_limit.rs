@@ -73,15 +73,17 @@ async fn burst_at_once_then_one_per_period() {
     for period in 1..=10 {
         let err = check(&mut svc, ()).unwrap_err();
         let wait = retry_after(&err);
-        // The retry_after is exact: one nanosecond before it, still refused...
-        tokio::time::advance(wait - Duration::from_nanos(1)).await;
+        // The retry_after is exact, and a request conforms up to 10 µs early (a clock read
+        // a little behind on another core): one nanosecond before that, still refused...
+        let slack = Duration::from_micros(10);
+        tokio::time::advance(wait - slack - Duration::from_nanos(1)).await;
         let err = check(&mut svc, ()).unwrap_err();
         assert_eq!(
             retry_after(&err),
-            Duration::from_nanos(1),
+            slack + Duration::from_nanos(1),
             "period {period}"
         );
-        // ...and at it, admitted, once.
+        // ...and from there, admitted, once.
         tokio::time::advance(Duration::from_nanos(1)).await;
         assert!(check(&mut svc, ()).is_ok(), "period {period}");
         assert!(check(&mut svc, ()).is_err(), "period {period}");
@@ -521,4 +523,34 @@ async fn a_refusal_does_not_wait_on_the_inner_readiness() {
     assert_eq!(handle.remaining(), 0);
     drop(waiting);
     assert_eq!(handle.remaining(), 1);
+}
+
+/// A client that sends at exactly the quota's rate is always admitted, even when the clock
+/// reads a few microseconds behind at the rate edge (a time-stamp counter read on another
+/// core): a glitch of microseconds must not cost a client a `Retry-After` of a second.
+#[test]
+fn a_clock_a_few_microseconds_behind_at_the_rate_edge_admits() {
+    let (clock, hand) = Clock::manual();
+    let layer = RateLimitLayer::new(Quota::per_second(100).unwrap().burst(1).unwrap()).clock(clock);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    const MS: u64 = 1_000_000;
+    hand.set_nanos(1_000 * MS);
+    assert!(check(&mut svc, ()).is_ok());
+    for k in 1..=100u64 {
+        // Request k is due at 1 s + 10k ms: read 1.5 µs late, then 3 µs early (4.5 µs behind
+        // the edge the previous request set).
+        let due = (1_000 + 10 * k) * MS;
+        let read = if k % 2 == 0 { due + 1_500 } else { due - 3_000 };
+        hand.set_nanos(read);
+        if let Err(e) = check(&mut svc, ()) {
+            panic!(
+                "request {k} read at {read} ns refused: retry_after {:?}",
+                retry_after(&e)
+            );
+        }
+    }
+    // Still a limit: one more at the last instant is refused.
+    assert!(check(&mut svc, ()).is_err());
+    assert_eq!(handle.rejected(), 1);
 }

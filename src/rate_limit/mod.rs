@@ -18,6 +18,11 @@
 //! key): a key whose time is in the past is the same as an absent key, so its slot is reused
 //! at once and memory stays bounded under millions of distinct keys, with no sweeper.
 //!
+//! A request up to 10 µs early (and less than one interval) conforms: a clock read on another
+//! core can be a microsecond or two behind, and a client sending at exactly the quota's rate
+//! must not be refused for it (with a `Retry-After` of a second). This admits, over any span,
+//! less than one request more than the quota, and exactly the burst at one instant.
+//!
 //! - tower's `RateLimit` counts requests in fixed windows, waits in `poll_ready`, and keeps its
 //!   state per service *clone*: under Axum, which clones the service per request and layers
 //!   each route separately, it limits nothing. Here the state lives in the layer.
