@@ -174,8 +174,10 @@ impl<K, H> RateLimitLayer<K, H> {
     }
 
     /// Bounds the number of keys tracked (rounded up to a power of two; between 8 and 2^26).
-    /// Memory is 16 bytes a key, fixed when the layer is built. Has no effect on a global
-    /// limiter.
+    /// Up to this many live keys are tracked without eviction (see the
+    /// [module docs](super)); beyond it, the key closest to whole is evicted and counted
+    /// ([`RateLimitHandle::evictions`]). Memory is 32 bytes a key (twice as many slots),
+    /// fixed when the layer is built. Has no effect on a global limiter.
     ///
     /// Configure the layer before taking its [`handle`](Self::handle): this starts a fresh
     /// limit.
@@ -361,12 +363,15 @@ impl RateLimitHandle {
             .map_or(0, |t| t.live_entries(now))
     }
 
-    /// The most keys the table can hold (0 for a global limiter).
+    /// The keys the table tracks without eviction: `max_keys`, rounded up to a power of two
+    /// (0 for a global limiter).
     pub fn max_keys(&self) -> usize {
-        self.shared.table.as_ref().map_or(0, Table::capacity)
+        self.shared.table.as_ref().map_or(0, Table::max_keys)
     }
 
-    /// Keys evicted while their state was still ahead because their group was full.
+    /// Keys evicted while their state was still ahead, because every slot a new key could
+    /// take held a live key (in practice: more than `max_keys` live keys). An evicted key
+    /// starts afresh on its next request.
     pub fn evictions(&self) -> u64 {
         self.shared.table.as_ref().map_or(0, Table::evictions)
     }

@@ -14,9 +14,16 @@
 //! The generic cell rate algorithm is a token bucket kept as one number (the time at which the
 //! bucket would be full again), so one admit is one clock read and one compare-and-swap on one
 //! `AtomicU64`: no lock, no allocation, no refill task. The per-key limiter keeps these numbers
-//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitLayer::max_keys), 16 bytes a
+//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitLayer::max_keys), 32 bytes a
 //! key): a key whose time is in the past is the same as an absent key, so its slot is reused
 //! at once and memory stays bounded under millions of distinct keys, with no sweeper.
+//!
+//! `max_keys` is how many keys are tracked: the table has twice as many slots, and a key
+//! whose time is still ahead (a *live* key) is evicted only when every slot a new key could
+//! take holds a live key: in practice only beyond `max_keys` live keys (none are evicted in
+//! the tests at 25, 50, 75 and 100% of it). Then the live key closest to whole is evicted (it
+//! starts afresh, so it may get at most one burst more than its limit), and
+//! [`RateLimitHandle::evictions`] counts it.
 //!
 //! A request up to 10 µs early (and less than one interval) conforms: a clock read on another
 //! core can be a microsecond or two behind, and a client sending at exactly the quota's rate
