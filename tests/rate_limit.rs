@@ -11,7 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::clock::Clock;
-use tower_bulwark::rate_limit::{key, QuotaError};
+use tower_bulwark::rate_limit::{key, QuotaError, RateLimitConfig};
 use tower_bulwark::{Quota, RateLimitLayer, Rejection, RejectionKind, RejectionLayer};
 
 /// A ready service that counts its calls.
@@ -59,7 +59,9 @@ async fn burst_at_once_then_one_per_period() {
     let quota = Quota::per_second(10).unwrap().burst(5).unwrap();
     let calls = Counting::default();
     let mut svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(quota).clock(Clock::tokio()))
+        .layer(RateLimitLayer::new(
+            RateLimitConfig::new(quota).clock(Clock::tokio()),
+        ))
         .service(calls.clone());
     let admitted = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
     assert_eq!(admitted, 5, "exactly the burst at once");
@@ -94,8 +96,9 @@ async fn burst_at_once_then_one_per_period() {
 #[test]
 fn two_threads_frozen_clock_admit_exactly_the_burst() {
     let (clock, _hand) = Clock::manual();
-    let layer =
-        RateLimitLayer::new(Quota::per_second(1000).unwrap().burst(777).unwrap()).clock(clock);
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(1000).unwrap().burst(777).unwrap()).clock(clock),
+    );
     let admitted = Arc::new(AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..2 {
@@ -118,7 +121,7 @@ fn two_threads_frozen_clock_admit_exactly_the_burst() {
 fn two_threads_stepping_clock_admit_what_the_quota_allows() {
     let quota = Quota::per_second(1000).unwrap().burst(50).unwrap(); // one token per ms
     let (clock, hand) = Clock::manual();
-    let layer = RateLimitLayer::new(quota).clock(clock);
+    let layer = RateLimitLayer::new(RateLimitConfig::new(quota).clock(clock));
     let admitted = Arc::new(AtomicU64::new(0));
     let ticks = 99;
     std::thread::scope(|s| {
@@ -146,7 +149,10 @@ fn two_threads_stepping_clock_admit_what_the_quota_allows() {
 #[test]
 fn two_threads_one_key_frozen_clock() {
     let (clock, _hand) = Clock::manual();
-    let layer = RateLimitLayer::keyed(Quota::per_minute(100).unwrap(), |k: &u64| *k).clock(clock);
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_minute(100).unwrap()).clock(clock),
+        |k: &u64| *k,
+    );
     let admitted = Arc::new(AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..2 {
@@ -168,9 +174,12 @@ fn two_threads_one_key_frozen_clock() {
 #[test]
 fn a_million_keys_stay_within_the_bound() {
     let (clock, hand) = Clock::manual();
-    let layer = RateLimitLayer::keyed(Quota::per_second(1).unwrap(), |k: &u64| *k)
-        .max_keys(4096)
-        .clock(clock);
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(1).unwrap())
+            .clock(clock)
+            .max_keys(4096),
+        |k: &u64| *k,
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     for k in 0..1_000_000u64 {
@@ -195,8 +204,10 @@ fn a_million_keys_stay_within_the_bound() {
 #[test]
 fn keyed_limits_are_independent_and_odd_keys_work() {
     let (clock, _hand) = Clock::manual();
-    let layer =
-        RateLimitLayer::keyed(Quota::per_second(2).unwrap(), |k: &String| k.clone()).clock(clock);
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(2).unwrap()).clock(clock),
+        |k: &String| k.clone(),
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     let long = "k".repeat(1 << 20);
@@ -213,7 +224,8 @@ fn keyed_limits_are_independent_and_odd_keys_work() {
 fn clock_jumping_back_neither_panics_nor_over_admits() {
     let (clock, hand) = Clock::manual();
     hand.set_nanos(10_000_000_000);
-    let layer = RateLimitLayer::new(Quota::per_second(10).unwrap()).clock(clock);
+    let layer =
+        RateLimitLayer::new(RateLimitConfig::new(Quota::per_second(10).unwrap()).clock(clock));
     let mut svc = layer.layer(Counting::default());
     let first = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
     assert_eq!(first, 10);
@@ -242,7 +254,9 @@ fn invalid_quotas_are_refused_at_construction() {
 
 #[tokio::test(start_paused = true)]
 async fn handle_changes_the_quota_at_run_time() {
-    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap()).clock(Clock::tokio());
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(Clock::tokio()),
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     assert!(check(&mut svc, ()).is_ok());
@@ -259,8 +273,7 @@ async fn clients_wait_up_to_a_bound_in_order() {
     let calls = Counting::default();
     let svc = ServiceBuilder::new()
         .layer(
-            RateLimitLayer::new(quota)
-                .clock(Clock::tokio())
+            RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))
                 .wait_up_to(Duration::from_millis(250)),
         )
         .service(calls.clone());
@@ -298,8 +311,7 @@ async fn a_waiter_dropped_never_reaches_the_service() {
     let calls = Counting::default();
     let mut svc = ServiceBuilder::new()
         .layer(
-            RateLimitLayer::new(quota)
-                .clock(Clock::tokio())
+            RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))
                 .wait_up_to(Duration::from_secs(5)),
         )
         .service(calls.clone());
@@ -341,7 +353,9 @@ fn app(
 #[tokio::test(start_paused = true)]
 async fn axum_answers_429_with_headers_and_shares_one_limit_across_routes() {
     let hits = Arc::new(AtomicU64::new(0));
-    let layer = RateLimitLayer::new(Quota::per_minute(3).unwrap()).clock(Clock::tokio());
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_minute(3).unwrap()).clock(Clock::tokio()),
+    );
     let app = app(layer, hits.clone());
     let req = |p: &str| Request::get(p).body(Body::empty()).unwrap();
     // Three requests over two routes spend one limit.
@@ -371,9 +385,11 @@ async fn axum_answers_429_with_headers_and_shares_one_limit_across_routes() {
 #[tokio::test(start_paused = true)]
 async fn axum_keyed_by_header_with_success_headers() {
     let hits = Arc::new(AtomicU64::new(0));
-    let layer = RateLimitLayer::keyed(Quota::per_second(2).unwrap(), key::Header::new("x-api-key"))
-        .clock(Clock::tokio())
-        .response_headers();
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(2).unwrap()).clock(Clock::tokio()),
+        key::Header::new("x-api-key"),
+    )
+    .response_headers();
     let h2 = hits.clone();
     let app = Router::new()
         .route(
@@ -421,7 +437,9 @@ async fn grpc_rejection_is_resource_exhausted_with_pushback() {
     use http_body_util::Full;
     let svc = ServiceBuilder::new()
         .layer(RejectionLayer::grpc())
-        .layer(RateLimitLayer::new(Quota::per_second(4).unwrap()).clock(Clock::tokio()))
+        .layer(RateLimitLayer::new(
+            RateLimitConfig::new(Quota::per_second(4).unwrap()).clock(Clock::tokio()),
+        ))
         .service_fn(|_req: Request<()>| async {
             Ok::<_, Infallible>(
                 http::Response::builder()
@@ -448,10 +466,13 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     let quota = Quota::per_second(10).unwrap().burst(1).unwrap(); // a token per 100 ms
     for max_keys in [8usize, 65_536] {
         let calls = Counting::default();
-        let layer = RateLimitLayer::keyed(quota, |_: &()| 7u64)
-            .max_keys(max_keys)
-            .clock(Clock::tokio())
-            .wait_up_to(Duration::from_secs(1));
+        let layer = RateLimitLayer::keyed(
+            RateLimitConfig::new(quota)
+                .clock(Clock::tokio())
+                .max_keys(max_keys),
+            |_: &()| 7u64,
+        )
+        .wait_up_to(Duration::from_secs(1));
         let mut svc = layer.layer(calls.clone());
         assert!(check(&mut svc, ()).is_ok(), "the burst");
         // The next turn is at +100 ms; this waiter reserves it, then its caller goes away.
@@ -469,8 +490,7 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     }
     // Global: same.
     let calls = Counting::default();
-    let mut svc = RateLimitLayer::new(quota)
-        .clock(Clock::tokio())
+    let mut svc = RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))
         .wait_up_to(Duration::from_secs(1))
         .layer(calls.clone());
     assert!(check(&mut svc, ()).is_ok());
@@ -499,7 +519,9 @@ async fn a_refusal_does_not_wait_on_the_inner_readiness() {
     use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
     use tower_test::{assert_request_eq, mock};
 
-    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap()).clock(Clock::tokio());
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(Clock::tokio()),
+    );
     let handle = layer.handle();
     let (mut svc, mut mock) = mock::spawn_layer::<u32, u32, _>(layer);
     mock.allow(0);
@@ -535,7 +557,9 @@ async fn a_refusal_does_not_wait_on_the_inner_readiness() {
 #[test]
 fn a_clock_a_few_microseconds_behind_at_the_rate_edge_admits() {
     let (clock, hand) = Clock::manual();
-    let layer = RateLimitLayer::new(Quota::per_second(100).unwrap().burst(1).unwrap()).clock(clock);
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(100).unwrap().burst(1).unwrap()).clock(clock),
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     const MS: u64 = 1_000_000;
@@ -557,4 +581,41 @@ fn a_clock_a_few_microseconds_behind_at_the_rate_edge_admits() {
     // Still a limit: one more at the last instant is refused.
     assert!(check(&mut svc, ()).is_err());
     assert_eq!(handle.rejected(), 1);
+}
+
+/// The clock and `max_keys` are part of the configuration the layer is made from, so no
+/// setting can rebuild the state under a handle: a handle taken from the layer, before its
+/// remaining settings, sees the state its services use and reads the configured clock.
+#[test]
+fn a_handle_taken_before_a_setting_sees_the_state_after_it() {
+    let (clock, hand) = Clock::manual();
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(1).unwrap())
+            .clock(clock)
+            .max_keys(16),
+        |k: &u64| *k,
+    );
+    let handle = layer.handle();
+    let layer = layer.wait_up_to(Duration::ZERO);
+    let mut svc = layer.layer(Counting::default());
+    assert!(check(&mut svc, 1).is_ok());
+    assert!(check(&mut svc, 1).is_err());
+    assert_eq!(handle.rejected(), 1, "the handle sees the services' state");
+    assert_eq!(handle.max_keys(), 16);
+    assert_eq!(handle.remaining_for(&1u64), 0);
+    hand.advance(Duration::from_secs(1));
+    assert_eq!(handle.remaining_for(&1u64), 1);
+    // The same for a global limiter, and for the layer's clones.
+    let (clock, hand) = Clock::manual();
+    let layer =
+        RateLimitLayer::new(RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(clock));
+    let handle = layer.handle();
+    let mut svc = layer
+        .clone()
+        .wait_up_to(Duration::ZERO)
+        .layer(Counting::default());
+    assert!(check(&mut svc, ()).is_ok());
+    assert_eq!(handle.remaining(), 0);
+    hand.advance(Duration::from_secs(1));
+    assert_eq!(handle.remaining(), 1);
 }

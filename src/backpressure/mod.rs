@@ -170,9 +170,11 @@
 //! # Tests under paused time
 //!
 //! Waiting uses `tokio::time`, so `#[tokio::test(start_paused = true)]` and
-//! `tokio::time::advance` drive `max_wait`. For adaptive limits, measure latency on tokio's
-//! clock too: `Adaptive::gradient(..).clock(Clock::tokio())` (or
-//! `.clock(Clock::tokio())` on the layer), made inside the test.
+//! `tokio::time::advance` drive `max_wait`, and the shedding event's once-a-second limit
+//! follows tokio's time too. For adaptive limits, measure latency on tokio's clock as well:
+//! `Adaptive::gradient(..).clock(Clock::tokio())`, made inside the test. The clock is part of
+//! the adaptive configuration the budget is made from (there is no clock to set on the layer,
+//! which may share a budget with others).
 //!
 //! # Order of admission
 //!

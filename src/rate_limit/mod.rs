@@ -14,7 +14,7 @@
 //! The generic cell rate algorithm is a token bucket kept as one number (the time at which the
 //! bucket would be full again), so one admit is one clock read and one compare-and-swap on one
 //! `AtomicU64`: no lock, no allocation, no refill task. The per-key limiter keeps these numbers
-//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitLayer::max_keys), 32 bytes a
+//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitConfig::max_keys), 32 bytes a
 //! key): a key whose time is in the past is the same as an absent key, so its slot is reused
 //! at once and memory stays bounded under millions of distinct keys, with no sweeper.
 //!
@@ -51,7 +51,9 @@
 //!
 //! The limiter reads the crate's fast clock by default, which does not stop under
 //! `tokio::time::pause()`. In tests, one line makes it follow tokio's time:
-//! `.clock(Clock::tokio())`.
+//! `RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))`. The clock and
+//! `max_keys` are part of the configuration the layer is made from, so its state, its
+//! handles and its services are made once, on them.
 //!
 //! # Example
 //!
@@ -60,6 +62,7 @@
 //! use axum::{body::Body, routing::get, Router};
 //! use http::{Request, StatusCode};
 //! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_bulwark::rate_limit::RateLimitConfig;
 //! use tower_bulwark::{clock::Clock, Quota, RateLimitLayer, RejectionLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -67,8 +70,9 @@
 //!     ServiceBuilder::new()
 //!         .layer(RejectionLayer::http())
 //!         .layer(
-//!             RateLimitLayer::new(Quota::per_second(2).unwrap())
-//!                 .clock(Clock::tokio()),
+//!             RateLimitLayer::new(
+//!                 RateLimitConfig::new(Quota::per_second(2).unwrap()).clock(Clock::tokio()),
+//!             ),
 //!         ),
 //! );
 //! let get = || Request::get("/").body(Body::empty()).unwrap();
@@ -105,7 +109,9 @@ pub mod store;
 use std::hash::Hash;
 
 pub use self::gcra::{Quota, QuotaError};
-pub use self::layer::{RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS};
+pub use self::layer::{
+    KeyedConfig, RateLimitConfig, RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS,
+};
 pub use self::service::RateLimit;
 use crate::rejection::RateLimitInfo;
 

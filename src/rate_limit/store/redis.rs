@@ -17,8 +17,8 @@ use crate::clock::{duration_nanos, Clock};
 use crate::rate_limit::gcra::{self, Quota};
 use crate::rate_limit::layer::Shared as LocalShared;
 use crate::rate_limit::{
-    Global, KeyFn, NoHeaders, RateLimitHandle, RateLimitLayer, ResponseHeaders, WithHeaders,
-    DEFAULT_MAX_KEYS,
+    Global, KeyFn, NoHeaders, RateLimitConfig, RateLimitHandle, RateLimitLayer, ResponseHeaders,
+    WithHeaders, DEFAULT_MAX_KEYS,
 };
 use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
 
@@ -279,11 +279,14 @@ impl RedisShared {
     fn new(c: &Config) -> RedisShared {
         let local = (c.policy == FailurePolicy::Local).then(|| {
             let layer = if c.keyed {
-                RateLimitLayer::keyed(c.quota, Global)
-                    .max_keys(c.max_keys)
-                    .clock(c.clock.clone())
+                RateLimitLayer::keyed(
+                    RateLimitConfig::new(c.quota)
+                        .clock(c.clock.clone())
+                        .max_keys(c.max_keys),
+                    Global,
+                )
             } else {
-                RateLimitLayer::new(c.quota).clock(c.clock.clone())
+                RateLimitLayer::new(RateLimitConfig::new(c.quota).clock(c.clock.clone()))
             };
             Local {
                 handle: layer.handle(),
@@ -643,7 +646,7 @@ impl<K, H> RedisRateLimitLayer<K, H> {
         self.rebuilt()
     }
 
-    /// Bounds the keys the local fallback tracks (see [`RateLimitLayer::max_keys`]). Redis
+    /// Bounds the keys the local fallback tracks (see [`RateLimitConfig::max_keys`](crate::rate_limit::RateLimitConfig::max_keys)). Redis
     /// memory is bounded by expiry instead: each key expires when its state is in the past.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.config.max_keys = max_keys.max(1);
