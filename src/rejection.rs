@@ -59,6 +59,11 @@ pub enum RejectionKind {
     /// A shared store (such as Redis) is unreachable and the policy is to fail closed (HTTP 503,
     /// gRPC `UNAVAILABLE`).
     StoreUnavailable,
+    /// The rate-limit key could not be read from the request (for
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, which is a setup
+    /// error of the server), and the limiter refuses such requests rather than put them all
+    /// under one limit (HTTP 500, gRPC `INTERNAL`).
+    RateLimitKeyMissing,
 }
 
 impl RejectionKind {
@@ -78,6 +83,7 @@ impl RejectionKind {
                 S::BAD_REQUEST
             }
             RejectionKind::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
+            RejectionKind::RateLimitKeyMissing => S::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -96,6 +102,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
                 G::InvalidArgument
             }
+            RejectionKind::RateLimitKeyMissing => G::Internal,
         }
     }
 
@@ -113,6 +120,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyResponseNotStored => "idempotency-response-not-stored",
             RejectionKind::PayloadTooLarge => "payload-too-large",
             RejectionKind::StoreUnavailable => "store-unavailable",
+            RejectionKind::RateLimitKeyMissing => "rate-limit-key-missing",
         }
     }
 
@@ -131,6 +139,7 @@ impl RejectionKind {
             }
             RejectionKind::PayloadTooLarge => "payload too large",
             RejectionKind::StoreUnavailable => "shared store unavailable",
+            RejectionKind::RateLimitKeyMissing => "rate limit key missing",
         }
     }
 }

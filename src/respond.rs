@@ -514,6 +514,7 @@ mod tests {
             RejectionKind::IdempotencyResponseNotStored,
             RejectionKind::PayloadTooLarge,
             RejectionKind::StoreUnavailable,
+            RejectionKind::RateLimitKeyMissing,
         ];
         for kind in kinds {
             let res = answer(Rejection::new(kind).into()).await;

@@ -1,5 +1,8 @@
 //! Integration tests of the rate limiter: paused time, threads, keys, Axum, gRPC, bad input.
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -618,4 +621,129 @@ fn a_handle_taken_before_a_setting_sees_the_state_after_it() {
     assert_eq!(handle.remaining(), 0);
     hand.advance(Duration::from_secs(1));
     assert_eq!(handle.remaining(), 1);
+}
+
+/// `key::ClientIp` under a real Axum server served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: the client's address is found with
+/// no code of the user's (the `axum` feature), so a client has a limit of its own, not one
+/// shared by every request.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn client_ip_finds_the_address_axum_records() {
+    use std::net::{IpAddr, SocketAddr};
+
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let layer = RateLimitLayer::keyed(Quota::per_minute(2).unwrap(), key::ClientIp::new());
+    let handle = layer.handle();
+    let app = Router::new().route("/", get(|| async { "hello" })).layer(
+        ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .layer(layer),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let get = || {
+        Request::get(format!("http://{addr}/"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(
+        client.request(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let me: IpAddr = "127.0.0.1".parse().unwrap();
+    // The request was counted under this client's address...
+    assert_eq!(handle.remaining_for(&me), 1, "the client's own limit");
+    assert_eq!(handle.missing_keys(), 0);
+    // ...and the same client's next requests draw on the same limit.
+    assert_eq!(
+        client.request(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let res = client.request(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(handle.remaining_for(&me), 0);
+    assert_eq!(handle.tracked_keys(), 1);
+}
+
+/// Two clients, told apart by the `ConnectInfo` Axum records, have two limits.
+#[cfg(feature = "axum")]
+#[test]
+fn client_ip_keys_axum_clients_apart() {
+    use std::net::SocketAddr;
+
+    use axum::extract::ConnectInfo;
+
+    let (clock, _hand) = Clock::manual();
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_minute(1).unwrap()).clock(clock),
+        key::ClientIp::new(),
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    let from = |peer: &str| {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        req
+    };
+    assert!(check(&mut svc, from("198.51.100.1:4000")).is_ok());
+    assert!(
+        check(&mut svc, from("198.51.100.2:4000")).is_ok(),
+        "another client has its own limit"
+    );
+    assert!(check(&mut svc, from("198.51.100.1:5000")).is_err());
+    assert_eq!(handle.missing_keys(), 0);
+}
+
+/// A request with no client address is never put under one limit shared by all such requests:
+/// by default it is refused with a clear rejection, counted, and warned about once; a layer
+/// can choose to let such requests through instead, still counted.
+#[test]
+fn a_request_without_a_client_address_is_refused_and_counted() {
+    use tower_bulwark::rate_limit::{KeyedConfig, MissingKey};
+
+    let (out, _guard) = tracing_on::capture(tracing::Level::WARN);
+    let layer = RateLimitLayer::keyed(Quota::per_minute(100).unwrap(), key::ClientIp::new());
+    let handle = layer.handle();
+    let calls = Counting::default();
+    let mut svc = layer.layer(calls.clone());
+    for _ in 0..3 {
+        let err = check(&mut svc, Request::new(())).unwrap_err();
+        let r = err.downcast_ref::<Rejection>().expect("a rejection");
+        assert_eq!(r.kind(), RejectionKind::RateLimitKeyMissing);
+        assert_eq!(r.kind().http_status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(calls.0.load(Ordering::SeqCst), 0);
+    assert_eq!((handle.missing_keys(), handle.rejected()), (3, 0));
+    assert_eq!(handle.tracked_keys(), 0, "no shared bucket");
+    let warnings = out
+        .text()
+        .lines()
+        .filter(|l| l.contains("has no key"))
+        .count();
+    assert_eq!(warnings, 1, "warned once: {}", out.text());
+
+    // Fail open, by choice: admitted without a limit, still counted.
+    let layer = RateLimitLayer::keyed(
+        KeyedConfig::new(Quota::per_minute(1).unwrap()).when_key_missing(MissingKey::Admit),
+        key::ClientIp::new(),
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(calls.clone());
+    for _ in 0..3 {
+        assert!(check(&mut svc, Request::new(())).is_ok());
+    }
+    assert_eq!((handle.missing_keys(), handle.tracked_keys()), (3, 0));
 }

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use super::gcra::{self, Quota};
 use super::keyed::Table;
 use super::service::RateLimit;
-use super::{Global, NoHeaders, WithHeaders};
+use super::{Global, MissingKey, NoHeaders, WithHeaders};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::RateLimitInfo;
 
@@ -31,10 +31,13 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     pub(crate) table: Option<Table>,
     rejected: AtomicU64,
+    pub(crate) missing: MissingKey,
+    missing_keys: AtomicU64,
+    missing_warned: AtomicBool,
 }
 
 impl Shared {
-    fn new(quota: Quota, clock: Clock, table: Option<Table>) -> Shared {
+    fn new(quota: Quota, clock: Clock, table: Option<Table>, missing: MissingKey) -> Shared {
         Shared {
             hot: Hot {
                 tat: AtomicU64::new(0),
@@ -44,6 +47,25 @@ impl Shared {
             clock,
             table,
             rejected: AtomicU64::new(0),
+            missing,
+            missing_keys: AtomicU64::new(0),
+            missing_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a request whose key could not be read, and warns about the first one.
+    #[cold]
+    pub(crate) fn count_missing_key(&self) {
+        self.missing_keys.fetch_add(1, Ordering::Relaxed);
+        if !self.missing_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "tower_bulwark::rate_limit",
+                policy = ?self.missing,
+                "rate limit: a request has no key (for key::ClientIp: no client address; under \
+                 Axum, enable the `axum` feature and serve with \
+                 into_make_service_with_connect_info::<SocketAddr>(), or set \
+                 ClientIp::peer_addr); such requests are counted and never share one limit"
+            );
         }
     }
 
@@ -193,9 +215,23 @@ impl From<Quota> for RateLimitConfig {
 pub struct KeyedConfig {
     base: RateLimitConfig,
     max_keys: usize,
+    missing: MissingKey,
 }
 
 impl KeyedConfig {
+    /// The quota, on the default clock, with [`DEFAULT_MAX_KEYS`] and [`MissingKey::Reject`].
+    pub fn new(quota: Quota) -> Self {
+        KeyedConfig::from(quota)
+    }
+
+    /// What to do with a request whose key cannot be read (default [`MissingKey::Reject`]).
+    /// Such requests are counted ([`RateLimitHandle::missing_keys`]) and the first one is
+    /// logged as a warning, whatever the policy.
+    pub fn when_key_missing(mut self, policy: MissingKey) -> Self {
+        self.missing = policy;
+        self
+    }
+
     /// The clock the limiter reads; see [`RateLimitConfig::clock`].
     pub fn clock(mut self, clock: Clock) -> Self {
         self.base.clock = clock;
@@ -214,6 +250,7 @@ impl From<RateLimitConfig> for KeyedConfig {
         KeyedConfig {
             base,
             max_keys: DEFAULT_MAX_KEYS,
+            missing: MissingKey::Reject,
         }
     }
 }
@@ -244,7 +281,12 @@ impl RateLimitLayer {
     pub fn new(config: impl Into<RateLimitConfig>) -> Self {
         let config = config.into();
         RateLimitLayer {
-            shared: Arc::new(Shared::new(config.quota, config.clock, None)),
+            shared: Arc::new(Shared::new(
+                config.quota,
+                config.clock,
+                None,
+                MissingKey::Reject,
+            )),
             key: Global,
             max_wait_ns: 0,
             headers: NoHeaders,
@@ -258,12 +300,17 @@ impl<K> RateLimitLayer<K> {
     /// (default clock, [`DEFAULT_MAX_KEYS`] keys), a [`RateLimitConfig`] or a
     /// [`KeyedConfig`] (from [`RateLimitConfig::max_keys`]).
     pub fn keyed(config: impl Into<KeyedConfig>, key: K) -> Self {
-        let KeyedConfig { base, max_keys } = config.into();
+        let KeyedConfig {
+            base,
+            max_keys,
+            missing,
+        } = config.into();
         RateLimitLayer {
             shared: Arc::new(Shared::new(
                 base.quota,
                 base.clock,
                 Some(Table::new(max_keys)),
+                missing,
             )),
             key,
             max_wait_ns: 0,
@@ -417,9 +464,15 @@ impl RateLimitHandle {
         gcra::remaining(tat, now, interval, tolerance)
     }
 
-    /// Requests rejected so far.
+    /// Requests rejected so far (over the limit; not those without a key).
     pub fn rejected(&self) -> u64 {
         self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose key could not be read (for [`key::ClientIp`](super::key::ClientIp): no
+    /// client address), refused or admitted as [`MissingKey`] says.
+    pub fn missing_keys(&self) -> u64 {
+        self.shared.missing_keys.load(Ordering::Relaxed)
     }
 
     /// Keys that currently hold state (keyed limiter; 0 for a global one). Walks the table.
@@ -450,6 +503,7 @@ impl fmt::Debug for RateLimitHandle {
         f.debug_struct("RateLimitHandle")
             .field("quota", &self.quota())
             .field("rejected", &self.rejected())
+            .field("missing_keys", &self.missing_keys())
             .field("max_keys", &self.max_keys())
             .finish()
     }

@@ -94,7 +94,15 @@
 //! per-layer random seed, so a client cannot aim keys at one table slot. An empty key or a very
 //! long key works like any other (a long key costs its hashing time only; nothing is stored
 //! but a 60-bit hash); requests whose key function returns the same value share one limit, so
-//! a function that returns `None` for requests without a key puts all of them under one limit.
+//! a closure that returns `None` for requests without a key puts all of them under one limit.
+//! An extractor that cannot find its key ([`key::ClientIp`] with no client address) does not:
+//! such a request is refused by default ([`MissingKey`]), warned about once and counted
+//! ([`RateLimitHandle::missing_keys`]).
+//!
+//! Under Axum, [`key::ClientIp`] reads the address Axum records (`ConnectInfo<SocketAddr>`,
+//! with `into_make_service_with_connect_info::<SocketAddr>()`) when the crate's `axum` feature
+//! is on, with no code of yours; without the feature, say where it is with
+//! [`ClientIp::peer_addr`](key::ClientIp::peer_addr).
 
 pub mod future;
 mod gcra;
@@ -117,14 +125,17 @@ use crate::rejection::RateLimitInfo;
 
 /// Reads the rate-limit key from a request.
 ///
-/// Implemented for closures `Fn(&Req) -> K` with `K: Hash`, and for the extractors of
-/// [`key`].
+/// Implemented for closures `Fn(&Req) -> K` with `K: Hash` (whose key is always found), and
+/// for the extractors of [`key`].
 pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
     /// The key: requests with equal keys share one limit.
     type Key: Hash;
 
-    /// The key of a request.
-    fn key(&self, req: &Req) -> Self::Key;
+    /// The key of a request, or `None` when it cannot be read (for [`key::ClientIp`]: no
+    /// client address). A request without a key is never put under a limit shared with
+    /// other such requests: the layer applies its [`MissingKey`] policy (refuse, by default),
+    /// warns once and counts it ([`RateLimitHandle::missing_keys`]).
+    fn key(&self, req: &Req) -> Option<Self::Key>;
 }
 
 impl<Req, K, F> KeyFn<Req> for F
@@ -135,8 +146,8 @@ where
     type Key = K;
 
     #[inline]
-    fn key(&self, req: &Req) -> K {
-        self(req)
+    fn key(&self, req: &Req) -> Option<K> {
+        Some(self(req))
     }
 }
 
@@ -148,7 +159,25 @@ impl<Req> KeyFn<Req> for Global {
     type Key = ();
 
     #[inline]
-    fn key(&self, _req: &Req) {}
+    fn key(&self, _req: &Req) -> Option<()> {
+        Some(())
+    }
+}
+
+/// What a keyed limiter does with a request whose key cannot be read ([`KeyFn::key`] returns
+/// `None`; for [`key::ClientIp`], a request with no client address). Either way the request
+/// is counted ([`RateLimitHandle::missing_keys`]) and the first one is logged as a `tracing`
+/// warning; such requests never share one limit. Set with [`KeyedConfig::when_key_missing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissingKey {
+    /// Refuse it with a [`Rejection`](crate::Rejection) of kind
+    /// [`RateLimitKeyMissing`](crate::RejectionKind::RateLimitKeyMissing) (HTTP 500, gRPC
+    /// `INTERNAL`): the default, since the limit cannot be applied.
+    #[default]
+    Reject,
+    /// Let it through without a limit (fail open).
+    Admit,
 }
 
 /// Adds rate-limit figures to successful responses, or not. See

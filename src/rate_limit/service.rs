@@ -9,8 +9,8 @@ use tower_service::Service;
 use super::future::{Refund, ResponseFuture};
 use super::gcra::Step;
 use super::layer::Shared;
-use super::{Global, KeyFn, NoHeaders, ResponseHeaders};
-use crate::rejection::Rejection;
+use super::{Global, KeyFn, MissingKey, NoHeaders, ResponseHeaders};
+use crate::rejection::{Rejection, RejectionKind};
 
 /// Applies a rate limit to requests; made by [`RateLimitLayer`](super::RateLimitLayer).
 ///
@@ -96,8 +96,11 @@ where
                 (step, tat, None)
             }
             Some(table) => {
+                let Some(key) = self.key.key(&req) else {
+                    return self.key_missing(req);
+                };
                 let (interval, tolerance) = shared.params();
-                let hash = table.hash(&self.key.key(&req));
+                let hash = table.hash(&key);
                 let c = table.check(hash, now, interval, tolerance, self.max_wait_ns);
                 (c.step, c.tat, Some(hash))
             }
@@ -157,6 +160,38 @@ impl<S, K, H> RateLimit<S, K, H> {
         };
         let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
         ResponseFuture::waiting(wait, ready, req, slot, refund)
+    }
+
+    /// No key: never one shared limit; refused or admitted as the layer's policy says.
+    #[cold]
+    #[inline(never)]
+    fn key_missing<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, H>
+    where
+        S: Service<Req> + Clone,
+        H: ResponseHeaders<S::Response>,
+    {
+        self.shared.count_missing_key();
+        match self.shared.missing {
+            MissingKey::Admit if self.is_ready => {
+                self.is_ready = false;
+                ResponseFuture::called(self.inner.call(req), H::Slot::default())
+            }
+            MissingKey::Admit => {
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                let refund = Refund {
+                    shared: None,
+                    hash: None,
+                    new_tat: 0,
+                    interval: 0,
+                };
+                ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
+            }
+            _ => ResponseFuture::rejected(
+                Rejection::new(RejectionKind::RateLimitKeyMissing)
+                    .with_detail("the rate limit key (client address) could not be read"),
+            ),
+        }
     }
 
     /// Over the limit: a rejection with the time to the next token.

@@ -68,6 +68,7 @@ pin_project! {
         // Admitted, waiting for the inner service's readiness before the call.
         Readying { svc: Option<S>, req: Option<Req> },
         Called { #[pin] fut: S::Future },
+        Refused { err: Option<BoxError> },
         Done,
     }
 }
@@ -114,6 +115,23 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
     }
 }
 
+impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
+    /// Refused before any check.
+    pub(crate) fn refused(rejection: crate::Rejection, shared: Arc<RedisShared>) -> Self {
+        RedisResponseFuture {
+            state: State::Refused {
+                err: Some(Box::new(rejection)),
+            },
+            shared,
+            local_hash: 0,
+            kept: None,
+            info: None,
+            ready: false,
+            _headers: PhantomData,
+        }
+    }
+}
+
 impl<S: Service<Req>, Req, H> fmt::Debug for RedisResponseFuture<S, Req, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
@@ -121,6 +139,7 @@ impl<S: Service<Req>, Req, H> fmt::Debug for RedisResponseFuture<S, Req, H> {
             State::Waiting { .. } => "waiting",
             State::Readying { .. } => "readying",
             State::Called { .. } => "called",
+            State::Refused { .. } => "refused",
             State::Done => "done",
         };
         f.debug_struct("RedisResponseFuture")
@@ -231,6 +250,9 @@ where
                         H::apply(&mut res, &H::keep(*info));
                     }
                     return Poll::Ready(Ok(res));
+                }
+                StateProj::Refused { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
                 StateProj::Done => panic!("polled after completion"),
             }

@@ -248,6 +248,8 @@ struct Counters {
     failed_closed: AtomicU64,
     local_fallbacks: AtomicU64,
     turns_given_back: AtomicU64,
+    missing_keys: AtomicU64,
+    missing_warned: std::sync::atomic::AtomicBool,
 }
 
 fn bump(c: &AtomicU64) {
@@ -783,9 +785,24 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let ready = std::mem::take(&mut self.is_ready);
         let shared = &*self.shared;
-        let key = self.key.key(&req);
+        let Some(key) = self.key.key(&req) else {
+            // Never one shared limit for requests without a key: refused, counted, warned.
+            bump(&shared.counters.missing_keys);
+            if !shared.counters.missing_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "tower_bulwark::rate_limit",
+                    "redis rate limit: a request has no key (for key::ClientIp: no client \
+                     address); such requests are refused and counted"
+                );
+            }
+            return RedisResponseFuture::refused(
+                Rejection::new(RejectionKind::RateLimitKeyMissing)
+                    .with_detail("the rate limit key (client address) could not be read"),
+                self.shared.clone(),
+            );
+        };
+        let ready = std::mem::take(&mut self.is_ready);
         let local_hash = shared.local_hash(&key);
         let rkey = redis_key(&shared.prefix, &key);
         let waits = shared.max_wait_ns > 0;
@@ -864,6 +881,14 @@ impl RedisRateLimitHandle {
     /// Checks Redis could not answer (errors and timeouts), each decided by the policy.
     pub fn store_failures(&self) -> u64 {
         self.shared.counters.store_failures.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose key could not be read (for
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address). They are refused
+    /// with [`RateLimitKeyMissing`](RejectionKind::RateLimitKeyMissing), never put under one
+    /// shared limit; the first one is logged as a warning.
+    pub fn missing_keys(&self) -> u64 {
+        self.shared.counters.missing_keys.load(Ordering::Relaxed)
     }
 
     /// Of [`store_failures`](Self::store_failures), those that ran out of time.
