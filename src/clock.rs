@@ -14,6 +14,15 @@
 //! All of them count nanoseconds from the moment the clock was made. Waiting, where a layer
 //! waits, always uses `tokio::time`.
 //!
+//! # Across threads
+//!
+//! Each clock is monotonic on one thread. The fast clock's reads are not fenced, so two reads
+//! on two cores can come out of order by a microsecond or two (measured: up to 1.6 µs), where
+//! `Clock::std` never steps back. A fenced read would cost more than the time it saves, so the
+//! layers tolerate such steps instead: the rate limiter admits a request that conforms up to
+//! 10 µs early (less than one interval), so a clock a little behind never refuses a client
+//! that sends at exactly the quota's rate; see [`rate_limit`](crate::rate_limit).
+//!
 //! ```
 //! use std::time::Duration;
 //! use tower_bulwark::clock::Clock;

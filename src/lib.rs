@@ -88,6 +88,8 @@
 //! # Feature flags
 //!
 //! - `fast-clock` (default): a TSC-based clock through `quanta`.
+//! - `axum`: [`rate_limit::key::ClientIp`] reads the client address Axum records
+//!   (`ConnectInfo<SocketAddr>`), with no code of yours.
 //! - `grpc`: [`RejectionLayer::grpc`], gRPC statuses for rejections.
 //! - `redis`: Redis-backed state for many replicas: [`rate_limit::store`] (a GCRA limit shared
 //!   by every replica) and `idempotency::RedisStore`.

@@ -63,6 +63,11 @@ pub enum RejectionKind {
     /// its time to live ends), or the key's scope holds its share of it: the request did not
     /// run (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
     IdempotencyStoreFull,
+    /// The rate-limit key could not be read from the request (for
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, which is a setup
+    /// error of the server), and the limiter refuses such requests rather than put them all
+    /// under one limit (HTTP 500, gRPC `INTERNAL`).
+    RateLimitKeyMissing,
 }
 
 impl RejectionKind {
@@ -83,6 +88,7 @@ impl RejectionKind {
                 S::BAD_REQUEST
             }
             RejectionKind::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
+            RejectionKind::RateLimitKeyMissing => S::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -102,6 +108,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
                 G::InvalidArgument
             }
+            RejectionKind::RateLimitKeyMissing => G::Internal,
         }
     }
 
@@ -120,6 +127,7 @@ impl RejectionKind {
             RejectionKind::PayloadTooLarge => "payload-too-large",
             RejectionKind::StoreUnavailable => "store-unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency-store-full",
+            RejectionKind::RateLimitKeyMissing => "rate-limit-key-missing",
         }
     }
 
@@ -139,6 +147,7 @@ impl RejectionKind {
             RejectionKind::PayloadTooLarge => "payload too large",
             RejectionKind::StoreUnavailable => "shared store unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency store full",
+            RejectionKind::RateLimitKeyMissing => "rate limit key missing",
         }
     }
 }

@@ -407,7 +407,8 @@ async fn shedding_is_logged_at_most_once_a_second() {
             .collect::<Vec<_>>()
     };
 
-    let layer = BackpressureLayer::new(0).clock(tower_bulwark::clock::Clock::tokio());
+    // No clock to set: the event's once-a-second limit follows tokio's (paused) time.
+    let layer = BackpressureLayer::new(0);
     let mut svc = layer.layer(tower::service_fn(|_: u32| async { Ok::<_, Infallible>(0) }));
     for i in 0..1_000 {
         assert!(svc.ready().await.unwrap().call(i).await.is_err());
@@ -447,5 +448,70 @@ fn outside_a_runtime_a_would_be_waiter_is_shed_not_panicked_on() {
     overloaded(&assert_ready!(refused.poll()).unwrap_err());
     assert_eq!(handle.shed(), 1);
     drop(running);
+    assert_eq!(handle.in_flight(), 0);
+}
+
+/// A shed does not wait on the inner service's readiness (tower's `LoadShed` pattern): with
+/// the service below not ready, `poll_ready` is ready at once, a request that finds the budget
+/// spent is shed at once, and an admitted one holds its permit while it waits for the inner
+/// readiness in its future.
+#[tokio::test(start_paused = true)]
+async fn a_shed_does_not_wait_on_the_inner_readiness() {
+    let layer = BackpressureLayer::new(1);
+    let handle = layer.handle();
+    let (mut svc, mut mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    mock.allow(0);
+
+    assert_ready_ok!(svc.poll_ready(), "not held back by the inner readiness");
+    let mut admitted = task::spawn(svc.call(1));
+    assert_pending!(admitted.poll());
+    assert_eq!(handle.in_flight(), 1);
+    assert_ready_ok!(svc.poll_ready());
+    let err = assert_ready!(task::spawn(svc.call(2)).poll()).unwrap_err();
+    overloaded(&err);
+    assert_eq!(handle.shed(), 1);
+
+    // The admitted request goes on once the inner service is ready.
+    mock.allow(1);
+    assert_pending!(admitted.poll());
+    assert_request_eq!(mock, 1).send_response(10);
+    assert_eq!(assert_ready_ok!(admitted.poll()), 10);
+    assert_eq!(handle.in_flight(), 0);
+
+    // One dropped while it waits for the inner readiness gives its permit back.
+    assert_ready_ok!(svc.poll_ready());
+    let mut readying = task::spawn(svc.call(3));
+    assert_pending!(readying.poll());
+    assert_eq!(handle.in_flight(), 1);
+    drop(readying);
+    assert_eq!(handle.in_flight(), 0);
+}
+
+/// A waiter admitted while the service below is not ready waits for its readiness with the
+/// permit, and is called once it is ready.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_admitted_waits_for_the_inner_readiness() {
+    let layer = BackpressureLayer::new(1).max_wait(Duration::from_secs(1));
+    let handle = layer.handle();
+    let (mut svc, mut mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    mock.allow(1);
+
+    assert_ready_ok!(svc.poll_ready());
+    let mut first = task::spawn(svc.call(1));
+    assert_pending!(first.poll());
+    // The inner is not ready any more (its one allowance went to the first request).
+    assert_ready_ok!(svc.poll_ready(), "not held back by the inner readiness");
+    let mut second = task::spawn(svc.call(2));
+    assert_pending!(second.poll());
+    assert_eq!(handle.waiting(), 1);
+    assert_request_eq!(mock, 1).send_response(10);
+    assert_eq!(assert_ready_ok!(first.poll()), 10);
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    assert_eq!((handle.in_flight(), handle.waiting()), (1, 0));
+    mock.allow(1);
+    assert_pending!(second.poll());
+    assert_request_eq!(mock, 2).send_response(20);
+    assert_eq!(assert_ready_ok!(second.poll()), 20);
     assert_eq!(handle.in_flight(), 0);
 }

@@ -1,5 +1,8 @@
 //! Integration tests of the rate limiter: paused time, threads, keys, Axum, gRPC, bad input.
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::clock::Clock;
-use tower_bulwark::rate_limit::{key, QuotaError};
+use tower_bulwark::rate_limit::{key, QuotaError, RateLimitConfig};
 use tower_bulwark::{Quota, RateLimitLayer, Rejection, RejectionKind, RejectionLayer};
 
 /// A ready service that counts its calls.
@@ -59,7 +62,9 @@ async fn burst_at_once_then_one_per_period() {
     let quota = Quota::per_second(10).unwrap().burst(5).unwrap();
     let calls = Counting::default();
     let mut svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(quota).clock(Clock::tokio()))
+        .layer(RateLimitLayer::new(
+            RateLimitConfig::new(quota).clock(Clock::tokio()),
+        ))
         .service(calls.clone());
     let admitted = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
     assert_eq!(admitted, 5, "exactly the burst at once");
@@ -73,15 +78,17 @@ async fn burst_at_once_then_one_per_period() {
     for period in 1..=10 {
         let err = check(&mut svc, ()).unwrap_err();
         let wait = retry_after(&err);
-        // The retry_after is exact: one nanosecond before it, still refused...
-        tokio::time::advance(wait - Duration::from_nanos(1)).await;
+        // The retry_after is exact, and a request conforms up to 10 µs early (a clock read
+        // a little behind on another core): one nanosecond before that, still refused...
+        let slack = Duration::from_micros(10);
+        tokio::time::advance(wait - slack - Duration::from_nanos(1)).await;
         let err = check(&mut svc, ()).unwrap_err();
         assert_eq!(
             retry_after(&err),
-            Duration::from_nanos(1),
+            slack + Duration::from_nanos(1),
             "period {period}"
         );
-        // ...and at it, admitted, once.
+        // ...and from there, admitted, once.
         tokio::time::advance(Duration::from_nanos(1)).await;
         assert!(check(&mut svc, ()).is_ok(), "period {period}");
         assert!(check(&mut svc, ()).is_err(), "period {period}");
@@ -92,8 +99,9 @@ async fn burst_at_once_then_one_per_period() {
 #[test]
 fn two_threads_frozen_clock_admit_exactly_the_burst() {
     let (clock, _hand) = Clock::manual();
-    let layer =
-        RateLimitLayer::new(Quota::per_second(1000).unwrap().burst(777).unwrap()).clock(clock);
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(1000).unwrap().burst(777).unwrap()).clock(clock),
+    );
     let admitted = Arc::new(AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..2 {
@@ -116,7 +124,7 @@ fn two_threads_frozen_clock_admit_exactly_the_burst() {
 fn two_threads_stepping_clock_admit_what_the_quota_allows() {
     let quota = Quota::per_second(1000).unwrap().burst(50).unwrap(); // one token per ms
     let (clock, hand) = Clock::manual();
-    let layer = RateLimitLayer::new(quota).clock(clock);
+    let layer = RateLimitLayer::new(RateLimitConfig::new(quota).clock(clock));
     let admitted = Arc::new(AtomicU64::new(0));
     let ticks = 99;
     std::thread::scope(|s| {
@@ -144,7 +152,10 @@ fn two_threads_stepping_clock_admit_what_the_quota_allows() {
 #[test]
 fn two_threads_one_key_frozen_clock() {
     let (clock, _hand) = Clock::manual();
-    let layer = RateLimitLayer::keyed(Quota::per_minute(100).unwrap(), |k: &u64| *k).clock(clock);
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_minute(100).unwrap()).clock(clock),
+        |k: &u64| *k,
+    );
     let admitted = Arc::new(AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..2 {
@@ -166,9 +177,12 @@ fn two_threads_one_key_frozen_clock() {
 #[test]
 fn a_million_keys_stay_within_the_bound() {
     let (clock, hand) = Clock::manual();
-    let layer = RateLimitLayer::keyed(Quota::per_second(1).unwrap(), |k: &u64| *k)
-        .max_keys(4096)
-        .clock(clock);
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(1).unwrap())
+            .clock(clock)
+            .max_keys(4096),
+        |k: &u64| *k,
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     for k in 0..1_000_000u64 {
@@ -179,8 +193,12 @@ fn a_million_keys_stay_within_the_bound() {
         }
     }
     assert_eq!(handle.max_keys(), 4096);
-    // ...and the table never holds more than its bound.
-    assert!(handle.tracked_keys() <= 4096);
+    // ...and the table never holds more than its slots: twice the keys it promises to keep.
+    assert!(handle.tracked_keys() <= 2 * 4096);
+    assert!(
+        handle.evictions() > 0,
+        "a million live keys cannot all be kept"
+    );
     // A recent key is still limited.
     assert!(check(&mut svc, 999_999).is_err());
     assert_eq!(handle.remaining_for(&999_999u64), 0);
@@ -189,8 +207,10 @@ fn a_million_keys_stay_within_the_bound() {
 #[test]
 fn keyed_limits_are_independent_and_odd_keys_work() {
     let (clock, _hand) = Clock::manual();
-    let layer =
-        RateLimitLayer::keyed(Quota::per_second(2).unwrap(), |k: &String| k.clone()).clock(clock);
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(2).unwrap()).clock(clock),
+        |k: &String| k.clone(),
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     let long = "k".repeat(1 << 20);
@@ -207,7 +227,8 @@ fn keyed_limits_are_independent_and_odd_keys_work() {
 fn clock_jumping_back_neither_panics_nor_over_admits() {
     let (clock, hand) = Clock::manual();
     hand.set_nanos(10_000_000_000);
-    let layer = RateLimitLayer::new(Quota::per_second(10).unwrap()).clock(clock);
+    let layer =
+        RateLimitLayer::new(RateLimitConfig::new(Quota::per_second(10).unwrap()).clock(clock));
     let mut svc = layer.layer(Counting::default());
     let first = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
     assert_eq!(first, 10);
@@ -236,7 +257,9 @@ fn invalid_quotas_are_refused_at_construction() {
 
 #[tokio::test(start_paused = true)]
 async fn handle_changes_the_quota_at_run_time() {
-    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap()).clock(Clock::tokio());
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(Clock::tokio()),
+    );
     let handle = layer.handle();
     let mut svc = layer.layer(Counting::default());
     assert!(check(&mut svc, ()).is_ok());
@@ -253,8 +276,7 @@ async fn clients_wait_up_to_a_bound_in_order() {
     let calls = Counting::default();
     let svc = ServiceBuilder::new()
         .layer(
-            RateLimitLayer::new(quota)
-                .clock(Clock::tokio())
+            RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))
                 .wait_up_to(Duration::from_millis(250)),
         )
         .service(calls.clone());
@@ -292,8 +314,7 @@ async fn a_waiter_dropped_never_reaches_the_service() {
     let calls = Counting::default();
     let mut svc = ServiceBuilder::new()
         .layer(
-            RateLimitLayer::new(quota)
-                .clock(Clock::tokio())
+            RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))
                 .wait_up_to(Duration::from_secs(5)),
         )
         .service(calls.clone());
@@ -335,7 +356,9 @@ fn app(
 #[tokio::test(start_paused = true)]
 async fn axum_answers_429_with_headers_and_shares_one_limit_across_routes() {
     let hits = Arc::new(AtomicU64::new(0));
-    let layer = RateLimitLayer::new(Quota::per_minute(3).unwrap()).clock(Clock::tokio());
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_minute(3).unwrap()).clock(Clock::tokio()),
+    );
     let app = app(layer, hits.clone());
     let req = |p: &str| Request::get(p).body(Body::empty()).unwrap();
     // Three requests over two routes spend one limit.
@@ -365,9 +388,11 @@ async fn axum_answers_429_with_headers_and_shares_one_limit_across_routes() {
 #[tokio::test(start_paused = true)]
 async fn axum_keyed_by_header_with_success_headers() {
     let hits = Arc::new(AtomicU64::new(0));
-    let layer = RateLimitLayer::keyed(Quota::per_second(2).unwrap(), key::Header::new("x-api-key"))
-        .clock(Clock::tokio())
-        .response_headers();
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(2).unwrap()).clock(Clock::tokio()),
+        key::Header::new("x-api-key"),
+    )
+    .response_headers();
     let h2 = hits.clone();
     let app = Router::new()
         .route(
@@ -415,7 +440,9 @@ async fn grpc_rejection_is_resource_exhausted_with_pushback() {
     use http_body_util::Full;
     let svc = ServiceBuilder::new()
         .layer(RejectionLayer::grpc())
-        .layer(RateLimitLayer::new(Quota::per_second(4).unwrap()).clock(Clock::tokio()))
+        .layer(RateLimitLayer::new(
+            RateLimitConfig::new(Quota::per_second(4).unwrap()).clock(Clock::tokio()),
+        ))
         .service_fn(|_req: Request<()>| async {
             Ok::<_, Infallible>(
                 http::Response::builder()
@@ -442,10 +469,13 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     let quota = Quota::per_second(10).unwrap().burst(1).unwrap(); // a token per 100 ms
     for max_keys in [8usize, 65_536] {
         let calls = Counting::default();
-        let layer = RateLimitLayer::keyed(quota, |_: &()| 7u64)
-            .max_keys(max_keys)
-            .clock(Clock::tokio())
-            .wait_up_to(Duration::from_secs(1));
+        let layer = RateLimitLayer::keyed(
+            RateLimitConfig::new(quota)
+                .clock(Clock::tokio())
+                .max_keys(max_keys),
+            |_: &()| 7u64,
+        )
+        .wait_up_to(Duration::from_secs(1));
         let mut svc = layer.layer(calls.clone());
         assert!(check(&mut svc, ()).is_ok(), "the burst");
         // The next turn is at +100 ms; this waiter reserves it, then its caller goes away.
@@ -463,8 +493,7 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     }
     // Global: same.
     let calls = Counting::default();
-    let mut svc = RateLimitLayer::new(quota)
-        .clock(Clock::tokio())
+    let mut svc = RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))
         .wait_up_to(Duration::from_secs(1))
         .layer(calls.clone());
     assert!(check(&mut svc, ()).is_ok());
@@ -483,4 +512,238 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     svc.clone().oneshot(()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     assert_eq!(calls.0.load(Ordering::SeqCst), 3);
+}
+
+/// A refusal does not wait on the inner service's readiness (tower's `LoadShed` pattern):
+/// with the service below not ready, `poll_ready` is ready at once, a request over the limit
+/// is refused at once, and an admitted one waits for the inner readiness in its future.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_does_not_wait_on_the_inner_readiness() {
+    use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
+    use tower_test::{assert_request_eq, mock};
+
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(Clock::tokio()),
+    );
+    let handle = layer.handle();
+    let (mut svc, mut mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    mock.allow(0);
+
+    assert_ready_ok!(svc.poll_ready(), "not held back by the inner readiness");
+    let mut admitted = task::spawn(svc.call(1));
+    assert_pending!(admitted.poll());
+    assert_ready_ok!(svc.poll_ready());
+    let err = assert_ready_err!(task::spawn(svc.call(2)).poll());
+    assert!(retry_after(&err) > Duration::ZERO);
+    assert_eq!(handle.rejected(), 1);
+
+    // The admitted request goes on once the inner service is ready.
+    mock.allow(1);
+    assert_pending!(admitted.poll());
+    assert_request_eq!(mock, 1).send_response(10);
+    assert_eq!(assert_ready_ok!(admitted.poll()), 10);
+
+    // One dropped while it waits for the inner readiness gives its turn back.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(handle.remaining(), 1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut waiting = task::spawn(svc.call(3));
+    assert_pending!(waiting.poll());
+    assert_eq!(handle.remaining(), 0);
+    drop(waiting);
+    assert_eq!(handle.remaining(), 1);
+}
+
+/// A client that sends at exactly the quota's rate is always admitted, even when the clock
+/// reads a few microseconds behind at the rate edge (a time-stamp counter read on another
+/// core): a glitch of microseconds must not cost a client a `Retry-After` of a second.
+#[test]
+fn a_clock_a_few_microseconds_behind_at_the_rate_edge_admits() {
+    let (clock, hand) = Clock::manual();
+    let layer = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_second(100).unwrap().burst(1).unwrap()).clock(clock),
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    const MS: u64 = 1_000_000;
+    hand.set_nanos(1_000 * MS);
+    assert!(check(&mut svc, ()).is_ok());
+    for k in 1..=100u64 {
+        // Request k is due at 1 s + 10k ms: read 1.5 µs late, then 3 µs early (4.5 µs behind
+        // the edge the previous request set).
+        let due = (1_000 + 10 * k) * MS;
+        let read = if k % 2 == 0 { due + 1_500 } else { due - 3_000 };
+        hand.set_nanos(read);
+        if let Err(e) = check(&mut svc, ()) {
+            panic!(
+                "request {k} read at {read} ns refused: retry_after {:?}",
+                retry_after(&e)
+            );
+        }
+    }
+    // Still a limit: one more at the last instant is refused.
+    assert!(check(&mut svc, ()).is_err());
+    assert_eq!(handle.rejected(), 1);
+}
+
+/// The clock and `max_keys` are part of the configuration the layer is made from, so no
+/// setting can rebuild the state under a handle: a handle taken from the layer, before its
+/// remaining settings, sees the state its services use and reads the configured clock.
+#[test]
+fn a_handle_taken_before_a_setting_sees_the_state_after_it() {
+    let (clock, hand) = Clock::manual();
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_second(1).unwrap())
+            .clock(clock)
+            .max_keys(16),
+        |k: &u64| *k,
+    );
+    let handle = layer.handle();
+    let layer = layer.wait_up_to(Duration::ZERO);
+    let mut svc = layer.layer(Counting::default());
+    assert!(check(&mut svc, 1).is_ok());
+    assert!(check(&mut svc, 1).is_err());
+    assert_eq!(handle.rejected(), 1, "the handle sees the services' state");
+    assert_eq!(handle.max_keys(), 16);
+    assert_eq!(handle.remaining_for(&1u64), 0);
+    hand.advance(Duration::from_secs(1));
+    assert_eq!(handle.remaining_for(&1u64), 1);
+    // The same for a global limiter, and for the layer's clones.
+    let (clock, hand) = Clock::manual();
+    let layer =
+        RateLimitLayer::new(RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(clock));
+    let handle = layer.handle();
+    let mut svc = layer
+        .clone()
+        .wait_up_to(Duration::ZERO)
+        .layer(Counting::default());
+    assert!(check(&mut svc, ()).is_ok());
+    assert_eq!(handle.remaining(), 0);
+    hand.advance(Duration::from_secs(1));
+    assert_eq!(handle.remaining(), 1);
+}
+
+/// `key::ClientIp` under a real Axum server served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: the client's address is found with
+/// no code of the user's (the `axum` feature), so a client has a limit of its own, not one
+/// shared by every request.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn client_ip_finds_the_address_axum_records() {
+    use std::net::{IpAddr, SocketAddr};
+
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let layer = RateLimitLayer::keyed(Quota::per_minute(2).unwrap(), key::ClientIp::new());
+    let handle = layer.handle();
+    let app = Router::new().route("/", get(|| async { "hello" })).layer(
+        ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .layer(layer),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let get = || {
+        Request::get(format!("http://{addr}/"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(
+        client.request(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let me: IpAddr = "127.0.0.1".parse().unwrap();
+    // The request was counted under this client's address...
+    assert_eq!(handle.remaining_for(&me), 1, "the client's own limit");
+    assert_eq!(handle.missing_keys(), 0);
+    // ...and the same client's next requests draw on the same limit.
+    assert_eq!(
+        client.request(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let res = client.request(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(handle.remaining_for(&me), 0);
+    assert_eq!(handle.tracked_keys(), 1);
+}
+
+/// Two clients, told apart by the `ConnectInfo` Axum records, have two limits.
+#[cfg(feature = "axum")]
+#[test]
+fn client_ip_keys_axum_clients_apart() {
+    use std::net::SocketAddr;
+
+    use axum::extract::ConnectInfo;
+
+    let (clock, _hand) = Clock::manual();
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_minute(1).unwrap()).clock(clock),
+        key::ClientIp::new(),
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    let from = |peer: &str| {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        req
+    };
+    assert!(check(&mut svc, from("198.51.100.1:4000")).is_ok());
+    assert!(
+        check(&mut svc, from("198.51.100.2:4000")).is_ok(),
+        "another client has its own limit"
+    );
+    assert!(check(&mut svc, from("198.51.100.1:5000")).is_err());
+    assert_eq!(handle.missing_keys(), 0);
+}
+
+/// A request with no client address is never put under one limit shared by all such requests:
+/// by default it is refused with a clear rejection, counted, and warned about once; a layer
+/// can choose to let such requests through instead, still counted.
+#[test]
+fn a_request_without_a_client_address_is_refused_and_counted() {
+    use tower_bulwark::rate_limit::{KeyedConfig, MissingKey};
+
+    let (out, _guard) = tracing_on::capture(tracing::Level::WARN);
+    let layer = RateLimitLayer::keyed(Quota::per_minute(100).unwrap(), key::ClientIp::new());
+    let handle = layer.handle();
+    let calls = Counting::default();
+    let mut svc = layer.layer(calls.clone());
+    for _ in 0..3 {
+        let err = check(&mut svc, Request::new(())).unwrap_err();
+        let r = err.downcast_ref::<Rejection>().expect("a rejection");
+        assert_eq!(r.kind(), RejectionKind::RateLimitKeyMissing);
+        assert_eq!(r.kind().http_status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(calls.0.load(Ordering::SeqCst), 0);
+    assert_eq!((handle.missing_keys(), handle.rejected()), (3, 0));
+    assert_eq!(handle.tracked_keys(), 0, "no shared bucket");
+    let warnings = out
+        .text()
+        .lines()
+        .filter(|l| l.contains("has no key"))
+        .count();
+    assert_eq!(warnings, 1, "warned once: {}", out.text());
+
+    // Fail open, by choice: admitted without a limit, still counted.
+    let layer = RateLimitLayer::keyed(
+        KeyedConfig::new(Quota::per_minute(1).unwrap()).when_key_missing(MissingKey::Admit),
+        key::ClientIp::new(),
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(calls.clone());
+    for _ in 0..3 {
+        assert!(check(&mut svc, Request::new(())).is_ok());
+    }
+    assert_eq!((handle.missing_keys(), handle.tracked_keys()), (3, 0));
 }

@@ -469,12 +469,12 @@ async fn a_dropped_future_releases_what_the_inner_service_reserved() {
             .unwrap(),
     );
     // ConcurrencyLimit(1) below: its permit is taken in poll_ready and moves into the future.
-    let mut svc = ServiceBuilder::new()
-        .layer(layer)
+    let limited = ServiceBuilder::new()
         .concurrency_limit(1)
         .service(Counting::default());
+    let mut other = limited.clone();
+    let mut svc = ServiceBuilder::new().layer(layer).service(limited);
     let mut cx = Context::from_waker(Waker::noop());
-    let mut other = svc.clone();
     assert!(Service::<()>::poll_ready(&mut svc, &mut cx).is_ready());
     let mut fut = Box::pin(svc.call(()));
     // The check is in flight: the permit is held by the future, not by `svc`.
@@ -485,8 +485,8 @@ async fn a_dropped_future_releases_what_the_inner_service_reserved() {
         Service::<()>::poll_ready(&mut other, &mut cx).is_ready(),
         "permit leaked"
     );
-    // A readiness reserved and never used is released with the service.
     drop(other);
+    // A readiness reserved and never used is released with the service.
     assert!(Service::<()>::poll_ready(&mut svc, &mut cx).is_ready());
     svc.call(()).await.unwrap();
 }
@@ -847,4 +847,49 @@ async fn a_turn_is_given_back_by_the_interval_that_reserved_it() {
         after_refund.abs_diff(after_a) < 1_000,
         "back by B's 250 ms, not the new 1 s: {after_a} then {after_refund}"
     );
+}
+
+/// A refusal does not wait on the inner service's readiness (tower's `LoadShed` pattern):
+/// with the service below not ready, `poll_ready` is ready at once, a request over the limit
+/// is refused as soon as Redis answers, and an admitted one waits for the inner readiness.
+#[tokio::test]
+async fn a_refusal_does_not_wait_on_the_inner_readiness() {
+    let server = server_or_skip!("a_refusal_does_not_wait_on_the_inner_readiness");
+    let layer = patient(
+        RedisRateLimitLayer::keyed(
+            conn(&server.url()).await,
+            Quota::per_hour(1).unwrap(),
+            |r: &u32| *r,
+        )
+        .unwrap()
+        .prefix("t-ready:")
+        .unwrap(),
+    );
+    let (mock, mut inner) = tower_test::mock::pair::<u32, u32>();
+    let mut svc = tower::Layer::layer(&layer, mock);
+    let mut cx = Context::from_waker(Waker::noop());
+    // Key 2 spends its quota while the inner service is ready.
+    inner.allow(1);
+    let first = tokio::spawn(svc.ready().await.unwrap().call(2));
+    let (_, send) = inner.next_request().await.expect("the first request");
+    send.send_response(20);
+    assert_eq!(first.await.unwrap().unwrap(), 20);
+
+    // The inner service is not ready now (its one allowance is spent).
+    assert!(
+        svc.poll_ready(&mut cx).is_ready(),
+        "held back by the inner readiness"
+    );
+    let admitted = tokio::spawn(svc.call(1));
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let refused = tokio::time::timeout(PATIENT, svc.call(2))
+        .await
+        .expect("refused without waiting on the inner readiness");
+    assert_eq!(kind(&refused.unwrap_err()), RejectionKind::RateLimited);
+    // The admitted request goes on once the inner service is ready.
+    inner.allow(1);
+    let (req, send) = inner.next_request().await.expect("the admitted request");
+    assert_eq!(req, 1);
+    send.send_response(10);
+    assert_eq!(admitted.await.unwrap().unwrap(), 10);
 }

@@ -28,8 +28,9 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropped at any point, it gives back what it holds: the permit of a running request,
-    /// the place of a waiting one (and a wake-up it was handed passes on to the next waiter).
+    /// Dropped at any point, it gives back what it holds: the permit of a running request (or
+    /// of one admitted and waiting for the inner service's readiness), the place of a waiting
+    /// one (and a wake-up it was handed passes on to the next waiter).
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<S, Req, R, C = ErrorsOnly>
     where
@@ -60,6 +61,13 @@ pin_project! {
             // Boxed so the admit path's future stays small; only waiters pay for it.
             waiter: Pin<Box<Waiter<S, Req>>>,
         },
+        // Admitted, waiting for the inner service's readiness before the call.
+        Readying {
+            // Boxed for the same reason.
+            call: Box<(S, Option<Req>)>,
+            permit: Option<Permit>,
+            start: u64,
+        },
         Shed {
             retry_after: Duration,
         },
@@ -74,6 +82,8 @@ pin_project! {
         #[pin]
         sleep: Sleep,
         svc: Option<S>,
+        // Whether `svc` was ready when the request was queued.
+        ready: bool,
         req: Option<Req>,
         retry_after: Duration,
         queued: Queued,
@@ -135,8 +145,28 @@ where
         }
     }
 
-    /// A waiter: already counted in the budget's queue.
-    pub(crate) fn waiting(svc: S, req: Req, shared: Arc<Shared>, cfg: Config, classify: C) -> Self {
+    /// Admitted while the inner service is not ready: waits for its readiness, then calls it.
+    pub(crate) fn readying(svc: S, req: Req, permit: Permit, start: u64, classify: C) -> Self {
+        ResponseFuture {
+            state: State::Readying {
+                call: Box::new((svc, Some(req))),
+                permit: Some(permit),
+                start,
+            },
+            classify,
+            _release: PhantomData,
+        }
+    }
+
+    /// A waiter: already counted in the budget's queue. `ready`: whether `svc` is ready.
+    pub(crate) fn waiting(
+        svc: S,
+        ready: bool,
+        req: Req,
+        shared: Arc<Shared>,
+        cfg: Config,
+        classify: C,
+    ) -> Self {
         let now = tokio::time::Instant::now();
         let deadline = now
             .checked_add(cfg.max_wait)
@@ -148,6 +178,7 @@ where
                     notified,
                     sleep: tokio::time::sleep_until(deadline),
                     svc: Some(svc),
+                    ready,
                     req: Some(req),
                     retry_after: cfg.retry_after,
                     queued: Queued(shared),
@@ -192,13 +223,22 @@ where
                         let (permit, start) = Permit::new(&w.queued.0, in_flight);
                         let mut svc = w.svc.take().expect("admitted once");
                         let req = w.req.take().expect("admitted once");
-                        // `svc` was made ready by `poll_ready` before the call that queued it.
-                        let fut = svc.call(req);
-                        state.set(State::Running {
-                            fut,
-                            permit: Some(permit),
-                            start,
-                        });
+                        if *w.ready {
+                            // `svc` was made ready by `poll_ready` before the call that
+                            // queued it.
+                            let fut = svc.call(req);
+                            state.set(State::Running {
+                                fut,
+                                permit: Some(permit),
+                                start,
+                            });
+                        } else {
+                            state.set(State::Readying {
+                                call: Box::new((svc, Some(req))),
+                                permit: Some(permit),
+                                start,
+                            });
+                        }
                     }
                     None => {
                         let retry_after = *waiter.as_mut().project().retry_after;
@@ -209,6 +249,25 @@ where
                             .into()));
                     }
                 },
+                StateProj::Readying {
+                    call,
+                    permit,
+                    start,
+                } => {
+                    let (svc, req) = &mut **call;
+                    if let Err(e) = ready!(svc.poll_ready(cx)) {
+                        // A failure of the service below, for an adaptive limit's samples.
+                        if let Some(permit) = permit.take() {
+                            permit.finish(*start, Outcome::Failure);
+                        }
+                        state.set(State::Done);
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let req = req.take().expect("polled after completion");
+                    let fut = svc.call(req);
+                    let (permit, start) = (permit.take(), *start);
+                    state.set(State::Running { fut, permit, start });
+                }
                 StateProj::Shed { retry_after } => {
                     let retry_after = *retry_after;
                     state.set(State::Done);
@@ -299,6 +358,7 @@ where
         let state = match &self.state {
             State::Running { .. } => "running",
             State::Waiting { .. } => "waiting",
+            State::Readying { .. } => "readying",
             State::Shed { .. } => "shed",
             State::Done => "done",
         };

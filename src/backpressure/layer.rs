@@ -10,7 +10,6 @@ use super::error::ConfigError;
 use super::service::Backpressure;
 use super::state::{BackpressureHandle, Shared, MAX_LIMIT};
 use crate::classify::ErrorsOnly;
-use crate::clock::Clock;
 
 /// The permit is given back when the response future completes (the default).
 ///
@@ -129,16 +128,6 @@ impl<R, C> BackpressureLayer<R, C> {
     /// (default 1 s; `Retry-After: 1` over HTTP).
     pub fn retry_after(mut self, retry_after: Duration) -> Self {
         self.cfg.retry_after = retry_after;
-        self
-    }
-
-    /// The clock the budget reads: for adaptive latency samples and to rate-limit the
-    /// shedding event. Use [`Clock::tokio`] under tokio's paused time.
-    ///
-    /// The clock belongs to the budget: the first one set on it stays (a budget's samples
-    /// must all be read on one time line), later calls change nothing.
-    pub fn clock(self, clock: Clock) -> Self {
-        let _ = self.shared.set_clock(clock);
         self
     }
 

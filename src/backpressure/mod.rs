@@ -75,10 +75,12 @@
 //!   stack is at most the limit plus `max_queue` waiters plus the Buffer's bound. Keep the
 //!   bound small.
 //! - **With a Buffer (or any service that can be not ready) below it**, the inner readiness
-//!   gates calls, as everywhere in tower: callers beyond the Buffer's bound wait in
-//!   `poll_ready`, which this layer does not bound, and a request waiting for a permit keeps
-//!   the inner slot its `poll_ready` reserved until it is admitted (or dropped). Put a
-//!   timeout or a load shedder above if that wait must be bounded too.
+//!   never holds back a shed (tower's `LoadShed` pattern): this layer's `poll_ready` is ready
+//!   at once, a request that finds the budget spent is shed at once, and an admitted request
+//!   waits for the inner readiness in its response future, holding its permit (so at most the
+//!   limit wait there). A request waiting for a permit keeps the inner slot its `poll_ready`
+//!   reserved, if it got one, until it is admitted (or dropped). Put a timeout above if the
+//!   wait for the inner readiness must be bounded too.
 //! - **On a client** (in front of one dependency), wait a little (`max_wait`) rather than shed,
 //!   and put a retry layer above it that honours the rejection's `retry_after`.
 //!
@@ -168,9 +170,11 @@
 //! # Tests under paused time
 //!
 //! Waiting uses `tokio::time`, so `#[tokio::test(start_paused = true)]` and
-//! `tokio::time::advance` drive `max_wait`. For adaptive limits, measure latency on tokio's
-//! clock too: `Adaptive::gradient(..).clock(Clock::tokio())` (or
-//! `.clock(Clock::tokio())` on the layer), made inside the test.
+//! `tokio::time::advance` drive `max_wait`, and the shedding event's once-a-second limit
+//! follows tokio's time too. For adaptive limits, measure latency on tokio's clock as well:
+//! `Adaptive::gradient(..).clock(Clock::tokio())`, made inside the test. The clock is part of
+//! the adaptive configuration the budget is made from (there is no clock to set on the layer,
+//! which may share a budget with others).
 //!
 //! # Order of admission
 //!

@@ -13,17 +13,28 @@ use crate::classify::{Classify, ErrorsOnly};
 
 /// The service made by [`BackpressureLayer`](super::BackpressureLayer).
 ///
-/// `poll_ready` is the inner service's readiness and nothing more: no permit is reserved by
-/// it, so a service made ready and never called (an idle keep-alive connection, a clone
-/// Axum made for a request that never came) holds no part of the budget. The decision is
-/// taken in `call`: admit with a permit, wait for one (in the response future, bounded by
-/// `max_wait` and `max_queue`), or shed.
+/// The decision is taken in `call`: admit with a permit, wait for one (in the response
+/// future, bounded by `max_wait` and `max_queue`), or shed.
+///
+/// # Readiness
+///
+/// A shed never waits on the inner service's readiness (tower's `LoadShed` pattern):
+/// `poll_ready` polls the inner service, remembers whether it is ready, and is ready itself
+/// at once (only an inner error is passed on). No permit is reserved by it, so a service made
+/// ready and never called (an idle keep-alive connection, a clone Axum made for a request that
+/// never came) holds no part of the budget. In `call`, a request that finds the budget spent
+/// is shed at once (or waits for a permit, with `max_wait`), whatever the inner readiness; an
+/// admitted request whose inner service was not ready waits for that readiness in the
+/// response future, holding its permit, with the inner service moved there (a clone stays in
+/// place). Dropped while it waits, it gives the permit back.
 ///
 /// # Clone
 ///
 /// Clones draw on the same budget. A clone starts with nothing reserved.
 pub struct Backpressure<S, R = ReleaseOnResponse, C = ErrorsOnly> {
     inner: S,
+    // Whether the inner service's last `poll_ready` was ready (a reservation to consume).
+    is_ready: bool,
     // The budget's hot state, read without going through `shared` on the admit path.
     hot: &'static Hot,
     adaptive: bool,
@@ -37,6 +48,7 @@ impl<S, R, C> Backpressure<S, R, C> {
     pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, cfg: Config, classify: C) -> Self {
         Backpressure {
             inner,
+            is_ready: false,
             hot: shared.hot,
             adaptive: shared.adaptive.is_some(),
             shared,
@@ -68,6 +80,22 @@ impl<S, R, C> Backpressure<S, R, C> {
         self.inner
     }
 
+    /// Polls the inner service and remembers its readiness; never waits on it, so that a shed
+    /// does not wait on the inner readiness.
+    #[inline]
+    fn poll_inner<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+    {
+        self.is_ready = match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => false,
+        };
+        Poll::Ready(Ok(()))
+    }
+
     #[inline]
     fn start<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, R, C>
     where
@@ -81,6 +109,10 @@ impl<S, R, C> Backpressure<S, R, C> {
             } else {
                 (Permit::fixed(self.hot), 0)
             };
+            if !self.is_ready {
+                return self.readying(req, permit, start);
+            }
+            self.is_ready = false;
             return ResponseFuture::running(
                 self.inner.call(req),
                 permit,
@@ -96,11 +128,13 @@ impl<S, R, C> Backpressure<S, R, C> {
             self.shared.on_shed(false);
             return ResponseFuture::shed(self.cfg.retry_after, self.classify.clone());
         }
-        // Wait for a permit in the response future, with the service made ready by
-        // `poll_ready`; a fresh clone stays here and is made ready again for the next call.
+        // Wait for a permit in the response future, with the service `poll_ready` polled
+        // (ready or not); a fresh clone stays here and is made ready again for the next call.
         let fresh = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, fresh);
+        let svc = std::mem::replace(&mut self.inner, fresh);
+        let ready = std::mem::take(&mut self.is_ready);
         ResponseFuture::waiting(
+            svc,
             ready,
             req,
             self.shared.clone(),
@@ -108,12 +142,32 @@ impl<S, R, C> Backpressure<S, R, C> {
             self.classify.clone(),
         )
     }
+
+    /// Admitted, but the inner service was not ready: wait for its readiness in the response
+    /// future, holding the permit, leaving a clone.
+    #[cold]
+    #[inline(never)]
+    fn readying<Req>(
+        &mut self,
+        req: Req,
+        permit: Permit,
+        start: u64,
+    ) -> ResponseFuture<S, Req, R, C>
+    where
+        S: Service<Req> + Clone,
+        C: Clone,
+    {
+        let fresh = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, fresh);
+        ResponseFuture::readying(svc, req, permit, start, self.classify.clone())
+    }
 }
 
 impl<S: Clone, R, C: Clone> Clone for Backpressure<S, R, C> {
     fn clone(&self) -> Self {
         Backpressure {
             inner: self.inner.clone(),
+            is_ready: false,
             hot: self.hot,
             adaptive: self.adaptive,
             shared: self.shared.clone(),
@@ -147,7 +201,7 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.poll_inner(cx)
     }
 
     #[inline]
@@ -169,7 +223,7 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.poll_inner(cx)
     }
 
     #[inline]

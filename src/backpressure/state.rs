@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -123,8 +123,10 @@ struct Cold {
 pub(crate) struct Shared {
     pub(crate) hot: &'static Hot,
     cold: Cold,
-    clock_set: OnceLock<Clock>,
-    clock_default: Clock,
+    // An adaptive budget's samples are read on this clock (its configuration's).
+    clock: Clock,
+    // The shedding event is rate-limited on tokio's time, so it follows paused time.
+    log_clock: Clock,
     pub(crate) adaptive: Option<AdaptiveState>,
 }
 
@@ -141,10 +143,6 @@ impl Drop for Shared {
 
 impl Shared {
     pub(crate) fn new(limit: u32, adaptive: Option<AdaptiveState>, clock: Option<Clock>) -> Self {
-        let clock_set = OnceLock::new();
-        if let Some(c) = clock {
-            let _ = clock_set.set(c);
-        }
         Shared {
             hot: Hot::take(limit.min(MAX_LIMIT)),
             cold: Cold {
@@ -153,20 +151,15 @@ impl Shared {
                 last_log_nanos: AtomicU64::new(0),
                 peak_in_flight: AtomicU32::new(0),
             },
-            clock_set,
-            clock_default: Clock::new(),
+            clock: clock.unwrap_or_default(),
+            log_clock: Clock::tokio(),
             adaptive,
         }
     }
 
     #[inline]
     pub(crate) fn clock(&self) -> &Clock {
-        self.clock_set.get().unwrap_or(&self.clock_default)
-    }
-
-    /// Sets the clock once; later calls are ignored. Returns whether it was set.
-    pub(crate) fn set_clock(&self, clock: Clock) -> bool {
-        self.clock_set.set(clock).is_ok()
+        &self.clock
     }
 
     /// Registers a waiter unless `max_queue` are already waiting.
@@ -243,7 +236,7 @@ impl Shared {
     pub(crate) fn on_shed(&self, waited: bool) {
         let total = self.cold.shed.fetch_add(1, Ordering::Relaxed) + 1;
         // Times are kept one nanosecond late so that 0 means "never logged".
-        let now = self.clock().now_nanos().saturating_add(1);
+        let now = self.log_clock.now_nanos().saturating_add(1);
         let last = self.cold.last_log_nanos.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= SHED_LOG_EVERY_NANOS)
             && self

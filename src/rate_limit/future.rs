@@ -21,8 +21,8 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropping it while it waits for a reserved turn gives the turn back, unless a later turn
-    /// was reserved meanwhile (then it stays spent: giving it back would hand the next waiter
+    /// Dropping it while it waits for a reserved turn, or for the inner service's readiness,
+    /// gives the turn back, unless a later turn was reserved meanwhile (then it stays spent: giving it back would hand the next waiter
     /// a turn twice). Nothing else is held.
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, Req, H>
@@ -51,8 +51,10 @@ pin_project! {
 
 pin_project! {
     struct Waiter<S, Req> {
+        // The wait for a reserved turn; none when the turn is now and only the inner
+        // readiness is awaited.
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
         svc: Option<S>,
         req: Option<Req>,
         refund: Refund,
@@ -85,11 +87,17 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
         }
     }
 
-    pub(crate) fn waiting(wait: Duration, svc: S, req: Req, slot: H::Slot, refund: Refund) -> Self {
+    pub(crate) fn waiting(
+        wait: Option<Duration>,
+        svc: S,
+        req: Req,
+        slot: H::Slot,
+        refund: Refund,
+    ) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 waiter: Box::pin(Waiter {
-                    sleep: tokio::time::sleep(wait),
+                    sleep: wait.map(tokio::time::sleep),
                     svc: Some(svc),
                     req: Some(req),
                     refund,
@@ -142,14 +150,16 @@ where
                     return Poll::Ready(Ok(res));
                 }
                 StateProj::Waiting { waiter } => {
-                    let w = waiter.as_mut().project();
-                    ready!(w.sleep.poll(cx));
-                    // The turn has come: it is used, whatever happens next.
-                    w.refund.shared = None;
-                    let (svc, req) = (w.svc, w.req);
-                    let s = svc.as_mut().expect("polled after completion");
+                    let mut w = waiter.as_mut().project();
+                    if let Some(sleep) = w.sleep.as_mut().as_pin_mut() {
+                        ready!(sleep.poll(cx));
+                        w.sleep.set(None);
+                    }
+                    let s = w.svc.as_mut().expect("polled after completion");
                     ready!(s.poll_ready(cx)).map_err(Into::into)?;
-                    let req = req.take().expect("polled after completion");
+                    // The turn is used now, whatever happens next.
+                    w.refund.shared = None;
+                    let req = w.req.take().expect("polled after completion");
                     let fut = s.call(req);
                     self.as_mut().project().state.set(State::Called { fut });
                 }

@@ -6,6 +6,17 @@
 //! `interval` is the time one token takes to come back and `tolerance = burst * interval`;
 //! admitting it moves the TAT to `max(tat, now) + interval`. A TAT in the past is the same as
 //! a fresh limit, which is what lets the keyed table reuse such slots at once.
+//!
+//! # Clock slack
+//!
+//! The conforming check allows a request up to [`CLOCK_SLACK_NS`] early (10 µs, and always
+//! less than one interval): `allowed_at <= now + slack`. Waits and `retry_after` still run to
+//! the exact edge, so a client that comes back after its `retry_after` is admitted. A time-stamp counter read on one core
+//! can be a microsecond or two behind one read on another, so a client sending at exactly
+//! the quota's rate would otherwise be refused now and then with a `retry_after` of a few
+//! microseconds (which HTTP rounds up to `Retry-After: 1`). The slack bounds what it costs:
+//! over any span the limit admits fewer than one request more than `burst + span / interval`,
+//! and at one instant exactly the burst.
 
 use std::fmt;
 use std::time::Duration;
@@ -15,6 +26,10 @@ use crate::clock::duration_nanos;
 /// The largest `burst * interval` accepted, in nanoseconds: about 9 years. The keyed table
 /// keeps times in 60 bits, so this also bounds how far ahead a TAT can be.
 pub(crate) const MAX_TOLERANCE_NS: u64 = 1 << 58;
+
+/// How early a request may be and still conform: 10 µs, capped below one interval (see the
+/// module docs). Larger than any backwards step of the crate's clocks across threads.
+pub(crate) const CLOCK_SLACK_NS: u64 = 10_000;
 
 /// A rate: how many requests per period, and how many may come at once (the burst).
 ///
@@ -179,14 +194,16 @@ pub(crate) enum Step {
 /// One GCRA step: a request at `now` against a limit whose TAT is `tat`.
 ///
 /// `max_wait_ns` is how long the caller accepts to wait for its turn (0: admit only at once).
-/// A `now` earlier than a previous one (a clock that jumped back) is handled: the TAT is never
-/// moved back, so such a step can only be stricter, never admit more.
+/// A request up to the clock slack early conforms (see the module docs). A `now` earlier than
+/// a previous one (a clock that jumped back) is handled: the TAT is never moved back, so such
+/// a step admits at most what the slack allows.
 #[inline]
 pub(crate) fn step(tat: u64, now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
     let new_tat = tat.max(now).saturating_add(interval);
     // The earliest instant at which this request fits in the burst.
     let allowed_at = new_tat.saturating_sub(tolerance);
-    if allowed_at <= now {
+    let slack = CLOCK_SLACK_NS.min(interval.saturating_sub(1));
+    if allowed_at <= now.saturating_add(slack) {
         Step::Admit {
             new_tat,
             wait_ns: 0,
@@ -251,7 +268,8 @@ mod tests {
 
     #[test]
     fn burst_then_one_per_interval() {
-        let (i, tol) = (10, 30);
+        // An interval of 11 ns: the slack is 10 ns.
+        let (i, tol) = (11, 33);
         let mut tat = 0;
         let now = 1_000;
         for _ in 0..3 {
@@ -263,25 +281,25 @@ mod tests {
                 s => panic!("{s:?}"),
             }
         }
+        // The next token is due in 11 ns; the request conforms 10 ns early.
         assert_eq!(
             step(tat, now, i, tol, 0),
-            Step::Reject { retry_after_ns: 10 }
+            Step::Reject { retry_after_ns: 11 }
         );
         assert_eq!(remaining(tat, now, i, tol), 0);
-        // Exactly at the retry time it is admitted; one nanosecond before it is not.
+        assert!(matches!(
+            step(tat, now + 1, i, tol, 0),
+            Step::Admit { wait_ns: 0, .. }
+        ));
+        // A waiter within its bound is admitted with the wait to the exact edge.
         assert_eq!(
-            step(tat, now + 9, i, tol, 0),
-            Step::Reject { retry_after_ns: 1 }
-        );
-        assert!(matches!(step(tat, now + 10, i, tol, 0), Step::Admit { .. }));
-        // A waiter within its bound is admitted with the wait.
-        assert_eq!(
-            step(tat, now, i, tol, 10),
+            step(tat, now, i, tol, 11),
             Step::Admit {
-                new_tat: tat + 10,
-                wait_ns: 10
+                new_tat: tat + 11,
+                wait_ns: 11
             }
         );
+        assert!(matches!(step(tat, now, i, tol, 10), Step::Reject { .. }));
     }
 
     #[test]
@@ -308,9 +326,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_request_a_few_microseconds_early_at_the_rate_edge_conforms() {
+        // 100 per second, burst 1: after a request at 1 s, the next is due at 1.01 s. Read
+        // 3 µs early (a clock behind by that much), it is admitted, and the TAT moves from the
+        // edge, not from the early reading.
+        let (i, tol) = (10_000_000, 10_000_000);
+        let Step::Admit { new_tat, .. } = step(0, 1_000_000_000, i, tol, 0) else {
+            panic!()
+        };
+        assert_eq!(
+            step(new_tat, 1_010_000_000 - 3_000, i, tol, 0),
+            Step::Admit {
+                new_tat: 1_020_000_000,
+                wait_ns: 0
+            }
+        );
+        // Beyond the slack, it is refused, with the time to the exact edge.
+        assert_eq!(
+            step(new_tat, 1_010_000_000 - 10_001, i, tol, 0),
+            Step::Reject {
+                retry_after_ns: 10_001
+            }
+        );
+        // At one instant, exactly the burst: the slack is less than one interval.
+        for i in [1, 2, 1_000, 10_000, 10_001, 1 << 20] {
+            let tol = 3 * i;
+            let mut tat = 0;
+            let mut admitted = 0;
+            for _ in 0..10 {
+                if let Step::Admit { new_tat, .. } = step(tat, 1 << 40, i, tol, 0) {
+                    tat = new_tat;
+                    admitted += 1;
+                }
+            }
+            assert_eq!(admitted, 3, "interval {i}");
+        }
+    }
+
     proptest! {
         /// Over any sequence of request times (monotonic or not), the number admitted never
-        /// exceeds `burst + span / interval`, where span is the range of times seen.
+        /// exceeds `burst + (span + slack) / interval`, where span is the range of times seen
+        /// (and the slack is less than one interval).
         #[test]
         fn never_over_admits(
             interval in 1u64..1_000_000,
@@ -333,13 +390,14 @@ mod tests {
                     tat = new_tat;
                     admitted += 1;
                 }
-                let allowed = burst + (max_now - min_now) / interval;
+                let slack = CLOCK_SLACK_NS.min(interval - 1);
+                let allowed = burst + (max_now - min_now + slack) / interval;
                 prop_assert!(admitted <= allowed, "admitted {} > allowed {}", admitted, allowed);
             }
         }
 
-        /// A rejection's retry_after is exact: one nanosecond earlier is still refused, at it
-        /// the request is admitted.
+        /// A rejection's retry_after is exact: at it the request is admitted, and one
+        /// nanosecond before the slack's edge it is still refused.
         #[test]
         fn retry_after_is_exact(
             interval in 1u64..1_000_000,
@@ -357,8 +415,11 @@ mod tests {
             let Step::Reject { retry_after_ns } = step(tat, now, interval, tol, 0) else {
                 return Err(TestCaseError::fail("expected a rejection"));
             };
-            let just_before = step(tat, now + retry_after_ns - 1, interval, tol, 0);
-            prop_assert_eq!(just_before, Step::Reject { retry_after_ns: 1 });
+            // Refused up to the slack before it, admitted from there on.
+            let slack = CLOCK_SLACK_NS.min(interval - 1);
+            prop_assert!(retry_after_ns > slack);
+            let just_before = step(tat, now + retry_after_ns - slack - 1, interval, tol, 0);
+            prop_assert_eq!(just_before, Step::Reject { retry_after_ns: slack + 1 });
             let admitted_at_retry = matches!(
                 step(tat, now + retry_after_ns, interval, tol, 0),
                 Step::Admit { wait_ns: 0, .. }

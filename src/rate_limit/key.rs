@@ -52,8 +52,8 @@ impl<B> KeyFn<Request<B>> for Header {
     type Key = Option<HeaderValue>;
 
     #[inline]
-    fn key(&self, req: &Request<B>) -> Option<HeaderValue> {
-        req.headers().get(&self.name).cloned()
+    fn key(&self, req: &Request<B>) -> Option<Option<HeaderValue>> {
+        Some(req.headers().get(&self.name).cloned())
     }
 }
 
@@ -137,6 +137,12 @@ pub enum ForwardedHeader {
 pub type PeerFn = fn(&Extensions) -> Option<IpAddr>;
 
 fn default_peer(ext: &Extensions) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(addr)) =
+        ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(addr.ip());
+    }
     ext.get::<SocketAddr>()
         .map(SocketAddr::ip)
         .or_else(|| ext.get::<IpAddr>().copied())
@@ -144,8 +150,10 @@ fn default_peer(ext: &Extensions) -> Option<IpAddr> {
 
 /// Keys requests by the client's IP address, safe behind proxies.
 ///
-/// The peer address comes from the request's extensions: by default a `SocketAddr` or an
-/// `IpAddr` stored there; with Axum's `ConnectInfo`, say where it is:
+/// The peer address comes from the request's extensions: by default Axum's
+/// `ConnectInfo<SocketAddr>` (with the crate's `axum` feature; Axum records it when served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`), or a `SocketAddr` or an `IpAddr`
+/// stored there. Elsewhere (or without the feature), say where it is:
 ///
 /// ```
 /// use std::net::SocketAddr;
@@ -163,8 +171,11 @@ fn default_peer(ext: &Extensions) -> Option<IpAddr> {
 /// say. When it is, the forwarding header is read from right to left (every occurrence of the
 /// header, in order), skipping trusted proxies; the first address that is not one is the
 /// client. If an entry cannot be parsed before a client address is found, or all entries are
-/// trusted, the key is the last trusted address seen: the chain cannot be trusted further. The
-/// key is `None` when there is no peer address at all.
+/// trusted, the key is the last trusted address seen: the chain cannot be trusted further.
+///
+/// When there is no peer address at all, there is no key: the limiter never puts such
+/// requests under one shared limit, but refuses them by default (see
+/// [`MissingKey`](super::MissingKey)), warns once and counts them.
 ///
 /// Only one header is read (see [`ForwardedHeader`]): reading both would let a client forge
 /// the one its proxy does not write.
@@ -327,7 +338,7 @@ fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
 }
 
 impl<B> KeyFn<Request<B>> for ClientIp {
-    type Key = Option<IpAddr>;
+    type Key = IpAddr;
 
     #[inline]
     fn key(&self, req: &Request<B>) -> Option<IpAddr> {

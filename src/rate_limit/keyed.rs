@@ -1,7 +1,9 @@
 //! A fixed-capacity, lock-free table of GCRA states, one per key.
 //!
-//! The table is an array of groups of 8 slots (two cache lines). A key hashes (with a
-//! per-table random seed) to one group and lives in one of its slots. A slot is two words:
+//! The table is an array of groups of 8 slots (two cache lines), twice as many slots as the
+//! keys it promises to track (`max_keys`, rounded up to a power of two). A key hashes (with a
+//! per-table random seed) to its home group, and lives in one of the slots of that group or,
+//! when it is full, of the next ones: its *window* of [`WINDOW`] groups. A slot is two words:
 //!
 //! - `tag`: the key's 60-bit hash identity and a 4-bit generation;
 //! - `tat`: the key's theoretical arrival time (60 bits of nanoseconds, about 36 years) and
@@ -14,18 +16,36 @@
 //!
 //! A slot whose TAT is in the past holds no information (a key whose TAT has passed is the same
 //! as an absent key), so it is free to reuse at once: the table needs no sweeper, and memory is
-//! fixed at construction. When all 8 slots of a group hold keys whose TAT is still ahead, the
-//! key closest to whole is evicted (it had the most tokens back); that key starts afresh on its
-//! next request. Evictions are counted.
+//! fixed at construction. A new key takes, in its window's order, the first group with a free
+//! slot (a never used one first, else the one whose TAT is oldest). A key whose TAT is still
+//! ahead (a *live* key) is evicted only when all the slots of the new key's window hold live
+//! keys: then the live key closest to whole (the most tokens back) is evicted, starts afresh
+//! on its next request, and the eviction is counted.
+//!
+//! # What `max_keys` guarantees
+//!
+//! With at most `max_keys` live keys, at most half the slots are live, and a window of
+//! `8 × WINDOW` slots is all live only by a rare run of hash collisions: the occupancy test
+//! (`keyed::tests::occupancy`) drives 25, 50, 75 and 100% of `max_keys` live keys through the
+//! default table and sees no eviction and no admission above the limit. Beyond `max_keys`, live
+//! keys are evicted by the rule above and counted.
+//!
+//! The common path is one hash, one group (its home) and one compare-and-swap; a key that lives
+//! outside its home group (rare below `max_keys`) and a new key take the slow path, which reads
+//! the window up to the first group with a never used slot.
 //!
 //! Two distinct keys share a state only if their 60-bit seeded hashes collide.
 
 use std::hash::{BuildHasher, Hash};
+
+use foldhash::fast::SeedableRandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::gcra::{self, Step};
 
 const GROUP: usize = 8;
+/// The groups a key may live in: its home group and the ones after it.
+pub(crate) const WINDOW: usize = 8;
 const GEN_BITS: u32 = 4;
 const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 /// A time that fits in the `tat` word.
@@ -46,7 +66,13 @@ struct Group {
 pub(crate) struct Table {
     groups: Box<[Group]>,
     mask: usize,
-    hasher: foldhash::fast::RandomState,
+    // The home group is the hash's top bits (the best mixed ones).
+    shift: u32,
+    // The groups of a key's window (fewer in a table with fewer groups).
+    window: usize,
+    // The keys tracked without eviction: half the slots.
+    max_keys: usize,
+    hasher: SeedableRandomState,
     evictions: AtomicU64,
 }
 
@@ -59,25 +85,40 @@ pub(crate) struct Checked {
 }
 
 impl Table {
-    /// A table for at least `max_keys` keys (rounded up to a power of two, at least 8).
+    /// A table for at least `max_keys` keys (rounded up to a power of two, between 8 and
+    /// 2^26), with twice as many slots.
     pub(crate) fn new(max_keys: usize) -> Table {
-        let slots = max_keys.clamp(GROUP, 1 << 26).next_power_of_two();
-        let n_groups = slots / GROUP;
+        Table::with_hasher(max_keys, SeedableRandomState::random())
+    }
+
+    fn with_hasher(max_keys: usize, hasher: SeedableRandomState) -> Table {
+        let max_keys = max_keys.clamp(GROUP, 1 << 26).next_power_of_two();
+        let n_groups = 2 * max_keys / GROUP;
         let groups = (0..n_groups).map(|_| Group::default()).collect();
         Table {
             groups,
             mask: n_groups - 1,
-            hasher: foldhash::fast::RandomState::default(),
+            shift: 64 - n_groups.trailing_zeros(),
+            window: WINDOW.min(n_groups),
+            max_keys,
+            hasher,
             evictions: AtomicU64::new(0),
         }
     }
 
-    pub(crate) fn capacity(&self) -> usize {
-        self.groups.len() * GROUP
+    /// The keys tracked without eviction (see the module docs).
+    pub(crate) fn max_keys(&self) -> usize {
+        self.max_keys
     }
 
     pub(crate) fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// The `d`-th group of the window of `hash`.
+    #[inline]
+    fn group(&self, hash: u64, d: usize) -> &Group {
+        &self.groups[((hash >> self.shift) as usize).wrapping_add(d) & self.mask]
     }
 
     #[inline]
@@ -105,15 +146,21 @@ impl Table {
 
     /// The TAT of a key without changing it (`None`: absent, i.e. whole).
     pub(crate) fn peek(&self, hash: u64) -> Option<u64> {
-        let group = &self.groups[(hash as usize) & self.mask];
         let ident = Self::ident(hash);
-        for slot in &group.slots {
-            let tag = slot.tag.load(Ordering::Acquire);
-            if tag & !GEN_MASK == ident {
-                let word = slot.tat.load(Ordering::Acquire);
-                if word & GEN_MASK == tag & GEN_MASK {
-                    return Some(word >> GEN_BITS);
+        for d in 0..self.window {
+            let mut unused = false;
+            for slot in &self.group(hash, d).slots {
+                let tag = slot.tag.load(Ordering::Acquire);
+                unused |= tag == 0;
+                if tag & !GEN_MASK == ident {
+                    let word = slot.tat.load(Ordering::Acquire);
+                    if word & GEN_MASK == tag & GEN_MASK {
+                        return Some(word >> GEN_BITS);
+                    }
                 }
+            }
+            if unused {
+                break;
             }
         }
         None
@@ -133,7 +180,7 @@ impl Table {
         max_wait_ns: u64,
     ) -> Checked {
         let now = now.min(MAX_TIME - 1);
-        let group = &self.groups[(hash as usize) & self.mask];
+        let group = self.group(hash, 0);
         let ident = Self::ident(hash);
         for slot in &group.slots {
             let tag = slot.tag.load(Ordering::Acquire);
@@ -174,20 +221,21 @@ impl Table {
     /// Moves the key's TAT back by one interval if it is still `new_tat` (a reserved turn
     /// given back); does nothing if the key moved on or left its slot.
     pub(crate) fn refund(&self, hash: u64, new_tat: u64, interval: u64) {
-        let group = &self.groups[(hash as usize) & self.mask];
         let ident = Self::ident(hash);
-        for slot in &group.slots {
-            let tag = slot.tag.load(Ordering::Acquire);
-            if tag & !GEN_MASK != ident {
-                continue;
+        for d in 0..self.window {
+            for slot in &self.group(hash, d).slots {
+                let tag = slot.tag.load(Ordering::Acquire);
+                if tag & !GEN_MASK != ident {
+                    continue;
+                }
+                let gen = tag & GEN_MASK;
+                let word = (new_tat.min(MAX_TIME) << GEN_BITS) | gen;
+                let back = (new_tat.min(MAX_TIME).saturating_sub(interval) << GEN_BITS) | gen;
+                let _ = slot
+                    .tat
+                    .compare_exchange(word, back, Ordering::AcqRel, Ordering::Acquire);
+                return;
             }
-            let gen = tag & GEN_MASK;
-            let word = (new_tat.min(MAX_TIME) << GEN_BITS) | gen;
-            let back = (new_tat.min(MAX_TIME).saturating_sub(interval) << GEN_BITS) | gen;
-            let _ = slot
-                .tat
-                .compare_exchange(word, back, Ordering::AcqRel, Ordering::Acquire);
-            return;
         }
     }
 
@@ -201,71 +249,93 @@ impl Table {
         tolerance: u64,
         max_wait_ns: u64,
     ) -> Checked {
-        let group = &self.groups[(hash as usize) & self.mask];
         let ident = Self::ident(hash);
         'retry: loop {
-            // Look for the key.
-            for slot in &group.slots {
-                let tag = slot.tag.load(Ordering::Acquire);
-                if tag & !GEN_MASK != ident {
-                    continue;
-                }
-                let gen = tag & GEN_MASK;
-                let mut word = slot.tat.load(Ordering::Acquire);
-                loop {
-                    if word & GEN_MASK != gen {
-                        // The slot is being handed to another key (or was): wait for the claim
-                        // to publish its tag, then look again.
-                        settle(slot);
-                        continue 'retry;
+            // Look for the key in its window, up to the first group with a never used slot: a
+            // key is placed in the first group with a free slot, and a slot once used is never
+            // unused again, so the key cannot be beyond such a group.
+            for d in 0..self.window {
+                let mut unused = false;
+                for slot in &self.group(hash, d).slots {
+                    let tag = slot.tag.load(Ordering::Acquire);
+                    unused |= tag == 0;
+                    if tag & !GEN_MASK != ident {
+                        continue;
                     }
-                    let tat = word >> GEN_BITS;
-                    match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
-                        Step::Admit { new_tat, wait_ns } => {
-                            let new_tat = new_tat.min(MAX_TIME);
-                            let new_word = (new_tat << GEN_BITS) | gen;
-                            match slot.tat.compare_exchange_weak(
-                                word,
-                                new_word,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            ) {
-                                Ok(_) => {
-                                    return Checked {
-                                        step: Step::Admit { new_tat, wait_ns },
-                                        tat: new_tat,
+                    let gen = tag & GEN_MASK;
+                    let mut word = slot.tat.load(Ordering::Acquire);
+                    loop {
+                        if word & GEN_MASK != gen {
+                            // The slot is being handed to another key (or was): wait for the
+                            // claim to publish its tag, then look again.
+                            settle(slot);
+                            continue 'retry;
+                        }
+                        let tat = word >> GEN_BITS;
+                        match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
+                            Step::Admit { new_tat, wait_ns } => {
+                                let new_tat = new_tat.min(MAX_TIME);
+                                let new_word = (new_tat << GEN_BITS) | gen;
+                                match slot.tat.compare_exchange_weak(
+                                    word,
+                                    new_word,
+                                    Ordering::AcqRel,
+                                    Ordering::Acquire,
+                                ) {
+                                    Ok(_) => {
+                                        return Checked {
+                                            step: Step::Admit { new_tat, wait_ns },
+                                            tat: new_tat,
+                                        }
                                     }
+                                    Err(actual) => word = actual,
                                 }
-                                Err(actual) => word = actual,
+                            }
+                            reject @ Step::Reject { .. } => {
+                                return Checked { step: reject, tat };
                             }
                         }
-                        reject @ Step::Reject { .. } => {
-                            return Checked { step: reject, tat };
-                        }
                     }
+                }
+                if unused {
+                    break;
                 }
             }
 
-            // Absent: claim an empty slot, else one whose state is in the past (the oldest),
-            // else the slot closest to whole; bump its generation. Empty slots first, so that
-            // keys sharing a group do not take each other's stale slots in turn.
-            let mut victim: Option<(&Slot, u64)> = None;
-            for slot in &group.slots {
-                let (tag, word) = settle(slot);
-                if tag & !GEN_MASK == ident {
-                    // The key was published meanwhile.
-                    continue 'retry;
+            // Absent: in window order, the first group with a free slot gives it (a never
+            // used slot first, else its oldest stale one); when every slot of the window is
+            // live, the live key closest to whole is evicted. A group's never used slot is
+            // taken before its stale ones, so that keys sharing a group do not take each
+            // other's stale slots in turn.
+            let mut chosen: Option<(&Slot, u64)> = None;
+            let mut closest: Option<(&Slot, u64)> = None;
+            'groups: for d in 0..self.window {
+                let mut stale: Option<(&Slot, u64)> = None;
+                for slot in &self.group(hash, d).slots {
+                    let (tag, word) = settle(slot);
+                    if tag & !GEN_MASK == ident {
+                        // The key was published meanwhile.
+                        continue 'retry;
+                    }
+                    let tat = word >> GEN_BITS;
+                    if tat <= now {
+                        if tag == 0 {
+                            chosen = Some((slot, word));
+                            break 'groups;
+                        }
+                        if stale.is_none_or(|(_, w)| (w >> GEN_BITS) > tat) {
+                            stale = Some((slot, word));
+                        }
+                    } else if closest.is_none_or(|(_, w)| (w >> GEN_BITS) > tat) {
+                        closest = Some((slot, word));
+                    }
                 }
-                if tag == 0 && word >> GEN_BITS <= now {
-                    victim = Some((slot, word));
+                if stale.is_some() {
+                    chosen = stale;
                     break;
                 }
-                let tat = word >> GEN_BITS;
-                if victim.is_none_or(|(_, w)| (w >> GEN_BITS) > tat) {
-                    victim = Some((slot, word));
-                }
             }
-            let (slot, word) = victim.expect("a group has slots");
+            let (slot, word) = chosen.or(closest).expect("a window has slots");
             let evicting = (word >> GEN_BITS) > now;
             // A fresh key's step: the TAT of an absent key is "now".
             let step = gcra::step(0, now, interval, tolerance, max_wait_ns);
@@ -319,7 +389,7 @@ fn settle(slot: &Slot) -> (u64, u64) {
 impl std::fmt::Debug for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
-            .field("capacity", &self.capacity())
+            .field("max_keys", &self.max_keys())
             .field("evictions", &self.evictions())
             .finish()
     }
@@ -331,6 +401,14 @@ mod tests {
 
     fn admitted(c: Checked) -> bool {
         matches!(c.step, Step::Admit { .. })
+    }
+
+    /// A table whose hashes are the same from run to run.
+    fn seeded(max_keys: usize, seed: u64) -> Table {
+        Table::with_hasher(
+            max_keys,
+            SeedableRandomState::with_seed(seed, foldhash::SharedSeed::global_fixed()),
+        )
     }
 
     #[test]
@@ -351,40 +429,43 @@ mod tests {
         assert_eq!(t.peek(t.hash("c")), None);
         assert_eq!(t.live_entries(now), 2);
         assert_eq!(t.live_entries(now + 3_000), 0);
+        assert_eq!(t.max_keys(), 1024);
+        assert_eq!(t.groups.len() * GROUP, 2048);
+    }
+
+    fn used_slots(t: &Table) -> usize {
+        t.groups
+            .iter()
+            .flat_map(|g| g.slots.iter())
+            .filter(|s| s.tag.load(Ordering::Relaxed) != 0)
+            .count()
     }
 
     #[test]
     fn keys_sharing_a_group_keep_their_slots() {
-        // Two keys of one group, both stale between their requests: each keeps its slot
-        // (empty slots are taken before stale ones).
+        // Two keys, both stale between their requests: each keeps its slot (never used slots
+        // are taken before stale ones), claimed once.
         let t = Table::new(8);
         let (i, tol) = (1, 1 << 32);
         let (a, b) = (t.hash(&1u64), t.hash(&2u64));
         t.check(a, 10, i, tol, 0);
         t.check(b, 20, i, tol, 0);
-        let before = t.groups[0]
-            .slots
-            .iter()
-            .filter(|s| s.tag.load(Ordering::Relaxed) != 0)
-            .count();
+        let before = used_slots(&t);
         for now in (30..1_000).step_by(10) {
             t.check(if now % 20 == 0 { a } else { b }, now, i, tol, 0);
         }
-        let after = t.groups[0]
-            .slots
-            .iter()
-            .filter(|s| s.tag.load(Ordering::Relaxed) != 0)
-            .count();
-        assert_eq!((before, after), (2, 2));
+        assert_eq!((before, used_slots(&t)), (2, 2));
         // Each slot's generation was bumped once, at its claim.
-        for s in &t.groups[0].slots[..2] {
-            assert_eq!(s.tag.load(Ordering::Relaxed) & GEN_MASK, 1);
+        for s in t.groups.iter().flat_map(|g| g.slots.iter()) {
+            if s.tag.load(Ordering::Relaxed) != 0 {
+                assert_eq!(s.tag.load(Ordering::Relaxed) & GEN_MASK, 1);
+            }
         }
     }
 
     #[test]
     fn stale_slots_are_reused_without_eviction() {
-        let t = Table::new(8); // one group
+        let t = Table::new(8); // two groups
         let (i, tol) = (10, 10);
         let mut now = 100;
         for k in 0u64..1_000 {
@@ -392,22 +473,94 @@ mod tests {
             now += 10; // each key's state is in the past by the next request
         }
         assert_eq!(t.evictions(), 0);
-        assert!(t.live_entries(now) <= 8);
+        assert!(t.live_entries(now) <= 16);
     }
 
     #[test]
-    fn full_group_evicts_closest_to_whole() {
+    fn a_full_group_overflows_into_the_next_before_evicting() {
+        // 64 keys, 128 slots: whatever the hashes, every key fits in its window while the
+        // table is at most half full; a group that fills up sends keys to the next one.
+        let t = seeded(64, 7);
+        let (i, tol) = (1_000, 1_000);
+        for k in 0u64..64 {
+            assert!(admitted(t.check(t.hash(&k), 5_000, i, tol, 0)));
+        }
+        assert_eq!(t.evictions(), 0);
+        for k in 0u64..64 {
+            assert_eq!(t.peek(t.hash(&k)), Some(6_000), "key {k}");
+            assert!(!admitted(t.check(t.hash(&k), 5_000, i, tol, 0)), "key {k}");
+        }
+    }
+
+    #[test]
+    fn a_full_window_evicts_the_key_closest_to_whole() {
+        // 8 keys promised, 16 slots in two groups: one window holds the whole table.
         let t = Table::new(8);
+        assert_eq!(t.window, 2);
         let (i, tol) = (1_000, 1_000);
         let now = 5_000;
-        for k in 0u64..8 {
+        for k in 0u64..16 {
             assert!(admitted(t.check(t.hash(&k), now + k, i, tol, 0)));
         }
         assert_eq!(t.evictions(), 0);
-        assert!(admitted(t.check(t.hash(&100u64), now + 8, i, tol, 0)));
+        assert!(admitted(t.check(t.hash(&100u64), now + 16, i, tol, 0)));
         assert_eq!(t.evictions(), 1);
         // Key 0 had the earliest TAT and was evicted.
         assert_eq!(t.peek(t.hash(&0u64)), None);
-        assert!(t.peek(t.hash(&7u64)).is_some());
+        for k in 1u64..16 {
+            assert!(t.peek(t.hash(&k)).is_some(), "key {k}");
+        }
+    }
+
+    /// Drives `live` keys (a set that depends on `seed`), all live throughout, through a
+    /// default-sized table: each key sends a burst and more, twice, with `now` in nanoseconds.
+    /// Returns (admissions above the limit, evictions).
+    fn drive(live: u64, seed: u64) -> (u64, u64) {
+        let t = seeded(crate::rate_limit::DEFAULT_MAX_KEYS, 0);
+        let key = |k: u64| (seed << 40) ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // One token a second, burst 4: every key stays live for the whole run.
+        let (i, burst) = (1_000_000_000u64, 4u64);
+        let tol = i * burst;
+        let mut now = 1u64 << 40;
+        let start = now;
+        let mut admitted_by_key = vec![0u64; live as usize];
+        for round in 0..2 {
+            for _ in 0..3 {
+                for k in 0..live {
+                    if admitted(t.check(t.hash(&key(k)), now, i, tol, 0)) {
+                        admitted_by_key[k as usize] += 1;
+                    }
+                    now += 1;
+                }
+            }
+            assert!(round == 1 || now - start < i);
+        }
+        // The run is shorter than one interval: each key may have its burst, no more.
+        let over = admitted_by_key
+            .iter()
+            .map(|&a| a.saturating_sub(burst))
+            .sum();
+        assert!(admitted_by_key.iter().all(|&a| a >= burst.min(6)));
+        (over, t.evictions())
+    }
+
+    #[test]
+    fn occupancy() {
+        let max = crate::rate_limit::DEFAULT_MAX_KEYS as u64;
+        for percent in [25, 50, 75, 100] {
+            for seed in 0..2 {
+                let (over, evictions) = drive(max * percent / 100, seed);
+                assert_eq!(
+                    (over, evictions),
+                    (0, 0),
+                    "{percent}% of max_keys, seed {seed}"
+                );
+            }
+        }
+        // Beyond max_keys, live keys are evicted, counted, and each eviction costs at most
+        // one fresh burst.
+        let (over, evictions) = drive(max * 2, 0);
+        assert!(evictions > 0);
+        assert!(over <= evictions * 4, "{over} over, {evictions} evictions");
     }
 }

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use super::gcra::{self, Quota};
 use super::keyed::Table;
 use super::service::RateLimit;
-use super::{Global, NoHeaders, WithHeaders};
+use super::{Global, MissingKey, NoHeaders, WithHeaders};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::RateLimitInfo;
 
@@ -31,10 +31,13 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     pub(crate) table: Option<Table>,
     rejected: AtomicU64,
+    pub(crate) missing: MissingKey,
+    missing_keys: AtomicU64,
+    missing_warned: AtomicBool,
 }
 
 impl Shared {
-    fn new(quota: Quota, clock: Clock, table: Option<Table>) -> Shared {
+    fn new(quota: Quota, clock: Clock, table: Option<Table>, missing: MissingKey) -> Shared {
         Shared {
             hot: Hot {
                 tat: AtomicU64::new(0),
@@ -44,6 +47,25 @@ impl Shared {
             clock,
             table,
             rejected: AtomicU64::new(0),
+            missing,
+            missing_keys: AtomicU64::new(0),
+            missing_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a request whose key could not be read, and warns about the first one.
+    #[cold]
+    pub(crate) fn count_missing_key(&self) {
+        self.missing_keys.fetch_add(1, Ordering::Relaxed);
+        if !self.missing_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "tower_bulwark::rate_limit",
+                policy = ?self.missing,
+                "rate limit: a request has no key (for key::ClientIp: no client address; under \
+                 Axum, enable the `axum` feature and serve with \
+                 into_make_service_with_connect_info::<SocketAddr>(), or set \
+                 ClientIp::peer_addr); such requests are counted and never share one limit"
+            );
         }
     }
 
@@ -115,6 +137,130 @@ impl Shared {
     }
 }
 
+/// How a limiter is made: its quota and its clock. The state is built from it, whole, when
+/// the layer is made, so every setting takes effect, and a handle taken from the layer sees
+/// the state its services use.
+///
+/// A [`Quota`] converts into it, with the default clock ([`Clock::new`]).
+///
+/// ```
+/// use tower_bulwark::clock::Clock;
+/// use tower_bulwark::rate_limit::RateLimitConfig;
+/// use tower_bulwark::{Quota, RateLimitLayer};
+///
+/// // A global limit on tokio's clock, for a test under paused time.
+/// let layer = RateLimitLayer::new(RateLimitConfig::new(Quota::per_second(10)?).clock(Clock::tokio()));
+/// // A keyed limit that tracks 4096 keys: `max_keys` makes a `KeyedConfig`, which only
+/// // `RateLimitLayer::keyed` takes (a global limiter has no keys to bound).
+/// let keyed = RateLimitLayer::keyed(
+///     RateLimitConfig::new(Quota::per_second(10)?).max_keys(4096),
+///     |req: &String| req.clone(),
+/// );
+/// assert_eq!(keyed.handle().max_keys(), 4096);
+/// # let _ = layer;
+/// # Ok::<(), tower_bulwark::rate_limit::QuotaError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct RateLimitConfig {
+    quota: Quota,
+    clock: Clock,
+}
+
+impl RateLimitConfig {
+    /// The quota, on the default clock.
+    pub fn new(quota: Quota) -> Self {
+        RateLimitConfig {
+            quota,
+            clock: Clock::new(),
+        }
+    }
+
+    /// The clock the limiter reads (default [`Clock::new`], fast). `Clock::tokio()` makes the
+    /// limiter follow tokio's paused time, for tests.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// For a keyed limiter: how many keys are tracked (rounded up to a power of two; between
+    /// 8 and 2^26; default [`DEFAULT_MAX_KEYS`]). Up to this many live keys are tracked
+    /// without eviction (see the [module docs](super)); beyond it, the key closest to whole is
+    /// evicted and counted ([`RateLimitHandle::evictions`]). Memory is 32 bytes a key (twice
+    /// as many slots), fixed when the layer is made.
+    pub fn max_keys(self, max_keys: usize) -> KeyedConfig {
+        KeyedConfig::from(self).max_keys(max_keys)
+    }
+}
+
+impl From<Quota> for RateLimitConfig {
+    fn from(quota: Quota) -> Self {
+        RateLimitConfig::new(quota)
+    }
+}
+
+/// How a keyed limiter is made: a [`RateLimitConfig`] and the number of keys it tracks. Made
+/// by [`RateLimitConfig::max_keys`]; a [`Quota`] or a [`RateLimitConfig`] converts into it
+/// with [`DEFAULT_MAX_KEYS`].
+///
+/// A global limiter has no keys to bound, so it does not take one:
+///
+/// ```compile_fail
+/// use tower_bulwark::rate_limit::RateLimitConfig;
+/// use tower_bulwark::{Quota, RateLimitLayer};
+///
+/// let layer = RateLimitLayer::new(RateLimitConfig::new(Quota::per_second(1)?).max_keys(16));
+/// # Ok::<(), tower_bulwark::rate_limit::QuotaError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct KeyedConfig {
+    base: RateLimitConfig,
+    max_keys: usize,
+    missing: MissingKey,
+}
+
+impl KeyedConfig {
+    /// The quota, on the default clock, with [`DEFAULT_MAX_KEYS`] and [`MissingKey::Reject`].
+    pub fn new(quota: Quota) -> Self {
+        KeyedConfig::from(quota)
+    }
+
+    /// What to do with a request whose key cannot be read (default [`MissingKey::Reject`]).
+    /// Such requests are counted ([`RateLimitHandle::missing_keys`]) and the first one is
+    /// logged as a warning, whatever the policy.
+    pub fn when_key_missing(mut self, policy: MissingKey) -> Self {
+        self.missing = policy;
+        self
+    }
+
+    /// The clock the limiter reads; see [`RateLimitConfig::clock`].
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.base.clock = clock;
+        self
+    }
+
+    /// How many keys are tracked; see [`RateLimitConfig::max_keys`].
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
+    }
+}
+
+impl From<RateLimitConfig> for KeyedConfig {
+    fn from(base: RateLimitConfig) -> Self {
+        KeyedConfig {
+            base,
+            max_keys: DEFAULT_MAX_KEYS,
+            missing: MissingKey::Reject,
+        }
+    }
+}
+
+impl From<Quota> for KeyedConfig {
+    fn from(quota: Quota) -> Self {
+        KeyedConfig::from(RateLimitConfig::new(quota))
+    }
+}
+
 /// Applies a token-bucket (GCRA) rate limit; see the [module docs](super).
 ///
 /// # Clone
@@ -127,78 +273,53 @@ pub struct RateLimitLayer<K = Global, H = NoHeaders> {
     pub(crate) key: K,
     pub(crate) max_wait_ns: u64,
     pub(crate) headers: H,
-    quota: Quota,
-    max_keys: usize,
 }
 
 impl RateLimitLayer {
-    /// One limit shared by every request through this layer.
-    pub fn new(quota: Quota) -> Self {
+    /// One limit shared by every request through this layer: a [`Quota`] (on the default
+    /// clock) or a [`RateLimitConfig`].
+    pub fn new(config: impl Into<RateLimitConfig>) -> Self {
+        let config = config.into();
         RateLimitLayer {
-            shared: Arc::new(Shared::new(quota, Clock::new(), None)),
+            shared: Arc::new(Shared::new(
+                config.quota,
+                config.clock,
+                None,
+                MissingKey::Reject,
+            )),
             key: Global,
             max_wait_ns: 0,
             headers: NoHeaders,
-            quota,
-            max_keys: 0,
         }
     }
 }
 
 impl<K> RateLimitLayer<K> {
     /// A limit per key: `key` reads the key from the request (any `Fn(&Req) -> K` where
-    /// `K: Hash`, or one of the extractors in [`key`](super::key)).
-    ///
-    /// At most [`DEFAULT_MAX_KEYS`] keys are tracked; see [`max_keys`](Self::max_keys).
-    pub fn keyed(quota: Quota, key: K) -> Self {
+    /// `K: Hash`, or one of the extractors in [`key`](super::key)). `config` is a [`Quota`]
+    /// (default clock, [`DEFAULT_MAX_KEYS`] keys), a [`RateLimitConfig`] or a
+    /// [`KeyedConfig`] (from [`RateLimitConfig::max_keys`]).
+    pub fn keyed(config: impl Into<KeyedConfig>, key: K) -> Self {
+        let KeyedConfig {
+            base,
+            max_keys,
+            missing,
+        } = config.into();
         RateLimitLayer {
             shared: Arc::new(Shared::new(
-                quota,
-                Clock::new(),
-                Some(Table::new(DEFAULT_MAX_KEYS)),
+                base.quota,
+                base.clock,
+                Some(Table::new(max_keys)),
+                missing,
             )),
             key,
             max_wait_ns: 0,
             headers: NoHeaders,
-            quota,
-            max_keys: DEFAULT_MAX_KEYS,
         }
     }
 }
 
 impl<K, H> RateLimitLayer<K, H> {
-    fn rebuilt(mut self) -> Self {
-        let table = (self.max_keys > 0).then(|| Table::new(self.max_keys));
-        self.shared = Arc::new(Shared::new(self.quota, self.shared.clock.clone(), table));
-        self
-    }
-
-    /// Bounds the number of keys tracked (rounded up to a power of two; between 8 and 2^26).
-    /// Memory is 16 bytes a key, fixed when the layer is built. Has no effect on a global
-    /// limiter.
-    ///
-    /// Configure the layer before taking its [`handle`](Self::handle): this starts a fresh
-    /// limit.
-    pub fn max_keys(mut self, max_keys: usize) -> Self {
-        if self.max_keys > 0 {
-            self.max_keys = max_keys.max(1);
-            self = self.rebuilt();
-        }
-        self
-    }
-
-    /// Uses another clock. `Clock::tokio()` makes the limiter follow tokio's paused time, for
-    /// tests. Configure the layer before taking its [`handle`](Self::handle): this starts a
-    /// fresh limit.
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.shared = Arc::new(Shared::new(
-            self.quota,
-            clock,
-            (self.max_keys > 0).then(|| Table::new(self.max_keys)),
-        ));
-        self
-    }
-
     /// For clients: a request over the limit waits (with `tokio::time`) for its turn when
     /// that turn comes within `max_wait`, and is rejected otherwise. The turn is reserved at
     /// once, so waiters are served in order and never exceed the quota. Default: zero (reject
@@ -216,8 +337,6 @@ impl<K, H> RateLimitLayer<K, H> {
             key: self.key,
             max_wait_ns: self.max_wait_ns,
             headers: WithHeaders,
-            quota: self.quota,
-            max_keys: self.max_keys,
         }
     }
 
@@ -236,8 +355,6 @@ impl<K: Clone, H: Clone> Clone for RateLimitLayer<K, H> {
             key: self.key.clone(),
             max_wait_ns: self.max_wait_ns,
             headers: self.headers.clone(),
-            quota: self.quota,
-            max_keys: self.max_keys,
         }
     }
 }
@@ -245,7 +362,7 @@ impl<K: Clone, H: Clone> Clone for RateLimitLayer<K, H> {
 impl<K, H> fmt::Debug for RateLimitLayer<K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
-            .field("quota", &self.quota)
+            .field("quota", &self.handle().quota())
             .field("keyed", &self.shared.table.is_some())
             .field("max_wait", &Duration::from_nanos(self.max_wait_ns))
             .finish_non_exhaustive()
@@ -258,6 +375,7 @@ impl<S, K: Clone, H: Clone> Layer<S> for RateLimitLayer<K, H> {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             max_wait_ns: self.max_wait_ns,
@@ -346,9 +464,15 @@ impl RateLimitHandle {
         gcra::remaining(tat, now, interval, tolerance)
     }
 
-    /// Requests rejected so far.
+    /// Requests rejected so far (over the limit; not those without a key).
     pub fn rejected(&self) -> u64 {
         self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose key could not be read (for [`key::ClientIp`](super::key::ClientIp): no
+    /// client address), refused or admitted as [`MissingKey`] says.
+    pub fn missing_keys(&self) -> u64 {
+        self.shared.missing_keys.load(Ordering::Relaxed)
     }
 
     /// Keys that currently hold state (keyed limiter; 0 for a global one). Walks the table.
@@ -360,12 +484,15 @@ impl RateLimitHandle {
             .map_or(0, |t| t.live_entries(now))
     }
 
-    /// The most keys the table can hold (0 for a global limiter).
+    /// The keys the table tracks without eviction: `max_keys`, rounded up to a power of two
+    /// (0 for a global limiter).
     pub fn max_keys(&self) -> usize {
-        self.shared.table.as_ref().map_or(0, Table::capacity)
+        self.shared.table.as_ref().map_or(0, Table::max_keys)
     }
 
-    /// Keys evicted while their state was still ahead because their group was full.
+    /// Keys evicted while their state was still ahead, because every slot a new key could
+    /// take held a live key (in practice: more than `max_keys` live keys). An evicted key
+    /// starts afresh on its next request.
     pub fn evictions(&self) -> u64 {
         self.shared.table.as_ref().map_or(0, Table::evictions)
     }
@@ -376,6 +503,7 @@ impl fmt::Debug for RateLimitHandle {
         f.debug_struct("RateLimitHandle")
             .field("quota", &self.quota())
             .field("rejected", &self.rejected())
+            .field("missing_keys", &self.missing_keys())
             .field("max_keys", &self.max_keys())
             .finish()
     }

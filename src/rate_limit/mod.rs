@@ -14,9 +14,21 @@
 //! The generic cell rate algorithm is a token bucket kept as one number (the time at which the
 //! bucket would be full again), so one admit is one clock read and one compare-and-swap on one
 //! `AtomicU64`: no lock, no allocation, no refill task. The per-key limiter keeps these numbers
-//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitLayer::max_keys), 16 bytes a
+//! in a fixed-capacity lock-free table ([`max_keys`](RateLimitConfig::max_keys), 32 bytes a
 //! key): a key whose time is in the past is the same as an absent key, so its slot is reused
 //! at once and memory stays bounded under millions of distinct keys, with no sweeper.
+//!
+//! `max_keys` is how many keys are tracked: the table has twice as many slots, and a key
+//! whose time is still ahead (a *live* key) is evicted only when every slot a new key could
+//! take holds a live key: in practice only beyond `max_keys` live keys (none are evicted in
+//! the tests at 25, 50, 75 and 100% of it). Then the live key closest to whole is evicted (it
+//! starts afresh, so it may get at most one burst more than its limit), and
+//! [`RateLimitHandle::evictions`] counts it.
+//!
+//! A request up to 10 µs early (and less than one interval) conforms: a clock read on another
+//! core can be a microsecond or two behind, and a client sending at exactly the quota's rate
+//! must not be refused for it (with a `Retry-After` of a second). This admits, over any span,
+//! less than one request more than the quota, and exactly the burst at one instant.
 //!
 //! - tower's `RateLimit` counts requests in fixed windows, waits in `poll_ready`, and keeps its
 //!   state per service *clone*: under Axum, which clones the service per request and layers
@@ -39,7 +51,9 @@
 //!
 //! The limiter reads the crate's fast clock by default, which does not stop under
 //! `tokio::time::pause()`. In tests, one line makes it follow tokio's time:
-//! `.clock(Clock::tokio())`.
+//! `RateLimitLayer::new(RateLimitConfig::new(quota).clock(Clock::tokio()))`. The clock and
+//! `max_keys` are part of the configuration the layer is made from, so its state, its
+//! handles and its services are made once, on them.
 //!
 //! # Example
 //!
@@ -48,6 +62,7 @@
 //! use axum::{body::Body, routing::get, Router};
 //! use http::{Request, StatusCode};
 //! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_bulwark::rate_limit::RateLimitConfig;
 //! use tower_bulwark::{clock::Clock, Quota, RateLimitLayer, RejectionLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -55,8 +70,9 @@
 //!     ServiceBuilder::new()
 //!         .layer(RejectionLayer::http())
 //!         .layer(
-//!             RateLimitLayer::new(Quota::per_second(2).unwrap())
-//!                 .clock(Clock::tokio()),
+//!             RateLimitLayer::new(
+//!                 RateLimitConfig::new(Quota::per_second(2).unwrap()).clock(Clock::tokio()),
+//!             ),
 //!         ),
 //! );
 //! let get = || Request::get("/").body(Body::empty()).unwrap();
@@ -78,7 +94,15 @@
 //! per-layer random seed, so a client cannot aim keys at one table slot. An empty key or a very
 //! long key works like any other (a long key costs its hashing time only; nothing is stored
 //! but a 60-bit hash); requests whose key function returns the same value share one limit, so
-//! a function that returns `None` for requests without a key puts all of them under one limit.
+//! a closure that returns `None` for requests without a key puts all of them under one limit.
+//! An extractor that cannot find its key ([`key::ClientIp`] with no client address) does not:
+//! such a request is refused by default ([`MissingKey`]), warned about once and counted
+//! ([`RateLimitHandle::missing_keys`]).
+//!
+//! Under Axum, [`key::ClientIp`] reads the address Axum records (`ConnectInfo<SocketAddr>`,
+//! with `into_make_service_with_connect_info::<SocketAddr>()`) when the crate's `axum` feature
+//! is on, with no code of yours; without the feature, say where it is with
+//! [`ClientIp::peer_addr`](key::ClientIp::peer_addr).
 
 pub mod future;
 mod gcra;
@@ -93,20 +117,25 @@ pub mod store;
 use std::hash::Hash;
 
 pub use self::gcra::{Quota, QuotaError};
-pub use self::layer::{RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS};
+pub use self::layer::{
+    KeyedConfig, RateLimitConfig, RateLimitHandle, RateLimitLayer, DEFAULT_MAX_KEYS,
+};
 pub use self::service::RateLimit;
 use crate::rejection::RateLimitInfo;
 
 /// Reads the rate-limit key from a request.
 ///
-/// Implemented for closures `Fn(&Req) -> K` with `K: Hash`, and for the extractors of
-/// [`key`].
+/// Implemented for closures `Fn(&Req) -> K` with `K: Hash` (whose key is always found), and
+/// for the extractors of [`key`].
 pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
     /// The key: requests with equal keys share one limit.
     type Key: Hash;
 
-    /// The key of a request.
-    fn key(&self, req: &Req) -> Self::Key;
+    /// The key of a request, or `None` when it cannot be read (for [`key::ClientIp`]: no
+    /// client address). A request without a key is never put under a limit shared with
+    /// other such requests: the layer applies its [`MissingKey`] policy (refuse, by default),
+    /// warns once and counts it ([`RateLimitHandle::missing_keys`]).
+    fn key(&self, req: &Req) -> Option<Self::Key>;
 }
 
 impl<Req, K, F> KeyFn<Req> for F
@@ -117,8 +146,8 @@ where
     type Key = K;
 
     #[inline]
-    fn key(&self, req: &Req) -> K {
-        self(req)
+    fn key(&self, req: &Req) -> Option<K> {
+        Some(self(req))
     }
 }
 
@@ -130,7 +159,25 @@ impl<Req> KeyFn<Req> for Global {
     type Key = ();
 
     #[inline]
-    fn key(&self, _req: &Req) {}
+    fn key(&self, _req: &Req) -> Option<()> {
+        Some(())
+    }
+}
+
+/// What a keyed limiter does with a request whose key cannot be read ([`KeyFn::key`] returns
+/// `None`; for [`key::ClientIp`], a request with no client address). Either way the request
+/// is counted ([`RateLimitHandle::missing_keys`]) and the first one is logged as a `tracing`
+/// warning; such requests never share one limit. Set with [`KeyedConfig::when_key_missing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissingKey {
+    /// Refuse it with a [`Rejection`](crate::Rejection) of kind
+    /// [`RateLimitKeyMissing`](crate::RejectionKind::RateLimitKeyMissing) (HTTP 500, gRPC
+    /// `INTERNAL`): the default, since the limit cannot be applied.
+    #[default]
+    Reject,
+    /// Let it through without a limit (fail open).
+    Admit,
 }
 
 /// Adds rate-limit figures to successful responses, or not. See

@@ -9,21 +9,32 @@ use tower_service::Service;
 use super::future::{Refund, ResponseFuture};
 use super::gcra::Step;
 use super::layer::Shared;
-use super::{Global, KeyFn, NoHeaders, ResponseHeaders};
-use crate::rejection::Rejection;
+use super::{Global, KeyFn, MissingKey, NoHeaders, ResponseHeaders};
+use crate::rejection::{Rejection, RejectionKind};
 
 /// Applies a rate limit to requests; made by [`RateLimitLayer`](super::RateLimitLayer).
 ///
-/// `poll_ready` is the inner service's: the limit is checked in `call`, which reads the clock
-/// once and does one compare-and-swap. A request over the limit gets a
-/// [`Rejection`](crate::Rejection) of kind `RateLimited` (or waits its turn, with
-/// [`wait_up_to`](super::RateLimitLayer::wait_up_to)).
+/// The limit is checked in `call`, which reads the clock once and does one compare-and-swap.
+/// A request over the limit gets a [`Rejection`](crate::Rejection) of kind `RateLimited` (or
+/// waits its turn, with [`wait_up_to`](super::RateLimitLayer::wait_up_to)).
+///
+/// # Readiness
+///
+/// A refusal never waits on the inner service's readiness (tower's `LoadShed` pattern):
+/// `poll_ready` polls the inner service, remembers whether it is ready, and is ready itself
+/// at once (only an inner error is passed on). In `call`, a request over the limit is refused
+/// at once, whatever the inner readiness; an admitted request is called at once when the inner
+/// service was ready, and otherwise waits for its readiness in the response future, with the
+/// inner service moved there (a clone stays in place). Such a request that is dropped before
+/// the inner service is ready gives its turn back, as a waiter does.
 ///
 /// # Clone
 ///
 /// Clones share the limit. A clone starts unreserved, as the tower contract asks.
 pub struct RateLimit<S, K = Global, H = NoHeaders> {
     pub(crate) inner: S,
+    // Whether the inner service's last `poll_ready` was ready (a reservation to consume).
+    pub(crate) is_ready: bool,
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: K,
     pub(crate) max_wait_ns: u64,
@@ -34,6 +45,7 @@ impl<S: Clone, K: Clone, H: Clone> Clone for RateLimit<S, K, H> {
     fn clone(&self) -> Self {
         RateLimit {
             inner: self.inner.clone(),
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             max_wait_ns: self.max_wait_ns,
@@ -65,7 +77,13 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        // Never wait here: a refusal must not wait on the inner readiness.
+        self.is_ready = match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => false,
+        };
+        Poll::Ready(Ok(()))
     }
 
     #[inline]
@@ -78,14 +96,18 @@ where
                 (step, tat, None)
             }
             Some(table) => {
+                let Some(key) = self.key.key(&req) else {
+                    return self.key_missing(req);
+                };
                 let (interval, tolerance) = shared.params();
-                let hash = table.hash(&self.key.key(&req));
+                let hash = table.hash(&key);
                 let c = table.check(hash, now, interval, tolerance, self.max_wait_ns);
                 (c.step, c.tat, Some(hash))
             }
         };
         match step {
-            Step::Admit { wait_ns: 0, .. } => {
+            Step::Admit { wait_ns: 0, .. } if self.is_ready => {
+                self.is_ready = false;
                 let slot = if H::ENABLED {
                     H::keep(shared.info(tat, now))
                 } else {
@@ -100,7 +122,9 @@ where
 }
 
 impl<S, K, H> RateLimit<S, K, H> {
-    /// A turn reserved ahead: wait for it with the ready service, leaving a clone.
+    /// A turn reserved ahead, or an admitted request whose inner service is not ready yet:
+    /// wait for the turn and the readiness in the response future, with the service that
+    /// `poll_ready` polled, leaving a clone.
     #[cold]
     #[inline(never)]
     fn wait_for_turn<Req>(
@@ -118,19 +142,56 @@ impl<S, K, H> RateLimit<S, K, H> {
         let shared = &*self.shared;
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
+        self.is_ready = false;
         let slot = if H::ENABLED {
             H::keep(shared.info(tat, now))
         } else {
             H::Slot::default()
         };
-        tracing::trace!(wait_ns, "rate limit: waiting for a reserved turn");
+        tracing::trace!(
+            wait_ns,
+            "rate limit: waiting for a reserved turn or readiness"
+        );
         let refund = Refund {
             shared: Some(self.shared.clone()),
             hash,
             new_tat: tat,
             interval: shared.params().0,
         };
-        ResponseFuture::waiting(Duration::from_nanos(wait_ns), ready, req, slot, refund)
+        let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
+        ResponseFuture::waiting(wait, ready, req, slot, refund)
+    }
+
+    /// No key: never one shared limit; refused or admitted as the layer's policy says.
+    #[cold]
+    #[inline(never)]
+    fn key_missing<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, H>
+    where
+        S: Service<Req> + Clone,
+        H: ResponseHeaders<S::Response>,
+    {
+        self.shared.count_missing_key();
+        match self.shared.missing {
+            MissingKey::Admit if self.is_ready => {
+                self.is_ready = false;
+                ResponseFuture::called(self.inner.call(req), H::Slot::default())
+            }
+            MissingKey::Admit => {
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                let refund = Refund {
+                    shared: None,
+                    hash: None,
+                    new_tat: 0,
+                    interval: 0,
+                };
+                ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
+            }
+            _ => ResponseFuture::rejected(
+                Rejection::new(RejectionKind::RateLimitKeyMissing)
+                    .with_detail("the rate limit key (client address) could not be read"),
+            ),
+        }
     }
 
     /// Over the limit: a rejection with the time to the next token.

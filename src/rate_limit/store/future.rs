@@ -51,6 +51,8 @@ pin_project! {
         // reserved turns.
         kept: Option<Kept>,
         info: Option<RateLimitInfo>,
+        // Whether the inner service was ready at `call`.
+        ready: bool,
         _headers: PhantomData<fn() -> H>,
     }
 }
@@ -63,7 +65,10 @@ pin_project! {
     {
         Checking { check: CheckFuture, svc: Option<S>, req: Option<Req> },
         Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req>, refund: Refund },
+        // Admitted, waiting for the inner service's readiness before the call.
+        Readying { svc: Option<S>, req: Option<Req> },
         Called { #[pin] fut: S::Future },
+        Refused { err: Option<BoxError> },
         Done,
     }
 }
@@ -88,6 +93,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
     pub(crate) fn new(
         check: CheckFuture,
         svc: S,
+        ready: bool,
         req: Req,
         shared: Arc<RedisShared>,
         local_hash: u64,
@@ -103,6 +109,24 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             local_hash,
             kept,
             info: None,
+            ready,
+            _headers: PhantomData,
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
+    /// Refused before any check.
+    pub(crate) fn refused(rejection: crate::Rejection, shared: Arc<RedisShared>) -> Self {
+        RedisResponseFuture {
+            state: State::Refused {
+                err: Some(Box::new(rejection)),
+            },
+            shared,
+            local_hash: 0,
+            kept: None,
+            info: None,
+            ready: false,
             _headers: PhantomData,
         }
     }
@@ -113,7 +137,9 @@ impl<S: Service<Req>, Req, H> fmt::Debug for RedisResponseFuture<S, Req, H> {
         let state = match &self.state {
             State::Checking { .. } => "checking",
             State::Waiting { .. } => "waiting",
+            State::Readying { .. } => "readying",
             State::Called { .. } => "called",
+            State::Refused { .. } => "refused",
             State::Done => "done",
         };
         f.debug_struct("RedisResponseFuture")
@@ -169,11 +195,16 @@ where
                                     req: Some(r),
                                     refund,
                                 });
-                            } else {
+                            } else if *this.ready {
                                 // The service was made ready by `poll_ready` before `call`.
                                 let mut s = s;
                                 let fut = s.call(r);
                                 self.as_mut().project().state.set(State::Called { fut });
+                            } else {
+                                self.as_mut().project().state.set(State::Readying {
+                                    svc: Some(s),
+                                    req: Some(r),
+                                });
                             }
                         }
                         Err(rejection) => {
@@ -193,6 +224,23 @@ where
                     refund.armed = None;
                     let mut s = svc.take().expect("polled after completion");
                     let r = req.take().expect("polled after completion");
+                    if *this.ready {
+                        let fut = s.call(r);
+                        self.as_mut().project().state.set(State::Called { fut });
+                    } else {
+                        self.as_mut().project().state.set(State::Readying {
+                            svc: Some(s),
+                            req: Some(r),
+                        });
+                    }
+                }
+                StateProj::Readying { svc, req } => {
+                    let s = svc.as_mut().expect("polled after completion");
+                    if let Err(e) = ready!(s.poll_ready(cx)) {
+                        self.as_mut().project().state.set(State::Done);
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let r = req.take().expect("polled after completion");
                     let fut = s.call(r);
                     self.as_mut().project().state.set(State::Called { fut });
                 }
@@ -202,6 +250,9 @@ where
                         H::apply(&mut res, &H::keep(*info));
                     }
                     return Poll::Ready(Ok(res));
+                }
+                StateProj::Refused { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
                 StateProj::Done => panic!("polled after completion"),
             }

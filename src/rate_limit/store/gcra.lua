@@ -11,6 +11,10 @@
 -- layer refuses quotas whose tolerance + interval exceeds 2^52 ns. The key expires when its
 -- TAT passes: a TAT in the past is the same as an absent key.
 --
+-- A request up to 10 us early conforms (never more than one interval less 1 ns), as the
+-- in-process step allows (`CLOCK_SLACK_NS`): Redis's TIME is the system's clock, which can
+-- step back.
+--
 -- Returns {admitted (0|1), wait or retry-after (ns), TAT - now after the step (ns), the TAT
 -- stored by an admit ("" for a rejection)}. A client that gives up a reserved turn hands
 -- that TAT to refund.lua.
@@ -38,6 +42,7 @@ if stored then
 end
 local new_ahead = ahead + interval
 local wait = new_ahead - tolerance
+if wait <= math.min(10000, interval - 1) then wait = 0 end
 if wait > max_wait then
   return {0, wait, ahead, ''}
 end

@@ -17,8 +17,8 @@ use crate::clock::{duration_nanos, Clock};
 use crate::rate_limit::gcra::{self, Quota};
 use crate::rate_limit::layer::Shared as LocalShared;
 use crate::rate_limit::{
-    Global, KeyFn, NoHeaders, RateLimitHandle, RateLimitLayer, ResponseHeaders, WithHeaders,
-    DEFAULT_MAX_KEYS,
+    Global, KeyFn, NoHeaders, RateLimitConfig, RateLimitHandle, RateLimitLayer, ResponseHeaders,
+    WithHeaders, DEFAULT_MAX_KEYS,
 };
 use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
 
@@ -248,6 +248,8 @@ struct Counters {
     failed_closed: AtomicU64,
     local_fallbacks: AtomicU64,
     turns_given_back: AtomicU64,
+    missing_keys: AtomicU64,
+    missing_warned: std::sync::atomic::AtomicBool,
 }
 
 fn bump(c: &AtomicU64) {
@@ -279,11 +281,14 @@ impl RedisShared {
     fn new(c: &Config) -> RedisShared {
         let local = (c.policy == FailurePolicy::Local).then(|| {
             let layer = if c.keyed {
-                RateLimitLayer::keyed(c.quota, Global)
-                    .max_keys(c.max_keys)
-                    .clock(c.clock.clone())
+                RateLimitLayer::keyed(
+                    RateLimitConfig::new(c.quota)
+                        .clock(c.clock.clone())
+                        .max_keys(c.max_keys),
+                    Global,
+                )
             } else {
-                RateLimitLayer::new(c.quota).clock(c.clock.clone())
+                RateLimitLayer::new(RateLimitConfig::new(c.quota).clock(c.clock.clone()))
             };
             Local {
                 handle: layer.handle(),
@@ -643,7 +648,7 @@ impl<K, H> RedisRateLimitLayer<K, H> {
         self.rebuilt()
     }
 
-    /// Bounds the keys the local fallback tracks (see [`RateLimitLayer::max_keys`]). Redis
+    /// Bounds the keys the local fallback tracks (see [`RateLimitConfig::max_keys`](crate::rate_limit::RateLimitConfig::max_keys)). Redis
     /// memory is bounded by expiry instead: each key expires when its state is in the past.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.config.max_keys = max_keys.max(1);
@@ -702,6 +707,7 @@ impl<S, K: Clone, H: Clone> Layer<S> for RedisRateLimitLayer<K, H> {
     fn layer(&self, inner: S) -> Self::Service {
         RedisRateLimit {
             inner,
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             headers: self.headers.clone(),
@@ -711,16 +717,25 @@ impl<S, K: Clone, H: Clone> Layer<S> for RedisRateLimitLayer<K, H> {
 
 /// Applies a Redis-backed rate limit; made by [`RedisRateLimitLayer`].
 ///
-/// `poll_ready` is the inner service's. `call` derives the Redis key and starts the check;
-/// the response future runs it (one round trip) and then calls the inner service that
-/// `poll_ready` made ready, or refuses the request.
+/// `call` derives the Redis key and starts the check; the response future runs it (one round
+/// trip) and then calls the inner service, or refuses the request.
+///
+/// # Readiness
+///
+/// A refusal never waits on the inner service's readiness (tower's `LoadShed` pattern):
+/// `poll_ready` polls the inner service, remembers whether it is ready, and is ready itself
+/// at once (only an inner error is passed on). The response future refuses a request over the
+/// limit as soon as Redis answers, whatever the inner readiness; an admitted request whose
+/// inner service was not ready waits for that readiness, then is called.
 ///
 /// # Clone
 ///
 /// Clones share the layer's state. A clone starts unreserved, as the tower contract asks:
-/// `call` moves the ready inner service into the response future and leaves a clone.
+/// `call` moves the inner service (ready or not) into the response future and leaves a clone.
 pub struct RedisRateLimit<S, K = Global, H = NoHeaders> {
     inner: S,
+    // Whether the inner service's last `poll_ready` was ready (a reservation to consume).
+    is_ready: bool,
     shared: Arc<RedisShared>,
     key: K,
     headers: H,
@@ -730,6 +745,7 @@ impl<S: Clone, K: Clone, H: Clone> Clone for RedisRateLimit<S, K, H> {
     fn clone(&self) -> Self {
         RedisRateLimit {
             inner: self.inner.clone(),
+            is_ready: false,
             shared: self.shared.clone(),
             key: self.key.clone(),
             headers: self.headers.clone(),
@@ -759,12 +775,34 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        // Never wait here: a refusal must not wait on the inner readiness.
+        self.is_ready = match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => false,
+        };
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
-        let key = self.key.key(&req);
+        let Some(key) = self.key.key(&req) else {
+            // Never one shared limit for requests without a key: refused, counted, warned.
+            bump(&shared.counters.missing_keys);
+            if !shared.counters.missing_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "tower_bulwark::rate_limit",
+                    "redis rate limit: a request has no key (for key::ClientIp: no client \
+                     address); such requests are refused and counted"
+                );
+            }
+            return RedisResponseFuture::refused(
+                Rejection::new(RejectionKind::RateLimitKeyMissing)
+                    .with_detail("the rate limit key (client address) could not be read"),
+                self.shared.clone(),
+            );
+        };
+        let ready = std::mem::take(&mut self.is_ready);
         let local_hash = shared.local_hash(&key);
         let rkey = redis_key(&shared.prefix, &key);
         let waits = shared.max_wait_ns > 0;
@@ -774,8 +812,16 @@ where
         let (check, interval) = shared.check(rkey);
         let kept = kept_key.map(|key| (key, interval));
         let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        RedisResponseFuture::new(check, ready, req, self.shared.clone(), local_hash, kept)
+        let svc = std::mem::replace(&mut self.inner, clone);
+        RedisResponseFuture::new(
+            check,
+            svc,
+            ready,
+            req,
+            self.shared.clone(),
+            local_hash,
+            kept,
+        )
     }
 }
 
@@ -835,6 +881,14 @@ impl RedisRateLimitHandle {
     /// Checks Redis could not answer (errors and timeouts), each decided by the policy.
     pub fn store_failures(&self) -> u64 {
         self.shared.counters.store_failures.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose key could not be read (for
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address). They are refused
+    /// with [`RateLimitKeyMissing`](RejectionKind::RateLimitKeyMissing), never put under one
+    /// shared limit; the first one is logged as a warning.
+    pub fn missing_keys(&self) -> u64 {
+        self.shared.counters.missing_keys.load(Ordering::Relaxed)
     }
 
     /// Of [`store_failures`](Self::store_failures), those that ran out of time.
