@@ -384,3 +384,218 @@ async fn readme_client_stack_adds_at_most_20_percent_load() {
         (hits as f64 / requests as f64 - 1.0) * 100.0
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Circuit breaker: a dependency that fails in `poll_ready` never trips it.
+//
+// Defect: the breaker "stops calling a dependency that keeps failing", but it counts only the
+// outcomes of calls: an error from the inner `poll_ready` (tower's `Reconnect` failing to
+// connect, a `Buffer` whose worker failed, a pool that cannot reach its host: the most common
+// way a down dependency shows itself below a client) is passed up and never recorded. The
+// breaker stays closed however many times in a row the dependency fails, every caller keeps
+// hitting it, and no `CircuitOpen` with a `Retry-After` is ever produced.
+// ---------------------------------------------------------------------------------------------
+#[derive(Clone)]
+struct ConnectRefused(Arc<AtomicUsize>);
+
+impl Service<u32> for ConnectRefused {
+    type Response = u32;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<u32, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::task::Poll::Ready(Err("connection refused".into()))
+    }
+
+    fn call(&mut self, n: u32) -> Self::Future {
+        std::future::ready(Ok(n))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: errors from the inner poll_ready are never counted; the breaker never trips"]
+async fn breaker_trips_on_a_dependency_failing_in_poll_ready() {
+    use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
+
+    let connects = Arc::new(AtomicUsize::new(0));
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(3)
+            .open_time(Duration::from_secs(30))
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let breaker = layer.handle();
+    let svc = layer.layer(ConnectRefused(connects.clone()));
+    for _ in 0..10 {
+        assert!(svc.clone().oneshot(1).await.is_err());
+    }
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Open,
+        "10 failures in a row (consecutive_failures(3)) and the breaker is still closed; \
+         the dependency was tried {} times",
+        connects.load(Ordering::SeqCst)
+    );
+}
+
+// Held up: retry over a waiting backpressure; the retry future dropped while its attempt
+// waits for a permit gives the place in the queue back, and the budget's withdrawal too.
+#[tokio::test(start_paused = true)]
+async fn dropping_retry_while_waiting_for_a_permit_gives_everything_back() {
+    let (inner, mut handle) = mock::pair::<u32, u32>();
+    let bp_layer = BackpressureLayer::new(1).max_wait(Duration::from_secs(10));
+    let bp = bp_layer.handle();
+    let retry = RetryLayer::new(
+        RetryPolicy::errors()
+            .backoff(tower_bulwark::retry::Backoff::exponential(
+                Duration::from_millis(10),
+                Duration::from_secs(1),
+            ))
+            .seed(3)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let rh = retry.handle();
+    let svc = ServiceBuilder::new()
+        .layer(retry)
+        .layer(bp_layer)
+        .service(inner);
+    handle.allow(10);
+    let holder = tokio::spawn(svc.clone().oneshot(1));
+    let (_, hold) = handle.next_request().await.unwrap();
+    // The second request waits for the permit in its first attempt.
+    let second = tokio::spawn(svc.clone().oneshot(2));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(bp.waiting(), 1);
+    second.abort();
+    let _ = second.await;
+    assert_eq!(bp.waiting(), 0);
+    assert_eq!(bp.in_flight(), 1);
+    hold.send_response(1);
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    assert_eq!(bp.in_flight(), 0);
+    assert_eq!(rh.retries(), 0);
+}
+
+// Held up: a retry future dropped during its backoff gives its budget withdrawal back, so the
+// only retry a tiny budget allows is still there for the next request.
+#[tokio::test(start_paused = true)]
+async fn dropping_retry_during_backoff_refunds_the_budget() {
+    use tower_bulwark::retry::{Backoff, Budget};
+    let (inner, mut handle) = mock::pair::<u32, u32>();
+    let budget = Budget::builder()
+        .ratio(0.0)
+        .min_per_second(1)
+        .window(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let retry = RetryLayer::new(
+        RetryPolicy::errors()
+            .budget(budget)
+            .backoff(Backoff::exponential(Duration::from_millis(100), Duration::from_millis(100)))
+            .seed(5)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let rh = retry.handle();
+    let svc = retry.layer(inner);
+    handle.allow(10);
+    let a = tokio::spawn(svc.clone().oneshot(1));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("reset");
+    tokio::task::yield_now().await;
+    a.abort(); // in its backoff, holding the one retry the budget allows
+    let _ = a.await;
+    let b = tokio::spawn(svc.clone().oneshot(2));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("reset");
+    let (_, send) = tokio::time::timeout(Duration::from_millis(500), handle.next_request())
+        .await
+        .expect("the refunded retry is made")
+        .unwrap();
+    send.send_response(20);
+    assert_eq!(b.await.unwrap().unwrap(), 20);
+    assert_eq!(rh.retries(), 1);
+}
+
+// Held up: a half-open probe abandoned while the retry above it is in its attempt frees the
+// probe slot at once, through a Buffer (the worker owns the breaker).
+#[tokio::test(start_paused = true)]
+async fn abandoned_probe_through_buffer_frees_the_slot() {
+    use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
+    let (inner, mut handle) = mock::pair::<u32, u32>();
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .jitter(0.0)
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let breaker = layer.handle();
+    let svc = tower::buffer::Buffer::new(layer.layer(inner), 8);
+    handle.allow(100);
+    let f = tokio::spawn(svc.clone().oneshot(1));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("down");
+    assert!(f.await.unwrap().is_err());
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(Duration::from_millis(1001)).await;
+    let probe = tokio::spawn(svc.clone().oneshot(2));
+    let (_, _pending) = handle.next_request().await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    probe.abort();
+    let _ = probe.await;
+    // The slot is free: the next call is a probe, not a refusal.
+    let next = tokio::spawn(svc.clone().oneshot(3));
+    let (_, send) = tokio::time::timeout(Duration::from_millis(10), handle.next_request())
+        .await
+        .expect("the abandoned probe's slot was given back")
+        .unwrap();
+    send.send_response(30);
+    assert_eq!(next.await.unwrap().unwrap(), 30);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Backpressure: `max_queue` without `max_wait` is accepted and silently does nothing.
+//
+// Defect (a setting that silently does nothing): `BackpressureLayer::new(1).max_queue(8)`
+// builds without complaint and reads as "a queue of 8", but with the default `max_wait` of
+// zero no request ever waits: the second one is shed at once, with nothing (no error, no
+// `tracing` event, no accessor) telling the user the queue they configured does not exist.
+// Construction is infallible, so the combination cannot even be refused.
+// ---------------------------------------------------------------------------------------------
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: max_queue without max_wait is accepted and ignored (every extra request is shed at once)"]
+async fn max_queue_alone_is_not_silently_ignored() {
+    let (inner, mut handle) = mock::pair::<u32, u32>();
+    let layer = BackpressureLayer::new(1).max_queue(8);
+    let bp = layer.handle();
+    let svc = layer.layer(inner);
+    handle.allow(10);
+    let first = tokio::spawn(svc.clone().oneshot(1));
+    let (_, send) = handle.next_request().await.unwrap();
+    let second = tokio::spawn(svc.clone().oneshot(2));
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    let queued = bp.waiting();
+    let shed = bp.shed();
+    send.send_response(1);
+    let _ = first.await;
+    if let Ok(Some((_, send))) =
+        tokio::time::timeout(Duration::from_millis(10), handle.next_request()).await
+    {
+        send.send_response(2);
+    }
+    let second = second.await.unwrap();
+    assert!(
+        queued == 1 && shed == 0 && second.is_ok(),
+        "with max_queue(8) the second request was shed at once (waiting {queued}, shed {shed}): \
+         {second:?}"
+    );
+}
