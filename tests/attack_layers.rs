@@ -153,7 +153,6 @@ async fn http_policy_sends_a_timed_out_post_once() {
 // no shed. (The module docs admit this for "a Buffer below"; it contradicts the promise.)
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: with every permit taken, poll_ready still waits on the inner readiness instead of shedding"]
 async fn backpressure_full_sheds_without_waiting_on_inner_readiness() {
     let (inner, mut handle) = mock::pair::<u32, u32>();
     let layer = BackpressureLayer::new(1); // shed at once (max_wait 0)
