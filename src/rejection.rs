@@ -63,6 +63,9 @@ pub enum RejectionKind {
     /// its time to live ends), or the key's scope holds its share of it: the request did not
     /// run (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
     IdempotencyStoreFull,
+    /// The request body could not be read (the client reset the stream, a malformed chunked
+    /// encoding): the request did not run (HTTP 400, gRPC `INVALID_ARGUMENT`).
+    BadRequestBody,
 }
 
 impl RejectionKind {
@@ -79,9 +82,9 @@ impl RejectionKind {
                 S::CONFLICT
             }
             RejectionKind::IdempotencyKeyReused => S::UNPROCESSABLE_ENTITY,
-            RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
-                S::BAD_REQUEST
-            }
+            RejectionKind::IdempotencyKeyMissing
+            | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::BadRequestBody => S::BAD_REQUEST,
             RejectionKind::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
         }
     }
@@ -99,9 +102,9 @@ impl RejectionKind {
                 G::Aborted
             }
             RejectionKind::IdempotencyKeyReused => G::FailedPrecondition,
-            RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
-                G::InvalidArgument
-            }
+            RejectionKind::IdempotencyKeyMissing
+            | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::BadRequestBody => G::InvalidArgument,
         }
     }
 
@@ -120,6 +123,7 @@ impl RejectionKind {
             RejectionKind::PayloadTooLarge => "payload-too-large",
             RejectionKind::StoreUnavailable => "store-unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency-store-full",
+            RejectionKind::BadRequestBody => "bad-request-body",
         }
     }
 
@@ -139,6 +143,7 @@ impl RejectionKind {
             RejectionKind::PayloadTooLarge => "payload too large",
             RejectionKind::StoreUnavailable => "shared store unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency store full",
+            RejectionKind::BadRequestBody => "request body could not be read",
         }
     }
 }
@@ -347,6 +352,7 @@ mod tests {
             (RejectionKind::StoreUnavailable, S::SERVICE_UNAVAILABLE),
             (RejectionKind::IdempotencyStoreFull, S::SERVICE_UNAVAILABLE),
             (RejectionKind::PayloadTooLarge, S::PAYLOAD_TOO_LARGE),
+            (RejectionKind::BadRequestBody, S::BAD_REQUEST),
         ];
         for (kind, status) in table {
             assert_eq!(kind.http_status(), status, "{kind:?}");

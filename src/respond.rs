@@ -516,6 +516,7 @@ mod tests {
             RejectionKind::PayloadTooLarge,
             RejectionKind::StoreUnavailable,
             RejectionKind::IdempotencyStoreFull,
+            RejectionKind::BadRequestBody,
         ];
         for kind in kinds {
             let res = answer(Rejection::new(kind).into()).await;

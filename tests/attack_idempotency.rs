@@ -487,7 +487,6 @@ async fn slow_handler_never_runs_twice_concurrently() {
 /// which `RejectionLayer` answers with **500** (a server failure, which trips breakers and
 /// alerts). Without the layer, axum answers a body that cannot be read with 400. Bad input
 /// should get a clear client error.
-#[ignore = "defect: a broken request body becomes a 500, not a 4xx"]
 #[tokio::test(start_paused = true)]
 async fn broken_request_body_is_a_client_error() {
     let app = App::new();
@@ -514,7 +513,6 @@ async fn broken_request_body_is_a_client_error() {
 /// stored; the layer only honours a `Connection` value that is visible ASCII as a whole. One
 /// obs-text byte in it (legal in a `HeaderValue`) and every name it lists is stored and
 /// replayed.
-#[ignore = "defect: a Connection header with an obs-text byte makes its listed headers replayed"]
 #[tokio::test(start_paused = true)]
 async fn headers_named_by_connection_are_never_replayed() {
     let app = App::new();

@@ -431,9 +431,14 @@ where
                                 }
                             }
                             Some(Err(e)) => {
-                                break State::Ready {
-                                    out: Some(Err(e.into())),
-                                }
+                                // The client's fault (a reset stream, a broken encoding):
+                                // a client error, and nothing was claimed or run.
+                                let e: BoxError = e.into();
+                                tracing::debug!(error = %e, "request body could not be read");
+                                break ready_err(
+                                    Rejection::new(RejectionKind::BadRequestBody)
+                                        .with_detail("the request body could not be read"),
+                                );
                             }
                             None => {
                                 k.body = k.buf.take();
@@ -783,21 +788,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// those named by `Connection`), and the configured exclusions.
 fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
-    let listed = headers.get_all(header::CONNECTION);
-    let named_by_connection = |name: &HeaderName| {
-        listed.iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
-            })
-        })
-    };
-    let has_connection = headers.contains_key(header::CONNECTION);
+    let listed = connection_names(headers);
     for (name, value) in headers {
         let skip = name == header::SET_COOKIE
             || HOP_BY_HOP.contains(name)
             || exclude.contains(name)
-            || (has_connection && named_by_connection(name));
+            || listed.contains(name);
         if !skip {
             out.append(name.clone(), value.clone());
         }
@@ -805,9 +801,33 @@ fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
     out
 }
 
+/// The header names a `Connection` header lists (every value, split on commas), read from
+/// its bytes: a token that is not a header name (obs-text, spaces) is skipped, and never hides
+/// the others.
+fn connection_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_names_survive_a_bad_token() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_bytes(b"x-a, caf\xe9 ,X-B,,  ").unwrap(),
+        );
+        h.append("connection", HeaderValue::from_static("x-c"));
+        let names = connection_names(&h);
+        assert_eq!(names, ["x-a", "x-b", "x-c"].map(HeaderName::from_static));
+    }
 
     #[test]
     fn stored_headers_leave_out_cookies_and_hop_by_hop() {

@@ -19,6 +19,7 @@
 //! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
 //! | body over the buffer limit (1 MiB) | 413; the handler does not run |
+//! | body that cannot be read (the client reset the stream, a broken encoding) | 400 [`BadRequestBody`](crate::RejectionKind::BadRequestBody); the key is not claimed and the handler does not run |
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
