@@ -41,15 +41,23 @@
 //! never meets another caller's record: it is not replayed that caller's response, nor told by
 //! a 409 or a 422 that the key is in use; it runs as a request of its own. The credentials are
 //! never stored or logged: the store key holds their SHA-1 digest (stable, so replicas that
-//! share a Redis store agree). Requests without `Authorization` share one anonymous scope, and
-//! cookies are left out (a browser's unrelated cookies change between its retries):
+//! share a Redis store agree). Cookies are left out (a browser's unrelated cookies change
+//! between its retries).
 //!
-//! - [`scope`](IdempotencyBuilder::scope) replaces the default with a function of the request
-//!   head (the tenant or principal your authentication layer put in the request, an API-key
-//!   header), for credentials that are not in `Authorization` or tokens that are refreshed
-//!   between a client's retries (to the default, a new token is a new caller);
+//! **Callers without credentials share one scope.** Requests that carry none of the
+//! credentials the scope reads (by default, no `Authorization`) are all one anonymous caller
+//! to the layer: one of them can be replayed another's response. The layer counts them
+//! ([`IdempotencyStats::anonymous`]) and warns once (`tracing`) when it meets the first. If
+//! your callers authenticate otherwise (an API-key header, a session cookie, mTLS), say how:
+//!
+//! - [`scope_by_header`](IdempotencyBuilder::scope_by_header) adds a named header (an API key,
+//!   `x-api-key`) to the credentials, hashed like `Authorization`;
 //! - [`scope_by_cookie`](IdempotencyBuilder::scope_by_cookie) adds one named session cookie
 //!   to the credentials;
+//! - [`scope`](IdempotencyBuilder::scope) replaces the default with a function of the request
+//!   head (the tenant or principal your authentication layer put in the request), for
+//!   credentials that are not in headers or tokens that are refreshed between a client's
+//!   retries (to the default, a new token is a new caller);
 //! - [`unscoped`](IdempotencyBuilder::unscoped) is the explicit opt-out, one key space for
 //!   every caller, for a service that only one principal can reach.
 //!
