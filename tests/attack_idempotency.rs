@@ -25,7 +25,6 @@ use tower_bulwark::{Rejection, RejectionKind, RejectionLayer};
 #[cfg(feature = "redis")]
 #[path = "support/redis_server.rs"]
 #[macro_use]
-#[allow(dead_code)]
 mod redis_server;
 
 // ---------------------------------------------------------------------------------------------
@@ -314,7 +313,6 @@ async fn drop_after_the_handler_returned_does_not_run_it_again() {
 /// it reads the trailers; the `grpc-status: 14` (UNAVAILABLE) at the end is ignored, and
 /// every retry for 24 hours gets 409 `IdempotencyResponseNotStored`: the client can never
 /// retry an operation that failed.
-#[ignore = "defect: a gRPC failure whose body is over max_response_body locks the key with 409 for the ttl"]
 #[tokio::test(start_paused = true)]
 async fn grpc_failure_with_a_large_body_is_not_stored() {
     let app = App::new();
@@ -345,12 +343,42 @@ async fn grpc_failure_with_a_large_body_is_not_stored() {
     assert_eq!(app.runs(), 2, "UNAVAILABLE must not be stored");
 }
 
+/// A response over `max_response_body` is settled when its body ends, and until then its key
+/// stays held, however slowly the client reads: a repeat meanwhile gets 409 (even after a
+/// lease's time to live), and a body dropped midway records the key as completed, not kept.
+#[tokio::test(start_paused = true)]
+async fn large_response_read_slowly_or_cut_short_never_runs_twice() {
+    let app = App::new();
+    let svc = builder()
+        .max_response_body(4)
+        .build()
+        .unwrap()
+        .layer(app.service());
+    let call = || {
+        post("s-1")
+            .header("x-stall", "1")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let res = svc.clone().oneshot(call()).await.unwrap();
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "{\"id\":");
+    // The client reads no more for longer than a lease lives.
+    tokio::time::advance(Duration::from_secs(150)).await;
+    let err = svc.clone().oneshot(call()).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight);
+    drop(body);
+    let err = svc.clone().oneshot(call()).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyResponseNotStored);
+    assert_eq!(app.runs(), 1);
+}
+
 /// DEFECT (correctness): the same for an HTTP response whose body fails midway. Under
 /// `max_response_body` a body error releases the key (the docs: "an error: nothing stored;
 /// the key is released so the client can retry"); over it, the key is already recorded as
 /// completed, so the client, which received a truncated body and an error, is refused with
 /// 409 for 24 hours. The outcome of the same failure depends on where the body broke.
-#[ignore = "defect: a response body that errors after max_response_body bytes locks the key with 409"]
 #[tokio::test(start_paused = true)]
 async fn body_error_after_the_cap_is_not_stored() {
     let app = App::new();
@@ -621,7 +649,8 @@ fn scope_probe(
 /// replayed the other's response.
 #[tokio::test(start_paused = true)]
 async fn held_authorization_variants_never_share_a_scope() {
-    let cases: Vec<(Vec<(&str, &[u8])>, Vec<(&str, &[u8])>)> = vec![
+    type Headers<'a> = Vec<(&'a str, &'a [u8])>;
+    let cases: Vec<(Headers<'_>, Headers<'_>)> = vec![
         (
             vec![("authorization", b"a"), ("authorization", b"b")],
             vec![("authorization", b"a, b")],

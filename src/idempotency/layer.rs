@@ -516,10 +516,14 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     }
 
     /// The largest response body kept for replay (default 1 MiB). A larger response is
-    /// passed on whole, and the key is recorded as completed with a response too large to
-    /// keep: repeats get 409
+    /// passed on whole, as it streams, and how its body ends decides: one that ends well (or
+    /// is dropped before its end) records the key as completed with a response too large to
+    /// keep, and repeats get 409
     /// [`RejectionKind::IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored),
-    /// never a second run.
+    /// never a second run; one that ends with a failure (a gRPC failure status in its
+    /// trailers, a body error) releases the key, as under the cap. Until its end the key is
+    /// held (for as long as a record would be, however slowly the client reads), and repeats
+    /// get 409 [`IdempotencyInFlight`](crate::RejectionKind::IdempotencyInFlight).
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.max_response_body = bytes;
         self

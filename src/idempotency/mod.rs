@@ -23,6 +23,7 @@
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
+//! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a failure (gRPC failure status in the trailers, a body error) releases the key, as under the cap; an end that went well, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
 //! | the first request's future is dropped (client gone) before its handler answers | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
 //! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
