@@ -1,8 +1,7 @@
 //! Hostile review of the idempotency layer: attacks by a user or an attacker.
 //!
-//! Tests marked `#[ignore = "defect: ..."]` FAIL on the current code: each asserts the
-//! promised behaviour and states the defect in a comment. The others are attacks that held.
-//! Run the defects with `cargo test --all-features --test attack_idempotency -- --ignored`.
+//! Tests under "Defects" each assert the promised behaviour, and their comment states the
+//! defect they found (each failed before its fix). The others are attacks that held.
 
 use std::future::Future;
 use std::pin::pin;
