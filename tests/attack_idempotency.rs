@@ -578,6 +578,70 @@ mod redis_claim_drop {
     use crate::redis_server::{conn, RedisServer};
     use tower_bulwark::idempotency::RedisStore;
 
+    /// On Redis too, a response over the cap is settled by its body's end: a failure releases
+    /// the key, an end that went well records it as not kept.
+    #[tokio::test]
+    async fn large_response_is_settled_by_its_end_in_redis() {
+        let server = server_or_skip!("large_response_is_settled_by_its_end_in_redis");
+        let c = conn(&server.url()).await;
+        let store = RedisStore::new(c.clone()).prefix("att-big:").unwrap();
+        let app = App::new();
+        let svc = IdempotencyLayer::builder(store)
+            .max_response_body(64)
+            .build()
+            .unwrap()
+            .layer(app.service());
+        let call = |key: &str, failing: &str| {
+            post(key)
+                .header(failing, "1")
+                .header("x-big", "100")
+                .body(Body::from("{}"))
+                .unwrap()
+        };
+        for failing in ["x-body-error", "x-grpc-fail"] {
+            let first = svc.clone().oneshot(call(failing, failing)).await.unwrap();
+            let _ = first.into_body().collect().await;
+            // The release is sent in the background: a client retrying soon may meet the
+            // lease still there (409) for a moment, never the record of a completed request.
+            let again = past_in_flight(&svc, || call(failing, failing)).await;
+            assert!(
+                again.is_ok(),
+                "{failing}: {:?}",
+                again.map(|_| ()).unwrap_err()
+            );
+        }
+        assert_eq!(app.runs(), 4, "each failure was released and ran again");
+        let ok = svc.clone().oneshot(call("fine", "x-ok")).await.unwrap();
+        assert_eq!(
+            ok.into_body().collect().await.unwrap().to_bytes().len(),
+            100
+        );
+        // The record is written in the background as the body ends.
+        let err = past_in_flight(&svc, || call("fine", "x-ok"))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&err), RejectionKind::IdempotencyResponseNotStored);
+        assert_eq!(app.runs(), 5);
+    }
+
+    /// Sends `req()`, again while it gets 409 in flight (for up to half a second).
+    async fn past_in_flight<S, B>(svc: &S, req: impl Fn() -> Request<Body>) -> Result<B, BoxError>
+    where
+        S: Service<Request<Body>, Response = B, Error = BoxError> + Clone,
+    {
+        let mut res = svc.clone().oneshot(req()).await;
+        for _ in 0..50 {
+            match &res {
+                Err(e) if kind(e) == RejectionKind::IdempotencyInFlight => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    res = svc.clone().oneshot(req()).await;
+                }
+                _ => break,
+            }
+        }
+        res
+    }
+
     #[tokio::test]
     async fn dropped_while_claiming_leaves_no_lease_in_redis() {
         let server = server_or_skip!("dropped_while_claiming_leaves_no_lease_in_redis");

@@ -518,7 +518,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// The largest response body kept for replay (default 1 MiB). A larger response is
     /// passed on whole, as it streams, and how its body ends decides: one that ends well (or
     /// is dropped before its end) records the key as completed with a response too large to
-    /// keep, and repeats get 409
+    /// keep (the record is written as the body ends, in the background for a remote store),
+    /// and repeats get 409
     /// [`RejectionKind::IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored),
     /// never a second run; one that ends with a failure (a gRPC failure status in its
     /// trailers, a body error) releases the key, as under the cap. Until its end the key is
