@@ -75,7 +75,9 @@ pin_project! {
         },
         Extend {
             fut: Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>,
+            // When the extension was sent, and the time to live it asks for.
             sent: Instant,
+            ttl: Duration,
             pending: Option<Response<ReplayBody<ResB>>>,
         },
         Complete {
@@ -664,10 +666,12 @@ where
                                         );
                                         k.renewal = None;
                                         let guard = k.guard.as_ref().expect("a lease is held");
-                                        let extend = k.store.renew(guard.lease(), k.shared.ttl());
+                                        let ttl = k.shared.ttl();
+                                        let extend = k.store.renew(guard.lease(), ttl);
                                         break State::Extend {
                                             fut: Box::pin(extend),
                                             sent: Instant::now(),
+                                            ttl,
                                             pending: Some(res),
                                         };
                                     }
@@ -721,16 +725,20 @@ where
                         }
                     }
                 }
-                StateProj::Extend { fut, sent, pending } => {
+                StateProj::Extend {
+                    fut,
+                    sent,
+                    ttl,
+                    pending,
+                } => {
                     let done = ready!(fut.as_mut().poll(cx));
                     let k = this.ctx.as_mut().expect("keyed state");
                     let mut res = pending.take().expect("pending response");
                     match done {
                         Ok(()) => {
-                            let ttl = k.shared.ttl();
                             let mut guard = k.guard.take().expect("a lease is held");
-                            guard.held_until = *sent + ttl;
-                            guard.ttl = ttl;
+                            guard.held_until = *sent + *ttl;
+                            guard.ttl = *ttl;
                             res.body_mut().settle_with(Box::new(Settlement {
                                 guard: Some(guard),
                                 shared: k.shared.clone(),
