@@ -8,7 +8,8 @@
 //!   and a fresh id; a repeat with the same `Idempotency-Key` gets the stored response with
 //!   `Idempotent-Replayed: true`; the same key with another body gets 422; a repeat while the
 //!   first runs gets 409. Keys are scoped by caller (the `Authorization` header, the
-//!   layer's default): the same key sent with other credentials is another caller's key.
+//!   layer's default, and the `x-api-key` header): the same key sent with other credentials
+//!   is another caller's key; requests with neither share one key space.
 //! - `GET /limited`: 5 per second, burst 5, per `x-api-key` header, else per client address.
 //! - `GET /slow`: at most 4 in flight; a request waits at most 50 ms for a slot, then gets
 //!   503 with `Retry-After`. The handler sleeps 200 ms.
@@ -96,9 +97,13 @@ fn api_key_or_peer(req: &Request<Body>) -> String {
 fn app() -> Result<Router, Box<dyn std::error::Error>> {
     let orders = ServiceBuilder::new()
         .layer(RejectionLayer::http())
-        // Keys scoped by caller: a digest of the `Authorization` header (the default), so one
-        // caller never receives another's stored response.
-        .layer(IdempotencyLayer::new(MemoryStore::default()));
+        // Keys scoped by caller: a digest of the `Authorization` header (the default) and of
+        // the `x-api-key` header, so one caller never receives another's stored response.
+        .layer(
+            IdempotencyLayer::builder(MemoryStore::default())
+                .scope_by_header("x-api-key")
+                .build()?,
+        );
     let limited = ServiceBuilder::new()
         .layer(RejectionLayer::http())
         .layer(RateLimitLayer::keyed(Quota::per_second(5)?, api_key_or_peer).response_headers());

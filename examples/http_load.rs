@@ -57,8 +57,13 @@ fn stacked() -> Router {
                 key::Header::new("x-api-key"),
             ))
             .layer(BackpressureLayer::new(1 << 16))
-            // Keys scoped by caller (the `Authorization` digest, the default).
-            .layer(IdempotencyLayer::new(MemoryStore::default())),
+            // Keys scoped by caller (a digest of `Authorization` and of `x-api-key`).
+            .layer(
+                IdempotencyLayer::builder(MemoryStore::default())
+                    .scope_by_header("x-api-key")
+                    .build()
+                    .unwrap(),
+            ),
     )
 }
 

@@ -200,15 +200,21 @@ async fn start_server() -> Result<Server, Error> {
     let slow = backpressure.handle();
 
     // POST /orders: each Idempotency-Key runs once; repeats get the stored response. Keys are
-    // scoped by caller, by a digest of the `Authorization` header (the layer's default): one
-    // caller never receives another's stored response.
+    // scoped by caller, by a digest of the `Authorization` header (the layer's default) and of
+    // the `x-api-key` header: one caller never receives another's stored response.
     let orders_route = post(create_order);
     #[cfg(feature = "redis")]
-    let redis_orders = redis.as_ref().map(|conn| {
-        let layer =
-            IdempotencyLayer::new(tower_bulwark::idempotency::RedisStore::new(conn.clone()));
-        (layer.handle(), layer)
-    });
+    let redis_orders = match redis.as_ref() {
+        Some(conn) => {
+            let layer = IdempotencyLayer::builder(tower_bulwark::idempotency::RedisStore::new(
+                conn.clone(),
+            ))
+            .scope_by_header("x-api-key")
+            .build()?;
+            Some((layer.handle(), layer))
+        }
+        None => None,
+    };
     #[cfg(not(feature = "redis"))]
     let redis_orders: Option<(IdempotencyHandle, IdempotencyLayer<MemoryStore>)> = None;
     let (orders, orders_route) = match redis_orders {
@@ -226,7 +232,9 @@ async fn start_server() -> Result<Server, Error> {
             ),
         ),
         _ => {
-            let layer = IdempotencyLayer::new(MemoryStore::default());
+            let layer = IdempotencyLayer::builder(MemoryStore::default())
+                .scope_by_header("x-api-key")
+                .build()?;
             (
                 layer.handle(),
                 orders_route.layer(

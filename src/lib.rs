@@ -21,8 +21,9 @@
 //!
 //! Outermost first: rejections become responses; the rate limit refuses excess at once;
 //! backpressure bounds the work in flight; idempotency runs each `Idempotency-Key` once per
-//! caller (keys are scoped by the request's `Authorization` header unless told otherwise, so
-//! one caller never receives another's stored response).
+//! caller (keys are scoped by the request's `Authorization` header, here with its `x-api-key`
+//! header too, so one caller never receives another's stored response; callers without any
+//! credentials would share one scope).
 //!
 //! ```
 //! use std::time::Duration;
@@ -44,8 +45,12 @@
 //!             key::Header::new("x-api-key"),
 //!         ))
 //!         .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
-//!         // Keys scoped by caller: a digest of the `Authorization` header (the default).
-//!         .layer(IdempotencyLayer::new(MemoryStore::default())),
+//!         // Keys scoped by caller: a digest of `Authorization` and of the `x-api-key` header.
+//!         .layer(
+//!             IdempotencyLayer::builder(MemoryStore::default())
+//!                 .scope_by_header("x-api-key")
+//!                 .build()?,
+//!         ),
 //! );
 //! # Ok(()) }
 //! ```

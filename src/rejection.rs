@@ -68,6 +68,9 @@ pub enum RejectionKind {
     /// error of the server), and the limiter refuses such requests rather than put them all
     /// under one limit (HTTP 500, gRPC `INTERNAL`).
     RateLimitKeyMissing,
+    /// The request body could not be read (the client reset the stream, a malformed chunked
+    /// encoding): the request did not run (HTTP 400, gRPC `INVALID_ARGUMENT`).
+    BadRequestBody,
 }
 
 impl RejectionKind {
@@ -84,9 +87,9 @@ impl RejectionKind {
                 S::CONFLICT
             }
             RejectionKind::IdempotencyKeyReused => S::UNPROCESSABLE_ENTITY,
-            RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
-                S::BAD_REQUEST
-            }
+            RejectionKind::IdempotencyKeyMissing
+            | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::BadRequestBody => S::BAD_REQUEST,
             RejectionKind::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
             RejectionKind::RateLimitKeyMissing => S::INTERNAL_SERVER_ERROR,
         }
@@ -105,9 +108,9 @@ impl RejectionKind {
                 G::Aborted
             }
             RejectionKind::IdempotencyKeyReused => G::FailedPrecondition,
-            RejectionKind::IdempotencyKeyMissing | RejectionKind::IdempotencyKeyInvalid => {
-                G::InvalidArgument
-            }
+            RejectionKind::IdempotencyKeyMissing
+            | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::BadRequestBody => G::InvalidArgument,
             RejectionKind::RateLimitKeyMissing => G::Internal,
         }
     }
@@ -128,6 +131,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "store-unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency-store-full",
             RejectionKind::RateLimitKeyMissing => "rate-limit-key-missing",
+            RejectionKind::BadRequestBody => "bad-request-body",
         }
     }
 
@@ -148,6 +152,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "shared store unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency store full",
             RejectionKind::RateLimitKeyMissing => "rate limit key missing",
+            RejectionKind::BadRequestBody => "request body could not be read",
         }
     }
 }
@@ -356,6 +361,7 @@ mod tests {
             (RejectionKind::StoreUnavailable, S::SERVICE_UNAVAILABLE),
             (RejectionKind::IdempotencyStoreFull, S::SERVICE_UNAVAILABLE),
             (RejectionKind::PayloadTooLarge, S::PAYLOAD_TOO_LARGE),
+            (RejectionKind::BadRequestBody, S::BAD_REQUEST),
         ];
         for (kind, status) in table {
             assert_eq!(kind.http_status(), status, "{kind:?}");

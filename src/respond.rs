@@ -517,6 +517,7 @@ mod tests {
             RejectionKind::StoreUnavailable,
             RejectionKind::IdempotencyStoreFull,
             RejectionKind::RateLimitKeyMissing,
+            RejectionKind::BadRequestBody,
         ];
         for kind in kinds {
             let res = answer(Rejection::new(kind).into()).await;

@@ -303,6 +303,137 @@ async fn cookie_scope_follows_the_named_cookie_and_ignores_the_others() {
     assert_eq!(app.runs(), 3);
 }
 
+#[tokio::test(start_paused = true)]
+async fn header_scope_tells_api_key_callers_apart() {
+    let app = App::new();
+    let layer = IdempotencyLayer::builder(store())
+        .scope_by_header("x-api-key")
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(layer)
+        .service(app.service());
+    let with_key = |api_key: &str| {
+        Request::post("/orders")
+            .header("idempotency-key", "k")
+            .header("x-api-key", api_key)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let alice = svc.clone().oneshot(with_key("alice")).await.unwrap();
+    assert_eq!(alice.status(), StatusCode::CREATED);
+    let retry = svc.clone().oneshot(with_key("alice")).await.unwrap();
+    assert!(replayed(&retry), "the same API key is the same caller");
+    let mallory = svc.clone().oneshot(with_key("mallory")).await.unwrap();
+    assert!(!replayed(&mallory), "another API key is another caller");
+    // Combined with `Authorization`: other credentials with the same API key are another caller.
+    let mut other = with_key("alice");
+    other
+        .headers_mut()
+        .insert("authorization", "Bearer x".parse().unwrap());
+    let other = svc.clone().oneshot(other).await.unwrap();
+    assert!(!replayed(&other));
+    assert_eq!(app.runs(), 3);
+    assert_eq!(handle.stats().anonymous, 0, "every request had credentials");
+}
+
+#[test]
+fn an_invalid_scope_header_is_refused_at_build() {
+    let err = IdempotencyLayer::builder(MemoryStore::default())
+        .scope_by_header("not a header")
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        tower_bulwark::idempotency::ConfigError::InvalidHeaderName("scope_by_header")
+    );
+}
+
+/// Collects what a `tracing` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn requests_without_credentials_are_counted_and_warned_about_once() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        rt.block_on(async {
+            let app = App::new();
+            let layer = IdempotencyLayer::new(store());
+            let handle = layer.handle();
+            let svc = ServiceBuilder::new()
+                .layer(RejectionLayer::http())
+                .layer(layer)
+                .service(app.service());
+            for body in ["{\"a\":1}", "{\"a\":1}", "{\"a\":1}"] {
+                svc.clone().oneshot(order(None, body)).await.unwrap();
+            }
+            svc.clone()
+                .oneshot(order(Some("Bearer a"), "{}"))
+                .await
+                .unwrap();
+            // Unkeyed requests are none of the layer's business.
+            svc.clone()
+                .oneshot(Request::post("/orders").body(Body::from("{}")).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(handle.stats().anonymous, 3);
+
+            // A scope function or `unscoped` is the user's choice: not counted.
+            for layer in [
+                IdempotencyLayer::builder(store())
+                    .unscoped()
+                    .build()
+                    .unwrap(),
+                IdempotencyLayer::builder(store())
+                    .scope(|_: &http::request::Parts| "tenant")
+                    .build()
+                    .unwrap(),
+            ] {
+                let handle = layer.handle();
+                let svc = ServiceBuilder::new()
+                    .layer(RejectionLayer::http())
+                    .layer(layer)
+                    .service(app.service());
+                svc.oneshot(order(None, "{}")).await.unwrap();
+                assert_eq!(handle.stats().anonymous, 0);
+            }
+        })
+    });
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("anonymous idempotency key space").count(),
+        1,
+        "warned once per layer: {text}"
+    );
+    for fix in [".scope(...)", ".scope_by_header(...)", ".unscoped()"] {
+        assert!(text.contains(fix), "the warning names {fix}: {text}");
+    }
+}
+
 /// A [`MemoryStore`] that keeps a copy of every key it is asked to claim.
 #[derive(Clone)]
 struct Spy {

@@ -29,8 +29,26 @@ pin_project! {
         // Boxed, as the prefix below: a first run or a replay allocates anyway, and every
         // response that passes through carries this body inline (and moves it up the stack).
         Buffered { buf: Box<Buffered> },
-        Prefixed { prefix: Option<Box<Prefix>>, #[pin] body: B },
+        Prefixed {
+            prefix: Option<Box<Prefix>>,
+            // Decides, when the body ends, what becomes of the key of a response too large
+            // to keep (see `Settle`).
+            settle: Option<Box<dyn Settle>>,
+            #[pin]
+            body: B,
+        },
     }
+}
+
+/// What becomes of the key of a response streamed past the layer's cap, decided by how its
+/// body ends: a failure (a failing status in its trailers, an error) releases the key so the
+/// client can retry; a body that ends well, or is dropped before its end, records the key as
+/// completed with a response not kept (dropping the `Settle` does that).
+pub(crate) trait Settle: Send + Sync {
+    /// The body's trailers arrived.
+    fn trailers(&mut self, trailers: &HeaderMap);
+    /// The body failed.
+    fn failed(&mut self);
 }
 
 /// A whole body, with its trailers.
@@ -83,8 +101,16 @@ impl<B> ReplayBody<B> {
         ReplayBody {
             kind: Kind::Prefixed {
                 prefix: (!prefix.is_empty()).then(|| Box::new(Prefix { data: prefix, held })),
+                settle: None,
                 body,
             },
+        }
+    }
+
+    /// Leaves to `settle` what becomes of the key, once the rest of a prefixed body ends.
+    pub(crate) fn settle_with(&mut self, settle: Box<dyn Settle>) {
+        if let Kind::Prefixed { settle: s, .. } = &mut self.kind {
+            *s = Some(settle);
         }
     }
 }
@@ -127,13 +153,34 @@ where
                 }
                 Poll::Ready(buf.trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            KindProj::Prefixed { prefix, body } => {
+            KindProj::Prefixed {
+                prefix,
+                settle,
+                body,
+            } => {
                 if let Some(p) = prefix.take() {
                     let Prefix { data, held } = *p;
                     drop(held);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                body.poll_frame(cx).map_err(Into::into)
+                let polled = body.poll_frame(cx).map_err(Into::into);
+                if let Some(s) = settle.as_mut() {
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(t) = frame.trailers_ref() {
+                                s.trailers(t);
+                            }
+                        }
+                        Poll::Ready(Some(Err(_))) => {
+                            s.failed();
+                            *settle = None;
+                        }
+                        // The end: dropping the settlement records the key.
+                        Poll::Ready(None) => *settle = None,
+                        Poll::Pending => {}
+                    }
+                }
+                polled
             }
         }
     }
@@ -142,7 +189,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Buffered { buf } => buf.data.is_none() && buf.trailers.is_none(),
-            Kind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
+            Kind::Prefixed { prefix, body, .. } => prefix.is_none() && body.is_end_stream(),
         }
     }
 
@@ -152,7 +199,7 @@ where
             Kind::Buffered { buf } => {
                 SizeHint::with_exact(buf.data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Prefixed { prefix, body } => {
+            Kind::Prefixed { prefix, body, .. } => {
                 let p = prefix.as_ref().map_or(0, |d| d.data.len() as u64);
                 let h = body.size_hint();
                 let mut out = SizeHint::new();

@@ -16,12 +16,12 @@ use tokio::time::{Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::body::{BodyBuf, ReplayBody};
+use super::body::{BodyBuf, ReplayBody, Settle};
 use super::budget::Reservation;
 use super::fingerprint::Fingerprint;
 use super::layer::{Counters, FailurePolicy, RebuildBody, Shared};
 use super::record::Record;
-use super::store::{Claim, Lease, Store, StoreErrorKind, StoreKey};
+use super::store::{Claim, Lease, Store, StoreError, StoreErrorKind, StoreKey};
 use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
 use crate::rejection::{Rejection, RejectionKind};
 
@@ -73,11 +73,50 @@ pin_project! {
             parts: Option<response::Parts>,
             trailers: Option<HeaderMap>,
         },
+        Extend {
+            fut: Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>,
+            // When the extension was sent, and the time to live it asks for.
+            sent: Instant,
+            ttl: Duration,
+            pending: Option<Response<ReplayBody<ResB>>>,
+        },
         Complete {
             #[pin]
             fut: KF,
             pending: Option<Response<ReplayBody<ResB>>>,
         },
+    }
+}
+
+/// Settles the key of a response streamed past the cap when its body ends: holds the lease
+/// (extended to the record's time to live) until then. A failure releases it; the end, or a
+/// drop, writes the record that the response was not kept (the guard does, in `Drop`).
+struct Settlement<St: Store> {
+    guard: Option<LeaseGuard<St>>,
+    shared: Arc<Shared>,
+}
+
+impl<St: Store> Settlement<St> {
+    fn release(&mut self, why: &'static str) {
+        if let Some(g) = self.guard.take() {
+            Counters::bump(&self.shared.stats.not_stored);
+            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), why, "response too large to keep failed; lease released");
+            g.release();
+        }
+    }
+}
+
+impl<St: Store> Settle for Settlement<St> {
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if !self.shared.config.store_failures
+            && GrpcStatus::default().classify_trailers(trailers) != Outcome::Success
+        {
+            self.release("a failure status in the trailers");
+        }
+    }
+
+    fn failed(&mut self) {
+        self.release("the response body failed");
     }
 }
 
@@ -351,6 +390,7 @@ where
             State::Wait { .. } => "waiting for request in flight",
             State::Call { .. } => "calling inner service",
             State::Buffer { .. } => "buffering response",
+            State::Extend { .. } => "holding the key of a response too large to keep",
             State::Complete { .. } => "storing response",
         };
         f.debug_struct("ResponseFuture")
@@ -431,9 +471,14 @@ where
                                 }
                             }
                             Some(Err(e)) => {
-                                break State::Ready {
-                                    out: Some(Err(e.into())),
-                                }
+                                // The client's fault (a reset stream, a broken encoding):
+                                // a client error, and nothing was claimed or run.
+                                let e: BoxError = e.into();
+                                tracing::debug!(error = %e, "request body could not be read");
+                                break ready_err(
+                                    Rejection::new(RejectionKind::BadRequestBody)
+                                        .with_detail("the request body could not be read"),
+                                );
                             }
                             None => {
                                 k.body = k.buf.take();
@@ -604,9 +649,13 @@ where
                                 Ok(data) => {
                                     k.buf.push(data);
                                     if k.buf.len() > max {
+                                        // Too large to keep: the response streams on, and how
+                                        // its body ends decides (a failure releases the key;
+                                        // the end or a drop records it as not kept). Until
+                                        // then the lease is held as long as a record would be,
+                                        // so that no renewal depends on the client reading.
                                         let parts = head.take().expect("response head");
-                                        let record = Record::not_kept(k.fingerprint, parts.status);
-                                        tracing::debug!(key = ?k.key, "response too large to keep; recorded as not kept");
+                                        tracing::debug!(key = ?k.key, "response too large to keep; its end decides");
                                         let rest = body.take().expect("response body");
                                         let prefix = k.buf.take();
                                         let mut held = k.room.take();
@@ -615,7 +664,16 @@ where
                                             parts,
                                             ReplayBody::prefixed(prefix, rest, held),
                                         );
-                                        break complete(k, record, res);
+                                        k.renewal = None;
+                                        let guard = k.guard.as_ref().expect("a lease is held");
+                                        let ttl = k.shared.ttl();
+                                        let extend = k.store.renew(guard.lease(), ttl);
+                                        break State::Extend {
+                                            fut: Box::pin(extend),
+                                            sent: Instant::now(),
+                                            ttl,
+                                            pending: Some(res),
+                                        };
                                     }
                                 }
                                 Err(frame) => {
@@ -664,6 +722,44 @@ where
                                 );
                                 break complete(k, record, res);
                             }
+                        }
+                    }
+                }
+                StateProj::Extend {
+                    fut,
+                    sent,
+                    ttl,
+                    pending,
+                } => {
+                    let done = ready!(fut.as_mut().poll(cx));
+                    let k = this.ctx.as_mut().expect("keyed state");
+                    let mut res = pending.take().expect("pending response");
+                    match done {
+                        Ok(()) => {
+                            let mut guard = k.guard.take().expect("a lease is held");
+                            guard.held_until = *sent + *ttl;
+                            guard.ttl = *ttl;
+                            res.body_mut().settle_with(Box::new(Settlement {
+                                guard: Some(guard),
+                                shared: k.shared.clone(),
+                            }));
+                            return Poll::Ready(Ok(res));
+                        }
+                        Err(e) if e.kind() == StoreErrorKind::LeaseLost => {
+                            Counters::bump(&k.shared.stats.store_errors);
+                            tracing::warn!(error = %e, key = ?k.key, "the idempotency lease was lost before the response was recorded");
+                            if let Some(g) = k.guard.take() {
+                                g.disarm();
+                            }
+                            return Poll::Ready(Ok(res));
+                        }
+                        Err(e) => {
+                            // The lease could not be extended: record the key as not kept at
+                            // once instead, so that it never runs again.
+                            Counters::bump(&k.shared.stats.store_errors);
+                            tracing::warn!(error = %e, key = ?k.key, "could not hold the idempotency key of a response too large to keep; recording it as not kept");
+                            let record = Record::not_kept(k.fingerprint, res.status());
+                            complete(k, record, res)
                         }
                     }
                 }
@@ -783,21 +879,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// those named by `Connection`), and the configured exclusions.
 fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
-    let listed = headers.get_all(header::CONNECTION);
-    let named_by_connection = |name: &HeaderName| {
-        listed.iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
-            })
-        })
-    };
-    let has_connection = headers.contains_key(header::CONNECTION);
+    let listed = connection_names(headers);
     for (name, value) in headers {
         let skip = name == header::SET_COOKIE
             || HOP_BY_HOP.contains(name)
             || exclude.contains(name)
-            || (has_connection && named_by_connection(name));
+            || listed.contains(name);
         if !skip {
             out.append(name.clone(), value.clone());
         }
@@ -805,9 +892,33 @@ fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
     out
 }
 
+/// The header names a `Connection` header lists (every value, split on commas), read from
+/// its bytes: a token that is not a header name (obs-text, spaces) is skipped, and never hides
+/// the others.
+fn connection_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_names_survive_a_bad_token() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_bytes(b"x-a, caf\xe9 ,X-B,,  ").unwrap(),
+        );
+        h.append("connection", HeaderValue::from_static("x-c"));
+        let names = connection_names(&h);
+        assert_eq!(names, ["x-a", "x-b", "x-c"].map(HeaderName::from_static));
+    }
 
     #[test]
     fn stored_headers_leave_out_cookies_and_hop_by_hop() {

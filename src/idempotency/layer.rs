@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ pub enum ConfigError {
     /// `max_buffered_bytes` is less than one request and one response
     /// (`max_request_body + max_response_body`): no keyed request could run.
     BufferTooSmall,
+    /// A header name given to a setting (named) is not a valid header name.
+    InvalidHeaderName(&'static str),
 }
 
 impl fmt::Display for ConfigError {
@@ -62,6 +64,9 @@ impl fmt::Display for ConfigError {
                  not fit the store's largest record ({store_max_record} bytes): lower it or \
                  give the store more room"
             ),
+            ConfigError::InvalidHeaderName(what) => {
+                write!(f, "`{what}` was given an invalid header name")
+            }
             ConfigError::BufferTooSmall => f.write_str(
                 "`max_buffered_bytes` must hold one request and one response \
                  (`max_request_body + max_response_body`)",
@@ -153,6 +158,8 @@ pub(crate) struct Shared {
     pub(crate) buffers: Arc<BufferBudget>,
     /// The state of the generator that jitters `Retry-After` hints.
     rng: AtomicU64,
+    /// Whether the layer warned that keyed requests came without credentials.
+    warned_anonymous: AtomicBool,
 }
 
 impl Shared {
@@ -182,6 +189,24 @@ impl Shared {
         base + base.mul_f64(0.5 * unit)
     }
 
+    /// Counts a keyed request that carries none of the credentials its scope reads, and warns
+    /// once per layer: all such requests share one key space.
+    #[cold]
+    pub(crate) fn anonymous(&self) {
+        Counters::bump(&self.stats.anonymous);
+        if !self.warned_anonymous.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                scope = ?self.config.scope,
+                "a keyed request carries no credentials, so it shares one anonymous idempotency \
+                 key space with every other such request (one caller may be replayed another's \
+                 response): if callers authenticate otherwise than by `Authorization`, scope keys \
+                 by what tells them apart with `.scope(...)` or `.scope_by_header(...)`, or, if \
+                 one principal alone reaches this service, say so with `.unscoped()`; \
+                 warned once per layer, counted in `IdempotencyStats::anonymous`"
+            );
+        }
+    }
+
     pub(crate) fn wait(&self) -> Option<Duration> {
         match self.wait.load(Ordering::Relaxed) {
             0 => None,
@@ -203,6 +228,7 @@ pub(crate) struct Counters {
     pub(crate) store_errors: AtomicU64,
     pub(crate) store_full: AtomicU64,
     pub(crate) buffer_rejected: AtomicU64,
+    pub(crate) anonymous: AtomicU64,
 }
 
 impl Counters {
@@ -277,7 +303,7 @@ impl<St: Store> IdempotencyLayer<St> {
             header: HeaderName::from_static("idempotency-key"),
             methods: vec![Method::POST, Method::PATCH],
             required: false,
-            scope: Scope::Credentials,
+            scope: Scope::credentials(),
             max_request_body: 1 << 20,
             max_response_body: 1 << 20,
             max_buffered: 256 << 20,
@@ -289,6 +315,7 @@ impl<St: Store> IdempotencyLayer<St> {
             store_failures: false,
             exclude: Vec::new(),
             policy: FailurePolicy::FailClosed,
+            bad_header: None,
         }
     }
 }
@@ -347,6 +374,8 @@ pub struct IdempotencyBuilder<St, M = FromBytes> {
     store_failures: bool,
     exclude: Vec<HeaderName>,
     policy: FailurePolicy,
+    /// A setting was given an invalid header name: `build` refuses it.
+    bad_header: Option<&'static str>,
 }
 
 impl<St: fmt::Debug, M> fmt::Debug for IdempotencyBuilder<St, M> {
@@ -391,12 +420,14 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// `Authorization` header value, which is also where gRPC carries `authorization`
     /// metadata. Two requests with different `Authorization` values, or one with and one
     /// without, never see each other's records: no replay, no 409, no 422. Requests without
-    /// `Authorization` share one anonymous scope. Cookies are not part of the default (a
-    /// browser's unrelated cookies change between its retries); see
-    /// [`scope_by_cookie`](Self::scope_by_cookie).
+    /// `Authorization` share one anonymous scope (counted in
+    /// [`IdempotencyStats::anonymous`], and warned about once). Cookies are not part of the
+    /// default (a browser's unrelated cookies change between its retries); see
+    /// [`scope_by_cookie`](Self::scope_by_cookie), and, for an API key header,
+    /// [`scope_by_header`](Self::scope_by_header).
     ///
-    /// Set a scope function when the principal is elsewhere (an API key header, a client
-    /// certificate, an extension your authentication layer adds), or when a client's token
+    /// Set a scope function when the principal is elsewhere (a client certificate, an
+    /// extension your authentication layer adds), or when a client's token
     /// can change between its retries (a refreshed OAuth token is other credentials to the
     /// default, so the retry would run again): it must tell apart every caller who must not
     /// see another's responses. The value is kept in the store key as it
@@ -428,8 +459,39 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// headers and their `name` cookies are equal. Other cookies are ignored. Like the
     /// default, the scope is a digest: the cookie's value is never stored. Replaces a
     /// [`scope`](Self::scope) function set before.
+    ///
+    /// Combines with [`scope_by_header`](Self::scope_by_header).
     pub fn scope_by_cookie(mut self, name: impl Into<String>) -> Self {
-        self.scope = Scope::CredentialsAndCookie(name.into().into());
+        self.scope = self.scope.with_cookie(name.into());
+        self
+    }
+
+    /// Scopes keys by the caller's credentials, as the default does, and by the request
+    /// header `name` too: for callers that authenticate with an API key header (`x-api-key`)
+    /// rather than `Authorization`. Two requests share records only when their
+    /// `Authorization` headers and their `name` headers are equal (absent counting as a value
+    /// of its own). Like the default, the scope is a digest: the header's value is never
+    /// stored. Call it again to add more headers; combines with
+    /// [`scope_by_cookie`](Self::scope_by_cookie), and replaces a [`scope`](Self::scope)
+    /// function set before.
+    ///
+    /// ```
+    /// use tower_bulwark::idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::builder(MemoryStore::default())
+    ///     .scope_by_header("x-api-key")
+    ///     .build()
+    ///     .expect("valid configuration");
+    /// # let _ = layer;
+    /// ```
+    ///
+    /// A name that is not a valid header name makes [`build`](Self::build) fail with
+    /// [`ConfigError::InvalidHeaderName`].
+    pub fn scope_by_header<N: TryInto<HeaderName>>(mut self, name: N) -> Self {
+        match name.try_into() {
+            Ok(name) => self.scope = self.scope.with_header(name),
+            Err(_) => self.bad_header = Some("scope_by_header"),
+        }
         self
     }
 
@@ -454,10 +516,15 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     }
 
     /// The largest response body kept for replay (default 1 MiB). A larger response is
-    /// passed on whole, and the key is recorded as completed with a response too large to
-    /// keep: repeats get 409
+    /// passed on whole, as it streams, and how its body ends decides: one that ends well (or
+    /// is dropped before its end) records the key as completed with a response too large to
+    /// keep (the record is written as the body ends, in the background for a remote store),
+    /// and repeats get 409
     /// [`RejectionKind::IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored),
-    /// never a second run.
+    /// never a second run; one that ends with a failure (a gRPC failure status in its
+    /// trailers, a body error) releases the key, as under the cap. Until its end the key is
+    /// held (for as long as a record would be, however slowly the client reads), and repeats
+    /// get 409 [`IdempotencyInFlight`](crate::RejectionKind::IdempotencyInFlight).
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.max_response_body = bytes;
         self
@@ -558,6 +625,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             store_failures: self.store_failures,
             exclude: self.exclude,
             policy: self.policy,
+            bad_header: self.bad_header,
         }
     }
 
@@ -565,10 +633,14 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] when a duration or body limit is zero, no method is given,
+    /// [`ConfigError`] when a duration or body limit is zero, no method is given, a header
+    /// name is invalid,
     /// `max_buffered_bytes` cannot hold one request and one response, or the largest kept
     /// response does not fit the store ([`ConfigError::ResponseExceedsStore`]).
     pub fn build(self) -> Result<IdempotencyLayer<St, M>, ConfigError> {
+        if let Some(what) = self.bad_header {
+            return Err(ConfigError::InvalidHeaderName(what));
+        }
         if self.methods.is_empty() {
             return Err(ConfigError::NoMethods);
         }
@@ -624,6 +696,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             stats: Counters::default(),
             buffers: BufferBudget::new(self.max_buffered),
             rng: AtomicU64::new(random_seed()),
+            warned_anonymous: AtomicBool::new(false),
         };
         Ok(IdempotencyLayer {
             store: self.store,
@@ -675,6 +748,13 @@ pub struct IdempotencyStats {
     pub store_full: u64,
     /// Keyed requests refused (503) because the layer's buffers in flight were full.
     pub buffer_rejected: u64,
+    /// Keyed requests without any of the credentials their scope reads (no `Authorization`,
+    /// nor the header or cookie added with
+    /// [`scope_by_header`](IdempotencyBuilder::scope_by_header) and
+    /// [`scope_by_cookie`](IdempotencyBuilder::scope_by_cookie)): they all share one anonymous
+    /// key space. Not counted under a [`scope`](IdempotencyBuilder::scope) function or
+    /// [`unscoped`](IdempotencyBuilder::unscoped).
+    pub anonymous: u64,
     /// Bytes the layer's requests hold reserved for buffering now.
     pub buffered_bytes: usize,
 }
@@ -696,6 +776,7 @@ impl IdempotencyHandle {
             store_errors: get(&s.store_errors),
             store_full: get(&s.store_full),
             buffer_rejected: get(&s.buffer_rejected),
+            anonymous: get(&s.anonymous),
             buffered_bytes: self.shared.buffers.used(),
         }
     }

@@ -19,9 +19,11 @@
 //! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
 //! | body over the buffer limit (1 MiB) | 413; the handler does not run |
+//! | body that cannot be read (the client reset the stream, a broken encoding) | 400 [`BadRequestBody`](crate::RejectionKind::BadRequestBody); the key is not claimed and the handler does not run |
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
+//! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a failure (gRPC failure status in the trailers, a body error) releases the key, as under the cap; an end that went well, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
 //! | the first request's future is dropped (client gone) before its handler answers | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
 //! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
@@ -40,15 +42,23 @@
 //! never meets another caller's record: it is not replayed that caller's response, nor told by
 //! a 409 or a 422 that the key is in use; it runs as a request of its own. The credentials are
 //! never stored or logged: the store key holds their SHA-1 digest (stable, so replicas that
-//! share a Redis store agree). Requests without `Authorization` share one anonymous scope, and
-//! cookies are left out (a browser's unrelated cookies change between its retries):
+//! share a Redis store agree). Cookies are left out (a browser's unrelated cookies change
+//! between its retries).
 //!
-//! - [`scope`](IdempotencyBuilder::scope) replaces the default with a function of the request
-//!   head (the tenant or principal your authentication layer put in the request, an API-key
-//!   header), for credentials that are not in `Authorization` or tokens that are refreshed
-//!   between a client's retries (to the default, a new token is a new caller);
+//! **Callers without credentials share one scope.** Requests that carry none of the
+//! credentials the scope reads (by default, no `Authorization`) are all one anonymous caller
+//! to the layer: one of them can be replayed another's response. The layer counts them
+//! ([`IdempotencyStats::anonymous`]) and warns once (`tracing`) when it meets the first. If
+//! your callers authenticate otherwise (an API-key header, a session cookie, mTLS), say how:
+//!
+//! - [`scope_by_header`](IdempotencyBuilder::scope_by_header) adds a named header (an API key,
+//!   `x-api-key`) to the credentials, hashed like `Authorization`;
 //! - [`scope_by_cookie`](IdempotencyBuilder::scope_by_cookie) adds one named session cookie
 //!   to the credentials;
+//! - [`scope`](IdempotencyBuilder::scope) replaces the default with a function of the request
+//!   head (the tenant or principal your authentication layer put in the request), for
+//!   credentials that are not in headers or tokens that are refreshed between a client's
+//!   retries (to the default, a new token is a new caller);
 //! - [`unscoped`](IdempotencyBuilder::unscoped) is the explicit opt-out, one key space for
 //!   every caller, for a service that only one principal can reach.
 //!

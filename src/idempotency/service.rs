@@ -101,7 +101,13 @@ where
         }
         let (parts, body) = req.into_parts();
         let key = match key::parse(&parts.headers, &cfg.header) {
-            Ok(Some(key)) => StoreKey::new(cfg.scope.of(&parts), &key),
+            Ok(Some(key)) => {
+                let scope = cfg.scope.of(&parts);
+                if scope.is_empty() && cfg.scope.is_credentials() {
+                    self.shared.anonymous();
+                }
+                StoreKey::new(scope, &key)
+            }
             Ok(None) if !cfg.required => {
                 let req = Request::from_parts(parts, body);
                 return ResponseFuture::passthrough(self.inner.call(req));
