@@ -413,3 +413,62 @@ fn forwarding_chain_forms_hold_up() {
     let r = from_peer("[::ffff:10.0.0.1]:443", &[b"::ffff:203.0.113.9"]);
     assert_eq!(ip.client_ip(&r), Some("203.0.113.9".parse().unwrap()));
 }
+
+// Held up: a flood of distinct keys far beyond `max_keys` does not reset a drained victim's
+// limit (the key closest to whole is the one evicted), and evictions are counted.
+#[tokio::test(start_paused = true)]
+async fn a_key_flood_does_not_reset_a_drained_key() {
+    let layer = RateLimitLayer::keyed(
+        RateLimitConfig::new(Quota::per_minute(3).unwrap())
+            .clock(Clock::tokio())
+            .max_keys(8),
+        |r: &u64| *r,
+    );
+    let h = layer.handle();
+    let mut svc = layer.layer(Counting::default());
+    for _ in 0..3 {
+        assert!(poll_once(&mut start(&mut svc, 0u64)).unwrap().is_ok());
+    }
+    for k in 1..50_000u64 {
+        let _ = poll_once(&mut start(&mut svc, k));
+    }
+    assert!(h.evictions() > 0);
+    assert!(poll_once(&mut start(&mut svc, 0u64)).unwrap().is_err());
+}
+
+// Held up: under Axum, `route_layer` and `layer` (one `Layer::layer` call per route) draw on
+// one limit, and the 429 carries Retry-After, RateLimit headers and problem+json.
+#[tokio::test(start_paused = true)]
+async fn axum_routes_share_one_limit() {
+    use axum::{body::Body, routing::get, Router};
+    use tower::{ServiceBuilder, ServiceExt};
+    let rl = RateLimitLayer::new(
+        RateLimitConfig::new(Quota::per_minute(2).unwrap()).clock(Clock::tokio()),
+    );
+    for per_route in [false, true] {
+        let layer = rl.clone();
+        let routes = Router::new()
+            .route("/a", get(|| async { "a" }))
+            .route("/b", get(|| async { "b" }));
+        let app = if per_route {
+            routes.route_layer(ServiceBuilder::new().layer(RejectionLayer::http()).layer(layer))
+        } else {
+            routes.layer(ServiceBuilder::new().layer(RejectionLayer::http()).layer(layer))
+        };
+        let req = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+        let mut statuses = vec![];
+        for p in ["/a", "/b", "/a", "/b"] {
+            let res = app.clone().oneshot(req(p)).await.unwrap();
+            statuses.push(res.status().as_u16());
+            if res.status() == 429 {
+                assert!(res.headers().contains_key("retry-after"));
+                assert!(res.headers().contains_key("ratelimit"));
+                assert!(res.headers().contains_key("ratelimit-policy"));
+                assert_eq!(res.headers()["content-type"], "application/problem+json");
+            }
+        }
+        let ok = statuses.iter().filter(|&&s| s == 200).count();
+        // The second pass uses a clone of the same layer: its limit is already spent.
+        assert_eq!(ok, if per_route { 0 } else { 2 }, "{statuses:?}");
+    }
+}
