@@ -214,7 +214,8 @@ impl BreakerConfig {
     }
 
     /// How long the breaker stays open after it trips from closed (default 5 s; at most
-    /// [`MAX_OPEN_TIME`], 365 days).
+    /// [`MAX_OPEN_TIME`], 365 days), unless it trips again soon after closing (see
+    /// [`backoff_multiplier`](Self::backoff_multiplier)).
     pub fn open_time(mut self, d: Duration) -> Self {
         self.open_time = d;
         self
@@ -228,7 +229,10 @@ impl BreakerConfig {
         self
     }
 
-    /// Each failed probe round multiplies the open time by this (≥ 1.0, default 2.0).
+    /// Each failed probe round multiplies the open time by this (≥ 1.0, default 2.0), and so
+    /// does a trip from closed that comes before the breaker has stayed closed for the open
+    /// time it last served (before jitter); a trip after that opens for the base
+    /// [`open_time`](Self::open_time) again.
     pub fn backoff_multiplier(mut self, m: f64) -> Self {
         self.multiplier = m;
         self
