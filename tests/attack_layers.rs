@@ -202,7 +202,6 @@ impl<S: Service<Req>, Req> ReadyAndCall<Req> for S {
 // same full budget.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: every shed response carries the same Retry-After, so compliant clients return in step"]
 async fn shed_retry_after_is_spread_over_callers() {
     let gate = Arc::new(tokio::sync::Notify::new());
     let svc = {
@@ -590,7 +589,6 @@ async fn abandoned_probe_through_buffer_frees_the_slot() {
 // Construction is infallible, so the combination cannot even be refused.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: max_queue without max_wait is accepted and ignored (every extra request is shed at once)"]
 async fn max_queue_alone_is_not_silently_ignored() {
     let (inner, mut handle) = mock::pair::<u32, u32>();
     let layer = BackpressureLayer::new(1).max_queue(8);
