@@ -98,10 +98,7 @@ async fn grpc_policy_does_not_rerun_a_call_that_may_have_been_processed() {
             }
         })
     };
-    let policy = RetryPolicy::grpc()
-        .no_budget()
-        .seed(1)
-        .clock(Clock::tokio());
+    let policy = RetryPolicy::grpc().no_budget().seed(1).clock(Clock::tokio());
     let client = ServiceBuilder::new()
         .layer(RetryLayer::new(policy).unwrap())
         .timeout(Duration::from_secs(1)) // per attempt, below the retry layer, as advised
@@ -133,10 +130,7 @@ async fn http_policy_sends_a_timed_out_post_once() {
             }
         })
     };
-    let policy = RetryPolicy::http()
-        .no_budget()
-        .seed(1)
-        .clock(Clock::tokio());
+    let policy = RetryPolicy::http().no_budget().seed(1).clock(Clock::tokio());
     let client = ServiceBuilder::new()
         .layer(RetryLayer::new(policy).unwrap())
         .timeout(Duration::from_secs(1))
@@ -173,9 +167,7 @@ async fn backpressure_full_sheds_without_waiting_on_inner_readiness() {
     send.send_response(10);
     let _ = running.await;
     let err = out
-        .expect(
-            "a request over the limit hung on the inner readiness for 30 s instead of being shed",
-        )
+        .expect("a request over the limit hung on the inner readiness for 30 s instead of being shed")
         .expect_err("shed");
     let r = err.downcast_ref::<Rejection>().expect("a rejection");
     assert_eq!(r.kind(), RejectionKind::Overloaded);
@@ -266,10 +258,7 @@ async fn timed_out_put_with_body_is_retried() {
             }
         })
     };
-    let policy = RetryPolicy::http()
-        .no_budget()
-        .seed(1)
-        .clock(Clock::tokio());
+    let policy = RetryPolicy::http().no_budget().seed(1).clock(Clock::tokio());
     let client = ServiceBuilder::new()
         .layer(RetryLayer::new(policy).unwrap())
         .timeout(Duration::from_secs(1))
@@ -305,10 +294,7 @@ async fn timed_out_put_whose_body_was_read_is_retried() {
             }
         })
     };
-    let policy = RetryPolicy::http()
-        .no_budget()
-        .seed(1)
-        .clock(Clock::tokio());
+    let policy = RetryPolicy::http().no_budget().seed(1).clock(Clock::tokio());
     let client = ServiceBuilder::new()
         .layer(RetryLayer::new(policy).unwrap())
         .timeout(Duration::from_secs(1))
@@ -381,11 +367,7 @@ async fn readme_client_stack_adds_at_most_20_percent_load() {
         calls.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100 * i)).await;
             client
-                .oneshot(
-                    Request::get("/items")
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                )
+                .oneshot(Request::get("/items").body(Full::new(Bytes::new())).unwrap())
                 .await
         }));
     }
@@ -511,10 +493,7 @@ async fn dropping_retry_during_backoff_refunds_the_budget() {
     let retry = RetryLayer::new(
         RetryPolicy::errors()
             .budget(budget)
-            .backoff(Backoff::exponential(
-                Duration::from_millis(100),
-                Duration::from_millis(100),
-            ))
+            .backoff(Backoff::exponential(Duration::from_millis(100), Duration::from_millis(100)))
             .seed(5)
             .clock(Clock::tokio()),
     )
@@ -647,14 +626,9 @@ async fn conflicting_hints_never_retry_before_the_later_one() {
             }
         })
     };
-    let client = RetryLayer::new(
-        RetryPolicy::http()
-            .no_budget()
-            .seed(2)
-            .clock(Clock::tokio()),
-    )
-    .unwrap()
-    .layer(server);
+    let client = RetryLayer::new(RetryPolicy::http().no_budget().seed(2).clock(Clock::tokio()))
+        .unwrap()
+        .layer(server);
     let start = Instant::now();
     let res = client
         .oneshot(Request::get("/").body(Full::new(Bytes::new())).unwrap())
