@@ -99,7 +99,11 @@ async fn raising_the_quota_frees_a_limited_client_within_the_new_window() {
             rejection(e).retry_after()
         );
     }
-    assert_eq!(handle.remaining(), 9, "a whole 10/s bucket after one request");
+    assert_eq!(
+        handle.remaining(),
+        9,
+        "a whole 10/s bucket after one request"
+    );
 }
 
 // Same for a keyed limiter: the limited key stays locked out for the old period.
@@ -137,8 +141,7 @@ async fn raising_the_quota_frees_a_limited_key_within_the_new_window() {
 #[ignore = "defect: dropped waiters give back only the last reserved turn (turns can be hogged)"]
 async fn waiters_dropped_in_order_give_their_turns_back() {
     let layer = RateLimitLayer::new(
-        RateLimitConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap())
-            .clock(Clock::tokio()),
+        RateLimitConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap()).clock(Clock::tokio()),
     )
     .wait_up_to(Duration::from_secs(60));
     let handle = layer.handle();
@@ -225,9 +228,7 @@ async fn http_retry_after_is_jittered() {
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
 async fn spoofed_forwarding_headers_from_untrusted_peers_do_not_pick_the_key() {
-    let ip = key::ClientIp::new()
-        .trust_proxies(["10.0.0.0/8"])
-        .unwrap();
+    let ip = key::ClientIp::new().trust_proxies(["10.0.0.0/8"]).unwrap();
     let layer = RateLimitLayer::keyed(
         RateLimitConfig::new(Quota::per_second(1).unwrap()).clock(Clock::tokio()),
         ip,
@@ -277,10 +278,9 @@ async fn redis_handle_taken_before_a_setter_still_drives_the_layer() {
     use tower_bulwark::rate_limit::store::{FailurePolicy, RedisRateLimitLayer};
     let server = server_or_skip!("redis_handle_taken_before_a_setter_still_drives_the_layer");
     let c = redis_server::conn(&server.url()).await;
-    let layer = RedisRateLimitLayer::keyed(c, Quota::per_minute(2).unwrap(), |r: &Vec<u8>| {
-        r.clone()
-    })
-    .unwrap();
+    let layer =
+        RedisRateLimitLayer::keyed(c, Quota::per_minute(2).unwrap(), |r: &Vec<u8>| r.clone())
+            .unwrap();
     let early = layer.handle();
     let layer = layer
         .prefix("att3-orphan:")
@@ -301,7 +301,11 @@ async fn redis_handle_taken_before_a_setter_still_drives_the_layer() {
     assert_eq!(refused, 1);
     assert_eq!(late.rejected(), 1);
     // The handle taken first must see the same layer...
-    assert_eq!(early.rejected(), 1, "the early handle's counters never move");
+    assert_eq!(
+        early.rejected(),
+        1,
+        "the early handle's counters never move"
+    );
     // ...and drive it.
     early.set_quota(Quota::per_minute(1000).unwrap()).unwrap();
     assert_eq!(late.quota(), Quota::per_minute(1000).unwrap());
@@ -331,7 +335,8 @@ fn from_peer(peer: &str, xff: &[&[u8]]) -> Request<()> {
         r.headers_mut()
             .append("x-forwarded-for", http::HeaderValue::from_bytes(v).unwrap());
     }
-    r.extensions_mut().insert(peer.parse::<SocketAddr>().unwrap());
+    r.extensions_mut()
+        .insert(peer.parse::<SocketAddr>().unwrap());
     r
 }
 
@@ -407,7 +412,11 @@ fn forwarding_chain_forms_hold_up() {
         .ipv6_prefix(64);
     let r = from_peer(
         "[::ffff:10.0.0.1]:443",
-        &[b"6.6.6.6", b"1.1.1.1, [2001:db8:1:2::99]:4711", b"::ffff:10.2.2.2, [fd00::1]"],
+        &[
+            b"6.6.6.6",
+            b"1.1.1.1, [2001:db8:1:2::99]:4711",
+            b"::ffff:10.2.2.2, [fd00::1]",
+        ],
     );
     assert_eq!(ip.client_ip(&r), Some("2001:db8:1:2::".parse().unwrap()));
     let r = from_peer("[::ffff:10.0.0.1]:443", &[b"::ffff:203.0.113.9"]);
@@ -451,9 +460,17 @@ async fn axum_routes_share_one_limit() {
             .route("/a", get(|| async { "a" }))
             .route("/b", get(|| async { "b" }));
         let app = if per_route {
-            routes.route_layer(ServiceBuilder::new().layer(RejectionLayer::http()).layer(layer))
+            routes.route_layer(
+                ServiceBuilder::new()
+                    .layer(RejectionLayer::http())
+                    .layer(layer),
+            )
         } else {
-            routes.layer(ServiceBuilder::new().layer(RejectionLayer::http()).layer(layer))
+            routes.layer(
+                ServiceBuilder::new()
+                    .layer(RejectionLayer::http())
+                    .layer(layer),
+            )
         };
         let req = |p: &str| Request::get(p).body(Body::empty()).unwrap();
         let mut statuses = vec![];
@@ -536,7 +553,9 @@ async fn readme_stack_flood(attacker_key: fn(usize) -> String) {
     let victim = app.clone().oneshot(req("victim".into())).await.unwrap();
     let mut statuses = std::collections::BTreeMap::new();
     for f in flood {
-        *statuses.entry(f.await.unwrap().unwrap().status().as_u16()).or_insert(0) += 1;
+        *statuses
+            .entry(f.await.unwrap().unwrap().status().as_u16())
+            .or_insert(0) += 1;
     }
     assert_eq!(
         victim.status(),

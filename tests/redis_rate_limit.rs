@@ -893,3 +893,62 @@ async fn a_refusal_does_not_wait_on_the_inner_readiness() {
     send.send_response(10);
     assert_eq!(admitted.await.unwrap().unwrap(), 10);
 }
+
+/// A key limited under the old quota is whole again within the new window once the quota is
+/// raised: the state Redis keeps from the old, longer window is capped to the new one.
+#[tokio::test]
+async fn raising_the_quota_frees_a_limited_key_within_the_new_window() {
+    let server = server_or_skip!("raising_the_quota_frees_a_limited_key_within_the_new_window");
+    let layer = patient(
+        RedisRateLimitLayer::keyed(
+            conn(&server.url()).await,
+            Quota::per_hour(1).unwrap(),
+            by_request,
+        )
+        .unwrap(),
+    )
+    .prefix("raise:")
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(Counting::default());
+    svc.ready()
+        .await
+        .unwrap()
+        .call(b"k".to_vec())
+        .await
+        .unwrap();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(b"k".to_vec())
+        .await
+        .unwrap_err();
+    let old = err
+        .downcast_ref::<Rejection>()
+        .unwrap()
+        .retry_after()
+        .unwrap();
+    assert!(
+        old > Duration::from_secs(3500),
+        "limited for the old hour: {old:?}"
+    );
+    // The operator raises the limit to 10 a second: 100 ms a token, a 1 s window.
+    handle.set_quota(Quota::per_second(10).unwrap()).unwrap();
+    match svc.ready().await.unwrap().call(b"k".to_vec()).await {
+        Ok(()) => {}
+        Err(e) => {
+            let after = e
+                .downcast_ref::<Rejection>()
+                .unwrap()
+                .retry_after()
+                .unwrap();
+            assert!(
+                after <= Duration::from_millis(100),
+                "still limited for the old window after raising the quota: {after:?}"
+            );
+        }
+    }
+}
