@@ -271,23 +271,31 @@ async fn no_peer_address_is_refused_and_counted() {
 // layer refuses requests. Promised: no setting orphans a handle taken earlier; handles change
 // the quota at run time.
 // ---------------------------------------------------------------------------------------------
+//
+// The settings are now part of the configuration the layer is made from
+// (`RedisRateLimitConfig`), so none can be written after a handle is taken; the one call left
+// on the layer (`response_headers`) keeps its state.
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "defect: a RedisRateLimitLayer setter orphans a handle taken before it"]
 async fn redis_handle_taken_before_a_setter_still_drives_the_layer() {
-    use tower_bulwark::rate_limit::store::{FailurePolicy, RedisRateLimitLayer};
+    use tower_bulwark::rate_limit::store::{
+        FailurePolicy, RedisRateLimitConfig, RedisRateLimitLayer,
+    };
     let server = server_or_skip!("redis_handle_taken_before_a_setter_still_drives_the_layer");
     let c = redis_server::conn(&server.url()).await;
-    let layer =
-        RedisRateLimitLayer::keyed(c, Quota::per_minute(2).unwrap(), |r: &Vec<u8>| r.clone())
-            .unwrap();
+    let layer = RedisRateLimitLayer::keyed(
+        c,
+        RedisRateLimitConfig::new(Quota::per_minute(2).unwrap())
+            .prefix("att3-orphan:")
+            .unwrap()
+            .timeout(Duration::from_secs(2))
+            .unwrap()
+            .failure_policy(FailurePolicy::FailClosed),
+        |r: &Vec<u8>| r.clone(),
+    )
+    .unwrap();
     let early = layer.handle();
-    let layer = layer
-        .prefix("att3-orphan:")
-        .unwrap()
-        .timeout(Duration::from_secs(2))
-        .unwrap()
-        .failure_policy(FailurePolicy::FailClosed);
+    let layer = layer.response_headers();
     let late = layer.handle();
     let mut svc = layer.layer(Counting::default());
     let mut refused = 0;
@@ -313,20 +321,29 @@ async fn redis_handle_taken_before_a_setter_still_drives_the_layer() {
 
 // The other face: a quota changed through a handle is silently undone by a later setter,
 // which rebuilds the state from the quota given at construction.
+// (The failure policy is given before the layer exists; the call left on the layer,
+// `response_headers`, must keep the quota.)
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "defect: a RedisRateLimitLayer setter silently undoes a run-time set_quota"]
 async fn redis_setter_keeps_a_quota_set_at_run_time() {
-    use tower_bulwark::rate_limit::store::{FailurePolicy, RedisRateLimitLayer};
+    use tower_bulwark::rate_limit::store::{
+        FailurePolicy, RedisRateLimitConfig, RedisRateLimitLayer,
+    };
     let server = server_or_skip!("redis_setter_keeps_a_quota_set_at_run_time");
     let c = redis_server::conn(&server.url()).await;
-    let layer = RedisRateLimitLayer::new(c, Quota::per_minute(2).unwrap()).unwrap();
+    let layer = RedisRateLimitLayer::new(
+        c,
+        RedisRateLimitConfig::new(Quota::per_minute(2).unwrap())
+            .failure_policy(FailurePolicy::FailOpen),
+    )
+    .unwrap();
     layer
         .handle()
         .set_quota(Quota::per_minute(1000).unwrap())
         .unwrap();
-    let layer = layer.failure_policy(FailurePolicy::FailOpen);
+    let layer = layer.response_headers();
     assert_eq!(layer.handle().quota(), Quota::per_minute(1000).unwrap());
+    assert_eq!(layer.handle().policy(), FailurePolicy::FailOpen);
 }
 
 fn from_peer(peer: &str, xff: &[&[u8]]) -> Request<()> {
@@ -498,22 +515,29 @@ async fn axum_routes_share_one_limit() {
 // backpressure permits (256) that every caller shares, so a well-behaved key is shed (503).
 // (A flood from ONE key held up: it is refused past its burst and others keep their service.)
 // ---------------------------------------------------------------------------------------------
+//
+// The README's stack now limits per client address (`key::ClientIp`) in front of the per-key
+// limit: the flood, from one address, is refused past that address's burst whatever keys it
+// rotates through.
+#[cfg(feature = "axum")]
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: README stack keys by an attacker-chosen header; rotating keys bypass the limit"]
 async fn readme_stack_a_flood_with_rotating_keys_does_not_starve_other_keys() {
     readme_stack_flood(|i| format!("attacker-{i}")).await;
 }
 
 // Held up: the same flood from one key is refused past its burst; the victim is served.
+#[cfg(feature = "axum")]
 #[tokio::test(start_paused = true)]
 async fn readme_stack_a_flood_from_one_key_does_not_starve_other_keys() {
     readme_stack_flood(|_| "attacker".to_owned()).await;
 }
 
 /// The README's server stack (tokio's clock, a handler that takes 1 s), a flood of 400
-/// concurrent requests with `attacker_key(i)`, then one request of another key: it must be
-/// served.
+/// concurrent requests with `attacker_key(i)` from one client address, then one request of
+/// another key from another address (as Axum records them, `ConnectInfo`): it must be served.
+#[cfg(feature = "axum")]
 async fn readme_stack_flood(attacker_key: fn(usize) -> String) {
+    use axum::extract::ConnectInfo;
     use axum::{body::Body, routing::get, Router};
     use tower::{ServiceBuilder, ServiceExt};
     use tower_bulwark::{BackpressureLayer, IdempotencyLayer, MemoryStore};
@@ -531,26 +555,46 @@ async fn readme_stack_flood(attacker_key: fn(usize) -> String) {
                 .layer(RateLimitLayer::keyed(
                     RateLimitConfig::new(Quota::per_second(100).unwrap().burst(200).unwrap())
                         .clock(Clock::tokio()),
+                    key::ClientIp::new(),
+                ))
+                .layer(RateLimitLayer::keyed(
+                    RateLimitConfig::new(Quota::per_second(100).unwrap().burst(200).unwrap())
+                        .clock(Clock::tokio()),
                     key::Header::new("x-api-key"),
                 ))
                 .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
-                .layer(IdempotencyLayer::new(MemoryStore::default())),
+                .layer(
+                    IdempotencyLayer::builder(MemoryStore::default())
+                        .scope_by_header("x-api-key")
+                        .build()
+                        .unwrap(),
+                ),
         );
-    let req = |k: String| {
-        Request::get("/orders")
+    let req = |k: String, peer: &str| {
+        let mut r = Request::get("/orders")
             .header("x-api-key", k)
             .body(Body::empty())
-            .unwrap()
+            .unwrap();
+        r.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        r
     };
     let mut flood = Vec::new();
     for i in 0..400 {
-        flood.push(tokio::spawn(app.clone().oneshot(req(attacker_key(i)))));
+        flood.push(tokio::spawn(
+            app.clone()
+                .oneshot(req(attacker_key(i), "203.0.113.66:40000")),
+        ));
     }
     // Let the flood reach the handler (all of it is in flight, sleeping).
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
-    let victim = app.clone().oneshot(req("victim".into())).await.unwrap();
+    let victim = app
+        .clone()
+        .oneshot(req("victim".into(), "198.51.100.7:50000"))
+        .await
+        .unwrap();
     let mut statuses = std::collections::BTreeMap::new();
     for f in flood {
         *statuses
