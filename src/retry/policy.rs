@@ -761,6 +761,36 @@ mod tests {
     }
 
     #[test]
+    fn the_latest_hint_wins() {
+        let res = |headers: &[(&str, &str)]| {
+            let mut b = Response::builder().status(503);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            HttpReplay::http().hint(&b.body(()).unwrap())
+        };
+        let s = Duration::from_secs;
+        assert_eq!(
+            res(&[("retry-after", "30"), (GRPC_PUSHBACK, "0")]),
+            Hint::After(s(30))
+        );
+        assert_eq!(
+            res(&[("retry-after", "1"), (GRPC_PUSHBACK, "2000")]),
+            Hint::After(s(2))
+        );
+        assert_eq!(
+            res(&[("retry-after", "1"), (GRPC_PUSHBACK, "-1")]),
+            Hint::Stop
+        );
+        assert_eq!(
+            res(&[("retry-after", "soon"), (GRPC_PUSHBACK, "5")]),
+            Hint::After(Duration::from_millis(5))
+        );
+        assert_eq!(res(&[("retry-after", "3")]), Hint::After(s(3)));
+        assert_eq!(res(&[]), Hint::None);
+    }
+
+    #[test]
     fn keys_are_uuid_v4() {
         let k = format_key(u128::MAX);
         let s = k.to_str().unwrap();
