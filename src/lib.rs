@@ -66,7 +66,9 @@
 //!
 //! # A client stack
 //!
-//! Retries inside a budget (never more than 20% extra load), honouring `Retry-After`; a
+//! Retries inside a budget (over its 10 s window, at most 20% of the window's requests plus
+//! 10 retries per second: the floor lets a client with little traffic retry, so below about
+//! 50 requests per second retries may add more than 20%), honouring `Retry-After`; a
 //! breaker below it so that each attempt counts and an open breaker stops the retries:
 //!
 //! ```
