@@ -10,8 +10,9 @@
 //! # Clock slack
 //!
 //! The conforming check allows a request up to [`CLOCK_SLACK_NS`] early (10 µs, and always
-//! less than one interval): `allowed_at <= now + slack`. Waits and `retry_after` still run to
-//! the exact edge, so a client that comes back after its `retry_after` is admitted. A time-stamp counter read on one core
+//! less than one interval): `allowed_at <= now + slack`. Waits and the `retry_after` computed
+//! here still run to the exact edge (a rejection's hint is that, jittered upwards), so a client
+//! that comes back after its `retry_after` is admitted. A time-stamp counter read on one core
 //! can be a microsecond or two behind one read on another, so a client sending at exactly
 //! the quota's rate would otherwise be refused now and then with a `retry_after` of a few
 //! microseconds (which HTTP rounds up to `Retry-After: 1`). The slack bounds what it costs:

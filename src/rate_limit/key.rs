@@ -292,10 +292,12 @@ impl ClientIp {
             // proxies appended (even bytes that are not text) is never read unless every
             // entry right of it is a trusted proxy.
             for entry in value.as_bytes().rsplit(|&b| b == b',') {
-                let parsed = std::str::from_utf8(entry).ok().and_then(|entry| match self.header {
-                    ForwardedHeader::XForwardedFor => parse_xff_entry(entry),
-                    ForwardedHeader::Forwarded => parse_forwarded_entry(entry),
-                });
+                let parsed = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(|entry| match self.header {
+                        ForwardedHeader::XForwardedFor => parse_xff_entry(entry),
+                        ForwardedHeader::Forwarded => parse_forwarded_entry(entry),
+                    });
                 match parsed {
                     Some(ip) if self.is_trusted(ip) => last_trusted = ip,
                     Some(ip) => return ip,

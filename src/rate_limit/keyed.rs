@@ -239,6 +239,20 @@ impl Table {
         }
     }
 
+    /// Moves every TAT later than `cap` back to `cap` (a quota change: no key may be further
+    /// ahead than the new quota's window). One walk of the table, off the admit path; each
+    /// change is a compare-and-swap on the `tat` word, generation kept.
+    pub(crate) fn cap_tats(&self, cap: u64) {
+        let cap = cap.min(MAX_TIME);
+        for slot in self.groups.iter().flat_map(|g| g.slots.iter()) {
+            let _ = slot
+                .tat
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                    ((word >> GEN_BITS) > cap).then_some((cap << GEN_BITS) | (word & GEN_MASK))
+                });
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn check_slow(
