@@ -397,7 +397,8 @@ fn forwarding_chain_forms_hold_up() {
     let ip = key::ClientIp::new()
         .trust_proxies(["10.0.0.0/8", "fd00::/8"])
         .unwrap()
-        .ipv6_prefix(64);
+        .ipv6_prefix(64)
+        .unwrap();
     let r = from_peer(
         "[::ffff:10.0.0.1]:443",
         &[b"6.6.6.6", b"1.1.1.1, [2001:db8:1:2::99]:4711", b"::ffff:10.2.2.2, [fd00::1]"],

@@ -141,6 +141,28 @@ impl IpNet {
     }
 }
 
+/// An IPv6 key prefix outside `1..=128` (see [`ClientIp::ipv6_prefix`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidPrefix(u8);
+
+impl fmt::Display for InvalidPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            f.write_str(
+                "IPv6 key prefix 0 would put every IPv6 client under one limit: expected 1..=128",
+            )
+        } else {
+            write!(
+                f,
+                "IPv6 key prefix {} is longer than an address: expected 1..=128",
+                self.0
+            )
+        }
+    }
+}
+
+impl std::error::Error for InvalidPrefix {}
+
 /// Which header trusted proxies write the client's address to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -260,10 +282,26 @@ impl ClientIp {
     }
 
     /// Keys IPv6 clients by their first `prefix` bits (64 is common: one subscriber gets a
-    /// whole /64). Values above 128 mean 128.
-    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
-        self.v6_prefix = prefix.min(128);
-        self
+    /// whole /64), in `1..=128` (default 128).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidPrefix`] for 0 (every IPv6 client in one bucket) or more than 128.
+    ///
+    /// ```
+    /// use tower_bulwark::rate_limit::key::ClientIp;
+    ///
+    /// let ip = ClientIp::new().ipv6_prefix(64)?;
+    /// assert!(ClientIp::new().ipv6_prefix(0).is_err());
+    /// # let _ = ip;
+    /// # Ok::<(), tower_bulwark::rate_limit::key::InvalidPrefix>(())
+    /// ```
+    pub fn ipv6_prefix(mut self, prefix: u8) -> Result<Self, InvalidPrefix> {
+        if prefix == 0 || prefix > 128 {
+            return Err(InvalidPrefix(prefix));
+        }
+        self.v6_prefix = prefix;
+        Ok(self)
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -455,6 +493,21 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_prefix_of_zero_or_beyond_an_address_is_refused() {
+        let e = ClientIp::new().ipv6_prefix(0).unwrap_err();
+        assert_eq!(e, InvalidPrefix(0));
+        assert!(e.to_string().contains("every IPv6 client"), "{e}");
+        let e = ClientIp::new().ipv6_prefix(129).unwrap_err();
+        assert!(e.to_string().contains("1..=128"), "{e}");
+        for p in [1, 48, 64, 128] {
+            assert!(ClientIp::new().ipv6_prefix(p).is_ok(), "{p}");
+        }
+        let c = ClientIp::new().ipv6_prefix(1).unwrap();
+        let r = req("[8001:db8::1]:1", &[]);
+        assert_eq!(c.client_ip(&r), ip("8000::"));
+    }
+
+    #[test]
     fn mapped_networks_match_as_ipv4() {
         let n: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
         assert_eq!(n, "10.0.0.0/8".parse().unwrap());
@@ -502,7 +555,7 @@ mod tests {
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
         assert!("banana".parse::<IpNet>().is_err());
         assert!(ClientIp::new().trust_proxies(["nope"]).is_err());
-        let c = ClientIp::new().ipv6_prefix(64);
+        let c = ClientIp::new().ipv6_prefix(64).unwrap();
         let r = req("[2001:db8:1:2:3:4:5:6]:1", &[]);
         assert_eq!(c.client_ip(&r), ip("2001:db8:1:2::"));
         let r = Request::new(());
