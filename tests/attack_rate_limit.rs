@@ -132,7 +132,6 @@ async fn raising_the_quota_frees_a_limited_key_within_the_new_window() {
 // meanwhile"; `RateLimitLayer::wait_up_to`'s docs say nothing of it.)
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: dropped waiters give back only the last reserved turn (turns can be hogged)"]
 async fn waiters_dropped_in_order_give_their_turns_back() {
     let layer = RateLimitLayer::new(
         RateLimitConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap())

@@ -135,18 +135,25 @@ impl Shared {
         }
     }
 
-    /// Gives back a reserved turn that was not used (see `future::Refund`): moves the TAT
-    /// back by one interval if it is still the one this turn set.
+    /// Gives back a turn that was not used, if it is still the last one reserved.
     pub(crate) fn refund(&self, hash: Option<u64>, new_tat: u64, interval: u64) {
+        self.refund_turn(hash, new_tat, interval, 0);
+    }
+
+    /// Gives back a reserved turn that was not used (see `future::Refund` and
+    /// `gcra::refunded`): moves the TAT back by one interval. Off the admit path: it reads
+    /// the clock (not for `wake == 0`: only the last turn reserved is given back then).
+    pub(crate) fn refund_turn(&self, hash: Option<u64>, new_tat: u64, interval: u64, wake: u64) {
+        let now = if wake == 0 { 0 } else { self.clock.now_nanos() };
         match (hash, &self.table) {
-            (Some(hash), Some(table)) => table.refund(hash, new_tat, interval),
+            (Some(hash), Some(table)) => table.refund(hash, new_tat, interval, wake, now),
             _ => {
-                let _ = self.hot.tat.compare_exchange(
-                    new_tat,
-                    new_tat.saturating_sub(interval),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                let _ = self
+                    .hot
+                    .tat
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                        gcra::refunded(tat, new_tat, interval, wake, now)
+                    });
             }
         }
     }
@@ -360,8 +367,15 @@ impl<K> RateLimitLayer<K> {
 impl<K, H> RateLimitLayer<K, H> {
     /// For clients: a request over the limit waits (with `tokio::time`) for its turn when
     /// that turn comes within `max_wait`, and is rejected otherwise. The turn is reserved at
-    /// once, so waiters are served in order and never exceed the quota. Default: zero (reject
-    /// at once), which is what servers want.
+    /// once, so waiters are served in order. Default: zero (reject at once), which is what
+    /// servers want.
+    ///
+    /// A waiter that goes away before its turn (its response future dropped) gives the turn
+    /// back, in whatever order waiters go away, so abandoned waiters never hold turns nobody
+    /// uses. The waiters behind it keep their times, so a turn given back while a later one
+    /// is still reserved can let one request more through before that later turn: at most one
+    /// more than the quota per waiter that went away ahead of one still waiting. With no
+    /// waiter going away, the quota is never exceeded.
     pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
         self.max_wait_ns = duration_nanos(max_wait);
         self

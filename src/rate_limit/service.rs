@@ -157,6 +157,7 @@ impl<S, K, H> RateLimit<S, K, H> {
             hash,
             new_tat: tat,
             interval: shared.params().0,
+            wake: now.saturating_add(wait_ns),
         };
         let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
         ResponseFuture::waiting(wait, ready, req, slot, refund)
@@ -184,6 +185,7 @@ impl<S, K, H> RateLimit<S, K, H> {
                     hash: None,
                     new_tat: 0,
                     interval: 0,
+                    wake: 0,
                 };
                 ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
             }
