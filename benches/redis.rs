@@ -17,7 +17,7 @@ use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use tower::{Service, ServiceExt};
 use tower_bulwark::idempotency::{Claim, Fingerprint, Record, RedisStore, Store, StoreKey};
-use tower_bulwark::rate_limit::store::RedisRateLimitLayer;
+use tower_bulwark::rate_limit::store::{RedisRateLimitConfig, RedisRateLimitLayer};
 use tower_bulwark::Quota;
 
 #[path = "parts/common.rs"]
@@ -75,10 +75,13 @@ fn redis(c: &mut Criterion) {
             .unwrap()
     });
     // A quota no bench reaches, so that every check admits (the script's write path).
-    let layer = RedisRateLimitLayer::new(conn.clone(), Quota::per_second(1_000_000_000).unwrap())
-        .unwrap()
-        .timeout(Duration::from_secs(1))
-        .unwrap();
+    let layer = RedisRateLimitLayer::new(
+        conn.clone(),
+        RedisRateLimitConfig::new(Quota::per_second(1_000_000_000).unwrap())
+            .timeout(Duration::from_secs(1))
+            .unwrap(),
+    )
+    .unwrap();
     let handle = layer.handle();
     let svc = tower::ServiceBuilder::new()
         .layer(layer)

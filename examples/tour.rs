@@ -156,10 +156,10 @@ async fn start_server() -> Result<Server, Error> {
             Some(conn) => {
                 let layer = tower_bulwark::rate_limit::store::RedisRateLimitLayer::keyed(
                     conn.clone(),
-                    per_key,
+                    tower_bulwark::rate_limit::store::RedisRateLimitConfig::new(per_key)
+                        .prefix(&format!("tour:{}:", std::process::id()))?,
                     key::Header::new("x-api-key"),
                 )?
-                .prefix(&format!("tour:{}:", std::process::id()))?
                 .response_headers();
                 let handle = Limited::Redis(layer.handle());
                 Some((

@@ -19,7 +19,10 @@
 //!
 //! # A server stack
 //!
-//! Outermost first: rejections become responses; the rate limit refuses excess at once;
+//! Outermost first: rejections become responses; the rate limits refuse excess at once, per
+//! client address first (the `x-api-key` header is the client's to choose, read before any
+//! authentication: a client rotating its values would get a fresh burst each time, so it is
+//! only a second limit, behind the per-address one);
 //! backpressure bounds the work in flight; idempotency runs each `Idempotency-Key` once per
 //! caller (keys are scoped by the request's `Authorization` header, here with its `x-api-key`
 //! header too, so one caller never receives another's stored response; callers without any
@@ -40,6 +43,12 @@
 //! let app: Router = Router::new().route("/orders", post(create_order)).layer(
 //!     ServiceBuilder::new()
 //!         .layer(RejectionLayer::http()) // Rejection -> 429/503/409/422/400 response
+//!         // Per client address (feature `axum`: the address Axum records when served with
+//!         // `into_make_service_with_connect_info::<SocketAddr>()`), then per API key.
+//!         .layer(RateLimitLayer::keyed(
+//!             Quota::per_second(100)?.burst(200)?,
+//!             key::ClientIp::new(),
+//!         ))
 //!         .layer(RateLimitLayer::keyed(
 //!             Quota::per_second(100)?.burst(200)?,
 //!             key::Header::new("x-api-key"),
@@ -57,7 +66,9 @@
 //!
 //! # A client stack
 //!
-//! Retries inside a budget (never more than 20% extra load), honouring `Retry-After`; a
+//! Retries inside a budget (over its 10 s window, at most 20% of the window's requests plus
+//! 10 retries per second: the floor lets a client with little traffic retry, so below about
+//! 50 requests per second retries may add more than 20%), honouring `Retry-After`; a
 //! breaker below it so that each attempt counts and an open breaker stops the retries:
 //!
 //! ```

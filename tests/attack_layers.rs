@@ -31,7 +31,6 @@ use tower_test::mock;
 // late attempt is sent anyway.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a retry waits on the inner readiness past the deadline and then sends the attempt"]
 async fn retry_deadline_bounds_the_wait_for_readiness() {
     let (svc, mut handle) = mock::pair::<u32, u32>();
     let policy = RetryPolicy::errors()
@@ -74,7 +73,6 @@ async fn retry_deadline_bounds_the_wait_for_readiness() {
 // without any idempotency key: the order is created twice (three times with the defaults).
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: RetryPolicy::grpc() retries a timed-out non-idempotent call the server already ran"]
 async fn grpc_policy_does_not_rerun_a_call_that_may_have_been_processed() {
     let processed = Arc::new(AtomicUsize::new(0));
     let server = {
@@ -202,7 +200,6 @@ impl<S: Service<Req>, Req> ReadyAndCall<Req> for S {
 // same full budget.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: every shed response carries the same Retry-After, so compliant clients return in step"]
 async fn shed_retry_after_is_spread_over_callers() {
     let gate = Arc::new(tokio::sync::Notify::new());
     let svc = {
@@ -249,7 +246,6 @@ async fn shed_retry_after_is_spread_over_callers() {
 // would be sent.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a timed-out attempt still holding the body is not retried (decided before it is dropped)"]
 async fn timed_out_put_with_body_is_retried() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let server = {
@@ -323,17 +319,20 @@ async fn timed_out_put_whose_body_was_read_is_retried() {
 
 // ---------------------------------------------------------------------------------------------
 // 6. The README's (and lib.rs's) client stack: "Retries inside a budget (never more than 20%
-//    extra load)". Against a server answering 503 + `Retry-After: 1` forever, a handful of
-//    requests triple the load.
+//    extra load)". Against a server answering 503 forever, a handful of requests more than
+//    double the load.
 //
-// Defect (docs): the budget's floor (10 retries per second of its age, the first second whole)
-// is on by default and is not mentioned where the stack is shown; with it, any client sending
-// fewer than ~50 requests per second gets no 20% bound at all. Five GETs make fifteen attempts
-// (200% extra), the breaker of that stack (20 calls minimum) never sees enough to trip.
+// Defect (docs, fixed): the budget's floor (10 retries per second of its age, the first second
+// whole) is on by default and was not mentioned where the stack is shown; with it, a client
+// sending fewer than ~50 requests per second gets no 20% bound at all. The docs now state the
+// true bound: retries within the window stay at or below 20% of its requests plus 10 per
+// second. This test asserts that bound, in a run where it binds: seven requests could make 21
+// attempts (or 20, when the breaker trips at its 20-call minimum), the bound allows 18.
+// (Adapted from the review's version: its `Retry-After: 1` stretched the run over seconds, and
+// the floor then allowed more attempts than three per request could ever make.)
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect (docs): the README client stack's 'never more than 20% extra load' is false below ~50 req/s"]
-async fn readme_client_stack_adds_at_most_20_percent_load() {
+async fn readme_client_stack_stays_within_its_documented_budget() {
     use tower_bulwark::classify::HttpStatus;
     use tower_bulwark::{BreakerConfig, Budget, CircuitBreakerLayer};
 
@@ -346,7 +345,6 @@ async fn readme_client_stack_adds_at_most_20_percent_load() {
                 Ok::<_, Infallible>(
                     Response::builder()
                         .status(503)
-                        .header("retry-after", "1")
                         .body(Full::new(Bytes::new()))
                         .unwrap(),
                 )
@@ -375,12 +373,13 @@ async fn readme_client_stack_adds_at_most_20_percent_load() {
             .classify(HttpStatus::default()),
         )
         .service(server);
-    let requests = 5;
+    let start = Instant::now();
+    let requests: u32 = 7;
     let mut calls = Vec::new();
     for i in 0..requests {
         let client = client.clone();
         calls.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100 * i)).await;
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(i))).await;
             client
                 .oneshot(
                     Request::get("/items")
@@ -391,14 +390,29 @@ async fn readme_client_stack_adds_at_most_20_percent_load() {
         }));
     }
     for c in calls {
-        let res = c.await.unwrap().unwrap();
-        assert_eq!(res.status(), 503);
+        // A 503, or the breaker's refusal once it tripped.
+        match c.await.unwrap() {
+            Ok(res) => assert_eq!(res.status(), 503),
+            Err(e) => assert!(Rejection::find(&*e).is_some(), "{e}"),
+        }
     }
+    let elapsed = start.elapsed();
+    // The documented bound holds over one window (10 s by default): the whole run fits in it.
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "the run took {elapsed:?}"
+    );
+    let seconds = elapsed.as_secs_f64().ceil().max(1.0);
+    let bound = (f64::from(requests) * 1.2 + 10.0 * seconds).floor() as usize;
+    assert!(
+        bound < 3 * requests as usize,
+        "the bound ({bound}) must be below what three attempts per request could make"
+    );
     let hits = hits.load(Ordering::SeqCst);
     assert!(
-        hits as f64 <= requests as f64 * 1.2,
-        "{requests} requests made {hits} attempts: {:.0}% extra load",
-        (hits as f64 / requests as f64 - 1.0) * 100.0
+        hits <= bound,
+        "{requests} requests made {hits} attempts in {elapsed:?}: more than the documented \
+         20% of requests plus 10 retries per second ({bound})"
     );
 }
 
@@ -434,7 +448,6 @@ impl Service<u32> for ConnectRefused {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: errors from the inner poll_ready are never counted; the breaker never trips"]
 async fn breaker_trips_on_a_dependency_failing_in_poll_ready() {
     use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
 
@@ -591,7 +604,6 @@ async fn abandoned_probe_through_buffer_frees_the_slot() {
 // Construction is infallible, so the combination cannot even be refused.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: max_queue without max_wait is accepted and ignored (every extra request is shed at once)"]
 async fn max_queue_alone_is_not_silently_ignored() {
     let (inner, mut handle) = mock::pair::<u32, u32>();
     let layer = BackpressureLayer::new(1).max_queue(8);
@@ -631,7 +643,6 @@ async fn max_queue_alone_is_not_silently_ignored() {
 // here longer than the maximum delay, so: return the response) is what the docs promise.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a 0 ms pushback next to Retry-After: 30 is retried at once, before the server said"]
 async fn conflicting_hints_never_retry_before_the_later_one() {
     let hits = Arc::new(AtomicUsize::new(0));
     let server = {
@@ -728,7 +739,6 @@ async fn buffer_above_backpressure_stays_bounded() {
 // rounds* grow the open time; the README promises growth on repeated trips.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect (docs): repeated trips of a flapping dependency never grow the open time"]
 async fn repeated_trips_grow_the_open_time() {
     use tower_bulwark::circuit_breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer};
     let layer = CircuitBreakerLayer::new(

@@ -79,7 +79,12 @@ async fn waiter_is_shed_at_exactly_max_wait() {
     tokio::time::advance(Duration::from_nanos(1)).await;
     assert!(second.is_woken());
     let err = assert_ready!(second.poll()).unwrap_err();
-    assert_eq!(overloaded(&err).retry_after(), Some(Duration::from_secs(3)));
+    // The configured 3 s, spread over [3 s, 9 s).
+    let after = overloaded(&err).retry_after().unwrap();
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(9),
+        "{after:?}"
+    );
     assert_eq!(handle.waiting(), 0);
     assert_eq!(handle.shed(), 1);
     // The first request was never disturbed.
@@ -127,7 +132,12 @@ async fn default_is_shed_at_once_with_a_retry_hint() {
     assert_pending!(held.poll());
     assert_ready_ok!(svc.poll_ready());
     let err = svc.call(2).await.unwrap_err();
-    assert_eq!(overloaded(&err).retry_after(), Some(Duration::from_secs(1)));
+    // The default 1 s, spread over [1 s, 3 s).
+    let after = overloaded(&err).retry_after().unwrap();
+    assert!(
+        after >= Duration::from_secs(1) && after < Duration::from_secs(3),
+        "{after:?}"
+    );
     assert_eq!(handle.shed(), 1);
     assert_eq!(handle.waiting(), 0);
 }
@@ -393,7 +403,13 @@ async fn grpc_status_through_rejection_layer() {
         });
     let res = svc.oneshot(http::Request::new(())).await.unwrap();
     assert_eq!(res.headers()["grpc-status"], "14");
-    assert_eq!(res.headers()["grpc-retry-pushback-ms"], "1000");
+    // The default 1 s hint, spread over [1 s, 3 s).
+    let pushback: u64 = res.headers()["grpc-retry-pushback-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1000..=3000).contains(&pushback), "{pushback} ms");
 }
 
 #[tokio::test(start_paused = true)]
@@ -514,4 +530,73 @@ async fn a_waiter_admitted_waits_for_the_inner_readiness() {
     assert_request_eq!(mock, 2).send_response(20);
     assert_eq!(assert_ready_ok!(second.poll()), 20);
     assert_eq!(handle.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shed_hints_are_spread_over_one_to_three_times_the_base() {
+    for (base, waits) in [
+        (Duration::from_secs(1), false),
+        (Duration::from_millis(250), true),
+    ] {
+        let mut layer = BackpressureLayer::new(0).retry_after(base);
+        if waits {
+            layer = layer.max_wait(Duration::from_millis(1));
+        }
+        let (mut svc, _mock) = mock::spawn_layer::<u32, u32, _>(layer);
+        let mut hints = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            assert_ready_ok!(svc.poll_ready());
+            let err = svc.call(i).await.unwrap_err();
+            let after = overloaded(&err).retry_after().unwrap();
+            assert!(after >= base && after < base * 3, "{after:?} for {base:?}");
+            hints.insert(after);
+        }
+        // Spread: (almost) no two alike, and over most of the range.
+        assert!(hints.len() >= 190, "{} distinct of 200", hints.len());
+        let (lo, hi) = (*hints.first().unwrap(), *hints.last().unwrap());
+        assert!(lo < base * 5 / 4 && hi > base * 11 / 4, "{lo:?}..{hi:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_without_max_wait_waits_at_most_100_ms() {
+    let layer = BackpressureLayer::new(1).max_queue(1);
+    let handle = layer.handle();
+    let (mut svc, mut mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    mock.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut held = task::spawn(svc.call(1));
+    assert_pending!(held.poll());
+    // The second waits, the third finds the queue of one full and is shed at once.
+    assert_ready_ok!(svc.poll_ready());
+    let mut second = task::spawn(svc.call(2));
+    assert_pending!(second.poll());
+    assert_eq!(handle.waiting(), 1);
+    assert_ready_ok!(svc.poll_ready());
+    svc.call(3).await.unwrap_err();
+    assert_eq!(handle.shed(), 1);
+    // Shed after 100 ms of waiting.
+    tokio::time::advance(Duration::from_millis(100) - Duration::from_nanos(1)).await;
+    assert_pending!(second.poll());
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    overloaded(&assert_ready!(second.poll()).unwrap_err());
+    assert_eq!((handle.waiting(), handle.shed()), (0, 2));
+    // A zero max_wait given as well is the default: the queue still waits.
+    let layer = BackpressureLayer::new(0)
+        .max_wait(Duration::ZERO)
+        .max_queue(4);
+    let handle = layer.handle();
+    let (mut svc, _mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    assert_ready_ok!(svc.poll_ready());
+    let mut waiting = task::spawn(svc.call(1));
+    assert_pending!(waiting.poll());
+    assert_eq!(handle.waiting(), 1);
+    // max_queue(0) sheds at once.
+    let layer = BackpressureLayer::new(0).max_queue(0);
+    let handle = layer.handle();
+    let (mut svc, _mock) = mock::spawn_layer::<u32, u32, _>(layer);
+    assert_ready_ok!(svc.poll_ready());
+    svc.call(1).await.unwrap_err();
+    assert_eq!((handle.waiting(), handle.shed()), (0, 1));
+    drop(held);
 }

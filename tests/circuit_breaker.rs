@@ -129,6 +129,8 @@ async fn open_time_probes_close_and_reopen_longer() {
     drop(p3);
     assert_eq!(once(&mut svc, Ok("fine")).await.unwrap(), "fine");
 
+    // Closed for the open time it served (10 s): the next trip starts from the base again.
+    advance(Duration::from_secs(10)).await;
     // Trip again; each failed probe round doubles the open time (±10%), capped at 100 s.
     once(&mut svc, Err("boom")).await.unwrap_err();
     once(&mut svc, Err("boom")).await.unwrap_err();
@@ -533,4 +535,59 @@ fn public_types_are_send_and_sync() {
             tower_bulwark::classify::HttpStatus,
         >,
     >();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trip_soon_after_closing_grows_the_open_time_until_it_stays_closed() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .max_open_time(Duration::from_secs(5))
+            .backoff_multiplier(2.0)
+            .jitter(0.0)
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(tower::service_fn(|fail: bool| async move {
+        if fail {
+            Err::<&str, BoxError>("down".into())
+        } else {
+            Ok("ok")
+        }
+    }));
+    // Trips each right after a probe closed the breaker: 1 s, 2 s, 4 s, then capped at 5 s.
+    let mut open = vec![];
+    for _ in 0..5 {
+        svc.ready().await.unwrap().call(true).await.unwrap_err();
+        let f = handle.figures();
+        open.push((f.open_remaining.unwrap(), f.reopens));
+        advance(f.open_remaining.unwrap()).await;
+        assert_eq!(svc.ready().await.unwrap().call(false).await.unwrap(), "ok");
+        assert_eq!(handle.state(), BreakerState::Closed);
+    }
+    let s = Duration::from_secs;
+    assert_eq!(
+        open,
+        [(s(1), 0), (s(2), 1), (s(4), 2), (s(5), 3), (s(5), 4)],
+        "open times and growths of a flapping dependency"
+    );
+    // Closed just short of the open time it last served (5 s): the trip still grows it.
+    advance(Duration::from_millis(4999)).await;
+    svc.ready().await.unwrap().call(true).await.unwrap_err();
+    assert_eq!(handle.figures().reopens, 5);
+    advance(handle.figures().open_remaining.unwrap()).await;
+    assert_eq!(svc.ready().await.unwrap().call(false).await.unwrap(), "ok");
+    // Closed for that long: healed; the next trip starts from the base open time again.
+    advance(Duration::from_secs(5)).await;
+    svc.ready().await.unwrap().call(true).await.unwrap_err();
+    let f = handle.figures();
+    assert_eq!((f.open_remaining, f.reopens), (Some(s(1)), 0));
+    // A reset forgets the growth too.
+    advance(s(1)).await;
+    assert_eq!(svc.ready().await.unwrap().call(false).await.unwrap(), "ok");
+    handle.reset();
+    svc.ready().await.unwrap().call(true).await.unwrap_err();
+    assert_eq!(handle.figures().open_remaining, Some(s(1)));
 }

@@ -136,3 +136,38 @@ async fn a_refusal_decided_in_poll_ready_is_what_call_returns() {
     // The next round is decided afresh.
     assert_pending!(svc.poll_ready());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_error_counts_as_a_failed_call_and_a_failed_probe() {
+    let layer = layer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+
+    // Closed: the dependency cannot be reached; the error is passed on and trips the breaker.
+    handle.send_error("connection refused");
+    let err = assert_ready!(svc.poll_ready()).expect_err("the readiness error is passed on");
+    assert_eq!(err.to_string(), "connection refused");
+    assert_eq!(state.state(), BreakerState::Open);
+    assert_eq!(state.figures().reopens, 0);
+
+    // After the open time, the readiness error is the probe, and it failed: open for longer.
+    advance(Duration::from_millis(1001)).await;
+    handle.send_error("connection refused");
+    assert!(assert_ready!(svc.poll_ready()).is_err());
+    let f = state.figures();
+    assert_eq!(
+        (f.state, f.reopens, f.probes_in_flight),
+        (BreakerState::Open, 1, 0)
+    );
+    assert_eq!(f.open_remaining, Some(Duration::from_secs(2)));
+
+    // A ready dependency after that: the probe goes through and closes the breaker.
+    advance(Duration::from_millis(2001)).await;
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response("ok");
+    assert_eq!(fut.await.unwrap(), "ok");
+    assert_eq!(state.state(), BreakerState::Closed);
+}

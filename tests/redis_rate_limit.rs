@@ -27,7 +27,8 @@ use redis::AsyncCommands;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::clock::Clock;
 use tower_bulwark::rate_limit::store::{
-    FailurePolicy, RedisConfigError, RedisRateLimitHandle, RedisRateLimitLayer,
+    FailurePolicy, LocalFallback, RedisConfigError, RedisRateLimitConfig, RedisRateLimitHandle,
+    RedisRateLimitLayer,
 };
 use tower_bulwark::{Quota, Rejection, RejectionKind, RejectionLayer};
 
@@ -37,8 +38,8 @@ use redis_server::{conn, RedisServer};
 /// server is seen at once (connection refused), not by the timeout.
 const PATIENT: Duration = Duration::from_secs(2);
 
-fn patient<K>(layer: RedisRateLimitLayer<K>) -> RedisRateLimitLayer<K> {
-    layer.timeout(PATIENT).unwrap()
+fn patient(quota: Quota) -> RedisRateLimitConfig {
+    RedisRateLimitConfig::new(quota).timeout(PATIENT).unwrap()
 }
 
 /// A ready service that counts its calls.
@@ -86,14 +87,15 @@ async fn replicas(
     for skew in [0u64, 86_400_000_000_000] {
         let (clock, hand) = Clock::manual();
         hand.set_nanos(skew);
-        let layer =
-            RedisRateLimitLayer::keyed(conn(url).await, quota, by_request as fn(&Key) -> Key)
-                .unwrap()
-                .timeout(PATIENT)
-                .unwrap()
+        let layer = RedisRateLimitLayer::keyed(
+            conn(url).await,
+            patient(quota)
                 .prefix(prefix)
                 .unwrap()
-                .clock(clock);
+                .local_fallback(LocalFallback::new().clock(clock)),
+            by_request as fn(&Key) -> Key,
+        )
+        .unwrap();
         let handle = layer.handle();
         out.push((layer, handle));
     }
@@ -146,14 +148,7 @@ async fn two_replicas_admit_exactly_the_quota_over_a_window() {
 async fn global_limit_shared_by_two_layers() {
     let server = server_or_skip!("global_limit_shared_by_two_layers");
     let quota = Quota::per_minute(10).unwrap().burst(4).unwrap();
-    let mk = |c| {
-        RedisRateLimitLayer::new(c, quota)
-            .unwrap()
-            .timeout(PATIENT)
-            .unwrap()
-            .prefix("t2:")
-            .unwrap()
-    };
+    let mk = |c| RedisRateLimitLayer::new(c, patient(quota).prefix("t2:").unwrap()).unwrap();
     let calls = Counting::default();
     let mut sa = ServiceBuilder::new()
         .layer(mk(conn(&server.url()).await))
@@ -173,7 +168,7 @@ async fn script_flush_mid_run_reloads_the_script() {
     let server = server_or_skip!("script_flush_mid_run_reloads_the_script");
     let c = conn(&server.url()).await;
     let layer =
-        patient(RedisRateLimitLayer::new(c.clone(), Quota::per_second(1000).unwrap()).unwrap());
+        RedisRateLimitLayer::new(c.clone(), patient(Quota::per_second(1000).unwrap())).unwrap();
     let handle = layer.handle();
     let calls = Counting::default();
     let svc = ServiceBuilder::new().layer(layer).service(calls.clone());
@@ -214,9 +209,12 @@ async fn calls(admin: &mut ConnectionManager, command: &str) -> u64 {
 async fn one_round_trip_per_check() {
     let server = server_or_skip!("one_round_trip_per_check");
     let c = conn(&server.url()).await;
-    let layer = patient(
-        RedisRateLimitLayer::keyed(c.clone(), Quota::per_second(2).unwrap(), by_request).unwrap(),
-    );
+    let layer = RedisRateLimitLayer::keyed(
+        c.clone(),
+        patient(Quota::per_second(2).unwrap()),
+        by_request,
+    )
+    .unwrap();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(Counting::default());
@@ -246,12 +244,12 @@ async fn hostile_keys_stay_under_the_prefix_and_expire() {
     let server = server_or_skip!("hostile_keys_stay_under_the_prefix_and_expire");
     let c = conn(&server.url()).await;
     let quota = Quota::per_second(2).unwrap().burst(3).unwrap(); // window 1.5 s
-    let layer = RedisRateLimitLayer::keyed(c.clone(), quota, by_request)
-        .unwrap()
-        .timeout(PATIENT)
-        .unwrap()
-        .prefix("app:rl:")
-        .unwrap();
+    let layer = RedisRateLimitLayer::keyed(
+        c.clone(),
+        patient(quota).prefix("app:rl:").unwrap(),
+        by_request,
+    )
+    .unwrap();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(Counting::default());
@@ -303,13 +301,15 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
     let quota = Quota::per_hour(3).unwrap();
     let calls = Counting::default();
     let mk = |policy, prefix| {
-        RedisRateLimitLayer::keyed(c.clone(), quota, by_request)
-            .unwrap()
-            .prefix(prefix)
-            .unwrap()
-            .timeout(PATIENT)
-            .unwrap()
-            .failure_policy(policy)
+        RedisRateLimitLayer::keyed(
+            c.clone(),
+            patient(quota)
+                .prefix(prefix)
+                .unwrap()
+                .failure_policy(policy),
+            by_request,
+        )
+        .unwrap()
     };
     let open = mk(FailurePolicy::FailOpen, "open:");
     let closed = mk(FailurePolicy::FailClosed, "closed:");
@@ -386,11 +386,14 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
 async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
     let server = server_or_skip!("a_redis_that_does_not_answer_is_cut_off_by_the_timeout");
     let c = conn(&server.url()).await;
-    let layer = RedisRateLimitLayer::new(c.clone(), Quota::per_hour(100).unwrap())
-        .unwrap()
-        .timeout(Duration::from_millis(30))
-        .unwrap()
-        .failure_policy(FailurePolicy::FailOpen);
+    let layer = RedisRateLimitLayer::new(
+        c.clone(),
+        RedisRateLimitConfig::new(Quota::per_hour(100).unwrap())
+            .timeout(Duration::from_millis(30))
+            .unwrap()
+            .failure_policy(FailurePolicy::FailOpen),
+    )
+    .unwrap();
     let handle = layer.handle();
     let calls = Counting::default();
     let svc = ServiceBuilder::new().layer(layer).service(calls.clone());
@@ -434,10 +437,11 @@ async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
 async fn failures_are_logged_once_a_second_and_the_recovery_once() {
     let mut server = server_or_skip!("failures_are_logged_once_a_second_and_the_recovery_once");
     let (logs, _guard) = tracing_on::capture(tracing::Level::INFO);
-    let layer = patient(
-        RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(100).unwrap()).unwrap(),
+    let layer = RedisRateLimitLayer::new(
+        conn(&server.url()).await,
+        patient(Quota::per_hour(100).unwrap()).failure_policy(FailurePolicy::FailOpen),
     )
-    .failure_policy(FailurePolicy::FailOpen);
+    .unwrap();
     let handle = layer.handle();
     let svc = ServiceBuilder::new()
         .layer(layer)
@@ -464,10 +468,11 @@ async fn failures_are_logged_once_a_second_and_the_recovery_once() {
 #[tokio::test]
 async fn a_dropped_future_releases_what_the_inner_service_reserved() {
     let server = server_or_skip!("a_dropped_future_releases_what_the_inner_service_reserved");
-    let layer = patient(
-        RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_second(100).unwrap())
-            .unwrap(),
-    );
+    let layer = RedisRateLimitLayer::new(
+        conn(&server.url()).await,
+        patient(Quota::per_second(100).unwrap()),
+    )
+    .unwrap();
     // ConcurrencyLimit(1) below: its permit is taken in poll_ready and moves into the future.
     let limited = ServiceBuilder::new()
         .concurrency_limit(1)
@@ -494,11 +499,11 @@ async fn a_dropped_future_releases_what_the_inner_service_reserved() {
 #[tokio::test]
 async fn axum_answers_429_and_503() {
     let mut server = server_or_skip!("axum_answers_429_and_503");
-    let layer = RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(2).unwrap())
-        .unwrap()
-        .timeout(PATIENT)
-        .unwrap()
-        .failure_policy(FailurePolicy::FailClosed);
+    let layer = RedisRateLimitLayer::new(
+        conn(&server.url()).await,
+        patient(Quota::per_hour(2).unwrap()).failure_policy(FailurePolicy::FailClosed),
+    )
+    .unwrap();
     let handle = layer.handle();
     let app = Router::new().route("/", get(|| async { "hello" })).layer(
         ServiceBuilder::new()
@@ -533,9 +538,11 @@ async fn axum_answers_429_and_503() {
 #[tokio::test]
 async fn successful_responses_carry_the_limit_figures_when_asked() {
     let mut server = server_or_skip!("successful_responses_carry_the_limit_figures_when_asked");
-    let layer = patient(
-        RedisRateLimitLayer::new(conn(&server.url()).await, Quota::per_hour(4).unwrap()).unwrap(),
+    let layer = RedisRateLimitLayer::new(
+        conn(&server.url()).await,
+        patient(Quota::per_hour(4).unwrap()),
     )
+    .unwrap()
     .response_headers();
     let app = Router::new().route("/", get(|| async { "hello" })).layer(
         ServiceBuilder::new()
@@ -569,10 +576,14 @@ async fn clients_of_two_replicas_wait_for_reserved_turns_in_order() {
     let calls = Counting::default();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let layer = patient(RedisRateLimitLayer::new(conn(&server.url()).await, quota).unwrap())
-            .prefix("wait:")
-            .unwrap()
-            .wait_up_to(Duration::from_millis(600));
+        let layer = RedisRateLimitLayer::new(
+            conn(&server.url()).await,
+            patient(quota)
+                .prefix("wait:")
+                .unwrap()
+                .wait_up_to(Duration::from_millis(600)),
+        )
+        .unwrap();
         replicas.push(ServiceBuilder::new().layer(layer).service(calls.clone()));
     }
     let start = std::time::Instant::now();
@@ -610,18 +621,31 @@ async fn configuration_is_checked_at_construction() {
     let c = conn(&server.url()).await;
     let q = Quota::per_second(1).unwrap();
     let l = || RedisRateLimitLayer::new(c.clone(), q).unwrap();
+    let cfg = || RedisRateLimitConfig::new(q);
     assert_eq!(
-        l().prefix("a{b").unwrap_err(),
+        cfg().prefix("a{b").unwrap_err(),
         RedisConfigError::PrefixBraces
     );
-    assert_eq!(l().prefix("}").unwrap_err(), RedisConfigError::PrefixBraces);
     assert_eq!(
-        l().prefix(&"p".repeat(257)).unwrap_err(),
+        cfg().prefix("}").unwrap_err(),
+        RedisConfigError::PrefixBraces
+    );
+    assert_eq!(
+        cfg().prefix(&"p".repeat(257)).unwrap_err(),
         RedisConfigError::PrefixTooLong
     );
     assert_eq!(
-        l().timeout(Duration::ZERO).unwrap_err(),
+        cfg().timeout(Duration::ZERO).unwrap_err(),
         RedisConfigError::ZeroTimeout
+    );
+    // A global limit has no keys to bound: a key bound for its fallback is refused.
+    assert_eq!(
+        RedisRateLimitLayer::new(
+            c.clone(),
+            cfg().local_fallback(LocalFallback::new().max_keys(16))
+        )
+        .unwrap_err(),
+        RedisConfigError::MaxKeysWithoutKeys
     );
     let long = Quota::per_hour(1).unwrap().burst(24 * 60).unwrap(); // 60 days
     assert_eq!(
@@ -663,10 +687,14 @@ async fn waiting_client(
     Counting,
 ) {
     let ran = Counting::default();
-    let layer = patient(RedisRateLimitLayer::new(conn(url).await, quota).unwrap())
-        .prefix(prefix)
-        .unwrap()
-        .wait_up_to(Duration::from_millis(600));
+    let layer = RedisRateLimitLayer::new(
+        conn(url).await,
+        patient(quota)
+            .prefix(prefix)
+            .unwrap()
+            .wait_up_to(Duration::from_millis(600)),
+    )
+    .unwrap();
     let handle = layer.handle();
     (
         ServiceBuilder::new().layer(layer).service(ran.clone()),
@@ -855,16 +883,14 @@ async fn a_turn_is_given_back_by_the_interval_that_reserved_it() {
 #[tokio::test]
 async fn a_refusal_does_not_wait_on_the_inner_readiness() {
     let server = server_or_skip!("a_refusal_does_not_wait_on_the_inner_readiness");
-    let layer = patient(
-        RedisRateLimitLayer::keyed(
-            conn(&server.url()).await,
-            Quota::per_hour(1).unwrap(),
-            |r: &u32| *r,
-        )
-        .unwrap()
-        .prefix("t-ready:")
-        .unwrap(),
-    );
+    let layer = RedisRateLimitLayer::keyed(
+        conn(&server.url()).await,
+        patient(Quota::per_hour(1).unwrap())
+            .prefix("t-ready:")
+            .unwrap(),
+        |r: &u32| *r,
+    )
+    .unwrap();
     let (mock, mut inner) = tower_test::mock::pair::<u32, u32>();
     let mut svc = tower::Layer::layer(&layer, mock);
     let mut cx = Context::from_waker(Waker::noop());
@@ -892,4 +918,61 @@ async fn a_refusal_does_not_wait_on_the_inner_readiness() {
     assert_eq!(req, 1);
     send.send_response(10);
     assert_eq!(admitted.await.unwrap().unwrap(), 10);
+}
+
+/// A key limited under the old quota is whole again within the new window once the quota is
+/// raised: the state Redis keeps from the old, longer window is capped to the new one.
+#[tokio::test]
+async fn raising_the_quota_frees_a_limited_key_within_the_new_window() {
+    let server = server_or_skip!("raising_the_quota_frees_a_limited_key_within_the_new_window");
+    let layer = RedisRateLimitLayer::keyed(
+        conn(&server.url()).await,
+        patient(Quota::per_hour(1).unwrap())
+            .prefix("raise:")
+            .unwrap(),
+        by_request,
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(Counting::default());
+    svc.ready()
+        .await
+        .unwrap()
+        .call(b"k".to_vec())
+        .await
+        .unwrap();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(b"k".to_vec())
+        .await
+        .unwrap_err();
+    let old = err
+        .downcast_ref::<Rejection>()
+        .unwrap()
+        .retry_after()
+        .unwrap();
+    assert!(
+        old > Duration::from_secs(3500),
+        "limited for the old hour: {old:?}"
+    );
+    // The operator raises the limit to 10 a second: 100 ms a token, a 1 s window.
+    handle.set_quota(Quota::per_second(10).unwrap()).unwrap();
+    match svc.ready().await.unwrap().call(b"k".to_vec()).await {
+        Ok(()) => {}
+        Err(e) => {
+            let after = e
+                .downcast_ref::<Rejection>()
+                .unwrap()
+                .retry_after()
+                .unwrap();
+            assert!(
+                after <= Duration::from_millis(100),
+                "still limited for the old window after raising the quota: {after:?}"
+            );
+        }
+    }
 }

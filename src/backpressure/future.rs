@@ -241,8 +241,8 @@ where
                         }
                     }
                     None => {
-                        let retry_after = *waiter.as_mut().project().retry_after;
-                        waiter.as_ref().get_ref().queued.0.on_shed(true);
+                        let base = *waiter.as_mut().project().retry_after;
+                        let retry_after = waiter.as_ref().get_ref().queued.0.on_shed(true, base);
                         state.set(State::Done);
                         return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
                             .with_detail("waited too long for a permit")

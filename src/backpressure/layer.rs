@@ -25,6 +25,9 @@ pub struct ReleaseOnResponse;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReleaseOnBodyEnd;
 
+/// How long a request waits for a permit when `max_queue` is set and `max_wait` is not.
+const QUEUE_WAIT: Duration = Duration::from_millis(100);
+
 /// Settings of one layer, copied into every service it makes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Config {
@@ -37,7 +40,8 @@ pub(crate) struct Config {
 /// see the [module docs](super).
 ///
 /// By default a request that finds the budget spent is shed at once; [`max_wait`] lets it
-/// wait for a permit, at most that long, with at most [`max_queue`] others.
+/// wait for a permit, at most that long, with at most [`max_queue`] others (a `max_queue`
+/// alone waits at most 100 ms).
 ///
 /// # Clone
 ///
@@ -50,6 +54,8 @@ pub(crate) struct Config {
 pub struct BackpressureLayer<R = ReleaseOnResponse, C = ErrorsOnly> {
     shared: Arc<Shared>,
     cfg: Config,
+    /// `max_queue` was set: a queue implies waiting, for [`QUEUE_WAIT`] without `max_wait`.
+    queue_set: bool,
     classify: C,
     _release: PhantomData<fn() -> R>,
 }
@@ -100,6 +106,7 @@ impl BackpressureLayer {
                 max_queue: usize::MAX,
                 retry_after: Duration::from_secs(1),
             },
+            queue_set: false,
             classify: ErrorsOnly,
             _release: PhantomData,
         }
@@ -108,7 +115,8 @@ impl BackpressureLayer {
 
 impl<R, C> BackpressureLayer<R, C> {
     /// How long a request may wait for a permit before it is shed (default zero: shed at
-    /// once).
+    /// once, unless [`max_queue`](Self::max_queue) is set, which waits 100 ms). Zero is the
+    /// default, whichever way it is given.
     ///
     /// Waiting needs a tokio runtime with the time driver (`tokio::time`); a request that
     /// would wait outside any tokio runtime is shed at once.
@@ -119,13 +127,22 @@ impl<R, C> BackpressureLayer<R, C> {
 
     /// How many requests may wait at once (default: no bound beyond `max_wait`). A request
     /// that would be the `max_queue + 1`-th waiter is shed at once.
+    ///
+    /// A queue implies waiting: without a [`max_wait`](Self::max_wait) (or with a zero one),
+    /// a queued request waits at most 100 ms, so that `BackpressureLayer::new(n).max_queue(m)`
+    /// queues up to `m` requests rather than shedding every one. `max_queue(0)` sheds at
+    /// once whatever `max_wait` says.
     pub fn max_queue(mut self, max_queue: usize) -> Self {
         self.cfg.max_queue = max_queue;
+        self.queue_set = true;
         self
     }
 
-    /// The `retry_after` hint a shed request's [`Rejection`](crate::Rejection) carries
-    /// (default 1 s; `Retry-After: 1` over HTTP).
+    /// The base of the `retry_after` hint a shed request's [`Rejection`](crate::Rejection)
+    /// carries (default 1 s). Each shed request is told a time drawn uniformly from
+    /// `[retry_after, 3·retry_after)`, so that callers shed together do not come back
+    /// together: with the default, `Retry-After: 1`, `2` or `3` over HTTP (whole seconds,
+    /// rounded up). A base of zero gives a zero hint.
     pub fn retry_after(mut self, retry_after: Duration) -> Self {
         self.cfg.retry_after = retry_after;
         self
@@ -139,6 +156,7 @@ impl<R, C> BackpressureLayer<R, C> {
         BackpressureLayer {
             shared: self.shared,
             cfg: self.cfg,
+            queue_set: self.queue_set,
             classify: self.classify,
             _release: PhantomData,
         }
@@ -167,9 +185,19 @@ impl<R, C> BackpressureLayer<R, C> {
         BackpressureLayer {
             shared: self.shared,
             cfg: self.cfg,
+            queue_set: self.queue_set,
             classify,
             _release: PhantomData,
         }
+    }
+
+    /// The settings its services get: a queue without a wait waits [`QUEUE_WAIT`].
+    fn service_cfg(&self) -> Config {
+        let mut cfg = self.cfg;
+        if self.queue_set && cfg.max_wait.is_zero() {
+            cfg.max_wait = QUEUE_WAIT;
+        }
+        cfg
     }
 
     /// A handle on this layer's budget: figures, and the limit changed at run time.
@@ -185,6 +213,7 @@ impl<R, C: Clone> Clone for BackpressureLayer<R, C> {
         BackpressureLayer {
             shared: self.shared.clone(),
             cfg: self.cfg,
+            queue_set: self.queue_set,
             classify: self.classify.clone(),
             _release: PhantomData,
         }
@@ -195,7 +224,7 @@ impl<R, C> fmt::Debug for BackpressureLayer<R, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackpressureLayer")
             .field("budget", &self.handle())
-            .field("max_wait", &self.cfg.max_wait)
+            .field("max_wait", &self.service_cfg().max_wait)
             .field("max_queue", &self.cfg.max_queue)
             .field("retry_after", &self.cfg.retry_after)
             .field(
@@ -214,6 +243,11 @@ impl<S, R, C: Clone> Layer<S> for BackpressureLayer<R, C> {
     type Service = Backpressure<S, R, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Backpressure::from_parts(inner, self.shared.clone(), self.cfg, self.classify.clone())
+        Backpressure::from_parts(
+            inner,
+            self.shared.clone(),
+            self.service_cfg(),
+            self.classify.clone(),
+        )
     }
 }

@@ -24,11 +24,18 @@
 //! - One that finds none is shed at once, unless [`max_wait`](BackpressureLayer::max_wait) is
 //!   set: then it waits, at most that long and with at most
 //!   [`max_queue`](BackpressureLayer::max_queue) others, and is admitted the moment a permit
-//!   comes back.
+//!   comes back. A `max_queue` given without `max_wait` implies waiting, at most 100 ms.
 //! - [`BackpressureLayer::adaptive`] moves the limit between a floor and a ceiling from the
 //!   latency and failures it measures ([`Aimd`], [`Gradient`]). Errors are failures; which
 //!   responses are comes from a classifier ([`BackpressureLayer::classify`], such as
 //!   [`HttpStatus`](crate::classify::HttpStatus) for 5xx).
+//! - A shed request's [`Rejection`](crate::Rejection) carries a `retry_after` drawn for each
+//!   request from `[base, 3·base)`, the base being
+//!   [`retry_after`](BackpressureLayer::retry_after) (1 s by default), so that clients shed
+//!   together do not come back together. Over HTTP, `Retry-After` is whole seconds rounded
+//!   up: with the default base, 1, 2 or 3 (a base below a second is 1 whatever the draw;
+//!   give a base of a second or more when HTTP clients must be spread). The draw is a hash of
+//!   the budget's shed count: no lock, no allocation.
 //! - The [`BackpressureHandle`] reports the requests in flight, waiting and shed, and changes
 //!   the limit at run time. Shedding emits a `tracing` `WARN` event at most once a second,
 //!   with the count shed since the last one.
@@ -161,7 +168,9 @@
 //! let busy = svc.ready().await.unwrap().call(Request::new(())); // holds the only permit
 //! let res = svc.ready().await.unwrap().call(Request::new(())).await.unwrap();
 //! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-//! assert_eq!(res.headers()["retry-after"], "1");
+//! // The 1 s hint, spread over [1 s, 3 s): 1, 2 or 3 in whole seconds.
+//! let after = res.headers()["retry-after"].to_str().unwrap();
+//! assert!(["1", "2", "3"].contains(&after));
 //! assert_eq!(res.headers()["content-type"], "application/problem+json");
 //! assert_eq!(busy.await.unwrap().status(), StatusCode::OK);
 //! # }

@@ -125,8 +125,8 @@ impl<S, R, C> Backpressure<S, R, C> {
             || tokio::runtime::Handle::try_current().is_err()
             || !self.shared.enter_queue(self.cfg.max_queue)
         {
-            self.shared.on_shed(false);
-            return ResponseFuture::shed(self.cfg.retry_after, self.classify.clone());
+            let retry_after = self.shared.on_shed(false, self.cfg.retry_after);
+            return ResponseFuture::shed(retry_after, self.classify.clone());
         }
         // Wait for a permit in the response future, with the service `poll_ready` polled
         // (ready or not); a fresh clone stays here and is made ready again for the next call.

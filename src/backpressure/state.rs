@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -118,6 +119,8 @@ struct Cold {
     shed_logged: AtomicU64,
     last_log_nanos: AtomicU64,
     peak_in_flight: AtomicU32,
+    /// Mixed with the shed count to spread the hints of shed requests.
+    seed: u64,
 }
 
 pub(crate) struct Shared {
@@ -141,6 +144,26 @@ impl Drop for Shared {
     }
 }
 
+/// The `retry_after` of the `n`-th shed request: drawn uniformly from `[base, 3·base)` by a
+/// SplitMix64 hash of `n` (mixed with the budget's seed), so that requests shed together are
+/// told to come back at different times. Over HTTP, where `Retry-After` is whole seconds
+/// rounded up, the default base of 1 s gives 1, 2 or 3.
+pub(crate) fn spread(base: Duration, n: u64) -> Duration {
+    let mut z = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 2·base·u for u = z / 2⁶⁴ in [0, 1), in integer nanoseconds (no float, no overflow).
+    let extra = (base
+        .as_nanos()
+        .saturating_mul(2)
+        .saturating_mul(u128::from(z)))
+        >> 64;
+    base.saturating_add(Duration::from_nanos(
+        u64::try_from(extra).unwrap_or(u64::MAX),
+    ))
+}
+
 impl Shared {
     pub(crate) fn new(limit: u32, adaptive: Option<AdaptiveState>, clock: Option<Clock>) -> Self {
         Shared {
@@ -150,6 +173,10 @@ impl Shared {
                 shed_logged: AtomicU64::new(0),
                 last_log_nanos: AtomicU64::new(0),
                 peak_in_flight: AtomicU32::new(0),
+                seed: std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    0x5eed_u64,
+                ),
             },
             clock: clock.unwrap_or_default(),
             log_clock: Clock::tokio(),
@@ -231,10 +258,12 @@ impl Shared {
         }
     }
 
-    /// Counts a shed request and, at most once a second, emits a `tracing` event that says
-    /// how many were shed since the last one.
-    pub(crate) fn on_shed(&self, waited: bool) {
+    /// Counts a shed request, returns the `retry_after` it is told (`base` spread over
+    /// `[base, 3·base)`; see [`spread`]) and, at most once a second, emits a `tracing` event
+    /// that says how many were shed since the last one.
+    pub(crate) fn on_shed(&self, waited: bool, base: Duration) -> Duration {
         let total = self.cold.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        let hint = spread(base, total ^ self.cold.seed);
         // Times are kept one nanosecond late so that 0 means "never logged".
         let now = self.log_clock.now_nanos().saturating_add(1);
         let last = self.cold.last_log_nanos.load(Ordering::Relaxed);
@@ -258,6 +287,7 @@ impl Shared {
                 "backpressure: shedding requests (overloaded)"
             );
         }
+        hint
     }
 }
 

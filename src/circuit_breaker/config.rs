@@ -68,8 +68,8 @@ pub enum Abandoned {
 ///
 /// Start from one condition and add others with the `or_` methods. The defaults
 /// (`BreakerConfig::default()`, the same as `failure_rate(0.5)`): a window of the last 100
-/// calls, at least 20 calls, open for 5 s, then ×2 on each failed probe round up to 60 s, ±10%
-/// jitter, 3 half-open probes.
+/// calls, at least 20 calls, open for 5 s, then ×2 on each failed probe round (or trip soon
+/// after closing) up to 60 s, ±10% jitter, 3 half-open probes.
 ///
 /// Nothing is checked until the layer is built:
 /// [`CircuitBreakerLayer::new`](super::CircuitBreakerLayer::new) refuses a bad configuration
@@ -214,21 +214,25 @@ impl BreakerConfig {
     }
 
     /// How long the breaker stays open after it trips from closed (default 5 s; at most
-    /// [`MAX_OPEN_TIME`], 365 days).
+    /// [`MAX_OPEN_TIME`], 365 days), unless it trips again soon after closing (see
+    /// [`backoff_multiplier`](Self::backoff_multiplier)).
     pub fn open_time(mut self, d: Duration) -> Self {
         self.open_time = d;
         self
     }
 
-    /// The longest open time, however many probe rounds failed (default 60 s; at most
+    /// The longest open time, however many times it grew (default 60 s; at most
     /// [`MAX_OPEN_TIME`], 365 days). The grown open time is capped at this before jitter, so
-    /// no number of failed rounds can overflow it.
+    /// no number of failed rounds or repeated trips can overflow it.
     pub fn max_open_time(mut self, d: Duration) -> Self {
         self.max_open_time = d;
         self
     }
 
-    /// Each failed probe round multiplies the open time by this (≥ 1.0, default 2.0).
+    /// Each failed probe round multiplies the open time by this (≥ 1.0, default 2.0), and so
+    /// does a trip from closed that comes before the breaker has stayed closed for the open
+    /// time it last served (before jitter); a trip after that opens for the base
+    /// [`open_time`](Self::open_time) again.
     pub fn backoff_multiplier(mut self, m: f64) -> Self {
         self.multiplier = m;
         self

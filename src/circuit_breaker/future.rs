@@ -31,7 +31,7 @@ impl Guard {
         }
     }
 
-    fn complete(mut self, outcome: Outcome) {
+    pub(crate) fn complete(mut self, outcome: Outcome) {
         let permit = std::mem::replace(&mut self.permit, Permit::Free);
         let idx = self.idx as usize;
         let verdict = match outcome {

@@ -99,7 +99,9 @@ pub struct BreakerFigures {
     pub slow_call_rate: f64,
     /// Failures in a row, up to the last success.
     pub consecutive_failures: u32,
-    /// Failed probe rounds since the breaker last closed (what the open time grew by).
+    /// How many times in a row the open time grew (what it was multiplied by): failed probe
+    /// rounds, and trips that came before the breaker had stayed closed for the open time it
+    /// last served. Kept while closed; the next trip after a stable period sets it to 0.
     pub reopens: u32,
     /// Half-open probes in flight.
     pub probes_in_flight: u32,

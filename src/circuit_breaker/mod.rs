@@ -12,7 +12,11 @@
 //! `UNAVAILABLE`). After the open time it is *half-open*: at most `k` probe calls go through
 //! at once; `k` successes close it, one failure opens it again for longer (multiplied by
 //! [`backoff_multiplier`](BreakerConfig::backoff_multiplier), capped, with jitter so that
-//! breakers in many replicas do not probe in lockstep). A call refused while the probes are
+//! breakers in many replicas do not probe in lockstep). A trip from closed also opens it for
+//! longer when it comes before the breaker has stayed closed for the open time it last served
+//! (a flapping dependency that passes its probes and falls over again under real load); once
+//! it has stayed closed that long, the next trip starts again from the base
+//! [`open_time`](BreakerConfig::open_time). A call refused while the probes are
 //! out is told to come back after a random share of the open time a failed probe would start
 //! (drawn for each caller, so that callers refused together do not come back together).
 //!
@@ -23,6 +27,10 @@
 //!   in buckets), once the window holds a minimum of calls;
 //! - a slow-call rate over the same window: a call is slow when it takes at least a threshold,
 //!   success or not.
+//!
+//! An error from the inner service's `poll_ready` (how tower's `Reconnect` or a failed
+//! `Buffer` report a dependency that cannot be reached) counts as the outcome of a call too
+//! (see the service's [Readiness](CircuitBreaker#readiness) section).
 //!
 //! What a failure is comes from [`classify`](crate::classify), the same decision the retry
 //! layer makes: [`ErrorsOnly`](crate::classify::ErrorsOnly) by default (every error);

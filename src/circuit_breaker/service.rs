@@ -24,13 +24,18 @@ use crate::rejection::Rejection;
 /// taken, `poll_ready` returns `Ready(Ok(()))` at once without polling the inner service,
 /// and the `call` that follows returns the refusal decided then. A sick dependency that is
 /// never ready therefore cannot make callers hang. Otherwise (closed, forced closed, or a
-/// probe that may go) `poll_ready` is the inner service's. `poll_ready` claims nothing:
-/// the probe slot, if any, is taken in `call`, so a service made ready and never called
-/// holds nothing.
+/// probe that may go) `poll_ready` is the inner service's, and an error it returns (a
+/// dependency that cannot be reached, as tower's `Reconnect` or a failed `Buffer` report it)
+/// is passed on and counted as the outcome of a call, as the classifier's
+/// `classify_error` says: while closed as a failed call, while half-open as a failed probe
+/// (in a free probe slot), and once the open time is over as the failed probe that reopens
+/// the breaker for longer. A `poll_ready` that succeeds claims nothing: the probe slot, if
+/// any, is taken in `call`, so a service made ready and never called holds nothing.
 ///
 /// A [keyed](super::CircuitBreakerLayer::keyed) breaker learns the request's key only in
-/// `call`, so its `poll_ready` is the inner service's; an open key's requests are then
-/// refused in `call` without reaching the inner service.
+/// `call`, so its `poll_ready` is the inner service's and an error it returns is passed on
+/// without counting for any key; an open key's requests are refused in `call` without
+/// reaching the inner service.
 ///
 /// # Clone
 ///
@@ -94,6 +99,23 @@ impl<S: fmt::Debug, C: fmt::Debug, K: fmt::Debug> fmt::Debug for CircuitBreaker<
     }
 }
 
+impl<S, C, K> CircuitBreaker<S, C, K> {
+    /// Counts an error of the inner `poll_ready` as the outcome of a call (a dependency that
+    /// cannot be reached, as tower's `Reconnect` or a failed `Buffer` report it): while closed
+    /// as a call's outcome, while half-open as a probe's (taking a free probe slot for it),
+    /// and once the open time is over as the probe that half-opens the breaker.
+    #[cold]
+    fn ready_failed<Res>(&self, err: &BoxError)
+    where
+        C: Classify<Res>,
+    {
+        let outcome = self.classify.classify_error(err);
+        if let Ok((permit, start)) = self.shared.admit(0) {
+            Guard::new(self.shared.share(), 0, permit, start).complete(outcome);
+        }
+    }
+}
+
 impl<S, Req, C, K> Service<Req> for CircuitBreaker<S, C, K>
 where
     S: Service<Req>,
@@ -115,7 +137,17 @@ where
             }
         }
         self.refused = None;
-        self.inner.poll_ready(cx).map_err(Into::into)
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                let e = e.into();
+                if self.key.is_single() {
+                    self.ready_failed::<S::Response>(&e);
+                }
+                Poll::Ready(Err(e))
+            }
+        }
     }
 
     #[inline]

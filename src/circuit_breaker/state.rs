@@ -187,7 +187,13 @@ impl Limits {
 pub(crate) struct Breaker {
     state: Padded<AtomicU64>,
     consecutive: AtomicU32,
+    /// How many times in a row the open time grew: failed probe rounds, and trips that came
+    /// before the breaker had stayed closed for a stable period.
     reopens: AtomicU32,
+    /// When the breaker last closed from half-open, one nanosecond late (0: not since it was
+    /// made or reset). A trip before it has stayed closed for the open time it last served
+    /// grows the open time; a trip after that starts again from the base open time.
+    closed_at: AtomicU64,
     window: Ring,
 }
 
@@ -197,6 +203,7 @@ impl Breaker {
             state: Padded(AtomicU64::new(pack(CLOSED, 0, 0))),
             consecutive: AtomicU32::new(0),
             reopens: AtomicU32::new(0),
+            closed_at: AtomicU64::new(0),
             window: Ring::new(config.window, config.slow_call.is_some()),
         }
     }
@@ -276,11 +283,17 @@ impl Shared {
     /// The open time after `reopens` failed probe rounds: multiplied, capped, jittered.
     pub(crate) fn open_nanos(&self, reopens: u32) -> u64 {
         let l = &self.limits;
-        let grown = l.open_nanos as f64 * l.multiplier.powi(reopens.min(4096) as i32);
-        let capped = grown.min(l.max_open_nanos as f64);
+        let capped = self.grown_nanos(reopens) as f64;
         let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let jittered = capped * (1.0 + l.jitter * (2.0 * u - 1.0));
         (jittered as u64).max(1)
+    }
+
+    /// The open time after `reopens` growths, multiplied and capped, before jitter.
+    fn grown_nanos(&self, reopens: u32) -> u64 {
+        let l = &self.limits;
+        let grown = l.open_nanos as f64 * l.multiplier.powi(reopens.min(4096) as i32);
+        grown.min(l.max_open_nanos as f64) as u64
     }
 
     /// The wait hint of a call refused while the probes are out: their verdict closes the
@@ -493,14 +506,27 @@ impl Shared {
         consecutive: u32,
     ) {
         let b = &self.breakers[idx];
-        let open = self.open_nanos(0);
+        // A breaker that trips again before it has stayed closed for the open time it last
+        // served (a dependency that passes its probes and falls over again) opens for longer,
+        // as if its probes had failed; one that stayed closed that long starts again from the
+        // base open time.
+        let last = b.reopens.load(Relaxed);
+        let closed_at = b.closed_at.load(Relaxed);
+        let reopens = if closed_at != 0
+            && now.saturating_add(1).saturating_sub(closed_at) < self.grown_nanos(last)
+        {
+            last.saturating_add(1)
+        } else {
+            0
+        };
+        let open = self.open_nanos(reopens);
         let next = pack(OPEN, gen(from) + 1, open_until(now, open));
         if b.state
             .0
             .compare_exchange(from, next, AcqRel, Acquire)
             .is_ok()
         {
-            b.reopens.store(0, Relaxed);
+            b.reopens.store(reopens, Relaxed);
             let t = tally.unwrap_or_default();
             let rate = |n: u32| {
                 if t.calls == 0 {
@@ -520,6 +546,7 @@ impl Shared {
                 failure_rate = rate(t.failures),
                 slow_call_rate = rate(t.slow),
                 consecutive_failures = consecutive,
+                reopens,
                 open_ms = open / 1_000_000,
                 "circuit breaker opened"
             );
@@ -571,7 +598,9 @@ impl Shared {
                         CLOSED => {
                             b.window.clear();
                             b.consecutive.store(0, Relaxed);
-                            b.reopens.store(0, Relaxed);
+                            // `reopens` is kept: a trip soon after grows the open time.
+                            let t = now.unwrap_or_else(|| self.now());
+                            b.closed_at.store(t.saturating_add(1), Relaxed);
                             tracing::info!(
                                 breaker = idx,
                                 from = "half-open",
@@ -647,6 +676,7 @@ impl Shared {
         b.window.clear();
         b.consecutive.store(0, Relaxed);
         b.reopens.store(0, Relaxed);
+        b.closed_at.store(0, Relaxed);
     }
 
     pub(crate) fn force_open(&self, idx: usize) {

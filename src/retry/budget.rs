@@ -67,8 +67,9 @@ pub(crate) fn shard() -> usize {
 ///
 /// Three attempts per request triple the load on a dependency exactly when it is struggling,
 /// and every layer of retries above multiplies it again: a retry storm. A budget bounds the
-/// *extra* load retries may add, say 20%, whatever the failure rate, while still letting the
-/// occasional failure be retried at once. When the budget is spent the last response or error
+/// *extra* load retries may add, whatever the failure rate: `ratio ×` the window's requests
+/// (20% by default) plus the floor (10 per second by default, which dominates below about
+/// 50 requests per second), while still letting the occasional failure be retried at once. When the budget is spent the last response or error
 /// is returned as it is, and a `tracing` event says so.
 ///
 /// # How it works
@@ -443,7 +444,9 @@ fn check_ratio(ratio: f64) -> Result<(), ConfigError> {
 }
 
 impl BudgetBuilder {
-    /// Retries allowed per request over the window (0.2 by default: 20% extra load at most).
+    /// Retries allowed per request over the window (0.2 by default), on top of the
+    /// [`min_per_second`](Self::min_per_second) floor: with the floor at 0, retries add at
+    /// most 20% extra load.
     pub fn ratio(mut self, ratio: f64) -> Self {
         self.ratio = ratio;
         self

@@ -38,6 +38,9 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         retry: Option<Retrying<S, R::Saved, C, R>>,
+        // The last outcome, kept (boxed: only a retry under a deadline pays for it) while a
+        // retry waits, so that a deadline passing before the retry starts returns it.
+        last: Option<Box<Result<S::Response, BoxError>>>,
         _req: PhantomData<fn(Req)>,
     }
 }
@@ -49,7 +52,9 @@ pin_project! {
         // Boxed: only a retry pays for the timer, and the future stays small for the common
         // case where the first attempt succeeds.
         Backoff { sleep: Pin<Box<Sleep>> },
-        Ready,
+        // Waiting for the inner service's readiness; under a deadline, `wait` ends at it
+        // (made only if the service is not ready at once).
+        Ready { wait: Option<Pin<Box<Sleep>>> },
     }
 }
 
@@ -88,6 +93,7 @@ where
         ResponseFuture {
             state: State::Called { fut },
             retry,
+            last: None,
             _req: PhantomData,
         }
     }
@@ -102,7 +108,7 @@ where
         let state = match &self.state {
             State::Called { .. } => "called",
             State::Backoff { .. } => "backoff",
-            State::Ready => "ready",
+            State::Ready { .. } => "ready",
         };
         let mut d = f.debug_struct("ResponseFuture");
         d.field("state", &state);
@@ -115,6 +121,10 @@ where
 
 fn lost() -> BoxError {
     "retry: the request could not be replayed".into()
+}
+
+fn past_deadline() -> BoxError {
+    "retry: the deadline passed while waiting for the service to be ready".into()
 }
 
 /// Why a retry is made, for the `tracing` event.
@@ -156,6 +166,20 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
                 "giving up: attempts exhausted"
             );
             return None;
+        }
+        if let (Err(e), Some(saved)) = (result, self.saved.as_ref()) {
+            // An error says nothing of whether the server ran the call (a timeout, a reset
+            // after sending), unless a layer below refused it: only a request marked safe is
+            // sent again after one.
+            if Rejection::find(&**e).is_none() && !shared.replay.may_retry_error(saved) {
+                tracing::debug!(
+                    target: "tower_bulwark::retry",
+                    attempts = self.attempt,
+                    error = %e,
+                    "not retrying: the call may have been processed and is not marked idempotent"
+                );
+                return None;
+            }
         }
         if !self
             .saved
@@ -281,22 +305,33 @@ where
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(result);
                     };
+                    // The finished attempt is dropped before the decision: it may still hold
+                    // the request's body (a timed-out attempt), which the replay needs back.
+                    this.state.set(State::Ready { wait: None });
                     match retry.decide::<Req, S::Response>(&result) {
                         None => {
                             *this.retry = None;
                             return Poll::Ready(result);
                         }
-                        Some(0) => this.state.set(State::Ready),
-                        Some(nanos) => this.state.set(State::Backoff {
-                            sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(nanos))),
-                        }),
+                        Some(nanos) => {
+                            if retry.shared.control.deadline.is_some() {
+                                *this.last = Some(Box::new(result));
+                            }
+                            if nanos > 0 {
+                                this.state.set(State::Backoff {
+                                    sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(
+                                        nanos,
+                                    ))),
+                                });
+                            }
+                        }
                     }
                 }
                 StateProj::Backoff { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
-                    this.state.set(State::Ready);
+                    this.state.set(State::Ready { wait: None });
                 }
-                StateProj::Ready => {
+                StateProj::Ready { wait } => {
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(Err(lost()));
                     };
@@ -307,9 +342,39 @@ where
                         *this.retry = None;
                         return Poll::Ready(Err(lost()));
                     };
-                    if let Err(e) = ready!(svc.poll_ready(cx)) {
-                        *this.retry = None;
-                        return Poll::Ready(Err(e.into()));
+                    match svc.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => {
+                            *this.retry = None;
+                            *this.last = None;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        Poll::Pending => {
+                            // No attempt starts past the deadline: the wait for readiness
+                            // ends at it, with the last outcome.
+                            let Some(deadline) = retry.shared.control.deadline else {
+                                return Poll::Pending;
+                            };
+                            if wait.is_none() {
+                                let now = retry.shared.control.clock.now_nanos();
+                                let left = deadline.saturating_sub(now.saturating_sub(retry.start));
+                                *wait =
+                                    Some(Box::pin(tokio::time::sleep(Duration::from_nanos(left))));
+                            }
+                            if let Some(w) = wait.as_mut() {
+                                ready!(w.as_mut().poll(cx));
+                            }
+                            tracing::debug!(
+                                target: "tower_bulwark::retry",
+                                attempts = retry.attempt,
+                                "not retrying: the deadline passed while waiting for readiness"
+                            );
+                            *this.retry = None;
+                            return Poll::Ready(match this.last.take() {
+                                Some(last) => *last,
+                                None => Err(past_deadline()),
+                            });
+                        }
                     }
                     retry.attempt += 1;
                     let last = retry.attempt >= retry.max;
@@ -322,6 +387,7 @@ where
                         return Poll::Ready(Err(lost()));
                     };
                     let fut = svc.call(req);
+                    *this.last = None;
                     // The retry is made: its withdrawal is spent, and it counts.
                     retry.withdrawn = None;
                     retry.shared.control.retries.fetch_add(1, Ordering::Relaxed);

@@ -4,8 +4,10 @@
 //! A request whose outcome [`classify`](crate::classify) calls retryable (an error, a 502, 503
 //! or 504, a 429, gRPC `UNAVAILABLE` or `RESOURCE_EXHAUSTED`) is sent again after a backoff,
 //! up to a number of attempts, within an optional overall deadline, and only while the
-//! [`Budget`] allows: retries stay below a share of requests (20% by default) plus a small
-//! floor per second, shared by every clone of the layer.
+//! [`Budget`] allows: over its window (10 s by default), retries stay at or below a share of
+//! the window's requests (20% by default) plus a floor per second (10 by default, so that a
+//! client with little traffic can still retry: below about 50 requests per second, retries may
+//! add more than 20%), shared by every clone of the layer.
 //!
 //! # Why
 //!
@@ -28,7 +30,10 @@
 //! - tower-resilience's retry knows nothing of HTTP safety or server hints: this layer retries
 //!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
 //!   [`RetryPolicy::add_idempotency_key`] gives POST and PATCH a fresh key, the same on every
-//!   attempt, so that a server with `IdempotencyLayer` runs the request once.
+//!   attempt, so that a server with `IdempotencyLayer` runs the request once. A gRPC call
+//!   (always a POST) is retried on the status codes that say it was not processed; after an
+//!   error (a timeout, a transport error after sending) only if it carries an
+//!   `Idempotency-Key` or is marked [`Idempotent`].
 //! - The circuit breaker stops calls to a dependency that keeps failing; this layer repeats a
 //!   call that failed once. They pair: a `CircuitOpen` [`Rejection`](crate::Rejection) from a
 //!   breaker below is waited out (with jitter) if its `retry_after` fits the maximum delay,
@@ -53,6 +58,9 @@
 //!   deadline. Callers refused with hints that point at one instant (an open breaker's time
 //!   left, a rate limit's reset) come back spread over a span longer than the one over which
 //!   they were refused, not in one herd; and never before the server said.
+//! - A response carrying several hints (a `Retry-After` and a `grpc-retry-pushback-ms`, as
+//!   gateways that translate one to the other send) is read by the latest of them: never
+//!   retried before any hint the server gave.
 //! - No hint, or a malformed `Retry-After`: the backoff decides.
 //!
 //! # Where to place this layer
@@ -67,6 +75,10 @@
 //! ```text
 //! caller ─▶ Retry ─▶ CircuitBreaker ─▶ Timeout (per attempt) ─▶ client
 //! ```
+//!
+//! A [`deadline`](RetryPolicy::deadline) also bounds the wait for the inner service's
+//! readiness before a retry: a retry not started when it passes is not made, and the last
+//! response or error is returned.
 //!
 //! # Example
 //!
@@ -138,8 +150,8 @@ pub use self::backoff::{Backoff, Jitter};
 pub use self::budget::{Budget, BudgetBuilder, BudgetFigures};
 pub use self::layer::{RetryHandle, RetryLayer};
 pub use self::policy::{
-    is_idempotent, CloneRequest, ConfigError, ErrorPredicate, Hint, Hints, HttpReplay, Replay,
-    RetryPolicy, IDEMPOTENCY_KEY,
+    is_idempotent, CloneRequest, ConfigError, ErrorPredicate, Hint, Hints, HttpReplay, Idempotent,
+    Replay, RetryPolicy, IDEMPOTENCY_KEY,
 };
 pub use self::replay::{HttpSaved, ReplayBody, SavedBody};
 pub use self::service::Retry;

@@ -111,7 +111,25 @@ pub trait Replay<Req> {
     /// The next attempt's request. On the `last` attempt the kept request is moved, not
     /// cloned. `None` only if `saved` is `None`.
     fn replay(&self, saved: &mut Option<Self::Saved>, last: bool) -> Option<Self::Request>;
+
+    /// Whether the kept request may be sent again after an error (other than a
+    /// [`Rejection`](crate::Rejection) from a layer below, which says the call was not sent):
+    /// an error such as a timeout says nothing of whether the server ran the call. `true` by
+    /// default; [`HttpReplay`] answers `false` for a gRPC call not marked idempotent.
+    fn may_retry_error(&self, _saved: &Self::Saved) -> bool {
+        true
+    }
 }
+
+/// Marks a request as idempotent, as a request extension: the retry layer may then send it
+/// again after an error that leaves unknown whether the server ran it (a timeout, a reset
+/// after sending), and [`RetryPolicy::http`] retries it whatever its method.
+///
+/// For gRPC (where every call is a POST), mark the calls that are safe to repeat, for example
+/// with tonic: `request.extensions_mut().insert(Idempotent)` (tonic passes extensions on to
+/// the `http::Request`). An `Idempotency-Key` metadata header marks a call as well.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Idempotent;
 
 /// Reads a response's hint about when to retry.
 pub trait Hints<Res> {
@@ -171,10 +189,14 @@ impl<Res> Hints<Res> for CloneRequest {
 /// Replays HTTP requests with any body, and reads `Retry-After` and `grpc-retry-pushback-ms`.
 ///
 /// - Only safe requests are retried: idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE,
-///   TRACE) or requests that carry an `Idempotency-Key` (which
-///   [`RetryPolicy::add_idempotency_key`] adds to the others). gRPC calls are all POST:
-///   [`RetryPolicy::grpc`] leaves the method out, as gRPC's own retry policy does, because the
-///   codes it retries by default say the call was not processed.
+///   TRACE), requests that carry an `Idempotency-Key` (which
+///   [`RetryPolicy::add_idempotency_key`] adds to the others) and requests marked
+///   [`Idempotent`]. gRPC calls are all POST: [`RetryPolicy::grpc`] leaves the method out for
+///   responses, as gRPC's own retry policy does, because the codes it retries by default say
+///   the call was not processed; but an error (a per-attempt timeout, a transport error after
+///   sending) says nothing of that, so after one a gRPC call is retried only if it carries an
+///   `Idempotency-Key` or is marked [`Idempotent`]. A [`Rejection`](crate::Rejection) from a
+///   layer below (the call was not sent) is retried either way.
 /// - The body streams to the first attempt while its bytes are kept, up to a cap (64 KiB by
 ///   default); a body over the cap is sent once and not retried. The inner service receives a
 ///   [`ReplayBody`].
@@ -246,7 +268,10 @@ where
         if !retry {
             return Request::from_parts(parts, ReplayBody::once(body));
         }
-        if !is_idempotent(&parts.method) && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+        if !is_idempotent(&parts.method)
+            && !parts.headers.contains_key(IDEMPOTENCY_KEY)
+            && parts.extensions.get::<Idempotent>().is_none()
+        {
             if self.add_key {
                 parts.headers.insert(IDEMPOTENCY_KEY, format_key(key()));
             } else if self.check_method {
@@ -256,16 +281,25 @@ where
         if body.size_hint().lower() > self.body_limit as u64 {
             return Request::from_parts(parts, ReplayBody::once(body));
         }
+        // Past the method check, an HTTP request is safe to repeat; a gRPC call only if marked.
+        let errors_safe = self.check_method
+            || parts.headers.contains_key(IDEMPOTENCY_KEY)
+            || parts.extensions.get::<Idempotent>().is_some();
         let (body, kept) = ReplayBody::record(body, self.body_limit);
         *saved = Some(HttpSaved {
             head: Head::copy_of(&parts),
             body: kept,
+            errors_safe,
         });
         Request::from_parts(parts, body)
     }
 
     fn can_replay(&self, saved: &HttpSaved<B>) -> bool {
         saved.body.can_replay()
+    }
+
+    fn may_retry_error(&self, saved: &HttpSaved<B>) -> bool {
+        saved.errors_safe
     }
 
     fn replay(
@@ -287,13 +321,18 @@ where
 impl<B> Hints<Response<B>> for HttpReplay {
     fn hint(&self, res: &Response<B>) -> Hint {
         let headers = res.headers();
-        if let Some(v) = headers.get(GRPC_PUSHBACK) {
-            return parse_pushback(v);
+        // Every hint present counts, and the latest wins: never retry before any of them.
+        let pushback = headers
+            .get(GRPC_PUSHBACK)
+            .map_or(Hint::None, parse_pushback);
+        if pushback == Hint::Stop {
+            return Hint::Stop;
         }
-        match headers.get(RETRY_AFTER) {
+        let retry_after = match headers.get(RETRY_AFTER) {
             Some(v) => parse_retry_after(v, SystemTime::now()),
             None => Hint::None,
-        }
+        };
+        later(pushback, retry_after)
     }
 
     fn describe(&self, res: &Response<B>) -> Option<String> {
@@ -303,6 +342,17 @@ impl<B> Hints<Response<B>> for HttpReplay {
                 None => format!("status {}", res.status().as_u16()),
             },
         )
+    }
+}
+
+/// The later of two hints: `Stop` over any wait, the longer wait over the shorter, any wait
+/// over none.
+pub(crate) fn later(a: Hint, b: Hint) -> Hint {
+    match (a, b) {
+        (Hint::Stop, _) | (_, Hint::Stop) => Hint::Stop,
+        (Hint::After(x), Hint::After(y)) => Hint::After(x.max(y)),
+        (Hint::After(x), Hint::None) | (Hint::None, Hint::After(x)) => Hint::After(x),
+        (Hint::None, Hint::None) => Hint::None,
     }
 }
 
@@ -479,7 +529,7 @@ pub(crate) enum BudgetChoice {
 /// | [`RetryPolicy::errors`] | every error except a rejection retrying cannot help | any `Clone` request |
 /// | [`RetryPolicy::errors_where`] | errors your predicate accepts | any `Clone` request |
 /// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429 | `http::Request<B>`, any body |
-/// | [`RetryPolicy::grpc`] | errors, `UNAVAILABLE`, `RESOURCE_EXHAUSTED` | `http::Request<B>`, any body |
+/// | [`RetryPolicy::grpc`] | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`; errors only for calls marked idempotent | `http::Request<B>`, any body |
 ///
 /// Defaults: 3 attempts, [`Backoff::default`] (25 ms doubling to 1 s, full jitter), no
 /// overall deadline, the default [`Budget`] (20% of requests plus 10 per second over 10 s),
@@ -523,9 +573,12 @@ impl RetryPolicy {
         RetryPolicy::with(HttpStatus::default(), HttpReplay::http())
     }
 
-    /// Retries gRPC calls: errors, `UNAVAILABLE` and `RESOURCE_EXHAUSTED` by default
-    /// ([`GrpcStatus`]), honouring `grpc-retry-pushback-ms`. gRPC calls are all POST; the
-    /// method is not checked (see [`HttpReplay`]).
+    /// Retries gRPC calls: `UNAVAILABLE` and `RESOURCE_EXHAUSTED` by default ([`GrpcStatus`]),
+    /// which say the call was not processed, honouring `grpc-retry-pushback-ms`. An error (a
+    /// timeout, a transport error after sending), which may follow a call the server ran, is
+    /// retried only for a call with an `Idempotency-Key` metadata header or marked
+    /// [`Idempotent`] (a rejection from a layer below, which never sent it, always). gRPC
+    /// calls are all POST; the method is not checked (see [`HttpReplay`]).
     pub fn grpc() -> RetryPolicy<GrpcStatus, HttpReplay> {
         RetryPolicy::with(
             GrpcStatus::default(),
@@ -579,8 +632,9 @@ impl<C, R> RetryPolicy<C, R> {
     }
 
     /// An overall deadline across attempts, from the call: no backoff and no new attempt
-    /// starts past it. An attempt in flight is not cut (put a timeout below this layer for
-    /// that).
+    /// starts past it. A retry still waiting for the inner service's readiness when it passes
+    /// is not made: the last response or error is returned. An attempt in flight is not cut
+    /// (put a timeout below this layer for that).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
@@ -704,6 +758,36 @@ mod tests {
         assert_eq!(p("-1"), Hint::Stop);
         assert_eq!(p("abc"), Hint::Stop);
         assert_eq!(p(""), Hint::Stop);
+    }
+
+    #[test]
+    fn the_latest_hint_wins() {
+        let res = |headers: &[(&str, &str)]| {
+            let mut b = Response::builder().status(503);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            HttpReplay::http().hint(&b.body(()).unwrap())
+        };
+        let s = Duration::from_secs;
+        assert_eq!(
+            res(&[("retry-after", "30"), (GRPC_PUSHBACK, "0")]),
+            Hint::After(s(30))
+        );
+        assert_eq!(
+            res(&[("retry-after", "1"), (GRPC_PUSHBACK, "2000")]),
+            Hint::After(s(2))
+        );
+        assert_eq!(
+            res(&[("retry-after", "1"), (GRPC_PUSHBACK, "-1")]),
+            Hint::Stop
+        );
+        assert_eq!(
+            res(&[("retry-after", "soon"), (GRPC_PUSHBACK, "5")]),
+            Hint::After(Duration::from_millis(5))
+        );
+        assert_eq!(res(&[("retry-after", "3")]), Hint::After(s(3)));
+        assert_eq!(res(&[]), Hint::None);
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct SavedBody<B> {
 pub struct HttpSaved<B> {
     pub(crate) head: Head,
     pub(crate) body: SavedBody<B>,
+    /// Whether the request may be sent again after an error (see
+    /// [`Replay::may_retry_error`](super::Replay::may_retry_error)).
+    pub(crate) errors_safe: bool,
 }
 
 impl<B> fmt::Debug for HttpSaved<B> {

@@ -15,6 +15,9 @@
 -- in-process step allows (`CLOCK_SLACK_NS`): Redis's TIME is the system's clock, which can
 -- step back.
 --
+-- The state is capped to now + tolerance + max wait (the furthest an admit under this quota
+-- can set it): a TAT further ahead counts as a spent bucket of this quota.
+--
 -- Returns {admitted (0|1), wait or retry-after (ns), TAT - now after the step (ns), the TAT
 -- stored by an admit ("" for a rejection)}. A client that gives up a reserved turn hands
 -- that TAT to refund.lua.
@@ -40,6 +43,10 @@ if stored then
     if ahead < 0 then ahead = 0 end
   end
 end
+-- A state further ahead than this quota's window and wait allow was stored under an older,
+-- longer quota (or before Redis's clock stepped back): it counts as a spent bucket of this
+-- quota, so raising the quota frees a limited key within the new window.
+if ahead > tolerance + max_wait then ahead = tolerance + max_wait end
 local new_ahead = ahead + interval
 local wait = new_ahead - tolerance
 if wait <= math.min(10000, interval - 1) then wait = 0 end

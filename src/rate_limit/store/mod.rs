@@ -11,7 +11,7 @@
 //! responses too.
 //!
 //! Clients that share an upstream's quota across replicas (a third-party API's limit, say)
-//! can [`wait_up_to`](RedisRateLimitLayer::wait_up_to) a bound for their turn instead: the
+//! can [`wait_up_to`](RedisRateLimitConfig::wait_up_to) a bound for their turn instead: the
 //! turn is reserved in Redis by the check, so the waiters of every replica are served in
 //! order and never exceed the quota.
 //!
@@ -32,7 +32,7 @@
 //!
 //! # Redis keys
 //!
-//! A key is `<prefix>{<digest>}`: the [prefix](RedisRateLimitLayer::prefix) (default
+//! A key is `<prefix>{<digest>}`: the [prefix](RedisRateLimitConfig::prefix) (default
 //! `bulwark:rl:`, which must not contain braces) names the limit, and the digest is the first
 //! 128 bits of the SHA-1 of the user key's `Hash` bytes, in hex. Whatever the key holds (any
 //! length, binary, `{` and `}`), the Redis key has this fixed shape: it cannot leave the
@@ -42,7 +42,7 @@
 //!
 //! # When Redis fails
 //!
-//! Each check has a [timeout](RedisRateLimitLayer::timeout) (default 50 ms), covering the
+//! Each check has a [timeout](RedisRateLimitConfig::timeout) (default 50 ms), covering the
 //! round trip and any wait for a reconnection. The connection is a
 //! `redis::aio::ConnectionManager`, which reconnects on its own: once Redis is back, checks
 //! succeed again with no restart. Until then, the [`FailurePolicy`] decides:
@@ -76,8 +76,9 @@
 //! # Testing
 //!
 //! The limit follows Redis's clock; the local fallback and the failure log read the layer's
-//! [`Clock`](crate::clock::Clock): `.clock(Clock::tokio())` makes them follow tokio's paused
-//! time. Tests that talk to a real Redis should not pause time: a paused runtime advances its
+//! [`Clock`](crate::clock::Clock), set on the [`LocalFallback`]:
+//! `.local_fallback(LocalFallback::new().clock(Clock::tokio()))` makes them follow tokio's
+//! paused time. Tests that talk to a real Redis should not pause time: a paused runtime advances its
 //! clock while it waits for the socket, which fires the check's timeout.
 //!
 //! # Example
@@ -87,20 +88,22 @@
 //! use axum::{routing::get, Router};
 //! use tower::ServiceBuilder;
 //! use tower_bulwark::rate_limit::key;
-//! use tower_bulwark::rate_limit::store::{FailurePolicy, RedisRateLimitLayer};
+//! use tower_bulwark::rate_limit::store::{FailurePolicy, RedisRateLimitConfig, RedisRateLimitLayer};
 //! use tower_bulwark::{Quota, RejectionLayer};
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1/".into());
 //! let conn = redis::Client::open(url)?.get_connection_manager().await?;
+//! // Keyed by the client's address: a key the client picks (a header read before any
+//! // authentication) would let it take a fresh burst with each new value.
 //! let limit = RedisRateLimitLayer::keyed(
 //!     conn,
-//!     Quota::per_second(100)?.burst(200)?,
-//!     key::Header::new("x-api-key"),
-//! )?
-//! .prefix("orders:rl:")?
-//! .timeout(Duration::from_millis(20))?
-//! .failure_policy(FailurePolicy::Local);
+//!     RedisRateLimitConfig::new(Quota::per_second(100)?.burst(200)?)
+//!         .prefix("orders:rl:")?
+//!         .timeout(Duration::from_millis(20))?
+//!         .failure_policy(FailurePolicy::Local),
+//!     key::ClientIp::new(),
+//! )?;
 //! let handle = limit.handle();
 //! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
 //!     ServiceBuilder::new().layer(RejectionLayer::http()).layer(limit),
@@ -114,8 +117,8 @@ mod redis;
 
 pub use self::future::RedisResponseFuture;
 pub use self::redis::{
-    FailurePolicy, RedisConfigError, RedisRateLimit, RedisRateLimitHandle, RedisRateLimitLayer,
-    DEFAULT_PREFIX, DEFAULT_TIMEOUT, MAX_PREFIX_LEN,
+    FailurePolicy, LocalFallback, RedisConfigError, RedisRateLimit, RedisRateLimitConfig,
+    RedisRateLimitHandle, RedisRateLimitLayer, DEFAULT_PREFIX, DEFAULT_TIMEOUT, MAX_PREFIX_LEN,
 };
 
 #[cfg(test)]

@@ -30,11 +30,11 @@ static SCRIPT: LazyLock<redis::Script> =
 static REFUND: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("refund.lua")));
 
-/// The key prefix used unless [`RedisRateLimitLayer::prefix`] says otherwise.
+/// The key prefix used unless [`RedisRateLimitConfig::prefix`] says otherwise.
 pub const DEFAULT_PREFIX: &str = "bulwark:rl:";
 
 /// The time a Redis check may take before the failure policy decides, unless
-/// [`RedisRateLimitLayer::timeout`] says otherwise.
+/// [`RedisRateLimitConfig::timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// The longest prefix accepted, in bytes.
@@ -79,6 +79,8 @@ pub enum RedisConfigError {
     PrefixTooLong,
     /// A timeout of zero.
     ZeroTimeout,
+    /// A key bound ([`LocalFallback::max_keys`]) for a global limit, which has no keys.
+    MaxKeysWithoutKeys,
 }
 
 impl fmt::Display for RedisConfigError {
@@ -90,6 +92,9 @@ impl fmt::Display for RedisConfigError {
             RedisConfigError::PrefixBraces => "redis key prefix must not contain '{' or '}'",
             RedisConfigError::PrefixTooLong => "redis key prefix is longer than 256 bytes",
             RedisConfigError::ZeroTimeout => "redis timeout must be greater than zero",
+            RedisConfigError::MaxKeysWithoutKeys => {
+                "max_keys applies to a keyed limit; a global limit has no keys"
+            }
         })
     }
 }
@@ -278,33 +283,37 @@ pub(crate) struct RedisShared {
 }
 
 impl RedisShared {
-    fn new(c: &Config) -> RedisShared {
-        let local = (c.policy == FailurePolicy::Local).then(|| {
-            let layer = if c.keyed {
-                RateLimitLayer::keyed(
-                    RateLimitConfig::new(c.quota)
-                        .clock(c.clock.clone())
-                        .max_keys(c.max_keys),
-                    Global,
-                )
-            } else {
-                RateLimitLayer::new(RateLimitConfig::new(c.quota).clock(c.clock.clone()))
-            };
-            Local {
-                handle: layer.handle(),
-                shared: layer.shared,
+    fn new(conn: ConnectionManager, c: RedisRateLimitConfig, keyed: bool) -> RedisShared {
+        let (policy, local, clock) = match c.policy {
+            Policy::FailOpen => (FailurePolicy::FailOpen, None, Clock::new()),
+            Policy::FailClosed => (FailurePolicy::FailClosed, None, Clock::new()),
+            Policy::Local(fallback) => {
+                let base = RateLimitConfig::new(c.quota).clock(fallback.clock.clone());
+                let layer = if keyed {
+                    RateLimitLayer::keyed(
+                        base.max_keys(fallback.max_keys.unwrap_or(DEFAULT_MAX_KEYS)),
+                        Global,
+                    )
+                } else {
+                    RateLimitLayer::new(base)
+                };
+                let local = Local {
+                    handle: layer.handle(),
+                    shared: layer.shared,
+                };
+                (FailurePolicy::Local, Some(local), fallback.clock)
             }
-        });
+        };
         RedisShared {
-            conn: c.conn.clone(),
-            prefix: c.prefix.clone(),
+            conn,
+            prefix: c.prefix,
             interval: AtomicU64::new(c.quota.interval_ns()),
             tolerance: AtomicU64::new(c.quota.tolerance_ns()),
             timeout: c.timeout,
             max_wait_ns: c.max_wait_ns,
-            policy: c.policy,
+            policy,
             local,
-            clock: c.clock.clone(),
+            clock,
             counters: Counters::default(),
             log: FailureLog::new(),
         }
@@ -503,90 +512,60 @@ impl RedisShared {
     }
 }
 
-#[derive(Clone)]
-struct Config {
-    conn: ConnectionManager,
-    prefix: Arc<[u8]>,
+/// How a Redis-backed limiter is made: its quota, key prefix, timeout, wait bound and
+/// failure policy. The layer's state is built from it, whole, when the layer is made, so
+/// every setting takes effect, and a handle taken from the layer sees the state its
+/// services use. A [`Quota`] converts into it, with the defaults.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_bulwark::clock::Clock;
+/// use tower_bulwark::rate_limit::store::{
+///     FailurePolicy, LocalFallback, RedisRateLimitConfig, RedisRateLimitLayer,
+/// };
+/// use tower_bulwark::Quota;
+///
+/// # async fn f(conn: redis::aio::ConnectionManager) -> Result<(), Box<dyn std::error::Error>> {
+/// // Refuse when Redis is down.
+/// let strict = RedisRateLimitConfig::new(Quota::per_second(100)?)
+///     .prefix("orders:rl:")?
+///     .timeout(Duration::from_millis(20))?
+///     .failure_policy(FailurePolicy::FailClosed);
+/// let layer = RedisRateLimitLayer::keyed(conn.clone(), strict, |req: &String| req.clone())?;
+/// // Fall back to an in-process limiter that follows tokio's clock and tracks 4096 keys.
+/// let fallback = RedisRateLimitConfig::new(Quota::per_second(100)?)
+///     .local_fallback(LocalFallback::new().clock(Clock::tokio()).max_keys(4096));
+/// let local = RedisRateLimitLayer::keyed(conn, fallback, |req: &String| req.clone())?;
+/// # let _ = (layer, local); Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RedisRateLimitConfig {
     quota: Quota,
+    prefix: Arc<[u8]>,
     timeout: Duration,
     max_wait_ns: u64,
-    policy: FailurePolicy,
-    clock: Clock,
-    keyed: bool,
-    max_keys: usize,
+    policy: Policy,
 }
 
-/// Applies a rate limit kept in Redis, shared by every replica; see the
-/// [module docs](super).
-///
-/// # Clone
-///
-/// Clones of a layer share its state (connection, counters, local fallback), and so do all
-/// the services a layer makes, whether by cloning or by repeated [`Layer::layer`] calls. The
-/// limit itself lives in Redis: every layer, in any process, with the same prefix and key
-/// draws on it.
-pub struct RedisRateLimitLayer<K = Global, H = NoHeaders> {
-    shared: Arc<RedisShared>,
-    key: K,
-    headers: H,
-    config: Config,
+/// The failure policy with its own configuration.
+#[derive(Clone, Debug)]
+enum Policy {
+    FailOpen,
+    FailClosed,
+    Local(LocalFallback),
 }
 
-impl RedisRateLimitLayer {
-    /// One limit shared by every request through every replica's layer with this prefix.
-    ///
-    /// # Errors
-    ///
-    /// [`RedisConfigError::QuotaTooLong`] when the quota's window plus one interval exceeds
-    /// about 52 days.
-    pub fn new(conn: ConnectionManager, quota: Quota) -> Result<Self, RedisConfigError> {
-        Self::build(conn, quota, Global, false)
-    }
-}
-
-impl<K> RedisRateLimitLayer<K> {
-    /// A limit per key: `key` reads the key from the request, as for
-    /// [`RateLimitLayer::keyed`]. The Redis key is the prefix and a digest of the key's `Hash`
-    /// bytes: use the same key function (and this crate's version) on every replica.
-    ///
-    /// # Errors
-    ///
-    /// [`RedisConfigError::QuotaTooLong`] when the quota's window plus one interval exceeds
-    /// about 52 days.
-    pub fn keyed(conn: ConnectionManager, quota: Quota, key: K) -> Result<Self, RedisConfigError> {
-        Self::build(conn, quota, key, true)
-    }
-
-    fn build(
-        conn: ConnectionManager,
-        quota: Quota,
-        key: K,
-        keyed: bool,
-    ) -> Result<Self, RedisConfigError> {
-        let config = Config {
-            conn,
+impl RedisRateLimitConfig {
+    /// The quota, with the default prefix ([`DEFAULT_PREFIX`]), timeout ([`DEFAULT_TIMEOUT`]),
+    /// no wait, and [`FailurePolicy::Local`] with a default [`LocalFallback`].
+    pub fn new(quota: Quota) -> Self {
+        RedisRateLimitConfig {
+            quota,
             prefix: Arc::from(DEFAULT_PREFIX.as_bytes()),
-            quota: check_quota(quota)?,
             timeout: DEFAULT_TIMEOUT,
             max_wait_ns: 0,
-            policy: FailurePolicy::Local,
-            clock: Clock::new(),
-            keyed,
-            max_keys: DEFAULT_MAX_KEYS,
-        };
-        Ok(RedisRateLimitLayer {
-            shared: Arc::new(RedisShared::new(&config)),
-            key,
-            headers: NoHeaders,
-            config,
-        })
-    }
-}
-
-impl<K, H> RedisRateLimitLayer<K, H> {
-    fn rebuilt(mut self) -> Self {
-        self.shared = Arc::new(RedisShared::new(&self.config));
-        self
+            policy: Policy::Local(LocalFallback::new()),
+        }
     }
 
     /// The prefix of this limit's Redis keys (default [`DEFAULT_PREFIX`]). The prefix names
@@ -603,8 +582,8 @@ impl<K, H> RedisRateLimitLayer<K, H> {
         if prefix.contains(['{', '}']) {
             return Err(RedisConfigError::PrefixBraces);
         }
-        self.config.prefix = Arc::from(prefix.as_bytes());
-        Ok(self.rebuilt())
+        self.prefix = Arc::from(prefix.as_bytes());
+        Ok(self)
     }
 
     /// How long a check may take, reconnection included, before the failure policy decides
@@ -617,8 +596,8 @@ impl<K, H> RedisRateLimitLayer<K, H> {
         if timeout.is_zero() {
             return Err(RedisConfigError::ZeroTimeout);
         }
-        self.config.timeout = timeout;
-        Ok(self.rebuilt())
+        self.timeout = timeout;
+        Ok(self)
     }
 
     /// For clients: a request over the limit waits (with `tokio::time`) for its turn when that
@@ -628,33 +607,159 @@ impl<K, H> RedisRateLimitLayer<K, H> {
     /// from a spawned task), unless a later turn was reserved meanwhile; see
     /// [`RedisRateLimitHandle::turns_given_back`].
     /// Default: zero (reject at once), which is what servers want. Values beyond the script's
-    /// range (about 52 days) are capped.
+    /// range (about 52 days) are capped. Layers sharing a prefix should share the wait bound
+    /// too: each check caps the stored state to what its own quota and wait bound can reach.
     pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
-        self.config.max_wait_ns = duration_nanos(max_wait).min(MAX_REDIS_SPAN_NS);
-        self.rebuilt()
+        self.max_wait_ns = duration_nanos(max_wait).min(MAX_REDIS_SPAN_NS);
+        self
     }
 
     /// What to do when Redis cannot answer in time (default [`FailurePolicy::Local`]).
+    /// `Local` keeps the [`LocalFallback`] given by [`local_fallback`](Self::local_fallback),
+    /// if any; `FailOpen` and `FailClosed` have no local limiter, hence no fallback to
+    /// configure.
     pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
-        self.config.policy = policy;
-        self.rebuilt()
+        self.policy = match (policy, self.policy) {
+            (FailurePolicy::FailOpen, _) => Policy::FailOpen,
+            (FailurePolicy::FailClosed, _) => Policy::FailClosed,
+            (_, Policy::Local(fallback)) => Policy::Local(fallback),
+            (_, _) => Policy::Local(LocalFallback::new()),
+        };
+        self
     }
 
-    /// The clock of the local fallback and of the failure log. `Clock::tokio()` makes the
+    /// [`FailurePolicy::Local`], with this in-process limiter's configuration (its clock and,
+    /// for a keyed limit, how many keys it tracks).
+    pub fn local_fallback(mut self, fallback: LocalFallback) -> Self {
+        self.policy = Policy::Local(fallback);
+        self
+    }
+}
+
+impl From<Quota> for RedisRateLimitConfig {
+    fn from(quota: Quota) -> Self {
+        RedisRateLimitConfig::new(quota)
+    }
+}
+
+/// The in-process limiter that decides while Redis is down, under [`FailurePolicy::Local`]
+/// (given with [`RedisRateLimitConfig::local_fallback`]): it has the layer's quota and key
+/// function, and this clock and key bound.
+#[derive(Clone, Debug)]
+pub struct LocalFallback {
+    clock: Clock,
+    max_keys: Option<usize>,
+}
+
+impl LocalFallback {
+    /// The default clock ([`Clock::new`]) and [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new() -> Self {
+        LocalFallback {
+            clock: Clock::new(),
+            max_keys: None,
+        }
+    }
+
+    /// The clock of the local limiter and of the failure log. `Clock::tokio()` makes the
     /// fallback follow tokio's paused time, for tests. The Redis limit itself reads Redis's
     /// clock (`TIME`), never the process's.
     pub fn clock(mut self, clock: Clock) -> Self {
-        self.config.clock = clock;
-        self.rebuilt()
+        self.clock = clock;
+        self
     }
 
-    /// Bounds the keys the local fallback tracks (see [`RateLimitConfig::max_keys`](crate::rate_limit::RateLimitConfig::max_keys)). Redis
-    /// memory is bounded by expiry instead: each key expires when its state is in the past.
+    /// For a keyed limit ([`RedisRateLimitLayer::keyed`]): how many keys the local limiter
+    /// tracks (see [`RateLimitConfig::max_keys`]). Redis memory is bounded by expiry instead:
+    /// each key expires when its state is in the past. A global limit has one state: giving
+    /// it a key bound is refused ([`RedisConfigError::MaxKeysWithoutKeys`]).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
-        self.config.max_keys = max_keys.max(1);
-        self.rebuilt()
+        self.max_keys = Some(max_keys.max(1));
+        self
+    }
+}
+
+impl Default for LocalFallback {
+    fn default() -> Self {
+        LocalFallback::new()
+    }
+}
+
+/// Applies a rate limit kept in Redis, shared by every replica; see the
+/// [module docs](super).
+///
+/// # Clone
+///
+/// Clones of a layer share its state (connection, counters, local fallback), and so do all
+/// the services a layer makes, whether by cloning or by repeated [`Layer::layer`] calls. The
+/// limit itself lives in Redis: every layer, in any process, with the same prefix and key
+/// draws on it.
+pub struct RedisRateLimitLayer<K = Global, H = NoHeaders> {
+    shared: Arc<RedisShared>,
+    key: K,
+    headers: H,
+    quota: Quota,
+    keyed: bool,
+}
+
+impl RedisRateLimitLayer {
+    /// One limit shared by every request through every replica's layer with this prefix:
+    /// `config` is a [`Quota`] (with the defaults) or a [`RedisRateLimitConfig`].
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::QuotaTooLong`] when the quota's window plus one interval exceeds
+    /// about 52 days; [`RedisConfigError::MaxKeysWithoutKeys`] when the local fallback was
+    /// given a key bound.
+    pub fn new(
+        conn: ConnectionManager,
+        config: impl Into<RedisRateLimitConfig>,
+    ) -> Result<Self, RedisConfigError> {
+        let config = config.into();
+        if let Policy::Local(fallback) = &config.policy {
+            if fallback.max_keys.is_some() {
+                return Err(RedisConfigError::MaxKeysWithoutKeys);
+            }
+        }
+        Self::build(conn, config, Global, false)
+    }
+}
+
+impl<K> RedisRateLimitLayer<K> {
+    /// A limit per key: `key` reads the key from the request, as for
+    /// [`RateLimitLayer::keyed`]; `config` is a [`Quota`] or a [`RedisRateLimitConfig`]. The
+    /// Redis key is the prefix and a digest of the key's `Hash` bytes: use the same key
+    /// function (and this crate's version) on every replica.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::QuotaTooLong`] when the quota's window plus one interval exceeds
+    /// about 52 days.
+    pub fn keyed(
+        conn: ConnectionManager,
+        config: impl Into<RedisRateLimitConfig>,
+        key: K,
+    ) -> Result<Self, RedisConfigError> {
+        Self::build(conn, config.into(), key, true)
     }
 
+    fn build(
+        conn: ConnectionManager,
+        config: RedisRateLimitConfig,
+        key: K,
+        keyed: bool,
+    ) -> Result<Self, RedisConfigError> {
+        let quota = check_quota(config.quota)?;
+        Ok(RedisRateLimitLayer {
+            shared: Arc::new(RedisShared::new(conn, config, keyed)),
+            key,
+            headers: NoHeaders,
+            quota,
+            keyed,
+        })
+    }
+}
+
+impl<K, H> RedisRateLimitLayer<K, H> {
     /// Successful HTTP responses carry the `RateLimit` and `RateLimit-Policy` headers, from
     /// the figures the check returned, as rejections always do.
     pub fn response_headers(self) -> RedisRateLimitLayer<K, WithHeaders> {
@@ -662,7 +767,8 @@ impl<K, H> RedisRateLimitLayer<K, H> {
             shared: self.shared,
             key: self.key,
             headers: WithHeaders,
-            config: self.config,
+            quota: self.quota,
+            keyed: self.keyed,
         }
     }
 
@@ -680,7 +786,8 @@ impl<K: Clone, H: Clone> Clone for RedisRateLimitLayer<K, H> {
             shared: self.shared.clone(),
             key: self.key.clone(),
             headers: self.headers.clone(),
-            config: self.config.clone(),
+            quota: self.quota,
+            keyed: self.keyed,
         }
     }
 }
@@ -688,15 +795,15 @@ impl<K: Clone, H: Clone> Clone for RedisRateLimitLayer<K, H> {
 impl<K, H> fmt::Debug for RedisRateLimitLayer<K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisRateLimitLayer")
-            .field("quota", &self.config.quota)
-            .field("keyed", &self.config.keyed)
+            .field("quota", &self.quota)
+            .field("keyed", &self.keyed)
             .field(
                 "prefix",
-                &String::from_utf8_lossy(&self.config.prefix).as_ref(),
+                &String::from_utf8_lossy(&self.shared.prefix).as_ref(),
             )
-            .field("timeout", &self.config.timeout)
-            .field("max_wait", &Duration::from_nanos(self.config.max_wait_ns))
-            .field("policy", &self.config.policy)
+            .field("timeout", &self.shared.timeout)
+            .field("max_wait", &Duration::from_nanos(self.shared.max_wait_ns))
+            .field("policy", &self.shared.policy)
             .finish_non_exhaustive()
     }
 }
@@ -845,7 +952,9 @@ impl RedisRateLimitHandle {
 
     /// Changes the quota this process sends with each check (and its local fallback's).
     /// Every replica should be told: the quota travels with each check, the state in Redis
-    /// is only the theoretical arrival time.
+    /// is only the theoretical arrival time. A key limited under a longer window is whole
+    /// again within the new window: each check caps the stored state to what the new quota
+    /// (and wait bound) can reach.
     ///
     /// # Errors
     ///
@@ -911,7 +1020,7 @@ impl RedisRateLimitHandle {
         self.shared.counters.local_fallbacks.load(Ordering::Relaxed)
     }
 
-    /// Turns reserved ahead ([`wait_up_to`](RedisRateLimitLayer::wait_up_to)) and given back
+    /// Turns reserved ahead ([`wait_up_to`](RedisRateLimitConfig::wait_up_to)) and given back
     /// because their client went away before they came (a turn is not given back when a
     /// later one was reserved meanwhile).
     pub fn turns_given_back(&self) -> u64 {
@@ -1070,7 +1179,10 @@ mod tests {
                             .arg(now_us % 1_000_000)
                             .invoke(&mut *con.borrow_mut())
                             .unwrap();
-                        match gcra::step(tat, now_ns, interval, tolerance, max_wait) {
+                        // The script caps the state to the furthest an admit under
+                        // this quota can set it (a clock stepping back goes past it).
+                        let capped = tat.min(now_ns + tolerance + max_wait);
+                        match gcra::step(capped, now_ns, interval, tolerance, max_wait) {
                             gcra::Step::Admit { new_tat, wait_ns } => {
                                 prop_assert_eq!(admitted, 1);
                                 prop_assert_eq!(wait as u64, wait_ns);
@@ -1086,7 +1198,7 @@ mod tests {
                                 prop_assert_eq!(admitted, 0);
                                 prop_assert_eq!(stored, "");
                                 prop_assert_eq!(wait as u64, retry_after_ns);
-                                prop_assert_eq!(ahead as u64, tat.saturating_sub(now_ns));
+                                prop_assert_eq!(ahead as u64, capped.saturating_sub(now_ns));
                             }
                         }
                     }
