@@ -104,9 +104,10 @@ async fn rate_limited_is_resource_exhausted_with_pushback() {
     let status = call(&c, check("", None)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().starts_with("rate limit exceeded"));
-    // One token per 30 s: the next one is between 29 and 30 s away.
+    // One token per 30 s: the next one is between 29 and 30 s away, and the hint is that
+    // jittered upwards by less than as much again.
     let ms = pushback(&status).expect("pushback");
-    assert!((29_000..=30_000).contains(&ms), "{ms}");
+    assert!((29_000..=60_000).contains(&ms), "{ms}");
 }
 
 #[tokio::test]

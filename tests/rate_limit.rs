@@ -57,6 +57,17 @@ fn retry_after(err: &BoxError) -> Duration {
     r.retry_after().unwrap()
 }
 
+/// A rejection's hint is the exact time to the next token, jittered upwards by less than
+/// `max(exact, 1 s)`.
+fn assert_jittered(hint: Duration, exact: Duration, what: &str) {
+    let span = exact.max(Duration::from_secs(1));
+    assert!(
+        hint >= exact && hint < exact + span,
+        "{what}: hint {hint:?} outside [{exact:?}, {:?})",
+        exact + span
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn burst_at_once_then_one_per_period() {
     let quota = Quota::per_second(10).unwrap().burst(5).unwrap();
@@ -75,18 +86,22 @@ async fn burst_at_once_then_one_per_period() {
     );
 
     // Then exactly one per 100 ms.
+    let t0 = tokio::time::Instant::now();
     for period in 1..=10 {
+        let edge = t0 + Duration::from_millis(100 * period);
         let err = check(&mut svc, ()).unwrap_err();
-        let wait = retry_after(&err);
-        // The retry_after is exact, and a request conforms up to 10 µs early (a clock read
-        // a little behind on another core): one nanosecond before that, still refused...
+        let wait = edge - tokio::time::Instant::now();
+        // The retry_after is the exact wait, jittered upwards; a request conforms up to
+        // 10 µs early (a clock read a little behind on another core): one nanosecond before
+        // that, still refused...
+        assert_jittered(retry_after(&err), wait, &format!("period {period}"));
         let slack = Duration::from_micros(10);
         tokio::time::advance(wait - slack - Duration::from_nanos(1)).await;
         let err = check(&mut svc, ()).unwrap_err();
-        assert_eq!(
+        assert_jittered(
             retry_after(&err),
             slack + Duration::from_nanos(1),
-            "period {period}"
+            &format!("period {period}"),
         );
         // ...and from there, admitted, once.
         tokio::time::advance(Duration::from_nanos(1)).await;
@@ -291,7 +306,7 @@ async fn clients_wait_up_to_a_bound_in_order() {
     tokio::task::yield_now().await;
     // The fourth would wait 300 ms: more than the bound, so it is refused at once.
     let err = svc.clone().oneshot(()).await.unwrap_err();
-    assert_eq!(retry_after(&err), Duration::from_millis(300));
+    assert_jittered(retry_after(&err), Duration::from_millis(300), "fourth");
     let mut times = Vec::new();
     for t in tasks {
         times.push(t.await.unwrap().unwrap() - start);
@@ -370,14 +385,15 @@ async fn axum_answers_429_with_headers_and_shares_one_limit_across_routes() {
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     let h = res.headers().clone();
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
-    assert_eq!(retry, 20);
+    // The next token is 20 s away; the hint is jittered over [20 s, 40 s).
+    assert!((20..=40).contains(&retry), "Retry-After {retry}");
     assert_eq!(h["content-type"], "application/problem+json");
     assert_eq!(h["ratelimit-policy"], "\"default\";q=3;w=60");
     assert_eq!(h["ratelimit"], "\"default\";r=0;t=60");
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["status"], 429);
-    assert_eq!(v["retry_after"], 20);
+    assert_eq!(v["retry_after"], retry);
     assert_eq!(
         hits.load(Ordering::SeqCst),
         3,
@@ -459,7 +475,13 @@ async fn grpc_rejection_is_resource_exhausted_with_pushback() {
     let res = svc.clone().oneshot(Request::new(())).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["grpc-status"], "8");
-    assert_eq!(res.headers()["grpc-retry-pushback-ms"], "250");
+    // The next token is 250 ms away; the hint is jittered over [250 ms, 1250 ms).
+    let pushback: u64 = res.headers()["grpc-retry-pushback-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((250..=1250).contains(&pushback), "pushback {pushback}");
 }
 
 /// A waiter dropped before its turn gives the turn back: the next request gets it. Keyed
@@ -499,19 +521,24 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     assert!(check(&mut svc, ()).is_ok());
     let waiter = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
     let later = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
-    // Two turns reserved (+100, +200 ms); the first waiter goes away, but a later turn was
-    // reserved after it, so its turn stays spent: the later one keeps +200 ms.
+    // Two turns reserved (+100, +200 ms); the first waiter goes away: its turn is given back
+    // although a later turn was reserved after it (waiters that go away in order must not
+    // hold turns), and the later one keeps +200 ms.
     drop(waiter);
     let start = tokio::time::Instant::now();
     later.await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(200));
-    // And the last reserved turn, dropped, comes back.
+    // The documented cost: the turn given back lets one request more through at the later
+    // turn (it kept its time)...
+    assert!(check(&mut svc, ()).is_ok(), "the turn given back");
+    // ...one, not more: the next one waits a whole interval. And the last reserved turn,
+    // dropped, comes back.
     let start = tokio::time::Instant::now();
     let w = ServiceExt::<()>::ready(&mut svc).await.unwrap().call(());
     drop(w);
     svc.clone().oneshot(()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(100));
-    assert_eq!(calls.0.load(Ordering::SeqCst), 3);
+    assert_eq!(calls.0.load(Ordering::SeqCst), 4);
 }
 
 /// A refusal does not wait on the inner service's readiness (tower's `LoadShed` pattern):

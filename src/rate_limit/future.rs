@@ -21,9 +21,11 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropping it while it waits for a reserved turn, or for the inner service's readiness,
-    /// gives the turn back, unless a later turn was reserved meanwhile (then it stays spent: giving it back would hand the next waiter
-    /// a turn twice). Nothing else is held.
+    /// Dropping it while it waits for a reserved turn gives the turn back, whatever the order
+    /// in which waiters go away (see [`RateLimitLayer::wait_up_to`](super::RateLimitLayer::wait_up_to)
+    /// for what that may cost). Dropping it while it waits for the inner service's readiness
+    /// gives the turn back unless a later turn was reserved meanwhile (its turn has come: giving
+    /// it back then would let one request too many through). Nothing else is held.
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, Req, H>
     where
@@ -62,18 +64,20 @@ pin_project! {
 }
 
 /// A reserved turn that was not used: given back when the waiter is dropped before its turn
-/// (when no later turn was reserved meanwhile; otherwise it stays spent, never double-spent).
+/// (see `gcra::refunded` for when, and what it may cost).
 pub(crate) struct Refund {
     pub(crate) shared: Option<Arc<Shared>>,
     pub(crate) hash: Option<u64>,
     pub(crate) new_tat: u64,
     pub(crate) interval: u64,
+    /// When the reserved turn comes.
+    pub(crate) wake: u64,
 }
 
 impl Drop for Refund {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.refund(self.hash, self.new_tat, self.interval);
+            shared.refund_turn(self.hash, self.new_tat, self.interval, self.wake);
         }
     }
 }

@@ -10,8 +10,9 @@
 //! # Clock slack
 //!
 //! The conforming check allows a request up to [`CLOCK_SLACK_NS`] early (10 µs, and always
-//! less than one interval): `allowed_at <= now + slack`. Waits and `retry_after` still run to
-//! the exact edge, so a client that comes back after its `retry_after` is admitted. A time-stamp counter read on one core
+//! less than one interval): `allowed_at <= now + slack`. Waits and the `retry_after` computed
+//! here still run to the exact edge (a rejection's hint is that, jittered upwards), so a client
+//! that comes back after its `retry_after` is admitted. A time-stamp counter read on one core
 //! can be a microsecond or two behind one read on another, so a client sending at exactly
 //! the quota's rate would otherwise be refused now and then with a `retry_after` of a few
 //! microseconds (which HTTP rounds up to `Retry-After: 1`). The slack bounds what it costs:
@@ -223,6 +224,20 @@ pub(crate) fn step(tat: u64, now: u64, interval: u64, tolerance: u64, max_wait_n
     }
 }
 
+/// A reserved turn given back (a waiter that went away): the TAT after it, or `None` to leave
+/// it. `new_tat` is the TAT the reservation set, `wake` the instant its turn came.
+///
+/// The last turn reserved (the TAT is still the one it set) is always given back. An earlier
+/// turn is given back too while it is still ahead (`wake > now`) and the limit is not whole,
+/// so that waiters that go away in the order they came give back every turn, not only the
+/// last. Such a turn was one interval of the TAT, so the limit never gets back more than was
+/// reserved; but the waiters behind it keep their times, so each such give-back while a later
+/// turn stays reserved lets at most one request more through, before that later turn.
+#[inline]
+pub(crate) fn refunded(tat: u64, new_tat: u64, interval: u64, wake: u64, now: u64) -> Option<u64> {
+    (tat == new_tat || (wake > now && tat > now)).then(|| tat.saturating_sub(interval))
+}
+
 /// Requests that could be admitted at `now` against `tat`.
 #[inline]
 pub(crate) fn remaining(tat: u64, now: u64, interval: u64, tolerance: u64) -> u64 {
@@ -365,6 +380,45 @@ mod tests {
     }
 
     proptest! {
+        /// Waiters reserved at one instant and all dropped, in any order, give back every
+        /// turn: the TAT is back where it was, never below.
+        #[test]
+        fn dropped_waiters_give_back_every_turn_in_any_order(
+            interval in 1u64..1_000_000,
+            burst in 1u64..10,
+            order in Just((0..40usize).collect::<Vec<_>>()).prop_shuffle(),
+            n in 1usize..40,
+        ) {
+            let tol = interval * burst;
+            let now = 1u64 << 40;
+            let mut tat = 0;
+            // The burst, at once.
+            for _ in 0..burst {
+                let Step::Admit { new_tat, .. } = step(tat, now, interval, tol, 0) else {
+                    return Err(TestCaseError::fail("the burst"));
+                };
+                tat = new_tat;
+            }
+            let spent = tat;
+            let mut turns = Vec::new();
+            for _ in 0..n {
+                let Step::Admit { new_tat, wait_ns } = step(tat, now, interval, tol, u64::MAX)
+                else {
+                    return Err(TestCaseError::fail("a waiter"));
+                };
+                prop_assert!(wait_ns > 0);
+                turns.push((new_tat, now + wait_ns));
+                tat = new_tat;
+            }
+            for &i in order.iter().filter(|&&i| i < n) {
+                let (new_tat, wake) = turns[i];
+                if let Some(t) = refunded(tat, new_tat, interval, wake, now) {
+                    tat = t;
+                }
+            }
+            prop_assert_eq!(tat, spent);
+        }
+
         /// Over any sequence of request times (monotonic or not), the number admitted never
         /// exceeds `burst + (span + slack) / interval`, where span is the range of times seen
         /// (and the slack is less than one interval).

@@ -98,12 +98,24 @@ impl std::str::FromStr for IpNet {
         if prefix > max {
             return Err(err());
         }
+        // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is the IPv4 network it maps, since
+        // an address is matched in its IPv4 form.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Ok(IpNet {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(IpNet { addr, prefix })
     }
 }
 
 impl IpNet {
-    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses count as IPv4.
+    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses count as IPv4, and a
+    /// network written in IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 network it maps
+    /// (`10.0.0.0/8`).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -112,16 +124,44 @@ impl IpNet {
                     .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            (IpAddr::V6(net), ip) => {
+                // An IPv6 network shorter than /96 may hold IPv4-mapped addresses
+                // (`::ffff:0:0/80`): an IPv4 address is matched in its mapped form.
+                let ip = match ip {
+                    IpAddr::V6(ip) => ip,
+                    IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+                };
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
-            _ => false,
+            (IpAddr::V4(_), IpAddr::V6(_)) => false,
         }
     }
 }
+
+/// An IPv6 key prefix outside `1..=128` (see [`ClientIp::ipv6_prefix`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidPrefix(u8);
+
+impl fmt::Display for InvalidPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            f.write_str(
+                "IPv6 key prefix 0 would put every IPv6 client under one limit: expected 1..=128",
+            )
+        } else {
+            write!(
+                f,
+                "IPv6 key prefix {} is longer than an address: expected 1..=128",
+                self.0
+            )
+        }
+    }
+}
+
+impl std::error::Error for InvalidPrefix {}
 
 /// Which header trusted proxies write the client's address to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,8 +209,9 @@ fn default_peer(ext: &Extensions) -> Option<IpAddr> {
 ///
 /// When the peer is not a trusted proxy, the key is the peer address, whatever the headers
 /// say. When it is, the forwarding header is read from right to left (every occurrence of the
-/// header, in order), skipping trusted proxies; the first address that is not one is the
-/// client. If an entry cannot be parsed before a client address is found, or all entries are
+/// header, in order), entry by entry from its raw bytes, skipping trusted proxies; the first
+/// address that is not one is the client. What the client wrote left of that entry (bytes that
+/// are not text included) is never read, so it cannot change the key. If an entry cannot be parsed before a client address is found, or all entries are
 /// trusted, the key is the last trusted address seen: the chain cannot be trusted further.
 ///
 /// When there is no peer address at all, there is no key: the limiter never puts such
@@ -241,10 +282,26 @@ impl ClientIp {
     }
 
     /// Keys IPv6 clients by their first `prefix` bits (64 is common: one subscriber gets a
-    /// whole /64). Values above 128 mean 128.
-    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
-        self.v6_prefix = prefix.min(128);
-        self
+    /// whole /64), in `1..=128` (default 128).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidPrefix`] for 0 (every IPv6 client in one bucket) or more than 128.
+    ///
+    /// ```
+    /// use tower_bulwark::rate_limit::key::ClientIp;
+    ///
+    /// let ip = ClientIp::new().ipv6_prefix(64)?;
+    /// assert!(ClientIp::new().ipv6_prefix(0).is_err());
+    /// # let _ = ip;
+    /// # Ok::<(), tower_bulwark::rate_limit::key::InvalidPrefix>(())
+    /// ```
+    pub fn ipv6_prefix(mut self, prefix: u8) -> Result<Self, InvalidPrefix> {
+        if prefix == 0 || prefix > 128 {
+            return Err(InvalidPrefix(prefix));
+        }
+        self.v6_prefix = prefix;
+        Ok(self)
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -269,14 +326,16 @@ impl ClientIp {
         };
         let mut last_trusted = peer;
         for value in headers.get_all(name).iter().rev() {
-            let Ok(s) = value.to_str() else {
-                return last_trusted;
-            };
-            for entry in s.rsplit(',') {
-                let parsed = match self.header {
-                    ForwardedHeader::XForwardedFor => parse_xff_entry(entry),
-                    ForwardedHeader::Forwarded => parse_forwarded_entry(entry),
-                };
+            // From the bytes, entry by entry: what the client wrote left of the entries the
+            // proxies appended (even bytes that are not text) is never read unless every
+            // entry right of it is a trusted proxy.
+            for entry in value.as_bytes().rsplit(|&b| b == b',') {
+                let parsed = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(|entry| match self.header {
+                        ForwardedHeader::XForwardedFor => parse_xff_entry(entry),
+                        ForwardedHeader::Forwarded => parse_forwarded_entry(entry),
+                    });
                 match parsed {
                     Some(ip) if self.is_trusted(ip) => last_trusted = ip,
                     Some(ip) => return ip,
@@ -412,6 +471,59 @@ mod tests {
     }
 
     #[test]
+    fn bytes_left_of_the_client_entry_are_never_read() {
+        let c = ClientIp::new().trust_proxies(["10.0.0.0/8"]).unwrap();
+        let mut r = req("10.0.0.2:443", &[]);
+        let v = HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.7, 10.1.1.1").unwrap();
+        r.headers_mut().append("x-forwarded-for", v);
+        assert_eq!(c.client_ip(&r), ip("198.51.100.7"));
+        // Not text right of the client entry: the chain stops at the last trusted hop.
+        let mut r = req("10.0.0.2:443", &[]);
+        let v = HeaderValue::from_bytes(b"198.51.100.7, \xff, 10.1.1.1").unwrap();
+        r.headers_mut().append("x-forwarded-for", v);
+        assert_eq!(c.client_ip(&r), ip("10.1.1.1"));
+        // The same for `Forwarded`, and across header lines.
+        let c = c.use_forwarded();
+        let mut r = req("10.0.0.2:443", &[]);
+        let v = HeaderValue::from_bytes(b"for=\"\xff\"").unwrap();
+        r.headers_mut().append("forwarded", v);
+        r.headers_mut()
+            .append("forwarded", HeaderValue::from_static("for=198.51.100.9"));
+        assert_eq!(c.client_ip(&r), ip("198.51.100.9"));
+    }
+
+    #[test]
+    fn ipv6_prefix_of_zero_or_beyond_an_address_is_refused() {
+        let e = ClientIp::new().ipv6_prefix(0).unwrap_err();
+        assert_eq!(e, InvalidPrefix(0));
+        assert!(e.to_string().contains("every IPv6 client"), "{e}");
+        let e = ClientIp::new().ipv6_prefix(129).unwrap_err();
+        assert!(e.to_string().contains("1..=128"), "{e}");
+        for p in [1, 48, 64, 128] {
+            assert!(ClientIp::new().ipv6_prefix(p).is_ok(), "{p}");
+        }
+        let c = ClientIp::new().ipv6_prefix(1).unwrap();
+        let r = req("[8001:db8::1]:1", &[]);
+        assert_eq!(c.client_ip(&r), ip("8000::"));
+    }
+
+    #[test]
+    fn mapped_networks_match_as_ipv4() {
+        let n: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(n, "10.0.0.0/8".parse().unwrap());
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        // A wider IPv6 network holds the mapped addresses it covers.
+        let n: IpNet = "::ffff:0:0/96".parse().unwrap();
+        assert!(n.contains("192.0.2.1".parse().unwrap()));
+        let n: IpNet = "::ffff:0:0/80".parse().unwrap();
+        assert!(n.contains("192.0.2.1".parse().unwrap()));
+        let n: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(!n.contains("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
     fn rfc7239_forwarded() {
         let c = ClientIp::new()
             .trust_proxies(["127.0.0.1"])
@@ -443,7 +555,7 @@ mod tests {
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
         assert!("banana".parse::<IpNet>().is_err());
         assert!(ClientIp::new().trust_proxies(["nope"]).is_err());
-        let c = ClientIp::new().ipv6_prefix(64);
+        let c = ClientIp::new().ipv6_prefix(64).unwrap();
         let r = req("[2001:db8:1:2:3:4:5:6]:1", &[]);
         assert_eq!(c.client_ip(&r), ip("2001:db8:1:2::"));
         let r = Request::new(());

@@ -218,9 +218,9 @@ impl Table {
         self.check_slow(hash, now, interval, tolerance, max_wait_ns)
     }
 
-    /// Moves the key's TAT back by one interval if it is still `new_tat` (a reserved turn
-    /// given back); does nothing if the key moved on or left its slot.
-    pub(crate) fn refund(&self, hash: u64, new_tat: u64, interval: u64) {
+    /// Moves the key's TAT back by one interval as `gcra::refunded` says (a reserved turn
+    /// given back); does nothing if the key left its slot.
+    pub(crate) fn refund(&self, hash: u64, new_tat: u64, interval: u64, wake: u64, now: u64) {
         let ident = Self::ident(hash);
         for d in 0..self.window {
             for slot in &self.group(hash, d).slots {
@@ -229,13 +229,34 @@ impl Table {
                     continue;
                 }
                 let gen = tag & GEN_MASK;
-                let word = (new_tat.min(MAX_TIME) << GEN_BITS) | gen;
-                let back = (new_tat.min(MAX_TIME).saturating_sub(interval) << GEN_BITS) | gen;
+                let new_tat = new_tat.min(MAX_TIME);
+                // The generation is part of the expected word: a slot handed to another key
+                // meanwhile is left alone.
                 let _ = slot
                     .tat
-                    .compare_exchange(word, back, Ordering::AcqRel, Ordering::Acquire);
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                        if word & GEN_MASK != gen {
+                            return None;
+                        }
+                        gcra::refunded(word >> GEN_BITS, new_tat, interval, wake, now)
+                            .map(|tat| (tat << GEN_BITS) | gen)
+                    });
                 return;
             }
+        }
+    }
+
+    /// Moves every TAT later than `cap` back to `cap` (a quota change: no key may be further
+    /// ahead than the new quota's window). One walk of the table, off the admit path; each
+    /// change is a compare-and-swap on the `tat` word, generation kept.
+    pub(crate) fn cap_tats(&self, cap: u64) {
+        let cap = cap.min(MAX_TIME);
+        for slot in self.groups.iter().flat_map(|g| g.slots.iter()) {
+            let _ = slot
+                .tat
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                    ((word >> GEN_BITS) > cap).then_some((cap << GEN_BITS) | (word & GEN_MASK))
+                });
         }
     }
 

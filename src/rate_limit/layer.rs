@@ -34,7 +34,12 @@ pub(crate) struct Shared {
     pub(crate) missing: MissingKey,
     missing_keys: AtomicU64,
     missing_warned: AtomicBool,
+    // The jitter of the hints in rejections (a Weyl sequence, mixed; only rejections draw).
+    rng: AtomicU64,
 }
+
+/// The jitter's span never goes below this, so that it survives HTTP's whole seconds.
+const MIN_JITTER_NS: u64 = 1_000_000_000;
 
 impl Shared {
     fn new(quota: Quota, clock: Clock, table: Option<Table>, missing: MissingKey) -> Shared {
@@ -50,7 +55,33 @@ impl Shared {
             missing,
             missing_keys: AtomicU64::new(0),
             missing_warned: AtomicBool::new(false),
+            rng: AtomicU64::new(random_seed()),
         }
+    }
+
+    /// A uniform random number (the generator of the retry backoff: wyrand's step over an
+    /// atomic Weyl sequence, so concurrent draws differ).
+    #[inline]
+    fn next_random(&self) -> u64 {
+        const INCREMENT: u64 = 0xa076_1d64_78bd_642f;
+        let s = self
+            .rng
+            .fetch_add(INCREMENT, Ordering::Relaxed)
+            .wrapping_add(INCREMENT);
+        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    }
+
+    /// The hint a refused client waits out: the exact time to the next token plus a uniform
+    /// random extra in `[0, max(exact, 1 s))`, so that clients refused together do not come
+    /// back together (the span is at least a second so that it survives `Retry-After`'s
+    /// rounding to whole seconds). Never less than the exact time: a client that waits the
+    /// hint is admitted.
+    #[inline]
+    pub(crate) fn jittered_hint(&self, exact_ns: u64) -> u64 {
+        let span = exact_ns.max(MIN_JITTER_NS);
+        let extra = ((u128::from(self.next_random()) * u128::from(span)) >> 64) as u64;
+        exact_ns.saturating_add(extra)
     }
 
     /// Counts a request whose key could not be read, and warns about the first one.
@@ -104,18 +135,25 @@ impl Shared {
         }
     }
 
-    /// Gives back a reserved turn that was not used (see `future::Refund`): moves the TAT
-    /// back by one interval if it is still the one this turn set.
+    /// Gives back a turn that was not used, if it is still the last one reserved.
     pub(crate) fn refund(&self, hash: Option<u64>, new_tat: u64, interval: u64) {
+        self.refund_turn(hash, new_tat, interval, 0);
+    }
+
+    /// Gives back a reserved turn that was not used (see `future::Refund` and
+    /// `gcra::refunded`): moves the TAT back by one interval. Off the admit path: it reads
+    /// the clock (not for `wake == 0`: only the last turn reserved is given back then).
+    pub(crate) fn refund_turn(&self, hash: Option<u64>, new_tat: u64, interval: u64, wake: u64) {
+        let now = if wake == 0 { 0 } else { self.clock.now_nanos() };
         match (hash, &self.table) {
-            (Some(hash), Some(table)) => table.refund(hash, new_tat, interval),
+            (Some(hash), Some(table)) => table.refund(hash, new_tat, interval, wake, now),
             _ => {
-                let _ = self.hot.tat.compare_exchange(
-                    new_tat,
-                    new_tat.saturating_sub(interval),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                let _ = self
+                    .hot
+                    .tat
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                        gcra::refunded(tat, new_tat, interval, wake, now)
+                    });
             }
         }
     }
@@ -135,6 +173,13 @@ impl Shared {
             window: Duration::from_nanos(tolerance),
         }
     }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x6a09_e667_f3bc_c909);
+    h.finish()
 }
 
 /// How a limiter is made: its quota and its clock. The state is built from it, whole, when
@@ -322,8 +367,15 @@ impl<K> RateLimitLayer<K> {
 impl<K, H> RateLimitLayer<K, H> {
     /// For clients: a request over the limit waits (with `tokio::time`) for its turn when
     /// that turn comes within `max_wait`, and is rejected otherwise. The turn is reserved at
-    /// once, so waiters are served in order and never exceed the quota. Default: zero (reject
-    /// at once), which is what servers want.
+    /// once, so waiters are served in order. Default: zero (reject at once), which is what
+    /// servers want.
+    ///
+    /// A waiter that goes away before its turn (its response future dropped) gives the turn
+    /// back, in whatever order waiters go away, so abandoned waiters never hold turns nobody
+    /// uses. The waiters behind it keep their times, so a turn given back while a later one
+    /// is still reserved can let one request more through before that later turn: at most one
+    /// more than the quota per waiter that went away ahead of one still waiting. With no
+    /// waiter going away, the quota is never exceeded.
     pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
         self.max_wait_ns = duration_nanos(max_wait);
         self
@@ -402,8 +454,13 @@ pub struct RateLimitHandle {
 }
 
 impl RateLimitHandle {
-    /// Changes the quota of every service of the layer. Keys keep their state: a key that
-    /// spent its burst under the old quota is whole again as soon as the new quota says so.
+    /// Changes the quota of every service of the layer. Keys keep their state, capped to what
+    /// the new quota allows: a key that spent its burst under the old quota is whole again as
+    /// soon as the new quota says so (one new window after the change at the latest), and one
+    /// that spent part of it keeps what it spent, up to the new burst. The cap is applied here,
+    /// once (for a keyed limiter, by one walk of the table), so checks pay nothing for it.
+    /// Turns that waiters (see [`RateLimitLayer::wait_up_to`]) reserved before the change keep
+    /// their times; a check that races with the change may be made under the old quota.
     pub fn set_quota(&self, quota: Quota) {
         // Tolerance first when growing and last when shrinking, so that a racing check sees
         // at worst the smaller of the two limits for a moment.
@@ -422,6 +479,25 @@ impl RateLimitHandle {
             self.shared
                 .interval
                 .store(quota.interval_ns(), Ordering::Relaxed);
+        }
+        // No state may be further ahead than the new quota's whole window: a limit spent under
+        // the old quota is spent under the new one at most.
+        let cap = self
+            .shared
+            .clock
+            .now_nanos()
+            .saturating_add(quota.tolerance_ns());
+        match &self.shared.table {
+            Some(table) => table.cap_tats(cap),
+            None => {
+                let _ =
+                    self.shared
+                        .hot
+                        .tat
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                            (tat > cap).then_some(cap)
+                        });
+            }
         }
         tracing::info!(
             interval_ns = quota.interval_ns(),

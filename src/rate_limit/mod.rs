@@ -4,10 +4,21 @@
 //! [`RateLimitLayer::keyed`] puts one limit on each key that a function reads from the request
 //! (an API key header, the client address, a path segment). A request over the limit is
 //! refused at once with a [`Rejection`](crate::Rejection) of kind `RateLimited` whose
-//! `retry_after` is exactly the time until the next token; put
+//! `retry_after` is the time until the next token, jittered (see below); put
 //! [`RejectionLayer`](crate::RejectionLayer) above to answer it with a 429, `Retry-After` and
 //! the `RateLimit` headers. Clients can [`wait_up_to`](RateLimitLayer::wait_up_to) a bound
 //! instead.
+//!
+//! # Jittered hints
+//!
+//! Clients refused at one instant must not all come back at the next token, in lock step. So
+//! the `retry_after` of a rejection is the exact time until the next token plus a uniform
+//! random extra in `[0, max(exact, 1 s))`: never less than the exact time (a client that waits
+//! it out is admitted, if no one took the token first), and spread over at least a second, so
+//! that the spread survives `Retry-After`'s rounding up to whole seconds. The `RateLimit`
+//! header's `t=` (the rejection's [`reset`](crate::rejection::RateLimitInfo::reset)) is never
+//! less than that hint. Only the hints are jittered: the limiter's state and the waits of
+//! [`wait_up_to`](RateLimitLayer::wait_up_to) run to the exact edge.
 //!
 //! # Why GCRA, and how it differs from its neighbours
 //!
@@ -80,7 +91,9 @@
 //! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
 //! let res = app.clone().oneshot(get()).await.unwrap();
 //! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-//! assert_eq!(res.headers()["retry-after"], "1");
+//! // The next token is 500 ms away; the hint is jittered over [0.5 s, 1.5 s).
+//! let after = res.headers()["retry-after"].to_str().unwrap();
+//! assert!(after == "1" || after == "2");
 //! tokio::time::advance(Duration::from_millis(500)).await; // one token back
 //! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
 //! # }

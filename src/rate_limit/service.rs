@@ -157,6 +157,7 @@ impl<S, K, H> RateLimit<S, K, H> {
             hash,
             new_tat: tat,
             interval: shared.params().0,
+            wake: now.saturating_add(wait_ns),
         };
         let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
         ResponseFuture::waiting(wait, ready, req, slot, refund)
@@ -184,6 +185,7 @@ impl<S, K, H> RateLimit<S, K, H> {
                     hash: None,
                     new_tat: 0,
                     interval: 0,
+                    wake: 0,
                 };
                 ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
             }
@@ -194,7 +196,9 @@ impl<S, K, H> RateLimit<S, K, H> {
         }
     }
 
-    /// Over the limit: a rejection with the time to the next token.
+    /// Over the limit: a rejection with the time to the next token, jittered (see
+    /// `Shared::jittered_hint`). The `RateLimit` figures' reset is never shorter than the
+    /// hint, so that its `t=` never tells a client to come back before `Retry-After` does.
     #[cold]
     #[inline(never)]
     fn reject<Req>(&self, retry_after_ns: u64, tat: u64, now: u64) -> ResponseFuture<S, Req, H>
@@ -204,10 +208,10 @@ impl<S, K, H> RateLimit<S, K, H> {
     {
         let shared = &*self.shared;
         shared.count_rejection();
-        tracing::trace!(retry_after_ns, "rate limit: request rejected");
-        ResponseFuture::rejected(Rejection::rate_limited(
-            Duration::from_nanos(retry_after_ns),
-            shared.info(tat, now),
-        ))
+        let hint = Duration::from_nanos(shared.jittered_hint(retry_after_ns));
+        tracing::trace!(retry_after_ns, ?hint, "rate limit: request rejected");
+        let mut info = shared.info(tat, now);
+        info.reset = info.reset.max(hint);
+        ResponseFuture::rejected(Rejection::rate_limited(hint, info))
     }
 }
