@@ -127,6 +127,7 @@ pub mod rate_limit;
 pub mod rejection;
 pub mod respond;
 pub mod retry;
+mod util;
 
 pub use crate::backpressure::BackpressureLayer;
 pub use crate::circuit_breaker::{BreakerConfig, CircuitBreakerLayer};

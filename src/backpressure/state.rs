@@ -145,14 +145,11 @@ impl Drop for Shared {
 }
 
 /// The `retry_after` of the `n`-th shed request: drawn uniformly from `[base, 3·base)` by a
-/// SplitMix64 hash of `n` (mixed with the budget's seed), so that requests shed together are
+/// hash of `n` (the crate's generator, `util::rng`) (mixed with the budget's seed), so that requests shed together are
 /// told to come back at different times. Over HTTP, where `Retry-After` is whole seconds
 /// rounded up, the default base of 1 s gives 1, 2 or 3.
 pub(crate) fn spread(base: Duration, n: u64) -> Duration {
-    let mut z = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
+    let z = crate::util::rng::mix(n.wrapping_mul(0xa076_1d64_78bd_642f));
     // 2·base·u for u = z / 2⁶⁴ in [0, 1), in integer nanoseconds (no float, no overflow).
     let extra = (base
         .as_nanos()

@@ -12,6 +12,7 @@ use super::scope::Scope;
 use super::service::Idempotency;
 use super::store::Store;
 use crate::clock::duration_nanos;
+use crate::util::rng::Rng;
 
 /// A configuration value was refused when a layer or store was built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +158,7 @@ pub(crate) struct Shared {
     /// The bytes buffered in flight by every service this layer makes.
     pub(crate) buffers: Arc<BufferBudget>,
     /// The state of the generator that jitters `Retry-After` hints.
-    rng: AtomicU64,
+    rng: Rng,
     /// Whether the layer warned that keyed requests came without credentials.
     warned_anonymous: AtomicBool,
 }
@@ -177,15 +178,7 @@ impl Shared {
         let base = base
             .unwrap_or(Duration::from_secs(1))
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        // splitmix64 over an atomic counter.
-        let mut z = self
-            .rng
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        let unit = self.rng.next_f64();
         base + base.mul_f64(0.5 * unit)
     }
 
@@ -695,7 +688,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             wait: AtomicU64::new(self.wait.map_or(0, duration_nanos)),
             stats: Counters::default(),
             buffers: BufferBudget::new(self.max_buffered),
-            rng: AtomicU64::new(random_seed()),
+            rng: Rng::from_entropy(),
             warned_anonymous: AtomicBool::new(false),
         };
         Ok(IdempotencyLayer {
@@ -821,12 +814,4 @@ impl IdempotencyHandle {
     pub fn ttl(&self) -> Duration {
         self.shared.ttl()
     }
-}
-
-/// A seed from the standard library's per-process random keys.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u8(0);
-    h.finish()
 }

@@ -12,6 +12,7 @@ use super::service::RateLimit;
 use super::{Global, MissingKey, NoHeaders, WithHeaders};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::RateLimitInfo;
+use crate::util::rng::{self, Rng};
 
 /// The default bound on the number of keys a keyed limiter tracks.
 pub const DEFAULT_MAX_KEYS: usize = 65_536;
@@ -35,7 +36,7 @@ pub(crate) struct Shared {
     missing_keys: AtomicU64,
     missing_warned: AtomicBool,
     // The jitter of the hints in rejections (a Weyl sequence, mixed; only rejections draw).
-    rng: AtomicU64,
+    rng: Rng,
 }
 
 /// The jitter's span never goes below this, so that it survives HTTP's whole seconds.
@@ -55,21 +56,8 @@ impl Shared {
             missing,
             missing_keys: AtomicU64::new(0),
             missing_warned: AtomicBool::new(false),
-            rng: AtomicU64::new(random_seed()),
+            rng: Rng::from_entropy(),
         }
-    }
-
-    /// A uniform random number (the generator of the retry backoff: wyrand's step over an
-    /// atomic Weyl sequence, so concurrent draws differ).
-    #[inline]
-    fn next_random(&self) -> u64 {
-        const INCREMENT: u64 = 0xa076_1d64_78bd_642f;
-        let s = self
-            .rng
-            .fetch_add(INCREMENT, Ordering::Relaxed)
-            .wrapping_add(INCREMENT);
-        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
-        ((t >> 64) as u64) ^ (t as u64)
     }
 
     /// The hint a refused client waits out: the exact time to the next token plus a uniform
@@ -80,7 +68,7 @@ impl Shared {
     #[inline]
     pub(crate) fn jittered_hint(&self, exact_ns: u64) -> u64 {
         let span = exact_ns.max(MIN_JITTER_NS);
-        let extra = ((u128::from(self.next_random()) * u128::from(span)) >> 64) as u64;
+        let extra = rng::below(self.rng.next_u64(), span);
         exact_ns.saturating_add(extra)
     }
 
@@ -173,13 +161,6 @@ impl Shared {
             window: Duration::from_nanos(tolerance),
         }
     }
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0x6a09_e667_f3bc_c909);
-    h.finish()
 }
 
 /// How a limiter is made: its quota and its clock. The state is built from it, whole, when

@@ -1,7 +1,5 @@
-//! Exponential backoff with jitter, and the small random generator behind it.
+//! Exponential backoff with jitter, drawn from the crate's random generator (`util::rng`).
 
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::clock::duration_nanos;
@@ -173,53 +171,7 @@ impl Backoff {
     }
 }
 
-/// A small, fast, lock-free random generator (wyrand over one atomic counter): one
-/// `fetch_add` per draw, shared by every clone of a layer. Not for cryptography: it spreads
-/// retries and makes idempotency keys unique.
-pub(crate) struct Rng {
-    state: AtomicU64,
-}
-
-impl Rng {
-    const INCREMENT: u64 = 0xa076_1d64_78bd_642f;
-
-    /// A generator seeded from the standard library's per-process random keys.
-    pub(crate) fn from_entropy() -> Rng {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(0x6a09_e667_f3bc_c909);
-        Rng::seeded(h.finish())
-    }
-
-    /// A generator with a fixed seed, for reproducible tests.
-    pub(crate) fn seeded(seed: u64) -> Rng {
-        Rng {
-            state: AtomicU64::new(seed),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn next_u64(&self) -> u64 {
-        let s = self
-            .state
-            .fetch_add(Self::INCREMENT, Ordering::Relaxed)
-            .wrapping_add(Self::INCREMENT);
-        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
-        ((t >> 64) as u64) ^ (t as u64)
-    }
-
-    /// Uniform in `[0, 1)`.
-    #[inline]
-    pub(crate) fn next_f64(&self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-impl fmt::Debug for Rng {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Rng").finish_non_exhaustive()
-    }
-}
+pub(crate) use crate::util::rng::Rng;
 
 #[cfg(test)]
 mod tests {

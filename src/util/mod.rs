@@ -1,0 +1,3 @@
+//! What several layers share: one random generator.
+
+pub(crate) mod rng;
