@@ -53,9 +53,8 @@ pin_project! {
         Running {
             #[pin]
             fut: S::Future,
+            // An adaptive budget's permit holds the admission time.
             permit: Option<Permit>,
-            // Admission time, for an adaptive budget's latency sample.
-            start: u64,
         },
         Waiting {
             // Boxed so the admit path's future stays small; only waiters pay for it.
@@ -66,7 +65,6 @@ pin_project! {
             // Boxed for the same reason.
             call: Box<(S, Option<Req>)>,
             permit: Option<Permit>,
-            start: u64,
         },
         Shed {
             retry_after: Duration,
@@ -124,12 +122,11 @@ where
     S: Service<Req>,
 {
     #[inline]
-    pub(crate) fn running(fut: S::Future, permit: Permit, start: u64, classify: C) -> Self {
+    pub(crate) fn running(fut: S::Future, permit: Permit, classify: C) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
                 permit: Some(permit),
-                start,
             },
             classify,
             _release: PhantomData,
@@ -146,12 +143,11 @@ where
     }
 
     /// Admitted while the inner service is not ready: waits for its readiness, then calls it.
-    pub(crate) fn readying(svc: S, req: Req, permit: Permit, start: u64, classify: C) -> Self {
+    pub(crate) fn readying(svc: S, req: Req, permit: Permit, classify: C) -> Self {
         ResponseFuture {
             state: State::Readying {
                 call: Box::new((svc, Some(req))),
                 permit: Some(permit),
-                start,
             },
             classify,
             _release: PhantomData,
@@ -194,7 +190,7 @@ where
     fn poll_with<T>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        done: impl FnOnce(S::Response, Permit, u64, &C) -> T,
+        done: impl FnOnce(S::Response, Permit, &C) -> T,
     ) -> Poll<Result<T, BoxError>>
     where
         S::Error: Into<BoxError>,
@@ -204,15 +200,15 @@ where
         let mut state = this.state;
         loop {
             match state.as_mut().project() {
-                StateProj::Running { fut, permit, start } => {
+                StateProj::Running { fut, permit } => {
                     let out = ready!(fut.poll(cx));
                     // The inner future is left in place, done: polling again is a caller's
                     // bug that the permit being gone reports.
                     let permit = permit.take().expect("polled after completion");
                     return Poll::Ready(match out {
-                        Ok(res) => Ok(done(res, permit, *start, classify)),
+                        Ok(res) => Ok(done(res, permit, classify)),
                         Err(e) => {
-                            permit.finish(*start, Outcome::Failure);
+                            permit.finish(Outcome::Failure);
                             Err(e.into())
                         }
                     });
@@ -220,7 +216,7 @@ where
                 StateProj::Waiting { waiter } => match ready!(waiter.as_mut().poll_admit(cx)) {
                     Some(in_flight) => {
                         let w = waiter.as_mut().project();
-                        let (permit, start) = Permit::new(&w.queued.0, in_flight);
+                        let permit = Permit::new(&w.queued.0, in_flight);
                         let mut svc = w.svc.take().expect("admitted once");
                         let req = w.req.take().expect("admitted once");
                         if *w.ready {
@@ -230,13 +226,11 @@ where
                             state.set(State::Running {
                                 fut,
                                 permit: Some(permit),
-                                start,
                             });
                         } else {
                             state.set(State::Readying {
                                 call: Box::new((svc, Some(req))),
                                 permit: Some(permit),
-                                start,
                             });
                         }
                     }
@@ -249,24 +243,20 @@ where
                             .into()));
                     }
                 },
-                StateProj::Readying {
-                    call,
-                    permit,
-                    start,
-                } => {
+                StateProj::Readying { call, permit } => {
                     let (svc, req) = &mut **call;
                     if let Err(e) = ready!(svc.poll_ready(cx)) {
                         // A failure of the service below, for an adaptive limit's samples.
                         if let Some(permit) = permit.take() {
-                            permit.finish(*start, Outcome::Failure);
+                            permit.finish(Outcome::Failure);
                         }
                         state.set(State::Done);
                         return Poll::Ready(Err(e.into()));
                     }
                     let req = req.take().expect("polled after completion");
                     let fut = svc.call(req);
-                    let (permit, start) = (permit.take(), *start);
-                    state.set(State::Running { fut, permit, start });
+                    let permit = permit.take();
+                    state.set(State::Running { fut, permit });
                 }
                 StateProj::Shed { retry_after } => {
                     let retry_after = *retry_after;
@@ -292,14 +282,14 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The permit is dropped, given back, here.
-        self.poll_with(cx, |res, permit, start, classify| {
+        self.poll_with(cx, |res, permit, classify| {
             // Only an adaptive limit takes a sample, so only it asks the classifier.
             let outcome = if permit.is_adaptive() && classify.classify_response(&res).is_failure() {
                 Outcome::Failure
             } else {
                 Outcome::Success
             };
-            permit.finish(start, outcome);
+            permit.finish(outcome);
             res
         })
     }
@@ -316,7 +306,7 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_with(cx, |res, permit, start, classify| {
+        self.poll_with(cx, |res, permit, classify| {
             // For an adaptive limit, a failure of the dependency as `classify` sees it: a 5xx,
             // or a failing gRPC status in the headers (trailers-only responses), or what the
             // layer's classifier calls a failure.
@@ -335,7 +325,7 @@ where
             // A body that is already at its end may never be polled (hyper drops it unread):
             // finish the sample and give the permit back now.
             let permit = if res.body().is_end_stream() {
-                permit.finish(start, outcome);
+                permit.finish(outcome);
                 None
             } else {
                 Some(permit)
@@ -343,7 +333,6 @@ where
             res.map(|body| PermitBody {
                 inner: body,
                 permit,
-                start,
                 outcome,
             })
         })
@@ -377,7 +366,6 @@ pin_project! {
         #[pin]
         inner: B,
         permit: Option<Permit>,
-        start: u64,
         outcome: Outcome,
     }
 }
@@ -412,7 +400,7 @@ impl<B: Body> Body for PermitBody<B> {
             Some(Ok(_)) => return Poll::Ready(frame),
         };
         if let Some(permit) = this.permit.take() {
-            permit.finish(*this.start, outcome);
+            permit.finish(outcome);
         }
         Poll::Ready(frame)
     }

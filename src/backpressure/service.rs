@@ -104,21 +104,16 @@ impl<S, R, C> Backpressure<S, R, C> {
     {
         if let Some(in_flight) = self.hot.try_acquire() {
             // The permit exists before the inner call, so a panic in `call` gives it back.
-            let (permit, start) = if self.adaptive {
+            let permit = if self.adaptive {
                 Permit::new(&self.shared, in_flight)
             } else {
-                (Permit::fixed(self.hot), 0)
+                Permit::fixed(self.hot)
             };
             if !self.is_ready {
-                return self.readying(req, permit, start);
+                return self.readying(req, permit);
             }
             self.is_ready = false;
-            return ResponseFuture::running(
-                self.inner.call(req),
-                permit,
-                start,
-                self.classify.clone(),
-            );
+            return ResponseFuture::running(self.inner.call(req), permit, self.classify.clone());
         }
         // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.
         if self.cfg.max_wait.is_zero()
@@ -147,19 +142,14 @@ impl<S, R, C> Backpressure<S, R, C> {
     /// future, holding the permit, leaving a clone.
     #[cold]
     #[inline(never)]
-    fn readying<Req>(
-        &mut self,
-        req: Req,
-        permit: Permit,
-        start: u64,
-    ) -> ResponseFuture<S, Req, R, C>
+    fn readying<Req>(&mut self, req: Req, permit: Permit) -> ResponseFuture<S, Req, R, C>
     where
         S: Service<Req> + Clone,
         C: Clone,
     {
         let fresh = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, fresh);
-        ResponseFuture::readying(svc, req, permit, start, self.classify.clone())
+        ResponseFuture::readying(svc, req, permit, self.classify.clone())
     }
 }
 
