@@ -36,25 +36,24 @@ pin_project! {
         R: Replay<Req>,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Result<S::Response, BoxError>>,
         retry: Option<Retrying<S, R::Saved, C, R>>,
-        // The last outcome, kept (boxed: only a retry under a deadline pays for it) while a
-        // retry waits, so that a deadline passing before the retry starts returns it.
-        last: Option<Box<Result<S::Response, BoxError>>>,
         _req: PhantomData<fn(Req)>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, T> {
         Called { #[pin] fut: F },
         // Boxed: only a retry pays for the timer, and the future stays small for the common
-        // case where the first attempt succeeds.
-        Backoff { sleep: Pin<Box<Sleep>> },
+        // case where the first attempt succeeds. `last`: the last outcome, kept (boxed: only
+        // a retry under a deadline pays for it) while a retry waits, so that a deadline
+        // passing before the retry starts returns it.
+        Backoff { sleep: Pin<Box<Sleep>>, last: Option<Box<T>> },
         // Waiting for the inner service's readiness; under a deadline, `wait` ends at it
         // (made only if the service is not ready at once).
-        Ready { wait: Option<Pin<Box<Sleep>>> },
+        Ready { wait: Option<Pin<Box<Sleep>>>, last: Option<Box<T>> },
     }
 }
 
@@ -93,7 +92,6 @@ where
         ResponseFuture {
             state: State::Called { fut },
             retry,
-            last: None,
             _req: PhantomData,
         }
     }
@@ -143,21 +141,27 @@ fn reason<Res, H: Hints<Res>>(
 }
 
 impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
-    /// Whether to retry the outcome `result`, and after how many nanoseconds.
-    fn decide<Req, Res>(&mut self, result: &Result<Res, BoxError>) -> Option<u64>
+    /// How the classifier judges `result`: only a retryable outcome goes on to
+    /// [`decide`](Self::decide).
+    #[inline]
+    fn judge<Res>(&self, result: &Result<Res, BoxError>) -> Outcome
+    where
+        C: Classify<Res>,
+    {
+        let classify = &self.shared.classify;
+        match result {
+            Ok(res) => classify.classify_response(res),
+            Err(e) => classify.classify_error(e),
+        }
+    }
+
+    /// Whether to retry the retryable `outcome` of `result`, and after how many nanoseconds.
+    fn decide<Req, Res>(&mut self, outcome: Outcome, result: &Result<Res, BoxError>) -> Option<u64>
     where
         R: Replay<Req, Saved = Saved> + Hints<Res>,
-        C: Classify<Res>,
     {
         let shared = &**self.shared;
         let ctl = &shared.control;
-        let outcome = match result {
-            Ok(res) => shared.classify.classify_response(res),
-            Err(e) => shared.classify.classify_error(e),
-        };
-        if !outcome.is_retryable() {
-            return None;
-        }
         if self.attempt >= self.max {
             tracing::debug!(
                 target: "tower_bulwark::retry",
@@ -305,33 +309,48 @@ where
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(result);
                     };
+                    let outcome = retry.judge(&result);
+                    if !outcome.is_retryable() {
+                        *this.retry = None;
+                        return Poll::Ready(result);
+                    }
                     // The finished attempt is dropped before the decision: it may still hold
                     // the request's body (a timed-out attempt), which the replay needs back.
-                    this.state.set(State::Ready { wait: None });
-                    match retry.decide::<Req, S::Response>(&result) {
+                    this.state.set(State::Ready {
+                        wait: None,
+                        last: None,
+                    });
+                    match retry.decide::<Req, S::Response>(outcome, &result) {
                         None => {
                             *this.retry = None;
                             return Poll::Ready(result);
                         }
                         Some(nanos) => {
-                            if retry.shared.control.deadline.is_some() {
-                                *this.last = Some(Box::new(result));
-                            }
+                            let last = retry
+                                .shared
+                                .control
+                                .deadline
+                                .is_some()
+                                .then(|| Box::new(result));
                             if nanos > 0 {
                                 this.state.set(State::Backoff {
                                     sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(
                                         nanos,
                                     ))),
+                                    last,
                                 });
+                            } else {
+                                this.state.set(State::Ready { wait: None, last });
                             }
                         }
                     }
                 }
-                StateProj::Backoff { sleep } => {
+                StateProj::Backoff { sleep, last } => {
                     ready!(sleep.as_mut().poll(cx));
-                    this.state.set(State::Ready { wait: None });
+                    let last = last.take();
+                    this.state.set(State::Ready { wait: None, last });
                 }
-                StateProj::Ready { wait } => {
+                StateProj::Ready { wait, last } => {
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(Err(lost()));
                     };
@@ -346,7 +365,6 @@ where
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => {
                             *this.retry = None;
-                            *this.last = None;
                             return Poll::Ready(Err(e.into()));
                         }
                         Poll::Pending => {
@@ -370,7 +388,7 @@ where
                                 "not retrying: the deadline passed while waiting for readiness"
                             );
                             *this.retry = None;
-                            return Poll::Ready(match this.last.take() {
+                            return Poll::Ready(match last.take() {
                                 Some(last) => *last,
                                 None => Err(past_deadline()),
                             });
@@ -387,7 +405,6 @@ where
                         return Poll::Ready(Err(lost()));
                     };
                     let fut = svc.call(req);
-                    *this.last = None;
                     // The retry is made: its withdrawal is spent, and it counts.
                     retry.withdrawn = None;
                     retry.shared.control.retries.fetch_add(1, Ordering::Relaxed);
