@@ -15,9 +15,11 @@ const WINDOW_SLOTS: u64 = 16;
 /// Slots kept: one more than the window, so that the retries of a whole window (the oldest
 /// slot is partly out of it) are still counted when a retry is decided.
 const SLOTS: usize = WINDOW_SLOTS as usize + 1;
-/// One deposit in this many (a power of two), on each shard, also reads the clock to mark the
-/// window's slot.
+/// A shard reads the clock on one deposit in `SAMPLE` at least (to mark the window's slot),
+/// and on one in `SAMPLE_MAX` at least under heavy traffic: the stride doubles each time a
+/// reading finds its slot already marked, and falls back to `SAMPLE` when one finds a new slot.
 const SAMPLE: u64 = 8;
+const SAMPLE_MAX: u64 = 64;
 const COUNT_MASK: u64 = 0xffff_ffff;
 /// A mark packs an epoch (high 32 bits: 85 years of 625 ms slots before it wraps) and the
 /// request total when it was set (low 32 bits: differences are taken modulo 2^32, exact while
@@ -33,7 +35,13 @@ pub(crate) const SHARDS: usize = 4;
 /// A shard of the request total, alone on its cache line: the only state a request touches.
 #[repr(align(128))]
 #[derive(Default)]
-struct Total(AtomicU64);
+struct Total {
+    count: AtomicU64,
+    /// The count at which this shard next reads the clock.
+    next: AtomicU64,
+    /// The stride of those readings, from `SAMPLE` to `SAMPLE_MAX`.
+    stride: AtomicU64,
+}
 
 /// This thread's shard, given out in turn on its first request.
 #[inline]
@@ -78,9 +86,10 @@ pub(crate) fn shard() -> usize {
 /// not contend). The window is sixteen slots, each a sixteenth of it; the first reading of the
 /// clock in a slot marks the running total there, and the requests of the window are the
 /// total minus the oldest mark in the window. Every request of the window counts, whether or
-/// not a retry was decided in it: one deposit in eight on each shard also reads the clock (an
-/// amortised nanosecond or so), so that steady traffic marks every slot, and retry decisions
-/// mark theirs. Retries are counted per slot. No lock anywhere.
+/// not a retry was decided in it: a shard also reads the clock on one deposit in 8, or, while
+/// its readings keep finding their slot marked already (heavy traffic), one in up to 64 (an
+/// amortised nanosecond or less), so that steady traffic marks every slot within a few
+/// requests of its start, and retry decisions mark theirs. Retries are counted per slot. No lock anywhere.
 ///
 /// The window's edge is kept to a slot's precision, always on the side of fewer retries: the
 /// requests counted are those since the oldest mark that is wholly in the window (they lose at
@@ -209,18 +218,30 @@ impl Budget {
     /// [`deposit`](Self::deposit) on a shard the caller has already looked up.
     #[inline]
     pub(crate) fn deposit_on(&self, shard: usize) {
-        let n = self.inner.total[shard].0.fetch_add(1, Ordering::Relaxed);
-        if n & (SAMPLE - 1) == 0 {
-            self.observe();
+        let t = &self.inner.total[shard];
+        let n = t.count.fetch_add(1, Ordering::Relaxed);
+        if n >= t.next.load(Ordering::Relaxed) {
+            self.observe(t, n);
         }
     }
 
     /// Reads the clock and marks its slot, the request just counted included: how requests
-    /// are placed in the window.
+    /// are placed in the window. Sets when the shard reads it next: sooner after a new slot,
+    /// later while the slots are found marked already (heavy traffic), so that a slot's mark
+    /// comes at most `SAMPLE_MAX` of this shard's requests, and at most about a slot's worth
+    /// of them, after the slot began. (Races between threads on one shard only move a
+    /// reading; a stale stride is harmless.)
     #[cold]
-    fn observe(&self) {
+    #[inline(never)]
+    fn observe(&self, t: &Total, n: u64) {
         let now = self.time().clock.now_nanos();
-        self.mark(self.epoch(now), 1);
+        let stride = if self.mark(self.epoch(now), 1) {
+            SAMPLE
+        } else {
+            (t.stride.load(Ordering::Relaxed) * 2).clamp(SAMPLE, SAMPLE_MAX)
+        };
+        t.stride.store(stride, Ordering::Relaxed);
+        t.next.store(n.wrapping_add(stride), Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if it allows one; `false` when spent.
@@ -269,7 +290,7 @@ impl Budget {
             Time { clock, created }
         });
         if taken {
-            self.mark(self.epoch(t.created), 0);
+            let _ = self.mark(self.epoch(t.created), 0);
         }
         t
     }
@@ -298,34 +319,36 @@ impl Budget {
 
     /// The running total of requests.
     fn total(&self) -> u64 {
-        self.inner
-            .total
-            .iter()
-            .fold(0u64, |sum, t| sum.wrapping_add(t.0.load(Ordering::Relaxed)))
+        self.inner.total.iter().fold(0u64, |sum, t| {
+            sum.wrapping_add(t.count.load(Ordering::Relaxed))
+        })
     }
 
     /// Marks `epoch`'s slot with the running total less the `own` requests of the caller
     /// made just before it read the clock, if the slot has no mark yet. The clock is read
     /// before the total, so a mark never counts a request made before its slot began.
-    fn mark(&self, epoch: u64, own: u64) {
+    /// Returns whether the slot had no mark of `epoch` yet.
+    fn mark(&self, epoch: u64, own: u64) -> bool {
         let slot = &self.inner.marks[epoch as usize % SLOTS];
         let e = epoch & EPOCH_MASK;
         let cur = slot.load(Ordering::Relaxed);
-        if cur >> MARK_BITS != e {
-            let total = self.total().wrapping_sub(own);
-            let _ = slot.compare_exchange(
-                cur,
-                (e << MARK_BITS) | (total & MARK_MASK),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+        if cur >> MARK_BITS == e {
+            return false;
         }
+        let total = self.total().wrapping_sub(own);
+        let _ = slot.compare_exchange(
+            cur,
+            (e << MARK_BITS) | (total & MARK_MASK),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        true
     }
 
     /// Requests in the window: the total minus the oldest mark of a slot wholly in the window
     /// (marking the current slot first if it has no mark).
     fn requests_in_window(&self, epoch: u64) -> u64 {
-        self.mark(epoch, 0);
+        let _ = self.mark(epoch, 0);
         let total = self.total();
         // Slots before epoch 0 never were: a wrapped epoch would read the "never marked"
         // sentinel as a mark (a request counted that was never made).
@@ -826,7 +849,11 @@ mod tests {
             windows in 1u64..5,
             start in 0u64..1_000_000 * MS,
         ) {
-            let counted = per_window as f64 * 14.0 / 16.0 - SAMPLE as f64 - 1.0;
+            // The slot precision loses two slots' worth at most; the sampling loses what comes
+            // before a slot's first reading: at most `SAMPLE_MAX` requests, and at most a
+            // slot's worth plus `SAMPLE` (the stride grows only within a slot's traffic).
+            let late = (SAMPLE_MAX as f64).min(per_window as f64 / 16.0 + SAMPLE as f64);
+            let counted = per_window as f64 * 14.0 / 16.0 - late - 1.0;
             prop_assume!(ratio * counted >= 1.0);
             let (clock, hand) = Clock::manual();
             hand.set_nanos(start);

@@ -25,7 +25,7 @@
 //!   `TpsBudget` takes a lock and reads the clock on every request. Here the HTTP policy keeps
 //!   the body in a bounded replay buffer ([`ReplayBody`], 64 KiB by default) as it streams, so
 //!   retries work for hyper, Axum and tonic clients; the budget is lock-free and a request
-//!   costs it one atomic add (and one in eight a clock reading, so that every request of the
+//!   costs it one atomic add (and one in 8 to 64 a clock reading, so that every request of the
 //!   window counts, as in `TpsBudget`).
 //! - tower-resilience's retry knows nothing of HTTP safety or server hints: this layer retries
 //!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
