@@ -60,7 +60,9 @@ pin_project! {
 /// What a request that may be retried carries: the kept request, the state, and (from the
 /// first retry on) a clone of the service to retry on.
 pub(crate) struct Retrying<S, Saved, C, R> {
-    pub(crate) svc: Option<S>,
+    // Boxed: made only for a retry, and inline it would make every future carry the size of
+    // the service below (every layer above moves this future).
+    pub(crate) svc: Option<Box<S>>,
     pub(crate) saved: Option<Saved>,
     pub(crate) shared: Arc<Anchor<S, C, R>>,
     pub(crate) start: u64,
@@ -68,13 +70,18 @@ pub(crate) struct Retrying<S, Saved, C, R> {
     pub(crate) attempt: u32,
     pub(crate) max: u32,
     pub(crate) prev_delay: u64,
-    /// The budget's epoch of a retry withdrawn and not made yet: given back if it never is.
-    pub(crate) withdrawn: Option<u64>,
+    /// The budget's epoch of a retry withdrawn and not made yet (`NOT_WITHDRAWN` if none):
+    /// given back if it never is. (No `Option`: the future stays a word smaller.)
+    pub(crate) withdrawn: u64,
 }
+
+/// `Retrying::withdrawn` when no retry is withdrawn (an epoch the budget never reaches).
+pub(crate) const NOT_WITHDRAWN: u64 = u64::MAX;
 
 impl<S, Saved, C, R> Drop for Retrying<S, Saved, C, R> {
     fn drop(&mut self) {
-        if let Some(epoch) = self.withdrawn.take() {
+        let epoch = std::mem::replace(&mut self.withdrawn, NOT_WITHDRAWN);
+        if epoch != NOT_WITHDRAWN {
             if let Some(budget) = &self.shared.control.budget {
                 budget.refund(epoch);
             }
@@ -277,7 +284,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
                 );
                 return None;
             };
-            self.withdrawn = Some(epoch);
+            self.withdrawn = epoch;
         }
         self.prev_delay = delay;
         tracing::debug!(
@@ -355,7 +362,7 @@ where
                         return Poll::Ready(Err(lost()));
                     };
                     if retry.svc.is_none() {
-                        retry.svc = retry.shared.service();
+                        retry.svc = retry.shared.service().map(Box::new);
                     }
                     let Some(svc) = retry.svc.as_mut() else {
                         *this.retry = None;
@@ -406,7 +413,7 @@ where
                     };
                     let fut = svc.call(req);
                     // The retry is made: its withdrawal is spent, and it counts.
-                    retry.withdrawn = None;
+                    retry.withdrawn = NOT_WITHDRAWN;
                     retry.shared.control.retries.fetch_add(1, Ordering::Relaxed);
                     this.state.set(State::Called { fut });
                 }

@@ -124,7 +124,7 @@ where
                     attempt: 1,
                     max,
                     prev_delay: 0,
-                    withdrawn: None,
+                    withdrawn: super::future::NOT_WITHDRAWN,
                 })
             }
         };
