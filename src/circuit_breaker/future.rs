@@ -102,7 +102,9 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Called { #[pin] fut: F },
-        Rejected { rejection: Option<Rejection> },
+        // The refusal as the error it becomes (two words, where a `Rejection` is eleven: the
+        // future of every call carries this variant's size).
+        Rejected { err: Option<BoxError> },
     }
 }
 
@@ -118,7 +120,7 @@ impl<F, C> ResponseFuture<F, C> {
     pub(crate) fn rejected(rejection: Rejection, classify: C) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                rejection: Some(rejection),
+                err: Some(rejection.into()),
             },
             guard: None,
             classify,
@@ -161,10 +163,9 @@ where
                 }
                 Poll::Ready(result)
             }
-            StateProj::Rejected { rejection } => Poll::Ready(Err(rejection
-                .take()
-                .expect("polled after completion")
-                .into())),
+            StateProj::Rejected { err } => {
+                Poll::Ready(Err(err.take().expect("polled after completion")))
+            }
         }
     }
 }
