@@ -101,6 +101,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Give such a stack a per-attempt timeout too (tower's `timeout`), or a call that hangs holds
+//! its caller for ever and the breaker learns nothing from it: below the breaker, a hung call
+//! is an error that counts as a failure; above it, a call it cuts short counts as a slow call
+//! (with a slow-call rate) or as a failure (with [`Abandoned::Failure`]).
+//!
+//! [`Abandoned::Failure`]: circuit_breaker::Abandoned::Failure
+//!
 //! # Feature flags
 //!
 //! - `fast-clock` (default): a TSC-based clock through `quanta`.

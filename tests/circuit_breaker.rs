@@ -440,7 +440,13 @@ async fn handle_forces_and_resets() {
     assert_eq!(handle.state(), BreakerState::ForcedOpen);
     advance(Duration::from_secs(3600)).await;
     let err = once(&mut svc, Ok("x")).await.unwrap_err();
-    assert_eq!(rejection(&err).retry_after(), Some(Duration::from_secs(7)));
+    // Forced open has no end: the hint is the open time as a period to look again, drawn
+    // for each caller between half and one and a half times it.
+    let hint = rejection(&err).retry_after().expect("a hint");
+    assert!(
+        (Duration::from_millis(3500)..Duration::from_millis(10_500)).contains(&hint),
+        "{hint:?}"
+    );
 
     handle.force_closed();
     for _ in 0..5 {
@@ -590,4 +596,45 @@ async fn a_trip_soon_after_closing_grows_the_open_time_until_it_stays_closed() {
     handle.reset();
     svc.ready().await.unwrap().call(true).await.unwrap_err();
     assert_eq!(handle.figures().open_remaining, Some(s(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_handle_acts_only_on_its_own_key() {
+    let breakers = CircuitBreakerLayer::keyed(
+        BreakerConfig::consecutive_failures(2)
+            .max_keys(8)
+            .clock(Clock::tokio()),
+        |req: &(String, bool)| req.0.clone(),
+    )
+    .unwrap();
+    let svc = ServiceBuilder::new().layer(breakers.clone()).service_fn(
+        |(_, fail): (String, bool)| async move {
+            if fail {
+                Err::<(), BoxError>("down".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+    // k0 healthy, k1..k7 with one failure each: k0's is the only reusable slot.
+    svc.clone().oneshot(("k0".into(), false)).await.unwrap();
+    for i in 1..8 {
+        assert!(svc.clone().oneshot((format!("k{i}"), true)).await.is_err());
+    }
+    let k0 = breakers.handle_for("k0").expect("k0 has a breaker");
+    // k8 takes k0's slot, then trips.
+    svc.clone().oneshot(("k8".into(), true)).await.unwrap_err();
+    svc.clone().oneshot(("k8".into(), true)).await.unwrap_err();
+    let k8 = breakers.handle_for("k8").expect("k8 has a breaker");
+    assert_eq!(k8.state(), BreakerState::Open);
+
+    // k0's handle acts on nothing: a reset does not close k8, and it reads as a fresh breaker.
+    k0.reset();
+    k0.force_closed();
+    assert_eq!(k8.state(), BreakerState::Open);
+    let f = k0.figures();
+    assert_eq!(
+        (f.state, f.calls, f.consecutive_failures),
+        (BreakerState::Closed, 0, 0)
+    );
 }

@@ -171,3 +171,97 @@ async fn a_readiness_error_counts_as_a_failed_call_and_a_failed_probe() {
     assert_eq!(fut.await.unwrap(), "ok");
     assert_eq!(state.state(), BreakerState::Closed);
 }
+
+/// Polls `svc.poll_ready` once.
+async fn poll_once<S: tower::Service<u32>>(svc: &mut S) -> std::task::Poll<Result<(), S::Error>> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(svc.poll_ready(cx))).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_waiting_on_readiness_frees_its_slot_when_its_service_is_dropped() {
+    use tower::{Layer, Service};
+    let layer = layer();
+    let state = layer.handle();
+    let (mock, mut handle) = mock::pair::<u32, &'static str>();
+    let mut first = layer.layer(mock.clone());
+    handle.allow(1);
+    assert!(poll_once(&mut first).await.is_ready());
+    let fut = first.call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+    assert!(fut.await.is_err());
+    advance(Duration::from_secs(1)).await;
+
+    // The dependency is not ready. The first caller after the open time claims the probe slot
+    // and waits; the next is refused at once.
+    handle.allow(0);
+    let mut a = layer.layer(mock.clone());
+    assert!(poll_once(&mut a).await.is_pending(), "the probe waits");
+    assert_eq!(state.figures().probes_in_flight, 1);
+    let mut b = layer.layer(mock.clone());
+    assert!(poll_once(&mut b).await.is_ready(), "the others do not wait");
+    circuit_open(b.call(2).await);
+
+    // The waiting caller goes away: its slot is free, and the next caller is the probe.
+    drop(a);
+    assert_eq!(state.figures().probes_in_flight, 0);
+    assert!(poll_once(&mut b).await.is_pending(), "b is the probe now");
+    assert_eq!(state.state(), BreakerState::HalfOpen);
+    handle.allow(1);
+    assert!(poll_once(&mut b).await.is_ready());
+    let fut = b.call(3);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response("healed");
+    assert_eq!(fut.await.unwrap(), "healed");
+    assert_eq!(state.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_made_ready_and_never_called_does_not_hold_the_probe_slot_for_ever() {
+    use tower::{Layer, Service};
+    let layer = layer();
+    let state = layer.handle();
+    let (mock, mut handle) = mock::pair::<u32, &'static str>();
+    let mut first = layer.layer(mock.clone());
+    handle.allow(1);
+    assert!(poll_once(&mut first).await.is_ready());
+    let fut = first.call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+    assert!(fut.await.is_err());
+    advance(Duration::from_secs(1)).await;
+
+    // `idle` is made ready (its probe slot claimed) and then kept, never called.
+    handle.allow(1);
+    let mut idle = layer.layer(mock.clone());
+    assert!(poll_once(&mut idle).await.is_ready());
+    let mut other = layer.layer(mock.clone());
+    assert!(poll_once(&mut other).await.is_ready());
+    circuit_open(other.call(2).await);
+
+    // Past the probe time limit (the 1 s open time just served), the round has failed: the
+    // breaker is open again, for longer, and then probes afresh.
+    advance(Duration::from_millis(1000)).await;
+    assert!(poll_once(&mut other).await.is_ready());
+    let r = circuit_open(other.call(3).await);
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(2)));
+    let f = state.figures();
+    assert_eq!((f.state, f.reopens), (BreakerState::Open, 1));
+    advance(Duration::from_secs(2)).await;
+    assert!(poll_once(&mut other).await.is_ready());
+    let fut = other.call(4);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 4);
+    send.send_response("healed");
+    assert_eq!(fut.await.unwrap(), "healed");
+    assert_eq!(state.state(), BreakerState::Closed);
+
+    // The idle service's slot belonged to a round long over: its call is decided afresh
+    // (closed now, so it goes through), and it never counted as a probe of a later round.
+    handle.allow(1);
+    let fut = idle.call(5);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 5);
+    send.send_response("ok");
+    assert_eq!(fut.await.unwrap(), "ok");
+}

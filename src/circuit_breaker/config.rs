@@ -43,9 +43,11 @@ pub enum Window {
 pub enum Abandoned {
     /// Neither success nor failure; a half-open probe frees its slot (the default). An
     /// abandoned call says nothing certain about the dependency (the caller may have gone
-    /// away for its own reasons), and the breaker reads no clock on the closed path to tell a
-    /// hang from a hang-up. Put a timeout *below* the breaker so that a hung call is an error
-    /// the breaker counts, or use a slow-call rate.
+    /// away for its own reasons). Put a timeout *below* the breaker so that a hung call is an
+    /// error the breaker counts, or use a slow-call rate: with slow-call detection on, a call
+    /// dropped after it has run at least the slow-call threshold counts as a slow call (a
+    /// half-open probe: as a failed probe) under either policy, so a timeout *above* the
+    /// breaker that cuts hung calls short trips the slow-call rate.
     #[default]
     Ignore,
     /// A failure: counted in the window and the consecutive failures while closed, and a
@@ -189,7 +191,9 @@ impl BreakerConfig {
     }
 
     /// Also trips when the slow-call rate reaches `rate`; a call is slow when it takes
-    /// `threshold` or longer, whatever its outcome.
+    /// `threshold` or longer, whatever its outcome (or is dropped after running that long).
+    /// The threshold is also how long half-open probes may be out (see
+    /// [`half_open_probes`](Self::half_open_probes)).
     pub fn or_slow_call_rate(mut self, rate: f64, threshold: Duration) -> Self {
         self.slow_call = Some((rate, threshold));
         self
@@ -246,6 +250,15 @@ impl BreakerConfig {
     }
 
     /// Half-open admits at most `k` probes at once, and closes after `k` successes (default 3).
+    ///
+    /// Probes may be out for a bounded time, so that half-open never sticks on probes that
+    /// never answer: the slow-call threshold when slow-call detection is on, otherwise the
+    /// open time the breaker has just served (before jitter; it grows with each failed round,
+    /// so a dependency that is slow but healthy is given longer each time). When every slot
+    /// is taken and even the latest probe has been out longer than that, the round has failed:
+    /// the next caller finds the breaker open again, for longer, as after a failed probe. (A
+    /// slot claimed by a service made ready and then neither called nor dropped counts the
+    /// same way; see the service's `# Readiness`.)
     pub fn half_open_probes(mut self, k: u32) -> Self {
         self.probes = k;
         self

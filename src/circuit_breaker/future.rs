@@ -63,12 +63,68 @@ impl Drop for Guard {
             Permit::Closed { gen } if self.shared.limits.abandoned_failure => {
                 self.shared.record_closed(idx, gen, true, self.start)
             }
-            Permit::Probe { gen } if self.shared.limits.abandoned_failure => {
+            // Neither success nor failure, but a slow call if it ran past the threshold.
+            Permit::Closed { gen } if self.shared.limits.slow_nanos.is_some() => {
+                self.shared.record_abandoned(idx, gen, self.start)
+            }
+            // A probe abandoned after it was already slow is a failed probe, whatever the
+            // policy: a slow probe is a failed probe.
+            Permit::Probe { gen }
+                if self.shared.limits.abandoned_failure || self.shared.is_slow(self.start) =>
+            {
                 self.shared.record_probe(idx, gen, true)
             }
             Permit::Probe { gen } => self.shared.release_probe(idx, gen),
             _ => {}
         }
+    }
+}
+
+/// A half-open probe slot that `poll_ready` claimed before waiting on the inner service's
+/// readiness (so that only the callers that will be probes wait on it). `call` turns it
+/// into the call's [`Guard`]; dropped unused (the service dropped or made ready again under
+/// a later state), it frees the slot, or, when it has waited past the slow-call threshold,
+/// counts as a failed probe.
+pub(crate) struct Reserved(Option<Guard>);
+
+impl Reserved {
+    pub(crate) fn new(shared: SharedRef, idx: usize, permit: Permit, start: u64) -> Reserved {
+        Reserved(Some(Guard::new(shared, idx, permit, start)))
+    }
+
+    /// The generation of the probe round the slot belongs to.
+    pub(crate) fn gen(&self) -> Option<u64> {
+        match self.0.as_ref()?.permit {
+            Permit::Probe { gen } => Some(gen),
+            _ => None,
+        }
+    }
+
+    /// The guard of the call that uses the slot.
+    pub(crate) fn into_guard(mut self) -> Guard {
+        self.0.take().expect("a reserved slot is used once")
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.0.take() {
+            let permit = std::mem::replace(&mut g.permit, Permit::Free);
+            if let Permit::Probe { gen } = permit {
+                let idx = g.idx as usize;
+                if g.shared.is_slow(g.start) {
+                    g.shared.record_probe(idx, gen, true);
+                } else {
+                    g.shared.release_probe(idx, gen);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Reserved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Reserved").field(&self.0).finish()
     }
 }
 
@@ -88,7 +144,9 @@ pin_project! {
     ///
     /// Dropped before it completes, the call counts as its
     /// [`Abandoned`](super::Abandoned) policy says (by default neither success nor failure),
-    /// and a half-open probe slot it held is freed at once.
+    /// and a half-open probe slot it held is freed at once. With slow-call detection on, a
+    /// call dropped after it has run at least the slow-call threshold counts as a slow call
+    /// (a half-open probe: as a failed probe), whatever the policy.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F, C> {
         #[pin]

@@ -2,33 +2,57 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::{BreakerState, Owner};
+use super::state::{BreakerState, Owner, Snapshot};
 
 /// A handle on one breaker: its state and window figures, and manual control.
 ///
 /// Made by [`CircuitBreakerLayer::handle`](super::CircuitBreakerLayer::handle) (or
 /// [`handle_for`](super::CircuitBreakerLayer::handle_for) for a key). Cheap to clone; clones
 /// act on the same breaker.
+///
+/// # Keyed breakers
+///
+/// A handle for a key acts only on that key's breaker. The table of a
+/// [keyed](super::CircuitBreakerLayer::keyed) layer may give a healthy key's slot to a new key;
+/// from then on the evicted key has no breaker, and its handle acts on nothing (its
+/// `force_open`, `force_closed` and `reset` do nothing, and it reads as closed with empty
+/// figures, which is what a request with that key would meet: a fresh breaker) until the key
+/// gets a breaker again with a request of its own, which the handle then follows. It never
+/// acts on the breaker of the key that took its slot.
 #[derive(Clone)]
 pub struct BreakerHandle {
     shared: Arc<Owner>,
     idx: usize,
+    /// The key's hash, for a keyed layer's handle.
+    key: Option<u64>,
 }
 
 impl BreakerHandle {
-    pub(crate) fn new(shared: Arc<Owner>, idx: usize) -> Self {
-        BreakerHandle { shared, idx }
+    pub(crate) fn new(shared: Arc<Owner>, idx: usize, key: Option<u64>) -> Self {
+        BreakerHandle { shared, idx, key }
+    }
+
+    /// The slot of the handle's breaker now, if it has one.
+    fn slot(&self) -> Option<usize> {
+        self.shared.handle_slot(self.idx, self.key)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        match self.slot() {
+            Some(idx) => self.shared.snapshot(idx),
+            None => Snapshot::vacant(),
+        }
     }
 
     /// The breaker's state now. An open breaker whose open time is over still reads
     /// [`BreakerState::Open`] until a request makes it half-open.
     pub fn state(&self) -> BreakerState {
-        self.shared.snapshot(self.idx).state
+        self.snapshot().state
     }
 
     /// The breaker's state and the figures of its window.
     pub fn figures(&self) -> BreakerFigures {
-        let s = self.shared.snapshot(self.idx);
+        let s = self.snapshot();
         let rate = |n: u32| {
             if s.tally.calls == 0 {
                 0.0
@@ -51,21 +75,30 @@ impl BreakerHandle {
         }
     }
 
-    /// Opens the breaker until [`reset`](Self::reset): every request is refused, with the
-    /// configured open time as its wait hint.
+    /// Opens the breaker until [`reset`](Self::reset): every request is refused. The
+    /// breaker cannot know when it will be reset, so each refusal's wait hint is drawn
+    /// uniformly between half and one and a half times the configured
+    /// [`open_time`](super::BreakerConfig::open_time), so that refused clients do not come
+    /// back in step.
     pub fn force_open(&self) {
-        self.shared.force_open(self.idx);
+        if let Some(idx) = self.slot() {
+            self.shared.force_open(idx, self.key);
+        }
     }
 
     /// Closes the breaker until [`reset`](Self::reset): every request goes through and
     /// nothing is counted, so it cannot trip.
     pub fn force_closed(&self) {
-        self.shared.force_closed(self.idx);
+        if let Some(idx) = self.slot() {
+            self.shared.force_closed(idx, self.key);
+        }
     }
 
     /// Closes the breaker with an empty window, whatever its state.
     pub fn reset(&self) {
-        self.shared.reset(self.idx);
+        if let Some(idx) = self.slot() {
+            self.shared.reset(idx, self.key);
+        }
     }
 }
 

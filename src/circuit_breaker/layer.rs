@@ -135,7 +135,7 @@ impl CircuitBreakerLayer {
 impl<C> CircuitBreakerLayer<C, Single> {
     /// A handle on the layer's breaker: its state and figures, and manual control.
     pub fn handle(&self) -> BreakerHandle {
-        BreakerHandle::new(self.shared.clone(), 0)
+        BreakerHandle::new(self.shared.clone(), 0, None)
     }
 }
 
@@ -200,12 +200,13 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
 
 impl<C, F> CircuitBreakerLayer<C, ByKey<F>> {
     /// A handle on the breaker of `key`, if the key has one (it gets one with its first
-    /// request).
+    /// request). The handle acts only on this key's breaker: once the key's slot is given
+    /// to another key it acts on nothing (see [`BreakerHandle`]'s `# Keyed breakers`).
     pub fn handle_for<Q: Hash + ?Sized>(&self, key: &Q) -> Option<BreakerHandle> {
-        let h = self.shared.hasher.hash_one(key);
+        let h = self.shared.hasher.hash_one(key).max(1);
         self.shared
             .find_slot(h)
-            .map(|idx| BreakerHandle::new(self.shared.clone(), idx))
+            .map(|idx| BreakerHandle::new(self.shared.clone(), idx, Some(h)))
     }
 
     /// How many keys have a breaker now.

@@ -18,7 +18,9 @@
 //! it has stayed closed that long, the next trip starts again from the base
 //! [`open_time`](BreakerConfig::open_time). A call refused while the probes are
 //! out is told to come back after a random share of the open time a failed probe would start
-//! (drawn for each caller, so that callers refused together do not come back together).
+//! (drawn for each caller, so that callers refused together do not come back together); one
+//! refused while [forced open](BreakerHandle::force_open), which has no end the breaker
+//! knows, after a time drawn between half and one and a half times the open time.
 //!
 //! It trips on any of ([`BreakerConfig`]):
 //!
@@ -42,9 +44,10 @@
 //! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call
 //! whose future is dropped after it started counts as its [`Abandoned`] policy says: by
 //! default as neither, freeing any probe slot it held; with [`Abandoned::Failure`] (for a
-//! timeout placed above the breaker) as a failure. With slow-call detection on, a half-open
-//! probe that is slow counts as a failed probe: a dependency that answers, but too slowly,
-//! is not healed.
+//! timeout placed above the breaker) as a failure. With slow-call detection on, a call
+//! dropped after running at least the slow-call threshold is a slow call whatever the
+//! policy, and a half-open probe that is slow counts as a failed probe: a dependency that
+//! answers, but too slowly, is not healed.
 //!
 //! # How it differs from its neighbours
 //!
@@ -60,8 +63,10 @@
 //! In a **client** stack, below the retry layer: each attempt is counted by the breaker, and
 //! an open breaker's refusal (classified as throttled) tells the retry layer to wait, not to
 //! hammer. Above it, the retry layer sees one `CircuitOpen` error instead of `n` timeouts.
-//! Put a timeout *below* the breaker so that a hung call counts as a failure (or use the
-//! slow-call rate). In a **server** stack, a breaker protects a handler's dependency (put it
+//! Put a timeout *below* the breaker so that a hung call counts as a failure, or above it with
+//! a slow-call rate (a call it cuts short after the threshold is a slow call) or
+//! [`Abandoned::Failure`]: without any timeout, a call that hangs holds its caller for ever
+//! and tells the breaker nothing. In a **server** stack, a breaker protects a handler's dependency (put it
 //! on the client the handler uses), or the whole route; [`RejectionLayer`](crate::RejectionLayer)
 //! goes outermost. For a client that calls many hosts, use [`CircuitBreakerLayer::keyed`]
 //! with the request's authority as key, so one sick host does not cut off the others.
@@ -116,16 +121,22 @@
 //!
 //! A probe slot is held by the response future and freed in its `Drop`: a future dropped at
 //! any point (the client went away, a timeout above fired) frees its slot at once and counts
-//! as neither success nor failure (or, with [`Abandoned::Failure`], as a failed probe), so
-//! half-open never sticks. The breaker reserves nothing in `poll_ready`; it takes a probe
-//! slot in `call`, so a clone starts with nothing reserved.
+//! as neither success nor failure (or, with [`Abandoned::Failure`], or once it has run past
+//! the slow-call threshold, as a failed probe). A slot that `poll_ready` claimed for a probe
+//! that waits on the dependency's readiness is held by the service and freed when the
+//! service is dropped; a clone starts with nothing claimed. Probes that neither answer nor
+//! go away fail their round once past the probe time limit (the slow-call threshold, or the
+//! open time just served; see [`BreakerConfig::half_open_probes`]), so half-open never
+//! sticks.
 //!
 //! # Readiness
 //!
 //! A breaker that refuses does not wait on the dependency's readiness (tower's `LoadShed`
 //! pattern): open, or half-open with every probe slot taken, its `poll_ready` is ready at
-//! once without polling the service below, and `call` returns the refusal. A dependency
-//! that is never ready cannot make callers hang; see [`CircuitBreaker`]'s `# Readiness`.
+//! once without polling the service below, and `call` returns the refusal. Once the open
+//! time is over, only the callers that claim a probe slot wait on the dependency's
+//! readiness; the others are refused. A dependency that is never ready cannot make callers
+//! hang; see [`CircuitBreaker`]'s `# Readiness`.
 //!
 //! # Time in tests
 //!

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::future::{Guard, ResponseFuture};
+use super::future::{Guard, Reserved, ResponseFuture};
 use super::layer::{BreakerKey, Single};
 use super::state::{Owner, Permit};
 use crate::classify::{Classify, ErrorsOnly};
@@ -22,20 +22,34 @@ use crate::rejection::Rejection;
 /// A breaker that refuses does not wait on the readiness of the service it protects (tower's
 /// `LoadShed` pattern): when it is open, forced open, or half-open with every probe slot
 /// taken, `poll_ready` returns `Ready(Ok(()))` at once without polling the inner service,
-/// and the `call` that follows returns the refusal decided then. A sick dependency that is
-/// never ready therefore cannot make callers hang. Otherwise (closed, forced closed, or a
-/// probe that may go) `poll_ready` is the inner service's, and an error it returns (a
+/// and the `call` that follows returns the refusal decided then. Once the open time is over,
+/// or half-open with a slot free, `poll_ready` first claims a probe slot and only then waits
+/// on the inner service: only the callers that will be probes wait on the dependency's
+/// readiness, and the others are refused at once. A sick dependency that is never ready
+/// therefore cannot make callers hang, and cannot hold the breaker half-open either: a slot
+/// held longer than the probe time limit (see
+/// [`half_open_probes`](super::BreakerConfig::half_open_probes)) fails its round, and a slot
+/// whose service is dropped while it waits is freed (a failed probe once it has waited past
+/// the slow-call threshold). The `call` that follows is that probe; a service made ready and
+/// not called holds its slot until then, and fails its round once past the limit.
+///
+/// Closed or forced closed, `poll_ready` is the inner service's. An error it returns (a
 /// dependency that cannot be reached, as tower's `Reconnect` or a failed `Buffer` report it)
 /// is passed on and counted as the outcome of a call, as the classifier's
-/// `classify_error` says: while closed as a failed call, while half-open as a failed probe
-/// (in a free probe slot), and once the open time is over as the failed probe that reopens
-/// the breaker for longer. A `poll_ready` that succeeds claims nothing: the probe slot, if
-/// any, is taken in `call`, so a service made ready and never called holds nothing.
+/// `classify_error` says: while closed as a failed call, and as the failed probe of the slot
+/// claimed for the wait once the open time is over or while half-open (the breaker opens
+/// again, for longer).
+///
+/// A call refused after the inner service was made ready (the breaker opened in between, or
+/// was forced open) does not keep the readiness the inner service reserved (a concurrency
+/// permit, a `Buffer` slot): the breaker drops the readied inner service for a clone of it,
+/// which is why the service must be `Clone`, as tower's own load-shedding layers need.
 ///
 /// A [keyed](super::CircuitBreakerLayer::keyed) breaker learns the request's key only in
 /// `call`, so its `poll_ready` is the inner service's and an error it returns is passed on
 /// without counting for any key; an open key's requests are refused in `call` without
-/// reaching the inner service.
+/// reaching the inner service, which gives up its readiness as above (a clone of the inner
+/// service for each refusal).
 ///
 /// # Clone
 ///
@@ -48,6 +62,11 @@ pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
     key: K,
     /// The refusal `poll_ready` decided without making the inner service ready.
     refused: Option<Rejection>,
+    /// The half-open probe slot `poll_ready` claimed before waiting on the inner service.
+    reserved: Option<Reserved>,
+    /// The inner service has been made ready and not called since: a refusal must give up
+    /// that readiness (a concurrency permit, a `Buffer` slot) by dropping it.
+    inner_ready: bool,
 }
 
 impl<S, C, K> CircuitBreaker<S, C, K> {
@@ -58,6 +77,8 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
             classify,
             key,
             refused: None,
+            reserved: None,
+            inner_ready: false,
         }
     }
 
@@ -85,6 +106,8 @@ impl<S: Clone, C: Clone, K: Clone> Clone for CircuitBreaker<S, C, K> {
             classify: self.classify.clone(),
             key: self.key.clone(),
             refused: None,
+            reserved: None,
+            inner_ready: false,
         }
     }
 }
@@ -105,40 +128,94 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
     /// as a call's outcome, while half-open as a probe's (taking a free probe slot for it),
     /// and once the open time is over as the probe that half-opens the breaker.
     #[cold]
-    fn ready_failed<Res>(&self, err: &BoxError)
+    fn ready_failed<Res>(&mut self, err: &BoxError)
     where
         C: Classify<Res>,
     {
         let outcome = self.classify.classify_error(err);
+        if let Some(r) = self.reserved.take() {
+            // The probe slot claimed for this wait: the error is the probe's outcome.
+            if r.gen().is_some_and(|g| self.shared.probe_current(0, g)) {
+                r.into_guard().complete(outcome);
+                return;
+            }
+        }
         if let Ok((permit, start)) = self.shared.admit(0) {
             Guard::new(self.shared.share(), 0, permit, start).complete(outcome);
         }
     }
-}
 
-impl<S, Req, C, K> Service<Req> for CircuitBreaker<S, C, K>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-    C: Classify<S::Response>,
-    K: BreakerKey<Req>,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C>;
+    /// The guard of the probe slot claimed in `poll_ready`: the call is that probe, unless its
+    /// round ended meanwhile (`None`: the call is decided afresh, and the slot let go).
+    #[cold]
+    fn take_probe(&mut self) -> Option<Guard> {
+        let r = self.reserved.take()?;
+        r.gen()
+            .is_some_and(|g| self.shared.probe_current(0, g))
+            .then(|| r.into_guard())
+    }
 
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.key.is_single() {
-            // One load while closed; the clock is read only when open.
-            if let Some(rejection) = self.shared.refusal(0) {
-                self.refused = Some(rejection);
-                return Poll::Ready(Ok(()));
+    /// Gives up the inner service's readiness, if it holds one, by dropping it for a clone
+    /// (tower's services hand a clone none of the reservation `poll_ready` made): a call
+    /// refused after the inner service was made ready must not keep its permit or slot.
+    #[cold]
+    fn release_inner(&mut self)
+    where
+        S: Clone,
+    {
+        if std::mem::take(&mut self.inner_ready) {
+            let fresh = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, fresh));
+        }
+    }
+
+    /// `poll_ready` of a single breaker that is not closed: refuse at once, or claim a probe
+    /// slot and only then wait on the inner service.
+    #[cold]
+    fn poll_ready_slow<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Req> + Clone,
+        S::Error: Into<BoxError>,
+        C: Classify<S::Response>,
+        K: BreakerKey<Req>,
+    {
+        let current = self
+            .reserved
+            .as_ref()
+            .and_then(Reserved::gen)
+            .is_some_and(|g| self.shared.probe_current(0, g));
+        if !current {
+            // A slot of an earlier round (its probe round over) is let go.
+            self.reserved = None;
+            match self.shared.reserve(0) {
+                Err(rejection) => {
+                    self.refused = Some(rejection);
+                    self.release_inner();
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Some((permit, start))) => {
+                    self.reserved = Some(Reserved::new(self.shared.share(), 0, permit, start));
+                }
+                Ok(None) => {}
             }
         }
         self.refused = None;
+        self.poll_inner::<Req>(cx)
+    }
+
+    #[inline]
+    fn poll_inner<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+        C: Classify<S::Response>,
+        K: BreakerKey<Req>,
+    {
         match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => {
+                self.inner_ready = true;
+                Poll::Ready(Ok(()))
+            }
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => {
                 let e = e.into();
@@ -149,12 +226,41 @@ where
             }
         }
     }
+}
+
+impl<S, Req, C, K> Service<Req> for CircuitBreaker<S, C, K>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: BreakerKey<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // One load while closed; the clock is read only when not.
+        if self.key.is_single() && !self.shared.is_closed(0) {
+            return self.poll_ready_slow::<Req>(cx);
+        }
+        self.refused = None;
+        self.poll_inner::<Req>(cx)
+    }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         if let Some(rejection) = self.refused.take() {
-            // The inner service was not made ready: the refusal stands.
+            // The inner service was not made ready (or gave its readiness up): the refusal
+            // stands.
             return ResponseFuture::rejected(rejection, self.classify.clone());
+        }
+        if self.reserved.is_some() {
+            if let Some(guard) = self.take_probe() {
+                self.inner_ready = false;
+                return ResponseFuture::called(self.inner.call(req), guard, self.classify.clone());
+            }
         }
         let idx = match self.key.key_hash(&req, &self.shared.hasher) {
             None => 0,
@@ -162,6 +268,7 @@ where
                 Some(idx) => idx,
                 None => {
                     tracing::debug!("circuit breaker table full: request goes through unguarded");
+                    self.inner_ready = false;
                     let guard = Guard::new(self.shared.share(), 0, Permit::Free, 0);
                     return ResponseFuture::called(
                         self.inner.call(req),
@@ -176,9 +283,14 @@ where
                 // The guard exists before the inner call, so a panic in `call` frees a probe
                 // slot as it unwinds.
                 let guard = Guard::new(self.shared.share(), idx, permit, start);
+                self.inner_ready = false;
                 ResponseFuture::called(self.inner.call(req), guard, self.classify.clone())
             }
-            Err(rejection) => ResponseFuture::rejected(rejection, self.classify.clone()),
+            Err(rejection) => {
+                // Refused after the inner service was made ready: give its readiness up.
+                self.release_inner();
+                ResponseFuture::rejected(rejection, self.classify.clone())
+            }
         }
     }
 }

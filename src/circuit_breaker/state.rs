@@ -18,7 +18,7 @@ use std::hash::BuildHasher;
 use std::ops::Deref;
 use std::sync::atomic::{
     AtomicU32, AtomicU64, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed},
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +27,7 @@ use super::config::{Abandoned, BreakerConfig, Window};
 use super::window::{Padded, Ring, Tally};
 use crate::clock::{duration_nanos, Clock};
 use crate::rejection::Rejection;
+use crate::util::rng::{self, Rng};
 
 const TAG_SHIFT: u32 = 62;
 const GEN_SHIFT: u32 = 48;
@@ -194,6 +195,11 @@ pub(crate) struct Breaker {
     /// made or reset). A trip before it has stayed closed for the open time it last served
     /// grows the open time; a trip after that starts again from the base open time.
     closed_at: AtomicU64,
+    /// When the latest probe of the current half-open round was admitted (written before the
+    /// compare-and-swap that takes its slot, so whoever sees the slot taken sees this time or
+    /// a later one). With every slot taken and this older than the probe time limit, every
+    /// probe in flight is overdue.
+    probe_at: AtomicU64,
     window: Ring,
 }
 
@@ -204,6 +210,7 @@ impl Breaker {
             consecutive: AtomicU32::new(0),
             reopens: AtomicU32::new(0),
             closed_at: AtomicU64::new(0),
+            probe_at: AtomicU64::new(0),
             window: Ring::new(config.window, config.slow_call.is_some()),
         }
     }
@@ -217,7 +224,7 @@ impl Breaker {
 pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) clock: Clock,
-    rng: AtomicU64,
+    rng: Rng,
     breakers: Box<[Breaker]>,
     /// Per-key table: the key hash held by each breaker (0: free). Empty for one breaker.
     keys: Box<[AtomicU64]>,
@@ -240,6 +247,22 @@ pub(crate) struct Snapshot {
     pub(crate) open_remaining: Option<Duration>,
 }
 
+impl Snapshot {
+    /// What a key with no breaker reads as: what its next request would meet, a fresh
+    /// closed breaker.
+    pub(crate) fn vacant() -> Snapshot {
+        Snapshot {
+            state: BreakerState::Closed,
+            tally: Tally::default(),
+            consecutive: 0,
+            reopens: 0,
+            probes_in_flight: 0,
+            probe_successes: 0,
+            open_remaining: None,
+        }
+    }
+}
+
 impl Shared {
     /// A layer's state: one breaker, or `max_keys` (rounded up to a power of two) when keyed.
     /// The configuration must be valid.
@@ -254,7 +277,7 @@ impl Shared {
         Shared {
             limits: Limits::new(config),
             clock: config.clock.clone(),
-            rng: AtomicU64::new(seed),
+            rng: Rng::seeded(seed),
             breakers: (0..n).map(|_| Breaker::new(config)).collect(),
             keys: if keyed {
                 (0..n).map(|_| AtomicU64::new(0)).collect()
@@ -271,20 +294,11 @@ impl Shared {
         self.clock.now_nanos()
     }
 
-    /// A uniform `u64` (SplitMix64 over one atomic counter).
-    fn next_u64(&self) -> u64 {
-        const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut z = self.rng.fetch_add(GAMMA, Relaxed).wrapping_add(GAMMA);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// The open time after `reopens` failed probe rounds: multiplied, capped, jittered.
     pub(crate) fn open_nanos(&self, reopens: u32) -> u64 {
         let l = &self.limits;
         let capped = self.grown_nanos(reopens) as f64;
-        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u = self.rng.next_f64();
         let jittered = capped * (1.0 + l.jitter * (2.0 * u - 1.0));
         (jittered as u64).max(1)
     }
@@ -303,8 +317,34 @@ impl Shared {
     #[cold]
     fn half_open_hint(&self, b: &Breaker) -> Duration {
         let next = self.open_nanos(b.reopens.load(Relaxed).saturating_add(1));
-        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u = self.rng.next_f64();
         Duration::from_nanos(((next as f64 * u) as u64).max(1))
+    }
+
+    /// The wait hint of a call refused while forced open. The breaker cannot know when it
+    /// will be reset, so the hint is the configured open time as a period to come back and
+    /// look, drawn for each caller uniformly between half and one and a half times it, so
+    /// that callers refused together do not come back together.
+    #[cold]
+    fn forced_hint(&self) -> Duration {
+        let base = self.limits.open_nanos;
+        Duration::from_nanos(
+            (base / 2)
+                .saturating_add(rng::below(self.rng.next_u64(), base))
+                .max(1),
+        )
+    }
+
+    /// How long the probes of a half-open round may be out before the round counts as
+    /// failed: the slow-call threshold when slow-call detection is on (a slow probe is a
+    /// failed probe), otherwise the open time the breaker has just served (before jitter), so
+    /// that the bound grows with the open time on each failed round.
+    #[inline]
+    fn probe_limit(&self, b: &Breaker) -> u64 {
+        self.limits
+            .slow_nanos
+            .unwrap_or_else(|| self.grown_nanos(b.reopens.load(Relaxed)))
+            .max(1)
     }
 
     /// The slot of a key hash, claiming a free one (or a healthy one when all of the key's
@@ -355,6 +395,19 @@ impl Shared {
             .find(|&s| self.keys[s].load(Acquire) == h)
     }
 
+    /// The slot of a handle's breaker now: `idx` for the layer's single breaker (`key`
+    /// `None`); for a key's handle (`key` its hash), the slot that holds the key now, if any
+    /// (a slot given to another key is never the handle's).
+    pub(crate) fn handle_slot(&self, idx: usize, key: Option<u64>) -> Option<usize> {
+        let Some(h) = key else {
+            return Some(idx);
+        };
+        if self.keys.get(idx).is_some_and(|k| k.load(Acquire) == h) {
+            return Some(idx);
+        }
+        self.find_slot(h)
+    }
+
     /// How many key slots are taken.
     pub(crate) fn keys_in_use(&self) -> usize {
         self.keys.iter().filter(|k| k.load(Relaxed) != 0).count()
@@ -373,31 +426,45 @@ impl Shared {
             };
             return Ok((Permit::Closed { gen: gen(s) }, start));
         }
-        self.admit_slow(idx, s, false)
+        self.admit_slow(idx, s)
     }
 
-    /// The rejection a call would get now, without claiming anything (no probe slot, no
-    /// transition): what `poll_ready` asks before it waits on the inner service. `None`
-    /// when a call would go through (closed, a probe slot free, or the open time over).
+    /// Whether the breaker is closed now (one load): `poll_ready` then waits on the inner
+    /// service with nothing to decide.
     #[inline]
-    pub(crate) fn refusal(&self, idx: usize) -> Option<Rejection> {
-        let s = self.breakers[idx].state.0.load(Acquire);
-        if tag(s) == CLOSED {
-            return None;
-        }
-        self.admit_slow(idx, s, true).err()
+    pub(crate) fn is_closed(&self, idx: usize) -> bool {
+        tag(self.breakers[idx].state.0.load(Acquire)) == CLOSED
     }
 
-    /// `dry`: decide only, and return a `Free` permit where a call would be admitted.
+    /// What `poll_ready` decides when the breaker is not closed, before it waits on the inner
+    /// service: a refusal, or a probe slot claimed now (`Some`, so that only the callers that
+    /// will be probes wait on the dependency's readiness), or nothing to claim (`None`: closed
+    /// again, or forced closed).
     #[cold]
-    fn admit_slow(&self, idx: usize, mut cur: u64, dry: bool) -> Result<(Permit, u64), Rejection> {
+    pub(crate) fn reserve(&self, idx: usize) -> Result<Option<(Permit, u64)>, Rejection> {
+        let s = self.breakers[idx].state.0.load(Acquire);
+        match self.admit_slow(idx, s)? {
+            (p @ Permit::Probe { .. }, start) => Ok(Some((p, start))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether a probe permit of generation `g` still belongs to the current half-open round.
+    #[inline]
+    pub(crate) fn probe_current(&self, idx: usize, g: u64) -> bool {
+        let s = self.breakers[idx].state.0.load(Acquire);
+        tag(s) == HALF_OPEN && gen(s) == g
+    }
+
+    #[cold]
+    fn admit_slow(&self, idx: usize, mut cur: u64) -> Result<(Permit, u64), Rejection> {
         let b = &self.breakers[idx];
         let mut read: Option<u64> = None;
         let mut now = || *read.get_or_insert_with(|| self.now());
         loop {
             match tag(cur) {
                 CLOSED => {
-                    let start = if self.limits.slow_nanos.is_some() && !dry {
+                    let start = if self.limits.slow_nanos.is_some() {
                         now()
                     } else {
                         0
@@ -406,9 +473,7 @@ impl Shared {
                 }
                 FORCED => {
                     return if payload(cur) == 1 {
-                        Err(Rejection::circuit_open(Duration::from_nanos(
-                            self.limits.open_nanos,
-                        )))
+                        Err(Rejection::circuit_open(self.forced_hint()).with_detail("forced open"))
                     } else {
                         Ok((Permit::Free, 0))
                     };
@@ -419,11 +484,9 @@ impl Shared {
                     if t < until {
                         return Err(Rejection::circuit_open(Duration::from_nanos(until - t)));
                     }
-                    if dry {
-                        return Ok((Permit::Free, 0));
-                    }
                     let g = gen(cur) + 1;
                     let next = pack(HALF_OPEN, g, half(1, 0));
+                    b.probe_at.store(t, Release);
                     match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
                         Ok(_) => {
                             tracing::info!(
@@ -443,20 +506,88 @@ impl Shared {
                     // Half-open.
                     let p = payload(cur);
                     let inflight = p & 0xFFFF;
+                    let t = now();
                     if inflight >= self.limits.probes {
+                        // Every slot is taken. If even the latest probe has been out longer
+                        // than the probe time limit, they all have: the round has failed
+                        // (probes that hang, or callers that made the service ready and
+                        // never called it), and the breaker opens again, for longer.
+                        let limit = self.probe_limit(b);
+                        if t.saturating_sub(b.probe_at.load(Relaxed)) >= limit {
+                            match self.reopen_overdue(idx, cur, t, limit) {
+                                Ok(until) => {
+                                    return Err(Rejection::circuit_open(Duration::from_nanos(
+                                        until.saturating_sub(t).max(1),
+                                    )));
+                                }
+                                Err(actual) => {
+                                    cur = actual;
+                                    continue;
+                                }
+                            }
+                        }
                         return Err(Rejection::circuit_open(self.half_open_hint(b))
                             .with_detail("half-open: probes in flight"));
                     }
-                    if dry {
-                        return Ok((Permit::Free, 0));
-                    }
                     let next = pack(HALF_OPEN, gen(cur), p + 1);
+                    b.probe_at.store(t, Release);
                     match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
-                        Ok(_) => return Ok((Permit::Probe { gen: gen(cur) }, now())),
+                        Ok(_) => return Ok((Permit::Probe { gen: gen(cur) }, t)),
                         Err(actual) => cur = actual,
                     }
                 }
             }
+        }
+    }
+
+    /// Fails a half-open round whose probes are all overdue: opens the breaker again, for
+    /// longer, as a failed probe would. The end of the new open time, or the state word found
+    /// instead.
+    #[cold]
+    fn reopen_overdue(&self, idx: usize, cur: u64, now: u64, limit: u64) -> Result<u64, u64> {
+        let b = &self.breakers[idx];
+        let reopens = b.reopens.load(Relaxed).saturating_add(1);
+        let open = self.open_nanos(reopens);
+        let until = open_until(now, open);
+        let next = pack(OPEN, gen(cur) + 1, until);
+        b.state.0.compare_exchange(cur, next, AcqRel, Acquire)?;
+        b.reopens.store(reopens, Relaxed);
+        tracing::warn!(
+            breaker = idx,
+            from = "half-open",
+            to = "open",
+            probes_in_flight = payload(cur) & 0xFFFF,
+            probe_limit_ms = limit / 1_000_000,
+            reopens,
+            open_ms = open / 1_000_000,
+            "circuit breaker reopened: its probes are overdue"
+        );
+        Ok(until.saturating_mul(1000))
+    }
+
+    /// Records a call admitted while closed and abandoned (its future dropped) under the
+    /// [`Abandoned::Ignore`] policy: neither success nor failure, but a slow call when it has
+    /// run at least the slow-call threshold (a hang that a timeout above cut short is the
+    /// slowest of calls). Counted in the window only; the consecutive failures are left as
+    /// they are. Nothing without slow-call detection.
+    #[cold]
+    pub(crate) fn record_abandoned(&self, idx: usize, g: u64, start: u64) {
+        let l = &self.limits;
+        let Some(threshold) = l.slow_nanos else {
+            return;
+        };
+        let b = &self.breakers[idx];
+        let s = b.state.0.load(Acquire);
+        if s != pack(CLOSED, g, 0) {
+            return;
+        }
+        let now = self.now();
+        if now.saturating_sub(start) < threshold {
+            return;
+        }
+        let tally = b.window.record(now, false, true, l.min_calls);
+        if let Some(reason) = tally.and_then(|t| l.rate_trips(t)) {
+            self.trip(idx, s, now, reason, tally, b.consecutive.load(Relaxed));
         }
     }
 
@@ -649,24 +780,35 @@ impl Shared {
         }
     }
 
-    fn store(&self, idx: usize, tag_: u64, payload_: u64, what: &'static str) {
-        self.set(idx, tag_, payload_);
-        tracing::info!(
-            breaker = idx,
-            to = what,
-            "circuit breaker set by its handle"
-        );
+    fn store(&self, idx: usize, key: Option<u64>, tag_: u64, payload_: u64, what: &'static str) {
+        if self.set(idx, key, tag_, payload_) {
+            tracing::info!(
+                breaker = idx,
+                to = what,
+                "circuit breaker set by its handle"
+            );
+        }
     }
 
     /// Closes a breaker under a new generation and clears its window and counters, quietly.
     fn clear(&self, idx: usize) {
-        self.set(idx, CLOSED, 0);
+        self.set(idx, None, CLOSED, 0);
     }
 
-    fn set(&self, idx: usize, tag_: u64, payload_: u64) {
+    /// Moves breaker `idx` to a new state, and clears its window and counters. With `key`
+    /// (a key's hash), only while the slot holds that key. A slot given to another key gets
+    /// its new key first and is then cleared under a new generation (`slot_for`), so a
+    /// compare-and-swap from a state word read before the reuse either fails (the clear came
+    /// first; the key is read again and is not ours) or lands before the clear, which then
+    /// undoes it: the new key's breaker keeps no state set through another key's handle.
+    /// `false` when it did nothing.
+    fn set(&self, idx: usize, key: Option<u64>, tag_: u64, payload_: u64) -> bool {
         let b = &self.breakers[idx];
         let mut s = b.state.0.load(Acquire);
         loop {
+            if key.is_some_and(|h| self.keys[idx].load(Acquire) != h) {
+                return false;
+            }
             let next = pack(tag_, gen(s) + 1, payload_);
             match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
                 Ok(_) => break,
@@ -677,18 +819,19 @@ impl Shared {
         b.consecutive.store(0, Relaxed);
         b.reopens.store(0, Relaxed);
         b.closed_at.store(0, Relaxed);
+        true
     }
 
-    pub(crate) fn force_open(&self, idx: usize) {
-        self.store(idx, FORCED, 1, "forced-open");
+    pub(crate) fn force_open(&self, idx: usize, key: Option<u64>) {
+        self.store(idx, key, FORCED, 1, "forced-open");
     }
 
-    pub(crate) fn force_closed(&self, idx: usize) {
-        self.store(idx, FORCED, 0, "forced-closed");
+    pub(crate) fn force_closed(&self, idx: usize, key: Option<u64>) {
+        self.store(idx, key, FORCED, 0, "forced-closed");
     }
 
-    pub(crate) fn reset(&self, idx: usize) {
-        self.store(idx, CLOSED, 0, "closed");
+    pub(crate) fn reset(&self, idx: usize, key: Option<u64>) {
+        self.store(idx, key, CLOSED, 0, "closed");
     }
 
     pub(crate) fn snapshot(&self, idx: usize) -> Snapshot {
@@ -797,7 +940,7 @@ impl Owner {
             let s = pool.swap_remove(i);
             drop(pool);
             let seed = config.seed.unwrap_or_else(|| s.hasher.hash_one(0x5eed_u64));
-            s.rng.store(seed, Relaxed);
+            s.rng.reseed(seed);
             return Some(s);
         }
         drop(pool);
@@ -1098,6 +1241,79 @@ mod tests {
         s.release_probe(0, gen);
         s.record_probe(0, gen, true);
         assert_eq!(s.snapshot(0).state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn probes_all_overdue_fail_their_round_and_the_open_time_grows() {
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(1)
+                .open_time(Duration::from_secs(1))
+                .jitter(0.0)
+                .half_open_probes(2),
+        );
+        call(&s, true).unwrap();
+        hand.advance(Duration::from_secs(1));
+        let (a, _) = s.admit(0).unwrap();
+        hand.advance(Duration::from_millis(600));
+        let (b, _) = s.admit(0).unwrap();
+        assert!(matches!(a, Permit::Probe { .. }) && a == b);
+        // The first probe is 1 s old, the latest 400 ms: not every probe is overdue yet.
+        hand.advance(Duration::from_millis(400));
+        let r = s.admit(0).unwrap_err();
+        assert_eq!(r.detail(), Some("half-open: probes in flight"));
+        assert_eq!(s.snapshot(0).state, BreakerState::HalfOpen);
+        // Both past the open time just served (1 s): the round has failed.
+        hand.advance(Duration::from_millis(600));
+        let r = s.admit(0).unwrap_err();
+        assert_eq!(r.retry_after(), Some(Duration::from_secs(2)));
+        let snap = s.snapshot(0);
+        assert_eq!((snap.state, snap.reopens), (BreakerState::Open, 1));
+        // The probes that hung answer at last: they belong to an earlier round.
+        let Permit::Probe { gen } = a else {
+            unreachable!()
+        };
+        s.record_probe(0, gen, false);
+        s.record_probe(0, gen, false);
+        assert_eq!(s.snapshot(0).state, BreakerState::Open);
+        // The next round's limit is the grown open time, 2 s.
+        hand.advance(Duration::from_secs(2));
+        s.admit(0).unwrap();
+        s.admit(0).unwrap();
+        hand.advance(Duration::from_millis(1999));
+        assert!(s.admit(0).is_err());
+        assert_eq!(s.snapshot(0).state, BreakerState::HalfOpen);
+        hand.advance(Duration::from_millis(1));
+        assert!(s.admit(0).is_err());
+        assert_eq!(s.snapshot(0).reopens, 2);
+    }
+
+    #[test]
+    fn an_abandoned_slow_call_counts_as_slow_but_not_as_a_success() {
+        let (s, hand) = shared(
+            BreakerConfig::slow_call_rate(1.0, Duration::from_millis(100))
+                .window(10)
+                .minimum_calls(3)
+                .or_consecutive_failures(3),
+        );
+        call(&s, true).unwrap();
+        call(&s, true).unwrap();
+        // Abandoned before the threshold: nothing. After it: a slow call, and the run of
+        // failures is not broken.
+        let (Permit::Closed { gen }, start) = s.admit(0).unwrap() else {
+            unreachable!()
+        };
+        hand.advance(Duration::from_millis(99));
+        s.record_abandoned(0, gen, start);
+        let (Permit::Closed { gen }, start) = s.admit(0).unwrap() else {
+            unreachable!()
+        };
+        hand.advance(Duration::from_millis(100));
+        s.record_abandoned(0, gen, start);
+        let snap = s.snapshot(0);
+        assert_eq!((snap.tally.calls, snap.tally.slow), (3, 1));
+        assert_eq!(snap.consecutive, 2);
+        call(&s, true).unwrap();
+        assert_eq!(s.snapshot(0).state, BreakerState::Open);
     }
 
     #[test]

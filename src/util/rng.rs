@@ -47,6 +47,11 @@ impl Rng {
         }
     }
 
+    /// Starts the sequence again from `seed` (a pooled state taken by a new layer).
+    pub(crate) fn reseed(&self, seed: u64) {
+        self.state.store(seed, Ordering::Relaxed);
+    }
+
     /// A uniform `u64`; concurrent draws take different values of the sequence.
     #[inline]
     pub(crate) fn next_u64(&self) -> u64 {
