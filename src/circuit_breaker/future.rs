@@ -176,10 +176,13 @@ impl<F, C> ResponseFuture<F, C> {
     }
 
     pub(crate) fn rejected(rejection: Rejection, classify: C) -> Self {
+        Self::refused(rejection.into(), classify)
+    }
+
+    /// A refusal already made into its error.
+    pub(crate) fn refused(err: BoxError, classify: C) -> Self {
         ResponseFuture {
-            state: State::Rejected {
-                err: Some(rejection.into()),
-            },
+            state: State::Rejected { err: Some(err) },
             guard: None,
             classify,
         }

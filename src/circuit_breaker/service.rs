@@ -9,7 +9,6 @@ use super::future::{Guard, Reserved, ResponseFuture};
 use super::layer::{BreakerKey, Single};
 use super::state::{Owner, Permit};
 use crate::classify::{Classify, ErrorsOnly};
-use crate::rejection::Rejection;
 
 /// A service guarded by a circuit breaker; made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
@@ -60,8 +59,9 @@ pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
     shared: Arc<Owner>,
     classify: C,
     key: K,
-    /// The refusal `poll_ready` decided without making the inner service ready.
-    refused: Option<Rejection>,
+    /// The refusal `poll_ready` decided without making the inner service ready, as the error
+    /// it becomes (two words: `poll_ready` and `call` write and read it on every call).
+    refused: Option<BoxError>,
     /// The half-open probe slot `poll_ready` claimed before waiting on the inner service.
     reserved: Option<Reserved>,
     /// The inner service has been made ready and not called since: a refusal must give up
@@ -189,7 +189,7 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
             self.reserved = None;
             match self.shared.reserve(0) {
                 Err(rejection) => {
-                    self.refused = Some(rejection);
+                    self.refused = Some(rejection.into());
                     self.release_inner();
                     return Poll::Ready(Ok(()));
                 }
@@ -251,10 +251,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(rejection) = self.refused.take() {
+        if let Some(err) = self.refused.take() {
             // The inner service was not made ready (or gave its readiness up): the refusal
             // stands.
-            return ResponseFuture::rejected(rejection, self.classify.clone());
+            return ResponseFuture::refused(err, self.classify.clone());
         }
         if self.reserved.is_some() {
             if let Some(guard) = self.take_probe() {
