@@ -163,7 +163,7 @@ async fn default_store_keeps_up_with_one_caller_at_one_request_every_ten_seconds
 /// sends, read before the handler checks it, and 4xx answers are stored for 24 h like any
 /// other. An unauthenticated client that sends a fresh made-up token with each request gets
 /// one fresh scope per request, each holding one stored 401: the share never applies, and the
-/// store fills (100,000 requests, a quarter of an hour at the README's 100 requests a second
+/// store fills (100,000 requests, about 17 minutes at the README's 100 requests a second
 /// per address). Every authenticated caller's new key is then refused with 503 for a day.
 #[tokio::test(start_paused = true)]
 #[ignore = "defect: forged Authorization values bypass the scope share and fill the store with stored 401s"]
