@@ -158,7 +158,7 @@ async fn default_store_keeps_up_with_one_caller_at_one_request_every_ten_seconds
     assert_eq!(app.runs(), 8_640);
 }
 
-/// DEFECT (security/availability): the per-scope share is meant to stop one tenant filling the
+/// Was a defect (security/availability): the per-scope share is meant to stop one tenant filling the
 /// store for all, but the default scope is a digest of whatever `Authorization` the client
 /// sends, read before the handler checks it, and 4xx answers are stored for 24 h like any
 /// other. An unauthenticated client that sends a fresh made-up token with each request gets
@@ -166,7 +166,6 @@ async fn default_store_keeps_up_with_one_caller_at_one_request_every_ten_seconds
 /// store fills (100,000 requests, about 17 minutes at the README's 100 requests a second
 /// per address). Every authenticated caller's new key is then refused with 503 for a day.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: forged Authorization values bypass the scope share and fill the store with stored 401s"]
 async fn forged_credentials_cannot_fill_the_store_for_every_caller() {
     let app = App::new();
     let svc = IdempotencyLayer::new(store()).layer(app.service());
@@ -248,14 +247,13 @@ async fn lowering_the_ttl_at_run_time_lets_expired_records_make_room() {
     }
 }
 
-/// DEFECT (correctness, default): the crate's rule is to refuse rather than run twice, but a
+/// Was a defect (correctness, default): the crate's rule is to refuse rather than run twice, but a
 /// first request dropped while its handler runs (the client's timeout, a disconnect, a
 /// `Timeout` layer above) releases its key at once by default. The handler may already have
 /// had its effect (the row is written, the payment sent): the client's retry, which the
 /// idempotency key exists to make safe, runs it a second time. `keep_lease_on_drop` is the
 /// safe form, but it is not the default.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: by default a request dropped mid-handler frees its key, and the retry runs the handler again"]
 async fn a_retry_after_the_client_gave_up_mid_handler_does_not_run_it_again() {
     let app = App::new();
     let mut svc = IdempotencyLayer::new(store()).layer(app.service());
@@ -280,41 +278,72 @@ async fn a_retry_after_the_client_gave_up_mid_handler_does_not_run_it_again() {
         "the retry ran the handler again (it got {:?})",
         out.map(|r| r.status()).map_err(|e| kind(&e))
     );
+    let err = out.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight);
+    // The hint covers the lease's time left (60 s by default), jittered up to half as much.
+    let after = Rejection::find(&*err)
+        .unwrap()
+        .retry_after()
+        .expect("a Retry-After");
+    assert!(
+        after >= Duration::from_secs(60) && after <= Duration::from_secs(90),
+        "{after:?}"
+    );
+    // Once the lease has expired the key is free again: the request runs (once).
+    tokio::time::advance(after).await;
+    let late = post("pay-1")
+        .header("authorization", "Bearer alice")
+        .body(Body::from("{\"amount\":100}"))
+        .unwrap();
+    assert_eq!(svc.clone().oneshot(late).await.unwrap().status(), 201);
+    assert_eq!(app.runs(), 2);
 }
 
-/// DEFECT (docs/cooperation): the module docs place this layer *outside* the rate limiter and
-/// backpressure ("a replay costs no handler work, so it should not spend the client's rate"),
-/// but the README's server stack (and the lib docs' copy of it) puts it innermost, below both
-/// rate limits and the backpressure. A client retrying a request that completed (what the key
-/// is for) is refused 429 instead of getting its stored response.
+/// Was a defect (docs/cooperation): the module docs placed this layer *outside* the rate
+/// limiter and backpressure ("a replay costs no handler work, so it should not spend the
+/// client's rate"), but the README's server stack (and the lib docs' copy of it) put it
+/// innermost, below both rate limits and the backpressure: a client retrying a request that
+/// completed (what the key is for) was refused 429 instead of getting its stored response.
+/// This is the README's stack, in its order (with a per-key quota of one request a second):
+/// the retry is replayed, and the per-key limit still protects the handler from new work.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: the README stack rate-limits replays, against the module docs' placement"]
 async fn readme_server_stack_replays_without_spending_the_clients_rate() {
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+    use tower_bulwark::rate_limit::KeyedConfig;
+
     let app = App::new();
     let svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
         .layer(RateLimitLayer::keyed(
-            Quota::per_second(1).unwrap().burst(1).unwrap(),
-            key::Header::new("x-api-key"),
+            Quota::per_second(100).unwrap().burst(200).unwrap(),
+            key::ClientIp::new(),
         ))
-        .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
         .layer(
             IdempotencyLayer::builder(store())
                 .scope_by_header("x-api-key")
                 .build()
                 .unwrap(),
         )
+        .layer(RateLimitLayer::keyed(
+            KeyedConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap()).clock(Clock::tokio()),
+            key::Header::new("x-api-key"),
+        ))
+        .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
         .service(app.service());
-    let order = || {
-        post("order-7")
+    let order = |k: &str| {
+        let mut req = post(k)
             .header("x-api-key", "key-of-alice")
             .body(Body::from("{}"))
-            .unwrap()
+            .unwrap();
+        let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
     };
-    let first = svc.clone().oneshot(order()).await.unwrap();
+    let first = svc.clone().oneshot(order("order-7")).await.unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
     // The response was lost on the way: the client retries with the same key.
-    let again = svc.clone().oneshot(order()).await.unwrap();
+    let again = svc.clone().oneshot(order("order-7")).await.unwrap();
     assert_eq!(
         again.status(),
         StatusCode::CREATED,
@@ -322,15 +351,24 @@ async fn readme_server_stack_replays_without_spending_the_clients_rate() {
     );
     assert_eq!(again.headers()[IDEMPOTENT_REPLAYED], "true");
     assert_eq!(app.runs(), 1);
+    // New work still meets the caller's limit: a new key within the second is refused, and
+    // its key released, so that it runs once the limit allows.
+    let next = svc.clone().oneshot(order("order-8")).await.unwrap();
+    assert_eq!(next.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(app.runs(), 1);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let next = svc.clone().oneshot(order("order-8")).await.unwrap();
+    assert_eq!(next.status(), StatusCode::CREATED);
+    assert_eq!(next.headers().get(IDEMPOTENT_REPLAYED), None);
+    assert_eq!(app.runs(), 2);
 }
 
-/// DEFECT (docs/stats, minor): the docs say requests that carry none of the credentials the
+/// Was a defect (docs/stats, minor): the docs say requests that carry none of the credentials the
 /// scope reads are one anonymous caller, counted in `IdempotencyStats::anonymous` and warned
 /// about. An `Authorization` header with an empty value carries no credentials either, and
 /// every client that sends one shares one scope (each can be replayed another's response), but
 /// it is neither counted nor warned about.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: an empty Authorization is a shared scope that is neither counted as anonymous nor warned about"]
 async fn an_empty_authorization_is_counted_as_anonymous() {
     let app = App::new();
     let layer = IdempotencyLayer::new(store());
@@ -352,14 +390,13 @@ async fn an_empty_authorization_is_counted_as_anonymous() {
     assert_eq!(handle.stats().anonymous, 2, "{:?}", handle.stats());
 }
 
-/// DEFECT (robustness, minor): a response that carries more than 24,576 header values (one
+/// Was a defect (robustness, minor): a response that carries more than 24,576 header values (one
 /// name repeated: `Link`, `Server-Timing`, a proxied upstream's headers) panics the layer when
 /// it stores the response: `stored_headers` sizes its map with `HeaderMap::with_capacity` of
 /// the value count, which panics past what a map's index holds. A `HeaderMap` holds any number
 /// of values of one name, so such a response is valid; the handler has run, the client gets a
 /// dropped connection.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a response with > 24,576 header values panics the layer in stored_headers"]
 async fn a_response_with_many_header_values_does_not_panic_the_layer() {
     let app = App::new();
     let svc = IdempotencyLayer::new(store()).layer(app.service());
@@ -367,10 +404,60 @@ async fn a_response_with_many_header_values_does_not_panic_the_layer() {
         .header("x-values", "25000")
         .body(Body::from("{}"))
         .unwrap();
-    let out = tokio::spawn(svc.oneshot(req)).await;
+    let out = tokio::spawn(svc.clone().oneshot(req)).await;
     let res = out.expect("the layer panicked").expect("a response");
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(res.headers().get_all("link").iter().count(), 25_000);
+    let _ = res.into_body().collect().await.unwrap();
+    // Such a head is not kept; the request has run, so a repeat is refused, never run again.
+    let again = post("k")
+        .header("x-values", "25000")
+        .body(Body::from("{}"))
+        .unwrap();
+    let err = svc.oneshot(again).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyResponseNotStored);
+    assert_eq!(app.runs(), 1);
+}
+
+/// Replays count against `max_buffered_bytes` with the memory store too, while their bodies
+/// are held, and give the room back when read or dropped.
+#[tokio::test(start_paused = true)]
+async fn replays_from_memory_stay_within_max_buffered_bytes() {
+    let app = App::new();
+    let layer = IdempotencyLayer::builder(store())
+        .max_request_body(1 << 10)
+        .max_response_body(64 << 10)
+        .max_buffered_bytes(80 << 10)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(app.service());
+    let export = || {
+        post("export-1")
+            .header("authorization", "Bearer alice")
+            .header("x-size", (60 << 10).to_string())
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(export()).await.unwrap();
+    let _ = first.into_body().collect().await.unwrap();
+    assert_eq!(handle.stats().buffered_bytes, 0);
+    let held = svc.clone().oneshot(export()).await.unwrap();
+    assert_eq!(held.headers()[IDEMPOTENT_REPLAYED], "true");
+    assert_eq!(handle.stats().buffered_bytes, 60 << 10);
+    let err = svc.clone().oneshot(export()).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::Overloaded);
+    assert!(Rejection::find(&*err).unwrap().retry_after().is_some());
+    assert_eq!(handle.stats().buffer_rejected, 1);
+    // Read: the room is back, and the next replay fits.
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 60 << 10);
+    assert_eq!(handle.stats().buffered_bytes, 0);
+    let dropped = svc.clone().oneshot(export()).await.unwrap();
+    assert_eq!(handle.stats().buffered_bytes, 60 << 10);
+    drop(dropped);
+    assert_eq!(handle.stats().buffered_bytes, 0);
+    assert_eq!(app.runs(), 1);
 }
 
 /// DEFECT (availability): a record completed into a nearly full `MemoryStore` whose shard's
@@ -439,7 +526,7 @@ fn records_completed_into_a_full_store_are_reclaimed_once_expired() {
     }
 }
 
-/// DEFECT (fidelity, HTTP/1.1): the layer buffers a keyed response and hands it on as a body
+/// Was a defect (fidelity, HTTP/1.1): the layer buffers a keyed response and hands it on as a body
 /// of exact size, with its trailers after the data; the record keeps the trailers and strips
 /// the `Trailer` header as hop-by-hop (RFC 9110 makes it an end-to-end field). hyper sends
 /// trailers on HTTP/1.1 only on a chunked body whose `Trailer` header names them: with an
@@ -447,7 +534,6 @@ fn records_completed_into_a_full_store_are_reclaimed_once_expired() {
 /// response's trailers (a checksum, a final status) on the first run already, and on every
 /// replay. Without the layer the same handler's trailers arrive.
 #[tokio::test]
-#[ignore = "defect: over HTTP/1.1 a keyed response (first run and replay) loses its trailers"]
 async fn keyed_responses_over_http1_keep_their_trailers() {
     use axum::routing::post as route_post;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -525,7 +611,7 @@ mod redis_store {
             .unwrap()
     }
 
-    /// DEFECT (memory): `max_buffered_bytes` bounds "the bytes all keyed requests buffer at
+    /// Was a defect (memory): `max_buffered_bytes` bounds "the bytes all keyed requests buffer at
     /// once", and the issue asks for a bound on bytes buffered in flight whatever the layer's
     /// position. But replays reserve nothing, and with `RedisStore` each replay is a fresh
     /// copy of the record (decoded from the reply into a buffer of its own) held until the
@@ -534,7 +620,6 @@ mod redis_store {
     /// copies as they like. Here 20 unread replays of a 60 KiB response (1.2 MiB) are all
     /// admitted against a bound of 80 KiB, and the layer reports 0 bytes buffered.
     #[tokio::test]
-    #[ignore = "defect: Redis replays are copies that max_buffered_bytes does not count; unread replays are unbounded"]
     async fn replays_from_redis_stay_within_max_buffered_bytes() {
         let server = server_or_skip!("replays_from_redis_stay_within_max_buffered_bytes");
         let c = conn(&server.url()).await;
