@@ -49,8 +49,9 @@
 //! between its retries).
 //!
 //! **Callers without credentials share one scope.** Requests that carry none of the
-//! credentials the scope reads (by default, no `Authorization`) are all one anonymous caller
-//! to the layer: one of them can be replayed another's response. The layer counts them
+//! credentials the scope reads (by default, no `Authorization`, or an empty one) are all one
+//! anonymous caller to the layer: one of them can be replayed another's response. The layer
+//! counts them
 //! ([`IdempotencyStats::anonymous`]) and warns once (`tracing`) when it meets the first. If
 //! your callers authenticate otherwise (an API-key header, a session cookie, mTLS), say how:
 //!

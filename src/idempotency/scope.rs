@@ -4,8 +4,8 @@
 //! (where gRPC carries its `authorization` metadata too), so that two callers never share a
 //! record: a stranger who sends another caller's key and payload gets neither that caller's
 //! response, nor a 409, nor a 422. Named headers (an API key) and a named cookie (a session)
-//! can be added to the credentials. A request that carries none of them has no scope of its
-//! own: all such requests share one anonymous key space.
+//! can be added to the credentials. A request that carries none of them (or only empty
+//! values) has no scope of its own: all such requests share one anonymous key space.
 
 use std::fmt;
 use std::sync::Arc;
