@@ -52,18 +52,20 @@ fn stacked() -> Router {
     Router::new().route("/", get(|| async { "hello" })).layer(
         ServiceBuilder::new()
             .layer(RejectionLayer::http())
-            .layer(RateLimitLayer::keyed(
-                generous,
-                key::Header::new("x-api-key"),
-            ))
-            .layer(BackpressureLayer::new(1 << 16))
-            // Keys scoped by caller (a digest of `Authorization` and of `x-api-key`).
+            // The README's order: idempotency above the caller's limit and backpressure, so
+            // that replays spend neither. Keys scoped by caller (a digest of `Authorization`
+            // and of `x-api-key`).
             .layer(
                 IdempotencyLayer::builder(MemoryStore::default())
                     .scope_by_header("x-api-key")
                     .build()
                     .unwrap(),
-            ),
+            )
+            .layer(RateLimitLayer::keyed(
+                generous,
+                key::Header::new("x-api-key"),
+            ))
+            .layer(BackpressureLayer::new(1 << 16)),
     )
 }
 

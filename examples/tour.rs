@@ -1,5 +1,5 @@
 //! A tour of tower-bulwark: starts a real Axum server on 127.0.0.1 (a free port) with the
-//! server layers (RejectionLayer, rate limit, backpressure, idempotency), drives it with a
+//! server layers (RejectionLayer, rate limit, idempotency, backpressure), drives it with a
 //! client stack (retry + circuit breaker around hyper-util's client, itself a Tower service)
 //! against routes that are limited, slow, flaky and idempotent, and prints what each layer did.
 //!
@@ -201,8 +201,18 @@ async fn start_server() -> Result<Server, Error> {
 
     // POST /orders: each Idempotency-Key runs once; repeats get the stored response. Keys are
     // scoped by caller, by a digest of the `Authorization` header (the layer's default) and of
-    // the `x-api-key` header: one caller never receives another's stored response.
+    // the `x-api-key` header: one caller never receives another's stored response. The stack
+    // is the README's order: a limit per client address above idempotency, and below it the
+    // limit that protects the handler (here one for the route, 20 per second) and
+    // backpressure, so that a retry of a completed order gets its replay without spending
+    // either.
     let orders_route = post(create_order);
+    let orders_by_ip = RateLimitLayer::keyed(
+        Quota::per_second(50)?,
+        ClientIp::new().peer_addr(|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())),
+    );
+    let orders_limit = RateLimitLayer::new(Quota::per_second(20)?);
+    let orders_backpressure = BackpressureLayer::new(16).max_wait(Duration::from_millis(50));
     #[cfg(feature = "redis")]
     let redis_orders = match redis.as_ref() {
         Some(conn) => {
@@ -228,7 +238,10 @@ async fn start_server() -> Result<Server, Error> {
                         lossy_gateway,
                     ))
                     .layer(RejectionLayer::http())
-                    .layer(layer),
+                    .layer(orders_by_ip)
+                    .layer(layer)
+                    .layer(orders_limit)
+                    .layer(orders_backpressure),
             ),
         ),
         _ => {
@@ -244,7 +257,10 @@ async fn start_server() -> Result<Server, Error> {
                             lossy_gateway,
                         ))
                         .layer(RejectionLayer::http())
-                        .layer(layer),
+                        .layer(orders_by_ip)
+                        .layer(layer)
+                        .layer(orders_limit)
+                        .layer(orders_backpressure),
                 ),
             )
         }

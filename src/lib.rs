@@ -19,14 +19,19 @@
 //!
 //! # A server stack
 //!
-//! Outermost first: rejections become responses; the rate limits refuse excess at once, per
-//! client address first (the `x-api-key` header is the client's to choose, read before any
+//! Outermost first: rejections become responses; the per-address rate limit refuses excess at
+//! once, before any other work; idempotency runs each `Idempotency-Key` once per caller and
+//! replays its stored response to the caller's retries (keys are scoped by the request's
+//! `Authorization` header, here with its `x-api-key` header too, so one caller never receives
+//! another's stored response; callers without any credentials would share one scope); then
+//! the per-key rate limit (the `x-api-key` header is the client's to choose, read before any
 //! authentication: a client rotating its values would get a fresh burst each time, so it is
-//! only a second limit, behind the per-address one);
-//! backpressure bounds the work in flight; idempotency runs each `Idempotency-Key` once per
-//! caller (keys are scoped by the request's `Authorization` header, here with its `x-api-key`
-//! header too, so one caller never receives another's stored response; callers without any
-//! credentials would share one scope).
+//! only a second limit, behind the per-address one) and backpressure protect the handler.
+//! Idempotency sits above them so that a retry of a completed request gets its replay, not a
+//! 429 or a 503; a request they refuse releases its key. Replays are cheap but not free: the
+//! per-address limit above bounds how fast one client can ask for them, and the layer's
+//! `max_buffered_bytes` how many bytes of them are held at once (see the
+//! [idempotency module](idempotency#where-to-place-this-layer)).
 //!
 //! ```
 //! use std::time::Duration;
@@ -43,23 +48,26 @@
 //! let app: Router = Router::new().route("/orders", post(create_order)).layer(
 //!     ServiceBuilder::new()
 //!         .layer(RejectionLayer::http()) // Rejection -> 429/503/409/422/400 response
-//!         // Per client address (feature `axum`: the address Axum records when served with
-//!         // `into_make_service_with_connect_info::<SocketAddr>()`), then per API key.
+//!         // Per client address first (feature `axum`: the address Axum records when served
+//!         // with `into_make_service_with_connect_info::<SocketAddr>()`).
 //!         .layer(RateLimitLayer::keyed(
 //!             Quota::per_second(100)?.burst(200)?,
 //!             key::ClientIp::new(),
 //!         ))
-//!         .layer(RateLimitLayer::keyed(
-//!             Quota::per_second(100)?.burst(200)?,
-//!             key::Header::new("x-api-key"),
-//!         ))
-//!         .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50)))
-//!         // Keys scoped by caller: a digest of `Authorization` and of the `x-api-key` header.
+//!         // Then idempotency: a retry of a completed request is replayed without spending
+//!         // the caller's rate. Keys scoped by caller: a digest of `Authorization` and of
+//!         // the `x-api-key` header.
 //!         .layer(
 //!             IdempotencyLayer::builder(MemoryStore::default())
 //!                 .scope_by_header("x-api-key")
 //!                 .build()?,
-//!         ),
+//!         )
+//!         // Then the caller's limit and the bound on work in flight, before the handler.
+//!         .layer(RateLimitLayer::keyed(
+//!             Quota::per_second(100)?.burst(200)?,
+//!             key::Header::new("x-api-key"),
+//!         ))
+//!         .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50))),
 //! );
 //! # Ok(()) }
 //! ```

@@ -9,7 +9,7 @@
 //! | rate limited | 429, `Retry-After`, `RateLimit`, `RateLimit-Policy` | `RESOURCE_EXHAUSTED`, `grpc-retry-pushback-ms` |
 //! | overloaded | 503, `Retry-After` | `UNAVAILABLE` |
 //! | circuit open | 503, `Retry-After` | `UNAVAILABLE` |
-//! | idempotency key in flight | 409 | `ABORTED` |
+//! | idempotency key in flight | 409, `Retry-After` | `ABORTED`, `grpc-retry-pushback-ms` |
 //! | idempotency key reused with another payload | 422 | `FAILED_PRECONDITION` |
 //! | idempotency key missing or malformed | 400 | `INVALID_ARGUMENT` |
 //! | body too large | 413 | `RESOURCE_EXHAUSTED` |

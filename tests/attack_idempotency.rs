@@ -734,7 +734,8 @@ async fn held_authorization_variants_never_share_a_scope() {
             vec![("authorization", b"Bearer x")],
             vec![("authorization", b"Bearer  x")],
         ),
-        (vec![("authorization", b"")], vec![]),
+        // (An empty `Authorization` is no credentials: anonymous, as without the header;
+        // `an_empty_authorization_is_counted_as_anonymous` checks it.)
         (
             vec![("authorization", b"x")],
             vec![("proxy-authorization", b"x")],
@@ -897,22 +898,47 @@ async fn held_fingerprint() {
     assert_eq!(app.runs(), 1);
 }
 
-/// A handler that panics: once the panic is caught above, the key is not stuck.
+/// A handler that panics: once the panic is caught above, the key is not stuck. By default
+/// (the handler may have had its effect before it panicked) it is refused until the lease
+/// expires, then runs; with `release_on_drop(true)` it is free at once.
 #[tokio::test(start_paused = true)]
 async fn held_handler_panic_releases_the_key() {
     let app = App::new();
-    let svc = builder().build().unwrap().layer(app.service());
-    let r = post("p-1")
-        .header("x-panic", "1")
-        .body(Body::from("{}"))
-        .unwrap();
-    let caught = std::panic::AssertUnwindSafe(svc.clone().oneshot(r))
+    let lease = Duration::from_secs(5);
+    let svc = builder()
+        .lease_ttl(lease)
+        .build()
+        .unwrap()
+        .layer(app.service());
+    let panics = || {
+        post("p-1")
+            .header("x-panic", "1")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let caught = std::panic::AssertUnwindSafe(svc.clone().oneshot(panics()))
+        .catch_unwind()
+        .await;
+    assert!(caught.is_err());
+    let err = svc.clone().oneshot(req("p-1", "{}")).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight);
+    tokio::time::advance(lease).await;
+    let res = svc.clone().oneshot(req("p-1", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(app.runs(), 2);
+
+    let svc = builder()
+        .release_on_drop(true)
+        .build()
+        .unwrap()
+        .layer(app.service());
+    let caught = std::panic::AssertUnwindSafe(svc.clone().oneshot(panics()))
         .catch_unwind()
         .await;
     assert!(caught.is_err());
     let res = svc.clone().oneshot(req("p-1", "{}")).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
-    assert_eq!(app.runs(), 2);
+    assert_eq!(app.runs(), 4);
 }
 
 /// A response body that fails midway under the cap: the partial body is never replayed and
@@ -933,14 +959,16 @@ async fn held_partial_body_is_never_replayed() {
     assert_eq!(app.runs(), 2);
 }
 
-/// A dropped request before and during the handler: the key is free at once, and a repeat
-/// never runs concurrently with a live first request (409).
+/// A request dropped during the handler: with `release_on_drop(true)` the key is free at once
+/// (by default it is kept until the lease expires: `a_retry_after_the_client_gave_up_mid_handler_
+/// does_not_run_it_again`), and a repeat never runs concurrently with a live first request
+/// (409).
 #[tokio::test(start_paused = true)]
 async fn held_in_flight_repeat_is_409_and_drop_frees() {
     let app = App::new();
     let svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
-        .layer(builder().build().unwrap())
+        .layer(builder().release_on_drop(true).build().unwrap())
         .service(app.service());
     let gated = || {
         post("if-1")

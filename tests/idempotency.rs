@@ -690,7 +690,10 @@ fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> Poll<F::Output> {
 #[tokio::test(start_paused = true)]
 async fn dropped_first_request_frees_the_key_at_every_await_point() {
     let app = App::new();
-    let layer = builder().build().unwrap();
+    // Releasing on drop is an opt-in (by default a request dropped in its handler keeps its
+    // lease until it expires: `a_retry_after_the_client_gave_up_mid_handler_does_not_run_it_
+    // again`); this is what it frees, and what it never frees.
+    let layer = builder().release_on_drop(true).build().unwrap();
     let store = layer.store().clone();
     let svc = layer.layer(app.service());
 
@@ -746,26 +749,41 @@ async fn dropped_first_request_frees_the_key_at_every_await_point() {
 #[tokio::test(start_paused = true)]
 async fn dropped_in_a_spawned_task_by_a_timeout_frees_the_key() {
     let app = App::new();
+    let gated = || {
+        post("to", "{}")
+            .header("x-gate", "1")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    // By default the key of a request timed out in its handler is kept until its lease expires.
     let svc = ServiceBuilder::new()
         .timeout(Duration::from_millis(100))
         .layer(builder().build().unwrap())
         .service(app.service());
-    let gated = post("to", "{}")
-        .header("x-gate", "1")
-        .body(Body::from("{}"))
-        .unwrap();
-    let err = svc.clone().oneshot(gated).await.unwrap_err();
+    let err = svc.clone().oneshot(gated()).await.unwrap_err();
+    assert!(err.is::<tower::timeout::error::Elapsed>());
+    let err = svc.clone().oneshot(req("to", "{}")).await.unwrap_err();
+    let rejection = Rejection::find(&*err).expect("a rejection");
+    assert_eq!(rejection.kind(), RejectionKind::IdempotencyInFlight);
+    assert!(rejection.retry_after() >= Some(Duration::from_secs(60)));
+    assert_eq!(app.runs(), 1);
+    // Releasing on drop, it is free at once.
+    let svc = ServiceBuilder::new()
+        .timeout(Duration::from_millis(100))
+        .layer(builder().release_on_drop(true).build().unwrap())
+        .service(app.service());
+    let err = svc.clone().oneshot(gated()).await.unwrap_err();
     assert!(err.is::<tower::timeout::error::Elapsed>());
     let res = svc.clone().oneshot(req("to", "{}")).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
-    assert_eq!(app.runs(), 2);
+    assert_eq!(app.runs(), 3);
 }
 
 #[tokio::test(start_paused = true)]
 async fn kept_lease_blocks_until_it_expires() {
     let app = App::new();
     let layer = builder()
-        .keep_lease_on_drop()
+        .release_on_drop(false)
         .lease_ttl(Duration::from_secs(5))
         .build()
         .unwrap();
@@ -1142,7 +1160,13 @@ mod model {
             rt.block_on(async move {
                 let ttl = Duration::from_secs(1);
                 let app = App::new();
-                let svc = builder().ttl(ttl).build().unwrap().layer(app.service());
+                // The model frees a cancelled key at once: the opt-in `release_on_drop(true)`.
+                let svc = builder()
+                    .ttl(ttl)
+                    .release_on_drop(true)
+                    .build()
+                    .unwrap()
+                    .layer(app.service());
                 let start = tokio::time::Instant::now();
                 let mut model: HashMap<u8, Stored> = HashMap::new();
                 let mut runs = 0;

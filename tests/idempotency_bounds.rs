@@ -281,7 +281,7 @@ async fn buffer_reservations_are_given_back_when_dropped_at_any_point() {
     assert_eq!(body.len(), 7000);
     assert_eq!(handle.stats().buffered_bytes, 0, "read to the end");
 
-    // 5. A replay holds nothing: its bytes are the store's.
+    // 5. A replay holds its body's bytes until it hands them on or is dropped.
     let res = svc
         .clone()
         .oneshot(
@@ -293,7 +293,13 @@ async fn buffer_reservations_are_given_back_when_dropped_at_any_point() {
         .await
         .unwrap();
     assert_eq!(res.headers()["idempotent-replayed"], "true");
-    assert_eq!(handle.stats().buffered_bytes, 0);
+    assert_eq!(
+        handle.stats().buffered_bytes,
+        7000,
+        "held by the unread replay"
+    );
+    drop(res);
+    assert_eq!(handle.stats().buffered_bytes, 0, "dropped with the replay");
 
     // 5b. The handler fails: everything is given back with the error.
     let err = svc

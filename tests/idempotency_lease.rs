@@ -435,14 +435,15 @@ async fn a_lease_that_cannot_be_renewed_lets_the_handler_finish_when_failing_ope
     assert_eq!(app.runs(), 1);
 }
 
-/// Dropped in its handler after renewals: the renewed lease is released like any other, and
-/// the key runs again at once.
+/// Dropped in its handler after renewals, releasing on drop (`release_on_drop(true)`): the
+/// renewed lease is released like any other, and the key runs again at once.
 #[tokio::test(start_paused = true)]
 async fn dropped_in_a_handler_that_outlived_its_lease_releases_the_key() {
     let app = Slow::new(3 * LEASE);
     let mem = store();
     let layer = IdempotencyLayer::builder(mem.clone())
         .lease_ttl(LEASE)
+        .release_on_drop(true)
         .build()
         .unwrap();
     let svc = layer.layer(app.service());
@@ -465,14 +466,14 @@ async fn dropped_in_a_handler_that_outlived_its_lease_releases_the_key() {
     assert_eq!(app2.runs(), 1);
 }
 
-/// Renewing stops with the future: a lease kept on drop (`keep_lease_on_drop`) expires one
+/// Renewing stops with the future: a lease kept on drop (the default, `release_on_drop(false)`) expires one
 /// lease after its last renewal, as a crashed owner's would.
 #[tokio::test(start_paused = true)]
 async fn renewal_stops_when_the_future_is_dropped() {
     let app = Slow::new(10 * LEASE);
     let layer = IdempotencyLayer::builder(store())
         .lease_ttl(LEASE)
-        .keep_lease_on_drop()
+        .release_on_drop(false)
         .build()
         .unwrap();
     let svc = layer.layer(app.service());

@@ -72,6 +72,7 @@ impl<B> ReplayBody<B> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         ReplayBody::buffered_held(data, trailers, Reservation::default())
     }
@@ -197,7 +198,16 @@ where
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
             Kind::Buffered { buf } => {
-                SizeHint::with_exact(buf.data.as_ref().map_or(0, |d| d.len() as u64))
+                let len = buf.data.as_ref().map_or(0, |d| d.len() as u64);
+                if buf.trailers.is_some() {
+                    // Not exact: HTTP/1.1 would send a body of exact size with
+                    // `Content-Length`, and with it no trailers. A chunked body carries them.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
             Kind::Prefixed { prefix, body, .. } => {
                 let p = prefix.as_ref().map_or(0, |d| d.data.len() as u64);
@@ -280,7 +290,11 @@ mod tests {
         t.insert("grpc-status", "0".parse().unwrap());
         let body: ReplayBody<Full<Bytes>> =
             ReplayBody::buffered(Bytes::from_static(b"abc"), Some(t.clone()));
-        assert_eq!(body.size_hint().exact(), Some(3));
+        // With trailers the size is not given as exact (HTTP/1.1 would drop them).
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 3);
+        let plain: ReplayBody<Full<Bytes>> = ReplayBody::buffered(Bytes::from_static(b"abc"), None);
+        assert_eq!(plain.size_hint().exact(), Some(3));
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&t));
         assert_eq!(collected.to_bytes(), "abc");

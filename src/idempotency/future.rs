@@ -19,7 +19,7 @@ use tower_service::Service;
 use super::body::{BodyBuf, ReplayBody, Settle};
 use super::budget::Reservation;
 use super::fingerprint::Fingerprint;
-use super::layer::{Counters, FailurePolicy, RebuildBody, Shared};
+use super::layer::{Config, Counters, FailurePolicy, RebuildBody, Shared};
 use super::record::Record;
 use super::store::{Claim, Lease, Store, StoreError, StoreErrorKind, StoreKey};
 use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
@@ -37,10 +37,11 @@ pin_project! {
     ///
     /// # Cancel safety
     ///
-    /// Dropped before the handler has answered (reading the request body, claiming, in the
-    /// handler), it gives up the lease it holds (or, with
-    /// [`keep_lease_on_drop`](super::IdempotencyBuilder::keep_lease_on_drop), leaves it to
-    /// expire): the release is done in `Drop`. Dropped once the handler has answered with a
+    /// Dropped while its handler runs, it leaves the lease it holds to expire (renewals stop
+    /// with it), since the handler may have had its effect: repeats get 409 until then. With
+    /// [`release_on_drop(true)`](super::IdempotencyBuilder::release_on_drop) it gives the lease
+    /// up at once instead, in `Drop`. Dropped before (reading the request body, claiming), it
+    /// holds no lease. Dropped once the handler has answered with a
     /// response to store (reading its body, storing it), the request has run and its key is
     /// never released: the record (or, for a body not read to its end, a record that the
     /// response was not kept) is written under the lease in the background. A claim still on
@@ -108,10 +109,8 @@ impl<St: Store> Settlement<St> {
 
 impl<St: Store> Settle for Settlement<St> {
     fn trailers(&mut self, trailers: &HeaderMap) {
-        if !self.shared.config.store_failures
-            && GrpcStatus::default().classify_trailers(trailers) != Outcome::Success
-        {
-            self.release("a failure status in the trailers");
+        if trailers_not_stored(trailers, &self.shared.config) {
+            self.release("a failure or refusal status in the trailers");
         }
     }
 
@@ -552,7 +551,7 @@ where
                                 if now >= deadline {
                                     Counters::bump(&stats.in_flight);
                                     tracing::debug!(key = ?k.key, "waited for the request in flight; giving up");
-                                    ready_err(Rejection::new(RejectionKind::IdempotencyInFlight))
+                                    ready_err(in_flight(&k.shared))
                                 } else {
                                     let at = deadline.min(now + k.shared.config.poll_interval);
                                     State::Wait {
@@ -563,21 +562,27 @@ where
                             None => {
                                 Counters::bump(&stats.in_flight);
                                 tracing::debug!(key = ?k.key, "request with this key in flight");
-                                ready_err(Rejection::new(RejectionKind::IdempotencyInFlight))
+                                ready_err(in_flight(&k.shared))
                             }
                         },
                         Ok(Claim::Completed(record)) => {
-                            if record.is_kept() {
-                                Counters::bump(&stats.replayed);
-                                tracing::debug!(key = ?k.key, status = %record.status(), "replaying stored response");
-                                State::Ready {
-                                    out: Some(Ok(replay(&record))),
-                                }
-                            } else {
+                            // A replay's body counts against the layer's buffers while it is
+                            // held (a remote store's record is a copy of its own), until it
+                            // is handed on or dropped.
+                            let mut held = Reservation::default();
+                            if !record.is_kept() {
                                 Counters::bump(&stats.unreplayable);
                                 ready_err(Rejection::new(
                                     RejectionKind::IdempotencyResponseNotStored,
                                 ))
+                            } else if held.grow(&k.shared.buffers, record.body().len()) {
+                                Counters::bump(&stats.replayed);
+                                tracing::debug!(key = ?k.key, status = %record.status(), "replaying stored response");
+                                State::Ready {
+                                    out: Some(Ok(replay(&record, held))),
+                                }
+                            } else {
+                                ready_err(buffers_full(&k.shared))
                             }
                         }
                         Ok(Claim::Mismatch) => {
@@ -612,9 +617,7 @@ where
                         // Failed open: nothing to store.
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                     }
-                    if !k.shared.config.store_failures
-                        && head_is_failure(res.status(), res.headers())
-                    {
+                    if head_not_stored(res.status(), res.headers(), &k.shared.config) {
                         Counters::bump(&k.shared.stats.not_stored);
                         k.release();
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
@@ -697,10 +700,10 @@ where
                                 // it hands them on.
                                 let mut held = k.room.take();
                                 held.shrink_to(data.len());
-                                let failed = trailers.as_ref().is_some_and(|t| {
-                                    GrpcStatus::default().classify_trailers(t) != Outcome::Success
-                                });
-                                if failed && !k.shared.config.store_failures {
+                                let failed = trailers
+                                    .as_ref()
+                                    .is_some_and(|t| trailers_not_stored(t, &k.shared.config));
+                                if failed {
                                     Counters::bump(&k.shared.stats.not_stored);
                                     k.release();
                                     return Poll::Ready(Ok(Response::from_parts(
@@ -709,13 +712,28 @@ where
                                     )));
                                 }
                                 let exclude = &k.shared.config.exclude;
-                                let record = Record::response(
-                                    k.fingerprint,
-                                    parts.status,
-                                    stored_headers(&parts.headers, exclude),
-                                    data.clone(),
-                                    trailers.as_ref().map(|t| stored_headers(t, exclude)),
-                                );
+                                let head =
+                                    stored_headers(&parts.headers, exclude, trailers.is_some());
+                                let tail = match &trailers {
+                                    Some(t) => stored_headers(t, exclude, false).map(Some),
+                                    None => Some(None),
+                                };
+                                let record = match (head, tail) {
+                                    (Some(head), Some(tail)) => Record::response(
+                                        k.fingerprint,
+                                        parts.status,
+                                        head,
+                                        data.clone(),
+                                        tail,
+                                    ),
+                                    _ => {
+                                        // Too many header values to keep: the response goes
+                                        // on, and its key is recorded as run, never to run
+                                        // again.
+                                        tracing::debug!(key = ?k.key, "response has too many header values to keep; recording it as not kept");
+                                        Record::not_kept(k.fingerprint, parts.status)
+                                    }
+                                };
                                 let res = Response::from_parts(
                                     parts,
                                     ReplayBody::buffered_held(data, trailers, held),
@@ -803,6 +821,15 @@ fn buffers_full(shared: &Shared) -> Rejection {
         .with_detail("the idempotency layer buffers as much as it may")
 }
 
+/// The 409 of a repeat that finds its key leased. The lease ends, at the latest, one lease
+/// time to live after it was last claimed or renewed (a request dropped mid-handler keeps its
+/// lease until then, unless it releases on drop): the `Retry-After` is that bound, jittered, so
+/// that a client that waits it out finds the key completed or free.
+fn in_flight(shared: &Shared) -> Rejection {
+    Rejection::new(RejectionKind::IdempotencyInFlight)
+        .with_retry_after(shared.retry_hint(Some(shared.lease_ttl())))
+}
+
 fn ready_err<F, CF, KF, ReqB, ResB>(rejection: Rejection) -> State<F, CF, KF, ReqB, ResB> {
     State::Ready {
         out: Some(Err(rejection.into())),
@@ -842,16 +869,38 @@ where
 
 /// The replay of a stored response: same status, headers, body and trailers, plus
 /// `Idempotent-Replayed: true`.
-fn replay<B>(record: &Record) -> Response<ReplayBody<B>> {
-    let mut res = Response::new(ReplayBody::buffered(
+fn replay<B>(record: &Record, held: Reservation) -> Response<ReplayBody<B>> {
+    let mut res = Response::new(ReplayBody::buffered_held(
         record.body().clone(),
         record.trailers().cloned(),
+        held,
     ));
     *res.status_mut() = record.status();
     let headers = res.headers_mut();
     *headers = record.headers().clone();
     headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     res
+}
+
+/// Whether a response head says the request is not to be stored: it failed in a way worth
+/// retrying (5xx, 429, a gRPC failure status in the headers of a trailers-only response), or,
+/// unless `store_refusals`, it refused the caller without running (see `is_refusal_status`).
+fn head_not_stored(status: StatusCode, headers: &HeaderMap, config: &Config) -> bool {
+    if !config.store_failures && head_is_failure(status, headers) {
+        return true;
+    }
+    !config.store_refusals
+        && (is_refusal_status(status) || GrpcCode::from_headers(headers).is_some_and(is_refusal))
+}
+
+/// Whether trailers (or the headers of a trailers-only gRPC response) say the request is not
+/// to be stored: a gRPC failure status, or, unless `store_refusals`, a refusal.
+fn trailers_not_stored(trailers: &HeaderMap, config: &Config) -> bool {
+    let Some(code) = GrpcCode::from_headers(trailers) else {
+        return false;
+    };
+    (!config.store_failures && GrpcStatus::default().classify_code(code) != Outcome::Success)
+        || (!config.store_refusals && is_refusal(code))
 }
 
 /// Whether a response head says the request failed in a way worth retrying: 5xx, 429, or a
@@ -864,32 +913,68 @@ fn head_is_failure(status: StatusCode, headers: &HeaderMap) -> bool {
         .is_some_and(|c| GrpcStatus::default().classify_code(c) != Outcome::Success)
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// HTTP statuses that say the request was not carried out for this caller: 401, 403, 407
+/// (its credentials were missing or refused), 408 (the server gave up reading it) and 429
+/// (it was throttled). Stored, they would hold a key (and room in the store) for a day on the
+/// word of a request that never ran: forged credentials would fill the store.
+fn is_refusal_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 407 | 408 | 429)
+}
+
+/// gRPC codes that say the call was not carried out for this caller: `UNAUTHENTICATED`,
+/// `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED` (throttled) and `ABORTED` (this crate's own
+/// "try again", as for a key in flight).
+fn is_refusal(code: GrpcCode) -> bool {
+    matches!(
+        code,
+        GrpcCode::Unauthenticated
+            | GrpcCode::PermissionDenied
+            | GrpcCode::ResourceExhausted
+            | GrpcCode::Aborted
+    )
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
 
+/// The most header (or trailer) values a record keeps. A response with more (a `HeaderMap`
+/// holds any number of values of one name, but its index only so many) is passed on and
+/// recorded as not kept: repeats get 409, never a second run.
+pub(crate) const MAX_STORED_HEADERS: usize = 8 << 10;
+
 /// The headers (or trailers) kept in a record: all but `Set-Cookie`, hop-by-hop headers (and
-/// those named by `Connection`), and the configured exclusions.
-fn stored_headers(headers: &HeaderMap, exclude: &[HeaderName]) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
+/// those named by `Connection`), and the configured exclusions. `Trailer`, an end-to-end
+/// field (RFC 9110), is kept when the response has trailers (`with_trailers`), so that a
+/// replay over HTTP/1.1 announces them as the first run did. `None` when there are more than
+/// [`MAX_STORED_HEADERS`] values: such a head is not kept.
+fn stored_headers(
+    headers: &HeaderMap,
+    exclude: &[HeaderName],
+    with_trailers: bool,
+) -> Option<HeaderMap> {
+    if headers.len() > MAX_STORED_HEADERS {
+        return None;
+    }
+    let mut out = HeaderMap::try_with_capacity(headers.len()).ok()?;
     let listed = connection_names(headers);
     for (name, value) in headers {
         let skip = name == header::SET_COOKIE
             || HOP_BY_HOP.contains(name)
+            || (name == header::TRAILER && !with_trailers)
             || exclude.contains(name)
             || listed.contains(name);
         if !skip {
-            out.append(name.clone(), value.clone());
+            out.try_append(name.clone(), value.clone()).ok()?;
         }
     }
-    out
+    Some(out)
 }
 
 /// The header names a `Connection` header lists (every value, split on commas), read from
@@ -930,9 +1015,80 @@ mod tests {
         h.insert("x-private", "1".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert("x-request-cost", "3".parse().unwrap());
-        let out = stored_headers(&h, &[HeaderName::from_static("x-request-cost")]);
+        h.insert("trailer", "x-checksum".parse().unwrap());
+        let exclude = [HeaderName::from_static("x-request-cost")];
+        let out = stored_headers(&h, &exclude, false).unwrap();
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out["content-type"], "application/json");
+        // `Trailer` is end-to-end: kept for a response that has trailers.
+        let out = stored_headers(&h, &exclude, true).unwrap();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out["trailer"], "x-checksum");
+    }
+
+    #[test]
+    fn too_many_header_values_are_not_kept() {
+        let mut h = HeaderMap::new();
+        for i in 0..MAX_STORED_HEADERS {
+            h.append("link", HeaderValue::from_str(&format!("<{i}>")).unwrap());
+        }
+        assert_eq!(
+            stored_headers(&h, &[], false).unwrap().len(),
+            MAX_STORED_HEADERS
+        );
+        h.append("link", HeaderValue::from_static("<one more>"));
+        assert!(stored_headers(&h, &[], false).is_none());
+    }
+
+    #[test]
+    fn refusals_are_not_stored_by_default() {
+        let config = |failures: bool, refusals: bool| {
+            let mut b =
+                super::super::IdempotencyLayer::builder(super::super::MemoryStore::default());
+            b = b.store_failures(failures).store_refusals(refusals);
+            b.build().unwrap()
+        };
+        let empty = HeaderMap::new();
+        let default = config(false, false);
+        let c = &default.shared().config;
+        for s in [401, 403, 407, 408, 429, 500, 503] {
+            let s = StatusCode::from_u16(s).unwrap();
+            assert!(head_not_stored(s, &empty, c), "{s}");
+        }
+        for s in [200, 201, 301, 400, 404, 409, 422] {
+            let s = StatusCode::from_u16(s).unwrap();
+            assert!(!head_not_stored(s, &empty, c), "{s}");
+        }
+        let grpc = |code: i32| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", code.to_string().parse().unwrap());
+            h
+        };
+        // UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, ABORTED; UNAVAILABLE.
+        for code in [16, 7, 8, 10, 14] {
+            assert!(head_not_stored(StatusCode::OK, &grpc(code), c), "{code}");
+            assert!(trailers_not_stored(&grpc(code), c), "{code}");
+        }
+        // OK, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION.
+        for code in [0, 5, 6, 9] {
+            assert!(!head_not_stored(StatusCode::OK, &grpc(code), c), "{code}");
+            assert!(!trailers_not_stored(&grpc(code), c), "{code}");
+        }
+        // Each opt-in stores its own kind only.
+        let refusals = config(false, true);
+        let c = &refusals.shared().config;
+        assert!(!head_not_stored(StatusCode::UNAUTHORIZED, &empty, c));
+        assert!(!trailers_not_stored(&grpc(16), c));
+        assert!(head_not_stored(StatusCode::SERVICE_UNAVAILABLE, &empty, c));
+        assert!(trailers_not_stored(&grpc(14), c));
+        let failures = config(true, false);
+        let c = &failures.shared().config;
+        assert!(head_not_stored(StatusCode::UNAUTHORIZED, &empty, c));
+        assert!(!head_not_stored(StatusCode::SERVICE_UNAVAILABLE, &empty, c));
+        assert!(!trailers_not_stored(&grpc(14), c));
+        let both = config(true, true);
+        let c = &both.shared().config;
+        assert!(!head_not_stored(StatusCode::TOO_MANY_REQUESTS, &empty, c));
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub(crate) struct Config {
     pub(crate) poll_interval: Duration,
     pub(crate) release_on_drop: bool,
     pub(crate) store_failures: bool,
+    pub(crate) store_refusals: bool,
     pub(crate) exclude: Vec<HeaderName>,
     pub(crate) policy: FailurePolicy,
 }
@@ -304,8 +305,9 @@ impl<St: Store> IdempotencyLayer<St> {
             lease_ttl: Duration::from_secs(60),
             wait: None,
             poll_interval: Duration::from_millis(20),
-            release_on_drop: true,
+            release_on_drop: false,
             store_failures: false,
+            store_refusals: false,
             exclude: Vec::new(),
             policy: FailurePolicy::FailClosed,
             bad_header: None,
@@ -324,6 +326,11 @@ impl<St, M> IdempotencyLayer<St, M> {
     /// The store.
     pub fn store(&self) -> &St {
         &self.store
+    }
+
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 }
 
@@ -345,9 +352,14 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 /// Defaults: header `Idempotency-Key`; methods POST and PATCH; a missing key passes through;
 /// keys scoped by the caller's credentials (a digest of the `Authorization` header, see
 /// [`scope`](IdempotencyBuilder::scope)); request and response bodies up to 1 MiB, and
-/// 256 MiB buffered in flight by the whole layer; records
-/// kept 24 hours; leases of 60 seconds; a repeat in flight gets 409 at once; a dropped request
-/// releases its lease; 5xx, 429 and gRPC failure statuses are not stored; `Set-Cookie` and
+/// 256 MiB buffered in flight by the whole layer (replays included); records kept 24 hours;
+/// leases of 60 seconds; a repeat in flight gets 409 at once, with a `Retry-After`; a request
+/// dropped mid-handler keeps its lease until it expires (see
+/// [`release_on_drop`](IdempotencyBuilder::release_on_drop)); 2xx, 3xx and 4xx responses are
+/// stored, except failures (5xx, 429, gRPC failure statuses; see
+/// [`store_failures`](IdempotencyBuilder::store_failures)) and refusals of the caller (401,
+/// 403, 407, 408, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
+/// `ABORTED`; see [`store_refusals`](IdempotencyBuilder::store_refusals)); `Set-Cookie` and
 /// hop-by-hop headers and trailers are not stored; a failing store gives 503.
 pub struct IdempotencyBuilder<St, M = FromBytes> {
     store: St,
@@ -365,6 +377,7 @@ pub struct IdempotencyBuilder<St, M = FromBytes> {
     poll_interval: Duration,
     release_on_drop: bool,
     store_failures: bool,
+    store_refusals: bool,
     exclude: Vec<HeaderName>,
     policy: FailurePolicy,
     /// A setting was given an invalid header name: `build` refuses it.
@@ -530,7 +543,10 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// is handed on, or when anything is dropped. A request that finds no room is refused
     /// with 503 [`RejectionKind::Overloaded`](crate::RejectionKind::Overloaded) and a jittered
     /// `Retry-After`, before it runs. So at most `max_buffered_bytes / max_response_body`
-    /// keyed handlers run at once (256 with the defaults). Replays reserve nothing.
+    /// keyed handlers run at once (256 with the defaults). A replay reserves its body's
+    /// length while it holds it (until the body is handed on or dropped), and is refused the
+    /// same way when there is no room: slow clients holding unread replays (each a copy of its
+    /// own from a remote store) cannot hold more than the bound either.
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.max_buffered = bytes;
         self
@@ -567,20 +583,42 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// When a first request's future is dropped (client gone, a timeout above) before its
-    /// handler has answered, keep its lease until it expires instead of releasing it at once
-    /// (the default). Choose this when the handler may have had effects before it was
-    /// cancelled: a repeat then gets 409 until `lease_ttl` ends rather than running again at
-    /// once. (Dropped after the handler answered, the key is never released either way.)
-    pub fn keep_lease_on_drop(mut self) -> Self {
-        self.release_on_drop = false;
+    /// Whether a first request whose future is dropped (client gone, a timeout above) before
+    /// its handler has answered gives its key up at once (`true`), so that a repeat runs the
+    /// handler again, or keeps its lease until it expires (`false`, the default).
+    ///
+    /// By default the layer refuses rather than risks a second run: the handler may already
+    /// have had its effect (the row written, the payment sent) when the request was dropped,
+    /// so a repeat gets 409 [`IdempotencyInFlight`](crate::RejectionKind::IdempotencyInFlight),
+    /// with a jittered `Retry-After` of at least the lease's time to live, until the lease
+    /// expires ([`lease_ttl`](Self::lease_ttl), 60 s; renewals stop with the dropped future),
+    /// and runs afterwards. Choose `true` only for handlers that have no effect until they
+    /// answer, or whose effects are themselves idempotent. (Dropped after the handler
+    /// answered, the key is never released either way.)
+    pub fn release_on_drop(mut self, yes: bool) -> Self {
+        self.release_on_drop = yes;
         self
     }
 
-    /// Store failing responses too (5xx, 429, gRPC `UNAVAILABLE`, `INTERNAL`...). By default
-    /// they are not stored and the lease is released, so the client can retry.
+    /// Store failing responses too (5xx, 429, gRPC `UNAVAILABLE`, `INTERNAL`,
+    /// `DEADLINE_EXCEEDED`, `UNKNOWN`, `DATA_LOSS`, `RESOURCE_EXHAUSTED`). By default they
+    /// are not stored and the lease is released, so the client can retry.
     pub fn store_failures(mut self, yes: bool) -> Self {
         self.store_failures = yes;
+        self
+    }
+
+    /// Store responses that refuse the caller too: 401, 403, 407 (credentials missing or
+    /// refused), 408 (request timeout), 429 (throttled), and gRPC `UNAUTHENTICATED`,
+    /// `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED` and `ABORTED` (which this crate itself
+    /// answers for "try again"). By default they are not stored and the lease is released:
+    /// such a request did not run for its caller, and storing it would let a client with
+    /// forged credentials (each a scope of its own) fill the store for every caller. 429 and
+    /// `RESOURCE_EXHAUSTED` are failures as well: they are stored only with both this and
+    /// [`store_failures`](Self::store_failures). Every other 2xx, 3xx and 4xx response is
+    /// stored (a 404, a 409, a 422 the handler answered are its outcome).
+    pub fn store_refusals(mut self, yes: bool) -> Self {
+        self.store_refusals = yes;
         self
     }
 
@@ -616,6 +654,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             poll_interval: self.poll_interval,
             release_on_drop: self.release_on_drop,
             store_failures: self.store_failures,
+            store_refusals: self.store_refusals,
             exclude: self.exclude,
             policy: self.policy,
             bad_header: self.bad_header,
@@ -680,6 +719,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
                 poll_interval: self.poll_interval,
                 release_on_drop: self.release_on_drop,
                 store_failures: self.store_failures,
+                store_refusals: self.store_refusals,
                 exclude: self.exclude,
                 policy: self.policy,
             },

@@ -13,8 +13,8 @@
 //! | request | answer |
 //! |---|---|
 //! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran |
-//! | repeat, same payload, after completion | the stored response, identical in status, headers and body, plus `Idempotent-Replayed: true`; the handler does not run |
-//! | repeat while the first is in flight | 409, or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays |
+//! | repeat, same payload, after completion | the stored response, identical in status, headers, body and trailers, plus `Idempotent-Replayed: true`; the handler does not run (503 [`Overloaded`](crate::RejectionKind::Overloaded) if its body does not fit in [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes)) |
+//! | repeat while the first is in flight | 409 with a jittered `Retry-After` of at least the lease's time to live, or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays |
 //! | same key, another payload | 422 |
 //! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
@@ -22,10 +22,13 @@
 //! | body that cannot be read (the client reset the stream, a broken encoding) | 400 [`BadRequestBody`](crate::RejectionKind::BadRequestBody); the key is not claimed and the handler does not run |
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
-//! | the handler fails: 5xx, 429, gRPC failure status, or an error | nothing stored; the key is released so the client can retry |
+//! | the handler fails: 5xx, 429, gRPC failure status, or an error (a rejection of a layer below) | nothing stored; the key is released so the client can retry ([`store_failures`](IdempotencyBuilder::store_failures) stores them) |
+//! | the response refuses the caller: 401, 403, 407, 408, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`, `ABORTED` | nothing stored; the key is released: the request did not run for this caller, and forged credentials cannot fill the store ([`store_refusals`](IdempotencyBuilder::store_refusals) stores them) |
+//! | any other response: 2xx, 3xx, another 4xx (404, 409, 422 from the handler), another gRPC status | stored and replayed |
+//! | the response has more than 8,192 header (or trailer) values | passed on; the key is recorded as run with its response not kept (repeats get 409, never a second run) |
 //! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a failure (gRPC failure status in the trailers, a body error) releases the key, as under the cap; an end that went well, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
-//! | the first request's future is dropped (client gone) before its handler answers | the key is released at once (or left to expire with [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop)) |
+//! | the first request's future is dropped (client gone, a timeout above) while its handler runs | the lease is kept until it expires (the handler may have had its effect): repeats get 409 with a jittered `Retry-After` of at least the lease's time to live, then run; [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) releases it at once instead |
 //! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
 //! | the store fails while the response is stored | the client gets the response; the key is never released and the write is tried again in the background while the lease lasts |
 //! | the lease cannot be renewed (store unreachable) | failing closed, the handler is stopped before the lease can run out, and the client gets 503; failing open, it goes on |
@@ -46,8 +49,9 @@
 //! between its retries).
 //!
 //! **Callers without credentials share one scope.** Requests that carry none of the
-//! credentials the scope reads (by default, no `Authorization`) are all one anonymous caller
-//! to the layer: one of them can be replayed another's response. The layer counts them
+//! credentials the scope reads (by default, no `Authorization`, or an empty one) are all one
+//! anonymous caller to the layer: one of them can be replayed another's response. The layer
+//! counts them
 //! ([`IdempotencyStats::anonymous`]) and warns once (`tracing`) when it meets the first. If
 //! your callers authenticate otherwise (an API-key header, a session cookie, mTLS), say how:
 //!
@@ -73,14 +77,28 @@
 //! # Where to place this layer
 //!
 //! Below [`RejectionLayer`](crate::RejectionLayer) (which turns its rejections into 400, 409,
-//! 413, 422 and 503 responses), and **outside** the rate limiter and backpressure: a replay
-//! costs no handler work, so it should not spend the client's rate or a concurrency permit,
-//! and a request shed below this layer is a failure that releases its key. Below
-//! authentication, so that the scope function can read the principal.
+//! 413, 422 and 503 responses), and **above** the caller's rate limit and backpressure: a
+//! replay costs no handler work, so a client's retry of a completed request (what the key is
+//! for) gets its stored response, not a 429 or a 503, and does not spend the client's rate or
+//! a concurrency permit; a new request still passes through them, and one they refuse is a
+//! failure that releases its key (the client can retry it). Below authentication, so that a
+//! scope function can read the principal. A limit per client address goes above this layer:
+//! it costs nothing to check, and it bounds everything a client can make this layer do. This
+//! is the order the crate's README, its lib docs and examples use:
 //!
 //! ```text
-//! RejectionLayer -> auth -> IdempotencyLayer -> RateLimitLayer -> BackpressureLayer -> handler
+//! RejectionLayer -> per-address RateLimitLayer -> auth -> IdempotencyLayer
+//!     -> per-caller RateLimitLayer -> BackpressureLayer -> handler
 //! ```
+//!
+//! What this order costs: the work this layer does before the limits below see a request
+//! is not limited by them. A replay is cheap (a store lookup, and for a remote store a copy of
+//! the record), but a client that asks for the same replay in a loop is bounded only by the
+//! per-address limit above, and the bytes of all replays held at once by
+//! [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (503 over it). A new key's
+//! request body is read (up to [`max_request_body`](IdempotencyBuilder::max_request_body),
+//! within the same bound) and its key claimed before the caller's limit may refuse it; the
+//! refusal releases the key at once. A full store refuses new keys before any of them run.
 //!
 //! A keyed request keeps the inner service that `poll_ready` made ready while its body is read
 //! and its key is claimed, and calls it afterwards, as the tower contract asks. Below it,
@@ -206,9 +224,11 @@
 //! [`max_response_body`](IdempotencyBuilder::max_response_body)). The bytes all of them
 //! buffer at once are bounded for the whole layer by
 //! [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB by default), shared
-//! by every service the layer makes, wherever it sits in the stack. Reservations are atomic
-//! (no lock), and given back when the request completes, fails, or is dropped at any point,
-//! and when its response body is handed on or dropped.
+//! by every service the layer makes, wherever it sits in the stack. A replay counts too: its
+//! body is reserved while the response holds it (from a remote store it is a copy of its own),
+//! and a replay that finds no room is refused with 503 like a new request. Reservations are
+//! atomic (no lock), and given back when the request completes, fails, or is dropped at any
+//! point, and when its response body is handed on or dropped.
 //!
 //! # Time in tests
 //!
@@ -218,10 +238,15 @@
 //!
 //! # Cancel safety
 //!
-//! Dropping a response future before its handler has answered (reading the request body,
-//! claiming, in the handler) releases the lease it holds (in `Drop`), so a client that goes
-//! away never blocks its key until the lease expires, unless
-//! [`keep_lease_on_drop`](IdempotencyBuilder::keep_lease_on_drop) asks for that. A claim still
+//! Dropping a response future while its handler runs (the client gone, a timeout above)
+//! leaves its lease to expire: the handler may already have had its effect, and when the
+//! choice is between running twice and refusing, the crate refuses. Renewals stop with the
+//! future, so a repeat gets 409 (with a jittered `Retry-After` of at least the lease's time to
+//! live) until the lease expires, [`lease_ttl`](IdempotencyBuilder::lease_ttl) after it was
+//! last claimed or renewed, and runs afterwards;
+//! [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) gives the lease up at once
+//! (in `Drop`) instead, for handlers that have no effect until they answer. Dropped earlier
+//! (reading the request body, claiming), a request holds no lease. A claim still
 //! on its way to a remote store is released by the store with its owner token if it lands
 //! late. Dropping it after the handler answered (reading its response body, storing it) never
 //! releases: the handler has run, so its record, or a record that its response was not kept,

@@ -4,8 +4,8 @@
 //! (where gRPC carries its `authorization` metadata too), so that two callers never share a
 //! record: a stranger who sends another caller's key and payload gets neither that caller's
 //! response, nor a 409, nor a 422. Named headers (an API key) and a named cookie (a session)
-//! can be added to the credentials. A request that carries none of them has no scope of its
-//! own: all such requests share one anonymous key space.
+//! can be added to the credentials. A request that carries none of them (or only empty
+//! values) has no scope of its own: all such requests share one anonymous key space.
 
 use std::fmt;
 use std::sync::Arc;
@@ -108,14 +108,19 @@ const DOMAIN: &[u8] = b"tower-bulwark idempotency scope v1\0";
 
 /// The digest of a request's credentials: every `Authorization` value, in order, every value
 /// of each added header (after its name), and, when a cookie is named, every value of that
-/// cookie, each length-prefixed and tagged with what it is. Empty when the request carries none
-/// of them. A stable digest (SHA-1, which resists preimages), the same in every process, so
+/// cookie, each length-prefixed and tagged with what it is; empty values (or values of spaces
+/// only) carry no credentials and are left out. Empty when the request carries none of them. A stable digest (SHA-1, which resists preimages), the same in every process, so
 /// replicas that share a store agree on a caller's scope; the store and the logs only ever see
 /// the digest.
 fn credentials(headers: &HeaderMap, c: &Credentials) -> Bytes {
     // Made on the first credential: a request without any costs no digest.
     let mut h: Option<sha1_smol::Sha1> = None;
     let mut feed = |tag: u8, value: &[u8]| {
+        // An empty value (or one of spaces) carries no credentials: such a request is
+        // anonymous, like one without the header.
+        if value.trim_ascii().is_empty() {
+            return;
+        }
         let h = h.get_or_insert_with(|| sha1_smol::Sha1::from(DOMAIN));
         h.update(&[tag]);
         h.update(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -125,7 +130,11 @@ fn credentials(headers: &HeaderMap, c: &Credentials) -> Bytes {
         feed(b'a', v.as_bytes());
     }
     for name in &c.headers {
-        let mut values = headers.get_all(name).iter().peekable();
+        let mut values = headers
+            .get_all(name)
+            .iter()
+            .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+            .peekable();
         if values.peek().is_some() {
             feed(b'h', name.as_str().as_bytes());
             for v in values {
@@ -186,7 +195,18 @@ mod tests {
         assert_ne!(a, b);
         assert!(none.is_empty());
         assert_ne!(a, none);
-        assert_ne!(empty, none);
+        // An empty value carries no credentials: anonymous, as without the header.
+        assert!(empty.is_empty());
+        let blank = Scope::credentials().of(&parts(&[("authorization", " ")]));
+        assert!(blank.is_empty());
+        let empty_key = Scope::credentials()
+            .with_header(HeaderName::from_static("x-api-key"))
+            .of(&parts(&[("x-api-key", "")]));
+        assert!(empty_key.is_empty());
+        let empty_cookie = Scope::credentials()
+            .with_cookie("session".into())
+            .of(&parts(&[("cookie", "session=; _ga=1")]));
+        assert!(empty_cookie.is_empty());
         // Cookies, which change between a client's retries, are no part of the default scope.
         let with_cookie = Scope::credentials().of(&parts(&[
             ("authorization", "Bearer a"),
