@@ -325,7 +325,6 @@ where
 // concurrency the dependency serves without queueing", which here is every concurrency.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: Gradient limit collapses to ~4 under ordinary latency variance with no queueing"]
 async fn gradient_limit_holds_when_latency_varies_without_queueing() {
     let fixed = closed_loop(
         BackpressureLayer::new(64).layer(Varying::default()),
@@ -339,6 +338,11 @@ async fn gradient_limit_holds_when_latency_varies_without_queueing() {
             .unwrap();
     let handle = layer.handle();
     let got = closed_loop(layer.layer(Varying::default()), (), 64, 3).await;
+    eprintln!(
+        "varying latency, no queue: gradient served {got}, fixed 64 served {fixed}; limit {}, shed {}",
+        handle.limit(),
+        handle.shed()
+    );
     assert!(
         handle.limit() >= 48 && got * 10 >= fixed * 9,
         "no queueing anywhere, 64 callers: the gradient's limit fell to {} and served {got} \
@@ -378,7 +382,6 @@ impl Service<()> for Slow {
 // outages out.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: Gradient's no-load probe holds the limit at the floor for min_samples round trips, not one window"]
 async fn gradient_probe_lasts_about_one_window() {
     let layer = BackpressureLayer::adaptive(
         Adaptive::gradient(Gradient::default().probe_every(4))
@@ -405,7 +408,12 @@ async fn gradient_probe_lasts_about_one_window() {
     if let Some(t) = since {
         longest = longest.max(t.elapsed());
     }
-    load.await.unwrap();
+    let served = load.await.unwrap();
+    eprintln!(
+        "probe every 4 windows, 4 callers of a 1 s dependency: longest at the floor {longest:?}, \
+         served {served}, shed {}",
+        handle.shed()
+    );
     assert!(
         longest > Duration::ZERO,
         "no probe seen in 40 s: the test does not reach what it attacks"
@@ -576,6 +584,7 @@ impl Service<()> for Flaky {
 /// failing at once from 2 s to 4 s: the requests answered within 100 ms, per second.
 async fn goodput_around_an_outage(layer: BackpressureLayer) -> Vec<usize> {
     const SECONDS: usize = 7;
+    let handle = layer.handle();
     let sick = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = layer.layer(Flaky {
         slots: Arc::new(tokio::sync::Semaphore::new(50)),
@@ -586,8 +595,12 @@ async fn goodput_around_an_outage(layer: BackpressureLayer) -> Vec<usize> {
     let served: Arc<Vec<AtomicUsize>> =
         Arc::new((0..=SECONDS).map(|_| AtomicUsize::new(0)).collect());
     let mut tasks = Vec::new();
+    let mut limits = Vec::new();
     for ms in 0..SECONDS * 1000 {
         sick.store((2000..4000).contains(&ms), Ordering::Relaxed);
+        if (1900..=4500).contains(&ms) && ms % 100 == 0 {
+            limits.push((ms, handle.limit()));
+        }
         for _ in 0..10 {
             let (svc, served) = (svc.clone(), served.clone());
             tasks.push(tokio::spawn(async move {
@@ -604,6 +617,7 @@ async fn goodput_around_an_outage(layer: BackpressureLayer) -> Vec<usize> {
     for t in tasks {
         t.await.unwrap();
     }
+    eprintln!("limit (ms, limit) around the outage: {limits:?}");
     served[..SECONDS]
         .iter()
         .map(|n| n.load(Ordering::Relaxed))
@@ -620,22 +634,28 @@ async fn goodput_around_an_outage(layer: BackpressureLayer) -> Vec<usize> {
 // outage (TCP goes back to slow start after a timeout) the same load gets far less.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: after a short outage the AIMD limit recovers one per window, for many seconds"]
 async fn aimd_limit_recovers_within_a_second_after_an_outage() {
     let fixed = goodput_around_an_outage(BackpressureLayer::new(50)).await;
-    let aimd = goodput_around_an_outage(
-        BackpressureLayer::adaptive(Adaptive::aimd(Aimd::default()).clock(Clock::tokio())).unwrap(),
-    )
-    .await;
-    // Seconds 5 and 6: the 2nd and 3rd after the dependency healed at 4 s.
-    for s in [5, 6] {
-        assert!(
-            aimd[s] * 100 >= fixed[s] * 90,
-            "second {s} (healed at 4 s): AIMD served {} where a fixed limit of 50 served {} \
-             (per second: AIMD {aimd:?}, fixed {fixed:?})",
-            aimd[s],
-            fixed[s]
-        );
+    for (name, adaptive) in [
+        ("AIMD", Adaptive::aimd(Aimd::default())),
+        ("gradient", Adaptive::gradient(Gradient::default())),
+    ] {
+        let got = goodput_around_an_outage(
+            BackpressureLayer::adaptive(adaptive.clock(Clock::tokio())).unwrap(),
+        )
+        .await;
+        eprintln!("outage 2-4 s, per second: {name} {got:?}, fixed {fixed:?}");
+        // Seconds 5 and 6: the 2nd and 3rd after the dependency healed at 4 s (issue 14:
+        // within 1 s, at least 95%).
+        for s in [5, 6] {
+            assert!(
+                got[s] * 100 >= fixed[s] * 95,
+                "second {s} (healed at 4 s): {name} served {} where a fixed limit of 50 served {} \
+                 (per second: {name} {got:?}, fixed {fixed:?})",
+                got[s],
+                fixed[s]
+            );
+        }
     }
 }
 
