@@ -466,7 +466,6 @@ impl Service<Request<()>> for FailsInTrailers {
 // down, however sick the dependency.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: hold_until_body_end ignores grpc-status in the trailers it streams"]
 async fn grpc_failures_in_trailers_lower_the_adaptive_limit() {
     let layer = BackpressureLayer::adaptive(
         Adaptive::aimd(Aimd::default())

@@ -380,3 +380,92 @@ async fn gradient_cuts_real_queueing_under_varying_latency() {
         "served {served} of {capacity}"
     );
 }
+
+/// A classifier of its own that reads the trailers: `x-failed` there is a failure.
+#[derive(Clone)]
+struct FailedTrailer;
+
+impl<B> tower_bulwark::classify::Classify<http::Response<B>> for FailedTrailer {
+    fn classify_response(&self, _: &http::Response<B>) -> tower_bulwark::classify::Outcome {
+        tower_bulwark::classify::Outcome::Success
+    }
+
+    fn classify_body_trailers(
+        &self,
+        trailers: &http::HeaderMap,
+    ) -> tower_bulwark::classify::Outcome {
+        if trailers.contains_key("x-failed") {
+            tower_bulwark::classify::Outcome::Failure
+        } else {
+            tower_bulwark::classify::Outcome::Success
+        }
+    }
+}
+
+/// With `hold_until_body_end`, trailers are part of the outcome: `grpc-status: 0` in them is
+/// a success (the limit is not pulled down), and a classifier's own reading of them counts.
+#[tokio::test(start_paused = true)]
+async fn trailers_count_as_the_classifier_reads_them() {
+    type Frames = futures_util::stream::Iter<
+        std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
+    >;
+    let answer = |(name, value): (&'static str, &'static str)| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(name, value.parse().unwrap());
+        let frames = vec![
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(b"x"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body: http_body_util::StreamBody<Frames> =
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        std::future::ready(Ok::<_, Infallible>(http::Response::new(body)))
+    };
+    for (trailer, classified, expect_down) in [
+        (("grpc-status", "0"), false, false),
+        (("x-failed", "1"), false, false),
+        (("x-failed", "1"), true, true),
+    ] {
+        let base = quick_aimd(2).hold_until_body_end();
+        let handle = base.handle();
+        let mut svc: tower::util::BoxService<http::Request<()>, _, _> = if classified {
+            let layer = base.classify(FailedTrailer);
+            tower::util::BoxService::new(
+                layer
+                    .layer(tower::service_fn(move |_: http::Request<()>| {
+                        answer(trailer)
+                    }))
+                    .map_response(|r| r.map(http_body_util::BodyExt::boxed_unsync)),
+            )
+        } else {
+            tower::util::BoxService::new(
+                base.layer(tower::service_fn(move |_: http::Request<()>| {
+                    answer(trailer)
+                }))
+                .map_response(|r| r.map(http_body_util::BodyExt::boxed_unsync)),
+            )
+        };
+        for _ in 0..50 {
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(http::Request::new(()))
+                .await
+                .unwrap();
+            let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+            tokio::time::advance(Duration::from_millis(11)).await;
+        }
+        let limit = handle.limit();
+        if expect_down {
+            assert_eq!(
+                limit, 2,
+                "{trailer:?}: failures in the trailers, limit {limit}"
+            );
+        } else {
+            assert!(
+                limit >= 32,
+                "{trailer:?}: successes, yet the limit fell to {limit}"
+            );
+        }
+    }
+}
