@@ -26,8 +26,9 @@
 //! A gRPC error is usually sent "trailers-only": the `grpc-status` sits in the response
 //! headers, where [`GrpcStatus`] reads it. A status that arrives in the trailers of a streamed
 //! body is known only when the body ends; [`GrpcStatus::classify_trailers`] classifies it, and
-//! a layer that sees the trailers can call it. The breaker and retry layers decide when the
-//! response head arrives, so they see header statuses only.
+//! a layer that sees the trailers calls it through [`Classify::classify_body_trailers`] (the
+//! backpressure layer does, with `hold_until_body_end`, for its adaptive samples). The breaker
+//! and retry layers decide when the response head arrives, so they see header statuses only.
 
 use std::fmt;
 use std::sync::Arc;
@@ -74,6 +75,16 @@ pub trait Classify<Res>: Clone + Send + Sync + 'static {
     /// The outcome of an error.
     fn classify_error(&self, err: &BoxError) -> Outcome {
         classify_error_default(err)
+    }
+
+    /// The outcome of the trailers that end a streamed response body, for a layer that sees
+    /// the body to its end (the backpressure layer with
+    /// [`hold_until_body_end`](crate::backpressure::BackpressureLayer::hold_until_body_end)):
+    /// a failure here makes the response a failure. The default says nothing
+    /// ([`Outcome::Success`]); [`GrpcStatus`] reads their `grpc-status`.
+    fn classify_body_trailers(&self, trailers: &HeaderMap) -> Outcome {
+        let _ = trailers;
+        Outcome::Success
     }
 }
 
@@ -399,6 +410,10 @@ impl GrpcStatus {
 impl<B> Classify<http::Response<B>> for GrpcStatus {
     fn classify_response(&self, res: &http::Response<B>) -> Outcome {
         self.classify_trailers(res.headers())
+    }
+
+    fn classify_body_trailers(&self, trailers: &HeaderMap) -> Outcome {
+        self.classify_trailers(trailers)
     }
 }
 

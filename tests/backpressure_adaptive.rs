@@ -290,3 +290,182 @@ async fn a_classifier_makes_server_errors_failures() {
         with.limit()
     );
 }
+
+/// `slots` requests at once, each busy 5, 6, ... 14 ms in turn (latency that varies from
+/// request to request); the others queue for a slot.
+#[derive(Clone)]
+struct VaryingSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Service<()> for VaryingSlots {
+    type Response = ();
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        let slots = self.slots.clone();
+        let latency =
+            Duration::from_millis(5 + (self.next.fetch_add(1, Ordering::Relaxed) % 10) as u64);
+        Box::pin(async move {
+            let _slot = slots.acquire_owned().await.unwrap();
+            tokio::time::sleep(latency).await;
+            Ok(())
+        })
+    }
+}
+
+/// Latency that varies from request to request does not hide real queueing: with 50 slots
+/// and 150 closed-loop callers, from the defaults (slow start from 64), the gradient's limit
+/// comes down to near the 50 the dependency serves without queueing and stays there, neither
+/// collapsing under the variance nor running away with the queue.
+#[tokio::test(start_paused = true)]
+async fn gradient_cuts_real_queueing_under_varying_latency() {
+    const C: usize = 50;
+    let layer =
+        BackpressureLayer::adaptive(Adaptive::gradient(Gradient::default()).clock(Clock::tokio()))
+            .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(VaryingSlots {
+        slots: Arc::new(tokio::sync::Semaphore::new(C)),
+        next: Arc::new(AtomicUsize::new(0)),
+    });
+    let end = Instant::now() + Duration::from_secs(10);
+    let served = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3 * C)
+        .map(|_| {
+            let (svc, served) = (svc.clone(), served.clone());
+            tokio::spawn(async move {
+                while Instant::now() < end {
+                    match svc.clone().oneshot(()).await {
+                        Ok(()) => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut limits = Vec::new();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        limits.push(handle.limit());
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let served = served.load(Ordering::Relaxed);
+    // 50 slots of 9.5 ms on average: about 5,260 a second.
+    let capacity = 10 * 1000 * C * 10 / 95;
+    eprintln!(
+        "50 slots, 5-14 ms: served {served} of about {capacity}; limit every 250 ms: {limits:?}"
+    );
+    for &l in &limits[limits.len() / 2..] {
+        assert!(
+            (C * 9 / 10..=C * 3 / 2).contains(&l),
+            "limit {l} strays from the 50 served without queueing: {limits:?}"
+        );
+    }
+    assert!(
+        served * 100 >= capacity * 90,
+        "served {served} of {capacity}"
+    );
+}
+
+/// A classifier of its own that reads the trailers: `x-failed` there is a failure.
+#[derive(Clone)]
+struct FailedTrailer;
+
+impl<B> tower_bulwark::classify::Classify<http::Response<B>> for FailedTrailer {
+    fn classify_response(&self, _: &http::Response<B>) -> tower_bulwark::classify::Outcome {
+        tower_bulwark::classify::Outcome::Success
+    }
+
+    fn classify_body_trailers(
+        &self,
+        trailers: &http::HeaderMap,
+    ) -> tower_bulwark::classify::Outcome {
+        if trailers.contains_key("x-failed") {
+            tower_bulwark::classify::Outcome::Failure
+        } else {
+            tower_bulwark::classify::Outcome::Success
+        }
+    }
+}
+
+/// With `hold_until_body_end`, trailers are part of the outcome: `grpc-status: 0` in them is
+/// a success (the limit is not pulled down), and a classifier's own reading of them counts.
+#[tokio::test(start_paused = true)]
+async fn trailers_count_as_the_classifier_reads_them() {
+    type Frames = futures_util::stream::Iter<
+        std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
+    >;
+    let answer = |(name, value): (&'static str, &'static str)| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(name, value.parse().unwrap());
+        let frames = vec![
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(b"x"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body: http_body_util::StreamBody<Frames> =
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        std::future::ready(Ok::<_, Infallible>(http::Response::new(body)))
+    };
+    for (trailer, classified, expect_down) in [
+        (("grpc-status", "0"), false, false),
+        (("x-failed", "1"), false, false),
+        (("x-failed", "1"), true, true),
+    ] {
+        let base = quick_aimd(2).hold_until_body_end();
+        let handle = base.handle();
+        let mut svc: tower::util::BoxService<http::Request<()>, _, _> = if classified {
+            let layer = base.classify(FailedTrailer);
+            tower::util::BoxService::new(
+                layer
+                    .layer(tower::service_fn(move |_: http::Request<()>| {
+                        answer(trailer)
+                    }))
+                    .map_response(|r| r.map(http_body_util::BodyExt::boxed_unsync)),
+            )
+        } else {
+            tower::util::BoxService::new(
+                base.layer(tower::service_fn(move |_: http::Request<()>| {
+                    answer(trailer)
+                }))
+                .map_response(|r| r.map(http_body_util::BodyExt::boxed_unsync)),
+            )
+        };
+        for _ in 0..50 {
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(http::Request::new(()))
+                .await
+                .unwrap();
+            let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+            tokio::time::advance(Duration::from_millis(11)).await;
+        }
+        let limit = handle.limit();
+        if expect_down {
+            assert_eq!(
+                limit, 2,
+                "{trailer:?}: failures in the trailers, limit {limit}"
+            );
+        } else {
+            assert!(
+                limit >= 32,
+                "{trailer:?}: successes, yet the limit fell to {limit}"
+            );
+        }
+    }
+}

@@ -5,10 +5,11 @@
 //! count); the completion that closes a window folds it into the algorithm, which returns the
 //! next limit. A sample is a failure when the service below returned an error; with
 //! [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
-//! response is a 5xx or its body fails, and its latency runs to the end of the body. A request
-//! dropped before its response counts as its [`Dropped`] policy says (by default a failure
-//! once it has run 100 ms). Until the first sign of congestion the limit starts slowly, as
-//! TCP does: it doubles every round trip. The arithmetic ([`Aimd::update`],
+//! response is a 5xx, its body fails or its trailers carry a failing `grpc-status`, and its
+//! latency runs to the end of the body. A request dropped before its response counts as its
+//! [`Dropped`] policy says (by default a failure once it has run 100 ms). Until the first
+//! sign of congestion the limit starts slowly, as TCP does: it doubles every round trip, and
+//! it does so again to come back from a cut made by failures. The arithmetic ([`Aimd::update`],
 //! [`Gradient::update`]) takes nanoseconds and counts in and gives a limit out, with no clock
 //! and no runtime.
 
@@ -34,7 +35,10 @@ use crate::clock::{duration_nanos, Clock};
 /// Each completed request gives a sample: its latency from admission to completion, and
 /// whether it failed. A sample is a failure when the service below returned an error; with
 /// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
-/// response is a 5xx or its body fails, and its latency runs to the end of the body. A request
+/// response is a 5xx, its body fails, or its trailers carry a failing `grpc-status` (or what
+/// the layer's classifier calls a failure,
+/// [`classify_body_trailers`](crate::classify::Classify::classify_body_trailers)), and its
+/// latency runs to the end of the body. A request
 /// dropped before its response, or a body dropped before its end (the caller timed out or
 /// went away), gives the sample its [`Dropped`] policy says: by default a failure when it had
 /// run at least 100 ms, none when it was dropped sooner. So a dependency that hangs while its
@@ -50,15 +54,28 @@ use crate::clock::{duration_nanos, Clock};
 /// the limit starts in *slow start* (on by default; [`slow_start`](Self::slow_start)): a
 /// window also closes as soon as it holds as many samples as the limit (one round trip of
 /// the dependency), and each window that used at least half of the limit doubles it. Slow
-/// start ends for good at the first sign of congestion: a failure (the algorithm backs off),
-/// a window whose lowest latency rose a quarter above the lowest seen or whose mean doubled
-/// (the limit is cut by the ratio of the two latencies, to about what the dependency served
-/// without queueing), or a window in which the algorithm itself would lower the limit. An
-/// idle window changes nothing, so a limit that waited idle at its initial value still
-/// doubles every round trip when a sudden load comes: with a dependency of 10 ms, from 64 to
-/// 1024 in 40 ms. With the initial 64, a sudden load of twice the capacity of a dependency
-/// that serves 100 at once in 10 ms, or 400 at once in 20 ms, is served at 95% or more of
-/// what a fixed limit at that capacity serves, from the first second on.
+/// start ends at the first sign of congestion: a failure (the algorithm backs off), a window
+/// whose mean latency rose half again above the no-load latency (the mean latency of windows
+/// without queueing, see [`Gradient`]; the limit is cut by the ratio of the two, to about
+/// what the dependency served without queueing), or a window in which AIMD's latency
+/// threshold backs off. A mean is compared with a mean, so latency that merely varies from
+/// request to request does not end it. An idle window changes nothing, so a limit that
+/// waited idle at its initial value still doubles every round trip when a sudden load comes:
+/// with a dependency of 10 ms, from 64 to 1024 in 40 ms. With the initial 64, a sudden load
+/// of twice the capacity of a dependency that serves 100 at once in 10 ms, or 400 at once in
+/// 20 ms, is served at 95% or more of what a fixed limit at that capacity serves, from the
+/// first second on.
+///
+/// Slow start also brings the limit back after failures. Windows with failures cut it (by
+/// the algorithm's `backoff` each, so a 2 s outage at 100 ms windows takes it from 50 to
+/// about 6); the level the first cut of such a run left is remembered, and once a window
+/// without failures comes, slow start resumes, doubling every round trip up to that level,
+/// where it ends and the algorithm's own steps go on (a latency rise ends it sooner, as
+/// above). A dependency that failed fast for a while, with no load problem, is thus served at
+/// its capacity again within a few round trips of healing (about 250 ms with 100 ms windows
+/// and a 10 ms dependency), not one step per window for seconds; a dependency whose failures
+/// come from load is brought back to just under where they began, and cut again if they do.
+/// With slow start off ([`slow_start(false)`](Self::slow_start)), neither happens.
 ///
 /// Under tokio's paused time, measure on tokio's clock: `.clock(Clock::tokio())`.
 ///
@@ -269,8 +286,8 @@ pub struct Sample {
 pub struct Estimate {
     /// The limit, with its fraction (the limit in force is this, rounded and bounded).
     pub limit: f64,
-    /// The latency with no queueing, in nanoseconds (0: not measured yet). Used by
-    /// [`Gradient`].
+    /// The mean latency with no queueing, in nanoseconds (0: not measured yet): the baseline
+    /// [`Gradient`] and slow start compare each window's mean latency with.
     pub no_load_rtt_nanos: u64,
     /// Windows seen.
     pub windows: u64,
@@ -411,8 +428,8 @@ impl Aimd {
 /// A latency gradient (Netflix concurrency-limits' `GradientLimit`, Envoy's adaptive
 /// concurrency filter).
 ///
-/// It keeps the lowest latency seen (the latency with no queueing) and compares each
-/// window's mean latency with it:
+/// It keeps the latency with no queueing (the *no-load latency*) and compares each window's
+/// mean latency with it:
 ///
 /// ```text
 /// gradient = clamp(tolerance × no_load_rtt / window_rtt, 0.5, 1.0)
@@ -420,18 +437,29 @@ impl Aimd {
 /// limit    = limit × (1 − smoothing) + target × smoothing
 /// ```
 ///
-/// While latency stays at its floor, the gradient is 1 and the limit grows by `queue` (by
-/// default the square root of the limit). Once requests queue in the dependency, latency grows
-/// with concurrency and the gradient pulls the limit back, so it settles just above the
-/// concurrency the dependency serves without queueing (by about `queue`). `tolerance`
-/// (default 1.0) is how much latency growth counts as normal; Envoy uses about 1.1. A window
-/// with failures multiplies the limit by `backoff` (default 0.9).
+/// Like is compared with like: the no-load latency is a *mean* latency too, that of windows
+/// without queueing, not the lowest single latency ever seen (a dependency whose latency
+/// varies from request to request has a mean well above its minimum, queue or no queue).
+/// The first window sets it; a window whose mean is lower pulls it halfway down; the probe
+/// below sets it again. A window with a higher mean does not raise it, so a standing queue
+/// never becomes the new normal.
+///
+/// While latency stays at the no-load latency, the gradient is 1 and the limit grows by
+/// `queue` (by default the square root of the limit). Once requests queue in the dependency,
+/// latency grows with concurrency and the gradient pulls the limit back, so it settles just
+/// above the concurrency the dependency serves without queueing (by about `queue`). A
+/// dependency that serves any number at once, however much its latency varies, is never cut.
+/// `tolerance` (default 1.0) is how much latency growth counts as normal; Envoy uses about
+/// 1.1. A window with failures multiplies the limit by `backoff` (default 0.9).
 ///
 /// The no-load latency is measured again every `probe_every` windows (default 500: about a
-/// minute with 100 ms windows), as Envoy does: for one window the limit drops to the floor,
-/// so requests do not queue, and that window's lowest latency becomes the new no-load
-/// latency. This lets the limit follow a dependency that became slower for good, at the cost
-/// of one window of reduced concurrency.
+/// minute with 100 ms windows), as Envoy does: the limit drops to the floor for one window's
+/// time, so requests do not queue, and the mean latency of the requests admitted during it
+/// becomes the new no-load latency. The probe ends at the first completion of such a request
+/// once the window's time is up (it does not wait for `min_samples` completions at the
+/// floor), so it costs about one window of reduced concurrency, or one latency of the
+/// dependency if that is longer. This lets the limit follow a dependency that became slower
+/// for good.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gradient {
     tolerance: f64,
@@ -517,11 +545,11 @@ impl Gradient {
         let windows = est.windows + 1;
         let (lo, hi) = (f64::from(floor), f64::from(ceiling));
         if est.probe_saved > 0.0 {
-            // This window ran at the floor: its lowest latency is the no-load latency.
+            // This window ran at the floor: its mean latency is the no-load latency.
             return Estimate {
                 limit: est.probe_saved.clamp(lo, hi),
-                no_load_rtt_nanos: if s.min_rtt_nanos > 0 {
-                    s.min_rtt_nanos
+                no_load_rtt_nanos: if s.failures == 0 && s.avg_rtt_nanos > 0 {
+                    s.avg_rtt_nanos
                 } else {
                     est.no_load_rtt_nanos
                 },
@@ -538,13 +566,7 @@ impl Gradient {
                 probe_saved: est.limit.clamp(lo, hi),
             };
         }
-        let no_load = if est.no_load_rtt_nanos == 0
-            || (s.min_rtt_nanos > 0 && s.min_rtt_nanos < est.no_load_rtt_nanos)
-        {
-            s.min_rtt_nanos
-        } else {
-            est.no_load_rtt_nanos
-        };
+        let no_load = no_load_after(est.no_load_rtt_nanos, s);
         let limit = if s.failures > 0 {
             est.limit * self.backoff
         } else if s.avg_rtt_nanos == 0 || f64::from(s.peak_in_flight) * 2.0 < est.limit {
@@ -569,52 +591,72 @@ impl Gradient {
     }
 }
 
+/// The no-load latency after a window (outside the probe): the first window's mean sets it,
+/// a window without failures whose mean is lower pulls it halfway down, anything else leaves
+/// it. A mean is compared with a mean: the lowest single latency of a dependency whose
+/// latency varies lies far below its mean even with no queue at all.
+fn no_load_after(no_load: u64, s: &Sample) -> u64 {
+    if s.avg_rtt_nanos == 0 || s.failures > 0 {
+        no_load
+    } else if no_load == 0 {
+        s.avg_rtt_nanos
+    } else if s.avg_rtt_nanos < no_load {
+        no_load - (no_load - s.avg_rtt_nanos) / 2
+    } else {
+        no_load
+    }
+}
+
+/// How far above the no-load latency a slow-start window's mean must rise to end slow start
+/// as congestion: half again. Ordinary variance of a window's mean stays well under it; a
+/// doubling of the limit past the dependency's capacity passes it within one more round trip.
+const SLOW_START_RISE: f64 = 1.5;
+
 /// One window of slow start: the next estimate, and whether slow start goes on.
 ///
 /// A failure ends it with the algorithm's update (a back-off); a latency rise (the window's
-/// lowest latency a quarter above the lowest seen, or its mean twice it) ends it with the
-/// limit cut by the ratio of the lowest latency to the window's mean; a window the algorithm
-/// itself would lower the limit on ends it with the lower of the algorithm's step and that
-/// cut; a window that used at least half of the limit doubles it; an idle window changes
-/// nothing.
+/// mean [`SLOW_START_RISE`] times the no-load latency) ends it with the limit cut by the
+/// ratio of the two, to about the concurrency served without queueing; a window in which
+/// AIMD itself backs off (its latency threshold) ends it with the lower of its step and that
+/// cut; a window that used at least half of the limit doubles it, up to `cap`, where slow
+/// start ends; an idle window changes nothing.
 fn slow_start_update(
     algorithm: &Algorithm,
     est: Estimate,
     s: &Sample,
     floor: u32,
     ceiling: u32,
+    cap: f64,
 ) -> (Estimate, bool) {
     let (lo, hi) = (f64::from(floor), f64::from(ceiling));
-    let lowest = match (est.no_load_rtt_nanos, s.min_rtt_nanos) {
-        (0, m) => m,
-        (l, 0) => l,
-        (l, m) => l.min(m),
-    };
     let steady = algorithm.update(est, s, floor, ceiling);
     if s.failures > 0 {
         return (steady, false);
     }
+    let no_load = no_load_after(est.no_load_rtt_nanos, s);
     let next = |limit: f64| Estimate {
         limit: limit.clamp(lo, hi),
-        no_load_rtt_nanos: lowest,
+        no_load_rtt_nanos: no_load,
         windows: est.windows + 1,
         probe_saved: 0.0,
     };
     // The limit cut by how far latency rose: about the concurrency served without queueing.
-    let cut = est.limit * (lowest as f64 / s.avg_rtt_nanos.max(1) as f64).min(1.0);
-    if lowest > 0
-        && (s.min_rtt_nanos as f64 > 1.25 * lowest as f64
-            || s.avg_rtt_nanos as f64 > 2.0 * lowest as f64)
-    {
+    let cut = est.limit * (no_load as f64 / s.avg_rtt_nanos.max(1) as f64).min(1.0);
+    if no_load > 0 && s.avg_rtt_nanos as f64 > SLOW_START_RISE * no_load as f64 {
         return (next(cut), false);
     }
-    // The algorithm sees congestion (not a window that measures the no-load latency at the
-    // floor): the lower of its step and the cut.
-    if steady.limit < est.limit && steady.probe_saved == 0.0 {
+    // AIMD sees congestion (its latency threshold): the lower of its step and the cut. (The
+    // gradient's own steps answer to smaller rises, which a window of one round trip cannot
+    // tell from variance; the rise above is its signal here.)
+    if matches!(algorithm, Algorithm::Aimd(_)) && steady.limit < est.limit {
         return (next(steady.limit.min(cut)), false);
     }
     if f64::from(s.peak_in_flight) * 2.0 >= est.limit {
-        return (next(est.limit * 2.0), true);
+        let doubled = est.limit * 2.0;
+        if doubled >= cap {
+            return (next(cap.max(est.limit)), false);
+        }
+        return (next(doubled), true);
     }
     (next(est.limit), true)
 }
@@ -646,8 +688,13 @@ pub(crate) struct AdaptiveState {
     no_load_rtt: AtomicU64,
     windows: AtomicU64,
     probe_saved_bits: AtomicU64,
-    /// Whether the limit is still in slow start.
+    /// Whether the limit is in slow start.
     slow_start: AtomicBool,
+    /// After failures cut the limit: the limit (f64 bits) slow start brings it back up to
+    /// once successes return; 0 otherwise.
+    recover_to_bits: AtomicU64,
+    /// Whether slow start is configured (it then also comes back after failures).
+    slow_start_on: bool,
     /// A dropped request that ran this long is a failed sample (`u64::MAX`: never).
     dropped_after: u64,
 }
@@ -670,6 +717,8 @@ impl AdaptiveState {
             windows: AtomicU64::new(0),
             probe_saved_bits: AtomicU64::new(0f64.to_bits()),
             slow_start: AtomicBool::new(cfg.slow_start),
+            recover_to_bits: AtomicU64::new(0f64.to_bits()),
+            slow_start_on: cfg.slow_start,
             dropped_after: match cfg.dropped {
                 Dropped::Ignore => u64::MAX,
                 Dropped::FailureAfter(d) => duration_nanos(d),
@@ -689,6 +738,8 @@ impl AdaptiveState {
     pub(crate) fn reset_to(&self, limit: u32) -> u32 {
         let limit = limit.clamp(self.floor, self.ceiling);
         self.slow_start.store(false, Ordering::Relaxed);
+        self.recover_to_bits
+            .store(0f64.to_bits(), Ordering::Relaxed);
         self.limit_bits
             .store(f64::from(limit).to_bits(), Ordering::Relaxed);
         self.probe_saved_bits
@@ -707,6 +758,15 @@ impl AdaptiveState {
         dropped: bool,
         shared: &Shared,
     ) -> Option<u32> {
+        let end = self.window_end.load(Ordering::Acquire);
+        // While the gradient measures the no-load latency (the limit at the floor since the
+        // last window closed), only requests admitted since then are no-load samples, and
+        // the first of them to complete once the window's time is up closes the probe.
+        let probing = self.probe_saved_bits.load(Ordering::Relaxed) != 0f64.to_bits();
+        if probing && now.saturating_sub(rtt) < end.saturating_sub(self.window_nanos) {
+            return None;
+        }
+        let min_samples = if probing { 1 } else { self.min_samples };
         let count = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         self.rtt_sum.fetch_add(rtt, Ordering::AcqRel);
         if !dropped {
@@ -715,7 +775,6 @@ impl AdaptiveState {
         if failed {
             self.failures.fetch_add(1, Ordering::AcqRel);
         }
-        let end = self.window_end.load(Ordering::Acquire);
         if end == 0 {
             // First sample: the first window starts now.
             let _ = self.window_end.compare_exchange(
@@ -730,7 +789,7 @@ impl AdaptiveState {
         // In slow start a window is also one round trip: as many samples as the limit.
         let round_trip = slow_start
             && f64::from(count) >= f64::from_bits(self.limit_bits.load(Ordering::Relaxed)).max(1.0);
-        if (now < end && !round_trip) || count < self.min_samples {
+        if (now < end && !round_trip) || count < min_samples {
             return None;
         }
         // One completion wins the window; the others go on.
@@ -764,17 +823,42 @@ impl AdaptiveState {
             windows: self.windows.load(Ordering::Relaxed),
             probe_saved: f64::from_bits(self.probe_saved_bits.load(Ordering::Relaxed)),
         };
-        let next = if slow_start {
+        let recover_to = f64::from_bits(self.recover_to_bits.load(Ordering::Relaxed));
+        // Successes are back after failures cut the limit: slow start again, up to the limit
+        // the first cut left (see "Slow start" in `Adaptive`'s docs).
+        let recovering = self.slow_start_on
+            && recover_to > 0.0
+            && failures == 0
+            && est.probe_saved == 0.0
+            && est.limit < recover_to;
+        let next = if slow_start || recovering {
+            let cap = if recover_to > 0.0 {
+                recover_to
+            } else {
+                f64::INFINITY
+            };
             let (next, still) =
-                slow_start_update(&self.algorithm, est, &sample, self.floor, self.ceiling);
-            if !still {
-                self.slow_start.store(false, Ordering::Relaxed);
-            }
+                slow_start_update(&self.algorithm, est, &sample, self.floor, self.ceiling, cap);
+            self.slow_start.store(still, Ordering::Relaxed);
             next
         } else {
             self.algorithm
                 .update(est, &sample, self.floor, self.ceiling)
         };
+        if failures > 0 {
+            // Failures cut the limit: come back to the first cut's level once they stop.
+            if self.slow_start_on && next.limit < est.limit && next.limit > recover_to {
+                self.recover_to_bits
+                    .store(next.limit.to_bits(), Ordering::Relaxed);
+            }
+        } else if recover_to > 0.0
+            && est.probe_saved == 0.0
+            && !self.slow_start.load(Ordering::Relaxed)
+        {
+            // Back up to it, or slow start ended on congestion: recovered.
+            self.recover_to_bits
+                .store(0f64.to_bits(), Ordering::Relaxed);
+        }
         self.limit_bits
             .store(next.limit.to_bits(), Ordering::Relaxed);
         self.no_load_rtt
@@ -853,33 +937,185 @@ mod tests {
             &sample(1_000, 1_000, 16, 0),
             1,
             1024,
+            f64::INFINITY,
         );
         assert!(on);
         assert_eq!((e.limit, e.no_load_rtt_nanos), (32.0, 1_000));
         // Idle: unchanged, still in slow start.
-        let (idle, on) = slow_start_update(&alg, e, &sample(1_000, 1_000, 4, 0), 1, 1024);
+        let (idle, on) =
+            slow_start_update(&alg, e, &sample(1_000, 1_000, 4, 0), 1, 1024, f64::INFINITY);
         assert!(on);
         assert_eq!(idle.limit, 32.0);
         // Bounded by the ceiling.
         let high = Estimate { limit: 800.0, ..e };
-        let (top, _) = slow_start_update(&alg, high, &sample(1_000, 1_000, 800, 0), 1, 1024);
+        let (top, _) = slow_start_update(
+            &alg,
+            high,
+            &sample(1_000, 1_000, 800, 0),
+            1,
+            1024,
+            f64::INFINITY,
+        );
         assert_eq!(top.limit, 1024.0);
-        // Latency rose (lowest a quarter up): ends, cut by lowest / mean.
+        // Latency rose (the mean half again above the no-load mean): ends, cut by the ratio.
         let busy = Estimate { limit: 200.0, ..e };
-        let (cut, on) = slow_start_update(&alg, busy, &sample(2_000, 1_300, 200, 0), 1, 1024);
+        let (cut, on) = slow_start_update(
+            &alg,
+            busy,
+            &sample(2_000, 1_300, 200, 0),
+            1,
+            1024,
+            f64::INFINITY,
+        );
         assert!(!on);
         assert!((cut.limit - 100.0).abs() < 1e-9, "{cut:?}");
         assert_eq!(cut.no_load_rtt_nanos, 1_000);
         // A failure: ends with the algorithm's back-off.
         let aimd = Algorithm::Aimd(Aimd::default());
-        let (back, on) = slow_start_update(&aimd, e, &sample(1_000, 1_000, 32, 1), 1, 1024);
+        let (back, on) = slow_start_update(
+            &aimd,
+            e,
+            &sample(1_000, 1_000, 32, 1),
+            1,
+            1024,
+            f64::INFINITY,
+        );
         assert!(!on);
         assert!((back.limit - 28.8).abs() < 1e-9, "{back:?}");
         // AIMD past its latency threshold: ends with its back-off.
         let slow = Algorithm::Aimd(Aimd::default().latency_threshold(Duration::from_nanos(1_100)));
-        let (back, on) = slow_start_update(&slow, e, &sample(1_200, 1_000, 32, 0), 1, 1024);
+        let (back, on) = slow_start_update(
+            &slow,
+            e,
+            &sample(1_200, 1_000, 32, 0),
+            1,
+            1024,
+            f64::INFINITY,
+        );
         assert!(!on);
         assert!(back.limit < 32.0, "{back:?}");
+    }
+
+    #[test]
+    fn gradient_compares_a_mean_with_a_mean() {
+        let g = Gradient::default();
+        // Latency varying from 5 to 14 ms with no queue: mean 9.5 ms, lowest 5 ms. The first
+        // window sets the no-load latency to the mean, and the next ones, alike, grow it.
+        let varying = Sample::new(500, 0, 9_500_000, 5_000_000, 100);
+        let mut est = g.update(Estimate::new(100.0), &varying, 1, 1000);
+        assert_eq!(est.no_load_rtt_nanos, 9_500_000);
+        for _ in 0..10 {
+            let next = g.update(est, &varying, 1, 1000);
+            assert!(next.limit > est.limit, "{next:?}");
+            est = next;
+        }
+        // A lower mean pulls the no-load latency halfway down; a higher one leaves it.
+        let lower = g.update(
+            est,
+            &Sample::new(500, 0, 7_500_000, 5_000_000, 200),
+            1,
+            1000,
+        );
+        assert_eq!(lower.no_load_rtt_nanos, 8_500_000);
+        let queued = g.update(
+            lower,
+            &Sample::new(500, 0, 17_000_000, 9_000_000, 200),
+            1,
+            1000,
+        );
+        assert_eq!(queued.no_load_rtt_nanos, 8_500_000);
+        assert!(queued.limit < lower.limit, "{queued:?}");
+        // Nor does a window with failures (failing fast is not being fast).
+        let failing = g.update(est, &Sample::new(500, 5, 1_000, 1_000, 200), 1, 1000);
+        assert_eq!(failing.no_load_rtt_nanos, est.no_load_rtt_nanos);
+        // The probe's window sets it to its mean.
+        let probe = Estimate {
+            probe_saved: 150.0,
+            ..est
+        };
+        let back = g.update(
+            probe,
+            &Sample::new(3, 0, 12_000_000, 11_000_000, 1),
+            1,
+            1000,
+        );
+        assert_eq!((back.limit, back.no_load_rtt_nanos), (150.0, 12_000_000));
+    }
+
+    #[test]
+    fn slow_start_ignores_variance_and_stops_at_its_cap() {
+        let alg = Algorithm::Gradient(Gradient::default());
+        let est = Estimate {
+            no_load_rtt_nanos: 9_500_000,
+            ..Estimate::new(64.0)
+        };
+        // A window whose mean is a little above the no-load mean: still doubling.
+        let (next, on) = slow_start_update(
+            &alg,
+            est,
+            &sample(11_000_000, 5_000_000, 64, 0),
+            1,
+            1024,
+            f64::INFINITY,
+        );
+        assert!(on);
+        assert_eq!(next.limit, 128.0);
+        // Recovering up to 100: doubles to it, then ends.
+        let (next, on) = slow_start_update(
+            &alg,
+            est,
+            &sample(9_500_000, 5_000_000, 64, 0),
+            1,
+            1024,
+            100.0,
+        );
+        assert!(!on);
+        assert_eq!(next.limit, 100.0);
+        let low = Estimate { limit: 20.0, ..est };
+        let (next, on) = slow_start_update(
+            &alg,
+            low,
+            &sample(9_500_000, 5_000_000, 20, 0),
+            1,
+            1024,
+            100.0,
+        );
+        assert!(on);
+        assert_eq!(next.limit, 40.0);
+    }
+
+    #[test]
+    fn after_failures_the_limit_doubles_back_to_the_first_cut() {
+        let shared = Shared::new(64, None, None);
+        let state = AdaptiveState::new(
+            &Adaptive::aimd(Aimd::default())
+                .initial(64)
+                .min_samples(1)
+                .window(Duration::from_millis(10)),
+        );
+        let ms = 1_000_000;
+        let mut now = 0;
+        let mut limit = 64;
+        let mut step = |failed: bool, limit: u32| {
+            shared.note_peak(limit);
+            now += 11 * ms;
+            state.record(now, ms, failed, false, &shared)
+        };
+        step(false, limit);
+        // Twenty windows of failures: 64 × 0.9 = 57.6 first, then down to 7.8.
+        for _ in 0..20 {
+            limit = step(true, limit).unwrap();
+        }
+        assert_eq!(limit, 8);
+        // Successes: doubling back up to the first cut's 57.6, one round trip each.
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            limit = step(false, limit).unwrap();
+            seen.push(limit);
+        }
+        assert_eq!(seen[..3], [16, 31, 58], "{seen:?}");
+        // Then the algorithm's own steps: one per window.
+        assert_eq!(seen[3..], [59, 60, 61], "{seen:?}");
     }
 
     #[test]
@@ -1072,7 +1308,7 @@ mod tests {
             let ceiling = floor + span;
             let mut est = Estimate::new(start);
             for s in &samples {
-                let (next, on) = slow_start_update(&alg, est, s, floor, ceiling);
+                let (next, on) = slow_start_update(&alg, est, s, floor, ceiling, f64::INFINITY);
                 prop_assert!(next.limit.is_finite());
                 prop_assert!(next.limit >= f64::from(floor) && next.limit <= f64::from(ceiling));
                 if s.failures > 0 {

@@ -302,7 +302,7 @@ where
     ResB: Body,
     C: Classify<http::Response<ResB>>,
 {
-    type Output = Result<http::Response<PermitBody<ResB>>, BoxError>;
+    type Output = Result<http::Response<PermitBody<ResB, C>>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -324,16 +324,19 @@ where
             };
             // A body that is already at its end may never be polled (hyper drops it unread):
             // finish the sample and give the permit back now.
-            let permit = if res.body().is_end_stream() {
+            let (permit, classify) = if res.body().is_end_stream() {
                 permit.finish(outcome);
-                None
+                (None, None)
             } else {
-                Some(permit)
+                // An adaptive sample also reads the trailers, as `classify` sees them.
+                let classify = permit.is_adaptive().then(|| classify.clone());
+                (Some(permit), classify)
             };
             res.map(|body| PermitBody {
                 inner: body,
                 permit,
                 outcome,
+                classify,
             })
         })
     }
@@ -362,15 +365,20 @@ pin_project! {
     /// its end, has failed, or is dropped.
     ///
     /// Made by [`BackpressureLayer::hold_until_body_end`](super::BackpressureLayer::hold_until_body_end).
-    pub struct PermitBody<B> {
+    /// For an adaptive limit, trailers whose `grpc-status` is a failure, or that the layer's
+    /// classifier `C` calls one ([`Classify::classify_body_trailers`]), make the request's
+    /// sample a failure.
+    pub struct PermitBody<B, C = ErrorsOnly> {
         #[pin]
         inner: B,
         permit: Option<Permit>,
         outcome: Outcome,
+        // The layer's classifier, for the trailers (an adaptive limit's permit only).
+        classify: Option<C>,
     }
 }
 
-impl<B> PermitBody<B> {
+impl<B, C> PermitBody<B, C> {
     /// Whether the body still holds its permit.
     pub fn holds_permit(&self) -> bool {
         self.permit.is_some()
@@ -382,7 +390,7 @@ impl<B> PermitBody<B> {
     }
 }
 
-impl<B: Body> Body for PermitBody<B> {
+impl<B: Body, C: Classify<http::Response<B>>> Body for PermitBody<B, C> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -392,6 +400,18 @@ impl<B: Body> Body for PermitBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let (Some(classify), Some(Ok(frame))) = (this.classify.as_ref(), &frame) {
+            if let Some(trailers) = frame.trailers_ref() {
+                // A gRPC call that sent a message ends with its status in the trailers.
+                if GrpcStatus::default()
+                    .classify_trailers(trailers)
+                    .is_failure()
+                    || classify.classify_body_trailers(trailers).is_failure()
+                {
+                    *this.outcome = Outcome::Failure;
+                }
+            }
+        }
         let outcome = match &frame {
             None => *this.outcome,
             Some(Err(_)) => Outcome::Failure,
@@ -414,7 +434,7 @@ impl<B: Body> Body for PermitBody<B> {
     }
 }
 
-impl<B> fmt::Debug for PermitBody<B> {
+impl<B, C> fmt::Debug for PermitBody<B, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PermitBody")
             .field("holds_permit", &self.permit.is_some())

@@ -169,8 +169,10 @@ impl<R, C> BackpressureLayer<R, C> {
     /// By default ([`ErrorsOnly`]) every response is a success: for an HTTP service, give
     /// [`HttpStatus`](crate::classify::HttpStatus) so that 5xx responses pull the limit down
     /// (with [`hold_until_body_end`](Self::hold_until_body_end), 5xx and failing gRPC statuses
-    /// in the headers always count, and the classifier adds to them). A fixed limit takes no
-    /// samples and never calls the classifier.
+    /// in the headers or the trailers always count, and the classifier adds to them, the
+    /// trailers through
+    /// [`classify_body_trailers`](crate::classify::Classify::classify_body_trailers)). A fixed
+    /// limit takes no samples and never calls the classifier.
     ///
     /// ```
     /// use tower_bulwark::backpressure::{Adaptive, Aimd, BackpressureLayer};

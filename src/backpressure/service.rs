@@ -207,7 +207,7 @@ where
     ResB: http_body::Body,
     C: Classify<http::Response<ResB>>,
 {
-    type Response = http::Response<PermitBody<ResB>>;
+    type Response = http::Response<PermitBody<ResB, C>>;
     type Error = BoxError;
     type Future = ResponseFuture<S, http::Request<ReqB>, ReleaseOnBodyEnd, C>;
 
