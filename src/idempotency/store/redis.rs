@@ -17,7 +17,16 @@
 //! expired anyway), so that a late claim leaves no lease that nobody holds: a repeat can run
 //! once Redis has seen the release. The release is sent after the claim on the same
 //! connection, so Redis runs them in that order; only a claim that reaches Redis after the
-//! release went through another connection could still linger, until its time to live.
+//! release went through another connection could still linger, until its time to live. The
+//! release of a request that failed (its key given back so that the client may retry) is
+//! retried the same way: a release lost on the way does not leave the key refused for the
+//! rest of the lease.
+//!
+//! These background releases are bounded, whatever the outage: they wait in one queue of at
+//! most [`MAX_PENDING_RELEASES`] owner tokens (at most [`MAX_PENDING_RELEASES_PER_KEY`] per
+//! key), sent by one task per store, each key's tokens in one script per round. A release
+//! that finds the queue full is dropped and counted ([`RedisStoreStats::releases_dropped`]):
+//! its lease, if it was taken, expires by itself.
 //!
 //! Values are compact binary: a lease is `L`, the request's fingerprint (16 bytes) and the
 //! owner token (16 bytes); a record is `R`, the fingerprint and [`Record::encode`]'s bytes (no
@@ -52,12 +61,13 @@
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -125,18 +135,33 @@ return 0
     )
 });
 
-/// Deletes the lease, only while the key holds this owner's token.
+/// Deletes the lease, only while the key holds one of these owner tokens (one, or those of
+/// several releases of one key waiting in the queue).
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if v and string.sub(v, 1, 1) == 'L' then
+  local t = string.sub(v, 18, 33)
+  for i = 1, #ARGV do
+    if ARGV[i] == t then return redis.call('DEL', KEYS[1]) end
+  end
 end
 return 0
 ",
     )
 });
+
+/// The most releases [`RedisStore`] keeps waiting for its background worker at once (each
+/// an owner token with the time its lease would expire); beyond, a release is not queued and
+/// its lease, if it was taken, expires by itself (counted in
+/// [`RedisStoreStats::releases_dropped`]).
+pub const MAX_PENDING_RELEASES: usize = 1024;
+
+/// The most releases of one key kept waiting at once (the first ones: of claims sent
+/// while Redis did not answer, the first to reach it is the one that may have taken the
+/// lease); the others are dropped and counted.
+pub const MAX_PENDING_RELEASES_PER_KEY: usize = 16;
 
 /// Why a [`RedisStore`]'s configuration was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +203,13 @@ pub struct RedisStoreStats {
     pub leases_lost: u64,
     /// Records that could not be decoded.
     pub corrupt: u64,
+    /// Releases waiting for the background worker (after a failure, or of a claim Redis did
+    /// not answer), at most [`MAX_PENDING_RELEASES`].
+    pub releases_pending: u64,
+    /// Releases not queued because the queue was full (or held
+    /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), or given up when their lease would
+    /// have expired anyway: their lease, if taken, expires by itself.
+    pub releases_dropped: u64,
 }
 
 struct Inner {
@@ -199,6 +231,18 @@ struct Inner {
     last_log: AtomicU64,
     suppressed: AtomicU64,
     degraded: AtomicBool,
+    releases: Mutex<Pending>,
+    releases_dropped: AtomicU64,
+}
+
+/// Releases waiting for the worker, by Redis key: each an owner token and when its lease
+/// would expire by itself.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<Vec<u8>, Vec<(u128, tokio::time::Instant)>>,
+    count: usize,
+    /// Whether a worker task is running (it ends when the queue is empty).
+    worker: bool,
 }
 
 /// Idempotency leases and records in Redis; see the [module docs](self).
@@ -244,6 +288,8 @@ impl RedisStore {
                 last_log: AtomicU64::new(NEVER),
                 suppressed: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
+                releases: Mutex::new(Pending::default()),
+                releases_dropped: AtomicU64::new(0),
             }),
         }
     }
@@ -292,6 +338,41 @@ impl RedisStore {
             timeouts: i.timeouts.load(Ordering::Relaxed),
             leases_lost: i.leases_lost.load(Ordering::Relaxed),
             corrupt: i.corrupt.load(Ordering::Relaxed),
+            releases_pending: i.pending().count as u64,
+            releases_dropped: i.releases_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues the release of `lease` for the background worker, which sends it (with the
+    /// other releases of its key) until Redis answers or `until` passes.
+    fn queue_release(&self, lease: &Lease, until: tokio::time::Instant) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!("no tokio runtime to release on; the lease will expire");
+            return;
+        };
+        let rkey = self.redis_key(lease.key());
+        let start = {
+            let mut p = self.inner.pending();
+            let queued = p.count < MAX_PENDING_RELEASES && {
+                let tokens = p.keys.entry(rkey).or_default();
+                let room = tokens.len() < MAX_PENDING_RELEASES_PER_KEY;
+                if room {
+                    tokens.push((lease.token(), until));
+                }
+                room
+            };
+            if queued {
+                p.count += 1;
+            } else {
+                self.inner.releases_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = ?lease.key(), "idempotency release queue full; the lease will expire");
+            }
+            let start = queued && !p.worker;
+            p.worker |= start;
+            start
+        };
+        if start {
+            rt.spawn(release_worker(self.clone()));
         }
     }
 
@@ -362,6 +443,12 @@ impl RedisStore {
 }
 
 impl Inner {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.releases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     #[cold]
     fn failure(&self, error: &dyn fmt::Display, timed_out: bool) {
         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -402,6 +489,98 @@ fn decode_record(bytes: &[u8]) -> Result<Arc<Record>, StoreError> {
         .map_err(|e| StoreError::with_source(StoreErrorKind::Corrupt, e))
 }
 
+/// The one task of a store that sends the queued releases: each key's tokens in one script,
+/// again after a pause (10 ms, doubling up to 1 s) while Redis fails, each until its lease
+/// would have expired anyway. It ends when the queue is empty.
+async fn release_worker(store: RedisStore) {
+    /// Marks the worker gone if its task is dropped (the runtime shutting down), so that a
+    /// later release starts another.
+    struct Running(Option<RedisStore>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(store) = self.0.take() {
+                store.inner.pending().worker = false;
+            }
+        }
+    }
+    const KEYS_PER_ROUND: usize = 64;
+    let mut running = Running(Some(store.clone()));
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let now = tokio::time::Instant::now();
+        let batch: Vec<(Vec<u8>, Vec<u128>)> = {
+            let mut p = store.inner.pending();
+            let mut expired = 0;
+            p.keys.retain(|_, tokens| {
+                let before = tokens.len();
+                tokens.retain(|&(_, until)| until > now);
+                expired += before - tokens.len();
+                !tokens.is_empty()
+            });
+            p.count -= expired;
+            if expired > 0 {
+                store
+                    .inner
+                    .releases_dropped
+                    .fetch_add(expired as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    expired,
+                    "idempotency store: releases given up, their leases have expired"
+                );
+            }
+            if p.keys.is_empty() {
+                p.worker = false;
+                running.0 = None;
+                return;
+            }
+            p.keys
+                .iter()
+                .take(KEYS_PER_ROUND)
+                .map(|(k, tokens)| (k.clone(), tokens.iter().map(|&(t, _)| t).collect()))
+                .collect()
+        };
+        let mut failed = false;
+        for (rkey, tokens) in batch {
+            let mut conn = store.inner.conn.clone();
+            let key = rkey.clone();
+            let sent = tokens.clone();
+            let out = store
+                .run(async move {
+                    let mut inv = RELEASE.key(key);
+                    for t in &sent {
+                        inv.arg(&t.to_be_bytes()[..]);
+                    }
+                    let _: i64 = inv.invoke_async(&mut conn).await?;
+                    Ok(Ok(()))
+                })
+                .await;
+            if out.is_err() {
+                failed = true;
+                break;
+            }
+            // Sent: these tokens are done (others of the key may have come meanwhile).
+            let mut p = store.inner.pending();
+            let mut done = 0;
+            if let Some(left) = p.keys.get_mut(&rkey) {
+                let before = left.len();
+                left.retain(|(t, _)| !tokens.contains(t));
+                done = before - left.len();
+                if left.is_empty() {
+                    p.keys.remove(&rkey);
+                }
+            }
+            p.count -= done;
+        }
+        if failed {
+            tracing::debug!(?pause, "idempotency store: releases wait for redis");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        } else {
+            pause = Duration::from_millis(10);
+        }
+    }
+}
+
 /// The lease of a claim sent to Redis and not yet answered. If the claim's future ends
 /// without an answer (its timeout, a lost connection, the caller gone), the claim may still
 /// have taken, or still take, the lease: it is released with the same owner token.
@@ -422,10 +601,7 @@ impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             tracing::debug!(key = ?lease.key(), "idempotency claim unanswered; releasing the lease it may have taken");
-            let store = self.store.clone();
-            super::retry_detached("release of an unanswered claim", self.until, move || {
-                store.release(&lease)
-            });
+            self.store.queue_release(&lease, self.until);
         }
     }
 }
@@ -518,6 +694,12 @@ impl Store for RedisStore {
             let _: i64 = inv.invoke_async(&mut conn).await?;
             Ok(Ok(()))
         })
+    }
+
+    /// Queued for the store's one background worker, which sends it until Redis answers or
+    /// the lease would have expired (see [`MAX_PENDING_RELEASES`]).
+    fn release_detached(&self, lease: Lease, until: tokio::time::Instant) {
+        self.queue_release(&lease, until);
     }
 
     fn get(&self, key: &StoreKey) -> Self::GetFuture {
