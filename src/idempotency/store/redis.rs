@@ -45,9 +45,26 @@
 //! asynchronous: if the primary fails after acknowledging a claim and before a replica
 //! received it, the promoted replica has no lease, and a retry of the same key claims it and
 //! runs **a second time**. The same happens if Redis restarts without persistence, or evicts
-//! the key under memory pressure (use a `noeviction` or `volatile-*` policy). Exactly-once
-//! holds while Redis keeps what it acknowledged; handlers that must never run twice should
-//! also be idempotent in their own database (a unique constraint on the key).
+//! the key under memory pressure. Exactly-once holds while Redis keeps what it acknowledged;
+//! handlers that must never run twice should also be idempotent in their own database (a
+//! unique constraint on the key).
+//!
+//! # Eviction
+//!
+//! Run the store on a Redis whose `maxmemory-policy` is `noeviction` (the Redis default). Every
+//! lease and record has a time to live, so the `volatile-*` policies evict exactly them, and
+//! the `allkeys-*` policies evict them too: a completed key evicted under memory pressure runs
+//! its handler again on retry. Under `noeviction` a full Redis refuses writes instead, and the
+//! layer's failure policy applies (503 by default): nothing runs twice.
+//!
+//! The store checks: before its first claim it reads the policy (`CONFIG GET maxmemory*`).
+//! With an evicting policy and a `maxmemory` limit it **refuses every claim** (a
+//! [`StoreErrorKind::Unavailable`] error, so the layer's failure policy applies: 503 by
+//! default), logs an `ERROR` and counts the refusals
+//! ([`RedisStoreStats::eviction_refusals`]); it reads the policy again every 10 s, so that a
+//! fixed configuration is taken up with no restart. An evicting policy with no `maxmemory`
+//! (nothing evicted yet) and a server that refuses `CONFIG` (renamed or not allowed, as on
+//! some managed services) are warned about once, and trusted.
 //!
 //! # Failures
 //!
@@ -66,7 +83,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -87,6 +104,34 @@ pub const MAX_PREFIX_LEN: usize = 256;
 
 const LOG_EVERY_NS: u64 = 1_000_000_000;
 const NEVER: u64 = u64::MAX;
+
+/// While the eviction policy is refused, claims check it again at most this often, so that a
+/// fixed configuration is taken up with no restart.
+const POLICY_RECHECK_NS: u64 = 10_000_000_000;
+
+/// What the store knows of Redis's eviction policy.
+const POLICY_UNKNOWN: u8 = 0;
+/// `noeviction`, or no `maxmemory`: nothing is evicted (or the check was refused: warned).
+const POLICY_OK: u8 = 1;
+/// A policy that evicts with a memory limit: claims are refused.
+const POLICY_EVICTS: u8 = 2;
+
+/// Why claims are refused: Redis may evict leases and records.
+#[derive(Debug)]
+struct EvictionPolicy(String);
+
+impl fmt::Display for EvictionPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "redis maxmemory-policy is {} with a maxmemory limit: it may evict idempotency \
+             leases and records (a completed request would run again); set noeviction",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for EvictionPolicy {}
 
 /// `GET`; if free, `SET NX PX` a lease; else answer from what the key holds.
 /// Returns {1, ''} claimed, {2, ''} in flight, {3, record} completed, {4, ''} mismatch.
@@ -210,6 +255,9 @@ pub struct RedisStoreStats {
     /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), or given up when their lease would
     /// have expired anyway: their lease, if taken, expires by itself.
     pub releases_dropped: u64,
+    /// Claims refused because Redis's eviction policy may evict leases and records (see
+    /// [`RedisStore`]'s module docs, "Eviction").
+    pub eviction_refusals: u64,
 }
 
 struct Inner {
@@ -233,6 +281,10 @@ struct Inner {
     degraded: AtomicBool,
     releases: Mutex<Pending>,
     releases_dropped: AtomicU64,
+    /// [`POLICY_UNKNOWN`], [`POLICY_OK`] or [`POLICY_EVICTS`], and when it was last checked.
+    policy: AtomicU8,
+    policy_checked: AtomicU64,
+    policy_refusals: AtomicU64,
 }
 
 /// Releases waiting for the worker, by Redis key: each an owner token and when its lease
@@ -290,6 +342,9 @@ impl RedisStore {
                 degraded: AtomicBool::new(false),
                 releases: Mutex::new(Pending::default()),
                 releases_dropped: AtomicU64::new(0),
+                policy: AtomicU8::new(POLICY_UNKNOWN),
+                policy_checked: AtomicU64::new(0),
+                policy_refusals: AtomicU64::new(0),
             }),
         }
     }
@@ -340,6 +395,7 @@ impl RedisStore {
             corrupt: i.corrupt.load(Ordering::Relaxed),
             releases_pending: i.pending().count as u64,
             releases_dropped: i.releases_dropped.load(Ordering::Relaxed),
+            eviction_refusals: i.policy_refusals.load(Ordering::Relaxed),
         }
     }
 
@@ -443,6 +499,92 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// Before a claim: whether Redis's eviction policy keeps what the store writes. Checked
+    /// once (`CONFIG GET maxmemory*`), then again every 10 s while it is refused. A server
+    /// that refuses `CONFIG` is warned about once and trusted.
+    async fn check_policy(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<Result<(), StoreError>, redis::RedisError> {
+        let state = self.policy.load(Ordering::Relaxed);
+        if state == POLICY_OK {
+            return Ok(Ok(()));
+        }
+        let now = self.clock.now_nanos();
+        if state == POLICY_EVICTS
+            && now.saturating_sub(self.policy_checked.load(Ordering::Relaxed)) < POLICY_RECHECK_NS
+        {
+            return Ok(Err(self.refuse_claim(None)));
+        }
+        let reply: Result<std::collections::HashMap<String, String>, redis::RedisError> =
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory*")
+                .query_async(conn)
+                .await;
+        let config = match reply {
+            Ok(config) => config,
+            Err(e)
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
+                return Err(e);
+            }
+            Err(e) => {
+                // CONFIG renamed or not allowed (managed services): trust, loudly.
+                if self.policy.swap(POLICY_OK, Ordering::Relaxed) != POLICY_OK {
+                    tracing::warn!(
+                        error = %e,
+                        "redis idempotency store: cannot read maxmemory-policy (CONFIG refused); \
+                         it must be noeviction, or Redis may evict leases and records and a \
+                         completed request run again"
+                    );
+                }
+                return Ok(Ok(()));
+            }
+        };
+        let policy = config
+            .get("maxmemory-policy")
+            .map_or("noeviction", String::as_str);
+        let limited = config.get("maxmemory").is_some_and(|m| m.trim() != "0");
+        self.policy_checked.store(now, Ordering::Relaxed);
+        if policy == "noeviction" {
+            self.policy.store(POLICY_OK, Ordering::Relaxed);
+            return Ok(Ok(()));
+        }
+        if !limited {
+            // Nothing is evicted without a memory limit, but setting one would start it.
+            self.policy.store(POLICY_OK, Ordering::Relaxed);
+            tracing::warn!(
+                policy,
+                "redis idempotency store: maxmemory-policy is not noeviction; with no maxmemory \
+                 nothing is evicted yet, but a memory limit would evict leases and records \
+                 (a completed request would run again): set noeviction"
+            );
+            return Ok(Ok(()));
+        }
+        if self.policy.swap(POLICY_EVICTS, Ordering::Relaxed) != POLICY_EVICTS {
+            tracing::error!(
+                policy,
+                "redis idempotency store: refusing claims: maxmemory-policy evicts keys with a \
+                 time to live, as every lease and record has (a completed request would run \
+                 again); set maxmemory-policy noeviction"
+            );
+        }
+        Ok(Err(self.refuse_claim(Some(policy.to_owned()))))
+    }
+
+    #[cold]
+    fn refuse_claim(&self, policy: Option<String>) -> StoreError {
+        self.policy_refusals.fetch_add(1, Ordering::Relaxed);
+        StoreError::with_source(
+            StoreErrorKind::Unavailable,
+            EvictionPolicy(policy.unwrap_or_else(|| "an evicting policy".to_owned())),
+        )
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.releases
             .lock()
@@ -628,7 +770,20 @@ impl Store for RedisStore {
             lease: Some(lease.clone()),
             until: tokio::time::Instant::now() + lease_ttl,
         };
+        let inner = self.inner.clone();
         self.run(async move {
+            match inner.check_policy(&mut conn).await {
+                Ok(Ok(())) => {}
+                // The claim was not sent: no lease can have been taken.
+                Ok(Err(refused)) => {
+                    unanswered.answered();
+                    return Ok(Err(refused));
+                }
+                Err(e) => {
+                    unanswered.answered();
+                    return Err(e);
+                }
+            }
             let mut inv = CLAIM.key(rkey);
             inv.arg(&fingerprint.as_u128().to_be_bytes()[..])
                 .arg(&token.to_be_bytes()[..])
