@@ -469,8 +469,8 @@ impl Store for Spy {
         self.inner.get(key)
     }
 
-    fn release_detached(&self, lease: Lease) {
-        self.inner.release_detached(lease)
+    fn release_detached(&self, lease: Lease, until: tokio::time::Instant) {
+        self.inner.release_detached(lease, until)
     }
 }
 

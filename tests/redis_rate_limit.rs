@@ -300,12 +300,15 @@ async fn redis_stopped_mid_run_each_policy_then_recovers() {
     let c = conn(&server.url()).await;
     let quota = Quota::per_hour(3).unwrap();
     let calls = Counting::default();
+    // No cool-down: each check of this sequential run goes to Redis (as the probe), so each
+    // policy meets five real failures (the cool-down has its own test below).
     let mk = |policy, prefix| {
         RedisRateLimitLayer::keyed(
             c.clone(),
             patient(quota)
                 .prefix(prefix)
                 .unwrap()
+                .cool_down(Duration::ZERO)
                 .failure_policy(policy),
             by_request,
         )
@@ -391,6 +394,8 @@ async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
         RedisRateLimitConfig::new(Quota::per_hour(100).unwrap())
             .timeout(Duration::from_millis(30))
             .unwrap()
+            // Each sequential check is the probe: each meets the timeout.
+            .cool_down(Duration::ZERO)
             .failure_policy(FailurePolicy::FailOpen),
     )
     .unwrap();
@@ -437,9 +442,11 @@ async fn a_redis_that_does_not_answer_is_cut_off_by_the_timeout() {
 async fn failures_are_logged_once_a_second_and_the_recovery_once() {
     let mut server = server_or_skip!("failures_are_logged_once_a_second_and_the_recovery_once");
     let (logs, _guard) = tracing_on::capture(tracing::Level::INFO);
+    // The log and the cool-down follow this clock; the default cool-down of 1 s.
+    let (clock, hand) = Clock::manual();
     let layer = RedisRateLimitLayer::new(
         conn(&server.url()).await,
-        patient(Quota::per_hour(100).unwrap()).failure_policy(FailurePolicy::FailOpen),
+        patient(Quota::per_hour(100).unwrap()).local_fallback(LocalFallback::new().clock(clock)),
     )
     .unwrap();
     let handle = layer.handle();
@@ -451,18 +458,110 @@ async fn failures_are_logged_once_a_second_and_the_recovery_once() {
     for _ in 0..20 {
         svc.clone().oneshot(()).await.unwrap();
     }
-    assert_eq!(handle.failed_open(), 20);
-    // Twenty failures within a second: one line, which names the policy.
+    assert_eq!(handle.local_fallbacks(), 20);
+    // One failure, then nineteen checks skipped in its cool-down, within a second: one line,
+    // which names the policy.
+    assert_eq!((handle.store_failures(), handle.skipped()), (1, 19));
     assert_eq!(logs.count("store unavailable"), 1);
-    assert_eq!(logs.count("policy=FailOpen"), 1);
+    assert_eq!(logs.count("policy=Local"), 1);
     server.restart();
     let mut attempts = 0;
     while handle.degraded() || attempts == 0 {
         attempts += 1;
         assert!(attempts < 200, "no recovery");
+        // Past the cool-down: this check is the probe.
+        hand.advance(Duration::from_secs(1));
         svc.clone().oneshot(()).await.unwrap();
     }
     assert_eq!(logs.count("store reachable again"), 1);
+}
+
+/// An outage costs one check the timeout: the checks after it are decided by the policy at
+/// once, without asking Redis, for the cool-down; then one check at a time probes Redis while
+/// the others still skip it; the first answered probe ends the outage for every check.
+#[tokio::test]
+async fn after_a_timeout_checks_skip_redis_for_the_cool_down_and_one_probe_recovers() {
+    let server = server_or_skip!(
+        "after_a_timeout_checks_skip_redis_for_the_cool_down_and_one_probe_recovers"
+    );
+    let (clock, hand) = Clock::manual();
+    let layer = RedisRateLimitLayer::new(
+        conn(&server.url()).await,
+        RedisRateLimitConfig::new(Quota::per_hour(5).unwrap())
+            .prefix("cool:")
+            .unwrap()
+            .timeout(Duration::from_millis(200))
+            .unwrap()
+            .local_fallback(LocalFallback::new().clock(clock)),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let calls = Counting::default();
+    let svc = ServiceBuilder::new().layer(layer).service(calls.clone());
+    svc.clone().oneshot(()).await.unwrap();
+    let mut admin = conn(&server.url()).await;
+    let pause = |ms: u64| {
+        let mut admin = admin.clone();
+        async move {
+            let () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(ms)
+                .arg("ALL")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    pause(1_000).await;
+    // The first check meets the timeout; the next ones do not wait for Redis at all.
+    svc.clone().oneshot(()).await.unwrap();
+    assert_eq!((handle.timeouts(), handle.skipped()), (1, 0));
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        let _ = svc.clone().oneshot(()).await;
+    }
+    assert!(started.elapsed() < Duration::from_millis(150));
+    assert_eq!((handle.timeouts(), handle.skipped()), (1, 10));
+    assert!(handle.degraded());
+    // Past the cool-down: one probe goes to Redis (and waits); the others still skip it.
+    hand.advance(Duration::from_secs(1));
+    let mut probe = std::pin::pin!(svc.clone().oneshot(()));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(probe.as_mut().poll(&mut cx).is_pending());
+    for _ in 0..10 {
+        let _ = svc.clone().oneshot(()).await;
+    }
+    assert_eq!((handle.timeouts(), handle.skipped()), (1, 20));
+    let _ = probe.await;
+    assert_eq!(handle.timeouts(), 2, "the probe met the timeout");
+    assert_eq!(handle.local_fallbacks(), 22);
+    // Wait for the pause to end (each PING is held until then, or cut by its own timeout):
+    // then Redis answers again, and the next probe ends the outage.
+    let mut pings = 0;
+    while redis::cmd("PING")
+        .query_async::<String>(&mut admin)
+        .await
+        .is_err()
+    {
+        pings += 1;
+        assert!(pings < 50, "the pause did not end");
+    }
+    let _ = svc.clone().oneshot(()).await;
+    assert_eq!(handle.skipped(), 21, "within the new cool-down: skipped");
+    hand.advance(Duration::from_secs(1));
+    svc.clone().oneshot(()).await.unwrap();
+    assert!(!handle.degraded());
+    let (failures, skipped) = (handle.store_failures(), handle.skipped());
+    // Every check goes to Redis again. The quota (5 per hour) was spent there by the first
+    // check, the two checks that timed out (Redis ran them once the pause was lifted) and the
+    // probe that recovered: the next is admitted, the one after refused by Redis.
+    svc.clone().oneshot(()).await.unwrap();
+    let err = svc.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::RateLimited);
+    assert_eq!(
+        (handle.store_failures(), handle.skipped()),
+        (failures, skipped)
+    );
 }
 
 #[tokio::test]

@@ -311,7 +311,7 @@ impl<St: Store> LeaseGuard<St> {
     fn release(mut self) {
         self.record = None;
         if let Some(lease) = self.lease.take() {
-            self.store.release_detached(lease);
+            self.store.release_detached(lease, self.held_until);
         }
     }
 
@@ -338,7 +338,7 @@ impl<St: Store> Drop for LeaseGuard<St> {
                     .complete_detached(lease, record, ttl, self.held_until);
             } else if self.release_on_drop {
                 tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease released");
-                self.store.release_detached(lease);
+                self.store.release_detached(lease, self.held_until);
             } else {
                 tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease left to expire");
             }

@@ -983,7 +983,7 @@ impl Store for MemoryStore {
         ready(Ok(self.get_now(key)))
     }
 
-    fn release_detached(&self, lease: Lease) {
+    fn release_detached(&self, lease: Lease, _until: tokio::time::Instant) {
         self.release_now(&lease);
     }
 

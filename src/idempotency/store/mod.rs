@@ -36,7 +36,10 @@ pub mod memory;
 pub mod redis;
 
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisStore, RedisStoreConfigError, RedisStoreStats};
+pub use self::redis::{
+    RedisStore, RedisStoreConfigError, RedisStoreStats, MAX_PENDING_RELEASES,
+    MAX_PENDING_RELEASES_PER_KEY,
+};
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
 /// The key a record is stored under: the request's scope and its idempotency key.
@@ -369,18 +372,19 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
-    /// Gives `lease` up from a place that cannot wait: a `Drop`. The default spawns
-    /// [`Store::release`] on the current tokio runtime, or leaves the lease to expire when
-    /// there is none. Stores that can release at once (such as [`MemoryStore`]) do so.
-    fn release_detached(&self, lease: Lease) {
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let fut = self.release(&lease);
-            rt.spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::debug!(error = %e, "idempotency lease release failed; it will expire");
-                }
-            });
-        }
+    /// Gives `lease` up from a place that cannot wait (a `Drop`, or once a failure has gone
+    /// to the client), trying again while the store fails in a way that may pass, until
+    /// `until`, when the lease would expire by itself: a release lost on the way must not
+    /// leave the key refused (409) for the rest of the lease. The default runs
+    /// [`Store::release`] on a task of the current tokio runtime, one task per call, or leaves
+    /// the lease to expire when there is none. Stores that can release at once (such as
+    /// [`MemoryStore`]) do so; `RedisStore` queues the release for its one background worker,
+    /// which bounds the work an outage leaves behind.
+    fn release_detached(&self, lease: Lease, until: tokio::time::Instant) {
+        let store = self.clone();
+        retry_detached("release of an idempotency lease", until, move || {
+            store.release(&lease)
+        });
     }
 }
 

@@ -17,7 +17,16 @@
 //! expired anyway), so that a late claim leaves no lease that nobody holds: a repeat can run
 //! once Redis has seen the release. The release is sent after the claim on the same
 //! connection, so Redis runs them in that order; only a claim that reaches Redis after the
-//! release went through another connection could still linger, until its time to live.
+//! release went through another connection could still linger, until its time to live. The
+//! release of a request that failed (its key given back so that the client may retry) is
+//! retried the same way: a release lost on the way does not leave the key refused for the
+//! rest of the lease.
+//!
+//! These background releases are bounded, whatever the outage: they wait in one queue of at
+//! most [`MAX_PENDING_RELEASES`] owner tokens (at most [`MAX_PENDING_RELEASES_PER_KEY`] per
+//! key), sent by one task per store, each key's tokens in one script per round. A release
+//! that finds the queue full is dropped and counted ([`RedisStoreStats::releases_dropped`]):
+//! its lease, if it was taken, expires by itself.
 //!
 //! Values are compact binary: a lease is `L`, the request's fingerprint (16 bytes) and the
 //! owner token (16 bytes); a record is `R`, the fingerprint and [`Record::encode`]'s bytes (no
@@ -36,9 +45,26 @@
 //! asynchronous: if the primary fails after acknowledging a claim and before a replica
 //! received it, the promoted replica has no lease, and a retry of the same key claims it and
 //! runs **a second time**. The same happens if Redis restarts without persistence, or evicts
-//! the key under memory pressure (use a `noeviction` or `volatile-*` policy). Exactly-once
-//! holds while Redis keeps what it acknowledged; handlers that must never run twice should
-//! also be idempotent in their own database (a unique constraint on the key).
+//! the key under memory pressure. Exactly-once holds while Redis keeps what it acknowledged;
+//! handlers that must never run twice should also be idempotent in their own database (a
+//! unique constraint on the key).
+//!
+//! # Eviction
+//!
+//! Run the store on a Redis whose `maxmemory-policy` is `noeviction` (the Redis default). Every
+//! lease and record has a time to live, so the `volatile-*` policies evict exactly them, and
+//! the `allkeys-*` policies evict them too: a completed key evicted under memory pressure runs
+//! its handler again on retry. Under `noeviction` a full Redis refuses writes instead, and the
+//! layer's failure policy applies (503 by default): nothing runs twice.
+//!
+//! The store checks: before its first claim it reads the policy (`CONFIG GET maxmemory*`).
+//! With an evicting policy and a `maxmemory` limit it **refuses every claim** (a
+//! [`StoreErrorKind::Unavailable`] error, so the layer's failure policy applies: 503 by
+//! default), logs an `ERROR` and counts the refusals
+//! ([`RedisStoreStats::eviction_refusals`]); it reads the policy again every 10 s, so that a
+//! fixed configuration is taken up with no restart. An evicting policy with no `maxmemory`
+//! (nothing evicted yet) and a server that refuses `CONFIG` (renamed or not allowed, as on
+//! some managed services) are warned about once, and trusted.
 //!
 //! # Failures
 //!
@@ -52,12 +78,13 @@
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -77,6 +104,34 @@ pub const MAX_PREFIX_LEN: usize = 256;
 
 const LOG_EVERY_NS: u64 = 1_000_000_000;
 const NEVER: u64 = u64::MAX;
+
+/// While the eviction policy is refused, claims check it again at most this often, so that a
+/// fixed configuration is taken up with no restart.
+const POLICY_RECHECK_NS: u64 = 10_000_000_000;
+
+/// What the store knows of Redis's eviction policy.
+const POLICY_UNKNOWN: u8 = 0;
+/// `noeviction`, or no `maxmemory`: nothing is evicted (or the check was refused: warned).
+const POLICY_OK: u8 = 1;
+/// A policy that evicts with a memory limit: claims are refused.
+const POLICY_EVICTS: u8 = 2;
+
+/// Why claims are refused: Redis may evict leases and records.
+#[derive(Debug)]
+struct EvictionPolicy(String);
+
+impl fmt::Display for EvictionPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "redis maxmemory-policy is {} with a maxmemory limit: it may evict idempotency \
+             leases and records (a completed request would run again); set noeviction",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for EvictionPolicy {}
 
 /// `GET`; if free, `SET NX PX` a lease; else answer from what the key holds.
 /// Returns {1, ''} claimed, {2, ''} in flight, {3, record} completed, {4, ''} mismatch.
@@ -125,18 +180,33 @@ return 0
     )
 });
 
-/// Deletes the lease, only while the key holds this owner's token.
+/// Deletes the lease, only while the key holds one of these owner tokens (one, or those of
+/// several releases of one key waiting in the queue).
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if v and string.sub(v, 1, 1) == 'L' then
+  local t = string.sub(v, 18, 33)
+  for i = 1, #ARGV do
+    if ARGV[i] == t then return redis.call('DEL', KEYS[1]) end
+  end
 end
 return 0
 ",
     )
 });
+
+/// The most releases [`RedisStore`] keeps waiting for its background worker at once (each
+/// an owner token with the time its lease would expire); beyond, a release is not queued and
+/// its lease, if it was taken, expires by itself (counted in
+/// [`RedisStoreStats::releases_dropped`]).
+pub const MAX_PENDING_RELEASES: usize = 1024;
+
+/// The most releases of one key kept waiting at once (the first ones: of claims sent
+/// while Redis did not answer, the first to reach it is the one that may have taken the
+/// lease); the others are dropped and counted.
+pub const MAX_PENDING_RELEASES_PER_KEY: usize = 16;
 
 /// Why a [`RedisStore`]'s configuration was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +248,16 @@ pub struct RedisStoreStats {
     pub leases_lost: u64,
     /// Records that could not be decoded.
     pub corrupt: u64,
+    /// Releases waiting for the background worker (after a failure, or of a claim Redis did
+    /// not answer), at most [`MAX_PENDING_RELEASES`].
+    pub releases_pending: u64,
+    /// Releases not queued because the queue was full (or held
+    /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), or given up when their lease would
+    /// have expired anyway: their lease, if taken, expires by itself.
+    pub releases_dropped: u64,
+    /// Claims refused because Redis's eviction policy may evict leases and records (see
+    /// [`RedisStore`]'s module docs, "Eviction").
+    pub eviction_refusals: u64,
 }
 
 struct Inner {
@@ -199,6 +279,22 @@ struct Inner {
     last_log: AtomicU64,
     suppressed: AtomicU64,
     degraded: AtomicBool,
+    releases: Mutex<Pending>,
+    releases_dropped: AtomicU64,
+    /// [`POLICY_UNKNOWN`], [`POLICY_OK`] or [`POLICY_EVICTS`], and when it was last checked.
+    policy: AtomicU8,
+    policy_checked: AtomicU64,
+    policy_refusals: AtomicU64,
+}
+
+/// Releases waiting for the worker, by Redis key: each an owner token and when its lease
+/// would expire by itself.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<Vec<u8>, Vec<(u128, tokio::time::Instant)>>,
+    count: usize,
+    /// Whether a worker task is running (it ends when the queue is empty).
+    worker: bool,
 }
 
 /// Idempotency leases and records in Redis; see the [module docs](self).
@@ -244,6 +340,11 @@ impl RedisStore {
                 last_log: AtomicU64::new(NEVER),
                 suppressed: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
+                releases: Mutex::new(Pending::default()),
+                releases_dropped: AtomicU64::new(0),
+                policy: AtomicU8::new(POLICY_UNKNOWN),
+                policy_checked: AtomicU64::new(0),
+                policy_refusals: AtomicU64::new(0),
             }),
         }
     }
@@ -292,6 +393,42 @@ impl RedisStore {
             timeouts: i.timeouts.load(Ordering::Relaxed),
             leases_lost: i.leases_lost.load(Ordering::Relaxed),
             corrupt: i.corrupt.load(Ordering::Relaxed),
+            releases_pending: i.pending().count as u64,
+            releases_dropped: i.releases_dropped.load(Ordering::Relaxed),
+            eviction_refusals: i.policy_refusals.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues the release of `lease` for the background worker, which sends it (with the
+    /// other releases of its key) until Redis answers or `until` passes.
+    fn queue_release(&self, lease: &Lease, until: tokio::time::Instant) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!("no tokio runtime to release on; the lease will expire");
+            return;
+        };
+        let rkey = self.redis_key(lease.key());
+        let start = {
+            let mut p = self.inner.pending();
+            let queued = p.count < MAX_PENDING_RELEASES && {
+                let tokens = p.keys.entry(rkey).or_default();
+                let room = tokens.len() < MAX_PENDING_RELEASES_PER_KEY;
+                if room {
+                    tokens.push((lease.token(), until));
+                }
+                room
+            };
+            if queued {
+                p.count += 1;
+            } else {
+                self.inner.releases_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = ?lease.key(), "idempotency release queue full; the lease will expire");
+            }
+            let start = queued && !p.worker;
+            p.worker |= start;
+            start
+        };
+        if start {
+            rt.spawn(release_worker(self.clone()));
         }
     }
 
@@ -362,6 +499,98 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// Before a claim: whether Redis's eviction policy keeps what the store writes. Checked
+    /// once (`CONFIG GET maxmemory*`), then again every 10 s while it is refused. A server
+    /// that refuses `CONFIG` is warned about once and trusted.
+    async fn check_policy(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<Result<(), StoreError>, redis::RedisError> {
+        let state = self.policy.load(Ordering::Relaxed);
+        if state == POLICY_OK {
+            return Ok(Ok(()));
+        }
+        let now = self.clock.now_nanos();
+        if state == POLICY_EVICTS
+            && now.saturating_sub(self.policy_checked.load(Ordering::Relaxed)) < POLICY_RECHECK_NS
+        {
+            return Ok(Err(self.refuse_claim(None)));
+        }
+        let reply: Result<std::collections::HashMap<String, String>, redis::RedisError> =
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory*")
+                .query_async(conn)
+                .await;
+        let config = match reply {
+            Ok(config) => config,
+            Err(e)
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
+                return Err(e);
+            }
+            Err(e) => {
+                // CONFIG renamed or not allowed (managed services): trust, loudly.
+                if self.policy.swap(POLICY_OK, Ordering::Relaxed) != POLICY_OK {
+                    tracing::warn!(
+                        error = %e,
+                        "redis idempotency store: cannot read maxmemory-policy (CONFIG refused); \
+                         it must be noeviction, or Redis may evict leases and records and a \
+                         completed request run again"
+                    );
+                }
+                return Ok(Ok(()));
+            }
+        };
+        let policy = config
+            .get("maxmemory-policy")
+            .map_or("noeviction", String::as_str);
+        let limited = config.get("maxmemory").is_some_and(|m| m.trim() != "0");
+        self.policy_checked.store(now, Ordering::Relaxed);
+        if policy == "noeviction" {
+            self.policy.store(POLICY_OK, Ordering::Relaxed);
+            return Ok(Ok(()));
+        }
+        if !limited {
+            // Nothing is evicted without a memory limit, but setting one would start it.
+            self.policy.store(POLICY_OK, Ordering::Relaxed);
+            tracing::warn!(
+                policy,
+                "redis idempotency store: maxmemory-policy is not noeviction; with no maxmemory \
+                 nothing is evicted yet, but a memory limit would evict leases and records \
+                 (a completed request would run again): set noeviction"
+            );
+            return Ok(Ok(()));
+        }
+        if self.policy.swap(POLICY_EVICTS, Ordering::Relaxed) != POLICY_EVICTS {
+            tracing::error!(
+                policy,
+                "redis idempotency store: refusing claims: maxmemory-policy evicts keys with a \
+                 time to live, as every lease and record has (a completed request would run \
+                 again); set maxmemory-policy noeviction"
+            );
+        }
+        Ok(Err(self.refuse_claim(Some(policy.to_owned()))))
+    }
+
+    #[cold]
+    fn refuse_claim(&self, policy: Option<String>) -> StoreError {
+        self.policy_refusals.fetch_add(1, Ordering::Relaxed);
+        StoreError::with_source(
+            StoreErrorKind::Unavailable,
+            EvictionPolicy(policy.unwrap_or_else(|| "an evicting policy".to_owned())),
+        )
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.releases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     #[cold]
     fn failure(&self, error: &dyn fmt::Display, timed_out: bool) {
         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -402,6 +631,98 @@ fn decode_record(bytes: &[u8]) -> Result<Arc<Record>, StoreError> {
         .map_err(|e| StoreError::with_source(StoreErrorKind::Corrupt, e))
 }
 
+/// The one task of a store that sends the queued releases: each key's tokens in one script,
+/// again after a pause (10 ms, doubling up to 1 s) while Redis fails, each until its lease
+/// would have expired anyway. It ends when the queue is empty.
+async fn release_worker(store: RedisStore) {
+    /// Marks the worker gone if its task is dropped (the runtime shutting down), so that a
+    /// later release starts another.
+    struct Running(Option<RedisStore>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(store) = self.0.take() {
+                store.inner.pending().worker = false;
+            }
+        }
+    }
+    const KEYS_PER_ROUND: usize = 64;
+    let mut running = Running(Some(store.clone()));
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let now = tokio::time::Instant::now();
+        let batch: Vec<(Vec<u8>, Vec<u128>)> = {
+            let mut p = store.inner.pending();
+            let mut expired = 0;
+            p.keys.retain(|_, tokens| {
+                let before = tokens.len();
+                tokens.retain(|&(_, until)| until > now);
+                expired += before - tokens.len();
+                !tokens.is_empty()
+            });
+            p.count -= expired;
+            if expired > 0 {
+                store
+                    .inner
+                    .releases_dropped
+                    .fetch_add(expired as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    expired,
+                    "idempotency store: releases given up, their leases have expired"
+                );
+            }
+            if p.keys.is_empty() {
+                p.worker = false;
+                running.0 = None;
+                return;
+            }
+            p.keys
+                .iter()
+                .take(KEYS_PER_ROUND)
+                .map(|(k, tokens)| (k.clone(), tokens.iter().map(|&(t, _)| t).collect()))
+                .collect()
+        };
+        let mut failed = false;
+        for (rkey, tokens) in batch {
+            let mut conn = store.inner.conn.clone();
+            let key = rkey.clone();
+            let sent = tokens.clone();
+            let out = store
+                .run(async move {
+                    let mut inv = RELEASE.key(key);
+                    for t in &sent {
+                        inv.arg(&t.to_be_bytes()[..]);
+                    }
+                    let _: i64 = inv.invoke_async(&mut conn).await?;
+                    Ok(Ok(()))
+                })
+                .await;
+            if out.is_err() {
+                failed = true;
+                break;
+            }
+            // Sent: these tokens are done (others of the key may have come meanwhile).
+            let mut p = store.inner.pending();
+            let mut done = 0;
+            if let Some(left) = p.keys.get_mut(&rkey) {
+                let before = left.len();
+                left.retain(|(t, _)| !tokens.contains(t));
+                done = before - left.len();
+                if left.is_empty() {
+                    p.keys.remove(&rkey);
+                }
+            }
+            p.count -= done;
+        }
+        if failed {
+            tracing::debug!(?pause, "idempotency store: releases wait for redis");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        } else {
+            pause = Duration::from_millis(10);
+        }
+    }
+}
+
 /// The lease of a claim sent to Redis and not yet answered. If the claim's future ends
 /// without an answer (its timeout, a lost connection, the caller gone), the claim may still
 /// have taken, or still take, the lease: it is released with the same owner token.
@@ -422,10 +743,7 @@ impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             tracing::debug!(key = ?lease.key(), "idempotency claim unanswered; releasing the lease it may have taken");
-            let store = self.store.clone();
-            super::retry_detached("release of an unanswered claim", self.until, move || {
-                store.release(&lease)
-            });
+            self.store.queue_release(&lease, self.until);
         }
     }
 }
@@ -452,7 +770,20 @@ impl Store for RedisStore {
             lease: Some(lease.clone()),
             until: tokio::time::Instant::now() + lease_ttl,
         };
+        let inner = self.inner.clone();
         self.run(async move {
+            match inner.check_policy(&mut conn).await {
+                Ok(Ok(())) => {}
+                // The claim was not sent: no lease can have been taken.
+                Ok(Err(refused)) => {
+                    unanswered.answered();
+                    return Ok(Err(refused));
+                }
+                Err(e) => {
+                    unanswered.answered();
+                    return Err(e);
+                }
+            }
             let mut inv = CLAIM.key(rkey);
             inv.arg(&fingerprint.as_u128().to_be_bytes()[..])
                 .arg(&token.to_be_bytes()[..])
@@ -518,6 +849,12 @@ impl Store for RedisStore {
             let _: i64 = inv.invoke_async(&mut conn).await?;
             Ok(Ok(()))
         })
+    }
+
+    /// Queued for the store's one background worker, which sends it until Redis answers or
+    /// the lease would have expired (see [`MAX_PENDING_RELEASES`]).
+    fn release_detached(&self, lease: Lease, until: tokio::time::Instant) {
+        self.queue_release(&lease, until);
     }
 
     fn get(&self, key: &StoreKey) -> Self::GetFuture {

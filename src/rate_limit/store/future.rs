@@ -17,9 +17,27 @@ use super::redis::{Admitted, RedisShared, Turn};
 use crate::rate_limit::ResponseHeaders;
 use crate::rejection::RateLimitInfo;
 
-/// What a check returns: the script's reply, a Redis error, or the timeout.
-pub(crate) type CheckOutput =
-    Result<Result<(i64, i64, i64, Vec<u8>), redis::RedisError>, tokio::time::error::Elapsed>;
+/// What a check returns: the script's reply, a Redis error, or no answer ([`NoAnswer`]).
+pub(crate) type CheckOutput = Result<Result<(i64, i64, i64, Vec<u8>), redis::RedisError>, NoAnswer>;
+
+/// Why a check has no answer from Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoAnswer {
+    /// Sent, and not answered within the timeout.
+    TimedOut,
+    /// Not sent: a recent check failed, and the cool-down is on (or another check is the
+    /// probe).
+    Skipped,
+}
+
+impl fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NoAnswer::TimedOut => "redis did not answer within the timeout",
+            NoAnswer::Skipped => "not sent: redis failed a recent check (cool-down)",
+        })
+    }
+}
 
 /// One check in flight. The Redis client boxes each command's future itself; this box holds
 /// it with its connection handle and timeout, so the check is one allocation of ours.

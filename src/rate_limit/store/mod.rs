@@ -53,8 +53,15 @@
 //! | [`FailOpen`](FailurePolicy::FailOpen) | admitted | [`failed_open`](RedisRateLimitHandle::failed_open) |
 //! | [`FailClosed`](FailurePolicy::FailClosed) | refused, kind `StoreUnavailable` (503) | [`failed_closed`](RedisRateLimitHandle::failed_closed) |
 //!
+//! An outage costs one request the timeout, not each: after a check Redis could not answer,
+//! the following checks are decided by the policy at once, without asking Redis, for a
+//! [cool-down](RedisRateLimitConfig::cool_down) (default 1 s, counted in
+//! [`skipped`](RedisRateLimitHandle::skipped)); then one check at a time, the probe, goes to
+//! Redis while the others still skip it, until a check is answered. Recovery needs no
+//! restart: the first answered check ends the outage, for every check after it.
+//!
 //! Each failure is also logged at `WARN` by `tracing`, at most once a second with the count
-//! of events left out, and the recovery at `INFO`. Under `Local`, each replica admits up to
+//! of events left out (skipped checks included), and the recovery at `INFO`. Under `Local`, each replica admits up to
 //! the whole quota while Redis is down: N replicas admit up to N times the limit.
 //!
 //! # Running many replicas
@@ -118,7 +125,8 @@ mod redis;
 pub use self::future::RedisResponseFuture;
 pub use self::redis::{
     FailurePolicy, LocalFallback, RedisConfigError, RedisRateLimit, RedisRateLimitConfig,
-    RedisRateLimitHandle, RedisRateLimitLayer, DEFAULT_PREFIX, DEFAULT_TIMEOUT, MAX_PREFIX_LEN,
+    RedisRateLimitHandle, RedisRateLimitLayer, DEFAULT_COOL_DOWN, DEFAULT_PREFIX, DEFAULT_TIMEOUT,
+    MAX_PREFIX_LEN,
 };
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::future::{CheckFuture, CheckOutput, RedisResponseFuture};
+use super::future::{CheckFuture, CheckOutput, NoAnswer, RedisResponseFuture};
 use crate::clock::{duration_nanos, Clock};
 use crate::rate_limit::gcra::{self, Quota};
 use crate::rate_limit::layer::Shared as LocalShared;
@@ -36,6 +36,10 @@ pub const DEFAULT_PREFIX: &str = "bulwark:rl:";
 /// The time a Redis check may take before the failure policy decides, unless
 /// [`RedisRateLimitConfig::timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// How long, after a check Redis could not answer, the following checks are decided by the
+/// failure policy at once, unless [`RedisRateLimitConfig::cool_down`] says otherwise.
+pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
 
 /// The longest prefix accepted, in bytes.
 pub const MAX_PREFIX_LEN: usize = 256;
@@ -244,11 +248,81 @@ impl FailureLog {
     }
 }
 
+/// After a failed check, the following checks skip Redis for the cool-down; then one check at
+/// a time (the probe) goes to Redis, the others still skip it, until a check succeeds.
+pub(crate) struct CoolDown {
+    /// `HEALTHY`, or the clock reading from which a probe may go.
+    probe_at: AtomicU64,
+    probing: AtomicBool,
+    cool_ns: u64,
+}
+
+const HEALTHY: u64 = 0;
+
+impl CoolDown {
+    fn new(cool_ns: u64) -> CoolDown {
+        CoolDown {
+            probe_at: AtomicU64::new(HEALTHY),
+            probing: AtomicBool::new(false),
+            cool_ns,
+        }
+    }
+
+    /// Whether checks may go to Redis without asking [`admit`](Self::admit) (one load).
+    #[inline]
+    fn healthy(&self) -> bool {
+        self.probe_at.load(Ordering::Relaxed) == HEALTHY
+    }
+
+    /// While cooling down: whether the check at `now` is the probe (`true`: send it, then
+    /// call [`probe_done`](Self::probe_done)), or skips Redis (`false`).
+    fn admit(&self, now: u64) -> bool {
+        let at = self.probe_at.load(Ordering::Relaxed);
+        if at == HEALTHY {
+            return true;
+        }
+        now >= at
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// A check failed at `now`: the cool-down starts (again).
+    fn failed(&self, now: u64) {
+        self.probe_at
+            .store(now.saturating_add(self.cool_ns).max(1), Ordering::Relaxed);
+    }
+
+    /// A check succeeded: every check goes to Redis again.
+    #[inline]
+    fn succeeded(&self) {
+        if !self.healthy() {
+            self.probe_at.store(HEALTHY, Ordering::Relaxed);
+        }
+    }
+
+    /// The probe ended (answered, failed, or dropped): another may go.
+    fn probe_done(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+}
+
+/// The probe in flight; ends it when dropped (with its check, answered or not).
+struct Probe(Arc<RedisShared>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.cool.probe_done();
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     rejected: AtomicU64,
     store_failures: AtomicU64,
     timeouts: AtomicU64,
+    skipped: AtomicU64,
     failed_open: AtomicU64,
     failed_closed: AtomicU64,
     local_fallbacks: AtomicU64,
@@ -280,6 +354,7 @@ pub(crate) struct RedisShared {
     clock: Clock,
     counters: Counters,
     log: FailureLog,
+    cool: CoolDown,
 }
 
 impl RedisShared {
@@ -316,6 +391,7 @@ impl RedisShared {
             clock,
             counters: Counters::default(),
             log: FailureLog::new(),
+            cool: CoolDown::new(c.cool_down_ns),
         }
     }
 
@@ -338,16 +414,35 @@ impl RedisShared {
 
     /// The check of one key: one `EVALSHA` (plus a `SCRIPT LOAD` and a second `EVALSHA` after
     /// a `NOSCRIPT`), bounded by the timeout as a whole; and the interval it sends (a turn it
-    /// reserves is given back by that interval, whatever `set_quota` does meanwhile).
-    pub(crate) fn check(&self, key: Vec<u8>) -> (CheckFuture, u64) {
-        let (interval, tolerance) = self.params();
-        let mut conn = self.conn.clone();
-        let timeout = self.timeout;
-        let max_wait = self.max_wait_ns;
+    /// reserves is given back by that interval, whatever `set_quota` does meanwhile). During
+    /// the cool-down after a failed check, the check is not sent (it ends at once with
+    /// [`NoAnswer::Skipped`]), unless it is the one probe.
+    pub(crate) fn check(this: &Arc<RedisShared>, key: Vec<u8>) -> (CheckFuture, u64) {
+        let (interval, tolerance) = this.params();
+        let probe = if this.cool.healthy() {
+            None
+        } else if this.cool.admit(this.clock.now_nanos()) {
+            Some(Probe(this.clone()))
+        } else {
+            let skipped: CheckFuture = Box::pin(std::future::ready(Err(NoAnswer::Skipped)));
+            return (skipped, interval);
+        };
+        let mut conn = this.conn.clone();
+        let timeout = this.timeout;
+        let max_wait = this.max_wait_ns;
         let check = Box::pin(async move {
             let mut invocation = SCRIPT.key(key);
             invocation.arg(interval).arg(tolerance).arg(max_wait);
-            tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await
+            let out = tokio::time::timeout(timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| NoAnswer::TimedOut);
+            if let Some(probe) = probe {
+                // A failed probe starts the next cool-down before another probe may go.
+                if !matches!(out, Ok(Ok(_))) {
+                    probe.0.cool.failed(probe.0.clock.now_nanos());
+                }
+            }
+            out
         });
         (check, interval)
     }
@@ -362,6 +457,7 @@ impl RedisShared {
     ) -> Result<Admitted, Rejection> {
         match out {
             Ok(Ok((admitted, wait, ahead, tat))) => {
+                self.cool.succeeded();
                 if self.log.success() {
                     tracing::info!(
                         prefix = %String::from_utf8_lossy(&self.prefix),
@@ -386,8 +482,13 @@ impl RedisShared {
                     ))
                 }
             }
-            Ok(Err(e)) => self.on_failure(&e, false, local_hash, want_info),
-            Err(elapsed) => self.on_failure(&elapsed, true, local_hash, want_info),
+            Ok(Err(e)) => self.on_failure(&e, Some(false), local_hash, want_info),
+            Err(NoAnswer::TimedOut) => {
+                self.on_failure(&NoAnswer::TimedOut, Some(true), local_hash, want_info)
+            }
+            Err(NoAnswer::Skipped) => {
+                self.on_failure(&NoAnswer::Skipped, None, local_hash, want_info)
+            }
         }
     }
 
@@ -440,27 +541,39 @@ impl RedisShared {
         }
     }
 
+    /// A check without an answer, decided by the policy: `sent` is `Some(timed_out)` for a
+    /// check sent to Redis, `None` for one skipped during the cool-down.
     #[cold]
     fn on_failure(
         &self,
         error: &dyn fmt::Display,
-        timed_out: bool,
+        sent: Option<bool>,
         local_hash: u64,
         want_info: bool,
     ) -> Result<Admitted, Rejection> {
-        bump(&self.counters.store_failures);
-        if timed_out {
-            bump(&self.counters.timeouts);
-        }
         let now = self.clock.now_nanos();
+        let timed_out = sent == Some(true);
+        match sent {
+            Some(timed_out) => {
+                bump(&self.counters.store_failures);
+                if timed_out {
+                    bump(&self.counters.timeouts);
+                }
+                self.cool.failed(now);
+            }
+            None => bump(&self.counters.skipped),
+        }
         if let Some(suppressed) = self.log.failure(now) {
             tracing::warn!(
                 policy = ?self.policy,
                 error = %error,
                 timed_out,
                 suppressed,
+                skipped = self.counters.skipped.load(Ordering::Relaxed),
+                cool_down_ms = self.cool.cool_ns / 1_000_000,
                 prefix = %String::from_utf8_lossy(&self.prefix),
-                "redis rate limit: store unavailable, deciding by the failure policy"
+                "redis rate limit: store unavailable, deciding by the failure policy \
+                 (checks skip redis for the cool-down after a failure, then one probe at a time)"
             );
         }
         match (self.policy, &self.local) {
@@ -543,6 +656,7 @@ pub struct RedisRateLimitConfig {
     quota: Quota,
     prefix: Arc<[u8]>,
     timeout: Duration,
+    cool_down_ns: u64,
     max_wait_ns: u64,
     policy: Policy,
 }
@@ -563,6 +677,7 @@ impl RedisRateLimitConfig {
             quota,
             prefix: Arc::from(DEFAULT_PREFIX.as_bytes()),
             timeout: DEFAULT_TIMEOUT,
+            cool_down_ns: duration_nanos(DEFAULT_COOL_DOWN),
             max_wait_ns: 0,
             policy: Policy::Local(LocalFallback::new()),
         }
@@ -598,6 +713,21 @@ impl RedisRateLimitConfig {
         }
         self.timeout = timeout;
         Ok(self)
+    }
+
+    /// How long, after a check Redis could not answer (an error or the timeout), the
+    /// following checks are decided by the failure policy at once, without asking Redis
+    /// (default [`DEFAULT_COOL_DOWN`], 1 s). So an outage costs one request the timeout, not
+    /// every request. Once the cool-down has passed, one check at a time (the probe) goes to
+    /// Redis while the others still skip it: the first check Redis answers ends the outage,
+    /// and every check goes to Redis again; a probe that fails starts another cool-down.
+    /// Zero: no pause, but still one probe at a time while Redis fails. Checks skipped are
+    /// counted ([`RedisRateLimitHandle::skipped`]) and decided by the policy as failures are.
+    /// The cool-down follows the clock of the [`LocalFallback`] (the default clock for the
+    /// other policies).
+    pub fn cool_down(mut self, cool_down: Duration) -> Self {
+        self.cool_down_ns = duration_nanos(cool_down);
+        self
     }
 
     /// For clients: a request over the limit waits (with `tokio::time`) for its turn when that
@@ -802,6 +932,7 @@ impl<K, H> fmt::Debug for RedisRateLimitLayer<K, H> {
                 &String::from_utf8_lossy(&self.shared.prefix).as_ref(),
             )
             .field("timeout", &self.shared.timeout)
+            .field("cool_down", &Duration::from_nanos(self.shared.cool.cool_ns))
             .field("max_wait", &Duration::from_nanos(self.shared.max_wait_ns))
             .field("policy", &self.shared.policy)
             .finish_non_exhaustive()
@@ -916,7 +1047,7 @@ where
         // A layer whose clients wait for reserved turns keeps the key and the check's
         // interval, to give a turn back.
         let kept_key = waits.then(|| rkey.clone());
-        let (check, interval) = shared.check(rkey);
+        let (check, interval) = RedisShared::check(&self.shared, rkey);
         let kept = kept_key.map(|key| (key, interval));
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
@@ -1005,6 +1136,13 @@ impl RedisRateLimitHandle {
         self.shared.counters.timeouts.load(Ordering::Relaxed)
     }
 
+    /// Checks not sent to Redis because a recent check failed (the
+    /// [cool-down](RedisRateLimitConfig::cool_down), or another check was the probe), each
+    /// decided by the policy at once. Not counted in [`store_failures`](Self::store_failures).
+    pub fn skipped(&self) -> u64 {
+        self.shared.counters.skipped.load(Ordering::Relaxed)
+    }
+
     /// Requests admitted by [`FailurePolicy::FailOpen`].
     pub fn failed_open(&self) -> u64 {
         self.shared.counters.failed_open.load(Ordering::Relaxed)
@@ -1030,7 +1168,8 @@ impl RedisRateLimitHandle {
             .load(Ordering::Relaxed)
     }
 
-    /// Whether the last check that finished could not reach Redis.
+    /// Whether Redis is taken as down: from a check that could not reach it until one it
+    /// answers (checks skipped during the cool-down keep it so).
     pub fn degraded(&self) -> bool {
         self.shared.log.degraded()
     }
@@ -1048,6 +1187,7 @@ impl fmt::Debug for RedisRateLimitHandle {
             .field("policy", &self.policy())
             .field("rejected", &self.rejected())
             .field("store_failures", &self.store_failures())
+            .field("skipped", &self.skipped())
             .field("degraded", &self.degraded())
             .finish()
     }
@@ -1126,6 +1266,40 @@ mod tests {
         assert!(!log.degraded());
         // After a recovery, the next outage is logged at once.
         assert_eq!(log.failure(1_000_000_002), Some(0));
+    }
+
+    #[test]
+    fn after_a_failure_checks_skip_redis_then_one_probe_at_a_time() {
+        let cool = CoolDown::new(1_000);
+        assert!(cool.healthy());
+        cool.failed(5_000);
+        assert!(!cool.healthy());
+        // Within the cool-down: every check skips Redis.
+        assert!(!cool.admit(5_000));
+        assert!(!cool.admit(5_999));
+        // Past it: one probe, the others still skip while it is out.
+        assert!(cool.admit(6_000));
+        assert!(!cool.admit(6_001));
+        assert!(!cool.admit(9_000));
+        // The probe failed: another cool-down from then.
+        cool.failed(6_050);
+        cool.probe_done();
+        assert!(!cool.admit(7_000));
+        assert!(cool.admit(7_050));
+        // A probe dropped unanswered lets the next check probe.
+        cool.probe_done();
+        assert!(cool.admit(7_060));
+        // Answered: every check goes to Redis again, at once.
+        cool.succeeded();
+        cool.probe_done();
+        assert!(cool.healthy());
+        assert!(cool.admit(7_061));
+        assert!(cool.admit(7_061));
+        // A zero cool-down still sends one probe at a time.
+        let zero = CoolDown::new(0);
+        zero.failed(10);
+        assert!(zero.admit(10));
+        assert!(!zero.admit(10));
     }
 
     /// The Lua script is the same GCRA as `gcra::step`: driven with the same times (given to
