@@ -64,9 +64,10 @@ pub enum RejectionKind {
     /// run (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
     IdempotencyStoreFull,
     /// The rate-limit key could not be read from the request (for
-    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, which is a setup
-    /// error of the server), and the limiter refuses such requests rather than put them all
-    /// under one limit (HTTP 500, gRPC `INTERNAL`).
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, a setup error of
+    /// the server; for [`Header`](crate::rate_limit::key::Header): the header absent, empty
+    /// or not valid), and the limiter refuses such requests rather than put them all under
+    /// one limit (HTTP 500, gRPC `INTERNAL`).
     RateLimitKeyMissing,
     /// The request body could not be read (the client reset the stream, a malformed chunked
     /// encoding): the request did not run (HTTP 400, gRPC `INVALID_ARGUMENT`).

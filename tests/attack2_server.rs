@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::backpressure::{Adaptive, Aimd, BackpressureLayer, Gradient};
 use tower_bulwark::clock::Clock;
-use tower_bulwark::rate_limit::{key, RateLimitConfig};
+use tower_bulwark::rate_limit::{key, KeyedConfig, MissingKey, RateLimitConfig};
 use tower_bulwark::{Quota, RateLimitLayer, Rejection, RejectionKind, RejectionLayer};
 
 /// An HTTP handler that answers 200 at once.
@@ -63,7 +63,6 @@ fn kind_of(err: &BoxError) -> Option<RejectionKind> {
 // module docs' examples, use 128.)
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: ClientIp's default keys IPv6 by /128, so one /64 rotating addresses is never limited"]
 async fn ipv6_client_rotating_addresses_in_its_subnet_stays_limited() {
     // The README's first limit: 100/s, burst 200, per client address.
     let layer = RateLimitLayer::keyed(
@@ -94,13 +93,17 @@ async fn ipv6_client_rotating_addresses_in_its_subnet_stays_limited() {
 // its 200 requests without a key locks every other keyless client out with 429s.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: key::Header puts every request without the header under one shared limit"]
 async fn requests_without_the_key_header_do_not_share_one_limit() {
     let quota = || {
         RateLimitConfig::new(Quota::per_second(100).unwrap().burst(200).unwrap())
             .clock(Clock::tokio())
     };
-    let header_limit = RateLimitLayer::keyed(quota(), key::Header::new("x-api-key"));
+    // The README's stack: behind the address limit, requests without a key are admitted by
+    // the key limit (the address limit bounds them), each on its own.
+    let header_limit = RateLimitLayer::keyed(
+        KeyedConfig::from(quota()).when_key_missing(MissingKey::Admit),
+        key::Header::new("x-api-key"),
+    );
     let header_handle = header_limit.handle();
     let mut svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
@@ -133,6 +136,39 @@ async fn requests_without_the_key_header_do_not_share_one_limit() {
          limit (missing_keys counted: {})",
         header_handle.missing_keys()
     );
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        header_handle.missing_keys(),
+        201,
+        "every keyless request is counted"
+    );
+    // An empty value, or the header twice, is no key either.
+    for values in [&[""][..], &["a", "b"][..]] {
+        let mut req = from("192.0.2.1:1");
+        for v in values {
+            req.headers_mut().append("x-api-key", v.parse().unwrap());
+        }
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(header_handle.missing_keys(), 203);
+
+    // With the default policy, a request without the key is refused as keyless (never
+    // rate limited by others' keyless requests), and counted.
+    let strict = RateLimitLayer::keyed(quota(), key::Header::new("x-api-key"));
+    let strict_handle = strict.handle();
+    let mut svc = strict.layer(Ok200);
+    for _ in 0..300 {
+        let err = svc.ready().await.unwrap().call(from("203.0.113.7:1")).await;
+        let kind = err.as_ref().err().and_then(kind_of);
+        assert_eq!(kind, Some(RejectionKind::RateLimitKeyMissing));
+    }
+    assert_eq!(strict_handle.missing_keys(), 300);
+    let mut keyed = from("203.0.113.7:1");
+    keyed
+        .headers_mut()
+        .insert("x-api-key", "alice".parse().unwrap());
+    assert!(svc.ready().await.unwrap().call(keyed).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,7 +179,6 @@ async fn requests_without_the_key_header_do_not_share_one_limit() {
 // "when no client address can be found, warn once and count it; never a silent shared bucket".
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: ClientIp keys a trusted proxy's requests without a forwarded address by the proxy, one shared bucket, silently"]
 async fn trusted_proxy_without_a_forwarded_address_is_not_one_silent_bucket() {
     let layer = RateLimitLayer::keyed(
         RateLimitConfig::new(Quota::per_minute(1).unwrap()).clock(Clock::tokio()),

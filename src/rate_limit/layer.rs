@@ -80,10 +80,13 @@ impl Shared {
             tracing::warn!(
                 target: "tower_bulwark::rate_limit",
                 policy = ?self.missing,
-                "rate limit: a request has no key (for key::ClientIp: no client address; under \
-                 Axum, enable the `axum` feature and serve with \
+                "rate limit: a request has no key (key::Header: the header absent, empty, not \
+                 visible ASCII or sent twice; key::ClientIp: no peer address (under Axum, enable \
+                 the `axum` feature and serve with \
                  into_make_service_with_connect_info::<SocketAddr>(), or set \
-                 ClientIp::peer_addr); such requests are counted and never share one limit"
+                 ClientIp::peer_addr), or a trusted proxy's request with no client address in \
+                 the header read (X-Forwarded-For by default; ClientIp::use_forwarded() reads \
+                 Forwarded)); such requests are counted and never share one limit"
             );
         }
     }
@@ -527,7 +530,8 @@ impl RateLimitHandle {
     }
 
     /// Requests whose key could not be read (for [`key::ClientIp`](super::key::ClientIp): no
-    /// client address), refused or admitted as [`MissingKey`] says.
+    /// client address; for [`key::Header`](super::key::Header): no usable header), refused or
+    /// admitted as [`MissingKey`] says.
     pub fn missing_keys(&self) -> u64 {
         self.shared.missing_keys.load(Ordering::Relaxed)
     }

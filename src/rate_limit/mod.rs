@@ -108,9 +108,13 @@
 //! long key works like any other (a long key costs its hashing time only; nothing is stored
 //! but a 60-bit hash); requests whose key function returns the same value share one limit, so
 //! a closure that returns `None` for requests without a key puts all of them under one limit.
-//! An extractor that cannot find its key ([`key::ClientIp`] with no client address) does not:
-//! such a request is refused by default ([`MissingKey`]), warned about once and counted
-//! ([`RateLimitHandle::missing_keys`]).
+//! An extractor that cannot find its key does not: [`key::ClientIp`] with no client address
+//! (no peer address, or a trusted proxy's request with no address in the forwarding header
+//! read), [`key::Header`] with the header absent, empty, not visible ASCII or sent more than
+//! once. Such a request is refused by default ([`MissingKey`]; or admitted, with
+//! [`KeyedConfig::when_key_missing`]), warned about once and counted
+//! ([`RateLimitHandle::missing_keys`]). [`key::ClientIp`] keys IPv6 clients by their /64 by
+//! default.
 //!
 //! Under Axum, [`key::ClientIp`] reads the address Axum records (`ConnectInfo<SocketAddr>`,
 //! with `into_make_service_with_connect_info::<SocketAddr>()`) when the crate's `axum` feature
@@ -145,7 +149,7 @@ pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
     type Key: Hash;
 
     /// The key of a request, or `None` when it cannot be read (for [`key::ClientIp`]: no
-    /// client address). A request without a key is never put under a limit shared with
+    /// client address; for [`key::Header`]: no usable header). A request without a key is never put under a limit shared with
     /// other such requests: the layer applies its [`MissingKey`] policy (refuse, by default),
     /// warns once and counts it ([`RateLimitHandle::missing_keys`]).
     fn key(&self, req: &Req) -> Option<Self::Key>;

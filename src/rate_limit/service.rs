@@ -191,7 +191,7 @@ impl<S, K, H> RateLimit<S, K, H> {
             }
             _ => ResponseFuture::rejected(
                 Rejection::new(RejectionKind::RateLimitKeyMissing)
-                    .with_detail("the rate limit key (client address) could not be read"),
+                    .with_detail("the rate limit key could not be read from the request"),
             ),
         }
     }
