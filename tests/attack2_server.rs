@@ -264,7 +264,6 @@ async fn simultaneous_refusals_get_spread_retry_after_values() {
 // the limit; a client that paces itself by the policy is throttled for nothing.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: RateLimit-Policy advertises burst per rounded-up window, not the quota's rate"]
 async fn ratelimit_policy_header_states_the_quota_rate() {
     let mut svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
