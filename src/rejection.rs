@@ -217,6 +217,9 @@ impl RateLimitInfo {
 pub struct Rejection {
     kind: RejectionKind,
     retry_after: Option<Duration>,
+    // The hint spread for renderings in whole seconds (HTTP `Retry-After`), when the layer
+    // made one: a spread narrower than a second would not survive rounding up.
+    retry_after_whole: Option<Duration>,
     rate_limit: Option<RateLimitInfo>,
     detail: Option<&'static str>,
 }
@@ -227,6 +230,7 @@ impl Rejection {
         Rejection {
             kind,
             retry_after: None,
+            retry_after_whole: None,
             rate_limit: None,
             detail: None,
         }
@@ -237,6 +241,7 @@ impl Rejection {
         Rejection {
             kind: RejectionKind::RateLimited,
             retry_after: Some(retry_after),
+            retry_after_whole: None,
             rate_limit: Some(info),
             detail: None,
         }
@@ -247,6 +252,7 @@ impl Rejection {
         Rejection {
             kind: RejectionKind::Overloaded,
             retry_after,
+            retry_after_whole: None,
             rate_limit: None,
             detail: None,
         }
@@ -257,6 +263,7 @@ impl Rejection {
         Rejection {
             kind: RejectionKind::CircuitOpen,
             retry_after: Some(retry_after),
+            retry_after_whole: None,
             rate_limit: None,
             detail: None,
         }
@@ -265,6 +272,14 @@ impl Rejection {
     /// The same rejection with a wait hint.
     pub const fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = Some(retry_after);
+        self.retry_after_whole = None;
+        self
+    }
+
+    /// The same rejection with the hint to write in whole seconds (HTTP `Retry-After`),
+    /// spread by the layer so that its spread survives rounding up.
+    pub(crate) const fn with_whole_seconds_hint(mut self, hint: Duration) -> Self {
+        self.retry_after_whole = Some(hint);
         self
     }
 
@@ -279,9 +294,19 @@ impl Rejection {
         self.kind
     }
 
-    /// How long the caller should wait before trying again, when the layer knows.
+    /// How long the caller should wait before trying again, when the layer knows (at a fine
+    /// resolution: what gRPC's `grpc-retry-pushback-ms` and in-process callers wait).
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// The wait in whole seconds (rounded up, never 0), as HTTP's `Retry-After` writes it.
+    /// A rate-limit rejection spreads this value apart from [`retry_after`](Self::retry_after)
+    /// (over at least two seconds), since a spread below a second would be lost to the
+    /// rounding; it is never less than the exact wait either way.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        let d = self.retry_after_whole.or(self.retry_after)?;
+        Some(crate::respond::retry_after_secs(d))
     }
 
     /// The figures of the rate limit, for [`RejectionKind::RateLimited`].

@@ -224,7 +224,6 @@ async fn trusted_proxy_without_a_forwarded_address_is_not_one_silent_bucket() {
 // together are told to come back together, the herd the jitter was made to break up.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: rate-limit Retry-After is not spread when the next token is just under a whole second away"]
 async fn simultaneous_refusals_get_spread_retry_after_values() {
     let mut svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
@@ -253,6 +252,63 @@ async fn simultaneous_refusals_get_spread_retry_after_values() {
         most <= 150,
         "200 clients refused at one instant were told {counts:?}: {most} of them come back at \
          the same second"
+    );
+    // Never before the next token (999 ms away, so 1 s at least), and no further than the
+    // exact time plus a span of two seconds.
+    assert!(
+        counts
+            .keys()
+            .all(|s| (1..=3).contains(&s.parse::<u64>().unwrap())),
+        "{counts:?}"
+    );
+}
+
+// The same for gRPC's `grpc-retry-pushback-ms`, at its resolution: clients refused together
+// are told values spread in proportion to the wait, never less than it.
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn simultaneous_refusals_get_spread_grpc_pushback() {
+    let mut svc = ServiceBuilder::new()
+        .layer(RejectionLayer::grpc())
+        .layer(RateLimitLayer::new(
+            RateLimitConfig::new(Quota::per_second(10).unwrap().burst(1).unwrap())
+                .clock(Clock::tokio()),
+        ))
+        .service(Ok200);
+    let first = svc.ready().await.unwrap().call(Request::new(())).await;
+    assert_eq!(first.unwrap().status(), StatusCode::OK);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let mut values = Vec::new();
+    for _ in 0..200 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["grpc-status"], "8");
+        let ms: u64 = res.headers()["grpc-retry-pushback-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        values.push(ms);
+    }
+    values.sort_unstable();
+    let (lo, hi) = (values[0], values[values.len() - 1]);
+    // The next token is 99 ms away: the hints lie in [99, 198) ms, spread over it.
+    assert!(lo >= 99 && hi <= 198, "{lo}..{hi}");
+    assert!(
+        hi - lo >= 50,
+        "200 clients refused together told {lo}..{hi} ms"
+    );
+    let mut distinct = values.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 40,
+        "only {} distinct values",
+        distinct.len()
     );
 }
 
@@ -535,7 +591,6 @@ async fn grpc_failures_in_trailers_lower_the_adaptive_limit() {
 // ---------------------------------------------------------------------------------------------
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "defect: Redis-backed rate-limit refusals carry the exact, unjittered retry_after"]
 async fn redis_refusal_hints_are_jittered() {
     use tower_bulwark::rate_limit::store::{RedisRateLimitConfig, RedisRateLimitLayer};
     let Some(server) = redis_server::RedisServer::start("redis_refusal_hints_are_jittered") else {

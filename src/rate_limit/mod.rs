@@ -12,13 +12,18 @@
 //! # Jittered hints
 //!
 //! Clients refused at one instant must not all come back at the next token, in lock step. So
-//! the `retry_after` of a rejection is the exact time until the next token plus a uniform
-//! random extra in `[0, max(exact, 1 s))`: never less than the exact time (a client that waits
-//! it out is admitted, if no one took the token first), and spread over at least a second, so
-//! that the spread survives `Retry-After`'s rounding up to whole seconds. The `RateLimit`
-//! header's `t=` (the rejection's [`reset`](crate::rejection::RateLimitInfo::reset)) is never
-//! less than that hint. Only the hints are jittered: the limiter's state and the waits of
-//! [`wait_up_to`](RateLimitLayer::wait_up_to) run to the exact edge.
+//! a rejection's hints are the exact time until the next token plus a uniform random extra,
+//! never less than the exact time (a client that waits one out is admitted, if no one took
+//! the token first), spread over at least two units of the resolution they are written in,
+//! so that the spread survives rounding up: [`retry_after`](crate::Rejection::retry_after)
+//! (what `grpc-retry-pushback-ms` carries, in milliseconds, and what in-process callers wait)
+//! adds `[0, max(exact, 2 ms))`, and the whole seconds of HTTP's `Retry-After`
+//! ([`retry_after_secs`](crate::Rejection::retry_after_secs)) add `[0, max(exact, 2 s))`, one
+//! draw for both. The `RateLimit` header's `t=` (the rejection's
+//! [`reset`](crate::rejection::RateLimitInfo::reset)) is never less than either. Only the
+//! hints are jittered: the limiter's state and the waits of
+//! [`wait_up_to`](RateLimitLayer::wait_up_to) run to the exact edge. The Redis store's
+//! refusals, and its local fallback's, are jittered by the same function.
 //!
 //! # Why GCRA, and how it differs from its neighbours
 //!
@@ -91,9 +96,9 @@
 //! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
 //! let res = app.clone().oneshot(get()).await.unwrap();
 //! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-//! // The next token is 500 ms away; the hint is jittered over [0.5 s, 1.5 s).
-//! let after = res.headers()["retry-after"].to_str().unwrap();
-//! assert!(after == "1" || after == "2");
+//! // The next token is 500 ms away; the hint is jittered over [0.5 s, 2.5 s).
+//! let after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+//! assert!((1..=3).contains(&after));
 //! tokio::time::advance(Duration::from_millis(500)).await; // one token back
 //! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
 //! # }
