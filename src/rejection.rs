@@ -384,15 +384,24 @@ mod tests {
             h["ratelimit-policy"].to_str().unwrap().to_owned()
         };
         // 1000/s, burst 1: the window is 1 ms.
-        assert_eq!(policy(1, Duration::from_millis(1)), "\"default\";q=1000;w=1");
+        assert_eq!(
+            policy(1, Duration::from_millis(1)),
+            "\"default\";q=1000;w=1"
+        );
         // 100/s, burst 200.
         assert_eq!(policy(200, Duration::from_secs(2)), "\"default\";q=200;w=2");
         // 1 a minute.
         assert_eq!(policy(1, Duration::from_secs(60)), "\"default\";q=1;w=60");
         // 3 per 1.5 s: w rounds up to 2 s, q = 4 (2 / 0.5 s).
-        assert_eq!(policy(3, Duration::from_millis(1500)), "\"default\";q=4;w=2");
+        assert_eq!(
+            policy(3, Duration::from_millis(1500)),
+            "\"default\";q=4;w=2"
+        );
         // 7 every 3 s (a token each 428.57 ms, burst 1): q rounded down, never above the rate.
-        assert_eq!(policy(1, Duration::from_nanos(428_571_429)), "\"default\";q=2;w=1");
+        assert_eq!(
+            policy(1, Duration::from_nanos(428_571_429)),
+            "\"default\";q=2;w=1"
+        );
     }
 
     #[test]

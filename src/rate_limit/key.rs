@@ -346,7 +346,8 @@ impl ClientIp {
     /// ```
     /// use tower_bulwark::rate_limit::key::ClientIp;
     ///
-    /// let ip = ClientIp::new().ipv6_prefix(64)?;
+    /// // Each IPv6 address on its own (where one client cannot take several).
+    /// let ip = ClientIp::new().ipv6_prefix(128)?;
     /// assert!(ClientIp::new().ipv6_prefix(0).is_err());
     /// # let _ = ip;
     /// # Ok::<(), tower_bulwark::rate_limit::key::InvalidPrefix>(())
