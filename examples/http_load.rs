@@ -94,6 +94,7 @@ async fn drive(addr: SocketAddr, connections: u64, secs: u64) -> Round {
             while Instant::now() < deadline {
                 let req = Request::get("/")
                     .header("host", "bench")
+                    .header("x-api-key", "bench")
                     .body(Empty::new())
                     .unwrap();
                 let t = Instant::now();

@@ -70,7 +70,7 @@ impl Limited {
         match self {
             Limited::Local(h) => format!(
                 "in process, alice has {} left",
-                h.remaining_for(&Some(http::HeaderValue::from_static("alice")))
+                h.remaining_for(&http::HeaderValue::from_static("alice"))
             ),
             #[cfg(feature = "redis")]
             Limited::Redis(_) => "in Redis, shared by every replica".to_owned(),

@@ -37,7 +37,7 @@
 //! use std::time::Duration;
 //! use axum::{routing::post, Router};
 //! use tower::ServiceBuilder;
-//! use tower_bulwark::rate_limit::key;
+//! use tower_bulwark::rate_limit::{key, KeyedConfig, MissingKey};
 //! use tower_bulwark::{
 //!     BackpressureLayer, IdempotencyLayer, MemoryStore, Quota, RateLimitLayer, RejectionLayer,
 //! };
@@ -63,8 +63,11 @@
 //!                 .build()?,
 //!         )
 //!         // Then the caller's limit and the bound on work in flight, before the handler.
+//!         // Requests without an API key are anonymous clients, which the address limit
+//!         // bounds (the default would refuse them; either way they are counted).
 //!         .layer(RateLimitLayer::keyed(
-//!             Quota::per_second(100)?.burst(200)?,
+//!             KeyedConfig::new(Quota::per_second(100)?.burst(200)?)
+//!                 .when_key_missing(MissingKey::Admit),
 //!             key::Header::new("x-api-key"),
 //!         ))
 //!         .layer(BackpressureLayer::new(256).max_wait(Duration::from_millis(50))),

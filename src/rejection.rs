@@ -64,9 +64,10 @@ pub enum RejectionKind {
     /// run (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
     IdempotencyStoreFull,
     /// The rate-limit key could not be read from the request (for
-    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, which is a setup
-    /// error of the server), and the limiter refuses such requests rather than put them all
-    /// under one limit (HTTP 500, gRPC `INTERNAL`).
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, a setup error of
+    /// the server; for [`Header`](crate::rate_limit::key::Header): the header absent, empty
+    /// or not valid), and the limiter refuses such requests rather than put them all under
+    /// one limit (HTTP 500, gRPC `INTERNAL`).
     RateLimitKeyMissing,
     /// The request body could not be read (the client reset the stream, a malformed chunked
     /// encoding): the request did not run (HTTP 400, gRPC `INVALID_ARGUMENT`).
@@ -167,27 +168,37 @@ impl fmt::Display for RejectionKind {
 /// [`RejectionKind::RateLimited`] and written as `RateLimit` / `RateLimit-Policy` headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimitInfo {
-    /// The quota: how many requests the window allows (its burst).
+    /// The burst: how many requests may come at once (the window holds this many).
     pub limit: u64,
     /// Requests that could still be admitted now.
     pub remaining: u64,
-    /// Time until the limit is whole again (all of its burst available).
+    /// Time until the limit is whole again (all of its burst available); in a rejection,
+    /// never less than its hints.
     pub reset: Duration,
-    /// The window of the quota: the time in which `limit` requests are replenished.
+    /// The window of the quota: the time in which `limit` requests are replenished (so the
+    /// rate is `limit / window`).
     pub window: Duration,
 }
 
 impl RateLimitInfo {
     /// Writes the IETF draft `RateLimit-Policy` and `RateLimit` headers, for the policy named
-    /// `"default"`: `RateLimit-Policy: "default";q=<limit>;w=<window secs>` and
-    /// `RateLimit: "default";r=<remaining>;t=<secs to reset>`. Seconds are rounded up.
+    /// `"default"`: `RateLimit-Policy: "default";q=<quota>;w=<secs>` and
+    /// `RateLimit: "default";r=<remaining>;t=<secs to reset>`.
+    ///
+    /// The policy states the quota's rate: `w` is the window in whole seconds (rounded up, at
+    /// least 1) and `q` the requests the rate allows in `w` (`limit × w / window`, rounded
+    /// down when not whole), so `q / w` is the rate, whatever the burst: a quota of 1000/s
+    /// with a burst of 1 is `q=1000;w=1`, one of 100/s with a burst of 200 is `q=200;w=2`,
+    /// one of 1 a minute is `q=1;w=60`. As `w` covers the window, `q` is never less than the
+    /// burst, so `r` (the requests that could come now, at most the burst) never exceeds `q`;
+    /// `t` is the time until the burst is whole again, in seconds rounded up.
     pub fn write_headers(&self, headers: &mut http::HeaderMap) {
         let ceil = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-        let policy = format!(
-            "\"default\";q={};w={}",
-            self.limit,
-            ceil(self.window).max(1)
-        );
+        let w = ceil(self.window).max(1);
+        let q = (u128::from(w) * 1_000_000_000 * u128::from(self.limit))
+            .checked_div(self.window.as_nanos())
+            .map_or(self.limit, |q| u64::try_from(q).unwrap_or(u64::MAX));
+        let policy = format!("\"default\";q={q};w={w}");
         let state = format!("\"default\";r={};t={}", self.remaining, ceil(self.reset));
         if let Ok(v) = http::HeaderValue::from_str(&policy) {
             headers.insert("ratelimit-policy", v);
@@ -206,6 +217,9 @@ impl RateLimitInfo {
 pub struct Rejection {
     kind: RejectionKind,
     retry_after: Option<Duration>,
+    // The hint spread for renderings in whole seconds (HTTP `Retry-After`), when the layer
+    // made one: a spread narrower than a second would not survive rounding up.
+    retry_after_whole: Option<Duration>,
     rate_limit: Option<RateLimitInfo>,
     detail: Option<&'static str>,
 }
@@ -216,6 +230,7 @@ impl Rejection {
         Rejection {
             kind,
             retry_after: None,
+            retry_after_whole: None,
             rate_limit: None,
             detail: None,
         }
@@ -226,6 +241,7 @@ impl Rejection {
         Rejection {
             kind: RejectionKind::RateLimited,
             retry_after: Some(retry_after),
+            retry_after_whole: None,
             rate_limit: Some(info),
             detail: None,
         }
@@ -236,6 +252,7 @@ impl Rejection {
         Rejection {
             kind: RejectionKind::Overloaded,
             retry_after,
+            retry_after_whole: None,
             rate_limit: None,
             detail: None,
         }
@@ -246,6 +263,7 @@ impl Rejection {
         Rejection {
             kind: RejectionKind::CircuitOpen,
             retry_after: Some(retry_after),
+            retry_after_whole: None,
             rate_limit: None,
             detail: None,
         }
@@ -254,6 +272,14 @@ impl Rejection {
     /// The same rejection with a wait hint.
     pub const fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = Some(retry_after);
+        self.retry_after_whole = None;
+        self
+    }
+
+    /// The same rejection with the hint to write in whole seconds (HTTP `Retry-After`),
+    /// spread by the layer so that its spread survives rounding up.
+    pub(crate) const fn with_whole_seconds_hint(mut self, hint: Duration) -> Self {
+        self.retry_after_whole = Some(hint);
         self
     }
 
@@ -268,9 +294,19 @@ impl Rejection {
         self.kind
     }
 
-    /// How long the caller should wait before trying again, when the layer knows.
+    /// How long the caller should wait before trying again, when the layer knows (at a fine
+    /// resolution: what gRPC's `grpc-retry-pushback-ms` and in-process callers wait).
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// The wait in whole seconds (rounded up, never 0), as HTTP's `Retry-After` writes it.
+    /// A rate-limit rejection spreads this value apart from [`retry_after`](Self::retry_after)
+    /// (over at least two seconds), since a spread below a second would be lost to the
+    /// rounding; it is never less than the exact wait either way.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        let d = self.retry_after_whole.or(self.retry_after)?;
+        Some(crate::respond::retry_after_secs(d))
     }
 
     /// The figures of the rate limit, for [`RejectionKind::RateLimited`].
@@ -331,6 +367,40 @@ mod tests {
         assert_eq!(
             Rejection::find(&*err).map(Rejection::kind),
             Some(RejectionKind::RateLimited)
+        );
+    }
+
+    #[test]
+    fn policy_header_states_the_rate() {
+        let policy = |limit: u64, window: Duration| {
+            let mut h = http::HeaderMap::new();
+            let info = RateLimitInfo {
+                limit,
+                remaining: limit,
+                reset: Duration::ZERO,
+                window,
+            };
+            info.write_headers(&mut h);
+            h["ratelimit-policy"].to_str().unwrap().to_owned()
+        };
+        // 1000/s, burst 1: the window is 1 ms.
+        assert_eq!(
+            policy(1, Duration::from_millis(1)),
+            "\"default\";q=1000;w=1"
+        );
+        // 100/s, burst 200.
+        assert_eq!(policy(200, Duration::from_secs(2)), "\"default\";q=200;w=2");
+        // 1 a minute.
+        assert_eq!(policy(1, Duration::from_secs(60)), "\"default\";q=1;w=60");
+        // 3 per 1.5 s: w rounds up to 2 s, q = 4 (2 / 0.5 s).
+        assert_eq!(
+            policy(3, Duration::from_millis(1500)),
+            "\"default\";q=4;w=2"
+        );
+        // 7 every 3 s (a token each 428.57 ms, burst 1): q rounded down, never above the rate.
+        assert_eq!(
+            policy(1, Duration::from_nanos(428_571_429)),
+            "\"default\";q=2;w=1"
         );
     }
 

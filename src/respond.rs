@@ -274,8 +274,7 @@ fn http_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
     let detail = rejection.to_string();
     push_json_str(&mut body, &detail);
     let mut headers = HeaderMap::new();
-    if let Some(after) = rejection.retry_after() {
-        let secs = retry_after_secs(after);
+    if let Some(secs) = rejection.retry_after_secs() {
         body.push_str(",\"retry_after\":");
         body.push_str(itoa_u64(secs).as_str());
         headers.insert(RETRY_AFTER, HeaderValue::from(secs));

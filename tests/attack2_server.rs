@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::backpressure::{Adaptive, Aimd, BackpressureLayer, Gradient};
 use tower_bulwark::clock::Clock;
-use tower_bulwark::rate_limit::{key, RateLimitConfig};
+use tower_bulwark::rate_limit::{key, KeyedConfig, MissingKey, RateLimitConfig};
 use tower_bulwark::{Quota, RateLimitLayer, Rejection, RejectionKind, RejectionLayer};
 
 /// An HTTP handler that answers 200 at once.
@@ -63,7 +63,6 @@ fn kind_of(err: &BoxError) -> Option<RejectionKind> {
 // module docs' examples, use 128.)
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: ClientIp's default keys IPv6 by /128, so one /64 rotating addresses is never limited"]
 async fn ipv6_client_rotating_addresses_in_its_subnet_stays_limited() {
     // The README's first limit: 100/s, burst 200, per client address.
     let layer = RateLimitLayer::keyed(
@@ -94,13 +93,17 @@ async fn ipv6_client_rotating_addresses_in_its_subnet_stays_limited() {
 // its 200 requests without a key locks every other keyless client out with 429s.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: key::Header puts every request without the header under one shared limit"]
 async fn requests_without_the_key_header_do_not_share_one_limit() {
     let quota = || {
         RateLimitConfig::new(Quota::per_second(100).unwrap().burst(200).unwrap())
             .clock(Clock::tokio())
     };
-    let header_limit = RateLimitLayer::keyed(quota(), key::Header::new("x-api-key"));
+    // The README's stack: behind the address limit, requests without a key are admitted by
+    // the key limit (the address limit bounds them), each on its own.
+    let header_limit = RateLimitLayer::keyed(
+        KeyedConfig::from(quota()).when_key_missing(MissingKey::Admit),
+        key::Header::new("x-api-key"),
+    );
     let header_handle = header_limit.handle();
     let mut svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
@@ -133,6 +136,39 @@ async fn requests_without_the_key_header_do_not_share_one_limit() {
          limit (missing_keys counted: {})",
         header_handle.missing_keys()
     );
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        header_handle.missing_keys(),
+        201,
+        "every keyless request is counted"
+    );
+    // An empty value, or the header twice, is no key either.
+    for values in [&[""][..], &["a", "b"][..]] {
+        let mut req = from("192.0.2.1:1");
+        for v in values {
+            req.headers_mut().append("x-api-key", v.parse().unwrap());
+        }
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(header_handle.missing_keys(), 203);
+
+    // With the default policy, a request without the key is refused as keyless (never
+    // rate limited by others' keyless requests), and counted.
+    let strict = RateLimitLayer::keyed(quota(), key::Header::new("x-api-key"));
+    let strict_handle = strict.handle();
+    let mut svc = strict.layer(Ok200);
+    for _ in 0..300 {
+        let err = svc.ready().await.unwrap().call(from("203.0.113.7:1")).await;
+        let kind = err.as_ref().err().and_then(kind_of);
+        assert_eq!(kind, Some(RejectionKind::RateLimitKeyMissing));
+    }
+    assert_eq!(strict_handle.missing_keys(), 300);
+    let mut keyed = from("203.0.113.7:1");
+    keyed
+        .headers_mut()
+        .insert("x-api-key", "alice".parse().unwrap());
+    assert!(svc.ready().await.unwrap().call(keyed).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,7 +179,6 @@ async fn requests_without_the_key_header_do_not_share_one_limit() {
 // "when no client address can be found, warn once and count it; never a silent shared bucket".
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: ClientIp keys a trusted proxy's requests without a forwarded address by the proxy, one shared bucket, silently"]
 async fn trusted_proxy_without_a_forwarded_address_is_not_one_silent_bucket() {
     let layer = RateLimitLayer::keyed(
         RateLimitConfig::new(Quota::per_minute(1).unwrap()).clock(Clock::tokio()),
@@ -189,7 +224,6 @@ async fn trusted_proxy_without_a_forwarded_address_is_not_one_silent_bucket() {
 // together are told to come back together, the herd the jitter was made to break up.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: rate-limit Retry-After is not spread when the next token is just under a whole second away"]
 async fn simultaneous_refusals_get_spread_retry_after_values() {
     let mut svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
@@ -219,6 +253,63 @@ async fn simultaneous_refusals_get_spread_retry_after_values() {
         "200 clients refused at one instant were told {counts:?}: {most} of them come back at \
          the same second"
     );
+    // Never before the next token (999 ms away, so 1 s at least), and no further than the
+    // exact time plus a span of two seconds.
+    assert!(
+        counts
+            .keys()
+            .all(|s| (1..=3).contains(&s.parse::<u64>().unwrap())),
+        "{counts:?}"
+    );
+}
+
+// The same for gRPC's `grpc-retry-pushback-ms`, at its resolution: clients refused together
+// are told values spread in proportion to the wait, never less than it.
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn simultaneous_refusals_get_spread_grpc_pushback() {
+    let mut svc = ServiceBuilder::new()
+        .layer(RejectionLayer::grpc())
+        .layer(RateLimitLayer::new(
+            RateLimitConfig::new(Quota::per_second(10).unwrap().burst(1).unwrap())
+                .clock(Clock::tokio()),
+        ))
+        .service(Ok200);
+    let first = svc.ready().await.unwrap().call(Request::new(())).await;
+    assert_eq!(first.unwrap().status(), StatusCode::OK);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let mut values = Vec::new();
+    for _ in 0..200 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["grpc-status"], "8");
+        let ms: u64 = res.headers()["grpc-retry-pushback-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        values.push(ms);
+    }
+    values.sort_unstable();
+    let (lo, hi) = (values[0], values[values.len() - 1]);
+    // The next token is 99 ms away: the hints lie in [99, 198) ms, spread over it.
+    assert!(lo >= 99 && hi <= 198, "{lo}..{hi}");
+    assert!(
+        hi - lo >= 50,
+        "200 clients refused together told {lo}..{hi} ms"
+    );
+    let mut distinct = values.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 40,
+        "only {} distinct values",
+        distinct.len()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -229,7 +320,6 @@ async fn simultaneous_refusals_get_spread_retry_after_values() {
 // the limit; a client that paces itself by the policy is throttled for nothing.
 // ---------------------------------------------------------------------------------------------
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: RateLimit-Policy advertises burst per rounded-up window, not the quota's rate"]
 async fn ratelimit_policy_header_states_the_quota_rate() {
     let mut svc = ServiceBuilder::new()
         .layer(RejectionLayer::http())
@@ -508,7 +598,6 @@ async fn grpc_failures_in_trailers_lower_the_adaptive_limit() {
 // ---------------------------------------------------------------------------------------------
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "defect: Redis-backed rate-limit refusals carry the exact, unjittered retry_after"]
 async fn redis_refusal_hints_are_jittered() {
     use tower_bulwark::rate_limit::store::{RedisRateLimitConfig, RedisRateLimitLayer};
     let Some(server) = redis_server::RedisServer::start("redis_refusal_hints_are_jittered") else {

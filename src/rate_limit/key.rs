@@ -1,11 +1,15 @@
 //! Key extractors for [`RateLimitLayer::keyed`](super::RateLimitLayer::keyed).
 //!
-//! - [`Header`]: the value of a header such as `x-api-key` (`None` when absent: all requests
-//!   without the header share one limit).
+//! - [`Header`]: the value of a header such as `x-api-key`. A request without it (or with it
+//!   empty, not visible ASCII, or sent more than once) has no key: it never shares one limit
+//!   with other such requests, but is refused or admitted as
+//!   [`KeyedConfig::when_key_missing`](super::KeyedConfig::when_key_missing) says, counted
+//!   and warned about once.
 //! - [`ClientIp`]: the client's address, safe behind proxies: the peer address, or, **only
 //!   when the peer is a trusted proxy**, the rightmost address of `X-Forwarded-For` (or
 //!   `Forwarded`) that is not a trusted proxy. The leftmost entry of those headers is whatever
-//!   the client wrote, so trusting it would let any client pick its own key.
+//!   the client wrote, so trusting it would let any client pick its own key. IPv6 clients are
+//!   keyed by their /64 by default (one subscriber holds a whole /64).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -18,12 +22,28 @@ use super::KeyFn;
 
 /// Keys requests by the value of one header.
 ///
-/// ```
-/// use tower_bulwark::{rate_limit::key, Quota, RateLimitLayer};
+/// A request whose header is absent, empty (or only blanks), not visible ASCII, or sent more
+/// than once (which value would be its key?) has no key: such requests never share one
+/// limit. The layer's [`MissingKey`](super::MissingKey) policy decides (refuse, by default),
+/// counts them ([`RateLimitHandle::missing_keys`](super::RateLimitHandle::missing_keys)) and
+/// warns once. Behind a per-address limit, where requests without the header are anonymous
+/// clients that the address limit already bounds, admit them:
 ///
-/// let layer = RateLimitLayer::keyed(Quota::per_second(5)?, key::Header::new("x-api-key"));
+/// ```
+/// use tower_bulwark::rate_limit::{key, KeyedConfig, MissingKey};
+/// use tower_bulwark::{Quota, RateLimitLayer};
+///
+/// let strict = RateLimitLayer::keyed(Quota::per_second(5)?, key::Header::new("x-api-key"));
+/// let behind_an_address_limit = RateLimitLayer::keyed(
+///     KeyedConfig::new(Quota::per_second(5)?).when_key_missing(MissingKey::Admit),
+///     key::Header::new("x-api-key"),
+/// );
+/// # let _ = (strict, behind_an_address_limit);
 /// # Ok::<(), tower_bulwark::rate_limit::QuotaError>(())
 /// ```
+///
+/// The key is the header's [`HeaderValue`] (for
+/// [`RateLimitHandle::remaining_for`](super::RateLimitHandle::remaining_for)).
 #[derive(Clone, Debug)]
 pub struct Header {
     name: HeaderName,
@@ -46,14 +66,25 @@ impl Header {
     pub fn from_name(name: HeaderName) -> Self {
         Header { name }
     }
+
+    /// The key of a request: its one value of the header, when it is non-blank visible ASCII.
+    pub fn value<'a, B>(&self, req: &'a Request<B>) -> Option<&'a HeaderValue> {
+        let mut values = req.headers().get_all(&self.name).iter();
+        let value = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        let text = value.to_str().ok()?;
+        (!text.trim_matches([' ', '\t']).is_empty()).then_some(value)
+    }
 }
 
 impl<B> KeyFn<Request<B>> for Header {
-    type Key = Option<HeaderValue>;
+    type Key = HeaderValue;
 
     #[inline]
-    fn key(&self, req: &Request<B>) -> Option<Option<HeaderValue>> {
-        Some(req.headers().get(&self.name).cloned())
+    fn key(&self, req: &Request<B>) -> Option<HeaderValue> {
+        self.value(req).cloned()
     }
 }
 
@@ -173,6 +204,9 @@ pub enum ForwardedHeader {
     Forwarded,
 }
 
+/// The IPv6 prefix [`ClientIp::new`] keys by.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 /// Reads the peer address from a request's extensions.
 pub type PeerFn = fn(&Extensions) -> Option<IpAddr>;
 
@@ -209,17 +243,38 @@ fn default_peer(ext: &Extensions) -> Option<IpAddr> {
 ///
 /// When the peer is not a trusted proxy, the key is the peer address, whatever the headers
 /// say. When it is, the forwarding header is read from right to left (every occurrence of the
-/// header, in order), entry by entry from its raw bytes, skipping trusted proxies; the first
-/// address that is not one is the client. What the client wrote left of that entry (bytes that
-/// are not text included) is never read, so it cannot change the key. If an entry cannot be parsed before a client address is found, or all entries are
-/// trusted, the key is the last trusted address seen: the chain cannot be trusted further.
+/// header, in order), entry by entry from its raw bytes, skipping trusted proxies (and empty
+/// entries); the first address that is not one is the client. What the client wrote left of
+/// that entry (bytes that are not text included) is never read, so it cannot change the key.
+/// If every entry is a trusted address, the leftmost is the client (a trusted host that made
+/// the request).
 ///
-/// When there is no peer address at all, there is no key: the limiter never puts such
-/// requests under one shared limit, but refuses them by default (see
-/// [`MissingKey`](super::MissingKey)), warns once and counts them.
+/// When no client address can be found there is no key: no peer address at all; or a
+/// trusted proxy's request whose header holds no address (the header absent, the proxy
+/// writes the other header, `for=unknown`, an obfuscated identifier) or an entry that cannot
+/// be parsed before a client address is found (the chain cannot be trusted further). The
+/// limiter never keys such requests by the proxy's address, which would put every client
+/// behind it under one limit: it refuses them by default (see
+/// [`MissingKey`](super::MissingKey)), warns once and counts them
+/// ([`RateLimitHandle::missing_keys`](super::RateLimitHandle::missing_keys)).
+///
+/// # `X-Forwarded-For` or `Forwarded`
 ///
 /// Only one header is read (see [`ForwardedHeader`]): reading both would let a client forge
-/// the one its proxy does not write.
+/// the one its proxy does not write. `X-Forwarded-For` is read by default (nginx's
+/// `proxy_add_x_forwarded_for`, HAProxy's `option forwardfor`, Envoy, AWS and Google load
+/// balancers write it); call [`use_forwarded`](ClientIp::use_forwarded) when your proxies
+/// write RFC 7239's `Forwarded: for=...` instead. A count of
+/// [`missing_keys`](super::RateLimitHandle::missing_keys) that grows with every request
+/// through a trusted proxy usually means the other header is the one it writes.
+///
+/// # IPv6
+///
+/// IPv6 clients are keyed by their first 64 bits by default: a subscriber holds at least a
+/// /64 and its system rotates the addresses in it by itself, so a limit per /128 would let one
+/// client take a fresh burst with each address. [`ipv6_prefix`](ClientIp::ipv6_prefix) sets
+/// another prefix (`ipv6_prefix(128)` keys each address on its own, `48` each site). IPv4 (and
+/// IPv4-mapped IPv6) addresses are keyed whole.
 #[derive(Clone)]
 pub struct ClientIp {
     trusted: Arc<[IpNet]>,
@@ -245,13 +300,13 @@ impl fmt::Debug for ClientIp {
 }
 
 impl ClientIp {
-    /// The peer address only; no proxy trusted.
+    /// The peer address only; no proxy trusted; IPv6 keyed by /64 (see the type docs).
     pub fn new() -> Self {
         ClientIp {
             trusted: Arc::from(Vec::new()),
             header: ForwardedHeader::XForwardedFor,
             peer: default_peer,
-            v6_prefix: 128,
+            v6_prefix: DEFAULT_IPV6_PREFIX,
         }
     }
 
@@ -281,8 +336,8 @@ impl ClientIp {
         self
     }
 
-    /// Keys IPv6 clients by their first `prefix` bits (64 is common: one subscriber gets a
-    /// whole /64), in `1..=128` (default 128).
+    /// Keys IPv6 clients by their first `prefix` bits, in `1..=128` (default 64: one
+    /// subscriber gets a whole /64; 128 keys each address on its own).
     ///
     /// # Errors
     ///
@@ -291,7 +346,8 @@ impl ClientIp {
     /// ```
     /// use tower_bulwark::rate_limit::key::ClientIp;
     ///
-    /// let ip = ClientIp::new().ipv6_prefix(64)?;
+    /// // Each IPv6 address on its own (where one client cannot take several).
+    /// let ip = ClientIp::new().ipv6_prefix(128)?;
     /// assert!(ClientIp::new().ipv6_prefix(0).is_err());
     /// # let _ = ip;
     /// # Ok::<(), tower_bulwark::rate_limit::key::InvalidPrefix>(())
@@ -308,28 +364,34 @@ impl ClientIp {
         self.trusted.iter().any(|n| n.contains(ip))
     }
 
-    /// The client address of a request, as described in the type docs.
+    /// The client address of a request, as described in the type docs (an IPv6 address cut
+    /// to the key prefix), or `None` when none can be found.
     pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
         let peer = (self.peer)(req.extensions())?.to_canonical();
         let ip = if self.trusted.is_empty() || !self.is_trusted(peer) {
             peer
         } else {
-            self.forwarded_client(req.headers(), peer)
+            self.forwarded_client(req.headers())?
         };
         Some(self.mask(ip))
     }
 
-    fn forwarded_client(&self, headers: &http::HeaderMap, peer: IpAddr) -> IpAddr {
+    /// The client a trusted proxy forwarded, or `None` when the header holds none.
+    fn forwarded_client(&self, headers: &http::HeaderMap) -> Option<IpAddr> {
         let name = match self.header {
             ForwardedHeader::XForwardedFor => "x-forwarded-for",
             ForwardedHeader::Forwarded => "forwarded",
         };
-        let mut last_trusted = peer;
+        let mut last_trusted = None;
         for value in headers.get_all(name).iter().rev() {
             // From the bytes, entry by entry: what the client wrote left of the entries the
             // proxies appended (even bytes that are not text) is never read unless every
             // entry right of it is a trusted proxy.
             for entry in value.as_bytes().rsplit(|&b| b == b',') {
+                if entry.iter().all(|b| matches!(b, b' ' | b'\t')) {
+                    // An empty list element, which recipients ignore.
+                    continue;
+                }
                 let parsed = std::str::from_utf8(entry)
                     .ok()
                     .and_then(|entry| match self.header {
@@ -337,12 +399,15 @@ impl ClientIp {
                         ForwardedHeader::Forwarded => parse_forwarded_entry(entry),
                     });
                 match parsed {
-                    Some(ip) if self.is_trusted(ip) => last_trusted = ip,
-                    Some(ip) => return ip,
-                    None => return last_trusted,
+                    Some(ip) if self.is_trusted(ip) => last_trusted = Some(ip),
+                    Some(ip) => return Some(ip),
+                    // Not an address before the client was found: the chain cannot be
+                    // trusted further, and no client is known.
+                    None => return None,
                 }
             }
         }
+        // Every entry trusted: the leftmost made the request (none: no address at all).
         last_trusted
     }
 
@@ -454,18 +519,27 @@ mod tests {
             ],
         );
         assert_eq!(c.client_ip(&r), ip("198.51.100.8"));
-        // Malformed before a client is found: the last trusted hop.
+        // Malformed before a client is found: no client known, no key (never the proxy's).
         let r = req(
             "10.0.0.2:443",
             &[("x-forwarded-for", "1.2.3.4, garbage, 10.9.9.9")],
         );
-        assert_eq!(c.client_ip(&r), ip("10.9.9.9"));
-        // All trusted, or no header: the last trusted hop.
-        let r = req("10.0.0.2:443", &[("x-forwarded-for", "10.1.1.1")]);
+        assert_eq!(c.client_ip(&r), None);
+        // All trusted: the leftmost made the request. No header, or no entry: no key.
+        let r = req("10.0.0.2:443", &[("x-forwarded-for", "10.1.1.1, 10.2.2.2")]);
         assert_eq!(c.client_ip(&r), ip("10.1.1.1"));
         let r = req("10.0.0.2:443", &[]);
-        assert_eq!(c.client_ip(&r), ip("10.0.0.2"));
+        assert_eq!(c.client_ip(&r), None);
+        let r = req("10.0.0.2:443", &[("x-forwarded-for", " , ")]);
+        assert_eq!(c.client_ip(&r), None);
+        // Empty list elements are skipped.
+        let r = req(
+            "10.0.0.2:443",
+            &[("x-forwarded-for", "6.6.6.6, 198.51.100.7, , 10.1.1.1,")],
+        );
+        assert_eq!(c.client_ip(&r), ip("198.51.100.7"));
         // Ports and brackets.
+        let c = c.ipv6_prefix(128).unwrap();
         let r = req("10.0.0.2:443", &[("x-forwarded-for", "[2001:db8::1]:4711")]);
         assert_eq!(c.client_ip(&r), ip("2001:db8::1"));
     }
@@ -477,11 +551,11 @@ mod tests {
         let v = HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.7, 10.1.1.1").unwrap();
         r.headers_mut().append("x-forwarded-for", v);
         assert_eq!(c.client_ip(&r), ip("198.51.100.7"));
-        // Not text right of the client entry: the chain stops at the last trusted hop.
+        // Not text right of the client entry: the chain stops, with no client known.
         let mut r = req("10.0.0.2:443", &[]);
         let v = HeaderValue::from_bytes(b"198.51.100.7, \xff, 10.1.1.1").unwrap();
         r.headers_mut().append("x-forwarded-for", v);
-        assert_eq!(c.client_ip(&r), ip("10.1.1.1"));
+        assert_eq!(c.client_ip(&r), None);
         // The same for `Forwarded`, and across header lines.
         let c = c.use_forwarded();
         let mut r = req("10.0.0.2:443", &[]);
@@ -528,6 +602,8 @@ mod tests {
         let c = ClientIp::new()
             .trust_proxies(["127.0.0.1"])
             .unwrap()
+            .ipv6_prefix(128)
+            .unwrap()
             .use_forwarded();
         let r = req(
             "127.0.0.1:80",
@@ -540,8 +616,13 @@ mod tests {
             ],
         );
         assert_eq!(c.client_ip(&r), ip("2001:db8:cafe::17"));
-        let r = req("127.0.0.1:80", &[("forwarded", "for=unknown")]);
-        assert_eq!(c.client_ip(&r), ip("127.0.0.1"));
+        // No address in the header read: no key, never the proxy's address.
+        for value in ["for=unknown", "for=_hidden", "proto=https"] {
+            let r = req("127.0.0.1:80", &[("forwarded", value)]);
+            assert_eq!(c.client_ip(&r), None, "{value}");
+        }
+        let r = req("127.0.0.1:80", &[("x-forwarded-for", "198.51.100.1")]);
+        assert_eq!(c.client_ip(&r), None);
     }
 
     #[test]
@@ -560,6 +641,42 @@ mod tests {
         assert_eq!(c.client_ip(&r), ip("2001:db8:1:2::"));
         let r = Request::new(());
         assert_eq!(ClientIp::new().client_ip(&r), None);
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_its_64_by_default() {
+        let c = ClientIp::new();
+        let a = req("[2001:db8:1:2:aaaa::1]:1", &[]);
+        let b = req("[2001:db8:1:2:bbbb::2]:1", &[]);
+        assert_eq!(c.client_ip(&a), ip("2001:db8:1:2::"));
+        assert_eq!(c.client_ip(&a), c.client_ip(&b));
+        let other = req("[2001:db8:1:3::1]:1", &[]);
+        assert_ne!(c.client_ip(&a), c.client_ip(&other));
+        // IPv4 and IPv4-mapped addresses are whole.
+        let v4 = req("[::ffff:192.0.2.7]:1", &[]);
+        assert_eq!(c.client_ip(&v4), ip("192.0.2.7"));
+        // Opting out: each address on its own.
+        let c = c.ipv6_prefix(128).unwrap();
+        assert_eq!(c.client_ip(&a), ip("2001:db8:1:2:aaaa::1"));
+    }
+
+    #[test]
+    fn header_key_is_one_non_blank_visible_value() {
+        let h = Header::new("x-api-key");
+        let key = |headers: &[&[u8]]| {
+            let mut r = Request::new(());
+            for v in headers {
+                r.headers_mut()
+                    .append("x-api-key", HeaderValue::from_bytes(v).unwrap());
+            }
+            KeyFn::key(&h, &r)
+        };
+        assert_eq!(key(&[b"alice"]), Some(HeaderValue::from_static("alice")));
+        assert_eq!(key(&[]), None);
+        assert_eq!(key(&[b""]), None);
+        assert_eq!(key(&[b" \t "]), None);
+        assert_eq!(key(&[b"caf\xc3\xa9"]), None);
+        assert_eq!(key(&[b"alice", b"bob"]), None);
     }
 
     /// Outside input, as arbitrary bytes: an answer, never a panic.
@@ -615,9 +732,9 @@ mod tests {
                         r.headers_mut().append(name, v);
                     }
                 }
-                // Always an address: the peer, or one a trusted proxy forwarded.
+                // An untrusted peer is its own key; a trusted one's key is what it forwarded,
+                // or none.
                 let got = c.client_ip(&r);
-                prop_assert!(got.is_some());
                 if !trusted_peer {
                     prop_assert_eq!(got, ip("203.0.113.9"));
                 }

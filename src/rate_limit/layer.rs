@@ -11,7 +11,7 @@ use super::keyed::Table;
 use super::service::RateLimit;
 use super::{Global, MissingKey, NoHeaders, WithHeaders};
 use crate::clock::{duration_nanos, Clock};
-use crate::rejection::RateLimitInfo;
+use crate::rejection::{RateLimitInfo, Rejection};
 use crate::util::rng::{self, Rng};
 
 /// The default bound on the number of keys a keyed limiter tracks.
@@ -39,8 +39,30 @@ pub(crate) struct Shared {
     rng: Rng,
 }
 
-/// The jitter's span never goes below this, so that it survives HTTP's whole seconds.
-const MIN_JITTER_NS: u64 = 1_000_000_000;
+/// The least span of a hint's jitter: two units of the resolution it is written in, so that
+/// clients refused together are told at least two different values once rounded up
+/// (`grpc-retry-pushback-ms` and in-process callers: milliseconds; HTTP's `Retry-After`:
+/// whole seconds).
+const MIN_SPAN_FINE_NS: u64 = 2_000_000;
+const MIN_SPAN_WHOLE_SECS_NS: u64 = 2_000_000_000;
+
+/// A refusal of a rate limit (in process, Redis, or Redis's local fallback: one function, so
+/// that every refusal is spread alike), given the exact time until the next token.
+///
+/// One uniform draw `u` in `[0, 1)` makes both hints: `retry_after` is
+/// `exact + u × max(exact, 2 ms)` and the whole-seconds hint (HTTP `Retry-After`) is
+/// `exact + u × max(exact, 2 s)`. Neither is ever less than the exact time (a client that
+/// waits one out is admitted, if no one took the token first), and each spreads the clients
+/// refused together over at least two units of its resolution, so that the spread survives
+/// rounding up. The figures' `reset` is never less than either hint.
+pub(crate) fn refusal(rng: &Rng, exact_ns: u64, mut info: RateLimitInfo) -> Rejection {
+    let draw = rng.next_u64();
+    let spread = |min_span: u64| exact_ns.saturating_add(rng::below(draw, exact_ns.max(min_span)));
+    let fine = Duration::from_nanos(spread(MIN_SPAN_FINE_NS));
+    let whole = Duration::from_nanos(spread(MIN_SPAN_WHOLE_SECS_NS));
+    info.reset = info.reset.max(whole);
+    Rejection::rate_limited(fine, info).with_whole_seconds_hint(whole)
+}
 
 impl Shared {
     fn new(quota: Quota, clock: Clock, table: Option<Table>, missing: MissingKey) -> Shared {
@@ -60,16 +82,10 @@ impl Shared {
         }
     }
 
-    /// The hint a refused client waits out: the exact time to the next token plus a uniform
-    /// random extra in `[0, max(exact, 1 s))`, so that clients refused together do not come
-    /// back together (the span is at least a second so that it survives `Retry-After`'s
-    /// rounding to whole seconds). Never less than the exact time: a client that waits the
-    /// hint is admitted.
+    /// A refusal, with hints jittered by [`refusal`].
     #[inline]
-    pub(crate) fn jittered_hint(&self, exact_ns: u64) -> u64 {
-        let span = exact_ns.max(MIN_JITTER_NS);
-        let extra = rng::below(self.rng.next_u64(), span);
-        exact_ns.saturating_add(extra)
+    pub(crate) fn refusal(&self, exact_ns: u64, info: RateLimitInfo) -> Rejection {
+        refusal(&self.rng, exact_ns, info)
     }
 
     /// Counts a request whose key could not be read, and warns about the first one.
@@ -80,10 +96,13 @@ impl Shared {
             tracing::warn!(
                 target: "tower_bulwark::rate_limit",
                 policy = ?self.missing,
-                "rate limit: a request has no key (for key::ClientIp: no client address; under \
-                 Axum, enable the `axum` feature and serve with \
+                "rate limit: a request has no key (key::Header: the header absent, empty, not \
+                 visible ASCII or sent twice; key::ClientIp: no peer address (under Axum, enable \
+                 the `axum` feature and serve with \
                  into_make_service_with_connect_info::<SocketAddr>(), or set \
-                 ClientIp::peer_addr); such requests are counted and never share one limit"
+                 ClientIp::peer_addr), or a trusted proxy's request with no client address in \
+                 the header read (X-Forwarded-For by default; ClientIp::use_forwarded() reads \
+                 Forwarded)); such requests are counted and never share one limit"
             );
         }
     }
@@ -527,7 +546,8 @@ impl RateLimitHandle {
     }
 
     /// Requests whose key could not be read (for [`key::ClientIp`](super::key::ClientIp): no
-    /// client address), refused or admitted as [`MissingKey`] says.
+    /// client address; for [`key::Header`](super::key::Header): no usable header), refused or
+    /// admitted as [`MissingKey`] says.
     pub fn missing_keys(&self) -> u64 {
         self.shared.missing_keys.load(Ordering::Relaxed)
     }

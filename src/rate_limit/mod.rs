@@ -12,13 +12,18 @@
 //! # Jittered hints
 //!
 //! Clients refused at one instant must not all come back at the next token, in lock step. So
-//! the `retry_after` of a rejection is the exact time until the next token plus a uniform
-//! random extra in `[0, max(exact, 1 s))`: never less than the exact time (a client that waits
-//! it out is admitted, if no one took the token first), and spread over at least a second, so
-//! that the spread survives `Retry-After`'s rounding up to whole seconds. The `RateLimit`
-//! header's `t=` (the rejection's [`reset`](crate::rejection::RateLimitInfo::reset)) is never
-//! less than that hint. Only the hints are jittered: the limiter's state and the waits of
-//! [`wait_up_to`](RateLimitLayer::wait_up_to) run to the exact edge.
+//! a rejection's hints are the exact time until the next token plus a uniform random extra,
+//! never less than the exact time (a client that waits one out is admitted, if no one took
+//! the token first), spread over at least two units of the resolution they are written in,
+//! so that the spread survives rounding up: [`retry_after`](crate::Rejection::retry_after)
+//! (what `grpc-retry-pushback-ms` carries, in milliseconds, and what in-process callers wait)
+//! adds `[0, max(exact, 2 ms))`, and the whole seconds of HTTP's `Retry-After`
+//! ([`retry_after_secs`](crate::Rejection::retry_after_secs)) add `[0, max(exact, 2 s))`, one
+//! draw for both. The `RateLimit` header's `t=` (the rejection's
+//! [`reset`](crate::rejection::RateLimitInfo::reset)) is never less than either. Only the
+//! hints are jittered: the limiter's state and the waits of
+//! [`wait_up_to`](RateLimitLayer::wait_up_to) run to the exact edge. The Redis store's
+//! refusals, and its local fallback's, are jittered by the same function.
 //!
 //! # Why GCRA, and how it differs from its neighbours
 //!
@@ -91,9 +96,9 @@
 //! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
 //! let res = app.clone().oneshot(get()).await.unwrap();
 //! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-//! // The next token is 500 ms away; the hint is jittered over [0.5 s, 1.5 s).
-//! let after = res.headers()["retry-after"].to_str().unwrap();
-//! assert!(after == "1" || after == "2");
+//! // The next token is 500 ms away; the hint is jittered over [0.5 s, 2.5 s).
+//! let after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+//! assert!((1..=3).contains(&after));
 //! tokio::time::advance(Duration::from_millis(500)).await; // one token back
 //! assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), StatusCode::OK);
 //! # }
@@ -108,9 +113,13 @@
 //! long key works like any other (a long key costs its hashing time only; nothing is stored
 //! but a 60-bit hash); requests whose key function returns the same value share one limit, so
 //! a closure that returns `None` for requests without a key puts all of them under one limit.
-//! An extractor that cannot find its key ([`key::ClientIp`] with no client address) does not:
-//! such a request is refused by default ([`MissingKey`]), warned about once and counted
-//! ([`RateLimitHandle::missing_keys`]).
+//! An extractor that cannot find its key does not: [`key::ClientIp`] with no client address
+//! (no peer address, or a trusted proxy's request with no address in the forwarding header
+//! read), [`key::Header`] with the header absent, empty, not visible ASCII or sent more than
+//! once. Such a request is refused by default ([`MissingKey`]; or admitted, with
+//! [`KeyedConfig::when_key_missing`]), warned about once and counted
+//! ([`RateLimitHandle::missing_keys`]). [`key::ClientIp`] keys IPv6 clients by their /64 by
+//! default.
 //!
 //! Under Axum, [`key::ClientIp`] reads the address Axum records (`ConnectInfo<SocketAddr>`,
 //! with `into_make_service_with_connect_info::<SocketAddr>()`) when the crate's `axum` feature
@@ -145,7 +154,7 @@ pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
     type Key: Hash;
 
     /// The key of a request, or `None` when it cannot be read (for [`key::ClientIp`]: no
-    /// client address). A request without a key is never put under a limit shared with
+    /// client address; for [`key::Header`]: no usable header). A request without a key is never put under a limit shared with
     /// other such requests: the layer applies its [`MissingKey`] policy (refuse, by default),
     /// warns once and counts it ([`RateLimitHandle::missing_keys`]).
     fn key(&self, req: &Req) -> Option<Self::Key>;

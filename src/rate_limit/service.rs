@@ -191,14 +191,14 @@ impl<S, K, H> RateLimit<S, K, H> {
             }
             _ => ResponseFuture::rejected(
                 Rejection::new(RejectionKind::RateLimitKeyMissing)
-                    .with_detail("the rate limit key (client address) could not be read"),
+                    .with_detail("the rate limit key could not be read from the request"),
             ),
         }
     }
 
     /// Over the limit: a rejection with the time to the next token, jittered (see
-    /// `Shared::jittered_hint`). The `RateLimit` figures' reset is never shorter than the
-    /// hint, so that its `t=` never tells a client to come back before `Retry-After` does.
+    /// `layer::refusal`). The `RateLimit` figures' reset is never shorter than the hints, so
+    /// that its `t=` never tells a client to come back before `Retry-After` does.
     #[cold]
     #[inline(never)]
     fn reject<Req>(&self, retry_after_ns: u64, tat: u64, now: u64) -> ResponseFuture<S, Req, H>
@@ -208,10 +208,12 @@ impl<S, K, H> RateLimit<S, K, H> {
     {
         let shared = &*self.shared;
         shared.count_rejection();
-        let hint = Duration::from_nanos(shared.jittered_hint(retry_after_ns));
-        tracing::trace!(retry_after_ns, ?hint, "rate limit: request rejected");
-        let mut info = shared.info(tat, now);
-        info.reset = info.reset.max(hint);
-        ResponseFuture::rejected(Rejection::rate_limited(hint, info))
+        let rejection = shared.refusal(retry_after_ns, shared.info(tat, now));
+        tracing::trace!(
+            retry_after_ns,
+            hint = ?rejection.retry_after(),
+            "rate limit: request rejected"
+        );
+        ResponseFuture::rejected(rejection)
     }
 }

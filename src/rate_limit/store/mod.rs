@@ -5,7 +5,9 @@
 //! one Lua script on Redis (`EVALSHA`, loaded again after a `NOSCRIPT`), one round trip, with
 //! Redis's `TIME` as the clock, so the replicas' clocks may disagree without changing the
 //! limit. A request over the limit gets the same [`Rejection`](crate::Rejection) of kind
-//! `RateLimited`, with `retry_after` and the limit's figures, answered with a 429 by
+//! `RateLimited`, with `retry_after` and the limit's figures, its hints jittered exactly as
+//! the in-process limiter's are (also when the local fallback decides; see [Jittered
+//! hints](super#jittered-hints)), answered with a 429 by
 //! [`RejectionLayer`](crate::RejectionLayer);
 //! [`response_headers`](RedisRateLimitLayer::response_headers) puts the figures on successful
 //! responses too.

@@ -15,12 +15,13 @@ use tower_service::Service;
 use super::future::{CheckFuture, CheckOutput, NoAnswer, RedisResponseFuture};
 use crate::clock::{duration_nanos, Clock};
 use crate::rate_limit::gcra::{self, Quota};
-use crate::rate_limit::layer::Shared as LocalShared;
+use crate::rate_limit::layer::{refusal, Shared as LocalShared};
 use crate::rate_limit::{
     Global, KeyFn, NoHeaders, RateLimitConfig, RateLimitHandle, RateLimitLayer, ResponseHeaders,
     WithHeaders, DEFAULT_MAX_KEYS,
 };
 use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
+use crate::util::rng::Rng;
 
 /// The GCRA step, run by `EVALSHA` (loaded again after a `NOSCRIPT`).
 static SCRIPT: LazyLock<redis::Script> =
@@ -355,6 +356,8 @@ pub(crate) struct RedisShared {
     counters: Counters,
     log: FailureLog,
     cool: CoolDown,
+    // The jitter of refusals' hints, drawn as the in-process limiter's are.
+    rng: Rng,
 }
 
 impl RedisShared {
@@ -392,6 +395,7 @@ impl RedisShared {
             counters: Counters::default(),
             log: FailureLog::new(),
             cool: CoolDown::new(c.cool_down_ns),
+            rng: Rng::from_entropy(),
         }
     }
 
@@ -476,10 +480,7 @@ impl RedisShared {
                     bump(&self.counters.rejected);
                     let wait = u64::try_from(wait).unwrap_or(0);
                     tracing::trace!(retry_after_ns = wait, "redis rate limit: request rejected");
-                    Err(Rejection::rate_limited(
-                        Duration::from_nanos(wait),
-                        self.info(ahead),
-                    ))
+                    Err(refusal(&self.rng, wait, self.info(ahead)))
                 }
             }
             Ok(Err(e)) => self.on_failure(&e, Some(false), local_hash, want_info),
@@ -609,10 +610,7 @@ impl RedisShared {
                     gcra::Step::Reject { retry_after_ns } => {
                         l.count_rejection();
                         bump(&self.counters.rejected);
-                        Err(Rejection::rate_limited(
-                            Duration::from_nanos(retry_after_ns),
-                            l.info(tat, now),
-                        ))
+                        Err(l.refusal(retry_after_ns, l.info(tat, now)))
                     }
                 }
             }
