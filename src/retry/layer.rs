@@ -120,8 +120,8 @@ impl<C, R> RetryLayer<C, R> {
     /// # Errors
     ///
     /// A [`ConfigError`] for zero attempts, a multiplier below 1, a NaN or out-of-range
-    /// jitter, a maximum delay below the base, a zero deadline, or a policy clock that is not
-    /// the clock its budget runs on.
+    /// jitter, a maximum delay below the base, a zero base with a maximum that is not zero, a
+    /// zero deadline, or a policy clock that is not the clock its budget runs on.
     pub fn new(policy: RetryPolicy<C, R>) -> Result<Self, ConfigError> {
         if policy.max_attempts == 0 {
             return Err(ConfigError::ZeroAttempts);

@@ -33,6 +33,10 @@ pub enum ConfigError {
     Jitter(f64),
     /// The backoff's maximum delay was below its base.
     MaxBelowBase,
+    /// The backoff's base was zero with a maximum that is not: every delay would be zero
+    /// (`base × multiplier^n`), whatever the maximum says. [`Backoff::none`] is the way to
+    /// say "no wait".
+    ZeroBase,
     /// The overall deadline was zero.
     ZeroDeadline,
     /// The budget ratio was NaN, negative or above 1000.
@@ -57,6 +61,10 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::Jitter(j) => write!(f, "jitter must lie in [0, 1], got {j}"),
             ConfigError::MaxBelowBase => f.write_str("maximum backoff is below the base"),
+            ConfigError::ZeroBase => f.write_str(
+                "backoff base must not be zero when its maximum is not (every delay would be \
+                 zero); use Backoff::none() for no wait",
+            ),
             ConfigError::ZeroDeadline => f.write_str("the retry deadline must not be zero"),
             ConfigError::Ratio(r) => write!(f, "budget ratio must lie in [0, 1000], got {r}"),
             ConfigError::Window(w) => write!(f, "budget window must be at least 16ms, got {w:?}"),
