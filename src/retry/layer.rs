@@ -9,6 +9,7 @@ use tower_layer::Layer;
 
 use crate::classify::ErrorsOnly;
 use crate::clock::{duration_nanos, Clock};
+use crate::util::rng::entropy;
 
 use super::backoff::{Backoff, Rng};
 use super::budget::{Budget, SHARDS};
@@ -110,6 +111,9 @@ pub(crate) struct Control {
     /// Whether a retry decision needs a time reading (a budget or a deadline).
     pub(crate) needs_clock: bool,
     pub(crate) rng: Rng,
+    /// Drawn from the process's entropy whatever the seed, and mixed into every generated
+    /// `Idempotency-Key`: replicas given one seed never generate the same keys.
+    pub(crate) key_salt: u128,
     pub(crate) retries: AtomicU64,
     pub(crate) budget_exhausted: AtomicU64,
 }
@@ -159,6 +163,7 @@ impl<C, R> RetryLayer<C, R> {
                     budget,
                     clock,
                     rng,
+                    key_salt: (u128::from(entropy()) << 64) | u128::from(entropy()),
                     retries: AtomicU64::new(0),
                     budget_exhausted: AtomicU64::new(0),
                 },

@@ -672,7 +672,13 @@ impl<C, R> RetryPolicy<C, R> {
         self
     }
 
-    /// Seeds the jitter and idempotency-key generator, for reproducible tests.
+    /// Seeds the generator of the backoff's and the hints' jitter, for reproducible tests.
+    ///
+    /// The keys that [`add_idempotency_key`](RetryPolicy::add_idempotency_key) generates are
+    /// drawn from the same generator but always mixed with random bits of the process's own:
+    /// replicas built with one seed (from one configuration file) never send the same key, so
+    /// a server never replays one replica's response to another's request. Keys are not
+    /// reproducible from the seed.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self
