@@ -128,6 +128,9 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     rebuild: M,
     parts: Option<request::Parts>,
     key: StoreKey,
+    /// Whether the request is a gRPC call (`content-type: application/grpc...`): its answer
+    /// is judged by gRPC's status, a proxy's HTTP status mapped as gRPC does.
+    grpc: bool,
     buf: BodyBuf,
     body: Bytes,
     fingerprint: Fingerprint,
@@ -153,6 +156,10 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         parts: request::Parts,
         key: StoreKey,
     ) -> Self {
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         Keyed {
             inner: Some(inner),
             store,
@@ -160,6 +167,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             rebuild,
             parts: Some(parts),
             key,
+            grpc,
             buf: BodyBuf::default(),
             body: Bytes::new(),
             fingerprint: Fingerprint::from_u128(0),
@@ -552,7 +560,10 @@ where
                                 if now >= deadline {
                                     Counters::bump(&stats.in_flight);
                                     tracing::debug!(key = ?k.key, "waited for the request in flight; giving up");
-                                    ready_err(Rejection::new(RejectionKind::IdempotencyInFlight))
+                                    ready_err(
+                                        Rejection::new(RejectionKind::IdempotencyInFlight)
+                                            .with_retry_after(k.shared.in_flight_hint()),
+                                    )
                                 } else {
                                     let at = deadline.min(now + k.shared.config.poll_interval);
                                     State::Wait {
@@ -563,7 +574,10 @@ where
                             None => {
                                 Counters::bump(&stats.in_flight);
                                 tracing::debug!(key = ?k.key, "request with this key in flight");
-                                ready_err(Rejection::new(RejectionKind::IdempotencyInFlight))
+                                ready_err(
+                                    Rejection::new(RejectionKind::IdempotencyInFlight)
+                                        .with_retry_after(k.shared.in_flight_hint()),
+                                )
                             }
                         },
                         Ok(Claim::Completed(record)) => {
@@ -613,7 +627,7 @@ where
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                     }
                     if !k.shared.config.store_failures
-                        && head_is_failure(res.status(), res.headers())
+                        && head_is_failure(res.status(), res.headers(), k.grpc)
                     {
                         Counters::bump(&k.shared.stats.not_stored);
                         k.release();
@@ -855,10 +869,16 @@ fn replay<B>(record: &Record) -> Response<ReplayBody<B>> {
 }
 
 /// Whether a response head says the request failed in a way worth retrying: 5xx, 429, or a
-/// gRPC failure status in the headers (a trailers-only response).
-fn head_is_failure(status: StatusCode, headers: &HeaderMap) -> bool {
+/// gRPC failure status in the headers (a trailers-only response). For a gRPC call, a head
+/// without `grpc-status` is judged as [`GrpcStatus`] judges it for the breaker and the retry:
+/// by its HTTP status mapped as gRPC does (a proxy's 400 is `INTERNAL`, its 503
+/// `UNAVAILABLE`); a 200 leaves it to the trailers.
+fn head_is_failure(status: StatusCode, headers: &HeaderMap, grpc: bool) -> bool {
     if HttpStatus::default().classify_status(status) != Outcome::Success {
         return true;
+    }
+    if grpc {
+        return GrpcStatus::default().classify_head(status, headers) != Outcome::Success;
     }
     GrpcCode::from_headers(headers)
         .is_some_and(|c| GrpcStatus::default().classify_code(c) != Outcome::Success)
@@ -938,14 +958,34 @@ mod tests {
     #[test]
     fn failure_heads() {
         let empty = HeaderMap::new();
-        assert!(head_is_failure(StatusCode::INTERNAL_SERVER_ERROR, &empty));
-        assert!(head_is_failure(StatusCode::TOO_MANY_REQUESTS, &empty));
-        assert!(!head_is_failure(StatusCode::CREATED, &empty));
-        assert!(!head_is_failure(StatusCode::UNPROCESSABLE_ENTITY, &empty));
-        let mut grpc = HeaderMap::new();
-        grpc.insert("grpc-status", "14".parse().unwrap());
-        assert!(head_is_failure(StatusCode::OK, &grpc));
-        grpc.insert("grpc-status", "5".parse().unwrap());
-        assert!(!head_is_failure(StatusCode::OK, &grpc));
+        for grpc_call in [false, true] {
+            let f = |s, h: &HeaderMap| head_is_failure(s, h, grpc_call);
+            assert!(f(StatusCode::INTERNAL_SERVER_ERROR, &empty));
+            assert!(f(StatusCode::TOO_MANY_REQUESTS, &empty));
+            assert!(f(StatusCode::SERVICE_UNAVAILABLE, &empty));
+            assert!(!f(StatusCode::OK, &empty), "a 200: the trailers decide");
+            let mut grpc = HeaderMap::new();
+            grpc.insert("grpc-status", "14".parse().unwrap());
+            assert!(f(StatusCode::OK, &grpc));
+            grpc.insert("grpc-status", "5".parse().unwrap());
+            assert!(!f(StatusCode::OK, &grpc));
+        }
+        // An HTTP request: a 4xx is the answer, stored.
+        assert!(!head_is_failure(StatusCode::CREATED, &empty, false));
+        assert!(!head_is_failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &empty,
+            false
+        ));
+        assert!(!head_is_failure(StatusCode::BAD_REQUEST, &empty, false));
+        // A gRPC call answered without grpc-status (a proxy): mapped as gRPC does, so a 400
+        // is INTERNAL (a failure, not stored) and a 404 UNIMPLEMENTED (stored).
+        assert!(head_is_failure(StatusCode::BAD_REQUEST, &empty, true));
+        assert!(head_is_failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &empty,
+            true
+        ));
+        assert!(!head_is_failure(StatusCode::NOT_FOUND, &empty, true));
     }
 }

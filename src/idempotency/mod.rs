@@ -14,7 +14,7 @@
 //! |---|---|
 //! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran |
 //! | repeat, same payload, after completion | the stored response, identical in status, headers and body, plus `Idempotent-Replayed: true`; the handler does not run |
-//! | repeat while the first is in flight | 409, or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays |
+//! | repeat while the first is in flight | 409 with a jittered `Retry-After` of about a second and the mark [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT), which this crate's `RetryPolicy::http()` and `grpc()` retry after the wait; or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays |
 //! | same key, another payload | 422 |
 //! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |

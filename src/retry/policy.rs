@@ -536,7 +536,7 @@ pub(crate) enum BudgetChoice {
 /// |---|---|---|
 /// | [`RetryPolicy::errors`] | every error except a rejection retrying cannot help | any `Clone` request |
 /// | [`RetryPolicy::errors_where`] | errors your predicate accepts | any `Clone` request |
-/// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429 | `http::Request<B>`, any body |
+/// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429, the in-flight 409 | `http::Request<B>`, any body |
 /// | [`RetryPolicy::grpc`] | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`; errors only for calls marked idempotent | `http::Request<B>`, any body |
 ///
 /// Defaults: 3 attempts, [`Backoff::default`] (25 ms doubling to 1 s, full jitter), no
@@ -574,15 +574,20 @@ impl RetryPolicy {
         )
     }
 
-    /// Retries HTTP requests: errors (connection errors), 502, 503, 504 and 429 by default
-    /// ([`HttpStatus`]; change with [`RetryPolicy::classify`]), only when the request is safe
-    /// to repeat, honouring `Retry-After`.
+    /// Retries HTTP requests: errors (connection errors), 502, 503, 504, 429 and the 409 of
+    /// an `IdempotencyLayer` whose key is still in flight by default ([`HttpStatus`]; change
+    /// with [`RetryPolicy::classify`]), only when the request is safe to repeat, honouring
+    /// `Retry-After`.
     pub fn http() -> RetryPolicy<HttpStatus, HttpReplay> {
         RetryPolicy::with(HttpStatus::default(), HttpReplay::http())
     }
 
     /// Retries gRPC calls: `UNAVAILABLE` and `RESOURCE_EXHAUSTED` by default ([`GrpcStatus`]),
-    /// which say the call was not processed, honouring `grpc-retry-pushback-ms`. An error (a
+    /// which say the call was not processed, honouring `grpc-retry-pushback-ms`; a response
+    /// without `grpc-status` (a proxy's) is read by its HTTP status as gRPC maps it, so a
+    /// 429, 502, 503 or 504 is `UNAVAILABLE`; an `ABORTED` marked
+    /// [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT) is retried
+    /// after its pushback. An error (a
     /// timeout, a transport error after sending), which may follow a call the server ran, is
     /// retried only for a call with an `Idempotency-Key` metadata header or marked
     /// [`Idempotent`] (a rejection from a layer below, which never sent it, always). gRPC
