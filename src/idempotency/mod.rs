@@ -172,7 +172,11 @@
 //! (the time until its earliest entry expires, at least 1 s and at most 60 s, jittered up to
 //! half as much again so that refused clients do not return in step), and nothing runs. One
 //! scope may hold at most a share of it (a quarter by default), so one tenant cannot fill it
-//! for all. The layer checks at build time that its largest kept response fits the store
+//! for all; the keys of an [`unscoped`](IdempotencyBuilder::unscoped) layer, one key space
+//! for everyone, may use the whole store. By default it holds 256 MiB: at the layer's 24 h
+//! time to live, about 55,000 records of 4 KiB responses a day (0.64 keyed requests a second,
+//! sustained, for every caller together; one scope a quarter of that); see
+//! [its capacity](MemoryStore#capacity) to size it. The layer checks at build time that its largest kept response fits the store
 //! ([`Store::max_record_len`]; [`ConfigError::ResponseExceedsStore`]).
 //!
 //! A store shared by replicas implements [`Store`]: atomic claim with an owner token,
