@@ -6,8 +6,8 @@
 //! | classifier | success | failure (counts against health) | retryable |
 //! |---|---|---|---|
 //! | [`ErrorsOnly`] | every response | every error | every error except a non-retryable [`Rejection`] |
-//! | [`HttpStatus`] | 1xx-4xx except 429 | 5xx, errors | 502, 503, 504, 429 (throttled), errors |
-//! | [`GrpcStatus`] | `grpc-status` absent or `OK`, client-side codes | `UNAVAILABLE`, `INTERNAL`, `DEADLINE_EXCEEDED`, `UNKNOWN`, `DATA_LOSS`, errors | `UNAVAILABLE`, `RESOURCE_EXHAUSTED` (throttled), errors |
+//! | [`HttpStatus`] | 1xx-4xx except 429 and the in-flight 409 | 5xx, errors | 502, 503, 504, 429 and the in-flight 409 (throttled), errors |
+//! | [`GrpcStatus`] | `OK`, client-side codes, HTTP 200 without `grpc-status` (the trailers decide) | `UNAVAILABLE`, `INTERNAL`, `DEADLINE_EXCEEDED`, `UNKNOWN`, `DATA_LOSS`, errors | `UNAVAILABLE`, `RESOURCE_EXHAUSTED` and the in-flight `ABORTED` (throttled), errors |
 //! | [`ClassifyFn`] | whatever your closure says | | |
 //!
 //! Why 4xx is not a failure: a 404 or a 422 says the *request* was wrong, not that the
@@ -15,11 +15,29 @@
 //! 429 and gRPC `RESOURCE_EXHAUSTED` are [`Outcome::Throttled`]: worth retrying later (honouring
 //! the server's hint) but not a sign of ill health.
 //!
+//! So is the answer to a request whose `Idempotency-Key` is still being run by an earlier
+//! attempt (this crate's [`IdempotencyInFlight`](RejectionKind::IdempotencyInFlight): 409 or
+//! `ABORTED`, marked with the header [`IDEMPOTENCY_KEY_IN_FLIGHT`] and a short, jittered
+//! `Retry-After`): a retry after the wait is replayed the first attempt's response. A 409 or
+//! `ABORTED` without the mark (a conflict of the application's, or a key whose response was
+//! too large to keep) stays a success: retrying it cannot help.
+//!
+//! # gRPC responses without `grpc-status`
+//!
+//! A gRPC call answered by something other than a gRPC server (a proxy or load balancer whose
+//! upstream is down, an HTTP/1 endpoint) has an HTTP status and no `grpc-status`.
+//! [`GrpcStatus`] then maps the HTTP status as gRPC does (its
+//! `http-grpc-status-mapping`, which tonic follows too): 400 is `INTERNAL`, 401
+//! `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, 404 `UNIMPLEMENTED`, 429, 502, 503 and 504
+//! `UNAVAILABLE`, any other status but 200 `UNKNOWN` ([`GrpcCode::from_http_status`]). A 200
+//! without `grpc-status` in its headers is a success here: its status comes in the trailers.
+//!
 //! Errors are classified as [`BoxError`] because every layer of this crate that can fail
 //! returns one. A [`Rejection`] from a layer below (such as an open breaker) is classified by
 //! its kind: `CircuitOpen`, `Overloaded`, `RateLimited` and `StoreUnavailable` are
-//! [`Outcome::Throttled`]; idempotency rejections are [`Outcome::Failure`] (retrying would
-//! not help).
+//! [`Outcome::Throttled`], and so is `IdempotencyInFlight` (the key's first request is still
+//! running); the other idempotency rejections are [`Outcome::Failure`] (retrying would not
+//! help).
 //!
 //! # gRPC status in trailers
 //!
@@ -36,7 +54,7 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use tower::BoxError;
 
-use crate::rejection::{Rejection, RejectionKind};
+use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT};
 
 /// What an attempt's outcome was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -97,7 +115,8 @@ pub fn classify_error_default(err: &BoxError) -> Outcome {
             | RejectionKind::Overloaded
             | RejectionKind::RateLimited
             | RejectionKind::StoreUnavailable
-            | RejectionKind::IdempotencyStoreFull,
+            | RejectionKind::IdempotencyStoreFull
+            | RejectionKind::IdempotencyInFlight,
         ) => Outcome::Throttled,
         Some(_) => Outcome::Failure,
         None => Outcome::Retryable,
@@ -118,7 +137,10 @@ impl<Res> Classify<Res> for ErrorsOnly {
 /// Classifies HTTP responses by status code.
 ///
 /// By default 5xx are failures, of which 502, 503 and 504 are retryable; 429 is
-/// [`Outcome::Throttled`]; everything else is a success. Both sets can be changed.
+/// [`Outcome::Throttled`], and so is a 409 marked [`IDEMPOTENCY_KEY_IN_FLIGHT`] (an
+/// `IdempotencyLayer` still runs the first request with this key: a retry after its
+/// `Retry-After` is replayed that request's response); everything else is a success. Each
+/// can be changed.
 ///
 /// ```
 /// use http::{Response, StatusCode};
@@ -129,6 +151,12 @@ impl<Res> Classify<Res> for ErrorsOnly {
 /// assert_eq!(c.classify_response(&res), Outcome::Retryable);
 /// let res = Response::builder().status(404).body(()).unwrap();
 /// assert_eq!(c.classify_response(&res), Outcome::Success);
+/// let res = Response::builder()
+///     .status(409)
+///     .header("idempotency-key-in-flight", "true")
+///     .body(())
+///     .unwrap();
+/// assert_eq!(c.classify_response(&res), Outcome::Throttled);
 /// ```
 #[derive(Clone, Copy)]
 pub struct HttpStatus {
@@ -136,6 +164,7 @@ pub struct HttpStatus {
     retryable_5xx: u128,
     throttled_429: bool,
     failure_5xx: bool,
+    throttled_in_flight: bool,
 }
 
 impl Default for HttpStatus {
@@ -144,6 +173,7 @@ impl Default for HttpStatus {
             retryable_5xx: (1 << 2) | (1 << 3) | (1 << 4),
             throttled_429: true,
             failure_5xx: true,
+            throttled_in_flight: true,
         }
     }
 }
@@ -157,6 +187,7 @@ impl fmt::Debug for HttpStatus {
         f.debug_struct("HttpStatus")
             .field("retryable_5xx", &codes)
             .field("throttled_429", &self.throttled_429)
+            .field("throttled_in_flight", &self.throttled_in_flight)
             .finish()
     }
 }
@@ -185,7 +216,23 @@ impl HttpStatus {
         self
     }
 
-    /// The outcome of a status code.
+    /// Whether a 409 marked [`IDEMPOTENCY_KEY_IN_FLIGHT`] is retried later
+    /// ([`Outcome::Throttled`], the default) or a plain success.
+    pub fn retry_idempotency_in_flight(mut self, yes: bool) -> Self {
+        self.throttled_in_flight = yes;
+        self
+    }
+
+    /// The outcome of a response head: its status, and the in-flight mark of a 409.
+    pub fn classify_head(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        if status == StatusCode::CONFLICT && self.throttled_in_flight && in_flight_mark(headers) {
+            return Outcome::Throttled;
+        }
+        self.classify_status(status)
+    }
+
+    /// The outcome of a status code alone (a 409 is a success here: its in-flight mark is in
+    /// the headers, see [`classify_head`](Self::classify_head)).
     pub fn classify_status(&self, status: StatusCode) -> Outcome {
         let c = status.as_u16();
         if (500..600).contains(&c) {
@@ -206,8 +253,15 @@ impl HttpStatus {
 
 impl<B> Classify<http::Response<B>> for HttpStatus {
     fn classify_response(&self, res: &http::Response<B>) -> Outcome {
-        self.classify_status(res.status())
+        self.classify_head(res.status(), res.headers())
     }
+}
+
+/// Whether a response carries [`IDEMPOTENCY_KEY_IN_FLIGHT`]`: true`.
+fn in_flight_mark(headers: &HeaderMap) -> bool {
+    headers
+        .get(IDEMPOTENCY_KEY_IN_FLIGHT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
 }
 
 /// gRPC status codes.
@@ -281,6 +335,31 @@ impl GrpcCode {
         )
     }
 
+    /// The code gRPC gives a response that has an HTTP status but no `grpc-status` (gRPC's
+    /// `http-grpc-status-mapping`, as tonic applies it): 400 `INTERNAL`, 401
+    /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, 404 `UNIMPLEMENTED`, 429, 502, 503 and 504
+    /// `UNAVAILABLE`, any other status `UNKNOWN`; `None` for 200, whose status comes in the
+    /// trailers.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use tower_bulwark::classify::GrpcCode;
+    ///
+    /// assert_eq!(GrpcCode::from_http_status(StatusCode::SERVICE_UNAVAILABLE), Some(GrpcCode::Unavailable));
+    /// assert_eq!(GrpcCode::from_http_status(StatusCode::OK), None);
+    /// ```
+    pub fn from_http_status(status: StatusCode) -> Option<GrpcCode> {
+        Some(match status.as_u16() {
+            200 => return None,
+            400 => GrpcCode::Internal,
+            401 => GrpcCode::Unauthenticated,
+            403 => GrpcCode::PermissionDenied,
+            404 => GrpcCode::Unimplemented,
+            429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+            _ => GrpcCode::Unknown,
+        })
+    }
+
     /// The canonical upper-case name (`"UNAVAILABLE"`).
     pub fn name(self) -> &'static str {
         match self {
@@ -311,20 +390,29 @@ impl fmt::Display for GrpcCode {
     }
 }
 
-/// Classifies gRPC responses by the `grpc-status` header (trailers-only responses).
+/// Classifies gRPC responses by the `grpc-status` header (trailers-only responses), or, when
+/// there is none, by the HTTP status.
 ///
 /// Failures: `UNAVAILABLE`, `INTERNAL`, `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS` (the
 /// server or the network is at fault). Retryable: `UNAVAILABLE` by default (the gRPC retry
-/// design's only safe default), and `RESOURCE_EXHAUSTED` as [`Outcome::Throttled`]. Codes that
+/// design's only safe default), and `RESOURCE_EXHAUSTED` as [`Outcome::Throttled`], as is an
+/// `ABORTED` marked [`IDEMPOTENCY_KEY_IN_FLIGHT`] (the key's first call still runs). Codes that
 /// say the request was wrong (`INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`...) are
-/// successes for health. A response with no `grpc-status` header is a success: its status comes
-/// in trailers (see the module docs).
+/// successes for health.
+///
+/// A response without `grpc-status` in its headers and an HTTP status other than 200 was not
+/// answered by a gRPC server (a proxy whose upstream is down): its status is mapped as gRPC
+/// does ([`GrpcCode::from_http_status`]), so a proxy's 503 is `UNAVAILABLE`. A 200 without
+/// `grpc-status` is a success: its status comes in the trailers (see the module docs).
 ///
 /// ```
 /// use tower_bulwark::classify::{Classify, GrpcStatus, Outcome};
 ///
 /// let c = GrpcStatus::default();
 /// let res = http::Response::builder().header("grpc-status", "14").body(()).unwrap();
+/// assert_eq!(c.classify_response(&res), Outcome::Retryable);
+/// // A load balancer's 503, no gRPC server behind it.
+/// let res = http::Response::builder().status(503).body(()).unwrap();
 /// assert_eq!(c.classify_response(&res), Outcome::Retryable);
 /// ```
 #[derive(Clone, Copy)]
@@ -402,14 +490,32 @@ impl GrpcStatus {
     /// The outcome given by trailers (or headers) at the end of a streamed body.
     pub fn classify_trailers(&self, trailers: &HeaderMap) -> Outcome {
         GrpcCode::from_headers(trailers)
-            .map(|c| self.classify_code(c))
+            .map(|c| self.classify_marked(c, trailers))
             .unwrap_or(Outcome::Success)
+    }
+
+    /// The outcome of a response head: the `grpc-status` header if there is one, else the
+    /// HTTP status mapped as gRPC does ([`GrpcCode::from_http_status`]); a 200 without
+    /// `grpc-status` is a success (its trailers decide).
+    pub fn classify_head(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        match GrpcCode::from_headers(headers).or_else(|| GrpcCode::from_http_status(status)) {
+            Some(code) => self.classify_marked(code, headers),
+            None => Outcome::Success,
+        }
+    }
+
+    /// A code's outcome, with the in-flight `ABORTED` retried later.
+    fn classify_marked(&self, code: GrpcCode, headers: &HeaderMap) -> Outcome {
+        if code == GrpcCode::Aborted && in_flight_mark(headers) {
+            return Outcome::Throttled;
+        }
+        self.classify_code(code)
     }
 }
 
 impl<B> Classify<http::Response<B>> for GrpcStatus {
     fn classify_response(&self, res: &http::Response<B>) -> Outcome {
-        self.classify_trailers(res.headers())
+        self.classify_head(res.status(), res.headers())
     }
 
     fn classify_body_trailers(&self, trailers: &HeaderMap) -> Outcome {
@@ -574,7 +680,7 @@ mod tests {
                 .unwrap();
             assert_eq!(c.classify_response(&r), expect(code), "{code}");
         }
-        // absent: success (status will come in trailers)
+        // absent with 200: success (status will come in trailers)
         assert_eq!(c.classify_response(&res(200)), Outcome::Success);
         // malformed and out of range: UNKNOWN, a failure
         let r = http::Response::builder()
@@ -584,6 +690,69 @@ mod tests {
         assert_eq!(c.classify_response(&r), Outcome::Failure);
         assert_eq!(GrpcCode::from_i32(99), GrpcCode::Unknown);
         assert_eq!(GrpcCode::from_i32(-1), GrpcCode::Unknown);
+    }
+
+    #[test]
+    fn grpc_without_grpc_status_maps_the_http_status() {
+        let c = GrpcStatus::default();
+        let want = |s: u16| match s {
+            200 => None,
+            400 => Some(GrpcCode::Internal),
+            401 => Some(GrpcCode::Unauthenticated),
+            403 => Some(GrpcCode::PermissionDenied),
+            404 => Some(GrpcCode::Unimplemented),
+            429 | 502 | 503 | 504 => Some(GrpcCode::Unavailable),
+            _ => Some(GrpcCode::Unknown),
+        };
+        for s in 100..=599u16 {
+            let status = StatusCode::from_u16(s).unwrap();
+            assert_eq!(GrpcCode::from_http_status(status), want(s), "{s}");
+            let outcome = want(s).map_or(Outcome::Success, |code| c.classify_code(code));
+            assert_eq!(c.classify_response(&res(s)), outcome, "{s}");
+        }
+        assert_eq!(c.classify_response(&res(503)), Outcome::Retryable);
+        assert_eq!(c.classify_response(&res(500)), Outcome::Failure);
+        assert_eq!(c.classify_response(&res(404)), Outcome::Success);
+        // The header wins over the HTTP status, as in tonic.
+        let r = http::Response::builder()
+            .status(503)
+            .header("grpc-status", "5")
+            .body(())
+            .unwrap();
+        assert_eq!(c.classify_response(&r), Outcome::Success);
+    }
+
+    #[test]
+    fn in_flight_conflicts_are_retried_later() {
+        let marked = |status: u16, grpc: Option<&str>| {
+            let mut b = http::Response::builder()
+                .status(status)
+                .header(IDEMPOTENCY_KEY_IN_FLIGHT, "true");
+            if let Some(g) = grpc {
+                b = b.header("grpc-status", g);
+            }
+            b.body(()).unwrap()
+        };
+        let h = HttpStatus::default();
+        assert_eq!(h.classify_response(&marked(409, None)), Outcome::Throttled);
+        // Not marked: an application's conflict, or a response not kept.
+        assert_eq!(h.classify_response(&res(409)), Outcome::Success);
+        // The mark on another status changes nothing.
+        assert_eq!(h.classify_response(&marked(200, None)), Outcome::Success);
+        let off = h.retry_idempotency_in_flight(false);
+        assert_eq!(off.classify_response(&marked(409, None)), Outcome::Success);
+        let g = GrpcStatus::default();
+        assert_eq!(
+            g.classify_response(&marked(200, Some("10"))),
+            Outcome::Throttled
+        );
+        let aborted = http::Response::builder()
+            .header("grpc-status", "10")
+            .body(())
+            .unwrap();
+        assert_eq!(g.classify_response(&aborted), Outcome::Success);
+        let err: BoxError = Rejection::new(RejectionKind::IdempotencyInFlight).into();
+        assert_eq!(classify_error_default(&err), Outcome::Throttled);
     }
 
     #[test]

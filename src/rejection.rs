@@ -25,6 +25,19 @@
 use std::fmt;
 use std::time::Duration;
 
+use http::HeaderName;
+
+/// `Idempotency-Key-In-Flight: true`: the mark [`RejectionLayer`](crate::RejectionLayer) puts
+/// on the answer to an [`IdempotencyInFlight`](RejectionKind::IdempotencyInFlight) rejection
+/// (HTTP 409, gRPC `ABORTED`), so that a client tells "the request with this key is still
+/// running: come back after `Retry-After`" from every other 409 (or `ABORTED`), such as
+/// [`IdempotencyResponseNotStored`](RejectionKind::IdempotencyResponseNotStored), which
+/// retrying cannot help. [`HttpStatus`](crate::classify::HttpStatus) and
+/// [`GrpcStatus`](crate::classify::GrpcStatus) classify a response with it as
+/// [`Outcome::Throttled`](crate::classify::Outcome::Throttled).
+pub const IDEMPOTENCY_KEY_IN_FLIGHT: HeaderName =
+    HeaderName::from_static("idempotency-key-in-flight");
+
 /// Why a request was refused.
 ///
 /// The HTTP status and gRPC code of each kind are those of
@@ -40,7 +53,9 @@ pub enum RejectionKind {
     Overloaded,
     /// The circuit breaker is open (HTTP 503, gRPC `UNAVAILABLE`).
     CircuitOpen,
-    /// A request with the same idempotency key is still running (HTTP 409, gRPC `ABORTED`).
+    /// A request with the same idempotency key is still running (HTTP 409, gRPC `ABORTED`,
+    /// both marked [`IDEMPOTENCY_KEY_IN_FLIGHT`], with a short, jittered wait): worth
+    /// retrying after the wait, when the first request's stored response is replayed.
     IdempotencyInFlight,
     /// The idempotency key was used before with another payload (HTTP 422, gRPC
     /// `FAILED_PRECONDITION`).

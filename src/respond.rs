@@ -9,7 +9,7 @@
 //! | rate limited | 429, `Retry-After`, `RateLimit`, `RateLimit-Policy` | `RESOURCE_EXHAUSTED`, `grpc-retry-pushback-ms` |
 //! | overloaded | 503, `Retry-After` | `UNAVAILABLE` |
 //! | circuit open | 503, `Retry-After` | `UNAVAILABLE` |
-//! | idempotency key in flight | 409, `Retry-After` | `ABORTED`, `grpc-retry-pushback-ms` |
+//! | idempotency key in flight | 409, `Retry-After`, `Idempotency-Key-In-Flight: true` | `ABORTED`, `grpc-retry-pushback-ms`, `idempotency-key-in-flight: true` |
 //! | idempotency key reused with another payload | 422 | `FAILED_PRECONDITION` |
 //! | idempotency key missing or malformed | 400 | `INVALID_ARGUMENT` |
 //! | body too large | 413 | `RESOURCE_EXHAUSTED` |
@@ -77,7 +77,7 @@ use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::Rejection;
+use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -287,6 +287,9 @@ fn http_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
         CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
+    if kind == RejectionKind::IdempotencyInFlight {
+        headers.insert(IDEMPOTENCY_KEY_IN_FLIGHT, HeaderValue::from_static("true"));
+    }
     let mut res = Response::new(RejectionBody::full(Bytes::from(body)));
     *res.status_mut() = status;
     *res.headers_mut() = headers;
@@ -308,7 +311,12 @@ fn internal_http_response<B>() -> Response<RejectionBody<B>> {
 #[cfg(feature = "grpc")]
 fn grpc_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
     let msg = rejection.to_string();
-    grpc_status_response(rejection.kind().grpc_code(), &msg, rejection.retry_after())
+    let mut res = grpc_status_response(rejection.kind().grpc_code(), &msg, rejection.retry_after());
+    if rejection.kind() == RejectionKind::IdempotencyInFlight {
+        res.headers_mut()
+            .insert(IDEMPOTENCY_KEY_IN_FLIGHT, HeaderValue::from_static("true"));
+    }
+    res
 }
 
 #[cfg(feature = "grpc")]

@@ -474,8 +474,12 @@ fn the_largest_kept_response_must_fit_the_store() {
         .max_response_body(256 << 10)
         .build()
         .is_ok());
-    // One scope's share bounds it as well.
-    let shared = MemoryStore::builder().scope_share(0.01).build().unwrap();
+    // One scope's share bounds it as well (1% of 64 MiB is under 1 MiB).
+    let shared = MemoryStore::builder()
+        .max_bytes(64 << 20)
+        .scope_share(0.01)
+        .build()
+        .unwrap();
     assert!(IdempotencyLayer::builder(shared).build().is_err());
     // The default store takes the default layer.
     assert!(IdempotencyLayer::builder(MemoryStore::default())

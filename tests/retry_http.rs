@@ -179,6 +179,31 @@ async fn add_idempotency_key_gives_every_attempt_the_same_fresh_key() {
     assert!(inner.seen().iter().all(|s| s.key.is_none()));
 }
 
+/// Replicas built from one configuration share its seed: their generated keys must still
+/// differ, or a server would replay one replica's response to another replica's request.
+#[tokio::test(start_paused = true)]
+async fn layers_with_one_seed_generate_different_keys() {
+    let key_of = || async {
+        let layer = RetryLayer::new(
+            RetryPolicy::http()
+                .add_idempotency_key()
+                .seed(42)
+                .clock(Clock::tokio())
+                .backoff(fixed(10)),
+        )
+        .unwrap();
+        let inner = Scripted::new(vec![(200, &[])]);
+        let _ = layer
+            .layer(inner.clone())
+            .oneshot(req(Method::POST))
+            .await
+            .unwrap();
+        inner.seen()[0].key.clone().expect("a generated key")
+    };
+    let (a, b) = (key_of().await, key_of().await);
+    assert_ne!(a, b, "two replicas with seed 42 sent the same key");
+}
+
 /// How many attempts `inner` saw, and the time between the first two (zero for one).
 fn attempts_and_gap(inner: &Scripted) -> (usize, Duration) {
     let seen = inner.seen();

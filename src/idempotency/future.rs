@@ -127,6 +127,9 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     rebuild: M,
     parts: Option<request::Parts>,
     key: StoreKey,
+    /// Whether the request is a gRPC call (`content-type: application/grpc...`): its answer
+    /// is judged by gRPC's status, a proxy's HTTP status mapped as gRPC does.
+    grpc: bool,
     buf: BodyBuf,
     body: Bytes,
     fingerprint: Fingerprint,
@@ -152,6 +155,10 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         parts: request::Parts,
         key: StoreKey,
     ) -> Self {
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         Keyed {
             inner: Some(inner),
             store,
@@ -159,6 +166,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             rebuild,
             parts: Some(parts),
             key,
+            grpc,
             buf: BodyBuf::default(),
             body: Bytes::new(),
             fingerprint: Fingerprint::from_u128(0),
@@ -617,7 +625,7 @@ where
                         // Failed open: nothing to store.
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                     }
-                    if head_not_stored(res.status(), res.headers(), &k.shared.config) {
+                    if head_not_stored(res.status(), res.headers(), &k.shared.config, k.grpc) {
                         Counters::bump(&k.shared.stats.not_stored);
                         k.release();
                         return Poll::Ready(Ok(res.map(ReplayBody::inner)));
@@ -825,9 +833,10 @@ fn buffers_full(shared: &Shared) -> Rejection {
 /// time to live after it was last claimed or renewed (a request dropped mid-handler keeps its
 /// lease until then, unless it releases on drop): the `Retry-After` is that bound, jittered, so
 /// that a client that waits it out finds the key completed or free.
+/// The answer to a repeat while its key is in flight: come back in about a second (jittered,
+/// at most the lease TTL), for the replay once the first request has completed.
 fn in_flight(shared: &Shared) -> Rejection {
-    Rejection::new(RejectionKind::IdempotencyInFlight)
-        .with_retry_after(shared.retry_hint(Some(shared.lease_ttl())))
+    Rejection::new(RejectionKind::IdempotencyInFlight).with_retry_after(shared.in_flight_hint())
 }
 
 fn ready_err<F, CF, KF, ReqB, ResB>(rejection: Rejection) -> State<F, CF, KF, ReqB, ResB> {
@@ -885,8 +894,8 @@ fn replay<B>(record: &Record, held: Reservation) -> Response<ReplayBody<B>> {
 /// Whether a response head says the request is not to be stored: it failed in a way worth
 /// retrying (5xx, 429, a gRPC failure status in the headers of a trailers-only response), or,
 /// unless `store_refusals`, it refused the caller without running (see `is_refusal_status`).
-fn head_not_stored(status: StatusCode, headers: &HeaderMap, config: &Config) -> bool {
-    if !config.store_failures && head_is_failure(status, headers) {
+fn head_not_stored(status: StatusCode, headers: &HeaderMap, config: &Config, grpc: bool) -> bool {
+    if !config.store_failures && head_is_failure(status, headers, grpc) {
         return true;
     }
     !config.store_refusals
@@ -904,10 +913,16 @@ fn trailers_not_stored(trailers: &HeaderMap, config: &Config) -> bool {
 }
 
 /// Whether a response head says the request failed in a way worth retrying: 5xx, 429, or a
-/// gRPC failure status in the headers (a trailers-only response).
-fn head_is_failure(status: StatusCode, headers: &HeaderMap) -> bool {
+/// gRPC failure status in the headers (a trailers-only response). For a gRPC call, a head
+/// without `grpc-status` is judged as [`GrpcStatus`] judges it for the breaker and the retry:
+/// by its HTTP status mapped as gRPC does (a proxy's 400 is `INTERNAL`, its 503
+/// `UNAVAILABLE`); a 200 leaves it to the trailers.
+fn head_is_failure(status: StatusCode, headers: &HeaderMap, grpc: bool) -> bool {
     if HttpStatus::default().classify_status(status) != Outcome::Success {
         return true;
+    }
+    if grpc {
+        return GrpcStatus::default().classify_head(status, headers) != Outcome::Success;
     }
     GrpcCode::from_headers(headers)
         .is_some_and(|c| GrpcStatus::default().classify_code(c) != Outcome::Success)
@@ -1053,11 +1068,11 @@ mod tests {
         let c = &default.shared().config;
         for s in [401, 403, 407, 408, 429, 500, 503] {
             let s = StatusCode::from_u16(s).unwrap();
-            assert!(head_not_stored(s, &empty, c), "{s}");
+            assert!(head_not_stored(s, &empty, c, false), "{s}");
         }
         for s in [200, 201, 301, 400, 404, 409, 422] {
             let s = StatusCode::from_u16(s).unwrap();
-            assert!(!head_not_stored(s, &empty, c), "{s}");
+            assert!(!head_not_stored(s, &empty, c, false), "{s}");
         }
         let grpc = |code: i32| {
             let mut h = HeaderMap::new();
@@ -1066,42 +1081,83 @@ mod tests {
         };
         // UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, ABORTED; UNAVAILABLE.
         for code in [16, 7, 8, 10, 14] {
-            assert!(head_not_stored(StatusCode::OK, &grpc(code), c), "{code}");
+            assert!(
+                head_not_stored(StatusCode::OK, &grpc(code), c, false),
+                "{code}"
+            );
             assert!(trailers_not_stored(&grpc(code), c), "{code}");
         }
         // OK, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION.
         for code in [0, 5, 6, 9] {
-            assert!(!head_not_stored(StatusCode::OK, &grpc(code), c), "{code}");
+            assert!(
+                !head_not_stored(StatusCode::OK, &grpc(code), c, false),
+                "{code}"
+            );
             assert!(!trailers_not_stored(&grpc(code), c), "{code}");
         }
         // Each opt-in stores its own kind only.
         let refusals = config(false, true);
         let c = &refusals.shared().config;
-        assert!(!head_not_stored(StatusCode::UNAUTHORIZED, &empty, c));
+        assert!(!head_not_stored(StatusCode::UNAUTHORIZED, &empty, c, false));
         assert!(!trailers_not_stored(&grpc(16), c));
-        assert!(head_not_stored(StatusCode::SERVICE_UNAVAILABLE, &empty, c));
+        assert!(head_not_stored(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &empty,
+            c,
+            false
+        ));
         assert!(trailers_not_stored(&grpc(14), c));
         let failures = config(true, false);
         let c = &failures.shared().config;
-        assert!(head_not_stored(StatusCode::UNAUTHORIZED, &empty, c));
-        assert!(!head_not_stored(StatusCode::SERVICE_UNAVAILABLE, &empty, c));
+        assert!(head_not_stored(StatusCode::UNAUTHORIZED, &empty, c, false));
+        assert!(!head_not_stored(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &empty,
+            c,
+            false
+        ));
         assert!(!trailers_not_stored(&grpc(14), c));
         let both = config(true, true);
         let c = &both.shared().config;
-        assert!(!head_not_stored(StatusCode::TOO_MANY_REQUESTS, &empty, c));
+        assert!(!head_not_stored(
+            StatusCode::TOO_MANY_REQUESTS,
+            &empty,
+            c,
+            false
+        ));
     }
 
     #[test]
     fn failure_heads() {
         let empty = HeaderMap::new();
-        assert!(head_is_failure(StatusCode::INTERNAL_SERVER_ERROR, &empty));
-        assert!(head_is_failure(StatusCode::TOO_MANY_REQUESTS, &empty));
-        assert!(!head_is_failure(StatusCode::CREATED, &empty));
-        assert!(!head_is_failure(StatusCode::UNPROCESSABLE_ENTITY, &empty));
-        let mut grpc = HeaderMap::new();
-        grpc.insert("grpc-status", "14".parse().unwrap());
-        assert!(head_is_failure(StatusCode::OK, &grpc));
-        grpc.insert("grpc-status", "5".parse().unwrap());
-        assert!(!head_is_failure(StatusCode::OK, &grpc));
+        for grpc_call in [false, true] {
+            let f = |s, h: &HeaderMap| head_is_failure(s, h, grpc_call);
+            assert!(f(StatusCode::INTERNAL_SERVER_ERROR, &empty));
+            assert!(f(StatusCode::TOO_MANY_REQUESTS, &empty));
+            assert!(f(StatusCode::SERVICE_UNAVAILABLE, &empty));
+            assert!(!f(StatusCode::OK, &empty), "a 200: the trailers decide");
+            let mut grpc = HeaderMap::new();
+            grpc.insert("grpc-status", "14".parse().unwrap());
+            assert!(f(StatusCode::OK, &grpc));
+            grpc.insert("grpc-status", "5".parse().unwrap());
+            assert!(!f(StatusCode::OK, &grpc));
+        }
+        // An HTTP request: a 4xx is the answer, stored.
+        assert!(!head_is_failure(StatusCode::CREATED, &empty, false));
+        assert!(!head_is_failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &empty,
+            false
+        ));
+        assert!(!head_is_failure(StatusCode::BAD_REQUEST, &empty, false));
+        // A gRPC call answered without grpc-status (a proxy): mapped as gRPC does, so a 400
+        // is INTERNAL (a failure, not stored) and a 404 UNIMPLEMENTED (stored).
+        assert!(head_is_failure(StatusCode::BAD_REQUEST, &empty, true));
+        assert!(head_is_failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &empty,
+            true
+        ));
+        assert!(!head_is_failure(StatusCode::NOT_FOUND, &empty, true));
     }
 }

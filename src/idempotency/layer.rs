@@ -183,6 +183,16 @@ impl Shared {
         base + base.mul_f64(0.5 * unit)
     }
 
+    /// The wait told to a repeat that meets its key in flight (409 `IdempotencyInFlight`):
+    /// uniform between half and all of one second (or of the lease's time to live, if
+    /// shorter), so that the repeats of many clients do not come back in step. HTTP's
+    /// `Retry-After` counts whole seconds, so it reads 1 there; gRPC's
+    /// `grpc-retry-pushback-ms` and the rejection's `retry_after` keep the jitter.
+    pub(crate) fn in_flight_hint(&self) -> Duration {
+        let bound = self.lease_ttl().min(Duration::from_secs(1));
+        bound.mul_f64(0.5 + 0.5 * self.rng.next_f64())
+    }
+
     /// Counts a keyed request that carries none of the credentials its scope reads, and warns
     /// once per layer: all such requests share one key space.
     #[cold]
@@ -590,7 +600,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// By default the layer refuses rather than risks a second run: the handler may already
     /// have had its effect (the row written, the payment sent) when the request was dropped,
     /// so a repeat gets 409 [`IdempotencyInFlight`](crate::RejectionKind::IdempotencyInFlight),
-    /// with a jittered `Retry-After` of at least the lease's time to live, until the lease
+    /// (each with a jittered `Retry-After` of about a second), until the lease
     /// expires ([`lease_ttl`](Self::lease_ttl), 60 s; renewals stop with the dropped future),
     /// and runs afterwards. Choose `true` only for handlers that have no effect until they
     /// answer, or whose effects are themselves idempotent. (Dropped after the handler

@@ -14,7 +14,7 @@
 //! |---|---|
 //! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran |
 //! | repeat, same payload, after completion | the stored response, identical in status, headers, body and trailers, plus `Idempotent-Replayed: true`; the handler does not run (503 [`Overloaded`](crate::RejectionKind::Overloaded) if its body does not fit in [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes)) |
-//! | repeat while the first is in flight | 409 with a jittered `Retry-After` of at least the lease's time to live, or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays |
+//! | repeat while the first is in flight | 409 with a jittered `Retry-After` of about a second (at most the lease's time to live) and the mark [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT), which this crate's `RetryPolicy::http()` and `grpc()` retry after the wait; or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays. A key whose first request was dropped mid-handler stays in flight until its lease expires |
 //! | same key, another payload | 422 |
 //! | key malformed (not 1 to 255 visible ASCII characters), or sent twice | 400 |
 //! | key missing | passes through, or 400 with [`required`](IdempotencyBuilder::required) |
@@ -28,7 +28,7 @@
 //! | the response has more than 8,192 header (or trailer) values | passed on; the key is recorded as run with its response not kept (repeats get 409, never a second run) |
 //! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a failure (gRPC failure status in the trailers, a body error) releases the key, as under the cap; an end that went well, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
-//! | the first request's future is dropped (client gone, a timeout above) while its handler runs | the lease is kept until it expires (the handler may have had its effect): repeats get 409 with a jittered `Retry-After` of at least the lease's time to live, then run; [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) releases it at once instead |
+//! | the first request's future is dropped (client gone, a timeout above) while its handler runs | the lease is kept until it expires (the handler may have had its effect): repeats get 409 (each with a jittered `Retry-After` of about a second) until it does, then run; [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) releases it at once instead |
 //! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
 //! | the store fails while the response is stored | the client gets the response; the key is never released and the write is tried again in the background while the lease lasts |
 //! | the lease cannot be renewed (store unreachable) | failing closed, the handler is stopped before the lease can run out, and the client gets 503; failing open, it goes on |
@@ -190,7 +190,11 @@
 //! (the time until its earliest entry expires, at least 1 s and at most 60 s, jittered up to
 //! half as much again so that refused clients do not return in step), and nothing runs. One
 //! scope may hold at most a share of it (a quarter by default), so one tenant cannot fill it
-//! for all. The layer checks at build time that its largest kept response fits the store
+//! for all; the keys of an [`unscoped`](IdempotencyBuilder::unscoped) layer, one key space
+//! for everyone, may use the whole store. By default it holds 256 MiB: at the layer's 24 h
+//! time to live, about 55,000 records of 4 KiB responses a day (0.64 keyed requests a second,
+//! sustained, for every caller together; one scope a quarter of that); see
+//! [its capacity](MemoryStore#capacity) to size it. The layer checks at build time that its largest kept response fits the store
 //! ([`Store::max_record_len`]; [`ConfigError::ResponseExceedsStore`]).
 //!
 //! A store shared by replicas implements [`Store`]: atomic claim with an owner token,
@@ -241,8 +245,8 @@
 //! Dropping a response future while its handler runs (the client gone, a timeout above)
 //! leaves its lease to expire: the handler may already have had its effect, and when the
 //! choice is between running twice and refusing, the crate refuses. Renewals stop with the
-//! future, so a repeat gets 409 (with a jittered `Retry-After` of at least the lease's time to
-//! live) until the lease expires, [`lease_ttl`](IdempotencyBuilder::lease_ttl) after it was
+//! future, so a repeat gets 409 (each with a jittered `Retry-After` of about a second) until
+//! the lease expires, [`lease_ttl`](IdempotencyBuilder::lease_ttl) after it was
 //! last claimed or renewed, and runs afterwards;
 //! [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) gives the lease up at once
 //! (in `Drop`) instead, for handlers that have no effect until they answer. Dropped earlier

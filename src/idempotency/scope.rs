@@ -66,6 +66,11 @@ impl Scope {
         }
     }
 
+    /// Whether the layer has one key space for every caller.
+    pub(crate) fn is_unscoped(&self) -> bool {
+        matches!(self, Scope::Unscoped)
+    }
+
     /// Whether the scope is made of the request's credentials (the default, with or without
     /// added headers and cookie): a request without any is anonymous.
     pub(crate) fn is_credentials(&self) -> bool {

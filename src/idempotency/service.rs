@@ -106,7 +106,11 @@ where
                 if scope.is_empty() && cfg.scope.is_credentials() {
                     self.shared.anonymous();
                 }
-                StoreKey::new(scope, &key)
+                if cfg.scope.is_unscoped() {
+                    StoreKey::unscoped(&key)
+                } else {
+                    StoreKey::new(scope, &key)
+                }
             }
             Ok(None) if !cfg.required => {
                 let req = Request::from_parts(parts, body);

@@ -42,8 +42,9 @@ pub enum Jitter {
 /// [`Jitter`].
 ///
 /// Built with [`Backoff::exponential`]; checked when the [`RetryLayer`](super::RetryLayer) is
-/// built (a multiplier below 1, a NaN, a negative or too large jitter and a maximum below the
-/// base are refused with a [`ConfigError`]).
+/// built (a multiplier below 1, a NaN, a negative or too large jitter, a maximum below the
+/// base, and a zero base with a maximum that is not zero, which would never wait, are refused
+/// with a [`ConfigError`]; [`Backoff::none`] is the one backoff with no wait).
 ///
 /// ```
 /// use std::time::Duration;
@@ -127,6 +128,9 @@ impl Backoff {
         }
         if self.max < self.base {
             return Err(ConfigError::MaxBelowBase);
+        }
+        if self.base.is_zero() && !self.max.is_zero() {
+            return Err(ConfigError::ZeroBase);
         }
         Ok(())
     }
@@ -273,6 +277,14 @@ mod tests {
             Err(ConfigError::MaxBelowBase)
         );
         assert!(Backoff::none().validate().is_ok());
+        // A zero base never waits, whatever the maximum: refused, with the field named.
+        let zero = Backoff::exponential(Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(zero.validate(), Err(ConfigError::ZeroBase));
+        assert!(ConfigError::ZeroBase.to_string().contains("base"));
+        assert_eq!(
+            zero.jitter(Jitter::Decorrelated).validate(),
+            Err(ConfigError::ZeroBase)
+        );
     }
 
     fn jitter() -> impl Strategy<Value = Jitter> {
@@ -299,6 +311,11 @@ mod tests {
             let base = Duration::from_millis(base_ms);
             let max = Duration::from_millis(base_ms + extra_ms);
             let b = Backoff::exponential(base, max).multiplier(mult).jitter(jitter);
+            if base.is_zero() && !max.is_zero() {
+                // Every delay would be zero: refused.
+                prop_assert_eq!(b.validate(), Err(ConfigError::ZeroBase));
+                return Ok(());
+            }
             prop_assert!(b.validate().is_ok());
             let ceil = b.ceiling_nanos(n);
             prop_assert!(ceil <= duration_nanos(max));

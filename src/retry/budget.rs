@@ -209,7 +209,10 @@ impl Budget {
     }
 
     /// Counts one request (done by the retry layer for every request it sees): one atomic
-    /// add, no clock reading.
+    /// add, and on one deposit in 8 to 64 of each shard a clock reading (one in 8 after a new
+    /// window slot begins, thinning out to one in 64 while the slots are found marked
+    /// already), which places the requests in the window. The first deposit of a budget that
+    /// has no clock yet takes the default clock.
     #[inline]
     pub fn deposit(&self) {
         self.deposit_on(shard());

@@ -9,6 +9,7 @@ use tower_layer::Layer;
 
 use crate::classify::ErrorsOnly;
 use crate::clock::{duration_nanos, Clock};
+use crate::util::rng::entropy;
 
 use super::backoff::{Backoff, Rng};
 use super::budget::{Budget, SHARDS};
@@ -110,6 +111,9 @@ pub(crate) struct Control {
     /// Whether a retry decision needs a time reading (a budget or a deadline).
     pub(crate) needs_clock: bool,
     pub(crate) rng: Rng,
+    /// Drawn from the process's entropy whatever the seed, and mixed into every generated
+    /// `Idempotency-Key`: replicas given one seed never generate the same keys.
+    pub(crate) key_salt: u128,
     pub(crate) retries: AtomicU64,
     pub(crate) budget_exhausted: AtomicU64,
 }
@@ -120,8 +124,8 @@ impl<C, R> RetryLayer<C, R> {
     /// # Errors
     ///
     /// A [`ConfigError`] for zero attempts, a multiplier below 1, a NaN or out-of-range
-    /// jitter, a maximum delay below the base, a zero deadline, or a policy clock that is not
-    /// the clock its budget runs on.
+    /// jitter, a maximum delay below the base, a zero base with a maximum that is not zero, a
+    /// zero deadline, or a policy clock that is not the clock its budget runs on.
     pub fn new(policy: RetryPolicy<C, R>) -> Result<Self, ConfigError> {
         if policy.max_attempts == 0 {
             return Err(ConfigError::ZeroAttempts);
@@ -159,6 +163,7 @@ impl<C, R> RetryLayer<C, R> {
                     budget,
                     clock,
                     rng,
+                    key_salt: (u128::from(entropy()) << 64) | u128::from(entropy()),
                     retries: AtomicU64::new(0),
                     budget_exhausted: AtomicU64::new(0),
                 },

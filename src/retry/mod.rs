@@ -2,7 +2,8 @@
 //! for HTTP and gRPC.
 //!
 //! A request whose outcome [`classify`](crate::classify) calls retryable (an error, a 502, 503
-//! or 504, a 429, gRPC `UNAVAILABLE` or `RESOURCE_EXHAUSTED`) is sent again after a backoff,
+//! or 504, a 429, an `IdempotencyLayer`'s 409 for a key in flight, gRPC `UNAVAILABLE` or
+//! `RESOURCE_EXHAUSTED`, a proxy's 502, 503 or 504 on a gRPC call) is sent again after a backoff,
 //! up to a number of attempts, within an optional overall deadline, and only while the
 //! [`Budget`] allows: over its window (10 s by default), retries stay at or below a share of
 //! the window's requests (20% by default) plus a floor per second (10 by default, so that a
@@ -30,7 +31,11 @@
 //! - tower-resilience's retry knows nothing of HTTP safety or server hints: this layer retries
 //!   an HTTP request only if its method is idempotent or it carries an `Idempotency-Key`, and
 //!   [`RetryPolicy::add_idempotency_key`] gives POST and PATCH a fresh key, the same on every
-//!   attempt, so that a server with `IdempotencyLayer` runs the request once. A gRPC call
+//!   attempt, so that a server with `IdempotencyLayer` runs the request once; an attempt that
+//!   meets an earlier one still running there is answered 409 (gRPC `ABORTED`) marked
+//!   [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT) with a short,
+//!   jittered `Retry-After`, which [`classify`](crate::classify) calls throttled: it is
+//!   retried after the wait and replayed the stored response. A gRPC call
 //!   (always a POST) is retried on the status codes that say it was not processed; after an
 //!   error (a timeout, a transport error after sending) only if it carries an
 //!   `Idempotency-Key` or is marked [`Idempotent`].
@@ -78,7 +83,9 @@
 //!
 //! A [`deadline`](RetryPolicy::deadline) also bounds the wait for the inner service's
 //! readiness before a retry: a retry not started when it passes is not made, and the last
-//! response or error is returned.
+//! response or error is returned. It does not bound the first attempt's wait for readiness,
+//! which happens in `poll_ready`, before the call and so before the deadline starts: put a
+//! timeout above this layer to bound that.
 //!
 //! # Example
 //!

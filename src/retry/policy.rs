@@ -33,6 +33,10 @@ pub enum ConfigError {
     Jitter(f64),
     /// The backoff's maximum delay was below its base.
     MaxBelowBase,
+    /// The backoff's base was zero with a maximum that is not: every delay would be zero
+    /// (`base × multiplier^n`), whatever the maximum says. [`Backoff::none`] is the way to
+    /// say "no wait".
+    ZeroBase,
     /// The overall deadline was zero.
     ZeroDeadline,
     /// The budget ratio was NaN, negative or above 1000.
@@ -57,6 +61,10 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::Jitter(j) => write!(f, "jitter must lie in [0, 1], got {j}"),
             ConfigError::MaxBelowBase => f.write_str("maximum backoff is below the base"),
+            ConfigError::ZeroBase => f.write_str(
+                "backoff base must not be zero when its maximum is not (every delay would be \
+                 zero); use Backoff::none() for no wait",
+            ),
             ConfigError::ZeroDeadline => f.write_str("the retry deadline must not be zero"),
             ConfigError::Ratio(r) => write!(f, "budget ratio must lie in [0, 1000], got {r}"),
             ConfigError::Window(w) => write!(f, "budget window must be at least 16ms, got {w:?}"),
@@ -528,7 +536,7 @@ pub(crate) enum BudgetChoice {
 /// |---|---|---|
 /// | [`RetryPolicy::errors`] | every error except a rejection retrying cannot help | any `Clone` request |
 /// | [`RetryPolicy::errors_where`] | errors your predicate accepts | any `Clone` request |
-/// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429 | `http::Request<B>`, any body |
+/// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429, the in-flight 409 | `http::Request<B>`, any body |
 /// | [`RetryPolicy::grpc`] | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`; errors only for calls marked idempotent | `http::Request<B>`, any body |
 ///
 /// Defaults: 3 attempts, [`Backoff::default`] (25 ms doubling to 1 s, full jitter), no
@@ -566,15 +574,20 @@ impl RetryPolicy {
         )
     }
 
-    /// Retries HTTP requests: errors (connection errors), 502, 503, 504 and 429 by default
-    /// ([`HttpStatus`]; change with [`RetryPolicy::classify`]), only when the request is safe
-    /// to repeat, honouring `Retry-After`.
+    /// Retries HTTP requests: errors (connection errors), 502, 503, 504, 429 and the 409 of
+    /// an `IdempotencyLayer` whose key is still in flight by default ([`HttpStatus`]; change
+    /// with [`RetryPolicy::classify`]), only when the request is safe to repeat, honouring
+    /// `Retry-After`.
     pub fn http() -> RetryPolicy<HttpStatus, HttpReplay> {
         RetryPolicy::with(HttpStatus::default(), HttpReplay::http())
     }
 
     /// Retries gRPC calls: `UNAVAILABLE` and `RESOURCE_EXHAUSTED` by default ([`GrpcStatus`]),
-    /// which say the call was not processed, honouring `grpc-retry-pushback-ms`. An error (a
+    /// which say the call was not processed, honouring `grpc-retry-pushback-ms`; a response
+    /// without `grpc-status` (a proxy's) is read by its HTTP status as gRPC maps it, so a
+    /// 429, 502, 503 or 504 is `UNAVAILABLE`; an `ABORTED` marked
+    /// [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT) is retried
+    /// after its pushback. An error (a
     /// timeout, a transport error after sending), which may follow a call the server ran, is
     /// retried only for a call with an `Idempotency-Key` metadata header or marked
     /// [`Idempotent`] (a rejection from a layer below, which never sent it, always). gRPC
@@ -664,7 +677,13 @@ impl<C, R> RetryPolicy<C, R> {
         self
     }
 
-    /// Seeds the jitter and idempotency-key generator, for reproducible tests.
+    /// Seeds the generator of the backoff's and the hints' jitter, for reproducible tests.
+    ///
+    /// The keys that [`add_idempotency_key`](RetryPolicy::add_idempotency_key) generates are
+    /// drawn from the same generator but always mixed with random bits of the process's own:
+    /// replicas built with one seed (from one configuration file) never send the same key, so
+    /// a server never replays one replica's response to another's request. Keys are not
+    /// reproducible from the seed.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self

@@ -104,7 +104,10 @@ where
         }
         let max = ctl.max_attempts.load(Ordering::Relaxed);
         let rng = &ctl.rng;
-        let key = || (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
+        // The sequence's draws are distinct, so are they after the salt (a bijection); the
+        // salt, from the process's entropy, keeps replicas with one seed apart.
+        let key =
+            || ((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64())) ^ ctl.key_salt;
         let mut saved = None;
         let req = shared.replay.prepare(req, max > 1, &key, &mut saved);
         // The ready service takes the first attempt; an unreserved clone takes the retries.

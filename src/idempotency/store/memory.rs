@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: an in-process, sharded store, bounded as a whole.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::future::{ready, Ready};
 use std::hash::{BuildHasher, Hasher as _};
@@ -34,8 +35,28 @@ const DEFAULT_SHARE: f64 = 0.25;
 ///
 /// The key space is split over shards (64 by default), each a map behind a
 /// `std::sync::Mutex` held only for a map operation, never across an `.await`. The bounds,
-/// `max_entries` (default 100,000) and `max_bytes` (default 64 MiB), are the whole store's,
+/// `max_entries` (default 500,000) and `max_bytes` (default 256 MiB), are the whole store's,
 /// kept in atomic counters, not split over the shards.
+///
+/// # Capacity
+///
+/// A record costs its response's body and headers, as allocated, plus about 800 bytes of its
+/// own (key, record, map slot, places in the expiry queue). The layer keeps each for its time
+/// to live (24 h by default), so a store holds a day's keyed requests: the rate it keeps up
+/// with is `max_bytes / (record size × TTL)`. With the default 256 MiB and 24 h (measured by a
+/// test, for responses with one header):
+///
+/// | response body | per record | records held | keyed requests a second, sustained | one scope (a quarter) |
+/// |---|---|---|---|---|
+/// | 100 B | ~0.9 KiB | ~300,000 | 3.5 | 0.87 |
+/// | 1 KiB | ~1.8 KiB | ~147,000 | 1.7 | 0.43 |
+/// | 4 KiB | ~4.8 KiB | ~55,000 | 0.64 | 0.16 |
+/// | 64 KiB | ~65 KiB | ~4,000 | 0.047 | 0.012 |
+///
+/// The bound on entries (500,000) is met first only by records under about 540 bytes. Size
+/// the store for your own traffic (`max_bytes ≥ rate × TTL × record size`), or lower the
+/// layer's [`ttl`](crate::idempotency::IdempotencyBuilder::ttl): the bytes are only counted
+/// as records come, never allocated up front. [`MemoryStoreStats::bytes`] reads what it holds.
 ///
 /// # What the byte bound counts
 ///
@@ -64,21 +85,31 @@ const DEFAULT_SHARE: f64 = 0.25;
 /// ([`Record::is_kept`] is `false`; counted in [`MemoryStoreStats::not_kept`]), so that its
 /// key never runs twice.
 ///
-/// Expired records and leases are removed when their key is next seen, a few at a time on
-/// every claim, when room is needed, and all at once by [`MemoryStore::purge_expired`].
+/// Every lease and record has its place, by expiry, in its shard's expiry queue (the place
+/// for a lease's record is kept when the lease is claimed, so a completion into a full store
+/// is queued too), whatever the order in which they were written: records of a lowered TTL,
+/// or of two layers with different TTLs on one store, make room as soon as they expire, even
+/// behind longer-lived ones. Expired entries are removed when their key is next seen, a few
+/// at a time on every claim (a bounded amount of work), from every shard when room is
+/// needed, and all at once by [`MemoryStore::purge_expired`].
 ///
 /// # One scope's share
 ///
 /// One scope (a tenant, a principal: [`StoreKey::scope`]) may hold at most
 /// [`scope_share`](MemoryStoreBuilder::scope_share) of the entries and of the bytes (a quarter
 /// by default): past it, that scope's new keys are refused while every other scope goes on.
+/// The keys of an [`unscoped`](crate::idempotency::IdempotencyBuilder::unscoped) layer
+/// ([`StoreKey::is_unscoped`]) are those of the one scope there is: they are held to no
+/// share and may use the whole store.
 /// The figures are counted in a fixed table of two rows of 1,024 counters (a count-min
 /// sketch: a scope's usage is read as the smaller of its two counters, never below the true
 /// figure), so a scope is always held to its share, and another scope is refused early only
 /// if both of its counters are shared with scopes over their share (about one chance in a
 /// million per flooding scope). The share is checked when a key is claimed; the records its
-/// leases complete into may take a scope past it. A layer whose keys all have one scope can
-/// use only that share: give such a store `scope_share(1.0)`.
+/// leases complete into may take a scope past it. A layer whose keys all have one scope of
+/// its own making (a [`scope`](crate::idempotency::IdempotencyBuilder::scope) function that
+/// returns a constant) can use only that share: give such a store `scope_share(1.0)`, or
+/// build the layer `unscoped()`.
 ///
 /// # Clone
 ///
@@ -173,15 +204,48 @@ impl std::hash::Hasher for SeededHasher {
 
 struct Shard {
     map: HashMap<Arc<[u8]>, Entry, KeyHash>,
-    /// Completed records in completion order: `(key, seq)`; stale pairs are skipped.
-    completed: VecDeque<(Arc<[u8]>, u64)>,
-    /// Leases in claim order: `(key, seq)`; stale pairs are skipped.
-    leases: VecDeque<(Arc<[u8]>, u64)>,
+    /// Every lease and record by its expiry, earliest first, whatever order they came in (a
+    /// lowered TTL, two layers with different TTLs on one store): a pair whose `seq` is no
+    /// longer its key's entry's is stale and dropped when met; a renewed lease's pair is put
+    /// back at its new expiry when met.
+    expiry: BinaryHeap<Reverse<Due>>,
+    /// Leases in the map: each has a place kept in `expiry`'s buffer for the record it may
+    /// complete into (`expiry.capacity() >= expiry.len() + pending`), so that a completion
+    /// never needs the buffer to grow and every record is queued, hence swept once expired.
+    pending: usize,
     /// The map's full capacity: the most entries its table holds before it grows.
     full_cap: usize,
     /// Bytes charged for the map's table and the queues' buffers.
     tables: usize,
     seq: u64,
+}
+
+/// A place in a shard's expiry queue: an entry's key, its `seq` when queued, and its expiry.
+struct Due {
+    at: u64,
+    seq: u64,
+    key: Arc<[u8]>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Due) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Due) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Due) -> Ordering {
+        // `seq` is unique in a shard: the key need not be compared.
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 struct Entry {
@@ -234,13 +298,15 @@ pub struct MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// The most leases and records held at once (default 100,000).
+    /// The most leases and records held at once (default 500,000; the byte bound is usually
+    /// met first, see [Capacity](MemoryStore#capacity)).
     pub fn max_entries(mut self, n: usize) -> Self {
         self.max_entries = n;
         self
     }
 
-    /// The most bytes held at once, all the store's allocations counted (default 64 MiB).
+    /// The most bytes held at once, all the store's allocations counted (default 256 MiB,
+    /// reserved as records come, not allocated up front; see [Capacity](MemoryStore#capacity)).
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
         self
@@ -254,8 +320,8 @@ impl MemoryStoreBuilder {
 
     /// The fraction of the entries and of the bytes one scope may hold, in `(0, 1]`
     /// (default 0.25): a tenant that floods the store with keys is refused once it holds
-    /// its share, and the others go on. `1.0` lets one scope fill the store, as a layer
-    /// with a single scope needs.
+    /// its share, and the others go on. `1.0` lets one scope fill the store. The keys of an
+    /// `unscoped()` layer are held to no share whatever this says.
     pub fn scope_share(mut self, share: f64) -> Self {
         self.share = share;
         self
@@ -307,8 +373,8 @@ impl MemoryStoreBuilder {
                     .map(|_| {
                         Mutex::new(Shard {
                             map: HashMap::with_hasher(KeyHash(seed_of(1))),
-                            completed: VecDeque::new(),
-                            leases: VecDeque::new(),
+                            expiry: BinaryHeap::new(),
+                            pending: 0,
                             full_cap: 0,
                             tables: 0,
                             seq: 0,
@@ -343,8 +409,8 @@ impl MemoryStoreBuilder {
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         MemoryStoreBuilder {
-            max_entries: 100_000,
-            max_bytes: 64 << 20,
+            max_entries: 500_000,
+            max_bytes: 256 << 20,
             shards: 64,
             share: DEFAULT_SHARE,
             clock: None,
@@ -353,7 +419,7 @@ impl Default for MemoryStoreBuilder {
 }
 
 impl Default for MemoryStore {
-    /// A store of 100,000 entries and 64 MiB over 64 shards, a quarter of it at most for one
+    /// A store of 500,000 entries and 256 MiB over 64 shards, a quarter of it at most for one
     /// scope, on the default clock.
     fn default() -> Self {
         MemoryStoreBuilder::default()
@@ -363,7 +429,7 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store with the default bounds (100,000 entries, 64 MiB, a quarter for one scope).
+    /// A store with the default bounds (500,000 entries, 256 MiB, a quarter for one scope).
     pub fn new() -> MemoryStore {
         MemoryStore::default()
     }
@@ -394,16 +460,18 @@ impl MemoryStore {
         let now = inner.clock.now_nanos();
         for s in inner.shards.iter() {
             let mut s = lock(s);
-            let (mut gone, mut freed) = (0, 0);
+            let (mut gone, mut freed, mut leases) = (0, 0, 0);
             s.map.retain(|_, e| {
                 let keep = e.expires_at > now;
                 if !keep {
                     gone += 1;
                     freed += e.size;
+                    leases += usize::from(matches!(e.state, State::Lease(_)));
                     inner.scope_uncharge(e.scope, 1, e.size);
                 }
                 keep
             });
+            s.pending -= leases;
             inner.uncharge(gone, freed);
             s.compact();
             inner.expired.fetch_add(gone as u64, Relaxed);
@@ -441,7 +509,9 @@ impl MemoryStore {
         self.inner.refused.fetch_add(1, Relaxed);
         let earliest = self.inner.earliest.load(Relaxed);
         let err = StoreError::new(StoreErrorKind::Full);
-        Err(if earliest > now {
+        // Every lease and record is in an expiry queue, so the earliest expiry is a real one
+        // (`u64::MAX` only when the queues were empty: no hint then).
+        Err(if earliest > now && earliest != u64::MAX {
             err.with_retry_after(Duration::from_nanos(earliest - now))
         } else {
             err
@@ -480,11 +550,18 @@ impl MemoryStore {
             return None;
         }
         let scope = inner.scope_slots(key.scope());
-        if !inner.scope_charge(scope, size) {
+        if !inner.scope_charge(scope, size, !key.is_unscoped()) {
             inner.uncharge(1, size + grow);
             return None;
         }
         s.tables += grow;
+        // Room in the expiry queue for this lease's place and for its record's.
+        let want = s.expiry.len() + s.pending + 2;
+        if s.expiry.capacity() < want {
+            let cap = heap_grown_capacity(s.expiry.capacity(), want);
+            let more = cap - s.expiry.len();
+            s.expiry.reserve_exact(more);
+        }
         let token = self.token();
         let k = key.encoded_arc().clone();
         s.seq += 1;
@@ -501,7 +578,9 @@ impl MemoryStore {
             },
         );
         s.full_cap = s.full_cap.max(s.map.capacity());
-        s.leases.push_back((k, seq));
+        let at = now.saturating_add(duration_nanos(lease_ttl));
+        s.expiry.push(Reverse(Due { at, seq, key: k }));
+        s.pending += 1;
         s.resync(inner);
         drop(s);
         Some(Claim::Claimed(Lease::new(key.clone(), token, fingerprint)))
@@ -554,23 +633,23 @@ impl MemoryStore {
             inner.not_kept.fetch_add(1, Relaxed);
         }
         inner.scope_add(scope, extra);
-        // Its place in the expiry queue; without room for it, the record is still removed
-        // when its key is next seen or by `purge_expired`.
-        let grow = queue_growth(&s.completed);
-        let queued = grow == 0 || inner.charge(0, grow, inner.max_bytes);
         s.seq += 1;
         let seq = s.seq;
+        let at = now.saturating_add(duration_nanos(ttl));
         let e = s.map.get_mut(enc).expect("the lease checked above");
         e.state = State::Done(Arc::new(record));
         e.size += extra;
         e.seq = seq;
-        e.expires_at = now.saturating_add(duration_nanos(ttl));
-        if queued {
-            s.tables += grow;
-            s.completed
-                .push_back((lease.key().encoded_arc().clone(), seq));
-            s.resync(inner);
-        }
+        e.expires_at = at;
+        // Its place in the expiry queue was kept when the lease was claimed: the push never
+        // grows the buffer, so every record is swept once expired.
+        debug_assert!(s.expiry.len() < s.expiry.capacity());
+        s.pending -= 1;
+        s.expiry.push(Reverse(Due {
+            at,
+            seq,
+            key: lease.key().encoded_arc().clone(),
+        }));
         Ok(())
     }
 
@@ -652,9 +731,9 @@ impl Inner {
         ]
     }
 
-    /// Counts a new entry of `bytes` for its scope, unless that takes the scope past its
-    /// share.
-    fn scope_charge(&self, slots: [u16; 2], bytes: usize) -> bool {
+    /// Counts a new entry of `bytes` for its scope, unless `enforce` and that takes the scope
+    /// past its share.
+    fn scope_charge(&self, slots: [u16; 2], bytes: usize, enforce: bool) -> bool {
         let [a, b] = self.scope_use(slots);
         let entries = a
             .entries
@@ -664,7 +743,10 @@ impl Inner {
             .bytes
             .fetch_add(bytes, Relaxed)
             .min(b.bytes.fetch_add(bytes, Relaxed));
-        if self.share < 1.0 && (entries >= self.share_entries || held + bytes > self.share_bytes) {
+        if enforce
+            && self.share < 1.0
+            && (entries >= self.share_entries || held + bytes > self.share_bytes)
+        {
             self.scope_uncharge(slots, 1, bytes);
             return false;
         }
@@ -688,84 +770,77 @@ impl Inner {
 impl Shard {
     fn remove(&mut self, k: &[u8], inner: &Inner) -> Option<Entry> {
         let e = self.map.remove(k)?;
+        if matches!(e.state, State::Lease(_)) {
+            self.pending -= 1;
+        }
         inner.uncharge(1, e.size);
         inner.scope_uncharge(e.scope, 1, e.size);
         Some(e)
     }
 
-    /// Removes up to `max` expired entries, and the stale pairs before them, from the front
-    /// of each queue.
+    /// Removes up to `max` expired entries from the front of the expiry queue, with the
+    /// stale pairs met on the way (dropped) and renewed leases (put back at their new
+    /// expiry): at most `4 × max` (and 16 at least) pairs looked at, so a claim's share of the
+    /// work is bounded. Stops at the first live entry that has not expired: when it stops
+    /// there, the front of the queue is the shard's earliest expiry.
     fn sweep(&mut self, now: u64, inner: &Inner, max: usize) {
-        for q in [Queue::Completed, Queue::Leases] {
-            let mut removed = 0;
-            while removed < max {
-                let queue = match q {
-                    Queue::Completed => &self.completed,
-                    Queue::Leases => &self.leases,
-                };
-                let Some((k, seq)) = queue.front() else {
-                    break;
-                };
-                let expired = match self.map.get(&**k) {
-                    Some(e) if e.seq == *seq => {
-                        if e.expires_at > now {
-                            break;
-                        }
-                        true
-                    }
-                    _ => false,
-                };
-                let (k, _) = self.queue(q).pop_front().expect("a front pair");
-                if expired {
-                    self.remove(&k, inner);
-                    inner.expired.fetch_add(1, Relaxed);
-                    removed += 1;
+        let mut removed = 0;
+        let mut steps = max.saturating_mul(4).max(16);
+        while removed < max && steps > 0 {
+            steps -= 1;
+            let Some(Reverse(front)) = self.expiry.peek() else {
+                break;
+            };
+            let expires_at = match self.map.get(&*front.key) {
+                Some(e) if e.seq == front.seq => e.expires_at,
+                _ => {
+                    self.expiry.pop();
+                    continue;
                 }
+            };
+            if expires_at > now {
+                if expires_at == front.at {
+                    break;
+                }
+                // A renewed lease: its place moves to its new expiry (a pop then a push: the
+                // buffer does not grow).
+                let Reverse(due) = self.expiry.pop().expect("the front pair");
+                self.expiry.push(Reverse(Due {
+                    at: expires_at,
+                    ..due
+                }));
+                continue;
             }
+            let Reverse(due) = self.expiry.pop().expect("the front pair");
+            self.remove(&due.key, inner);
+            inner.expired.fetch_add(1, Relaxed);
+            removed += 1;
         }
-        if self.completed.len() + self.leases.len() > 2 * self.map.len() + 64 {
+        if self.expiry.len() > 2 * self.map.len() + 64 {
             self.compact();
         }
     }
 
-    /// The expiry of the entry at the front of either queue that expires first.
+    /// The expiry at the front of the queue (exact after a [`sweep`](Self::sweep) that
+    /// stopped at a live entry; never later than the earliest entry's otherwise).
     fn earliest(&self) -> u64 {
-        [&self.completed, &self.leases]
-            .into_iter()
-            .filter_map(|q| {
-                q.iter()
-                    .take(8)
-                    .find_map(|(k, seq)| self.map.get(&**k).filter(|e| e.seq == *seq))
-                    .map(|e| e.expires_at)
-            })
-            .min()
-            .unwrap_or(u64::MAX)
+        self.expiry.peek().map_or(u64::MAX, |Reverse(d)| d.at)
     }
 
-    fn queue(&mut self, q: Queue) -> &mut VecDeque<(Arc<[u8]>, u64)> {
-        match q {
-            Queue::Completed => &mut self.completed,
-            Queue::Leases => &mut self.leases,
-        }
-    }
-
-    /// Drops stale pairs from both queues.
+    /// Drops stale pairs from the expiry queue (its buffer keeps its size).
     fn compact(&mut self) {
         let map = &self.map;
-        let live = |(k, seq): &(Arc<[u8]>, u64)| map.get(&**k).is_some_and(|e| e.seq == *seq);
-        self.completed.retain(live);
-        self.leases.retain(live);
+        self.expiry
+            .retain(|Reverse(d)| map.get(&*d.key).is_some_and(|e| e.seq == d.seq));
     }
 
-    /// What the map's table and the queues' buffers take, as allocated.
+    /// What the map's table and the queue's buffer take, as allocated.
     fn table_bytes(&self) -> usize {
-        map_table_bytes(self.full_cap)
-            + queue_bytes(self.completed.capacity())
-            + queue_bytes(self.leases.capacity())
+        map_table_bytes(self.full_cap) + queue_bytes(self.expiry.capacity())
     }
 
-    /// What one more entry in the map and one more pair in the lease queue would add to
-    /// [`Shard::table_bytes`].
+    /// What one more lease in the map, its place in the expiry queue and the place kept for
+    /// its record would add to [`Shard::table_bytes`].
     fn growth(&self) -> usize {
         let map = if self.map.len() < self.map.capacity() {
             0
@@ -780,7 +855,14 @@ impl Shard {
                     .saturating_sub(map_table_bytes(self.full_cap))
             }
         };
-        map + queue_growth(&self.leases)
+        let cap = self.expiry.capacity();
+        let want = self.expiry.len() + self.pending + 2;
+        let queue = if cap >= want {
+            0
+        } else {
+            queue_bytes(heap_grown_capacity(cap, want)) - queue_bytes(cap)
+        };
+        map + queue
     }
 
     /// Brings the charge for the tables to what they take now.
@@ -793,12 +875,6 @@ impl Shard {
         }
         self.tables = now;
     }
-}
-
-#[derive(Clone, Copy)]
-enum Queue {
-    Completed,
-    Leases,
 }
 
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -927,16 +1003,13 @@ fn buckets_capacity(buckets: usize) -> usize {
 }
 
 fn queue_bytes(cap: usize) -> usize {
-    alloc_size(cap * size_of::<(Arc<[u8]>, u64)>())
+    alloc_size(cap * size_of::<Reverse<Due>>())
 }
 
-/// What one more push would add to a queue's buffer.
-fn queue_growth(q: &VecDeque<(Arc<[u8]>, u64)>) -> usize {
-    if q.len() < q.capacity() {
-        0
-    } else {
-        queue_bytes((2 * q.capacity()).max(4)) - queue_bytes(q.capacity())
-    }
+/// The capacity the expiry queue's buffer grows to when it must hold `want` pairs: doubled
+/// (4 at least), or `want` if that is more, as a `Vec` grows.
+fn heap_grown_capacity(cap: usize, want: usize) -> usize {
+    (2 * cap).max(want).max(4)
 }
 
 impl Store for MemoryStore {
@@ -967,7 +1040,11 @@ impl Store for MemoryStore {
                 if matches!(e.state, State::Lease(t) if t == lease.token())
                     && e.expires_at > now =>
             {
-                e.expires_at = now.saturating_add(duration_nanos(lease_ttl));
+                // Never earlier than it was: the lease's place in the expiry queue is never
+                // later than its expiry.
+                e.expires_at = e
+                    .expires_at
+                    .max(now.saturating_add(duration_nanos(lease_ttl)));
                 Ok(())
             }
             _ => Err(StoreError::new(StoreErrorKind::LeaseLost)),

@@ -65,12 +65,50 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 /// assert_eq!(&k.encoded()[..4], &[0, 0, 0, 8]);
 /// assert_ne!(StoreKey::new("ab", "c"), StoreKey::new("a", "bc"));
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+///
+/// # Unscoped keys
+///
+/// [`StoreKey::unscoped`] makes the key of a layer built with
+/// [`unscoped`](crate::idempotency::IdempotencyBuilder::unscoped): it has the empty scope,
+/// and says that its layer has one key space for everyone, so a store that holds each scope
+/// to a share ([`MemoryStore`]'s `scope_share`) lets it use the whole store. It is equal to
+/// `StoreKey::new("", key)`.
+#[derive(Clone)]
 pub struct StoreKey {
     encoded: Arc<[u8]>,
+    unscoped: bool,
+}
+
+impl PartialEq for StoreKey {
+    fn eq(&self, other: &StoreKey) -> bool {
+        self.encoded == other.encoded
+    }
+}
+
+impl Eq for StoreKey {}
+
+impl std::hash::Hash for StoreKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.encoded.hash(state);
+    }
 }
 
 impl StoreKey {
+    /// The key of a layer with one key space for every caller (see
+    /// [Unscoped keys](StoreKey#unscoped-keys)).
+    pub fn unscoped(key: impl AsRef<[u8]>) -> StoreKey {
+        StoreKey {
+            unscoped: true,
+            ..StoreKey::new(b"", key)
+        }
+    }
+
+    /// Whether the key is [unscoped](StoreKey#unscoped-keys): its layer has one scope, so no
+    /// share of a store applies to it.
+    pub fn is_unscoped(&self) -> bool {
+        self.unscoped
+    }
+
     /// A key in a scope (an empty scope for none).
     pub fn new(scope: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> StoreKey {
         let (scope, key) = (scope.as_ref(), key.as_ref());
@@ -89,6 +127,7 @@ impl StoreKey {
         buf[4 + scope.len()..].copy_from_slice(key);
         StoreKey {
             encoded: Arc::from(&*buf),
+            unscoped: false,
         }
     }
 
