@@ -420,7 +420,14 @@ where
 {
     type Output = Result<Response<ReplayBody<ResB>>, BoxError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A request without a key (most of them) holds nothing: its response is passed on
+        // from here, not through `poll_states` (whose answer would be one more copy of it).
+        if let StateProj::Passthrough { fut } = self.as_mut().project().state.project() {
+            let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+            return Poll::Ready(Ok(res.map(ReplayBody::inner)));
+        }
         let out = ready!(self.as_mut().poll_states(cx));
         // Done: give back what the request still holds (its buffer reservations, its
         // buffered body, the inner service). Every lease is completed or released by now.

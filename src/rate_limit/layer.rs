@@ -142,7 +142,9 @@ impl Shared {
         }
     }
 
-    /// Gives back a turn that was not used, if it is still the last one reserved.
+    /// Gives back a turn that was not used, if it is still the last one reserved (the Redis
+    /// store's local fallback).
+    #[cfg(feature = "redis")]
     pub(crate) fn refund(&self, hash: Option<u64>, new_tat: u64, interval: u64) {
         self.refund_turn(hash, new_tat, interval, 0);
     }
