@@ -633,18 +633,27 @@ impl MemoryStore {
             inner.not_kept.fetch_add(1, Relaxed);
         }
         inner.scope_add(scope, extra);
-        s.seq += 1;
-        let seq = s.seq;
         let at = now.saturating_add(duration_nanos(ttl));
+        s.pending -= 1;
         let e = s.map.get_mut(enc).expect("the lease checked above");
         e.state = State::Done(Arc::new(record));
         e.size += extra;
+        if at >= e.expires_at {
+            // The usual case (a record outlives its lease): the lease's place, never later
+            // than the lease's expiry, serves the record, which is put back at its own expiry
+            // when the place comes (as a renewed lease is). No second place, none left stale.
+            e.expires_at = at;
+            return Ok(());
+        }
+        // A record that expires before its lease would have: a place of its own, earlier.
+        s.seq += 1;
+        let seq = s.seq;
+        let e = s.map.get_mut(enc).expect("the lease checked above");
         e.seq = seq;
         e.expires_at = at;
         // Its place in the expiry queue was kept when the lease was claimed: the push never
         // grows the buffer, so every record is swept once expired.
         debug_assert!(s.expiry.len() < s.expiry.capacity());
-        s.pending -= 1;
         s.expiry.push(Reverse(Due {
             at,
             seq,
@@ -791,6 +800,12 @@ impl Shard {
             let Some(Reverse(front)) = self.expiry.peek() else {
                 break;
             };
+            // An entry's place is never later than its expiry (a renewal only moves the
+            // expiry later), so nothing has expired while the front's place is still ahead:
+            // the common case costs no look-up (of a key cold in the cache).
+            if front.at > now {
+                break;
+            }
             let expires_at = match self.map.get(&*front.key) {
                 Some(e) if e.seq == front.seq => e.expires_at,
                 _ => {
@@ -823,7 +838,27 @@ impl Shard {
 
     /// The expiry at the front of the queue (exact after a [`sweep`](Self::sweep) that
     /// stopped at a live entry; never later than the earliest entry's otherwise).
-    fn earliest(&self) -> u64 {
+    ///
+    /// A place may be earlier than its entry's expiry (a renewed lease, a record in its
+    /// lease's place): up to 64 such places at the front are put back at their expiry first
+    /// (and stale ones dropped), so the figure is the real earliest expiry, or under it.
+    fn earliest(&mut self) -> u64 {
+        for _ in 0..64 {
+            let Some(Reverse(front)) = self.expiry.peek() else {
+                return u64::MAX;
+            };
+            match self.map.get(&*front.key) {
+                Some(e) if e.seq == front.seq && e.expires_at > front.at => {
+                    let at = e.expires_at;
+                    let Reverse(due) = self.expiry.pop().expect("the front pair");
+                    self.expiry.push(Reverse(Due { at, ..due }));
+                }
+                Some(e) if e.seq == front.seq => return front.at,
+                _ => {
+                    self.expiry.pop();
+                }
+            }
+        }
         self.expiry.peek().map_or(u64::MAX, |Reverse(d)| d.at)
     }
 
