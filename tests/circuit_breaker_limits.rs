@@ -137,3 +137,33 @@ async fn open_time_grown_by_failed_probes_is_capped_and_never_wraps() {
         expected = expected.mul_f64(1e6).min(MAX_OPEN_TIME);
     }
 }
+
+/// A keyed breaker allocates a window per key when the layer is built: a count window of
+/// 2^24 calls for 2^20 keys asked for about 4 TiB (the build tried to allocate it), 2^20
+/// calls for 2^12 keys for 2 GiB. The windows together are bounded (256 MiB); one breaker
+/// alone may still have the large window.
+#[test]
+fn a_keyed_breakers_windows_are_bounded_together() {
+    let big = |calls: u32| {
+        BreakerConfig::failure_rate(0.5)
+            .window(calls)
+            .minimum_calls(10)
+    };
+    for (calls, keys, at_least) in [
+        (1u32 << 20, 1usize << 12, 1u64 << 31),
+        (1 << 24, 1 << 20, 1 << 42),
+    ] {
+        match CircuitBreakerLayer::keyed(big(calls).max_keys(keys), |req: &u32| *req) {
+            Err(BreakerConfigError::WindowsTooLarge { bytes }) => {
+                assert!(bytes >= at_least, "{bytes} bytes")
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("windows of {calls} calls for {keys} keys were accepted"),
+        }
+    }
+    let big = || big(1 << 24);
+    // The same window for one breaker is fine, and so is a table of ordinary windows.
+    assert!(CircuitBreakerLayer::new(big()).is_ok());
+    let ordinary = BreakerConfig::failure_rate(0.5).max_keys(1 << 20);
+    assert!(CircuitBreakerLayer::keyed(ordinary, |req: &u32| *req).is_ok());
+}

@@ -13,6 +13,9 @@ pub(crate) const MAX_BUCKETS: u32 = 1 << 12;
 pub(crate) const MAX_PROBES: u32 = u16::MAX as u32;
 /// The largest number of per-key breakers.
 pub(crate) const MAX_KEYS: usize = 1 << 20;
+/// The most memory the windows of a keyed breaker's table may take together (allocated when
+/// the layer is built): 256 MiB.
+pub(crate) const MAX_WINDOWS_BYTES: u64 = 256 << 20;
 /// The longest open time and maximum open time: 365 days. The breaker's state word holds
 /// the end of an open time in 48 bits of microseconds (about 8.9 years of its clock); with
 /// jitter an open time is at most twice this, so its end fits for the first 6.9 years of
@@ -265,7 +268,10 @@ impl BreakerConfig {
     }
 
     /// For [`CircuitBreakerLayer::keyed`](super::CircuitBreakerLayer::keyed): how many keys get
-    /// a breaker of their own (default 1024, rounded up to a power of two).
+    /// a breaker of their own (default 1024, rounded up to a power of two). Each has its own
+    /// window, allocated when the layer is built; together they may take at most 256 MiB
+    /// (a count window costs about a quarter of a byte per call, plus 128 bytes), or the
+    /// layer is refused with [`BreakerConfigError::WindowsTooLarge`].
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self
@@ -367,6 +373,26 @@ impl BreakerConfig {
         }
         Ok(())
     }
+
+    /// [`validate`](Self::validate), and for a keyed layer the bound on its windows: every
+    /// key's breaker has its own window, allocated when the layer is built.
+    pub(crate) fn validate_keyed(&self) -> Result<(), BreakerConfigError> {
+        use BreakerConfigError as E;
+        self.validate()?;
+        let per_key: u64 = match self.window {
+            // The failure and slow-call rings, of twice the window (a power of two, at
+            // least 64 bits), and the head on its own cache line.
+            Window::Count(n) => (2 * u64::from(n)).next_power_of_two().max(64) / 8 * 2 + 128,
+            Window::Time { buckets, .. } => u64::from(buckets) * 24 + 64,
+        };
+        let keys = self.max_keys.next_power_of_two() as u64;
+        if keys.saturating_mul(per_key) > MAX_WINDOWS_BYTES {
+            return Err(E::WindowsTooLarge {
+                bytes: keys.saturating_mul(per_key),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Why a [`BreakerConfig`] was refused.
@@ -406,6 +432,13 @@ pub enum BreakerConfigError {
     Probes,
     /// `max_keys` is zero or more than 2^20.
     MaxKeys,
+    /// The windows of `max_keys` breakers (rounded up to a power of two), all allocated when
+    /// the layer is built, would take more than 256 MiB together: a smaller window or fewer
+    /// keys.
+    WindowsTooLarge {
+        /// About what they would take, in bytes.
+        bytes: u64,
+    },
 }
 
 impl fmt::Display for BreakerConfigError {
@@ -417,6 +450,12 @@ impl fmt::Display for BreakerConfigError {
             Self::ConsecutiveFailures => f.write_str("consecutive failures is zero"),
             Self::NoCondition => f.write_str("no trip condition is set"),
             Self::Window => f.write_str("window is empty or too large"),
+            Self::WindowsTooLarge { bytes } => write!(
+                f,
+                "the windows of max_keys breakers would take about {} MiB (at most 256 MiB): \
+                 use a smaller window or fewer keys",
+                bytes >> 20
+            ),
             Self::MinimumCalls => {
                 f.write_str("minimum calls is zero or larger than the count window")
             }

@@ -189,7 +189,7 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
     ///
     /// A [`BreakerConfigError`] when the configuration is invalid.
     pub fn keyed(config: BreakerConfig, key_fn: F) -> Result<Self, BreakerConfigError> {
-        config.validate()?;
+        config.validate_keyed()?;
         Ok(CircuitBreakerLayer {
             shared: Arc::new(Owner::new(&config, true)),
             classify: ErrorsOnly,
