@@ -101,3 +101,29 @@ async fn a_handler_cut_off_by_a_timeout_is_not_run_again_for_its_key() {
         second.map(|r| r.status())
     );
 }
+
+/// Behind a stateless IPv4/IPv6 translator (SIIT-DC, RFC 7755; NAT64 with the well-known
+/// prefix `64:ff9b::/96` of RFC 6052), every IPv4 client of an IPv6-only server arrives as
+/// `64:ff9b::a.b.c.d`. `ClientIp::new()` keys IPv6 by its /64, so all of them, the whole IPv4
+/// internet, share one key: one client's burst refuses every other. Addresses that embed an
+/// IPv4 address in their low 32 bits (as the IPv4-mapped ones, which are keyed whole) must
+/// keep that address in the key.
+#[test]
+#[ignore = "defect: ClientIp's /64 default keys every IPv4 client translated into 64:ff9b::/96 as one"]
+fn client_ip_keeps_translated_ipv4_clients_apart() {
+    use std::net::SocketAddr;
+    use tower_bulwark::rate_limit::key::ClientIp;
+    let from = |peer: &str| {
+        let mut r = Request::new(());
+        r.extensions_mut()
+            .insert(peer.parse::<SocketAddr>().unwrap());
+        ClientIp::new().client_ip(&r)
+    };
+    let a = from("[64:ff9b::198.51.100.7]:40000");
+    let b = from("[64:ff9b::203.0.113.9]:40000");
+    assert!(a.is_some() && b.is_some());
+    assert_ne!(
+        a, b,
+        "two IPv4 clients translated by NAT64 got the same rate-limit key"
+    );
+}
