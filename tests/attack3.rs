@@ -42,13 +42,12 @@ fn gradient_does_not_cut_a_dependency_without_queueing_whose_mean_varies() {
     );
 }
 
-/// A handler behind a request timeout answering 408 (as `tower_http::timeout::TimeoutLayer`
+/// Was a defect: a handler behind a request timeout answering 408 (as `tower_http::timeout::TimeoutLayer`
 /// does, the usual way an axum app bounds its handlers): it wrote its row, then was cut off.
 /// The idempotency layer counts 408 as a refusal of the caller and releases the key, so the
 /// client's retry with the same key runs the handler again, though a request dropped
 /// mid-handler keeps its lease by default precisely because its effect may have happened.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a 408 from a timeout below the idempotency layer releases the key: the handler runs twice"]
 async fn a_handler_cut_off_by_a_timeout_is_not_run_again_for_its_key() {
     let runs = Arc::new(AtomicUsize::new(0));
     let counted = runs.clone();

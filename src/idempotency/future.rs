@@ -936,11 +936,13 @@ fn head_is_failure(status: StatusCode, headers: &HeaderMap, grpc: bool) -> bool 
 }
 
 /// HTTP statuses that say the request was not carried out for this caller: 401, 403, 407
-/// (its credentials were missing or refused), 408 (the server gave up reading it) and 429
-/// (it was throttled). Stored, they would hold a key (and room in the store) for a day on the
-/// word of a request that never ran: forged credentials would fill the store.
+/// (its credentials were missing or refused) and 429 (it was throttled). Stored, they would
+/// hold a key (and room in the store) for a day on the word of a request that never ran:
+/// forged credentials would fill the store. Not 408: a timeout below this layer (as
+/// tower-http's `TimeoutLayer` answers it) may cut off a handler that has had its effect, so
+/// it is stored like any 4xx and the key never runs again.
 fn is_refusal_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 401 | 403 | 407 | 408 | 429)
+    matches!(status.as_u16(), 401 | 403 | 407 | 429)
 }
 
 /// gRPC codes that say the call was not carried out for this caller: `UNAUTHENTICATED`,
@@ -1073,11 +1075,11 @@ mod tests {
         let empty = HeaderMap::new();
         let default = config(false, false);
         let c = &default.shared().config;
-        for s in [401, 403, 407, 408, 429, 500, 503] {
+        for s in [401, 403, 407, 429, 500, 503] {
             let s = StatusCode::from_u16(s).unwrap();
             assert!(head_not_stored(s, &empty, c, false), "{s}");
         }
-        for s in [200, 201, 301, 400, 404, 409, 422] {
+        for s in [200, 201, 301, 400, 404, 408, 409, 422] {
             let s = StatusCode::from_u16(s).unwrap();
             assert!(!head_not_stored(s, &empty, c, false), "{s}");
         }

@@ -368,7 +368,7 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 /// [`release_on_drop`](IdempotencyBuilder::release_on_drop)); 2xx, 3xx and 4xx responses are
 /// stored, except failures (5xx, 429, gRPC failure statuses; see
 /// [`store_failures`](IdempotencyBuilder::store_failures)) and refusals of the caller (401,
-/// 403, 407, 408, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
+/// 403, 407, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
 /// `ABORTED`; see [`store_refusals`](IdempotencyBuilder::store_refusals)); `Set-Cookie` and
 /// hop-by-hop headers and trailers are not stored; a failing store gives 503.
 pub struct IdempotencyBuilder<St, M = FromBytes> {
@@ -619,7 +619,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     }
 
     /// Store responses that refuse the caller too: 401, 403, 407 (credentials missing or
-    /// refused), 408 (request timeout), 429 (throttled), and gRPC `UNAUTHENTICATED`,
+    /// refused), 429 (throttled), and gRPC `UNAUTHENTICATED`,
     /// `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED` and `ABORTED` (which this crate itself
     /// answers for "try again"). By default they are not stored and the lease is released:
     /// such a request did not run for its caller, and storing it would let a client with
