@@ -486,9 +486,11 @@ impl Shared {
                     }
                     let g = gen(cur) + 1;
                     let next = pack(HALF_OPEN, g, half(1, 0));
-                    b.probe_at.store(t, Release);
                     match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
                         Ok(_) => {
+                            // Only an admitted probe moves the latest probe's time: a lost
+                            // race must not put an overdue round off.
+                            b.probe_at.store(t, Release);
                             tracing::info!(
                                 breaker = idx,
                                 from = "open",
@@ -516,6 +518,9 @@ impl Shared {
                         if t.saturating_sub(b.probe_at.load(Relaxed)) >= limit {
                             match self.reopen_overdue(idx, cur, t, limit) {
                                 Ok(until) => {
+                                    // The time left open, as for every refusal while open:
+                                    // callers coming back at its end are spread by the
+                                    // half-open refusals' jittered hints.
                                     return Err(Rejection::circuit_open(Duration::from_nanos(
                                         until.saturating_sub(t).max(1),
                                     )));
@@ -530,9 +535,11 @@ impl Shared {
                             .with_detail("half-open: probes in flight"));
                     }
                     let next = pack(HALF_OPEN, gen(cur), p + 1);
-                    b.probe_at.store(t, Release);
                     match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
-                        Ok(_) => return Ok((Permit::Probe { gen: gen(cur) }, t)),
+                        Ok(_) => {
+                            b.probe_at.store(t, Release);
+                            return Ok((Permit::Probe { gen: gen(cur) }, t));
+                        }
                         Err(actual) => cur = actual,
                     }
                 }
