@@ -254,18 +254,25 @@ impl FailureLog {
 pub(crate) struct CoolDown {
     /// `HEALTHY`, or the clock reading from which a probe may go.
     probe_at: AtomicU64,
-    probing: AtomicBool,
+    /// When the probe out was sent (`NO_PROBE`: none). A probe out longer than `stale_ns`
+    /// (its future held and never polled, so its timeout never started) no longer holds the
+    /// others back.
+    probing_since: AtomicU64,
     cool_ns: u64,
+    stale_ns: u64,
 }
+
+const NO_PROBE: u64 = u64::MAX;
 
 const HEALTHY: u64 = 0;
 
 impl CoolDown {
-    fn new(cool_ns: u64) -> CoolDown {
+    fn new(cool_ns: u64, stale_ns: u64) -> CoolDown {
         CoolDown {
             probe_at: AtomicU64::new(HEALTHY),
-            probing: AtomicBool::new(false),
+            probing_since: AtomicU64::new(NO_PROBE),
             cool_ns,
+            stale_ns,
         }
     }
 
@@ -282,10 +289,14 @@ impl CoolDown {
         if at == HEALTHY {
             return true;
         }
-        now >= at
+        if now < at {
+            return false;
+        }
+        let since = self.probing_since.load(Ordering::Relaxed);
+        (since == NO_PROBE || now.saturating_sub(since) >= self.stale_ns)
             && self
-                .probing
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .probing_since
+                .compare_exchange(since, now, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
     }
 
@@ -305,7 +316,7 @@ impl CoolDown {
 
     /// The probe ended (answered, failed, or dropped): another may go.
     fn probe_done(&self) {
-        self.probing.store(false, Ordering::Release);
+        self.probing_since.store(NO_PROBE, Ordering::Release);
     }
 }
 
@@ -394,7 +405,7 @@ impl RedisShared {
             clock,
             counters: Counters::default(),
             log: FailureLog::new(),
-            cool: CoolDown::new(c.cool_down_ns),
+            cool: CoolDown::new(c.cool_down_ns, duration_nanos(c.timeout)),
             rng: Rng::from_entropy(),
         }
     }
@@ -1268,7 +1279,7 @@ mod tests {
 
     #[test]
     fn after_a_failure_checks_skip_redis_then_one_probe_at_a_time() {
-        let cool = CoolDown::new(1_000);
+        let cool = CoolDown::new(1_000, 100_000);
         assert!(cool.healthy());
         cool.failed(5_000);
         assert!(!cool.healthy());
@@ -1294,10 +1305,15 @@ mod tests {
         assert!(cool.admit(7_061));
         assert!(cool.admit(7_061));
         // A zero cool-down still sends one probe at a time.
-        let zero = CoolDown::new(0);
+        let zero = CoolDown::new(0, 100_000);
         zero.failed(10);
         assert!(zero.admit(10));
         assert!(!zero.admit(10));
+        // A probe out longer than the check's timeout (held, never polled, so its own timeout
+        // never started) no longer holds every other check off Redis.
+        assert!(!zero.admit(100_009));
+        assert!(zero.admit(100_010));
+        assert!(!zero.admit(100_011));
     }
 
     /// The Lua script is the same GCRA as `gcra::step`: driven with the same times (given to
