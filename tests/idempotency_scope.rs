@@ -1,5 +1,8 @@
 //! Idempotency keys are scoped by the caller: one caller's key never reaches another's records.
 
+#[path = "support/tracing_on.rs"]
+mod tracing_on;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -367,6 +370,9 @@ impl std::io::Write for Captured {
 
 #[test]
 fn requests_without_credentials_are_counted_and_warned_about_once() {
+    // Other tests of this binary set and drop subscribers on their threads: keep every
+    // callsite enabled process-wide, so this thread's subscriber sees its events.
+    tracing_on::tracing_always_on();
     let logs = Captured::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
