@@ -55,7 +55,12 @@ pub enum RejectionKind {
     CircuitOpen,
     /// A request with the same idempotency key is still running (HTTP 409, gRPC `ABORTED`,
     /// both marked [`IDEMPOTENCY_KEY_IN_FLIGHT`], with a short, jittered wait): worth
-    /// retrying after the wait, when the first request's stored response is replayed.
+    /// retrying after the wait, when the first request's stored response is replayed. The
+    /// wait is drawn between half a second and a second; gRPC's `grpc-retry-pushback-ms` and
+    /// in-process callers read it whole, while HTTP's `Retry-After` (whole seconds) says `1`,
+    /// the least it can, so that a client whose maximum delay is a second still retries. Over
+    /// HTTP the spread is the client's: the crate's retry layer waits a hint plus a jittered
+    /// share of it.
     IdempotencyInFlight,
     /// The idempotency key was used before with another payload (HTTP 422, gRPC
     /// `FAILED_PRECONDITION`).
@@ -78,12 +83,16 @@ pub enum RejectionKind {
     /// its time to live ends), or the key's scope holds its share of it: the request did not
     /// run (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`).
     IdempotencyStoreFull,
-    /// The rate-limit key could not be read from the request (for
-    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address, a setup error of
-    /// the server; for [`Header`](crate::rate_limit::key::Header): the header absent, empty
-    /// or not valid), and the limiter refuses such requests rather than put them all under
-    /// one limit (HTTP 500, gRPC `INTERNAL`).
+    /// The request lacks what its rate-limit key is read from (for
+    /// [`Header`](crate::rate_limit::key::Header): the header absent, empty or not valid), and
+    /// the limiter refuses such requests rather than put them all under one limit: a client
+    /// error (HTTP 400, gRPC `INVALID_ARGUMENT`).
     RateLimitKeyMissing,
+    /// The rate limiter could not find the client's address (for
+    /// [`ClientIp`](crate::rate_limit::key::ClientIp): no peer address in the request's
+    /// extensions, or a trusted proxy that did not say whom it forwards): a setup error of
+    /// the server, not of the client (HTTP 500, gRPC `INTERNAL`).
+    ClientAddressUnknown,
     /// The request body could not be read (the client reset the stream, a malformed chunked
     /// encoding): the request did not run (HTTP 400, gRPC `INVALID_ARGUMENT`).
     BadRequestBody,
@@ -105,9 +114,10 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyReused => S::UNPROCESSABLE_ENTITY,
             RejectionKind::IdempotencyKeyMissing
             | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::RateLimitKeyMissing
             | RejectionKind::BadRequestBody => S::BAD_REQUEST,
             RejectionKind::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
-            RejectionKind::RateLimitKeyMissing => S::INTERNAL_SERVER_ERROR,
+            RejectionKind::ClientAddressUnknown => S::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -126,8 +136,9 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyReused => G::FailedPrecondition,
             RejectionKind::IdempotencyKeyMissing
             | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::RateLimitKeyMissing
             | RejectionKind::BadRequestBody => G::InvalidArgument,
-            RejectionKind::RateLimitKeyMissing => G::Internal,
+            RejectionKind::ClientAddressUnknown => G::Internal,
         }
     }
 
@@ -147,6 +158,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "store-unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency-store-full",
             RejectionKind::RateLimitKeyMissing => "rate-limit-key-missing",
+            RejectionKind::ClientAddressUnknown => "client-address-unknown",
             RejectionKind::BadRequestBody => "bad-request-body",
         }
     }
@@ -168,6 +180,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "shared store unavailable",
             RejectionKind::IdempotencyStoreFull => "idempotency store full",
             RejectionKind::RateLimitKeyMissing => "rate limit key missing",
+            RejectionKind::ClientAddressUnknown => "client address unknown",
             RejectionKind::BadRequestBody => "request body could not be read",
         }
     }

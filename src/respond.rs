@@ -524,6 +524,7 @@ mod tests {
             RejectionKind::StoreUnavailable,
             RejectionKind::IdempotencyStoreFull,
             RejectionKind::RateLimitKeyMissing,
+            RejectionKind::ClientAddressUnknown,
             RejectionKind::BadRequestBody,
         ];
         for kind in kinds {

@@ -255,7 +255,7 @@ async fn no_peer_address_is_refused_and_counted() {
     let h = layer.handle();
     let mut svc = layer.layer(Counting::default());
     let err = poll_once(&mut start(&mut svc, get())).unwrap().unwrap_err();
-    assert_eq!(rejection(&err).kind(), RejectionKind::RateLimitKeyMissing);
+    assert_eq!(rejection(&err).kind(), RejectionKind::ClientAddressUnknown);
     assert_eq!(h.missing_keys(), 1);
 }
 

@@ -749,7 +749,7 @@ fn a_request_without_a_client_address_is_refused_and_counted() {
     for _ in 0..3 {
         let err = check(&mut svc, Request::new(())).unwrap_err();
         let r = err.downcast_ref::<Rejection>().expect("a rejection");
-        assert_eq!(r.kind(), RejectionKind::RateLimitKeyMissing);
+        assert_eq!(r.kind(), RejectionKind::ClientAddressUnknown);
         assert_eq!(r.kind().http_status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
     assert_eq!(calls.0.load(Ordering::SeqCst), 0);

@@ -275,13 +275,25 @@ fn default_peer(ext: &Extensions) -> Option<IpAddr> {
 /// client take a fresh burst with each address. [`ipv6_prefix`](ClientIp::ipv6_prefix) sets
 /// another prefix (`ipv6_prefix(128)` keys each address on its own, `48` each site). IPv4 (and
 /// IPv4-mapped IPv6) addresses are keyed whole.
+///
+/// An IPv6-only server behind a stateless translator (NAT64, SIIT-DC) sees every IPv4 client
+/// as an address of the translator's /96 prefix with the client's IPv4 address in its last 32
+/// bits: keyed by /64, the whole IPv4 internet would share one limit. Addresses in the
+/// well-known prefix `64:ff9b::/96` (RFC 6052) are therefore keyed by the IPv4 address they
+/// embed, as IPv4-mapped ones are; [`ipv4_translators`](ClientIp::ipv4_translators) names a
+/// network's own translator prefixes.
 #[derive(Clone)]
 pub struct ClientIp {
     trusted: Arc<[IpNet]>,
     header: ForwardedHeader,
     peer: PeerFn,
     v6_prefix: u8,
+    // The /96 prefixes (their upper 96 bits) whose addresses embed an IPv4 client.
+    translators: Arc<[u128]>,
 }
+
+/// The well-known NAT64 prefix `64:ff9b::/96` (RFC 6052), as the upper 96 bits of a `u128`.
+const WELL_KNOWN_NAT64: u128 = 0x0064_ff9b_0000_0000_0000_0000_0000_0000;
 
 impl Default for ClientIp {
     fn default() -> Self {
@@ -295,6 +307,14 @@ impl fmt::Debug for ClientIp {
             .field("trusted", &self.trusted)
             .field("header", &self.header)
             .field("v6_prefix", &self.v6_prefix)
+            .field(
+                "ipv4_translators",
+                &self
+                    .translators
+                    .iter()
+                    .map(|p| std::net::Ipv6Addr::from(*p))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -307,7 +327,43 @@ impl ClientIp {
             header: ForwardedHeader::XForwardedFor,
             peer: default_peer,
             v6_prefix: DEFAULT_IPV6_PREFIX,
+            translators: Arc::from(vec![WELL_KNOWN_NAT64]),
         }
+    }
+
+    /// The /96 prefixes of the IPv4/IPv6 translators (NAT64, SIIT-DC) in front of the server,
+    /// whose addresses carry an IPv4 client in their last 32 bits: such addresses are keyed
+    /// by that IPv4 address. Replaces the default, the well-known prefix `64:ff9b::/96`
+    /// (give it again to keep it; give none to key translated addresses as any IPv6).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidNetwork`] for a network that does not parse, is not IPv6, or is not a /96.
+    ///
+    /// ```
+    /// use tower_bulwark::rate_limit::key::ClientIp;
+    ///
+    /// let ip = ClientIp::new().ipv4_translators(["64:ff9b::/96", "2001:db8:64::/96"])?;
+    /// assert!(ClientIp::new().ipv4_translators(["2001:db8::/64"]).is_err());
+    /// # let _ = ip;
+    /// # Ok::<(), tower_bulwark::rate_limit::key::InvalidNetwork>(())
+    /// ```
+    pub fn ipv4_translators<'a>(
+        mut self,
+        networks: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, InvalidNetwork> {
+        let mut prefixes = Vec::new();
+        for text in networks {
+            let net: IpNet = text.parse()?;
+            match net.addr {
+                IpAddr::V6(v6) if net.prefix == 96 => {
+                    prefixes.push(u128::from(v6) & !u128::from(u32::MAX));
+                }
+                _ => return Err(InvalidNetwork(text.to_owned())),
+            }
+        }
+        self.translators = Arc::from(prefixes);
+        Ok(self)
     }
 
     /// Trusts these proxy networks (`"10.0.0.0/8"`, `"::1"`...) to report the client's
@@ -413,6 +469,14 @@ impl ClientIp {
 
     fn mask(&self, ip: IpAddr) -> IpAddr {
         match ip {
+            IpAddr::V6(v6)
+                if self
+                    .translators
+                    .contains(&(u128::from(v6) & !u128::from(u32::MAX))) =>
+            {
+                // A translated IPv4 client: keyed by its IPv4 address.
+                IpAddr::V4((u128::from(v6) as u32).into())
+            }
             IpAddr::V6(v6) if self.v6_prefix < 128 => {
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.v6_prefix))
@@ -467,6 +531,10 @@ impl<B> KeyFn<Request<B>> for ClientIp {
     #[inline]
     fn key(&self, req: &Request<B>) -> Option<IpAddr> {
         self.client_ip(req)
+    }
+
+    fn missing_key_is_server_fault(&self) -> bool {
+        true
     }
 }
 

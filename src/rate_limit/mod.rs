@@ -158,6 +158,16 @@ pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
     /// other such requests: the layer applies its [`MissingKey`] policy (refuse, by default),
     /// warns once and counts it ([`RateLimitHandle::missing_keys`]).
     fn key(&self, req: &Req) -> Option<Self::Key>;
+
+    /// Whether a request without a key is the server's fault rather than the client's: the
+    /// [`MissingKey::Reject`] refusal is then
+    /// [`ClientAddressUnknown`](crate::RejectionKind::ClientAddressUnknown) (HTTP 500)
+    /// instead of [`RateLimitKeyMissing`](crate::RejectionKind::RateLimitKeyMissing) (HTTP
+    /// 400). `false` by default; [`key::ClientIp`] says `true` (a request always has an
+    /// address: not finding it is a setup error).
+    fn missing_key_is_server_fault(&self) -> bool {
+        false
+    }
 }
 
 impl<Req, K, F> KeyFn<Req> for F
@@ -194,8 +204,12 @@ impl<Req> KeyFn<Req> for Global {
 #[non_exhaustive]
 pub enum MissingKey {
     /// Refuse it with a [`Rejection`](crate::Rejection) of kind
-    /// [`RateLimitKeyMissing`](crate::RejectionKind::RateLimitKeyMissing) (HTTP 500, gRPC
-    /// `INTERNAL`): the default, since the limit cannot be applied.
+    /// [`RateLimitKeyMissing`](crate::RejectionKind::RateLimitKeyMissing) (HTTP 400, gRPC
+    /// `INVALID_ARGUMENT`: the client did not send what its key is read from), or
+    /// [`ClientAddressUnknown`](crate::RejectionKind::ClientAddressUnknown) (HTTP 500, gRPC
+    /// `INTERNAL`) when the key function says the miss is the server's
+    /// ([`KeyFn::missing_key_is_server_fault`]: no client address): the default, since the
+    /// limit cannot be applied.
     #[default]
     Reject,
     /// Let it through without a limit (fail open).

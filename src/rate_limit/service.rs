@@ -97,7 +97,7 @@ where
             }
             Some(table) => {
                 let Some(key) = self.key.key(&req) else {
-                    return self.key_missing(req);
+                    return self.key_missing(req, self.key.missing_key_is_server_fault());
                 };
                 let (interval, tolerance) = shared.params();
                 let hash = table.hash(&key);
@@ -166,7 +166,7 @@ impl<S, K, H> RateLimit<S, K, H> {
     /// No key: never one shared limit; refused or admitted as the layer's policy says.
     #[cold]
     #[inline(never)]
-    fn key_missing<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, H>
+    fn key_missing<Req>(&mut self, req: Req, server_fault: bool) -> ResponseFuture<S, Req, H>
     where
         S: Service<Req> + Clone,
         H: ResponseHeaders<S::Response>,
@@ -189,10 +189,13 @@ impl<S, K, H> RateLimit<S, K, H> {
                 };
                 ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
             }
-            _ => ResponseFuture::rejected(
+            _ => ResponseFuture::rejected(if server_fault {
+                Rejection::new(RejectionKind::ClientAddressUnknown)
+                    .with_detail("the client's address could not be found")
+            } else {
                 Rejection::new(RejectionKind::RateLimitKeyMissing)
-                    .with_detail("the rate limit key could not be read from the request"),
-            ),
+                    .with_detail("the rate limit key could not be read from the request")
+            }),
         }
     }
 

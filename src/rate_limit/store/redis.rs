@@ -1043,11 +1043,14 @@ where
                      address); such requests are refused and counted"
                 );
             }
-            return RedisResponseFuture::refused(
+            let rejection = if self.key.missing_key_is_server_fault() {
+                Rejection::new(RejectionKind::ClientAddressUnknown)
+                    .with_detail("the client's address could not be found")
+            } else {
                 Rejection::new(RejectionKind::RateLimitKeyMissing)
-                    .with_detail("the rate limit key (client address) could not be read"),
-                self.shared.clone(),
-            );
+                    .with_detail("the rate limit key could not be read from the request")
+            };
+            return RedisResponseFuture::refused(rejection, self.shared.clone());
         };
         let ready = std::mem::take(&mut self.is_ready);
         let local_hash = shared.local_hash(&key);
@@ -1134,7 +1137,7 @@ impl RedisRateLimitHandle {
 
     /// Requests whose key could not be read (for
     /// [`ClientIp`](crate::rate_limit::key::ClientIp): no client address). They are refused
-    /// with [`RateLimitKeyMissing`](RejectionKind::RateLimitKeyMissing), never put under one
+    /// with [`RateLimitKeyMissing`](RejectionKind::RateLimitKeyMissing) (or [`ClientAddressUnknown`](RejectionKind::ClientAddressUnknown)), never put under one
     /// shared limit; the first one is logged as a warning.
     pub fn missing_keys(&self) -> u64 {
         self.shared.counters.missing_keys.load(Ordering::Relaxed)
