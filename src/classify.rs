@@ -325,7 +325,9 @@ impl GrpcCode {
     /// Reads `grpc-status` from headers or trailers. `None` when absent; a malformed value is
     /// `Unknown`.
     pub fn from_headers(headers: &HeaderMap) -> Option<GrpcCode> {
-        let v = headers.get("grpc-status")?;
+        // A constant name: `get("grpc-status")` would parse and hash the name on every call.
+        const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+        let v = headers.get(&GRPC_STATUS)?;
         Some(
             std::str::from_utf8(v.as_bytes())
                 .ok()

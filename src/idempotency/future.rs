@@ -876,7 +876,11 @@ where
     // The lease becomes the record: no more renewals.
     k.renewal = None;
     let guard = k.guard.as_mut().expect("a lease is held");
-    guard.record = Some((record.clone(), ttl));
+    if !k.store.completes_at_once() {
+        // Kept for a write in the background, should the request be dropped before this one
+        // is done.
+        guard.record = Some((record.clone(), ttl));
+    }
     State::Complete {
         fut: k.store.complete(guard.lease(), record, ttl),
         pending: Some(res),

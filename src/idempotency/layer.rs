@@ -198,7 +198,10 @@ impl Shared {
     #[cold]
     pub(crate) fn anonymous(&self) {
         Counters::bump(&self.stats.anonymous);
-        if !self.warned_anonymous.swap(true, Ordering::Relaxed) {
+        // A load first: once warned, no read-modify-write on every anonymous request.
+        if !self.warned_anonymous.load(Ordering::Relaxed)
+            && !self.warned_anonymous.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 scope = ?self.config.scope,
                 "a keyed request carries no credentials, so it shares one anonymous idempotency \

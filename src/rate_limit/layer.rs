@@ -92,7 +92,9 @@ impl Shared {
     #[cold]
     pub(crate) fn count_missing_key(&self) {
         self.missing_keys.fetch_add(1, Ordering::Relaxed);
-        if !self.missing_warned.swap(true, Ordering::Relaxed) {
+        if !self.missing_warned.load(Ordering::Relaxed)
+            && !self.missing_warned.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 target: "tower_bulwark::rate_limit",
                 policy = ?self.missing,

@@ -998,8 +998,9 @@ fn compact_headers(m: &HeaderMap) -> HeaderMap {
     }
     let mut out = HeaderMap::with_capacity(m.keys_len());
     for (name, value) in m {
-        let name =
-            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+        // A name always owns its bytes (http copies every name it parses), so a clone pins
+        // nothing larger; a value may be a slice of a read buffer, so it is copied.
+        let name = name.clone();
         let mut v = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
         v.set_sensitive(value.is_sensitive());
         out.append(name, v);
@@ -1109,6 +1110,11 @@ impl Store for MemoryStore {
         if let Err(e) = self.complete_now(&lease, record, ttl) {
             tracing::warn!(error = %e, "idempotency record not written; the lease will expire");
         }
+    }
+
+    fn completes_at_once(&self) -> bool {
+        // `complete` is `complete_now`, whose only error is a lost lease.
+        true
     }
 
     fn max_record_len(&self) -> Option<usize> {

@@ -404,6 +404,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         });
     }
 
+    /// Whether [`complete`](Store::complete)'s future is ready when first polled and fails
+    /// only with [`StoreErrorKind::LeaseLost`]: the layer then keeps no copy of a record to
+    /// write it again in the background should the request be dropped while its write is in
+    /// flight (which cannot happen). Default `false`; [`MemoryStore`] says `true`.
+    fn completes_at_once(&self) -> bool {
+        false
+    }
+
     /// The largest record, by [`Record::encoded_len`], the store promises room for, if it
     /// bounds records (default `None`: no bound). The layer refuses at build time a
     /// `max_response_body` that would not fit.
