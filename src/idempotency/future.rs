@@ -940,13 +940,16 @@ fn head_is_failure(status: StatusCode, headers: &HeaderMap, grpc: bool) -> bool 
 }
 
 /// HTTP statuses that say the request was not carried out for this caller: 401, 403, 407
-/// (its credentials were missing or refused) and 429 (it was throttled). Stored, they would
+/// (its credentials were missing or refused), 421 (sent to a server that cannot answer for
+/// the authority: RFC 9110 lets the client send it again elsewhere), 425 (too early: the
+/// server would not risk running it from TLS early data, RFC 8470, and the client sends it
+/// again once its handshake is done) and 429 (it was throttled). Stored, they would
 /// hold a key (and room in the store) for a day on the word of a request that never ran:
 /// forged credentials would fill the store. Not 408: a timeout below this layer (as
 /// tower-http's `TimeoutLayer` answers it) may cut off a handler that has had its effect, so
 /// it is stored like any 4xx and the key never runs again.
 fn is_refusal_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 401 | 403 | 407 | 429)
+    matches!(status.as_u16(), 401 | 403 | 407 | 421 | 425 | 429)
 }
 
 /// gRPC codes that say the call was not carried out for this caller: `UNAUTHENTICATED`,
@@ -962,9 +965,12 @@ fn is_refusal(code: GrpcCode) -> bool {
     )
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
+    // Not in RFC 9110's list, but a connection header in practice (sent by old clients and
+    // proxies, refused by HTTP/2): never replayed.
+    HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,

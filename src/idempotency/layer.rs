@@ -371,7 +371,7 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 /// [`release_on_drop`](IdempotencyBuilder::release_on_drop)); 2xx, 3xx and 4xx responses are
 /// stored, except failures (5xx, 429, gRPC failure statuses; see
 /// [`store_failures`](IdempotencyBuilder::store_failures)) and refusals of the caller (401,
-/// 403, 407, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
+/// 403, 407, 421, 425, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
 /// `ABORTED`; see [`store_refusals`](IdempotencyBuilder::store_refusals)); `Set-Cookie` and
 /// hop-by-hop headers and trailers are not stored; a failing store gives 503.
 pub struct IdempotencyBuilder<St, M = FromBytes> {
@@ -622,7 +622,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     }
 
     /// Store responses that refuse the caller too: 401, 403, 407 (credentials missing or
-    /// refused), 429 (throttled), and gRPC `UNAUTHENTICATED`,
+    /// refused), 421 (misdirected), 425 (too early: not run from TLS early data), 429
+    /// (throttled), and gRPC `UNAUTHENTICATED`,
     /// `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED` and `ABORTED` (which this crate itself
     /// answers for "try again"). By default they are not stored and the lease is released:
     /// such a request did not run for its caller, and storing it would let a client with
