@@ -158,7 +158,6 @@ async fn grpc_unavailable_status_is_retried() {
 /// second, 3599 s before the second field allowed. (`grpc-retry-pushback-ms` is likely read the
 /// same way.)
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: of several Retry-After fields only the first is read: retried before the server's 3600 s hint"]
 async fn several_retry_after_fields_are_read_by_the_latest() {
     let inner = Scripted::new(vec![
         (503, vec![("retry-after", "1"), ("retry-after", "3600")]),

@@ -730,7 +730,6 @@ mod redis_attacks {
 /// its own per-key quota by repeating its header (only the per-address limit remains, and a
 /// caller with many addresses has none).
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a repeated x-api-key header skips the per-key limit of the README stack (MissingKey::Admit) while auth still sees the key"]
 async fn per_key_limit_bypassed_by_repeating_the_header() {
     let per_key = RateLimitLayer::keyed(
         KeyedConfig::new(Quota::per_second(5).unwrap())
@@ -831,7 +830,6 @@ fn poll_now<F: Future>(f: F) -> F::Output {
 /// `gcra::step` ... including when time jumps back", on Redis `TIME`, which is wall-clock
 /// time and does step back (NTP, a failover to a replica whose clock is behind).
 #[test]
-#[ignore = "defect: a backwards clock jump refuses every request for the size of the jump (global and keyed)"]
 fn clock_jump_back_blocks_for_the_jump() {
     for keyed in [true, false] {
         let (clock, hand) = Clock::manual();

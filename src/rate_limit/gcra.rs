@@ -196,10 +196,26 @@ pub(crate) enum Step {
 ///
 /// `max_wait_ns` is how long the caller accepts to wait for its turn (0: admit only at once).
 /// A request up to the clock slack early conforms (see the module docs). A `now` earlier than
-/// a previous one (a clock that jumped back) is handled: the TAT is never moved back, so such
-/// a step admits at most what the slack allows.
+/// a previous one (a clock that jumped back) is handled: within one window (the TAT no
+/// further ahead than an admission can set it) the TAT is never moved back, so such a step
+/// admits at most what the slack allows; a jump back beyond that finds the limit spent on
+/// the new time line, and whole again one window later, instead of refusing every request
+/// for the length of the jump.
 #[inline]
 pub(crate) fn step(tat: u64, now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
+    // No admission sets a TAT further ahead than `tolerance + max_wait + interval`: one that
+    // is means the clock went back. The limit is taken as spent but for one token on the new
+    // time line (this request, whose admission then stores a TAT on it), not as spent until
+    // the old time comes again.
+    let horizon = now
+        .saturating_add(tolerance)
+        .saturating_add(max_wait_ns)
+        .saturating_add(interval);
+    let tat = if tat > horizon {
+        now.saturating_add(tolerance.saturating_sub(interval))
+    } else {
+        tat
+    };
     let new_tat = tat.max(now).saturating_add(interval);
     // The earliest instant at which this request fits in the burst.
     let allowed_at = new_tat.saturating_sub(tolerance);
@@ -323,21 +339,33 @@ mod tests {
         let Step::Admit { new_tat, .. } = step(0, 1_000, i, tol, 0) else {
             panic!()
         };
-        // The clock jumps back by 500 ns: nothing panics, and the limit is not refilled.
+        // The clock jumps back by 30 ns (within one window, `tol + i`): nothing panics, and
+        // the limit is not refilled.
         let mut tat = new_tat;
         let mut admitted = 0;
         for _ in 0..10 {
-            if let Step::Admit { new_tat, .. } = step(tat, 500, i, tol, 0) {
+            if let Step::Admit { new_tat, .. } = step(tat, 970, i, tol, 0) {
                 tat = new_tat;
                 admitted += 1;
             }
         }
         assert_eq!(admitted, 0);
+        // A jump back beyond one window: the limit is spent but for one token on the new
+        // time line, not until the old time comes again.
         assert_eq!(
             step(u64::MAX, 0, i, tol, 0),
-            Step::Reject {
-                retry_after_ns: u64::MAX - tol
+            Step::Admit {
+                new_tat: tol,
+                wait_ns: 0
             }
+        );
+        let Step::Admit { new_tat, .. } = step(1_000_000, 1_000, i, tol, 0) else {
+            panic!()
+        };
+        assert_eq!(new_tat, 1_000 + tol);
+        assert_eq!(
+            step(new_tat, 1_000, i, tol, 0),
+            Step::Reject { retry_after_ns: i }
         );
     }
 
@@ -421,7 +449,11 @@ mod tests {
 
         /// Over any sequence of request times (monotonic or not), the number admitted never
         /// exceeds `burst + (span + slack) / interval`, where span is the range of times seen
-        /// (and the slack is less than one interval).
+        /// (and the slack is less than one interval), while the clock never goes back by more
+        /// than one window (`tolerance + interval`) behind the latest TAT. Each jump back
+        /// beyond that starts a new time line, spent but for one token: over the whole
+        /// sequence, no more than `burst + (forward + slack * (1 + jumps)) / interval + jumps`,
+        /// where `forward` is the sum of the steps forward.
         #[test]
         fn never_over_admits(
             interval in 1u64..1_000_000,
@@ -433,20 +465,30 @@ mod tests {
             let mut now = start;
             let mut max_now = start;
             let mut min_now = start;
+            let mut forward = 0u64;
+            let mut jumps = 0u64;
             let mut tat = 0;
             let mut admitted = 0u64;
+            let slack = CLOCK_SLACK_NS.min(interval - 1);
             for d in deltas {
                 now = now.saturating_add_signed(d);
                 max_now = max_now.max(now);
                 min_now = min_now.min(now);
+                forward += d.max(0) as u64;
+                if tat > now + tol + interval {
+                    jumps += 1;
+                }
                 if let Step::Admit { new_tat, wait_ns } = step(tat, now, interval, tol, 0) {
                     prop_assert_eq!(wait_ns, 0);
                     tat = new_tat;
                     admitted += 1;
                 }
-                let slack = CLOCK_SLACK_NS.min(interval - 1);
-                let allowed = burst + (max_now - min_now + slack) / interval;
-                prop_assert!(admitted <= allowed, "admitted {} > allowed {}", admitted, allowed);
+                if jumps == 0 {
+                    let allowed = burst + (max_now - min_now + slack) / interval;
+                    prop_assert!(admitted <= allowed, "admitted {} > allowed {}", admitted, allowed);
+                }
+                let allowed = burst + (forward + slack * (1 + jumps)) / interval + jumps;
+                prop_assert!(admitted <= allowed, "admitted {} > allowed {} ({} jumps)", admitted, allowed, jumps);
             }
         }
 

@@ -24,7 +24,9 @@ use super::KeyFn;
 ///
 /// A request whose header is absent, empty (or only blanks), not visible ASCII, or sent more
 /// than once (which value would be its key?) has no key: such requests never share one
-/// limit. The layer's [`MissingKey`](super::MissingKey) policy decides (refuse, by default),
+/// limit. A header sent more than once or not visible ASCII is refused whatever the policy
+/// (see [`KeyFn::key_is_malformed`]); for one absent or blank, the layer's
+/// [`MissingKey`](super::MissingKey) policy decides (refuse, by default),
 /// counts them ([`RateLimitHandle::missing_keys`](super::RateLimitHandle::missing_keys)) and
 /// warns once. Behind a per-address limit, where requests without the header are anonymous
 /// clients that the address limit already bounds, admit them:
@@ -85,6 +87,17 @@ impl<B> KeyFn<Request<B>> for Header {
     #[inline]
     fn key(&self, req: &Request<B>) -> Option<HeaderValue> {
         self.value(req).cloned()
+    }
+
+    fn key_is_malformed(&self, req: &Request<B>) -> bool {
+        // Sent, but not usable: more than once, or not visible ASCII. (One blank value is no
+        // key at all: an anonymous request.)
+        let mut values = req.headers().get_all(&self.name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => false,
+            (Some(_), Some(_)) => true,
+            (Some(v), None) => v.to_str().is_err(),
+        }
     }
 }
 

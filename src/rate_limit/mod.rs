@@ -168,6 +168,17 @@ pub trait KeyFn<Req>: Clone + Send + Sync + 'static {
     fn missing_key_is_server_fault(&self) -> bool {
         false
     }
+
+    /// Whether a request without a key sent one that is malformed (for [`key::Header`]: the
+    /// header sent more than once, or not visible ASCII), rather than none: such a request is
+    /// refused ([`RateLimitKeyMissing`](crate::RejectionKind::RateLimitKeyMissing)) even under
+    /// [`MissingKey::Admit`], which admits requests that carry no key, since a client could
+    /// otherwise repeat its header to step out of its own limit while the service behind
+    /// reads the first value. Asked only of requests without a key; `false` by default.
+    fn key_is_malformed(&self, req: &Req) -> bool {
+        let _ = req;
+        false
+    }
 }
 
 impl<Req, K, F> KeyFn<Req> for F

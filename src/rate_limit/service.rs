@@ -97,7 +97,9 @@ where
             }
             Some(table) => {
                 let Some(key) = self.key.key(&req) else {
-                    return self.key_missing(req, self.key.missing_key_is_server_fault());
+                    let malformed = self.key.key_is_malformed(&req);
+                    let server_fault = self.key.missing_key_is_server_fault();
+                    return self.key_missing(req, server_fault, malformed);
                 };
                 let (interval, tolerance) = shared.params();
                 let hash = table.hash(&key);
@@ -166,12 +168,24 @@ impl<S, K, H> RateLimit<S, K, H> {
     /// No key: never one shared limit; refused or admitted as the layer's policy says.
     #[cold]
     #[inline(never)]
-    fn key_missing<Req>(&mut self, req: Req, server_fault: bool) -> ResponseFuture<S, Req, H>
+    fn key_missing<Req>(
+        &mut self,
+        req: Req,
+        server_fault: bool,
+        malformed: bool,
+    ) -> ResponseFuture<S, Req, H>
     where
         S: Service<Req> + Clone,
         H: ResponseHeaders<S::Response>,
     {
         self.shared.count_missing_key();
+        if malformed {
+            return ResponseFuture::rejected(
+                Rejection::new(RejectionKind::RateLimitKeyMissing).with_detail(
+                    "the rate limit key is malformed (sent more than once, or not visible ASCII)",
+                ),
+            );
+        }
         match self.shared.missing {
             MissingKey::Admit if self.is_ready => {
                 self.is_ready = false;

@@ -329,18 +329,24 @@ where
 impl<B> Hints<Response<B>> for HttpReplay {
     fn hint(&self, res: &Response<B>) -> Hint {
         let headers = res.headers();
-        // Every hint present counts, and the latest wins: never retry before any of them.
+        // Every hint present counts, each field of a header sent more than once too, and the
+        // latest wins: never retry before any of them.
         let pushback = headers
-            .get(GRPC_PUSHBACK)
-            .map_or(Hint::None, parse_pushback);
+            .get_all(GRPC_PUSHBACK)
+            .iter()
+            .map(parse_pushback)
+            .fold(Hint::None, later);
         if pushback == Hint::Stop {
             return Hint::Stop;
         }
-        let retry_after = match headers.get(RETRY_AFTER) {
-            Some(v) => parse_retry_after(v, SystemTime::now()),
-            None => Hint::None,
-        };
-        later(pushback, retry_after)
+        let mut values = headers.get_all(RETRY_AFTER).iter().peekable();
+        if values.peek().is_none() {
+            return pushback;
+        }
+        let now = SystemTime::now();
+        values
+            .map(|v| parse_retry_after(v, now))
+            .fold(pushback, later)
     }
 
     fn describe(&self, res: &Response<B>) -> Option<String> {
