@@ -321,10 +321,20 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store on this connection, with the default prefix and timeout.
     pub fn new(conn: ConnectionManager) -> RedisStore {
-        RedisStore::build(conn, Arc::from(DEFAULT_PREFIX.as_bytes()), DEFAULT_TIMEOUT)
+        RedisStore::build(
+            conn,
+            Arc::from(DEFAULT_PREFIX.as_bytes()),
+            DEFAULT_TIMEOUT,
+            Clock::new(),
+        )
     }
 
-    fn build(conn: ConnectionManager, prefix: Arc<[u8]>, timeout: Duration) -> RedisStore {
+    fn build(
+        conn: ConnectionManager,
+        prefix: Arc<[u8]>,
+        timeout: Duration,
+        clock: Clock,
+    ) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -332,7 +342,7 @@ impl RedisStore {
                 timeout,
                 token_keys: Default::default(),
                 next_token: AtomicU64::new(1),
-                clock: Clock::new(),
+                clock,
                 failures: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
                 leases_lost: AtomicU64::new(0),
@@ -366,6 +376,7 @@ impl RedisStore {
             self.inner.conn.clone(),
             Arc::from(prefix.as_bytes()),
             self.inner.timeout,
+            self.inner.clock.clone(),
         ))
     }
 
@@ -382,7 +393,22 @@ impl RedisStore {
             self.inner.conn.clone(),
             self.inner.prefix.clone(),
             timeout,
+            self.inner.clock.clone(),
         ))
+    }
+
+    /// The clock of the store's own timing: the failure log's pace and when Redis's eviction
+    /// policy is read again (default [`Clock::new`]). Redis keeps the leases' and records'
+    /// time itself. [`Clock::manual`] moves that timing by hand in tests that talk to a real
+    /// Redis (whose runtime must not be paused: a paused runtime advances its clock while it
+    /// waits for the socket, which fires the calls' timeouts).
+    pub fn clock(self, clock: Clock) -> RedisStore {
+        RedisStore::build(
+            self.inner.conn.clone(),
+            self.inner.prefix.clone(),
+            self.inner.timeout,
+            clock,
+        )
     }
 
     /// This process's figures.
@@ -434,18 +460,7 @@ impl RedisStore {
 
     /// The Redis key of a store key: `<prefix>{<32 hex digits>}`.
     pub fn redis_key(&self, key: &StoreKey) -> Vec<u8> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = sha1_smol::Sha1::from(key.encoded()).digest().bytes();
-        let prefix = &self.inner.prefix;
-        let mut out = Vec::with_capacity(prefix.len() + 34);
-        out.extend_from_slice(prefix);
-        out.push(b'{');
-        for b in &digest[..16] {
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        }
-        out.push(b'}');
-        out
+        redis_key(&self.inner.prefix, key)
     }
 
     fn token(&self) -> u128 {
@@ -619,6 +634,21 @@ impl Inner {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// `<prefix>{<hex of the first 128 bits of the SHA-1 of the key's encoding>}`.
+fn redis_key(prefix: &[u8], key: &StoreKey) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = sha1_smol::Sha1::from(key.encoded()).digest().bytes();
+    let mut out = Vec::with_capacity(prefix.len() + 34);
+    out.extend_from_slice(prefix);
+    out.push(b'{');
+    for b in &digest[..16] {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
+    }
+    out.push(b'}');
+    out
 }
 
 fn ttl_ms(d: Duration) -> u64 {
@@ -882,5 +912,31 @@ impl fmt::Debug for RedisStore {
             .field("timeout", &self.inner.timeout)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Redis key is part of the store's format: replicas of different builds (a rolling
+    /// deploy, another compiler) must derive the same key for the same scope and key, or a
+    /// request runs once on each. These values must never change.
+    #[test]
+    fn redis_keys_are_pinned() {
+        let key =
+            |k: &StoreKey| String::from_utf8(redis_key(DEFAULT_PREFIX.as_bytes(), k)).unwrap();
+        assert_eq!(
+            key(&StoreKey::new("tenant-1", "order-42")),
+            "bulwark:idem:{9c42fc84aa56f6854c720c6c7690bf6c}"
+        );
+        assert_eq!(
+            key(&StoreKey::unscoped("order-42")),
+            "bulwark:idem:{932a6d1ce88d00f8261b34237cc593e3}"
+        );
+        assert_eq!(
+            String::from_utf8(redis_key(b"orders:", &StoreKey::new("t", "k"))).unwrap(),
+            "orders:{f0d6fb6679edac6f392ff347eff39082}"
+        );
     }
 }
