@@ -22,11 +22,17 @@
 //! retried the same way: a release lost on the way does not leave the key refused for the
 //! rest of the lease.
 //!
-//! These background releases are bounded, whatever the outage: they wait in one queue of at
-//! most [`MAX_PENDING_RELEASES`] owner tokens (at most [`MAX_PENDING_RELEASES_PER_KEY`] per
-//! key), sent by one task per store, each key's tokens in one script per round. A release
-//! that finds the queue full is dropped and counted ([`RedisStoreStats::releases_dropped`]):
-//! its lease, if it was taken, expires by itself.
+//! These background releases are bounded, whatever the outage: they wait in one queue, sent
+//! by one task per store, each key's tokens in one script per round. The two kinds (the
+//! releases of claims never answered, and those of requests that failed) have a room each,
+//! of at most [`MAX_PENDING_RELEASES`] owner tokens (at most [`MAX_PENDING_RELEASES_PER_KEY`]
+//! per key), so that a burst of one kind cannot crowd out the other. A release that finds
+//! its room full is dropped and counted ([`RedisStoreStats::releases_dropped`]): its lease,
+//! if it was taken, expires by itself. So is a release that Redis refuses in a way no retry
+//! mends (a script error, a reply of the wrong type, refused credentials or permissions),
+//! with a `WARN` event; only failures that may pass (Redis unreachable, slow, loading,
+//! failing over, out of memory) are retried. The same holds for a record written in the
+//! background.
 //!
 //! Values are compact binary: a lease is `L`, the request's fingerprint (16 bytes) and the
 //! owner token (16 bytes); a record is `R`, the fingerprint and [`Record::encode`]'s bytes (no
@@ -197,13 +203,13 @@ return 0
     )
 });
 
-/// The most releases [`RedisStore`] keeps waiting for its background worker at once (each
-/// an owner token with the time its lease would expire); beyond, a release is not queued and
-/// its lease, if it was taken, expires by itself (counted in
-/// [`RedisStoreStats::releases_dropped`]).
+/// The most releases of each kind (of claims never answered; of requests that failed)
+/// [`RedisStore`] keeps waiting for its background worker at once (each an owner token with
+/// the time its lease would expire); beyond, a release is not queued and its lease, if it
+/// was taken, expires by itself (counted in [`RedisStoreStats::releases_dropped`]).
 pub const MAX_PENDING_RELEASES: usize = 1024;
 
-/// The most releases of one key kept waiting at once (the first ones: of claims sent
+/// The most releases of each kind of one key kept waiting at once (the first ones: of claims sent
 /// while Redis did not answer, the first to reach it is the one that may have taken the
 /// lease); the others are dropped and counted.
 pub const MAX_PENDING_RELEASES_PER_KEY: usize = 16;
@@ -249,11 +255,12 @@ pub struct RedisStoreStats {
     /// Records that could not be decoded.
     pub corrupt: u64,
     /// Releases waiting for the background worker (after a failure, or of a claim Redis did
-    /// not answer), at most [`MAX_PENDING_RELEASES`].
+    /// not answer), at most [`MAX_PENDING_RELEASES`] of each kind.
     pub releases_pending: u64,
-    /// Releases not queued because the queue was full (or held
-    /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), or given up when their lease would
-    /// have expired anyway: their lease, if taken, expires by itself.
+    /// Releases not queued because their kind's room was full (or held
+    /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), refused by Redis in a way no retry
+    /// mends, or given up when their lease would have expired anyway: their lease, if taken,
+    /// expires by itself.
     pub releases_dropped: u64,
     /// Claims refused because Redis's eviction policy may evict leases and records (see
     /// [`RedisStore`]'s module docs, "Eviction").
@@ -287,14 +294,94 @@ struct Inner {
     policy_refusals: AtomicU64,
 }
 
-/// Releases waiting for the worker, by Redis key: each an owner token and when its lease
-/// would expire by itself.
+/// Why a release waits for the worker. Each kind has its own room in the queue, so that a
+/// burst of one kind cannot crowd out the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReleaseKind {
+    /// The lease a claim may have taken, whose answer never came: nobody holds it.
+    Unanswered = 0,
+    /// The lease of a request that failed, given back so that its client may retry.
+    GivenBack = 1,
+}
+
+/// A release waiting for the worker: the owner token, when its lease would expire by
+/// itself, and why it waits.
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    token: u128,
+    until: tokio::time::Instant,
+    kind: ReleaseKind,
+}
+
+/// Releases waiting for the worker, by Redis key.
 #[derive(Default)]
 struct Pending {
-    keys: HashMap<Vec<u8>, Vec<(u128, tokio::time::Instant)>>,
-    count: usize,
+    keys: HashMap<Vec<u8>, Vec<Queued>>,
+    /// Releases waiting, by [`ReleaseKind`].
+    count: [usize; 2],
     /// Whether a worker task is running (it ends when the queue is empty).
     worker: bool,
+}
+
+impl Pending {
+    /// Queues `q` for `rkey`, unless its kind already has [`MAX_PENDING_RELEASES`] waiting, or
+    /// [`MAX_PENDING_RELEASES_PER_KEY`] for this key; whether it was queued.
+    fn push(&mut self, rkey: Vec<u8>, q: Queued) -> bool {
+        let kind = q.kind as usize;
+        if self.count[kind] >= MAX_PENDING_RELEASES {
+            return false;
+        }
+        let queued = self.keys.entry(rkey).or_default();
+        if queued.iter().filter(|o| o.kind == q.kind).count() >= MAX_PENDING_RELEASES_PER_KEY {
+            return false;
+        }
+        queued.push(q);
+        self.count[kind] += 1;
+        true
+    }
+
+    fn total(&self) -> usize {
+        self.count.iter().sum()
+    }
+
+    /// Removes the releases of `rkey` for which `gone` holds; how many.
+    fn remove(&mut self, rkey: &[u8], mut gone: impl FnMut(&Queued) -> bool) -> usize {
+        let Some(queued) = self.keys.get_mut(rkey) else {
+            return 0;
+        };
+        let mut removed = 0;
+        let count = &mut self.count;
+        queued.retain(|q| {
+            let go = gone(q);
+            if go {
+                count[q.kind as usize] -= 1;
+                removed += 1;
+            }
+            !go
+        });
+        if queued.is_empty() {
+            self.keys.remove(rkey);
+        }
+        removed
+    }
+
+    /// Removes every release whose lease has expired by `now`; how many.
+    fn expire(&mut self, now: tokio::time::Instant) -> usize {
+        let mut removed = 0;
+        let count = &mut self.count;
+        self.keys.retain(|_, queued| {
+            queued.retain(|q| {
+                let live = q.until > now;
+                if !live {
+                    count[q.kind as usize] -= 1;
+                    removed += 1;
+                }
+                live
+            });
+            !queued.is_empty()
+        });
+        removed
+    }
 }
 
 /// Idempotency leases and records in Redis; see the [module docs](self).
@@ -419,7 +506,7 @@ impl RedisStore {
             timeouts: i.timeouts.load(Ordering::Relaxed),
             leases_lost: i.leases_lost.load(Ordering::Relaxed),
             corrupt: i.corrupt.load(Ordering::Relaxed),
-            releases_pending: i.pending().count as u64,
+            releases_pending: i.pending().total() as u64,
             releases_dropped: i.releases_dropped.load(Ordering::Relaxed),
             eviction_refusals: i.policy_refusals.load(Ordering::Relaxed),
         }
@@ -427,7 +514,7 @@ impl RedisStore {
 
     /// Queues the release of `lease` for the background worker, which sends it (with the
     /// other releases of its key) until Redis answers or `until` passes.
-    fn queue_release(&self, lease: &Lease, until: tokio::time::Instant) {
+    fn queue_release(&self, lease: &Lease, until: tokio::time::Instant, kind: ReleaseKind) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::debug!("no tokio runtime to release on; the lease will expire");
             return;
@@ -435,19 +522,17 @@ impl RedisStore {
         let rkey = self.redis_key(lease.key());
         let start = {
             let mut p = self.inner.pending();
-            let queued = p.count < MAX_PENDING_RELEASES && {
-                let tokens = p.keys.entry(rkey).or_default();
-                let room = tokens.len() < MAX_PENDING_RELEASES_PER_KEY;
-                if room {
-                    tokens.push((lease.token(), until));
-                }
-                room
-            };
-            if queued {
-                p.count += 1;
-            } else {
+            let queued = p.push(
+                rkey,
+                Queued {
+                    token: lease.token(),
+                    until,
+                    kind,
+                },
+            );
+            if !queued {
                 self.inner.releases_dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(key = ?lease.key(), "idempotency release queue full; the lease will expire");
+                tracing::debug!(key = ?lease.key(), ?kind, "idempotency release queue full; the lease will expire");
             }
             let start = queued && !p.worker;
             p.worker |= start;
@@ -502,7 +587,9 @@ impl RedisStore {
                 }
                 Ok(Err(e)) => {
                     inner.failure(&e, false);
-                    Err(StoreError::with_source(StoreErrorKind::Unavailable, e))
+                    let permanent = !worth_retrying(&e);
+                    let error = StoreError::with_source(StoreErrorKind::Unavailable, e);
+                    Err(if permanent { error.permanent() } else { error })
                 }
                 Err(elapsed) => {
                     inner.failure(&elapsed, true);
@@ -651,6 +738,26 @@ fn redis_key(prefix: &[u8], key: &StoreKey) -> Vec<u8> {
     out
 }
 
+/// Whether a call that failed with `e` may succeed if sent again: Redis unreachable, slow,
+/// loading, failing over, out of memory (keys expire), or busy. A script error, a reply of
+/// the wrong type, refused credentials or permissions fail the same way every time.
+fn worth_retrying(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, RetryMethod};
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return true;
+    }
+    if matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+    ) {
+        return false;
+    }
+    if matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS")) {
+        return true;
+    }
+    !matches!(e.retry_method(), RetryMethod::NoRetry)
+}
+
 fn ttl_ms(d: Duration) -> u64 {
     duration_nanos(d).div_ceil(1_000_000).max(1)
 }
@@ -682,14 +789,7 @@ async fn release_worker(store: RedisStore) {
         let now = tokio::time::Instant::now();
         let batch: Vec<(Vec<u8>, Vec<u128>)> = {
             let mut p = store.inner.pending();
-            let mut expired = 0;
-            p.keys.retain(|_, tokens| {
-                let before = tokens.len();
-                tokens.retain(|&(_, until)| until > now);
-                expired += before - tokens.len();
-                !tokens.is_empty()
-            });
-            p.count -= expired;
+            let expired = p.expire(now);
             if expired > 0 {
                 store
                     .inner
@@ -708,7 +808,7 @@ async fn release_worker(store: RedisStore) {
             p.keys
                 .iter()
                 .take(KEYS_PER_ROUND)
-                .map(|(k, tokens)| (k.clone(), tokens.iter().map(|&(t, _)| t).collect()))
+                .map(|(k, queued)| (k.clone(), queued.iter().map(|q| q.token).collect()))
                 .collect()
         };
         let mut failed = false;
@@ -726,22 +826,31 @@ async fn release_worker(store: RedisStore) {
                     Ok(Ok(()))
                 })
                 .await;
-            if out.is_err() {
-                failed = true;
-                break;
-            }
-            // Sent: these tokens are done (others of the key may have come meanwhile).
-            let mut p = store.inner.pending();
-            let mut done = 0;
-            if let Some(left) = p.keys.get_mut(&rkey) {
-                let before = left.len();
-                left.retain(|(t, _)| !tokens.contains(t));
-                done = before - left.len();
-                if left.is_empty() {
-                    p.keys.remove(&rkey);
+            if let Err(e) = &out {
+                if super::worth_retrying(e) {
+                    failed = true;
+                    break;
                 }
             }
-            p.count -= done;
+            // Sent (others of the key may have come meanwhile), or refused in a way that no
+            // retry mends (a script error, a reply of the wrong type, refused credentials):
+            // these tokens are done.
+            let done = store
+                .inner
+                .pending()
+                .remove(&rkey, |q| tokens.contains(&q.token));
+            if let Err(error) = out {
+                store
+                    .inner
+                    .releases_dropped
+                    .fetch_add(done as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    %error,
+                    dropped = done,
+                    "idempotency store: releases dropped, redis refuses them (retrying \
+                     cannot help); their leases expire by themselves"
+                );
+            }
         }
         if failed {
             tracing::debug!(?pause, "idempotency store: releases wait for redis");
@@ -773,7 +882,8 @@ impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             tracing::debug!(key = ?lease.key(), "idempotency claim unanswered; releasing the lease it may have taken");
-            self.store.queue_release(&lease, self.until);
+            self.store
+                .queue_release(&lease, self.until, ReleaseKind::Unanswered);
         }
     }
 }
@@ -884,7 +994,7 @@ impl Store for RedisStore {
     /// Queued for the store's one background worker, which sends it until Redis answers or
     /// the lease would have expired (see [`MAX_PENDING_RELEASES`]).
     fn release_detached(&self, lease: Lease, until: tokio::time::Instant) {
-        self.queue_release(&lease, until);
+        self.queue_release(&lease, until, ReleaseKind::GivenBack);
     }
 
     fn get(&self, key: &StoreKey) -> Self::GetFuture {
@@ -918,6 +1028,42 @@ impl fmt::Debug for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The two kinds of background release have a room each, overall and per key: a burst of
+    /// one kind (either) leaves room for the other.
+    #[test]
+    fn each_kind_of_release_has_its_own_room() {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let q = |token, kind| Queued { token, until, kind };
+        for (burst, other) in [
+            (ReleaseKind::GivenBack, ReleaseKind::Unanswered),
+            (ReleaseKind::Unanswered, ReleaseKind::GivenBack),
+        ] {
+            let mut p = Pending::default();
+            for i in 0..MAX_PENDING_RELEASES_PER_KEY {
+                assert!(p.push(b"hot".to_vec(), q(i as u128, burst)));
+            }
+            assert!(
+                !p.push(b"hot".to_vec(), q(99, burst)),
+                "the key's share is full"
+            );
+            assert!(p.push(b"hot".to_vec(), q(100, other)));
+            for i in MAX_PENDING_RELEASES_PER_KEY..MAX_PENDING_RELEASES {
+                assert!(p.push((i as u64).to_be_bytes().to_vec(), q(i as u128, burst)));
+            }
+            assert!(
+                !p.push(b"new".to_vec(), q(1, burst)),
+                "the kind's room is full"
+            );
+            assert!(p.push(b"new".to_vec(), q(1, other)));
+            assert_eq!(p.total(), MAX_PENDING_RELEASES + 2);
+            // Sent or dropped, releases give their room back to their own kind.
+            assert_eq!(p.remove(b"hot", |q| q.token == 0), 1);
+            assert!(p.push(b"new".to_vec(), q(2, burst)));
+            assert_eq!(p.expire(until), MAX_PENDING_RELEASES + 2);
+            assert_eq!((p.total(), p.keys.len()), (0, 0));
+        }
+    }
 
     /// The Redis key is part of the store's format: replicas of different builds (a rolling
     /// deploy, another compiler) must derive the same key for the same scope and key, or a
