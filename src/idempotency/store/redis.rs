@@ -67,10 +67,18 @@
 //! With an evicting policy and a `maxmemory` limit it **refuses every claim** (a
 //! [`StoreErrorKind::Unavailable`] error, so the layer's failure policy applies: 503 by
 //! default), logs an `ERROR` and counts the refusals
-//! ([`RedisStoreStats::eviction_refusals`]); it reads the policy again every 10 s, so that a
-//! fixed configuration is taken up with no restart. An evicting policy with no `maxmemory`
-//! (nothing evicted yet) and a server that refuses `CONFIG` (renamed or not allowed, as on
-//! some managed services) are warned about once, and trusted.
+//! ([`RedisStoreStats::eviction_refusals`]). An evicting policy with no `maxmemory` (nothing
+//! evicted yet) and a server that refuses `CONFIG` (renamed or not allowed, as on some
+//! managed services) are warned about, and trusted.
+//!
+//! The policy is read again, whatever was found: every [`POLICY_REREAD`] (60 s) while claims
+//! are accepted, so that a policy changed at run time to an evicting one (or a `CONFIG`
+//! allowed again) is noticed, and every [`POLICY_REREAD_REFUSING`] (10 s) while they are
+//! refused, so that a fixed configuration is taken up with no restart. These reads are off
+//! the claims' path: the first claim past the interval sends one read on a task of its own
+//! (at most one in flight; a second later again if Redis did not answer it) and is itself
+//! decided by what the store knew. Until the read's answer, claims are decided the same
+//! way; the store's [clock](RedisStore::clock) times the interval.
 //!
 //! # Failures
 //!
@@ -111,16 +119,39 @@ pub const MAX_PREFIX_LEN: usize = 256;
 const LOG_EVERY_NS: u64 = 1_000_000_000;
 const NEVER: u64 = u64::MAX;
 
-/// While the eviction policy is refused, claims check it again at most this often, so that a
-/// fixed configuration is taken up with no restart.
-const POLICY_RECHECK_NS: u64 = 10_000_000_000;
+/// How often the eviction policy is read again while claims are accepted: a policy changed
+/// to an evicting one (or `CONFIG` allowed again) is noticed within this time.
+pub const POLICY_REREAD: Duration = Duration::from_secs(60);
+const POLICY_REREAD_NS: u64 = 60_000_000_000;
 
-/// What the store knows of Redis's eviction policy.
+/// How often the eviction policy is read again while claims are refused for it, so that a
+/// fixed configuration is taken up with no restart.
+pub const POLICY_REREAD_REFUSING: Duration = Duration::from_secs(10);
+const POLICY_REREAD_REFUSING_NS: u64 = 10_000_000_000;
+
+/// After a read of the policy that Redis did not answer, the next one is due this much later.
+const POLICY_RETRY_NS: u64 = 1_000_000_000;
+
+/// What the store knows of Redis's eviction policy: not read yet (the first claim reads it).
 const POLICY_UNKNOWN: u8 = 0;
-/// `noeviction`, or no `maxmemory`: nothing is evicted (or the check was refused: warned).
+/// `noeviction`: nothing is evicted.
 const POLICY_OK: u8 = 1;
 /// A policy that evicts with a memory limit: claims are refused.
 const POLICY_EVICTS: u8 = 2;
+/// `CONFIG` refused (renamed or not allowed): trusted, warned.
+const POLICY_UNREADABLE: u8 = 3;
+/// An evicting policy with no `maxmemory`: nothing is evicted yet; trusted, warned.
+const POLICY_NO_LIMIT: u8 = 4;
+
+/// What a claim does about the eviction policy.
+enum PolicyGate {
+    /// Known not to evict: claim.
+    Pass,
+    /// Known to evict: refuse.
+    Refuse,
+    /// Not read yet: read it first.
+    ReadFirst,
+}
 
 /// Why claims are refused: Redis may evict leases and records.
 #[derive(Debug)]
@@ -288,9 +319,12 @@ struct Inner {
     degraded: AtomicBool,
     releases: Mutex<Pending>,
     releases_dropped: AtomicU64,
-    /// [`POLICY_UNKNOWN`], [`POLICY_OK`] or [`POLICY_EVICTS`], and when it was last checked.
+    /// [`POLICY_UNKNOWN`], [`POLICY_OK`], [`POLICY_EVICTS`], [`POLICY_UNREADABLE`] or
+    /// [`POLICY_NO_LIMIT`], and when it was last read (the store's clock).
     policy: AtomicU8,
     policy_checked: AtomicU64,
+    /// Whether a read of the policy is in flight in the background (at most one).
+    policy_reading: AtomicBool,
     policy_refusals: AtomicU64,
 }
 
@@ -441,6 +475,7 @@ impl RedisStore {
                 releases_dropped: AtomicU64::new(0),
                 policy: AtomicU8::new(POLICY_UNKNOWN),
                 policy_checked: AtomicU64::new(0),
+                policy_reading: AtomicBool::new(false),
                 policy_refusals: AtomicU64::new(0),
             }),
         }
@@ -554,6 +589,69 @@ impl RedisStore {
         (u128::from(a.hash_one(n)) << 64) | u128::from(b.hash_one(n))
     }
 
+    /// What a claim does about Redis's eviction policy, from what the store knows. When the
+    /// last read is older than [`POLICY_REREAD`] ([`POLICY_REREAD_REFUSING`] while claims
+    /// are refused), one read goes out in the background (at most one at a time); the claim
+    /// does not wait for it.
+    #[inline]
+    fn policy_gate(&self) -> PolicyGate {
+        let i = &*self.inner;
+        let state = i.policy.load(Ordering::Relaxed);
+        if state == POLICY_UNKNOWN {
+            return PolicyGate::ReadFirst;
+        }
+        let every = if state == POLICY_EVICTS {
+            POLICY_REREAD_REFUSING_NS
+        } else {
+            POLICY_REREAD_NS
+        };
+        let now = i.clock.now_nanos();
+        let due = |i: &Inner| now.saturating_sub(i.policy_checked.load(Ordering::Relaxed)) >= every;
+        if due(i) && !i.policy_reading.swap(true, Ordering::Acquire) {
+            // Read again under the flag: a read that ended meanwhile has moved the time.
+            if due(i) {
+                self.read_policy_in_background(every);
+            } else {
+                i.policy_reading.store(false, Ordering::Release);
+            }
+        }
+        if state == POLICY_EVICTS {
+            PolicyGate::Refuse
+        } else {
+            PolicyGate::Pass
+        }
+    }
+
+    /// Reads the eviction policy on a task of its own, with the store's timeout; clears the
+    /// in-flight flag when done. If Redis does not answer, the next read is due a second later.
+    #[cold]
+    fn read_policy_in_background(&self, every: u64) {
+        /// Clears the flag however the task ends (the runtime shutting down included).
+        struct Reading(Arc<Inner>);
+        impl Drop for Reading {
+            fn drop(&mut self) {
+                self.0.policy_reading.store(false, Ordering::Release);
+            }
+        }
+        let reading = Reading(self.inner.clone());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let inner = &reading.0;
+            let mut conn = inner.conn.clone();
+            let read = tokio::time::timeout(inner.timeout, inner.read_policy(&mut conn)).await;
+            if !matches!(read, Ok(Ok(_))) {
+                let retry_at = inner.clock.now_nanos().saturating_add(POLICY_RETRY_NS);
+                inner
+                    .policy_checked
+                    .store(retry_at.saturating_sub(every), Ordering::Relaxed);
+                tracing::debug!("redis idempotency store: maxmemory-policy not read; again soon");
+            }
+            drop(reading);
+        });
+    }
+
     /// Runs `op` with the timeout, mapping and counting failures.
     fn run<T, F>(&self, op: F) -> RedisStoreFuture<T>
     where
@@ -601,42 +699,28 @@ impl RedisStore {
 }
 
 impl Inner {
-    /// Before a claim: whether Redis's eviction policy keeps what the store writes. Checked
-    /// once (`CONFIG GET maxmemory*`), then again every 10 s while it is refused. A server
-    /// that refuses `CONFIG` is warned about once and trusted.
-    async fn check_policy(
+    /// Reads Redis's eviction policy (`CONFIG GET maxmemory*`) and records what it found;
+    /// the state and, when it evicts, the policy's name. A server that refuses `CONFIG` is
+    /// trusted (warned about once); an error that may pass (Redis unreachable, slow) leaves
+    /// the state as it was.
+    async fn read_policy(
         &self,
         conn: &mut ConnectionManager,
-    ) -> Result<Result<(), StoreError>, redis::RedisError> {
-        let state = self.policy.load(Ordering::Relaxed);
-        if state == POLICY_OK {
-            return Ok(Ok(()));
-        }
+    ) -> Result<(u8, Option<String>), redis::RedisError> {
+        let reply: Result<HashMap<String, String>, redis::RedisError> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory*")
+            .query_async(conn)
+            .await;
         let now = self.clock.now_nanos();
-        if state == POLICY_EVICTS
-            && now.saturating_sub(self.policy_checked.load(Ordering::Relaxed)) < POLICY_RECHECK_NS
-        {
-            return Ok(Err(self.refuse_claim(None)));
-        }
-        let reply: Result<std::collections::HashMap<String, String>, redis::RedisError> =
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("maxmemory*")
-                .query_async(conn)
-                .await;
         let config = match reply {
             Ok(config) => config,
-            Err(e)
-                if e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal() =>
-            {
-                return Err(e);
-            }
+            Err(e) if worth_retrying(&e) => return Err(e),
             Err(e) => {
-                // CONFIG renamed or not allowed (managed services): trust, loudly.
-                if self.policy.swap(POLICY_OK, Ordering::Relaxed) != POLICY_OK {
+                // CONFIG renamed or not allowed (managed services): trust, loudly; read again
+                // later all the same, in case it is allowed then.
+                self.policy_checked.store(now, Ordering::Relaxed);
+                if self.policy.swap(POLICY_UNREADABLE, Ordering::Relaxed) != POLICY_UNREADABLE {
                     tracing::warn!(
                         error = %e,
                         "redis idempotency store: cannot read maxmemory-policy (CONFIG refused); \
@@ -644,38 +728,45 @@ impl Inner {
                          completed request run again"
                     );
                 }
-                return Ok(Ok(()));
+                return Ok((POLICY_UNREADABLE, None));
             }
         };
         let policy = config
             .get("maxmemory-policy")
             .map_or("noeviction", String::as_str);
         let limited = config.get("maxmemory").is_some_and(|m| m.trim() != "0");
+        let state = if policy == "noeviction" {
+            POLICY_OK
+        } else if !limited {
+            POLICY_NO_LIMIT
+        } else {
+            POLICY_EVICTS
+        };
         self.policy_checked.store(now, Ordering::Relaxed);
-        if policy == "noeviction" {
-            self.policy.store(POLICY_OK, Ordering::Relaxed);
-            return Ok(Ok(()));
+        let before = self.policy.swap(state, Ordering::Relaxed);
+        if before != state {
+            match state {
+                POLICY_EVICTS => tracing::error!(
+                    policy,
+                    "redis idempotency store: refusing claims: maxmemory-policy evicts keys with \
+                     a time to live, as every lease and record has (a completed request would \
+                     run again); set maxmemory-policy noeviction"
+                ),
+                // Nothing is evicted without a memory limit, but setting one would start it.
+                POLICY_NO_LIMIT => tracing::warn!(
+                    policy,
+                    "redis idempotency store: maxmemory-policy is not noeviction; with no \
+                     maxmemory nothing is evicted yet, but a memory limit would evict leases and \
+                     records (a completed request would run again): set noeviction"
+                ),
+                _ if before == POLICY_EVICTS => tracing::info!(
+                    policy,
+                    "redis idempotency store: maxmemory-policy no longer evicts; accepting claims"
+                ),
+                _ => {}
+            }
         }
-        if !limited {
-            // Nothing is evicted without a memory limit, but setting one would start it.
-            self.policy.store(POLICY_OK, Ordering::Relaxed);
-            tracing::warn!(
-                policy,
-                "redis idempotency store: maxmemory-policy is not noeviction; with no maxmemory \
-                 nothing is evicted yet, but a memory limit would evict leases and records \
-                 (a completed request would run again): set noeviction"
-            );
-            return Ok(Ok(()));
-        }
-        if self.policy.swap(POLICY_EVICTS, Ordering::Relaxed) != POLICY_EVICTS {
-            tracing::error!(
-                policy,
-                "redis idempotency store: refusing claims: maxmemory-policy evicts keys with a \
-                 time to live, as every lease and record has (a completed request would run \
-                 again); set maxmemory-policy noeviction"
-            );
-        }
-        Ok(Err(self.refuse_claim(Some(policy.to_owned()))))
+        Ok((state, (state == POLICY_EVICTS).then(|| policy.to_owned())))
     }
 
     #[cold]
@@ -911,18 +1002,26 @@ impl Store for RedisStore {
             until: tokio::time::Instant::now() + lease_ttl,
         };
         let inner = self.inner.clone();
+        let gate = self.policy_gate();
         self.run(async move {
-            match inner.check_policy(&mut conn).await {
-                Ok(Ok(())) => {}
-                // The claim was not sent: no lease can have been taken.
-                Ok(Err(refused)) => {
+            // A refused claim is not sent: no lease can have been taken.
+            match gate {
+                PolicyGate::Pass => {}
+                PolicyGate::Refuse => {
                     unanswered.answered();
-                    return Ok(Err(refused));
+                    return Ok(Err(inner.refuse_claim(None)));
                 }
-                Err(e) => {
-                    unanswered.answered();
-                    return Err(e);
-                }
+                PolicyGate::ReadFirst => match inner.read_policy(&mut conn).await {
+                    Ok((POLICY_EVICTS, policy)) => {
+                        unanswered.answered();
+                        return Ok(Err(inner.refuse_claim(policy)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        unanswered.answered();
+                        return Err(e);
+                    }
+                },
             }
             let mut inv = CLAIM.key(rkey);
             inv.arg(&fingerprint.as_u128().to_be_bytes()[..])
