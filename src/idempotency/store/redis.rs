@@ -83,14 +83,28 @@
 //! # Failures
 //!
 //! Every call has a [timeout](RedisStore::timeout) (default 50 ms); a timeout is a
-//! [`StoreErrorKind::Timeout`], any other Redis failure a [`StoreErrorKind::Unavailable`], and
-//! the idempotency layer applies its failure policy (`FailClosed` by default: 503, nothing
-//! runs; or `FailOpen`: runs without deduplication). A `complete` that fails after the
-//! handler ran (the command or its answer lost) never releases the key: the layer keeps the
-//! lease and sends the record again once Redis answers, until the lease would expire (a
-//! `complete` whose first attempt did land then finds no lease, and stops). The store counts failures
+//! [`StoreErrorKind::Timeout`], any other Redis failure a [`StoreErrorKind::Unavailable`].
+//! Unlike the Redis rate limit, which may fall back to a local limiter, the idempotency
+//! layer has no local record of other replicas' keys to fall back on: it applies its
+//! failure policy (`FailClosed` by default: 503, nothing runs; or `FailOpen`: runs without
+//! deduplication, counted). What a request meets when Redis is down (stopped, stalled, or
+//! cut off):
+//!
+//! | Redis down at | the request | the key |
+//! |---|---|---|
+//! | claim | `FailClosed`: refused, [`StoreUnavailable`](crate::RejectionKind::StoreUnavailable) (503), the handler does not run | a claim that may have reached Redis is released with its owner token in the background |
+//! | complete (the handler ran) | the client has the handler's response | never released: the record is sent again in the background until Redis takes it or the lease would expire; repeats meanwhile get 503 (Redis down) or 409 (lease held), then the replay |
+//! | release (the request failed) | the client has the failure | released in the background once Redis answers (repeats meanwhile get 503 or 409), then the key runs again, once |
+//!
+//! So no store write that fails lets a request run twice: a key whose record could not be
+//! written stays leased until the end of its lease. Only an outage longer than that lease
+//! lets a repeat run again, and not silently: the background write gives up with a `WARN`
+//! event (keep the lease's time to live above the outages it must ride out). Retries stop
+//! for a failure that no retry mends (see above). The store counts failures
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
+//! Tested with a server stopped, frozen (`SIGSTOP`) and cut off by a proxy
+//! (`tests/redis_idempotency.rs`, `tests/redis_idempotency_faults.rs`).
 
 use std::collections::HashMap;
 use std::fmt;

@@ -29,7 +29,8 @@
 //!
 //! Unlike the in-process admit path, a check allocates: the Redis client packs each command
 //! into a buffer and boxes its future, and the layer boxes the check with its timeout (one
-//! allocation of its own). Beside a network round trip this does not show: on loopback, a
+//! allocation of its own; a check skipped during the cool-down after a failure boxes
+//! nothing). Beside a network round trip this does not show: on loopback, a
 //! check costs about what a `PING` does (see `benches/redis.rs`).
 //!
 //! # Redis keys

@@ -399,22 +399,21 @@ impl RedisShared {
     /// The check of one key: one `EVALSHA` (plus a `SCRIPT LOAD` and a second `EVALSHA` after
     /// a `NOSCRIPT`), bounded by the timeout as a whole; and the interval it sends (a turn it
     /// reserves is given back by that interval, whatever `set_quota` does meanwhile). During
-    /// the cool-down after a failed check, the check is not sent (it ends at once with
-    /// [`NoAnswer::Skipped`]), unless it is the one probe.
-    pub(crate) fn check(this: &Arc<RedisShared>, key: Vec<u8>) -> (CheckFuture, u64) {
+    /// the cool-down after a failed check, the check is not sent (`None`, decided as
+    /// [`NoAnswer::Skipped`] with nothing allocated), unless it is the one probe.
+    pub(crate) fn check(this: &Arc<RedisShared>, key: Vec<u8>) -> (Option<CheckFuture>, u64) {
         let (interval, tolerance) = this.params();
         let probe = if this.cool.healthy() {
             None
         } else if this.cool.admit(this.clock.now_nanos()) {
             Some(Probe(this.clone()))
         } else {
-            let skipped: CheckFuture = Box::pin(std::future::ready(Err(NoAnswer::Skipped)));
-            return (skipped, interval);
+            return (None, interval);
         };
         let mut conn = this.conn.clone();
         let timeout = this.timeout;
         let max_wait = this.max_wait_ns;
-        let check = Box::pin(async move {
+        let check: CheckFuture = Box::pin(async move {
             let mut invocation = SCRIPT.key(key);
             invocation.arg(interval).arg(tolerance).arg(max_wait);
             let out = tokio::time::timeout(timeout, invocation.invoke_async(&mut conn))
@@ -428,7 +427,7 @@ impl RedisShared {
             }
             out
         });
-        (check, interval)
+        (Some(check), interval)
     }
 
     /// Turns the outcome of a check into a decision; an admit carries the limit's figures
@@ -1287,6 +1286,27 @@ mod tests {
         assert!(closed.local.is_none());
         let a = closed.hint_rng().next_u64();
         assert_ne!(a, closed.hint_rng().next_u64());
+    }
+
+    /// During the cool-down, a check that is not the probe is decided at once: no command,
+    /// and no future (nothing boxed) to poll.
+    #[tokio::test]
+    async fn a_check_skipped_in_the_cool_down_is_no_future() {
+        let Some(server) = super::super::redis_server::RedisServer::start(
+            "a_check_skipped_in_the_cool_down_is_no_future",
+        ) else {
+            return;
+        };
+        let conn = super::super::redis_server::conn(&server.url()).await;
+        let config = RedisRateLimitConfig::new(Quota::per_second(10).unwrap())
+            .failure_policy(FailurePolicy::FailClosed);
+        let shared = Arc::new(RedisShared::new(conn, config, true));
+        assert!(RedisShared::check(&shared, b"k".to_vec()).0.is_some());
+        shared.cool.failed(shared.clock.now_nanos());
+        assert!(RedisShared::check(&shared, b"k".to_vec()).0.is_none());
+        let decided = shared.decide(Err(NoAnswer::Skipped), 0, false);
+        assert_eq!(decided.unwrap_err().kind(), RejectionKind::StoreUnavailable);
+        assert_eq!(shared.counters.skipped.load(Ordering::Relaxed), 1);
     }
 
     fn sha1_hex(bytes: &[u8]) -> String {
