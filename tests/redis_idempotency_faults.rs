@@ -353,3 +353,402 @@ async fn dropped_while_claiming_leaves_no_orphan_lease() {
     assert_eq!(status, StatusCode::CREATED, "a repeat after the late claim");
     assert_eq!(runs.load(Ordering::SeqCst), before + 1);
 }
+
+fn fp() -> Fingerprint {
+    Fingerprint::of("POST", "/orders", b"{}")
+}
+
+fn skey(k: &str) -> StoreKey {
+    StoreKey::new([], k)
+}
+
+fn until_far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(30)
+}
+
+/// Makes the Redis key of `k` hold a list: every script on it then fails with `WRONGTYPE`,
+/// an error that no retry can mend.
+async fn wrong_type(admin: &mut ConnectionManager, store: &RedisStore, k: &str) {
+    let rkey = store.redis_key(&skey(k));
+    let _: () = admin.del(&rkey).await.unwrap();
+    let _: () = admin.rpush(&rkey, "x").await.unwrap();
+}
+
+/// A release that Redis refuses for good (the key holds another type) is dropped after its
+/// first answer, counted, and not sent again until its lease would have expired.
+#[tokio::test]
+async fn a_release_redis_refuses_is_dropped_not_retried() {
+    let server = server_or_skip!("a_release_redis_refuses_is_dropped_not_retried");
+    let c = conn(&server.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    wrong_type(&mut admin, &store, "list").await;
+    store.release_detached(Lease::new(skey("list"), 7, fp()), until_far());
+    for _ in 0..100 {
+        if store.stats().releases_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = store.stats();
+    assert_eq!(
+        (
+            stats.releases_pending,
+            stats.releases_dropped,
+            stats.failures
+        ),
+        (0, 1, 1),
+        "a release Redis refuses for good is still retried: {stats:?}"
+    );
+}
+
+/// The background write of a record that Redis refuses for good (the key holds another
+/// type) is not sent again and again until the lease would expire.
+#[tokio::test]
+async fn a_record_write_redis_refuses_is_not_retried() {
+    let server = server_or_skip!("a_record_write_redis_refuses_is_not_retried");
+    let c = conn(&server.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    wrong_type(&mut admin, &store, "list").await;
+    let record = Record::response(
+        fp(),
+        StatusCode::CREATED,
+        http::HeaderMap::new(),
+        Bytes::from_static(b"done"),
+        None,
+    );
+    store.complete_detached(
+        Lease::new(skey("list"), 7, fp()),
+        record,
+        Duration::from_secs(60),
+        until_far(),
+    );
+    for _ in 0..100 {
+        if store.stats().failures > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.stats().failures, 1);
+    // Retries would come after 10, 20, 40, 80 and 160 ms.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.stats().failures,
+        1,
+        "a write Redis refuses for good is sent again"
+    );
+}
+
+/// The releases of requests that failed (given back for the client to retry) and those of
+/// claims Redis did not answer are queued apart: a full queue of the first kind, even on
+/// one key, leaves room for the second.
+#[tokio::test]
+async fn releases_of_unanswered_claims_are_not_crowded_out() {
+    let mut server = server_or_skip!("releases_of_unanswered_claims_are_not_crowded_out");
+    let c = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    // Redis's policy read, the connection warm.
+    assert!(matches!(
+        store
+            .claim(&skey("warm"), fp(), Duration::from_secs(30))
+            .await,
+        Ok(Claim::Claimed(_))
+    ));
+    server.stop();
+    let max = tower_bulwark::idempotency::store::redis::MAX_PENDING_RELEASES;
+    let per_key = tower_bulwark::idempotency::store::redis::MAX_PENDING_RELEASES_PER_KEY;
+    for i in 0..max {
+        // The first key holds its whole share of given-back releases.
+        let k = if i < per_key {
+            "k0".to_owned()
+        } else {
+            format!("k{i}")
+        };
+        store.release_detached(Lease::new(skey(&k), i as u128 + 1, fp()), until_far());
+    }
+    assert_eq!(store.stats().releases_pending, max as u64);
+    assert_eq!(store.stats().releases_dropped, 0);
+    // A claim Redis does not answer queues the release of the lease it may have taken.
+    for k in ["k0", "fresh"] {
+        assert!(store
+            .claim(&skey(k), fp(), Duration::from_secs(30))
+            .await
+            .is_err());
+    }
+    let stats = store.stats();
+    assert_eq!(
+        (stats.releases_pending, stats.releases_dropped),
+        (max as u64 + 2, 0),
+        "the releases of unanswered claims were crowded out: {stats:?}"
+    );
+}
+
+/// How many `CONFIG GET` Redis has run.
+async fn config_gets(admin: &mut ConnectionManager) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_config|get:"))
+        .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("calls=")))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+async fn config_set(admin: &mut ConnectionManager, name: &str, value: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
+async fn claim(
+    store: &RedisStore,
+    k: &str,
+) -> Result<Claim, tower_bulwark::idempotency::StoreError> {
+    store.claim(&skey(k), fp(), Duration::from_secs(30)).await
+}
+
+/// Claims fresh keys until one is refused for the eviction policy (`want_refused`) or
+/// claimed (at most a second); whether one was.
+async fn until(store: &RedisStore, tag: &str, want_refused: bool) -> bool {
+    for i in 0..100 {
+        match claim(store, &format!("{tag}{i}")).await {
+            Err(e) if e.kind() == StoreErrorKind::Unavailable => {
+                if want_refused {
+                    return true;
+                }
+            }
+            Ok(Claim::Claimed(_)) => {
+                if !want_refused {
+                    return true;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// An evicting policy set while the store runs is noticed at the next read of the policy
+/// (at most a minute later, one read at a time, off the claims' path), and so is the fix.
+#[tokio::test]
+async fn the_eviction_policy_is_read_again() {
+    let server = server_or_skip!("the_eviction_policy_is_read_again");
+    let c = conn(&server.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let (clock, hand) = tower_bulwark::clock::Clock::manual();
+    let store = store(&c, Duration::from_secs(2)).clock(clock);
+    assert!(matches!(claim(&store, "a").await, Ok(Claim::Claimed(_))));
+    config_set(&mut admin, "maxmemory", "64mb").await;
+    config_set(&mut admin, "maxmemory-policy", "allkeys-lru").await;
+    // Read at most once a minute: not seen yet.
+    assert!(matches!(claim(&store, "b").await, Ok(Claim::Claimed(_))));
+    hand.advance(Duration::from_secs(61));
+    let before = config_gets(&mut admin).await;
+    // Many claims at once: one read of the policy goes out.
+    let claims: Vec<_> = (0..16)
+        .map(|i| tokio::spawn(store.claim(&skey(&format!("c{i}")), fp(), Duration::from_secs(30))))
+        .collect();
+    for c in claims {
+        assert!(c.await.unwrap().is_ok());
+    }
+    assert!(
+        until(&store, "d", true).await,
+        "an evicting policy set at run time is never noticed"
+    );
+    assert_eq!(
+        config_gets(&mut admin).await - before,
+        1,
+        "one read at a time"
+    );
+    assert!(store.stats().eviction_refusals >= 1);
+    // Fixed: taken up at the next read, every 10 s while claims are refused.
+    config_set(&mut admin, "maxmemory-policy", "noeviction").await;
+    assert!(matches!(claim(&store, "e").await, Err(e) if e.kind() == StoreErrorKind::Unavailable));
+    hand.advance(Duration::from_secs(11));
+    assert!(
+        until(&store, "f", false).await,
+        "the fixed policy is never taken up"
+    );
+}
+
+/// A server that refused `CONFIG` (renamed or not allowed, as on some managed services) is
+/// trusted, but not for ever: its policy is read again, and an evicting one refused.
+#[tokio::test]
+async fn a_server_that_refused_config_is_read_again() {
+    let server = server_or_skip!("a_server_that_refused_config_is_read_again");
+    let c = conn(&server.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let (clock, hand) = tower_bulwark::clock::Clock::manual();
+    let store = store(&c, Duration::from_secs(2)).clock(clock);
+    config_set(&mut admin, "maxmemory", "64mb").await;
+    config_set(&mut admin, "maxmemory-policy", "volatile-lru").await;
+    let acl = |rule: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(rule)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    acl("-config").await;
+    assert!(matches!(claim(&store, "a").await, Ok(Claim::Claimed(_))));
+    acl("+config").await;
+    assert!(matches!(claim(&store, "b").await, Ok(Claim::Claimed(_))));
+    hand.advance(Duration::from_secs(61));
+    assert!(
+        until(&store, "c", true).await,
+        "a server that once refused CONFIG is trusted for ever"
+    );
+}
+
+/// A stack over `store` whose handler answers `first` with the run's number to a request
+/// marked `x-gate`, once `gate` opens, and 201 at once to the others.
+fn gated_app(
+    store: RedisStore,
+    first: StatusCode,
+) -> (Svc, Arc<AtomicU64>, Arc<tokio::sync::Notify>) {
+    let runs = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (counter, g) = (runs.clone(), gate.clone());
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(
+            IdempotencyLayer::builder(store)
+                .lease_ttl(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        )
+        .service_fn(move |req: Request<Full<Bytes>>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            let gated = req.headers().contains_key("x-gate");
+            let g = g.clone();
+            async move {
+                let status = if gated {
+                    g.notified().await;
+                    first
+                } else {
+                    StatusCode::CREATED
+                };
+                let mut res = Response::new(Full::new(Bytes::from(format!("run {n}"))));
+                *res.status_mut() = status;
+                Ok::<_, Infallible>(res)
+            }
+        });
+    (BoxCloneService::new(svc), runs, gate)
+}
+
+/// Runs a request marked `x-gate` for `k`, and stalls Redis (`SIGSTOP`) once its handler
+/// runs, before it answers; its response.
+async fn answered_while_paused(
+    svc: &Svc,
+    runs: &AtomicU64,
+    gate: &tokio::sync::Notify,
+    server: &RedisServer,
+    k: &str,
+) -> Response<Body> {
+    let mut req = post(k, "{}");
+    req.headers_mut().insert("x-gate", "1".parse().unwrap());
+    let before = runs.load(Ordering::SeqCst);
+    let first = tokio::spawn(svc.clone().oneshot(req));
+    for _ in 0..200 {
+        if runs.load(Ordering::SeqCst) > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), before + 1, "the handler runs");
+    server.pause();
+    gate.notify_one();
+    first.await.unwrap().unwrap()
+}
+
+/// Repeats `post(k)` while the answer is 503 (store down) or 409 (in flight), at most two
+/// seconds; the last answer.
+async fn until_settled(svc: &Svc, k: &str) -> Response<Body> {
+    let mut res = svc.clone().oneshot(post(k, "{}")).await.unwrap();
+    for _ in 0..200 {
+        if !matches!(
+            res.status(),
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::CONFLICT
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        res = svc.clone().oneshot(post(k, "{}")).await.unwrap();
+    }
+    res
+}
+
+/// Redis stalled when a request fails (500): the failure goes to the client; repeats are
+/// refused (503) while Redis does not answer, and nothing runs; once it answers, the key's
+/// release goes through and the key runs again, once.
+#[tokio::test]
+async fn redis_stalled_at_release_the_key_runs_again_once_it_answers() {
+    let server = server_or_skip!("redis_stalled_at_release_the_key_runs_again_once_it_answers");
+    let c = conn(&server.url()).await;
+    let store = store(&c, Duration::from_millis(50));
+    let (svc, runs, gate) = gated_app(store.clone(), StatusCode::INTERNAL_SERVER_ERROR);
+    let res = svc.clone().oneshot(post("warm", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    let res = answered_while_paused(&svc, &runs, &gate, &server, "k").await;
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let res = svc.clone().oneshot(post("k", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "nothing ran while Redis was stalled"
+    );
+
+    server.resume();
+    let res = until_settled(&svc, "k").await;
+    assert_eq!(res.status(), StatusCode::CREATED, "the key was given back");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    let res = svc.clone().oneshot(post("k", "{}")).await.unwrap();
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "run 3");
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "the key ran twice");
+}
+
+/// Redis stalled when a request succeeds: the client has its 201; repeats are refused (503)
+/// while Redis does not answer, and nothing runs; once it answers, the record is there and
+/// a repeat replays it: the handler never runs twice.
+#[tokio::test]
+async fn redis_stalled_at_complete_the_handler_never_runs_twice() {
+    let server = server_or_skip!("redis_stalled_at_complete_the_handler_never_runs_twice");
+    let c = conn(&server.url()).await;
+    let store = store(&c, Duration::from_millis(50));
+    let (svc, runs, gate) = gated_app(store.clone(), StatusCode::CREATED);
+    let res = svc.clone().oneshot(post("warm", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    let res = answered_while_paused(&svc, &runs, &gate, &server, "k").await;
+    assert_eq!(
+        res.status(),
+        StatusCode::CREATED,
+        "the client has its answer"
+    );
+    let res = svc.clone().oneshot(post("k", "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    server.resume();
+    let res = until_settled(&svc, "k").await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "run 2");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler ran twice");
+}

@@ -191,6 +191,15 @@ mod tests {
         assert_eq!(scope, Scope::credentials().of(&p));
     }
 
+    /// The scope is part of the Redis key: replicas of different builds must derive the same
+    /// scope from the same credentials. This value must never change.
+    #[test]
+    fn credential_scope_is_pinned() {
+        let scope = Scope::credentials().of(&parts(&[("authorization", "Bearer abc")]));
+        let hex: String = scope.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "021f6b29b6e2dc874ea05bb48e9b50bcf211384a");
+    }
+
     #[test]
     fn other_credentials_or_none_are_other_scopes() {
         let a = Scope::credentials().of(&parts(&[("authorization", "Bearer a")]));

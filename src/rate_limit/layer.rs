@@ -88,6 +88,12 @@ impl Shared {
         refusal(&self.rng, exact_ns, info)
     }
 
+    /// The generator of the jitter of refusals' hints.
+    #[cfg(feature = "redis")]
+    pub(crate) fn hint_rng(&self) -> &Rng {
+        &self.rng
+    }
+
     /// Counts a request whose key could not be read, and warns about the first one.
     #[cold]
     pub(crate) fn count_missing_key(&self) {

@@ -254,6 +254,9 @@ pub struct StoreError {
     kind: StoreErrorKind,
     source: Option<BoxError>,
     retry_after: Option<Duration>,
+    /// The store knows that the same operation would fail the same way again (a script
+    /// error, a reply of the wrong type, refused credentials): not worth retrying.
+    permanent: bool,
 }
 
 impl StoreError {
@@ -263,6 +266,7 @@ impl StoreError {
             kind,
             source: None,
             retry_after: None,
+            permanent: false,
         }
     }
 
@@ -272,6 +276,7 @@ impl StoreError {
             kind,
             source: Some(source.into()),
             retry_after: None,
+            permanent: false,
         }
     }
 
@@ -279,6 +284,12 @@ impl StoreError {
     /// time until the store expects room (its earliest entry's expiry).
     pub fn with_retry_after(mut self, after: Duration) -> StoreError {
         self.retry_after = Some(after);
+        self
+    }
+
+    /// The same error, marked as one that trying again cannot mend.
+    pub(crate) fn permanent(mut self) -> StoreError {
+        self.permanent = true;
         self
     }
 
@@ -299,6 +310,7 @@ impl fmt::Debug for StoreError {
             .field("kind", &self.kind)
             .field("source", &self.source.as_ref().map(|e| e.to_string()))
             .field("retry_after", &self.retry_after)
+            .field("permanent", &self.permanent)
             .finish()
     }
 }
@@ -435,12 +447,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     }
 }
 
-/// Whether an operation that failed this way may succeed if tried again.
-fn worth_retrying(kind: StoreErrorKind) -> bool {
-    matches!(
-        kind,
-        StoreErrorKind::Unavailable | StoreErrorKind::Timeout | StoreErrorKind::Full
-    )
+/// Whether an operation that failed this way may succeed if tried again: the store was
+/// unreachable, slow or full, and did not say that the same call would fail again.
+pub(crate) fn worth_retrying(error: &StoreError) -> bool {
+    !error.permanent
+        && matches!(
+            error.kind,
+            StoreErrorKind::Unavailable | StoreErrorKind::Timeout | StoreErrorKind::Full
+        )
 }
 
 /// Runs `op` on a task of the current tokio runtime until it succeeds, fails in a way that
@@ -471,7 +485,7 @@ where
                 return;
             }
             let now = tokio::time::Instant::now();
-            if !worth_retrying(error.kind()) || now + pause >= until {
+            if !worth_retrying(&error) || now + pause >= until {
                 tracing::warn!(what, error = %error, "idempotency store: giving up");
                 return;
             }

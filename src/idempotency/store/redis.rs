@@ -22,11 +22,17 @@
 //! retried the same way: a release lost on the way does not leave the key refused for the
 //! rest of the lease.
 //!
-//! These background releases are bounded, whatever the outage: they wait in one queue of at
-//! most [`MAX_PENDING_RELEASES`] owner tokens (at most [`MAX_PENDING_RELEASES_PER_KEY`] per
-//! key), sent by one task per store, each key's tokens in one script per round. A release
-//! that finds the queue full is dropped and counted ([`RedisStoreStats::releases_dropped`]):
-//! its lease, if it was taken, expires by itself.
+//! These background releases are bounded, whatever the outage: they wait in one queue, sent
+//! by one task per store, each key's tokens in one script per round. The two kinds (the
+//! releases of claims never answered, and those of requests that failed) have a room each,
+//! of at most [`MAX_PENDING_RELEASES`] owner tokens (at most [`MAX_PENDING_RELEASES_PER_KEY`]
+//! per key), so that a burst of one kind cannot crowd out the other. A release that finds
+//! its room full is dropped and counted ([`RedisStoreStats::releases_dropped`]): its lease,
+//! if it was taken, expires by itself. So is a release that Redis refuses in a way no retry
+//! mends (a script error, a reply of the wrong type, refused credentials or permissions),
+//! with a `WARN` event; only failures that may pass (Redis unreachable, slow, loading,
+//! failing over, out of memory) are retried. The same holds for a record written in the
+//! background.
 //!
 //! Values are compact binary: a lease is `L`, the request's fingerprint (16 bytes) and the
 //! owner token (16 bytes); a record is `R`, the fingerprint and [`Record::encode`]'s bytes (no
@@ -61,22 +67,44 @@
 //! With an evicting policy and a `maxmemory` limit it **refuses every claim** (a
 //! [`StoreErrorKind::Unavailable`] error, so the layer's failure policy applies: 503 by
 //! default), logs an `ERROR` and counts the refusals
-//! ([`RedisStoreStats::eviction_refusals`]); it reads the policy again every 10 s, so that a
-//! fixed configuration is taken up with no restart. An evicting policy with no `maxmemory`
-//! (nothing evicted yet) and a server that refuses `CONFIG` (renamed or not allowed, as on
-//! some managed services) are warned about once, and trusted.
+//! ([`RedisStoreStats::eviction_refusals`]). An evicting policy with no `maxmemory` (nothing
+//! evicted yet) and a server that refuses `CONFIG` (renamed or not allowed, as on some
+//! managed services) are warned about, and trusted.
+//!
+//! The policy is read again, whatever was found: every [`POLICY_REREAD`] (60 s) while claims
+//! are accepted, so that a policy changed at run time to an evicting one (or a `CONFIG`
+//! allowed again) is noticed, and every [`POLICY_REREAD_REFUSING`] (10 s) while they are
+//! refused, so that a fixed configuration is taken up with no restart. These reads are off
+//! the claims' path: the first claim past the interval sends one read on a task of its own
+//! (at most one in flight; a second later again if Redis did not answer it) and is itself
+//! decided by what the store knew. Until the read's answer, claims are decided the same
+//! way; the store's [clock](RedisStore::clock) times the interval.
 //!
 //! # Failures
 //!
 //! Every call has a [timeout](RedisStore::timeout) (default 50 ms); a timeout is a
-//! [`StoreErrorKind::Timeout`], any other Redis failure a [`StoreErrorKind::Unavailable`], and
-//! the idempotency layer applies its failure policy (`FailClosed` by default: 503, nothing
-//! runs; or `FailOpen`: runs without deduplication). A `complete` that fails after the
-//! handler ran (the command or its answer lost) never releases the key: the layer keeps the
-//! lease and sends the record again once Redis answers, until the lease would expire (a
-//! `complete` whose first attempt did land then finds no lease, and stops). The store counts failures
+//! [`StoreErrorKind::Timeout`], any other Redis failure a [`StoreErrorKind::Unavailable`].
+//! Unlike the Redis rate limit, which may fall back to a local limiter, the idempotency
+//! layer has no local record of other replicas' keys to fall back on: it applies its
+//! failure policy (`FailClosed` by default: 503, nothing runs; or `FailOpen`: runs without
+//! deduplication, counted). What a request meets when Redis is down (stopped, stalled, or
+//! cut off):
+//!
+//! | Redis down at | the request | the key |
+//! |---|---|---|
+//! | claim | `FailClosed`: refused, [`StoreUnavailable`](crate::RejectionKind::StoreUnavailable) (503), the handler does not run | a claim that may have reached Redis is released with its owner token in the background |
+//! | complete (the handler ran) | the client has the handler's response | never released: the record is sent again in the background until Redis takes it or the lease would expire; repeats meanwhile get 503 (Redis down) or 409 (lease held), then the replay |
+//! | release (the request failed) | the client has the failure | released in the background once Redis answers (repeats meanwhile get 503 or 409), then the key runs again, once |
+//!
+//! So no store write that fails lets a request run twice: a key whose record could not be
+//! written stays leased until the end of its lease. Only an outage longer than that lease
+//! lets a repeat run again, and not silently: the background write gives up with a `WARN`
+//! event (keep the lease's time to live above the outages it must ride out). Retries stop
+//! for a failure that no retry mends (see above). The store counts failures
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
+//! Tested with a server stopped, frozen (`SIGSTOP`) and cut off by a proxy
+//! (`tests/redis_idempotency.rs`, `tests/redis_idempotency_faults.rs`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -105,16 +133,39 @@ pub const MAX_PREFIX_LEN: usize = 256;
 const LOG_EVERY_NS: u64 = 1_000_000_000;
 const NEVER: u64 = u64::MAX;
 
-/// While the eviction policy is refused, claims check it again at most this often, so that a
-/// fixed configuration is taken up with no restart.
-const POLICY_RECHECK_NS: u64 = 10_000_000_000;
+/// How often the eviction policy is read again while claims are accepted: a policy changed
+/// to an evicting one (or `CONFIG` allowed again) is noticed within this time.
+pub const POLICY_REREAD: Duration = Duration::from_secs(60);
+const POLICY_REREAD_NS: u64 = 60_000_000_000;
 
-/// What the store knows of Redis's eviction policy.
+/// How often the eviction policy is read again while claims are refused for it, so that a
+/// fixed configuration is taken up with no restart.
+pub const POLICY_REREAD_REFUSING: Duration = Duration::from_secs(10);
+const POLICY_REREAD_REFUSING_NS: u64 = 10_000_000_000;
+
+/// After a read of the policy that Redis did not answer, the next one is due this much later.
+const POLICY_RETRY_NS: u64 = 1_000_000_000;
+
+/// What the store knows of Redis's eviction policy: not read yet (the first claim reads it).
 const POLICY_UNKNOWN: u8 = 0;
-/// `noeviction`, or no `maxmemory`: nothing is evicted (or the check was refused: warned).
+/// `noeviction`: nothing is evicted.
 const POLICY_OK: u8 = 1;
 /// A policy that evicts with a memory limit: claims are refused.
 const POLICY_EVICTS: u8 = 2;
+/// `CONFIG` refused (renamed or not allowed): trusted, warned.
+const POLICY_UNREADABLE: u8 = 3;
+/// An evicting policy with no `maxmemory`: nothing is evicted yet; trusted, warned.
+const POLICY_NO_LIMIT: u8 = 4;
+
+/// What a claim does about the eviction policy.
+enum PolicyGate {
+    /// Known not to evict: claim.
+    Pass,
+    /// Known to evict: refuse.
+    Refuse,
+    /// Not read yet: read it first.
+    ReadFirst,
+}
 
 /// Why claims are refused: Redis may evict leases and records.
 #[derive(Debug)]
@@ -197,13 +248,13 @@ return 0
     )
 });
 
-/// The most releases [`RedisStore`] keeps waiting for its background worker at once (each
-/// an owner token with the time its lease would expire); beyond, a release is not queued and
-/// its lease, if it was taken, expires by itself (counted in
-/// [`RedisStoreStats::releases_dropped`]).
+/// The most releases of each kind (of claims never answered; of requests that failed)
+/// [`RedisStore`] keeps waiting for its background worker at once (each an owner token with
+/// the time its lease would expire); beyond, a release is not queued and its lease, if it
+/// was taken, expires by itself (counted in [`RedisStoreStats::releases_dropped`]).
 pub const MAX_PENDING_RELEASES: usize = 1024;
 
-/// The most releases of one key kept waiting at once (the first ones: of claims sent
+/// The most releases of each kind of one key kept waiting at once (the first ones: of claims sent
 /// while Redis did not answer, the first to reach it is the one that may have taken the
 /// lease); the others are dropped and counted.
 pub const MAX_PENDING_RELEASES_PER_KEY: usize = 16;
@@ -249,11 +300,12 @@ pub struct RedisStoreStats {
     /// Records that could not be decoded.
     pub corrupt: u64,
     /// Releases waiting for the background worker (after a failure, or of a claim Redis did
-    /// not answer), at most [`MAX_PENDING_RELEASES`].
+    /// not answer), at most [`MAX_PENDING_RELEASES`] of each kind.
     pub releases_pending: u64,
-    /// Releases not queued because the queue was full (or held
-    /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), or given up when their lease would
-    /// have expired anyway: their lease, if taken, expires by itself.
+    /// Releases not queued because their kind's room was full (or held
+    /// [`MAX_PENDING_RELEASES_PER_KEY`] for their key), refused by Redis in a way no retry
+    /// mends, or given up when their lease would have expired anyway: their lease, if taken,
+    /// expires by itself.
     pub releases_dropped: u64,
     /// Claims refused because Redis's eviction policy may evict leases and records (see
     /// [`RedisStore`]'s module docs, "Eviction").
@@ -281,20 +333,103 @@ struct Inner {
     degraded: AtomicBool,
     releases: Mutex<Pending>,
     releases_dropped: AtomicU64,
-    /// [`POLICY_UNKNOWN`], [`POLICY_OK`] or [`POLICY_EVICTS`], and when it was last checked.
+    /// [`POLICY_UNKNOWN`], [`POLICY_OK`], [`POLICY_EVICTS`], [`POLICY_UNREADABLE`] or
+    /// [`POLICY_NO_LIMIT`], and when it was last read (the store's clock).
     policy: AtomicU8,
     policy_checked: AtomicU64,
+    /// Whether a read of the policy is in flight in the background (at most one).
+    policy_reading: AtomicBool,
     policy_refusals: AtomicU64,
 }
 
-/// Releases waiting for the worker, by Redis key: each an owner token and when its lease
-/// would expire by itself.
+/// Why a release waits for the worker. Each kind has its own room in the queue, so that a
+/// burst of one kind cannot crowd out the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReleaseKind {
+    /// The lease a claim may have taken, whose answer never came: nobody holds it.
+    Unanswered = 0,
+    /// The lease of a request that failed, given back so that its client may retry.
+    GivenBack = 1,
+}
+
+/// A release waiting for the worker: the owner token, when its lease would expire by
+/// itself, and why it waits.
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    token: u128,
+    until: tokio::time::Instant,
+    kind: ReleaseKind,
+}
+
+/// Releases waiting for the worker, by Redis key.
 #[derive(Default)]
 struct Pending {
-    keys: HashMap<Vec<u8>, Vec<(u128, tokio::time::Instant)>>,
-    count: usize,
+    keys: HashMap<Vec<u8>, Vec<Queued>>,
+    /// Releases waiting, by [`ReleaseKind`].
+    count: [usize; 2],
     /// Whether a worker task is running (it ends when the queue is empty).
     worker: bool,
+}
+
+impl Pending {
+    /// Queues `q` for `rkey`, unless its kind already has [`MAX_PENDING_RELEASES`] waiting, or
+    /// [`MAX_PENDING_RELEASES_PER_KEY`] for this key; whether it was queued.
+    fn push(&mut self, rkey: Vec<u8>, q: Queued) -> bool {
+        let kind = q.kind as usize;
+        if self.count[kind] >= MAX_PENDING_RELEASES {
+            return false;
+        }
+        let queued = self.keys.entry(rkey).or_default();
+        if queued.iter().filter(|o| o.kind == q.kind).count() >= MAX_PENDING_RELEASES_PER_KEY {
+            return false;
+        }
+        queued.push(q);
+        self.count[kind] += 1;
+        true
+    }
+
+    fn total(&self) -> usize {
+        self.count.iter().sum()
+    }
+
+    /// Removes the releases of `rkey` for which `gone` holds; how many.
+    fn remove(&mut self, rkey: &[u8], mut gone: impl FnMut(&Queued) -> bool) -> usize {
+        let Some(queued) = self.keys.get_mut(rkey) else {
+            return 0;
+        };
+        let mut removed = 0;
+        let count = &mut self.count;
+        queued.retain(|q| {
+            let go = gone(q);
+            if go {
+                count[q.kind as usize] -= 1;
+                removed += 1;
+            }
+            !go
+        });
+        if queued.is_empty() {
+            self.keys.remove(rkey);
+        }
+        removed
+    }
+
+    /// Removes every release whose lease has expired by `now`; how many.
+    fn expire(&mut self, now: tokio::time::Instant) -> usize {
+        let mut removed = 0;
+        let count = &mut self.count;
+        self.keys.retain(|_, queued| {
+            queued.retain(|q| {
+                let live = q.until > now;
+                if !live {
+                    count[q.kind as usize] -= 1;
+                    removed += 1;
+                }
+                live
+            });
+            !queued.is_empty()
+        });
+        removed
+    }
 }
 
 /// Idempotency leases and records in Redis; see the [module docs](self).
@@ -321,10 +456,20 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store on this connection, with the default prefix and timeout.
     pub fn new(conn: ConnectionManager) -> RedisStore {
-        RedisStore::build(conn, Arc::from(DEFAULT_PREFIX.as_bytes()), DEFAULT_TIMEOUT)
+        RedisStore::build(
+            conn,
+            Arc::from(DEFAULT_PREFIX.as_bytes()),
+            DEFAULT_TIMEOUT,
+            Clock::new(),
+        )
     }
 
-    fn build(conn: ConnectionManager, prefix: Arc<[u8]>, timeout: Duration) -> RedisStore {
+    fn build(
+        conn: ConnectionManager,
+        prefix: Arc<[u8]>,
+        timeout: Duration,
+        clock: Clock,
+    ) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -332,7 +477,7 @@ impl RedisStore {
                 timeout,
                 token_keys: Default::default(),
                 next_token: AtomicU64::new(1),
-                clock: Clock::new(),
+                clock,
                 failures: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
                 leases_lost: AtomicU64::new(0),
@@ -344,6 +489,7 @@ impl RedisStore {
                 releases_dropped: AtomicU64::new(0),
                 policy: AtomicU8::new(POLICY_UNKNOWN),
                 policy_checked: AtomicU64::new(0),
+                policy_reading: AtomicBool::new(false),
                 policy_refusals: AtomicU64::new(0),
             }),
         }
@@ -366,6 +512,7 @@ impl RedisStore {
             self.inner.conn.clone(),
             Arc::from(prefix.as_bytes()),
             self.inner.timeout,
+            self.inner.clock.clone(),
         ))
     }
 
@@ -382,7 +529,22 @@ impl RedisStore {
             self.inner.conn.clone(),
             self.inner.prefix.clone(),
             timeout,
+            self.inner.clock.clone(),
         ))
+    }
+
+    /// The clock of the store's own timing: the failure log's pace and when Redis's eviction
+    /// policy is read again (default [`Clock::new`]). Redis keeps the leases' and records'
+    /// time itself. [`Clock::manual`] moves that timing by hand in tests that talk to a real
+    /// Redis (whose runtime must not be paused: a paused runtime advances its clock while it
+    /// waits for the socket, which fires the calls' timeouts).
+    pub fn clock(self, clock: Clock) -> RedisStore {
+        RedisStore::build(
+            self.inner.conn.clone(),
+            self.inner.prefix.clone(),
+            self.inner.timeout,
+            clock,
+        )
     }
 
     /// This process's figures.
@@ -393,7 +555,7 @@ impl RedisStore {
             timeouts: i.timeouts.load(Ordering::Relaxed),
             leases_lost: i.leases_lost.load(Ordering::Relaxed),
             corrupt: i.corrupt.load(Ordering::Relaxed),
-            releases_pending: i.pending().count as u64,
+            releases_pending: i.pending().total() as u64,
             releases_dropped: i.releases_dropped.load(Ordering::Relaxed),
             eviction_refusals: i.policy_refusals.load(Ordering::Relaxed),
         }
@@ -401,7 +563,7 @@ impl RedisStore {
 
     /// Queues the release of `lease` for the background worker, which sends it (with the
     /// other releases of its key) until Redis answers or `until` passes.
-    fn queue_release(&self, lease: &Lease, until: tokio::time::Instant) {
+    fn queue_release(&self, lease: &Lease, until: tokio::time::Instant, kind: ReleaseKind) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::debug!("no tokio runtime to release on; the lease will expire");
             return;
@@ -409,19 +571,17 @@ impl RedisStore {
         let rkey = self.redis_key(lease.key());
         let start = {
             let mut p = self.inner.pending();
-            let queued = p.count < MAX_PENDING_RELEASES && {
-                let tokens = p.keys.entry(rkey).or_default();
-                let room = tokens.len() < MAX_PENDING_RELEASES_PER_KEY;
-                if room {
-                    tokens.push((lease.token(), until));
-                }
-                room
-            };
-            if queued {
-                p.count += 1;
-            } else {
+            let queued = p.push(
+                rkey,
+                Queued {
+                    token: lease.token(),
+                    until,
+                    kind,
+                },
+            );
+            if !queued {
                 self.inner.releases_dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(key = ?lease.key(), "idempotency release queue full; the lease will expire");
+                tracing::debug!(key = ?lease.key(), ?kind, "idempotency release queue full; the lease will expire");
             }
             let start = queued && !p.worker;
             p.worker |= start;
@@ -434,24 +594,76 @@ impl RedisStore {
 
     /// The Redis key of a store key: `<prefix>{<32 hex digits>}`.
     pub fn redis_key(&self, key: &StoreKey) -> Vec<u8> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = sha1_smol::Sha1::from(key.encoded()).digest().bytes();
-        let prefix = &self.inner.prefix;
-        let mut out = Vec::with_capacity(prefix.len() + 34);
-        out.extend_from_slice(prefix);
-        out.push(b'{');
-        for b in &digest[..16] {
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        }
-        out.push(b'}');
-        out
+        redis_key(&self.inner.prefix, key)
     }
 
     fn token(&self) -> u128 {
         let n = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let (a, b) = &self.inner.token_keys;
         (u128::from(a.hash_one(n)) << 64) | u128::from(b.hash_one(n))
+    }
+
+    /// What a claim does about Redis's eviction policy, from what the store knows. When the
+    /// last read is older than [`POLICY_REREAD`] ([`POLICY_REREAD_REFUSING`] while claims
+    /// are refused), one read goes out in the background (at most one at a time); the claim
+    /// does not wait for it.
+    #[inline]
+    fn policy_gate(&self) -> PolicyGate {
+        let i = &*self.inner;
+        let state = i.policy.load(Ordering::Relaxed);
+        if state == POLICY_UNKNOWN {
+            return PolicyGate::ReadFirst;
+        }
+        let every = if state == POLICY_EVICTS {
+            POLICY_REREAD_REFUSING_NS
+        } else {
+            POLICY_REREAD_NS
+        };
+        let now = i.clock.now_nanos();
+        let due = |i: &Inner| now.saturating_sub(i.policy_checked.load(Ordering::Relaxed)) >= every;
+        if due(i) && !i.policy_reading.swap(true, Ordering::Acquire) {
+            // Read again under the flag: a read that ended meanwhile has moved the time.
+            if due(i) {
+                self.read_policy_in_background(every);
+            } else {
+                i.policy_reading.store(false, Ordering::Release);
+            }
+        }
+        if state == POLICY_EVICTS {
+            PolicyGate::Refuse
+        } else {
+            PolicyGate::Pass
+        }
+    }
+
+    /// Reads the eviction policy on a task of its own, with the store's timeout; clears the
+    /// in-flight flag when done. If Redis does not answer, the next read is due a second later.
+    #[cold]
+    fn read_policy_in_background(&self, every: u64) {
+        /// Clears the flag however the task ends (the runtime shutting down included).
+        struct Reading(Arc<Inner>);
+        impl Drop for Reading {
+            fn drop(&mut self) {
+                self.0.policy_reading.store(false, Ordering::Release);
+            }
+        }
+        let reading = Reading(self.inner.clone());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let inner = &reading.0;
+            let mut conn = inner.conn.clone();
+            let read = tokio::time::timeout(inner.timeout, inner.read_policy(&mut conn)).await;
+            if !matches!(read, Ok(Ok(_))) {
+                let retry_at = inner.clock.now_nanos().saturating_add(POLICY_RETRY_NS);
+                inner
+                    .policy_checked
+                    .store(retry_at.saturating_sub(every), Ordering::Relaxed);
+                tracing::debug!("redis idempotency store: maxmemory-policy not read; again soon");
+            }
+            drop(reading);
+        });
     }
 
     /// Runs `op` with the timeout, mapping and counting failures.
@@ -487,7 +699,9 @@ impl RedisStore {
                 }
                 Ok(Err(e)) => {
                     inner.failure(&e, false);
-                    Err(StoreError::with_source(StoreErrorKind::Unavailable, e))
+                    let permanent = !worth_retrying(&e);
+                    let error = StoreError::with_source(StoreErrorKind::Unavailable, e);
+                    Err(if permanent { error.permanent() } else { error })
                 }
                 Err(elapsed) => {
                     inner.failure(&elapsed, true);
@@ -499,42 +713,28 @@ impl RedisStore {
 }
 
 impl Inner {
-    /// Before a claim: whether Redis's eviction policy keeps what the store writes. Checked
-    /// once (`CONFIG GET maxmemory*`), then again every 10 s while it is refused. A server
-    /// that refuses `CONFIG` is warned about once and trusted.
-    async fn check_policy(
+    /// Reads Redis's eviction policy (`CONFIG GET maxmemory*`) and records what it found;
+    /// the state and, when it evicts, the policy's name. A server that refuses `CONFIG` is
+    /// trusted (warned about once); an error that may pass (Redis unreachable, slow) leaves
+    /// the state as it was.
+    async fn read_policy(
         &self,
         conn: &mut ConnectionManager,
-    ) -> Result<Result<(), StoreError>, redis::RedisError> {
-        let state = self.policy.load(Ordering::Relaxed);
-        if state == POLICY_OK {
-            return Ok(Ok(()));
-        }
+    ) -> Result<(u8, Option<String>), redis::RedisError> {
+        let reply: Result<HashMap<String, String>, redis::RedisError> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory*")
+            .query_async(conn)
+            .await;
         let now = self.clock.now_nanos();
-        if state == POLICY_EVICTS
-            && now.saturating_sub(self.policy_checked.load(Ordering::Relaxed)) < POLICY_RECHECK_NS
-        {
-            return Ok(Err(self.refuse_claim(None)));
-        }
-        let reply: Result<std::collections::HashMap<String, String>, redis::RedisError> =
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("maxmemory*")
-                .query_async(conn)
-                .await;
         let config = match reply {
             Ok(config) => config,
-            Err(e)
-                if e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal() =>
-            {
-                return Err(e);
-            }
+            Err(e) if worth_retrying(&e) => return Err(e),
             Err(e) => {
-                // CONFIG renamed or not allowed (managed services): trust, loudly.
-                if self.policy.swap(POLICY_OK, Ordering::Relaxed) != POLICY_OK {
+                // CONFIG renamed or not allowed (managed services): trust, loudly; read again
+                // later all the same, in case it is allowed then.
+                self.policy_checked.store(now, Ordering::Relaxed);
+                if self.policy.swap(POLICY_UNREADABLE, Ordering::Relaxed) != POLICY_UNREADABLE {
                     tracing::warn!(
                         error = %e,
                         "redis idempotency store: cannot read maxmemory-policy (CONFIG refused); \
@@ -542,38 +742,45 @@ impl Inner {
                          completed request run again"
                     );
                 }
-                return Ok(Ok(()));
+                return Ok((POLICY_UNREADABLE, None));
             }
         };
         let policy = config
             .get("maxmemory-policy")
             .map_or("noeviction", String::as_str);
         let limited = config.get("maxmemory").is_some_and(|m| m.trim() != "0");
+        let state = if policy == "noeviction" {
+            POLICY_OK
+        } else if !limited {
+            POLICY_NO_LIMIT
+        } else {
+            POLICY_EVICTS
+        };
         self.policy_checked.store(now, Ordering::Relaxed);
-        if policy == "noeviction" {
-            self.policy.store(POLICY_OK, Ordering::Relaxed);
-            return Ok(Ok(()));
+        let before = self.policy.swap(state, Ordering::Relaxed);
+        if before != state {
+            match state {
+                POLICY_EVICTS => tracing::error!(
+                    policy,
+                    "redis idempotency store: refusing claims: maxmemory-policy evicts keys with \
+                     a time to live, as every lease and record has (a completed request would \
+                     run again); set maxmemory-policy noeviction"
+                ),
+                // Nothing is evicted without a memory limit, but setting one would start it.
+                POLICY_NO_LIMIT => tracing::warn!(
+                    policy,
+                    "redis idempotency store: maxmemory-policy is not noeviction; with no \
+                     maxmemory nothing is evicted yet, but a memory limit would evict leases and \
+                     records (a completed request would run again): set noeviction"
+                ),
+                _ if before == POLICY_EVICTS => tracing::info!(
+                    policy,
+                    "redis idempotency store: maxmemory-policy no longer evicts; accepting claims"
+                ),
+                _ => {}
+            }
         }
-        if !limited {
-            // Nothing is evicted without a memory limit, but setting one would start it.
-            self.policy.store(POLICY_OK, Ordering::Relaxed);
-            tracing::warn!(
-                policy,
-                "redis idempotency store: maxmemory-policy is not noeviction; with no maxmemory \
-                 nothing is evicted yet, but a memory limit would evict leases and records \
-                 (a completed request would run again): set noeviction"
-            );
-            return Ok(Ok(()));
-        }
-        if self.policy.swap(POLICY_EVICTS, Ordering::Relaxed) != POLICY_EVICTS {
-            tracing::error!(
-                policy,
-                "redis idempotency store: refusing claims: maxmemory-policy evicts keys with a \
-                 time to live, as every lease and record has (a completed request would run \
-                 again); set maxmemory-policy noeviction"
-            );
-        }
-        Ok(Err(self.refuse_claim(Some(policy.to_owned()))))
+        Ok((state, (state == POLICY_EVICTS).then(|| policy.to_owned())))
     }
 
     #[cold]
@@ -621,6 +828,41 @@ impl Inner {
     }
 }
 
+/// `<prefix>{<hex of the first 128 bits of the SHA-1 of the key's encoding>}`.
+fn redis_key(prefix: &[u8], key: &StoreKey) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = sha1_smol::Sha1::from(key.encoded()).digest().bytes();
+    let mut out = Vec::with_capacity(prefix.len() + 34);
+    out.extend_from_slice(prefix);
+    out.push(b'{');
+    for b in &digest[..16] {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
+    }
+    out.push(b'}');
+    out
+}
+
+/// Whether a call that failed with `e` may succeed if sent again: Redis unreachable, slow,
+/// loading, failing over, out of memory (keys expire), or busy. A script error, a reply of
+/// the wrong type, refused credentials or permissions fail the same way every time.
+fn worth_retrying(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, RetryMethod};
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return true;
+    }
+    if matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+    ) {
+        return false;
+    }
+    if matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS")) {
+        return true;
+    }
+    !matches!(e.retry_method(), RetryMethod::NoRetry)
+}
+
 fn ttl_ms(d: Duration) -> u64 {
     duration_nanos(d).div_ceil(1_000_000).max(1)
 }
@@ -652,14 +894,7 @@ async fn release_worker(store: RedisStore) {
         let now = tokio::time::Instant::now();
         let batch: Vec<(Vec<u8>, Vec<u128>)> = {
             let mut p = store.inner.pending();
-            let mut expired = 0;
-            p.keys.retain(|_, tokens| {
-                let before = tokens.len();
-                tokens.retain(|&(_, until)| until > now);
-                expired += before - tokens.len();
-                !tokens.is_empty()
-            });
-            p.count -= expired;
+            let expired = p.expire(now);
             if expired > 0 {
                 store
                     .inner
@@ -678,7 +913,7 @@ async fn release_worker(store: RedisStore) {
             p.keys
                 .iter()
                 .take(KEYS_PER_ROUND)
-                .map(|(k, tokens)| (k.clone(), tokens.iter().map(|&(t, _)| t).collect()))
+                .map(|(k, queued)| (k.clone(), queued.iter().map(|q| q.token).collect()))
                 .collect()
         };
         let mut failed = false;
@@ -696,22 +931,31 @@ async fn release_worker(store: RedisStore) {
                     Ok(Ok(()))
                 })
                 .await;
-            if out.is_err() {
-                failed = true;
-                break;
-            }
-            // Sent: these tokens are done (others of the key may have come meanwhile).
-            let mut p = store.inner.pending();
-            let mut done = 0;
-            if let Some(left) = p.keys.get_mut(&rkey) {
-                let before = left.len();
-                left.retain(|(t, _)| !tokens.contains(t));
-                done = before - left.len();
-                if left.is_empty() {
-                    p.keys.remove(&rkey);
+            if let Err(e) = &out {
+                if super::worth_retrying(e) {
+                    failed = true;
+                    break;
                 }
             }
-            p.count -= done;
+            // Sent (others of the key may have come meanwhile), or refused in a way that no
+            // retry mends (a script error, a reply of the wrong type, refused credentials):
+            // these tokens are done.
+            let done = store
+                .inner
+                .pending()
+                .remove(&rkey, |q| tokens.contains(&q.token));
+            if let Err(error) = out {
+                store
+                    .inner
+                    .releases_dropped
+                    .fetch_add(done as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    %error,
+                    dropped = done,
+                    "idempotency store: releases dropped, redis refuses them (retrying \
+                     cannot help); their leases expire by themselves"
+                );
+            }
         }
         if failed {
             tracing::debug!(?pause, "idempotency store: releases wait for redis");
@@ -743,7 +987,8 @@ impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             tracing::debug!(key = ?lease.key(), "idempotency claim unanswered; releasing the lease it may have taken");
-            self.store.queue_release(&lease, self.until);
+            self.store
+                .queue_release(&lease, self.until, ReleaseKind::Unanswered);
         }
     }
 }
@@ -771,18 +1016,26 @@ impl Store for RedisStore {
             until: tokio::time::Instant::now() + lease_ttl,
         };
         let inner = self.inner.clone();
+        let gate = self.policy_gate();
         self.run(async move {
-            match inner.check_policy(&mut conn).await {
-                Ok(Ok(())) => {}
-                // The claim was not sent: no lease can have been taken.
-                Ok(Err(refused)) => {
+            // A refused claim is not sent: no lease can have been taken.
+            match gate {
+                PolicyGate::Pass => {}
+                PolicyGate::Refuse => {
                     unanswered.answered();
-                    return Ok(Err(refused));
+                    return Ok(Err(inner.refuse_claim(None)));
                 }
-                Err(e) => {
-                    unanswered.answered();
-                    return Err(e);
-                }
+                PolicyGate::ReadFirst => match inner.read_policy(&mut conn).await {
+                    Ok((POLICY_EVICTS, policy)) => {
+                        unanswered.answered();
+                        return Ok(Err(inner.refuse_claim(policy)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        unanswered.answered();
+                        return Err(e);
+                    }
+                },
             }
             let mut inv = CLAIM.key(rkey);
             inv.arg(&fingerprint.as_u128().to_be_bytes()[..])
@@ -854,7 +1107,7 @@ impl Store for RedisStore {
     /// Queued for the store's one background worker, which sends it until Redis answers or
     /// the lease would have expired (see [`MAX_PENDING_RELEASES`]).
     fn release_detached(&self, lease: Lease, until: tokio::time::Instant) {
-        self.queue_release(&lease, until);
+        self.queue_release(&lease, until, ReleaseKind::GivenBack);
     }
 
     fn get(&self, key: &StoreKey) -> Self::GetFuture {
@@ -882,5 +1135,67 @@ impl fmt::Debug for RedisStore {
             .field("timeout", &self.inner.timeout)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two kinds of background release have a room each, overall and per key: a burst of
+    /// one kind (either) leaves room for the other.
+    #[test]
+    fn each_kind_of_release_has_its_own_room() {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let q = |token, kind| Queued { token, until, kind };
+        for (burst, other) in [
+            (ReleaseKind::GivenBack, ReleaseKind::Unanswered),
+            (ReleaseKind::Unanswered, ReleaseKind::GivenBack),
+        ] {
+            let mut p = Pending::default();
+            for i in 0..MAX_PENDING_RELEASES_PER_KEY {
+                assert!(p.push(b"hot".to_vec(), q(i as u128, burst)));
+            }
+            assert!(
+                !p.push(b"hot".to_vec(), q(99, burst)),
+                "the key's share is full"
+            );
+            assert!(p.push(b"hot".to_vec(), q(100, other)));
+            for i in MAX_PENDING_RELEASES_PER_KEY..MAX_PENDING_RELEASES {
+                assert!(p.push((i as u64).to_be_bytes().to_vec(), q(i as u128, burst)));
+            }
+            assert!(
+                !p.push(b"new".to_vec(), q(1, burst)),
+                "the kind's room is full"
+            );
+            assert!(p.push(b"new".to_vec(), q(1, other)));
+            assert_eq!(p.total(), MAX_PENDING_RELEASES + 2);
+            // Sent or dropped, releases give their room back to their own kind.
+            assert_eq!(p.remove(b"hot", |q| q.token == 0), 1);
+            assert!(p.push(b"new".to_vec(), q(2, burst)));
+            assert_eq!(p.expire(until), MAX_PENDING_RELEASES + 2);
+            assert_eq!((p.total(), p.keys.len()), (0, 0));
+        }
+    }
+
+    /// The Redis key is part of the store's format: replicas of different builds (a rolling
+    /// deploy, another compiler) must derive the same key for the same scope and key, or a
+    /// request runs once on each. These values must never change.
+    #[test]
+    fn redis_keys_are_pinned() {
+        let key =
+            |k: &StoreKey| String::from_utf8(redis_key(DEFAULT_PREFIX.as_bytes(), k)).unwrap();
+        assert_eq!(
+            key(&StoreKey::new("tenant-1", "order-42")),
+            "bulwark:idem:{9c42fc84aa56f6854c720c6c7690bf6c}"
+        );
+        assert_eq!(
+            key(&StoreKey::unscoped("order-42")),
+            "bulwark:idem:{932a6d1ce88d00f8261b34237cc593e3}"
+        );
+        assert_eq!(
+            String::from_utf8(redis_key(b"orders:", &StoreKey::new("t", "k"))).unwrap(),
+            "orders:{f0d6fb6679edac6f392ff347eff39082}"
+        );
     }
 }

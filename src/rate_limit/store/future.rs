@@ -81,7 +81,8 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Checking { check: CheckFuture, svc: Option<S>, req: Option<Req> },
+        // `check` is `None` for a check skipped during the cool-down: nothing to wait for.
+        Checking { check: Option<CheckFuture>, svc: Option<S>, req: Option<Req> },
         Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req>, refund: Refund },
         // Admitted, waiting for the inner service's readiness before the call.
         Readying { svc: Option<S>, req: Option<Req> },
@@ -109,7 +110,7 @@ impl Drop for Refund {
 
 impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
     pub(crate) fn new(
-        check: CheckFuture,
+        check: Option<CheckFuture>,
         svc: S,
         ready: bool,
         req: Req,
@@ -179,7 +180,10 @@ where
             let this = self.as_mut().project();
             match this.state.project() {
                 StateProj::Checking { check, svc, req } => {
-                    let out = ready!(check.as_mut().poll(cx));
+                    let out = match check {
+                        Some(check) => ready!(check.as_mut().poll(cx)),
+                        None => Err(NoAnswer::Skipped),
+                    };
                     match this.shared.decide(out, *this.local_hash, H::ENABLED) {
                         Ok(Admitted {
                             info,

@@ -29,14 +29,18 @@
 //!
 //! Unlike the in-process admit path, a check allocates: the Redis client packs each command
 //! into a buffer and boxes its future, and the layer boxes the check with its timeout (one
-//! allocation of its own). Beside a network round trip this does not show: on loopback, a
+//! allocation of its own; a check skipped during the cool-down after a failure boxes
+//! nothing). Beside a network round trip this does not show: on loopback, a
 //! check costs about what a `PING` does (see `benches/redis.rs`).
 //!
 //! # Redis keys
 //!
 //! A key is `<prefix>{<digest>}`: the [prefix](RedisRateLimitConfig::prefix) (default
 //! `bulwark:rl:`, which must not contain braces) names the limit, and the digest is the first
-//! 128 bits of the SHA-1 of the user key's `Hash` bytes, in hex. Whatever the key holds (any
+//! 128 bits of the SHA-1 of the user key's [`RedisKey`] encoding, in hex. That encoding is
+//! this crate's own and documented, not `std::hash::Hash`'s bytes (which the standard
+//! library may change between Rust releases): replicas built by different compilers name
+//! one user key alike, so a rolling deploy keeps one limit per key. Whatever the key holds (any
 //! length, binary, `{` and `}`), the Redis key has this fixed shape: it cannot leave the
 //! prefix or change the hash tag, and one user key maps to one Redis Cluster slot. Each key
 //! expires when its state is in the past, so Redis memory is bounded by the keys active
@@ -69,8 +73,8 @@
 //! # Running many replicas
 //!
 //! Give every replica the same Redis URL (the examples read `REDIS_URL`), the same quota,
-//! key function and prefix, and this crate's same version (the key digest is part of the
-//! format). Different limits need different prefixes. Quotas whose window exceeds about 52
+//! key function and prefix (the key's [`RedisKey`] encoding and its digest are part of the
+//! format, fixed across Rust releases and platforms). Different limits need different prefixes. Quotas whose window exceeds about 52
 //! days are refused ([`RedisConfigError::QuotaTooLong`]). The script needs Redis 5 or later
 //! (it reads `TIME` before writing). The layer talks to one endpoint through a
 //! `ConnectionManager`; each check touches one key, hash-tagged, so the keys are ready for
@@ -122,9 +126,11 @@
 //! ```
 
 mod future;
+mod key;
 mod redis;
 
 pub use self::future::RedisResponseFuture;
+pub use self::key::{KeyWriter, RedisKey};
 pub use self::redis::{
     FailurePolicy, LocalFallback, RedisConfigError, RedisRateLimit, RedisRateLimitConfig,
     RedisRateLimitHandle, RedisRateLimitLayer, DEFAULT_COOL_DOWN, DEFAULT_PREFIX, DEFAULT_TIMEOUT,

@@ -1,7 +1,7 @@
 //! The Redis-backed limiter: layer, service, handle and shared state.
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
@@ -13,6 +13,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::future::{CheckFuture, CheckOutput, NoAnswer, RedisResponseFuture};
+use super::key::{KeyWriter, RedisKey};
 use crate::clock::{duration_nanos, Clock};
 use crate::rate_limit::gcra::{self, Quota};
 use crate::rate_limit::layer::{refusal, Shared as LocalShared};
@@ -113,59 +114,16 @@ fn check_quota(quota: Quota) -> Result<Quota, RedisConfigError> {
     }
 }
 
-/// Feeds a key's `Hash` bytes to SHA-1 in a fixed byte order, so that every replica (whatever
-/// its platform) derives the same Redis key from the same value.
-struct DigestHasher(sha1_smol::Sha1);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        let d = self.0.digest().bytes();
-        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-    fn write_u16(&mut self, n: u16) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_u128(&mut self, n: u128) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.0.update(&(n as u64).to_le_bytes());
-    }
-    fn write_i16(&mut self, n: i16) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_i32(&mut self, n: i32) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_i64(&mut self, n: i64) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_i128(&mut self, n: i128) {
-        self.0.update(&n.to_le_bytes());
-    }
-    fn write_isize(&mut self, n: isize) {
-        self.0.update(&(n as i64).to_le_bytes());
-    }
-}
-
 /// The Redis key of a user key: `prefix{<32 hex digits>}`, the hex being the first 128 bits
-/// of the SHA-1 of the key's `Hash` bytes. Whatever the user key holds (any length, any
-/// bytes, braces), the key name has this fixed shape, so it can neither leave the prefix nor
-/// change the hash tag, and one user key maps to one Redis Cluster slot.
-pub(crate) fn redis_key<Q: Hash + ?Sized>(prefix: &[u8], key: &Q) -> Vec<u8> {
+/// of the SHA-1 of the key's [`RedisKey`] encoding (fixed by this crate, unlike `Hash`'s
+/// bytes, which may change between Rust releases). Whatever the user key holds (any length,
+/// any bytes, braces), the key name has this fixed shape, so it can neither leave the prefix
+/// nor change the hash tag, and one user key maps to one Redis Cluster slot.
+pub(crate) fn redis_key<Q: RedisKey + ?Sized>(prefix: &[u8], key: &Q) -> Vec<u8> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut h = DigestHasher(sha1_smol::Sha1::new());
-    key.hash(&mut h);
-    let digest = h.0.digest().bytes();
+    let mut w = KeyWriter::new();
+    key.write_redis_key(&mut w);
+    let digest = w.finish();
     let mut out = Vec::with_capacity(prefix.len() + 34);
     out.extend_from_slice(prefix);
     out.push(b'{');
@@ -367,8 +325,10 @@ pub(crate) struct RedisShared {
     counters: Counters,
     log: FailureLog,
     cool: CoolDown,
-    // The jitter of refusals' hints, drawn as the in-process limiter's are.
-    rng: Rng,
+    /// The jitter of refusals' hints, drawn as the in-process limiter's are: the local
+    /// fallback's generator when there is one (see [`hint_rng`](Self::hint_rng)), else this
+    /// one, made at the first refusal.
+    own_rng: std::sync::OnceLock<Rng>,
 }
 
 impl RedisShared {
@@ -406,7 +366,16 @@ impl RedisShared {
             counters: Counters::default(),
             log: FailureLog::new(),
             cool: CoolDown::new(c.cool_down_ns, duration_nanos(c.timeout)),
-            rng: Rng::from_entropy(),
+            own_rng: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The generator of the jitter of refusals' hints: one per layer, whether Redis or the
+    /// local fallback refused.
+    fn hint_rng(&self) -> &Rng {
+        match &self.local {
+            Some(local) => local.shared.hint_rng(),
+            None => self.own_rng.get_or_init(Rng::from_entropy),
         }
     }
 
@@ -430,22 +399,21 @@ impl RedisShared {
     /// The check of one key: one `EVALSHA` (plus a `SCRIPT LOAD` and a second `EVALSHA` after
     /// a `NOSCRIPT`), bounded by the timeout as a whole; and the interval it sends (a turn it
     /// reserves is given back by that interval, whatever `set_quota` does meanwhile). During
-    /// the cool-down after a failed check, the check is not sent (it ends at once with
-    /// [`NoAnswer::Skipped`]), unless it is the one probe.
-    pub(crate) fn check(this: &Arc<RedisShared>, key: Vec<u8>) -> (CheckFuture, u64) {
+    /// the cool-down after a failed check, the check is not sent (`None`, decided as
+    /// [`NoAnswer::Skipped`] with nothing allocated), unless it is the one probe.
+    pub(crate) fn check(this: &Arc<RedisShared>, key: Vec<u8>) -> (Option<CheckFuture>, u64) {
         let (interval, tolerance) = this.params();
         let probe = if this.cool.healthy() {
             None
         } else if this.cool.admit(this.clock.now_nanos()) {
             Some(Probe(this.clone()))
         } else {
-            let skipped: CheckFuture = Box::pin(std::future::ready(Err(NoAnswer::Skipped)));
-            return (skipped, interval);
+            return (None, interval);
         };
         let mut conn = this.conn.clone();
         let timeout = this.timeout;
         let max_wait = this.max_wait_ns;
-        let check = Box::pin(async move {
+        let check: CheckFuture = Box::pin(async move {
             let mut invocation = SCRIPT.key(key);
             invocation.arg(interval).arg(tolerance).arg(max_wait);
             let out = tokio::time::timeout(timeout, invocation.invoke_async(&mut conn))
@@ -459,7 +427,7 @@ impl RedisShared {
             }
             out
         });
-        (check, interval)
+        (Some(check), interval)
     }
 
     /// Turns the outcome of a check into a decision; an admit carries the limit's figures
@@ -491,7 +459,7 @@ impl RedisShared {
                     bump(&self.counters.rejected);
                     let wait = u64::try_from(wait).unwrap_or(0);
                     tracing::trace!(retry_after_ns = wait, "redis rate limit: request rejected");
-                    Err(refusal(&self.rng, wait, self.info(ahead)))
+                    Err(refusal(self.hint_rng(), wait, self.info(ahead)))
                 }
             }
             Ok(Err(e)) => self.on_failure(&e, Some(false), local_hash, want_info),
@@ -866,8 +834,10 @@ impl RedisRateLimitLayer {
 impl<K> RedisRateLimitLayer<K> {
     /// A limit per key: `key` reads the key from the request, as for
     /// [`RateLimitLayer::keyed`]; `config` is a [`Quota`] or a [`RedisRateLimitConfig`]. The
-    /// Redis key is the prefix and a digest of the key's `Hash` bytes: use the same key
-    /// function (and this crate's version) on every replica.
+    /// Redis key is the prefix and a digest of the key's [`RedisKey`] encoding, which this
+    /// crate fixes (it does not change with the compiler or the platform, as `Hash`'s bytes
+    /// may): use the same key function on every replica. The key's type must implement
+    /// [`RedisKey`] (strings, bytes, integers, addresses, header values, tuples of them).
     ///
     /// # Errors
     ///
@@ -1014,6 +984,7 @@ where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     K: KeyFn<Req>,
+    K::Key: RedisKey,
     H: ResponseHeaders<S::Response>,
 {
     type Response = S::Response;
@@ -1247,8 +1218,98 @@ mod tests {
         // A known vector: pins the derivation, so that replicas of two builds agree.
         assert_eq!(
             String::from_utf8(redis_key(b"p:", &7u32)).unwrap(),
-            format!("p:{{{}}}", &sha1_hex(&7u32.to_le_bytes())[..32])
+            format!("p:{{{}}}", &sha1_hex(&7u32.to_be_bytes())[..32])
         );
+        // Text and bytes of the same content name one key; the parts of a tuple stay apart.
+        assert_eq!(redis_key(b"p:", "ab"), redis_key(b"p:", &b"ab".to_vec()));
+        assert_ne!(
+            redis_key(b"p:", &("ab", "c")),
+            redis_key(b"p:", &("a", "bc"))
+        );
+    }
+
+    /// The Redis key is part of the format every replica shares: replicas built by different
+    /// compilers (a rolling deploy) must derive the same key from the same user key, or each
+    /// gets a limit of its own. These values are computed from the documented encoding (see
+    /// `RedisKey`) and must never change.
+    #[test]
+    fn redis_keys_are_pinned() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let key = |k: Vec<u8>| String::from_utf8(k).unwrap();
+        assert_eq!(
+            key(redis_key(b"p:", "alice")),
+            "p:{175b4ff8e7a5d33954546f5914962753}"
+        );
+        assert_eq!(
+            key(redis_key(b"p:", &String::from("alice"))),
+            "p:{175b4ff8e7a5d33954546f5914962753}"
+        );
+        assert_eq!(
+            key(redis_key(b"p:", &7u32)),
+            "p:{41a53770303a0776a1378239e2ee0fd8}"
+        );
+        assert_eq!(
+            key(redis_key(b"p:", &IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))),
+            "p:{fbd2574bcee0d42cdb22b131f6dff940}"
+        );
+        assert_eq!(
+            key(redis_key(b"p:", &IpAddr::V6(Ipv6Addr::LOCALHOST))),
+            "p:{87f419e28a0861953acabb17da7f6106}"
+        );
+        assert_eq!(
+            key(redis_key(b"p:", &())),
+            "p:{da39a3ee5e6b4b0d3255bfef95601890}"
+        );
+        assert_eq!(
+            key(redis_key(b"p:", &("tenant", 42u64))),
+            "p:{5b19d98a6958060a5c9af3c90d788063}"
+        );
+    }
+
+    /// Refusals decided by Redis and by the local fallback draw their hints' jitter from one
+    /// generator, not two.
+    #[tokio::test]
+    async fn refusal_hints_draw_from_one_generator() {
+        let Some(server) =
+            super::super::redis_server::RedisServer::start("refusal_hints_draw_from_one_generator")
+        else {
+            return;
+        };
+        let conn = super::super::redis_server::conn(&server.url()).await;
+        let quota = Quota::per_second(10).unwrap();
+        let local = RedisShared::new(conn.clone(), RedisRateLimitConfig::new(quota), true);
+        let fallback = &local.local.as_ref().expect("a local fallback").shared;
+        assert!(std::ptr::eq(local.hint_rng(), fallback.hint_rng()));
+        // Without a local limiter, the store has a generator of its own.
+        let closed = RedisShared::new(
+            conn,
+            RedisRateLimitConfig::new(quota).failure_policy(FailurePolicy::FailClosed),
+            true,
+        );
+        assert!(closed.local.is_none());
+        let a = closed.hint_rng().next_u64();
+        assert_ne!(a, closed.hint_rng().next_u64());
+    }
+
+    /// During the cool-down, a check that is not the probe is decided at once: no command,
+    /// and no future (nothing boxed) to poll.
+    #[tokio::test]
+    async fn a_check_skipped_in_the_cool_down_is_no_future() {
+        let Some(server) = super::super::redis_server::RedisServer::start(
+            "a_check_skipped_in_the_cool_down_is_no_future",
+        ) else {
+            return;
+        };
+        let conn = super::super::redis_server::conn(&server.url()).await;
+        let config = RedisRateLimitConfig::new(Quota::per_second(10).unwrap())
+            .failure_policy(FailurePolicy::FailClosed);
+        let shared = Arc::new(RedisShared::new(conn, config, true));
+        assert!(RedisShared::check(&shared, b"k".to_vec()).0.is_some());
+        shared.cool.failed(shared.clock.now_nanos());
+        assert!(RedisShared::check(&shared, b"k".to_vec()).0.is_none());
+        let decided = shared.decide(Err(NoAnswer::Skipped), 0, false);
+        assert_eq!(decided.unwrap_err().kind(), RejectionKind::StoreUnavailable);
+        assert_eq!(shared.counters.skipped.load(Ordering::Relaxed), 1);
     }
 
     fn sha1_hex(bytes: &[u8]) -> String {
