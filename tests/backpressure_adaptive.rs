@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_bulwark::backpressure::{
-    Adaptive, Aimd, BackpressureHandle, BackpressureLayer, Gradient,
+    Adaptive, Aimd, BackpressureHandle, BackpressureLayer, Estimate, Gradient, Sample,
 };
 use tower_bulwark::classify::HttpStatus;
 use tower_bulwark::clock::Clock;
@@ -468,4 +468,197 @@ async fn trailers_count_as_the_classifier_reads_them() {
             );
         }
     }
+}
+
+/// Windows of a load above the limit (each window uses the whole limit), through the
+/// gradient's arithmetic: `latency(i, n)` is the mean latency of window `i` with `n` requests
+/// in flight. The estimates after each window.
+fn gradient_windows(
+    start: f64,
+    ceiling: u32,
+    count: u64,
+    latency: impl Fn(u64, u32) -> u64,
+) -> Vec<Estimate> {
+    let g = Gradient::default();
+    let mut est = Estimate::new(start);
+    (0..count)
+        .map(|i| {
+            let n = est.bounded(1, ceiling);
+            let avg = latency(i, n);
+            est = g.update(est, &Sample::new(500, 0, avg, avg / 2, n), 1, ceiling);
+            est
+        })
+        .collect()
+}
+
+/// A dependency with no queueing whose latency steps from 1 ms to 3 ms for good (a slower
+/// replica), steady or with window means varying by ±20%: the gradient cuts at first (a
+/// latency rise is all it sees), but the latency does not come down with the limit, so
+/// within a few windows it becomes the no-load latency and the limit goes back up. It is
+/// never cut anywhere near the floor, as it was when only a probe (every 500 windows) could
+/// raise the no-load latency.
+#[test]
+fn gradient_follows_a_dependency_that_became_slower() {
+    const STEP: u64 = 30;
+    for noisy in [false, true] {
+        let noise = |i: u64| {
+            if noisy && i.is_multiple_of(2) {
+                12
+            } else if noisy {
+                8
+            } else {
+                10
+            }
+        };
+        let base = |i: u64| if i < STEP { 1_000_000 } else { 3_000_000 };
+        let est = gradient_windows(1_000.0, 10_000, 200, |i, _| base(i) * noise(i) / 10);
+        let limits: Vec<u32> = est.iter().map(|e| e.bounded(1, 10_000)).collect();
+        let before = limits[STEP as usize - 1];
+        let after = &limits[STEP as usize..];
+        let lowest = *after.iter().min().unwrap();
+        assert!(
+            lowest * 2 >= before,
+            "noisy {noisy}: cut from {before} to {lowest}: {after:?}"
+        );
+        // The no-load latency follows within ten windows of the step.
+        let followed = est[STEP as usize..]
+            .iter()
+            .position(|e| e.no_load_rtt_nanos >= 2_400_000)
+            .expect("the no-load latency never followed the dependency up");
+        assert!(
+            followed <= 10,
+            "noisy {noisy}: followed after {followed} windows"
+        );
+        assert!(
+            *limits.last().unwrap() >= before,
+            "noisy {noisy}: the limit did not come back: {after:?}"
+        );
+    }
+}
+
+/// A dependency that really queues: it serves `c` at once in 1 ms, and latency at `n` in
+/// flight is 1 ms × n / c beyond that; `c` falls from 400 to 200 at window 300 (half its
+/// servers gone). Latency then rises with concurrency and comes down with the limit, so the
+/// gradient cuts promptly to the new capacity and settles within 20% of it, across two
+/// probes: the queue is never taken for a slower dependency, nor does the no-load latency
+/// drift up with it. With window means that also vary by ±20% on their own, one window cannot
+/// tell queueing up to about that variance from it, so the limit settles higher, but still
+/// at a bounded multiple of the capacity, and not below it.
+#[test]
+fn gradient_settles_near_the_capacity_of_a_dependency_that_queues() {
+    const DROP: usize = 300;
+    let capacity = |i: usize| if i < DROP { 400u32 } else { 200 };
+    for noisy in [false, true] {
+        let est = gradient_windows(50.0, 4_000, 1_200, |i, n| {
+            let noise = if noisy && i.is_multiple_of(2) {
+                1.2
+            } else if noisy {
+                0.8
+            } else {
+                1.0
+            };
+            let c = capacity(i as usize);
+            (1_000_000.0 * f64::from(n.max(c)) / f64::from(c) * noise) as u64
+        });
+        // Within 20% of the capacity; with the noise, between it and 2.5 times it. A cut is
+        // prompt when the limit is within 1.3 times the new capacity (2.5 with the noise)
+        // in 25 windows.
+        let (lo, hi, prompt) = if noisy { (10, 25, 25) } else { (8, 12, 13) };
+        let mut cut = None;
+        for (i, e) in est.iter().enumerate() {
+            let c = capacity(i);
+            let l = e.bounded(1, 4_000);
+            if i >= DROP && cut.is_none() && l <= c * prompt / 10 {
+                cut = Some(i - DROP);
+            }
+            if e.probe_saved != 0.0 || !(150..DROP).contains(&i) && i < DROP + 100 {
+                continue;
+            }
+            assert!(
+                (c * lo / 10..=c * hi / 10).contains(&l),
+                "noisy {noisy}: window {i}: limit {l} for a capacity of {c} ({e:?})"
+            );
+        }
+        let cut = cut.expect("never cut to the new capacity");
+        assert!(
+            cut <= 25,
+            "noisy {noisy}: cut to the new capacity after {cut} windows"
+        );
+    }
+}
+
+/// A dependency with no queue (any number at once) whose latency steps from 1 ms to 3 ms for
+/// good 3 s in, under 200 closed-loop callers: through the layer, the limit follows it and
+/// stays near what the callers use; they are served as by a fixed limit of 200.
+#[tokio::test(start_paused = true)]
+async fn gradient_limit_follows_a_slower_replica() {
+    #[derive(Clone)]
+    struct Replica(Instant);
+    impl Service<()> for Replica {
+        type Response = ();
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: ()) -> Self::Future {
+            let slower = self.0.elapsed() >= Duration::from_secs(3);
+            let latency = Duration::from_millis(if slower { 3 } else { 1 });
+            Box::pin(async move {
+                tokio::time::sleep(latency).await;
+                Ok(())
+            })
+        }
+    }
+    async fn run(layer: BackpressureLayer) -> (usize, Vec<usize>) {
+        let handle = layer.handle();
+        let svc = layer.layer(Replica(Instant::now()));
+        let end = Instant::now() + Duration::from_secs(8);
+        let served = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..200)
+            .map(|_| {
+                let (svc, served) = (svc.clone(), served.clone());
+                tokio::spawn(async move {
+                    while Instant::now() < end {
+                        match svc.clone().oneshot(()).await {
+                            Ok(()) if Instant::now() + Duration::from_secs(3) >= end => {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(()) => {}
+                            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut limits = Vec::new();
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            limits.push(handle.limit());
+        }
+        for c in clients {
+            c.await.unwrap();
+        }
+        (served.load(Ordering::Relaxed), limits)
+    }
+    let (fixed, _) = run(BackpressureLayer::new(200)).await;
+    let layer =
+        BackpressureLayer::adaptive(Adaptive::gradient(Gradient::default()).clock(Clock::tokio()))
+            .unwrap();
+    let (got, limits) = run(layer).await;
+    eprintln!(
+        "slower replica at 3 s: served {got} in the last 3 s, fixed {fixed}; limits {limits:?}"
+    );
+    let after = &limits[30..];
+    assert!(
+        after.iter().all(|&l| l >= 100),
+        "the limit was cut for a latency the limit does not cause: {after:?}"
+    );
+    assert!(
+        got * 100 >= fixed * 95,
+        "served {got} where a fixed limit served {fixed}"
+    );
 }

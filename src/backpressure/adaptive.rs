@@ -287,8 +287,34 @@ pub struct Estimate {
     /// The limit, with its fraction (the limit in force is this, rounded and bounded).
     pub limit: f64,
     /// The mean latency with no queueing, in nanoseconds (0: not measured yet): the baseline
-    /// [`Gradient`] and slow start compare each window's mean latency with.
+    /// [`Gradient`] and slow start compare each window's mean latency with. It follows the
+    /// means of windows read as free of queueing, down and up, never above
+    /// `reference_rtt_nanos`; see [`Gradient`].
     pub no_load_rtt_nanos: u64,
+    /// The no-load latency last measured, in nanoseconds (0: not yet): by the first window,
+    /// by a probe, or by a latency rise that did not follow the limit down. The baseline
+    /// moves below it with the windows' means and comes back up to it, not higher.
+    pub reference_rtt_nanos: u64,
+    /// How much the mean latency varies from window to window beyond what the change of
+    /// concurrency explains, as a relative amount: the mean of
+    /// `max(0, |ln(mean / last mean)| − |ln(in flight / last in flight)|)`. Queueing moves
+    /// latency with concurrency, so it adds nothing here; a dependency whose latency varies
+    /// on its own does. The gradient's tolerance widens by twice this, so such a dependency
+    /// is not read as queueing, while a steady one gets no allowance.
+    pub jitter: f64,
+    /// The mean latency of the last window without failures, in nanoseconds (0: none yet).
+    pub last_rtt_nanos: u64,
+    /// The most requests in flight in that window (0: none yet).
+    pub last_in_flight: u32,
+    /// While the gradient cuts the limit for a latency rise: the lowest mean latency of that
+    /// run of windows, in nanoseconds (0 otherwise). See `rise_in_flight`.
+    pub rise_rtt_nanos: u64,
+    /// While the gradient cuts the limit for a latency rise: the most requests in flight in
+    /// the window of `rise_rtt_nanos` (0 otherwise). Once the requests in flight have fallen
+    /// to three quarters of this or less, and the mean latency has not fallen with them
+    /// (queueing would have), the latency is not of the limit's making: it becomes the
+    /// no-load latency, and the limit goes back to this. See [`Gradient`].
+    pub rise_in_flight: u32,
     /// Windows seen.
     pub windows: u64,
     /// While [`Gradient`] measures the no-load latency (one window at the floor): the limit
@@ -322,6 +348,12 @@ impl Estimate {
         Estimate {
             limit,
             no_load_rtt_nanos: 0,
+            reference_rtt_nanos: 0,
+            jitter: 0.0,
+            last_rtt_nanos: 0,
+            last_in_flight: 0,
+            rise_rtt_nanos: 0,
+            rise_in_flight: 0,
             windows: 0,
             probe_saved: 0.0,
         }
@@ -418,21 +450,21 @@ impl Aimd {
         };
         Estimate {
             limit: limit.clamp(f64::from(floor), f64::from(ceiling)),
-            no_load_rtt_nanos: est.no_load_rtt_nanos,
             windows: est.windows + 1,
-            probe_saved: est.probe_saved,
+            ..est
         }
     }
 }
 
-/// A latency gradient (Netflix concurrency-limits' `GradientLimit`, Envoy's adaptive
-/// concurrency filter).
+/// A latency gradient (Netflix concurrency-limits' `GradientLimit` and `Gradient2Limit`,
+/// Envoy's adaptive concurrency filter).
 ///
-/// It keeps the latency with no queueing (the *no-load latency*) and compares each window's
-/// mean latency with it:
+/// It keeps the latency with no queueing (the *no-load latency*) and how much it varies from
+/// window to window (the *jitter*), and compares each window's mean latency with them:
 ///
 /// ```text
-/// gradient = clamp(tolerance × no_load_rtt / window_rtt, 0.5, 1.0)
+/// allowed  = tolerance × (1 + 2 × jitter) × no_load_rtt
+/// gradient = clamp(allowed / window_rtt, 0.5, 1.0)
 /// target   = limit × gradient + queue
 /// limit    = limit × (1 − smoothing) + target × smoothing
 /// ```
@@ -440,17 +472,50 @@ impl Aimd {
 /// Like is compared with like: the no-load latency is a *mean* latency too, that of windows
 /// without queueing, not the lowest single latency ever seen (a dependency whose latency
 /// varies from request to request has a mean well above its minimum, queue or no queue).
-/// The first window sets it; a window whose mean is lower pulls it halfway down; the probe
-/// below sets it again. A window with a higher mean does not raise it, so a standing queue
-/// never becomes the new normal.
 ///
-/// While latency stays at the no-load latency, the gradient is 1 and the limit grows by
-/// `queue` (by default the square root of the limit). Once requests queue in the dependency,
+/// # The no-load latency and the jitter
+///
+/// The first window measures the no-load latency, and so does the probe below. In between,
+/// each window whose mean is within `allowed` (read as free of queueing) moves it a quarter
+/// of the way toward that mean, down or up; it rises only up to the latency last measured
+/// ([`Estimate::reference_rtt_nanos`]), so a standing queue never becomes the new normal,
+/// and it does not sink to the lowest of the windows' means either (which would make every
+/// ordinary window read as queueing). A window above `allowed` leaves it: that latency is
+/// what the gradient answers.
+///
+/// The jitter ([`Estimate::jitter`]) is how much the mean latency changes from one window
+/// to the next beyond what the change of concurrency explains. Queueing moves latency with
+/// concurrency, so it adds none; a dependency whose window means vary on their own (±20%
+/// around 1 ms, say) gets a jitter of about 0.4, an `allowed` of about 1.8 times its no-load
+/// latency, and is not cut, while a steady dependency gets no allowance and is cut at its
+/// first rise, as before.
+///
+/// While latency stays within `allowed`, the gradient is 1 and the limit grows by `queue`
+/// (by default the square root of the limit). Once requests queue in the dependency,
 /// latency grows with concurrency and the gradient pulls the limit back, so it settles just
 /// above the concurrency the dependency serves without queueing (by about `queue`). A
-/// dependency that serves any number at once, however much its latency varies, is never cut.
-/// `tolerance` (default 1.0) is how much latency growth counts as normal; Envoy uses about
-/// 1.1. A window with failures multiplies the limit by `backoff` (default 0.9).
+/// dependency whose latency also varies on its own is let queue up to the jitter's
+/// allowance, since one window cannot tell that much queueing from its variance: with window
+/// means that vary by ±20%, the limit settles at about twice the capacity. A dependency that serves
+/// any number at once, however much its latency varies, is never cut. `tolerance` (default
+/// 1.0) is how much latency growth counts as normal on top of the jitter's allowance; Envoy
+/// uses about 1.1. A window with failures multiplies the limit by `backoff` (default 0.9).
+///
+/// # A dependency that became slower
+///
+/// Queueing is of the limit's making: cut the limit, and the latency comes down with it. A
+/// dependency that became slower for good (a slower replica, a colder cache) does not: while
+/// the gradient cuts, it remembers the lowest mean of the run and the requests in flight
+/// then, and once those have fallen to three quarters or less with the mean not fallen with
+/// them (above what queueing would give by more than the jitter allows), that mean becomes
+/// the no-load latency (and the latency last measured) and the limit goes back to the
+/// requests in flight at that lowest mean. A further rise of the latency, beyond what the
+/// jitter allows, starts the comparison again from there, so queueing that grows (a
+/// dependency that lost capacity) is never taken for a slower dependency. So a step of the
+/// latency from 1 ms to 3 ms costs a few windows of a limit cut by about a quarter, not a
+/// limit at its floor until the next probe.
+///
+/// # The probe
 ///
 /// The no-load latency is measured again every `probe_every` windows (default 500: about a
 /// minute with 100 ms windows), as Envoy does: the limit drops to the floor for one window's
@@ -458,8 +523,8 @@ impl Aimd {
 /// becomes the new no-load latency. The probe ends at the first completion of such a request
 /// once the window's time is up (it does not wait for `min_samples` completions at the
 /// floor), so it costs about one window of reduced concurrency, or one latency of the
-/// dependency if that is longer. This lets the limit follow a dependency that became slower
-/// for good.
+/// dependency if that is longer. This lets the no-load latency come back to its true level
+/// whatever the windows in between made of it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gradient {
     tolerance: f64,
@@ -546,65 +611,163 @@ impl Gradient {
         let (lo, hi) = (f64::from(floor), f64::from(ceiling));
         if est.probe_saved > 0.0 {
             // This window ran at the floor: its mean latency is the no-load latency.
+            let measured = s.failures == 0 && s.avg_rtt_nanos > 0;
             return Estimate {
                 limit: est.probe_saved.clamp(lo, hi),
-                no_load_rtt_nanos: if s.failures == 0 && s.avg_rtt_nanos > 0 {
+                no_load_rtt_nanos: if measured {
                     s.avg_rtt_nanos
                 } else {
                     est.no_load_rtt_nanos
                 },
+                reference_rtt_nanos: if measured {
+                    s.avg_rtt_nanos
+                } else {
+                    est.reference_rtt_nanos
+                },
+                rise_rtt_nanos: 0,
+                rise_in_flight: 0,
                 windows,
                 probe_saved: 0.0,
+                ..est
             };
         }
         if est.no_load_rtt_nanos != 0 && windows.is_multiple_of(self.probe_every) {
             // Measure the no-load latency again: one window at the floor.
             return Estimate {
                 limit: lo,
-                no_load_rtt_nanos: est.no_load_rtt_nanos,
+                rise_rtt_nanos: 0,
+                rise_in_flight: 0,
                 windows,
                 probe_saved: est.limit.clamp(lo, hi),
+                ..est
             };
         }
-        let no_load = no_load_after(est.no_load_rtt_nanos, s);
-        let limit = if s.failures > 0 {
-            est.limit * self.backoff
-        } else if s.avg_rtt_nanos == 0 || f64::from(s.peak_in_flight) * 2.0 < est.limit {
-            // No latency to compare, or the window did not use the limit: nothing learned.
-            est.limit
-        } else {
-            let ratio = self.tolerance * no_load.max(1) as f64 / s.avg_rtt_nanos as f64;
-            let gradient = ratio.clamp(0.5, 1.0);
-            let queue = match self.queue {
-                Some(q) => f64::from(q),
-                None => est.limit.max(1.0).sqrt(),
-            };
-            let target = est.limit * gradient + queue;
-            est.limit * (1.0 - self.smoothing) + target * self.smoothing
-        };
-        Estimate {
+        let (tracked, allowed) = track_no_load(&est, s, self.tolerance);
+        let next = |limit: f64, rise: (u64, u32)| Estimate {
             limit: limit.clamp(lo, hi),
-            no_load_rtt_nanos: no_load,
+            rise_rtt_nanos: rise.0,
+            rise_in_flight: rise.1,
             windows,
             probe_saved: 0.0,
+            ..tracked
+        };
+        if s.failures > 0 {
+            return next(est.limit * self.backoff, (0, 0));
         }
+        let rise = (est.rise_rtt_nanos, est.rise_in_flight);
+        if s.avg_rtt_nanos == 0 || f64::from(s.peak_in_flight) * 2.0 < est.limit {
+            // No latency to compare, or the window did not use the limit: nothing learned.
+            return next(est.limit, rise);
+        }
+        let rtt = s.avg_rtt_nanos as f64;
+        let noise = 1.0 + JITTER_ALLOWANCE * est.jitter;
+        let rise = if rtt <= allowed {
+            (0, 0)
+        } else if rise.1 == 0 || s.avg_rtt_nanos < rise.0 || rtt > rise.0 as f64 * noise {
+            // A rise, a further rise, or latency that came down with the limit: remember
+            // where it stands.
+            (s.avg_rtt_nanos, s.peak_in_flight)
+        } else if not_queueing(s, rise, noise) {
+            // A quarter fewer requests in flight, and latency that did not fall with them:
+            // it is not queueing, but the dependency's latency now. It becomes the no-load
+            // latency, and the limit goes back to the requests in flight it held at.
+            return Estimate {
+                no_load_rtt_nanos: s.avg_rtt_nanos,
+                reference_rtt_nanos: s.avg_rtt_nanos,
+                ..next(est.limit.max(f64::from(rise.1)), (0, 0))
+            };
+        } else {
+            rise
+        };
+        let gradient = (allowed / rtt).clamp(0.5, 1.0);
+        let queue = match self.queue {
+            Some(q) => f64::from(q),
+            None => est.limit.max(1.0).sqrt(),
+        };
+        let target = est.limit * gradient + queue;
+        next(
+            est.limit * (1.0 - self.smoothing) + target * self.smoothing,
+            rise,
+        )
     }
 }
 
-/// The no-load latency after a window (outside the probe): the first window's mean sets it,
-/// a window without failures whose mean is lower pulls it halfway down, anything else leaves
-/// it. A mean is compared with a mean: the lowest single latency of a dependency whose
+/// How much of the jitter is allowed above the no-load latency: `allowed` is
+/// `tolerance × (1 + JITTER_ALLOWANCE × jitter) × no_load`. The jitter is a mean change from
+/// one window to the next (about 1.1 standard deviations for normal noise, the whole range
+/// for means that alternate): twice it covers such variance wherever in its range the
+/// no-load latency sits.
+const JITTER_ALLOWANCE: f64 = 2.0;
+
+/// How far a window read as free of queueing moves the no-load latency toward its mean.
+const NO_LOAD_STEP: f64 = 0.25;
+
+/// How far each window moves the jitter toward its own change.
+const JITTER_STEP: f64 = 0.125;
+
+/// The share of the requests in flight at a latency rise that, reached with the latency not
+/// fallen with them, shows the rise is not queueing.
+const RISE_NOT_FOLLOWED: f64 = 0.75;
+
+/// Whether a window cut for a latency rise shows that the rise is not queueing. `rise` is
+/// (mean, in flight) of the window where the latency last stood lowest, or rose by more than
+/// `noise` (`1 + 2 × jitter`), in this run of cuts; this window's mean is at least that
+/// mean and within `noise` of it: the latency held. The rise is not queueing when, in
+/// addition, the requests in flight fell to three quarters or less, and the mean is above by
+/// more than `noise` what queueing would give (a mean in proportion to the requests in
+/// flight, `rise.0 × in_flight / rise.1`).
+fn not_queueing(s: &Sample, rise: (u64, u32), noise: f64) -> bool {
+    let (n, n0) = (f64::from(s.peak_in_flight), f64::from(rise.1));
+    n <= RISE_NOT_FOLLOWED * n0 && s.avg_rtt_nanos as f64 >= rise.0 as f64 * n / n0 * noise
+}
+
+/// The no-load latency, the latency last measured and the jitter after a window outside the
+/// probe (in the estimate returned; its other fields are `est`'s), and the mean latency the
+/// window is allowed before it reads as queueing (`tolerance × (1 + 2 × jitter) × no_load`,
+/// from the values before the window).
+///
+/// A window without failures updates the jitter with its change since the last one. The
+/// first window's mean measures the no-load latency. Later, a window without failures whose
+/// mean is within the allowed latency moves the no-load latency a quarter of the way toward
+/// its mean (up to the latency last measured at most); a window above it, or with failures,
+/// leaves it. A mean is compared with a mean: the lowest single latency of a dependency whose
 /// latency varies lies far below its mean even with no queue at all.
-fn no_load_after(no_load: u64, s: &Sample) -> u64 {
+fn track_no_load(est: &Estimate, s: &Sample, tolerance: f64) -> (Estimate, f64) {
+    let allowance = tolerance * (1.0 + JITTER_ALLOWANCE * est.jitter);
     if s.avg_rtt_nanos == 0 || s.failures > 0 {
-        no_load
-    } else if no_load == 0 {
-        s.avg_rtt_nanos
-    } else if s.avg_rtt_nanos < no_load {
-        no_load - (no_load - s.avg_rtt_nanos) / 2
-    } else {
-        no_load
+        return (*est, allowance * est.no_load_rtt_nanos.max(1) as f64);
     }
+    let rtt = s.avg_rtt_nanos as f64;
+    let mut next = Estimate {
+        last_rtt_nanos: s.avg_rtt_nanos,
+        last_in_flight: s.peak_in_flight,
+        ..*est
+    };
+    if est.last_rtt_nanos > 0 && est.last_in_flight > 0 && s.peak_in_flight > 0 {
+        let change = (rtt / est.last_rtt_nanos as f64).ln().abs()
+            - (f64::from(s.peak_in_flight) / f64::from(est.last_in_flight))
+                .ln()
+                .abs();
+        let jitter = est.jitter + (change.max(0.0) - est.jitter) * JITTER_STEP;
+        if jitter.is_finite() {
+            next.jitter = jitter;
+        }
+    }
+    if est.no_load_rtt_nanos == 0 {
+        next.no_load_rtt_nanos = s.avg_rtt_nanos;
+        next.reference_rtt_nanos = s.avg_rtt_nanos;
+        return (next, allowance * rtt);
+    }
+    let no_load = est.no_load_rtt_nanos as f64;
+    let allowed = allowance * no_load;
+    if rtt <= allowed {
+        let moved = no_load + (rtt - no_load) * NO_LOAD_STEP;
+        // Up to the latency last measured, not higher (an estimate made by hand may lack it).
+        let cap = (est.reference_rtt_nanos as f64).max(no_load);
+        let moved = if rtt > no_load { moved.min(cap) } else { moved };
+        next.no_load_rtt_nanos = (moved.round() as u64).max(1);
+    }
+    (next, allowed)
 }
 
 /// How far above the no-load latency a slow-start window's mean must rise to end slow start
@@ -615,11 +778,11 @@ const SLOW_START_RISE: f64 = 1.5;
 /// One window of slow start: the next estimate, and whether slow start goes on.
 ///
 /// A failure ends it with the algorithm's update (a back-off); a latency rise (the window's
-/// mean [`SLOW_START_RISE`] times the no-load latency) ends it with the limit cut by the
-/// ratio of the two, to about the concurrency served without queueing; a window in which
-/// AIMD itself backs off (its latency threshold) ends it with the lower of its step and that
-/// cut; a window that used at least half of the limit doubles it, up to `cap`, where slow
-/// start ends; an idle window changes nothing.
+/// mean [`SLOW_START_RISE`] times the no-load latency, or more if the jitter allows more)
+/// ends it with the limit cut by the ratio of the two, to about the concurrency served
+/// without queueing; a window in which AIMD itself backs off (its latency threshold) ends it
+/// with the lower of its step and that cut; a window that used at least half of the limit
+/// doubles it, up to `cap`, where slow start ends; an idle window changes nothing.
 fn slow_start_update(
     algorithm: &Algorithm,
     est: Estimate,
@@ -633,16 +796,21 @@ fn slow_start_update(
     if s.failures > 0 {
         return (steady, false);
     }
-    let no_load = no_load_after(est.no_load_rtt_nanos, s);
+    let (tracked, _) = track_no_load(&est, s, 1.0);
+    let no_load = tracked.no_load_rtt_nanos;
     let next = |limit: f64| Estimate {
         limit: limit.clamp(lo, hi),
-        no_load_rtt_nanos: no_load,
+        rise_rtt_nanos: 0,
+        rise_in_flight: 0,
         windows: est.windows + 1,
         probe_saved: 0.0,
+        ..tracked
     };
     // The limit cut by how far latency rose: about the concurrency served without queueing.
     let cut = est.limit * (no_load as f64 / s.avg_rtt_nanos.max(1) as f64).min(1.0);
-    if no_load > 0 && s.avg_rtt_nanos as f64 > SLOW_START_RISE * no_load as f64 {
+    // Half again above the no-load latency, or above what its jitter allows if that is more.
+    let rise = SLOW_START_RISE.max(1.0 + JITTER_ALLOWANCE * est.jitter);
+    if no_load > 0 && s.avg_rtt_nanos as f64 > rise * no_load as f64 {
         return (next(cut), false);
     }
     // AIMD sees congestion (its latency threshold): the lower of its step and the cut. (The
@@ -686,6 +854,12 @@ pub(crate) struct AdaptiveState {
     // The estimate, written only by the completion that closed a window.
     limit_bits: AtomicU64,
     no_load_rtt: AtomicU64,
+    reference_rtt: AtomicU64,
+    jitter_bits: AtomicU64,
+    last_rtt: AtomicU64,
+    last_in_flight: AtomicU32,
+    rise_rtt: AtomicU64,
+    rise_in_flight: AtomicU32,
     windows: AtomicU64,
     probe_saved_bits: AtomicU64,
     /// Whether the limit is in slow start.
@@ -714,6 +888,12 @@ impl AdaptiveState {
             min_rtt: AtomicU64::new(u64::MAX),
             limit_bits: AtomicU64::new((cfg.initial as f64).to_bits()),
             no_load_rtt: AtomicU64::new(0),
+            reference_rtt: AtomicU64::new(0),
+            jitter_bits: AtomicU64::new(0f64.to_bits()),
+            last_rtt: AtomicU64::new(0),
+            last_in_flight: AtomicU32::new(0),
+            rise_rtt: AtomicU64::new(0),
+            rise_in_flight: AtomicU32::new(0),
             windows: AtomicU64::new(0),
             probe_saved_bits: AtomicU64::new(0f64.to_bits()),
             slow_start: AtomicBool::new(cfg.slow_start),
@@ -744,6 +924,8 @@ impl AdaptiveState {
             .store(f64::from(limit).to_bits(), Ordering::Relaxed);
         self.probe_saved_bits
             .store(0f64.to_bits(), Ordering::Relaxed);
+        self.rise_in_flight.store(0, Ordering::Relaxed);
+        self.rise_rtt.store(0, Ordering::Relaxed);
         limit
     }
 
@@ -820,6 +1002,12 @@ impl AdaptiveState {
         let est = Estimate {
             limit: f64::from_bits(self.limit_bits.load(Ordering::Relaxed)),
             no_load_rtt_nanos: self.no_load_rtt.load(Ordering::Relaxed),
+            reference_rtt_nanos: self.reference_rtt.load(Ordering::Relaxed),
+            jitter: f64::from_bits(self.jitter_bits.load(Ordering::Relaxed)),
+            last_rtt_nanos: self.last_rtt.load(Ordering::Relaxed),
+            last_in_flight: self.last_in_flight.load(Ordering::Relaxed),
+            rise_rtt_nanos: self.rise_rtt.load(Ordering::Relaxed),
+            rise_in_flight: self.rise_in_flight.load(Ordering::Relaxed),
             windows: self.windows.load(Ordering::Relaxed),
             probe_saved: f64::from_bits(self.probe_saved_bits.load(Ordering::Relaxed)),
         };
@@ -863,6 +1051,16 @@ impl AdaptiveState {
             .store(next.limit.to_bits(), Ordering::Relaxed);
         self.no_load_rtt
             .store(next.no_load_rtt_nanos, Ordering::Relaxed);
+        self.reference_rtt
+            .store(next.reference_rtt_nanos, Ordering::Relaxed);
+        self.jitter_bits
+            .store(next.jitter.to_bits(), Ordering::Relaxed);
+        self.last_rtt.store(next.last_rtt_nanos, Ordering::Relaxed);
+        self.last_in_flight
+            .store(next.last_in_flight, Ordering::Relaxed);
+        self.rise_rtt.store(next.rise_rtt_nanos, Ordering::Relaxed);
+        self.rise_in_flight
+            .store(next.rise_in_flight, Ordering::Relaxed);
         self.windows.store(next.windows, Ordering::Relaxed);
         self.probe_saved_bits
             .store(next.probe_saved.to_bits(), Ordering::Relaxed);
@@ -918,7 +1116,7 @@ mod tests {
             limit: 100.0,
             no_load_rtt_nanos: 1_000,
             windows: 1,
-            probe_saved: 0.0,
+            ..Estimate::default()
         };
         let up = g.update(est, &sample(1_000, 1_000, 100, 0), 1, 1000);
         assert!(up.limit > 100.0, "{up:?}");
@@ -1009,22 +1207,45 @@ mod tests {
             assert!(next.limit > est.limit, "{next:?}");
             est = next;
         }
-        // A lower mean pulls the no-load latency halfway down; a higher one leaves it.
+        // A lower mean at the same concurrency pulls the no-load latency a quarter of the
+        // way down, and is jitter (latency that moved on its own); a mean far above it
+        // (queueing, with twice the requests in flight) leaves the no-load latency, and
+        // adds no jitter: the concurrency explains it.
         let lower = g.update(
             est,
-            &Sample::new(500, 0, 7_500_000, 5_000_000, 200),
+            &Sample::new(500, 0, 7_500_000, 5_000_000, 100),
             1,
             1000,
         );
-        assert_eq!(lower.no_load_rtt_nanos, 8_500_000);
+        assert_eq!(lower.no_load_rtt_nanos, 9_000_000);
+        assert!(lower.jitter > 0.02, "{lower:?}");
         let queued = g.update(
             lower,
-            &Sample::new(500, 0, 17_000_000, 9_000_000, 200),
+            &Sample::new(500, 0, 15_000_000, 9_000_000, 200),
             1,
             1000,
         );
-        assert_eq!(queued.no_load_rtt_nanos, 8_500_000);
+        assert_eq!(queued.no_load_rtt_nanos, 9_000_000);
+        assert!(queued.jitter < lower.jitter, "{queued:?}");
         assert!(queued.limit < lower.limit, "{queued:?}");
+        // A mean within the jitter's allowance brings it back up a quarter of the way, and
+        // means that keep varying a little keep it near them, but never above the latency
+        // last measured (the first window's 9.5 ms).
+        let back = g.update(
+            lower,
+            &Sample::new(500, 0, 9_400_000, 5_000_000, 100),
+            1,
+            1000,
+        );
+        assert_eq!(back.no_load_rtt_nanos, 9_100_000);
+        assert!(back.limit > lower.limit, "{back:?}");
+        let mut near = back;
+        for i in 0..40 {
+            let avg = if i % 2 == 0 { 9_600_000 } else { 9_400_000 };
+            near = g.update(near, &Sample::new(500, 0, avg, 5_000_000, 100), 1, 1000);
+            assert!(near.no_load_rtt_nanos <= 9_500_000, "{i}: {near:?}");
+        }
+        assert!(near.no_load_rtt_nanos >= 9_400_000, "{near:?}");
         // Nor does a window with failures (failing fast is not being fast).
         let failing = g.update(est, &Sample::new(500, 5, 1_000, 1_000, 200), 1, 1000);
         assert_eq!(failing.no_load_rtt_nanos, est.no_load_rtt_nanos);
@@ -1325,7 +1546,7 @@ mod tests {
         #[test]
         fn failures_never_raise(alg in any_algorithm(), s in any_sample(), start in 1f64..5000.0) {
             let s = Sample { failures: s.failures.max(1), ..s };
-            let est = Estimate { limit: start, no_load_rtt_nanos: 1_000, windows: 1, probe_saved: 0.0 };
+            let est = Estimate { limit: start, no_load_rtt_nanos: 1_000, windows: 1, ..Estimate::default() };
             let next = alg.update(est, &s, 1, 10_000);
             prop_assert!(next.limit <= start.max(1.0));
         }
@@ -1340,7 +1561,7 @@ mod tests {
                 min_rtt_nanos: 1,
                 ..s
             };
-            let est = Estimate { limit: start, no_load_rtt_nanos: 1, windows: 1, probe_saved: 0.0 };
+            let est = Estimate { limit: start, no_load_rtt_nanos: 1, windows: 1, ..Estimate::default() };
             let next = alg.update(est, &s, 1, 10_000);
             prop_assert_eq!(next.limit, start);
         }
@@ -1351,7 +1572,7 @@ mod tests {
         fn gradient_steps_are_bounded(s in any_sample(), start in 1f64..5000.0, no_load in 1u64..1_000_000) {
             let s = Sample { failures: 0, peak_in_flight: 100_000, ..s };
             let g = Gradient::default().smoothing(1.0);
-            let est = Estimate { limit: start, no_load_rtt_nanos: no_load, windows: 1, probe_saved: 0.0 };
+            let est = Estimate { limit: start, no_load_rtt_nanos: no_load, windows: 1, ..Estimate::default() };
             let next = g.update(est, &s, 1, 100_000);
             prop_assert!(next.limit >= (start * 0.5).max(1.0) - 1e-9);
             prop_assert!(next.limit <= start + start.sqrt() + 1e-9);
