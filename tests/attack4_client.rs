@@ -155,8 +155,8 @@ async fn grpc_unavailable_status_is_retried() {
 /// the maximum delay returns the response at once.
 ///
 /// What happens: only the first field (1 s) is read; the request is retried after about a
-/// second, 3599 s before the second field allowed. (`grpc-retry-pushback-ms` is likely read the
-/// same way.)
+/// second, 3599 s before the second field allowed. (`grpc-retry-pushback-ms` is read the same
+/// way: two fields `1` and `3600000` on an `UNAVAILABLE` were retried at once, checked by hand.)
 #[tokio::test(start_paused = true)]
 async fn several_retry_after_fields_are_read_by_the_latest() {
     let inner = Scripted::new(vec![
@@ -647,8 +647,9 @@ impl Service<Request<()>> for Endpoint {
 ///
 /// What happens: an open breaker's `poll_ready` is `Ready` at once ("tower's `LoadShed`
 /// pattern"), so the balancer sees the open endpoint as ready, and as the least loaded one
-/// (its refusals complete at once, it never has pending requests): p2c sends it most of the
-/// traffic, which it refuses with `CircuitOpen`, while the healthy endpoint idles.
+/// (its refusals complete at once, it rarely has pending requests): p2c keeps sending it its
+/// share of the traffic or more, which it refuses with `CircuitOpen` (in this test 90 of 200
+/// requests refused, 10 more 503s), while the healthy endpoint has room to spare.
 #[tokio::test(start_paused = true)]
 #[ignore = "defect: per-endpoint breakers under tower's Balance: the open endpoint reads ready and least loaded, so it draws most requests and refuses them"]
 async fn an_open_endpoint_breaker_under_balance_does_not_draw_the_traffic() {
@@ -1747,5 +1748,790 @@ async fn retries_with_no_wait_yield_to_the_runtime() {
     assert!(
         polls > 1,
         "100,000 attempts ran in {polls} poll: the task never yielded to the runtime"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// add_idempotency_key against this crate's own IdempotencyLayer
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: a client with `RetryPolicy::http().add_idempotency_key()` POSTs a payment to a
+/// server with `IdempotencyLayer` (the README's two stacks, end to end in process). The
+/// handler charges the card (its effect), then a downstream call it makes fails and it answers
+/// 503.
+///
+/// Expected (`RetryPolicy::add_idempotency_key`: "a server with `IdempotencyLayer` then runs
+/// the request once however many attempts reach it"): the handler runs once.
+///
+/// What happens: the server's layer releases the key of a 5xx answer ("failures [...] release
+/// the key so the client can retry") and the client's policy retries the 503 because it now
+/// carries a key: the handler, and its charge, run again.
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: add_idempotency_key + the server's IdempotencyLayer: a 503 from a handler that had its effect is retried and run again (promise: runs once)"]
+async fn a_keyed_post_answered_503_by_its_handler_runs_once() {
+    use axum::routing::post;
+    use tower_bulwark::{IdempotencyLayer, MemoryStore, RejectionLayer};
+
+    let charges = Arc::new(AtomicU32::new(0));
+    let c = charges.clone();
+    let app = axum::Router::new()
+        .route(
+            "/payments",
+            post(move || {
+                let c = c.clone();
+                async move {
+                    // The card is charged; then the receipt service is down.
+                    let n = c.fetch_add(1, Ordering::SeqCst);
+                    if n == 0 {
+                        (http::StatusCode::SERVICE_UNAVAILABLE, "receipts down")
+                    } else {
+                        (http::StatusCode::CREATED, "charged")
+                    }
+                }
+            }),
+        )
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RejectionLayer::http())
+                .layer(
+                    IdempotencyLayer::builder(MemoryStore::default())
+                        .unscoped()
+                        .build()
+                        .unwrap(),
+                ),
+        );
+    let client = tower::ServiceBuilder::new()
+        .layer(
+            RetryLayer::new(
+                RetryPolicy::http()
+                    .add_idempotency_key()
+                    .clock(Clock::tokio()),
+            )
+            .unwrap(),
+        )
+        .map_err(BoxError::from)
+        .service(app);
+    let req = Request::post("http://shop/payments")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"amount\":100}")))
+        .unwrap();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        1,
+        "the card was charged twice for one payment (answer {})",
+        res.status()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry over a client-side concurrency bound held until the body ends
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: a client bounds its requests in flight to a dependency with this crate's
+/// `BackpressureLayer::new(1).max_wait(500 ms).hold_until_body_end()` (a response counts until
+/// its body is read), below a `RetryLayer`. A GET is answered 503, then 200.
+///
+/// Expected: the retry is made (the 503 it drops frees its permit) and the call ends 200.
+/// Regression check (it holds, with and without a deadline).
+#[tokio::test(start_paused = true)]
+async fn a_retry_over_a_permit_held_until_body_end_is_made() {
+    use tower_bulwark::BackpressureLayer;
+    for deadline in [None, Some(Duration::from_secs(2))] {
+        let inner = Scripted::new(vec![(503, vec![]), (200, vec![])]);
+        let mut policy = RetryPolicy::http().clock(Clock::tokio());
+        if let Some(d) = deadline {
+            policy = policy.deadline(d);
+        }
+        let svc = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new(policy).unwrap())
+            .layer(
+                BackpressureLayer::new(1)
+                    .max_wait(Duration::from_millis(500))
+                    .hold_until_body_end(),
+            )
+            .service(inner.clone());
+        let r = tokio::time::timeout(Duration::from_secs(30), svc.oneshot(get("http://a/x")))
+            .await
+            .expect("hung");
+        match r {
+            Ok(res) => assert_eq!(
+                res.status(),
+                200,
+                "deadline {deadline:?}: {} calls",
+                inner.calls()
+            ),
+            Err(e) => panic!("deadline {deadline:?}: {e} after {} calls", inner.calls()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness checked again before the call (tower's ReadyCache)
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: as tower's `ReadyCache` (under `Balance`) does, a breaker-wrapped endpoint is
+/// polled ready while its breaker is open, sits in the ready set, and is polled ready again
+/// just before it is called, after the open time has ended.
+///
+/// Expected: the second `poll_ready` sees the breaker as it is now: the call is the half-open
+/// probe and reaches the dependency (which has healed); not a refusal decided seconds ago,
+/// with a wait hint that has already passed.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_decided_while_open_is_decided_again_when_polled_again() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let inner = tower::service_fn(move |_: ()| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err::<(), BoxError>("down".into())
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let breaker = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .jitter(0.0)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let mut svc = tower::Layer::layer(&breaker, inner);
+    assert!(svc.ready().await.unwrap().call(()).await.is_err());
+    // Polled ready while open (decides a refusal), then left in the ready set.
+    let _ = svc.ready().await.unwrap();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    // Polled again just before the call.
+    let r = svc.ready().await.unwrap().call(()).await;
+    assert!(
+        r.is_ok(),
+        "refused after the open time ended: {:?} ({} calls reached the dependency)",
+        r.unwrap_err().to_string(),
+        calls.load(Ordering::SeqCst)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A timeout above the breaker with a slow-call rate
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: the README's advice for a timeout placed above the breaker: "above it, a call it
+/// cuts short counts as a slow call (with a slow-call rate)". The timeout is 1 s, the
+/// slow-call threshold 1 s (the natural choice: a call the timeout cuts is slow), the
+/// dependency hangs. Expected: after `minimum_calls` cut calls the breaker opens.
+/// Regression check.
+#[tokio::test(start_paused = true)]
+async fn calls_cut_by_a_timeout_above_trip_the_slow_call_rate() {
+    let breaker = CircuitBreakerLayer::new(
+        BreakerConfig::slow_call_rate(0.5, Duration::from_secs(1))
+            .minimum_calls(5)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = breaker.handle();
+    let svc = tower::ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .layer(breaker)
+        .service(tower::service_fn(|_: ()| async {
+            std::future::pending::<()>().await;
+            Ok::<(), BoxError>(())
+        }));
+    for _ in 0..10 {
+        let _ = svc.clone().oneshot(()).await;
+    }
+    assert_eq!(handle.state(), BreakerState::Open, "{:?}", handle.figures());
+}
+
+/// A server layer that holds the first `hang` calls for ever (a server that stalls).
+#[derive(Clone)]
+struct HangFirst<S> {
+    inner: S,
+    hang: Arc<AtomicU32>,
+    seen: Arc<AtomicU32>,
+}
+
+impl<S, B> Service<Request<B>> for HangFirst<S>
+where
+    S: Service<Request<B>, Response = Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        let hang = self
+            .hang
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            fut.await.map_err(Into::into)
+        })
+    }
+}
+
+/// Scenario: a tonic client marks a call `Idempotent` (as the docs say:
+/// `request.extensions_mut().insert(Idempotent)`), with a per-attempt timeout below the retry
+/// layer; the server stalls on the first attempt. Expected (`Idempotent` docs): the timed-out
+/// call is retried and succeeds; an unmarked call is not retried. Regression check, over a
+/// real HTTP/2 connection.
+#[tokio::test(start_paused = true)]
+async fn tonic_calls_marked_idempotent_are_retried_after_a_timeout() {
+    use tonic::transport::{server::TcpIncoming, Channel, Server};
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    use tower_bulwark::retry::Idempotent;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let hang = Arc::new(AtomicU32::new(0));
+    let seen = Arc::new(AtomicU32::new(0));
+    let (h, s2) = (hang.clone(), seen.clone());
+    tokio::spawn(async move {
+        Server::builder()
+            .layer(tower::layer::layer_fn(move |inner| HangFirst {
+                inner,
+                hang: h.clone(),
+                seen: s2.clone(),
+            }))
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener))
+            .await
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryPolicy::grpc().clock(Clock::tokio())).unwrap())
+        .timeout(Duration::from_millis(200))
+        .map_request(|r: Request<_>| r.map(tonic::body::Body::new))
+        .service(channel);
+    let mut client = HealthClient::new(svc);
+
+    hang.store(1, Ordering::SeqCst);
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.extensions_mut().insert(Idempotent);
+    let r = client.check(req).await;
+    assert!(
+        r.is_ok(),
+        "{r:?}; server saw {}",
+        seen.load(Ordering::SeqCst)
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+
+    hang.store(1, Ordering::SeqCst);
+    let r = client
+        .check(tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        }))
+        .await;
+    assert!(r.is_err());
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        3,
+        "an unmarked call was retried after a timeout"
+    );
+}
+
+/// Scenario: a policy with no practical cap on the delay (`Backoff::exponential(25 ms,
+/// Duration::MAX)`, accepted when the layer is built) meets huge hints: `Retry-After:
+/// 18446744073709551615`, a rejection's `retry_after` of `Duration::MAX`, and many attempts
+/// (the exponential ceiling grows past any `Duration`).
+/// Expected: no panic and no wrap-around to a short wait: the call waits (or stops), and a
+/// caller's timeout ends it. Regression check (it holds).
+#[tokio::test(start_paused = true)]
+async fn huge_hints_under_an_uncapped_backoff_neither_panic_nor_wrap() {
+    let backoff = Backoff::exponential(Duration::from_millis(25), Duration::MAX);
+    // A huge Retry-After.
+    let inner = Scripted::new(vec![
+        (503, vec![("retry-after", "18446744073709551615")]),
+        (200, vec![]),
+    ]);
+    let layer = RetryLayer::new(RetryPolicy::http().backoff(backoff).clock(Clock::tokio()));
+    let Ok(layer) = layer else { return };
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(inner.clone());
+    let r = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(get("http://a/x"))).await;
+    assert!(r.map(|r| r.unwrap().status() == 503).unwrap_or(true));
+    assert_eq!(
+        inner.calls(),
+        1,
+        "retried early after a Retry-After of u64::MAX seconds"
+    );
+
+    // A rejection with Duration::MAX.
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let inner = tower::service_fn(move |_: ()| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), BoxError>(Rejection::circuit_open(Duration::MAX).into()) }
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(
+            RetryLayer::new(RetryPolicy::errors().backoff(backoff).clock(Clock::tokio())).unwrap(),
+        )
+        .service(inner);
+    let _ = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(())).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "retried early after a retry_after of Duration::MAX"
+    );
+
+    // Many attempts: ceilings past any Duration.
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let inner = tower::service_fn(move |_: ()| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), BoxError>(Box::new(ConnReset)) }
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(
+            RetryLayer::new(
+                RetryPolicy::errors()
+                    .max_attempts(2000)
+                    .no_budget()
+                    .backoff(backoff.jitter(tower_bulwark::retry::Jitter::Equal))
+                    .clock(Clock::tokio()),
+            )
+            .unwrap(),
+        )
+        .service(inner);
+    let _ = tokio::time::timeout(Duration::from_secs(86400 * 365), svc.oneshot(())).await;
+    let n = calls.load(Ordering::SeqCst);
+    assert!(
+        n < 100,
+        "{n} attempts in a year: the delay wrapped round to short waits"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// tower's load_shed below the breaker
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: a client bounds its in-flight calls with tower's own layers below the breaker,
+/// `load_shed` over `concurrency_limit(2)` (tower's documented way to shed instead of queue),
+/// and a healthy dependency that answers in 100 ms. A burst of 20 concurrent calls comes.
+///
+/// Expected (breaker docs: a failure is a sign the *dependency* is sick; the crate's own shed,
+/// `Rejection` `Overloaded`, is classified `Throttled`, "not a sign of ill health"): calls shed
+/// locally, which never reached the dependency, do not open the breaker.
+///
+/// What happens: tower's `Overloaded` error is an error like any other (`ErrorsOnly`, and
+/// `HttpStatus` too, count every error as a failure): 18 local sheds open the breaker, and
+/// every call is refused for the open time although the dependency never failed.
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: tower's load_shed Overloaded below the breaker counts as a dependency failure: a local burst opens the breaker"]
+async fn local_shedding_by_tower_load_shed_does_not_open_the_breaker() {
+    let breaker = CircuitBreakerLayer::new(
+        BreakerConfig::failure_rate(0.5)
+            .window(20)
+            .minimum_calls(10)
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .classify(HttpStatus::new());
+    let handle = breaker.handle();
+    let dependency_calls = Arc::new(AtomicU32::new(0));
+    let c = dependency_calls.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(breaker)
+        .load_shed()
+        .concurrency_limit(2)
+        .service(tower::service_fn(move |_req: Request<()>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<_, BoxError>(Response::builder().status(200).body(()).unwrap())
+            }
+        }));
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            svc.clone()
+                .oneshot(Request::get("http://d/").body(()).unwrap())
+        })
+        .collect();
+    let results = futures_util::future::join_all(calls).await;
+    let shed = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "{shed} calls shed locally opened the breaker; the dependency answered all {} it saw: {:?}",
+        dependency_calls.load(Ordering::SeqCst),
+        handle.figures()
+    );
+}
+
+/// Scenario: a client that had heavy traffic (a batch: 100,000 requests in a second), then
+/// nothing for an hour, then 50 requests over 5 s (10 a second), one of which fails.
+/// `ratio(0.2)`, no floor.
+///
+/// Expected (issue 14 item 3, `Budget` docs: "Every request of the window counts"): the window
+/// holds 50 requests, so 10 retries are allowed (at least a few, given the slot precision).
+///
+/// Regression check (it holds).
+#[test]
+fn requests_after_a_quiet_spell_that_followed_a_batch_are_counted() {
+    let (clock, hand) = Clock::manual();
+    let budget = Budget::builder()
+        .ratio(0.2)
+        .min_per_second(0)
+        .clock(clock)
+        .build()
+        .unwrap();
+    for _ in 0..100_000 {
+        hand.advance(Duration::from_micros(10));
+        budget.deposit();
+    }
+    hand.advance(Duration::from_secs(3600));
+    for _ in 0..50 {
+        hand.advance(Duration::from_millis(100));
+        budget.deposit();
+    }
+    let figures = budget.figures();
+    let mut granted = 0;
+    while budget.try_withdraw() {
+        granted += 1;
+        if granted > 100 {
+            break;
+        }
+    }
+    assert!(
+        granted >= 5,
+        "{granted} retries for a window of 50 requests at ratio 0.2: {figures:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The README's client stack against the README's server layers
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: the README's client stack (`RetryPolicy::http().max_attempts(3)` with the default
+/// backoff, over a breaker) calls, in process, an Axum route behind this crate's
+/// `RejectionLayer::http()` and `BackpressureLayer::new(1)` (its defaults: shed at once with a
+/// 503 and a spread `Retry-After`). Ten GETs arrive together; the handler takes 200 ms.
+///
+/// Expected (README: "`Retry-After` [...] honoured (never retried early; waited out with
+/// jitter"); a shed GET is the very case retries are for): the shed GETs are retried after
+/// the server's hint and served.
+///
+/// What happens: the server's shed hint is drawn from `[1 s, 3 s)` and written in whole
+/// seconds ("by default `Retry-After` 1 to 3 s"), while the client's default maximum delay is
+/// 1 s, and "a hint longer than the maximum delay returns the answer at once": most shed GETs
+/// come back to the caller as 503 without a retry. The two default stacks do not compose.
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: the README client's default max delay (1 s) is below the README server's shed Retry-After (1-3 s): shed GETs are never retried"]
+async fn the_readme_client_retries_what_the_readme_server_sheds() {
+    use axum::routing::get as axum_get;
+    use tower_bulwark::{BackpressureLayer, RejectionLayer};
+
+    let app = axum::Router::new()
+        .route(
+            "/items",
+            axum_get(|| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                "ok"
+            }),
+        )
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RejectionLayer::http())
+                .layer(BackpressureLayer::new(1)),
+        );
+    let retry = RetryLayer::new(
+        RetryPolicy::http()
+            .max_attempts(3)
+            .budget(Budget::ratio(0.2).unwrap())
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let retries = retry.handle();
+    let client = tower::ServiceBuilder::new()
+        .layer(retry)
+        .layer(
+            CircuitBreakerLayer::new(
+                BreakerConfig::failure_rate(0.5)
+                    .window(100)
+                    .clock(Clock::tokio()),
+            )
+            .unwrap()
+            .classify(HttpStatus::default()),
+        )
+        .map_err(BoxError::from)
+        .service(app);
+    let calls: Vec<_> = (0..10)
+        .map(|_| client.clone().oneshot(get("http://shop/items")))
+        .collect();
+    let results = futures_util::future::join_all(calls).await;
+    let statuses: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.status().as_u16()).unwrap_or(0))
+        .collect();
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        served >= 8,
+        "only {served} of 10 GETs served: {statuses:?}; {} retries made",
+        retries.retries()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client errors counted against a server route's health
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: a server protects a whole route with a breaker ("In a server stack, a breaker
+/// protects [...] the whole route"), above this crate's `IdempotencyLayer`:
+/// `RejectionLayer → CircuitBreakerLayer(HttpStatus) → IdempotencyLayer → handler`. One buggy
+/// client sends requests with a malformed `Idempotency-Key` (300 characters: 400
+/// `IdempotencyKeyInvalid`).
+///
+/// Expected (breaker docs: a 4xx "says the *request* was wrong, not that the dependency is
+/// sick, and one bad client must not open the breaker for everybody"): the 400s do not count;
+/// the other clients are served.
+///
+/// What happens: the idempotency layer's refusal reaches the breaker as a `Rejection` error,
+/// which `classify` calls a `Failure` ("the other idempotency rejections are
+/// `Outcome::Failure`"), and every error counts against health: five bad requests open the
+/// breaker, and every client gets 503 for the open time.
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: idempotency rejections of a bad client (400/422/413) count as failures in a breaker above: one client opens it for all"]
+async fn a_clients_malformed_keys_do_not_open_a_route_breaker() {
+    use axum::routing::post;
+    use tower_bulwark::{IdempotencyLayer, MemoryStore, RejectionLayer};
+
+    let breaker =
+        CircuitBreakerLayer::new(BreakerConfig::consecutive_failures(5).clock(Clock::tokio()))
+            .unwrap()
+            .classify(HttpStatus::default());
+    let handle = breaker.handle();
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            post(|| async { (http::StatusCode::CREATED, "created") }),
+        )
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RejectionLayer::http())
+                .layer(breaker)
+                .layer(
+                    IdempotencyLayer::builder(MemoryStore::default())
+                        .unscoped()
+                        .build()
+                        .unwrap(),
+                ),
+        );
+    let bad_key = "k".repeat(300);
+    for _ in 0..5 {
+        let req = Request::post("http://shop/orders")
+            .header("idempotency-key", bad_key.as_str())
+            .body(axum::body::Body::from("{}"))
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 400);
+    }
+    let good = Request::post("http://shop/orders")
+        .header("idempotency-key", "good-key-1")
+        .body(axum::body::Body::from("{}"))
+        .unwrap();
+    let res = app.oneshot(good).await.unwrap();
+    assert_eq!(
+        res.status(),
+        201,
+        "a well-behaved client refused after another's malformed keys (breaker {:?})",
+        handle.state()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated keys under a seed
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario: one process builds two clients from one configured policy with a seed
+/// (`RetryPolicy::http().seed(42).add_idempotency_key()`, say one per upstream, or a client
+/// rebuilt on a configuration reload), and each sends POSTs.
+///
+/// Expected (`RetryPolicy::seed`: generated keys are "always mixed with random bits of the
+/// process's own [...] a server never replays one replica's response to another's request"):
+/// no two POSTs get the same `Idempotency-Key`. Regression check.
+#[tokio::test(start_paused = true)]
+async fn two_seeded_clients_in_one_process_never_share_a_key() {
+    let policy = RetryPolicy::http()
+        .seed(42)
+        .add_idempotency_key()
+        .clock(Clock::tokio());
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let inner = Scripted::new(vec![(201, vec![])]);
+        let svc = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new(policy.clone()).unwrap())
+            .service(inner.clone());
+        for _ in 0..3 {
+            let req = Request::post("http://a/orders")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            svc.clone().oneshot(req).await.unwrap();
+        }
+        keys.extend(
+            inner
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, k)| k.clone().unwrap()),
+        );
+    }
+    let mut unique = keys.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), keys.len(), "{keys:?}");
+}
+
+/// Scenario: half-open with its one probe out (slow); 1,000 other callers are refused.
+/// Expected (module docs: refused callers are "told to come back after a random share of the
+/// open time a failed probe would start"): hints spread over that span, none zero (a zero hint
+/// sends the caller's retry straight back, into the refusal again). Regression check.
+#[tokio::test(start_paused = true)]
+async fn half_open_refusal_hints_are_spread_and_never_zero() {
+    let breaker = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .jitter(0.0)
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(breaker)
+        .service(tower::service_fn(move |_: ()| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    return Err::<(), BoxError>("down".into());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(())
+            }
+        }));
+    let _ = svc.clone().oneshot(()).await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let probe = tokio::spawn(svc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    let mut hints = Vec::new();
+    for _ in 0..1000 {
+        let e = svc.clone().oneshot(()).await.unwrap_err();
+        hints.push(Rejection::find(&*e).unwrap().retry_after().unwrap());
+    }
+    let _ = probe.await;
+    hints.sort();
+    assert!(hints[0] > Duration::ZERO, "a zero hint");
+    assert!(
+        hints[999] > hints[0] * 2,
+        "not spread: {:?}..{:?}",
+        hints[0],
+        hints[999]
+    );
+}
+
+/// Scenario: a dependency behind a gateway that rate-limits: answers alternate 503 (the
+/// backend is down) and 429 (the gateway throttles). `consecutive_failures(3)`.
+/// Expected (docs: 429 "is throttled and counts as neither"): the 429s neither count nor
+/// reset the run of failures, so three 503s open the breaker. Regression check (it holds).
+#[tokio::test(start_paused = true)]
+async fn throttled_answers_do_not_reset_consecutive_failures() {
+    let inner = Scripted::new(vec![
+        (503, vec![]),
+        (429, vec![]),
+        (503, vec![]),
+        (429, vec![]),
+        (503, vec![]),
+        (429, vec![]),
+        (200, vec![]),
+    ]);
+    let breaker =
+        CircuitBreakerLayer::new(BreakerConfig::consecutive_failures(3).clock(Clock::tokio()))
+            .unwrap()
+            .classify(HttpStatus::new());
+    let handle = breaker.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(breaker)
+        .service(inner.clone());
+    for _ in 0..6 {
+        let _ = svc.clone().oneshot(get("http://a/x")).await;
+    }
+    assert_eq!(handle.state(), BreakerState::Open, "{:?}", handle.figures());
+}
+
+/// Scenario: two live layers built from the same configuration with the default (system)
+/// clock and a small window, which the crate keeps in its pool of static states, for two
+/// dependencies. One dependency fails. Expected (`# State and clones`: "Two dependencies that
+/// must trip separately need two layers"): only its breaker opens. Regression check.
+#[tokio::test]
+async fn two_live_layers_with_one_configuration_trip_separately() {
+    let config = || BreakerConfig::consecutive_failures(2).open_time(Duration::from_secs(7));
+    let a = CircuitBreakerLayer::new(config()).unwrap();
+    let b = CircuitBreakerLayer::new(config()).unwrap();
+    let (ha, hb) = (a.handle(), b.handle());
+    let sa = tower::ServiceBuilder::new()
+        .layer(a)
+        .service(tower::service_fn(|_: ()| async {
+            Err::<(), BoxError>("down".into())
+        }));
+    let sb = tower::ServiceBuilder::new()
+        .layer(b)
+        .service(tower::service_fn(|_: ()| async { Ok::<(), BoxError>(()) }));
+    for _ in 0..3 {
+        let _ = sa.clone().oneshot(()).await;
+    }
+    assert_eq!(ha.state(), BreakerState::Open);
+    assert_eq!(hb.state(), BreakerState::Closed);
+    assert!(sb.oneshot(()).await.is_ok());
+}
+
+/// Scenario: a dependency down; 200 GETs in 2 s through `RetryPolicy::http().max_attempts(10)`
+/// with `Budget::builder().ratio(0.2).min_per_second(0)`. Expected (`Budget`: "retries stay
+/// at or below `ratio × requests`"): at most 40 retries (retries are not requests that earn
+/// retries of their own). Regression check.
+#[tokio::test(start_paused = true)]
+async fn retries_do_not_earn_retries() {
+    let inner = Scripted::new(vec![(503, vec![])]);
+    let budget = Budget::builder()
+        .ratio(0.2)
+        .min_per_second(0)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryPolicy::http().max_attempts(10).budget(budget)).unwrap())
+        .service(inner.clone());
+    for _ in 0..200 {
+        let _ = svc.clone().oneshot(get("http://a/x")).await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let retries = inner.calls() - 200;
+    assert!(
+        retries >= 20,
+        "only {retries} retries: the budget was not exercised"
+    );
+    assert!(
+        retries <= 40,
+        "{retries} retries for 200 requests at ratio 0.2"
     );
 }

@@ -198,24 +198,20 @@ pub(crate) enum Step {
 /// A request up to the clock slack early conforms (see the module docs). A `now` earlier than
 /// a previous one (a clock that jumped back) is handled: within one window (the TAT no
 /// further ahead than an admission can set it) the TAT is never moved back, so such a step
-/// admits at most what the slack allows; a jump back beyond that finds the limit spent on
-/// the new time line, and whole again one window later, instead of refusing every request
-/// for the length of the jump.
+/// admits at most what the slack allows; a jump back beyond that finds the limit whole on
+/// the new time line (at most one burst more), instead of refusing every request for the
+/// length of the jump.
 #[inline]
 pub(crate) fn step(tat: u64, now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
     // No admission sets a TAT further ahead than `tolerance + max_wait + interval`: one that
-    // is means the clock went back. The limit is taken as spent but for one token on the new
-    // time line (this request, whose admission then stores a TAT on it), not as spent until
-    // the old time comes again.
+    // is means the clock went back by more than a window, at an instant no one saw. The limit
+    // starts whole on the new time line (as it would be a window after the jump), not spent
+    // until the old time comes again: a jump back gives at most one burst more.
     let horizon = now
         .saturating_add(tolerance)
         .saturating_add(max_wait_ns)
         .saturating_add(interval);
-    let tat = if tat > horizon {
-        now.saturating_add(tolerance.saturating_sub(interval))
-    } else {
-        tat
-    };
+    let tat = if tat > horizon { now } else { tat };
     let new_tat = tat.max(now).saturating_add(interval);
     // The earliest instant at which this request fits in the burst.
     let allowed_at = new_tat.saturating_sub(tolerance);
@@ -350,23 +346,24 @@ mod tests {
             }
         }
         assert_eq!(admitted, 0);
-        // A jump back beyond one window: the limit is spent but for one token on the new
-        // time line, not until the old time comes again.
+        // A jump back beyond one window: the limit is whole on the new time line (one
+        // burst), not spent until the old time comes again.
         assert_eq!(
             step(u64::MAX, 0, i, tol, 0),
             Step::Admit {
-                new_tat: tol,
+                new_tat: i,
                 wait_ns: 0
             }
         );
-        let Step::Admit { new_tat, .. } = step(1_000_000, 1_000, i, tol, 0) else {
-            panic!()
-        };
-        assert_eq!(new_tat, 1_000 + tol);
-        assert_eq!(
-            step(new_tat, 1_000, i, tol, 0),
-            Step::Reject { retry_after_ns: i }
-        );
+        let mut tat = 1_000_000;
+        let mut admitted = 0;
+        for _ in 0..10 {
+            if let Step::Admit { new_tat, .. } = step(tat, 1_000, i, tol, 0) {
+                tat = new_tat;
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3, "one burst on the new time line");
     }
 
     #[test]
@@ -451,8 +448,8 @@ mod tests {
         /// exceeds `burst + (span + slack) / interval`, where span is the range of times seen
         /// (and the slack is less than one interval), while the clock never goes back by more
         /// than one window (`tolerance + interval`) behind the latest TAT. Each jump back
-        /// beyond that starts a new time line, spent but for one token: over the whole
-        /// sequence, no more than `burst + (forward + slack * (1 + jumps)) / interval + jumps`,
+        /// beyond that starts a new time line with the limit whole: over the whole sequence,
+        /// no more than `(1 + jumps) * burst + (forward + slack * (1 + jumps)) / interval`,
         /// where `forward` is the sum of the steps forward.
         #[test]
         fn never_over_admits(
@@ -487,7 +484,7 @@ mod tests {
                     let allowed = burst + (max_now - min_now + slack) / interval;
                     prop_assert!(admitted <= allowed, "admitted {} > allowed {}", admitted, allowed);
                 }
-                let allowed = burst + (forward + slack * (1 + jumps)) / interval + jumps;
+                let allowed = (1 + jumps) * burst + (forward + slack * (1 + jumps)) / interval;
                 prop_assert!(admitted <= allowed, "admitted {} > allowed {} ({} jumps)", admitted, allowed, jumps);
             }
         }
