@@ -106,7 +106,10 @@ pub trait Classify<Res>: Clone + Send + Sync + 'static {
     }
 }
 
-/// The default classification of an error: a [`Rejection`] by its kind, anything else
+/// The default classification of an error: a [`Rejection`] by its kind (a refusal to slow
+/// down is [`Outcome::Throttled`]; a refusal of what the caller sent, answered with a 4xx, is
+/// the caller's fault and says nothing of the dependency's health: [`Outcome::Success`], as a
+/// 4xx response is), tower's own `load_shed` refusal [`Outcome::Throttled`], anything else
 /// [`Outcome::Retryable`].
 pub fn classify_error_default(err: &BoxError) -> Outcome {
     match Rejection::find(&**err).map(Rejection::kind) {
@@ -118,9 +121,24 @@ pub fn classify_error_default(err: &BoxError) -> Outcome {
             | RejectionKind::IdempotencyStoreFull
             | RejectionKind::IdempotencyInFlight,
         ) => Outcome::Throttled,
+        Some(kind) if kind.http_status().is_client_error() => Outcome::Success,
         Some(_) => Outcome::Failure,
+        None if is_tower_overloaded(&**err) => Outcome::Throttled,
         None => Outcome::Retryable,
     }
+}
+
+/// Whether `err` (or an error in its `source()` chain) is tower's `load_shed` refusal: a
+/// request shed in this process before it was sent, not a failure of the dependency.
+fn is_tower_overloaded(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Every response is a success; every error is a failure (retryable, unless it is a
@@ -654,10 +672,24 @@ mod tests {
             <ErrorsOnly as Classify<()>>::classify_error(&c, &open),
             Outcome::Throttled
         );
+        // A refusal of what the caller sent (a 4xx) is the caller's, not the dependency's:
+        // neither a failure of health nor worth retrying.
         let reused: BoxError = Rejection::new(RejectionKind::IdempotencyKeyReused).into();
         assert_eq!(
             <ErrorsOnly as Classify<()>>::classify_error(&c, &reused),
+            Outcome::Success
+        );
+        // A setup error of the server (a 500) is a failure.
+        let unknown: BoxError = Rejection::new(RejectionKind::ClientAddressUnknown).into();
+        assert_eq!(
+            <ErrorsOnly as Classify<()>>::classify_error(&c, &unknown),
             Outcome::Failure
+        );
+        // tower's own shed, wrapped or not, is a refusal to slow down.
+        let shed: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
+        assert_eq!(
+            <ErrorsOnly as Classify<()>>::classify_error(&c, &shed),
+            Outcome::Throttled
         );
     }
 

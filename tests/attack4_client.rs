@@ -2137,7 +2137,6 @@ async fn huge_hints_under_an_uncapped_backoff_neither_panic_nor_wrap() {
 /// `HttpStatus` too, count every error as a failure): 18 local sheds open the breaker, and
 /// every call is refused for the open time although the dependency never failed.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: tower's load_shed Overloaded below the breaker counts as a dependency failure: a local burst opens the breaker"]
 async fn local_shedding_by_tower_load_shed_does_not_open_the_breaker() {
     let breaker = CircuitBreakerLayer::new(
         BreakerConfig::failure_rate(0.5)
@@ -2310,7 +2309,6 @@ async fn the_readme_client_retries_what_the_readme_server_sheds() {
 /// `Outcome::Failure`"), and every error counts against health: five bad requests open the
 /// breaker, and every client gets 503 for the open time.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: idempotency rejections of a bad client (400/422/413) count as failures in a breaker above: one client opens it for all"]
 async fn a_clients_malformed_keys_do_not_open_a_route_breaker() {
     use axum::routing::post;
     use tower_bulwark::{IdempotencyLayer, MemoryStore, RejectionLayer};
