@@ -232,7 +232,7 @@ async fn grpc_answers() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(ms >= 1 && ms <= 2_100, "pushback {ms}");
+    assert!((1..=2_100).contains(&ms), "pushback {ms}");
     assert!(!h.contains_key("retry-after"));
 
     let bp = BackpressureLayer::new(0);
@@ -588,6 +588,8 @@ mod redis_attacks {
         FailurePolicy, LocalFallback, RedisRateLimitConfig, RedisRateLimitLayer,
     };
 
+    // A key function of `String` requests: it takes `&Req`.
+    #[allow(clippy::ptr_arg)]
     fn by_key(r: &String) -> String {
         r.clone()
     }
@@ -709,7 +711,7 @@ mod redis_attacks {
                 "a check took {d:?} with Redis down"
             );
             n += 1;
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 tokio::task::yield_now().await;
             }
         }
@@ -1165,7 +1167,7 @@ async fn slow_readers_collapse_gradient_with_body_hold() {
         for t in 0..3000u64 {
             for _ in 0..5 {
                 k += 1;
-                let slow = k % 20 == 0;
+                let slow = k.is_multiple_of(20);
                 if !slow {
                     fast_sent += 1;
                 }
