@@ -20,6 +20,9 @@ use tower_bulwark::clock::Clock;
 use tower_bulwark::retry::{Backoff, Budget, RetryLayer, RetryPolicy};
 use tower_bulwark::{Rejection, RejectionKind};
 
+/// When each attempt came and the idempotency key it carried.
+type Seen = Arc<Mutex<Vec<(Instant, Option<String>)>>>;
+
 /// One scripted reply: status and headers. The last line of a script repeats.
 type Reply = (u16, Vec<(&'static str, &'static str)>);
 
@@ -27,7 +30,7 @@ type Reply = (u16, Vec<(&'static str, &'static str)>);
 #[derive(Clone)]
 struct Scripted {
     script: Arc<Vec<Reply>>,
-    seen: Arc<Mutex<Vec<(Instant, Option<String>)>>>,
+    seen: Seen,
 }
 
 impl Scripted {
