@@ -563,7 +563,6 @@ async fn an_open_breaker_longer_than_max_delay_is_returned_at_once() {
 /// half-opens on a request of its own key, so a key that is never called again holds its slot
 /// for ever. Once `max_keys` hosts have ever tripped, every new host runs without any breaker.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: keyed breakers: slots of tripped keys never called again are never reclaimed; new sick hosts get no breaker for ever"]
 async fn stale_tripped_keys_do_not_disable_breakers_for_new_hosts() {
     let calls = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
     let c = calls.clone();
@@ -1213,7 +1212,6 @@ async fn a_retry_cut_by_its_deadline_while_probing_frees_the_probe_slot() {
 /// the old failure pins each slot for ever (its count window only moves with the key's own
 /// calls), so the new sick host runs without a breaker.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: keyed breakers: a single old failure pins a key's slot for ever; new hosts then get no breaker"]
 async fn one_old_failure_per_key_does_not_disable_breakers_for_new_hosts() {
     let calls = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
     let c = calls.clone();

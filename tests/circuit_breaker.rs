@@ -638,3 +638,58 @@ async fn a_keyed_handle_acts_only_on_its_own_key() {
         (BreakerState::Closed, 0, 0)
     );
 }
+
+/// A keyed breaker that has tripped and is still asked for keeps its slot against a flood of
+/// new keys, hours on: only slots no request has touched since their failures (or their open
+/// time) went stale are given to new keys.
+#[tokio::test(start_paused = true)]
+async fn a_tripped_key_still_asked_for_survives_a_flood_of_new_keys() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let sick_calls = Arc::new(AtomicU32::new(0));
+    let counted = sick_calls.clone();
+    let inner = tower::service_fn(move |key: u32| {
+        if key == 0 {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        // Key 0's host is down for good; every other host answers.
+        async move {
+            if key == 0 {
+                Err::<(), BoxError>("connection refused".into())
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let layer = CircuitBreakerLayer::keyed(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(60))
+            .max_keys(4)
+            .clock(Clock::tokio()),
+        |key: &u32| *key,
+    )
+    .unwrap();
+    let svc = layer.layer(inner);
+    // Key 0 trips.
+    let _ = svc.clone().oneshot(0).await;
+    assert_eq!(sick_calls.load(Ordering::SeqCst), 1);
+    let mut next = 1;
+    for _ in 0..24 {
+        // Half an hour on, key 0 is asked for again (its one probe fails: open again), then
+        // a flood of new keys comes.
+        advance(Duration::from_secs(30 * 60)).await;
+        let _ = svc.clone().oneshot(0).await;
+        for _ in 0..64 {
+            let _ = svc.clone().oneshot(next).await;
+            next += 1;
+        }
+        // Refused while open: the flood did not take its slot.
+        let err = svc.clone().oneshot(0).await.unwrap_err();
+        assert_eq!(
+            Rejection::find(&*err).map(Rejection::kind),
+            Some(RejectionKind::CircuitOpen)
+        );
+    }
+    // One probe per half hour, nothing more.
+    assert_eq!(sick_calls.load(Ordering::SeqCst), 25);
+}

@@ -149,9 +149,11 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
     /// (the standard library's `RandomState`, randomly seeded per layer; two keys whose hashes
     /// collide, a chance of about 2^-64 per pair, share a breaker): looking up a key, and
     /// claiming a free slot for a new one, take no lock. A new key whose slots (8 places from its hash) are all taken
-    /// reuses one whose breaker is healthy (closed, no failure in its window); a breaker that
-    /// has tripped is never reused. If none is free, the request goes through without a
-    /// breaker (a `tracing` event at `DEBUG` says so).
+    /// reuses one whose breaker is healthy (closed, no failure in its window) or stale (its
+    /// last failure, or the end of its open time with no request since, 10 minutes or twice
+    /// the longest open time ago); a breaker that has tripped and is still asked for is never
+    /// reused, so a flood of new keys cannot reset it. If none is free, the request goes
+    /// through without a breaker (a `tracing` event at `DEBUG` says so).
     ///
     /// ```
     /// use http::{Request, Response};

@@ -200,8 +200,16 @@ pub(crate) struct Breaker {
     /// a later one). With every slot taken and this older than the probe time limit, every
     /// probe in flight is overdue.
     probe_at: AtomicU64,
+    /// When a call last failed while closed (0: not since it was made or cleared): a keyed
+    /// slot whose failures are all older than [`STALE_NANOS`] may go to a new key.
+    failed_at: AtomicU64,
     window: Ring,
 }
+
+/// How long a keyed breaker's failures (or the end of its open time, with no request since)
+/// stay worth keeping its slot for, against a new key that needs one: 10 minutes, or twice the
+/// longest open time if that is longer.
+const STALE_NANOS: u64 = 10 * 60 * 1_000_000_000;
 
 impl Breaker {
     fn new(config: &BreakerConfig) -> Breaker {
@@ -211,6 +219,7 @@ impl Breaker {
             reopens: AtomicU32::new(0),
             closed_at: AtomicU64::new(0),
             probe_at: AtomicU64::new(0),
+            failed_at: AtomicU64::new(0),
             window: Ring::new(config.window, config.slow_call.is_some()),
         }
     }
@@ -365,19 +374,30 @@ impl Shared {
                 _ => {}
             }
         }
-        // All taken: reuse a healthy breaker (closed, no failure in its window). A tripped
-        // breaker is never evicted, so a flood of new keys cannot reset it.
+        // All taken: reuse a healthy breaker (closed, no failure in its window), or a stale
+        // one: closed with every failure older than the stale time, or open with its open
+        // time over for that long and no request since (a request would have made it
+        // half-open). A breaker that has tripped and is still asked for is never evicted, so
+        // a flood of new keys cannot reset it.
         let now = self.now();
+        let stale = STALE_NANOS.max(self.limits.max_open_nanos.saturating_mul(2));
         for i in 0..probes {
             let s = (h as usize).wrapping_add(i) & mask;
             let k = self.keys[s].load(Acquire);
             let b = &self.breakers[s];
             let st = b.state.0.load(Acquire);
-            if tag(st) == CLOSED
-                && b.consecutive.load(Relaxed) == 0
-                && b.window.tally(now).failures == 0
-                && self.keys[s].compare_exchange(k, h, AcqRel, Acquire).is_ok()
-            {
+            let reusable = match tag(st) {
+                CLOSED => {
+                    (b.consecutive.load(Relaxed) == 0 && b.window.tally(now).failures == 0)
+                        || b.failed_at
+                            .load(Relaxed)
+                            .checked_sub(1)
+                            .is_some_and(|f| now.saturating_sub(f) >= stale)
+                }
+                OPEN => now.saturating_sub(payload(st).saturating_mul(1000)) >= stale,
+                _ => false,
+            };
+            if reusable && self.keys[s].compare_exchange(k, h, AcqRel, Acquire).is_ok() {
                 self.clear(s);
                 tracing::debug!(breaker = s, "circuit breaker slot reused for a new key");
                 return Some(s);
@@ -613,6 +633,9 @@ impl Shared {
         let mut reason = None;
         let mut consecutive = 0;
         if failed {
+            // Only a failure reads the clock for this (a success costs nothing more).
+            let t = if needs_now { now } else { self.now() };
+            b.failed_at.store(t.max(1), Relaxed);
             consecutive = b.consecutive.fetch_add(1, Relaxed).saturating_add(1);
             if l.consecutive.is_some_and(|n| consecutive >= n) {
                 reason = Some(Reason::ConsecutiveFailures);
@@ -826,6 +849,7 @@ impl Shared {
         b.consecutive.store(0, Relaxed);
         b.reopens.store(0, Relaxed);
         b.closed_at.store(0, Relaxed);
+        b.failed_at.store(0, Relaxed);
         true
     }
 
