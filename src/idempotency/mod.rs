@@ -219,7 +219,10 @@
 //! is never released: if the record cannot be written (the store down, the connection cut as
 //! the command went out), the client still gets its response, the lease stays, and the write
 //! is tried again in the background, under the owner token, until the lease would expire. A
-//! repeat meanwhile gets 409, then the replay.
+//! repeat meanwhile gets 409, then the replay. A store that stays unreachable (or refuses the
+//! write) for longer than the lease loses that record: the lease expires and a repeat after
+//! it runs again. Give [`lease_ttl`](IdempotencyBuilder::lease_ttl) room for the store
+//! outages the service must ride out.
 //!
 //! # Buffers in flight
 //!
