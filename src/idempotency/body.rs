@@ -41,14 +41,15 @@ pin_project! {
 }
 
 /// What becomes of the key of a response streamed past the layer's cap, decided by how its
-/// body ends: a failure (a failing status in its trailers, an error) releases the key so the
-/// client can retry; a body that ends well, or is dropped before its end, records the key as
-/// completed with a response not kept (dropping the `Settle` does that).
+/// body ends: a gRPC failure (a failing status in its trailers, no status at all) releases
+/// the key so the client can retry; a body that ends well, fails (the handler had answered:
+/// it ran), or is dropped before its end, records the key as completed with a response not
+/// kept (dropping the `Settle` does that).
 pub(crate) trait Settle: Send + Sync {
     /// The body's trailers arrived.
     fn trailers(&mut self, trailers: &HeaderMap);
-    /// The body failed.
-    fn failed(&mut self);
+    /// The body ended (not with an error).
+    fn ended(&mut self);
 }
 
 /// A whole body, with its trailers.
@@ -172,12 +173,15 @@ where
                                 s.trailers(t);
                             }
                         }
-                        Poll::Ready(Some(Err(_))) => {
-                            s.failed();
+                        // An error: the handler ran; dropping the settlement records the
+                        // key.
+                        Poll::Ready(Some(Err(_))) => *settle = None,
+                        // The end: dropping the settlement records the key, unless the end
+                        // says the call failed.
+                        Poll::Ready(None) => {
+                            s.ended();
                             *settle = None;
                         }
-                        // The end: dropping the settlement records the key.
-                        Poll::Ready(None) => *settle = None,
                         Poll::Pending => {}
                     }
                 }
