@@ -31,9 +31,10 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 pin_project! {
     /// Response future of [`Idempotency`](super::Idempotency).
     ///
-    /// While the handler runs (its future, then the response body the layer reads), this
-    /// future renews the lease every third of its time to live, so no repeat can claim the
-    /// key of a handler that outlives `lease_ttl`.
+    /// While the handler runs, this future renews the lease every third of its time to live, so no repeat can claim the
+    /// key of a handler that outlives `lease_ttl`. A response whose body is not ready at once
+    /// is handed on at its head, its lease first extended to the record's time to live: its
+    /// body keeps a copy and writes the record at its end.
     ///
     /// # Cancel safety
     ///
@@ -44,7 +45,8 @@ pin_project! {
     /// holds no lease. Dropped once the handler has answered with a
     /// response to store (reading its body, storing it), the request has run and its key is
     /// never released: the record (or, for a body not read to its end, a record that the
-    /// response was not kept) is written under the lease in the background. A claim still on
+    /// response was not kept) is written under the lease in the background. The same holds
+    /// for the body of a response handed on as it streams, dropped before its end. A claim still on
     /// its way to the store is the store's to clean up (see [`Store`]).
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, St, M, ReqB, ResB>
@@ -89,30 +91,111 @@ pin_project! {
     }
 }
 
-/// Settles the key of a response streamed past the cap when its body ends: holds the lease
-/// (extended to the record's time to live) until then. A gRPC failure (a failing status in
-/// the trailers, or a gRPC response that ends with none) releases it; the end, a body error
-/// (the handler ran) or a drop writes the record that the response was not kept (the guard
-/// does, in `Drop`).
+/// Settles the key of a response handed on as it streams when its body ends: holds the
+/// lease (extended to the record's time to live) until then. Under the cap it keeps a copy
+/// of the body and, at the end, writes its record, or releases the key for a failure judged
+/// as a buffered response's would be. Past the cap (from the start, or once the copy grows
+/// past it), a gRPC failure (a failing status in the trailers, or a gRPC response that ends
+/// with none) releases it; the end, a body error (the handler ran) or a drop writes the
+/// record that the response was not kept (the guard does, in `Drop`).
 struct Settlement<St: Store> {
     guard: Option<LeaseGuard<St>>,
     shared: Arc<Shared>,
     /// A gRPC response whose head has no `grpc-status`: its trailers must have one.
     needs_status: bool,
+    /// The copy of a body still under the cap, to record at its end.
+    recording: Option<Box<Recording>>,
+}
+
+/// What a streamed response under the cap keeps to write its record at the end.
+struct Recording {
+    fingerprint: Fingerprint,
+    status: StatusCode,
+    /// The head's headers as they are stored (with `Trailer`, dropped at the end if no
+    /// trailers came); `None` when there are too many values to keep.
+    headers: Option<HeaderMap>,
+    /// What the head says of a gRPC call.
+    grpc: GrpcHead,
+    buf: BodyBuf,
+    trailers: Option<HeaderMap>,
+    /// The layer's buffer budget held for the copy: room for the whole response, reserved
+    /// before the handler ran, given back at the end.
+    room: Reservation,
 }
 
 impl<St: Store> Settlement<St> {
     fn release(&mut self, why: &'static str) {
+        self.recording = None;
         if let Some(g) = self.guard.take() {
             Counters::bump(&self.shared.stats.not_stored);
-            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), why, "response too large to keep failed; lease released");
+            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), why, "streamed response not stored; lease released");
             g.release();
+        }
+    }
+
+    /// The end of a body recorded under the cap: its record is written under the lease (at
+    /// once for a store that completes at once, in the background for another), or its key
+    /// released for a failure.
+    fn record(&mut self, r: Box<Recording>) {
+        let Recording {
+            fingerprint,
+            status,
+            headers,
+            grpc,
+            mut buf,
+            trailers,
+            room,
+        } = *r;
+        let data = buf.take();
+        let config = &self.shared.config;
+        if end_not_stored_as(grpc, trailers.as_ref(), &data, config) {
+            self.release("a failure or refusal status at the end of its body");
+            return;
+        }
+        let tail = match &trailers {
+            Some(t) => stored_headers(t, &config.exclude, false).map(Some),
+            None => Some(None),
+        };
+        let record = match (headers, tail) {
+            (Some(mut head), Some(tail)) => {
+                if tail.is_none() {
+                    head.remove(header::TRAILER);
+                }
+                Record::response(fingerprint, status, head, data, tail)
+            }
+            _ => Record::not_kept(fingerprint, status),
+        };
+        // The copy is the record's now: the store holds it (or the write in flight).
+        drop(room);
+        if let Some(mut g) = self.guard.take() {
+            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), "streamed response ended; writing its record");
+            g.record = Some((record, self.shared.ttl()));
         }
     }
 }
 
 impl<St: Store> Settle for Settlement<St> {
+    fn data(&mut self, data: &Bytes) {
+        let Some(r) = self.recording.as_mut() else {
+            return;
+        };
+        r.buf.push(data.clone());
+        if r.buf.len() > self.shared.config.max_response_body {
+            // Too large to keep after all: the copy and its room are given back, and the
+            // end decides as for any response past the cap.
+            tracing::debug!(key = ?self.guard.as_ref().and_then(|g| g.lease.as_ref()).map(Lease::key), "streamed response too large to keep; its end decides");
+            self.recording = None;
+        }
+    }
+
     fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(r) = self.recording.as_mut() {
+            match &mut r.trailers {
+                Some(have) => have.extend(trailers.clone()),
+                None => r.trailers = Some(trailers.clone()),
+            }
+            return;
+        }
         if GrpcCode::from_headers(trailers).is_some() {
             self.needs_status = false;
         }
@@ -122,6 +205,10 @@ impl<St: Store> Settle for Settlement<St> {
     }
 
     fn ended(&mut self) {
+        if let Some(r) = self.recording.take() {
+            self.record(r);
+            return;
+        }
         if self.needs_status && !self.shared.config.store_failures {
             self.release("a gRPC response that ended without a status");
         }
@@ -152,6 +239,8 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     held: Reservation,
     /// The layer's buffer budget held for the response, reserved before the handler runs.
     room: Reservation,
+    /// The copy of a response handed on as it streams, while its lease is extended.
+    recording: Option<Box<Recording>>,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
@@ -185,6 +274,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             deadline: None,
             held: Reservation::default(),
             room: Reservation::default(),
+            recording: None,
             _body: std::marker::PhantomData,
         }
     }
@@ -297,6 +387,24 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             if r.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Hands `res` on as it streams: first extends the lease to the record's time to live,
+    /// so that it is held until the body ends however slowly the client reads.
+    fn extend<F, CF, KF, ReqB>(
+        &mut self,
+        res: Response<ReplayBody<ResB>>,
+    ) -> State<F, CF, KF, ReqB, ResB> {
+        self.renewal = None;
+        let guard = self.guard.as_ref().expect("a lease is held");
+        let ttl = self.shared.ttl();
+        let extend = self.store.renew(guard.lease(), ttl);
+        State::Extend {
+            fut: Box::pin(extend),
+            sent: Instant::now(),
+            ttl,
+            pending: Some(res),
         }
     }
 
@@ -421,7 +529,7 @@ where
             State::Wait { .. } => "waiting for request in flight",
             State::Call { .. } => "calling inner service",
             State::Buffer { .. } => "buffering response",
-            State::Extend { .. } => "holding the key of a response too large to keep",
+            State::Extend { .. } => "holding the key of a response handed on as it streams",
             State::Complete { .. } => "storing response",
         };
         f.debug_struct("ResponseFuture")
@@ -704,8 +812,36 @@ where
                     loop {
                         let b = body.as_mut().expect("response body");
                         let Poll::Ready(frame) = Pin::new(b).poll_frame(cx) else {
-                            ready!(k.poll_lease(cx));
-                            break k.lease_not_kept();
+                            // A body that is not ready at once (a stream, server-sent
+                            // events): the response is handed on now, and passes each frame
+                            // on as it comes, keeping a copy; its end writes the record.
+                            // Until then the lease is held as long as a record would be, so
+                            // that no renewal depends on the client reading.
+                            let parts = head.take().expect("response head");
+                            let rest = body.take().expect("response body");
+                            tracing::debug!(key = ?k.key, "response streams; its end writes its record");
+                            let prefix = k.buf.take();
+                            let mut buf = BodyBuf::default();
+                            buf.push(prefix.clone());
+                            k.recording = Some(Box::new(Recording {
+                                fingerprint: k.fingerprint,
+                                status: parts.status,
+                                headers: stored_headers(
+                                    &parts.headers,
+                                    &k.shared.config.exclude,
+                                    true,
+                                ),
+                                grpc: GrpcHead::of(&parts.headers),
+                                buf,
+                                trailers: tail.take(),
+                                room: k.room.take(),
+                            }));
+                            // The copy holds the room for these bytes.
+                            let res = Response::from_parts(
+                                parts,
+                                ReplayBody::prefixed(prefix, rest, Reservation::default()),
+                            );
+                            break k.extend(res);
                         };
                         match frame {
                             Some(Ok(frame)) => match frame.into_data() {
@@ -727,16 +863,7 @@ where
                                             parts,
                                             ReplayBody::prefixed(prefix, rest, held),
                                         );
-                                        k.renewal = None;
-                                        let guard = k.guard.as_ref().expect("a lease is held");
-                                        let ttl = k.shared.ttl();
-                                        let extend = k.store.renew(guard.lease(), ttl);
-                                        break State::Extend {
-                                            fut: Box::pin(extend),
-                                            sent: Instant::now(),
-                                            ttl,
-                                            pending: Some(res),
-                                        };
+                                        break k.extend(res);
                                     }
                                 }
                                 Err(frame) => {
@@ -834,6 +961,7 @@ where
                                 guard: Some(guard),
                                 shared: k.shared.clone(),
                                 needs_status,
+                                recording: k.recording.take(),
                             }));
                             return Poll::Ready(Ok(res));
                         }
@@ -990,15 +1118,43 @@ fn end_not_stored(
     body: &[u8],
     config: &Config,
 ) -> bool {
+    end_not_stored_as(GrpcHead::of(head), trailers, body, config)
+}
+
+/// What a response head says of a gRPC call, for judging its end.
+#[derive(Clone, Copy, Debug)]
+struct GrpcHead {
+    kind: Option<GrpcKind>,
+    /// The head has a `grpc-status` (a trailers-only response).
+    status: bool,
+}
+
+impl GrpcHead {
+    fn of(head: &HeaderMap) -> GrpcHead {
+        let kind = grpc_kind(head);
+        GrpcHead {
+            kind,
+            status: kind.is_some() && GrpcCode::from_headers(head).is_some(),
+        }
+    }
+}
+
+/// [`end_not_stored`], with what the head says read beforehand.
+fn end_not_stored_as(
+    head: GrpcHead,
+    trailers: Option<&HeaderMap>,
+    body: &[u8],
+    config: &Config,
+) -> bool {
     if let Some(t) = trailers {
         if GrpcCode::from_headers(t).is_some() {
             return trailers_not_stored(t, config);
         }
     }
-    let Some(kind) = grpc_kind(head) else {
+    let Some(kind) = head.kind else {
         return false;
     };
-    if GrpcCode::from_headers(head).is_some() {
+    if head.status {
         // A trailers-only response: its head was judged already.
         return false;
     }

@@ -539,7 +539,9 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// The largest response body kept for replay (default 1 MiB). A larger response is
+    /// The largest response body kept for replay (default 1 MiB). A response whose body is not
+    /// ready at once is handed on as it streams with a copy kept, and recorded at its end if
+    /// it fits; if its copy grows past this, it goes on as below. A larger response is
     /// passed on whole, as it streams, and how its body ends decides: one that ends well, is
     /// dropped before its end, or fails (a body error: the handler had answered, so it ran)
     /// records the key as completed with a response too large to keep (the record is written
@@ -559,7 +561,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// service it makes, their clones and every route it is applied to. A keyed request
     /// reserves its request body as it reads it, and room for a whole response
     /// (`max_response_body`) before its handler runs; the room is given back as the response
-    /// is handed on, or when anything is dropped. A request that finds no room is refused
+    /// is handed on (a response handed on as it streams keeps it until its body ends or
+    /// grows past the cap), or when anything is dropped. A request that finds no room is refused
     /// with 503 [`RejectionKind::Overloaded`](crate::RejectionKind::Overloaded) and a jittered
     /// `Retry-After`, before it runs. So at most `max_buffered_bytes / max_response_body`
     /// keyed handlers run at once (256 with the defaults). A replay reserves its body's

@@ -12,7 +12,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran |
+//! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran. A response whose body is ready at once is read whole first; one whose body is not (a stream, server-sent events) is handed on at its head and passes each frame on as it comes, with a copy kept: its end writes the record, and until then its key is held (repeats get 409) |
 //! | repeat, same payload, after completion | the stored response, identical in status, headers, body and trailers, plus `Idempotent-Replayed: true`; the handler does not run (503 [`Overloaded`](crate::RejectionKind::Overloaded) if its body does not fit in [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes)) |
 //! | repeat while the first is in flight | 409 with a jittered `Retry-After` of about a second (at most the lease's time to live) and the mark [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT), which this crate's `RetryPolicy::http()` and `grpc()` retry after the wait; or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays. A key whose first request was dropped mid-handler stays in flight until its lease expires |
 //! | same key, another payload | 422 |
@@ -180,8 +180,8 @@
 //! `application/grpc-web+proto`, tonic-web) carries its status in a trailer frame at the end
 //! of the body: under the cap, that frame is read and judged as trailers are;
 //! `application/grpc-web-text` (base64) is not decoded, so only a status in its head or HTTP
-//! trailers is judged. Only unary calls
-//! make sense here: a streamed response is buffered up to
+//! trailers is judged. Only unary calls make sense here: a streamed response passes on as it
+//! streams, and is kept for replay only if it ends within
 //! [`max_response_body`](IdempotencyBuilder::max_response_body).
 //!
 //! # Body types
@@ -223,14 +223,22 @@
 //! sixth); if none succeeds before the lease would run out, or the store says the lease is
 //! lost, the layer can no longer promise that no other request holds the key. Failing closed
 //! (the default), it refuses to go on, as the crate does whenever the choice is between
-//! running twice and refusing: it stops the handler (drops its future, or the body it is
-//! reading) before the lease's end and answers 503. Failing open, the handler goes on.
+//! running twice and refusing: it stops the handler (drops its future) before the lease's
+//! end and answers 503. Failing open, the handler goes on.
 //!
 //! Once the handler has answered with a response to store, the request has run, and its key
 //! is never released: if the record cannot be written (the store down, the connection cut as
 //! the command went out), the client still gets its response, the lease stays, and the write
 //! is tried again in the background, under the owner token, until the lease would expire. A
 //! repeat meanwhile gets 409, then the replay.
+//!
+//! A response handed on as it streams (its body not ready at once, or past
+//! [`max_response_body`](IdempotencyBuilder::max_response_body)) leaves the response future
+//! before its body ends, so nothing renews its lease from then on: the lease is first
+//! extended to the record's time to live ([`ttl`](IdempotencyBuilder::ttl)), so that the key
+//! is held however slowly the client reads, and the body's end writes the record (or, for a
+//! failure, releases the key). A process that crashes mid-stream leaves that key in flight
+//! (409) until then.
 //!
 //! # Buffers in flight
 //!
@@ -243,7 +251,9 @@
 //! body is reserved while the response holds it (from a remote store it is a copy of its own),
 //! and a replay that finds no room is refused with 503 like a new request. Reservations are
 //! atomic (no lock), and given back when the request completes, fails, or is dropped at any
-//! point, and when its response body is handed on or dropped.
+//! point, and when its response body is handed on or dropped. A response handed on as it
+//! streams keeps its room (`max_response_body`) for the copy until its body ends (or grows
+//! past the cap, or is dropped).
 //!
 //! # Time in tests
 //!
