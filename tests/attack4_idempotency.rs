@@ -582,7 +582,6 @@ fn grpc_call(key: &str) -> Request<Body> {
 /// What happens: the call with no trailers is stored as a success; every retry for the record's TTL
 /// is replayed the same status-less response (the client sees the same failure each time)
 /// and the handler never runs again. (An empty or non-numeric `grpc-status` is released.)
-#[ignore = "defect: a gRPC response that ends with no grpc-status at all is stored and replayed for 24 h"]
 #[tokio::test(start_paused = true)]
 async fn a_grpc_response_without_a_status_is_not_stored() {
     // (A `grpc-status` that is empty or not a number is released, as it should be: only a
@@ -643,7 +642,6 @@ async fn a_grpc_response_without_a_status_is_not_stored() {
 /// What happens: the 415 is stored; the corrected request has the same fingerprint (method, path,
 /// body: not the content type), so it is replayed the 415 (`Idempotent-Replayed: true`) for
 /// 24 h and the order can never be placed with that key.
-#[ignore = "defect: a retry with a corrected Content-Type is replayed the stored 415 (Content-Type not in the fingerprint)"]
 #[tokio::test(start_paused = true)]
 async fn a_corrected_content_type_is_not_replayed_the_old_415() {
     use axum::routing::post;
@@ -1152,7 +1150,6 @@ async fn the_response_cap_boundary_is_exact() {
 ///
 /// What happens: the `Elapsed` error is treated like a refusal: the key is released at once, and the
 /// retry runs the handler again (its effect twice). Only a 408 response is stored.
-#[ignore = "defect: an error from a timeout below the layer releases the key: the retry runs a handler that already had its effect"]
 #[tokio::test(start_paused = true)]
 async fn a_timeout_error_below_the_layer_does_not_release_the_key() {
     let effects = Arc::new(AtomicUsize::new(0));
@@ -1208,7 +1205,6 @@ async fn a_timeout_error_below_the_layer_does_not_release_the_key() {
 ///
 /// What happens: the layer buffers the body, meets the error, answers 500 and releases the key: the
 /// retry runs the handler again (and, here, fails again: every retry creates another order).
-#[ignore = "defect: a 201 whose body errors releases the key: the retry creates the order again"]
 #[tokio::test(start_paused = true)]
 async fn a_201_whose_body_fails_does_not_release_the_key() {
     let runs = Arc::new(AtomicUsize::new(0));
@@ -1430,7 +1426,6 @@ async fn not_processed_statuses_are_not_replayed() {
 ///
 /// What happens: the layer buffers the whole body before it hands the head on: after 5 s the client has
 /// nothing (it gets everything at 60 s); a stream that never ends never answers.
-#[ignore = "defect: a keyed response under the cap is withheld until its body ends: a streamed (SSE) answer reaches the client only at the end, a never-ending one never"]
 #[tokio::test(start_paused = true)]
 async fn a_streamed_response_reaches_the_client_as_it_streams() {
     let app = App::new();
@@ -1463,7 +1458,6 @@ async fn a_streamed_response_reaches_the_client_as_it_streams() {
 ///
 /// What happens: the layer sees HTTP 200 with no HTTP trailers and stores the call; every retry is
 /// replayed the UNAVAILABLE frame and the handler never runs again.
-#[ignore = "defect: a gRPC-Web failure (status in the body's trailer frame) is stored and replayed for 24 h"]
 #[tokio::test(start_paused = true)]
 async fn a_grpc_web_failure_is_not_stored() {
     let runs = Arc::new(AtomicUsize::new(0));
@@ -1699,7 +1693,6 @@ async fn a_lease_that_cannot_be_renewed_stops_the_handler_before_it_lapses() {
 /// `max_response_body` docs say such a body error "releases the key, as under the cap": the
 /// docs contradict themselves; the crate's rule "when the choice is between running twice and
 /// refusing, the crate refuses" says keep it.)
-#[ignore = "defect: an over-cap 201 whose body errors releases the key after the client saw 201: the retry creates the order again"]
 #[tokio::test(start_paused = true)]
 async fn an_over_cap_201_whose_body_fails_does_not_release_the_key() {
     let runs = Arc::new(AtomicUsize::new(0));

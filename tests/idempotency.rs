@@ -571,16 +571,33 @@ async fn failures_are_not_stored_and_the_key_can_retry() {
         let res = svc.clone().oneshot(r).await.unwrap();
         assert_eq!(res.status().as_str(), status);
     }
-    let r = post("retry-me", "{}")
-        .header("x-fail", "1")
-        .body(Body::from("{}"))
-        .unwrap();
-    assert!(svc.clone().oneshot(r).await.is_err());
     let ok = svc.clone().oneshot(req("retry-me", "{}")).await.unwrap();
     assert_eq!(ok.status(), StatusCode::CREATED);
     assert!(ok.headers().get("idempotent-replayed").is_none());
-    assert_eq!(app.runs(), 5);
+    assert_eq!(app.runs(), 4);
     assert_eq!(handle.stats().not_stored, 3);
+    // An error of the handler (not a refusal of a layer below: it may have had its effect)
+    // records the key as run, its response not kept: never run again.
+    let failing = || {
+        post("err-1", "{}")
+            .header("x-fail", "1")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert!(svc.clone().oneshot(failing()).await.is_err());
+    let err = svc.clone().oneshot(failing()).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::IdempotencyResponseNotStored);
+    assert_eq!(app.runs(), 5);
+    // Unless asked to release on errors.
+    let releasing = builder()
+        .release_on_error(true)
+        .build()
+        .unwrap()
+        .layer(app.service());
+    assert!(releasing.clone().oneshot(failing()).await.is_err());
+    let ok = releasing.clone().oneshot(req("err-1", "{}")).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::CREATED);
+    assert_eq!(app.runs(), 7);
     // A 4xx other than 429 is the request's fault: stored like a success.
     let r = || {
         post("bad-input", "{}")
@@ -723,8 +740,9 @@ async fn dropped_first_request_frees_the_key_at_every_await_point() {
     }
     assert_eq!(store.stats().entries, 0);
 
-    // 3. Dropped while buffering the response body: the handler has answered, so the key is
-    // kept (as completed, its response not kept), never released to run twice.
+    // 3. Dropped while its response body streams: the handler has answered, so the key is
+    // kept (as completed, its response not kept), never released to run twice. (A body that
+    // is not ready at once is handed on as it streams: the future is ready with the head.)
     {
         let mut s = svc.clone();
         let r = post("d3", "{}")
@@ -732,8 +750,11 @@ async fn dropped_first_request_frees_the_key_at_every_await_point() {
             .body(Body::from("{}"))
             .unwrap();
         let mut fut = pin!(s.call(r));
-        assert!(poll_once(fut.as_mut()).is_pending());
+        let Poll::Ready(Ok(res)) = poll_once(fut.as_mut()) else {
+            panic!("a streamed response's head is handed on at once");
+        };
         assert_eq!(store.stats().entries, 1);
+        drop(res);
     }
     assert_eq!(store.stats().entries, 1);
 

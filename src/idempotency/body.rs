@@ -40,15 +40,20 @@ pin_project! {
     }
 }
 
-/// What becomes of the key of a response streamed past the layer's cap, decided by how its
-/// body ends: a failure (a failing status in its trailers, an error) releases the key so the
-/// client can retry; a body that ends well, or is dropped before its end, records the key as
-/// completed with a response not kept (dropping the `Settle` does that).
+/// What becomes of the key of a response handed on as it streams (a body that was not ready
+/// at once, or one past the layer's cap), decided by how its body ends: a copy of the body
+/// kept under the cap is recorded at its end; a gRPC failure (a failing status in its
+/// trailers, or no status at all) releases the key so the client can retry; a body past the
+/// cap that ends well, a body that fails (the handler had answered: it ran), or one dropped
+/// before its end, records the key as completed with a response not kept (dropping the
+/// `Settle` does that).
 pub(crate) trait Settle: Send + Sync {
+    /// A data frame passed on.
+    fn data(&mut self, data: &Bytes);
     /// The body's trailers arrived.
     fn trailers(&mut self, trailers: &HeaderMap);
-    /// The body failed.
-    fn failed(&mut self);
+    /// The body ended (not with an error): after its trailers, or its last frame.
+    fn ended(&mut self);
 }
 
 /// A whole body, with its trailers.
@@ -157,27 +162,46 @@ where
             KindProj::Prefixed {
                 prefix,
                 settle,
-                body,
+                mut body,
             } => {
                 if let Some(p) = prefix.take() {
                     let Prefix { data, held } = *p;
                     drop(held);
+                    if body.is_end_stream() {
+                        // The client may not poll a body that says it has ended.
+                        if let Some(mut s) = settle.take() {
+                            s.ended();
+                        }
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                let polled = body.poll_frame(cx).map_err(Into::into);
+                let polled = body.as_mut().poll_frame(cx).map_err(Into::into);
                 if let Some(s) = settle.as_mut() {
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(d) = frame.data_ref() {
+                                s.data(d);
+                            }
+                            // Trailers are the last frame; and a client may not poll a body
+                            // that says it has ended: either is its end.
                             if let Some(t) = frame.trailers_ref() {
                                 s.trailers(t);
+                                s.ended();
+                                *settle = None;
+                            } else if body.is_end_stream() {
+                                s.ended();
+                                *settle = None;
                             }
                         }
-                        Poll::Ready(Some(Err(_))) => {
-                            s.failed();
+                        // An error: the handler ran; dropping the settlement records the
+                        // key.
+                        Poll::Ready(Some(Err(_))) => *settle = None,
+                        // The end: dropping the settlement records the key, unless the end
+                        // says the call failed.
+                        Poll::Ready(None) => {
+                            s.ended();
                             *settle = None;
                         }
-                        // The end: dropping the settlement records the key.
-                        Poll::Ready(None) => *settle = None,
                         Poll::Pending => {}
                     }
                 }

@@ -1,8 +1,15 @@
-//! The request fingerprint: a stable 128-bit hash of method, path and query, and body.
+//! The request fingerprint: a stable 128-bit hash of method, path and query, the body's
+//! `Content-Type` and `Content-Encoding`, and body.
 
 use std::fmt;
 
-/// A 128-bit fingerprint of a request: its method, path and query, and body.
+/// A 128-bit fingerprint of a request: its method, path and query, the `Content-Type` and
+/// `Content-Encoding` of its body (as sent, first value of each), and its body.
+///
+/// The content type and encoding belong to the payload: the same bytes sent as another
+/// media type (or encoding) are another request. A client that first forgot its
+/// `Content-Type` (and was answered 415 before the handler ran) and retries with it is not
+/// replayed the stored 415: its retry is another payload (422, or a new key runs).
 ///
 /// Two requests with the same idempotency key must carry the same fingerprint, or the second
 /// is refused with 422 ([`RejectionKind::IdempotencyKeyReused`]). The hash is this crate's
@@ -21,16 +28,48 @@ use std::fmt;
 /// assert_eq!(a, Fingerprint::of("POST", "/orders?x=1", b"{\"qty\":1}"));
 /// assert_ne!(a, b);
 /// assert_eq!(Fingerprint::from_u128(a.as_u128()), a);
+///
+/// // What the layer computes: the content type and encoding count.
+/// let json = Fingerprint::of_request("POST", "/orders", b"application/json", b"", b"{}");
+/// assert_ne!(json, Fingerprint::of("POST", "/orders", b"{}"));
+/// assert_eq!(Fingerprint::of_request("POST", "/orders", b"", b"", b"{}"), Fingerprint::of("POST", "/orders", b"{}"));
 /// ```
+///
+/// # Version
+///
+/// The function is part of the store format: replicas that share a store must compute the
+/// same fingerprints. [`FINGERPRINT_VERSION`] names the function; it changes whenever the
+/// function's output does. Version 2 (this one) added the content type and encoding: a
+/// record or lease written by a version 1 replica does not match the fingerprint a version 2
+/// replica computes for the same request, so its repeats get 422
+/// ([`RejectionKind::IdempotencyKeyReused`]) until the record's time to live ends. Roll out
+/// a new version when no keys you care about are in flight, or accept those 422s.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(u128);
 
 impl Fingerprint {
-    /// The fingerprint of a request made of `method`, `path_and_query` and `body`.
+    /// The fingerprint of a request made of `method`, `path_and_query` and `body`, with no
+    /// `Content-Type` nor `Content-Encoding`: the same as
+    /// [`of_request`](Fingerprint::of_request) with both empty.
     pub fn of(method: &str, path_and_query: &str, body: &[u8]) -> Fingerprint {
-        let mut h = Hasher::new(0);
+        Fingerprint::of_request(method, path_and_query, b"", b"", body)
+    }
+
+    /// The fingerprint of a request made of `method`, `path_and_query`, the values of its
+    /// `Content-Type` and `Content-Encoding` headers (empty when absent), and `body`: what
+    /// the layer computes.
+    pub fn of_request(
+        method: &str,
+        path_and_query: &str,
+        content_type: &[u8],
+        content_encoding: &[u8],
+        body: &[u8],
+    ) -> Fingerprint {
+        let mut h = Hasher::new(FINGERPRINT_VERSION);
         h.segment(method.as_bytes());
         h.segment(path_and_query.as_bytes());
+        h.segment(content_type);
+        h.segment(content_encoding);
         h.segment(body);
         Fingerprint(h.finish128())
     }
@@ -45,6 +84,11 @@ impl Fingerprint {
         Fingerprint(n)
     }
 }
+
+/// The version of [`Fingerprint`]'s function (see [its docs](Fingerprint#version)); the seed
+/// of its hash. Version 1 hashed method, path and query, and body; version 2 adds the
+/// content type and encoding.
+pub const FINGERPRINT_VERSION: u64 = 2;
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,7 +162,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const GOLDEN: u128 = 0x3367_b556_0a3c_3312_cfde_5fb0_9b10_9959;
+    const GOLDEN: u128 = 0xd896_d861_3c54_840c_a094_6608_cc68_7645;
+    const GOLDEN_WITH_CONTENT: u128 = 0x980b_c5b4_3034_ed44_dc40_e2a6_3bc5_800b;
 
     #[test]
     fn segments_are_delimited() {
@@ -143,9 +188,25 @@ mod tests {
     #[test]
     fn value_is_stable() {
         // The function is part of the store format (replicas of different builds share
-        // records): this value must never change silently.
+        // records): this value must never change silently. Changed deliberately with
+        // `FINGERPRINT_VERSION` 2 (content type and encoding added); version 1's value was
+        // 0x3367_b556_0a3c_3312_cfde_5fb0_9b10_9959.
+        assert_eq!(FINGERPRINT_VERSION, 2);
         let f = Fingerprint::of("POST", "/orders", b"{}");
         assert_eq!(f.as_u128(), GOLDEN);
+        let f = Fingerprint::of_request("POST", "/orders", b"application/json", b"gzip", b"{}");
+        assert_eq!(f.as_u128(), GOLDEN_WITH_CONTENT);
+    }
+
+    #[test]
+    fn content_type_and_encoding_count() {
+        let of = |ct: &[u8], ce: &[u8]| Fingerprint::of_request("POST", "/o", ct, ce, b"{}");
+        assert_ne!(of(b"", b""), of(b"application/json", b""));
+        assert_ne!(of(b"application/json", b""), of(b"text/plain", b""));
+        assert_ne!(of(b"", b""), of(b"", b"gzip"));
+        // The segments are delimited: a content type is not mistaken for an encoding.
+        assert_ne!(of(b"gzip", b""), of(b"", b"gzip"));
+        assert_eq!(of(b"", b""), Fingerprint::of("POST", "/o", b"{}"));
     }
 
     proptest! {

@@ -31,9 +31,10 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 pin_project! {
     /// Response future of [`Idempotency`](super::Idempotency).
     ///
-    /// While the handler runs (its future, then the response body the layer reads), this
-    /// future renews the lease every third of its time to live, so no repeat can claim the
-    /// key of a handler that outlives `lease_ttl`.
+    /// While the handler runs, this future renews the lease every third of its time to live, so no repeat can claim the
+    /// key of a handler that outlives `lease_ttl`. A response whose body is not ready at once
+    /// is handed on at its head, its lease first extended to the record's time to live: its
+    /// body keeps a copy and writes the record at its end.
     ///
     /// # Cancel safety
     ///
@@ -44,7 +45,8 @@ pin_project! {
     /// holds no lease. Dropped once the handler has answered with a
     /// response to store (reading its body, storing it), the request has run and its key is
     /// never released: the record (or, for a body not read to its end, a record that the
-    /// response was not kept) is written under the lease in the background. A claim still on
+    /// response was not kept) is written under the lease in the background. The same holds
+    /// for the body of a response handed on as it streams, dropped before its end. A claim still on
     /// its way to the store is the store's to clean up (see [`Store`]).
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, St, M, ReqB, ResB>
@@ -89,33 +91,127 @@ pin_project! {
     }
 }
 
-/// Settles the key of a response streamed past the cap when its body ends: holds the lease
-/// (extended to the record's time to live) until then. A failure releases it; the end, or a
-/// drop, writes the record that the response was not kept (the guard does, in `Drop`).
+/// Settles the key of a response handed on as it streams when its body ends: holds the
+/// lease (extended to the record's time to live) until then. Under the cap it keeps a copy
+/// of the body and, at the end, writes its record, or releases the key for a failure judged
+/// as a buffered response's would be. Past the cap (from the start, or once the copy grows
+/// past it), a gRPC failure (a failing status in the trailers, or a gRPC response that ends
+/// with none) releases it; the end, a body error (the handler ran) or a drop writes the
+/// record that the response was not kept (the guard does, in `Drop`).
 struct Settlement<St: Store> {
     guard: Option<LeaseGuard<St>>,
     shared: Arc<Shared>,
+    /// A gRPC response whose head has no `grpc-status`: its trailers must have one.
+    needs_status: bool,
+    /// The copy of a body still under the cap, to record at its end.
+    recording: Option<Box<Recording>>,
+}
+
+/// What a streamed response under the cap keeps to write its record at the end.
+struct Recording {
+    fingerprint: Fingerprint,
+    status: StatusCode,
+    /// The head's headers as they are stored (with `Trailer`, dropped at the end if no
+    /// trailers came); `None` when there are too many values to keep.
+    headers: Option<HeaderMap>,
+    /// What the head says of a gRPC call.
+    grpc: GrpcHead,
+    buf: BodyBuf,
+    trailers: Option<HeaderMap>,
+    /// The layer's buffer budget held for the copy: room for the whole response, reserved
+    /// before the handler ran, given back at the end.
+    room: Reservation,
 }
 
 impl<St: Store> Settlement<St> {
     fn release(&mut self, why: &'static str) {
+        self.recording = None;
         if let Some(g) = self.guard.take() {
             Counters::bump(&self.shared.stats.not_stored);
-            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), why, "response too large to keep failed; lease released");
+            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), why, "streamed response not stored; lease released");
             g.release();
+        }
+    }
+
+    /// The end of a body recorded under the cap: its record is written under the lease (at
+    /// once for a store that completes at once, in the background for another), or its key
+    /// released for a failure.
+    fn record(&mut self, r: Box<Recording>) {
+        let Recording {
+            fingerprint,
+            status,
+            headers,
+            grpc,
+            mut buf,
+            trailers,
+            room,
+        } = *r;
+        let data = buf.take();
+        let config = &self.shared.config;
+        if end_not_stored_as(grpc, trailers.as_ref(), &data, config) {
+            self.release("a failure or refusal status at the end of its body");
+            return;
+        }
+        let tail = match &trailers {
+            Some(t) => stored_headers(t, &config.exclude, false).map(Some),
+            None => Some(None),
+        };
+        let record = match (headers, tail) {
+            (Some(mut head), Some(tail)) => {
+                if tail.is_none() {
+                    head.remove(header::TRAILER);
+                }
+                Record::response(fingerprint, status, head, data, tail)
+            }
+            _ => Record::not_kept(fingerprint, status),
+        };
+        // The copy is the record's now: the store holds it (or the write in flight).
+        drop(room);
+        if let Some(mut g) = self.guard.take() {
+            tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), "streamed response ended; writing its record");
+            g.record = Some((record, self.shared.ttl()));
         }
     }
 }
 
 impl<St: Store> Settle for Settlement<St> {
+    fn data(&mut self, data: &Bytes) {
+        let Some(r) = self.recording.as_mut() else {
+            return;
+        };
+        r.buf.push(data.clone());
+        if r.buf.len() > self.shared.config.max_response_body {
+            // Too large to keep after all: the copy and its room are given back, and the
+            // end decides as for any response past the cap.
+            tracing::debug!(key = ?self.guard.as_ref().and_then(|g| g.lease.as_ref()).map(Lease::key), "streamed response too large to keep; its end decides");
+            self.recording = None;
+        }
+    }
+
     fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(r) = self.recording.as_mut() {
+            match &mut r.trailers {
+                Some(have) => have.extend(trailers.clone()),
+                None => r.trailers = Some(trailers.clone()),
+            }
+            return;
+        }
+        if GrpcCode::from_headers(trailers).is_some() {
+            self.needs_status = false;
+        }
         if trailers_not_stored(trailers, &self.shared.config) {
             self.release("a failure or refusal status in the trailers");
         }
     }
 
-    fn failed(&mut self) {
-        self.release("the response body failed");
+    fn ended(&mut self) {
+        if let Some(r) = self.recording.take() {
+            self.record(r);
+            return;
+        }
+        if self.needs_status && !self.shared.config.store_failures {
+            self.release("a gRPC response that ended without a status");
+        }
     }
 }
 
@@ -143,6 +239,8 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     held: Reservation,
     /// The layer's buffer budget held for the response, reserved before the handler runs.
     room: Reservation,
+    /// The copy of a response handed on as it streams, while its lease is extended.
+    recording: Option<Box<Recording>>,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
@@ -176,6 +274,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             deadline: None,
             held: Reservation::default(),
             room: Reservation::default(),
+            recording: None,
             _body: std::marker::PhantomData,
         }
     }
@@ -190,6 +289,24 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         self.renewal = None;
         if let Some(g) = self.guard.take() {
             g.release();
+        }
+    }
+
+    /// The request ran (or may have) and its response is not kept: its key is recorded so,
+    /// never to run again (repeats get 409
+    /// [`IdempotencyResponseNotStored`](RejectionKind::IdempotencyResponseNotStored)). The
+    /// record that the handler answered `status`, if it did, is kept; else one of `status`.
+    /// The write is the guard's (in `Drop`: at once for a store that completes at once, in
+    /// the background for another).
+    fn keep_not_kept(&mut self, status: StatusCode) {
+        self.renewal = None;
+        if let Some(mut g) = self.guard.take() {
+            if g.record.is_none() {
+                g.record = Some((
+                    Record::not_kept(self.fingerprint, status),
+                    self.shared.ttl(),
+                ));
+            }
         }
     }
 
@@ -273,6 +390,24 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         }
     }
 
+    /// Hands `res` on as it streams: first extends the lease to the record's time to live,
+    /// so that it is held until the body ends however slowly the client reads.
+    fn extend<F, CF, KF, ReqB>(
+        &mut self,
+        res: Response<ReplayBody<ResB>>,
+    ) -> State<F, CF, KF, ReqB, ResB> {
+        self.renewal = None;
+        let guard = self.guard.as_ref().expect("a lease is held");
+        let ttl = self.shared.ttl();
+        let extend = self.store.renew(guard.lease(), ttl);
+        State::Extend {
+            fut: Box::pin(extend),
+            sent: Instant::now(),
+            ttl,
+            pending: Some(res),
+        }
+    }
+
     /// The request stops because its lease could not be kept (failing closed): its handler
     /// (future or body) is dropped with this state, the lease goes as on a drop at this point,
     /// and the client gets 503.
@@ -280,10 +415,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         tracing::warn!(key = ?self.key, "idempotency lease could not be kept; stopping the request (fail closed)");
         self.renewal = None;
         drop(self.guard.take());
-        ready_err(
-            Rejection::new(RejectionKind::StoreUnavailable)
-                .with_detail("the idempotency lease could not be kept"),
-        )
+        ready_err(Rejection::new(RejectionKind::StoreUnavailable).with_detail(LEASE_NOT_KEPT))
     }
 }
 
@@ -397,7 +529,7 @@ where
             State::Wait { .. } => "waiting for request in flight",
             State::Call { .. } => "calling inner service",
             State::Buffer { .. } => "buffering response",
-            State::Extend { .. } => "holding the key of a response too large to keep",
+            State::Extend { .. } => "holding the key of a response handed on as it streams",
             State::Complete { .. } => "storing response",
         };
         f.debug_struct("ResponseFuture")
@@ -501,7 +633,19 @@ where
                                     .uri
                                     .path_and_query()
                                     .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
-                                k.fingerprint = Fingerprint::of(parts.method.as_str(), pq, &k.body);
+                                let value = |name| {
+                                    parts
+                                        .headers
+                                        .get(name)
+                                        .map_or(&[][..], HeaderValue::as_bytes)
+                                };
+                                k.fingerprint = Fingerprint::of_request(
+                                    parts.method.as_str(),
+                                    pq,
+                                    value(header::CONTENT_TYPE),
+                                    value(header::CONTENT_ENCODING),
+                                    &k.body,
+                                );
                                 break State::Claim { fut: k.claim() };
                             }
                         }
@@ -624,8 +768,17 @@ where
                     let res = match result {
                         Ok(res) => res,
                         Err(e) => {
-                            k.release();
-                            return Poll::Ready(Err(e.into()));
+                            let e: BoxError = e.into();
+                            if k.shared.config.release_on_error || refused_before_running(&*e) {
+                                // A layer below refused it: the handler did not run.
+                                k.release();
+                            } else {
+                                // It may have run (a timeout below cut off a handler that had
+                                // its effect): its key never runs again.
+                                tracing::debug!(error = %e, key = ?k.key, "the inner service failed; the key is recorded as run, its response not kept");
+                                k.keep_not_kept(StatusCode::INTERNAL_SERVER_ERROR);
+                            }
+                            return Poll::Ready(Err(e));
                         }
                     };
                     if k.guard.is_none() {
@@ -659,8 +812,36 @@ where
                     loop {
                         let b = body.as_mut().expect("response body");
                         let Poll::Ready(frame) = Pin::new(b).poll_frame(cx) else {
-                            ready!(k.poll_lease(cx));
-                            break k.lease_not_kept();
+                            // A body that is not ready at once (a stream, server-sent
+                            // events): the response is handed on now, and passes each frame
+                            // on as it comes, keeping a copy; its end writes the record.
+                            // Until then the lease is held as long as a record would be, so
+                            // that no renewal depends on the client reading.
+                            let parts = head.take().expect("response head");
+                            let rest = body.take().expect("response body");
+                            tracing::debug!(key = ?k.key, "response streams; its end writes its record");
+                            let prefix = k.buf.take();
+                            let mut buf = BodyBuf::default();
+                            buf.push(prefix.clone());
+                            k.recording = Some(Box::new(Recording {
+                                fingerprint: k.fingerprint,
+                                status: parts.status,
+                                headers: stored_headers(
+                                    &parts.headers,
+                                    &k.shared.config.exclude,
+                                    true,
+                                ),
+                                grpc: GrpcHead::of(&parts.headers),
+                                buf,
+                                trailers: tail.take(),
+                                room: k.room.take(),
+                            }));
+                            // The copy holds the room for these bytes.
+                            let res = Response::from_parts(
+                                parts,
+                                ReplayBody::prefixed(prefix, rest, Reservation::default()),
+                            );
+                            break k.extend(res);
                         };
                         match frame {
                             Some(Ok(frame)) => match frame.into_data() {
@@ -682,16 +863,7 @@ where
                                             parts,
                                             ReplayBody::prefixed(prefix, rest, held),
                                         );
-                                        k.renewal = None;
-                                        let guard = k.guard.as_ref().expect("a lease is held");
-                                        let ttl = k.shared.ttl();
-                                        let extend = k.store.renew(guard.lease(), ttl);
-                                        break State::Extend {
-                                            fut: Box::pin(extend),
-                                            sent: Instant::now(),
-                                            ttl,
-                                            pending: Some(res),
-                                        };
+                                        break k.extend(res);
                                     }
                                 }
                                 Err(frame) => {
@@ -704,8 +876,16 @@ where
                                 }
                             },
                             Some(Err(e)) => {
-                                k.release();
-                                return Poll::Ready(Err(e.into()));
+                                // The handler answered a head to store: it ran, and its key
+                                // never runs again. The marker set when it answered is
+                                // written.
+                                let e: BoxError = e.into();
+                                tracing::debug!(error = %e, key = ?k.key, "the response body failed; the key is recorded as run, its response not kept");
+                                let status = head
+                                    .as_ref()
+                                    .map_or(StatusCode::INTERNAL_SERVER_ERROR, |p| p.status);
+                                k.keep_not_kept(status);
+                                return Poll::Ready(Err(e));
                             }
                             None => {
                                 let parts = head.take().expect("response head");
@@ -715,9 +895,12 @@ where
                                 // it hands them on.
                                 let mut held = k.room.take();
                                 held.shrink_to(data.len());
-                                let failed = trailers
-                                    .as_ref()
-                                    .is_some_and(|t| trailers_not_stored(t, &k.shared.config));
+                                let failed = end_not_stored(
+                                    &parts.headers,
+                                    trailers.as_ref(),
+                                    &data,
+                                    &k.shared.config,
+                                );
                                 if failed {
                                     Counters::bump(&k.shared.stats.not_stored);
                                     k.release();
@@ -772,9 +955,13 @@ where
                             let mut guard = k.guard.take().expect("a lease is held");
                             guard.held_until = *sent + *ttl;
                             guard.ttl = *ttl;
+                            let needs_status = grpc_kind(res.headers()) == Some(GrpcKind::Grpc)
+                                && GrpcCode::from_headers(res.headers()).is_none();
                             res.body_mut().settle_with(Box::new(Settlement {
                                 guard: Some(guard),
                                 shared: k.shared.clone(),
+                                needs_status,
+                                recording: k.recording.take(),
                             }));
                             return Poll::Ready(Ok(res));
                         }
@@ -916,12 +1103,177 @@ fn head_not_stored(status: StatusCode, headers: &HeaderMap, config: &Config, grp
 /// Whether trailers (or the headers of a trailers-only gRPC response) say the request is not
 /// to be stored: a gRPC failure status, or, unless `store_refusals`, a refusal.
 fn trailers_not_stored(trailers: &HeaderMap, config: &Config) -> bool {
-    let Some(code) = GrpcCode::from_headers(trailers) else {
+    GrpcCode::from_headers(trailers).is_some_and(|code| code_not_stored(code, config))
+}
+
+/// Whether a whole response (head, body and trailers), under the cap, says the request is
+/// not to be stored: a gRPC failure or refusal status in its trailers; for a gRPC response
+/// (`content-type: application/grpc...`), no `grpc-status` at all (a client reads that as a
+/// failed call: the stream was cut short, a proxy dropped the trailers); for gRPC-Web
+/// (`application/grpc-web`, `application/grpc-web+...`), the status in the trailer frame
+/// that ends the body, judged as trailers are.
+fn end_not_stored(
+    head: &HeaderMap,
+    trailers: Option<&HeaderMap>,
+    body: &[u8],
+    config: &Config,
+) -> bool {
+    end_not_stored_as(GrpcHead::of(head), trailers, body, config)
+}
+
+/// What a response head says of a gRPC call, for judging its end.
+#[derive(Clone, Copy, Debug)]
+struct GrpcHead {
+    kind: Option<GrpcKind>,
+    /// The head has a `grpc-status` (a trailers-only response).
+    status: bool,
+}
+
+impl GrpcHead {
+    fn of(head: &HeaderMap) -> GrpcHead {
+        let kind = grpc_kind(head);
+        GrpcHead {
+            kind,
+            status: kind.is_some() && GrpcCode::from_headers(head).is_some(),
+        }
+    }
+}
+
+/// [`end_not_stored`], with what the head says read beforehand.
+fn end_not_stored_as(
+    head: GrpcHead,
+    trailers: Option<&HeaderMap>,
+    body: &[u8],
+    config: &Config,
+) -> bool {
+    if let Some(t) = trailers {
+        if GrpcCode::from_headers(t).is_some() {
+            return trailers_not_stored(t, config);
+        }
+    }
+    let Some(kind) = head.kind else {
         return false;
     };
+    if head.status {
+        // A trailers-only response: its head was judged already.
+        return false;
+    }
+    let code = match kind {
+        GrpcKind::Grpc => None,
+        GrpcKind::Web => grpc_web_status(body),
+        // Base64: the trailer frame is not read; its status is not judged.
+        GrpcKind::WebText => return false,
+    };
+    match code {
+        Some(code) => code_not_stored(code, config),
+        // No status anywhere: a failure (`UNKNOWN` to the client).
+        None => !config.store_failures,
+    }
+}
+
+/// What kind of gRPC response a head is, by its `content-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GrpcKind {
+    Grpc,
+    Web,
+    WebText,
+}
+
+fn grpc_kind(head: &HeaderMap) -> Option<GrpcKind> {
+    let ct = head.get(header::CONTENT_TYPE)?.as_bytes();
+    let rest = ct.strip_prefix(b"application/grpc")?;
+    let Some(web) = rest.strip_prefix(b"-web") else {
+        // `application/grpc`, `application/grpc+proto`, `application/grpc;...`; not
+        // `application/grpcfoo`.
+        return matches!(rest.first(), None | Some(b'+' | b';')).then_some(GrpcKind::Grpc);
+    };
+    if let Some(text) = web.strip_prefix(b"-text") {
+        return matches!(text.first(), None | Some(b'+' | b';')).then_some(GrpcKind::WebText);
+    }
+    matches!(web.first(), None | Some(b'+' | b';')).then_some(GrpcKind::Web)
+}
+
+/// The `grpc-status` of a gRPC-Web body's trailer frame: the body is read as length-prefixed
+/// frames (a flag byte, a 4-byte big-endian length, the payload), and if they cover it
+/// exactly and the last is a trailer frame (flag bit 0x80), its HTTP/1-style header lines
+/// are read for `grpc-status`. `None` when the body does not end with a trailer frame that
+/// has one; a status that is not a number is `UNKNOWN`.
+fn grpc_web_status(body: &[u8]) -> Option<GrpcCode> {
+    let mut rest = body;
+    let mut last: Option<(u8, &[u8])> = None;
+    while !rest.is_empty() {
+        if rest.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let payload = rest[5..].get(..len)?;
+        last = Some((rest[0], payload));
+        rest = &rest[5 + len..];
+    }
+    let (flag, payload) = last?;
+    if flag & 0x80 == 0 {
+        return None;
+    }
+    payload.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        name.trim_ascii()
+            .eq_ignore_ascii_case(b"grpc-status")
+            .then(|| {
+                std::str::from_utf8(value.trim_ascii())
+                    .ok()
+                    .and_then(|s| s.parse::<i32>().ok())
+                    .map_or(GrpcCode::Unknown, GrpcCode::from_i32)
+            })
+    })
+}
+
+/// Whether a gRPC status says the request is not to be stored: a failure (unless
+/// `store_failures`) or a refusal (unless `store_refusals`).
+fn code_not_stored(code: GrpcCode, config: &Config) -> bool {
     (!config.store_failures && GrpcStatus::default().classify_code(code) != Outcome::Success)
         || (!config.store_refusals && is_refusal(code))
 }
+
+/// Whether an error from the inner service is provably a refusal before the handler ran:
+/// a [`Rejection`] (anywhere in its source chain) of a kind that refuses before running, or
+/// tower's `load_shed` `Overloaded`. Every other error (tower's `Elapsed` from a timeout
+/// below, the handler's own) may come from a handler that had its effect.
+fn refused_before_running(e: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(r) = Rejection::find(e) {
+        return match r.kind() {
+            // The idempotency layer's own 503 for a lease it could not keep stops a handler
+            // that ran; a store that failed before anything ran says otherwise.
+            RejectionKind::StoreUnavailable => r.detail() != Some(LEASE_NOT_KEPT),
+            RejectionKind::RateLimited
+            | RejectionKind::Overloaded
+            | RejectionKind::CircuitOpen
+            | RejectionKind::IdempotencyInFlight
+            | RejectionKind::IdempotencyKeyReused
+            | RejectionKind::IdempotencyKeyMissing
+            | RejectionKind::IdempotencyKeyInvalid
+            | RejectionKind::IdempotencyResponseNotStored
+            | RejectionKind::PayloadTooLarge
+            | RejectionKind::IdempotencyStoreFull
+            | RejectionKind::RateLimitKeyMissing
+            | RejectionKind::ClientAddressUnknown
+            | RejectionKind::BadRequestBody => true,
+        };
+    }
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// The detail of the 503 a request gets when its lease could not be kept while its handler
+/// ran.
+const LEASE_NOT_KEPT: &str = "the idempotency lease could not be kept";
 
 /// Whether a response head says the request failed in a way worth retrying: 5xx, 429, or a
 /// gRPC failure status in the headers (a trailers-only response). For a gRPC call, a head
@@ -1144,6 +1496,150 @@ mod tests {
             c,
             false
         ));
+    }
+
+    fn web_frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![flag];
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn grpc_web_trailer_frames() {
+        let msg = web_frame(0, b"\x08\x01");
+        let trailer = web_frame(0x80, b"grpc-status: 14\r\ngrpc-message: down\r\n");
+        let body = [msg.clone(), trailer.clone()].concat();
+        assert_eq!(grpc_web_status(&body), Some(GrpcCode::Unavailable));
+        assert_eq!(grpc_web_status(&trailer), Some(GrpcCode::Unavailable));
+        // Names are case-insensitive, lines may end without `\r`, values may be unspaced.
+        let ok = web_frame(0x80, b"Grpc-Message:fine\nGRPC-STATUS:0");
+        assert_eq!(
+            grpc_web_status(&[msg.clone(), ok].concat()),
+            Some(GrpcCode::Ok)
+        );
+        let bad = web_frame(0x80, b"grpc-status: x\r\n");
+        assert_eq!(grpc_web_status(&bad), Some(GrpcCode::Unknown));
+        // No trailer frame, a trailer frame without a status, frames that do not cover the
+        // body, a trailer frame that is not the last: no status.
+        assert_eq!(grpc_web_status(&msg), None);
+        assert_eq!(grpc_web_status(b""), None);
+        assert_eq!(grpc_web_status(&web_frame(0x80, b"x-a: 1\r\n")), None);
+        assert_eq!(grpc_web_status(&body[..body.len() - 1]), None);
+        assert_eq!(grpc_web_status(&[&body[..], b"\0"].concat()), None);
+        assert_eq!(grpc_web_status(&[trailer, msg].concat()), None);
+    }
+
+    #[test]
+    fn grpc_kinds() {
+        let kind = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            grpc_kind(&h)
+        };
+        assert_eq!(kind("application/grpc"), Some(GrpcKind::Grpc));
+        assert_eq!(kind("application/grpc+proto"), Some(GrpcKind::Grpc));
+        assert_eq!(kind("application/grpc-web"), Some(GrpcKind::Web));
+        assert_eq!(kind("application/grpc-web+proto"), Some(GrpcKind::Web));
+        assert_eq!(kind("application/grpc-web-text"), Some(GrpcKind::WebText));
+        assert_eq!(
+            kind("application/grpc-web-text+proto"),
+            Some(GrpcKind::WebText)
+        );
+        assert_eq!(kind("application/grpcx"), None);
+        assert_eq!(kind("application/json"), None);
+        assert_eq!(grpc_kind(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn ends_not_stored() {
+        let layer = super::super::IdempotencyLayer::builder(super::super::MemoryStore::default())
+            .build()
+            .unwrap();
+        let c = &layer.shared().config;
+        let head = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            h
+        };
+        let status = |code: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_static(code));
+            h
+        };
+        // gRPC: the trailers decide; none at all is a failure.
+        let grpc = head("application/grpc");
+        assert!(end_not_stored(&grpc, None, b"", c));
+        assert!(end_not_stored(&grpc, Some(&HeaderMap::new()), b"", c));
+        assert!(end_not_stored(&grpc, Some(&status("14")), b"", c));
+        assert!(!end_not_stored(&grpc, Some(&status("0")), b"", c));
+        // Trailers-only: the head says.
+        let mut only = grpc.clone();
+        only.insert("grpc-status", HeaderValue::from_static("5"));
+        assert!(!end_not_stored(&only, None, b"", c));
+        // gRPC-Web: the trailer frame decides; none at all is a failure.
+        let web = head("application/grpc-web+proto");
+        let fail = web_frame(0x80, b"grpc-status:14\r\n");
+        let fine = web_frame(0x80, b"grpc-status:0\r\n");
+        assert!(end_not_stored(&web, None, &fail, c));
+        assert!(!end_not_stored(&web, None, &fine, c));
+        assert!(end_not_stored(&web, None, &web_frame(0, b"m"), c));
+        // gRPC-Web text (base64) is not read; HTTP is not judged by its end.
+        assert!(!end_not_stored(
+            &head("application/grpc-web-text"),
+            None,
+            b"",
+            c
+        ));
+        assert!(!end_not_stored(&head("application/json"), None, b"", c));
+        assert!(!end_not_stored(
+            &HeaderMap::new(),
+            Some(&HeaderMap::new()),
+            b"",
+            c
+        ));
+        // With `store_failures`, a missing status is stored.
+        let stores = super::super::IdempotencyLayer::builder(super::super::MemoryStore::default())
+            .store_failures(true)
+            .build()
+            .unwrap();
+        assert!(!end_not_stored(&grpc, None, b"", &stores.shared().config));
+    }
+
+    #[test]
+    fn errors_that_refuse_before_running() {
+        let boxed = |e: BoxError| refused_before_running(&*e);
+        for kind in [
+            RejectionKind::RateLimited,
+            RejectionKind::Overloaded,
+            RejectionKind::CircuitOpen,
+            RejectionKind::IdempotencyInFlight,
+            RejectionKind::StoreUnavailable,
+        ] {
+            assert!(boxed(Rejection::new(kind).into()), "{kind:?}");
+        }
+        assert!(boxed(tower::load_shed::error::Overloaded::new().into()));
+        // Found in the source chain.
+        #[derive(Debug)]
+        struct Wrap(Rejection);
+        impl fmt::Display for Wrap {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        assert!(boxed(Box::new(Wrap(Rejection::new(
+            RejectionKind::RateLimited
+        )))));
+        // A handler that may have run: a timeout, its own error, a lease lost mid-handler.
+        assert!(!boxed("handler failed".into()));
+        assert!(!boxed(tower::timeout::error::Elapsed::new().into()));
+        let lost = Rejection::new(RejectionKind::StoreUnavailable).with_detail(LEASE_NOT_KEPT);
+        assert!(!boxed(lost.into()));
     }
 
     #[test]

@@ -138,6 +138,7 @@ pub(crate) struct Config {
     pub(crate) max_response_body: usize,
     pub(crate) poll_interval: Duration,
     pub(crate) release_on_drop: bool,
+    pub(crate) release_on_error: bool,
     pub(crate) store_failures: bool,
     pub(crate) store_refusals: bool,
     pub(crate) exclude: Vec<HeaderName>,
@@ -319,6 +320,7 @@ impl<St: Store> IdempotencyLayer<St> {
             wait: None,
             poll_interval: Duration::from_millis(20),
             release_on_drop: false,
+            release_on_error: false,
             store_failures: false,
             store_refusals: false,
             exclude: Vec::new(),
@@ -368,7 +370,9 @@ impl<S, St: Clone, M: Clone> Layer<S> for IdempotencyLayer<St, M> {
 /// 256 MiB buffered in flight by the whole layer (replays included); records kept 24 hours;
 /// leases of 60 seconds; a repeat in flight gets 409 at once, with a `Retry-After`; a request
 /// dropped mid-handler keeps its lease until it expires (see
-/// [`release_on_drop`](IdempotencyBuilder::release_on_drop)); 2xx, 3xx and 4xx responses are
+/// [`release_on_drop`](IdempotencyBuilder::release_on_drop)); an error from below that is not
+/// a refusal before the handler ran records the key as run, never to run again (see
+/// [`release_on_error`](IdempotencyBuilder::release_on_error)); 2xx, 3xx and 4xx responses are
 /// stored, except failures (5xx, 429, gRPC failure statuses; see
 /// [`store_failures`](IdempotencyBuilder::store_failures)) and refusals of the caller (401,
 /// 403, 407, 421, 425, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`,
@@ -389,6 +393,7 @@ pub struct IdempotencyBuilder<St, M = FromBytes> {
     wait: Option<Duration>,
     poll_interval: Duration,
     release_on_drop: bool,
+    release_on_error: bool,
     store_failures: bool,
     store_refusals: bool,
     exclude: Vec<HeaderName>,
@@ -534,16 +539,19 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
         self
     }
 
-    /// The largest response body kept for replay (default 1 MiB). A larger response is
-    /// passed on whole, as it streams, and how its body ends decides: one that ends well (or
-    /// is dropped before its end) records the key as completed with a response too large to
-    /// keep (the record is written as the body ends, in the background for a remote store),
-    /// and repeats get 409
+    /// The largest response body kept for replay (default 1 MiB). A response whose body is not
+    /// ready at once is handed on as it streams with a copy kept, and recorded at its end if
+    /// it fits; if its copy grows past this, it goes on as below. A larger response is
+    /// passed on whole, as it streams, and how its body ends decides: one that ends well, is
+    /// dropped before its end, or fails (a body error: the handler had answered, so it ran)
+    /// records the key as completed with a response too large to keep (the record is written
+    /// as the body ends, in the background for a remote store), and repeats get 409
     /// [`RejectionKind::IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored),
-    /// never a second run; one that ends with a failure (a gRPC failure status in its
-    /// trailers, a body error) releases the key, as under the cap. Until its end the key is
-    /// held (for as long as a record would be, however slowly the client reads), and repeats
-    /// get 409 [`IdempotencyInFlight`](crate::RejectionKind::IdempotencyInFlight).
+    /// never a second run; one that ends with a gRPC failure status in its trailers (or, for
+    /// a gRPC response, with no status at all) releases the key, as under the cap. Until its
+    /// end the key is held (for as long as a record would be, however slowly the client
+    /// reads), and repeats get 409
+    /// [`IdempotencyInFlight`](crate::RejectionKind::IdempotencyInFlight).
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.max_response_body = bytes;
         self
@@ -553,7 +561,8 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// service it makes, their clones and every route it is applied to. A keyed request
     /// reserves its request body as it reads it, and room for a whole response
     /// (`max_response_body`) before its handler runs; the room is given back as the response
-    /// is handed on, or when anything is dropped. A request that finds no room is refused
+    /// is handed on (a response handed on as it streams keeps it until its body ends or
+    /// grows past the cap), or when anything is dropped. A request that finds no room is refused
     /// with 503 [`RejectionKind::Overloaded`](crate::RejectionKind::Overloaded) and a jittered
     /// `Retry-After`, before it runs. So at most `max_buffered_bytes / max_response_body`
     /// keyed handlers run at once (256 with the defaults). A replay reserves its body's
@@ -607,9 +616,31 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// expires ([`lease_ttl`](Self::lease_ttl), 60 s; renewals stop with the dropped future),
     /// and runs afterwards. Choose `true` only for handlers that have no effect until they
     /// answer, or whose effects are themselves idempotent. (Dropped after the handler
-    /// answered, the key is never released either way.)
+    /// answered, the key is never released either way.) An error from the inner service is
+    /// not a drop: see [`release_on_error`](Self::release_on_error).
     pub fn release_on_drop(mut self, yes: bool) -> Self {
         self.release_on_drop = yes;
+        self
+    }
+
+    /// Whether an error from the inner service that is not provably a refusal before the
+    /// handler ran gives the key up at once (`true`), so that a repeat runs the handler
+    /// again, or records the key as run with its response not kept (`false`, the default).
+    ///
+    /// An error releases the key whatever this says when a layer below refused the request
+    /// before it ran: a [`Rejection`](crate::Rejection) (found anywhere in the error's
+    /// source chain) of a kind that refuses before running (rate limited, overloaded,
+    /// circuit open, the idempotency and body refusals, a store down before anything ran),
+    /// or tower's `load_shed` `Overloaded`. Any other error (tower's `Elapsed` from a
+    /// `timeout` below this layer, the handler's own error, a `Buffer`'s worker gone) may come
+    /// from a handler that has had its effect, so by default its key is recorded as run:
+    /// repeats get 409
+    /// [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored)
+    /// for the record's time to live, and never run again. Choose `true` only for handlers
+    /// whose errors always mean "nothing was done", or whose effects are themselves
+    /// idempotent.
+    pub fn release_on_error(mut self, yes: bool) -> Self {
+        self.release_on_error = yes;
         self
     }
 
@@ -667,6 +698,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             wait: self.wait,
             poll_interval: self.poll_interval,
             release_on_drop: self.release_on_drop,
+            release_on_error: self.release_on_error,
             store_failures: self.store_failures,
             store_refusals: self.store_refusals,
             exclude: self.exclude,
@@ -732,6 +764,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
                 max_response_body: self.max_response_body,
                 poll_interval: self.poll_interval,
                 release_on_drop: self.release_on_drop,
+                release_on_error: self.release_on_error,
                 store_failures: self.store_failures,
                 store_refusals: self.store_refusals,
                 exclude: self.exclude,

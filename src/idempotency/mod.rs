@@ -12,7 +12,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran |
+//! | POST or PATCH (configurable) with a new key | runs; a successful response is stored (24 h) and returned as it ran. A response whose body is ready at once is read whole first; one whose body is not (a stream, server-sent events) is handed on at its head and passes each frame on as it comes, with a copy kept: its end writes the record, and until then its key is held (repeats get 409) |
 //! | repeat, same payload, after completion | the stored response, identical in status, headers, body and trailers, plus `Idempotent-Replayed: true`; the handler does not run (503 [`Overloaded`](crate::RejectionKind::Overloaded) if its body does not fit in [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes)) |
 //! | repeat while the first is in flight | 409 with a jittered `Retry-After` of about a second (at most the lease's time to live) and the mark [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT), which this crate's `RetryPolicy::http()` and `grpc()` retry after the wait; or with [`wait_for_in_flight`](IdempotencyBuilder::wait_for_in_flight) waits and replays. A key whose first request was dropped mid-handler stays in flight until its lease expires |
 //! | same key, another payload | 422 |
@@ -22,11 +22,14 @@
 //! | body that cannot be read (the client reset the stream, a broken encoding) | 400 [`BadRequestBody`](crate::RejectionKind::BadRequestBody); the key is not claimed and the handler does not run |
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
-//! | the handler fails: 5xx, 429, gRPC failure status, or an error (a rejection of a layer below) | nothing stored; the key is released so the client can retry ([`store_failures`](IdempotencyBuilder::store_failures) stores them) |
+//! | the handler fails: 5xx, 429, gRPC failure status (in the trailers, in the head of a trailers-only response, in the trailer frame that ends a gRPC-Web body), or a gRPC response that ends with no status at all | nothing stored; the key is released so the client can retry ([`store_failures`](IdempotencyBuilder::store_failures) stores them) |
+//! | a layer below refuses the request before it runs: an error that is (or wraps) a [`Rejection`](crate::Rejection) of a refusing kind (rate limited, overloaded, circuit open, ...), or tower's `load_shed` `Overloaded` | nothing stored; the key is released so the client can retry |
+//! | any other error from below: tower's `Elapsed` from a `timeout` under this layer, the handler's own error | the handler may have had its effect: the key is recorded as run with its response not kept (repeats get 409 [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored), never a second run); [`release_on_error(true)`](IdempotencyBuilder::release_on_error) releases it instead |
+//! | the handler answered a head to store, then its body fails | the handler ran: the key is recorded as run with its response not kept (repeats get 409, never a second run) |
 //! | the response refuses the caller or says it was not processed: 401, 403, 407, 421, 425, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`, `ABORTED` | nothing stored; the key is released: the request did not run for this caller, and forged credentials cannot fill the store ([`store_refusals`](IdempotencyBuilder::store_refusals) stores them) |
 //! | any other response: 2xx, 3xx, another 4xx (404, 409, 422 from the handler), another gRPC status | stored and replayed |
 //! | the response has more than 8,192 header (or trailer) values | passed on; the key is recorded as run with its response not kept (repeats get 409, never a second run) |
-//! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a failure (gRPC failure status in the trailers, a body error) releases the key, as under the cap; an end that went well, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
+//! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a gRPC failure (a failure status in the trailers, or no status at all) releases the key, as under the cap; an end that went well, a body error, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
 //! | the first request's future is dropped (client gone, a timeout above) while its handler runs | the lease is kept until it expires (the handler may have had its effect): repeats get 409 (each with a jittered `Retry-After` of about a second) until it does, then run; [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) releases it at once instead |
 //! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
@@ -36,7 +39,8 @@
 //!
 //! Keys are accepted both as the draft's structured-field string (`"abc"`, quoted) and as the
 //! bare token Stripe's clients send (`abc`); both name the same key. The fingerprint of a
-//! request is its method, path and query, and body ([`Fingerprint`]). The body is buffered to
+//! request is its method, path and query, its body's `Content-Type` and `Content-Encoding`,
+//! and body ([`Fingerprint`]). The body is buffered to
 //! compute it and handed to the handler unchanged.
 //!
 //! **Keys are scoped by caller.** A key names a record only within its scope, and by default
@@ -169,8 +173,15 @@
 //! [`RejectionLayer::grpc`](crate::RejectionLayer) the rejections become gRPC statuses
 //! (`ABORTED`, `FAILED_PRECONDITION`, `INVALID_ARGUMENT`, `UNAVAILABLE`). tonic's body is not
 //! `From<Bytes>`: give the builder
-//! `.rebuild_body(|b| tonic::body::Body::new(http_body_util::Full::new(b)))`. Only unary calls
-//! make sense here: a streamed response is buffered up to
+//! `.rebuild_body(|b| tonic::body::Body::new(http_body_util::Full::new(b)))`. A response is a
+//! gRPC one by its `content-type` (`application/grpc...`); one that ends with no
+//! `grpc-status` (in its trailers, or in the head of a trailers-only response) failed, as its
+//! client reads it, and is not stored. gRPC-Web (`application/grpc-web`,
+//! `application/grpc-web+proto`, tonic-web) carries its status in a trailer frame at the end
+//! of the body: under the cap, that frame is read and judged as trailers are;
+//! `application/grpc-web-text` (base64) is not decoded, so only a status in its head or HTTP
+//! trailers is judged. Only unary calls make sense here: a streamed response passes on as it
+//! streams, and is kept for replay only if it ends within
 //! [`max_response_body`](IdempotencyBuilder::max_response_body).
 //!
 //! # Body types
@@ -212,8 +223,8 @@
 //! sixth); if none succeeds before the lease would run out, or the store says the lease is
 //! lost, the layer can no longer promise that no other request holds the key. Failing closed
 //! (the default), it refuses to go on, as the crate does whenever the choice is between
-//! running twice and refusing: it stops the handler (drops its future, or the body it is
-//! reading) before the lease's end and answers 503. Failing open, the handler goes on.
+//! running twice and refusing: it stops the handler (drops its future) before the lease's
+//! end and answers 503. Failing open, the handler goes on.
 //!
 //! Once the handler has answered with a response to store, the request has run, and its key
 //! is never released: if the record cannot be written (the store down, the connection cut as
@@ -223,6 +234,14 @@
 //! write) for longer than the lease loses that record: the lease expires and a repeat after
 //! it runs again. Give [`lease_ttl`](IdempotencyBuilder::lease_ttl) room for the store
 //! outages the service must ride out.
+//!
+//! A response handed on as it streams (its body not ready at once, or past
+//! [`max_response_body`](IdempotencyBuilder::max_response_body)) leaves the response future
+//! before its body ends, so nothing renews its lease from then on: the lease is first
+//! extended to the record's time to live ([`ttl`](IdempotencyBuilder::ttl)), so that the key
+//! is held however slowly the client reads, and the body's end writes the record (or, for a
+//! failure, releases the key). A process that crashes mid-stream leaves that key in flight
+//! (409) until then.
 //!
 //! # Buffers in flight
 //!
@@ -235,7 +254,9 @@
 //! body is reserved while the response holds it (from a remote store it is a copy of its own),
 //! and a replay that finds no room is refused with 503 like a new request. Reservations are
 //! atomic (no lock), and given back when the request completes, fails, or is dropped at any
-//! point, and when its response body is handed on or dropped.
+//! point, and when its response body is handed on or dropped. A response handed on as it
+//! streams keeps its room (`max_response_body`) for the copy until its body ends (or grows
+//! past the cap, or is dropped).
 //!
 //! # Time in tests
 //!
@@ -271,7 +292,7 @@ mod service;
 pub mod store;
 
 pub use self::body::ReplayBody;
-pub use self::fingerprint::Fingerprint;
+pub use self::fingerprint::{Fingerprint, FINGERPRINT_VERSION};
 pub use self::future::IDEMPOTENT_REPLAYED;
 pub use self::layer::{
     ConfigError, FailurePolicy, FromBytes, IdempotencyBuilder, IdempotencyHandle, IdempotencyLayer,
