@@ -946,14 +946,14 @@ async fn a_turn_reserved_by_the_local_fallback_is_given_back_too() {
 }
 
 /// The stored TAT of the one key under `prefix`, in nanoseconds (the value is
-/// "seconds:nanoseconds:reach").
+/// "seconds:nanoseconds:reach:window").
 async fn stored_tat(admin: &mut ConnectionManager, prefix: &str) -> u64 {
     let keys: Vec<String> = admin.keys(format!("{prefix}*")).await.unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
     let value: String = admin.get(&keys[0]).await.unwrap();
     let mut parts = value.split(':').map(|p| p.parse::<u64>().unwrap());
     let (secs, nanos) = (parts.next().unwrap(), parts.next().unwrap());
-    assert!(parts.next().is_some(), "no reach in {value}");
+    assert_eq!(parts.count(), 2, "reach and window in {value}");
     secs * 1_000_000_000 + nanos
 }
 
@@ -1120,6 +1120,7 @@ async fn a_clock_stepped_back_beyond_a_window_finds_the_limit_whole() {
     let mut admin = conn(&server.url()).await;
     const DAY_S: u64 = 86_400;
     const INTERVAL_NS: u64 = 20_000_000_000;
+    const WINDOW_NS: u64 = 3 * INTERVAL_NS;
     for (prefix, with_reach) in [("jump:", true), ("jump-old:", false)] {
         // 3 a minute: one token every 20 s, so the milliseconds this test takes refill
         // nothing.
@@ -1144,7 +1145,7 @@ async fn a_clock_stepped_back_beyond_a_window_finds_the_limit_whole() {
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut admin).await.unwrap();
         let tat_s = secs + DAY_S + INTERVAL_NS / 1_000_000_000;
         let value = if with_reach {
-            format!("{tat_s}:{}:{INTERVAL_NS}", micros * 1_000)
+            format!("{tat_s}:{}:{INTERVAL_NS}:{WINDOW_NS}", micros * 1_000)
         } else {
             format!("{tat_s}:{}", micros * 1_000)
         };

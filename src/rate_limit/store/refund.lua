@@ -4,11 +4,11 @@
 -- back would hand that later turn's slot out twice.
 --
 -- KEYS[1]  the limit's key
--- ARGV[1]  the value the turn stored ("seconds:nanoseconds:reach", as gcra.lua stores it)
+-- ARGV[1]  the value the turn stored ("seconds:nanoseconds:reach:window", as gcra.lua stores it)
 -- ARGV[2]  interval, ns
 --
 -- The value written keeps the instant the turn was stored (its reach shrinks by the interval
--- as its TAT does), so gcra.lua's cap of a state stored under a longer window still applies.
+-- as its TAT does) and its window, so gcra.lua reads it as it read the turn's.
 --
 -- Returns 1 if the turn was given back, 0 if not.
 if redis.replicate_commands then redis.replicate_commands() end
@@ -16,7 +16,7 @@ local stored = redis.call('GET', KEYS[1])
 if stored ~= ARGV[1] then
   return 0
 end
-local s, ns, reach = string.match(stored, '^(%d+):(%d+):(%d+)$')
+local s, ns, reach, window = string.match(stored, '^(%d+):(%d+):(%d+):(%d+)$')
 if not s then
   return 0
 end
@@ -33,6 +33,6 @@ reach = tonumber(reach) - interval
 if reach < 0 then reach = 0 end
 local total = now_ns + ahead
 local add_s = math.floor(total / 1e9)
-local tat = string.format('%d:%d:%d', now_s + add_s, total - add_s * 1e9, reach)
+local tat = string.format('%d:%d:%d:%s', now_s + add_s, total - add_s * 1e9, reach, window)
 redis.call('SET', KEYS[1], tat, 'PX', math.ceil(ahead / 1e6))
 return 1
