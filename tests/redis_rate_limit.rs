@@ -945,13 +945,16 @@ async fn a_turn_reserved_by_the_local_fallback_is_given_back_too() {
     assert_eq!(ran.calls(), 2);
 }
 
-/// The stored TAT of the one key under `prefix`, in nanoseconds.
+/// The stored TAT of the one key under `prefix`, in nanoseconds (the value is
+/// "seconds:nanoseconds:reach:window").
 async fn stored_tat(admin: &mut ConnectionManager, prefix: &str) -> u64 {
     let keys: Vec<String> = admin.keys(format!("{prefix}*")).await.unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
-    let tat: String = admin.get(&keys[0]).await.unwrap();
-    let (secs, nanos) = tat.split_once(':').unwrap();
-    secs.parse::<u64>().unwrap() * 1_000_000_000 + nanos.parse::<u64>().unwrap()
+    let value: String = admin.get(&keys[0]).await.unwrap();
+    let mut parts = value.split(':').map(|p| p.parse::<u64>().unwrap());
+    let (secs, nanos) = (parts.next().unwrap(), parts.next().unwrap());
+    assert_eq!(parts.count(), 2, "reach and window in {value}");
+    secs * 1_000_000_000 + nanos
 }
 
 /// A turn is given back by the interval of the check that reserved it, even when the quota
@@ -1083,5 +1086,78 @@ async fn raising_the_quota_frees_a_limited_key_within_the_new_window() {
                 "still limited for the old window after raising the quota: {after:?}"
             );
         }
+    }
+}
+
+/// Admitted requests in a row for `key`, up to the first refusal, and that refusal's
+/// `retry_after`.
+async fn until_refused<S>(svc: &mut S, key: &[u8]) -> (usize, Duration)
+where
+    S: Service<Key, Response = (), Error = BoxError>,
+{
+    let mut admitted = 0;
+    loop {
+        match svc.ready().await.unwrap().call(key.to_vec()).await {
+            Ok(()) => admitted += 1,
+            Err(e) => {
+                assert_eq!(kind(&e), RejectionKind::RateLimited);
+                let retry = e.downcast_ref::<Rejection>().unwrap().retry_after();
+                return (admitted, retry.unwrap());
+            }
+        }
+        assert!(admitted <= 100, "no limit at all");
+    }
+}
+
+/// Redis's `TIME` is the system's wall clock, which steps back (an NTP step, a failover to a
+/// replica whose clock is behind). A state stored a day ahead of the clock (as an admit a day
+/// before such a step leaves it) is beyond anything the quota can set: the limit is whole on
+/// the new time line (one burst), as the in-process step takes it, instead of refused for the
+/// day. A value without its reach (a TAT alone) is read alike.
+#[tokio::test]
+async fn a_clock_stepped_back_beyond_a_window_finds_the_limit_whole() {
+    let server = server_or_skip!("a_clock_stepped_back_beyond_a_window_finds_the_limit_whole");
+    let mut admin = conn(&server.url()).await;
+    const DAY_S: u64 = 86_400;
+    const INTERVAL_NS: u64 = 20_000_000_000;
+    const WINDOW_NS: u64 = 3 * INTERVAL_NS;
+    for (prefix, with_reach) in [("jump:", true), ("jump-old:", false)] {
+        // 3 a minute: one token every 20 s, so the milliseconds this test takes refill
+        // nothing.
+        let layer = RedisRateLimitLayer::keyed(
+            conn(&server.url()).await,
+            patient(Quota::per_minute(3).unwrap())
+                .prefix(prefix)
+                .unwrap()
+                .failure_policy(FailurePolicy::FailClosed),
+            by_request,
+        )
+        .unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(Counting::default());
+        let (admitted, retry) = until_refused(&mut svc, b"k").await;
+        assert_eq!(admitted, 3, "{prefix}: the burst");
+        assert!(retry > Duration::from_secs(10), "{prefix}: {retry:?}");
+        // The clock steps back by a day: the state is now a day (and one interval) ahead.
+        let keys: Vec<String> = admin.keys(format!("{prefix}*")).await.unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut admin).await.unwrap();
+        let tat_s = secs + DAY_S + INTERVAL_NS / 1_000_000_000;
+        let value = if with_reach {
+            format!("{tat_s}:{}:{INTERVAL_NS}:{WINDOW_NS}", micros * 1_000)
+        } else {
+            format!("{tat_s}:{}", micros * 1_000)
+        };
+        let () = admin.set_ex(&keys[0], value, DAY_S + 60).await.unwrap();
+        let (admitted, retry) = until_refused(&mut svc, b"k").await;
+        assert_eq!(
+            admitted, 3,
+            "{prefix}: one burst on the new time line, not refused for the day"
+        );
+        assert!(
+            retry <= Duration::from_secs(40),
+            "{prefix}: then one interval away (jittered), not a day: {retry:?}"
+        );
     }
 }

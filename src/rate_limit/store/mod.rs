@@ -4,7 +4,10 @@
 //! check runs the GCRA step of the in-process [`RateLimitLayer`](super::RateLimitLayer) in
 //! one Lua script on Redis (`EVALSHA`, loaded again after a `NOSCRIPT`), one round trip, with
 //! Redis's `TIME` as the clock, so the replicas' clocks may disagree without changing the
-//! limit. A request over the limit gets the same [`Rejection`](crate::Rejection) of kind
+//! limit. `TIME` is Redis's wall clock: a step back within a window admits nothing more, and
+//! one beyond a window (an NTP step, a failover to a replica whose clock is behind) finds
+//! the limit whole on the new time line (at most one burst more), as the in-process
+//! limiter does, instead of spent for the length of the step. A request over the limit gets the same [`Rejection`](crate::Rejection) of kind
 //! `RateLimited`, with `retry_after` and the limit's figures, its hints jittered exactly as
 //! the in-process limiter's are (also when the local fallback decides; see [Jittered
 //! hints](super#jittered-hints)), answered with a 429 by

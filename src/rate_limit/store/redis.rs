@@ -715,7 +715,9 @@ impl RedisRateLimitConfig {
     /// [`RedisRateLimitHandle::turns_given_back`].
     /// Default: zero (reject at once), which is what servers want. Values beyond the script's
     /// range (about 52 days) are capped. Layers sharing a prefix should share the wait bound
-    /// too: each check caps the stored state to what its own quota and wait bound can reach.
+    /// too: a layer with a shorter bound finds the limit spent while turns reserved beyond
+    /// its own reach are pending (its refusals' hints then count from the furthest it can
+    /// reach, not from the last reserved turn).
     pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
         self.max_wait_ns = duration_nanos(max_wait).min(MAX_REDIS_SPAN_NS);
         self
@@ -1065,10 +1067,20 @@ impl RedisRateLimitHandle {
     }
 
     /// Changes the quota this process sends with each check (and its local fallback's).
-    /// Every replica should be told: the quota travels with each check, the state in Redis
-    /// is only the theoretical arrival time. A key limited under a longer window is whole
-    /// again within the new window: each check caps the stored state to what the new quota
-    /// (and wait bound) can reach.
+    /// Every replica should be told: the quota travels with each check; Redis keeps only each
+    /// key's theoretical arrival time, how far ahead the admit that stored it set it, and
+    /// the window of the quota it was stored under.
+    ///
+    /// Keys keep their state, capped as the in-process
+    /// [`RateLimitHandle::set_quota`](crate::rate_limit::RateLimitHandle::set_quota) caps it,
+    /// but at each check rather than at the change, and as of the key's last admit (the
+    /// instant its state was stored): a state stored under a longer window, and set further
+    /// ahead than the new quota (and wait bound) can set, is capped to that instant plus the
+    /// new window. So a key limited under a longer window is whole again within the new
+    /// window of the change, whether or not it is asked about meanwhile (its refusals till
+    /// then tell the time to the next token of the new quota), and a key that spent more than
+    /// a smaller new burst gets nothing more until the new quota, counted from its last
+    /// admit, gives it back (at most one new burst sooner than the in-process cap would).
     ///
     /// # Errors
     ///
@@ -1380,9 +1392,75 @@ mod tests {
         assert!(!zero.admit(100_011));
     }
 
+    /// Splits a stored value, "seconds:nanoseconds:reach:window", into the TAT, the reach
+    /// and the window (ns).
+    fn parse_stored(stored: &str) -> (u64, u64, u64) {
+        let parts: Vec<u64> = stored.split(':').map(|p| p.parse().unwrap()).collect();
+        let [secs, nanos, reach, window] = parts[..] else {
+            panic!("{stored}");
+        };
+        (secs * 1_000_000_000 + nanos, reach, window)
+    }
+
+    /// One run of the script at a given time (microseconds), as a check sends it.
+    fn run_script(
+        con: &mut redis::Connection,
+        key: &str,
+        (interval, tolerance, max_wait): (u64, u64, u64),
+        now_us: u64,
+    ) -> (i64, i64, i64, String) {
+        SCRIPT
+            .key(key)
+            .arg(interval)
+            .arg(tolerance)
+            .arg(max_wait)
+            .arg(now_us / 1_000_000)
+            .arg(now_us % 1_000_000)
+            .invoke(con)
+            .unwrap()
+    }
+
+    /// A layer with a shorter wait bound on the prefix of one with a longer one (which the
+    /// docs advise against) finds the limit spent while the other's turns are reserved, and
+    /// leaves them: the state is not taken as stored under a longer window.
+    #[test]
+    fn a_shorter_wait_bound_on_the_same_prefix_leaves_the_turns_reserved() {
+        let Some(server) = super::super::redis_server::RedisServer::start(
+            "a_shorter_wait_bound_on_the_same_prefix_leaves_the_turns_reserved",
+        ) else {
+            return;
+        };
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        // 10 a second, burst 1; the waiting layer waits up to a second.
+        let (i, tol) = (100_000_000, 100_000_000);
+        let waiting = (i, tol, 1_000_000_000);
+        let at_once = (i, tol, 0);
+        let t = 1_764_000_000_000_000u64;
+        // The burst, then two turns reserved (going at 100 and 200 ms): the TAT is 300 ms
+        // ahead, the next free slot.
+        for wait in [0, 100_000_000, 200_000_000] {
+            let (admitted, w, _, _) = run_script(&mut con, "mixed:{1}", waiting, t);
+            assert_eq!((admitted, w), (1, wait));
+        }
+        let before: String = redis::cmd("GET").arg("mixed:{1}").query(&mut con).unwrap();
+        // The other layer is refused until that slot, and writes nothing.
+        for after_ms in [0, 100, 150, 250] {
+            let (admitted, ..) = run_script(&mut con, "mixed:{1}", at_once, t + after_ms * 1_000);
+            assert_eq!(admitted, 0, "{after_ms} ms after");
+        }
+        let after: String = redis::cmd("GET").arg("mixed:{1}").query(&mut con).unwrap();
+        assert_eq!(after, before);
+        let (admitted, ..) = run_script(&mut con, "mixed:{1}", at_once, t + 300_000);
+        assert_eq!(admitted, 1, "at the first slot after the reserved turns");
+    }
+
     /// The Lua script is the same GCRA as `gcra::step`: driven with the same times (given to
     /// the script in place of `TIME`), a real Redis and the pure function agree on every
-    /// decision, wait and state, including when time jumps back.
+    /// decision, wait and state, including when time jumps back (beyond a window: the limit
+    /// whole on the new time line) and across a quota change (the state stored under the old
+    /// quota capped as the in-process `set_quota` caps it, taking the change at the instant
+    /// the state was stored).
     #[test]
     fn script_agrees_with_the_in_process_step() {
         use proptest::prelude::*;
@@ -1397,66 +1475,94 @@ mod tests {
         let con = std::cell::RefCell::new(client.get_connection().unwrap());
         let case = std::cell::Cell::new(0u64);
         let strategy = (
-            100_000_000u64..2_000_000_000,
-            1u64..10,
-            proptest::collection::vec(-1_000_000i64..3_000_000, 1..40),
+            (100_000_000u64..2_000_000_000, 1u64..10),
+            // At least 100 ms a token: the keys' real expiry (set from the state, on Redis's
+            // own clock) does not come between two steps of a case.
+            (100_000_000u64..2_000_000_000, 1u64..10),
+            proptest::collection::vec((-1_000_000i64..3_000_000, 0u8..8, 0u8..4), 1..40),
             0u64..3_000_000,
         );
         let mut runner = TestRunner::new(PtConfig::with_cases(64));
         runner
-            .run(
-                &strategy,
-                |(interval, burst, deltas_us, wait_millionths)| {
-                    case.set(case.get() + 1);
-                    let key = format!("diff:{{{}}}", case.get());
+            .run(&strategy, |(first, second, steps, wait_millionths)| {
+                case.set(case.get() + 1);
+                let key = format!("diff:{{{}}}", case.get());
+                let unit = first.0 / 1_000_000;
+                // Half the cases admit at once only; the others accept to wait.
+                let case_wait = if case.get().is_multiple_of(2) {
+                    0
+                } else {
+                    wait_millionths * unit
+                };
+                let mut quota = first;
+                let mut now_us: i64 = 1_764_000_000_000_000;
+                // The model: the TAT, the instant of the admit that stored it, and the
+                // tolerance it was stored under.
+                let mut tat = 0u64;
+                let mut stored_at = 0u64;
+                let mut stored_tol = 0u64;
+                for (d, change, other) in steps {
+                    // Now and then the quota changes (either way).
+                    if change == 0 {
+                        quota = if quota == first { second } else { first };
+                    }
+                    // Now and then a layer that does not wait checks the same key.
+                    let max_wait = if other == 0 { 0 } else { case_wait };
+                    let (interval, burst) = quota;
                     let tolerance = interval * burst;
-                    // Half the cases admit at once only; the others accept to wait.
-                    let max_wait = if case.get().is_multiple_of(2) {
-                        0
+                    // Steps of whole microseconds, as Redis's TIME has.
+                    now_us += d * unit as i64 / 1_000;
+                    let now_ns = now_us as u64 * 1_000;
+                    let (admitted, wait, ahead, stored) = run_script(
+                        &mut con.borrow_mut(),
+                        &key,
+                        (interval, tolerance, max_wait),
+                        now_us as u64,
+                    );
+                    // A state set further ahead than this quota's horizon when it was stored
+                    // came from a longer window (capped to its store instant plus this
+                    // window, as `set_quota` caps it in process) or from a longer wait bound
+                    // (spent for this check).
+                    let horizon = tolerance + max_wait + interval;
+                    let capped = if tat == 0 || tat - stored_at <= horizon {
+                        tat
+                    } else if stored_tol > tolerance {
+                        stored_at + tolerance
                     } else {
-                        wait_millionths * (interval / 1_000_000)
+                        tat.min(now_ns + tolerance + max_wait)
                     };
-                    let mut now_us: i64 = 1_764_000_000_000_000;
-                    let mut tat = 0u64;
-                    for d in deltas_us {
-                        // Steps of whole microseconds, as Redis's TIME has.
-                        now_us += d * (interval as i64 / 1_000_000) / 1_000;
-                        let now_ns = now_us as u64 * 1_000;
-                        let (admitted, wait, ahead, stored): (i64, i64, i64, String) = SCRIPT
-                            .key(&key)
-                            .arg(interval)
-                            .arg(tolerance)
-                            .arg(max_wait)
-                            .arg(now_us / 1_000_000)
-                            .arg(now_us % 1_000_000)
-                            .invoke(&mut *con.borrow_mut())
-                            .unwrap();
-                        // The script caps the state to the furthest an admit under
-                        // this quota can set it (a clock stepping back goes past it).
-                        let capped = tat.min(now_ns + tolerance + max_wait);
-                        match gcra::step(capped, now_ns, interval, tolerance, max_wait) {
-                            gcra::Step::Admit { new_tat, wait_ns } => {
-                                prop_assert_eq!(admitted, 1);
-                                prop_assert_eq!(wait as u64, wait_ns);
-                                prop_assert_eq!(ahead as u64, new_tat - now_ns);
-                                // The TAT handed back for a refund is the one stored.
-                                let (secs, nanos) = stored.split_once(':').unwrap();
-                                let stored_ns = secs.parse::<u64>().unwrap() * 1_000_000_000
-                                    + nanos.parse::<u64>().unwrap();
-                                prop_assert_eq!(stored_ns, new_tat);
-                                tat = new_tat;
-                            }
-                            gcra::Step::Reject { retry_after_ns } => {
-                                prop_assert_eq!(admitted, 0);
-                                prop_assert_eq!(stored, "");
-                                prop_assert_eq!(wait as u64, retry_after_ns);
-                                prop_assert_eq!(ahead as u64, capped.saturating_sub(now_ns));
-                            }
+                    match gcra::step(capped, now_ns, interval, tolerance, max_wait) {
+                        gcra::Step::Admit { new_tat, wait_ns } => {
+                            prop_assert_eq!(admitted, 1);
+                            prop_assert_eq!(wait as u64, wait_ns);
+                            prop_assert_eq!(ahead as u64, new_tat - now_ns);
+                            // The value handed back for a refund is the one stored: the TAT,
+                            // how far ahead of now it was set, and the window.
+                            let (stored_tat, reach, window) = parse_stored(&stored);
+                            prop_assert_eq!(stored_tat, new_tat);
+                            prop_assert_eq!(reach, new_tat - now_ns);
+                            prop_assert_eq!(window, tolerance);
+                            tat = new_tat;
+                            stored_at = now_ns;
+                            stored_tol = tolerance;
+                        }
+                        gcra::Step::Reject { retry_after_ns } => {
+                            prop_assert_eq!(admitted, 0);
+                            prop_assert_eq!(stored, "");
+                            prop_assert_eq!(wait as u64, retry_after_ns);
+                            // The state the step saw: beyond the horizon, the clock went back
+                            // and the limit is whole.
+                            let seen = if capped > now_ns + horizon {
+                                now_ns
+                            } else {
+                                capped
+                            };
+                            prop_assert_eq!(ahead as u64, seen.saturating_sub(now_ns));
                         }
                     }
-                    Ok(())
-                },
-            )
+                }
+                Ok(())
+            })
             .unwrap();
     }
 }
