@@ -247,11 +247,47 @@ fn clock_jumping_back_neither_panics_nor_over_admits() {
     let mut svc = layer.layer(Counting::default());
     let first = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
     assert_eq!(first, 10);
-    hand.set_nanos(0); // ten seconds back
-    let after = (0..20).filter(|_| check(&mut svc, ()).is_ok()).count();
-    assert_eq!(after, 0);
-    hand.set_nanos(10_100_000_000); // forward again: one token per 100 ms
+    // 50 ms back, less than one interval (100 ms) past what an admission can set: strict,
+    // nothing more is admitted.
+    hand.set_nanos(9_950_000_000);
+    assert_eq!((0..20).filter(|_| check(&mut svc, ()).is_ok()).count(), 0);
+    // Forward again: one token per 100 ms from where the limit was.
+    hand.set_nanos(10_100_000_000);
     assert_eq!((0..20).filter(|_| check(&mut svc, ()).is_ok()).count(), 1);
+    // Ten seconds back: the limit is whole on the new time line (one burst), not refused for
+    // ten seconds, and strict again from there.
+    hand.set_nanos(0);
+    assert_eq!((0..20).filter(|_| check(&mut svc, ()).is_ok()).count(), 10);
+    hand.set_nanos(100_000_000);
+    assert_eq!((0..20).filter(|_| check(&mut svc, ()).is_ok()).count(), 1);
+}
+
+/// Two layers share one limit, one of them waiting for turns up to 10 s: the turns it
+/// reserves far ahead are not taken by the other (which waits for none) for a clock that
+/// went back.
+#[tokio::test(start_paused = true)]
+async fn a_layer_that_does_not_wait_keeps_the_turns_another_reserved() {
+    let (clock, _hand) = Clock::manual();
+    let quota = Quota::per_second(10).unwrap().burst(1).unwrap();
+    let now_only = RateLimitLayer::new(RateLimitConfig::new(quota).clock(clock));
+    let waiting = now_only.clone().wait_up_to(Duration::from_secs(10));
+    let mut a = now_only.layer(Counting::default());
+    let mut b = waiting.layer(Counting::default());
+    let mut cx = Context::from_waker(Waker::noop());
+    // `b` reserves 50 turns, up to 5 s ahead (its futures wait; kept alive).
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        assert!(Service::<()>::poll_ready(&mut b, &mut cx).is_ready());
+        let mut fut = Box::pin(b.call(()));
+        // Polled once: the first turn is at once, the others wait.
+        let _ = fut.as_mut().poll(&mut cx);
+        held.push(fut);
+    }
+    // `a`, which waits for none, is refused: the limit is spent 5 s ahead.
+    for _ in 0..10 {
+        assert!(check(&mut a, ()).is_err());
+    }
+    drop(held);
 }
 
 #[test]

@@ -197,19 +197,35 @@ pub(crate) enum Step {
 /// `max_wait_ns` is how long the caller accepts to wait for its turn (0: admit only at once).
 /// A request up to the clock slack early conforms (see the module docs). A `now` earlier than
 /// a previous one (a clock that jumped back) is handled: within one window (the TAT no
-/// further ahead than an admission can set it) the TAT is never moved back, so such a step
-/// admits at most what the slack allows; a jump back beyond that finds the limit whole on
-/// the new time line (at most one burst more), instead of refusing every request for the
-/// length of the jump.
+/// further ahead than an admission can set) the TAT is never moved back, so such a step
+/// admits at most what the slack allows; a jump back beyond that finds the limit whole on the
+/// new time line (at most one burst more per jump), instead of refusing every request for
+/// the length of the jump.
 #[inline]
 pub(crate) fn step(tat: u64, now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
-    // No admission sets a TAT further ahead than `tolerance + max_wait + interval`: one that
-    // is means the clock went back by more than a window, at an instant no one saw. The limit
-    // starts whole on the new time line (as it would be a window after the jump), not spent
-    // until the old time comes again: a jump back gives at most one burst more.
+    step_within(tat, now, interval, tolerance, max_wait_ns, max_wait_ns)
+}
+
+/// [`step`] for a limit shared by callers that wait up to different bounds: `reach_ns` is the
+/// longest of them (at least `max_wait_ns`), how far ahead of now any of them may have
+/// reserved a turn.
+#[inline]
+pub(crate) fn step_within(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    max_wait_ns: u64,
+    reach_ns: u64,
+) -> Step {
+    // No admission sets a TAT further ahead than `tolerance + reach + interval`: one that is
+    // means the clock went back, at an instant no one saw. The limit starts whole on the new
+    // time line (as it would be a window after the jump), not spent until the old time comes
+    // again: a jump back gives at most one burst more. (The Redis script applies the same
+    // rule, on Redis's clock.)
     let horizon = now
         .saturating_add(tolerance)
-        .saturating_add(max_wait_ns)
+        .saturating_add(reach_ns.max(max_wait_ns))
         .saturating_add(interval);
     let tat = if tat > horizon { now } else { tat };
     let new_tat = tat.max(now).saturating_add(interval);
@@ -346,7 +362,7 @@ mod tests {
             }
         }
         assert_eq!(admitted, 0);
-        // A jump back beyond one window: the limit is whole on the new time line (one
+        // A jump back beyond the horizon: the limit is whole on the new time line (one
         // burst), not spent until the old time comes again.
         assert_eq!(
             step(u64::MAX, 0, i, tol, 0),
@@ -447,7 +463,7 @@ mod tests {
         /// Over any sequence of request times (monotonic or not), the number admitted never
         /// exceeds `burst + (span + slack) / interval`, where span is the range of times seen
         /// (and the slack is less than one interval), while the clock never goes back by more
-        /// than one window (`tolerance + interval`) behind the latest TAT. Each jump back
+        /// than the horizon (`tolerance + interval`) behind the latest TAT. Each jump back
         /// beyond that starts a new time line with the limit whole: over the whole sequence,
         /// no more than `(1 + jumps) * burst + (forward + slack * (1 + jumps)) / interval`,
         /// where `forward` is the sum of the steps forward.

@@ -178,6 +178,7 @@ impl Table {
         interval: u64,
         tolerance: u64,
         max_wait_ns: u64,
+        reach_ns: u64,
     ) -> Checked {
         let now = now.min(MAX_TIME - 1);
         let group = self.group(hash, 0);
@@ -191,7 +192,7 @@ impl Table {
             let word = slot.tat.load(Ordering::Acquire);
             if word & GEN_MASK == gen {
                 let tat = word >> GEN_BITS;
-                match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
+                match gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach_ns) {
                     Step::Admit { new_tat, wait_ns } => {
                         let new_tat = new_tat.min(MAX_TIME);
                         if slot
@@ -215,7 +216,7 @@ impl Table {
             }
             break;
         }
-        self.check_slow(hash, now, interval, tolerance, max_wait_ns)
+        self.check_slow(hash, now, interval, tolerance, max_wait_ns, reach_ns)
     }
 
     /// Moves the key's TAT back by one interval as `gcra::refunded` says (a reserved turn
@@ -269,6 +270,7 @@ impl Table {
         interval: u64,
         tolerance: u64,
         max_wait_ns: u64,
+        reach_ns: u64,
     ) -> Checked {
         let ident = Self::ident(hash);
         'retry: loop {
@@ -293,7 +295,14 @@ impl Table {
                             continue 'retry;
                         }
                         let tat = word >> GEN_BITS;
-                        match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
+                        match gcra::step_within(
+                            tat,
+                            now,
+                            interval,
+                            tolerance,
+                            max_wait_ns,
+                            reach_ns,
+                        ) {
                             Step::Admit { new_tat, wait_ns } => {
                                 let new_tat = new_tat.min(MAX_TIME);
                                 let new_word = (new_tat << GEN_BITS) | gen;
@@ -439,13 +448,13 @@ mod tests {
         let (a, b) = (t.hash("a"), t.hash("b"));
         let now = 10_000;
         for _ in 0..3 {
-            assert!(admitted(t.check(a, now, i, tol, 0)));
+            assert!(admitted(t.check(a, now, i, tol, 0, 0)));
         }
-        assert!(!admitted(t.check(a, now, i, tol, 0)));
+        assert!(!admitted(t.check(a, now, i, tol, 0, 0)));
         for _ in 0..3 {
-            assert!(admitted(t.check(b, now, i, tol, 0)));
+            assert!(admitted(t.check(b, now, i, tol, 0, 0)));
         }
-        assert!(!admitted(t.check(b, now, i, tol, 0)));
+        assert!(!admitted(t.check(b, now, i, tol, 0, 0)));
         assert_eq!(t.peek(a), Some(now + 3_000));
         assert_eq!(t.peek(t.hash("c")), None);
         assert_eq!(t.live_entries(now), 2);
@@ -469,11 +478,11 @@ mod tests {
         let t = Table::new(8);
         let (i, tol) = (1, 1 << 32);
         let (a, b) = (t.hash(&1u64), t.hash(&2u64));
-        t.check(a, 10, i, tol, 0);
-        t.check(b, 20, i, tol, 0);
+        t.check(a, 10, i, tol, 0, 0);
+        t.check(b, 20, i, tol, 0, 0);
         let before = used_slots(&t);
         for now in (30..1_000).step_by(10) {
-            t.check(if now % 20 == 0 { a } else { b }, now, i, tol, 0);
+            t.check(if now % 20 == 0 { a } else { b }, now, i, tol, 0, 0);
         }
         assert_eq!((before, used_slots(&t)), (2, 2));
         // Each slot's generation was bumped once, at its claim.
@@ -490,7 +499,7 @@ mod tests {
         let (i, tol) = (10, 10);
         let mut now = 100;
         for k in 0u64..1_000 {
-            assert!(admitted(t.check(t.hash(&k), now, i, tol, 0)));
+            assert!(admitted(t.check(t.hash(&k), now, i, tol, 0, 0)));
             now += 10; // each key's state is in the past by the next request
         }
         assert_eq!(t.evictions(), 0);
@@ -504,12 +513,15 @@ mod tests {
         let t = seeded(64, 7);
         let (i, tol) = (1_000, 1_000);
         for k in 0u64..64 {
-            assert!(admitted(t.check(t.hash(&k), 5_000, i, tol, 0)));
+            assert!(admitted(t.check(t.hash(&k), 5_000, i, tol, 0, 0)));
         }
         assert_eq!(t.evictions(), 0);
         for k in 0u64..64 {
             assert_eq!(t.peek(t.hash(&k)), Some(6_000), "key {k}");
-            assert!(!admitted(t.check(t.hash(&k), 5_000, i, tol, 0)), "key {k}");
+            assert!(
+                !admitted(t.check(t.hash(&k), 5_000, i, tol, 0, 0)),
+                "key {k}"
+            );
         }
     }
 
@@ -521,10 +533,10 @@ mod tests {
         let (i, tol) = (1_000, 1_000);
         let now = 5_000;
         for k in 0u64..16 {
-            assert!(admitted(t.check(t.hash(&k), now + k, i, tol, 0)));
+            assert!(admitted(t.check(t.hash(&k), now + k, i, tol, 0, 0)));
         }
         assert_eq!(t.evictions(), 0);
-        assert!(admitted(t.check(t.hash(&100u64), now + 16, i, tol, 0)));
+        assert!(admitted(t.check(t.hash(&100u64), now + 16, i, tol, 0, 0)));
         assert_eq!(t.evictions(), 1);
         // Key 0 had the earliest TAT and was evicted.
         assert_eq!(t.peek(t.hash(&0u64)), None);
@@ -548,7 +560,7 @@ mod tests {
         for round in 0..2 {
             for _ in 0..3 {
                 for k in 0..live {
-                    if admitted(t.check(t.hash(&key(k)), now, i, tol, 0)) {
+                    if admitted(t.check(t.hash(&key(k)), now, i, tol, 0, 0)) {
                         admitted_by_key[k as usize] += 1;
                     }
                     now += 1;

@@ -29,6 +29,10 @@ pub(crate) struct Shared {
     // Read on every check; written only through the handle.
     interval: AtomicU64,
     tolerance: AtomicU64,
+    /// The longest wait bound of the layers sharing this limit (`wait_up_to`): how far ahead
+    /// of now a turn may be reserved, so that no layer takes another's reservation for a
+    /// clock that went back.
+    reach: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) table: Option<Table>,
     rejected: AtomicU64,
@@ -72,6 +76,7 @@ impl Shared {
             },
             interval: AtomicU64::new(quota.interval_ns()),
             tolerance: AtomicU64::new(quota.tolerance_ns()),
+            reach: AtomicU64::new(0),
             clock,
             table,
             rejected: AtomicU64::new(0),
@@ -125,13 +130,20 @@ impl Shared {
         )
     }
 
+    /// The longest wait bound of the layers sharing this limit.
+    #[inline]
+    pub(crate) fn reach(&self) -> u64 {
+        self.reach.load(Ordering::Relaxed)
+    }
+
     /// One check of the global limiter. Returns the step and the TAT after it.
     #[inline]
     pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64) {
         let (interval, tolerance) = self.params();
+        let reach = self.reach();
         let mut tat = self.hot.tat.load(Ordering::Relaxed);
         loop {
-            match gcra::step(tat, now, interval, tolerance, max_wait_ns) {
+            match gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach) {
                 gcra::Step::Admit { new_tat, wait_ns } => {
                     // Relaxed is enough: the TAT is the only datum, and every change of it is
                     // a read-modify-write on this one word.
@@ -388,6 +400,10 @@ impl<K, H> RateLimitLayer<K, H> {
     /// waiter going away, the quota is never exceeded.
     pub fn wait_up_to(mut self, max_wait: Duration) -> Self {
         self.max_wait_ns = duration_nanos(max_wait);
+        // Every layer sharing this limit learns how far ahead a turn may now be reserved.
+        self.shared
+            .reach
+            .fetch_max(self.max_wait_ns, Ordering::Relaxed);
         self
     }
 

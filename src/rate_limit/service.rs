@@ -103,7 +103,14 @@ where
                 };
                 let (interval, tolerance) = shared.params();
                 let hash = table.hash(&key);
-                let c = table.check(hash, now, interval, tolerance, self.max_wait_ns);
+                let c = table.check(
+                    hash,
+                    now,
+                    interval,
+                    tolerance,
+                    self.max_wait_ns,
+                    shared.reach(),
+                );
                 (c.step, c.tat, Some(hash))
             }
         };

@@ -572,7 +572,14 @@ impl RedisShared {
                     None => l.check_global(now, self.max_wait_ns),
                     Some(table) => {
                         let (interval, tolerance) = l.params();
-                        let c = table.check(local_hash, now, interval, tolerance, self.max_wait_ns);
+                        let c = table.check(
+                            local_hash,
+                            now,
+                            interval,
+                            tolerance,
+                            self.max_wait_ns,
+                            self.max_wait_ns,
+                        );
                         (c.step, c.tat)
                     }
                 };
