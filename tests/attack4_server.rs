@@ -1147,7 +1147,6 @@ async fn gradient_cut_by_latency_that_merely_varies() {
 /// happens: the body's time is the sample's latency, the window means look like queueing,
 /// and the limit is cut for everyone: a few slow readers shed the fast clients.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: clients that read their body slowly pull a hold_until_body_end gradient limit down for all clients"]
 async fn slow_readers_collapse_gradient_with_body_hold() {
     async fn run(
         layer: BackpressureLayer<tower_bulwark::backpressure::ReleaseOnBodyEnd>,
@@ -1432,7 +1431,6 @@ async fn internal_errors_do_not_leak() {
 /// its end" after more than 100 ms, a failed sample (`Dropped::FailureAfter`), so every
 /// window holds failures and the limit falls toward its floor, shedding the plain requests.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: clients closing streaming responses count as dependency failures and collapse a hold_until_body_end adaptive limit"]
 async fn closed_streams_collapse_adaptive_limit() {
     let layer = BackpressureLayer::adaptive(Adaptive::aimd(Aimd::default()).clock(Clock::tokio()))
         .unwrap()

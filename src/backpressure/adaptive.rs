@@ -5,9 +5,11 @@
 //! count); the completion that closes a window folds it into the algorithm, which returns the
 //! next limit. A sample is a failure when the service below returned an error; with
 //! [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
-//! response is a 5xx, its body fails or its trailers carry a failing `grpc-status`, and its
-//! latency runs to the end of the body. A request dropped before its response counts as its
-//! [`Dropped`] policy says (by default a failure once it has run 100 ms). Until the first
+//! response is a 5xx, its body fails or its trailers carry a failing `grpc-status`; its
+//! latency is still the dependency's, to the response head (the permit is held to the end of
+//! the body, the latency is not). A request dropped before its response counts as its
+//! [`Dropped`] policy says (by default a failure once it has run 100 ms); a body dropped
+//! after its head counts as its head. Until the first
 //! sign of congestion the limit starts slowly, as TCP does: it doubles every round trip, and
 //! it does so again to come back from a cut made by failures. The arithmetic ([`Aimd::update`],
 //! [`Gradient::update`]) takes nanoseconds and counts in and gives a limit out, with no clock
@@ -37,13 +39,19 @@ use crate::clock::{duration_nanos, Clock};
 /// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
 /// response is a 5xx, its body fails, or its trailers carry a failing `grpc-status` (or what
 /// the layer's classifier calls a failure,
-/// [`classify_body_trailers`](crate::classify::Classify::classify_body_trailers)), and its
-/// latency runs to the end of the body. A request
-/// dropped before its response, or a body dropped before its end (the caller timed out or
-/// went away), gives the sample its [`Dropped`] policy says: by default a failure when it had
-/// run at least 100 ms, none when it was dropped sooner. So a dependency that hangs while its
-/// callers time out lowers the limit, while a client that hangs up early says nothing about
-/// the dependency. Samples are summed in a window; the completion that closes a window folds
+/// [`classify_body_trailers`](crate::classify::Classify::classify_body_trailers)). Its
+/// latency is the dependency's, from admission to the response head, also with
+/// `hold_until_body_end`: the permit is held until the end of the body, but how fast a client
+/// reads its body says nothing about the dependency, so slow readers do not pull the limit
+/// down for everyone (the sample is taken when the body ends, with the latency and outcome
+/// read at the head, one clock read as without the body hold). A request dropped before its
+/// response (the caller timed out or went away while the dependency had not answered) gives
+/// the sample its [`Dropped`] policy says: by default a failure when it had run at least 100
+/// ms, none when it was dropped sooner. So a dependency that hangs while its callers time out
+/// lowers the limit, while a client that hangs up early says nothing about the dependency. A
+/// body dropped after its head (a client closing a server-sent-event stream, or a streaming
+/// response it no longer wants) is not a failure of the dependency: its sample is its head's
+/// (a success unless the head was a failure). Samples are summed in a window; the completion that closes a window folds
 /// it into the algorithm, which gives the next limit. The algorithms are pure arithmetic
 /// ([`Aimd::update`], [`Gradient::update`]): nanoseconds and counts in, a limit out.
 ///
@@ -106,10 +114,14 @@ pub struct Adaptive {
     pub(crate) slow_start: bool,
 }
 
-/// What a request dropped before its outcome (its response future, or its body with
-/// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), dropped: the caller
-/// timed out or went away) counts as in an adaptive limit's samples. Set with
-/// [`Adaptive::dropped`].
+/// What a request dropped before its response (its response future dropped: the caller
+/// timed out or went away while the dependency had not answered) counts as in an adaptive
+/// limit's samples. Set with [`Adaptive::dropped`].
+///
+/// A response body dropped before its end, with
+/// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), is not covered:
+/// the dependency did answer, and the sample is that of its head (a client closing a stream
+/// says nothing about the dependency).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Dropped {
@@ -1073,6 +1085,10 @@ impl AdaptiveState {
             samples = sample.count,
             failures = sample.failures,
             peak_in_flight = sample.peak_in_flight,
+            no_load_rtt_us = next.no_load_rtt_nanos / 1_000,
+            jitter = next.jitter,
+            rise_rtt_us = next.rise_rtt_nanos / 1_000,
+            rise_in_flight = next.rise_in_flight,
             "backpressure: adaptive limit updated"
         );
         Some(limit)
