@@ -494,7 +494,6 @@ where
 /// 75 and 140. A user who follows the README's `.classify(HttpStatus::default())` gets this
 /// from any steady trickle of 5xx answers.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a 1% background error rate collapses adaptive limits (AIMD and gradient) to single digits"]
 async fn adaptive_collapses_under_background_error_rate() {
     let fixed = goodput(BackpressureLayer::new(100), 20, 3000, 100, 100).await;
     let aimd = goodput(

@@ -9,7 +9,9 @@
 //! latency is still the dependency's, to the response head (the permit is held to the end of
 //! the body, the latency is not). A request dropped before its response counts as its
 //! [`Dropped`] policy says (by default a failure once it has run 100 ms); a body dropped
-//! after its head counts as its head. Until the first
+//! after its head counts as its head. A window's failures cut the limit only when more than
+//! its [`failure rate`](Adaptive::failure_rate) of its samples failed (default a tenth):
+//! fewer are background errors, not overload. Until the first
 //! sign of congestion the limit starts slowly, as TCP does: it doubles every round trip, and
 //! it does so again to come back from a cut made by failures. The arithmetic ([`Aimd::update`],
 //! [`Gradient::update`]) takes nanoseconds and counts in and gives a limit out, with no clock
@@ -29,8 +31,9 @@ use crate::clock::{duration_nanos, Clock};
 /// [`BackpressureLayer::adaptive`](super::BackpressureLayer::adaptive), which checks it.
 ///
 /// Defaults: floor 1, ceiling 1024, initial limit 64 with slow start on, windows of at least
-/// 100 ms and 10 samples, dropped requests [`Dropped::FailureAfter`] 100 ms, the crate's
-/// default [`Clock`].
+/// 100 ms and 10 samples, failures a sign of overload above a tenth of a window
+/// ([`failure_rate`](Self::failure_rate)), dropped requests [`Dropped::FailureAfter`] 100 ms,
+/// the crate's default [`Clock`].
 ///
 /// # Samples
 ///
@@ -55,6 +58,20 @@ use crate::clock::{duration_nanos, Clock};
 /// it into the algorithm, which gives the next limit. The algorithms are pure arithmetic
 /// ([`Aimd::update`], [`Gradient::update`]): nanoseconds and counts in, a limit out.
 ///
+/// # Failures
+///
+/// A failure is a sign of overload only in numbers: every service answers some requests
+/// with errors that have nothing to do with load (bad input, a missing row, one broken code
+/// path), and if each window holding one cut the limit, a steady trickle of them (1% of a
+/// busy service's answers is a failure in every window) would drive it to its floor while
+/// the dependency is healthy. So a window's failures count, cutting the limit (by the
+/// algorithm's `backoff`) and ending slow start, only when more than
+/// [`failure_rate`](Self::failure_rate) of its samples failed (default: a tenth). A window
+/// with fewer is read as a healthy window: its latency counts, and the limit grows as it
+/// would without them. An outage, a dependency that hangs while its callers time out, or
+/// one that sheds load fails far more than a tenth of a window, and is cut at its first
+/// window, as before.
+///
 /// # Slow start
 ///
 /// A limit learned window by window grows by about one per window: from the initial 64 to a
@@ -62,7 +79,8 @@ use crate::clock::{duration_nanos, Clock};
 /// the limit starts in *slow start* (on by default; [`slow_start`](Self::slow_start)): a
 /// window also closes as soon as it holds as many samples as the limit (one round trip of
 /// the dependency), and each window that used at least half of the limit doubles it. Slow
-/// start ends at the first sign of congestion: a failure (the algorithm backs off), a window
+/// start ends at the first sign of congestion: failures (above the
+/// [failure rate](Self#failures); the algorithm backs off), a window
 /// whose mean latency rose half again above the no-load latency (the mean latency of windows
 /// without queueing, see [`Gradient`]; the limit is cut by the ratio of the two, to about
 /// what the dependency served without queueing), or a window in which AIMD's latency
@@ -74,7 +92,8 @@ use crate::clock::{duration_nanos, Clock};
 /// 20 ms, is served at 95% or more of what a fixed limit at that capacity serves, from the
 /// first second on.
 ///
-/// Slow start also brings the limit back after failures. Windows with failures cut it (by
+/// Slow start also brings the limit back after failures. Windows with failures (above the
+/// failure rate) cut it (by
 /// the algorithm's `backoff` each, so a 2 s outage at 100 ms windows takes it from 50 to
 /// about 6); the level the first cut of such a run left is remembered, and once a window
 /// without failures comes, slow start resumes, doubling every round trip up to that level,
@@ -112,6 +131,7 @@ pub struct Adaptive {
     pub(crate) clock: Option<Clock>,
     pub(crate) dropped: Dropped,
     pub(crate) slow_start: bool,
+    pub(crate) failure_rate: f64,
 }
 
 /// What a request dropped before its response (its response future dropped: the caller
@@ -159,6 +179,7 @@ impl Adaptive {
             clock: None,
             dropped: Dropped::default(),
             slow_start: true,
+            failure_rate: DEFAULT_FAILURE_RATE,
         }
     }
 
@@ -216,6 +237,18 @@ impl Adaptive {
         self
     }
 
+    /// The share of a window's samples that must fail, at least, for its failures to count
+    /// as a sign of overload (in `[0, 1)`; default 0.1: more than one in ten). A window whose
+    /// failures are this share or less is read as healthy: its failures are the background
+    /// errors any service has (bad input, a missing row, a 5xx of one code path) and say
+    /// nothing about load, so they neither cut the limit nor keep it from growing. 0 makes
+    /// any failure count, as a single failure did before this setting existed. See
+    /// [Failures](Self#failures).
+    pub fn failure_rate(mut self, rate: f64) -> Adaptive {
+        self.failure_rate = rate;
+        self
+    }
+
     /// The clock latency is measured with. Use [`Clock::tokio`] in tests under paused time.
     pub fn clock(mut self, clock: Clock) -> Adaptive {
         self.clock = Some(clock);
@@ -245,6 +278,12 @@ impl Adaptive {
         if self.min_samples == 0 {
             return Err(ConfigError::ZeroMinSamples);
         }
+        if !(self.failure_rate.is_finite() && (0.0..1.0).contains(&self.failure_rate)) {
+            return Err(ConfigError::BadFactor {
+                name: "failure_rate",
+                value: self.failure_rate,
+            });
+        }
         match self.algorithm {
             Algorithm::Aimd(a) => a.validate(),
             Algorithm::Gradient(g) => g.validate(),
@@ -264,9 +303,17 @@ impl fmt::Debug for Adaptive {
             .field("clock", &self.clock)
             .field("dropped", &self.dropped)
             .field("slow_start", &self.slow_start)
+            .field("failure_rate", &self.failure_rate)
             .finish()
     }
 }
+
+/// The default [`Adaptive::failure_rate`]: a window's failures are a sign of overload when
+/// more than a tenth of its samples failed. A background error rate of a few percent stays
+/// under it (with 1% of requests failing, a window of 10 samples, the fewest by default,
+/// passes it about once in 250 windows, one of 64 about once in 200,000), while an outage, a hanging dependency
+/// (its callers' timeouts) or a dependency shedding load fails far more than that.
+const DEFAULT_FAILURE_RATE: f64 = 0.1;
 
 fn check_factor(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > lo && value <= hi {
@@ -282,7 +329,10 @@ fn check_factor(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), 
 pub struct Sample {
     /// Requests completed in the window.
     pub count: u32,
-    /// Of which failed (an error).
+    /// Of which failed, as a sign of overload: the algorithms back off on any. The layer
+    /// passes a window's failures only when they are more than its
+    /// [`failure_rate`](Adaptive::failure_rate) of the window's samples, and 0 otherwise
+    /// (background errors, not overload).
     pub failures: u32,
     /// Mean latency of the window, in nanoseconds.
     pub avg_rtt_nanos: u64,
@@ -387,7 +437,8 @@ impl Estimate {
 /// Additive increase, multiplicative decrease (TCP's congestion control; Netflix
 /// concurrency-limits' `AIMDLimit`).
 ///
-/// After each window: if a request failed, or the mean latency passed the latency threshold,
+/// After each window: if a request failed (of those the layer counts: failures above its
+/// [failure rate](Adaptive#failures)), or the mean latency passed the latency threshold,
 /// the limit is multiplied by `backoff` (default 0.9); otherwise, if the window used at least
 /// half of the limit, it grows by `increase` (default 1). A window that used less than half
 /// leaves the limit alone, so an idle service does not drift to the ceiling.
@@ -883,6 +934,8 @@ pub(crate) struct AdaptiveState {
     slow_start_on: bool,
     /// A dropped request that ran this long is a failed sample (`u64::MAX`: never).
     dropped_after: u64,
+    /// A window's failures count when more than this share of its samples failed.
+    failure_rate: f64,
 }
 
 impl AdaptiveState {
@@ -915,6 +968,7 @@ impl AdaptiveState {
                 Dropped::Ignore => u64::MAX,
                 Dropped::FailureAfter(d) => duration_nanos(d),
             },
+            failure_rate: cfg.failure_rate,
         }
     }
 
@@ -999,11 +1053,18 @@ impl AdaptiveState {
         let count = self.count.swap(0, Ordering::AcqRel);
         let sum = self.rtt_sum.swap(0, Ordering::AcqRel);
         let min = self.min_rtt.swap(u64::MAX, Ordering::AcqRel);
-        let failures = self.failures.swap(0, Ordering::AcqRel);
+        let failed_all = self.failures.swap(0, Ordering::AcqRel);
         let peak = shared.take_peak().max(shared.in_flight());
         if count == 0 {
             return None;
         }
+        // Failures are a sign of overload only above the failure rate; fewer are the
+        // background errors of a healthy dependency (see `Adaptive::failure_rate`).
+        let failures = if f64::from(failed_all) > self.failure_rate * f64::from(count) {
+            failed_all
+        } else {
+            0
+        };
         let sample = Sample {
             count,
             failures,
@@ -1083,7 +1144,8 @@ impl AdaptiveState {
             avg_rtt_us = sample.avg_rtt_nanos / 1_000,
             min_rtt_us = sample.min_rtt_nanos / 1_000,
             samples = sample.count,
-            failures = sample.failures,
+            failures = failed_all,
+            overload_failures = sample.failures,
             peak_in_flight = sample.peak_in_flight,
             no_load_rtt_us = next.no_load_rtt_nanos / 1_000,
             jitter = next.jitter,
@@ -1356,6 +1418,61 @@ mod tests {
     }
 
     #[test]
+    fn failures_count_only_above_the_failure_rate() {
+        let ms = 1_000_000;
+        // Windows of about 100 samples (10 ms windows, a sample every 0.1 ms), of which
+        // `failed` in a hundred fail, spread evenly; returns the limit after 20 windows,
+        // from 64, slow start off.
+        let run = |adaptive: Adaptive, failed: u32| {
+            let shared = Shared::new(64, None, None);
+            let state = AdaptiveState::new(
+                &adaptive
+                    .initial(64)
+                    .slow_start(false)
+                    .window(Duration::from_millis(10)),
+            );
+            let mut limit = 64;
+            let mut now = 0;
+            for _ in 0..21 {
+                for i in 0..100 {
+                    shared.note_peak(limit);
+                    now += ms / 10;
+                    let fails = failed > 0 && i % (100 / failed) == 0;
+                    if let Some(l) = state.record(now, ms, fails, false, &shared) {
+                        limit = l;
+                    }
+                }
+            }
+            limit
+        };
+        for alg in [
+            Adaptive::aimd(Aimd::default()),
+            Adaptive::gradient(Gradient::default()),
+        ] {
+            // A tenth or less: background errors, the limit grows as with none.
+            let clean = run(alg.clone(), 0);
+            assert!(clean > 64, "{alg:?}: {clean}");
+            assert_eq!(run(alg.clone(), 1), clean, "{alg:?}");
+            assert_eq!(run(alg.clone(), 5), clean, "{alg:?}");
+            // More: overload, cut every window.
+            assert!(run(alg.clone(), 12) < 16, "{alg:?}");
+            // A rate of 0 makes any failure count.
+            assert!(run(alg.clone().failure_rate(0.0), 1) < 16, "{alg:?}");
+            // A higher rate lets more through.
+            assert_eq!(run(alg.clone().failure_rate(0.3), 20), clean, "{alg:?}");
+        }
+        for bad in [1.0, -0.1, f64::NAN] {
+            assert!(matches!(
+                Adaptive::aimd(Aimd::default()).failure_rate(bad).validate(),
+                Err(ConfigError::BadFactor {
+                    name: "failure_rate",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
     fn dropped_requests_follow_their_policy() {
         let shared = Shared::new(8, None, None);
         let state = |d: Dropped| {
@@ -1558,7 +1675,7 @@ mod tests {
             }
         }
 
-        /// A window with failures never raises the limit.        /// A window with failures never raises the limit.
+        /// A window with failures never raises the limit.
         #[test]
         fn failures_never_raise(alg in any_algorithm(), s in any_sample(), start in 1f64..5000.0) {
             let s = Sample { failures: s.failures.max(1), ..s };
