@@ -1120,7 +1120,6 @@ async fn variable_latency_run(
 /// latency is set by a window of fast requests and every later window's mean, which counts
 /// the slow ones, looks like queueing.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: the gradient limit is cut steadily by latency that varies but does not grow with load (doc says never cut)"]
 async fn gradient_cut_by_latency_that_merely_varies() {
     let (free, _) = variable_latency_run(BackpressureLayer::new(100_000), 5, 3000, 20, 500).await;
     let (grad, trace) = variable_latency_run(

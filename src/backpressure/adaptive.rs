@@ -81,11 +81,13 @@ use crate::clock::{duration_nanos, Clock};
 /// the dependency), and each window that used at least half of the limit doubles it. Slow
 /// start ends at the first sign of congestion: failures (above the
 /// [failure rate](Self#failures); the algorithm backs off), a window
-/// whose mean latency rose half again above the no-load latency (the mean latency of windows
-/// without queueing, see [`Gradient`]; the limit is cut by the ratio of the two, to about
-/// what the dependency served without queueing), or a window in which AIMD's latency
-/// threshold backs off. A mean is compared with a mean, so latency that merely varies from
-/// request to request does not end it. An idle window changes nothing, so a limit that
+/// whose latency (the mean of its faster half of requests, see
+/// [A window's latency](Gradient#a-windows-latency)) rose half again above the no-load
+/// latency (that of windows without queueing, see [`Gradient`]; the limit is cut by the
+/// ratio of the two, to about what the dependency served without queueing), or a window in
+/// which AIMD's latency threshold backs off. A mean is compared with a mean, so latency that
+/// merely varies from request to request does not end it, nor do the few slow requests a
+/// window of a healthy dependency holds. An idle window changes nothing, so a limit that
 /// waited idle at its initial value still doubles every round trip when a sudden load comes:
 /// with a dependency of 10 ms, from 64 to 1024 in 40 ms. With the initial 64, a sudden load
 /// of twice the capacity of a dependency that serves 100 at once in 10 ms, or 400 at once in
@@ -336,6 +338,12 @@ pub struct Sample {
     pub failures: u32,
     /// Mean latency of the window, in nanoseconds.
     pub avg_rtt_nanos: u64,
+    /// Mean latency of the faster half of the window's requests, in nanoseconds: the latency
+    /// [`Gradient`] and slow start compare. A few slow requests (a cache miss, a cold row),
+    /// which any dependency has and which do not depend on load, move a window's mean a lot
+    /// but not this; queueing delays every request and moves both. [`Sample::new`] sets it to
+    /// the mean; see [`Sample::fast_half`].
+    pub fast_half_rtt_nanos: u64,
     /// Lowest latency of the window, in nanoseconds.
     pub min_rtt_nanos: u64,
     /// Most requests in flight at once during the window.
@@ -348,8 +356,9 @@ pub struct Sample {
 pub struct Estimate {
     /// The limit, with its fraction (the limit in force is this, rounded and bounded).
     pub limit: f64,
-    /// The mean latency with no queueing, in nanoseconds (0: not measured yet): the baseline
-    /// [`Gradient`] and slow start compare each window's mean latency with. It follows the
+    /// The latency with no queueing, in nanoseconds (0: not measured yet): the baseline
+    /// [`Gradient`] and slow start compare each window's latency (the mean of its faster
+    /// half, [`Sample::fast_half_rtt_nanos`]) with. It follows the
     /// means of windows read as free of queueing, down and up, never above
     /// `reference_rtt_nanos`; see [`Gradient`].
     pub no_load_rtt_nanos: u64,
@@ -398,8 +407,26 @@ impl Sample {
             count,
             failures,
             avg_rtt_nanos,
+            fast_half_rtt_nanos: avg_rtt_nanos,
             min_rtt_nanos,
             peak_in_flight,
+        }
+    }
+
+    /// The same window, with the mean latency of its faster half of requests (see
+    /// [`fast_half_rtt_nanos`](Self::fast_half_rtt_nanos)).
+    pub fn fast_half(self, fast_half_rtt_nanos: u64) -> Sample {
+        Sample {
+            fast_half_rtt_nanos,
+            ..self
+        }
+    }
+
+    /// The window as the latency comparisons see it: its latency is that of its faster half.
+    fn typical(&self) -> Sample {
+        Sample {
+            avg_rtt_nanos: self.fast_half_rtt_nanos,
+            ..*self
         }
     }
 }
@@ -523,7 +550,7 @@ impl Aimd {
 /// Envoy's adaptive concurrency filter).
 ///
 /// It keeps the latency with no queueing (the *no-load latency*) and how much it varies from
-/// window to window (the *jitter*), and compares each window's mean latency with them:
+/// window to window (the *jitter*), and compares each window's latency with them:
 ///
 /// ```text
 /// allowed  = tolerance × (1 + 2 × jitter) × no_load_rtt
@@ -532,9 +559,26 @@ impl Aimd {
 /// limit    = limit × (1 − smoothing) + target × smoothing
 /// ```
 ///
-/// Like is compared with like: the no-load latency is a *mean* latency too, that of windows
-/// without queueing, not the lowest single latency ever seen (a dependency whose latency
-/// varies from request to request has a mean well above its minimum, queue or no queue).
+/// Like is compared with like: the no-load latency is a window's latency too, that of
+/// windows without queueing, not the lowest single latency ever seen (a dependency whose
+/// latency varies from request to request has a mean well above its minimum, queue or no
+/// queue).
+///
+/// # A window's latency
+///
+/// A window's latency, wherever these docs speak of a window's mean, is the mean latency of
+/// its faster half of requests ([`Sample::fast_half_rtt_nanos`]), not the mean of all. Most
+/// dependencies answer a few requests much more slowly than the rest, whatever the load (a
+/// cache miss, a cold row, a garbage collection): one request in 20 taking 500 ms where the
+/// others take 10 ms makes the mean 34.5 ms. Such requests also complete late, so the
+/// first windows of a load hold none of them and later ones a share that swings as the
+/// limit moves; read through the mean, that is a latency rise that looks like queueing, and
+/// a dependency that serves any number at once was cut from 512 to 34 in 3 s. Queueing, on
+/// the other hand, delays every request, the fast ones too, so it moves the faster half as
+/// it moves the mean. The layer counts each window's latencies in buckets of a quarter
+/// octave, with their sums, so the faster half's mean is exact but for the bucket the half
+/// ends in (two more atomic adds per sample, on the adaptive path only). The arithmetic takes
+/// it from the [`Sample`] (`Sample::new` sets it to the mean; [`Sample::fast_half`]).
 ///
 /// # The no-load latency and the jitter
 ///
@@ -670,6 +714,8 @@ impl Gradient {
     /// assert!(est.limit < before);
     /// ```
     pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
+        // The window's latency, here and below, is that of its faster half of requests.
+        let s = &s.typical();
         let windows = est.windows + 1;
         let (lo, hi) = (f64::from(floor), f64::from(ceiling));
         if est.probe_saved > 0.0 {
@@ -859,6 +905,9 @@ fn slow_start_update(
     if s.failures > 0 {
         return (steady, false);
     }
+    // The latency compared below is that of the window's faster half of requests (AIMD's own
+    // step, above, reads the mean).
+    let s = &s.typical();
     let (tracked, _) = track_no_load(&est, s, 1.0);
     let no_load = tracked.no_load_rtt_nanos;
     let next = |limit: f64| Estimate {
@@ -901,6 +950,54 @@ impl Algorithm {
     }
 }
 
+/// A window's latencies are counted in buckets of a quarter octave (19% wide at most), with
+/// the sum of the latencies in each, from which the mean of its faster half is read exactly
+/// but for the one bucket the half ends in (prorated at that bucket's own mean).
+const HIST_SUB_BITS: u32 = 2;
+/// Latencies under 2^10 ns (1 µs) share the first bucket...
+const HIST_MIN_EXP: u32 = 10;
+/// ... and those of 2^40 ns (18 min) or more the last.
+const HIST_MAX_EXP: u32 = 40;
+const HIST_BUCKETS: usize = (((HIST_MAX_EXP - HIST_MIN_EXP) << HIST_SUB_BITS) + 2) as usize;
+
+/// The bucket of a latency in nanoseconds.
+fn hist_bucket(rtt: u64) -> usize {
+    let v = rtt.max(1);
+    let exp = 63 - v.leading_zeros();
+    if exp < HIST_MIN_EXP {
+        return 0;
+    }
+    if exp >= HIST_MAX_EXP {
+        return HIST_BUCKETS - 1;
+    }
+    let sub = ((v >> (exp - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1)) as u32;
+    1 + (((exp - HIST_MIN_EXP) << HIST_SUB_BITS) + sub) as usize
+}
+
+/// The mean of the faster half of the latencies counted in `counts` (ascending buckets) with
+/// their sums in `sums`: whole buckets up to the half, and the share of the bucket it ends in
+/// at that bucket's mean. `None` if nothing was counted.
+fn fast_half_mean(counts: &[u32], sums: &[u64]) -> Option<u64> {
+    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let half = total.div_ceil(2);
+    let (mut taken, mut sum) = (0u64, 0f64);
+    for (&c, &s) in counts.iter().zip(sums) {
+        if c == 0 {
+            continue;
+        }
+        let take = u64::from(c).min(half - taken);
+        sum += s as f64 * take as f64 / f64::from(c);
+        taken += take;
+        if taken >= half {
+            break;
+        }
+    }
+    Some((sum / half as f64).round() as u64)
+}
+
 /// The run-time half of an adaptive budget: the current window's sums and the estimate.
 pub(crate) struct AdaptiveState {
     algorithm: Algorithm,
@@ -914,6 +1011,9 @@ pub(crate) struct AdaptiveState {
     failures: AtomicU32,
     rtt_sum: AtomicU64,
     min_rtt: AtomicU64,
+    /// The window's latencies by bucket (`hist_bucket`): counts and sums.
+    hist_count: [AtomicU32; HIST_BUCKETS],
+    hist_sum: [AtomicU64; HIST_BUCKETS],
     // The estimate, written only by the completion that closed a window.
     limit_bits: AtomicU64,
     no_load_rtt: AtomicU64,
@@ -951,6 +1051,8 @@ impl AdaptiveState {
             failures: AtomicU32::new(0),
             rtt_sum: AtomicU64::new(0),
             min_rtt: AtomicU64::new(u64::MAX),
+            hist_count: std::array::from_fn(|_| AtomicU32::new(0)),
+            hist_sum: std::array::from_fn(|_| AtomicU64::new(0)),
             limit_bits: AtomicU64::new((cfg.initial as f64).to_bits()),
             no_load_rtt: AtomicU64::new(0),
             reference_rtt: AtomicU64::new(0),
@@ -1017,6 +1119,9 @@ impl AdaptiveState {
         let min_samples = if probing { 1 } else { self.min_samples };
         let count = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         self.rtt_sum.fetch_add(rtt, Ordering::AcqRel);
+        let bucket = hist_bucket(rtt);
+        self.hist_count[bucket].fetch_add(1, Ordering::Relaxed);
+        self.hist_sum[bucket].fetch_add(rtt, Ordering::Relaxed);
         if !dropped {
             self.min_rtt.fetch_min(rtt, Ordering::AcqRel);
         }
@@ -1054,10 +1159,17 @@ impl AdaptiveState {
         let sum = self.rtt_sum.swap(0, Ordering::AcqRel);
         let min = self.min_rtt.swap(u64::MAX, Ordering::AcqRel);
         let failed_all = self.failures.swap(0, Ordering::AcqRel);
+        let mut counts = [0u32; HIST_BUCKETS];
+        let mut sums = [0u64; HIST_BUCKETS];
+        for (i, (c, s)) in counts.iter_mut().zip(sums.iter_mut()).enumerate() {
+            *c = self.hist_count[i].swap(0, Ordering::Relaxed);
+            *s = self.hist_sum[i].swap(0, Ordering::Relaxed);
+        }
         let peak = shared.take_peak().max(shared.in_flight());
         if count == 0 {
             return None;
         }
+        let avg = sum / u64::from(count);
         // Failures are a sign of overload only above the failure rate; fewer are the
         // background errors of a healthy dependency (see `Adaptive::failure_rate`).
         let failures = if f64::from(failed_all) > self.failure_rate * f64::from(count) {
@@ -1068,7 +1180,8 @@ impl AdaptiveState {
         let sample = Sample {
             count,
             failures,
-            avg_rtt_nanos: sum / u64::from(count),
+            avg_rtt_nanos: avg,
+            fast_half_rtt_nanos: fast_half_mean(&counts, &sums).unwrap_or(avg),
             min_rtt_nanos: if min == u64::MAX { 0 } else { min },
             peak_in_flight: peak,
         };
@@ -1142,6 +1255,7 @@ impl AdaptiveState {
             target: "tower_bulwark::backpressure",
             limit,
             avg_rtt_us = sample.avg_rtt_nanos / 1_000,
+            fast_half_rtt_us = sample.fast_half_rtt_nanos / 1_000,
             min_rtt_us = sample.min_rtt_nanos / 1_000,
             samples = sample.count,
             failures = failed_all,
@@ -1167,6 +1281,7 @@ mod tests {
             count: 100,
             failures,
             avg_rtt_nanos: avg,
+            fast_half_rtt_nanos: avg,
             min_rtt_nanos: min,
             peak_in_flight: peak,
         }
@@ -1418,6 +1533,72 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_half_is_read_from_the_buckets() {
+        // Buckets grow with the latency, a quarter octave each.
+        let mut last = 0;
+        for rtt in (0..40_000_000u64).step_by(997) {
+            let b = hist_bucket(rtt);
+            assert!(b >= last && b < HIST_BUCKETS, "{rtt}: {b}");
+            last = b;
+        }
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+        let fill = |rtts: &[u64]| {
+            let mut counts = [0u32; HIST_BUCKETS];
+            let mut sums = [0u64; HIST_BUCKETS];
+            for &r in rtts {
+                counts[hist_bucket(r)] += 1;
+                sums[hist_bucket(r)] += r;
+            }
+            fast_half_mean(&counts, &sums)
+        };
+        assert_eq!(fill(&[]), None);
+        // One latency: exactly it.
+        assert_eq!(fill(&[10_000_000; 7]), Some(10_000_000));
+        // One request in 20 at 500 ms, the others at 10 ms: the mean is 34.5 ms, the faster
+        // half's 10 ms.
+        let mut rtts = vec![10_000_000u64; 19];
+        rtts.push(500_000_000);
+        assert_eq!(fill(&rtts.repeat(5)), Some(10_000_000));
+        // A queue that delays every request by 5 ms moves it by as much.
+        let queued: Vec<u64> = rtts.iter().map(|r| r + 5_000_000).collect();
+        assert_eq!(fill(&queued.repeat(5)), Some(15_000_000));
+        // 1 to 10 ms evenly: the faster half's mean is about 3 ms (within a bucket's share).
+        let spread: Vec<u64> = (1..=10).map(|ms| ms * 1_000_000).collect();
+        let half = fill(&spread).unwrap();
+        assert!((2_800_000..=3_200_000).contains(&half), "{half}");
+    }
+
+    #[test]
+    fn gradient_reads_the_fast_half_not_the_mean() {
+        let g = Gradient::default();
+        let est = Estimate {
+            limit: 200.0,
+            no_load_rtt_nanos: 10_000_000,
+            reference_rtt_nanos: 10_000_000,
+            windows: 1,
+            ..Estimate::default()
+        };
+        // A mean of 34.5 ms from a few slow requests, the faster half at the no-load 10 ms:
+        // no queueing, the limit grows.
+        let varied = Sample::new(500, 0, 34_500_000, 10_000_000, 173).fast_half(10_000_000);
+        let next = g.update(est, &varied, 1, 1000);
+        assert!(next.limit > est.limit, "{next:?}");
+        assert_eq!(next.no_load_rtt_nanos, 10_000_000);
+        // The faster half doubled: queueing, cut.
+        let queued = Sample::new(500, 0, 40_000_000, 20_000_000, 200).fast_half(20_000_000);
+        let next = g.update(est, &queued, 1, 1000);
+        assert!(next.limit < est.limit, "{next:?}");
+        // Slow start reads it too.
+        let alg = Algorithm::Gradient(g);
+        let (next, on) = slow_start_update(&alg, est, &varied, 1, 1000, f64::INFINITY);
+        assert!(on);
+        assert_eq!(next.limit, 400.0);
+        let (next, on) = slow_start_update(&alg, est, &queued, 1, 1000, f64::INFINITY);
+        assert!(!on);
+        assert!(next.limit < est.limit, "{next:?}");
+    }
+
+    #[test]
     fn failures_count_only_above_the_failure_rate() {
         let ms = 1_000_000;
         // Windows of about 100 samples (10 ms windows, a sample every 0.1 ms), of which
@@ -1563,6 +1744,7 @@ mod tests {
                 count: 50,
                 failures: 0,
                 avg_rtt_nanos: rtt,
+                fast_half_rtt_nanos: rtt,
                 min_rtt_nanos: rtt,
                 peak_in_flight: n,
             };
@@ -1604,6 +1786,7 @@ mod tests {
                 count,
                 failures: failures.min(count),
                 avg_rtt_nanos: avg.max(min),
+                fast_half_rtt_nanos: avg.max(min),
                 min_rtt_nanos: min.min(avg),
                 peak_in_flight: peak,
             })
@@ -1691,6 +1874,7 @@ mod tests {
                 failures: 0,
                 peak_in_flight: (start / 2.0) as u32 - 1,
                 avg_rtt_nanos: 1,
+                fast_half_rtt_nanos: 1,
                 min_rtt_nanos: 1,
                 ..s
             };
