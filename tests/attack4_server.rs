@@ -232,7 +232,7 @@ async fn grpc_answers() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(ms >= 1 && ms <= 2_100, "pushback {ms}");
+    assert!((1..=2_100).contains(&ms), "pushback {ms}");
     assert!(!h.contains_key("retry-after"));
 
     let bp = BackpressureLayer::new(0);
@@ -587,6 +587,8 @@ mod redis_attacks {
         FailurePolicy, LocalFallback, RedisRateLimitConfig, RedisRateLimitLayer,
     };
 
+    // The key function of a service of `String` requests takes `&String`.
+    #[allow(clippy::ptr_arg)]
     fn by_key(r: &String) -> String {
         r.clone()
     }
@@ -708,7 +710,7 @@ mod redis_attacks {
                 "a check took {d:?} with Redis down"
             );
             n += 1;
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 tokio::task::yield_now().await;
             }
         }
@@ -1162,7 +1164,7 @@ async fn slow_readers_collapse_gradient_with_body_hold() {
         for t in 0..3000u64 {
             for _ in 0..5 {
                 k += 1;
-                let slow = k % 20 == 0;
+                let slow = k.is_multiple_of(20);
                 if !slow {
                     fast_sent += 1;
                 }
