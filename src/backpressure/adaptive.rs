@@ -373,7 +373,8 @@ pub struct Estimate {
     /// on its own does. The gradient's tolerance widens by twice this, so such a dependency
     /// is not read as queueing, while a steady one gets no allowance.
     pub jitter: f64,
-    /// The mean latency of the last window without failures, in nanoseconds (0: none yet).
+    /// The latency (the mean of the faster half) of the last window without failures, in
+    /// nanoseconds (0: none yet).
     pub last_rtt_nanos: u64,
     /// The most requests in flight in that window (0: none yet).
     pub last_in_flight: u32,
