@@ -232,8 +232,24 @@ async fn server_errors_count_as_failures_when_holding_until_body_end() {
     }
     let after = handle.limit();
     assert!(after > 2, "successes let it grow again: {after}");
-    // Bodies dropped before their end give no sample: the limit stays where it is.
+    // A body dropped before its end (the client stopped reading), however long after its
+    // head, counts as its head: those of 200s are successes, and the limit does not fall...
     for _ in 0..30 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(200))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        drop(res);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    let kept = handle.limit();
+    assert!(kept >= after, "dropped bodies of 200s: {after} -> {kept}");
+    // ... and those of 503s are failures, which bring it down to its floor.
+    for _ in 0..100 {
         let res = svc
             .ready()
             .await
@@ -244,7 +260,7 @@ async fn server_errors_count_as_failures_when_holding_until_body_end() {
         drop(res);
         tokio::time::advance(Duration::from_millis(5)).await;
     }
-    assert_eq!(handle.limit(), after);
+    assert_eq!(handle.limit(), 2, "dropped bodies of 503s");
 }
 
 /// With the default release (the permit goes back with the response), a classifier says which

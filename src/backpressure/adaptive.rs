@@ -5,9 +5,13 @@
 //! count); the completion that closes a window folds it into the algorithm, which returns the
 //! next limit. A sample is a failure when the service below returned an error; with
 //! [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
-//! response is a 5xx, its body fails or its trailers carry a failing `grpc-status`, and its
-//! latency runs to the end of the body. A request dropped before its response counts as its
-//! [`Dropped`] policy says (by default a failure once it has run 100 ms). Until the first
+//! response is a 5xx, its body fails or its trailers carry a failing `grpc-status`; its
+//! latency is still the dependency's, to the response head (the permit is held to the end of
+//! the body, the latency is not). A request dropped before its response counts as its
+//! [`Dropped`] policy says (by default a failure once it has run 100 ms); a body dropped
+//! after its head counts as its head. A window's failures cut the limit only when more than
+//! its [`failure rate`](Adaptive::failure_rate) of its samples failed (default a tenth):
+//! fewer are background errors, not overload. Until the first
 //! sign of congestion the limit starts slowly, as TCP does: it doubles every round trip, and
 //! it does so again to come back from a cut made by failures. The arithmetic ([`Aimd::update`],
 //! [`Gradient::update`]) takes nanoseconds and counts in and gives a limit out, with no clock
@@ -27,8 +31,9 @@ use crate::clock::{duration_nanos, Clock};
 /// [`BackpressureLayer::adaptive`](super::BackpressureLayer::adaptive), which checks it.
 ///
 /// Defaults: floor 1, ceiling 1024, initial limit 64 with slow start on, windows of at least
-/// 100 ms and 10 samples, dropped requests [`Dropped::FailureAfter`] 100 ms, the crate's
-/// default [`Clock`].
+/// 100 ms and 10 samples, failures a sign of overload above a tenth of a window
+/// ([`failure_rate`](Self::failure_rate)), dropped requests [`Dropped::FailureAfter`] 100 ms,
+/// the crate's default [`Clock`].
 ///
 /// # Samples
 ///
@@ -37,15 +42,35 @@ use crate::clock::{duration_nanos, Clock};
 /// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), also when the
 /// response is a 5xx, its body fails, or its trailers carry a failing `grpc-status` (or what
 /// the layer's classifier calls a failure,
-/// [`classify_body_trailers`](crate::classify::Classify::classify_body_trailers)), and its
-/// latency runs to the end of the body. A request
-/// dropped before its response, or a body dropped before its end (the caller timed out or
-/// went away), gives the sample its [`Dropped`] policy says: by default a failure when it had
-/// run at least 100 ms, none when it was dropped sooner. So a dependency that hangs while its
-/// callers time out lowers the limit, while a client that hangs up early says nothing about
-/// the dependency. Samples are summed in a window; the completion that closes a window folds
+/// [`classify_body_trailers`](crate::classify::Classify::classify_body_trailers)). Its
+/// latency is the dependency's, from admission to the response head, also with
+/// `hold_until_body_end`: the permit is held until the end of the body, but how fast a client
+/// reads its body says nothing about the dependency, so slow readers do not pull the limit
+/// down for everyone (the sample is taken when the body ends, with the latency and outcome
+/// read at the head, one clock read as without the body hold). A request dropped before its
+/// response (the caller timed out or went away while the dependency had not answered) gives
+/// the sample its [`Dropped`] policy says: by default a failure when it had run at least 100
+/// ms, none when it was dropped sooner. So a dependency that hangs while its callers time out
+/// lowers the limit, while a client that hangs up early says nothing about the dependency. A
+/// body dropped after its head (a client closing a server-sent-event stream, or a streaming
+/// response it no longer wants) is not a failure of the dependency: its sample is its head's
+/// (a success unless the head was a failure). Samples are summed in a window; the completion that closes a window folds
 /// it into the algorithm, which gives the next limit. The algorithms are pure arithmetic
 /// ([`Aimd::update`], [`Gradient::update`]): nanoseconds and counts in, a limit out.
+///
+/// # Failures
+///
+/// A failure is a sign of overload only in numbers: every service answers some requests
+/// with errors that have nothing to do with load (bad input, a missing row, one broken code
+/// path), and if each window holding one cut the limit, a steady trickle of them (1% of a
+/// busy service's answers is a failure in every window) would drive it to its floor while
+/// the dependency is healthy. So a window's failures count, cutting the limit (by the
+/// algorithm's `backoff`) and ending slow start, only when more than
+/// [`failure_rate`](Self::failure_rate) of its samples failed (default: a tenth). A window
+/// with fewer is read as a healthy window: its latency counts, and the limit grows as it
+/// would without them. An outage, a dependency that hangs while its callers time out, or
+/// one that sheds load fails far more than a tenth of a window, and is cut at its first
+/// window, as before.
 ///
 /// # Slow start
 ///
@@ -54,19 +79,23 @@ use crate::clock::{duration_nanos, Clock};
 /// the limit starts in *slow start* (on by default; [`slow_start`](Self::slow_start)): a
 /// window also closes as soon as it holds as many samples as the limit (one round trip of
 /// the dependency), and each window that used at least half of the limit doubles it. Slow
-/// start ends at the first sign of congestion: a failure (the algorithm backs off), a window
-/// whose mean latency rose half again above the no-load latency (the mean latency of windows
-/// without queueing, see [`Gradient`]; the limit is cut by the ratio of the two, to about
-/// what the dependency served without queueing), or a window in which AIMD's latency
-/// threshold backs off. A mean is compared with a mean, so latency that merely varies from
-/// request to request does not end it. An idle window changes nothing, so a limit that
+/// start ends at the first sign of congestion: failures (above the
+/// [failure rate](Self#failures); the algorithm backs off), a window
+/// whose latency (the mean of its faster half of requests, see
+/// [A window's latency](Gradient#a-windows-latency)) rose half again above the no-load
+/// latency (that of windows without queueing, see [`Gradient`]; the limit is cut by the
+/// ratio of the two, to about what the dependency served without queueing), or a window in
+/// which AIMD's latency threshold backs off. A mean is compared with a mean, so latency that
+/// merely varies from request to request does not end it, nor do the few slow requests a
+/// window of a healthy dependency holds. An idle window changes nothing, so a limit that
 /// waited idle at its initial value still doubles every round trip when a sudden load comes:
 /// with a dependency of 10 ms, from 64 to 1024 in 40 ms. With the initial 64, a sudden load
 /// of twice the capacity of a dependency that serves 100 at once in 10 ms, or 400 at once in
 /// 20 ms, is served at 95% or more of what a fixed limit at that capacity serves, from the
 /// first second on.
 ///
-/// Slow start also brings the limit back after failures. Windows with failures cut it (by
+/// Slow start also brings the limit back after failures. Windows with failures (above the
+/// failure rate) cut it (by
 /// the algorithm's `backoff` each, so a 2 s outage at 100 ms windows takes it from 50 to
 /// about 6); the level the first cut of such a run left is remembered, and once a window
 /// without failures comes, slow start resumes, doubling every round trip up to that level,
@@ -104,12 +133,17 @@ pub struct Adaptive {
     pub(crate) clock: Option<Clock>,
     pub(crate) dropped: Dropped,
     pub(crate) slow_start: bool,
+    pub(crate) failure_rate: f64,
 }
 
-/// What a request dropped before its outcome (its response future, or its body with
-/// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), dropped: the caller
-/// timed out or went away) counts as in an adaptive limit's samples. Set with
-/// [`Adaptive::dropped`].
+/// What a request dropped before its response (its response future dropped: the caller
+/// timed out or went away while the dependency had not answered) counts as in an adaptive
+/// limit's samples. Set with [`Adaptive::dropped`].
+///
+/// A response body dropped before its end, with
+/// [`hold_until_body_end`](super::BackpressureLayer::hold_until_body_end), is not covered:
+/// the dependency did answer, and the sample is that of its head (a client closing a stream
+/// says nothing about the dependency).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Dropped {
@@ -147,6 +181,7 @@ impl Adaptive {
             clock: None,
             dropped: Dropped::default(),
             slow_start: true,
+            failure_rate: DEFAULT_FAILURE_RATE,
         }
     }
 
@@ -204,6 +239,18 @@ impl Adaptive {
         self
     }
 
+    /// The share of a window's samples that must fail, at least, for its failures to count
+    /// as a sign of overload (in `[0, 1)`; default 0.1: more than one in ten). A window whose
+    /// failures are this share or less is read as healthy: its failures are the background
+    /// errors any service has (bad input, a missing row, a 5xx of one code path) and say
+    /// nothing about load, so they neither cut the limit nor keep it from growing. 0 makes
+    /// any failure count, as a single failure did before this setting existed. See
+    /// [Failures](Self#failures).
+    pub fn failure_rate(mut self, rate: f64) -> Adaptive {
+        self.failure_rate = rate;
+        self
+    }
+
     /// The clock latency is measured with. Use [`Clock::tokio`] in tests under paused time.
     pub fn clock(mut self, clock: Clock) -> Adaptive {
         self.clock = Some(clock);
@@ -233,6 +280,12 @@ impl Adaptive {
         if self.min_samples == 0 {
             return Err(ConfigError::ZeroMinSamples);
         }
+        if !(self.failure_rate.is_finite() && (0.0..1.0).contains(&self.failure_rate)) {
+            return Err(ConfigError::BadFactor {
+                name: "failure_rate",
+                value: self.failure_rate,
+            });
+        }
         match self.algorithm {
             Algorithm::Aimd(a) => a.validate(),
             Algorithm::Gradient(g) => g.validate(),
@@ -252,9 +305,17 @@ impl fmt::Debug for Adaptive {
             .field("clock", &self.clock)
             .field("dropped", &self.dropped)
             .field("slow_start", &self.slow_start)
+            .field("failure_rate", &self.failure_rate)
             .finish()
     }
 }
+
+/// The default [`Adaptive::failure_rate`]: a window's failures are a sign of overload when
+/// more than a tenth of its samples failed. A background error rate of a few percent stays
+/// under it (with 1% of requests failing, a window of 10 samples, the fewest by default,
+/// passes it about once in 250 windows, one of 64 about once in 200,000), while an outage, a hanging dependency
+/// (its callers' timeouts) or a dependency shedding load fails far more than that.
+const DEFAULT_FAILURE_RATE: f64 = 0.1;
 
 fn check_factor(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > lo && value <= hi {
@@ -270,10 +331,19 @@ fn check_factor(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), 
 pub struct Sample {
     /// Requests completed in the window.
     pub count: u32,
-    /// Of which failed (an error).
+    /// Of which failed, as a sign of overload: the algorithms back off on any. The layer
+    /// passes a window's failures only when they are more than its
+    /// [`failure_rate`](Adaptive::failure_rate) of the window's samples, and 0 otherwise
+    /// (background errors, not overload).
     pub failures: u32,
     /// Mean latency of the window, in nanoseconds.
     pub avg_rtt_nanos: u64,
+    /// Mean latency of the faster half of the window's requests, in nanoseconds: the latency
+    /// [`Gradient`] and slow start compare. A few slow requests (a cache miss, a cold row),
+    /// which any dependency has and which do not depend on load, move a window's mean a lot
+    /// but not this; queueing delays every request and moves both. [`Sample::new`] sets it to
+    /// the mean; see [`Sample::fast_half`].
+    pub fast_half_rtt_nanos: u64,
     /// Lowest latency of the window, in nanoseconds.
     pub min_rtt_nanos: u64,
     /// Most requests in flight at once during the window.
@@ -286,8 +356,9 @@ pub struct Sample {
 pub struct Estimate {
     /// The limit, with its fraction (the limit in force is this, rounded and bounded).
     pub limit: f64,
-    /// The mean latency with no queueing, in nanoseconds (0: not measured yet): the baseline
-    /// [`Gradient`] and slow start compare each window's mean latency with. It follows the
+    /// The latency with no queueing, in nanoseconds (0: not measured yet): the baseline
+    /// [`Gradient`] and slow start compare each window's latency (the mean of its faster
+    /// half, [`Sample::fast_half_rtt_nanos`]) with. It follows the
     /// means of windows read as free of queueing, down and up, never above
     /// `reference_rtt_nanos`; see [`Gradient`].
     pub no_load_rtt_nanos: u64,
@@ -302,7 +373,8 @@ pub struct Estimate {
     /// on its own does. The gradient's tolerance widens by twice this, so such a dependency
     /// is not read as queueing, while a steady one gets no allowance.
     pub jitter: f64,
-    /// The mean latency of the last window without failures, in nanoseconds (0: none yet).
+    /// The latency (the mean of the faster half) of the last window without failures, in
+    /// nanoseconds (0: none yet).
     pub last_rtt_nanos: u64,
     /// The most requests in flight in that window (0: none yet).
     pub last_in_flight: u32,
@@ -336,8 +408,26 @@ impl Sample {
             count,
             failures,
             avg_rtt_nanos,
+            fast_half_rtt_nanos: avg_rtt_nanos,
             min_rtt_nanos,
             peak_in_flight,
+        }
+    }
+
+    /// The same window, with the mean latency of its faster half of requests (see
+    /// [`fast_half_rtt_nanos`](Self::fast_half_rtt_nanos)).
+    pub fn fast_half(self, fast_half_rtt_nanos: u64) -> Sample {
+        Sample {
+            fast_half_rtt_nanos,
+            ..self
+        }
+    }
+
+    /// The window as the latency comparisons see it: its latency is that of its faster half.
+    fn typical(&self) -> Sample {
+        Sample {
+            avg_rtt_nanos: self.fast_half_rtt_nanos,
+            ..*self
         }
     }
 }
@@ -375,7 +465,8 @@ impl Estimate {
 /// Additive increase, multiplicative decrease (TCP's congestion control; Netflix
 /// concurrency-limits' `AIMDLimit`).
 ///
-/// After each window: if a request failed, or the mean latency passed the latency threshold,
+/// After each window: if a request failed (of those the layer counts: failures above its
+/// [failure rate](Adaptive#failures)), or the mean latency passed the latency threshold,
 /// the limit is multiplied by `backoff` (default 0.9); otherwise, if the window used at least
 /// half of the limit, it grows by `increase` (default 1). A window that used less than half
 /// leaves the limit alone, so an idle service does not drift to the ceiling.
@@ -460,7 +551,7 @@ impl Aimd {
 /// Envoy's adaptive concurrency filter).
 ///
 /// It keeps the latency with no queueing (the *no-load latency*) and how much it varies from
-/// window to window (the *jitter*), and compares each window's mean latency with them:
+/// window to window (the *jitter*), and compares each window's latency with them:
 ///
 /// ```text
 /// allowed  = tolerance × (1 + 2 × jitter) × no_load_rtt
@@ -469,9 +560,26 @@ impl Aimd {
 /// limit    = limit × (1 − smoothing) + target × smoothing
 /// ```
 ///
-/// Like is compared with like: the no-load latency is a *mean* latency too, that of windows
-/// without queueing, not the lowest single latency ever seen (a dependency whose latency
-/// varies from request to request has a mean well above its minimum, queue or no queue).
+/// Like is compared with like: the no-load latency is a window's latency too, that of
+/// windows without queueing, not the lowest single latency ever seen (a dependency whose
+/// latency varies from request to request has a mean well above its minimum, queue or no
+/// queue).
+///
+/// # A window's latency
+///
+/// A window's latency, wherever these docs speak of a window's mean, is the mean latency of
+/// its faster half of requests ([`Sample::fast_half_rtt_nanos`]), not the mean of all. Most
+/// dependencies answer a few requests much more slowly than the rest, whatever the load (a
+/// cache miss, a cold row, a garbage collection): one request in 20 taking 500 ms where the
+/// others take 10 ms makes the mean 34.5 ms. Such requests also complete late, so the
+/// first windows of a load hold none of them and later ones a share that swings as the
+/// limit moves; read through the mean, that is a latency rise that looks like queueing, and
+/// a dependency that serves any number at once was cut from 512 to 34 in 3 s. Queueing, on
+/// the other hand, delays every request, the fast ones too, so it moves the faster half as
+/// it moves the mean. The layer counts each window's latencies in buckets of a quarter
+/// octave, with their sums, so the faster half's mean is exact but for the bucket the half
+/// ends in (two more atomic adds per sample, on the adaptive path only). The arithmetic takes
+/// it from the [`Sample`] (`Sample::new` sets it to the mean; [`Sample::fast_half`]).
 ///
 /// # The no-load latency and the jitter
 ///
@@ -607,6 +715,8 @@ impl Gradient {
     /// assert!(est.limit < before);
     /// ```
     pub fn update(&self, est: Estimate, s: &Sample, floor: u32, ceiling: u32) -> Estimate {
+        // The window's latency, here and below, is that of its faster half of requests.
+        let s = &s.typical();
         let windows = est.windows + 1;
         let (lo, hi) = (f64::from(floor), f64::from(ceiling));
         if est.probe_saved > 0.0 {
@@ -796,6 +906,9 @@ fn slow_start_update(
     if s.failures > 0 {
         return (steady, false);
     }
+    // The latency compared below is that of the window's faster half of requests (AIMD's own
+    // step, above, reads the mean).
+    let s = &s.typical();
     let (tracked, _) = track_no_load(&est, s, 1.0);
     let no_load = tracked.no_load_rtt_nanos;
     let next = |limit: f64| Estimate {
@@ -838,6 +951,54 @@ impl Algorithm {
     }
 }
 
+/// A window's latencies are counted in buckets of a quarter octave (19% wide at most), with
+/// the sum of the latencies in each, from which the mean of its faster half is read exactly
+/// but for the one bucket the half ends in (prorated at that bucket's own mean).
+const HIST_SUB_BITS: u32 = 2;
+/// Latencies under 2^10 ns (1 µs) share the first bucket...
+const HIST_MIN_EXP: u32 = 10;
+/// ... and those of 2^40 ns (18 min) or more the last.
+const HIST_MAX_EXP: u32 = 40;
+const HIST_BUCKETS: usize = (((HIST_MAX_EXP - HIST_MIN_EXP) << HIST_SUB_BITS) + 2) as usize;
+
+/// The bucket of a latency in nanoseconds.
+fn hist_bucket(rtt: u64) -> usize {
+    let v = rtt.max(1);
+    let exp = 63 - v.leading_zeros();
+    if exp < HIST_MIN_EXP {
+        return 0;
+    }
+    if exp >= HIST_MAX_EXP {
+        return HIST_BUCKETS - 1;
+    }
+    let sub = ((v >> (exp - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1)) as u32;
+    1 + (((exp - HIST_MIN_EXP) << HIST_SUB_BITS) + sub) as usize
+}
+
+/// The mean of the faster half of the latencies counted in `counts` (ascending buckets) with
+/// their sums in `sums`: whole buckets up to the half, and the share of the bucket it ends in
+/// at that bucket's mean. `None` if nothing was counted.
+fn fast_half_mean(counts: &[u32], sums: &[u64]) -> Option<u64> {
+    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let half = total.div_ceil(2);
+    let (mut taken, mut sum) = (0u64, 0f64);
+    for (&c, &s) in counts.iter().zip(sums) {
+        if c == 0 {
+            continue;
+        }
+        let take = u64::from(c).min(half - taken);
+        sum += s as f64 * take as f64 / f64::from(c);
+        taken += take;
+        if taken >= half {
+            break;
+        }
+    }
+    Some((sum / half as f64).round() as u64)
+}
+
 /// The run-time half of an adaptive budget: the current window's sums and the estimate.
 pub(crate) struct AdaptiveState {
     algorithm: Algorithm,
@@ -851,6 +1012,9 @@ pub(crate) struct AdaptiveState {
     failures: AtomicU32,
     rtt_sum: AtomicU64,
     min_rtt: AtomicU64,
+    /// The window's latencies by bucket (`hist_bucket`): counts and sums.
+    hist_count: [AtomicU32; HIST_BUCKETS],
+    hist_sum: [AtomicU64; HIST_BUCKETS],
     // The estimate, written only by the completion that closed a window.
     limit_bits: AtomicU64,
     no_load_rtt: AtomicU64,
@@ -871,6 +1035,8 @@ pub(crate) struct AdaptiveState {
     slow_start_on: bool,
     /// A dropped request that ran this long is a failed sample (`u64::MAX`: never).
     dropped_after: u64,
+    /// A window's failures count when more than this share of its samples failed.
+    failure_rate: f64,
 }
 
 impl AdaptiveState {
@@ -886,6 +1052,8 @@ impl AdaptiveState {
             failures: AtomicU32::new(0),
             rtt_sum: AtomicU64::new(0),
             min_rtt: AtomicU64::new(u64::MAX),
+            hist_count: std::array::from_fn(|_| AtomicU32::new(0)),
+            hist_sum: std::array::from_fn(|_| AtomicU64::new(0)),
             limit_bits: AtomicU64::new((cfg.initial as f64).to_bits()),
             no_load_rtt: AtomicU64::new(0),
             reference_rtt: AtomicU64::new(0),
@@ -903,6 +1071,7 @@ impl AdaptiveState {
                 Dropped::Ignore => u64::MAX,
                 Dropped::FailureAfter(d) => duration_nanos(d),
             },
+            failure_rate: cfg.failure_rate,
         }
     }
 
@@ -951,6 +1120,9 @@ impl AdaptiveState {
         let min_samples = if probing { 1 } else { self.min_samples };
         let count = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         self.rtt_sum.fetch_add(rtt, Ordering::AcqRel);
+        let bucket = hist_bucket(rtt);
+        self.hist_count[bucket].fetch_add(1, Ordering::Relaxed);
+        self.hist_sum[bucket].fetch_add(rtt, Ordering::Relaxed);
         if !dropped {
             self.min_rtt.fetch_min(rtt, Ordering::AcqRel);
         }
@@ -987,15 +1159,30 @@ impl AdaptiveState {
         let count = self.count.swap(0, Ordering::AcqRel);
         let sum = self.rtt_sum.swap(0, Ordering::AcqRel);
         let min = self.min_rtt.swap(u64::MAX, Ordering::AcqRel);
-        let failures = self.failures.swap(0, Ordering::AcqRel);
+        let failed_all = self.failures.swap(0, Ordering::AcqRel);
+        let mut counts = [0u32; HIST_BUCKETS];
+        let mut sums = [0u64; HIST_BUCKETS];
+        for (i, (c, s)) in counts.iter_mut().zip(sums.iter_mut()).enumerate() {
+            *c = self.hist_count[i].swap(0, Ordering::Relaxed);
+            *s = self.hist_sum[i].swap(0, Ordering::Relaxed);
+        }
         let peak = shared.take_peak().max(shared.in_flight());
         if count == 0 {
             return None;
         }
+        let avg = sum / u64::from(count);
+        // Failures are a sign of overload only above the failure rate; fewer are the
+        // background errors of a healthy dependency (see `Adaptive::failure_rate`).
+        let failures = if f64::from(failed_all) > self.failure_rate * f64::from(count) {
+            failed_all
+        } else {
+            0
+        };
         let sample = Sample {
             count,
             failures,
-            avg_rtt_nanos: sum / u64::from(count),
+            avg_rtt_nanos: avg,
+            fast_half_rtt_nanos: fast_half_mean(&counts, &sums).unwrap_or(avg),
             min_rtt_nanos: if min == u64::MAX { 0 } else { min },
             peak_in_flight: peak,
         };
@@ -1069,10 +1256,16 @@ impl AdaptiveState {
             target: "tower_bulwark::backpressure",
             limit,
             avg_rtt_us = sample.avg_rtt_nanos / 1_000,
+            fast_half_rtt_us = sample.fast_half_rtt_nanos / 1_000,
             min_rtt_us = sample.min_rtt_nanos / 1_000,
             samples = sample.count,
-            failures = sample.failures,
+            failures = failed_all,
+            overload_failures = sample.failures,
             peak_in_flight = sample.peak_in_flight,
+            no_load_rtt_us = next.no_load_rtt_nanos / 1_000,
+            jitter = next.jitter,
+            rise_rtt_us = next.rise_rtt_nanos / 1_000,
+            rise_in_flight = next.rise_in_flight,
             "backpressure: adaptive limit updated"
         );
         Some(limit)
@@ -1089,6 +1282,7 @@ mod tests {
             count: 100,
             failures,
             avg_rtt_nanos: avg,
+            fast_half_rtt_nanos: avg,
             min_rtt_nanos: min,
             peak_in_flight: peak,
         }
@@ -1340,6 +1534,127 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_half_is_read_from_the_buckets() {
+        // Buckets grow with the latency, a quarter octave each.
+        let mut last = 0;
+        for rtt in (0..40_000_000u64).step_by(997) {
+            let b = hist_bucket(rtt);
+            assert!(b >= last && b < HIST_BUCKETS, "{rtt}: {b}");
+            last = b;
+        }
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+        let fill = |rtts: &[u64]| {
+            let mut counts = [0u32; HIST_BUCKETS];
+            let mut sums = [0u64; HIST_BUCKETS];
+            for &r in rtts {
+                counts[hist_bucket(r)] += 1;
+                sums[hist_bucket(r)] += r;
+            }
+            fast_half_mean(&counts, &sums)
+        };
+        assert_eq!(fill(&[]), None);
+        // One latency: exactly it.
+        assert_eq!(fill(&[10_000_000; 7]), Some(10_000_000));
+        // One request in 20 at 500 ms, the others at 10 ms: the mean is 34.5 ms, the faster
+        // half's 10 ms.
+        let mut rtts = vec![10_000_000u64; 19];
+        rtts.push(500_000_000);
+        assert_eq!(fill(&rtts.repeat(5)), Some(10_000_000));
+        // A queue that delays every request by 5 ms moves it by as much.
+        let queued: Vec<u64> = rtts.iter().map(|r| r + 5_000_000).collect();
+        assert_eq!(fill(&queued.repeat(5)), Some(15_000_000));
+        // 1 to 10 ms evenly: the faster half's mean is about 3 ms (within a bucket's share).
+        let spread: Vec<u64> = (1..=10).map(|ms| ms * 1_000_000).collect();
+        let half = fill(&spread).unwrap();
+        assert!((2_800_000..=3_200_000).contains(&half), "{half}");
+    }
+
+    #[test]
+    fn gradient_reads_the_fast_half_not_the_mean() {
+        let g = Gradient::default();
+        let est = Estimate {
+            limit: 200.0,
+            no_load_rtt_nanos: 10_000_000,
+            reference_rtt_nanos: 10_000_000,
+            windows: 1,
+            ..Estimate::default()
+        };
+        // A mean of 34.5 ms from a few slow requests, the faster half at the no-load 10 ms:
+        // no queueing, the limit grows.
+        let varied = Sample::new(500, 0, 34_500_000, 10_000_000, 173).fast_half(10_000_000);
+        let next = g.update(est, &varied, 1, 1000);
+        assert!(next.limit > est.limit, "{next:?}");
+        assert_eq!(next.no_load_rtt_nanos, 10_000_000);
+        // The faster half doubled: queueing, cut.
+        let queued = Sample::new(500, 0, 40_000_000, 20_000_000, 200).fast_half(20_000_000);
+        let next = g.update(est, &queued, 1, 1000);
+        assert!(next.limit < est.limit, "{next:?}");
+        // Slow start reads it too.
+        let alg = Algorithm::Gradient(g);
+        let (next, on) = slow_start_update(&alg, est, &varied, 1, 1000, f64::INFINITY);
+        assert!(on);
+        assert_eq!(next.limit, 400.0);
+        let (next, on) = slow_start_update(&alg, est, &queued, 1, 1000, f64::INFINITY);
+        assert!(!on);
+        assert!(next.limit < est.limit, "{next:?}");
+    }
+
+    #[test]
+    fn failures_count_only_above_the_failure_rate() {
+        let ms = 1_000_000;
+        // Windows of about 100 samples (10 ms windows, a sample every 0.1 ms), of which
+        // `failed` in a hundred fail, spread evenly; returns the limit after 20 windows,
+        // from 64, slow start off.
+        let run = |adaptive: Adaptive, failed: u32| {
+            let shared = Shared::new(64, None, None);
+            let state = AdaptiveState::new(
+                &adaptive
+                    .initial(64)
+                    .slow_start(false)
+                    .window(Duration::from_millis(10)),
+            );
+            let mut limit = 64;
+            let mut now = 0;
+            for _ in 0..21 {
+                for i in 0..100 {
+                    shared.note_peak(limit);
+                    now += ms / 10;
+                    let fails = failed > 0 && i % (100 / failed) == 0;
+                    if let Some(l) = state.record(now, ms, fails, false, &shared) {
+                        limit = l;
+                    }
+                }
+            }
+            limit
+        };
+        for alg in [
+            Adaptive::aimd(Aimd::default()),
+            Adaptive::gradient(Gradient::default()),
+        ] {
+            // A tenth or less: background errors, the limit grows as with none.
+            let clean = run(alg.clone(), 0);
+            assert!(clean > 64, "{alg:?}: {clean}");
+            assert_eq!(run(alg.clone(), 1), clean, "{alg:?}");
+            assert_eq!(run(alg.clone(), 5), clean, "{alg:?}");
+            // More: overload, cut every window.
+            assert!(run(alg.clone(), 12) < 16, "{alg:?}");
+            // A rate of 0 makes any failure count.
+            assert!(run(alg.clone().failure_rate(0.0), 1) < 16, "{alg:?}");
+            // A higher rate lets more through.
+            assert_eq!(run(alg.clone().failure_rate(0.3), 20), clean, "{alg:?}");
+        }
+        for bad in [1.0, -0.1, f64::NAN] {
+            assert!(matches!(
+                Adaptive::aimd(Aimd::default()).failure_rate(bad).validate(),
+                Err(ConfigError::BadFactor {
+                    name: "failure_rate",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
     fn dropped_requests_follow_their_policy() {
         let shared = Shared::new(8, None, None);
         let state = |d: Dropped| {
@@ -1430,6 +1745,7 @@ mod tests {
                 count: 50,
                 failures: 0,
                 avg_rtt_nanos: rtt,
+                fast_half_rtt_nanos: rtt,
                 min_rtt_nanos: rtt,
                 peak_in_flight: n,
             };
@@ -1471,6 +1787,7 @@ mod tests {
                 count,
                 failures: failures.min(count),
                 avg_rtt_nanos: avg.max(min),
+                fast_half_rtt_nanos: avg.max(min),
                 min_rtt_nanos: min.min(avg),
                 peak_in_flight: peak,
             })
@@ -1542,7 +1859,7 @@ mod tests {
             }
         }
 
-        /// A window with failures never raises the limit.        /// A window with failures never raises the limit.
+        /// A window with failures never raises the limit.
         #[test]
         fn failures_never_raise(alg in any_algorithm(), s in any_sample(), start in 1f64..5000.0) {
             let s = Sample { failures: s.failures.max(1), ..s };
@@ -1558,6 +1875,7 @@ mod tests {
                 failures: 0,
                 peak_in_flight: (start / 2.0) as u32 - 1,
                 avg_rtt_nanos: 1,
+                fast_half_rtt_nanos: 1,
                 min_rtt_nanos: 1,
                 ..s
             };

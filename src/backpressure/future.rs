@@ -306,17 +306,19 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_with(cx, |res, permit, classify| {
-            // For an adaptive limit, a failure of the dependency as `classify` sees it: a 5xx,
-            // or a failing gRPC status in the headers (trailers-only responses), or what the
-            // layer's classifier calls a failure.
-            let failed = HttpStatus::default()
-                .classify_status(res.status())
-                .is_failure()
-                || GrpcStatus::default()
-                    .classify_trailers(res.headers())
+        self.poll_with(cx, |res, mut permit, classify| {
+            // Only an adaptive limit takes a sample, so only it classifies: a failure of the
+            // dependency as `classify` sees it is a 5xx, or a failing gRPC status in the
+            // headers (trailers-only responses), or what the layer's classifier calls one.
+            let adaptive = permit.is_adaptive();
+            let failed = adaptive
+                && (HttpStatus::default()
+                    .classify_status(res.status())
                     .is_failure()
-                || (permit.is_adaptive() && classify.classify_response(&res).is_failure());
+                    || GrpcStatus::default()
+                        .classify_trailers(res.headers())
+                        .is_failure()
+                    || classify.classify_response(&res).is_failure());
             let outcome = if failed {
                 Outcome::Failure
             } else {
@@ -328,14 +330,16 @@ where
                 permit.finish(outcome);
                 (None, None)
             } else {
-                // An adaptive sample also reads the trailers, as `classify` sees them.
-                let classify = permit.is_adaptive().then(|| classify.clone());
+                // The sample's latency is the dependency's, to this head; the permit is held
+                // until the body ends. An adaptive sample also reads the trailers, as
+                // `classify` sees them.
+                permit.head_ready(outcome);
+                let classify = adaptive.then(|| classify.clone());
                 (Some(permit), classify)
             };
             res.map(|body| PermitBody {
                 inner: body,
                 permit,
-                outcome,
                 classify,
             })
         })
@@ -365,14 +369,16 @@ pin_project! {
     /// its end, has failed, or is dropped.
     ///
     /// Made by [`BackpressureLayer::hold_until_body_end`](super::BackpressureLayer::hold_until_body_end).
-    /// For an adaptive limit, trailers whose `grpc-status` is a failure, or that the layer's
-    /// classifier `C` calls one ([`Classify::classify_body_trailers`]), make the request's
-    /// sample a failure.
+    /// For an adaptive limit, the request's sample is its response head's (the latency to the
+    /// head, the head's outcome), taken when the body ends or is dropped; trailers whose
+    /// `grpc-status` is a failure, or that the layer's classifier `C` calls one
+    /// ([`Classify::classify_body_trailers`]), and a body error make it a failure. A body
+    /// dropped before its end (the client stopped reading: it closed a stream, or went away)
+    /// keeps the head's outcome.
     pub struct PermitBody<B, C = ErrorsOnly> {
         #[pin]
         inner: B,
         permit: Option<Permit>,
-        outcome: Outcome,
         // The layer's classifier, for the trailers (an adaptive limit's permit only).
         classify: Option<C>,
     }
@@ -400,7 +406,9 @@ impl<B: Body, C: Classify<http::Response<B>>> Body for PermitBody<B, C> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        if let (Some(classify), Some(Ok(frame))) = (this.classify.as_ref(), &frame) {
+        if let (Some(classify), Some(Ok(frame)), Some(permit)) =
+            (this.classify.as_ref(), &frame, this.permit.as_mut())
+        {
             if let Some(trailers) = frame.trailers_ref() {
                 // A gRPC call that sent a message ends with its status in the trailers.
                 if GrpcStatus::default()
@@ -408,18 +416,23 @@ impl<B: Body, C: Classify<http::Response<B>>> Body for PermitBody<B, C> {
                     .is_failure()
                     || classify.classify_body_trailers(trailers).is_failure()
                 {
-                    *this.outcome = Outcome::Failure;
+                    permit.fail();
                 }
             }
         }
-        let outcome = match &frame {
-            None => *this.outcome,
-            Some(Err(_)) => Outcome::Failure,
+        let failed = match &frame {
+            None => false,
+            Some(Err(_)) => true,
             // A body that knows it has ended may never be polled again: release now.
-            Some(Ok(_)) if this.inner.is_end_stream() => *this.outcome,
+            Some(Ok(_)) if this.inner.is_end_stream() => false,
             Some(Ok(_)) => return Poll::Ready(frame),
         };
         if let Some(permit) = this.permit.take() {
+            let outcome = if failed {
+                Outcome::Failure
+            } else {
+                permit.outcome()
+            };
             permit.finish(outcome);
         }
         Poll::Ready(frame)

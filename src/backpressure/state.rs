@@ -290,10 +290,13 @@ impl Shared {
 
 /// A permit, held by a response future (or a response body) and given back on drop.
 ///
-/// Two words. For an adaptive budget it also holds the budget and the admission time (boxed),
-/// and whoever holds the permit calls [`Permit::finish`] with the outcome; a permit dropped
-/// without it (a request cancelled) gives the sample its budget's
-/// [`Dropped`](super::Dropped) policy says.
+/// Two words. For an adaptive budget it also holds the budget, the admission time and, once
+/// the response head is ready, the head's time and outcome (boxed), and whoever holds the
+/// permit calls [`Permit::finish`] with the outcome. A permit dropped without it gives the
+/// sample its head's outcome if the head was ready (a body the client stopped reading says
+/// nothing about the dependency), or, before the head (a request cancelled while the
+/// dependency had not answered), the sample its budget's [`Dropped`](super::Dropped) policy
+/// says.
 pub(crate) struct Permit {
     hot: &'static Hot,
     // Boxed so that a permit stays two words: a three-word permit made the fixed-limit
@@ -302,11 +305,17 @@ pub(crate) struct Permit {
     adaptive: Option<Box<Sample>>,
 }
 
-/// What an adaptive budget's permit carries: the budget, and the admission time for the
-/// sample of a request dropped before its outcome.
+/// What an adaptive budget's permit carries: the budget, the admission time, and the time
+/// and outcome of the response head once it is ready (the sample's latency is the
+/// dependency's: to the head, not to the end of a body the client reads at its own pace).
 struct Sample {
     shared: Arc<Shared>,
     start: u64,
+    /// When the response head was ready (0: not yet).
+    head: u64,
+    /// The outcome so far once the head is ready: the head's, or a failure read later in the
+    /// body (its trailers, an error).
+    outcome: Outcome,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -344,6 +353,8 @@ impl Permit {
             adaptive: Some(Box::new(Sample {
                 shared: shared.clone(),
                 start: shared.clock().now_nanos(),
+                head: 0,
+                outcome: Outcome::Success,
             })),
         }
     }
@@ -359,36 +370,81 @@ impl Permit {
     #[inline(always)]
     pub(crate) fn finish(mut self, outcome: Outcome) {
         if let Some(sample) = self.adaptive.take() {
-            Permit::record(&sample.shared, sample.start, outcome);
+            Permit::record(&sample, outcome);
             // The permit goes back before the budget's `Arc` (see `Drop`).
             drop(self);
             drop(sample);
         }
     }
 
+    /// The response head is ready with `outcome`, and the permit is kept (until the end of
+    /// the body): for an adaptive budget, the sample's latency ends now (one clock read).
+    #[inline(always)]
+    pub(crate) fn head_ready(&mut self, outcome: Outcome) {
+        if let Some(sample) = &mut self.adaptive {
+            Permit::mark_head(sample, outcome);
+        }
+    }
+
+    /// The body showed a failure after the head (its trailers): the sample is a failure.
+    #[inline(always)]
+    pub(crate) fn fail(&mut self) {
+        if let Some(sample) = &mut self.adaptive {
+            sample.outcome = Outcome::Failure;
+        }
+    }
+
+    /// The outcome so far (the head's, or a failure read in the body since).
+    #[inline(always)]
+    pub(crate) fn outcome(&self) -> Outcome {
+        self.adaptive
+            .as_ref()
+            .map_or(Outcome::Success, |s| s.outcome)
+    }
+
     #[cold]
     #[inline(never)]
-    fn record(shared: &Arc<Shared>, start: u64, outcome: Outcome) {
+    fn mark_head(sample: &mut Sample, outcome: Outcome) {
+        sample.head = sample.shared.clock().now_nanos().max(1);
+        sample.outcome = outcome;
+    }
+
+    /// The sample of a request that completed with `outcome`: its latency runs to its head
+    /// if the head was marked (read then), to now otherwise.
+    #[cold]
+    #[inline(never)]
+    fn record(sample: &Sample, outcome: Outcome) {
+        let shared = &sample.shared;
         let Some(adaptive) = &shared.adaptive else {
             return;
         };
-        let now = shared.clock().now_nanos();
-        let rtt = now.saturating_sub(start);
+        let now = if sample.head != 0 {
+            sample.head
+        } else {
+            shared.clock().now_nanos()
+        };
+        let rtt = now.saturating_sub(sample.start);
         let failed = outcome == Outcome::Failure;
         if let Some(limit) = adaptive.record(now, rtt, failed, false, shared) {
             shared.set_limit(limit);
         }
     }
 
-    /// A request dropped before its outcome (cancelled): the sample its policy says.
+    /// A permit dropped before its outcome: after the head (a body the client stopped
+    /// reading), the head's outcome; before it (cancelled), the sample its policy says.
     #[cold]
     #[inline(never)]
-    fn dropped(shared: &Arc<Shared>, start: u64) {
+    fn dropped(sample: &Sample) {
+        if sample.head != 0 {
+            return Permit::record(sample, sample.outcome);
+        }
+        let shared = &sample.shared;
         let Some(adaptive) = &shared.adaptive else {
             return;
         };
         let now = shared.clock().now_nanos();
-        if let Some(limit) = adaptive.record_dropped(now, now.saturating_sub(start), shared) {
+        if let Some(limit) = adaptive.record_dropped(now, now.saturating_sub(sample.start), shared)
+        {
             shared.set_limit(limit);
         }
     }
@@ -397,10 +453,10 @@ impl Permit {
 impl Drop for Permit {
     #[inline(always)]
     fn drop(&mut self) {
-        // Still holding the budget here means no outcome was recorded: the request was
-        // dropped. (`finish` takes the budget out.)
+        // Still holding the budget here means no outcome was recorded: the request, or its
+        // body, was dropped. (`finish` takes the budget out.)
         if let Some(sample) = &self.adaptive {
-            Permit::dropped(&sample.shared, sample.start);
+            Permit::dropped(sample);
         }
         // For an adaptive budget, its `Arc` is dropped after the release: if it was the last
         // owner, the hot state goes back to the pool, no permit being out.
