@@ -259,9 +259,10 @@ impl BreakerConfig {
     /// open time the breaker has just served (before jitter; it grows with each failed round,
     /// so a dependency that is slow but healthy is given longer each time). When every slot
     /// is taken and even the latest probe has been out longer than that, the round has failed:
-    /// the next caller finds the breaker open again, for longer, as after a failed probe. (A
-    /// slot claimed by a service made ready and then neither called nor dropped counts the
-    /// same way; see the service's `# Readiness`.)
+    /// the next caller finds the breaker open again, for longer, as after a failed probe. A
+    /// slot claimed by a service made ready and then neither called nor dropped is not a
+    /// probe: past the limit it is given to the next caller, and the round goes on (see the
+    /// service's `# Readiness`).
     pub fn half_open_probes(mut self, k: u32) -> Self {
         self.probes = k;
         self

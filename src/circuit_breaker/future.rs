@@ -81,41 +81,119 @@ impl Drop for Guard {
 }
 
 /// A half-open probe slot that `poll_ready` claimed before waiting on the inner service's
-/// readiness (so that only the callers that will be probes wait on it). `call` turns it
-/// into the call's [`Guard`]; dropped unused (the service dropped or made ready again under
-/// a later state), it frees the slot, or, when it has waited past the slow-call threshold,
-/// counts as a failed probe.
-pub(crate) struct Reserved(Option<Guard>);
+/// readiness (so that only the callers that will be probes wait on it).
+///
+/// While the inner service is not ready, the slot is a probe underway: the dependency's
+/// readiness is what is probed. Dropped then (the service dropped while it waits), it frees
+/// the slot, or, once it has waited past the slow-call threshold, counts as a failed probe.
+///
+/// Once the inner service is ready, the slot is a *reservation*: the caller has made the
+/// service ready and not called it yet (tower's `Balance` and `ReadyCache` keep services
+/// ready, and call them late or never). A reservation says nothing about the dependency: it
+/// never fails its round, is given to another caller once its round is overdue (reclaimed),
+/// and, dropped unused, frees its slot whatever its age. `call` turns it into the call's
+/// [`Guard`], unless it was reclaimed or its round is over.
+pub(crate) struct Reserved {
+    guard: Option<Guard>,
+    /// The reservation's epoch once the inner service is ready (`None` while it waits).
+    epoch: Option<u64>,
+    /// When the inner service became ready (read only with slow-call detection on): the
+    /// time spent ready and uncalled is not part of the probe's duration.
+    ready_at: u64,
+}
 
 impl Reserved {
     pub(crate) fn new(shared: SharedRef, idx: usize, permit: Permit, start: u64) -> Reserved {
-        Reserved(Some(Guard::new(shared, idx, permit, start)))
+        Reserved {
+            guard: Some(Guard::new(shared, idx, permit, start)),
+            epoch: None,
+            ready_at: 0,
+        }
     }
 
     /// The generation of the probe round the slot belongs to.
     pub(crate) fn gen(&self) -> Option<u64> {
-        match self.0.as_ref()?.permit {
+        match self.guard.as_ref()?.permit {
             Permit::Probe { gen } => Some(gen),
             _ => None,
         }
     }
 
-    /// The guard of the call that uses the slot.
-    pub(crate) fn into_guard(mut self) -> Guard {
-        self.0.take().expect("a reserved slot is used once")
+    /// Whether the slot still belongs to the current round (and, a reservation, was not
+    /// reclaimed).
+    pub(crate) fn is_current(&self) -> bool {
+        let (Some(g), Some(guard)) = (self.gen(), self.guard.as_ref()) else {
+            return false;
+        };
+        let idx = guard.idx as usize;
+        match self.epoch {
+            None => guard.shared.probe_current(idx, g),
+            Some(e) => guard.shared.reservation_live(idx, g, e),
+        }
+    }
+
+    /// The inner service is ready: the slot becomes a reservation (once).
+    pub(crate) fn mark_ready(&mut self) {
+        if self.epoch.is_some() {
+            return;
+        }
+        let (Some(g), Some(guard)) = (self.gen(), self.guard.as_ref()) else {
+            return;
+        };
+        let shared = &guard.shared;
+        if let Some(e) = shared.mark_reserved(guard.idx as usize, g) {
+            self.epoch = Some(e);
+            if shared.limits.slow_nanos.is_some() {
+                self.ready_at = shared.now();
+            }
+        }
+    }
+
+    /// The guard of the call that uses the slot: `None` when the slot was reclaimed or its
+    /// round is over (the call is then decided afresh; nothing is freed, the slot is no
+    /// longer this one's).
+    pub(crate) fn start(mut self) -> Option<Guard> {
+        let mut guard = self.guard.take()?;
+        let Permit::Probe { gen } = guard.permit else {
+            return Some(guard);
+        };
+        let idx = guard.idx as usize;
+        let Some(e) = self.epoch else {
+            // Called while still counted as a probe underway: it is that probe.
+            if guard.shared.probe_current(idx, gen) {
+                return Some(guard);
+            }
+            guard.permit = Permit::Free;
+            return None;
+        };
+        let now = guard.shared.now();
+        if !guard.shared.start_reserved(idx, gen, e, now) {
+            guard.permit = Permit::Free;
+            return None;
+        }
+        if guard.shared.limits.slow_nanos.is_some() {
+            // The probe's duration: its wait for readiness and its call, not the time it sat
+            // ready and uncalled.
+            guard.start = guard
+                .start
+                .saturating_add(now.saturating_sub(self.ready_at));
+        }
+        Some(guard)
     }
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        if let Some(mut g) = self.0.take() {
+        if let Some(mut g) = self.guard.take() {
             let permit = std::mem::replace(&mut g.permit, Permit::Free);
             if let Permit::Probe { gen } = permit {
                 let idx = g.idx as usize;
-                if g.shared.is_slow(g.start) {
-                    g.shared.record_probe(idx, gen, true);
-                } else {
-                    g.shared.release_probe(idx, gen);
+                match self.epoch {
+                    // A reservation never called: no verdict, whatever its age.
+                    Some(e) => g.shared.release_reserved(idx, gen, e),
+                    // A probe that waited on readiness past the slow-call threshold failed.
+                    None if g.shared.is_slow(g.start) => g.shared.record_probe(idx, gen, true),
+                    None => g.shared.release_probe(idx, gen),
                 }
             }
         }
@@ -124,7 +202,10 @@ impl Drop for Reserved {
 
 impl fmt::Debug for Reserved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Reserved").field(&self.0).finish()
+        f.debug_struct("Reserved")
+            .field("guard", &self.guard)
+            .field("epoch", &self.epoch)
+            .finish()
     }
 }
 

@@ -127,7 +127,9 @@
 //! service is dropped; a clone starts with nothing claimed. Probes that neither answer nor
 //! go away fail their round once past the probe time limit (the slow-call threshold, or the
 //! open time just served; see [`BreakerConfig::half_open_probes`]), so half-open never
-//! sticks.
+//! sticks. A slot whose service is ready and not called yet (tower's `Balance` and
+//! `ReadyCache` keep services ready, and call them late or never) is only a reservation: it
+//! never fails its round, and once the round is overdue it goes to the next caller.
 //!
 //! # Readiness
 //!

@@ -26,11 +26,21 @@ use crate::classify::{Classify, ErrorsOnly};
 /// on the inner service: only the callers that will be probes wait on the dependency's
 /// readiness, and the others are refused at once. A sick dependency that is never ready
 /// therefore cannot make callers hang, and cannot hold the breaker half-open either: a slot
-/// held longer than the probe time limit (see
-/// [`half_open_probes`](super::BreakerConfig::half_open_probes)) fails its round, and a slot
-/// whose service is dropped while it waits is freed (a failed probe once it has waited past
-/// the slow-call threshold). The `call` that follows is that probe; a service made ready and
-/// not called holds its slot until then, and fails its round once past the limit.
+/// that waits on readiness is a probe underway, and slots held that way longer than the
+/// probe time limit (see [`half_open_probes`](super::BreakerConfig::half_open_probes)) fail
+/// their round; a slot whose service is dropped while it waits is freed (a failed probe once
+/// it has waited past the slow-call threshold).
+///
+/// Once the inner service is ready, the slot is a *reservation* for the `call` that follows,
+/// which is the probe. tower's `Balance` and `ReadyCache` keep services ready and call them
+/// late or never (the balancer picks another endpoint), and a service made ready and not
+/// called says nothing about the dependency, so a reservation never fails its round: once
+/// the round is overdue, a reservation is given to the next caller that finds every slot
+/// taken (reclaimed), and a service dropped with its reservation frees it, whatever its age.
+/// A service whose reservation was reclaimed decides again when it is called at last (or
+/// made ready again): it takes a free slot for its call, or the call is refused without
+/// reaching the inner service. A probe's duration (for slow-call detection) does not count
+/// the time its service sat ready and uncalled.
 ///
 /// Closed or forced closed, `poll_ready` is the inner service's. An error it returns (a
 /// dependency that cannot be reached, as tower's `Reconnect` or a failed `Buffer` report it)
@@ -39,10 +49,15 @@ use crate::classify::{Classify, ErrorsOnly};
 /// claimed for the wait once the open time is over or while half-open (the breaker opens
 /// again, for longer).
 ///
-/// A call refused after the inner service was made ready (the breaker opened in between, or
-/// was forced open) does not keep the readiness the inner service reserved (a concurrency
-/// permit, a `Buffer` slot): the breaker drops the readied inner service for a clone of it,
-/// which is why the service must be `Clone`, as tower's own load-shedding layers need.
+/// A call refused after the inner service was made ready (the breaker opened in between, was
+/// forced open, or a reservation was reclaimed) does not keep the readiness the inner service
+/// reserved (a concurrency permit, a `Buffer` slot): the breaker drops the readied inner
+/// service for a clone of it, which is why the service must be `Clone`. tower's `LoadShed`
+/// needs no clone because its refusal *is* the inner service not being ready; a breaker's
+/// refusal comes from elsewhere, and can come after the inner service was made ready (a
+/// `ReadyCache` calls a service long after making it ready, and polls it ready again before
+/// the call), when the only way tower's `Service` offers to give readiness up is to drop the
+/// service. A service that is not `Clone` can be put behind tower's `Buffer`.
 ///
 /// A [keyed](super::CircuitBreakerLayer::keyed) breaker learns the request's key only in
 /// `call`, so its `poll_ready` is the inner service's and an error it returns is passed on
@@ -133,12 +148,10 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
         C: Classify<Res>,
     {
         let outcome = self.classify.classify_error(err);
-        if let Some(r) = self.reserved.take() {
+        if let Some(guard) = self.take_probe() {
             // The probe slot claimed for this wait: the error is the probe's outcome.
-            if r.gen().is_some_and(|g| self.shared.probe_current(0, g)) {
-                r.into_guard().complete(outcome);
-                return;
-            }
+            guard.complete(outcome);
+            return;
         }
         if let Ok((permit, start)) = self.shared.admit(0) {
             Guard::new(self.shared.share(), 0, permit, start).complete(outcome);
@@ -146,13 +159,11 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
     }
 
     /// The guard of the probe slot claimed in `poll_ready`: the call is that probe, unless its
-    /// round ended meanwhile (`None`: the call is decided afresh, and the slot let go).
+    /// round ended meanwhile or, a reservation, it was reclaimed (`None`: the call is decided
+    /// afresh, and the slot is no longer this service's).
     #[cold]
     fn take_probe(&mut self) -> Option<Guard> {
-        let r = self.reserved.take()?;
-        r.gen()
-            .is_some_and(|g| self.shared.probe_current(0, g))
-            .then(|| r.into_guard())
+        self.reserved.take()?.start()
     }
 
     /// Gives up the inner service's readiness, if it holds one, by dropping it for a clone
@@ -179,13 +190,10 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
         C: Classify<S::Response>,
         K: BreakerKey<Req>,
     {
-        let current = self
-            .reserved
-            .as_ref()
-            .and_then(Reserved::gen)
-            .is_some_and(|g| self.shared.probe_current(0, g));
+        let current = self.reserved.as_ref().is_some_and(Reserved::is_current);
         if !current {
-            // A slot of an earlier round (its probe round over) is let go.
+            // A slot of an earlier round (its probe round over), or a reservation given to
+            // another caller, is let go.
             self.reserved = None;
             match self.shared.reserve(0) {
                 Err(rejection) => {
@@ -200,7 +208,13 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
             }
         }
         self.refused = None;
-        self.poll_inner::<Req>(cx)
+        let ready = self.poll_inner::<Req>(cx);
+        if let (Poll::Ready(Ok(())), Some(r)) = (&ready, self.reserved.as_mut()) {
+            // Ready and not called yet: a reservation, which says nothing about the
+            // dependency until its call comes.
+            r.mark_ready();
+        }
+        ready
     }
 
     #[inline]

@@ -6,12 +6,22 @@
 //! |---|---|
 //! | closed | 0 |
 //! | open | the end of the open time, in microseconds of the layer's clock |
-//! | half-open | probes in flight (bits 0..16), probe successes (bits 16..32) |
+//! | half-open | slots taken (bits 0..16), probe successes (bits 16..32), reservations (bits 32..44), reclaim epoch (bits 44..48) |
 //! | forced | 1 forced open, 0 forced closed |
 //!
 //! Every transition bumps the generation, so an outcome from a call admitted under another
 //! state (a closed-state call that finishes after the breaker tripped, a probe of an earlier
 //! half-open round) is not counted.
+//!
+//! A half-open slot is taken by a probe that has started (its call made), by one that waits on
+//! the inner service's readiness, or by a *reservation*: a slot claimed in `poll_ready` whose
+//! inner service is ready and whose call has not come (tower's `Balance` and `ReadyCache`
+//! keep services ready and call them late or never). The reservations are counted apart, so
+//! that an overdue round whose slots are partly reservations gives those back (a reclaim,
+//! which bumps the reclaim epoch) instead of failing: a caller that made the service ready
+//! and did not call it has said nothing about the dependency. A reservation is identified by
+//! its generation and epoch; it is started or released by taking one off the count, only while
+//! both match, so a reclaimed reservation never takes or frees a slot of its own again.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -73,6 +83,45 @@ fn open_until(now: u64, open: u64) -> u64 {
 #[inline]
 const fn half(inflight: u64, successes: u64) -> u64 {
     inflight | (successes << 16)
+}
+
+/// Half-open payload fields: slots taken, probe successes, reservations, reclaim epoch.
+const SLOTS_MASK: u64 = 0xFFFF;
+const SUCCESS_SHIFT: u32 = 16;
+const RESERVED_SHIFT: u32 = 32;
+/// The most reservations counted at once; a slot made ready past that stays a started probe
+/// (as if its call had been made), as every slot was before reservations were counted.
+const RESERVED_MAX: u64 = (1 << 12) - 1;
+const EPOCH_SHIFT: u32 = 44;
+const EPOCH_MASK: u64 = 0xF;
+
+#[inline]
+const fn slots(p: u64) -> u64 {
+    p & SLOTS_MASK
+}
+
+#[inline]
+const fn successes(p: u64) -> u64 {
+    (p >> SUCCESS_SHIFT) & 0xFFFF
+}
+
+#[inline]
+const fn reserved(p: u64) -> u64 {
+    (p >> RESERVED_SHIFT) & RESERVED_MAX
+}
+
+#[inline]
+const fn epoch(p: u64) -> u64 {
+    (p >> EPOCH_SHIFT) & EPOCH_MASK
+}
+
+/// A half-open payload from its four fields.
+#[inline]
+const fn half_with(slots: u64, successes: u64, reserved: u64, epoch: u64) -> u64 {
+    slots
+        | (successes << SUCCESS_SHIFT)
+        | ((reserved & RESERVED_MAX) << RESERVED_SHIFT)
+        | ((epoch & EPOCH_MASK) << EPOCH_SHIFT)
 }
 
 /// The state of a breaker.
@@ -195,10 +244,9 @@ pub(crate) struct Breaker {
     /// made or reset). A trip before it has stayed closed for the open time it last served
     /// grows the open time; a trip after that starts again from the base open time.
     closed_at: AtomicU64,
-    /// When the latest probe of the current half-open round was admitted (written before the
-    /// compare-and-swap that takes its slot, so whoever sees the slot taken sees this time or
-    /// a later one). With every slot taken and this older than the probe time limit, every
-    /// probe in flight is overdue.
+    /// When the latest probe of the current half-open round was admitted, or started from a
+    /// reservation. With every slot taken and this older than the probe time limit, every
+    /// slot is overdue: its reservations are given back, or, with none, the round fails.
     probe_at: AtomicU64,
     /// When a call last failed while closed (0: not since it was made or cleared): a keyed
     /// slot whose failures are all older than [`STALE_NANOS`] may go to a new key.
@@ -476,6 +524,99 @@ impl Shared {
         tag(s) == HALF_OPEN && gen(s) == g
     }
 
+    /// Turns a probe slot of round `g` that waited on the inner service's readiness into a
+    /// reservation (the service is ready, its call has not come). The reservation's epoch, or
+    /// `None` when the slot stays a started probe (its round is over, or
+    /// [`RESERVED_MAX`] reservations are counted already).
+    #[cold]
+    pub(crate) fn mark_reserved(&self, idx: usize, g: u64) -> Option<u64> {
+        let b = &self.breakers[idx];
+        let mut s = b.state.0.load(Acquire);
+        loop {
+            let p = payload(s);
+            if tag(s) != HALF_OPEN
+                || gen(s) != g
+                || reserved(p) >= RESERVED_MAX
+                || slots(p) <= reserved(p)
+            {
+                return None;
+            }
+            let next = pack(
+                HALF_OPEN,
+                g,
+                half_with(slots(p), successes(p), reserved(p) + 1, epoch(p)),
+            );
+            match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
+                Ok(_) => return Some(epoch(p)),
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    /// Whether a reservation of round `g` and epoch `e` may still be held: not reclaimed.
+    #[inline]
+    pub(crate) fn reservation_live(&self, idx: usize, g: u64, e: u64) -> bool {
+        let s = self.breakers[idx].state.0.load(Acquire);
+        let p = payload(s);
+        tag(s) == HALF_OPEN && gen(s) == g && epoch(p) == e && reserved(p) > 0
+    }
+
+    /// Starts the probe of a reservation of round `g` and epoch `e` at `now`: its call has
+    /// come. `false` when the reservation was reclaimed or its round is over (the call must be
+    /// decided afresh).
+    #[cold]
+    pub(crate) fn start_reserved(&self, idx: usize, g: u64, e: u64, now: u64) -> bool {
+        let b = &self.breakers[idx];
+        let mut s = b.state.0.load(Acquire);
+        if !(tag(s) == HALF_OPEN && gen(s) == g && epoch(payload(s)) == e) {
+            return false;
+        }
+        // The latest probe's time moves before the slot becomes a started probe, so that a
+        // caller who sees every slot taken by started probes also sees this one's start (and
+        // does not fail the round for a probe that has just started). Should the reservation
+        // turn out reclaimed, the round is only judged overdue later, never sooner.
+        b.probe_at.fetch_max(now, AcqRel);
+        loop {
+            let p = payload(s);
+            if tag(s) != HALF_OPEN || gen(s) != g || epoch(p) != e || reserved(p) == 0 {
+                return false;
+            }
+            let next = pack(
+                HALF_OPEN,
+                g,
+                half_with(slots(p), successes(p), reserved(p) - 1, e),
+            );
+            match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
+                Ok(_) => return true,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    /// Frees the slot of a reservation of round `g` and epoch `e` whose call never came (its
+    /// service dropped, or made ready again under a later round): neither success nor
+    /// failure. Nothing when it was reclaimed or its round is over.
+    #[cold]
+    pub(crate) fn release_reserved(&self, idx: usize, g: u64, e: u64) {
+        let b = &self.breakers[idx];
+        let mut s = b.state.0.load(Acquire);
+        loop {
+            let p = payload(s);
+            if tag(s) != HALF_OPEN || gen(s) != g || epoch(p) != e || reserved(p) == 0 {
+                return;
+            }
+            let next = pack(
+                HALF_OPEN,
+                g,
+                half_with(slots(p) - 1, successes(p), reserved(p) - 1, e),
+            );
+            match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
+                Ok(_) => return,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
     #[cold]
     fn admit_slow(&self, idx: usize, mut cur: u64) -> Result<(Permit, u64), Rejection> {
         let b = &self.breakers[idx];
@@ -527,15 +668,43 @@ impl Shared {
                 _ => {
                     // Half-open.
                     let p = payload(cur);
-                    let inflight = p & 0xFFFF;
+                    let inflight = slots(p);
                     let t = now();
                     if inflight >= self.limits.probes {
                         // Every slot is taken. If even the latest probe has been out longer
-                        // than the probe time limit, they all have: the round has failed
-                        // (probes that hang, or callers that made the service ready and
-                        // never called it), and the breaker opens again, for longer.
+                        // than the probe time limit, they all have. Slots that are only
+                        // reservations (made ready, never called) are given back, and this
+                        // caller takes one; if every slot is a probe that started (or waits
+                        // on the dependency's readiness), the round has failed: probes that
+                        // hang, or a dependency that is never ready. The breaker then opens
+                        // again, for longer.
                         let limit = self.probe_limit(b);
                         if t.saturating_sub(b.probe_at.load(Relaxed)) >= limit {
+                            if reserved(p) > 0 {
+                                let next = pack(
+                                    HALF_OPEN,
+                                    gen(cur),
+                                    half_with(
+                                        inflight - reserved(p),
+                                        successes(p),
+                                        0,
+                                        epoch(p) + 1,
+                                    ),
+                                );
+                                match b.state.0.compare_exchange(cur, next, AcqRel, Acquire) {
+                                    Ok(_) => {
+                                        tracing::debug!(
+                                            breaker = idx,
+                                            reclaimed = reserved(p),
+                                            "circuit breaker: overdue probe slots of services \
+                                             made ready and never called given back"
+                                        );
+                                        cur = next;
+                                    }
+                                    Err(actual) => cur = actual,
+                                }
+                                continue;
+                            }
                             match self.reopen_overdue(idx, cur, t, limit) {
                                 Ok(until) => {
                                     // The time left open, as for every refusal while open:
@@ -583,7 +752,7 @@ impl Shared {
             breaker = idx,
             from = "half-open",
             to = "open",
-            probes_in_flight = payload(cur) & 0xFFFF,
+            probes_in_flight = slots(payload(cur)),
             probe_limit_ms = limit / 1_000_000,
             reopens,
             open_ms = open / 1_000_000,
@@ -724,7 +893,7 @@ impl Shared {
                 return;
             }
             let p = payload(s);
-            let (inflight, successes) = (p & 0xFFFF, (p >> 16) & 0xFFFF);
+            let (inflight, successes) = (slots(p), successes(p));
             let next;
             let mut open = 0;
             let reopens = b.reopens.load(Relaxed).saturating_add(1);
@@ -735,10 +904,14 @@ impl Shared {
             } else if successes + 1 >= self.limits.probes {
                 next = pack(CLOSED, g + 1, 0);
             } else {
+                // A started probe's slot is one of those not reserved.
+                if inflight <= reserved(p) {
+                    return;
+                }
                 next = pack(
                     HALF_OPEN,
                     g,
-                    half(inflight.saturating_sub(1), successes + 1),
+                    half_with(inflight - 1, successes + 1, reserved(p), epoch(p)),
                 );
             }
             match b.state.0.compare_exchange(s, next, AcqRel, Acquire) {
@@ -796,7 +969,8 @@ impl Shared {
                 return;
             }
             let p = payload(s);
-            if p & 0xFFFF == 0 {
+            // A started probe's slot is one of those not reserved.
+            if slots(p) <= reserved(p) {
                 return;
             }
             match b
@@ -871,7 +1045,7 @@ impl Shared {
         let now = self.now();
         let p = payload(s);
         let (probes_in_flight, probe_successes) = if tag(s) == HALF_OPEN {
-            ((p & 0xFFFF) as u32, ((p >> 16) & 0xFFFF) as u32)
+            (slots(p) as u32, successes(p) as u32)
         } else {
             (0, 0)
         };
@@ -1316,6 +1490,55 @@ mod tests {
         hand.advance(Duration::from_millis(1));
         assert!(s.admit(0).is_err());
         assert_eq!(s.snapshot(0).reopens, 2);
+    }
+
+    #[test]
+    fn overdue_reservations_are_given_back_and_never_fail_the_round() {
+        let (s, hand) = shared(
+            BreakerConfig::consecutive_failures(1)
+                .open_time(Duration::from_secs(1))
+                .jitter(0.0)
+                .half_open_probes(2),
+        );
+        call(&s, true).unwrap();
+        hand.advance(Duration::from_secs(1));
+        // One slot a reservation (ready, not called), the other a probe that started.
+        let (a, _) = s.admit(0).unwrap();
+        let Permit::Probe { gen } = a else {
+            unreachable!()
+        };
+        let e = s.mark_reserved(0, gen).expect("a reservation");
+        assert!(s.reservation_live(0, gen, e));
+        let (b, _) = s.admit(0).unwrap();
+        assert_eq!(a, b);
+        assert!(s.admit(0).is_err());
+        // Both overdue: the reservation is given back, and this caller takes its slot.
+        hand.advance(Duration::from_secs(1));
+        let (c, _) = s.admit(0).unwrap();
+        assert_eq!(c, a);
+        let snap = s.snapshot(0);
+        assert_eq!(
+            (snap.state, snap.reopens, snap.probes_in_flight),
+            (BreakerState::HalfOpen, 0, 2)
+        );
+        // The reclaimed reservation neither starts a probe nor frees a slot.
+        assert!(!s.reservation_live(0, gen, e));
+        assert!(!s.start_reserved(0, gen, e, hand.now_nanos()));
+        s.release_reserved(0, gen, e);
+        assert_eq!(s.snapshot(0).probes_in_flight, 2);
+        // A reservation of the new epoch starts its probe: still two slots taken.
+        s.release_probe(0, gen);
+        s.admit(0).unwrap();
+        let e2 = s.mark_reserved(0, gen).expect("a reservation");
+        assert_ne!(e2, e);
+        assert!(s.start_reserved(0, gen, e2, hand.now_nanos()));
+        assert!(!s.reservation_live(0, gen, e2));
+        assert_eq!(s.snapshot(0).probes_in_flight, 2);
+        // Every slot a probe that started, all overdue: the round fails.
+        hand.advance(Duration::from_secs(1));
+        assert!(s.admit(0).is_err());
+        let snap = s.snapshot(0);
+        assert_eq!((snap.state, snap.reopens), (BreakerState::Open, 1));
     }
 
     #[test]
