@@ -108,6 +108,8 @@ fn fixed(ms: u64) -> Backoff {
 }
 
 const UNAVAILABLE: Reply = (503, &[]);
+/// A 503 of this crate's `RejectionLayer` on the server (a shed): the request did not run.
+const SHED: Reply = (503, &[("request-refused", "overloaded")]);
 
 #[tokio::test(start_paused = true)]
 async fn post_without_a_key_is_never_retried() {
@@ -131,15 +133,34 @@ async fn post_without_a_key_is_never_retried() {
         assert!(inner.seen().iter().all(|s| s.body == "{\"qty\":1}"));
         assert!(inner.seen().iter().all(|s| s.method == method));
     }
-    // A POST that carries its own key may be retried; the key is left as it was.
-    let inner = Scripted::new(vec![UNAVAILABLE, UNAVAILABLE, (201, &[])]);
-    let mut r = req(Method::POST);
-    r.headers_mut()
-        .insert(IDEMPOTENCY_KEY, "order-17".parse().unwrap());
-    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    // A POST that carries its own key may be retried when it did not run (a shed, a 429);
+    // the key is left as it was.
+    let keyed = || {
+        let mut r = req(Method::POST);
+        r.headers_mut()
+            .insert(IDEMPOTENCY_KEY, "order-17".parse().unwrap());
+        r
+    };
+    let inner = Scripted::new(vec![SHED, (429, &[]), (201, &[])]);
+    let res = layer.layer(inner.clone()).oneshot(keyed()).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let keys: Vec<_> = inner.seen().into_iter().map(|s| s.key).collect();
     assert_eq!(keys, vec![Some("order-17".to_owned()); 3]);
+    // A 5xx without the mark may come from the handler after its effect, and a server's
+    // idempotency layer releases the key of a 5xx: the keyed POST is not sent again.
+    for reply in [UNAVAILABLE, (502, &[]), (504, &[])] {
+        let inner = Scripted::new(vec![reply, (201, &[])]);
+        let res = layer.layer(inner.clone()).oneshot(keyed()).await.unwrap();
+        assert_eq!(res.status().as_u16(), reply.0);
+        assert_eq!(inner.seen().len(), 1, "{}", reply.0);
+    }
+    // Marked idempotent, it is.
+    let inner = Scripted::new(vec![UNAVAILABLE, (201, &[])]);
+    let mut r = keyed();
+    r.extensions_mut().insert(tower_bulwark::retry::Idempotent);
+    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(inner.seen().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -153,7 +174,7 @@ async fn add_idempotency_key_gives_every_attempt_the_same_fresh_key() {
     .unwrap();
     let mut first_keys = Vec::new();
     for method in [Method::POST, Method::PATCH, Method::POST] {
-        let inner = Scripted::new(vec![UNAVAILABLE, (502, &[]), (200, &[])]);
+        let inner = Scripted::new(vec![SHED, (429, &[]), (200, &[])]);
         let res = layer
             .layer(inner.clone())
             .oneshot(req(method))
@@ -388,13 +409,20 @@ fn streamed(chunks: &[&'static str]) -> axum::body::Body {
 async fn a_streamed_axum_body_is_replayed_to_an_axum_router() {
     #[derive(Clone, Default)]
     struct Calls(Arc<Mutex<Vec<Bytes>>>);
-    async fn flaky(State(calls): State<Calls>, body: Bytes) -> (StatusCode, Bytes) {
+    async fn flaky(State(calls): State<Calls>, body: Bytes) -> axum::response::Response {
+        use axum::response::IntoResponse;
         let mut seen = calls.0.lock().unwrap();
         seen.push(body.clone());
         if seen.len() < 3 {
-            (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
+            // As this crate's `RejectionLayer` marks a shed: the request did not run.
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("request-refused", "overloaded")],
+                Bytes::new(),
+            )
+                .into_response()
         } else {
-            (StatusCode::OK, body)
+            (StatusCode::OK, body).into_response()
         }
     }
     let calls = Calls::default();

@@ -158,7 +158,7 @@ pub use self::budget::{Budget, BudgetBuilder, BudgetFigures};
 pub use self::layer::{RetryHandle, RetryLayer};
 pub use self::policy::{
     is_idempotent, CloneRequest, ConfigError, ErrorPredicate, Hint, Hints, HttpReplay, Idempotent,
-    Replay, RetryPolicy, IDEMPOTENCY_KEY,
+    Replay, RetryPolicy, DEFAULT_MAX_HINT, IDEMPOTENCY_KEY,
 };
 pub use self::replay::{HttpSaved, ReplayBody, SavedBody};
 pub use self::service::Retry;
