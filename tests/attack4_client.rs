@@ -23,11 +23,14 @@ use tower_bulwark::{Rejection, RejectionKind};
 /// One scripted reply: status and headers. The last line of a script repeats.
 type Reply = (u16, Vec<(&'static str, &'static str)>);
 
+/// When each attempt came and what key it carried.
+type Attempts = Arc<Mutex<Vec<(Instant, Option<String>)>>>;
+
 /// Answers from a script and records when each attempt came and what key it carried.
 #[derive(Clone)]
 struct Scripted {
     script: Arc<Vec<Reply>>,
-    seen: Arc<Mutex<Vec<(Instant, Option<String>)>>>,
+    seen: Attempts,
 }
 
 impl Scripted {

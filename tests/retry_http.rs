@@ -588,3 +588,212 @@ async fn the_retry_event_names_the_status() {
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("Retryable response: status 502"), "{text}");
 }
+
+/// A gRPC call through a proxy: the proxy's 503 (no upstream reached) is retried for any call,
+/// its 502 and 504 (the call may have reached an upstream) only for a call with a key or
+/// marked idempotent; a server's `UNAVAILABLE` for any call.
+#[tokio::test(start_paused = true)]
+async fn grpc_proxy_answers_are_retried_by_what_they_say() {
+    let layer =
+        RetryLayer::new(RetryPolicy::grpc().clock(Clock::tokio()).backoff(fixed(5))).unwrap();
+    let call = |keyed: bool, marked: bool| {
+        let mut r = Request::post("http://svc/pkg.Payments/Charge")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .unwrap();
+        if keyed {
+            r.headers_mut()
+                .insert(IDEMPOTENCY_KEY, "charge-9".parse().unwrap());
+        }
+        if marked {
+            r.extensions_mut().insert(tower_bulwark::retry::Idempotent);
+        }
+        r
+    };
+    const OK: Reply = (200, &[("grpc-status", "0")]);
+    for (reply, keyed, marked, attempts) in [
+        ((503, &[][..]), false, false, 2),
+        ((502, &[][..]), false, false, 1),
+        ((504, &[][..]), false, false, 1),
+        ((504, &[][..]), true, false, 2),
+        ((502, &[][..]), false, true, 2),
+        ((200, &[("grpc-status", "14")][..]), false, false, 2),
+        ((503, &[("grpc-status", "14")][..]), false, false, 2),
+    ] {
+        let inner = Scripted::new(vec![reply, OK]);
+        let _ = layer
+            .layer(inner.clone())
+            .oneshot(call(keyed, marked))
+            .await
+            .unwrap();
+        assert_eq!(
+            inner.seen().len(),
+            attempts,
+            "{reply:?}, keyed {keyed}, marked {marked}"
+        );
+    }
+}
+
+/// When each attempt came, and the `grpc-timeout` it carried.
+type Timeouts = Arc<Mutex<Vec<(Duration, Option<String>)>>>;
+
+/// Records each attempt's `grpc-timeout` and answers `UNAVAILABLE` at once.
+#[derive(Clone)]
+struct TimeoutsSeen {
+    seen: Timeouts,
+    start: Instant,
+}
+
+impl<B> Service<Request<B>> for TimeoutsSeen {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.seen.lock().unwrap().push((
+            self.start.elapsed(),
+            req.headers()
+                .get("grpc-timeout")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        ));
+        std::future::ready(Ok(Response::builder()
+            .header("grpc-status", "14")
+            .body(Full::new(Bytes::new()))
+            .unwrap()))
+    }
+}
+
+fn timeouts_seen() -> (Timeouts, TimeoutsSeen) {
+    let seen = Timeouts::default();
+    let svc = TimeoutsSeen {
+        seen: seen.clone(),
+        start: Instant::now(),
+    };
+    (seen, svc)
+}
+
+fn grpc_call_with_timeout(timeout: &'static str) -> Request<Full<Bytes>> {
+    Request::post("http://svc/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", timeout)
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_retry_is_sent_the_time_its_call_has_left() {
+    let (seen, svc) = timeouts_seen();
+    let svc = RetryLayer::new(
+        RetryPolicy::grpc()
+            .clock(Clock::tokio())
+            .backoff(fixed(100)),
+    )
+    .unwrap()
+    .layer(svc);
+    let _ = svc.oneshot(grpc_call_with_timeout("2S")).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let ms = Duration::from_millis;
+    assert_eq!(
+        seen,
+        vec![
+            (ms(0), Some("2S".to_owned())),
+            (ms(100), Some("1900000u".to_owned())),
+            (ms(200), Some("1800000u".to_owned())),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_retry_starts_past_the_calls_grpc_timeout() {
+    let (seen, svc) = timeouts_seen();
+    let svc = RetryLayer::new(
+        RetryPolicy::grpc()
+            .max_attempts(5)
+            .clock(Clock::tokio())
+            .backoff(fixed(100)),
+    )
+    .unwrap()
+    .layer(svc);
+    let start = Instant::now();
+    let res = svc.oneshot(grpc_call_with_timeout("150m")).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "14");
+    // The third attempt would start at 200 ms: past the call's 150 ms, so it is not made.
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            (Duration::ZERO, Some("150m".to_owned())),
+            (Duration::from_millis(100), Some("50000000n".to_owned())),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_grpc_timeout_is_left_as_it_is_and_ignored() {
+    for bad in ["soon", "123456789m", "10x", "m", "-5S", "1.5S"] {
+        let (seen, svc) = timeouts_seen();
+        let svc = RetryLayer::new(
+            RetryPolicy::grpc()
+                .clock(Clock::tokio())
+                .backoff(fixed(100)),
+        )
+        .unwrap()
+        .layer(svc);
+        let _ = svc.oneshot(grpc_call_with_timeout(bad)).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{bad:?}");
+        assert!(
+            seen.iter().all(|(_, t)| t.as_deref() == Some(bad)),
+            "{bad:?}: {seen:?}"
+        );
+    }
+}
+
+/// Fails `poll_ready` on every retry; answers the first call 503.
+#[derive(Clone, Default)]
+struct NeverReadyAgain {
+    calls: Arc<AtomicU32>,
+    readiness_failures: Arc<AtomicU32>,
+}
+
+impl<B> Service<Request<B>> for NeverReadyAgain {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.calls.load(Ordering::SeqCst) > 0 {
+            self.readiness_failures.fetch_add(1, Ordering::SeqCst);
+            return Poll::Ready(Err("connect failed".into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(Response::builder().status(503).body(()).unwrap()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_failures_that_use_up_the_attempts_return_the_last_response() {
+    let inner = NeverReadyAgain::default();
+    let layer =
+        RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()).backoff(fixed(10))).unwrap();
+    let handle = layer.handle();
+    let res = layer
+        .layer(inner.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .expect("the last response, not the readiness error");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+    // Two attempts (of three) failed at readiness, each after a backoff.
+    assert_eq!(inner.readiness_failures.load(Ordering::SeqCst), 2);
+    assert_eq!(handle.retries(), 2);
+}

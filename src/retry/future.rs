@@ -37,7 +37,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, Result<S::Response, BoxError>>,
-        retry: Option<Retrying<S, R::Saved, C, R, Result<S::Response, BoxError>>>,
+        retry: Option<RetryingFor<S, Req, C, R>>,
         _req: PhantomData<fn(Req)>,
     }
 }
@@ -75,6 +75,15 @@ pub(crate) struct Retrying<S, Saved, C, R, T> {
     pub(crate) withdrawn: u64,
 }
 
+/// The [`Retrying`] of a [`ResponseFuture`].
+pub(crate) type RetryingFor<S, Req, C, R> = Retrying<
+    S,
+    <R as Replay<Req>>::Saved,
+    C,
+    R,
+    Result<<S as Service<<R as Replay<Req>>::Request>>::Response, BoxError>,
+>;
+
 /// What only a retry needs, boxed so that a first attempt pays nothing for it.
 pub(crate) struct OnRetry<S, T> {
     /// The clone of the service that retries are made on.
@@ -106,10 +115,7 @@ where
     R: Replay<Req>,
 {
     #[inline]
-    pub(crate) fn new(
-        fut: S::Future,
-        retry: Option<Retrying<S, R::Saved, C, R, Result<S::Response, BoxError>>>,
-    ) -> Self {
+    pub(crate) fn new(fut: S::Future, retry: Option<RetryingFor<S, Req, C, R>>) -> Self {
         ResponseFuture {
             state: State::Called { fut },
             retry,

@@ -230,12 +230,17 @@ impl<Res> Hints<Res> for CloneRequest {
 /// - Only safe requests are retried: idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE,
 ///   TRACE), requests that carry an `Idempotency-Key` (which
 ///   [`RetryPolicy::add_idempotency_key`] adds to the others) and requests marked
-///   [`Idempotent`]. gRPC calls are all POST: [`RetryPolicy::grpc`] leaves the method out for
-///   responses, as gRPC's own retry policy does, because the codes it retries by default say
-///   the call was not processed; but an error (a per-attempt timeout, a transport error after
-///   sending) says nothing of that, so after one a gRPC call is retried only if it carries an
-///   `Idempotency-Key` or is marked [`Idempotent`]. A [`Rejection`](crate::Rejection) from a
-///   layer below (the call was not sent) is retried either way.
+///   [`Idempotent`]. A request safe only through its key is not sent again after a 5xx
+///   without the [`REQUEST_REFUSED`](crate::rejection::REQUEST_REFUSED) mark, which may be
+///   its handler's answer after its effect. gRPC calls are all POST: [`RetryPolicy::grpc`]
+///   leaves the method out for responses, as gRPC's own retry policy does, because the codes
+///   it retries by default say the call was not processed; but an error (a per-attempt
+///   timeout, a transport error after sending) and a proxy's 502 or 504 say nothing of that,
+///   so after one a gRPC call is retried only if it carries an `Idempotency-Key` or is marked
+///   [`Idempotent`]. A [`Rejection`](crate::Rejection) from a layer below (the call was not
+///   sent) is retried either way.
+/// - For gRPC, the call's `grpc-timeout` is its deadline across attempts; each retry is sent
+///   the time left ([`Replay::deadline`], [`Replay::set_time_left`]).
 /// - The body streams to the first attempt while its bytes are kept, up to a cap (64 KiB by
 ///   default); a body over the cap is sent once and not retried. The inner service receives a
 ///   [`ReplayBody`].
@@ -701,7 +706,10 @@ impl RetryPolicy {
     /// Retries HTTP requests: errors (connection errors), 502, 503, 504, 429 and the 409 of
     /// an `IdempotencyLayer` whose key is still in flight by default ([`HttpStatus`]; change
     /// with [`RetryPolicy::classify`]), only when the request is safe to repeat, honouring
-    /// `Retry-After`.
+    /// `Retry-After`. A POST or PATCH that is safe only through its `Idempotency-Key` is not
+    /// sent again after a 5xx that may be its handler's (one not marked
+    /// [`REQUEST_REFUSED`](crate::rejection::REQUEST_REFUSED)); see the
+    /// [module docs](super#safety).
     pub fn http() -> RetryPolicy<HttpStatus, HttpReplay> {
         RetryPolicy::with(HttpStatus::default(), HttpReplay::http())
     }
@@ -712,10 +720,14 @@ impl RetryPolicy {
     /// 429, 502, 503 or 504 is `UNAVAILABLE`; an `ABORTED` marked
     /// [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT) is retried
     /// after its pushback. An error (a
-    /// timeout, a transport error after sending), which may follow a call the server ran, is
-    /// retried only for a call with an `Idempotency-Key` metadata header or marked
-    /// [`Idempotent`] (a rejection from a layer below, which never sent it, always). gRPC
-    /// calls are all POST; the method is not checked (see [`HttpReplay`]).
+    /// timeout, a transport error after sending) and a proxy's 502 or 504 (a bad gateway or a
+    /// gateway timeout, which say nothing of whether the upstream ran the call), which may
+    /// follow a call the server ran, are retried only for a call with an `Idempotency-Key`
+    /// metadata header or marked [`Idempotent`] (a rejection from a layer below, which never
+    /// sent it, always; a proxy's 503, which reached no upstream, and a server's
+    /// `UNAVAILABLE`, always). gRPC calls are all POST; the method is not checked (see
+    /// [`HttpReplay`]). A call's `grpc-timeout` is its deadline across attempts: see the
+    /// [module docs](super#grpc-deadlines).
     pub fn grpc() -> RetryPolicy<GrpcStatus, HttpReplay> {
         RetryPolicy::with(
             GrpcStatus::default(),
@@ -783,7 +795,8 @@ impl<C, R> RetryPolicy<C, R> {
     }
 
     /// An overall deadline across attempts, from the call: no backoff and no new attempt
-    /// starts past it. A retry still waiting for the inner service's readiness when it passes
+    /// starts past it (for [`RetryPolicy::grpc`], a call's `grpc-timeout` is one too, and the
+    /// stricter holds). A retry still waiting for the inner service's readiness when it passes
     /// is not made: the last response or error is returned. An attempt in flight is not cut
     /// (put a timeout below this layer for that).
     pub fn deadline(mut self, deadline: Duration) -> Self {
@@ -831,8 +844,15 @@ impl<C, R> RetryPolicy<C, R> {
 impl<C> RetryPolicy<C, HttpReplay> {
     /// Gives requests that are not idempotent (POST, PATCH) and carry no `Idempotency-Key` a
     /// fresh key (a random UUID, as a structured-field string: `"…"`), the same on every
-    /// attempt, so they may be retried: a server with
-    /// `IdempotencyLayer` then runs the request once however many attempts reach it.
+    /// attempt, so they may be retried when that is safe: after a connection error or a
+    /// timeout, and after an answer that says the request did not run (a 429, the in-flight
+    /// 409, a 503 marked [`REQUEST_REFUSED`](crate::rejection::REQUEST_REFUSED) by a server's
+    /// `RejectionLayer`), but not after another 5xx, which may be the handler's after its
+    /// effect. A server with `IdempotencyLayer` then runs the request to a stored answer
+    /// once however many attempts reach it, and replays that answer to the others; it keeps
+    /// no 5xx (so that the client may retry one), so a handler that had its effect and
+    /// answered a 5xx can still run again on a retry that followed a timeout. See the
+    /// [module docs](super#safety).
     pub fn add_idempotency_key(mut self) -> Self {
         self.replay.add_key = true;
         self
@@ -945,6 +965,73 @@ mod tests {
         );
         assert_eq!(res(&[("retry-after", "3")]), Hint::After(s(3)));
         assert_eq!(res(&[]), Hint::None);
+    }
+
+    #[test]
+    fn grpc_timeout_forms() {
+        let p = |s: &str| parse_grpc_timeout(&HeaderValue::from_str(s).unwrap());
+        assert_eq!(p("1000000u"), Some(Duration::from_secs(1)));
+        assert_eq!(p("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(p("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(p("99999999S"), Some(Duration::from_secs(99_999_999)));
+        assert_eq!(p("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(p("0n"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            "m",
+            "123456789m",
+            "10x",
+            "-5S",
+            "1.5S",
+            " 5S",
+            "5 S",
+            "5s",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+        let f = |d: Duration| format_grpc_timeout(d).to_str().unwrap().to_owned();
+        assert_eq!(f(Duration::from_nanos(99_999_999)), "99999999n");
+        assert_eq!(f(Duration::from_nanos(100_000_000)), "100000u");
+        assert_eq!(f(Duration::from_nanos(1_900_000_999)), "1900000u");
+        assert_eq!(f(Duration::from_secs(100_000)), "100000S");
+        assert_eq!(f(Duration::from_secs(99_999_999 * 60)), "99999999M");
+        assert_eq!(f(Duration::from_secs(100_000_000 * 60)), "1666666H");
+        assert_eq!(f(Duration::MAX), "99999999H");
+        // Written values read back as at most the time given, in 8 digits or fewer.
+        for nanos in [0u64, 1, 999, 123_456_789, 98_765_432_101, u64::MAX] {
+            let d = Duration::from_nanos(nanos);
+            let v = format_grpc_timeout(d);
+            assert!(v.len() <= 9, "{v:?}");
+            assert!(parse_grpc_timeout(&v).unwrap() <= d, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn answers_that_may_follow_a_run() {
+        let res = |status: u16, headers: &[(&str, &str)]| {
+            let mut b = Response::builder().status(status);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        let http = HttpReplay::http();
+        let grpc = HttpReplay {
+            check_method: false,
+            ..HttpReplay::http()
+        };
+        for s in [500, 502, 503, 504] {
+            assert!(http.may_have_run(&res(s, &[])), "{s}");
+            assert!(!http.may_have_run(&res(s, &[("request-refused", "overloaded")])));
+        }
+        assert!(!http.may_have_run(&res(429, &[])));
+        assert!(!http.may_have_run(&res(409, &[("idempotency-key-in-flight", "true")])));
+        assert!(grpc.may_have_run(&res(502, &[])));
+        assert!(grpc.may_have_run(&res(504, &[])));
+        assert!(!grpc.may_have_run(&res(503, &[])));
+        assert!(!grpc.may_have_run(&res(429, &[])));
+        assert!(!grpc.may_have_run(&res(504, &[("grpc-status", "14")])));
+        assert!(!grpc.may_have_run(&res(200, &[("grpc-status", "14")])));
     }
 
     #[test]
