@@ -67,7 +67,7 @@ pub enum RejectionKind {
     /// retrying after the wait, when the first request's stored response is replayed. The
     /// wait is drawn between half a second and a second; gRPC's `grpc-retry-pushback-ms` and
     /// in-process callers read it whole, while HTTP's `Retry-After` (whole seconds) says `1`,
-    /// the least it can, so that a client whose maximum delay is a second still retries. Over
+    /// the least it can, so that a client that waits out hints of a second still retries. Over
     /// HTTP the spread is the client's: the crate's retry layer waits a hint plus a jittered
     /// share of it.
     IdempotencyInFlight,

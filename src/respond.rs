@@ -534,6 +534,7 @@ mod tests {
             let res = answer(Rejection::new(kind).into()).await;
             assert_eq!(res.status(), kind.http_status());
             assert!(res.headers().get(RETRY_AFTER).is_none());
+            assert_eq!(res.headers()[REQUEST_REFUSED], kind.slug());
             let v = body_json(res).await;
             assert_eq!(v["status"], kind.http_status().as_u16());
         }
@@ -545,6 +546,8 @@ mod tests {
     async fn other_errors_are_500_without_leaking() {
         let res = answer("database password is hunter2".into()).await;
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // Not a refusal: the service may have run.
+        assert!(res.headers().get(REQUEST_REFUSED).is_none());
         assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         let text = std::str::from_utf8(&bytes).unwrap();

@@ -797,3 +797,74 @@ async fn readiness_failures_that_use_up_the_attempts_return_the_last_response() 
     assert_eq!(inner.readiness_failures.load(Ordering::SeqCst), 2);
     assert_eq!(handle.retries(), 2);
 }
+
+/// Server hints are waited out up to the policy's `max_hint` (4 s by default), whatever the
+/// backoff's maximum delay (1 s by default); a longer one returns the answer at once.
+#[tokio::test(start_paused = true)]
+async fn hints_are_waited_out_up_to_max_hint_not_the_maximum_delay() {
+    for (policy, retry_after, retried) in [
+        (RetryPolicy::http(), "3", true),
+        (RetryPolicy::http(), "4", true),
+        (RetryPolicy::http(), "5", false),
+        (
+            RetryPolicy::http().max_hint(Duration::from_secs(10)),
+            "5",
+            true,
+        ),
+        (
+            RetryPolicy::http().max_hint(Duration::from_secs(1)),
+            "2",
+            false,
+        ),
+    ] {
+        let header: &'static [(&'static str, &'static str)] =
+            Box::leak(Box::new([("retry-after", retry_after)]));
+        let (n, gap) = wait_before_retry(policy.clock(Clock::tokio()), (503, header)).await;
+        let secs: u64 = retry_after.parse().unwrap();
+        if retried {
+            assert_eq!(n, 2, "Retry-After: {retry_after}");
+            // Never early; spread by at most twice a hint longer than the maximum delay.
+            assert!(
+                gap >= Duration::from_secs(secs) && gap <= Duration::from_secs(3 * secs),
+                "Retry-After: {retry_after}: {gap:?}"
+            );
+        } else {
+            assert_eq!(n, 1, "Retry-After: {retry_after}");
+        }
+    }
+}
+
+/// A keyed POST shed by a server's own layers (answered by its `RejectionLayer`) did not run:
+/// it is sent again, and served.
+#[tokio::test(start_paused = true)]
+async fn a_keyed_post_shed_by_a_servers_rejection_layer_is_retried() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let server = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .service(service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err::<Response<Full<Bytes>>, BoxError>(
+                        Rejection::overloaded(Some(Duration::from_millis(300))).into(),
+                    )
+                } else {
+                    Ok(Response::builder()
+                        .status(201)
+                        .body(Full::new(Bytes::from_static(b"made")))
+                        .unwrap())
+                }
+            }
+        }));
+    let client = RetryLayer::new(
+        RetryPolicy::http()
+            .add_idempotency_key()
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .layer(server);
+    let res = client.oneshot(req(Method::POST)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
