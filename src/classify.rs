@@ -6,7 +6,7 @@
 //! | classifier | success | failure (counts against health) | retryable |
 //! |---|---|---|---|
 //! | [`ErrorsOnly`] | every response | every error | every error except a non-retryable [`Rejection`] |
-//! | [`HttpStatus`] | 1xx-4xx except 429 and the in-flight 409 | 5xx, errors | 502, 503, 504, 429 and the in-flight 409 (throttled), errors |
+//! | [`HttpStatus`] | 1xx-4xx except 429 and the in-flight 409 | 5xx (but a 503 marked [`REQUEST_REFUSED`]), errors | 502, 503, 504, 429, the in-flight 409 and a marked 503 (throttled), errors |
 //! | [`GrpcStatus`] | `OK`, client-side codes, HTTP 200 without `grpc-status` (the trailers decide) | `UNAVAILABLE`, `INTERNAL`, `DEADLINE_EXCEEDED`, `UNKNOWN`, `DATA_LOSS`, errors | `UNAVAILABLE`, `RESOURCE_EXHAUSTED` and the in-flight `ABORTED` (throttled), errors |
 //! | [`ClassifyFn`] | whatever your closure says | | |
 //!
@@ -54,7 +54,7 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use tower::BoxError;
 
-use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT};
+use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT, REQUEST_REFUSED};
 
 /// What an attempt's outcome was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,8 +157,10 @@ impl<Res> Classify<Res> for ErrorsOnly {
 /// By default 5xx are failures, of which 502, 503 and 504 are retryable; 429 is
 /// [`Outcome::Throttled`], and so is a 409 marked [`IDEMPOTENCY_KEY_IN_FLIGHT`] (an
 /// `IdempotencyLayer` still runs the first request with this key: a retry after its
-/// `Retry-After` is replayed that request's response); everything else is a success. Each
-/// can be changed.
+/// `Retry-After` is replayed that request's response) and a 503 marked
+/// [`REQUEST_REFUSED`] (a server's shed or open breaker, answered by this crate's
+/// `RejectionLayer`: the same refusal in process is a throttled [`Rejection`]); everything
+/// else is a success. Each can be changed.
 ///
 /// ```
 /// use http::{Response, StatusCode};
@@ -246,7 +248,17 @@ impl HttpStatus {
         if status == StatusCode::CONFLICT && self.throttled_in_flight && in_flight_mark(headers) {
             return Outcome::Throttled;
         }
-        self.classify_status(status)
+        let outcome = self.classify_status(status);
+        // A 503 marked `Request-Refused` is a refusal of this crate's layers on the server (a
+        // shed, an open breaker there): throttled, as the same refusal is in process, not a
+        // failure of health.
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && outcome == Outcome::Retryable
+            && headers.contains_key(REQUEST_REFUSED)
+        {
+            return Outcome::Throttled;
+        }
+        outcome
     }
 
     /// The outcome of a status code alone (a 409 is a success here: its in-flight mark is in
@@ -773,6 +785,13 @@ mod tests {
         assert_eq!(h.classify_response(&res(409)), Outcome::Success);
         // The mark on another status changes nothing.
         assert_eq!(h.classify_response(&marked(200, None)), Outcome::Success);
+        let refused = http::Response::builder()
+            .status(503)
+            .header(REQUEST_REFUSED, "overloaded")
+            .body(())
+            .unwrap();
+        assert_eq!(h.classify_response(&refused), Outcome::Throttled);
+        assert_eq!(h.classify_response(&res(503)), Outcome::Retryable);
         let off = h.retry_idempotency_in_flight(false);
         assert_eq!(off.classify_response(&marked(409, None)), Outcome::Success);
         let g = GrpcStatus::default();

@@ -38,6 +38,15 @@ use http::HeaderName;
 pub const IDEMPOTENCY_KEY_IN_FLIGHT: HeaderName =
     HeaderName::from_static("idempotency-key-in-flight");
 
+/// `Request-Refused: <kind>`: the mark [`RejectionLayer::http`](crate::RejectionLayer::http)
+/// puts on every answer it makes of a [`Rejection`], with the kind's
+/// [`slug`](RejectionKind::slug) (`overloaded`, `circuit-open`, `rate-limited`...): the answer
+/// is a refusal by one of this crate's layers, so the request did not reach the service behind
+/// it. A client's [`RetryLayer`](crate::retry::RetryLayer) reads it to retry a 503 shed by a
+/// server for a request that is safe to repeat only through its `Idempotency-Key`, where a
+/// 503 without it (from a handler, which may have had its effect) is not retried.
+pub const REQUEST_REFUSED: HeaderName = HeaderName::from_static("request-refused");
+
 /// Why a request was refused.
 ///
 /// The HTTP status and gRPC code of each kind are those of
@@ -58,7 +67,7 @@ pub enum RejectionKind {
     /// retrying after the wait, when the first request's stored response is replayed. The
     /// wait is drawn between half a second and a second; gRPC's `grpc-retry-pushback-ms` and
     /// in-process callers read it whole, while HTTP's `Retry-After` (whole seconds) says `1`,
-    /// the least it can, so that a client whose maximum delay is a second still retries. Over
+    /// the least it can, so that a client that waits out hints of a second still retries. Over
     /// HTTP the spread is the client's: the crate's retry layer waits a hint plus a jittered
     /// share of it.
     IdempotencyInFlight,

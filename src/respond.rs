@@ -17,7 +17,9 @@
 //! | idempotency store full | 503, `Retry-After` | `UNAVAILABLE`, `grpc-retry-pushback-ms` |
 //!
 //! HTTP bodies are `application/problem+json` (RFC 9457) with `type`, `title`, `status`,
-//! `detail` and, where there is a wait, `retry_after` (seconds). `Retry-After` is in whole
+//! `detail` and, where there is a wait, `retry_after` (seconds). Every HTTP answer made of a
+//! rejection carries [`Request-Refused: <kind>`](crate::rejection::REQUEST_REFUSED): the
+//! request did not reach the service, which a client's retry layer reads. `Retry-After` is in whole
 //! seconds, rounded up, and never 0 when there is a wait.
 //!
 //! # Errors that are not rejections
@@ -77,7 +79,7 @@ use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT};
+use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT, REQUEST_REFUSED};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -290,6 +292,7 @@ fn http_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
     if kind == RejectionKind::IdempotencyInFlight {
         headers.insert(IDEMPOTENCY_KEY_IN_FLIGHT, HeaderValue::from_static("true"));
     }
+    headers.insert(REQUEST_REFUSED, HeaderValue::from_static(kind.slug()));
     let mut res = Response::new(RejectionBody::full(Bytes::from(body)));
     *res.status_mut() = status;
     *res.headers_mut() = headers;
@@ -531,6 +534,7 @@ mod tests {
             let res = answer(Rejection::new(kind).into()).await;
             assert_eq!(res.status(), kind.http_status());
             assert!(res.headers().get(RETRY_AFTER).is_none());
+            assert_eq!(res.headers()[REQUEST_REFUSED], kind.slug());
             let v = body_json(res).await;
             assert_eq!(v["status"], kind.http_status().as_u16());
         }
@@ -542,6 +546,8 @@ mod tests {
     async fn other_errors_are_500_without_leaking() {
         let res = answer("database password is hunter2".into()).await;
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // Not a refusal: the service may have run.
+        assert!(res.headers().get(REQUEST_REFUSED).is_none());
         assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         let text = std::str::from_utf8(&bytes).unwrap();

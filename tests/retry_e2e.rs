@@ -27,16 +27,28 @@ type Requests = Vec<(Option<String>, Bytes)>;
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Requests>>);
 
-async fn flaky(State(seen): State<Seen>, headers: HeaderMap, body: Bytes) -> (StatusCode, Bytes) {
+async fn flaky(
+    State(seen): State<Seen>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let mut seen = seen.0.lock().unwrap();
     let key = headers
         .get(IDEMPOTENCY_KEY)
         .map(|v| v.to_str().unwrap().to_owned());
     seen.push((key, body.clone()));
     if seen.len() < 3 {
-        (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
+        // As this crate's `RejectionLayer` marks a shed: the request did not run, and a POST
+        // with a key is sent again.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("request-refused", "overloaded")],
+            Bytes::new(),
+        )
+            .into_response()
     } else {
-        (StatusCode::CREATED, body)
+        (StatusCode::CREATED, body).into_response()
     }
 }
 

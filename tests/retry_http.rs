@@ -108,6 +108,8 @@ fn fixed(ms: u64) -> Backoff {
 }
 
 const UNAVAILABLE: Reply = (503, &[]);
+/// A 503 of this crate's `RejectionLayer` on the server (a shed): the request did not run.
+const SHED: Reply = (503, &[("request-refused", "overloaded")]);
 
 #[tokio::test(start_paused = true)]
 async fn post_without_a_key_is_never_retried() {
@@ -131,15 +133,34 @@ async fn post_without_a_key_is_never_retried() {
         assert!(inner.seen().iter().all(|s| s.body == "{\"qty\":1}"));
         assert!(inner.seen().iter().all(|s| s.method == method));
     }
-    // A POST that carries its own key may be retried; the key is left as it was.
-    let inner = Scripted::new(vec![UNAVAILABLE, UNAVAILABLE, (201, &[])]);
-    let mut r = req(Method::POST);
-    r.headers_mut()
-        .insert(IDEMPOTENCY_KEY, "order-17".parse().unwrap());
-    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    // A POST that carries its own key may be retried when it did not run (a shed, a 429);
+    // the key is left as it was.
+    let keyed = || {
+        let mut r = req(Method::POST);
+        r.headers_mut()
+            .insert(IDEMPOTENCY_KEY, "order-17".parse().unwrap());
+        r
+    };
+    let inner = Scripted::new(vec![SHED, (429, &[]), (201, &[])]);
+    let res = layer.layer(inner.clone()).oneshot(keyed()).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let keys: Vec<_> = inner.seen().into_iter().map(|s| s.key).collect();
     assert_eq!(keys, vec![Some("order-17".to_owned()); 3]);
+    // A 5xx without the mark may come from the handler after its effect, and a server's
+    // idempotency layer releases the key of a 5xx: the keyed POST is not sent again.
+    for reply in [UNAVAILABLE, (502, &[]), (504, &[])] {
+        let inner = Scripted::new(vec![reply, (201, &[])]);
+        let res = layer.layer(inner.clone()).oneshot(keyed()).await.unwrap();
+        assert_eq!(res.status().as_u16(), reply.0);
+        assert_eq!(inner.seen().len(), 1, "{}", reply.0);
+    }
+    // Marked idempotent, it is.
+    let inner = Scripted::new(vec![UNAVAILABLE, (201, &[])]);
+    let mut r = keyed();
+    r.extensions_mut().insert(tower_bulwark::retry::Idempotent);
+    let res = layer.layer(inner.clone()).oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(inner.seen().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -153,7 +174,7 @@ async fn add_idempotency_key_gives_every_attempt_the_same_fresh_key() {
     .unwrap();
     let mut first_keys = Vec::new();
     for method in [Method::POST, Method::PATCH, Method::POST] {
-        let inner = Scripted::new(vec![UNAVAILABLE, (502, &[]), (200, &[])]);
+        let inner = Scripted::new(vec![SHED, (429, &[]), (200, &[])]);
         let res = layer
             .layer(inner.clone())
             .oneshot(req(method))
@@ -388,13 +409,20 @@ fn streamed(chunks: &[&'static str]) -> axum::body::Body {
 async fn a_streamed_axum_body_is_replayed_to_an_axum_router() {
     #[derive(Clone, Default)]
     struct Calls(Arc<Mutex<Vec<Bytes>>>);
-    async fn flaky(State(calls): State<Calls>, body: Bytes) -> (StatusCode, Bytes) {
+    async fn flaky(State(calls): State<Calls>, body: Bytes) -> axum::response::Response {
+        use axum::response::IntoResponse;
         let mut seen = calls.0.lock().unwrap();
         seen.push(body.clone());
         if seen.len() < 3 {
-            (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
+            // As this crate's `RejectionLayer` marks a shed: the request did not run.
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("request-refused", "overloaded")],
+                Bytes::new(),
+            )
+                .into_response()
         } else {
-            (StatusCode::OK, body)
+            (StatusCode::OK, body).into_response()
         }
     }
     let calls = Calls::default();
@@ -559,4 +587,284 @@ async fn the_retry_event_names_the_status() {
     let _ = layer.layer(inner).oneshot(req(Method::GET)).await.unwrap();
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("Retryable response: status 502"), "{text}");
+}
+
+/// A gRPC call through a proxy: the proxy's 503 (no upstream reached) is retried for any call,
+/// its 502 and 504 (the call may have reached an upstream) only for a call with a key or
+/// marked idempotent; a server's `UNAVAILABLE` for any call.
+#[tokio::test(start_paused = true)]
+async fn grpc_proxy_answers_are_retried_by_what_they_say() {
+    let layer =
+        RetryLayer::new(RetryPolicy::grpc().clock(Clock::tokio()).backoff(fixed(5))).unwrap();
+    let call = |keyed: bool, marked: bool| {
+        let mut r = Request::post("http://svc/pkg.Payments/Charge")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .unwrap();
+        if keyed {
+            r.headers_mut()
+                .insert(IDEMPOTENCY_KEY, "charge-9".parse().unwrap());
+        }
+        if marked {
+            r.extensions_mut().insert(tower_bulwark::retry::Idempotent);
+        }
+        r
+    };
+    const OK: Reply = (200, &[("grpc-status", "0")]);
+    for (reply, keyed, marked, attempts) in [
+        ((503, &[][..]), false, false, 2),
+        ((502, &[][..]), false, false, 1),
+        ((504, &[][..]), false, false, 1),
+        ((504, &[][..]), true, false, 2),
+        ((502, &[][..]), false, true, 2),
+        ((200, &[("grpc-status", "14")][..]), false, false, 2),
+        ((503, &[("grpc-status", "14")][..]), false, false, 2),
+    ] {
+        let inner = Scripted::new(vec![reply, OK]);
+        let _ = layer
+            .layer(inner.clone())
+            .oneshot(call(keyed, marked))
+            .await
+            .unwrap();
+        assert_eq!(
+            inner.seen().len(),
+            attempts,
+            "{reply:?}, keyed {keyed}, marked {marked}"
+        );
+    }
+}
+
+/// When each attempt came, and the `grpc-timeout` it carried.
+type Timeouts = Arc<Mutex<Vec<(Duration, Option<String>)>>>;
+
+/// Records each attempt's `grpc-timeout` and answers `UNAVAILABLE` at once.
+#[derive(Clone)]
+struct TimeoutsSeen {
+    seen: Timeouts,
+    start: Instant,
+}
+
+impl<B> Service<Request<B>> for TimeoutsSeen {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.seen.lock().unwrap().push((
+            self.start.elapsed(),
+            req.headers()
+                .get("grpc-timeout")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        ));
+        std::future::ready(Ok(Response::builder()
+            .header("grpc-status", "14")
+            .body(Full::new(Bytes::new()))
+            .unwrap()))
+    }
+}
+
+fn timeouts_seen() -> (Timeouts, TimeoutsSeen) {
+    let seen = Timeouts::default();
+    let svc = TimeoutsSeen {
+        seen: seen.clone(),
+        start: Instant::now(),
+    };
+    (seen, svc)
+}
+
+fn grpc_call_with_timeout(timeout: &'static str) -> Request<Full<Bytes>> {
+    Request::post("http://svc/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", timeout)
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_retry_is_sent_the_time_its_call_has_left() {
+    let (seen, svc) = timeouts_seen();
+    let svc = RetryLayer::new(
+        RetryPolicy::grpc()
+            .clock(Clock::tokio())
+            .backoff(fixed(100)),
+    )
+    .unwrap()
+    .layer(svc);
+    let _ = svc.oneshot(grpc_call_with_timeout("2S")).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let ms = Duration::from_millis;
+    assert_eq!(
+        seen,
+        vec![
+            (ms(0), Some("2S".to_owned())),
+            (ms(100), Some("1900000u".to_owned())),
+            (ms(200), Some("1800000u".to_owned())),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_retry_starts_past_the_calls_grpc_timeout() {
+    let (seen, svc) = timeouts_seen();
+    let svc = RetryLayer::new(
+        RetryPolicy::grpc()
+            .max_attempts(5)
+            .clock(Clock::tokio())
+            .backoff(fixed(100)),
+    )
+    .unwrap()
+    .layer(svc);
+    let start = Instant::now();
+    let res = svc.oneshot(grpc_call_with_timeout("150m")).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "14");
+    // The third attempt would start at 200 ms: past the call's 150 ms, so it is not made.
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            (Duration::ZERO, Some("150m".to_owned())),
+            (Duration::from_millis(100), Some("50000000n".to_owned())),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_grpc_timeout_is_left_as_it_is_and_ignored() {
+    for bad in ["soon", "123456789m", "10x", "m", "-5S", "1.5S"] {
+        let (seen, svc) = timeouts_seen();
+        let svc = RetryLayer::new(
+            RetryPolicy::grpc()
+                .clock(Clock::tokio())
+                .backoff(fixed(100)),
+        )
+        .unwrap()
+        .layer(svc);
+        let _ = svc.oneshot(grpc_call_with_timeout(bad)).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{bad:?}");
+        assert!(
+            seen.iter().all(|(_, t)| t.as_deref() == Some(bad)),
+            "{bad:?}: {seen:?}"
+        );
+    }
+}
+
+/// Fails `poll_ready` on every retry; answers the first call 503.
+#[derive(Clone, Default)]
+struct NeverReadyAgain {
+    calls: Arc<AtomicU32>,
+    readiness_failures: Arc<AtomicU32>,
+}
+
+impl<B> Service<Request<B>> for NeverReadyAgain {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.calls.load(Ordering::SeqCst) > 0 {
+            self.readiness_failures.fetch_add(1, Ordering::SeqCst);
+            return Poll::Ready(Err("connect failed".into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(Response::builder().status(503).body(()).unwrap()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_failures_that_use_up_the_attempts_return_the_last_response() {
+    let inner = NeverReadyAgain::default();
+    let layer =
+        RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()).backoff(fixed(10))).unwrap();
+    let handle = layer.handle();
+    let res = layer
+        .layer(inner.clone())
+        .oneshot(req(Method::GET))
+        .await
+        .expect("the last response, not the readiness error");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+    // Two attempts (of three) failed at readiness, each after a backoff.
+    assert_eq!(inner.readiness_failures.load(Ordering::SeqCst), 2);
+    assert_eq!(handle.retries(), 2);
+}
+
+/// Server hints are waited out up to the policy's `max_hint` (4 s by default), whatever the
+/// backoff's maximum delay (1 s by default); a longer one returns the answer at once.
+#[tokio::test(start_paused = true)]
+async fn hints_are_waited_out_up_to_max_hint_not_the_maximum_delay() {
+    for (policy, retry_after, retried) in [
+        (RetryPolicy::http(), "3", true),
+        (RetryPolicy::http(), "4", true),
+        (RetryPolicy::http(), "5", false),
+        (
+            RetryPolicy::http().max_hint(Duration::from_secs(10)),
+            "5",
+            true,
+        ),
+        (
+            RetryPolicy::http().max_hint(Duration::from_secs(1)),
+            "2",
+            false,
+        ),
+    ] {
+        let header: &'static [(&'static str, &'static str)] =
+            Box::leak(Box::new([("retry-after", retry_after)]));
+        let (n, gap) = wait_before_retry(policy.clock(Clock::tokio()), (503, header)).await;
+        let secs: u64 = retry_after.parse().unwrap();
+        if retried {
+            assert_eq!(n, 2, "Retry-After: {retry_after}");
+            // Never early; spread by at most twice a hint longer than the maximum delay.
+            assert!(
+                gap >= Duration::from_secs(secs) && gap <= Duration::from_secs(3 * secs),
+                "Retry-After: {retry_after}: {gap:?}"
+            );
+        } else {
+            assert_eq!(n, 1, "Retry-After: {retry_after}");
+        }
+    }
+}
+
+/// A keyed POST shed by a server's own layers (answered by its `RejectionLayer`) did not run:
+/// it is sent again, and served.
+#[tokio::test(start_paused = true)]
+async fn a_keyed_post_shed_by_a_servers_rejection_layer_is_retried() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let server = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .service(service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err::<Response<Full<Bytes>>, BoxError>(
+                        Rejection::overloaded(Some(Duration::from_millis(300))).into(),
+                    )
+                } else {
+                    Ok(Response::builder()
+                        .status(201)
+                        .body(Full::new(Bytes::from_static(b"made")))
+                        .unwrap())
+                }
+            }
+        }));
+    let client = RetryLayer::new(
+        RetryPolicy::http()
+            .add_idempotency_key()
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .layer(server);
+    let res = client.oneshot(req(Method::POST)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }

@@ -38,7 +38,9 @@
 //! layer makes: [`ErrorsOnly`](crate::classify::ErrorsOnly) by default (every error);
 //! [`HttpStatus`](crate::classify::HttpStatus) counts 5xx responses and errors, never 4xx (a
 //! 404 or 422 says the *request* was wrong, not that the dependency is sick, and one bad
-//! client must not open the breaker for everybody); 429 is "throttled" and counts as neither;
+//! client must not open the breaker for everybody); 429, and a 503 marked
+//! [`Request-Refused`](crate::rejection::REQUEST_REFUSED) (a server's shed or open breaker,
+//! as its `RejectionLayer` answers it), are "throttled" and count as neither;
 //! [`GrpcStatus`](crate::classify::GrpcStatus) counts `UNAVAILABLE`, `INTERNAL`,
 //! `DEADLINE_EXCEEDED`, `UNKNOWN` and `DATA_LOSS`, not client-side codes such as
 //! `NOT_FOUND` or `INVALID_ARGUMENT`, and treats `RESOURCE_EXHAUSTED` as throttled. A call

@@ -104,9 +104,9 @@ impl Backoff {
         self.base
     }
 
-    /// The largest delay, and the longest server hint (`Retry-After`,
-    /// `grpc-retry-pushback-ms`, a rejection's `retry_after`) that is waited out: a longer
-    /// one stops the retries and returns the answer as it is.
+    /// The largest delay. Server hints (`Retry-After`, `grpc-retry-pushback-ms`, a
+    /// rejection's `retry_after`) have a bound of their own,
+    /// [`RetryPolicy::max_hint`](super::RetryPolicy::max_hint).
     pub fn max(&self) -> Duration {
         self.max
     }

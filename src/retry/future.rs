@@ -37,7 +37,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, Result<S::Response, BoxError>>,
-        retry: Option<Retrying<S, R::Saved, C, R>>,
+        retry: Option<RetryingFor<S, Req, C, R>>,
         _req: PhantomData<fn(Req)>,
     }
 }
@@ -48,8 +48,8 @@ pin_project! {
         Called { #[pin] fut: F },
         // Boxed: only a retry pays for the timer, and the future stays small for the common
         // case where the first attempt succeeds. `last`: the last outcome, kept (boxed: only
-        // a retry under a deadline pays for it) while a retry waits, so that a deadline
-        // passing before the retry starts returns it.
+        // a retry pays for it) while a retry waits, so that a retry not made (a deadline
+        // passing before it starts, a failed readiness) returns it.
         Backoff { sleep: Pin<Box<Sleep>>, last: Option<Box<T>> },
         // Waiting for the inner service's readiness; under a deadline, `wait` ends at it
         // (made only if the service is not ready at once).
@@ -59,10 +59,10 @@ pin_project! {
 
 /// What a request that may be retried carries: the kept request, the state, and (from the
 /// first retry on) a clone of the service to retry on.
-pub(crate) struct Retrying<S, Saved, C, R> {
+pub(crate) struct Retrying<S, Saved, C, R, T> {
     // Boxed: made only for a retry, and inline it would make every future carry the size of
     // the service below (every layer above moves this future).
-    pub(crate) svc: Option<Box<S>>,
+    pub(crate) svc: Option<Box<OnRetry<S, T>>>,
     pub(crate) saved: Option<Saved>,
     pub(crate) shared: Arc<Anchor<S, C, R>>,
     pub(crate) start: u64,
@@ -75,10 +75,30 @@ pub(crate) struct Retrying<S, Saved, C, R> {
     pub(crate) withdrawn: u64,
 }
 
+/// The [`Retrying`] of a [`ResponseFuture`].
+pub(crate) type RetryingFor<S, Req, C, R> = Retrying<
+    S,
+    <R as Replay<Req>>::Saved,
+    C,
+    R,
+    Result<<S as Service<<R as Replay<Req>>::Request>>::Response, BoxError>,
+>;
+
+/// What only a retry needs, boxed so that a first attempt pays nothing for it.
+pub(crate) struct OnRetry<S, T> {
+    /// The clone of the service that retries are made on.
+    svc: S,
+    /// Under the call's own deadline (gRPC's `grpc-timeout`), the end of the retry in flight,
+    /// and the outcome before it, which the call then returns: the caller waits no longer
+    /// than its deadline, as a gRPC client does.
+    cut: Option<Pin<Box<Sleep>>>,
+    last: Option<T>,
+}
+
 /// `Retrying::withdrawn` when no retry is withdrawn (an epoch the budget never reaches).
 pub(crate) const NOT_WITHDRAWN: u64 = u64::MAX;
 
-impl<S, Saved, C, R> Drop for Retrying<S, Saved, C, R> {
+impl<S, Saved, C, R, T> Drop for Retrying<S, Saved, C, R, T> {
     fn drop(&mut self) {
         let epoch = std::mem::replace(&mut self.withdrawn, NOT_WITHDRAWN);
         if epoch != NOT_WITHDRAWN {
@@ -95,7 +115,7 @@ where
     R: Replay<Req>,
 {
     #[inline]
-    pub(crate) fn new(fut: S::Future, retry: Option<Retrying<S, R::Saved, C, R>>) -> Self {
+    pub(crate) fn new(fut: S::Future, retry: Option<RetryingFor<S, Req, C, R>>) -> Self {
         ResponseFuture {
             state: State::Called { fut },
             retry,
@@ -147,7 +167,40 @@ fn reason<Res, H: Hints<Res>>(
     }
 }
 
-impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
+fn past_call_deadline() -> BoxError {
+    "retry: the call's deadline passed".into()
+}
+
+impl<S, Saved, C, R, T> Retrying<S, Saved, C, R, T> {
+    /// The call's own deadline (gRPC's `grpc-timeout`), in nanoseconds from `start`.
+    fn own_deadline<Req>(&self) -> Option<u64>
+    where
+        R: Replay<Req, Saved = Saved>,
+    {
+        let saved = self.saved.as_ref()?;
+        self.shared
+            .replay
+            .deadline(saved)
+            .map(crate::clock::duration_nanos)
+    }
+
+    /// The deadline no attempt starts past: the policy's or the call's own, the stricter.
+    fn deadline<Req>(&self) -> Option<u64>
+    where
+        R: Replay<Req, Saved = Saved>,
+    {
+        match (self.shared.control.deadline, self.own_deadline::<Req>()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Nanoseconds left before `deadline` (from `start`).
+    fn left(&self, deadline: u64) -> u64 {
+        let now = self.shared.control.clock.now_nanos();
+        deadline.saturating_sub(now.saturating_sub(self.start))
+    }
+
     /// How the classifier judges `result`: only a retryable outcome goes on to
     /// [`decide`](Self::decide).
     #[inline]
@@ -163,7 +216,13 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
     }
 
     /// Whether to retry the retryable `outcome` of `result`, and after how many nanoseconds.
-    fn decide<Req, Res>(&mut self, outcome: Outcome, result: &Result<Res, BoxError>) -> Option<u64>
+    /// `sent`: whether the attempt sent the request (not so for a failed readiness).
+    fn decide<Req, Res>(
+        &mut self,
+        outcome: Outcome,
+        result: &Result<Res, BoxError>,
+        sent: bool,
+    ) -> Option<u64>
     where
         R: Replay<Req, Saved = Saved> + Hints<Res>,
     {
@@ -182,12 +241,27 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             // An error says nothing of whether the server ran the call (a timeout, a reset
             // after sending), unless a layer below refused it: only a request marked safe is
             // sent again after one.
-            if Rejection::find(&**e).is_none() && !shared.replay.may_retry_error(saved) {
+            if sent && Rejection::find(&**e).is_none() && !shared.replay.may_retry_error(saved) {
                 tracing::debug!(
                     target: "tower_bulwark::retry",
                     attempts = self.attempt,
                     error = %e,
                     "not retrying: the call may have been processed and is not marked idempotent"
+                );
+                return None;
+            }
+        }
+        if let (Ok(res), Some(saved)) = (result, self.saved.as_ref()) {
+            // A 5xx from the handler or a gateway's timeout may follow a run of the request:
+            // sent again only if it is safe to repeat whatever happened (an `IdempotencyLayer`
+            // releases the key of a 5xx answer, so a key alone does not make it so).
+            if shared.replay.may_have_run(res) && !shared.replay.may_retry_response(saved) {
+                tracing::debug!(
+                    target: "tower_bulwark::retry",
+                    attempts = self.attempt,
+                    reason = %reason(&shared.replay, outcome, result),
+                    "not retrying: the answer may follow a run of the request, which is not \
+                     safe to repeat"
                 );
                 return None;
             }
@@ -205,6 +279,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             return None;
         }
         let max_delay = crate::clock::duration_nanos(ctl.backoff.max());
+        let deadline = self.deadline::<Req>();
         let hint = match result {
             Ok(res) => shared.replay.hint(res),
             // A rejection from a layer below (an open breaker, a rate limit, a shed) says when
@@ -226,7 +301,7 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             }
             Hint::After(d) => {
                 let d = crate::clock::duration_nanos(d);
-                if d > max_delay {
+                if d > ctl.max_hint {
                     // Retrying earlier than told is never right, and waiting longer than the
                     // policy allows is not what the caller asked for: the answer is returned.
                     tracing::debug!(
@@ -234,17 +309,21 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
                         attempts = self.attempt,
                         retry_after_ms = d / 1_000_000,
                         reason = %reason(&shared.replay, outcome, result),
-                        "not retrying: told to wait longer than the maximum delay"
+                        "not retrying: told to wait longer than the policy's max hint"
                     );
                     return None;
                 }
                 // Waited out as the hint plus a uniform share of twice the hint (at least this
-                // retry's backoff ceiling, at most the maximum delay): callers refused over a
-                // span before one instant (an open breaker's end, a rate limit's reset) come
-                // back spread over a span after it, never before they were told.
-                let spread = d
-                    .saturating_mul(2)
-                    .clamp(ctl.backoff.ceiling_nanos(self.attempt - 1), max_delay);
+                // retry's backoff ceiling; at most the maximum delay for a hint within it):
+                // callers refused over a span before one instant (an open breaker's end, a
+                // rate limit's reset) come back spread over a span after it, never before they
+                // were told.
+                let spread = if d <= max_delay {
+                    d.saturating_mul(2)
+                        .clamp(ctl.backoff.ceiling_nanos(self.attempt - 1), max_delay)
+                } else {
+                    d.saturating_mul(2)
+                };
                 let jitter = (spread as f64 * ctl.rng.next_f64()) as u64;
                 (d, d.saturating_add(jitter))
             }
@@ -256,12 +335,12 @@ impl<S, Saved, C, R> Retrying<S, Saved, C, R> {
             }
         };
         let mut delay = delay;
-        let now = if ctl.needs_clock {
+        let now = if ctl.needs_clock || deadline.is_some() {
             ctl.clock.now_nanos()
         } else {
             0
         };
-        if let Some(deadline) = ctl.deadline {
+        if let Some(deadline) = deadline {
             let left = deadline.saturating_sub(now.saturating_sub(self.start));
             if earliest > left {
                 tracing::debug!(
@@ -312,7 +391,31 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(result) => result.map_err(Into::into),
+                        Poll::Pending => {
+                            // A retry under the call's own deadline ends at it (a first
+                            // attempt has no `OnRetry`: it pays nothing here).
+                            let Some(on) = this.retry.as_mut().and_then(|r| r.svc.as_mut()) else {
+                                return Poll::Pending;
+                            };
+                            let Some(cut) = on.cut.as_mut() else {
+                                return Poll::Pending;
+                            };
+                            ready!(cut.as_mut().poll(cx));
+                            let last = on.last.take();
+                            tracing::debug!(
+                                target: "tower_bulwark::retry",
+                                "giving up: the call's deadline passed during a retry"
+                            );
+                            *this.retry = None;
+                            this.state.set(State::Ready {
+                                wait: None,
+                                last: None,
+                            });
+                            return Poll::Ready(last.unwrap_or_else(|| Err(past_call_deadline())));
+                        }
+                    };
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(result);
                     };
@@ -327,27 +430,18 @@ where
                         wait: None,
                         last: None,
                     });
-                    match retry.decide::<Req, S::Response>(outcome, &result) {
+                    if let Some(on) = retry.svc.as_mut() {
+                        on.cut = None;
+                        on.last = None;
+                    }
+                    match retry.decide::<Req, S::Response>(outcome, &result, true) {
                         None => {
                             *this.retry = None;
                             return Poll::Ready(result);
                         }
                         Some(nanos) => {
-                            let last = retry
-                                .shared
-                                .control
-                                .deadline
-                                .is_some()
-                                .then(|| Box::new(result));
-                            if nanos > 0 {
-                                this.state.set(State::Backoff {
-                                    sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(
-                                        nanos,
-                                    ))),
-                                    last,
-                                });
-                            } else {
-                                this.state.set(State::Ready { wait: None, last });
+                            if wait(this.state.as_mut(), cx, nanos, Box::new(result)) {
+                                return Poll::Pending;
                             }
                         }
                     }
@@ -357,36 +451,77 @@ where
                     let last = last.take();
                     this.state.set(State::Ready { wait: None, last });
                 }
-                StateProj::Ready { wait, last } => {
+                StateProj::Ready {
+                    wait: ready_wait,
+                    last,
+                } => {
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(Err(lost()));
                     };
                     if retry.svc.is_none() {
-                        retry.svc = retry.shared.service().map(Box::new);
+                        retry.svc = retry.shared.service().map(|svc| {
+                            Box::new(OnRetry {
+                                svc,
+                                cut: None,
+                                last: None,
+                            })
+                        });
                     }
-                    let Some(svc) = retry.svc.as_mut() else {
+                    let Some(on) = retry.svc.as_mut() else {
                         *this.retry = None;
                         return Poll::Ready(Err(lost()));
                     };
-                    match svc.poll_ready(cx) {
+                    match on.svc.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => {
-                            *this.retry = None;
-                            return Poll::Ready(Err(e.into()));
+                            // Nothing was sent (a failed reconnect, say): this attempt's
+                            // outcome is the error, retried as the policy says; giving up
+                            // returns the last response, if there was one.
+                            let result: Result<S::Response, BoxError> = Err(e.into());
+                            retry.attempt += 1;
+                            // The retry was made (and failed): its withdrawal is spent.
+                            retry.withdrawn = NOT_WITHDRAWN;
+                            retry.shared.control.retries.fetch_add(1, Ordering::Relaxed);
+                            let outcome = retry.judge(&result);
+                            let decision = if outcome.is_retryable() {
+                                retry.decide::<Req, S::Response>(outcome, &result, false)
+                            } else {
+                                tracing::debug!(
+                                    target: "tower_bulwark::retry",
+                                    attempts = retry.attempt,
+                                    "giving up: the service failed to be ready for a retry"
+                                );
+                                None
+                            };
+                            let keep = match last.take() {
+                                Some(prev) if prev.is_ok() => prev,
+                                _ => Box::new(result),
+                            };
+                            match decision {
+                                None => {
+                                    *this.retry = None;
+                                    return Poll::Ready(*keep);
+                                }
+                                Some(nanos) => {
+                                    if wait(this.state.as_mut(), cx, nanos, keep) {
+                                        return Poll::Pending;
+                                    }
+                                    continue;
+                                }
+                            }
                         }
                         Poll::Pending => {
                             // No attempt starts past the deadline: the wait for readiness
                             // ends at it, with the last outcome.
-                            let Some(deadline) = retry.shared.control.deadline else {
-                                return Poll::Pending;
-                            };
-                            if wait.is_none() {
-                                let now = retry.shared.control.clock.now_nanos();
-                                let left = deadline.saturating_sub(now.saturating_sub(retry.start));
-                                *wait =
+                            if ready_wait.is_none() {
+                                let Some(deadline) = retry.deadline::<Req>() else {
+                                    return Poll::Pending;
+                                };
+                                let left = retry.left(deadline);
+                                *ready_wait =
                                     Some(Box::pin(tokio::time::sleep(Duration::from_nanos(left))));
                             }
-                            if let Some(w) = wait.as_mut() {
+                            if let Some(w) = ready_wait.as_mut() {
                                 ready!(w.as_mut().poll(cx));
                             }
                             tracing::debug!(
@@ -401,17 +536,42 @@ where
                             });
                         }
                     }
+                    // The call's own deadline: the time it leaves is the retry's.
+                    let left = retry.own_deadline::<Req>().map(|d| retry.left(d));
+                    if left == Some(0) {
+                        tracing::debug!(
+                            target: "tower_bulwark::retry",
+                            attempts = retry.attempt,
+                            "not retrying: the call's deadline passed"
+                        );
+                        *this.retry = None;
+                        return Poll::Ready(match last.take() {
+                            Some(last) => *last,
+                            None => Err(past_call_deadline()),
+                        });
+                    }
                     retry.attempt += 1;
-                    let last = retry.attempt >= retry.max;
-                    let Some(req) = retry.shared.replay.replay(&mut retry.saved, last) else {
+                    let is_last = retry.attempt >= retry.max;
+                    let Some(mut req) = retry.shared.replay.replay(&mut retry.saved, is_last)
+                    else {
                         *this.retry = None;
                         return Poll::Ready(Err(lost()));
                     };
-                    let Some(svc) = retry.svc.as_mut() else {
+                    if let Some(left) = left {
+                        retry
+                            .shared
+                            .replay
+                            .set_time_left(&mut req, Duration::from_nanos(left));
+                    }
+                    let Some(on) = retry.svc.as_mut() else {
                         *this.retry = None;
                         return Poll::Ready(Err(lost()));
                     };
-                    let fut = svc.call(req);
+                    let fut = on.svc.call(req);
+                    if let Some(left) = left {
+                        on.cut = Some(Box::pin(tokio::time::sleep(Duration::from_nanos(left))));
+                        on.last = last.take().map(|last| *last);
+                    }
                     // The retry is made: its withdrawal is spent, and it counts.
                     retry.withdrawn = NOT_WITHDRAWN;
                     retry.shared.control.retries.fetch_add(1, Ordering::Relaxed);
@@ -419,5 +579,30 @@ where
                 }
             }
         }
+    }
+}
+
+/// Waits `nanos` before the next retry, keeping `last` to return if it is not made. A retry
+/// with no wait yields to the runtime first (returns `true`: the caller returns `Pending`,
+/// its task woken), so that retries that never wait do not run in one poll for ever.
+fn wait<F, T>(
+    mut state: Pin<&mut State<F, T>>,
+    cx: &mut Context<'_>,
+    nanos: u64,
+    last: Box<T>,
+) -> bool {
+    if nanos > 0 {
+        state.set(State::Backoff {
+            sleep: Box::pin(tokio::time::sleep(Duration::from_nanos(nanos))),
+            last: Some(last),
+        });
+        false
+    } else {
+        state.set(State::Ready {
+            wait: None,
+            last: Some(last),
+        });
+        cx.waker().wake_by_ref();
+        true
     }
 }

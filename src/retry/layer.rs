@@ -105,6 +105,8 @@ pub(crate) struct Shared<C, R> {
 pub(crate) struct Control {
     pub(crate) max_attempts: AtomicU32,
     pub(crate) backoff: Backoff,
+    /// The longest server hint waited out, in nanoseconds.
+    pub(crate) max_hint: u64,
     pub(crate) deadline: Option<u64>,
     pub(crate) budget: Option<Budget>,
     pub(crate) clock: Clock,
@@ -158,6 +160,7 @@ impl<C, R> RetryLayer<C, R> {
                 control: Control {
                     max_attempts: AtomicU32::new(policy.max_attempts),
                     backoff: policy.backoff,
+                    max_hint: duration_nanos(policy.max_hint),
                     deadline: policy.deadline.map(duration_nanos),
                     needs_clock: budget.is_some() || policy.deadline.is_some(),
                     budget,
@@ -208,6 +211,7 @@ impl fmt::Debug for Control {
         f.debug_struct("Control")
             .field("max_attempts", &self.max_attempts.load(Ordering::Relaxed))
             .field("backoff", &self.backoff)
+            .field("max_hint_nanos", &self.max_hint)
             .field("deadline_nanos", &self.deadline)
             .field("budget", &self.budget)
             .field("retries", &self.retries.load(Ordering::Relaxed))

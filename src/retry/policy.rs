@@ -11,6 +11,7 @@ use tower::BoxError;
 
 use crate::classify::{Classify, ErrorsOnly, GrpcStatus, HttpStatus, Outcome};
 use crate::clock::Clock;
+use crate::rejection::REQUEST_REFUSED;
 
 use super::backoff::Backoff;
 use super::budget::Budget;
@@ -20,6 +21,8 @@ use super::replay::{Head, HttpSaved, ReplayBody};
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 const GRPC_PUSHBACK: &str = "grpc-retry-pushback-ms";
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// A configuration refused when a [`RetryLayer`](super::RetryLayer) or [`Budget`] is built.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -83,8 +86,9 @@ impl std::error::Error for ConfigError {}
 pub enum Hint {
     /// No hint: the backoff decides.
     None,
-    /// Wait at least this long (plus a jitter). A hint longer than the backoff's maximum
-    /// delay, or than the deadline leaves, stops the retries: the answer is returned.
+    /// Wait at least this long (plus a jitter). A hint longer than the policy's
+    /// [`max_hint`](RetryPolicy::max_hint), or than the deadline leaves, stops the retries:
+    /// the answer is returned.
     After(Duration),
     /// Do not retry (a negative or malformed `grpc-retry-pushback-ms`).
     Stop,
@@ -127,6 +131,25 @@ pub trait Replay<Req> {
     fn may_retry_error(&self, _saved: &Self::Saved) -> bool {
         true
     }
+
+    /// Whether the kept request may be sent again after a response that may follow a run of
+    /// it ([`Hints::may_have_run`]). `true` by default; [`HttpReplay`] answers `false` for a
+    /// request that is safe to repeat only through its `Idempotency-Key` (HTTP) and for a gRPC
+    /// call not marked idempotent.
+    fn may_retry_response(&self, _saved: &Self::Saved) -> bool {
+        true
+    }
+
+    /// A deadline the request carries itself, from the call (gRPC's `grpc-timeout` for
+    /// [`RetryPolicy::grpc`]): no attempt starts past it, and each retry is told the time
+    /// left ([`set_time_left`](Self::set_time_left)). `None` by default.
+    fn deadline(&self, _saved: &Self::Saved) -> Option<Duration> {
+        None
+    }
+
+    /// Writes the time left before the request's own [`deadline`](Self::deadline) into a
+    /// retry's request. Called only for a request that has one.
+    fn set_time_left(&self, _req: &mut Self::Request, _left: Duration) {}
 }
 
 /// Marks a request as idempotent, as a request extension: the retry layer may then send it
@@ -148,6 +171,14 @@ pub trait Hints<Res> {
     /// when the event is enabled.
     fn describe(&self, _res: &Res) -> Option<String> {
         None
+    }
+
+    /// Whether `res`, a retryable answer, may follow a run of the request (a 5xx from the
+    /// handler, a gateway's timeout), rather than say that it was not processed (a 429, a
+    /// refusal of this crate's layers, gRPC `UNAVAILABLE` from the server): such an answer
+    /// is retried only if [`Replay::may_retry_response`] allows. `false` by default.
+    fn may_have_run(&self, _res: &Res) -> bool {
+        false
     }
 }
 
@@ -199,12 +230,17 @@ impl<Res> Hints<Res> for CloneRequest {
 /// - Only safe requests are retried: idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE,
 ///   TRACE), requests that carry an `Idempotency-Key` (which
 ///   [`RetryPolicy::add_idempotency_key`] adds to the others) and requests marked
-///   [`Idempotent`]. gRPC calls are all POST: [`RetryPolicy::grpc`] leaves the method out for
-///   responses, as gRPC's own retry policy does, because the codes it retries by default say
-///   the call was not processed; but an error (a per-attempt timeout, a transport error after
-///   sending) says nothing of that, so after one a gRPC call is retried only if it carries an
-///   `Idempotency-Key` or is marked [`Idempotent`]. A [`Rejection`](crate::Rejection) from a
-///   layer below (the call was not sent) is retried either way.
+///   [`Idempotent`]. A request safe only through its key is not sent again after a 5xx
+///   without the [`REQUEST_REFUSED`](crate::rejection::REQUEST_REFUSED) mark, which may be
+///   its handler's answer after its effect. gRPC calls are all POST: [`RetryPolicy::grpc`]
+///   leaves the method out for responses, as gRPC's own retry policy does, because the codes
+///   it retries by default say the call was not processed; but an error (a per-attempt
+///   timeout, a transport error after sending) and a proxy's 502 or 504 say nothing of that,
+///   so after one a gRPC call is retried only if it carries an `Idempotency-Key` or is marked
+///   [`Idempotent`]. A [`Rejection`](crate::Rejection) from a layer below (the call was not
+///   sent) is retried either way.
+/// - For gRPC, the call's `grpc-timeout` is its deadline across attempts; each retry is sent
+///   the time left ([`Replay::deadline`], [`Replay::set_time_left`]).
 /// - The body streams to the first attempt while its bytes are kept, up to a cap (64 KiB by
 ///   default); a body over the cap is sent once and not retried. The inner service receives a
 ///   [`ReplayBody`].
@@ -289,15 +325,23 @@ where
         if body.size_hint().lower() > self.body_limit as u64 {
             return Request::from_parts(parts, ReplayBody::once(body));
         }
-        // Past the method check, an HTTP request is safe to repeat; a gRPC call only if marked.
-        let errors_safe = self.check_method
-            || parts.headers.contains_key(IDEMPOTENCY_KEY)
-            || parts.extensions.get::<Idempotent>().is_some();
+        let marked = parts.extensions.get::<Idempotent>().is_some();
+        let keyed = parts.headers.contains_key(IDEMPOTENCY_KEY);
+        // Past the method check, an HTTP request is safe to repeat after an error; a gRPC
+        // call only if keyed or marked. After a 5xx that may follow a run of the handler, an
+        // HTTP request whose key alone makes it safe is not: a server's `IdempotencyLayer`
+        // releases the key of a 5xx answer, so a retry would run the handler again.
+        let (errors_safe, responses_safe) = if self.check_method {
+            (true, marked || is_idempotent(&parts.method))
+        } else {
+            (keyed || marked, keyed || marked)
+        };
         let (body, kept) = ReplayBody::record(body, self.body_limit);
         *saved = Some(HttpSaved {
             head: Head::copy_of(&parts),
             body: kept,
             errors_safe,
+            responses_safe,
         });
         Request::from_parts(parts, body)
     }
@@ -308,6 +352,25 @@ where
 
     fn may_retry_error(&self, saved: &HttpSaved<B>) -> bool {
         saved.errors_safe
+    }
+
+    fn may_retry_response(&self, saved: &HttpSaved<B>) -> bool {
+        saved.responses_safe
+    }
+
+    fn deadline(&self, saved: &HttpSaved<B>) -> Option<Duration> {
+        if self.check_method {
+            return None;
+        }
+        saved
+            .head
+            .header(&GRPC_TIMEOUT)
+            .and_then(parse_grpc_timeout)
+    }
+
+    fn set_time_left(&self, req: &mut Request<ReplayBody<B>>, left: Duration) {
+        req.headers_mut()
+            .insert(GRPC_TIMEOUT, format_grpc_timeout(left));
     }
 
     fn replay(
@@ -349,6 +412,18 @@ impl<B> Hints<Response<B>> for HttpReplay {
             .fold(pushback, later)
     }
 
+    fn may_have_run(&self, res: &Response<B>) -> bool {
+        let status = res.status().as_u16();
+        if !(500..600).contains(&status) || res.headers().contains_key(REQUEST_REFUSED) {
+            return false;
+        }
+        // HTTP: a 5xx may be the handler's own answer after its effect. gRPC: a server always
+        // sends `grpc-status`, and its `UNAVAILABLE` says the call was not processed; without
+        // one, a proxy answered: its 503 says no upstream was reached, its 502 or 504 (or
+        // another 5xx) that the call may have reached one.
+        self.check_method || (!res.headers().contains_key(GRPC_STATUS) && status != 503)
+    }
+
     fn describe(&self, res: &Response<B>) -> Option<String> {
         Some(
             match crate::classify::GrpcCode::from_headers(res.headers()) {
@@ -368,6 +443,47 @@ pub(crate) fn later(a: Hint, b: Hint) -> Hint {
         (Hint::After(x), Hint::None) | (Hint::None, Hint::After(x)) => Hint::After(x),
         (Hint::None, Hint::None) => Hint::None,
     }
+}
+
+/// `grpc-timeout` (gRPC over HTTP/2): 1 to 8 ASCII digits and a unit, `H`, `M`, `S`, `m`,
+/// `u` or `n`. `None` for anything else.
+pub(crate) fn parse_grpc_timeout(v: &HeaderValue) -> Option<Duration> {
+    let b = v.as_bytes();
+    let (&unit, digits) = b.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A `grpc-timeout` value for `d`, rounded down, in the finest unit whose value fits in 8
+/// digits (at most 99999999 hours).
+pub(crate) fn format_grpc_timeout(d: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = d.as_nanos();
+    let (n, unit) = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+    ]
+    .into_iter()
+    .map(|(per, unit)| (nanos / per, unit))
+    .find(|(n, _)| *n <= MAX)
+    .unwrap_or(((nanos / 3_600_000_000_000).min(MAX), 'H'));
+    HeaderValue::from_str(&format!("{n}{unit}")).expect("digits and a letter are a header value")
 }
 
 /// `grpc-retry-pushback-ms`: a non-negative integer of milliseconds; anything else (negative,
@@ -528,6 +644,12 @@ where
     }
 }
 
+/// The longest server hint a policy waits out by default ([`RetryPolicy::max_hint`]): 4 s,
+/// above the `Retry-After` of 1 to 3 s with which this crate's servers shed (so that the
+/// default client and server compose), and below the default circuit breaker's open time of
+/// 5 s (±10%), which a default client returns at once rather than sit out.
+pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(4);
+
 #[derive(Clone, Debug)]
 pub(crate) enum BudgetChoice {
     Default,
@@ -545,8 +667,8 @@ pub(crate) enum BudgetChoice {
 /// | [`RetryPolicy::http`] | errors, 502, 503, 504, 429, the in-flight 409 | `http::Request<B>`, any body |
 /// | [`RetryPolicy::grpc`] | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`; errors only for calls marked idempotent | `http::Request<B>`, any body |
 ///
-/// Defaults: 3 attempts, [`Backoff::default`] (25 ms doubling to 1 s, full jitter), no
-/// overall deadline, the default [`Budget`] (20% of requests plus 10 per second over 10 s),
+/// Defaults: 3 attempts, [`Backoff::default`] (25 ms doubling to 1 s, full jitter), server
+/// hints waited out up to 4 s ([`max_hint`](RetryPolicy::max_hint)), no overall deadline, the default [`Budget`] (20% of requests plus 10 per second over 10 s),
 /// [`Clock::new`].
 #[derive(Clone, Debug)]
 pub struct RetryPolicy<C = ErrorsOnly, R = CloneRequest> {
@@ -554,6 +676,7 @@ pub struct RetryPolicy<C = ErrorsOnly, R = CloneRequest> {
     pub(crate) replay: R,
     pub(crate) max_attempts: u32,
     pub(crate) backoff: Backoff,
+    pub(crate) max_hint: Duration,
     pub(crate) deadline: Option<Duration>,
     pub(crate) budget: BudgetChoice,
     pub(crate) clock: Option<Clock>,
@@ -583,7 +706,10 @@ impl RetryPolicy {
     /// Retries HTTP requests: errors (connection errors), 502, 503, 504, 429 and the 409 of
     /// an `IdempotencyLayer` whose key is still in flight by default ([`HttpStatus`]; change
     /// with [`RetryPolicy::classify`]), only when the request is safe to repeat, honouring
-    /// `Retry-After`.
+    /// `Retry-After`. A POST or PATCH that is safe only through its `Idempotency-Key` is not
+    /// sent again after a 5xx that may be its handler's (one not marked
+    /// [`REQUEST_REFUSED`](crate::rejection::REQUEST_REFUSED)); see the
+    /// [module docs](super#safety).
     pub fn http() -> RetryPolicy<HttpStatus, HttpReplay> {
         RetryPolicy::with(HttpStatus::default(), HttpReplay::http())
     }
@@ -594,10 +720,14 @@ impl RetryPolicy {
     /// 429, 502, 503 or 504 is `UNAVAILABLE`; an `ABORTED` marked
     /// [`IDEMPOTENCY_KEY_IN_FLIGHT`](crate::rejection::IDEMPOTENCY_KEY_IN_FLIGHT) is retried
     /// after its pushback. An error (a
-    /// timeout, a transport error after sending), which may follow a call the server ran, is
-    /// retried only for a call with an `Idempotency-Key` metadata header or marked
-    /// [`Idempotent`] (a rejection from a layer below, which never sent it, always). gRPC
-    /// calls are all POST; the method is not checked (see [`HttpReplay`]).
+    /// timeout, a transport error after sending) and a proxy's 502 or 504 (a bad gateway or a
+    /// gateway timeout, which say nothing of whether the upstream ran the call), which may
+    /// follow a call the server ran, are retried only for a call with an `Idempotency-Key`
+    /// metadata header or marked [`Idempotent`] (a rejection from a layer below, which never
+    /// sent it, always; a proxy's 503, which reached no upstream, and a server's
+    /// `UNAVAILABLE`, always). gRPC calls are all POST; the method is not checked (see
+    /// [`HttpReplay`]). A call's `grpc-timeout` is its deadline across attempts: see the
+    /// [module docs](super#grpc-deadlines).
     pub fn grpc() -> RetryPolicy<GrpcStatus, HttpReplay> {
         RetryPolicy::with(
             GrpcStatus::default(),
@@ -617,6 +747,7 @@ impl<C, R> RetryPolicy<C, R> {
             replay,
             max_attempts: 3,
             backoff: Backoff::default(),
+            max_hint: DEFAULT_MAX_HINT,
             deadline: None,
             budget: BudgetChoice::Default,
             clock: None,
@@ -631,6 +762,7 @@ impl<C, R> RetryPolicy<C, R> {
             replay: self.replay,
             max_attempts: self.max_attempts,
             backoff: self.backoff,
+            max_hint: self.max_hint,
             deadline: self.deadline,
             budget: self.budget,
             clock: self.clock,
@@ -650,8 +782,21 @@ impl<C, R> RetryPolicy<C, R> {
         self
     }
 
+    /// The longest server hint waited out ([`DEFAULT_MAX_HINT`], 4 s, by default): a
+    /// `Retry-After`, a `grpc-retry-pushback-ms` or a rejection's `retry_after` up to this
+    /// long is waited out (plus a jitter); a longer one stops the retries and the answer is
+    /// returned at once, hint included, for the caller to act on. Separate from the
+    /// backoff's maximum delay ([`Backoff::max`]), which bounds the layer's own waits: a
+    /// server that sheds with `Retry-After: 3` is retried by a client whose backoff tops out
+    /// at a second. `Duration::ZERO` waits out no hint but `0`.
+    pub fn max_hint(mut self, max_hint: Duration) -> Self {
+        self.max_hint = max_hint;
+        self
+    }
+
     /// An overall deadline across attempts, from the call: no backoff and no new attempt
-    /// starts past it. A retry still waiting for the inner service's readiness when it passes
+    /// starts past it (for [`RetryPolicy::grpc`], a call's `grpc-timeout` is one too, and the
+    /// stricter holds). A retry still waiting for the inner service's readiness when it passes
     /// is not made: the last response or error is returned. An attempt in flight is not cut
     /// (put a timeout below this layer for that).
     pub fn deadline(mut self, deadline: Duration) -> Self {
@@ -699,8 +844,15 @@ impl<C, R> RetryPolicy<C, R> {
 impl<C> RetryPolicy<C, HttpReplay> {
     /// Gives requests that are not idempotent (POST, PATCH) and carry no `Idempotency-Key` a
     /// fresh key (a random UUID, as a structured-field string: `"…"`), the same on every
-    /// attempt, so they may be retried: a server with
-    /// `IdempotencyLayer` then runs the request once however many attempts reach it.
+    /// attempt, so they may be retried when that is safe: after a connection error or a
+    /// timeout, and after an answer that says the request did not run (a 429, the in-flight
+    /// 409, a 503 marked [`REQUEST_REFUSED`](crate::rejection::REQUEST_REFUSED) by a server's
+    /// `RejectionLayer`), but not after another 5xx, which may be the handler's after its
+    /// effect. A server with `IdempotencyLayer` then runs the request to a stored answer
+    /// once however many attempts reach it, and replays that answer to the others; it keeps
+    /// no 5xx (so that the client may retry one), so a handler that had its effect and
+    /// answered a 5xx can still run again on a retry that followed a timeout. See the
+    /// [module docs](super#safety).
     pub fn add_idempotency_key(mut self) -> Self {
         self.replay.add_key = true;
         self
@@ -813,6 +965,73 @@ mod tests {
         );
         assert_eq!(res(&[("retry-after", "3")]), Hint::After(s(3)));
         assert_eq!(res(&[]), Hint::None);
+    }
+
+    #[test]
+    fn grpc_timeout_forms() {
+        let p = |s: &str| parse_grpc_timeout(&HeaderValue::from_str(s).unwrap());
+        assert_eq!(p("1000000u"), Some(Duration::from_secs(1)));
+        assert_eq!(p("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(p("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(p("99999999S"), Some(Duration::from_secs(99_999_999)));
+        assert_eq!(p("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(p("0n"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            "m",
+            "123456789m",
+            "10x",
+            "-5S",
+            "1.5S",
+            " 5S",
+            "5 S",
+            "5s",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+        let f = |d: Duration| format_grpc_timeout(d).to_str().unwrap().to_owned();
+        assert_eq!(f(Duration::from_nanos(99_999_999)), "99999999n");
+        assert_eq!(f(Duration::from_nanos(100_000_000)), "100000u");
+        assert_eq!(f(Duration::from_nanos(1_900_000_999)), "1900000u");
+        assert_eq!(f(Duration::from_secs(100_000)), "100000S");
+        assert_eq!(f(Duration::from_secs(99_999_999 * 60)), "99999999M");
+        assert_eq!(f(Duration::from_secs(100_000_000 * 60)), "1666666H");
+        assert_eq!(f(Duration::MAX), "99999999H");
+        // Written values read back as at most the time given, in 8 digits or fewer.
+        for nanos in [0u64, 1, 999, 123_456_789, 98_765_432_101, u64::MAX] {
+            let d = Duration::from_nanos(nanos);
+            let v = format_grpc_timeout(d);
+            assert!(v.len() <= 9, "{v:?}");
+            assert!(parse_grpc_timeout(&v).unwrap() <= d, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn answers_that_may_follow_a_run() {
+        let res = |status: u16, headers: &[(&str, &str)]| {
+            let mut b = Response::builder().status(status);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        let http = HttpReplay::http();
+        let grpc = HttpReplay {
+            check_method: false,
+            ..HttpReplay::http()
+        };
+        for s in [500, 502, 503, 504] {
+            assert!(http.may_have_run(&res(s, &[])), "{s}");
+            assert!(!http.may_have_run(&res(s, &[("request-refused", "overloaded")])));
+        }
+        assert!(!http.may_have_run(&res(429, &[])));
+        assert!(!http.may_have_run(&res(409, &[("idempotency-key-in-flight", "true")])));
+        assert!(grpc.may_have_run(&res(502, &[])));
+        assert!(grpc.may_have_run(&res(504, &[])));
+        assert!(!grpc.may_have_run(&res(503, &[])));
+        assert!(!grpc.may_have_run(&res(429, &[])));
+        assert!(!grpc.may_have_run(&res(504, &[("grpc-status", "14")])));
+        assert!(!grpc.may_have_run(&res(200, &[("grpc-status", "14")])));
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub struct HttpSaved<B> {
     /// Whether the request may be sent again after an error (see
     /// [`Replay::may_retry_error`](super::Replay::may_retry_error)).
     pub(crate) errors_safe: bool,
+    /// Whether the request may be sent again after a response that may follow a run of it
+    /// (see [`Replay::may_retry_response`](super::Replay::may_retry_response)).
+    pub(crate) responses_safe: bool,
 }
 
 impl<B> fmt::Debug for HttpSaved<B> {
@@ -121,6 +124,11 @@ impl Head {
                 parts.extensions.clone()
             },
         }
+    }
+
+    /// A header of the kept request.
+    pub(crate) fn header(&self, name: &http::HeaderName) -> Option<&http::HeaderValue> {
+        self.headers.as_ref()?.get(name)
     }
 
     /// A request with this head and `body`.

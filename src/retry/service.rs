@@ -91,12 +91,6 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = self.anchors.shared();
         let ctl = &shared.control;
-        // The deadline's start is the request's one time reading; the budget needs none.
-        let start = if ctl.deadline.is_some() {
-            ctl.clock.now_nanos()
-        } else {
-            0
-        };
         // One look-up of this thread's shard serves the budget and the future's anchor.
         let shard = shard();
         if let Some(budget) = &ctl.budget {
@@ -110,6 +104,15 @@ where
             || ((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64())) ^ ctl.key_salt;
         let mut saved = None;
         let req = shared.replay.prepare(req, max > 1, &key, &mut saved);
+        // A deadline's start is the request's one time reading, made only for a request that
+        // may be retried under one (the policy's, or the call's own `grpc-timeout`); the
+        // budget needs none.
+        let start = match &saved {
+            Some(s) if ctl.deadline.is_some() || shared.replay.deadline(s).is_some() => {
+                ctl.clock.now_nanos()
+            }
+            _ => 0,
+        };
         // The ready service takes the first attempt; an unreserved clone takes the retries.
         let fut = self.inner.call(req);
         let retry = match saved {
