@@ -301,8 +301,8 @@ pub use self::layer::{
 pub use self::record::{DecodeError, Record};
 pub use self::service::Idempotency;
 pub use self::store::{
-    Claim, Lease, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
-    StoreErrorKind, StoreKey,
+    Claim, DetachedWrite, Lease, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store,
+    StoreError, StoreErrorKind, StoreKey, MAX_WRITES_TRACKED,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -203,12 +203,14 @@ return {4, ''}
     )
 });
 
-/// Replaces the lease by the record, only while the key holds this owner's token.
+/// Replaces the lease by the record, only while the key holds this owner's token (its lease
+/// may have expired: then the key holds nothing, and no one else holds it either). Never
+/// over another owner's lease or a record.
 static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
+if (not v) or (string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1]) then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -217,9 +219,9 @@ return 0
     )
 });
 
-/// Extends the lease, only while the key holds this owner's token.
-static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+/// The body of [`RENEW`] and [`RENEW_LEGACY`].
+macro_rules! renew_body {
+    () => {
         r"
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
@@ -227,9 +229,19 @@ if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
   return 1
 end
 return 0
-",
-    )
-});
+"
+    };
+}
+
+/// Extends the lease, only while the key holds this owner's token. Flagged `allow-oom`: a
+/// full Redis (`noeviction`, `maxmemory` reached) refuses unflagged scripts, yet a renewal
+/// (`PEXPIRE`) takes no memory, and it is what keeps other replicas off a key whose record
+/// Redis refuses for now. Redis 7 and later; [`RENEW_LEGACY`] for older servers.
+static RENEW: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(concat!("#!lua flags=allow-oom", renew_body!())));
+
+/// [`RENEW`] for Redis before 7, which knows no script flags (refused when Redis is full).
+static RENEW_LEGACY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(renew_body!()));
 
 /// Deletes the lease, only while the key holds one of these owner tokens (one, or those of
 /// several releases of one key waiting in the queue).
@@ -340,6 +352,9 @@ struct Inner {
     /// Whether a read of the policy is in flight in the background (at most one).
     policy_reading: AtomicBool,
     policy_refusals: AtomicU64,
+    /// The server refused the flagged renewal script (Redis before 7): renewals use
+    /// [`RENEW_LEGACY`].
+    renew_legacy: AtomicBool,
 }
 
 /// Why a release waits for the worker. Each kind has its own room in the queue, so that a
@@ -491,6 +506,7 @@ impl RedisStore {
                 policy_checked: AtomicU64::new(0),
                 policy_reading: AtomicBool::new(false),
                 policy_refusals: AtomicU64::new(0),
+                renew_legacy: AtomicBool::new(false),
             }),
         }
     }
@@ -1080,10 +1096,24 @@ impl Store for RedisStore {
         let rkey = self.redis_key(lease.key());
         let token = lease.token();
         let mut conn = self.inner.conn.clone();
+        let inner = self.inner.clone();
         self.run(async move {
-            let mut inv = RENEW.key(rkey);
-            inv.arg(&token.to_be_bytes()[..]).arg(ttl_ms(lease_ttl));
-            let done: i64 = inv.invoke_async(&mut conn).await?;
+            let ms = ttl_ms(lease_ttl);
+            let legacy = inner.renew_legacy.load(Ordering::Relaxed);
+            let script = if legacy { &*RENEW_LEGACY } else { &*RENEW };
+            let mut inv = script.key(rkey.clone());
+            inv.arg(&token.to_be_bytes()[..]).arg(ms);
+            let done: i64 = match inv.invoke_async(&mut conn).await {
+                // A server before Redis 7 cannot compile the flag line.
+                Err(e) if !legacy && e.to_string().contains("compiling") => {
+                    inner.renew_legacy.store(true, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "redis refuses script flags (before Redis 7); renewals use an unflagged script");
+                    let mut inv = RENEW_LEGACY.key(rkey);
+                    inv.arg(&token.to_be_bytes()[..]).arg(ms);
+                    inv.invoke_async(&mut conn).await?
+                }
+                other => other?,
+            };
             Ok(if done == 1 {
                 Ok(())
             } else {
