@@ -1774,3 +1774,56 @@ async fn an_over_cap_201_whose_body_fails_does_not_release_the_key() {
         b.status()
     );
 }
+
+/// The layer answers its own repeats of a key 409 only while it writes the key's record: a
+/// write that gives up (the record's time to live passed with the store still down) lets the
+/// key go, and repeats are decided by the store again (503 while it is down).
+#[tokio::test(start_paused = true)]
+async fn a_background_write_that_gives_up_lets_the_store_decide_again() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = flaky::Flaky {
+        inner: store(),
+        down: down.clone(),
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (r2, d2) = (runs.clone(), down.clone());
+    let inner = tower::service_fn(move |_req: Request<Body>| {
+        r2.fetch_add(1, Ordering::SeqCst);
+        d2.store(true, Ordering::SeqCst);
+        async move {
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(201)
+                    .body(Body::from("order"))
+                    .unwrap(),
+            )
+        }
+    });
+    let layer = IdempotencyLayer::builder(store)
+        .ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(layer)
+        .service(inner);
+    let mk = || {
+        order("gives-up")
+            .header("authorization", "Bearer alice")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    advance(Duration::from_secs(5)).await;
+    let res = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT, "the write is in flight");
+    advance(Duration::from_secs(10)).await;
+    let res = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the store is asked again once the write gave up"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

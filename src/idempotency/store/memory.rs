@@ -1150,7 +1150,9 @@ impl Store for MemoryStore {
     }
 
     fn completes_at_once(&self) -> bool {
-        // `complete` is `complete_now`, whose only error is a lost lease.
+        // `complete` is `complete_now`, whose errors are final: a lost lease, or no room
+        // to take again a key whose lease expired and was swept (a background write would
+        // not fare better in one process).
         true
     }
 

@@ -430,9 +430,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     }
 
     /// Whether [`complete`](Store::complete)'s future is ready when first polled and fails
-    /// only with [`StoreErrorKind::LeaseLost`]: the layer then keeps no copy of a record to
-    /// write it again in the background should the request be dropped while its write is in
-    /// flight (which cannot happen). Default `false`; [`MemoryStore`] says `true`.
+    /// only in ways no retry in the background mends ([`StoreErrorKind::LeaseLost`]): the
+    /// layer then keeps no copy of a record to write it again in the background should the
+    /// request be dropped while its write is in flight (which cannot happen), and tracks no
+    /// background write. Default `false`; [`MemoryStore`] says `true`.
     fn completes_at_once(&self) -> bool {
         false
     }
@@ -671,4 +672,37 @@ pub(crate) fn write_detached<St: Store>(
             pause = (pause * 2).min(Duration::from_secs(1));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys with a record written in the background: kept while a write's token lives
+    /// (counted per write), gone when the last ends, and at most `MAX_WRITES_TRACKED`.
+    #[test]
+    fn writes_in_flight_are_kept_until_they_end_and_bounded() {
+        let writes = Arc::new(WritesInFlight::default());
+        let (a, b) = (StoreKey::new("s", "a"), StoreKey::new("s", "b"));
+        assert!(!writes.contains(&a));
+        let first = writes.track(&a);
+        let second = writes.track(&a);
+        assert!(writes.contains(&a) && !writes.contains(&b));
+        drop(first);
+        assert!(writes.contains(&a), "one write of the key still runs");
+        drop(second);
+        assert!(!writes.contains(&a));
+        assert_eq!(writes.count.load(Ordering::Relaxed), 0);
+
+        let held: Vec<_> = (0..MAX_WRITES_TRACKED)
+            .map(|i| writes.track(&StoreKey::new("s", i.to_string())))
+            .collect();
+        let beyond = writes.track(&b);
+        assert!(!writes.contains(&b), "beyond the bound, not kept");
+        drop(beyond);
+        assert_eq!(writes.count.load(Ordering::Relaxed), MAX_WRITES_TRACKED);
+        drop(held);
+        assert_eq!(writes.count.load(Ordering::Relaxed), 0);
+        assert!(writes.lock().is_empty());
+    }
 }

@@ -93,13 +93,17 @@
 //! | Redis down at | the request | the key |
 //! |---|---|---|
 //! | claim | `FailClosed`: refused, [`StoreUnavailable`](crate::RejectionKind::StoreUnavailable) (503), the handler does not run | a claim that may have reached Redis is released with its owner token in the background |
-//! | complete (the handler ran) | the client has the handler's response | never released: the record is sent again in the background until Redis takes it or the lease would expire; repeats meanwhile get 503 (Redis down) or 409 (lease held), then the replay |
+//! | complete (the handler ran) | the client has the handler's response | never released: the record is sent again in the background until Redis takes it (even after the lease expired, while no one else holds the key), refuses it for good, or the record's time to live has passed, and the lease is renewed meanwhile whenever Redis answers; repeats on the same layer get 409, on other replicas 503 (Redis down) or 409 (lease held), then the replay |
 //! | release (the request failed) | the client has the failure | released in the background once Redis answers (repeats meanwhile get 503 or 409), then the key runs again, once |
 //!
 //! So no store write that fails lets a request run twice: a key whose record could not be
-//! written stays leased until the end of its lease. Only an outage longer than that lease
-//! lets a repeat run again, and not silently: the background write gives up with a `WARN`
-//! event (keep the lease's time to live above the outages it must ride out). Retries stop
+//! written stays leased, the lease renewed while the record waits. A full Redis
+//! (`noeviction`, `maxmemory` reached) refuses the record (`OOM`, retried) but not the
+//! renewal, whose script is flagged `allow-oom` (it only sets a time to live; Redis 7 and
+//! later, an unflagged script on older servers): the lease never lapses while Redis is full.
+//! Only a Redis unreachable for longer than the lease lets the lease expire there, and a
+//! repeat sent to another replica once Redis is back may then run again before the record
+//! lands (keep the lease's time to live above the outages it must ride out). Retries stop
 //! for a failure that no retry mends (see above). The store counts failures
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
