@@ -788,14 +788,15 @@ mod redis_server;
 /// never released to run twice"; issue 13 item 6: a completed request whose record could not
 /// be written "never releases". The retry gets the replay (or a 409), never a second run.
 ///
-/// How: checked through Redis itself: the test waits (no sleep) for Redis's own
-/// `expired` keyspace event for the lease.
+/// How: checked through Redis itself: the test waits for Redis's own `expired` keyspace
+/// event for the lease, or for three times the lease's time to live if the lease is kept
+/// (renewed while the record waits). Once memory is freed the record must land: the key is
+/// then replayed.
 ///
 /// What happens: the first `complete` fails (OOM), the background writer stops when the lease would
 /// expire (as the module docs say it does), Redis expires the lease, and the retry (same caller, key and payload) runs the
 /// handler a second time and answers a fresh 201.
 #[cfg(feature = "redis")]
-#[ignore = "defect: a record Redis refused for longer than the lease is dropped: the lease expires and the retry runs the handler again"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_refused_by_a_full_redis_never_lets_the_key_run_twice() {
     use redis::AsyncCommands;
@@ -858,16 +859,25 @@ async fn a_record_refused_by_a_full_redis_never_lets_the_key_run_twice() {
     assert_eq!(first.status(), StatusCode::CREATED);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
-    // Wait for Redis to expire the lease (its own event), then free memory.
+    // Redis stays full until it expires the lease (its own event), or for three times the
+    // lease's time to live if the lease is kept (renewed while the record waits); then
+    // memory is freed.
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("bulwark:idem:*")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one key, the lease");
     let mut events = pubsub.on_message();
     let expired = tokio::time::timeout(
-        Duration::from_secs(20),
+        Duration::from_secs(6),
         futures_util::StreamExt::next(&mut events),
     )
-    .await
-    .expect("the lease expires within its ttl")
-    .expect("an event");
-    let name: Vec<u8> = expired.get_payload().unwrap();
+    .await;
+    let name: Vec<u8> = match expired {
+        Ok(event) => event.expect("an event").get_payload().unwrap(),
+        Err(_) => keys[0].clone(),
+    };
     drop(events);
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
@@ -887,6 +897,27 @@ async fn a_record_refused_by_a_full_redis_never_lets_the_key_run_twice() {
         String::from_utf8_lossy(&name),
         left.map(|v| v.len())
     );
+    // The record lands once Redis has room: the key is replayed.
+    let mut replayed = None;
+    for _ in 0..50 {
+        let res = svc.clone().oneshot(mk()).await.unwrap();
+        if res.headers().contains_key("idempotent-replayed") {
+            replayed = Some(res.status());
+            break;
+        }
+        assert_eq!(
+            res.status(),
+            StatusCode::CONFLICT,
+            "in flight until written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        replayed,
+        Some(StatusCode::CREATED),
+        "the record was never written"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 /// Scenario: an operator lowers the lease's time to live at run time
@@ -1329,7 +1360,6 @@ mod flaky {
 /// when the lease would expire; the lease expires, and the retry claims the key afresh and
 /// runs the handler a second time. (The Redis store does the same:
 /// `a_record_refused_by_a_full_redis_never_lets_the_key_run_twice`.)
-#[ignore = "defect: a record whose write fails for longer than the lease is given up: the lease expires and the retry runs the handler again"]
 #[tokio::test(start_paused = true)]
 async fn a_record_the_store_cannot_write_for_a_while_never_runs_twice() {
     let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1373,6 +1403,12 @@ async fn a_record_the_store_cannot_write_for_a_while_never_runs_twice() {
         "the handler ran a second time (the retry answered {})",
         again.status()
     );
+    // The background write lands once the store is back: the key is replayed.
+    advance(Duration::from_secs(2)).await;
+    let later = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(later.status(), StatusCode::CREATED);
+    assert_eq!(later.headers()["idempotent-replayed"], "true");
 }
 
 /// Scenario: statuses that say "not processed, send it again": 425 Too Early (RFC 8470: an
@@ -1737,4 +1773,57 @@ async fn an_over_cap_201_whose_body_fails_does_not_release_the_key() {
         "the client was told 201, and its retry created the order again (answered {})",
         b.status()
     );
+}
+
+/// The layer answers its own repeats of a key 409 only while it writes the key's record: a
+/// write that gives up (the record's time to live passed with the store still down) lets the
+/// key go, and repeats are decided by the store again (503 while it is down).
+#[tokio::test(start_paused = true)]
+async fn a_background_write_that_gives_up_lets_the_store_decide_again() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = flaky::Flaky {
+        inner: store(),
+        down: down.clone(),
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (r2, d2) = (runs.clone(), down.clone());
+    let inner = tower::service_fn(move |_req: Request<Body>| {
+        r2.fetch_add(1, Ordering::SeqCst);
+        d2.store(true, Ordering::SeqCst);
+        async move {
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(201)
+                    .body(Body::from("order"))
+                    .unwrap(),
+            )
+        }
+    });
+    let layer = IdempotencyLayer::builder(store)
+        .ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(layer)
+        .service(inner);
+    let mk = || {
+        order("gives-up")
+            .header("authorization", "Bearer alice")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    advance(Duration::from_secs(5)).await;
+    let res = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT, "the write is in flight");
+    advance(Duration::from_secs(10)).await;
+    let res = svc.clone().oneshot(mk()).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the store is asked again once the write gave up"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

@@ -121,17 +121,55 @@ fn only_the_owner_completes_or_releases() {
 }
 
 #[test]
-fn completing_an_expired_lease_in_a_full_shard_is_lease_lost_not_a_panic() {
-    // A shard at its byte bound: completing makes room by sweeping expired entries, and the
-    // lease being completed is one of them.
+fn completing_an_expired_lease_in_a_full_shard_writes_it_not_a_panic() {
+    // A shard at its byte bound; the lease being completed has expired, and no one else
+    // holds the key: the handler ran, so its record lands (the `Store::complete` contract).
     let (s, hand) = manual_store(100, 256 << 10, 1);
     let k = key("slow");
     let l = lease(claim(&s, &k, fp(1)));
     hand.advance(LEASE + Duration::from_nanos(1));
-    let err = now(s.complete(&l, record(fp(1), 4096), TTL)).unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
-    // The key is free again.
+    now(s.complete(&l, record(fp(1), 4096), TTL)).unwrap();
+    assert!(matches!(claim(&s, &k, fp(1)), Claim::Completed(_)));
+    hand.advance(TTL);
     assert!(matches!(claim(&s, &k, fp(1)), Claim::Claimed(_)));
+}
+
+/// A record written after its lease expired and was swept (the key holds nothing) lands, as
+/// a claim would take the key; never over another owner's lease or a record.
+#[test]
+fn a_late_record_lands_on_a_free_key_only() {
+    let (s, hand) = manual_store(100, 1 << 20, 1);
+    let (a, b, c) = (key("a"), key("b"), key("c"));
+    let la = lease(claim(&s, &a, fp(1)));
+    let lb = lease(claim(&s, &b, fp(1)));
+    let lc = lease(claim(&s, &c, fp(1)));
+    hand.advance(LEASE + Duration::from_secs(1));
+    // A claim of `b` drops its expired lease and takes the key; `a`'s and `c`'s are swept.
+    let nb = lease(claim(&s, &b, fp(1)));
+    lease(claim(&s, &key("d"), fp(1)));
+    s.purge_expired();
+    assert_eq!(
+        s.stats().entries,
+        2,
+        "a's and c's leases swept; b's and d's new"
+    );
+    now(s.complete(&la, record(fp(1), 8), TTL)).unwrap();
+    match claim(&s, &a, fp(1)) {
+        Claim::Completed(r) => assert_eq!(r.body().len(), 8),
+        other => panic!("expected the late record, got {other:?}"),
+    }
+    let err = now(s.complete(&lb, record(fp(1), 8), TTL)).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        StoreErrorKind::LeaseLost,
+        "never over another's lease"
+    );
+    assert!(matches!(claim(&s, &b, fp(1)), Claim::InFlight));
+    now(s.complete(&nb, record(fp(1), 1), TTL)).unwrap();
+    // `c` lands, then a second write of it is lost (the record is there).
+    now(s.complete(&lc, record(fp(1), 2), TTL)).unwrap();
+    let err = now(s.complete(&lc, record(fp(1), 2), TTL)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost, "never over a record");
 }
 
 #[test]

@@ -422,7 +422,8 @@ async fn a_record_write_redis_refuses_is_not_retried() {
         Lease::new(skey("list"), 7, fp()),
         record,
         Duration::from_secs(60),
-        until_far(),
+        Duration::from_secs(60),
+        tower_bulwark::idempotency::DetachedWrite::new(),
     );
     for _ in 0..100 {
         if store.stats().failures > 0 {
@@ -723,8 +724,8 @@ async fn redis_stalled_at_release_the_key_runs_again_once_it_answers() {
     assert_eq!(runs.load(Ordering::SeqCst), 3, "the key ran twice");
 }
 
-/// Redis stalled when a request succeeds: the client has its 201; repeats are refused (503)
-/// while Redis does not answer, and nothing runs; once it answers, the record is there and
+/// Redis stalled when a request succeeds: the client has its 201; repeats get 409 while the
+/// layer writes the record in the background (Redis is not asked), and nothing runs; once it answers, the record is there and
 /// a repeat replays it: the handler never runs twice.
 #[tokio::test]
 async fn redis_stalled_at_complete_the_handler_never_runs_twice() {
@@ -741,8 +742,9 @@ async fn redis_stalled_at_complete_the_handler_never_runs_twice() {
         StatusCode::CREATED,
         "the client has its answer"
     );
+    // This layer is still writing the key's record: in flight, without asking Redis.
     let res = svc.clone().oneshot(post("k", "{}")).await.unwrap();
-    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.status(), StatusCode::CONFLICT);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 
     server.resume();
@@ -751,4 +753,166 @@ async fn redis_stalled_at_complete_the_handler_never_runs_twice() {
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "run 2");
     assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler ran twice");
+}
+
+async fn maxmemory(admin: &mut ConnectionManager, bytes: u64) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
+fn done_record() -> Record {
+    Record::response(
+        fp(),
+        StatusCode::CREATED,
+        http::HeaderMap::new(),
+        Bytes::from_static(b"done"),
+        None,
+    )
+}
+
+async fn claimed(store: &RedisStore, k: &str, lease_ttl: Duration) -> Lease {
+    match store.claim(&skey(k), fp(), lease_ttl).await.unwrap() {
+        Claim::Claimed(l) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+/// A record written after its lease expired (the key holds nothing) lands; never over
+/// another owner's lease or over a record (the `Store::complete` contract).
+#[tokio::test]
+async fn a_late_record_lands_on_a_free_key_only() {
+    let server = server_or_skip!("a_late_record_lands_on_a_free_key_only");
+    let c = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    let ttl = Duration::from_secs(60);
+    let late = claimed(&store, "late", Duration::from_millis(50)).await;
+    let lost = claimed(&store, "taken", Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let _other = claimed(&store, "taken", Duration::from_secs(30)).await;
+
+    store.complete(&late, done_record(), ttl).await.unwrap();
+    let got = store
+        .get(&skey("late"))
+        .await
+        .unwrap()
+        .expect("the late record");
+    assert_eq!(&got.body()[..], b"done");
+    let err = store.complete(&lost, done_record(), ttl).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        StoreErrorKind::LeaseLost,
+        "over another's lease"
+    );
+    assert!(matches!(
+        store.claim(&skey("taken"), fp(), ttl).await.unwrap(),
+        Claim::InFlight
+    ));
+    let err = store.complete(&late, done_record(), ttl).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost, "over a record");
+}
+
+/// A full Redis (`noeviction`, `maxmemory` reached) refuses the record but still renews the
+/// lease (the renewal script is flagged `allow-oom`): the key stays held until the record
+/// can be written.
+#[tokio::test]
+async fn a_full_redis_refuses_the_record_but_renews_its_lease() {
+    let server = server_or_skip!("a_full_redis_refuses_the_record_but_renews_its_lease");
+    let c = conn(&server.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let store = store(&c, Duration::from_secs(2));
+    let lease = claimed(&store, "full", Duration::from_secs(1)).await;
+    maxmemory(&mut admin, 1).await;
+    let err = store
+        .complete(&lease, done_record(), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "OOM: {err}");
+    store.renew(&lease, Duration::from_secs(30)).await.unwrap();
+    let pttl: i64 = admin.pttl(store.redis_key(&skey("full"))).await.unwrap();
+    assert!(pttl > 20_000, "renewed to 30 s, has {pttl} ms");
+    maxmemory(&mut admin, 0).await;
+    store
+        .complete(&lease, done_record(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(held(&mut admin, &store, "full").await, Some(b'R'));
+}
+
+/// Two replicas on one Redis. Redis fills up (`noeviction`) as replica A's handler answers,
+/// and stays full for three times the lease's time to live: A's record is refused, and its
+/// background write renews the lease meanwhile. Replica B's repeat gets 409 while Redis is
+/// full and once it has room again (the lease is still A's), never a second run; the record
+/// lands and B replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_never_runs_a_key_whose_record_a_full_redis_refuses() {
+    let server =
+        server_or_skip!("another_replica_never_runs_a_key_whose_record_a_full_redis_refuses");
+    let c = conn(&server.url()).await;
+    let mut admin = conn(&server.url()).await;
+    let lease_ttl = Duration::from_secs(1);
+    let runs = Arc::new(AtomicU64::new(0));
+    let (counter, fill) = (runs.clone(), admin.clone());
+    let a = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(
+            IdempotencyLayer::builder(store(&c, Duration::from_secs(2)))
+                .lease_ttl(lease_ttl)
+                .build()
+                .unwrap(),
+        )
+        .service_fn(move |_req: Request<Full<Bytes>>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut fill = fill.clone();
+            async move {
+                maxmemory(&mut fill, 1).await;
+                let mut res = Response::new(Full::new(Bytes::from_static(b"order")));
+                *res.status_mut() = StatusCode::CREATED;
+                Ok::<_, Infallible>(res)
+            }
+        });
+    let (b, b_runs) = app(
+        store(&c, Duration::from_secs(2)),
+        lease_ttl,
+        Duration::ZERO,
+        "order",
+    );
+    let first = a.clone().oneshot(post("shared", "{}")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    tokio::time::sleep(3 * lease_ttl).await;
+    // B's claim meets A's lease, renewed while Redis was full (a lapsed lease would leave
+    // B's claim to write, which a full Redis refuses: 503).
+    let repeat = b.clone().oneshot(post("shared", "{}")).await.unwrap();
+    assert_eq!(repeat.status(), StatusCode::CONFLICT);
+    maxmemory(&mut admin, 0).await;
+    // Room again: before A's write lands, B's claim meets A's lease (renewed while Redis
+    // was full, not lapsed after its 1 s).
+    let repeat = b.clone().oneshot(post("shared", "{}")).await.unwrap();
+    assert!(
+        repeat.status() == StatusCode::CONFLICT
+            || repeat.headers().contains_key("idempotent-replayed"),
+        "B's repeat answered {}",
+        repeat.status()
+    );
+    let mut replayed = None;
+    for _ in 0..50 {
+        let res = b.clone().oneshot(post("shared", "{}")).await.unwrap();
+        if res.headers().contains_key("idempotent-replayed") {
+            replayed = Some(res.status());
+            break;
+        }
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        replayed,
+        Some(StatusCode::CREATED),
+        "the record never landed"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(b_runs.load(Ordering::SeqCst), 0, "replica B ran the key");
 }

@@ -21,7 +21,9 @@ use super::budget::Reservation;
 use super::fingerprint::Fingerprint;
 use super::layer::{Config, Counters, FailurePolicy, RebuildBody, Shared};
 use super::record::Record;
-use super::store::{Claim, Lease, Store, StoreError, StoreErrorKind, StoreKey};
+use super::store::{
+    Claim, DetachedWrite, Lease, Store, StoreError, StoreErrorKind, StoreKey, WritesInFlight,
+};
 use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
 use crate::rejection::{Rejection, RejectionKind};
 
@@ -68,7 +70,7 @@ pin_project! {
         Passthrough { #[pin] fut: F },
         Ready { out: Option<Result<Response<ReplayBody<ResB>>, BoxError>> },
         ReadBody { #[pin] body: ReqB },
-        Claim { #[pin] fut: CF },
+        Claim { #[pin] fut: Option<CF> },
         Wait { #[pin] sleep: Sleep },
         Call { #[pin] fut: F },
         Buffer {
@@ -279,10 +281,16 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         }
     }
 
-    fn claim(&mut self) -> St::ClaimFuture {
+    /// The claim of the key; `None` when this layer is still writing the key's record in
+    /// the background (the key is in flight: the store is not asked).
+    fn claim(&mut self) -> Option<St::ClaimFuture> {
+        if self.shared.writes.contains(&self.key) {
+            tracing::debug!(key = ?self.key, "idempotency record still being written; the key is in flight");
+            return None;
+        }
         let ttl = self.shared.lease_ttl();
         self.claimed_until = Some((Instant::now() + ttl, ttl));
-        self.store.claim(&self.key, self.fingerprint, ttl)
+        Some(self.store.claim(&self.key, self.fingerprint, ttl))
     }
 
     fn release(&mut self) {
@@ -444,6 +452,9 @@ struct LeaseGuard<St: Store> {
     /// time to live it asked for (`ttl`).
     held_until: Instant,
     ttl: Duration,
+    /// The layer's keys with a record written in the background (`None` for a store that
+    /// writes at once): a record written from `Drop` keeps its key there until it ends.
+    writes: Option<Arc<WritesInFlight>>,
 }
 
 impl<St: Store> LeaseGuard<St> {
@@ -474,8 +485,12 @@ impl<St: Store> Drop for LeaseGuard<St> {
                 // The handler has run: its key must never run again, so the lease is never
                 // given up; it becomes the record, or expires if that cannot be written.
                 tracing::debug!(key = ?lease.key(), "idempotent request ended after its handler answered; writing its record in the background");
+                let done = match &self.writes {
+                    Some(writes) => writes.track(lease.key()),
+                    None => DetachedWrite::new(),
+                };
                 self.store
-                    .complete_detached(lease, record, ttl, self.held_until);
+                    .complete_detached(lease, record, ttl, self.ttl, done);
             } else if self.release_on_drop {
                 tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease released");
                 self.store.release_detached(lease, self.held_until);
@@ -652,7 +667,10 @@ where
                     }
                 }
                 StateProj::Claim { fut } => {
-                    let claimed = ready!(fut.poll(cx));
+                    let claimed = match fut.as_pin_mut() {
+                        Some(fut) => ready!(fut.poll(cx)),
+                        None => Ok(Claim::InFlight),
+                    };
                     let k = this.ctx.as_mut().expect("keyed state");
                     let stats = &k.shared.stats;
                     match claimed {
@@ -692,6 +710,8 @@ where
                                 record: None,
                                 held_until,
                                 ttl,
+                                writes: (!k.store.completes_at_once())
+                                    .then(|| k.shared.writes.clone()),
                             });
                             // Room for the whole response, before the handler runs.
                             let max = k.shared.config.max_response_body;

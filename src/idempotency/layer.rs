@@ -10,7 +10,7 @@ use tower_layer::Layer;
 use super::budget::BufferBudget;
 use super::scope::Scope;
 use super::service::Idempotency;
-use super::store::Store;
+use super::store::{Store, WritesInFlight};
 use crate::clock::duration_nanos;
 use crate::util::rng::Rng;
 
@@ -163,6 +163,9 @@ pub(crate) struct Shared {
     rng: Rng,
     /// Whether the layer warned that keyed requests came without credentials.
     warned_anonymous: AtomicBool,
+    /// The keys whose record this layer is writing in the background (the store failed as
+    /// the handler answered): claims of them answer 409 without asking the store.
+    pub(crate) writes: Arc<WritesInFlight>,
 }
 
 impl Shared {
@@ -777,6 +780,7 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
             buffers: BufferBudget::new(self.max_buffered),
             rng: Rng::from_entropy(),
             warned_anonymous: AtomicBool::new(false),
+            writes: Arc::default(),
         };
         Ok(IdempotencyLayer {
             store: self.store,

@@ -229,11 +229,21 @@
 //! Once the handler has answered with a response to store, the request has run, and its key
 //! is never released: if the record cannot be written (the store down, the connection cut as
 //! the command went out), the client still gets its response, the lease stays, and the write
-//! is tried again in the background, under the owner token, until the lease would expire. A
-//! repeat meanwhile gets 409, then the replay. A store that stays unreachable (or refuses the
-//! write) for longer than the lease loses that record: the lease expires and a repeat after
-//! it runs again. Give [`lease_ttl`](IdempotencyBuilder::lease_ttl) room for the store
-//! outages the service must ride out.
+//! is tried again in the background, under the owner token, past the lease's expiry: until
+//! it lands, the store refuses it for good (another owner holds the key, or an error no
+//! retry mends), or the record's time to live ([`ttl`](IdempotencyBuilder::ttl)) has passed.
+//! A `complete` may land after its lease expired, as long as no one else holds the key (see
+//! the [`Store`] contract). Meanwhile the lease is renewed every third of its time to live
+//! whenever the store answers renewals (a full Redis does), and the layer answers its own
+//! repeats of the key 409 without asking the store, then the replay once written (at most
+//! [`MAX_WRITES_TRACKED`] keys are kept so; beyond, a `WARN` event). A background write
+//! costs one task per request whose record the store refused.
+//!
+//! Across replicas, a store **unreachable** for longer than the lease cannot be made safe
+//! without the store: no renewal reaches it, the lease expires there, and a repeat sent to
+//! another replica once the store is back may claim the key and run again before the first
+//! replica's write lands. Give [`lease_ttl`](IdempotencyBuilder::lease_ttl) room for the
+//! store outages the service must ride out.
 //!
 //! A response handed on as it streams (its body not ready at once, or past
 //! [`max_response_body`](IdempotencyBuilder::max_response_body)) leaves the response future
@@ -301,8 +311,8 @@ pub use self::layer::{
 pub use self::record::{DecodeError, Record};
 pub use self::service::Idempotency;
 pub use self::store::{
-    Claim, Lease, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store, StoreError,
-    StoreErrorKind, StoreKey,
+    Claim, DetachedWrite, Lease, MemoryStore, MemoryStoreBuilder, MemoryStoreStats, Store,
+    StoreError, StoreErrorKind, StoreKey, MAX_WRITES_TRACKED,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

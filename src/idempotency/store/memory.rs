@@ -498,12 +498,12 @@ impl MemoryStore {
         lease_ttl: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.inner.clock.now_nanos();
-        if let Some(c) = self.try_claim(key, fingerprint, lease_ttl, now) {
+        if let Some(c) = self.try_claim(key, fingerprint, lease_ttl, now, None) {
             return Ok(c);
         }
         // No room: drop what has expired everywhere, then try once more.
         self.reclaim(now);
-        if let Some(c) = self.try_claim(key, fingerprint, lease_ttl, now) {
+        if let Some(c) = self.try_claim(key, fingerprint, lease_ttl, now, None) {
             return Ok(c);
         }
         self.inner.refused.fetch_add(1, Relaxed);
@@ -518,13 +518,15 @@ impl MemoryStore {
         })
     }
 
-    /// The claim, or `None` when there is no room for a new key.
+    /// The claim, or `None` when there is no room for a new key; a key taken gets `token`
+    /// (a new one if `None`).
     fn try_claim(
         &self,
         key: &StoreKey,
         fingerprint: Fingerprint,
         lease_ttl: Duration,
         now: u64,
+        token: Option<u128>,
     ) -> Option<Claim> {
         let inner = &*self.inner;
         let enc = key.encoded();
@@ -562,7 +564,7 @@ impl MemoryStore {
             let more = cap - s.expiry.len();
             s.expiry.reserve_exact(more);
         }
-        let token = self.token();
+        let token = token.unwrap_or_else(|| self.token());
         let k = key.encoded_arc().clone();
         s.seq += 1;
         let seq = s.seq;
@@ -613,16 +615,50 @@ impl MemoryStore {
         let inner = &*self.inner;
         let enc = lease.key().encoded();
         let mut s = self.shard(enc);
-        // A lease past its expiry is lost, as it would be in a remote store: it may already be
-        // swept (or claimed again), so it must not be completed.
-        let scope = match s.map.get(enc) {
-            Some(Entry {
-                state: State::Lease(t),
-                expires_at,
-                scope,
-                ..
-            }) if *t == lease.token() && *expires_at > now => *scope,
-            _ => return Err(StoreError::new(StoreErrorKind::LeaseLost)),
+        // Our lease, even past its expiry (no one else holds the key: the handler has run, so
+        // the record must land), or no entry at all (the expired lease was swept): see the
+        // `Store::complete` contract. Another owner's lease or a record: lost.
+        let scope = loop {
+            match s.map.get(enc) {
+                Some(Entry {
+                    state: State::Lease(t),
+                    scope,
+                    ..
+                }) if *t == lease.token() => break *scope,
+                Some(_) => return Err(StoreError::new(StoreErrorKind::LeaseLost)),
+                None => {}
+            }
+            drop(s);
+            // Take the key again under our own token (as a claim would, within the store's
+            // bounds), then complete that lease.
+            let taken = match self.try_claim(
+                lease.key(),
+                lease.fingerprint(),
+                ttl,
+                now,
+                Some(lease.token()),
+            ) {
+                Some(c) => Some(c),
+                None => {
+                    self.reclaim(now);
+                    self.try_claim(
+                        lease.key(),
+                        lease.fingerprint(),
+                        ttl,
+                        now,
+                        Some(lease.token()),
+                    )
+                }
+            };
+            match taken {
+                Some(Claim::Claimed(_)) => {}
+                Some(_) => return Err(StoreError::new(StoreErrorKind::LeaseLost)),
+                None => {
+                    self.inner.refused.fetch_add(1, Relaxed);
+                    return Err(StoreError::new(StoreErrorKind::Full));
+                }
+            }
+            s = self.shard(enc);
         };
         let mut record = compact(record);
         // The lease was charged as a marker: the record needs what it costs beyond that.
@@ -1105,15 +1141,18 @@ impl Store for MemoryStore {
         lease: Lease,
         record: Record,
         ttl: Duration,
-        _until: tokio::time::Instant,
+        _lease_ttl: Duration,
+        _done: super::DetachedWrite,
     ) {
         if let Err(e) = self.complete_now(&lease, record, ttl) {
-            tracing::warn!(error = %e, "idempotency record not written; the lease will expire");
+            tracing::warn!(error = %e, "idempotency record not written");
         }
     }
 
     fn completes_at_once(&self) -> bool {
-        // `complete` is `complete_now`, whose only error is a lost lease.
+        // `complete` is `complete_now`, whose errors are final: a lost lease, or no room
+        // to take again a key whose lease expired and was swept (a background write would
+        // not fare better in one process).
         true
     }
 

@@ -7,8 +7,9 @@
 //!   token with a time to live) in the same atomic step. The answer is a [`Claim`]: the lease,
 //!   or that the key is in flight, completed (with its [`Record`]), or used with another
 //!   fingerprint.
-//! - [`Store::complete`]: replace the lease by the record, with a time to live, **only if the
-//!   lease is still ours** (compare-and-set on the owner token).
+//! - [`Store::complete`]: replace the lease by the record, with a time to live, **only if no
+//!   one else holds the key**: it holds our lease (compare-and-set on the owner token), even
+//!   expired, or nothing.
 //! - [`Store::renew`]: extend the lease's time to live, only if it is still ours, while the
 //!   request runs.
 //! - [`Store::release`]: drop the lease, only if it is still ours, so the key can be retried.
@@ -20,9 +21,11 @@
 //! [`StoreError`]s with a [`StoreErrorKind`], so the layer can apply its
 //! [`FailurePolicy`](super::FailurePolicy).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::BoxError;
@@ -357,9 +360,13 @@ impl std::error::Error for StoreError {
 /// - A claim future dropped before it answers (cancelled, or timed out by the store itself)
 ///   leaves no lease that nobody holds: a store whose claim may still take effect after its
 ///   caller stopped waiting (a remote store) releases that lease with the token it made.
-/// - `complete` stores the record for `ttl` only while the key holds this lease's token, else
-///   fails with [`StoreErrorKind::LeaseLost`] (as does a `complete` sent again after the
-///   first took effect and its answer was lost).
+/// - `complete` stores the record for `ttl` while the key holds this lease's token, **even
+///   past the lease's expiry**, or while the key holds nothing (the expired lease is gone):
+///   the handler has run, and no one else holds the key, so the record must land. It never
+///   writes over another owner's lease or over a record: it fails with
+///   [`StoreErrorKind::LeaseLost`] then (as does a `complete` sent again after the first took
+///   effect and its answer was lost). Custom stores must do the same, or a record written
+///   late (after an outage longer than the lease) is lost and its key runs again.
 /// - `renew` sets the lease's time to live to `lease_ttl` from now only while the key holds
 ///   this lease's token, unexpired; otherwise it changes nothing and fails with
 ///   [`StoreErrorKind::LeaseLost`].
@@ -399,27 +406,34 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Writes `record` under `lease` from a place that cannot wait (a `Drop`, or once the
     /// response has gone to the client), trying again while the store fails in a way that may
-    /// pass, until `until`, when the lease would expire by itself. The default runs
-    /// [`Store::complete`] on a task of the current tokio runtime, or leaves the lease to
-    /// expire when there is none. Stores that can write at once (such as [`MemoryStore`]) do
-    /// so.
+    /// pass. The handler has run: the key must never run again, so the write does not stop
+    /// when the lease would expire (a [`complete`](Store::complete) may land after that, see
+    /// the [contract](Store#contract)). It goes on until it succeeds, fails for good (the
+    /// lease lost to another owner, or an error no retry mends), or `ttl` (the record's time
+    /// to live) has passed since it began; while the store fails, the lease is renewed to
+    /// `lease_ttl` every third of it, so that other replicas keep off the key whenever the
+    /// store answers renewals. `done` is held until the write ends, then dropped: the layer
+    /// answers its own repeats of the key 409 until then, without asking the store.
+    ///
+    /// The default runs [`Store::complete`] on a task of the current tokio runtime (one task
+    /// per call: one per request whose record failed), or leaves the lease to expire when
+    /// there is none. Stores that can write at once (such as [`MemoryStore`]) do so.
     fn complete_detached(
         &self,
         lease: Lease,
         record: Record,
         ttl: Duration,
-        until: tokio::time::Instant,
+        lease_ttl: Duration,
+        done: DetachedWrite,
     ) {
-        let store = self.clone();
-        retry_detached("write of an idempotent response", until, move || {
-            store.complete(&lease, record.clone(), ttl)
-        });
+        write_detached(self.clone(), lease, record, ttl, lease_ttl, done);
     }
 
     /// Whether [`complete`](Store::complete)'s future is ready when first polled and fails
-    /// only with [`StoreErrorKind::LeaseLost`]: the layer then keeps no copy of a record to
-    /// write it again in the background should the request be dropped while its write is in
-    /// flight (which cannot happen). Default `false`; [`MemoryStore`] says `true`.
+    /// only in ways no retry in the background mends ([`StoreErrorKind::LeaseLost`]): the
+    /// layer then keeps no copy of a record to write it again in the background should the
+    /// request be dropped while its write is in flight (which cannot happen), and tracks no
+    /// background write. Default `false`; [`MemoryStore`] says `true`.
     fn completes_at_once(&self) -> bool {
         false
     }
@@ -494,4 +508,201 @@ where
             pause = (pause * 2).min(Duration::from_secs(1));
         }
     });
+}
+
+/// The most keys a layer keeps as having a record written in the background (the requests
+/// whose record the store refused, during an outage); beyond, a key is not kept, with a
+/// `WARN` event, and a repeat of it on this layer asks the store as any other does.
+pub const MAX_WRITES_TRACKED: usize = 4096;
+
+/// The keys of one layer whose record is being written in the background, so that the layer
+/// never claims a key whose record it is still writing. Costs one relaxed load while empty.
+#[derive(Default)]
+pub(crate) struct WritesInFlight {
+    /// How many keys are in `keys` (read without the lock).
+    count: AtomicUsize,
+    /// The keys, each with the number of writes in flight for it.
+    keys: Mutex<HashMap<StoreKey, usize>>,
+}
+
+impl WritesInFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StoreKey, usize>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a record of `key` is being written in the background.
+    #[inline]
+    pub(crate) fn contains(&self, key: &StoreKey) -> bool {
+        self.count.load(Ordering::Relaxed) != 0 && self.lock().contains_key(key)
+    }
+
+    /// Keeps `key` until the returned token is dropped (untracked when the set is full).
+    pub(crate) fn track(self: &Arc<Self>, key: &StoreKey) -> DetachedWrite {
+        let mut keys = self.lock();
+        if let Some(n) = keys.get_mut(key) {
+            *n += 1;
+        } else if keys.len() >= MAX_WRITES_TRACKED {
+            tracing::warn!(
+                key = ?key,
+                max = MAX_WRITES_TRACKED,
+                "idempotency: too many records written in the background; a repeat of this key \
+                 is decided by the store alone"
+            );
+            return DetachedWrite::new();
+        } else {
+            keys.insert(key.clone(), 1);
+            self.count.store(keys.len(), Ordering::Relaxed);
+        }
+        DetachedWrite {
+            tracked: Some((self.clone(), key.clone())),
+        }
+    }
+}
+
+/// Held by a record's write in the background ([`Store::complete_detached`]) until the write
+/// ends (written, refused for good, or given up), then dropped: until then, the layer that
+/// made it answers its own repeats of the key 409 without asking the store.
+#[must_use = "dropping it says that the write has ended"]
+pub struct DetachedWrite {
+    tracked: Option<(Arc<WritesInFlight>, StoreKey)>,
+}
+
+impl DetachedWrite {
+    /// A token that tells no one (to call [`Store::complete_detached`] outside a layer).
+    pub fn new() -> DetachedWrite {
+        DetachedWrite { tracked: None }
+    }
+}
+
+impl Default for DetachedWrite {
+    fn default() -> DetachedWrite {
+        DetachedWrite::new()
+    }
+}
+
+impl fmt::Debug for DetachedWrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DetachedWrite")
+            .field("key", &self.tracked.as_ref().map(|(_, k)| k))
+            .finish()
+    }
+}
+
+impl Drop for DetachedWrite {
+    fn drop(&mut self) {
+        if let Some((writes, key)) = self.tracked.take() {
+            let mut keys = writes.lock();
+            if let Some(n) = keys.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    keys.remove(&key);
+                    writes.count.store(keys.len(), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// [`Store::complete_detached`]'s default: [`Store::complete`] on a task of the current
+/// tokio runtime until it succeeds, fails for good, or `ttl` has passed since it began (each
+/// attempt is cut off there too); attempts are spaced 10 ms, doubling, up to 1 s. While it
+/// fails, the lease is renewed (best effort) every third of `lease_ttl`. `done` is dropped
+/// when the write ends. Without a runtime, nothing is tried.
+pub(crate) fn write_detached<St: Store>(
+    store: St,
+    lease: Lease,
+    record: Record,
+    ttl: Duration,
+    lease_ttl: Duration,
+    done: DetachedWrite,
+) {
+    let what = "write of an idempotent response";
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(key = ?lease.key(), "no tokio runtime to write an idempotency record on; the lease will expire");
+        return;
+    };
+    rt.spawn(async move {
+        let _done = done;
+        let start = tokio::time::Instant::now();
+        let until = start + ttl;
+        let mut renew_at = start;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let error = match tokio::time::timeout_at(until, store.complete(&lease, record.clone(), ttl)).await {
+                Ok(Ok(())) => {
+                    if pause > Duration::from_millis(10) {
+                        tracing::info!(key = ?lease.key(), "idempotency record written after the store failed");
+                    }
+                    return;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => StoreError::new(StoreErrorKind::Timeout),
+            };
+            if error.kind() == StoreErrorKind::LeaseLost {
+                // Another owner's now; or an earlier attempt took effect and its answer was
+                // lost.
+                tracing::debug!(what, key = ?lease.key(), "idempotency key held by another; nothing more to do");
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if !worth_retrying(&error) || now + pause >= until {
+                tracing::warn!(what, key = ?lease.key(), error = %error, "idempotency store: giving up");
+                return;
+            }
+            tracing::debug!(what, error = %error, "idempotency store: trying again");
+            let next_try = now + pause;
+            let mut now = now;
+            loop {
+                if now >= renew_at && !lease_ttl.is_zero() {
+                    // Keeps other replicas off the key while the record cannot be written,
+                    // if the store answers renewals; a failed renewal changes nothing.
+                    renew_at = now + lease_ttl / 3;
+                    let renewal = store.renew(&lease, lease_ttl);
+                    let _ = tokio::time::timeout_at(renew_at.min(until), renewal).await;
+                }
+                if lease_ttl.is_zero() || next_try <= renew_at {
+                    tokio::time::sleep_until(next_try).await;
+                    break;
+                }
+                tokio::time::sleep_until(renew_at).await;
+                now = tokio::time::Instant::now();
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys with a record written in the background: kept while a write's token lives
+    /// (counted per write), gone when the last ends, and at most `MAX_WRITES_TRACKED`.
+    #[test]
+    fn writes_in_flight_are_kept_until_they_end_and_bounded() {
+        let writes = Arc::new(WritesInFlight::default());
+        let (a, b) = (StoreKey::new("s", "a"), StoreKey::new("s", "b"));
+        assert!(!writes.contains(&a));
+        let first = writes.track(&a);
+        let second = writes.track(&a);
+        assert!(writes.contains(&a) && !writes.contains(&b));
+        drop(first);
+        assert!(writes.contains(&a), "one write of the key still runs");
+        drop(second);
+        assert!(!writes.contains(&a));
+        assert_eq!(writes.count.load(Ordering::Relaxed), 0);
+
+        let held: Vec<_> = (0..MAX_WRITES_TRACKED)
+            .map(|i| writes.track(&StoreKey::new("s", i.to_string())))
+            .collect();
+        let beyond = writes.track(&b);
+        assert!(!writes.contains(&b), "beyond the bound, not kept");
+        drop(beyond);
+        assert_eq!(writes.count.load(Ordering::Relaxed), MAX_WRITES_TRACKED);
+        drop(held);
+        assert_eq!(writes.count.load(Ordering::Relaxed), 0);
+        assert!(writes.lock().is_empty());
+    }
 }

@@ -93,13 +93,17 @@
 //! | Redis down at | the request | the key |
 //! |---|---|---|
 //! | claim | `FailClosed`: refused, [`StoreUnavailable`](crate::RejectionKind::StoreUnavailable) (503), the handler does not run | a claim that may have reached Redis is released with its owner token in the background |
-//! | complete (the handler ran) | the client has the handler's response | never released: the record is sent again in the background until Redis takes it or the lease would expire; repeats meanwhile get 503 (Redis down) or 409 (lease held), then the replay |
+//! | complete (the handler ran) | the client has the handler's response | never released: the record is sent again in the background until Redis takes it (even after the lease expired, while no one else holds the key), refuses it for good, or the record's time to live has passed, and the lease is renewed meanwhile whenever Redis answers; repeats on the same layer get 409, on other replicas 503 (Redis down) or 409 (lease held), then the replay |
 //! | release (the request failed) | the client has the failure | released in the background once Redis answers (repeats meanwhile get 503 or 409), then the key runs again, once |
 //!
 //! So no store write that fails lets a request run twice: a key whose record could not be
-//! written stays leased until the end of its lease. Only an outage longer than that lease
-//! lets a repeat run again, and not silently: the background write gives up with a `WARN`
-//! event (keep the lease's time to live above the outages it must ride out). Retries stop
+//! written stays leased, the lease renewed while the record waits. A full Redis
+//! (`noeviction`, `maxmemory` reached) refuses the record (`OOM`, retried) but not the
+//! renewal, whose script is flagged `allow-oom` (it only sets a time to live; Redis 7 and
+//! later, an unflagged script on older servers): the lease never lapses while Redis is full.
+//! Only a Redis unreachable for longer than the lease lets the lease expire there, and a
+//! repeat sent to another replica once Redis is back may then run again before the record
+//! lands (keep the lease's time to live above the outages it must ride out). Retries stop
 //! for a failure that no retry mends (see above). The store counts failures
 //! ([`RedisStore::stats`]) and logs them at `WARN` at most once a second, and the recovery at
 //! `INFO`. The connection is a `redis::aio::ConnectionManager`, which reconnects on its own.
@@ -203,12 +207,14 @@ return {4, ''}
     )
 });
 
-/// Replaces the lease by the record, only while the key holds this owner's token.
+/// Replaces the lease by the record, only while the key holds this owner's token (its lease
+/// may have expired: then the key holds nothing, and no one else holds it either). Never
+/// over another owner's lease or a record.
 static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
+if (not v) or (string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1]) then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -217,9 +223,9 @@ return 0
     )
 });
 
-/// Extends the lease, only while the key holds this owner's token.
-static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+/// The body of [`RENEW`] and [`RENEW_LEGACY`].
+macro_rules! renew_body {
+    () => {
         r"
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
@@ -227,9 +233,19 @@ if v and string.sub(v, 1, 1) == 'L' and string.sub(v, 18, 33) == ARGV[1] then
   return 1
 end
 return 0
-",
-    )
-});
+"
+    };
+}
+
+/// Extends the lease, only while the key holds this owner's token. Flagged `allow-oom`: a
+/// full Redis (`noeviction`, `maxmemory` reached) refuses unflagged scripts, yet a renewal
+/// (`PEXPIRE`) takes no memory, and it is what keeps other replicas off a key whose record
+/// Redis refuses for now. Redis 7 and later; [`RENEW_LEGACY`] for older servers.
+static RENEW: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(concat!("#!lua flags=allow-oom", renew_body!())));
+
+/// [`RENEW`] for Redis before 7, which knows no script flags (refused when Redis is full).
+static RENEW_LEGACY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(renew_body!()));
 
 /// Deletes the lease, only while the key holds one of these owner tokens (one, or those of
 /// several releases of one key waiting in the queue).
@@ -340,6 +356,9 @@ struct Inner {
     /// Whether a read of the policy is in flight in the background (at most one).
     policy_reading: AtomicBool,
     policy_refusals: AtomicU64,
+    /// The server refused the flagged renewal script (Redis before 7): renewals use
+    /// [`RENEW_LEGACY`].
+    renew_legacy: AtomicBool,
 }
 
 /// Why a release waits for the worker. Each kind has its own room in the queue, so that a
@@ -491,6 +510,7 @@ impl RedisStore {
                 policy_checked: AtomicU64::new(0),
                 policy_reading: AtomicBool::new(false),
                 policy_refusals: AtomicU64::new(0),
+                renew_legacy: AtomicBool::new(false),
             }),
         }
     }
@@ -1080,10 +1100,24 @@ impl Store for RedisStore {
         let rkey = self.redis_key(lease.key());
         let token = lease.token();
         let mut conn = self.inner.conn.clone();
+        let inner = self.inner.clone();
         self.run(async move {
-            let mut inv = RENEW.key(rkey);
-            inv.arg(&token.to_be_bytes()[..]).arg(ttl_ms(lease_ttl));
-            let done: i64 = inv.invoke_async(&mut conn).await?;
+            let ms = ttl_ms(lease_ttl);
+            let legacy = inner.renew_legacy.load(Ordering::Relaxed);
+            let script = if legacy { &*RENEW_LEGACY } else { &*RENEW };
+            let mut inv = script.key(rkey.clone());
+            inv.arg(&token.to_be_bytes()[..]).arg(ms);
+            let done: i64 = match inv.invoke_async(&mut conn).await {
+                // A server before Redis 7 cannot compile the flag line.
+                Err(e) if !legacy && e.to_string().contains("compiling") => {
+                    inner.renew_legacy.store(true, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "redis refuses script flags (before Redis 7); renewals use an unflagged script");
+                    let mut inv = RENEW_LEGACY.key(rkey);
+                    inv.arg(&token.to_be_bytes()[..]).arg(ms);
+                    inv.invoke_async(&mut conn).await?
+                }
+                other => other?,
+            };
             Ok(if done == 1 {
                 Ok(())
             } else {
