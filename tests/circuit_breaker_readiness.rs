@@ -266,3 +266,113 @@ async fn a_service_made_ready_and_never_called_does_not_hold_the_probe_slot_for_
     send.send_response("ok");
     assert_eq!(fut.await.unwrap(), "ok");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_waiting_on_a_never_ready_dependency_is_refused_at_the_probe_time_limit() {
+    use tower::{Service, ServiceExt};
+    let layer = layer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+    trip(&mut svc, &mut handle).await;
+    advance(Duration::from_secs(1)).await;
+
+    // The open time is over and the dependency is never ready: the one caller claims the
+    // probe slot and waits on it, with nobody else coming to find the round overdue.
+    handle.allow(0);
+    let mut svc = svc.into_inner();
+    let start = tokio::time::Instant::now();
+    let ready = tokio::time::timeout(Duration::from_secs(10), svc.ready()).await;
+    let svc = ready
+        .expect("the waiting probe is not left waiting past its limit")
+        .expect("ready with the refusal");
+    // The probe time limit is the 1 s open time just served.
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    let r = circuit_open(svc.call(7).await);
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(2)));
+    let f = state.figures();
+    assert_eq!(
+        (f.state, f.reopens, f.probes_in_flight),
+        (BreakerState::Open, 1, 0)
+    );
+    assert_pending!(handle.poll_request());
+
+    // After the longer open time, a ready dependency is probed and closes the breaker.
+    advance(Duration::from_secs(2)).await;
+    handle.allow(1);
+    svc.ready().await.unwrap();
+    let fut = svc.call(8);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 8);
+    send.send_response("healed");
+    assert_eq!(fut.await.unwrap(), "healed");
+    assert_eq!(state.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn for_balancer_an_open_breaker_is_pending_until_its_open_time_ends() {
+    use tower::{Service, ServiceExt};
+    let layer = layer().for_balancer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+    trip(&mut svc, &mut handle).await;
+    assert_eq!(state.state(), BreakerState::Open);
+
+    // Open: pending (a balancer skips the endpoint), and the inner service is not polled.
+    handle.allow(1);
+    assert_pending!(svc.poll_ready(), "open, for a balancer: pending");
+    assert_pending!(handle.poll_request());
+    advance(Duration::from_millis(999)).await;
+    assert!(!svc.is_woken(), "woken before the open time ends");
+    assert_pending!(svc.poll_ready());
+
+    // The open time ends: the caller is woken, and the probe goes through.
+    advance(Duration::from_millis(1)).await;
+    assert!(svc.is_woken(), "woken at the end of the open time");
+    assert_ready_ok!(svc.poll_ready());
+    assert_eq!(state.state(), BreakerState::HalfOpen);
+    let fut = svc.call(9);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 9);
+    send.send_response("healed");
+    assert_eq!(fut.await.unwrap(), "healed");
+    assert_eq!(state.state(), BreakerState::Closed);
+
+    // Forced open: pending too, looking again from time to time.
+    state.force_open();
+    assert_pending!(svc.poll_ready());
+    state.reset();
+    let mut svc = svc.into_inner();
+    handle.allow(1);
+    tokio::time::timeout(Duration::from_secs(2), svc.ready())
+        .await
+        .expect("looks again within 1.5 times the open time")
+        .unwrap();
+    let fut = svc.call(10);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response("ok");
+    assert_eq!(fut.await.unwrap(), "ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn for_balancer_a_probe_waiting_past_its_limit_reopens_and_waits_for_the_next_round() {
+    let layer = layer().for_balancer();
+    let state = layer.handle();
+    let (mut svc, mut handle) = mock::spawn_layer::<u32, &'static str, _>(layer);
+    trip(&mut svc, &mut handle).await;
+    advance(Duration::from_secs(1)).await;
+
+    handle.allow(0);
+    assert_pending!(svc.poll_ready(), "the probe waits on the dependency");
+    assert_eq!(state.figures().probes_in_flight, 1);
+    advance(Duration::from_secs(1)).await;
+    assert!(svc.is_woken(), "woken at the probe time limit");
+    // The round failed; open again for 2 s, and pending (not refused) for a balancer.
+    assert_pending!(svc.poll_ready());
+    let f = state.figures();
+    assert_eq!((f.state, f.reopens), (BreakerState::Open, 1));
+    advance(Duration::from_secs(2)).await;
+    assert!(svc.is_woken(), "woken at the end of the open time");
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    assert_eq!(state.state(), BreakerState::HalfOpen);
+}

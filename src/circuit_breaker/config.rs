@@ -260,7 +260,9 @@ impl BreakerConfig {
     /// so a dependency that is slow but healthy is given longer each time). When every slot
     /// is taken and even the latest probe has been out longer than that, the round has failed:
     /// the next caller finds the breaker open again, for longer, as after a failed probe. A
-    /// slot claimed by a service made ready and then neither called nor dropped is not a
+    /// probe that waits on the dependency's readiness longer than that fails its round
+    /// whatever the other slots hold (a dependency that is never ready), and its caller is
+    /// woken then and refused. A slot claimed by a service made ready and then neither called nor dropped is not a
     /// probe: past the limit it is given to the next caller, and the round goes on (see the
     /// service's `# Readiness`).
     pub fn half_open_probes(mut self, k: u32) -> Self {

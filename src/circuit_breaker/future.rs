@@ -149,6 +149,30 @@ impl Reserved {
         }
     }
 
+    /// While the slot waits on the inner service's readiness (not a reservation), when it
+    /// is past the probe time limit, in the breaker's clock.
+    pub(crate) fn waiting_deadline(&self) -> Option<u64> {
+        if self.epoch.is_some() {
+            return None;
+        }
+        let guard = self.guard.as_ref()?;
+        match guard.permit {
+            Permit::Probe { .. } => {
+                Some(guard.shared.probe_deadline(guard.idx as usize, guard.start))
+            }
+            _ => None,
+        }
+    }
+
+    /// The slot has waited on readiness past the probe time limit: its round fails.
+    pub(crate) fn fail_overdue(mut self, now: u64) {
+        if let Some(mut g) = self.guard.take() {
+            if let Permit::Probe { gen } = std::mem::replace(&mut g.permit, Permit::Free) {
+                g.shared.fail_waiting(g.idx as usize, gen, now);
+            }
+        }
+    }
+
     /// The guard of the call that uses the slot: `None` when the slot was reclaimed or its
     /// round is over (the call is then decided afresh; nothing is freed, the slot is no
     /// longer this one's).

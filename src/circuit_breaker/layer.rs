@@ -92,6 +92,7 @@ pub struct CircuitBreakerLayer<C = ErrorsOnly, K = Single> {
     shared: Arc<Owner>,
     classify: C,
     key: K,
+    pending_while_open: bool,
 }
 
 impl<C: Clone, K: Clone> Clone for CircuitBreakerLayer<C, K> {
@@ -100,6 +101,7 @@ impl<C: Clone, K: Clone> Clone for CircuitBreakerLayer<C, K> {
             shared: self.shared.clone(),
             classify: self.classify.clone(),
             key: self.key.clone(),
+            pending_while_open: self.pending_while_open,
         }
     }
 }
@@ -110,6 +112,7 @@ impl<C: fmt::Debug, K: fmt::Debug> fmt::Debug for CircuitBreakerLayer<C, K> {
             .field("limits", &self.shared.limits)
             .field("classify", &self.classify)
             .field("key", &self.key)
+            .field("pending_while_open", &self.pending_while_open)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +131,7 @@ impl CircuitBreakerLayer {
             shared: Arc::new(Owner::new(&config, false)),
             classify: ErrorsOnly,
             key: Single,
+            pending_while_open: false,
         })
     }
 }
@@ -136,6 +140,60 @@ impl<C> CircuitBreakerLayer<C, Single> {
     /// A handle on the layer's breaker: its state and figures, and manual control.
     pub fn handle(&self) -> BreakerHandle {
         BreakerHandle::new(self.shared.clone(), 0, None)
+    }
+
+    /// Readiness for a breaker under a balancer (tower's `Balance`, `ReadyCache`): while the
+    /// breaker refuses, its services' `poll_ready` is *pending* instead of ready with the
+    /// refusal, so that the balancer skips the endpoint and sends its requests to the others.
+    ///
+    /// By default a breaker that refuses is ready at once and refuses in `call` (tower's
+    /// `LoadShed` pattern), so that a caller is refused rather than left waiting. A balancer
+    /// picks among the services that are ready, and prefers the least loaded: an open
+    /// endpoint, ready at once and quick to answer with its refusals, would draw a large
+    /// share of the traffic and refuse it while healthy endpoints idle. With this mode, an
+    /// open breaker's `poll_ready` is pending until the end of its open time (a timer wakes
+    /// the caller then), and then decides again: once the open time is over, it claims a
+    /// probe slot and waits on the endpoint's readiness, so the balancer sends the endpoint
+    /// its probes and takes it back once they pass. Forced open, it looks again after a
+    /// period drawn between half and one and a half times the open time; half-open with
+    /// every probe slot taken, after the wait the refusal's `retry_after` would have given
+    /// (a random share of the open time a failed probe would start).
+    ///
+    /// Only for a breaker whose caller is a balancer or a `ReadyCache`, which poll many
+    /// services and call the ready ones. Any other caller waits in `poll_ready` for as long
+    /// as the breaker refuses (up to the open time, or for ever while forced open); behind
+    /// tower's `Buffer`, every caller of the buffer waits with it. Outside a tokio runtime,
+    /// where no timer can wake the caller, the breaker refuses as by default. Keyed breakers
+    /// learn the key only in `call` and have no such mode.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower::balance::p2c::Balance;
+    /// use tower::discover::ServiceList;
+    /// use tower::load::{CompleteOnResponse, PendingRequests};
+    /// use tower::{BoxError, Layer, ServiceExt};
+    /// use tower_bulwark::circuit_breaker::{BreakerConfig, CircuitBreakerLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+    /// // One breaker per endpoint, each a dependency of its own.
+    /// let endpoint = |name: &'static str| -> Result<_, BoxError> {
+    ///     let breaker = CircuitBreakerLayer::new(
+    ///         BreakerConfig::consecutive_failures(3).open_time(Duration::from_secs(30)),
+    ///     )?
+    ///     .for_balancer();
+    ///     let svc = breaker.layer(tower::service_fn(move |_req: ()| async move {
+    ///         Ok::<_, BoxError>(name)
+    ///     }));
+    ///     Ok(PendingRequests::new(svc, CompleteOnResponse::default()))
+    /// };
+    /// let balance = Balance::new(ServiceList::new(vec![endpoint("a")?, endpoint("b")?]));
+    /// let answer = balance.oneshot(()).await?;
+    /// assert!(answer == "a" || answer == "b");
+    /// # Ok(()) }
+    /// ```
+    pub fn for_balancer(mut self) -> Self {
+        self.pending_while_open = true;
+        self
     }
 }
 
@@ -196,6 +254,7 @@ impl<F> CircuitBreakerLayer<ErrorsOnly, ByKey<F>> {
             shared: Arc::new(Owner::new(&config, true)),
             classify: ErrorsOnly,
             key: ByKey { key_fn },
+            pending_while_open: false,
         })
     }
 }
@@ -229,6 +288,7 @@ impl<C, K> CircuitBreakerLayer<C, K> {
             shared: self.shared,
             classify,
             key: self.key,
+            pending_while_open: self.pending_while_open,
         }
     }
 }
@@ -242,6 +302,7 @@ impl<S, C: Clone, K: Clone> Layer<S> for CircuitBreakerLayer<C, K> {
             self.shared.clone(),
             self.classify.clone(),
             self.key.clone(),
+            self.pending_while_open,
         )
     }
 }

@@ -140,7 +140,15 @@
 //! once without polling the service below, and `call` returns the refusal. Once the open
 //! time is over, only the callers that claim a probe slot wait on the dependency's
 //! readiness; the others are refused. A dependency that is never ready cannot make callers
-//! hang; see [`CircuitBreaker`]'s `# Readiness`.
+//! hang: a probe that waits on its readiness past the probe time limit fails its round, and
+//! its caller is woken then and refused (under tower's `Buffer` too); see
+//! [`CircuitBreaker`]'s `# Readiness`.
+//!
+//! Under a balancer (tower's p2c `Balance`, `ReadyCache`), an endpoint's breaker should make
+//! the endpoint *not ready* while it refuses, so the balancer sends its requests elsewhere:
+//! [`CircuitBreakerLayer::for_balancer`] turns that on (pending until the open time ends,
+//! then probing). It is for balancers only: any other caller would wait as long as the
+//! breaker refuses.
 //!
 //! # Time in tests
 //!

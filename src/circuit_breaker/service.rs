@@ -1,6 +1,11 @@
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Sleep;
 
 use tower::BoxError;
 use tower_service::Service;
@@ -26,10 +31,15 @@ use crate::classify::{Classify, ErrorsOnly};
 /// on the inner service: only the callers that will be probes wait on the dependency's
 /// readiness, and the others are refused at once. A sick dependency that is never ready
 /// therefore cannot make callers hang, and cannot hold the breaker half-open either: a slot
-/// that waits on readiness is a probe underway, and slots held that way longer than the
-/// probe time limit (see [`half_open_probes`](super::BreakerConfig::half_open_probes)) fail
-/// their round; a slot whose service is dropped while it waits is freed (a failed probe once
-/// it has waited past the slow-call threshold).
+/// that waits on readiness is a probe underway, timed from when it was claimed. Once it has
+/// waited past the probe time limit (see
+/// [`half_open_probes`](super::BreakerConfig::half_open_probes)), its round fails (the breaker
+/// opens again, for longer) and `poll_ready` returns `Ready(Ok(()))` with the refusal for
+/// `call`: the breaker arms a timer for this when it claims the slot, so the waiting caller is
+/// woken at the limit even when nobody else calls (tower's `Buffer` has one worker polling the
+/// breaker, and every caller behind it would wait with it). A slot whose service is dropped
+/// while it waits is freed (a failed probe once it has waited past the slow-call threshold).
+/// The timer is made only on this path (and for [`for_balancer`] waits), never while closed.
 ///
 /// Once the inner service is ready, the slot is a *reservation* for the `call` that follows,
 /// which is the probe. tower's `Balance` and `ReadyCache` keep services ready and call them
@@ -59,6 +69,11 @@ use crate::classify::{Classify, ErrorsOnly};
 /// the call), when the only way tower's `Service` offers to give readiness up is to drop the
 /// service. A service that is not `Clone` can be put behind tower's `Buffer`.
 ///
+/// Under a balancer (tower's `Balance`, `ReadyCache`), being ready with a refusal makes an
+/// open endpoint look ready and least loaded, so it draws traffic that it refuses. A layer
+/// made with [`for_balancer`] is instead pending while it refuses, woken by a timer at the end
+/// of the open time; only a balancer should be its caller.
+///
 /// A [keyed](super::CircuitBreakerLayer::keyed) breaker learns the request's key only in
 /// `call`, so its `poll_ready` is the inner service's and an error it returns is passed on
 /// without counting for any key; an open key's requests are refused in `call` without
@@ -69,6 +84,8 @@ use crate::classify::{Classify, ErrorsOnly};
 ///
 /// Clones share the breaker state of the layer that made them. A clone starts with no
 /// refusal decided.
+///
+/// [`for_balancer`]: super::CircuitBreakerLayer::for_balancer
 pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
     inner: S,
     shared: Arc<Owner>,
@@ -82,10 +99,23 @@ pub struct CircuitBreaker<S, C = ErrorsOnly, K = Single> {
     /// The inner service has been made ready and not called since: a refusal must give up
     /// that readiness (a concurrency permit, a `Buffer` slot) by dropping it.
     inner_ready: bool,
+    /// `poll_ready` is pending while the breaker refuses (for balancers), instead of ready
+    /// with the refusal.
+    pending_while_open: bool,
+    /// The timer of the cold paths: the probe time limit of a probe slot that waits on the
+    /// inner service's readiness, or the end of a refusal's wait when `pending_while_open`.
+    /// Made the first time one is needed, never on the closed path.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S, C, K> CircuitBreaker<S, C, K> {
-    pub(crate) fn new(inner: S, shared: Arc<Owner>, classify: C, key: K) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        shared: Arc<Owner>,
+        classify: C,
+        key: K,
+        pending_while_open: bool,
+    ) -> Self {
         CircuitBreaker {
             inner,
             shared,
@@ -94,6 +124,8 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
             refused: None,
             reserved: None,
             inner_ready: false,
+            pending_while_open,
+            timer: None,
         }
     }
 
@@ -123,6 +155,8 @@ impl<S: Clone, C: Clone, K: Clone> Clone for CircuitBreaker<S, C, K> {
             refused: None,
             reserved: None,
             inner_ready: false,
+            pending_while_open: self.pending_while_open,
+            timer: None,
         }
     }
 }
@@ -133,6 +167,7 @@ impl<S: fmt::Debug, C: fmt::Debug, K: fmt::Debug> fmt::Debug for CircuitBreaker<
             .field("inner", &self.inner)
             .field("classify", &self.classify)
             .field("key", &self.key)
+            .field("pending_while_open", &self.pending_while_open)
             .finish_non_exhaustive()
     }
 }
@@ -180,8 +215,58 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
         }
     }
 
+    /// Arms the timer to fire `wait` from now (at least a millisecond, tokio's resolution)
+    /// and polls it: `Some(true)` when it has fired already, `None` outside a tokio runtime
+    /// (no timer can be armed).
+    #[cold]
+    fn arm(&mut self, wait: Duration, cx: &mut Context<'_>) -> Option<bool> {
+        tokio::runtime::Handle::try_current().ok()?;
+        let at = tokio::time::Instant::now() + wait.max(Duration::from_millis(1));
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                timer.as_mut().reset(at);
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        Some(timer.as_mut().poll(cx).is_ready())
+    }
+
+    /// A refusal decided in `poll_ready`: ready at once with the refusal for `call` (tower's
+    /// `LoadShed` pattern), or, when pending while open, pending until the refusal's wait
+    /// is over (`None`: over already, decide again).
+    #[cold]
+    fn refuse(
+        &mut self,
+        rejection: crate::Rejection,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<Result<(), BoxError>>>
+    where
+        S: Clone,
+    {
+        self.release_inner();
+        if self.pending_while_open {
+            let wait = rejection.retry_after().unwrap_or(Duration::from_millis(1));
+            match self.arm(wait, cx) {
+                Some(false) => {
+                    self.refused = None;
+                    return Some(Poll::Pending);
+                }
+                Some(true) => return None,
+                // No timer outside a tokio runtime: refused as by default rather than
+                // pending with nothing to wake the caller.
+                None => {}
+            }
+        }
+        self.refused = Some(rejection.into());
+        Some(Poll::Ready(Ok(())))
+    }
+
     /// `poll_ready` of a single breaker that is not closed: refuse at once, or claim a probe
-    /// slot and only then wait on the inner service.
+    /// slot and only then wait on the inner service. A probe slot that waits on the inner
+    /// service is timed: once past the probe time limit its round fails (the breaker opens
+    /// again) and the caller is refused, so a dependency that is never ready cannot hold a
+    /// caller (or tower's `Buffer` worker, and every caller behind it) for ever.
     #[cold]
     fn poll_ready_slow<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
     where
@@ -190,31 +275,59 @@ impl<S, C, K> CircuitBreaker<S, C, K> {
         C: Classify<S::Response>,
         K: BreakerKey<Req>,
     {
-        let current = self.reserved.as_ref().is_some_and(Reserved::is_current);
-        if !current {
-            // A slot of an earlier round (its probe round over), or a reservation given to
-            // another caller, is let go.
-            self.reserved = None;
-            match self.shared.reserve(0) {
-                Err(rejection) => {
-                    self.refused = Some(rejection.into());
-                    self.release_inner();
-                    return Poll::Ready(Ok(()));
+        // Each turn ends in a decision unless a timer it armed had fired already or a waiting
+        // probe's round failed; a few turns always suffice.
+        for _ in 0..4 {
+            let current = self.reserved.as_ref().is_some_and(Reserved::is_current);
+            if !current {
+                // A slot of an earlier round (its probe round over), or a reservation given
+                // to another caller, is let go.
+                self.reserved = None;
+                match self.shared.reserve(0) {
+                    Err(rejection) => match self.refuse(rejection, cx) {
+                        Some(poll) => return poll,
+                        None => continue,
+                    },
+                    Ok(Some((permit, start))) => {
+                        self.reserved = Some(Reserved::new(self.shared.share(), 0, permit, start));
+                    }
+                    Ok(None) => {}
                 }
-                Ok(Some((permit, start))) => {
-                    self.reserved = Some(Reserved::new(self.shared.share(), 0, permit, start));
-                }
-                Ok(None) => {}
             }
+            self.refused = None;
+            let ready = self.poll_inner::<Req>(cx);
+            match (&ready, self.reserved.as_mut()) {
+                (Poll::Ready(Ok(())), Some(r)) => {
+                    // Ready and not called yet: a reservation, which says nothing about the
+                    // dependency until its call comes.
+                    r.mark_ready();
+                }
+                (Poll::Pending, Some(r)) => {
+                    let Some(deadline) = r.waiting_deadline() else {
+                        return ready;
+                    };
+                    // A probe underway: the dependency's readiness is what is probed, and it
+                    // has until the probe time limit.
+                    let now = self.shared.now();
+                    if now >= deadline {
+                        if let Some(r) = self.reserved.take() {
+                            r.fail_overdue(now);
+                        }
+                        continue;
+                    }
+                    match self.arm(Duration::from_nanos(deadline - now), cx) {
+                        Some(true) => continue,
+                        _ => return ready,
+                    }
+                }
+                _ => {}
+            }
+            return ready;
         }
-        self.refused = None;
-        let ready = self.poll_inner::<Req>(cx);
-        if let (Poll::Ready(Ok(())), Some(r)) = (&ready, self.reserved.as_mut()) {
-            // Ready and not called yet: a reservation, which says nothing about the
-            // dependency until its call comes.
-            r.mark_ready();
-        }
-        ready
+        // Clocks that disagree (a timer fired before the breaker's clock reached its time):
+        // look again soon.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     #[inline]

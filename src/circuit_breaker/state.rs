@@ -736,6 +736,29 @@ impl Shared {
         }
     }
 
+    /// When a probe of breaker `idx` claimed at `start` is past the probe time limit: a
+    /// probe that still waits on the dependency's readiness then fails its round.
+    #[cold]
+    pub(crate) fn probe_deadline(&self, idx: usize, start: u64) -> u64 {
+        start.saturating_add(self.probe_limit(&self.breakers[idx]))
+    }
+
+    /// Fails half-open round `g` because one of its probes has waited on the dependency's
+    /// readiness past the probe time limit (a dependency that is never ready): opens the
+    /// breaker again, for longer, as a failed probe would. Nothing when the round is over.
+    #[cold]
+    pub(crate) fn fail_waiting(&self, idx: usize, g: u64, now: u64) {
+        let b = &self.breakers[idx];
+        let limit = self.probe_limit(b);
+        let mut s = b.state.0.load(Acquire);
+        while tag(s) == HALF_OPEN && gen(s) == g {
+            match self.reopen_overdue(idx, s, now, limit) {
+                Ok(_) => return,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
     /// Fails a half-open round whose probes are all overdue: opens the breaker again, for
     /// longer, as a failed probe would. The end of the new open time, or the state word found
     /// instead.
