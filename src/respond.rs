@@ -225,7 +225,15 @@ where
         let this = self.project();
         let err = match this.state.project() {
             StateProj::Inner { fut } => match ready!(fut.poll(cx)) {
-                Ok(res) => return Poll::Ready(Ok(res.map(RejectionBody::inner))),
+                Ok(mut res) => {
+                    // The mark says this layer answered for a refusal below it; a 503 the
+                    // service made (a handler forwarding an upstream's answer) must not carry
+                    // it, or a client would take a request that ran for one that did not.
+                    if res.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+                        res.headers_mut().remove(REQUEST_REFUSED);
+                    }
+                    return Poll::Ready(Ok(res.map(RejectionBody::inner)));
+                }
                 Err(e) => e.into(),
             },
             StateProj::Failed { err } => err.take().expect("polled after completion"),
@@ -237,7 +245,10 @@ where
 fn error_response<B>(mode: Mode, err: BoxError) -> Response<RejectionBody<B>> {
     match Rejection::find(&*err) {
         Some(rejection) => match mode {
-            Mode::Http => http_response(rejection),
+            // Marked as a refusal only when the rejection is the error itself, as a refusing
+            // layer below answers: one wrapped in another error is the service's (a handler
+            // passing on what its own client was refused, after it may have had its effect).
+            Mode::Http => http_response(rejection, err.is::<Rejection>()),
             #[cfg(feature = "grpc")]
             Mode::Grpc => grpc_response(rejection),
         },
@@ -262,7 +273,7 @@ pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     secs.max(1)
 }
 
-fn http_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
+fn http_response<B>(rejection: &Rejection, refused: bool) -> Response<RejectionBody<B>> {
     let kind = rejection.kind();
     let status = kind.http_status();
     let mut body = String::with_capacity(192);
@@ -292,7 +303,9 @@ fn http_response<B>(rejection: &Rejection) -> Response<RejectionBody<B>> {
     if kind == RejectionKind::IdempotencyInFlight {
         headers.insert(IDEMPOTENCY_KEY_IN_FLIGHT, HeaderValue::from_static("true"));
     }
-    headers.insert(REQUEST_REFUSED, HeaderValue::from_static(kind.slug()));
+    if refused {
+        headers.insert(REQUEST_REFUSED, HeaderValue::from_static(kind.slug()));
+    }
     let mut res = Response::new(RejectionBody::full(Bytes::from(body)));
     *res.status_mut() = status;
     *res.headers_mut() = headers;

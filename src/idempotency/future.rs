@@ -1257,11 +1257,13 @@ fn code_not_stored(code: GrpcCode, config: &Config) -> bool {
 }
 
 /// Whether an error from the inner service is provably a refusal before the handler ran:
-/// a [`Rejection`] (anywhere in its source chain) of a kind that refuses before running, or
-/// tower's `load_shed` `Overloaded`. Every other error (tower's `Elapsed` from a timeout
-/// below, the handler's own) may come from a handler that had its effect.
+/// the error itself a [`Rejection`] of a kind that refuses before running, or tower's
+/// `load_shed` `Overloaded`, as a refusing layer below answers. One wrapped in another error
+/// is the service's (a handler passing on what its own client was refused, after its
+/// effect), and every other error (tower's `Elapsed` from a timeout below, the handler's
+/// own) may come from a handler that had its effect.
 fn refused_before_running(e: &(dyn std::error::Error + 'static)) -> bool {
-    if let Some(r) = Rejection::find(e) {
+    if let Some(r) = e.downcast_ref::<Rejection>() {
         return match r.kind() {
             // The idempotency layer's own 503 for a lease it could not keep stops a handler
             // that ran; a store that failed before anything ran says otherwise.
@@ -1281,12 +1283,8 @@ fn refused_before_running(e: &(dyn std::error::Error + 'static)) -> bool {
             | RejectionKind::BadRequestBody => true,
         };
     }
-    let mut cur = Some(e);
-    while let Some(e) = cur {
-        if e.is::<tower::load_shed::error::Overloaded>() {
-            return true;
-        }
-        cur = e.source();
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        return true;
     }
     false
 }
@@ -1639,7 +1637,8 @@ mod tests {
             assert!(boxed(Rejection::new(kind).into()), "{kind:?}");
         }
         assert!(boxed(tower::load_shed::error::Overloaded::new().into()));
-        // Found in the source chain.
+        // Wrapped in another error, it is the service's (a handler passing on what its own
+        // client was refused): not a refusal of this request.
         #[derive(Debug)]
         struct Wrap(Rejection);
         impl fmt::Display for Wrap {
@@ -1652,7 +1651,7 @@ mod tests {
                 Some(&self.0)
             }
         }
-        assert!(boxed(Box::new(Wrap(Rejection::new(
+        assert!(!boxed(Box::new(Wrap(Rejection::new(
             RejectionKind::RateLimited
         )))));
         // A handler that may have run: a timeout, its own error, a lease lost mid-handler.
