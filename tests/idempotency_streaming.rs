@@ -173,10 +173,10 @@ async fn a_streamed_response_is_handed_on_at_once_recorded_at_its_end_and_replay
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "{\"id\":");
     // Meanwhile the key is held: a repeat is told it is in flight, and the layer holds room
-    // for the whole response.
+    // for what the copy holds so far (a stream read slowly holds no more than it made).
     let err = svc.clone().oneshot(req("s-1")).await.unwrap_err();
     assert_eq!(kind(&err), RejectionKind::IdempotencyInFlight);
-    assert_eq!(handle.stats().buffered_bytes, 1000);
+    assert_eq!(handle.stats().buffered_bytes, "{\"id\":".len());
     let (rest, trailers) = read(body).await.unwrap();
     assert_eq!(rest, "7}");
     assert!(trailers.is_none());

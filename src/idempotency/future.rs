@@ -120,8 +120,9 @@ struct Recording {
     grpc: GrpcHead,
     buf: BodyBuf,
     trailers: Option<HeaderMap>,
-    /// The layer's buffer budget held for the copy: room for the whole response, reserved
-    /// before the handler ran, given back at the end.
+    /// The layer's buffer budget held for the copy: what it holds so far (reserved as each
+    /// chunk comes, so that streams read slowly hold only what they have produced), given
+    /// back at the end.
     room: Reservation,
 }
 
@@ -181,6 +182,13 @@ impl<St: Store> Settle for Settlement<St> {
         let Some(r) = self.recording.as_mut() else {
             return;
         };
+        if !r.room.grow(&self.shared.buffers, data.len()) {
+            // The layer's buffers are full: the copy is given up (and its room given back),
+            // and the end decides as for a response past the cap (never run again).
+            tracing::debug!(key = ?self.guard.as_ref().and_then(|g| g.lease.as_ref()).map(Lease::key), "no buffer room to keep a streamed response; its end decides");
+            self.recording = None;
+            return;
+        }
         r.buf.push(data.clone());
         if r.buf.len() > self.shared.config.max_response_body {
             // Too large to keep after all: the copy and its room are given back, and the
@@ -843,6 +851,10 @@ where
                             let prefix = k.buf.take();
                             let mut buf = BodyBuf::default();
                             buf.push(prefix.clone());
+                            // The copy holds room for what it has; each chunk reserves more
+                            // as it comes (a stream read slowly holds no more than it made).
+                            let mut room = k.room.take();
+                            room.shrink_to(prefix.len());
                             k.recording = Some(Box::new(Recording {
                                 fingerprint: k.fingerprint,
                                 status: parts.status,
@@ -854,7 +866,7 @@ where
                                 grpc: GrpcHead::of(&parts.headers),
                                 buf,
                                 trailers: tail.take(),
-                                room: k.room.take(),
+                                room,
                             }));
                             // The copy holds the room for these bytes.
                             let res = Response::from_parts(
