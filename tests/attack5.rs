@@ -464,7 +464,6 @@ impl<B: Send + 'static> Service<Request<B>> for Sse {
 /// mid-stream leaves that key in flight (409) until then"), so the caller's retries with its
 /// key get 409 in-flight for a day: the request is neither answered nor run again.
 #[tokio::test]
-#[ignore = "defect: a crash mid-stream leaves the key in flight for 24 h (lease extended to the record ttl), not the 60 s lease"]
 async fn crash_mid_stream_locks_the_key_for_a_day() {
     let Some(server) = RedisServer::start("crash_mid_stream_locks_the_key_for_a_day") else {
         return;

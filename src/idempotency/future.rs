@@ -83,6 +83,9 @@ pin_project! {
             // When the extension was sent, and the time to live it asks for.
             sent: Instant,
             ttl: Duration,
+            // Whether a task renews the lease while the body streams (the extension is then
+            // one lease's time to live, not the record's).
+            keepalive: bool,
             pending: Option<Response<ReplayBody<ResB>>>,
         },
         Complete {
@@ -94,7 +97,8 @@ pin_project! {
 }
 
 /// Settles the key of a response handed on as it streams when its body ends: holds the
-/// lease (extended to the record's time to live) until then. Under the cap it keeps a copy
+/// lease until then (renewed by a task while the body lives, on a tokio runtime; else
+/// extended to the record's time to live). Under the cap it keeps a copy
 /// of the body and, at the end, writes its record, or releases the key for a failure judged
 /// as a buffered response's would be. Past the cap (from the start, or once the copy grows
 /// past it), a gRPC failure (a failing status in the trailers, or a gRPC response that ends
@@ -107,6 +111,38 @@ struct Settlement<St: Store> {
     needs_status: bool,
     /// The copy of a body still under the cap, to record at its end.
     recording: Option<Box<Recording>>,
+    /// Dropped with the body: stops the task that renews the lease while it streams.
+    _keepalive: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Starts the task that renews `guard`'s lease every third of `lease_ttl` until the returned
+/// sender is dropped (the body ended or went away) or the lease is no longer held (its record
+/// written, or lost).
+fn keep_alive<St: Store>(
+    guard: &LeaseGuard<St>,
+    lease_ttl: Duration,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let (store, lease) = (guard.store.clone(), guard.lease().clone());
+    tokio::spawn(async move {
+        let every = (lease_ttl / 3).max(Duration::from_millis(1));
+        loop {
+            let tick = std::pin::pin!(tokio::time::sleep(every));
+            if let futures_util::future::Either::Left(_) =
+                futures_util::future::select(&mut stopped, tick).await
+            {
+                return;
+            }
+            match store.renew(&lease, lease_ttl).await {
+                Err(e) if e.kind() == StoreErrorKind::LeaseLost => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, key = ?lease.key(), "could not renew the lease of a streaming response; trying again");
+                }
+                Ok(()) => {}
+            }
+        }
+    });
+    stop
 }
 
 /// What a streamed response under the cap keeps to write its record at the end.
@@ -129,7 +165,11 @@ struct Recording {
 impl<St: Store> Settlement<St> {
     fn release(&mut self, why: &'static str) {
         self.recording = None;
-        if let Some(g) = self.guard.take() {
+        if let Some(mut g) = self.guard.take() {
+            if self._keepalive.is_some() {
+                // Renewed while the body streamed: held about a lease from now.
+                g.held_until = g.held_until.max(Instant::now() + self.shared.lease_ttl());
+            }
             Counters::bump(&self.shared.stats.not_stored);
             tracing::debug!(key = ?g.lease.as_ref().map(Lease::key), why, "streamed response not stored; lease released");
             g.release();
@@ -414,12 +454,22 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
     ) -> State<F, CF, KF, ReqB, ResB> {
         self.renewal = None;
         let guard = self.guard.as_ref().expect("a lease is held");
-        let ttl = self.shared.ttl();
+        // On a tokio runtime a task renews the lease while the body streams, and stops with
+        // the body: a process that dies mid-stream leaves the key to expire with one lease,
+        // not held for the record's time to live. Without one, the lease is extended to the
+        // record's time to live at once.
+        let keepalive = tokio::runtime::Handle::try_current().is_ok();
+        let ttl = if keepalive {
+            self.shared.lease_ttl()
+        } else {
+            self.shared.ttl()
+        };
         let extend = self.store.renew(guard.lease(), ttl);
         State::Extend {
             fut: Box::pin(extend),
             sent: Instant::now(),
             ttl,
+            keepalive,
             pending: Some(res),
         }
     }
@@ -977,6 +1027,7 @@ where
                     fut,
                     sent,
                     ttl,
+                    keepalive,
                     pending,
                 } => {
                     let done = ready!(fut.as_mut().poll(cx));
@@ -989,11 +1040,13 @@ where
                             guard.ttl = *ttl;
                             let needs_status = grpc_kind(res.headers()) == Some(GrpcKind::Grpc)
                                 && GrpcCode::from_headers(res.headers()).is_none();
+                            let keepalive = keepalive.then(|| keep_alive(&guard, *ttl));
                             res.body_mut().settle_with(Box::new(Settlement {
                                 guard: Some(guard),
                                 shared: k.shared.clone(),
                                 needs_status,
                                 recording: k.recording.take(),
+                                _keepalive: keepalive,
                             }));
                             return Poll::Ready(Ok(res));
                         }

@@ -247,11 +247,13 @@
 //!
 //! A response handed on as it streams (its body not ready at once, or past
 //! [`max_response_body`](IdempotencyBuilder::max_response_body)) leaves the response future
-//! before its body ends, so nothing renews its lease from then on: the lease is first
-//! extended to the record's time to live ([`ttl`](IdempotencyBuilder::ttl)), so that the key
-//! is held however slowly the client reads, and the body's end writes the record (or, for a
+//! before its body ends: a task renews its lease (every third of
+//! [`lease_ttl`](IdempotencyBuilder::lease_ttl)) for as long as the body lives, however
+//! slowly the client reads, and stops with it; the body's end writes the record (or, for a
 //! failure, releases the key). A process that crashes mid-stream leaves that key in flight
-//! (409) until then.
+//! (409) for one lease, as any request it was running. (Outside a tokio runtime, where no
+//! task can run, the lease is instead extended to the record's time to live
+//! ([`ttl`](IdempotencyBuilder::ttl)) when the head is handed on.)
 //!
 //! # Buffers in flight
 //!

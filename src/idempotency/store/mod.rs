@@ -291,6 +291,7 @@ impl StoreError {
     }
 
     /// The same error, marked as one that trying again cannot mend.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn permanent(mut self) -> StoreError {
         self.permanent = true;
         self
