@@ -199,6 +199,9 @@ async fn forwarded_request_refused_mark_runs_the_post_again() {
     );
 }
 
+/// The future of one hop of the network.
+type HopFuture = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>>;
+
 /// The network between client and server: the request body is read whole and sent as
 /// `Full`, the response read whole (trailers dropped: HTTP/1.1).
 fn hop<S, B>(
@@ -207,7 +210,7 @@ fn hop<S, B>(
     Request<tower_bulwark::retry::ReplayBody<Full<Bytes>>>,
     Response = Response<Full<Bytes>>,
     Error = BoxError,
-    Future = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>>,
+    Future = HopFuture,
 > + Clone
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = std::convert::Infallible>
@@ -226,7 +229,7 @@ where
                 let bytes = body
                     .collect()
                     .await
-                    .map_err(|e| -> BoxError { e.into() })?
+                    .map_err(|e| -> BoxError { e })?
                     .to_bytes();
                 let res = server
                     .oneshot(Request::from_parts(parts, Full::new(bytes)))
