@@ -218,16 +218,18 @@ pub(crate) fn step_within(
     max_wait_ns: u64,
     reach_ns: u64,
 ) -> Step {
-    // No admission sets a TAT further ahead than `tolerance + reach + interval`: one that is
-    // means the clock went back, at an instant no one saw. The limit starts whole on the new
-    // time line (as it would be a window after the jump), not spent until the old time comes
-    // again: a jump back gives at most one burst more. (The Redis script applies the same
-    // rule, on Redis's clock.)
-    let horizon = now
-        .saturating_add(tolerance)
-        .saturating_add(reach_ns.max(max_wait_ns))
-        .saturating_add(interval);
-    let tat = if tat > horizon { now } else { tat };
+    // No admission sets a TAT further ahead than the horizon: one that is means the clock
+    // went back, at an instant no one saw. The limit starts whole on the new time line (as it
+    // would be a window after the jump), not spent until the old time comes again: a jump
+    // back gives at most one burst more. (The Redis script applies the same rule, on Redis's
+    // clock, which the script reads inside its atomic step: there a TAT beyond the horizon is
+    // always a jump.) Here a `now` read before another thread set the TAT looks the same:
+    // callers read the clock again, after the TAT, before they trust it (`beyond_horizon`).
+    let tat = if beyond_horizon(tat, now, interval, tolerance, reach_ns.max(max_wait_ns)) {
+        now
+    } else {
+        tat
+    };
     let new_tat = tat.max(now).saturating_add(interval);
     // The earliest instant at which this request fits in the burst.
     let allowed_at = new_tat.saturating_sub(tolerance);
@@ -250,6 +252,32 @@ pub(crate) fn step_within(
             }
         }
     }
+}
+
+/// Whether `tat` is further ahead of `now` than any admission can set it: `tolerance + reach
+/// + interval`, plus the clock slack for reads on two cores that come out of order.
+///
+/// Either the clock went back, or `now` is stale: read by a thread that was descheduled
+/// between reading the clock and reading the TAT, while other threads moved time on and
+/// spent the limit. The two must not be confused, or a thread that was preempted for more
+/// than one interval finds a spent limit whole and lets a burst more through. So a caller
+/// that sees this reads the clock again, after the TAT (an acquire fence or load orders the
+/// two: the thread that set the TAT read its clock before it), and only a TAT still beyond
+/// the fresh time's horizon is a jump back.
+#[inline]
+pub(crate) fn beyond_horizon(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    reach_ns: u64,
+) -> bool {
+    let horizon = now
+        .saturating_add(tolerance)
+        .saturating_add(reach_ns)
+        .saturating_add(interval)
+        .saturating_add(CLOCK_SLACK_NS);
+    tat > horizon
 }
 
 /// A reserved turn given back (a waiter that went away): the TAT after it, or `None` to leave

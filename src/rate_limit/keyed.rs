@@ -42,6 +42,7 @@ use foldhash::fast::SeedableRandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::gcra::{self, Step};
+use crate::clock::Clock;
 
 const GROUP: usize = 8;
 /// The groups a key may live in: its home group and the ones after it.
@@ -170,17 +171,24 @@ impl Table {
     ///
     /// The fast path finds the key in its group and moves its TAT with one compare-and-swap;
     /// anything else (absent key, a claim in progress, a lost race) takes the slow path.
+    ///
+    /// `now` is the time read before the call. A key whose TAT is beyond its horizon (a stale
+    /// `now`, or a clock that went back) has the clock read again, once, through `clock`, and
+    /// `now` is that fresh time afterwards (see `gcra::beyond_horizon`).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn check(
         &self,
         hash: u64,
-        now: u64,
+        now: &mut u64,
+        clock: &Clock,
         interval: u64,
         tolerance: u64,
         max_wait_ns: u64,
         reach_ns: u64,
     ) -> Checked {
-        let now = now.min(MAX_TIME - 1);
+        let reach_ns = reach_ns.max(max_wait_ns);
+        *now = (*now).min(MAX_TIME - 1);
         let group = self.group(hash, 0);
         let ident = Self::ident(hash);
         for slot in &group.slots {
@@ -192,7 +200,11 @@ impl Table {
             let word = slot.tat.load(Ordering::Acquire);
             if word & GEN_MASK == gen {
                 let tat = word >> GEN_BITS;
-                match gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach_ns) {
+                if gcra::beyond_horizon(tat, *now, interval, tolerance, reach_ns) {
+                    // The slow path reads the clock again (after this acquire load) first.
+                    break;
+                }
+                match gcra::step_within(tat, *now, interval, tolerance, max_wait_ns, reach_ns) {
                     Step::Admit { new_tat, wait_ns } => {
                         let new_tat = new_tat.min(MAX_TIME);
                         if slot
@@ -216,7 +228,7 @@ impl Table {
             }
             break;
         }
-        self.check_slow(hash, now, interval, tolerance, max_wait_ns, reach_ns)
+        self.check_slow(hash, now, clock, interval, tolerance, max_wait_ns, reach_ns)
     }
 
     /// Moves the key's TAT back by one interval as `gcra::refunded` says (a reserved turn
@@ -263,16 +275,19 @@ impl Table {
 
     #[cold]
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn check_slow(
         &self,
         hash: u64,
-        now: u64,
+        now: &mut u64,
+        clock: &Clock,
         interval: u64,
         tolerance: u64,
         max_wait_ns: u64,
         reach_ns: u64,
     ) -> Checked {
         let ident = Self::ident(hash);
+        let mut fresh = false;
         'retry: loop {
             // Look for the key in its window, up to the first group with a never used slot: a
             // key is placed in the first group with a free slot, and a slot once used is never
@@ -295,9 +310,16 @@ impl Table {
                             continue 'retry;
                         }
                         let tat = word >> GEN_BITS;
+                        if !fresh && gcra::beyond_horizon(tat, *now, interval, tolerance, reach_ns)
+                        {
+                            // The TAT was read with an acquire: the thread that set it read
+                            // its clock before, so a clock read now is no earlier than that.
+                            *now = clock.now_nanos().clamp(*now, MAX_TIME - 1);
+                            fresh = true;
+                        }
                         match gcra::step_within(
                             tat,
-                            now,
+                            *now,
                             interval,
                             tolerance,
                             max_wait_ns,
@@ -348,7 +370,7 @@ impl Table {
                         continue 'retry;
                     }
                     let tat = word >> GEN_BITS;
-                    if tat <= now {
+                    if tat <= *now {
                         if tag == 0 {
                             chosen = Some((slot, word));
                             break 'groups;
@@ -366,14 +388,14 @@ impl Table {
                 }
             }
             let (slot, word) = chosen.or(closest).expect("a window has slots");
-            let evicting = (word >> GEN_BITS) > now;
+            let evicting = (word >> GEN_BITS) > *now;
             // A fresh key's step: the TAT of an absent key is "now".
-            let step = gcra::step(0, now, interval, tolerance, max_wait_ns);
+            let step = gcra::step(0, *now, interval, tolerance, max_wait_ns);
             let new_tat = match step {
                 Step::Admit { new_tat, .. } => new_tat.min(MAX_TIME),
                 // Only when the burst is smaller than one interval's wait: not possible for a
                 // valid quota, but stay correct: nothing to store for a refused fresh key.
-                Step::Reject { .. } => return Checked { step, tat: now },
+                Step::Reject { .. } => return Checked { step, tat: *now },
             };
             let gen = (word.wrapping_add(1)) & GEN_MASK;
             if slot
@@ -429,6 +451,14 @@ impl std::fmt::Debug for Table {
 mod tests {
     use super::*;
 
+    /// One check at `now`, on a clock that reads `now` too.
+    fn chk(t: &Table, hash: u64, now: u64, i: u64, tol: u64, wait: u64, reach: u64) -> Checked {
+        let (clock, hand) = Clock::manual();
+        hand.set_nanos(now);
+        let mut now = now;
+        t.check(hash, &mut now, &clock, i, tol, wait, reach)
+    }
+
     fn admitted(c: Checked) -> bool {
         matches!(c.step, Step::Admit { .. })
     }
@@ -448,13 +478,13 @@ mod tests {
         let (a, b) = (t.hash("a"), t.hash("b"));
         let now = 10_000;
         for _ in 0..3 {
-            assert!(admitted(t.check(a, now, i, tol, 0, 0)));
+            assert!(admitted(chk(&t, a, now, i, tol, 0, 0)));
         }
-        assert!(!admitted(t.check(a, now, i, tol, 0, 0)));
+        assert!(!admitted(chk(&t, a, now, i, tol, 0, 0)));
         for _ in 0..3 {
-            assert!(admitted(t.check(b, now, i, tol, 0, 0)));
+            assert!(admitted(chk(&t, b, now, i, tol, 0, 0)));
         }
-        assert!(!admitted(t.check(b, now, i, tol, 0, 0)));
+        assert!(!admitted(chk(&t, b, now, i, tol, 0, 0)));
         assert_eq!(t.peek(a), Some(now + 3_000));
         assert_eq!(t.peek(t.hash("c")), None);
         assert_eq!(t.live_entries(now), 2);
@@ -478,11 +508,11 @@ mod tests {
         let t = Table::new(8);
         let (i, tol) = (1, 1 << 32);
         let (a, b) = (t.hash(&1u64), t.hash(&2u64));
-        t.check(a, 10, i, tol, 0, 0);
-        t.check(b, 20, i, tol, 0, 0);
+        chk(&t, a, 10, i, tol, 0, 0);
+        chk(&t, b, 20, i, tol, 0, 0);
         let before = used_slots(&t);
         for now in (30..1_000).step_by(10) {
-            t.check(if now % 20 == 0 { a } else { b }, now, i, tol, 0, 0);
+            chk(&t, if now % 20 == 0 { a } else { b }, now, i, tol, 0, 0);
         }
         assert_eq!((before, used_slots(&t)), (2, 2));
         // Each slot's generation was bumped once, at its claim.
@@ -499,7 +529,7 @@ mod tests {
         let (i, tol) = (10, 10);
         let mut now = 100;
         for k in 0u64..1_000 {
-            assert!(admitted(t.check(t.hash(&k), now, i, tol, 0, 0)));
+            assert!(admitted(chk(&t, t.hash(&k), now, i, tol, 0, 0)));
             now += 10; // each key's state is in the past by the next request
         }
         assert_eq!(t.evictions(), 0);
@@ -513,13 +543,13 @@ mod tests {
         let t = seeded(64, 7);
         let (i, tol) = (1_000, 1_000);
         for k in 0u64..64 {
-            assert!(admitted(t.check(t.hash(&k), 5_000, i, tol, 0, 0)));
+            assert!(admitted(chk(&t, t.hash(&k), 5_000, i, tol, 0, 0)));
         }
         assert_eq!(t.evictions(), 0);
         for k in 0u64..64 {
             assert_eq!(t.peek(t.hash(&k)), Some(6_000), "key {k}");
             assert!(
-                !admitted(t.check(t.hash(&k), 5_000, i, tol, 0, 0)),
+                !admitted(chk(&t, t.hash(&k), 5_000, i, tol, 0, 0)),
                 "key {k}"
             );
         }
@@ -533,10 +563,10 @@ mod tests {
         let (i, tol) = (1_000, 1_000);
         let now = 5_000;
         for k in 0u64..16 {
-            assert!(admitted(t.check(t.hash(&k), now + k, i, tol, 0, 0)));
+            assert!(admitted(chk(&t, t.hash(&k), now + k, i, tol, 0, 0)));
         }
         assert_eq!(t.evictions(), 0);
-        assert!(admitted(t.check(t.hash(&100u64), now + 16, i, tol, 0, 0)));
+        assert!(admitted(chk(&t, t.hash(&100u64), now + 16, i, tol, 0, 0)));
         assert_eq!(t.evictions(), 1);
         // Key 0 had the earliest TAT and was evicted.
         assert_eq!(t.peek(t.hash(&0u64)), None);
@@ -560,7 +590,7 @@ mod tests {
         for round in 0..2 {
             for _ in 0..3 {
                 for k in 0..live {
-                    if admitted(t.check(t.hash(&key(k)), now, i, tol, 0, 0)) {
+                    if admitted(chk(&t, t.hash(&key(k)), now, i, tol, 0, 0)) {
                         admitted_by_key[k as usize] += 1;
                     }
                     now += 1;
@@ -595,5 +625,27 @@ mod tests {
         let (over, evictions) = drive(max * 2, 0);
         assert!(evictions > 0);
         assert!(over <= evictions * 4, "{over} over, {evictions} evictions");
+    }
+
+    /// The keyed table's version of the stale-time race (see the layer's test): a check with
+    /// a time older than the clock's, against a spent key, reads the clock again and is
+    /// refused; a clock that really went back finds the key whole.
+    #[test]
+    fn a_stale_now_does_not_refill_a_spent_key() {
+        let t = seeded(64, 7);
+        let (i, tol) = (1_000_000, 50_000_000);
+        let (clock, hand) = Clock::manual();
+        let h = t.hash(&1u64);
+        let check = |now: u64| {
+            let mut now = now;
+            admitted(t.check(h, &mut now, &clock, i, tol, 0, 0))
+        };
+        hand.set_nanos(10_000_000);
+        assert_eq!((0..60).filter(|_| check(10_000_000)).count(), 50);
+        hand.set_nanos(15_000_000);
+        assert_eq!((0..10).filter(|_| check(15_000_000)).count(), 5);
+        assert_eq!((0..10).filter(|_| check(10_000_000)).count(), 0);
+        hand.set_nanos(1_000_000);
+        assert_eq!((0..60).filter(|_| check(1_000_000)).count(), 50);
     }
 }

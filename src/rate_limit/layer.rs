@@ -137,20 +137,34 @@ impl Shared {
     }
 
     /// One check of the global limiter. Returns the step and the TAT after it.
+    ///
+    /// `now` is the time read before the call; a TAT beyond its horizon (a stale `now`, or a
+    /// clock that went back) has the clock read again, once, and `now` is that fresh time
+    /// afterwards (see `gcra::beyond_horizon`).
     #[inline]
-    pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64) {
+    pub(crate) fn check_global(&self, now: &mut u64, max_wait_ns: u64) -> (gcra::Step, u64) {
         let (interval, tolerance) = self.params();
-        let reach = self.reach();
+        let reach = self.reach().max(max_wait_ns);
         let mut tat = self.hot.tat.load(Ordering::Relaxed);
+        let mut fresh = false;
         loop {
-            match gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach) {
+            if !fresh && gcra::beyond_horizon(tat, *now, interval, tolerance, reach) {
+                // Orders the clock read after the TAT read: the thread that set this TAT
+                // (with a release) read its clock before.
+                std::sync::atomic::fence(Ordering::Acquire);
+                *now = self.clock.now_nanos().max(*now);
+                fresh = true;
+                continue;
+            }
+            match gcra::step_within(tat, *now, interval, tolerance, max_wait_ns, reach) {
                 gcra::Step::Admit { new_tat, wait_ns } => {
-                    // Relaxed is enough: the TAT is the only datum, and every change of it is
-                    // a read-modify-write on this one word.
+                    // Release on success, so that a thread that reads this TAT and then the
+                    // clock reads a time no earlier than the one read here. Nothing else is
+                    // published through this word: every change of it is a read-modify-write.
                     match self.hot.tat.compare_exchange_weak(
                         tat,
                         new_tat,
-                        Ordering::Relaxed,
+                        Ordering::Release,
                         Ordering::Relaxed,
                     ) {
                         Ok(_) => return (gcra::Step::Admit { new_tat, wait_ns }, new_tat),
@@ -609,5 +623,59 @@ impl fmt::Debug for RateLimitHandle {
             .field("missing_keys", &self.missing_keys())
             .field("max_keys", &self.max_keys())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::Quota;
+
+    /// A thread that read the clock, was descheduled while others moved time on and spent
+    /// the limit, and then reads the TAT: its stale time puts the TAT beyond the horizon, yet
+    /// the clock did not go back. It must be refused, not find the limit whole.
+    #[test]
+    fn a_stale_now_does_not_refill_a_spent_limit() {
+        let quota = Quota::per_second(1000).unwrap().burst(50).unwrap();
+        let (clock, hand) = Clock::manual();
+        let layer = RateLimitLayer::new(RateLimitConfig::new(quota).clock(clock));
+        let shared = &layer.shared;
+        hand.set_nanos(10_000_000);
+        let mut admitted = 0;
+        for _ in 0..60 {
+            let mut now = 10_000_000;
+            if let (gcra::Step::Admit { .. }, _) = shared.check_global(&mut now, 0) {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 50);
+        // Time moves on by 5 ms (5 tokens), and those are taken.
+        hand.set_nanos(15_000_000);
+        for _ in 0..5 {
+            let mut now = 15_000_000;
+            assert!(matches!(
+                shared.check_global(&mut now, 0).0,
+                gcra::Step::Admit { .. }
+            ));
+        }
+        // A thread whose time is 5 ms old: refused, and told the fresh time.
+        for _ in 0..10 {
+            let mut now = 10_000_000;
+            let (step, _) = shared.check_global(&mut now, 0);
+            assert!(matches!(step, gcra::Step::Reject { .. }), "{step:?}");
+            assert_eq!(now, 15_000_000);
+        }
+        // A clock that really went back (every read is earlier): the limit is whole on the
+        // new time line, one burst.
+        hand.set_nanos(1_000_000);
+        let mut after_jump = 0;
+        for _ in 0..60 {
+            let mut now = 1_000_000;
+            if let (gcra::Step::Admit { .. }, _) = shared.check_global(&mut now, 0) {
+                after_jump += 1;
+            }
+        }
+        assert_eq!(after_jump, 50);
     }
 }

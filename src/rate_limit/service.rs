@@ -89,10 +89,10 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
-        let now = shared.clock.now_nanos();
+        let mut now = shared.clock.now_nanos();
         let (step, tat, hash) = match &shared.table {
             None => {
-                let (step, tat) = shared.check_global(now, self.max_wait_ns);
+                let (step, tat) = shared.check_global(&mut now, self.max_wait_ns);
                 (step, tat, None)
             }
             Some(table) => {
@@ -105,7 +105,8 @@ where
                 let hash = table.hash(&key);
                 let c = table.check(
                     hash,
-                    now,
+                    &mut now,
+                    &shared.clock,
                     interval,
                     tolerance,
                     self.max_wait_ns,

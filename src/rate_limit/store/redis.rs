@@ -568,13 +568,15 @@ impl RedisShared {
             (FailurePolicy::Local, Some(local)) => {
                 bump(&self.counters.local_fallbacks);
                 let l = &*local.shared;
+                let mut now = now;
                 let (step, tat) = match &l.table {
-                    None => l.check_global(now, self.max_wait_ns),
+                    None => l.check_global(&mut now, self.max_wait_ns),
                     Some(table) => {
                         let (interval, tolerance) = l.params();
                         let c = table.check(
                             local_hash,
-                            now,
+                            &mut now,
+                            &l.clock,
                             interval,
                             tolerance,
                             self.max_wait_ns,
