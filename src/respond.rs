@@ -17,9 +17,13 @@
 //! | idempotency store full | 503, `Retry-After` | `UNAVAILABLE`, `grpc-retry-pushback-ms` |
 //!
 //! HTTP bodies are `application/problem+json` (RFC 9457) with `type`, `title`, `status`,
-//! `detail` and, where there is a wait, `retry_after` (seconds). Every HTTP answer made of a
-//! rejection carries [`Request-Refused: <kind>`](crate::rejection::REQUEST_REFUSED): the
-//! request did not reach the service, which a client's retry layer reads. `Retry-After` is in whole
+//! `detail` and, where there is a wait, `retry_after` (seconds). An HTTP answer made of a
+//! rejection that a layer of this crate below made for this request (or that the inner
+//! service's `poll_ready` returned) carries [`Request-Refused: <kind>`](crate::rejection::REQUEST_REFUSED):
+//! the request did not reach the service, which a client's retry layer reads. A rejection
+//! the service returns as its own error (one its own client got, forwarded after it may have
+//! had its effect) gets its status without the mark; see the idempotency module's "Whose
+//! refusal" for how the two are told apart. `Retry-After` is in whole
 //! seconds, rounded up, and never 0 when there is a wait.
 //!
 //! # Errors that are not rejections
@@ -175,16 +179,22 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         if let Some(err) = self.ready_error.take() {
+            // Refused by readiness, before any call: this request never reached the service.
             return ResponseFuture {
                 state: State::Failed { err: Some(err) },
                 mode: self.mode,
+                stamp: 0,
             };
         }
+        // The inner call runs in this request's window (`util::stamp`): a refusal below is
+        // stamped with it, one the service forwards (made outside the window) is not.
+        let stamp = crate::util::stamp::adopt();
         ResponseFuture {
             state: State::Inner {
-                fut: self.inner.call(req),
+                fut: crate::util::stamp::within(stamp, || self.inner.call(req)),
             },
             mode: self.mode,
+            stamp,
         }
     }
 }
@@ -195,6 +205,8 @@ pin_project! {
         #[pin]
         state: State<F>,
         mode: Mode,
+        // The request's stamp; 0 for an error of readiness (no call was made).
+        stamp: u64,
     }
 }
 
@@ -238,17 +250,23 @@ where
             },
             StateProj::Failed { err } => err.take().expect("polled after completion"),
         };
-        Poll::Ready(Ok(error_response(*this.mode, err)))
+        Poll::Ready(Ok(error_response(*this.mode, err, *this.stamp)))
     }
 }
 
-fn error_response<B>(mode: Mode, err: BoxError) -> Response<RejectionBody<B>> {
+fn error_response<B>(mode: Mode, err: BoxError, stamp: u64) -> Response<RejectionBody<B>> {
     match Rejection::find(&*err) {
         Some(rejection) => match mode {
-            // Marked as a refusal only when the rejection is the error itself, as a refusing
-            // layer below answers: one wrapped in another error is the service's (a handler
-            // passing on what its own client was refused, after it may have had its effect).
-            Mode::Http => http_response(rejection, err.is::<Rejection>()),
+            // Marked as a refusal only when the rejection is the error itself, made for this
+            // request by a refusing layer below (stamped, or an error of readiness): one
+            // wrapped in another error, or not made for this request, is the service's (a
+            // handler passing on what its own client was refused, after it may have had its
+            // effect), answered with its status but unmarked.
+            Mode::Http => http_response(
+                rejection,
+                err.downcast_ref::<Rejection>()
+                    .is_some_and(|r| stamp == 0 || r.refuses(stamp)),
+            ),
             #[cfg(feature = "grpc")]
             Mode::Grpc => grpc_response(rejection),
         },
@@ -479,15 +497,42 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use tower::{ServiceBuilder, ServiceExt};
 
+    /// The answer to `err` returned by a refusing layer below: a `Rejection` is stamped in
+    /// the call, as this crate's layers stamp theirs.
     async fn answer(err: BoxError) -> Response<RejectionBody<Full<Bytes>>> {
+        answer_made(err, true).await
+    }
+
+    /// The answer to `err`, stamped in the call (`in_call`) or returned as it is from the
+    /// service's future, as a handler forwards what its own client was refused.
+    async fn answer_made(err: BoxError, in_call: bool) -> Response<RejectionBody<Full<Bytes>>> {
         let err = std::sync::Mutex::new(Some(err));
         let svc = ServiceBuilder::new()
             .layer(RejectionLayer::http())
             .service_fn(move |_req: Request<()>| {
-                let e = err.lock().unwrap().take().unwrap();
+                let mut e = err.lock().unwrap().take().unwrap();
+                if in_call {
+                    Rejection::stamp_boxed(&mut e);
+                }
                 async move { Err::<Response<Full<Bytes>>, BoxError>(e) }
             });
         svc.oneshot(Request::new(())).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rejection_not_made_for_the_request_is_not_marked_refused() {
+        for kind in [RejectionKind::CircuitOpen, RejectionKind::RateLimited] {
+            let res = answer_made(Rejection::new(kind).into(), false).await;
+            // Its status, but not the mark that says the request never reached the service.
+            assert_eq!(res.status(), kind.http_status());
+            assert!(res.headers().get(REQUEST_REFUSED).is_none(), "{kind:?}");
+            // Another request's stamp is no better.
+            let other = Rejection::new(kind).with_stamp(crate::util::stamp::fresh());
+            let res = answer_made(other.into(), false).await;
+            assert!(res.headers().get(REQUEST_REFUSED).is_none(), "{kind:?}");
+            let res = answer_made(Rejection::new(kind).into(), true).await;
+            assert_eq!(res.headers()[REQUEST_REFUSED], kind.slug());
+        }
     }
 
     async fn body_json(res: Response<RejectionBody<Full<Bytes>>>) -> serde_json::Value {

@@ -141,7 +141,6 @@ async fn handler_error_wrapping_a_downstream_refusal_runs_the_post_again() {
 /// As above, the handler propagating the downstream refusal as is (`?` into `BoxError`), the
 /// ordinary way to forward an error in a tower service.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a handler forwarding a downstream Rejection with `?` after its effect is run again by the client's retry"]
 async fn handler_forwarding_a_downstream_refusal_runs_the_post_again() {
     assert_eq!(
         run_charge_then_receipts(false).await,

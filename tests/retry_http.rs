@@ -835,26 +835,72 @@ async fn hints_are_waited_out_up_to_max_hint_not_the_maximum_delay() {
 }
 
 /// A keyed POST shed by a server's own layers (answered by its `RejectionLayer`) did not run:
-/// it is sent again, and served.
+/// it is sent again, and served. The shed is a real one: a `BackpressureLayer` whose one
+/// permit another request holds, with no wait.
 #[tokio::test(start_paused = true)]
 async fn a_keyed_post_shed_by_a_servers_rejection_layer_is_retried() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let bp = tower_bulwark::BackpressureLayer::new(1)
+        .max_wait(Duration::ZERO)
+        .retry_after(Duration::from_millis(300));
+    let server = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(bp.clone())
+        .service(service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let c = c.clone();
+            async move {
+                if req.uri().path() == "/slow" {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                } else {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, BoxError>(
+                    Response::builder()
+                        .status(201)
+                        .body(Full::new(Bytes::from_static(b"made")))
+                        .unwrap(),
+                )
+            }
+        }));
+    // Another request holds the one permit for 200 ms.
+    let mut slow = req(Method::POST);
+    *slow.uri_mut() = "http://svc/slow".parse().unwrap();
+    let holder = RetryLayer::new(RetryPolicy::http().clock(Clock::tokio()))
+        .unwrap()
+        .layer(server.clone());
+    let holder = tokio::spawn(holder.oneshot(slow));
+    tokio::task::yield_now().await;
+    let client = RetryLayer::new(
+        RetryPolicy::http()
+            .add_idempotency_key()
+            .clock(Clock::tokio()),
+    )
+    .unwrap()
+    .layer(server);
+    let res = client.oneshot(req(Method::POST)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(bp.handle().shed(), 1);
+    holder.await.unwrap().unwrap();
+}
+
+/// A handler that forwards, as its own error, a refusal its own client got (made in its
+/// future, not by a layer of the server for this request): the answer is not marked refused,
+/// so the client does not send the POST again (it may have had its effect).
+#[tokio::test(start_paused = true)]
+async fn a_keyed_post_whose_handler_forwards_a_refusal_is_not_retried() {
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let server = ServiceBuilder::new()
         .layer(RejectionLayer::http())
         .service(service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
-            let n = c.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
             async move {
-                if n == 0 {
-                    Err::<Response<Full<Bytes>>, BoxError>(
-                        Rejection::overloaded(Some(Duration::from_millis(300))).into(),
-                    )
-                } else {
-                    Ok(Response::builder()
-                        .status(201)
-                        .body(Full::new(Bytes::from_static(b"made")))
-                        .unwrap())
-                }
+                c.fetch_add(1, Ordering::SeqCst);
+                Err::<Response<Full<Bytes>>, BoxError>(
+                    Rejection::overloaded(Some(Duration::from_millis(300))).into(),
+                )
             }
         }));
     let client = RetryLayer::new(
@@ -865,6 +911,7 @@ async fn a_keyed_post_shed_by_a_servers_rejection_layer_is_retried() {
     .unwrap()
     .layer(server);
     let res = client.oneshot(req(Method::POST)).await.unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().get("request-refused").is_none());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

@@ -63,11 +63,13 @@ pin_project! {
         // Admitted, waiting for the inner service's readiness before the call.
         Readying {
             // Boxed for the same reason.
-            call: Box<(S, Option<Req>)>,
+            // The request's stamp (`util::stamp`) last, for the call made later.
+            call: Box<(S, Option<Req>, u64)>,
             permit: Option<Permit>,
         },
         Shed {
             retry_after: Duration,
+            stamp: u64,
         },
         Done,
     }
@@ -85,6 +87,8 @@ pin_project! {
         req: Option<Req>,
         retry_after: Duration,
         queued: Queued,
+        // The request's stamp (`util::stamp`): its refusal or its call comes after `call`.
+        stamp: u64,
     }
 }
 
@@ -136,7 +140,11 @@ where
     #[inline]
     pub(crate) fn shed(retry_after: Duration, classify: C) -> Self {
         ResponseFuture {
-            state: State::Shed { retry_after },
+            // Made in the layer's `call`: stamped for the request refused.
+            state: State::Shed {
+                retry_after,
+                stamp: crate::util::stamp::current(),
+            },
             classify,
             _release: PhantomData,
         }
@@ -146,7 +154,7 @@ where
     pub(crate) fn readying(svc: S, req: Req, permit: Permit, classify: C) -> Self {
         ResponseFuture {
             state: State::Readying {
-                call: Box::new((svc, Some(req))),
+                call: Box::new((svc, Some(req), crate::util::stamp::current())),
                 permit: Some(permit),
             },
             classify,
@@ -178,6 +186,7 @@ where
                     req: Some(req),
                     retry_after: cfg.retry_after,
                     queued: Queued(shared),
+                    stamp: crate::util::stamp::current(),
                 }),
             },
             classify,
@@ -219,17 +228,18 @@ where
                         let permit = Permit::new(&w.queued.0, in_flight);
                         let mut svc = w.svc.take().expect("admitted once");
                         let req = w.req.take().expect("admitted once");
+                        let stamp = *w.stamp;
                         if *w.ready {
                             // `svc` was made ready by `poll_ready` before the call that
                             // queued it.
-                            let fut = svc.call(req);
+                            let fut = crate::util::stamp::within(stamp, || svc.call(req));
                             state.set(State::Running {
                                 fut,
                                 permit: Some(permit),
                             });
                         } else {
                             state.set(State::Readying {
-                                call: Box::new((svc, Some(req))),
+                                call: Box::new((svc, Some(req), stamp)),
                                 permit: Some(permit),
                             });
                         }
@@ -237,14 +247,16 @@ where
                     None => {
                         let base = *waiter.as_mut().project().retry_after;
                         let retry_after = waiter.as_ref().get_ref().queued.0.on_shed(true, base);
+                        let stamp = waiter.stamp;
                         state.set(State::Done);
                         return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
                             .with_detail("waited too long for a permit")
+                            .with_stamp(stamp)
                             .into()));
                     }
                 },
                 StateProj::Readying { call, permit } => {
-                    let (svc, req) = &mut **call;
+                    let (svc, req, stamp) = &mut **call;
                     if let Err(e) = ready!(svc.poll_ready(cx)) {
                         // A failure of the service below, for an adaptive limit's samples.
                         if let Some(permit) = permit.take() {
@@ -254,15 +266,16 @@ where
                         return Poll::Ready(Err(e.into()));
                     }
                     let req = req.take().expect("polled after completion");
-                    let fut = svc.call(req);
+                    let fut = crate::util::stamp::within(*stamp, || svc.call(req));
                     let permit = permit.take();
                     state.set(State::Running { fut, permit });
                 }
-                StateProj::Shed { retry_after } => {
-                    let retry_after = *retry_after;
+                StateProj::Shed { retry_after, stamp } => {
+                    let (retry_after, stamp) = (*retry_after, *stamp);
                     state.set(State::Done);
                     return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
                         .with_detail("too many requests in flight")
+                        .with_stamp(stamp)
                         .into()));
                 }
                 StateProj::Done => panic!("polled after completion"),

@@ -281,7 +281,8 @@ impl<F, C> ResponseFuture<F, C> {
     }
 
     pub(crate) fn rejected(rejection: Rejection, classify: C) -> Self {
-        Self::refused(rejection.into(), classify)
+        // Made in the layer's `call`: stamped for the request refused.
+        Self::refused(rejection.stamped().into(), classify)
     }
 
     /// A refusal already made into its error.

@@ -378,9 +378,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(err) = self.refused.take() {
+        if let Some(mut err) = self.refused.take() {
             // The inner service was not made ready (or gave its readiness up): the refusal
-            // stands.
+            // stands, for this request.
+            crate::Rejection::stamp_boxed(&mut err);
             return ResponseFuture::refused(err, self.classify.clone());
         }
         if self.reserved.is_some() {

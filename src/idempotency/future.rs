@@ -291,6 +291,10 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     room: Reservation,
     /// The copy of a response handed on as it streams, while its lease is extended.
     recording: Option<Box<Recording>>,
+    /// The request's stamp (`util::stamp`): the window of a layer above for it, or a fresh
+    /// one. The inner call is made in its window; only a [`Rejection`] carrying it is a
+    /// refusal below, before the handler ran.
+    stamp: u64,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
@@ -325,6 +329,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             held: Reservation::default(),
             room: Reservation::default(),
             recording: None,
+            stamp: crate::util::stamp::adopt(),
             _body: std::marker::PhantomData,
         }
     }
@@ -664,7 +669,18 @@ where
                     return Poll::Ready(Ok(res.map(ReplayBody::inner)));
                 }
                 StateProj::Ready { out } => {
-                    return Poll::Ready(out.take().expect("polled after completion"));
+                    let mut out = out.take().expect("polled after completion");
+                    if let (Err(e), Some(k)) = (&mut out, this.ctx.as_ref()) {
+                        // This layer's own refusal, before the handler ran (not the 503 for a
+                        // lease lost while it ran): stamped for the request, so that a
+                        // `RejectionLayer` above answers it as a refusal.
+                        if let Some(r) = e.downcast_mut::<Rejection>() {
+                            if r.detail() != Some(LEASE_NOT_KEPT) {
+                                r.set_stamp(k.stamp);
+                            }
+                        }
+                    }
+                    return Poll::Ready(out);
                 }
                 StateProj::ReadBody { mut body } => {
                     let k = this.ctx.as_mut().expect("keyed state");
@@ -847,7 +863,9 @@ where
                         Ok(res) => res,
                         Err(e) => {
                             let e: BoxError = e.into();
-                            if k.shared.config.release_on_error || refused_before_running(&*e) {
+                            if k.shared.config.release_on_error
+                                || refused_before_running(&*e, k.stamp)
+                            {
                                 // A layer below refused it: the handler did not run.
                                 k.release();
                             } else {
@@ -1133,7 +1151,7 @@ where
     let parts = k.parts.take().expect("request head");
     let body = k.rebuild.rebuild(std::mem::take(&mut k.body));
     let mut inner = k.inner.take().expect("inner service");
-    inner.call(Request::from_parts(parts, body))
+    crate::util::stamp::within(k.stamp, || inner.call(Request::from_parts(parts, body)))
 }
 
 fn complete<F, CF, St, ReqB, ResB, S, M>(
@@ -1322,13 +1340,19 @@ fn code_not_stored(code: GrpcCode, config: &Config) -> bool {
 }
 
 /// Whether an error from the inner service is provably a refusal before the handler ran:
-/// the error itself a [`Rejection`] of a kind that refuses before running, or tower's
-/// `load_shed` `Overloaded`, as a refusing layer below answers. One wrapped in another error
-/// is the service's (a handler passing on what its own client was refused, after its
-/// effect), and every other error (tower's `Elapsed` from a timeout below, the handler's
-/// own) may come from a handler that had its effect.
-fn refused_before_running(e: &(dyn std::error::Error + 'static)) -> bool {
+/// the error itself a [`Rejection`] of a kind that refuses before running, made for this
+/// request (`stamp`, see `util::stamp`) by a layer of this crate below. A rejection without
+/// that stamp is the handler's: one it forwards from its own client, with `?` or wrapped in
+/// its own error, after it may have had its effect. Every other error (tower's `Elapsed`
+/// from a timeout below, tower's `Overloaded`, the handler's own) may come from a handler
+/// that had its effect.
+fn refused_before_running(e: &(dyn std::error::Error + 'static), stamp: u64) -> bool {
     if let Some(r) = e.downcast_ref::<Rejection>() {
+        if !r.refuses(stamp) {
+            // Not made for this request by a layer below: the handler's (one it forwards
+            // from its own client, after it may have had its effect).
+            return false;
+        }
         return match r.kind() {
             // The idempotency layer's own 503 for a lease it could not keep stops a handler
             // that ran; a store that failed before anything ran says otherwise.
@@ -1348,9 +1372,9 @@ fn refused_before_running(e: &(dyn std::error::Error + 'static)) -> bool {
             | RejectionKind::BadRequestBody => true,
         };
     }
-    if e.is::<tower::load_shed::error::Overloaded>() {
-        return true;
-    }
+    // tower's `load_shed` `Overloaded` carries no stamp: it cannot be told from one a handler
+    // forwards, so it is the handler's error (put `load_shed` above this layer, or use
+    // `BackpressureLayer`).
     false
 }
 
@@ -1691,7 +1715,8 @@ mod tests {
 
     #[test]
     fn errors_that_refuse_before_running() {
-        let boxed = |e: BoxError| refused_before_running(&*e);
+        const STAMP: u64 = 42;
+        let boxed = |e: BoxError| refused_before_running(&*e, STAMP);
         for kind in [
             RejectionKind::RateLimited,
             RejectionKind::Overloaded,
@@ -1699,9 +1724,25 @@ mod tests {
             RejectionKind::IdempotencyInFlight,
             RejectionKind::StoreUnavailable,
         ] {
-            assert!(boxed(Rejection::new(kind).into()), "{kind:?}");
+            // Made for this request by a layer below: a refusal.
+            assert!(
+                boxed(Rejection::new(kind).with_stamp(STAMP).into()),
+                "{kind:?}"
+            );
+            // Without the request's stamp (made outside its window, by the handler's own
+            // client), or with another request's: the handler's error.
+            assert!(!boxed(Rejection::new(kind).into()), "{kind:?}");
+            assert!(
+                !boxed(Rejection::new(kind).with_stamp(7).into()),
+                "{kind:?}"
+            );
+            assert!(
+                !refused_before_running(&Rejection::new(kind), 0),
+                "{kind:?}"
+            );
         }
-        assert!(boxed(tower::load_shed::error::Overloaded::new().into()));
+        // tower's shed carries no stamp: it cannot be told from a forwarded one.
+        assert!(!boxed(tower::load_shed::error::Overloaded::new().into()));
         // Wrapped in another error, it is the service's (a handler passing on what its own
         // client was refused): not a refusal of this request.
         #[derive(Debug)]
@@ -1716,13 +1757,15 @@ mod tests {
                 Some(&self.0)
             }
         }
-        assert!(!boxed(Box::new(Wrap(Rejection::new(
-            RejectionKind::RateLimited
-        )))));
+        assert!(!boxed(Box::new(Wrap(
+            Rejection::new(RejectionKind::RateLimited).with_stamp(STAMP)
+        ))));
         // A handler that may have run: a timeout, its own error, a lease lost mid-handler.
         assert!(!boxed("handler failed".into()));
         assert!(!boxed(tower::timeout::error::Elapsed::new().into()));
-        let lost = Rejection::new(RejectionKind::StoreUnavailable).with_detail(LEASE_NOT_KEPT);
+        let lost = Rejection::new(RejectionKind::StoreUnavailable)
+            .with_detail(LEASE_NOT_KEPT)
+            .with_stamp(STAMP);
         assert!(!boxed(lost.into()));
     }
 

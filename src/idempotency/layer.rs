@@ -630,13 +630,14 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// handler ran gives the key up at once (`true`), so that a repeat runs the handler
     /// again, or records the key as run with its response not kept (`false`, the default).
     ///
-    /// An error releases the key whatever this says when a layer below refused the request
-    /// before it ran: a [`Rejection`](crate::Rejection) (found anywhere in the error's
-    /// source chain) of a kind that refuses before running (rate limited, overloaded,
-    /// circuit open, the idempotency and body refusals, a store down before anything ran),
-    /// or tower's `load_shed` `Overloaded`. Any other error (tower's `Elapsed` from a
-    /// `timeout` below this layer, the handler's own error, a `Buffer`'s worker gone) may come
-    /// from a handler that has had its effect, so by default its key is recorded as run:
+    /// An error releases the key whatever this says when a layer of this crate below refused
+    /// the request before it ran: the error is a [`Rejection`](crate::Rejection) of a kind
+    /// that refuses before running (rate limited, overloaded, circuit open, the idempotency
+    /// and body refusals, a store down before anything ran) made for this request (see the
+    /// module's "Whose refusal"). Any other error (tower's `Elapsed` from a `timeout` below
+    /// this layer, tower's `load_shed` `Overloaded`, a rejection the handler returns, the
+    /// handler's own error, a `Buffer`'s worker gone) may come from a handler that has had
+    /// its effect, so by default its key is recorded as run:
     /// repeats get 409
     /// [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored)
     /// for the record's time to live, and never run again. Choose `true` only for handlers

@@ -23,7 +23,8 @@
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status (in the trailers, in the head of a trailers-only response, in the trailer frame that ends a gRPC-Web body), or a gRPC response that ends with no status at all | nothing stored; the key is released so the client can retry ([`store_failures`](IdempotencyBuilder::store_failures) stores them) |
-//! | a layer below refuses the request before it runs: an error that is (or wraps) a [`Rejection`](crate::Rejection) of a refusing kind (rate limited, overloaded, circuit open, ...), or tower's `load_shed` `Overloaded` | nothing stored; the key is released so the client can retry |
+//! | a layer of this crate below refuses the request before it runs: the error is a [`Rejection`](crate::Rejection) of a refusing kind (rate limited, overloaded, circuit open, ...) made for this request (see [Whose refusal](#whose-refusal)) | nothing stored; the key is released so the client can retry |
+//! | the handler returns a `Rejection` as its error (one its own client got, forwarded with `?` or wrapped), or tower's `load_shed` `Overloaded` (which cannot say whose it is) | the handler may have had its effect: as for any other error below |
 //! | any other error from below: tower's `Elapsed` from a `timeout` under this layer, the handler's own error | the handler may have had its effect: the key is recorded as run with its response not kept (repeats get 409 [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored), never a second run); [`release_on_error(true)`](IdempotencyBuilder::release_on_error) releases it instead |
 //! | the handler answered a head to store, then its body fails | the handler ran: the key is recorded as run with its response not kept (repeats get 409, never a second run) |
 //! | the response refuses the caller or says it was not processed: 401, 403, 407, 421, 425, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`, `ABORTED` | nothing stored; the key is released: the request did not run for this caller, and forged credentials cannot fill the store ([`store_refusals`](IdempotencyBuilder::store_refusals) stores them) |
@@ -36,6 +37,20 @@
 //! | the store fails while the response is stored | the client gets the response; the key is never released and the write is tried again in the background while the lease lasts |
 //! | the lease cannot be renewed (store unreachable) | failing closed, the handler is stopped before the lease can run out, and the client gets 503; failing open, it goes on |
 //! | the process crashes mid-request | renewals stop and the lease expires after its time to live (60 s) |
+//!
+//! # Whose refusal
+//!
+//! A refusal releases the key only when it is provably this request's, made before the
+//! handler ran: each layer of this crate stamps the rejections it makes with the request it
+//! refuses, read from a window this layer opens around its inner `call` (a thread-local set
+//! for the length of that call; layers that refuse or call on later, after a queue, a wait
+//! for a turn or a Redis round trip, keep the stamp from their `call`). A rejection the
+//! handler returns (made by its own client's layers while its future runs, after it may have
+//! had its effect) carries no stamp of this request, and is treated as the handler's error.
+//! A layer between this one and the refusing layer that calls its inner service from a
+//! future of its own (tower's `Buffer`, an Axum `Router`'s routes) breaks the chain: such a
+//! refusal is treated as an error that may follow an effect (the key is kept as run). Put
+//! the refusing layers in the same `ServiceBuilder` as this one, or above it.
 //!
 //! Keys are accepted both as the draft's structured-field string (`"abc"`, quoted) and as the
 //! bare token Stripe's clients send (`abc`); both name the same key. The fingerprint of a

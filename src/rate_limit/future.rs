@@ -60,6 +60,8 @@ pin_project! {
         svc: Option<S>,
         req: Option<Req>,
         refund: Refund,
+        // The request's stamp (`util::stamp`), for the inner call made after the wait.
+        stamp: u64,
     }
 }
 
@@ -105,6 +107,7 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
                     svc: Some(svc),
                     req: Some(req),
                     refund,
+                    stamp: crate::util::stamp::current(),
                 }),
             },
             slot,
@@ -114,7 +117,8 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
     pub(crate) fn rejected(rejection: Rejection) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                err: Some(Box::new(rejection)),
+                // Made in the layer's `call`: stamped for the request refused.
+                err: Some(Box::new(rejection.stamped())),
             },
             slot: H::Slot::default(),
         }
@@ -164,7 +168,7 @@ where
                     // The turn is used now, whatever happens next.
                     w.refund.shared = None;
                     let req = w.req.take().expect("polled after completion");
-                    let fut = s.call(req);
+                    let fut = crate::util::stamp::within(*w.stamp, || s.call(req));
                     self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Rejected { err } => {

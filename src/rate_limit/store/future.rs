@@ -71,6 +71,8 @@ pin_project! {
         info: Option<RateLimitInfo>,
         // Whether the inner service was ready at `call`.
         ready: bool,
+        // The request's stamp (`util::stamp`): its refusal and its call come after `call`.
+        stamp: u64,
         _headers: PhantomData<fn() -> H>,
     }
 }
@@ -129,6 +131,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             kept,
             info: None,
             ready,
+            stamp: crate::util::stamp::current(),
             _headers: PhantomData,
         }
     }
@@ -139,13 +142,15 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
     pub(crate) fn refused(rejection: crate::Rejection, shared: Arc<RedisShared>) -> Self {
         RedisResponseFuture {
             state: State::Refused {
-                err: Some(Box::new(rejection)),
+                // Made in the layer's `call`: stamped for the request refused.
+                err: Some(Box::new(rejection.stamped())),
             },
             shared,
             local_hash: 0,
             kept: None,
             info: None,
             ready: false,
+            stamp: 0,
             _headers: PhantomData,
         }
     }
@@ -178,6 +183,7 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let this = self.as_mut().project();
+            let stamp = *this.stamp;
             match this.state.project() {
                 StateProj::Checking { check, svc, req } => {
                     let out = match check {
@@ -220,7 +226,7 @@ where
                             } else if *this.ready {
                                 // The service was made ready by `poll_ready` before `call`.
                                 let mut s = s;
-                                let fut = s.call(r);
+                                let fut = crate::util::stamp::within(stamp, || s.call(r));
                                 self.as_mut().project().state.set(State::Called { fut });
                             } else {
                                 self.as_mut().project().state.set(State::Readying {
@@ -231,7 +237,7 @@ where
                         }
                         Err(rejection) => {
                             self.as_mut().project().state.set(State::Done);
-                            return Poll::Ready(Err(rejection.into()));
+                            return Poll::Ready(Err(rejection.with_stamp(stamp).into()));
                         }
                     }
                 }
@@ -247,7 +253,7 @@ where
                     let mut s = svc.take().expect("polled after completion");
                     let r = req.take().expect("polled after completion");
                     if *this.ready {
-                        let fut = s.call(r);
+                        let fut = crate::util::stamp::within(stamp, || s.call(r));
                         self.as_mut().project().state.set(State::Called { fut });
                     } else {
                         self.as_mut().project().state.set(State::Readying {
@@ -263,7 +269,7 @@ where
                         return Poll::Ready(Err(e.into()));
                     }
                     let r = req.take().expect("polled after completion");
-                    let fut = s.call(r);
+                    let fut = crate::util::stamp::within(stamp, || s.call(r));
                     self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {
