@@ -535,7 +535,6 @@ async fn crash_mid_stream_locks_the_key_for_a_day() {
 /// run for the record's 24 h, and every repeat gets 409 `IdempotencyResponseNotStored`: the
 /// request is lost though it never ran.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a timeout firing while the request queues in BackpressureLayer (never run) locks its key as run for 24 h"]
 async fn timeout_in_the_queue_locks_a_key_that_never_ran() {
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();

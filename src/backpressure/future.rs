@@ -15,6 +15,7 @@ use tokio::time::Sleep;
 use tower::BoxError;
 
 use crate::classify::{Classify, ErrorsOnly, GrpcStatus, HttpStatus};
+use crate::util::stamp::Held;
 use tower_service::Service;
 
 use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
@@ -64,7 +65,7 @@ pin_project! {
         Readying {
             // Boxed for the same reason.
             // The request's stamp (`util::stamp`) last, for the call made later.
-            call: Box<(S, Option<Req>, u64)>,
+            call: Box<(S, Option<Req>, Held)>,
             permit: Option<Permit>,
         },
         Shed {
@@ -87,8 +88,9 @@ pin_project! {
         req: Option<Req>,
         retry_after: Duration,
         queued: Queued,
-        // The request's stamp (`util::stamp`): its refusal or its call comes after `call`.
-        stamp: u64,
+        // The request's stamp (`util::stamp`): its refusal or its call comes after `call`,
+        // and a drop while it waits is reported.
+        held: Held,
     }
 }
 
@@ -154,7 +156,7 @@ where
     pub(crate) fn readying(svc: S, req: Req, permit: Permit, classify: C) -> Self {
         ResponseFuture {
             state: State::Readying {
-                call: Box::new((svc, Some(req), crate::util::stamp::current())),
+                call: Box::new((svc, Some(req), Held::new())),
                 permit: Some(permit),
             },
             classify,
@@ -186,7 +188,7 @@ where
                     req: Some(req),
                     retry_after: cfg.retry_after,
                     queued: Queued(shared),
-                    stamp: crate::util::stamp::current(),
+                    held: Held::new(),
                 }),
             },
             classify,
@@ -228,18 +230,18 @@ where
                         let permit = Permit::new(&w.queued.0, in_flight);
                         let mut svc = w.svc.take().expect("admitted once");
                         let req = w.req.take().expect("admitted once");
-                        let stamp = *w.stamp;
+                        let mut held = std::mem::replace(w.held, Held::none());
                         if *w.ready {
                             // `svc` was made ready by `poll_ready` before the call that
                             // queued it.
-                            let fut = crate::util::stamp::within(stamp, || svc.call(req));
+                            let fut = held.pass(|| svc.call(req));
                             state.set(State::Running {
                                 fut,
                                 permit: Some(permit),
                             });
                         } else {
                             state.set(State::Readying {
-                                call: Box::new((svc, Some(req), stamp)),
+                                call: Box::new((svc, Some(req), held)),
                                 permit: Some(permit),
                             });
                         }
@@ -247,7 +249,8 @@ where
                     None => {
                         let base = *waiter.as_mut().project().retry_after;
                         let retry_after = waiter.as_ref().get_ref().queued.0.on_shed(true, base);
-                        let stamp = waiter.stamp;
+                        let stamp = waiter.held.stamp();
+                        waiter.as_mut().project().held.done();
                         state.set(State::Done);
                         return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
                             .with_detail("waited too long for a permit")
@@ -256,8 +259,9 @@ where
                     }
                 },
                 StateProj::Readying { call, permit } => {
-                    let (svc, req, stamp) = &mut **call;
+                    let (svc, req, held) = &mut **call;
                     if let Err(e) = ready!(svc.poll_ready(cx)) {
+                        held.done();
                         // A failure of the service below, for an adaptive limit's samples.
                         if let Some(permit) = permit.take() {
                             permit.finish(Outcome::Failure);
@@ -266,7 +270,7 @@ where
                         return Poll::Ready(Err(e.into()));
                     }
                     let req = req.take().expect("polled after completion");
-                    let fut = crate::util::stamp::within(*stamp, || svc.call(req));
+                    let fut = held.pass(|| svc.call(req));
                     let permit = permit.take();
                     state.set(State::Running { fut, permit });
                 }

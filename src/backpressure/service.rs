@@ -113,6 +113,7 @@ impl<S, R, C> Backpressure<S, R, C> {
                 return self.readying(req, permit);
             }
             self.is_ready = false;
+            crate::util::stamp::note_pass();
             return ResponseFuture::running(self.inner.call(req), permit, self.classify.clone());
         }
         // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.

@@ -638,7 +638,12 @@ where
             let res = ready!(fut.poll(cx)).map_err(Into::into)?;
             return Poll::Ready(Ok(res.map(ReplayBody::inner)));
         }
-        let out = ready!(self.as_mut().poll_states(cx));
+        // Each poll is watched (`util::stamp`): a holder below that drops this request before
+        // passing it on says so.
+        let stamp = self.ctx.as_ref().map_or(0, |k| k.stamp);
+        let out = ready!(crate::util::stamp::watching(stamp, || self
+            .as_mut()
+            .poll_states(cx)));
         // Done: give back what the request still holds (its buffer reservations, its
         // buffered body, the inner service). Every lease is completed or released by now.
         *self.project().ctx = None;
@@ -863,10 +868,17 @@ where
                         Ok(res) => res,
                         Err(e) => {
                             let e: BoxError = e.into();
+                            // The inner future goes now, in this watched poll: a holder below
+                            // that still held the request (a timeout fired while it queued)
+                            // reports it.
+                            this.state.set(State::Ready { out: None });
+                            let k = this.ctx.as_mut().expect("keyed state");
                             if k.shared.config.release_on_error
                                 || refused_before_running(&*e, k.stamp)
+                                || crate::util::stamp::dropped_unrun(k.stamp)
                             {
-                                // A layer below refused it: the handler did not run.
+                                // A layer below refused it, or dropped it before passing it
+                                // on: the handler did not run.
                                 k.release();
                             } else {
                                 // It may have run (a timeout below cut off a handler that had

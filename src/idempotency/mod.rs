@@ -25,7 +25,8 @@
 //! | the handler fails: 5xx, 429, gRPC failure status (in the trailers, in the head of a trailers-only response, in the trailer frame that ends a gRPC-Web body), or a gRPC response that ends with no status at all | nothing stored; the key is released so the client can retry ([`store_failures`](IdempotencyBuilder::store_failures) stores them) |
 //! | a layer of this crate below refuses the request before it runs: the error is a [`Rejection`](crate::Rejection) of a refusing kind (rate limited, overloaded, circuit open, ...) made for this request (see [Whose refusal](#whose-refusal)) | nothing stored; the key is released so the client can retry |
 //! | the handler returns a `Rejection` as its error (one its own client got, forwarded with `?` or wrapped), or tower's `load_shed` `Overloaded` (which cannot say whose it is) | the handler may have had its effect: as for any other error below |
-//! | any other error from below: tower's `Elapsed` from a `timeout` under this layer, the handler's own error | the handler may have had its effect: the key is recorded as run with its response not kept (repeats get 409 [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored), never a second run); [`release_on_error(true)`](IdempotencyBuilder::release_on_error) releases it instead |
+//! | a `timeout` between this layer and a layer of this crate that holds the request (a [`BackpressureLayer`](crate::BackpressureLayer) queue, a rate limit's wait for a turn or its Redis round trip) fires while the request is still held | the request never ran: the key is released (see [Whose refusal](#whose-refusal)) |
+//! | any other error from below: tower's `Elapsed` from a `timeout` under this layer once the request may have run, the handler's own error | the handler may have had its effect: the key is recorded as run with its response not kept (repeats get 409 [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored), never a second run); [`release_on_error(true)`](IdempotencyBuilder::release_on_error) releases it instead |
 //! | the handler answered a head to store, then its body fails | the handler ran: the key is recorded as run with its response not kept (repeats get 409, never a second run) |
 //! | the response refuses the caller or says it was not processed: 401, 403, 407, 421, 425, 429, gRPC `UNAUTHENTICATED`, `PERMISSION_DENIED`, `RESOURCE_EXHAUSTED`, `ABORTED` | nothing stored; the key is released: the request did not run for this caller, and forged credentials cannot fill the store ([`store_refusals`](IdempotencyBuilder::store_refusals) stores them) |
 //! | any other response: 2xx, 3xx, another 4xx (404, 409, 422 from the handler), another gRPC status | stored and replayed |
@@ -51,6 +52,14 @@
 //! future of its own (tower's `Buffer`, an Axum `Router`'s routes) breaks the chain: such a
 //! refusal is treated as an error that may follow an effect (the key is kept as run). Put
 //! the refusing layers in the same `ServiceBuilder` as this one, or above it.
+//!
+//! The same stamp tells a timeout that cut off a request still held below (queued for a
+//! permit, waiting for its turn or for Redis) from one that cut off a handler: this layer
+//! watches each poll of its inner future, a holder of this crate dropped while it still holds
+//! the request reports it, and an error in a poll in which that happened, and in which no
+//! holder passed any request on, releases the key. (The second condition guards against a
+//! retry between the two: its later attempts carry no stamp, and one may have reached the
+//! handler in the same poll.)
 //!
 //! Keys are accepted both as the draft's structured-field string (`"abc"`, quoted) and as the
 //! bare token Stripe's clients send (`abc`); both name the same key. The fingerprint of a

@@ -60,8 +60,9 @@ pin_project! {
         svc: Option<S>,
         req: Option<Req>,
         refund: Refund,
-        // The request's stamp (`util::stamp`), for the inner call made after the wait.
-        stamp: u64,
+        // The request's stamp (`util::stamp`), for the inner call made after the wait; a drop
+        // while it waits is reported.
+        held: crate::util::stamp::Held,
     }
 }
 
@@ -107,7 +108,7 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
                     svc: Some(svc),
                     req: Some(req),
                     refund,
-                    stamp: crate::util::stamp::current(),
+                    held: crate::util::stamp::Held::new(),
                 }),
             },
             slot,
@@ -164,11 +165,15 @@ where
                         w.sleep.set(None);
                     }
                     let s = w.svc.as_mut().expect("polled after completion");
-                    ready!(s.poll_ready(cx)).map_err(Into::into)?;
+                    if let Err(e) = ready!(s.poll_ready(cx)) {
+                        // Answered: nothing to report when dropped.
+                        w.held.done();
+                        return Poll::Ready(Err(e.into()));
+                    }
                     // The turn is used now, whatever happens next.
                     w.refund.shared = None;
                     let req = w.req.take().expect("polled after completion");
-                    let fut = crate::util::stamp::within(*w.stamp, || s.call(req));
+                    let fut = w.held.pass(|| s.call(req));
                     self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Rejected { err } => {

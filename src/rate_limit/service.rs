@@ -123,6 +123,7 @@ where
                 } else {
                     H::Slot::default()
                 };
+                crate::util::stamp::note_pass();
                 ResponseFuture::called(self.inner.call(req), slot)
             }
             Step::Admit { wait_ns, .. } => self.wait_for_turn(req, wait_ns, tat, now, hash),
@@ -197,6 +198,7 @@ impl<S, K, H> RateLimit<S, K, H> {
         match self.shared.missing {
             MissingKey::Admit if self.is_ready => {
                 self.is_ready = false;
+                crate::util::stamp::note_pass();
                 ResponseFuture::called(self.inner.call(req), H::Slot::default())
             }
             MissingKey::Admit => {

@@ -71,8 +71,9 @@ pin_project! {
         info: Option<RateLimitInfo>,
         // Whether the inner service was ready at `call`.
         ready: bool,
-        // The request's stamp (`util::stamp`): its refusal and its call come after `call`.
-        stamp: u64,
+        // The request's stamp (`util::stamp`): its refusal and its call come after `call`,
+        // and a drop while it waits for Redis or its turn is reported.
+        held: crate::util::stamp::Held,
         _headers: PhantomData<fn() -> H>,
     }
 }
@@ -131,7 +132,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             kept,
             info: None,
             ready,
-            stamp: crate::util::stamp::current(),
+            held: crate::util::stamp::Held::new(),
             _headers: PhantomData,
         }
     }
@@ -150,7 +151,7 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             kept: None,
             info: None,
             ready: false,
-            stamp: 0,
+            held: crate::util::stamp::Held::none(),
             _headers: PhantomData,
         }
     }
@@ -183,7 +184,7 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let this = self.as_mut().project();
-            let stamp = *this.stamp;
+            let held = this.held;
             match this.state.project() {
                 StateProj::Checking { check, svc, req } => {
                     let out = match check {
@@ -226,7 +227,7 @@ where
                             } else if *this.ready {
                                 // The service was made ready by `poll_ready` before `call`.
                                 let mut s = s;
-                                let fut = crate::util::stamp::within(stamp, || s.call(r));
+                                let fut = held.pass(|| s.call(r));
                                 self.as_mut().project().state.set(State::Called { fut });
                             } else {
                                 self.as_mut().project().state.set(State::Readying {
@@ -236,6 +237,8 @@ where
                             }
                         }
                         Err(rejection) => {
+                            let stamp = held.stamp();
+                            held.done();
                             self.as_mut().project().state.set(State::Done);
                             return Poll::Ready(Err(rejection.with_stamp(stamp).into()));
                         }
@@ -253,7 +256,7 @@ where
                     let mut s = svc.take().expect("polled after completion");
                     let r = req.take().expect("polled after completion");
                     if *this.ready {
-                        let fut = crate::util::stamp::within(stamp, || s.call(r));
+                        let fut = held.pass(|| s.call(r));
                         self.as_mut().project().state.set(State::Called { fut });
                     } else {
                         self.as_mut().project().state.set(State::Readying {
@@ -265,11 +268,12 @@ where
                 StateProj::Readying { svc, req } => {
                     let s = svc.as_mut().expect("polled after completion");
                     if let Err(e) = ready!(s.poll_ready(cx)) {
+                        held.done();
                         self.as_mut().project().state.set(State::Done);
                         return Poll::Ready(Err(e.into()));
                     }
                     let r = req.take().expect("polled after completion");
-                    let fut = crate::util::stamp::within(stamp, || s.call(r));
+                    let fut = held.pass(|| s.call(r));
                     self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {
