@@ -224,23 +224,59 @@ pub(crate) fn step_within(
     // back gives at most one burst more. (The Redis script applies the same rule, on Redis's
     // clock, which the script reads inside its atomic step: there a TAT beyond the horizon is
     // always a jump.) Here a `now` read before another thread set the TAT looks the same:
-    // callers read the clock again, after the TAT, before they trust it (`beyond_horizon`).
-    let tat = if beyond_horizon(tat, now, interval, tolerance, reach_ns.max(max_wait_ns)) {
-        now
-    } else {
-        tat
-    };
-    let new_tat = tat.max(now).saturating_add(interval);
-    // The earliest instant at which this request fits in the burst.
-    let allowed_at = new_tat.saturating_sub(tolerance);
+    // callers read the clock again, after the TAT, before they trust it (`step_checked`).
+    step_checked(tat, now, interval, tolerance, max_wait_ns, reach_ns)
+        .unwrap_or_else(|| step_ahead(0, now, interval, tolerance, max_wait_ns))
+}
+
+/// [`step_within`], or `None` for a TAT beyond the horizon of `now`: further ahead than any
+/// admission can set it (`tolerance + reach + interval`, plus the clock slack for reads on two
+/// cores that come out of order).
+///
+/// Either the clock went back, or `now` is stale: read by a thread that was descheduled
+/// between reading the clock and reading the TAT, while other threads moved time on and
+/// spent the limit. The two must not be confused, or a thread that was preempted for more
+/// than one interval finds a spent limit whole and lets a burst more through. So a caller
+/// that gets `None` reads the clock again, after the TAT (an acquire fence or load orders the
+/// two: the thread that set the TAT read its clock before it), and only a TAT still beyond
+/// the fresh time's horizon is a jump back ([`step_within`] then).
+#[inline]
+pub(crate) fn step_checked(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    max_wait_ns: u64,
+    reach_ns: u64,
+) -> Option<Step> {
+    // Everything below is in "how far ahead of now": the TAT's lead (0 for a TAT in the
+    // past, which is a whole limit).
+    let ahead = tat.saturating_sub(now);
+    // A quota's tolerance and interval are each at most `MAX_TOLERANCE_NS` (2^58): their sum
+    // with the slack cannot overflow; a wait bound can be anything.
+    let horizon = (tolerance + interval + CLOCK_SLACK_NS).saturating_add(reach_ns.max(max_wait_ns));
+    if ahead > horizon {
+        return None;
+    }
+    Some(step_ahead(ahead, now, interval, tolerance, max_wait_ns))
+}
+
+/// One GCRA step for a TAT `ahead` of `now`: the new TAT is `now + ahead + interval`, and the
+/// request fits when that is no more than `tolerance` (plus the slack) ahead.
+#[inline]
+fn step_ahead(ahead: u64, now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
+    let new_ahead = ahead.saturating_add(interval);
+    let new_tat = now.saturating_add(new_ahead);
     let slack = CLOCK_SLACK_NS.min(interval.saturating_sub(1));
-    if allowed_at <= now.saturating_add(slack) {
+    if new_ahead <= tolerance.saturating_add(slack) {
         Step::Admit {
             new_tat,
             wait_ns: 0,
         }
     } else {
-        let wait = allowed_at - now;
+        // The earliest instant at which this request fits in the burst is `new_tat -
+        // tolerance`, this far from now.
+        let wait = new_ahead - tolerance;
         if wait <= max_wait_ns {
             Step::Admit {
                 new_tat,
@@ -252,32 +288,6 @@ pub(crate) fn step_within(
             }
         }
     }
-}
-
-/// Whether `tat` is further ahead of `now` than any admission can set it: `tolerance + reach
-/// + interval`, plus the clock slack for reads on two cores that come out of order.
-///
-/// Either the clock went back, or `now` is stale: read by a thread that was descheduled
-/// between reading the clock and reading the TAT, while other threads moved time on and
-/// spent the limit. The two must not be confused, or a thread that was preempted for more
-/// than one interval finds a spent limit whole and lets a burst more through. So a caller
-/// that sees this reads the clock again, after the TAT (an acquire fence or load orders the
-/// two: the thread that set the TAT read its clock before it), and only a TAT still beyond
-/// the fresh time's horizon is a jump back.
-#[inline]
-pub(crate) fn beyond_horizon(
-    tat: u64,
-    now: u64,
-    interval: u64,
-    tolerance: u64,
-    reach_ns: u64,
-) -> bool {
-    let horizon = now
-        .saturating_add(tolerance)
-        .saturating_add(reach_ns)
-        .saturating_add(interval)
-        .saturating_add(CLOCK_SLACK_NS);
-    tat > horizon
 }
 
 /// A reserved turn given back (a waiter that went away): the TAT after it, or `None` to leave

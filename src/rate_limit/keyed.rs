@@ -83,6 +83,8 @@ pub(crate) struct Checked {
     pub(crate) step: Step,
     /// The TAT after the step (or the current one on rejection), for headers.
     pub(crate) tat: u64,
+    /// The time the step was made at: the caller's, or the clock read again (see `check`).
+    pub(crate) now: u64,
 }
 
 impl Table {
@@ -174,13 +176,13 @@ impl Table {
     ///
     /// `now` is the time read before the call. A key whose TAT is beyond its horizon (a stale
     /// `now`, or a clock that went back) has the clock read again, once, through `clock`, and
-    /// `now` is that fresh time afterwards (see `gcra::beyond_horizon`).
+    /// the step is made at that fresh time (see `gcra::step_checked`).
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn check(
         &self,
         hash: u64,
-        now: &mut u64,
+        now: u64,
         clock: &Clock,
         interval: u64,
         tolerance: u64,
@@ -188,7 +190,7 @@ impl Table {
         reach_ns: u64,
     ) -> Checked {
         let reach_ns = reach_ns.max(max_wait_ns);
-        *now = (*now).min(MAX_TIME - 1);
+        let now = now.min(MAX_TIME - 1);
         let group = self.group(hash, 0);
         let ident = Self::ident(hash);
         for slot in &group.slots {
@@ -200,12 +202,11 @@ impl Table {
             let word = slot.tat.load(Ordering::Acquire);
             if word & GEN_MASK == gen {
                 let tat = word >> GEN_BITS;
-                if gcra::beyond_horizon(tat, *now, interval, tolerance, reach_ns) {
-                    // The slow path reads the clock again (after this acquire load) first.
-                    break;
-                }
-                match gcra::step_within(tat, *now, interval, tolerance, max_wait_ns, reach_ns) {
-                    Step::Admit { new_tat, wait_ns } => {
+                match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach_ns) {
+                    // Beyond the horizon: the slow path reads the clock again (after this
+                    // acquire load) first.
+                    None => break,
+                    Some(Step::Admit { new_tat, wait_ns }) => {
                         let new_tat = new_tat.min(MAX_TIME);
                         if slot
                             .tat
@@ -220,10 +221,17 @@ impl Table {
                             return Checked {
                                 step: Step::Admit { new_tat, wait_ns },
                                 tat: new_tat,
+                                now,
                             };
                         }
                     }
-                    reject @ Step::Reject { .. } => return Checked { step: reject, tat },
+                    Some(reject) => {
+                        return Checked {
+                            step: reject,
+                            tat,
+                            now,
+                        }
+                    }
                 }
             }
             break;
@@ -279,7 +287,7 @@ impl Table {
     fn check_slow(
         &self,
         hash: u64,
-        now: &mut u64,
+        now: u64,
         clock: &Clock,
         interval: u64,
         tolerance: u64,
@@ -287,6 +295,7 @@ impl Table {
         reach_ns: u64,
     ) -> Checked {
         let ident = Self::ident(hash);
+        let mut now = now;
         let mut fresh = false;
         'retry: loop {
             // Look for the key in its window, up to the first group with a never used slot: a
@@ -310,16 +319,25 @@ impl Table {
                             continue 'retry;
                         }
                         let tat = word >> GEN_BITS;
-                        if !fresh && gcra::beyond_horizon(tat, *now, interval, tolerance, reach_ns)
+                        if !fresh
+                            && gcra::step_checked(
+                                tat,
+                                now,
+                                interval,
+                                tolerance,
+                                max_wait_ns,
+                                reach_ns,
+                            )
+                            .is_none()
                         {
                             // The TAT was read with an acquire: the thread that set it read
                             // its clock before, so a clock read now is no earlier than that.
-                            *now = clock.now_nanos().clamp(*now, MAX_TIME - 1);
+                            now = clock.now_nanos().clamp(now, MAX_TIME - 1);
                             fresh = true;
                         }
                         match gcra::step_within(
                             tat,
-                            *now,
+                            now,
                             interval,
                             tolerance,
                             max_wait_ns,
@@ -338,13 +356,18 @@ impl Table {
                                         return Checked {
                                             step: Step::Admit { new_tat, wait_ns },
                                             tat: new_tat,
+                                            now,
                                         }
                                     }
                                     Err(actual) => word = actual,
                                 }
                             }
                             reject @ Step::Reject { .. } => {
-                                return Checked { step: reject, tat };
+                                return Checked {
+                                    step: reject,
+                                    tat,
+                                    now,
+                                };
                             }
                         }
                     }
@@ -370,7 +393,7 @@ impl Table {
                         continue 'retry;
                     }
                     let tat = word >> GEN_BITS;
-                    if tat <= *now {
+                    if tat <= now {
                         if tag == 0 {
                             chosen = Some((slot, word));
                             break 'groups;
@@ -388,14 +411,20 @@ impl Table {
                 }
             }
             let (slot, word) = chosen.or(closest).expect("a window has slots");
-            let evicting = (word >> GEN_BITS) > *now;
+            let evicting = (word >> GEN_BITS) > now;
             // A fresh key's step: the TAT of an absent key is "now".
-            let step = gcra::step(0, *now, interval, tolerance, max_wait_ns);
+            let step = gcra::step(0, now, interval, tolerance, max_wait_ns);
             let new_tat = match step {
                 Step::Admit { new_tat, .. } => new_tat.min(MAX_TIME),
                 // Only when the burst is smaller than one interval's wait: not possible for a
                 // valid quota, but stay correct: nothing to store for a refused fresh key.
-                Step::Reject { .. } => return Checked { step, tat: *now },
+                Step::Reject { .. } => {
+                    return Checked {
+                        step,
+                        tat: now,
+                        now,
+                    }
+                }
             };
             let gen = (word.wrapping_add(1)) & GEN_MASK;
             if slot
@@ -414,7 +443,11 @@ impl Table {
             if evicting {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
             }
-            return Checked { step, tat: new_tat };
+            return Checked {
+                step,
+                tat: new_tat,
+                now,
+            };
         }
     }
 }
@@ -455,8 +488,7 @@ mod tests {
     fn chk(t: &Table, hash: u64, now: u64, i: u64, tol: u64, wait: u64, reach: u64) -> Checked {
         let (clock, hand) = Clock::manual();
         hand.set_nanos(now);
-        let mut now = now;
-        t.check(hash, &mut now, &clock, i, tol, wait, reach)
+        t.check(hash, now, &clock, i, tol, wait, reach)
     }
 
     fn admitted(c: Checked) -> bool {
@@ -636,10 +668,7 @@ mod tests {
         let (i, tol) = (1_000_000, 50_000_000);
         let (clock, hand) = Clock::manual();
         let h = t.hash(&1u64);
-        let check = |now: u64| {
-            let mut now = now;
-            admitted(t.check(h, &mut now, &clock, i, tol, 0, 0))
-        };
+        let check = |now: u64| admitted(t.check(h, now, &clock, i, tol, 0, 0));
         hand.set_nanos(10_000_000);
         assert_eq!((0..60).filter(|_| check(10_000_000)).count(), 50);
         hand.set_nanos(15_000_000);

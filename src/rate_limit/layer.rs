@@ -136,42 +136,79 @@ impl Shared {
         self.reach.load(Ordering::Relaxed)
     }
 
-    /// One check of the global limiter. Returns the step and the TAT after it.
+    /// One check of the global limiter. Returns the step, the TAT after it and the time it
+    /// was made at.
     ///
     /// `now` is the time read before the call; a TAT beyond its horizon (a stale `now`, or a
-    /// clock that went back) has the clock read again, once, and `now` is that fresh time
-    /// afterwards (see `gcra::beyond_horizon`).
+    /// clock that went back) has the clock read again, once, and the time returned is that
+    /// fresh one (see `gcra::step_checked`).
     #[inline]
-    pub(crate) fn check_global(&self, now: &mut u64, max_wait_ns: u64) -> (gcra::Step, u64) {
+    pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64, u64) {
         let (interval, tolerance) = self.params();
         let reach = self.reach().max(max_wait_ns);
-        let mut tat = self.hot.tat.load(Ordering::Relaxed);
+        let tat = self.hot.tat.load(Ordering::Relaxed);
+        match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach) {
+            Some(gcra::Step::Admit { new_tat, wait_ns }) => {
+                // Release on success, so that a thread that reads this TAT and then the clock
+                // reads a time no earlier than the one read here. Nothing else is published
+                // through this word: every change of it is a read-modify-write.
+                match self.hot.tat.compare_exchange_weak(
+                    tat,
+                    new_tat,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => (gcra::Step::Admit { new_tat, wait_ns }, new_tat, now),
+                    Err(actual) => self.check_global_slow(now, max_wait_ns, actual),
+                }
+            }
+            Some(reject) => (reject, tat, now),
+            // Beyond the horizon: a stale `now`, or a clock that went back.
+            None => self.check_global_slow(now, max_wait_ns, tat),
+        }
+    }
+
+    /// [`Shared::check_global`] after a lost race (`tat` is the value that won) or with a TAT
+    /// beyond the horizon of `now`: the loop, reading the clock again before a TAT beyond the
+    /// horizon counts as a clock that went back.
+    #[cold]
+    #[inline(never)]
+    fn check_global_slow(
+        &self,
+        mut now: u64,
+        max_wait_ns: u64,
+        mut tat: u64,
+    ) -> (gcra::Step, u64, u64) {
+        let (interval, tolerance) = self.params();
+        let reach = self.reach().max(max_wait_ns);
         let mut fresh = false;
         loop {
-            if !fresh && gcra::beyond_horizon(tat, *now, interval, tolerance, reach) {
-                // Orders the clock read after the TAT read: the thread that set this TAT
-                // (with a release) read its clock before.
-                std::sync::atomic::fence(Ordering::Acquire);
-                *now = self.clock.now_nanos().max(*now);
-                fresh = true;
-                continue;
-            }
-            match gcra::step_within(tat, *now, interval, tolerance, max_wait_ns, reach) {
+            let step = match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach) {
+                Some(step) => step,
+                None if !fresh => {
+                    // Orders the clock read after the TAT read: the thread that set this TAT
+                    // (with a release) read its clock before.
+                    std::sync::atomic::fence(Ordering::Acquire);
+                    now = self.clock.now_nanos().max(now);
+                    fresh = true;
+                    continue;
+                }
+                // Still beyond the fresh time's horizon: the clock went back.
+                None => gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach),
+            };
+            match step {
                 gcra::Step::Admit { new_tat, wait_ns } => {
-                    // Release on success, so that a thread that reads this TAT and then the
-                    // clock reads a time no earlier than the one read here. Nothing else is
-                    // published through this word: every change of it is a read-modify-write.
                     match self.hot.tat.compare_exchange_weak(
                         tat,
                         new_tat,
                         Ordering::Release,
                         Ordering::Relaxed,
                     ) {
-                        Ok(_) => return (gcra::Step::Admit { new_tat, wait_ns }, new_tat),
+                        Ok(_) => return (gcra::Step::Admit { new_tat, wait_ns }, new_tat, now),
                         Err(actual) => tat = actual,
                     }
                 }
-                reject => return (reject, tat),
+                reject => return (reject, tat, now),
             }
         }
     }
@@ -644,8 +681,7 @@ mod tests {
         hand.set_nanos(10_000_000);
         let mut admitted = 0;
         for _ in 0..60 {
-            let mut now = 10_000_000;
-            if let (gcra::Step::Admit { .. }, _) = shared.check_global(&mut now, 0) {
+            if let (gcra::Step::Admit { .. }, _, _) = shared.check_global(10_000_000, 0) {
                 admitted += 1;
             }
         }
@@ -653,16 +689,14 @@ mod tests {
         // Time moves on by 5 ms (5 tokens), and those are taken.
         hand.set_nanos(15_000_000);
         for _ in 0..5 {
-            let mut now = 15_000_000;
             assert!(matches!(
-                shared.check_global(&mut now, 0).0,
+                shared.check_global(15_000_000, 0).0,
                 gcra::Step::Admit { .. }
             ));
         }
         // A thread whose time is 5 ms old: refused, and told the fresh time.
         for _ in 0..10 {
-            let mut now = 10_000_000;
-            let (step, _) = shared.check_global(&mut now, 0);
+            let (step, _, now) = shared.check_global(10_000_000, 0);
             assert!(matches!(step, gcra::Step::Reject { .. }), "{step:?}");
             assert_eq!(now, 15_000_000);
         }
@@ -671,8 +705,7 @@ mod tests {
         hand.set_nanos(1_000_000);
         let mut after_jump = 0;
         for _ in 0..60 {
-            let mut now = 1_000_000;
-            if let (gcra::Step::Admit { .. }, _) = shared.check_global(&mut now, 0) {
+            if let (gcra::Step::Admit { .. }, _, _) = shared.check_global(1_000_000, 0) {
                 after_jump += 1;
             }
         }

@@ -89,11 +89,11 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
-        let mut now = shared.clock.now_nanos();
-        let (step, tat, hash) = match &shared.table {
+        let now = shared.clock.now_nanos();
+        let (step, tat, now, hash) = match &shared.table {
             None => {
-                let (step, tat) = shared.check_global(&mut now, self.max_wait_ns);
-                (step, tat, None)
+                let (step, tat, now) = shared.check_global(now, self.max_wait_ns);
+                (step, tat, now, None)
             }
             Some(table) => {
                 let Some(key) = self.key.key(&req) else {
@@ -105,14 +105,14 @@ where
                 let hash = table.hash(&key);
                 let c = table.check(
                     hash,
-                    &mut now,
+                    now,
                     &shared.clock,
                     interval,
                     tolerance,
                     self.max_wait_ns,
                     shared.reach(),
                 );
-                (c.step, c.tat, Some(hash))
+                (c.step, c.tat, c.now, Some(hash))
             }
         };
         match step {

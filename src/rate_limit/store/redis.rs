@@ -568,21 +568,20 @@ impl RedisShared {
             (FailurePolicy::Local, Some(local)) => {
                 bump(&self.counters.local_fallbacks);
                 let l = &*local.shared;
-                let mut now = now;
-                let (step, tat) = match &l.table {
-                    None => l.check_global(&mut now, self.max_wait_ns),
+                let (step, tat, now) = match &l.table {
+                    None => l.check_global(now, self.max_wait_ns),
                     Some(table) => {
                         let (interval, tolerance) = l.params();
                         let c = table.check(
                             local_hash,
-                            &mut now,
+                            now,
                             &l.clock,
                             interval,
                             tolerance,
                             self.max_wait_ns,
                             self.max_wait_ns,
                         );
-                        (c.step, c.tat)
+                        (c.step, c.tat, c.now)
                     }
                 };
                 match step {
