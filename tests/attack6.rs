@@ -375,3 +375,191 @@ async fn a_hedge_that_ran_the_handler_earlier_does_not_stop_the_release() {
     );
     busy.abort();
 }
+
+/// A request dropped (the client gone, a `timeout` above the idempotency layer) while it is
+/// still queued for a permit in the `BackpressureLayer` below: the handler never saw it.
+///
+/// Promise (the brief's, and the table's spirit): a key that never ran is not locked; the
+/// table keeps the lease only for "the first request's future is dropped ... while its handler
+/// runs", and its release on a `timeout` below releases a request still held.
+///
+/// What happens: only a timeout *below* the layer is told apart; a drop from above of a
+/// request still queued keeps the lease until it expires (60 s): the client's retries get 409
+/// for a minute, for a request that never ran.
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: a request dropped from above while still queued below (never ran) keeps its key in flight for the whole lease"]
+async fn dropped_from_above_while_queued_below_keeps_the_key_in_flight() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let handler = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let r = r.clone();
+        async move {
+            if req.headers().get(IDEMPOTENCY_KEY).is_none() {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            } else {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok::<_, BoxError>(ok())
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store()))
+        .layer(BackpressureLayer::new(1).max_wait(Duration::from_secs(10)))
+        .service(handler);
+    let mut other = post();
+    other.headers_mut().remove(IDEMPOTENCY_KEY);
+    let busy = tokio::spawn(svc.clone().oneshot(other));
+    tokio::task::yield_now().await;
+    // A timeout above the layer (a client's deadline) cuts the queued request off.
+    let cut = tokio::time::timeout(Duration::from_millis(500), svc.clone().oneshot(keyed())).await;
+    assert!(cut.is_err());
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    busy.await.unwrap().unwrap();
+    // The retry, 1.5 s later, with the permit free.
+    let again = svc.clone().oneshot(keyed()).await;
+    assert_eq!(
+        again.map(|r| r.status()).map_err(|e| kind(&e)),
+        Ok(StatusCode::OK),
+        "the retry of a request that never ran was refused"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Cancellation
+// ---------------------------------------------------------------------------------------
+
+/// A backpressure waiter handed the permit (the holder finished) and dropped before it was
+/// polled again: the permit goes to the next waiter, and nothing stays in flight.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_dropped_after_it_was_handed_the_permit_passes_it_on() {
+    let layer = BackpressureLayer::new(1).max_wait(Duration::from_secs(10));
+    let handle = layer.handle();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = Arc::new(tokio::sync::Mutex::new(Some(rx)));
+    let svc = layer.layer(tower::service_fn(move |hold: bool| {
+        let rx = rx.clone();
+        async move {
+            if hold {
+                let rx = rx.lock().await.take().unwrap();
+                let _ = rx.await;
+            }
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let mut a = tokio_test::task::spawn(svc.clone().oneshot(true));
+    assert!(a.poll().is_pending());
+    let mut b = tokio_test::task::spawn(svc.clone().oneshot(false));
+    assert!(b.poll().is_pending());
+    let mut c = tokio_test::task::spawn(svc.clone().oneshot(false));
+    assert!(c.poll().is_pending());
+    assert_eq!(handle.waiting(), 2);
+    tx.send(()).unwrap();
+    assert!(a.poll().is_ready());
+    // The permit is B's now; B goes away without another poll.
+    drop(b);
+    let out = tokio::time::timeout(Duration::from_secs(1), c).await;
+    assert!(matches!(out, Ok(Ok(()))), "C never got the permit");
+    assert_eq!((handle.in_flight(), handle.waiting(), handle.available()), (0, 0, 1));
+}
+
+/// Many backpressure waiters dropped at every point (queued, woken, mid-handler): every permit
+/// comes back.
+#[tokio::test(start_paused = true)]
+async fn backpressure_waiters_dropped_anywhere_give_every_permit_back() {
+    let layer = BackpressureLayer::new(3).max_wait(Duration::from_secs(5));
+    let handle = layer.handle();
+    let svc = layer.layer(tower::service_fn(|ms: u64| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok::<_, BoxError>(())
+    }));
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(10 + (i * 7) % 50)));
+    }
+    for (i, t) in tasks.iter().enumerate() {
+        if i % 3 == 0 {
+            t.abort();
+        }
+        if i % 5 == 0 {
+            tokio::time::advance(Duration::from_millis(3)).await;
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    assert_eq!((handle.in_flight(), handle.waiting(), handle.available()), (0, 0, 3));
+}
+
+fn limited(max_wait: Duration) -> (impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static, tower_bulwark::rate_limit::RateLimitHandle) {
+    let layer = tower_bulwark::RateLimitLayer::new(
+        tower_bulwark::rate_limit::RateLimitConfig::new(
+            tower_bulwark::Quota::per_second(1).unwrap(),
+        )
+        .clock(Clock::tokio()),
+    )
+    .wait_up_to(max_wait);
+    let handle = layer.handle();
+    (
+        layer.layer(tower::service_fn(|()| async { Ok::<_, BoxError>(()) })),
+        handle,
+    )
+}
+
+/// The last waiter for a turn dropped before its turn: the turn is given back, so a request
+/// at that time is admitted at once.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_gives_its_turn_back() {
+    let (svc, _h) = limited(Duration::from_secs(10));
+    svc.clone().oneshot(()).await.unwrap();
+    let b = tokio::spawn(svc.clone().oneshot(()));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    b.abort();
+    let _ = b.await;
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let c = tokio::time::timeout(Duration::from_millis(1), svc.clone().oneshot(())).await;
+    assert!(matches!(c, Ok(Ok(()))), "the dropped waiter's turn was not given back");
+}
+
+/// A breaker's half-open probe whose response future is dropped, unpolled or mid-call: the
+/// probe slot is freed at once, and the next caller probes.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_probe_frees_its_slot() {
+    let layer = CircuitBreakerLayer::new(
+        BreakerConfig::consecutive_failures(1)
+            .open_time(Duration::from_secs(1))
+            .half_open_probes(1)
+            .clock(Clock::tokio()),
+    )
+    .unwrap();
+    let handle = layer.handle();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let mut svc = layer.layer(tower::service_fn(move |fail: bool| {
+        let c = c.clone();
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            if fail {
+                return Err::<(), BoxError>("down".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        }
+    }));
+    let _ = svc.ready().await.unwrap().call(true).await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // Unpolled.
+    let fut = svc.ready().await.unwrap().call(false);
+    drop(fut);
+    assert_eq!(handle.figures().probes_in_flight, 0, "unpolled probe kept its slot");
+    // Mid-call.
+    let mut fut = tokio_test::task::spawn(svc.ready().await.unwrap().call(false));
+    assert!(fut.poll().is_pending());
+    drop(fut);
+    assert_eq!(handle.figures().probes_in_flight, 0, "dropped probe kept its slot");
+    let r = tokio::time::timeout(Duration::from_secs(1), async {
+        svc.ready().await?.call(false).await
+    })
+    .await;
+    assert!(matches!(r, Ok(Ok(()))), "the next probe was refused: {r:?}");
+}
