@@ -460,7 +460,10 @@ async fn a_waiter_dropped_after_it_was_handed_the_permit_passes_it_on() {
     drop(b);
     let out = tokio::time::timeout(Duration::from_secs(1), c).await;
     assert!(matches!(out, Ok(Ok(()))), "C never got the permit");
-    assert_eq!((handle.in_flight(), handle.waiting(), handle.available()), (0, 0, 1));
+    assert_eq!(
+        (handle.in_flight(), handle.waiting(), handle.available()),
+        (0, 0, 1)
+    );
 }
 
 /// Many backpressure waiters dropped at every point (queued, woken, mid-handler): every permit
@@ -488,10 +491,18 @@ async fn backpressure_waiters_dropped_anywhere_give_every_permit_back() {
     for t in tasks {
         let _ = t.await;
     }
-    assert_eq!((handle.in_flight(), handle.waiting(), handle.available()), (0, 0, 3));
+    assert_eq!(
+        (handle.in_flight(), handle.waiting(), handle.available()),
+        (0, 0, 3)
+    );
 }
 
-fn limited(max_wait: Duration) -> (impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static, tower_bulwark::rate_limit::RateLimitHandle) {
+fn limited(
+    max_wait: Duration,
+) -> (
+    impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static,
+    tower_bulwark::rate_limit::RateLimitHandle,
+) {
     let layer = tower_bulwark::RateLimitLayer::new(
         tower_bulwark::rate_limit::RateLimitConfig::new(
             tower_bulwark::Quota::per_second(1).unwrap(),
@@ -518,7 +529,10 @@ async fn a_dropped_waiter_gives_its_turn_back() {
     let _ = b.await;
     tokio::time::advance(Duration::from_millis(500)).await;
     let c = tokio::time::timeout(Duration::from_millis(1), svc.clone().oneshot(())).await;
-    assert!(matches!(c, Ok(Ok(()))), "the dropped waiter's turn was not given back");
+    assert!(
+        matches!(c, Ok(Ok(()))),
+        "the dropped waiter's turn was not given back"
+    );
 }
 
 /// A breaker's half-open probe whose response future is dropped, unpolled or mid-call: the
@@ -551,12 +565,20 @@ async fn a_dropped_probe_frees_its_slot() {
     // Unpolled.
     let fut = svc.ready().await.unwrap().call(false);
     drop(fut);
-    assert_eq!(handle.figures().probes_in_flight, 0, "unpolled probe kept its slot");
+    assert_eq!(
+        handle.figures().probes_in_flight,
+        0,
+        "unpolled probe kept its slot"
+    );
     // Mid-call.
     let mut fut = tokio_test::task::spawn(svc.ready().await.unwrap().call(false));
     assert!(fut.poll().is_pending());
     drop(fut);
-    assert_eq!(handle.figures().probes_in_flight, 0, "dropped probe kept its slot");
+    assert_eq!(
+        handle.figures().probes_in_flight,
+        0,
+        "dropped probe kept its slot"
+    );
     let r = tokio::time::timeout(Duration::from_secs(1), async {
         svc.ready().await?.call(false).await
     })
@@ -572,7 +594,14 @@ async fn a_dropped_probe_frees_its_slot() {
 /// moves a manual clock forward by `step_ns` `steps` times, stepping back by up to
 /// `wobble_ns` (the cross-core slack the docs allow for) now and then. Returns the admits of
 /// the hot key and the span of time it ran over.
-fn hammer<F>(threads: usize, steps: u64, step_ns: u64, wobble_ns: u64, hand: tower_bulwark::clock::ManualClock, check: F) -> (u64, u64)
+fn hammer<F>(
+    threads: usize,
+    steps: u64,
+    step_ns: u64,
+    wobble_ns: u64,
+    hand: tower_bulwark::clock::ManualClock,
+    check: F,
+) -> (u64, u64)
 where
     F: Fn(u64) -> bool + Send + Sync + 'static,
 {
@@ -589,11 +618,15 @@ where
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 // Every fourth check is another key (churn in a keyed table).
-                let key = if n % 4 == 0 { 1 + (n * threads as u64 + t as u64) } else { 0 };
+                let key = if n.is_multiple_of(4) {
+                    1 + (n * threads as u64 + t as u64)
+                } else {
+                    0
+                };
                 if check(key) && key == 0 {
                     admitted.fetch_add(1, Ordering::Relaxed);
                 }
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             }
@@ -630,7 +663,10 @@ fn global_limit_under_threads_and_a_moving_clock_stays_within_the_quota() {
         hand.set_nanos(1_000_000_000);
         let layer = tower_bulwark::RateLimitLayer::new(
             tower_bulwark::rate_limit::RateLimitConfig::new(
-                tower_bulwark::Quota::per_second(1000).unwrap().burst(20).unwrap(),
+                tower_bulwark::Quota::per_second(1000)
+                    .unwrap()
+                    .burst(20)
+                    .unwrap(),
             )
             .clock(clock),
         );
@@ -644,7 +680,10 @@ fn global_limit_under_threads_and_a_moving_clock_stays_within_the_quota() {
         // 1 ms an interval; 400 steps of 50 µs: 20 ms.
         let (admitted, span) = hammer(3, 400, 50_000, 2_000, hand, check);
         let quota = 20 + span / 1_000_000;
-        assert!(admitted >= 20, "round {round}: the test admitted only {admitted}");
+        assert!(
+            admitted >= 20,
+            "round {round}: the test admitted only {admitted}"
+        );
         assert!(
             admitted <= quota + 1,
             "round {round}: {admitted} admitted over {span} ns where the quota allows {quota}"
@@ -661,7 +700,10 @@ fn keyed_limit_under_threads_and_a_moving_clock_stays_within_the_quota() {
         hand.set_nanos(1_000_000_000);
         let layer = tower_bulwark::RateLimitLayer::keyed(
             tower_bulwark::rate_limit::RateLimitConfig::new(
-                tower_bulwark::Quota::per_second(1000).unwrap().burst(20).unwrap(),
+                tower_bulwark::Quota::per_second(1000)
+                    .unwrap()
+                    .burst(20)
+                    .unwrap(),
             )
             .clock(clock)
             .max_keys(1 << 16),
@@ -676,7 +718,10 @@ fn keyed_limit_under_threads_and_a_moving_clock_stays_within_the_quota() {
         let (admitted, span) = hammer(3, 400, 50_000, 2_000, hand, check);
         let quota = 20 + span / 1_000_000;
         assert_eq!(handle.evictions(), 0);
-        assert!(admitted >= 20, "round {round}: the test admitted only {admitted}");
+        assert!(
+            admitted >= 20,
+            "round {round}: the test admitted only {admitted}"
+        );
         assert!(
             admitted <= quota + 1,
             "round {round}: {admitted} admitted over {span} ns where the quota allows {quota}"
@@ -736,7 +781,11 @@ async fn grpc_handler_forwarding_unavailable_runs_again() {
         .insert("content-type", "application/grpc".parse().unwrap());
     let res = client.oneshot(req).await.unwrap();
     assert_eq!(res.headers()["grpc-status"], "14");
-    assert_eq!(charged.load(Ordering::SeqCst), 1, "the card was charged more than once");
+    assert_eq!(
+        charged.load(Ordering::SeqCst),
+        1,
+        "the card was charged more than once"
+    );
 }
 
 /// A gateway handler records an order, then forwards its payment provider's answer, a 429
@@ -762,7 +811,9 @@ async fn handler_forwarding_an_upstream_429_runs_the_post_again() {
             let res = Response::builder()
                 .status(429)
                 .header("retry-after", "1")
-                .body(Full::new(Bytes::from_static(b"payment provider: slow down")))
+                .body(Full::new(Bytes::from_static(
+                    b"payment provider: slow down",
+                )))
                 .unwrap();
             Ok::<_, BoxError>(res)
         }
@@ -773,5 +824,9 @@ async fn handler_forwarding_an_upstream_429_runs_the_post_again() {
         .service(handler);
     let res = readme_client(server).oneshot(post()).await.unwrap();
     assert_eq!(res.status(), 429);
-    assert_eq!(orders.load(Ordering::SeqCst), 1, "the order was recorded more than once");
+    assert_eq!(
+        orders.load(Ordering::SeqCst),
+        1,
+        "the order was recorded more than once"
+    );
 }
