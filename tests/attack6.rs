@@ -830,3 +830,58 @@ async fn handler_forwarding_an_upstream_429_runs_the_post_again() {
         "the order was recorded more than once"
     );
 }
+
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+/// Promise (Unreleased "Fixed", Whose refusal): a `timeout` between the idempotency layer and
+/// a Redis rate limit that fires during its Redis round trip (the request is still held, the
+/// handler never saw it) releases the key. Redis is frozen (`SIGSTOP`) for the first request;
+/// the repeat, once it answers again, runs. (Real time: under paused time tokio jumps to the
+/// next timer while a Redis reply is on its way, so no Redis round trip could end; nothing
+/// here sleeps, the one wait is the 200 ms timeout while Redis is frozen.)
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_timeout_during_a_redis_rate_limit_round_trip_releases_the_key() {
+    use tower_bulwark::rate_limit::store::RedisRateLimitConfig;
+    let Some(server) = redis_server::RedisServer::start(
+        "a_timeout_during_a_redis_rate_limit_round_trip_releases_the_key",
+    ) else {
+        return;
+    };
+    let conn = redis_server::conn(&server.url()).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let limit = tower_bulwark::RedisRateLimitLayer::new(
+        conn,
+        RedisRateLimitConfig::new(tower_bulwark::Quota::per_second(100).unwrap())
+            .timeout(Duration::from_secs(5))
+            .unwrap(),
+    )
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store()))
+        .timeout(Duration::from_millis(200))
+        .layer(limit)
+        .service(tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(ok()) }
+        }));
+    // Warm the connection and the script.
+    let mut warm = post();
+    warm.headers_mut().remove(IDEMPOTENCY_KEY);
+    svc.clone().oneshot(warm).await.unwrap();
+    server.pause();
+    let err = svc.clone().oneshot(keyed()).await.unwrap_err();
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    server.resume();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let again = svc.clone().oneshot(keyed()).await;
+    assert_eq!(
+        again.map(|r| r.status()).map_err(|e| kind(&e)),
+        Ok(StatusCode::OK),
+        "the repeat of a request that never ran was refused"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
