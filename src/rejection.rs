@@ -250,7 +250,7 @@ impl RateLimitInfo {
 ///
 /// Returned boxed in a [`BoxError`](tower::BoxError); find it with `downcast_ref`. Its
 /// `Display` is lowercase, in the manner of tower's `Overloaded` and `Elapsed`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     kind: RejectionKind,
     retry_after: Option<Duration>,
@@ -259,22 +259,7 @@ pub struct Rejection {
     retry_after_whole: Option<Duration>,
     rate_limit: Option<RateLimitInfo>,
     detail: Option<&'static str>,
-    // Which request this refuses (`util::stamp`): 0 unless a layer of this crate made it,
-    // for a request passed on under a stamp. Not part of equality.
-    stamp: u64,
 }
-
-impl PartialEq for Rejection {
-    fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind
-            && self.retry_after == other.retry_after
-            && self.retry_after_whole == other.retry_after_whole
-            && self.rate_limit == other.rate_limit
-            && self.detail == other.detail
-    }
-}
-
-impl Eq for Rejection {}
 
 impl Rejection {
     /// A rejection of the given kind, with no wait hint.
@@ -285,7 +270,6 @@ impl Rejection {
             retry_after_whole: None,
             rate_limit: None,
             detail: None,
-            stamp: 0,
         }
     }
 
@@ -297,7 +281,6 @@ impl Rejection {
             retry_after_whole: None,
             rate_limit: Some(info),
             detail: None,
-            stamp: 0,
         }
     }
 
@@ -309,7 +292,6 @@ impl Rejection {
             retry_after_whole: None,
             rate_limit: None,
             detail: None,
-            stamp: 0,
         }
     }
 
@@ -321,7 +303,6 @@ impl Rejection {
             retry_after_whole: None,
             rate_limit: None,
             detail: None,
-            stamp: 0,
         }
     }
 
@@ -343,42 +324,6 @@ impl Rejection {
     pub const fn with_detail(mut self, detail: &'static str) -> Self {
         self.detail = Some(detail);
         self
-    }
-
-    /// The same rejection, stamped for the request whose window this code runs in (see
-    /// `util::stamp`): a layer's refusal made in its `call`.
-    #[inline]
-    pub(crate) fn stamped(self) -> Self {
-        self.with_stamp(crate::util::stamp::current())
-    }
-
-    /// The same rejection, stamped for the request of `stamp` (kept by a layer that refuses
-    /// after its `call`).
-    #[inline]
-    pub(crate) fn with_stamp(mut self, stamp: u64) -> Self {
-        self.stamp = stamp;
-        self
-    }
-
-    /// Stamps a refusal already boxed, if it is a [`Rejection`] (see [`Rejection::stamped`]).
-    #[inline]
-    pub(crate) fn stamp_boxed(err: &mut tower::BoxError) {
-        if let Some(r) = err.downcast_mut::<Rejection>() {
-            r.set_stamp(crate::util::stamp::current());
-        }
-    }
-
-    /// Sets the stamp (see [`Rejection::with_stamp`]).
-    #[inline]
-    pub(crate) fn set_stamp(&mut self, stamp: u64) {
-        self.stamp = stamp;
-    }
-
-    /// Whether this refuses the request of `stamp`, passed on by a layer above: made by a
-    /// layer of this crate under that request's stamp. Never for stamp 0.
-    #[inline]
-    pub(crate) fn refuses(&self, stamp: u64) -> bool {
-        stamp != 0 && self.stamp == stamp
     }
 
     /// Why the request was refused.

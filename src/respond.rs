@@ -18,8 +18,9 @@
 //!
 //! HTTP bodies are `application/problem+json` (RFC 9457) with `type`, `title`, `status`,
 //! `detail` and, where there is a wait, `retry_after` (seconds). An HTTP answer made of a
-//! rejection that a layer of this crate below made for this request (or that the inner
-//! service's `poll_ready` returned) carries [`Request-Refused: <kind>`](crate::rejection::REQUEST_REFUSED):
+//! rejection for a request that a layer of this crate below refused (this layer stamps the
+//! request; the refusing layer marks it), or that the inner service's `poll_ready` returned,
+//! carries [`Request-Refused: <kind>`](crate::rejection::REQUEST_REFUSED):
 //! the request did not reach the service, which a client's retry layer reads. A rejection
 //! the service returns as its own error (one its own client got, forwarded after it may have
 //! had its effect) gets its status without the mark; see the idempotency module's "Whose
@@ -71,6 +72,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -84,6 +86,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::rejection::{Rejection, RejectionKind, IDEMPOTENCY_KEY_IN_FLIGHT, REQUEST_REFUSED};
+use crate::util::stamp::Marks;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -183,18 +186,19 @@ where
             return ResponseFuture {
                 state: State::Failed { err: Some(err) },
                 mode: self.mode,
-                stamp: 0,
+                marks: None,
             };
         }
-        // The inner call runs in this request's window (`util::stamp`): a refusal below is
-        // stamped with it, one the service forwards (made outside the window) is not.
-        let stamp = crate::util::stamp::adopt();
+        // The request is stamped (`util::stamp`): a layer of this crate below that refuses it
+        // marks it so; a rejection the service returns for another request does not.
+        let mut req = req;
+        let marks = crate::util::stamp::marks_of(req.extensions_mut());
         ResponseFuture {
             state: State::Inner {
-                fut: crate::util::stamp::within(stamp, || self.inner.call(req)),
+                fut: self.inner.call(req),
             },
             mode: self.mode,
-            stamp,
+            marks: Some(marks),
         }
     }
 }
@@ -205,8 +209,8 @@ pin_project! {
         #[pin]
         state: State<F>,
         mode: Mode,
-        // The request's stamp; 0 for an error of readiness (no call was made).
-        stamp: u64,
+        // The request's marks; `None` for an error of readiness (no call was made).
+        marks: Option<Arc<Marks>>,
     }
 }
 
@@ -250,22 +254,25 @@ where
             },
             StateProj::Failed { err } => err.take().expect("polled after completion"),
         };
-        Poll::Ready(Ok(error_response(*this.mode, err, *this.stamp)))
+        Poll::Ready(Ok(error_response(*this.mode, err, this.marks.as_deref())))
     }
 }
 
-fn error_response<B>(mode: Mode, err: BoxError, stamp: u64) -> Response<RejectionBody<B>> {
+fn error_response<B>(
+    mode: Mode,
+    err: BoxError,
+    marks: Option<&Marks>,
+) -> Response<RejectionBody<B>> {
     match Rejection::find(&*err) {
         Some(rejection) => match mode {
-            // Marked as a refusal only when the rejection is the error itself, made for this
-            // request by a refusing layer below (stamped, or an error of readiness): one
-            // wrapped in another error, or not made for this request, is the service's (a
-            // handler passing on what its own client was refused, after it may have had its
-            // effect), answered with its status but unmarked.
+            // Marked as a refusal only when the rejection is the error itself and a refusing
+            // layer below marked the request refused (or the inner service's readiness
+            // failed): one wrapped in another error, or for a request not so marked, is the
+            // service's (a handler passing on what its own client was refused, after it may
+            // have had its effect), answered with its status but unmarked.
             Mode::Http => http_response(
                 rejection,
-                err.downcast_ref::<Rejection>()
-                    .is_some_and(|r| stamp == 0 || r.refuses(stamp)),
+                err.is::<Rejection>() && marks.is_none_or(Marks::refused),
             ),
             #[cfg(feature = "grpc")]
             Mode::Grpc => grpc_response(rejection),
@@ -497,22 +504,24 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use tower::{ServiceBuilder, ServiceExt};
 
-    /// The answer to `err` returned by a refusing layer below: a `Rejection` is stamped in
-    /// the call, as this crate's layers stamp theirs.
+    /// The answer to `err` returned by a refusing layer below, which drops the request as
+    /// refused, as this crate's layers do.
     async fn answer(err: BoxError) -> Response<RejectionBody<Full<Bytes>>> {
         answer_made(err, true).await
     }
 
-    /// The answer to `err`, stamped in the call (`in_call`) or returned as it is from the
-    /// service's future, as a handler forwards what its own client was refused.
+    /// The answer to `err`, for a request the service refuses as a layer of this crate does
+    /// (`in_call`), or returned as it is, as a handler forwards what its own client was
+    /// refused.
     async fn answer_made(err: BoxError, in_call: bool) -> Response<RejectionBody<Full<Bytes>>> {
         let err = std::sync::Mutex::new(Some(err));
         let svc = ServiceBuilder::new()
             .layer(RejectionLayer::http())
             .service_fn(move |_req: Request<()>| {
-                let mut e = err.lock().unwrap().take().unwrap();
+                let e = err.lock().unwrap().take().unwrap();
                 if in_call {
-                    Rejection::stamp_boxed(&mut e);
+                    // As a refusing layer of this crate drops what it refuses.
+                    crate::util::stamp::refuse(_req);
                 }
                 async move { Err::<Response<Full<Bytes>>, BoxError>(e) }
             });
@@ -526,9 +535,11 @@ mod tests {
             // Its status, but not the mark that says the request never reached the service.
             assert_eq!(res.status(), kind.http_status());
             assert!(res.headers().get(REQUEST_REFUSED).is_none(), "{kind:?}");
-            // Another request's stamp is no better.
-            let other = Rejection::new(kind).with_stamp(crate::util::stamp::fresh());
-            let res = answer_made(other.into(), false).await;
+            // Another request refused (the handler's own client's) is no better.
+            let mut other = Request::new(());
+            let _other_marks = crate::util::stamp::marks_of(other.extensions_mut());
+            crate::util::stamp::refuse(other);
+            let res = answer_made(Rejection::new(kind).into(), false).await;
             assert!(res.headers().get(REQUEST_REFUSED).is_none(), "{kind:?}");
             let res = answer_made(Rejection::new(kind).into(), true).await;
             assert_eq!(res.headers()[REQUEST_REFUSED], kind.slug());

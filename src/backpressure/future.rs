@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use tower::BoxError;
 
 use crate::classify::{Classify, ErrorsOnly, GrpcStatus, HttpStatus};
-use crate::util::stamp::Held;
+use crate::util::stamp::HeldReq;
 use tower_service::Service;
 
 use super::layer::{Config, ReleaseOnBodyEnd, ReleaseOnResponse};
@@ -64,13 +64,12 @@ pin_project! {
         // Admitted, waiting for the inner service's readiness before the call.
         Readying {
             // Boxed for the same reason.
-            // The request's stamp (`util::stamp`) last, for the call made later.
-            call: Box<(S, Option<Req>, Held)>,
+            // The request is dropped as held unless passed on (`util::stamp`).
+            call: Box<(S, HeldReq<Req>)>,
             permit: Option<Permit>,
         },
         Shed {
             retry_after: Duration,
-            stamp: u64,
         },
         Done,
     }
@@ -85,12 +84,10 @@ pin_project! {
         svc: Option<S>,
         // Whether `svc` was ready when the request was queued.
         ready: bool,
-        req: Option<Req>,
+        // Dropped as held unless passed on or refused (`util::stamp`).
+        req: HeldReq<Req>,
         retry_after: Duration,
         queued: Queued,
-        // The request's stamp (`util::stamp`): its refusal or its call comes after `call`,
-        // and a drop while it waits is reported.
-        held: Held,
     }
 }
 
@@ -142,11 +139,7 @@ where
     #[inline]
     pub(crate) fn shed(retry_after: Duration, classify: C) -> Self {
         ResponseFuture {
-            // Made in the layer's `call`: stamped for the request refused.
-            state: State::Shed {
-                retry_after,
-                stamp: crate::util::stamp::current(),
-            },
+            state: State::Shed { retry_after },
             classify,
             _release: PhantomData,
         }
@@ -156,7 +149,7 @@ where
     pub(crate) fn readying(svc: S, req: Req, permit: Permit, classify: C) -> Self {
         ResponseFuture {
             state: State::Readying {
-                call: Box::new((svc, Some(req), Held::new())),
+                call: Box::new((svc, HeldReq::new(req))),
                 permit: Some(permit),
             },
             classify,
@@ -185,10 +178,9 @@ where
                     sleep: tokio::time::sleep_until(deadline),
                     svc: Some(svc),
                     ready,
-                    req: Some(req),
+                    req: HeldReq::new(req),
                     retry_after: cfg.retry_after,
                     queued: Queued(shared),
-                    held: Held::new(),
                 }),
             },
             classify,
@@ -230,18 +222,17 @@ where
                         let permit = Permit::new(&w.queued.0, in_flight);
                         let mut svc = w.svc.take().expect("admitted once");
                         let req = w.req.take().expect("admitted once");
-                        let mut held = std::mem::replace(w.held, Held::none());
                         if *w.ready {
                             // `svc` was made ready by `poll_ready` before the call that
                             // queued it.
-                            let fut = held.pass(|| svc.call(req));
+                            let fut = svc.call(req);
                             state.set(State::Running {
                                 fut,
                                 permit: Some(permit),
                             });
                         } else {
                             state.set(State::Readying {
-                                call: Box::new((svc, Some(req), held)),
+                                call: Box::new((svc, HeldReq::new(req))),
                                 permit: Some(permit),
                             });
                         }
@@ -249,19 +240,16 @@ where
                     None => {
                         let base = *waiter.as_mut().project().retry_after;
                         let retry_after = waiter.as_ref().get_ref().queued.0.on_shed(true, base);
-                        let stamp = waiter.held.stamp();
-                        waiter.as_mut().project().held.done();
+                        waiter.as_mut().project().req.refuse();
                         state.set(State::Done);
                         return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
                             .with_detail("waited too long for a permit")
-                            .with_stamp(stamp)
                             .into()));
                     }
                 },
                 StateProj::Readying { call, permit } => {
-                    let (svc, req, held) = &mut **call;
+                    let (svc, req) = &mut **call;
                     if let Err(e) = ready!(svc.poll_ready(cx)) {
-                        held.done();
                         // A failure of the service below, for an adaptive limit's samples.
                         if let Some(permit) = permit.take() {
                             permit.finish(Outcome::Failure);
@@ -270,16 +258,15 @@ where
                         return Poll::Ready(Err(e.into()));
                     }
                     let req = req.take().expect("polled after completion");
-                    let fut = held.pass(|| svc.call(req));
+                    let fut = svc.call(req);
                     let permit = permit.take();
                     state.set(State::Running { fut, permit });
                 }
-                StateProj::Shed { retry_after, stamp } => {
-                    let (retry_after, stamp) = (*retry_after, *stamp);
+                StateProj::Shed { retry_after } => {
+                    let retry_after = *retry_after;
                     state.set(State::Done);
                     return Poll::Ready(Err(Rejection::overloaded(Some(retry_after))
                         .with_detail("too many requests in flight")
-                        .with_stamp(stamp)
                         .into()));
                 }
                 StateProj::Done => panic!("polled after completion"),

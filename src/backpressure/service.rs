@@ -113,7 +113,6 @@ impl<S, R, C> Backpressure<S, R, C> {
                 return self.readying(req, permit);
             }
             self.is_ready = false;
-            crate::util::stamp::note_pass();
             return ResponseFuture::running(self.inner.call(req), permit, self.classify.clone());
         }
         // Waiting needs tokio's timer; outside a runtime the request is shed, not panicked on.
@@ -122,6 +121,8 @@ impl<S, R, C> Backpressure<S, R, C> {
             || !self.shared.enter_queue(self.cfg.max_queue)
         {
             let retry_after = self.shared.on_shed(false, self.cfg.retry_after);
+            // Dropped as refused (`util::stamp`).
+            crate::util::stamp::refuse(req);
             return ResponseFuture::shed(retry_after, self.classify.clone());
         }
         // Wait for a permit in the response future, with the service `poll_ready` polled

@@ -281,8 +281,7 @@ impl<F, C> ResponseFuture<F, C> {
     }
 
     pub(crate) fn rejected(rejection: Rejection, classify: C) -> Self {
-        // Made in the layer's `call`: stamped for the request refused.
-        Self::refused(rejection.stamped().into(), classify)
+        Self::refused(rejection.into(), classify)
     }
 
     /// A refusal already made into its error.

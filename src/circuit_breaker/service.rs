@@ -378,10 +378,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(mut err) = self.refused.take() {
+        if let Some(err) = self.refused.take() {
             // The inner service was not made ready (or gave its readiness up): the refusal
-            // stands, for this request.
-            crate::Rejection::stamp_boxed(&mut err);
+            // stands. The request is dropped as refused (`util::stamp`).
+            crate::util::stamp::refuse(req);
             return ResponseFuture::refused(err, self.classify.clone());
         }
         if self.reserved.is_some() {
@@ -417,6 +417,7 @@ where
             Err(rejection) => {
                 // Refused after the inner service was made ready: give its readiness up.
                 self.release_inner();
+                crate::util::stamp::refuse(req);
                 ResponseFuture::rejected(rejection, self.classify.clone())
             }
         }

@@ -26,6 +26,7 @@ use super::store::{
 };
 use crate::classify::{GrpcCode, GrpcStatus, HttpStatus, Outcome};
 use crate::rejection::{Rejection, RejectionKind};
+use crate::util::stamp::Marks;
 
 /// The header added to replayed responses.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -291,10 +292,9 @@ pub(crate) struct Keyed<S, St: Store, M, ResB> {
     room: Reservation,
     /// The copy of a response handed on as it streams, while its lease is extended.
     recording: Option<Box<Recording>>,
-    /// The request's stamp (`util::stamp`): the window of a layer above for it, or a fresh
-    /// one. The inner call is made in its window; only a [`Rejection`] carrying it is a
-    /// refusal below, before the handler ran.
-    stamp: u64,
+    /// The marks of the request's stamp (`util::stamp`): whether a layer of this crate below
+    /// refused it, or dropped it while it held it, before the handler could see it.
+    marks: Arc<Marks>,
     _body: std::marker::PhantomData<fn() -> ResB>,
 }
 
@@ -304,9 +304,10 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
         store: St,
         shared: Arc<Shared>,
         rebuild: M,
-        parts: request::Parts,
+        mut parts: request::Parts,
         key: StoreKey,
     ) -> Self {
+        let marks = crate::util::stamp::marks_of(&mut parts.extensions);
         let grpc = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -329,7 +330,7 @@ impl<S, St: Store, M, ResB> Keyed<S, St, M, ResB> {
             held: Reservation::default(),
             room: Reservation::default(),
             recording: None,
-            stamp: crate::util::stamp::adopt(),
+            marks,
             _body: std::marker::PhantomData,
         }
     }
@@ -508,6 +509,9 @@ struct LeaseGuard<St: Store> {
     store: St,
     lease: Option<Lease>,
     release_on_drop: bool,
+    /// The request's marks: one dropped before it ran (held by a layer below when a timeout
+    /// above fired) gives its lease up at once.
+    marks: Arc<Marks>,
     /// Set once the handler has answered with a response to store: what to write under the
     /// lease, and for how long, if the request ends before its record is written.
     record: Option<(Record, Duration)>,
@@ -554,7 +558,7 @@ impl<St: Store> Drop for LeaseGuard<St> {
                 };
                 self.store
                     .complete_detached(lease, record, ttl, self.ttl, done);
-            } else if self.release_on_drop {
+            } else if self.release_on_drop || self.marks.never_ran() {
                 tracing::debug!(key = ?lease.key(), "idempotent request dropped; lease released");
                 self.store.release_detached(lease, self.held_until);
             } else {
@@ -638,12 +642,7 @@ where
             let res = ready!(fut.poll(cx)).map_err(Into::into)?;
             return Poll::Ready(Ok(res.map(ReplayBody::inner)));
         }
-        // Each poll is watched (`util::stamp`): a holder below that drops this request before
-        // passing it on says so.
-        let stamp = self.ctx.as_ref().map_or(0, |k| k.stamp);
-        let out = ready!(crate::util::stamp::watching(stamp, || self
-            .as_mut()
-            .poll_states(cx)));
+        let out = ready!(self.as_mut().poll_states(cx));
         // Done: give back what the request still holds (its buffer reservations, its
         // buffered body, the inner service). Every lease is completed or released by now.
         *self.project().ctx = None;
@@ -677,11 +676,11 @@ where
                     let mut out = out.take().expect("polled after completion");
                     if let (Err(e), Some(k)) = (&mut out, this.ctx.as_ref()) {
                         // This layer's own refusal, before the handler ran (not the 503 for a
-                        // lease lost while it ran): stamped for the request, so that a
+                        // lease lost while it ran): marked on the request, so that a
                         // `RejectionLayer` above answers it as a refusal.
-                        if let Some(r) = e.downcast_mut::<Rejection>() {
+                        if let Some(r) = e.downcast_ref::<Rejection>() {
                             if r.detail() != Some(LEASE_NOT_KEPT) {
-                                r.set_stamp(k.stamp);
+                                k.marks.mark_refused();
                             }
                         }
                     }
@@ -786,6 +785,7 @@ where
                                 store: k.store.clone(),
                                 lease: Some(lease),
                                 release_on_drop: k.shared.config.release_on_drop,
+                                marks: k.marks.clone(),
                                 record: None,
                                 held_until,
                                 ttl,
@@ -874,8 +874,8 @@ where
                             this.state.set(State::Ready { out: None });
                             let k = this.ctx.as_mut().expect("keyed state");
                             if k.shared.config.release_on_error
-                                || refused_before_running(&*e, k.stamp)
-                                || crate::util::stamp::dropped_unrun(k.stamp)
+                                || refused_before_running(&*e, &k.marks)
+                                || k.marks.never_ran()
                             {
                                 // A layer below refused it, or dropped it before passing it
                                 // on: the handler did not run.
@@ -1163,7 +1163,7 @@ where
     let parts = k.parts.take().expect("request head");
     let body = k.rebuild.rebuild(std::mem::take(&mut k.body));
     let mut inner = k.inner.take().expect("inner service");
-    crate::util::stamp::within(k.stamp, || inner.call(Request::from_parts(parts, body)))
+    inner.call(Request::from_parts(parts, body))
 }
 
 fn complete<F, CF, St, ReqB, ResB, S, M>(
@@ -1352,17 +1352,17 @@ fn code_not_stored(code: GrpcCode, config: &Config) -> bool {
 }
 
 /// Whether an error from the inner service is provably a refusal before the handler ran:
-/// the error itself a [`Rejection`] of a kind that refuses before running, made for this
-/// request (`stamp`, see `util::stamp`) by a layer of this crate below. A rejection without
-/// that stamp is the handler's: one it forwards from its own client, with `?` or wrapped in
-/// its own error, after it may have had its effect. Every other error (tower's `Elapsed`
+/// the error itself a [`Rejection`] of a kind that refuses before running, and the request
+/// marked refused by a layer of this crate below (`marks`, see `util::stamp`). A rejection
+/// for a request not so marked is the handler's: one it forwards from its own client, with
+/// `?` or wrapped in its own error, after it may have had its effect. Every other error (tower's `Elapsed`
 /// from a timeout below, tower's `Overloaded`, the handler's own) may come from a handler
 /// that had its effect.
-fn refused_before_running(e: &(dyn std::error::Error + 'static), stamp: u64) -> bool {
+fn refused_before_running(e: &(dyn std::error::Error + 'static), marks: &Marks) -> bool {
     if let Some(r) = e.downcast_ref::<Rejection>() {
-        if !r.refuses(stamp) {
-            // Not made for this request by a layer below: the handler's (one it forwards
-            // from its own client, after it may have had its effect).
+        if !marks.refused() {
+            // The request was not refused below: the rejection is the handler's (one it
+            // forwards from its own client, after it may have had its effect).
             return false;
         }
         return match r.kind() {
@@ -1384,8 +1384,8 @@ fn refused_before_running(e: &(dyn std::error::Error + 'static), stamp: u64) -> 
             | RejectionKind::BadRequestBody => true,
         };
     }
-    // tower's `load_shed` `Overloaded` carries no stamp: it cannot be told from one a handler
-    // forwards, so it is the handler's error (put `load_shed` above this layer, or use
+    // tower's `load_shed` `Overloaded` does not mark the request: it cannot be told from one
+    // a handler forwards, so it is the handler's error (put `load_shed` above this layer, or use
     // `BackpressureLayer`).
     false
 }
@@ -1727,8 +1727,9 @@ mod tests {
 
     #[test]
     fn errors_that_refuse_before_running() {
-        const STAMP: u64 = 42;
-        let boxed = |e: BoxError| refused_before_running(&*e, STAMP);
+        let refused = Marks::default();
+        refused.mark_refused();
+        let boxed = |e: BoxError| refused_before_running(&*e, &refused);
         for kind in [
             RejectionKind::RateLimited,
             RejectionKind::Overloaded,
@@ -1736,20 +1737,12 @@ mod tests {
             RejectionKind::IdempotencyInFlight,
             RejectionKind::StoreUnavailable,
         ] {
-            // Made for this request by a layer below: a refusal.
+            // The request was refused by a layer below, and this is its rejection.
+            assert!(boxed(Rejection::new(kind).into()), "{kind:?}");
+            // The request was not refused (the rejection is another request's: the handler's
+            // own client's): the handler's error.
             assert!(
-                boxed(Rejection::new(kind).with_stamp(STAMP).into()),
-                "{kind:?}"
-            );
-            // Without the request's stamp (made outside its window, by the handler's own
-            // client), or with another request's: the handler's error.
-            assert!(!boxed(Rejection::new(kind).into()), "{kind:?}");
-            assert!(
-                !boxed(Rejection::new(kind).with_stamp(7).into()),
-                "{kind:?}"
-            );
-            assert!(
-                !refused_before_running(&Rejection::new(kind), 0),
+                !refused_before_running(&Rejection::new(kind), &Marks::default()),
                 "{kind:?}"
             );
         }
@@ -1769,15 +1762,13 @@ mod tests {
                 Some(&self.0)
             }
         }
-        assert!(!boxed(Box::new(Wrap(
-            Rejection::new(RejectionKind::RateLimited).with_stamp(STAMP)
-        ))));
+        assert!(!boxed(Box::new(Wrap(Rejection::new(
+            RejectionKind::RateLimited
+        )))));
         // A handler that may have run: a timeout, its own error, a lease lost mid-handler.
         assert!(!boxed("handler failed".into()));
         assert!(!boxed(tower::timeout::error::Elapsed::new().into()));
-        let lost = Rejection::new(RejectionKind::StoreUnavailable)
-            .with_detail(LEASE_NOT_KEPT)
-            .with_stamp(STAMP);
+        let lost = Rejection::new(RejectionKind::StoreUnavailable).with_detail(LEASE_NOT_KEPT);
         assert!(!boxed(lost.into()));
     }
 

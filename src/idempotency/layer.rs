@@ -633,8 +633,9 @@ impl<St: Store, M> IdempotencyBuilder<St, M> {
     /// An error releases the key whatever this says when a layer of this crate below refused
     /// the request before it ran: the error is a [`Rejection`](crate::Rejection) of a kind
     /// that refuses before running (rate limited, overloaded, circuit open, the idempotency
-    /// and body refusals, a store down before anything ran) made for this request (see the
-    /// module's "Whose refusal"). Any other error (tower's `Elapsed` from a `timeout` below
+    /// and body refusals, a store down before anything ran) for a request that layer marked
+    /// refused, or any error for a request a layer of this crate dropped while it still held
+    /// it (see the module's "Whose refusal"). Any other error (tower's `Elapsed` from a `timeout` below
     /// this layer, tower's `load_shed` `Overloaded`, a rejection the handler returns, the
     /// handler's own error, a `Buffer`'s worker gone) may come from a handler that has had
     /// its effect, so by default its key is recorded as run:

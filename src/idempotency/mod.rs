@@ -23,7 +23,7 @@
 //! | a new key, and the store has no room for it (or its scope holds its share) | 503 [`IdempotencyStoreFull`](crate::RejectionKind::IdempotencyStoreFull) with a jittered `Retry-After`; the handler does not run, and no completed key is forgotten to make room |
 //! | the layer already buffers [`max_buffered_bytes`](IdempotencyBuilder::max_buffered_bytes) (256 MiB) in flight | 503 [`Overloaded`](crate::RejectionKind::Overloaded) with a jittered `Retry-After`; the handler does not run |
 //! | the handler fails: 5xx, 429, gRPC failure status (in the trailers, in the head of a trailers-only response, in the trailer frame that ends a gRPC-Web body), or a gRPC response that ends with no status at all | nothing stored; the key is released so the client can retry ([`store_failures`](IdempotencyBuilder::store_failures) stores them) |
-//! | a layer of this crate below refuses the request before it runs: the error is a [`Rejection`](crate::Rejection) of a refusing kind (rate limited, overloaded, circuit open, ...) made for this request (see [Whose refusal](#whose-refusal)) | nothing stored; the key is released so the client can retry |
+//! | a layer of this crate below refuses the request before it runs: the error is a [`Rejection`](crate::Rejection) of a refusing kind (rate limited, overloaded, circuit open, ...), and the request is marked refused (see [Whose refusal](#whose-refusal)) | nothing stored; the key is released so the client can retry |
 //! | the handler returns a `Rejection` as its error (one its own client got, forwarded with `?` or wrapped), or tower's `load_shed` `Overloaded` (which cannot say whose it is) | the handler may have had its effect: as for any other error below |
 //! | a `timeout` between this layer and a layer of this crate that holds the request (a [`BackpressureLayer`](crate::BackpressureLayer) queue, a rate limit's wait for a turn or its Redis round trip) fires while the request is still held | the request never ran: the key is released (see [Whose refusal](#whose-refusal)) |
 //! | any other error from below: tower's `Elapsed` from a `timeout` under this layer once the request may have run, the handler's own error | the handler may have had its effect: the key is recorded as run with its response not kept (repeats get 409 [`IdempotencyResponseNotStored`](crate::RejectionKind::IdempotencyResponseNotStored), never a second run); [`release_on_error(true)`](IdempotencyBuilder::release_on_error) releases it instead |
@@ -33,6 +33,7 @@
 //! | the response has more than 8,192 header (or trailer) values | passed on; the key is recorded as run with its response not kept (repeats get 409, never a second run) |
 //! | the response is larger than [`max_response_body`](IdempotencyBuilder::max_response_body) | passed on as it streams; its body's end decides: a gRPC failure (a failure status in the trailers, or no status at all) releases the key, as under the cap; an end that went well, a body error, or a body dropped midway, records the key as completed with its response not kept (repeats get 409, never a second run) |
 //! | the handler runs longer than the lease's time to live | the lease is renewed every third of it while the handler runs: repeats keep getting 409 |
+//! | the first request's future is dropped (client gone, a timeout above) while the request is still held by a layer of this crate below (queued, waiting for its turn or for Redis) | the handler never saw it: the lease is given up at once |
 //! | the first request's future is dropped (client gone, a timeout above) while its handler runs | the lease is kept until it expires (the handler may have had its effect): repeats get 409 (each with a jittered `Retry-After` of about a second) until it does, then run; [`release_on_drop(true)`](IdempotencyBuilder::release_on_drop) releases it at once instead |
 //! | dropped after the handler answered (reading or storing its response) | never released: the record (or, for a body cut short, a record that the response was not kept) is written in the background |
 //! | the store fails while the response is stored | the client gets the response; the key is never released and the write is tried again in the background while the lease lasts |
@@ -42,24 +43,35 @@
 //! # Whose refusal
 //!
 //! A refusal releases the key only when it is provably this request's, made before the
-//! handler ran: each layer of this crate stamps the rejections it makes with the request it
-//! refuses, read from a window this layer opens around its inner `call` (a thread-local set
-//! for the length of that call; layers that refuse or call on later, after a queue, a wait
-//! for a turn or a Redis round trip, keep the stamp from their `call`). A rejection the
-//! handler returns (made by its own client's layers while its future runs, after it may have
-//! had its effect) carries no stamp of this request, and is treated as the handler's error.
-//! A layer between this one and the refusing layer that calls its inner service from a
-//! future of its own (tower's `Buffer`, an Axum `Router`'s routes) breaks the chain: such a
-//! refusal is treated as an error that may follow an effect (the key is kept as run). Put
-//! the refusing layers in the same `ServiceBuilder` as this one, or above it.
+//! handler ran. This layer (and `RejectionLayer`) puts a stamp in the request's extensions;
+//! a layer of this crate that refuses the request drops it as refused, and one that holds it
+//! (a [`BackpressureLayer`](crate::BackpressureLayer) queue, a rate limit's wait for a turn
+//! or its Redis round trip) drops it as *held* if it is dropped before being passed on (a
+//! `timeout` between fired). The stamp sees how the request it rides in was dropped, and
+//! marks it. So:
 //!
-//! The same stamp tells a timeout that cut off a request still held below (queued for a
-//! permit, waiting for its turn or for Redis) from one that cut off a handler: this layer
-//! watches each poll of its inner future, a holder of this crate dropped while it still holds
-//! the request reports it, and an error in a poll in which that happened, and in which no
-//! holder passed any request on, releases the key. (The second condition guards against a
-//! retry between the two: its later attempts carry no stamp, and one may have reached the
-//! handler in the same poll.)
+//! - a [`Rejection`](crate::Rejection) returned for a request marked refused is a refusal
+//!   (key released); one the handler returns (made by its own client's layers for another
+//!   request, after it may have had its effect) finds the request unmarked, and is the
+//!   handler's error (key kept as run);
+//! - an error (a timeout's `Elapsed`) for a request marked held is one the handler never saw
+//!   (key released); and a request dropped from above while still held below gives its lease
+//!   up at once, instead of keeping it for the lease's time to live.
+//!
+//! A layer between that sends copies of the request (a retry, a hedge) must copy its
+//! extensions, as `http::request::Parts`' `Clone` does: a copy gets a stamp of its own, and
+//! the original's marks then prove nothing (a copy may have run), so such a request is
+//! treated as one that may have run. A copy made without the extensions cannot be seen. Nor
+//! can a handler that forwards the very request it got to a client stack of this crate's
+//! layers: its refusal is taken for the request's, as for a proxy. tower's `load_shed` does
+//! not mark what it sheds: put it above this layer, or use `BackpressureLayer`.
+//!
+//! The status of a response is taken at its word: a handler that answers a failure (5xx,
+//! 429, a gRPC failure status) or a refusal is taken to have done nothing that must not run
+//! twice, and its key is released so the client can retry. A handler that forwards an
+//! upstream's failure or refusal after an effect of its own should answer with a status of
+//! its own, or have those answers stored ([`store_failures`](IdempotencyBuilder::store_failures),
+//! [`store_refusals`](IdempotencyBuilder::store_refusals)).
 //!
 //! Keys are accepted both as the draft's structured-field string (`"abc"`, quoted) and as the
 //! bare token Stripe's clients send (`abc`); both name the same key. The fingerprint of a

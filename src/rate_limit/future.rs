@@ -15,6 +15,7 @@ use tower_service::Service;
 use super::layer::Shared;
 use super::ResponseHeaders;
 use crate::rejection::Rejection;
+use crate::util::stamp::HeldReq;
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
@@ -58,11 +59,9 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         svc: Option<S>,
-        req: Option<Req>,
+        // Dropped as held unless passed on (`util::stamp`).
+        req: HeldReq<Req>,
         refund: Refund,
-        // The request's stamp (`util::stamp`), for the inner call made after the wait; a drop
-        // while it waits is reported.
-        held: crate::util::stamp::Held,
     }
 }
 
@@ -106,9 +105,8 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
                 waiter: Box::pin(Waiter {
                     sleep: wait.map(tokio::time::sleep),
                     svc: Some(svc),
-                    req: Some(req),
+                    req: HeldReq::new(req),
                     refund,
-                    held: crate::util::stamp::Held::new(),
                 }),
             },
             slot,
@@ -118,8 +116,7 @@ impl<S: Service<Req>, Req, H: ResponseHeaders<S::Response>> ResponseFuture<S, Re
     pub(crate) fn rejected(rejection: Rejection) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                // Made in the layer's `call`: stamped for the request refused.
-                err: Some(Box::new(rejection.stamped())),
+                err: Some(Box::new(rejection)),
             },
             slot: H::Slot::default(),
         }
@@ -165,15 +162,11 @@ where
                         w.sleep.set(None);
                     }
                     let s = w.svc.as_mut().expect("polled after completion");
-                    if let Err(e) = ready!(s.poll_ready(cx)) {
-                        // Answered: nothing to report when dropped.
-                        w.held.done();
-                        return Poll::Ready(Err(e.into()));
-                    }
+                    ready!(s.poll_ready(cx)).map_err(Into::into)?;
                     // The turn is used now, whatever happens next.
                     w.refund.shared = None;
                     let req = w.req.take().expect("polled after completion");
-                    let fut = w.held.pass(|| s.call(req));
+                    let fut = s.call(req);
                     self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Rejected { err } => {

@@ -123,11 +123,14 @@ where
                 } else {
                     H::Slot::default()
                 };
-                crate::util::stamp::note_pass();
                 ResponseFuture::called(self.inner.call(req), slot)
             }
             Step::Admit { wait_ns, .. } => self.wait_for_turn(req, wait_ns, tat, now, hash),
-            Step::Reject { retry_after_ns } => self.reject(retry_after_ns, tat, now),
+            Step::Reject { retry_after_ns } => {
+                // Dropped as refused: the marks of a layer above say the request never ran.
+                crate::util::stamp::refuse(req);
+                self.reject(retry_after_ns, tat, now)
+            }
         }
     }
 }
@@ -189,6 +192,7 @@ impl<S, K, H> RateLimit<S, K, H> {
     {
         self.shared.count_missing_key();
         if malformed {
+            crate::util::stamp::refuse(req);
             return ResponseFuture::rejected(
                 Rejection::new(RejectionKind::RateLimitKeyMissing).with_detail(
                     "the rate limit key is malformed (sent more than once, or not visible ASCII)",
@@ -198,7 +202,6 @@ impl<S, K, H> RateLimit<S, K, H> {
         match self.shared.missing {
             MissingKey::Admit if self.is_ready => {
                 self.is_ready = false;
-                crate::util::stamp::note_pass();
                 ResponseFuture::called(self.inner.call(req), H::Slot::default())
             }
             MissingKey::Admit => {
@@ -213,13 +216,16 @@ impl<S, K, H> RateLimit<S, K, H> {
                 };
                 ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
             }
-            _ => ResponseFuture::rejected(if server_fault {
-                Rejection::new(RejectionKind::ClientAddressUnknown)
-                    .with_detail("the client's address could not be found")
-            } else {
-                Rejection::new(RejectionKind::RateLimitKeyMissing)
-                    .with_detail("the rate limit key could not be read from the request")
-            }),
+            _ => {
+                crate::util::stamp::refuse(req);
+                ResponseFuture::rejected(if server_fault {
+                    Rejection::new(RejectionKind::ClientAddressUnknown)
+                        .with_detail("the client's address could not be found")
+                } else {
+                    Rejection::new(RejectionKind::RateLimitKeyMissing)
+                        .with_detail("the rate limit key could not be read from the request")
+                })
+            }
         }
     }
 

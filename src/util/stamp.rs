@@ -1,219 +1,155 @@
-//! Which request a refusal answers: the stamp that tells a refusal by one of this crate's
-//! layers, for the request a layer above passed on, from the same [`Rejection`] coming out of
-//! a handler that forwards what its own client was refused after it had its effect.
+//! Whose refusal a rejection is, and whether a request was dropped before it ran: marks kept
+//! on the request itself.
 //!
 //! The layers that act on "refused, so the request never ran" (the idempotency layer releases
 //! the key; `RejectionLayer` marks the answer `Request-Refused`, on which a client's retry
-//! re-sends even a POST) open a *window* around the `call` of their inner service: a
-//! thread-local stamp, set for the length of that call. `Service::call` runs down a stack
-//! synchronously, so every refusing layer below that decides in its `call` reads the stamp
-//! when it refuses and puts it in its [`Rejection`]; one that decides later (a queue, a wait
-//! for a turn, a store round trip) reads it in `call` and keeps it, and opens the window again
-//! when it calls its own inner service. A handler works in its future's `poll`, outside any
-//! window: what its own client stack refuses carries no stamp (or another request's), and the
-//! layers above treat it as the handler's error, which may follow its effect.
+//! re-sends even a POST) put a [`Stamp`] in the request's extensions and keep its [`Marks`].
+//! A layer of this crate that refuses a request drops it inside [`refuse`]; one that holds a
+//! request (a queue for a permit, a wait for a turn, a store round trip) keeps it in a
+//! [`HeldReq`], which drops it as "dropped while held" unless it was passed on. The stamp sees
+//! how the request it rides in was dropped (a thread-local says so for the length of the
+//! drop) and marks it. Nothing is read on the admit path: only refusals and drops pay.
 //!
-//! What this cannot see: a layer between that calls its inner service from a future (tower's
-//! `Buffer`, an Axum `Router`'s routes, another retry) breaks the chain, and a refusal below
-//! it carries no stamp: it is treated as an error that may follow an effect (the safe side:
-//! the key is kept as run). A handler that calls its client synchronously in its own `call`,
-//! forwarding the very request, shares the window.
-//!
-//! # Requests dropped while held
-//!
-//! A timeout between the idempotency layer and a layer that holds the request (a queue for a
-//! permit, a wait for a turn, a Redis round trip) may fire before the request was passed on:
-//! it never ran, and its key should be released, not kept as run. The idempotency layer
-//! *watches* each poll of its inner future: a holder of this crate dropped while it still
-//! holds a request of the watched stamp reports it, and any holder that passes a request on
-//! during that poll says so too. An error in a poll in which the request was dropped while
-//! held and nothing was passed on is one the handler never saw. (Requiring that nothing was
-//! passed on in the same poll guards against a retry layer between the two: its later
-//! attempts carry no stamp, and one of them may have reached the handler in that poll.)
-//!
-//! [`Rejection`]: crate::Rejection
+//! What the marks prove is about the request object: a refusal a handler returns was made
+//! for another request (its own client's), so the marks of the request the handler got are
+//! not set, and the layers above treat it as the handler's error, which may follow its
+//! effect. A layer between that sends copies of the request (a retry, a hedge) copies its
+//! extensions with [`http::request::Parts`]' `Clone`: the copy's stamp is a new one, and the
+//! original is marked *cloned*, after which its marks prove nothing (a copy may have run).
+//! A copy made without the extensions cannot be seen; nor can a handler that forwards the
+//! very request it got to a client of this crate's layers (then its refusal is taken for the
+//! request's, as it is for a proxy).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
-thread_local! {
-    static CURRENT: Cell<u64> = const { Cell::new(0) };
-    // This thread's stamps: its index in the high 24 bits, a count in the low 40.
-    static NEXT: Cell<u64> = const { Cell::new(0) };
-}
+const REFUSED: u8 = 1;
+const HELD_DROPPED: u8 = 2;
+const CLONED: u8 = 4;
 
-/// Threads that have made stamps, for the high bits of the next thread's.
-static THREADS: AtomicU64 = AtomicU64::new(1);
+/// What happened to a stamped request (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Marks(AtomicU8);
 
-/// The stamp of the window this code runs in, 0 outside any.
-#[inline]
-pub(crate) fn current() -> u64 {
-    CURRENT.try_with(Cell::get).unwrap_or(0)
-}
+impl Marks {
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
 
-/// A stamp no other request has: never 0.
-#[inline]
-pub(crate) fn fresh() -> u64 {
-    NEXT.try_with(|n| {
-        let mut v = n.get();
-        if v & ((1 << 40) - 1) == 0 {
-            // First use on this thread, or its 2^40 stamps spent: a new thread index.
-            v = THREADS.fetch_add(1, Ordering::Relaxed) << 40;
-        }
-        v += 1;
-        n.set(v);
-        v
-    })
-    .unwrap_or(u64::MAX)
-}
+    /// A layer of this crate refused the request, and no copy of it was made.
+    pub(crate) fn refused(&self) -> bool {
+        self.get() & (REFUSED | CLONED) == REFUSED
+    }
 
-/// The window a layer opens for its inner `call`: the stamp of the window around it if there
-/// is one (a layer above opened it for the same request), else a fresh one.
-#[inline]
-pub(crate) fn adopt() -> u64 {
-    match current() {
-        0 => fresh(),
-        s => s,
+    /// A layer of this crate that held the request dropped it before passing it on, and no
+    /// copy of it was made: it never reached the service behind.
+    pub(crate) fn never_ran(&self) -> bool {
+        self.get() & (HELD_DROPPED | CLONED) == HELD_DROPPED
+    }
+
+    /// The request was refused by the layer that keeps these marks.
+    pub(crate) fn mark_refused(&self) {
+        self.0.fetch_or(REFUSED, Ordering::Release);
     }
 }
 
-/// Runs `f` (an inner service's `call`) inside the window of `stamp`; 0 runs it as is.
-#[inline]
-pub(crate) fn within<R>(stamp: u64, f: impl FnOnce() -> R) -> R {
-    if stamp == 0 {
-        return f();
-    }
-    struct Restore(u64);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = CURRENT.try_with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(CURRENT.try_with(|c| c.replace(stamp)).unwrap_or(0));
-    f()
-}
+/// The extension: shares its request's [`Marks`] with the layer that put it there.
+pub(crate) struct Stamp(Arc<Marks>);
 
-/// What a watched poll saw (see the module docs).
-#[derive(Clone, Copy)]
-struct Watch {
-    stamp: u64,
-    held_dropped: bool,
-    passed: bool,
-}
-
-thread_local! {
-    static WATCH: Cell<Watch> = const {
-        Cell::new(Watch {
-            stamp: 0,
-            held_dropped: false,
-            passed: false,
-        })
-    };
-}
-
-/// Runs `f` (one poll of the idempotency layer's inner future, for the request of `stamp`)
-/// watched: see [`dropped_unrun`]. Nested watches restore the outer one, passes included.
-#[inline]
-pub(crate) fn watching<R>(stamp: u64, f: impl FnOnce() -> R) -> R {
-    if stamp == 0 {
-        return f();
-    }
-    struct Restore(Watch);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = WATCH.try_with(|w| {
-                let mut outer = self.0;
-                outer.passed |= w.get().passed;
-                w.set(outer);
-            });
-        }
-    }
-    let fresh = Watch {
-        stamp,
-        held_dropped: false,
-        passed: false,
-    };
-    let _restore = Restore(WATCH.try_with(|w| w.replace(fresh)).unwrap_or(fresh));
-    f()
-}
-
-/// Whether, in the watched poll now running for `stamp`, a holder of this crate dropped that
-/// request while it held it and no holder passed a request on.
-pub(crate) fn dropped_unrun(stamp: u64) -> bool {
-    stamp != 0
-        && WATCH
-            .try_with(|w| {
-                let w = w.get();
-                w.stamp == stamp && w.held_dropped && !w.passed
-            })
-            .unwrap_or(false)
-}
-
-/// A holder passes a request on to its inner service.
-#[inline]
-pub(crate) fn note_pass() {
-    let _ = WATCH.try_with(|w| {
-        let mut v = w.get();
-        if v.stamp != 0 && !v.passed {
-            v.passed = true;
-            w.set(v);
-        }
-    });
-}
-
-/// A request held by a layer of this crate (queued, waiting for a turn or for a store): its
-/// stamp, reported as dropped while held unless the holder passes it on ([`Held::pass`]) or
-/// answers it ([`Held::done`]) first.
-#[derive(Debug)]
-pub(crate) struct Held(u64);
-
-impl Held {
-    /// A request held from now, with the stamp of the window this code runs in.
-    #[inline]
-    pub(crate) fn new() -> Held {
-        Held(current())
-    }
-
-    /// A holder that has nothing to report (the request is not held).
-    pub(crate) const fn none() -> Held {
-        Held(0)
-    }
-
-    /// The request's stamp (0 once passed on or answered).
-    #[inline]
-    pub(crate) fn stamp(&self) -> u64 {
-        self.0
-    }
-
-    /// The request is passed on: calls `f` (the inner `call`) in its window, and notes the pass.
-    #[inline]
-    pub(crate) fn pass<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let stamp = std::mem::take(&mut self.0);
-        note_pass();
-        within(stamp, f)
-    }
-
-    /// The request is answered (refused, or failed before it was passed on): nothing to
-    /// report when the holder is dropped.
-    #[inline]
-    pub(crate) fn done(&mut self) {
-        self.0 = 0;
+impl Clone for Stamp {
+    /// A copy of the request (a retry's, a hedge's): a stamp of its own, and the original's
+    /// marks prove nothing from now on.
+    fn clone(&self) -> Self {
+        self.0 .0.fetch_or(CLONED, Ordering::Release);
+        Stamp(Arc::default())
     }
 }
 
-impl Drop for Held {
+impl Drop for Stamp {
     fn drop(&mut self) {
-        if self.0 == 0 {
-            return;
+        let how = DROPPING.try_with(Cell::get).unwrap_or(0);
+        if how != 0 {
+            self.0 .0.fetch_or(how, Ordering::Release);
         }
-        let stamp = self.0;
-        let _ = WATCH.try_with(|w| {
-            let mut v = w.get();
-            if v.stamp == stamp {
-                v.held_dropped = true;
-                w.set(v);
-            }
-        });
+    }
+}
+
+impl fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Stamp").field(&self.0.get()).finish()
+    }
+}
+
+/// The marks of the request whose extensions these are: those of a stamp already there (a
+/// layer above put it), or of a new one put there now.
+pub(crate) fn marks_of(extensions: &mut http::Extensions) -> Arc<Marks> {
+    if let Some(stamp) = extensions.get::<Stamp>() {
+        return stamp.0.clone();
+    }
+    let marks = Arc::new(Marks::default());
+    extensions.insert(Stamp(marks.clone()));
+    marks
+}
+
+thread_local! {
+    // How the value being dropped goes: 0 (not by a layer of this crate), `REFUSED` or
+    // `HELD_DROPPED`.
+    static DROPPING: Cell<u8> = const { Cell::new(0) };
+}
+
+fn drop_as<T>(how: u8, value: T) {
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = DROPPING.try_with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DROPPING.try_with(|d| d.replace(how)).unwrap_or(0));
+    drop(value);
+}
+
+/// Drops a request that a layer of this crate refuses.
+#[cold]
+pub(crate) fn refuse<T>(request: T) {
+    drop_as(REFUSED, request);
+}
+
+/// A request held by a layer of this crate until it passes it on ([`HeldReq::take`]) or
+/// refuses it ([`HeldReq::refuse`]); dropped otherwise, it is dropped as held (see the module
+/// docs).
+pub(crate) struct HeldReq<R>(Option<R>);
+
+impl<R> HeldReq<R> {
+    pub(crate) fn new(request: R) -> Self {
+        HeldReq(Some(request))
+    }
+
+    /// The request, to pass on.
+    pub(crate) fn take(&mut self) -> Option<R> {
+        self.0.take()
+    }
+
+    /// The request is refused: dropped as such now.
+    pub(crate) fn refuse(&mut self) {
+        if let Some(request) = self.0.take() {
+            refuse(request);
+        }
+    }
+}
+
+impl<R> Drop for HeldReq<R> {
+    fn drop(&mut self) {
+        if let Some(request) = self.0.take() {
+            drop_as(HELD_DROPPED, request);
+        }
+    }
+}
+
+impl<R> fmt::Debug for HeldReq<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("HeldReq").field(&self.0.is_some()).finish()
     }
 }
 
@@ -221,62 +157,71 @@ impl Drop for Held {
 mod tests {
     use super::*;
 
-    #[test]
-    fn windows_nest_and_restore() {
-        assert_eq!(current(), 0);
-        let a = fresh();
-        let b = fresh();
-        assert!(a != 0 && b != 0 && a != b);
-        within(a, || {
-            assert_eq!(current(), a);
-            assert_eq!(adopt(), a);
-            within(b, || assert_eq!(current(), b));
-            assert_eq!(current(), a);
-        });
-        assert_eq!(current(), 0);
-        let other = std::thread::spawn(fresh).join().unwrap();
-        assert!(other != a && other != b);
-        // A panic inside still restores the window.
-        let _ = std::panic::catch_unwind(|| within(a, || panic!("inner call panicked")));
-        assert_eq!(current(), 0);
+    fn stamped() -> (http::Request<()>, Arc<Marks>) {
+        let mut req = http::Request::new(());
+        let marks = marks_of(req.extensions_mut());
+        (req, marks)
     }
 
     #[test]
-    fn a_held_request_dropped_in_a_watched_poll_is_reported() {
-        let s = fresh();
-        let held = within(s, Held::new);
-        assert!(watching(s, || {
-            drop(held);
-            dropped_unrun(s)
-        }));
-        // Another request's poll, or a pass in the same poll: not reported.
-        let held = within(s, Held::new);
-        assert!(!watching(fresh(), || {
-            drop(held);
-            dropped_unrun(s)
-        }));
-        let held = within(s, Held::new);
-        assert!(!watching(s, || {
-            drop(held);
-            note_pass();
-            dropped_unrun(s)
-        }));
-        // Passed on, or answered, then dropped: not reported.
-        let mut held = within(s, Held::new);
-        assert_eq!(held.pass(current), s);
-        assert!(!watching(s, || {
-            drop(held);
-            dropped_unrun(s)
-        }));
-        let mut held = within(s, Held::new);
-        held.done();
-        assert!(!watching(s, || {
-            drop(held);
-            dropped_unrun(s)
-        }));
-        // Outside any window: nothing to report.
-        let held = Held::new();
-        assert_eq!(held.stamp(), 0);
-        assert!(!dropped_unrun(0));
+    fn a_request_knows_how_it_was_dropped() {
+        let (req, marks) = stamped();
+        refuse(req);
+        assert!(marks.refused() && !marks.never_ran());
+
+        let (req, marks) = stamped();
+        drop(HeldReq::new(req));
+        assert!(marks.never_ran() && !marks.refused());
+
+        // Passed on, then dropped by the service behind: no mark.
+        let (req, marks) = stamped();
+        let mut held = HeldReq::new(req);
+        drop(held.take());
+        drop(held);
+        assert!(!marks.refused() && !marks.never_ran());
+
+        let (req, marks) = stamped();
+        HeldReq::new(req).refuse();
+        assert!(marks.refused());
+
+        // A second layer finds the first one's stamp.
+        let (mut req, marks) = stamped();
+        let again = marks_of(req.extensions_mut());
+        assert!(Arc::ptr_eq(&marks, &again));
+        refuse(req);
+        assert!(again.refused());
+    }
+
+    #[test]
+    fn a_copy_of_the_request_voids_the_marks() {
+        let (req, marks) = stamped();
+        let (parts, ()) = req.into_parts();
+        let copy = http::Request::from_parts(parts.clone(), ());
+        refuse(http::Request::from_parts(parts, ()));
+        assert!(!marks.refused());
+        // The copy's stamp is its own.
+        let mut copy = copy;
+        let copy_marks = marks_of(copy.extensions_mut());
+        assert!(!Arc::ptr_eq(&marks, &copy_marks));
+        drop(HeldReq::new(copy));
+        assert!(copy_marks.never_ran() && !marks.never_ran());
+    }
+
+    #[test]
+    fn other_drops_inside_a_refusal_are_not_mistaken() {
+        let (req, marks) = stamped();
+        drop(req);
+        assert!(!marks.refused() && !marks.never_ran());
+        // A panic while dropping still restores the thread-local.
+        struct Boom;
+        impl Drop for Boom {
+            fn drop(&mut self) {
+                panic!("drop panicked");
+            }
+        }
+        let _ = std::panic::catch_unwind(|| refuse(Boom));
+        let (req, marks) = stamped();
+        drop(req);
+        assert!(!marks.refused());
     }
 }

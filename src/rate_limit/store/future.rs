@@ -16,6 +16,7 @@ use tower_service::Service;
 use super::redis::{Admitted, RedisShared, Turn};
 use crate::rate_limit::ResponseHeaders;
 use crate::rejection::RateLimitInfo;
+use crate::util::stamp::HeldReq;
 
 /// What a check returns: the script's reply, a Redis error, or no answer ([`NoAnswer`]).
 pub(crate) type CheckOutput = Result<Result<(i64, i64, i64, Vec<u8>), redis::RedisError>, NoAnswer>;
@@ -71,9 +72,6 @@ pin_project! {
         info: Option<RateLimitInfo>,
         // Whether the inner service was ready at `call`.
         ready: bool,
-        // The request's stamp (`util::stamp`): its refusal and its call come after `call`,
-        // and a drop while it waits for Redis or its turn is reported.
-        held: crate::util::stamp::Held,
         _headers: PhantomData<fn() -> H>,
     }
 }
@@ -85,10 +83,11 @@ pin_project! {
         S: Service<Req>,
     {
         // `check` is `None` for a check skipped during the cool-down: nothing to wait for.
-        Checking { check: Option<CheckFuture>, svc: Option<S>, req: Option<Req> },
-        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: Option<Req>, refund: Refund },
+        // The request is dropped as held unless passed on or refused (`util::stamp`).
+        Checking { check: Option<CheckFuture>, svc: Option<S>, req: HeldReq<Req> },
+        Waiting { sleep: Pin<Box<Sleep>>, svc: Option<S>, req: HeldReq<Req>, refund: Refund },
         // Admitted, waiting for the inner service's readiness before the call.
-        Readying { svc: Option<S>, req: Option<Req> },
+        Readying { svc: Option<S>, req: HeldReq<Req> },
         Called { #[pin] fut: S::Future },
         Refused { err: Option<BoxError> },
         Done,
@@ -125,14 +124,13 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
             state: State::Checking {
                 check,
                 svc: Some(svc),
-                req: Some(req),
+                req: HeldReq::new(req),
             },
             shared,
             local_hash,
             kept,
             info: None,
             ready,
-            held: crate::util::stamp::Held::new(),
             _headers: PhantomData,
         }
     }
@@ -143,15 +141,13 @@ impl<S: Service<Req>, Req, H> RedisResponseFuture<S, Req, H> {
     pub(crate) fn refused(rejection: crate::Rejection, shared: Arc<RedisShared>) -> Self {
         RedisResponseFuture {
             state: State::Refused {
-                // Made in the layer's `call`: stamped for the request refused.
-                err: Some(Box::new(rejection.stamped())),
+                err: Some(Box::new(rejection)),
             },
             shared,
             local_hash: 0,
             kept: None,
             info: None,
             ready: false,
-            held: crate::util::stamp::Held::none(),
             _headers: PhantomData,
         }
     }
@@ -184,7 +180,6 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let this = self.as_mut().project();
-            let held = this.held;
             match this.state.project() {
                 StateProj::Checking { check, svc, req } => {
                     let out = match check {
@@ -221,26 +216,25 @@ where
                                 self.as_mut().project().state.set(State::Waiting {
                                     sleep,
                                     svc: Some(s),
-                                    req: Some(r),
+                                    req: HeldReq::new(r),
                                     refund,
                                 });
                             } else if *this.ready {
                                 // The service was made ready by `poll_ready` before `call`.
                                 let mut s = s;
-                                let fut = held.pass(|| s.call(r));
+                                let fut = s.call(r);
                                 self.as_mut().project().state.set(State::Called { fut });
                             } else {
                                 self.as_mut().project().state.set(State::Readying {
                                     svc: Some(s),
-                                    req: Some(r),
+                                    req: HeldReq::new(r),
                                 });
                             }
                         }
                         Err(rejection) => {
-                            let stamp = held.stamp();
-                            held.done();
+                            req.refuse();
                             self.as_mut().project().state.set(State::Done);
-                            return Poll::Ready(Err(rejection.with_stamp(stamp).into()));
+                            return Poll::Ready(Err(rejection.into()));
                         }
                     }
                 }
@@ -256,24 +250,23 @@ where
                     let mut s = svc.take().expect("polled after completion");
                     let r = req.take().expect("polled after completion");
                     if *this.ready {
-                        let fut = held.pass(|| s.call(r));
+                        let fut = s.call(r);
                         self.as_mut().project().state.set(State::Called { fut });
                     } else {
                         self.as_mut().project().state.set(State::Readying {
                             svc: Some(s),
-                            req: Some(r),
+                            req: HeldReq::new(r),
                         });
                     }
                 }
                 StateProj::Readying { svc, req } => {
                     let s = svc.as_mut().expect("polled after completion");
                     if let Err(e) = ready!(s.poll_ready(cx)) {
-                        held.done();
                         self.as_mut().project().state.set(State::Done);
                         return Poll::Ready(Err(e.into()));
                     }
                     let r = req.take().expect("polled after completion");
-                    let fut = held.pass(|| s.call(r));
+                    let fut = s.call(r);
                     self.as_mut().project().state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {

@@ -1031,6 +1031,7 @@ where
                 Rejection::new(RejectionKind::RateLimitKeyMissing)
                     .with_detail("the rate limit key could not be read from the request")
             };
+            crate::util::stamp::refuse(req);
             return RedisResponseFuture::refused(rejection, self.shared.clone());
         };
         let ready = std::mem::take(&mut self.is_ready);
