@@ -146,58 +146,27 @@ impl Shared {
     pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64, u64) {
         let (interval, tolerance) = self.params();
         let reach = self.reach().max(max_wait_ns);
-        let tat = self.hot.tat.load(Ordering::Relaxed);
-        match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach) {
-            Some(gcra::Step::Admit { new_tat, wait_ns }) => {
-                // Release on success, so that a thread that reads this TAT and then the clock
-                // reads a time no earlier than the one read here. Nothing else is published
-                // through this word: every change of it is a read-modify-write.
-                match self.hot.tat.compare_exchange_weak(
-                    tat,
-                    new_tat,
-                    Ordering::Release,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => (gcra::Step::Admit { new_tat, wait_ns }, new_tat, now),
-                    Err(actual) => self.check_global_slow(now, max_wait_ns, actual),
-                }
-            }
-            Some(reject) => (reject, tat, now),
-            // Beyond the horizon: a stale `now`, or a clock that went back.
-            None => self.check_global_slow(now, max_wait_ns, tat),
-        }
-    }
-
-    /// [`Shared::check_global`] after a lost race (`tat` is the value that won) or with a TAT
-    /// beyond the horizon of `now`: the loop, reading the clock again before a TAT beyond the
-    /// horizon counts as a clock that went back.
-    #[cold]
-    #[inline(never)]
-    fn check_global_slow(
-        &self,
-        mut now: u64,
-        max_wait_ns: u64,
-        mut tat: u64,
-    ) -> (gcra::Step, u64, u64) {
-        let (interval, tolerance) = self.params();
-        let reach = self.reach().max(max_wait_ns);
+        let mut now = now;
         let mut fresh = false;
+        let mut tat = self.hot.tat.load(Ordering::Relaxed);
         loop {
-            let step = match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach) {
+            let step = match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach)
+            {
                 Some(step) => step,
+                // Beyond the horizon: a stale `now`, or a clock that went back. Read the
+                // clock again first; a TAT still beyond the fresh time's horizon is a jump.
                 None if !fresh => {
-                    // Orders the clock read after the TAT read: the thread that set this TAT
-                    // (with a release) read its clock before.
-                    std::sync::atomic::fence(Ordering::Acquire);
-                    now = self.clock.now_nanos().max(now);
+                    now = self.fresh_now(now);
                     fresh = true;
                     continue;
                 }
-                // Still beyond the fresh time's horizon: the clock went back.
                 None => gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach),
             };
             match step {
                 gcra::Step::Admit { new_tat, wait_ns } => {
+                    // Release on success, so that a thread that reads this TAT and then the
+                    // clock reads a time no earlier than the one read here. Nothing else is
+                    // published through this word: every change of it is a read-modify-write.
                     match self.hot.tat.compare_exchange_weak(
                         tat,
                         new_tat,
@@ -211,6 +180,16 @@ impl Shared {
                 reject => return (reject, tat, now),
             }
         }
+    }
+
+    /// The clock read again after the TAT (see `gcra::step_checked`): the fence orders the
+    /// read after the TAT's load, and the thread that set that TAT (with a release) read its
+    /// clock before.
+    #[cold]
+    #[inline(never)]
+    fn fresh_now(&self, now: u64) -> u64 {
+        std::sync::atomic::fence(Ordering::Acquire);
+        self.clock.now_nanos().max(now)
     }
 
     /// Gives back a turn that was not used, if it is still the last one reserved (the Redis
