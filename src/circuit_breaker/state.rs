@@ -819,6 +819,30 @@ impl Shared {
             return;
         }
         let l = &self.limits;
+        // The common case, inline: a success with no slow-call rule and no time window reads
+        // no clock; it clears the failure streak and takes its place in a count window, whose
+        // tally is read only when the window reaches its minimum of calls.
+        if !failed && l.slow_nanos.is_none() && !b.window.needs_time() {
+            if b.consecutive.load(Relaxed) != 0 {
+                b.consecutive.store(0, Relaxed);
+            }
+            if l.uses_window() {
+                if let Some(tally) = b.window.record(0, false, false, l.min_calls) {
+                    if let Some(reason) = l.rate_trips(tally) {
+                        self.trip(idx, s, self.now(), reason, Some(tally), 0);
+                    }
+                }
+            }
+            return;
+        }
+        self.record_closed_slow(idx, s, failed, start);
+    }
+
+    /// [`Shared::record_closed`] for a failure, or with a slow-call rule or a time window.
+    #[inline(never)]
+    fn record_closed_slow(&self, idx: usize, s: u64, failed: bool, start: u64) {
+        let b = &self.breakers[idx];
+        let l = &self.limits;
         let needs_now = l.slow_nanos.is_some() || (l.uses_window() && b.window.needs_time());
         let now = if needs_now { self.now() } else { 0 };
         let slow = l.slow_nanos.is_some_and(|t| now.saturating_sub(start) >= t);
