@@ -128,11 +128,10 @@ where
     .layer(hop(server))
 }
 
-/// A rate limit of one request a second, its token spent by `spend`.
+/// A rate limit of one request a second, burst one.
 fn one_per_second() -> RateLimitLayer {
     RateLimitLayer::new(
-        RateLimitConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap())
-            .clock(Clock::tokio()),
+        RateLimitConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap()).clock(Clock::tokio()),
     )
 }
 
@@ -170,16 +169,16 @@ fn grpc_call() -> Request<Full<Bytes>> {
 async fn grpc_handlers_forwarded_rejection_is_answered_unavailable_and_retried() {
     let charges = Arc::new(AtomicU32::new(0));
     let c = charges.clone();
-    let server = ServiceBuilder::new().layer(RejectionLayer::grpc()).service(
-        tower::service_fn(move |_req: Request<Full<Bytes>>| {
+    let server = ServiceBuilder::new()
+        .layer(RejectionLayer::grpc())
+        .service(tower::service_fn(move |_req: Request<Full<Bytes>>| {
             let c = c.clone();
             async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 // The ledger client's breaker refused the ledger call, after the charge.
                 Err::<Res, BoxError>(Rejection::new(RejectionKind::CircuitOpen).into())
             }
-        }),
-    );
+        }));
     let client = RetryLayer::new(
         RetryPolicy::grpc()
             .max_attempts(3)
@@ -325,9 +324,9 @@ async fn a_handlers_503_carrying_request_refused_is_not_retried() {
 async fn extensions_moved_into_the_handlers_own_request_release_a_key_that_ran() {
     let charges = Arc::new(AtomicU32::new(0));
     let c = charges.clone();
-    let ledger = tower::util::BoxCloneSyncService::new(one_per_second().layer(
-        tower::service_fn(|_r: Request<Full<Bytes>>| async { Ok::<_, BoxError>(ok()) }),
-    ));
+    let ledger = tower::util::BoxCloneSyncService::new(one_per_second().layer(tower::service_fn(
+        |_r: Request<Full<Bytes>>| async { Ok::<_, BoxError>(ok()) },
+    )));
     // Another request spent the ledger's token.
     ledger.clone().oneshot(post()).await.unwrap();
     let server = ServiceBuilder::new()
@@ -353,4 +352,195 @@ async fn extensions_moved_into_the_handlers_own_request_release_a_key_that_ran()
         "a POST whose handler charged ran again (last answer {})",
         res.status()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Whose refusal: guards that held
+// ---------------------------------------------------------------------------------------
+
+/// Guard: a tower `Buffer` between the idempotency layer and the rate limit (the refusal is
+/// made on the buffer's worker task, another task than the caller's): the request is still
+/// marked refused, its key released, and the README client's retry runs it once.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_made_on_a_buffer_worker_releases_the_key() {
+    let charges = Arc::new(AtomicU32::new(0));
+    let c = charges.clone();
+    let server = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(IdempotencyLayer::new(store()))
+        .layer(tower::buffer::BufferLayer::new(8))
+        .layer(one_per_second())
+        .service(tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, BoxError>(ok())
+            }
+        }));
+    // Another client's GET spends the token.
+    let mut get = post();
+    *get.method_mut() = Method::GET;
+    server.clone().oneshot(get).await.unwrap();
+    let mut client = readme_client(server);
+    let res = client.ready().await.unwrap().call(post()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        2,
+        "the GET and the POST once"
+    );
+}
+
+/// Guard: a keyed limit under `MissingKey`'s default (refuse) below the idempotency layer: the
+/// 400 for a request without `x-api-key` releases its key, and the same key with the header
+/// runs.
+#[tokio::test(start_paused = true)]
+async fn a_missing_rate_limit_key_refusal_releases_the_idempotency_key() {
+    use tower_bulwark::rate_limit::{key, KeyedConfig};
+    let charges = Arc::new(AtomicU32::new(0));
+    let c = charges.clone();
+    let server = ServiceBuilder::new()
+        .layer(RejectionLayer::http())
+        .layer(IdempotencyLayer::new(store()))
+        .layer(RateLimitLayer::keyed(
+            KeyedConfig::new(Quota::per_second(10).unwrap()).clock(Clock::tokio()),
+            key::Header::new("x-api-key"),
+        ))
+        .service(tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, BoxError>(ok())
+            }
+        }));
+    let res = server.clone().oneshot(keyed("k-1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(res.headers()[REQUEST_REFUSED], "rate-limit-key-missing");
+    let mut again = keyed("k-1");
+    again
+        .headers_mut()
+        .insert("x-api-key", "alice".parse().unwrap());
+    let res = server.oneshot(again).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(charges.load(Ordering::SeqCst), 1);
+}
+
+/// Guard: a request dropped while a backpressure queue holds it, on another thread than the
+/// one that queued it (the future moved to a spawned task, then aborted): the lease is given
+/// up at once, and the same key runs as soon as the permit is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_dropped_on_another_thread_gives_its_lease_up() {
+    let charges = Arc::new(AtomicU32::new(0));
+    let c = charges.clone();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let server = ServiceBuilder::new()
+        .layer(
+            IdempotencyLayer::builder(MemoryStore::default())
+                .build()
+                .unwrap(),
+        )
+        .layer(BackpressureLayer::new(1).max_wait(Duration::from_secs(3600)))
+        .service(tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            let c = c.clone();
+            let g = g.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                let _ = g.acquire().await.unwrap();
+                Ok::<_, BoxError>(ok())
+            }
+        }));
+    // The permit is held by another request.
+    let holder = tokio::spawn(server.clone().oneshot(keyed("holder")));
+    while charges.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let queued = tokio::spawn(server.clone().oneshot(keyed("k-1")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    queued.abort();
+    let _ = queued.await;
+    gate.add_permits(10);
+    holder.await.unwrap().unwrap();
+    let res = server.oneshot(keyed("k-1")).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "the key of a request that never ran is free"
+    );
+    assert_eq!(charges.load(Ordering::SeqCst), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Cancellation
+// ---------------------------------------------------------------------------------------
+
+/// Guard: a keyed limit's waiter dropped before its turn gives the turn back: the next
+/// waiter of that key gets the first free turn (1 s), not the one after (2 s).
+#[tokio::test(start_paused = true)]
+async fn a_keyed_waiter_dropped_gives_its_turn_back() {
+    use tower_bulwark::rate_limit::{key, KeyedConfig};
+    let limit = RateLimitLayer::keyed(
+        KeyedConfig::new(Quota::per_second(1).unwrap().burst(1).unwrap()).clock(Clock::tokio()),
+        key::Header::new("x-api-key"),
+    )
+    .wait_up_to(Duration::from_secs(10));
+    let svc = limit.layer(tower::service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(ok())
+    }));
+    let req = || {
+        let mut r = post();
+        r.headers_mut().insert("x-api-key", "a".parse().unwrap());
+        r
+    };
+    svc.clone().oneshot(req()).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut waiter = Box::pin(svc.clone().oneshot(req()));
+    assert!(futures_poll(waiter.as_mut()).is_pending());
+    drop(waiter);
+    svc.oneshot(req()).await.unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited <= Duration::from_millis(1100),
+        "the dropped waiter's turn was not given back: waited {waited:?}"
+    );
+}
+
+/// Guard: a backpressure waiter dropped while queued frees its queue place: with
+/// `max_queue(1)`, a new waiter is queued instead of shed.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_queued_waiter_frees_its_queue_place() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let svc = BackpressureLayer::new(1)
+        .max_queue(1)
+        .max_wait(Duration::from_secs(10))
+        .layer(tower::service_fn(move |_r: Request<Full<Bytes>>| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await.unwrap();
+                Ok::<_, BoxError>(ok())
+            }
+        }));
+    let mut holder = Box::pin(svc.clone().oneshot(post()));
+    assert!(futures_poll(holder.as_mut()).is_pending());
+    let mut queued = Box::pin(svc.clone().oneshot(post()));
+    assert!(futures_poll(queued.as_mut()).is_pending());
+    drop(queued);
+    let mut next = Box::pin(svc.clone().oneshot(post()));
+    assert!(
+        futures_poll(next.as_mut()).is_pending(),
+        "the new waiter was shed: the dropped one kept its queue place"
+    );
+    gate.add_permits(10);
+    holder.await.unwrap();
+    next.await.unwrap();
+    // Nothing leaked: the permit and the queue place are free again.
+    let err = svc.oneshot(post()).await.err();
+    assert!(err.is_none(), "{:?}", err.as_ref().and_then(kind));
+}
+
+fn futures_poll<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    f.poll(&mut cx)
 }
