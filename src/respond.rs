@@ -24,7 +24,10 @@
 //! the request did not reach the service, which a client's retry layer reads. A rejection
 //! the service returns as its own error (one its own client got, forwarded after it may have
 //! had its effect) gets its status without the mark; see the idempotency module's "Whose
-//! refusal" for how the two are told apart. `Retry-After` is in whole
+//! refusal" for how the two are told apart. Only requests whose method is not idempotent (a
+//! POST, a PATCH) are stamped for this: one with an idempotent method (GET, HEAD, OPTIONS,
+//! TRACE, PUT, DELETE) may be sent again whatever the answer says, and any rejection that is
+//! the error itself marks its answer. `Retry-After` is in whole
 //! seconds, rounded up, and never 0 when there is a wait.
 //!
 //! # Errors that are not rejections
@@ -189,16 +192,21 @@ where
                 marks: None,
             };
         }
-        // The request is stamped (`util::stamp`): a layer of this crate below that refuses it
-        // marks it so; a rejection the service returns for another request does not.
+        // A request that is not idempotent (a POST, a PATCH, every gRPC call) is stamped
+        // (`util::stamp`): a layer of this crate below that refuses it marks it so; a
+        // rejection the service returns for another request does not, and its answer does
+        // not say "refused" (HTTP: no `Request-Refused`; gRPC: `UNKNOWN`, not the refusal's
+        // code), on which a client would send the request again. An idempotent request may
+        // be sent again whatever the answer says: it pays for no stamp.
         let mut req = req;
-        let marks = crate::util::stamp::marks_of(req.extensions_mut());
+        let marks = (!is_idempotent(req.method()))
+            .then(|| crate::util::stamp::marks_of(req.extensions_mut()));
         ResponseFuture {
             state: State::Inner {
                 fut: self.inner.call(req),
             },
             mode: self.mode,
-            marks: Some(marks),
+            marks,
         }
     }
 }
@@ -209,7 +217,8 @@ pin_project! {
         #[pin]
         state: State<F>,
         mode: Mode,
-        // The request's marks; `None` for an error of readiness (no call was made).
+        // The request's marks; `None` for an error of readiness (no call was made) and for
+        // a request that is not stamped (idempotent, or gRPC).
         marks: Option<Arc<Marks>>,
     }
 }
@@ -242,10 +251,17 @@ where
         let err = match this.state.project() {
             StateProj::Inner { fut } => match ready!(fut.poll(cx)) {
                 Ok(mut res) => {
-                    // The mark says this layer answered for a refusal below it; a 503 the
-                    // service made (a handler forwarding an upstream's answer) must not carry
-                    // it, or a client would take a request that ran for one that did not.
-                    if res.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+                    // The mark says a layer of this crate answered for a refusal of this
+                    // request; an answer the service made (a handler forwarding an upstream's
+                    // headers, whatever its status) must not carry it, or a client would take
+                    // a request that ran for one that did not. (An answer a `RejectionLayer`
+                    // below made for a refusal of this request keeps it: the request is
+                    // marked refused.)
+                    let refused = this.marks.as_deref().map_or(
+                        res.status() != http::StatusCode::SERVICE_UNAVAILABLE,
+                        Marks::refused,
+                    );
+                    if !refused {
                         res.headers_mut().remove(REQUEST_REFUSED);
                     }
                     return Poll::Ready(Ok(res.map(RejectionBody::inner)));
@@ -274,8 +290,20 @@ fn error_response<B>(
                 rejection,
                 err.is::<Rejection>() && marks.is_none_or(Marks::refused),
             ),
+            // A gRPC answer has no mark: its code says it. A rejection that is not this
+            // request's refusal is answered `UNKNOWN` (with its message), never with the
+            // refusal's `UNAVAILABLE` or `RESOURCE_EXHAUSTED`, which a client takes for "not
+            // processed" and sends again.
             #[cfg(feature = "grpc")]
-            Mode::Grpc => grpc_response(rejection),
+            Mode::Grpc if err.is::<Rejection>() && marks.is_none_or(Marks::refused) => {
+                grpc_response(rejection)
+            }
+            #[cfg(feature = "grpc")]
+            Mode::Grpc => grpc_status_response(
+                crate::classify::GrpcCode::Unknown,
+                &rejection.to_string(),
+                None,
+            ),
         },
         None => {
             tracing::error!(error = %err, "inner service failed; answering with an internal error");
@@ -290,6 +318,16 @@ fn error_response<B>(
             }
         }
     }
+}
+
+/// Whether a request's method is idempotent (RFC 9110, 9.2.2): sending it twice does what
+/// sending it once does.
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// `Retry-After` value: whole seconds, rounded up, never 0 when there is a wait.
@@ -525,7 +563,25 @@ mod tests {
                 }
                 async move { Err::<Response<Full<Bytes>>, BoxError>(e) }
             });
-        svc.oneshot(Request::new(())).await.unwrap()
+        // A POST: the request whose answer's mark matters (see `RejectionService::call`).
+        let req = Request::post("http://svc/orders").body(()).unwrap();
+        svc.oneshot(req).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_is_marked_refused_without_a_stamp() {
+        // A GET may be sent again whatever the answer says: the mark is made as before, and
+        // the request carries no stamp (nothing to pay for it).
+        let svc = ServiceBuilder::new()
+            .layer(RejectionLayer::http())
+            .service_fn(|req: Request<()>| async move {
+                assert!(req.extensions().is_empty());
+                Err::<Response<Full<Bytes>>, BoxError>(
+                    Rejection::new(RejectionKind::Overloaded).into(),
+                )
+            });
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.headers()[REQUEST_REFUSED], "overloaded");
     }
 
     #[tokio::test]

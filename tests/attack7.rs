@@ -165,7 +165,6 @@ fn grpc_call() -> Request<Full<Bytes>> {
 /// for "not processed", so `RetryPolicy::grpc()` sends the call again, with no key needed: the
 /// card is charged three times. The HTTP side of this was fixed; the gRPC side was not.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: RejectionLayer::grpc answers a handler's own forwarded rejection UNAVAILABLE, which the crate's gRPC retry re-sends"]
 async fn grpc_handlers_forwarded_rejection_is_answered_unavailable_and_retried() {
     let charges = Arc::new(AtomicU32::new(0));
     let c = charges.clone();
@@ -188,7 +187,8 @@ async fn grpc_handlers_forwarded_rejection_is_answered_unavailable_and_retried()
     .unwrap()
     .layer(hop(server));
     let res = client.oneshot(grpc_call()).await.unwrap();
-    assert_eq!(res.headers()["grpc-status"], "14");
+    // Fixed: answered `UNKNOWN` (2), not the refusal's `UNAVAILABLE` (14).
+    assert_eq!(res.headers()["grpc-status"], "2");
     assert_eq!(
         charges.load(Ordering::SeqCst),
         1,
@@ -245,7 +245,6 @@ async fn grpc_forwarded_rejection_with_a_key_runs_once() {
 /// `may_have_run` trusts the mark on any 5xx. The 502 keeps `Request-Refused`, the server's
 /// idempotency layer releases the key of a 5xx, and the README's client charges three times.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: Request-Refused on a handler's 502/504 is not stripped, and the client trusts it on any 5xx"]
 async fn a_handlers_502_carrying_request_refused_is_retried_and_runs_again() {
     let charges = Arc::new(AtomicU32::new(0));
     let c = charges.clone();
@@ -320,7 +319,7 @@ async fn a_handlers_503_carrying_request_refused_is_not_retried() {
 /// the server's request refused, the key is released, the 429 is retried by the README's
 /// client, and the card is charged again.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: extensions moved into the handler's own outgoing request carry the stamp: its client's refusal releases the key of a request that ran"]
+#[ignore = "known limitation (idempotency docs, Whose refusal): extensions moved into the handler's own outgoing request carry the stamp: its client's refusal releases the key of a request that ran"]
 async fn extensions_moved_into_the_handlers_own_request_release_a_key_that_ran() {
     let charges = Arc::new(AtomicU32::new(0));
     let c = charges.clone();

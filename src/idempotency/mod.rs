@@ -63,7 +63,9 @@
 //! the original's marks then prove nothing (a copy may have run), so such a request is
 //! treated as one that may have run. A copy made without the extensions cannot be seen. Nor
 //! can a handler that forwards the very request it got to a client stack of this crate's
-//! layers: its refusal is taken for the request's, as for a proxy. tower's `load_shed` does
+//! layers, or moves its extensions (`std::mem::take`) into a request of its own: the stamp
+//! follows the extensions, and that request's refusal is taken for this one's, as for a
+//! proxy. (Copy the extensions you propagate one by one, not the whole map.) tower's `load_shed` does
 //! not mark what it sheds: put it above this layer, or use `BackpressureLayer`.
 //!
 //! The status of a response is taken at its word: a handler that answers a failure (5xx,

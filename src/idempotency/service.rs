@@ -118,6 +118,8 @@ where
             }
             Ok(None) => {
                 Counters::bump(&self.shared.stats.invalid);
+                // Dropped as refused (`util::stamp`), for a `RejectionLayer` above.
+                crate::util::stamp::refuse((parts, body));
                 return ResponseFuture::reject(Rejection::new(
                     RejectionKind::IdempotencyKeyMissing,
                 ));
@@ -125,6 +127,7 @@ where
             Err(detail) => {
                 Counters::bump(&self.shared.stats.invalid);
                 tracing::debug!(detail, "idempotency key refused");
+                crate::util::stamp::refuse((parts, body));
                 return ResponseFuture::reject(
                     Rejection::new(RejectionKind::IdempotencyKeyInvalid).with_detail(detail),
                 );
@@ -139,6 +142,7 @@ where
             || body.size_hint().lower() > cfg.max_request_body as u64;
         if too_large {
             Counters::bump(&self.shared.stats.too_large);
+            crate::util::stamp::refuse((parts, body));
             return ResponseFuture::reject(
                 Rejection::new(RejectionKind::PayloadTooLarge)
                     .with_detail("request body larger than the idempotency layer buffers"),

@@ -150,8 +150,7 @@ impl Shared {
         let mut fresh = false;
         let mut tat = self.hot.tat.load(Ordering::Relaxed);
         loop {
-            let step = match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach)
-            {
+            let step = match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach) {
                 Some(step) => step,
                 // Beyond the horizon: a stale `now`, or a clock that went back. Read the
                 // clock again first; a TAT still beyond the fresh time's horizon is a jump.
