@@ -97,7 +97,12 @@ async fn a_hyper_client_retries_a_streamed_post_with_one_key() {
     }
 }
 
-/// Fails the first `left` calls with an overload rejection (UNAVAILABLE once answered as gRPC).
+async fn never<B>(_: Request<B>) -> Result<(), BoxError> {
+    unreachable!("the breaker is open")
+}
+
+/// Fails the first `left` calls with a circuit-open rejection (UNAVAILABLE once answered as
+/// gRPC).
 #[derive(Clone)]
 struct FailFirst<S> {
     inner: S,
@@ -128,7 +133,17 @@ where
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if fail {
-            return Box::pin(async { Err(tower_bulwark::Rejection::overloaded(None).into()) });
+            // Refused by a real layer of this crate (an open breaker), so that the server's
+            // `RejectionLayer` knows the refusal for this request's (a rejection made by hand
+            // in a service is the service's own error, answered `UNKNOWN`).
+            let breaker = tower_bulwark::CircuitBreakerLayer::new(
+                tower_bulwark::BreakerConfig::consecutive_failures(1),
+            )
+            .unwrap();
+            breaker.handle().force_open();
+            let mut refuser = tower::Layer::layer(&breaker, tower::service_fn(never::<B>));
+            let refused = refuser.call(req);
+            return Box::pin(async move { Err(refused.await.expect_err("the breaker is open")) });
         }
         let fut = self.inner.call(req);
         Box::pin(async move { fut.await.map_err(Into::into) })
