@@ -137,7 +137,8 @@ where
             // `RejectionLayer` knows the refusal for this request's (a rejection made by hand
             // in a service is the service's own error, answered `UNKNOWN`).
             let breaker = tower_bulwark::CircuitBreakerLayer::new(
-                tower_bulwark::BreakerConfig::consecutive_failures(1),
+                tower_bulwark::BreakerConfig::consecutive_failures(1)
+                    .open_time(std::time::Duration::from_millis(1)),
             )
             .unwrap();
             breaker.handle().force_open();
