@@ -3,125 +3,31 @@
 //! `#[ignore = "defect: ..."]` fail on the current code because of the defect they name; the
 //! others guard a promise that held.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+#[path = "support/wire.rs"]
+mod wire;
+use wire::{fixed, hop, kind, ok, post, readme_client, store, BoxFut, Res};
+
 use tower_bulwark::clock::Clock;
 use tower_bulwark::rejection::REQUEST_REFUSED;
-use tower_bulwark::retry::{Backoff, Jitter, RetryLayer, RetryPolicy, IDEMPOTENCY_KEY};
+use tower_bulwark::retry::{RetryLayer, RetryPolicy, IDEMPOTENCY_KEY};
 use tower_bulwark::{
-    BackpressureLayer, BreakerConfig, CircuitBreakerLayer, IdempotencyLayer, MemoryStore,
-    Rejection, RejectionKind, RejectionLayer,
+    BackpressureLayer, BreakerConfig, CircuitBreakerLayer, IdempotencyLayer, RejectionLayer,
 };
-
-type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
-type Res = Response<Full<Bytes>>;
-
-fn fixed(ms: u64) -> Backoff {
-    Backoff::exponential(Duration::from_millis(ms), Duration::from_millis(ms)).jitter(Jitter::None)
-}
-
-fn post() -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(Method::POST)
-        .uri("http://svc/orders")
-        .body(Full::new(Bytes::from_static(b"{\"qty\":1}")))
-        .unwrap()
-}
 
 fn keyed() -> Request<Full<Bytes>> {
     let mut r = post();
     r.headers_mut()
         .insert(IDEMPOTENCY_KEY, "\"order-1\"".parse().unwrap());
     r
-}
-
-fn store() -> MemoryStore {
-    MemoryStore::builder()
-        .clock(Clock::tokio())
-        .build()
-        .unwrap()
-}
-
-fn kind(e: &BoxError) -> Option<RejectionKind> {
-    e.downcast_ref::<Rejection>().map(Rejection::kind)
-}
-
-fn ok() -> Res {
-    Response::new(Full::new(Bytes::from_static(b"ok")))
-}
-
-/// One hop over the network, in process: the client's request body collected, the server's
-/// response collected.
-fn hop<S, B>(
-    server: S,
-) -> impl Service<
-    Request<tower_bulwark::retry::ReplayBody<Full<Bytes>>>,
-    Response = Res,
-    Error = BoxError,
-    Future = BoxFut<Res>,
-> + Clone
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Debug,
-{
-    tower::service_fn(
-        move |req: Request<tower_bulwark::retry::ReplayBody<Full<Bytes>>>| {
-            let server = server.clone();
-            Box::pin(async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| -> BoxError { e })?
-                    .to_bytes();
-                let res = server
-                    .oneshot(Request::from_parts(parts, Full::new(bytes)))
-                    .await
-                    .unwrap();
-                let (parts, body) = res.into_parts();
-                let bytes = body.collect().await.unwrap().to_bytes();
-                Ok::<_, BoxError>(Response::from_parts(parts, Full::new(bytes)))
-            }) as BoxFut<Res>
-        },
-    )
-}
-
-fn readme_client<S, B>(
-    server: S,
-) -> impl Service<Request<Full<Bytes>>, Response = Res, Error = BoxError>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Debug,
-{
-    RetryLayer::new(
-        RetryPolicy::http()
-            .add_idempotency_key()
-            .max_attempts(3)
-            .clock(Clock::tokio())
-            .backoff(fixed(10)),
-    )
-    .unwrap()
-    .layer(hop(server))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -613,9 +519,11 @@ where
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                // Every fourth check is another key (churn in a keyed table).
+                // Every fourth check is another key (churn in a keyed table), among 10,000: the
+                // table (65,536 keys) never fills, however fast the threads run against the
+                // clock, so no live key may be evicted.
                 let key = if n.is_multiple_of(4) {
-                    1 + (n * threads as u64 + t as u64)
+                    1 + (n * threads as u64 + t as u64) % 10_000
                 } else {
                     0
                 };

@@ -12,120 +12,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+#[path = "support/wire.rs"]
+mod wire;
+use wire::{fixed, hop, kind, ok, post, readme_client, store, BoxFut, Res};
+
 use tower_bulwark::clock::Clock;
 use tower_bulwark::rate_limit::RateLimitConfig;
 use tower_bulwark::rejection::REQUEST_REFUSED;
-use tower_bulwark::retry::{Backoff, Jitter, RetryLayer, RetryPolicy, IDEMPOTENCY_KEY};
+use tower_bulwark::retry::{RetryLayer, RetryPolicy, IDEMPOTENCY_KEY};
 use tower_bulwark::{
     BackpressureLayer, IdempotencyLayer, MemoryStore, Quota, RateLimitLayer, Rejection,
     RejectionKind, RejectionLayer,
 };
-
-type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
-type Res = Response<Full<Bytes>>;
-
-fn fixed(ms: u64) -> Backoff {
-    Backoff::exponential(Duration::from_millis(ms), Duration::from_millis(ms)).jitter(Jitter::None)
-}
-
-fn post() -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(Method::POST)
-        .uri("http://svc/orders")
-        .body(Full::new(Bytes::from_static(b"{\"qty\":1}")))
-        .unwrap()
-}
 
 fn keyed(key: &str) -> Request<Full<Bytes>> {
     let mut r = post();
     r.headers_mut()
         .insert(IDEMPOTENCY_KEY, format!("\"{key}\"").parse().unwrap());
     r
-}
-
-fn store() -> MemoryStore {
-    MemoryStore::builder()
-        .clock(Clock::tokio())
-        .build()
-        .unwrap()
-}
-
-fn kind(e: &BoxError) -> Option<RejectionKind> {
-    e.downcast_ref::<Rejection>().map(Rejection::kind)
-}
-
-fn ok() -> Res {
-    Response::new(Full::new(Bytes::from_static(b"ok")))
-}
-
-/// One hop over the network, in process: the client's request body collected (its
-/// extensions are not sent: a new request on the server side), the server's response
-/// collected.
-fn hop<S, B>(
-    server: S,
-) -> impl Service<
-    Request<tower_bulwark::retry::ReplayBody<Full<Bytes>>>,
-    Response = Res,
-    Error = BoxError,
-    Future = BoxFut<Res>,
-> + Clone
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Debug,
-{
-    tower::service_fn(
-        move |req: Request<tower_bulwark::retry::ReplayBody<Full<Bytes>>>| {
-            let server = server.clone();
-            Box::pin(async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| -> BoxError { e })?
-                    .to_bytes();
-                let mut wire = Request::new(Full::new(bytes));
-                *wire.method_mut() = parts.method;
-                *wire.uri_mut() = parts.uri;
-                *wire.headers_mut() = parts.headers;
-                let res = server.oneshot(wire).await.unwrap();
-                let (parts, body) = res.into_parts();
-                let bytes = body.collect().await.unwrap().to_bytes();
-                Ok::<_, BoxError>(Response::from_parts(parts, Full::new(bytes)))
-            }) as BoxFut<Res>
-        },
-    )
-}
-
-/// The README's client: `RetryPolicy::http().add_idempotency_key()`, three attempts.
-fn readme_client<S, B>(
-    server: S,
-) -> impl Service<Request<Full<Bytes>>, Response = Res, Error = BoxError>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Debug,
-{
-    RetryLayer::new(
-        RetryPolicy::http()
-            .add_idempotency_key()
-            .max_attempts(3)
-            .clock(Clock::tokio())
-            .backoff(fixed(10)),
-    )
-    .unwrap()
-    .layer(hop(server))
 }
 
 /// A rate limit of one request a second, burst one.
