@@ -256,11 +256,10 @@ where
                     // headers, whatever its status) must not carry it, or a client would take
                     // a request that ran for one that did not. (An answer a `RejectionLayer`
                     // below made for a refusal of this request keeps it: the request is
-                    // marked refused.)
-                    let refused = this.marks.as_deref().map_or(
-                        res.status() != http::StatusCode::SERVICE_UNAVAILABLE,
-                        Marks::refused,
-                    );
+                    // marked refused. An idempotent request carries no stamp: an answer to it
+                    // is never marked here, which costs its client nothing, as it may send it
+                    // again whatever the answer says.)
+                    let refused = this.marks.as_deref().is_some_and(Marks::refused);
                     if !refused {
                         res.headers_mut().remove(REQUEST_REFUSED);
                     }

@@ -74,12 +74,20 @@ pub(crate) struct Refund {
     pub(crate) interval: u64,
     /// When the reserved turn comes.
     pub(crate) wake: u64,
+    /// The quota's epoch when the turn was reserved (see `Shared::refund_turn`).
+    pub(crate) epoch: u64,
 }
 
 impl Drop for Refund {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.refund_turn(self.hash, self.new_tat, self.interval, self.wake);
+            shared.refund_turn(
+                self.hash,
+                self.new_tat,
+                self.interval,
+                self.wake,
+                Some(self.epoch),
+            );
         }
     }
 }

@@ -33,6 +33,13 @@ pub(crate) struct Shared {
     /// of now a turn may be reserved, so that no layer takes another's reservation for a
     /// clock that went back.
     reach: AtomicU64,
+    /// The largest `tolerance + interval` this limit ever had: a state set under a quota
+    /// since made smaller may be that far ahead until `set_quota` caps it, and is no clock
+    /// that went back.
+    widest: AtomicU64,
+    /// Counts the quota changes: a turn reserved before one is not given back (its interval
+    /// was the old quota's, and the change capped the state it was part of).
+    pub(crate) quota_epoch: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) table: Option<Table>,
     rejected: AtomicU64,
@@ -77,6 +84,8 @@ impl Shared {
             interval: AtomicU64::new(quota.interval_ns()),
             tolerance: AtomicU64::new(quota.tolerance_ns()),
             reach: AtomicU64::new(0),
+            widest: AtomicU64::new(quota.tolerance_ns() + quota.interval_ns()),
+            quota_epoch: AtomicU64::new(0),
             clock,
             table,
             rejected: AtomicU64::new(0),
@@ -136,6 +145,17 @@ impl Shared {
         self.reach.load(Ordering::Relaxed)
     }
 
+    /// How far ahead of now, beyond `tolerance + interval`, a state may be without being a
+    /// clock that went back: the longest wait bound of the layers sharing the limit (at
+    /// least `max_wait_ns`), and what a larger quota before a `set_quota` could have set.
+    #[inline]
+    pub(crate) fn horizon_reach(&self, max_wait_ns: u64, interval: u64, tolerance: u64) -> u64 {
+        let widest = self.widest.load(Ordering::Relaxed);
+        self.reach()
+            .max(max_wait_ns)
+            .saturating_add(widest.saturating_sub(tolerance + interval))
+    }
+
     /// One check of the global limiter. Returns the step, the TAT after it and the time it
     /// was made at.
     ///
@@ -145,7 +165,7 @@ impl Shared {
     #[inline]
     pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64, u64) {
         let (interval, tolerance) = self.params();
-        let reach = self.reach().max(max_wait_ns);
+        let reach = self.horizon_reach(max_wait_ns, interval, tolerance);
         let mut now = now;
         let mut fresh = false;
         let mut tat = self.hot.tat.load(Ordering::Relaxed);
@@ -195,13 +215,28 @@ impl Shared {
     /// store's local fallback).
     #[cfg(feature = "redis")]
     pub(crate) fn refund(&self, hash: Option<u64>, new_tat: u64, interval: u64) {
-        self.refund_turn(hash, new_tat, interval, 0);
+        self.refund_turn(hash, new_tat, interval, 0, None);
     }
 
     /// Gives back a reserved turn that was not used (see `future::Refund` and
     /// `gcra::refunded`): moves the TAT back by one interval. Off the admit path: it reads
     /// the clock (not for `wake == 0`: only the last turn reserved is given back then).
-    pub(crate) fn refund_turn(&self, hash: Option<u64>, new_tat: u64, interval: u64, wake: u64) {
+    ///
+    /// `epoch` is the quota's epoch when the turn was reserved: a turn reserved before a
+    /// quota change is not given back (its interval is the old quota's, and the change capped
+    /// the state it was part of); nor is more than the current quota's interval.
+    pub(crate) fn refund_turn(
+        &self,
+        hash: Option<u64>,
+        new_tat: u64,
+        interval: u64,
+        wake: u64,
+        epoch: Option<u64>,
+    ) {
+        if epoch.is_some_and(|e| e != self.quota_epoch.load(Ordering::Acquire)) {
+            return;
+        }
+        let interval = interval.min(self.params().0);
         let now = if wake == 0 { 0 } else { self.clock.now_nanos() };
         match (hash, &self.table) {
             (Some(hash), Some(table)) => table.refund(hash, new_tat, interval, wake, now),
@@ -515,8 +550,18 @@ impl RateLimitHandle {
     /// that spent part of it keeps what it spent, up to the new burst. The cap is applied here,
     /// once (for a keyed limiter, by one walk of the table), so checks pay nothing for it.
     /// Turns that waiters (see [`RateLimitLayer::wait_up_to`]) reserved before the change keep
-    /// their times; a check that races with the change may be made under the old quota.
+    /// their times, and are not given back if their waiter goes away; a check that races with
+    /// the change may be made under the old quota. A clock that goes back by less than the
+    /// largest window the limit has had is taken for a stale reading, not for a jump (the
+    /// limit stays spent until the old time comes again, at most that window).
     pub fn set_quota(&self, quota: Quota) {
+        // Before the new quota is seen: states set under the old one are not taken for a
+        // clock that went back, and turns reserved under it are not given back.
+        self.shared.widest.fetch_max(
+            quota.tolerance_ns() + quota.interval_ns(),
+            Ordering::Relaxed,
+        );
+        self.shared.quota_epoch.fetch_add(1, Ordering::AcqRel);
         // Tolerance first when growing and last when shrinking, so that a racing check sees
         // at worst the smaller of the two limits for a moment.
         let old_tol = self.shared.tolerance.load(Ordering::Relaxed);

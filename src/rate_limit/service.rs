@@ -110,7 +110,7 @@ where
                     interval,
                     tolerance,
                     self.max_wait_ns,
-                    shared.reach(),
+                    shared.horizon_reach(self.max_wait_ns, interval, tolerance),
                 );
                 (c.step, c.tat, c.now, Some(hash))
             }
@@ -172,6 +172,9 @@ impl<S, K, H> RateLimit<S, K, H> {
             new_tat: tat,
             interval: shared.params().0,
             wake: now.saturating_add(wait_ns),
+            epoch: shared
+                .quota_epoch
+                .load(std::sync::atomic::Ordering::Acquire),
         };
         let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
         ResponseFuture::waiting(wait, ready, req, slot, refund)
@@ -213,6 +216,7 @@ impl<S, K, H> RateLimit<S, K, H> {
                     new_tat: 0,
                     interval: 0,
                     wake: 0,
+                    epoch: 0,
                 };
                 ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
             }

@@ -579,7 +579,7 @@ impl RedisShared {
                             interval,
                             tolerance,
                             self.max_wait_ns,
-                            self.max_wait_ns,
+                            l.horizon_reach(self.max_wait_ns, interval, tolerance),
                         );
                         (c.step, c.tat, c.now)
                     }
