@@ -226,7 +226,24 @@ pub(crate) fn step_within(
     // always a jump.) Here a `now` read before another thread set the TAT looks the same:
     // callers read the clock again, after the TAT, before they trust it (`step_checked`).
     step_checked(tat, now, interval, tolerance, max_wait_ns, reach_ns)
-        .unwrap_or_else(|| step_ahead(0, now, interval, tolerance, max_wait_ns))
+        .unwrap_or_else(|| step_fresh(now, interval, tolerance, max_wait_ns))
+}
+
+/// The step of a limit that is whole at `now` (a TAT beyond the horizon after a clock that
+/// went back: the limit starts whole on the new time line).
+#[inline]
+pub(crate) fn step_fresh(now: u64, interval: u64, tolerance: u64, max_wait_ns: u64) -> Step {
+    step_ahead(0, now, interval, tolerance, max_wait_ns)
+}
+
+/// How far ahead of now an admission can set a TAT, given the longest wait bound of the
+/// callers sharing the limit: `tolerance + interval + reach`, plus the clock slack for reads
+/// on two cores that come out of order (the horizon of [`step_checked`]).
+#[inline]
+pub(crate) fn span(interval: u64, tolerance: u64, reach_ns: u64) -> u64 {
+    // A quota's tolerance and interval are each at most `MAX_TOLERANCE_NS` (2^58): their sum
+    // with the slack cannot overflow; a wait bound can be anything.
+    (tolerance + interval + CLOCK_SLACK_NS).saturating_add(reach_ns)
 }
 
 /// [`step_within`], or `None` for a TAT beyond the horizon of `now`: further ahead than any
@@ -249,12 +266,24 @@ pub(crate) fn step_checked(
     max_wait_ns: u64,
     reach_ns: u64,
 ) -> Option<Step> {
+    let horizon = span(interval, tolerance, reach_ns.max(max_wait_ns));
+    step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon)
+}
+
+/// [`step_checked`] with the horizon given (at least the [`span`] of the limit's quota and
+/// wait bounds): the admit path of a limit that keeps its span.
+#[inline]
+pub(crate) fn step_in_span(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    max_wait_ns: u64,
+    horizon: u64,
+) -> Option<Step> {
     // Everything below is in "how far ahead of now": the TAT's lead (0 for a TAT in the
     // past, which is a whole limit).
     let ahead = tat.saturating_sub(now);
-    // A quota's tolerance and interval are each at most `MAX_TOLERANCE_NS` (2^58): their sum
-    // with the slack cannot overflow; a wait bound can be anything.
-    let horizon = (tolerance + interval + CLOCK_SLACK_NS).saturating_add(reach_ns.max(max_wait_ns));
     if ahead > horizon {
         return None;
     }

@@ -174,7 +174,8 @@ impl Table {
     /// The fast path finds the key in its group and moves its TAT with one compare-and-swap;
     /// anything else (absent key, a claim in progress, a lost race) takes the slow path.
     ///
-    /// `now` is the time read before the call. A key whose TAT is beyond its horizon (a stale
+    /// `now` is the time read before the call. A key whose TAT is further ahead than
+    /// `horizon` (at least the `gcra::span` of the quota and of the longest wait bound: a stale
     /// `now`, or a clock that went back) has the clock read again, once, through `clock`, and
     /// the step is made at that fresh time (see `gcra::step_checked`).
     #[inline]
@@ -187,9 +188,8 @@ impl Table {
         interval: u64,
         tolerance: u64,
         max_wait_ns: u64,
-        reach_ns: u64,
+        horizon: u64,
     ) -> Checked {
-        let reach_ns = reach_ns.max(max_wait_ns);
         let now = now.min(MAX_TIME - 1);
         let group = self.group(hash, 0);
         let ident = Self::ident(hash);
@@ -202,7 +202,7 @@ impl Table {
             let word = slot.tat.load(Ordering::Acquire);
             if word & GEN_MASK == gen {
                 let tat = word >> GEN_BITS;
-                match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach_ns) {
+                match gcra::step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon) {
                     // Beyond the horizon: the slow path reads the clock again (after this
                     // acquire load) first.
                     None => break,
@@ -236,7 +236,7 @@ impl Table {
             }
             break;
         }
-        self.check_slow(hash, now, clock, interval, tolerance, max_wait_ns, reach_ns)
+        self.check_slow(hash, now, clock, interval, tolerance, max_wait_ns, horizon)
     }
 
     /// Moves the key's TAT back by one interval as `gcra::refunded` says (a reserved turn
@@ -292,7 +292,7 @@ impl Table {
         interval: u64,
         tolerance: u64,
         max_wait_ns: u64,
-        reach_ns: u64,
+        horizon: u64,
     ) -> Checked {
         let ident = Self::ident(hash);
         let mut now = now;
@@ -320,13 +320,13 @@ impl Table {
                         }
                         let tat = word >> GEN_BITS;
                         if !fresh
-                            && gcra::step_checked(
+                            && gcra::step_in_span(
                                 tat,
                                 now,
                                 interval,
                                 tolerance,
                                 max_wait_ns,
-                                reach_ns,
+                                horizon,
                             )
                             .is_none()
                         {
@@ -335,14 +335,14 @@ impl Table {
                             now = clock.now_nanos().clamp(now, MAX_TIME - 1);
                             fresh = true;
                         }
-                        match gcra::step_within(
-                            tat,
-                            now,
-                            interval,
-                            tolerance,
-                            max_wait_ns,
-                            reach_ns,
-                        ) {
+                        // Still beyond the fresh time's horizon: the clock went back, and the
+                        // key starts whole on the new time line.
+                        let step =
+                            gcra::step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon)
+                                .unwrap_or_else(|| {
+                                    gcra::step_fresh(now, interval, tolerance, max_wait_ns)
+                                });
+                        match step {
                             Step::Admit { new_tat, wait_ns } => {
                                 let new_tat = new_tat.min(MAX_TIME);
                                 let new_word = (new_tat << GEN_BITS) | gen;
@@ -488,7 +488,15 @@ mod tests {
     fn chk(t: &Table, hash: u64, now: u64, i: u64, tol: u64, wait: u64, reach: u64) -> Checked {
         let (clock, hand) = Clock::manual();
         hand.set_nanos(now);
-        t.check(hash, now, &clock, i, tol, wait, reach)
+        t.check(
+            hash,
+            now,
+            &clock,
+            i,
+            tol,
+            wait,
+            gcra::span(i, tol, reach.max(wait)),
+        )
     }
 
     fn admitted(c: Checked) -> bool {
@@ -668,7 +676,8 @@ mod tests {
         let (i, tol) = (1_000_000, 50_000_000);
         let (clock, hand) = Clock::manual();
         let h = t.hash(&1u64);
-        let check = |now: u64| admitted(t.check(h, now, &clock, i, tol, 0, 0));
+        let horizon = gcra::span(i, tol, 0);
+        let check = |now: u64| admitted(t.check(h, now, &clock, i, tol, 0, horizon));
         hand.set_nanos(10_000_000);
         assert_eq!((0..60).filter(|_| check(10_000_000)).count(), 50);
         hand.set_nanos(15_000_000);

@@ -37,6 +37,9 @@ pub(crate) struct Shared {
     /// since made smaller may be that far ahead until `set_quota` caps it, and is no clock
     /// that went back.
     widest: AtomicU64,
+    /// The horizon of a check (`gcra::span` of `widest` and `reach`, each the largest it has
+    /// been): how far ahead of now a state may be and be no clock that went back. Only grows.
+    span: AtomicU64,
     /// Counts the quota changes: a turn reserved before one is not given back (its interval
     /// was the old quota's, and the change capped the state it was part of).
     pub(crate) quota_epoch: AtomicU64,
@@ -85,6 +88,7 @@ impl Shared {
             tolerance: AtomicU64::new(quota.tolerance_ns()),
             reach: AtomicU64::new(0),
             widest: AtomicU64::new(quota.tolerance_ns() + quota.interval_ns()),
+            span: AtomicU64::new(gcra::span(quota.interval_ns(), quota.tolerance_ns(), 0)),
             quota_epoch: AtomicU64::new(0),
             clock,
             table,
@@ -139,21 +143,22 @@ impl Shared {
         )
     }
 
-    /// The longest wait bound of the layers sharing this limit.
+    /// The horizon of a check: how far ahead of now a state may be and be no clock that went
+    /// back (see `span`). At least the `gcra::span` of the current quota and of any layer's
+    /// wait bound (`wait_up_to` registers it in `reach` first).
     #[inline]
-    pub(crate) fn reach(&self) -> u64 {
-        self.reach.load(Ordering::Relaxed)
+    pub(crate) fn span(&self) -> u64 {
+        self.span.load(Ordering::Relaxed)
     }
 
-    /// How far ahead of now, beyond `tolerance + interval`, a state may be without being a
-    /// clock that went back: the longest wait bound of the layers sharing the limit (at
-    /// least `max_wait_ns`), and what a larger quota before a `set_quota` could have set.
-    #[inline]
-    pub(crate) fn horizon_reach(&self, max_wait_ns: u64, interval: u64, tolerance: u64) -> u64 {
-        let widest = self.widest.load(Ordering::Relaxed);
-        self.reach()
-            .max(max_wait_ns)
-            .saturating_add(widest.saturating_sub(tolerance + interval))
+    /// Grows the span to cover `widest` and `reach` as they are now (after either grew).
+    /// Sequentially consistent with those increases, so that of a quota change and a new
+    /// wait bound racing, one sees the other's.
+    fn grow_span(&self) {
+        let widest = self.widest.load(Ordering::SeqCst);
+        let reach = self.reach.load(Ordering::SeqCst);
+        let span = (widest + gcra::CLOCK_SLACK_NS).saturating_add(reach);
+        self.span.fetch_max(span, Ordering::SeqCst);
     }
 
     /// One check of the global limiter. Returns the step, the TAT after it and the time it
@@ -165,12 +170,13 @@ impl Shared {
     #[inline]
     pub(crate) fn check_global(&self, now: u64, max_wait_ns: u64) -> (gcra::Step, u64, u64) {
         let (interval, tolerance) = self.params();
-        let reach = self.horizon_reach(max_wait_ns, interval, tolerance);
+        let horizon = self.span();
         let mut now = now;
         let mut fresh = false;
         let mut tat = self.hot.tat.load(Ordering::Relaxed);
         loop {
-            let step = match gcra::step_checked(tat, now, interval, tolerance, max_wait_ns, reach) {
+            let step = match gcra::step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon)
+            {
                 Some(step) => step,
                 // Beyond the horizon: a stale `now`, or a clock that went back. Read the
                 // clock again first; a TAT still beyond the fresh time's horizon is a jump.
@@ -179,7 +185,7 @@ impl Shared {
                     fresh = true;
                     continue;
                 }
-                None => gcra::step_within(tat, now, interval, tolerance, max_wait_ns, reach),
+                None => gcra::step_fresh(now, interval, tolerance, max_wait_ns),
             };
             match step {
                 gcra::Step::Admit { new_tat, wait_ns } => {
@@ -467,7 +473,8 @@ impl<K, H> RateLimitLayer<K, H> {
         // Every layer sharing this limit learns how far ahead a turn may now be reserved.
         self.shared
             .reach
-            .fetch_max(self.max_wait_ns, Ordering::Relaxed);
+            .fetch_max(self.max_wait_ns, Ordering::SeqCst);
+        self.shared.grow_span();
         self
     }
 
@@ -557,10 +564,10 @@ impl RateLimitHandle {
     pub fn set_quota(&self, quota: Quota) {
         // Before the new quota is seen: states set under the old one are not taken for a
         // clock that went back, and turns reserved under it are not given back.
-        self.shared.widest.fetch_max(
-            quota.tolerance_ns() + quota.interval_ns(),
-            Ordering::Relaxed,
-        );
+        self.shared
+            .widest
+            .fetch_max(quota.tolerance_ns() + quota.interval_ns(), Ordering::SeqCst);
+        self.shared.grow_span();
         self.shared.quota_epoch.fetch_add(1, Ordering::AcqRel);
         // Tolerance first when growing and last when shrinking, so that a racing check sees
         // at worst the smaller of the two limits for a moment.

@@ -110,7 +110,7 @@ where
                     interval,
                     tolerance,
                     self.max_wait_ns,
-                    shared.horizon_reach(self.max_wait_ns, interval, tolerance),
+                    shared.span(),
                 );
                 (c.step, c.tat, c.now, Some(hash))
             }

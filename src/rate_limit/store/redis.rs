@@ -579,7 +579,9 @@ impl RedisShared {
                             interval,
                             tolerance,
                             self.max_wait_ns,
-                            l.horizon_reach(self.max_wait_ns, interval, tolerance),
+                            // The local limit does not know this layer's wait bound.
+                            l.span()
+                                .max(gcra::span(interval, tolerance, self.max_wait_ns)),
                         );
                         (c.step, c.tat, c.now)
                     }
