@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request as AxumRequest, State};
-use axum::middleware::{self, Next};
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -47,7 +46,6 @@ struct Shared {
     healthy: Arc<AtomicBool>,
     flaky_calls: Arc<AtomicU64>,
     orders_run: Arc<AtomicU64>,
-    lose_next_response: Arc<AtomicBool>,
 }
 
 /// The `/limited` limiter's handle: in process, or in Redis.
@@ -117,22 +115,11 @@ async fn flaky(State(s): State<Shared>) -> Response {
     }
 }
 
-/// Stands for a proxy between client and server that loses one response on its way back:
-/// the order ran, but the client sees a 502 and retries.
-async fn lossy_gateway(State(s): State<Shared>, req: AxumRequest, next: Next) -> Response {
-    let res = next.run(req).await;
-    if s.lose_next_response.swap(false, Ordering::SeqCst) {
-        return (StatusCode::BAD_GATEWAY, "response lost on the way\n").into_response();
-    }
-    res
-}
-
 async fn start_server() -> Result<Server, Error> {
     let shared = Shared {
         healthy: Arc::new(AtomicBool::new(false)),
         flaky_calls: Arc::default(),
         orders_run: Arc::default(),
-        lose_next_response: Arc::default(),
     };
 
     // GET /limited: 5 per second, burst 5, per API key; and 50 per second per client address.
@@ -233,10 +220,6 @@ async fn start_server() -> Result<Server, Error> {
             handle,
             orders_route.layer(
                 ServiceBuilder::new()
-                    .layer(middleware::from_fn_with_state(
-                        shared.clone(),
-                        lossy_gateway,
-                    ))
                     .layer(RejectionLayer::http())
                     .layer(orders_by_ip)
                     .layer(layer)
@@ -252,10 +235,6 @@ async fn start_server() -> Result<Server, Error> {
                 layer.handle(),
                 orders_route.layer(
                     ServiceBuilder::new()
-                        .layer(middleware::from_fn_with_state(
-                            shared.clone(),
-                            lossy_gateway,
-                        ))
                         .layer(RejectionLayer::http())
                         .layer(orders_by_ip)
                         .layer(layer)
@@ -415,8 +394,8 @@ async fn tour_backpressure(server: &Server, client: &HttpClient) -> Result<(), E
 /// The client stack: retry (3 attempts, 20% budget, idempotency keys for POST) around a
 /// circuit breaker (5 failures in a row open it for 1 s) around hyper-util's client.
 #[allow(clippy::type_complexity)]
-fn client_stack(
-    hyper_client: Client<HttpConnector, ReplayBody<Full<Bytes>>>,
+fn client_stack<C>(
+    inner: C,
 ) -> Result<
     (
         impl Service<
@@ -430,7 +409,15 @@ fn client_stack(
         BreakerHandle,
     ),
     Error,
-> {
+>
+where
+    C: Service<Request<ReplayBody<Full<Bytes>>>, Response = http::Response<hyper::body::Incoming>>
+        + Clone
+        + Send
+        + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
     let retry = RetryLayer::new(
         RetryPolicy::http()
             .max_attempts(3)
@@ -451,7 +438,7 @@ fn client_stack(
     let svc = ServiceBuilder::new()
         .layer(retry)
         .layer(breaker)
-        .service(hyper_client);
+        .service(inner);
     Ok((svc, retries, breaker_handle))
 }
 
@@ -532,14 +519,27 @@ async fn tour_breaker(server: &Server) -> Result<(), Error> {
 async fn tour_idempotency(server: &Server, client: &HttpClient) -> Result<(), Error> {
     println!("\n== idempotency: POST /orders (the handler takes 100 ms)");
     let url = format!("http://{}/orders", server.addr);
-    let hyper_client = Client::builder(TokioExecutor::new()).build_http();
-    let (retrying, retries, _) = client_stack(hyper_client)?;
+    let hyper_client: Client<HttpConnector, ReplayBody<Full<Bytes>>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    // The network loses the first response on its way back: the order ran, and the client
+    // sees its connection reset.
+    let lose = Arc::new(AtomicBool::new(true));
+    let lossy = tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+        let (client, lose) = (hyper_client.clone(), lose.clone());
+        async move {
+            let res = client.request(req).await?;
+            if lose.swap(false, Ordering::SeqCst) {
+                drop(res);
+                return Err::<_, BoxError>(
+                    "connection reset: the response was lost on the way".into(),
+                );
+            }
+            Ok(res)
+        }
+    });
+    let (retrying, retries, _) = client_stack(lossy)?;
     let retries_before = retries.retries();
 
-    server
-        .shared
-        .lose_next_response
-        .store(true, Ordering::SeqCst);
     let req = Request::post(&url)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))?;
@@ -550,7 +550,7 @@ async fn tour_idempotency(server: &Server, client: &HttpClient) -> Result<(), Er
     );
     let body = res.into_body().collect().await?.to_bytes();
     println!(
-        "   retried POST (first response lost as a 502): {status}, Idempotent-Replayed {replayed}, {} retry, body {}",
+        "   retried POST (first response lost on the way back): {status}, Idempotent-Replayed {replayed}, {} retry, body {}",
         retries.retries() - retries_before,
         String::from_utf8_lossy(&body)
     );
