@@ -868,9 +868,9 @@ where
                         Ok(res) => res,
                         Err(e) => {
                             let e: BoxError = e.into();
-                            // The inner future goes now, in this watched poll: a holder below
-                            // that still held the request (a timeout fired while it queued)
-                            // reports it.
+                            // The inner future goes now, before the decision: a holder below
+                            // that still holds the request (a timeout fired while it queued)
+                            // drops it as held, which marks it (`util::stamp`).
                             this.state.set(State::Ready { out: None });
                             let k = this.ctx.as_mut().expect("keyed state");
                             if k.shared.config.release_on_error
@@ -1355,9 +1355,9 @@ fn code_not_stored(code: GrpcCode, config: &Config) -> bool {
 /// the error itself a [`Rejection`] of a kind that refuses before running, and the request
 /// marked refused by a layer of this crate below (`marks`, see `util::stamp`). A rejection
 /// for a request not so marked is the handler's: one it forwards from its own client, with
-/// `?` or wrapped in its own error, after it may have had its effect. Every other error (tower's `Elapsed`
-/// from a timeout below, tower's `Overloaded`, the handler's own) may come from a handler
-/// that had its effect.
+/// `?` or wrapped in its own error, after it may have had its effect. Every other error
+/// (tower's `Elapsed` from a timeout below, tower's `Overloaded`, the handler's own) may come
+/// from a handler that had its effect.
 fn refused_before_running(e: &(dyn std::error::Error + 'static), marks: &Marks) -> bool {
     if let Some(r) = e.downcast_ref::<Rejection>() {
         if !marks.refused() {
@@ -1746,7 +1746,7 @@ mod tests {
                 "{kind:?}"
             );
         }
-        // tower's shed carries no stamp: it cannot be told from a forwarded one.
+        // tower's shed does not mark the request: it cannot be told from a forwarded one.
         assert!(!boxed(tower::load_shed::error::Overloaded::new().into()));
         // Wrapped in another error, it is the service's (a handler passing on what its own
         // client was refused): not a refusal of this request.
