@@ -199,7 +199,7 @@ where
         // code), on which a client would send the request again. An idempotent request may
         // be sent again whatever the answer says: it pays for no stamp.
         let mut req = req;
-        let marks = (!is_idempotent(req.method()))
+        let marks = (!crate::retry::is_idempotent(req.method()))
             .then(|| crate::util::stamp::marks_of(req.extensions_mut()));
         ResponseFuture {
             state: State::Inner {
@@ -317,16 +317,6 @@ fn error_response<B>(
             }
         }
     }
-}
-
-/// Whether a request's method is idempotent (RFC 9110, 9.2.2): sending it twice does what
-/// sending it once does.
-fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// `Retry-After` value: whole seconds, rounded up, never 0 when there is a wait.

@@ -229,6 +229,52 @@ pub(crate) fn step_within(
         .unwrap_or_else(|| step_fresh(now, interval, tolerance, max_wait_ns))
 }
 
+/// [`step_in_span`] for a caller that may hold a stale `now`: a TAT beyond the horizon has
+/// the clock read again (`fresh_now`, after the TAT was read) before it counts as a clock
+/// that went back, and only a TAT still beyond the fresh time's horizon does (the limit then
+/// starts whole). Returns the step and the time it was made at.
+#[inline]
+pub(crate) fn step_rechecked(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    max_wait_ns: u64,
+    horizon: u64,
+    fresh_now: impl FnOnce() -> u64,
+) -> (Step, u64) {
+    match step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon) {
+        Some(step) => (step, now),
+        None => step_after_fresh_now(
+            tat,
+            now,
+            interval,
+            tolerance,
+            max_wait_ns,
+            horizon,
+            fresh_now,
+        ),
+    }
+}
+
+/// The rare half of [`step_rechecked`], out of the admit path.
+#[cold]
+#[inline(never)]
+fn step_after_fresh_now(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    max_wait_ns: u64,
+    horizon: u64,
+    fresh_now: impl FnOnce() -> u64,
+) -> (Step, u64) {
+    let now = fresh_now().max(now);
+    let step = step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon)
+        .unwrap_or_else(|| step_fresh(now, interval, tolerance, max_wait_ns));
+    (step, now)
+}
+
 /// The step of a limit that is whole at `now` (a TAT beyond the horizon after a clock that
 /// went back: the limit starts whole on the new time line).
 #[inline]

@@ -296,7 +296,6 @@ impl Table {
     ) -> Checked {
         let ident = Self::ident(hash);
         let mut now = now;
-        let mut fresh = false;
         'retry: loop {
             // Look for the key in its window, up to the first group with a never used slot: a
             // key is placed in the first group with a free slot, and a slot once used is never
@@ -319,29 +318,18 @@ impl Table {
                             continue 'retry;
                         }
                         let tat = word >> GEN_BITS;
-                        if !fresh
-                            && gcra::step_in_span(
-                                tat,
-                                now,
-                                interval,
-                                tolerance,
-                                max_wait_ns,
-                                horizon,
-                            )
-                            .is_none()
-                        {
-                            // The TAT was read with an acquire: the thread that set it read
-                            // its clock before, so a clock read now is no earlier than that.
-                            now = clock.now_nanos().clamp(now, MAX_TIME - 1);
-                            fresh = true;
-                        }
-                        // Still beyond the fresh time's horizon: the clock went back, and the
-                        // key starts whole on the new time line.
-                        let step =
-                            gcra::step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon)
-                                .unwrap_or_else(|| {
-                                    gcra::step_fresh(now, interval, tolerance, max_wait_ns)
-                                });
+                        // The TAT was read with an acquire: the thread that set it read its
+                        // clock before, so a clock read again now is no earlier than that.
+                        let (step, at) = gcra::step_rechecked(
+                            tat,
+                            now,
+                            interval,
+                            tolerance,
+                            max_wait_ns,
+                            horizon,
+                            || clock.now_nanos().min(MAX_TIME - 1),
+                        );
+                        now = at;
                         match step {
                             Step::Admit { new_tat, wait_ns } => {
                                 let new_tat = new_tat.min(MAX_TIME);

@@ -172,21 +172,15 @@ impl Shared {
         let (interval, tolerance) = self.params();
         let horizon = self.span();
         let mut now = now;
-        let mut fresh = false;
         let mut tat = self.hot.tat.load(Ordering::Relaxed);
         loop {
-            let step = match gcra::step_in_span(tat, now, interval, tolerance, max_wait_ns, horizon)
-            {
-                Some(step) => step,
-                // Beyond the horizon: a stale `now`, or a clock that went back. Read the
-                // clock again first; a TAT still beyond the fresh time's horizon is a jump.
-                None if !fresh => {
-                    now = self.fresh_now(now);
-                    fresh = true;
-                    continue;
-                }
-                None => gcra::step_fresh(now, interval, tolerance, max_wait_ns),
-            };
+            // Beyond the horizon: a stale `now`, or a clock that went back (see
+            // `gcra::step_rechecked`).
+            let (step, at) =
+                gcra::step_rechecked(tat, now, interval, tolerance, max_wait_ns, horizon, || {
+                    self.fresh_now()
+                });
+            now = at;
             match step {
                 gcra::Step::Admit { new_tat, wait_ns } => {
                     // Release on success, so that a thread that reads this TAT and then the
@@ -212,9 +206,9 @@ impl Shared {
     /// clock before.
     #[cold]
     #[inline(never)]
-    fn fresh_now(&self, now: u64) -> u64 {
+    fn fresh_now(&self) -> u64 {
         std::sync::atomic::fence(Ordering::Acquire);
-        self.clock.now_nanos().max(now)
+        self.clock.now_nanos()
     }
 
     /// Gives back a turn that was not used, if it is still the last one reserved (the Redis
