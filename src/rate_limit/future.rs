@@ -12,7 +12,7 @@ use tokio::time::Sleep;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::layer::Shared;
+use super::layer::{Reserved, Shared};
 use super::ResponseHeaders;
 use crate::rejection::Rejection;
 use crate::util::stamp::HeldReq;
@@ -74,8 +74,8 @@ pub(crate) struct Refund {
     pub(crate) interval: u64,
     /// When the reserved turn comes.
     pub(crate) wake: u64,
-    /// The quota's epoch when the turn was reserved (see `Shared::refund_turn`).
-    pub(crate) epoch: u64,
+    /// When and under what the turn was reserved (see `Shared::refund_turn`).
+    pub(crate) reserved: Reserved,
 }
 
 impl Drop for Refund {
@@ -86,7 +86,7 @@ impl Drop for Refund {
                 self.new_tat,
                 self.interval,
                 self.wake,
-                Some(self.epoch),
+                Some(&self.reserved),
             );
         }
     }

@@ -85,6 +85,9 @@ pub(crate) struct Checked {
     pub(crate) tat: u64,
     /// The time the step was made at: the caller's, or the clock read again (see `check`).
     pub(crate) now: u64,
+    /// The generation of the key's slot: a turn reserved under it is given back only to
+    /// the same generation (not to the key's fresh state after an eviction).
+    pub(crate) gen: u64,
 }
 
 impl Table {
@@ -222,6 +225,7 @@ impl Table {
                                 step: Step::Admit { new_tat, wait_ns },
                                 tat: new_tat,
                                 now,
+                                gen,
                             };
                         }
                     }
@@ -230,6 +234,7 @@ impl Table {
                             step: reject,
                             tat,
                             now,
+                            gen,
                         }
                     }
                 }
@@ -241,7 +246,17 @@ impl Table {
 
     /// Moves the key's TAT back by one interval as `gcra::refunded` says (a reserved turn
     /// given back); does nothing if the key left its slot.
-    pub(crate) fn refund(&self, hash: u64, new_tat: u64, interval: u64, wake: u64, now: u64) {
+    ///
+    /// `reserved_gen` is the generation of the slot the turn was reserved in (`None`: any).
+    pub(crate) fn refund(
+        &self,
+        hash: u64,
+        reserved_gen: Option<u64>,
+        new_tat: u64,
+        interval: u64,
+        wake: u64,
+        now: u64,
+    ) {
         let ident = Self::ident(hash);
         for d in 0..self.window {
             for slot in &self.group(hash, d).slots {
@@ -250,6 +265,10 @@ impl Table {
                     continue;
                 }
                 let gen = tag & GEN_MASK;
+                if reserved_gen.is_some_and(|g| g != gen) {
+                    // The key was evicted and came back: its state is a fresh one.
+                    return;
+                }
                 let new_tat = new_tat.min(MAX_TIME);
                 // The generation is part of the expected word: a slot handed to another key
                 // meanwhile is left alone.
@@ -345,6 +364,7 @@ impl Table {
                                             step: Step::Admit { new_tat, wait_ns },
                                             tat: new_tat,
                                             now,
+                                            gen,
                                         }
                                     }
                                     Err(actual) => word = actual,
@@ -355,6 +375,7 @@ impl Table {
                                     step: reject,
                                     tat,
                                     now,
+                                    gen,
                                 };
                             }
                         }
@@ -411,6 +432,7 @@ impl Table {
                         step,
                         tat: now,
                         now,
+                        gen: 0,
                     }
                 }
             };
@@ -435,6 +457,7 @@ impl Table {
                 step,
                 tat: new_tat,
                 now,
+                gen,
             };
         }
     }

@@ -23,6 +23,17 @@ struct Hot {
     tat: AtomicU64,
 }
 
+/// When and under what a waiter's turn was reserved (see `Shared::refund_turn`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reserved {
+    /// The time of the reservation.
+    pub(crate) at: u64,
+    /// The quota's epoch then.
+    pub(crate) epoch: u64,
+    /// The generation of the key's slot (keyed limits), see `Checked::gen`.
+    pub(crate) gen: Option<u64>,
+}
+
 /// The state a layer shares with every service it makes.
 pub(crate) struct Shared {
     hot: Hot,
@@ -222,24 +233,31 @@ impl Shared {
     /// `gcra::refunded`): moves the TAT back by one interval. Off the admit path: it reads
     /// the clock (not for `wake == 0`: only the last turn reserved is given back then).
     ///
-    /// `epoch` is the quota's epoch when the turn was reserved: a turn reserved before a
-    /// quota change is not given back (its interval is the old quota's, and the change capped
-    /// the state it was part of); nor is more than the current quota's interval.
+    /// `reserved` says when and under what the turn was reserved: a turn reserved before a
+    /// quota change is not given back (its interval is the old quota's), nor one reserved on a
+    /// time line the clock has since gone back past, nor one of a key evicted since (its state
+    /// is a fresh one); and never more than the current quota's interval.
     pub(crate) fn refund_turn(
         &self,
         hash: Option<u64>,
         new_tat: u64,
         interval: u64,
         wake: u64,
-        epoch: Option<u64>,
+        reserved: Option<&Reserved>,
     ) {
-        if epoch.is_some_and(|e| e != self.quota_epoch.load(Ordering::Acquire)) {
+        if reserved.is_some_and(|r| r.epoch != self.quota_epoch.load(Ordering::Acquire)) {
             return;
         }
+        let (reserved_at, gen) = reserved.map_or((0, None), |r| (r.at, r.gen));
         let interval = interval.min(self.params().0);
         let now = if wake == 0 { 0 } else { self.clock.now_nanos() };
+        if wake != 0 && now < reserved_at {
+            // The clock went back past the reservation: the turn was on the old time line,
+            // which the jump left behind (the limit started whole on the new one).
+            return;
+        }
         match (hash, &self.table) {
-            (Some(hash), Some(table)) => table.refund(hash, new_tat, interval, wake, now),
+            (Some(hash), Some(table)) => table.refund(hash, gen, new_tat, interval, wake, now),
             _ => {
                 let _ = self
                     .hot
@@ -553,8 +571,11 @@ impl RateLimitHandle {
     /// Turns that waiters (see [`RateLimitLayer::wait_up_to`]) reserved before the change keep
     /// their times, and are not given back if their waiter goes away; a check that races with
     /// the change may be made under the old quota. A clock that goes back by less than the
-    /// largest window the limit has had is taken for a stale reading, not for a jump (the
-    /// limit stays spent until the old time comes again, at most that window).
+    /// largest window the limit has had plus the longest wait bound of the layers sharing it
+    /// is taken for a stale reading, not for a jump (the limit stays spent until the old time
+    /// comes again, at most that long). A shrinking change caps what was spent to the new
+    /// burst, so a shrink followed by a growth back gives the difference again: change a
+    /// quota for what it is, not back and forth.
     pub fn set_quota(&self, quota: Quota) {
         // Before the new quota is seen: states set under the old one are not taken for a
         // clock that went back, and turns reserved under it are not given back.
@@ -581,13 +602,16 @@ impl RateLimitHandle {
                 .interval
                 .store(quota.interval_ns(), Ordering::Relaxed);
         }
-        // No state may be further ahead than the new quota's whole window: a limit spent under
-        // the old quota is spent under the new one at most.
+        // No state may be further ahead than the new quota's whole window and the turns
+        // waiters reserved (the longest wait bound): a limit spent under the old quota is
+        // spent under the new one at most, and reserved turns stay in the state, as their
+        // waiters will still take them.
         let cap = self
             .shared
             .clock
             .now_nanos()
-            .saturating_add(quota.tolerance_ns());
+            .saturating_add(quota.tolerance_ns())
+            .saturating_add(self.shared.reach.load(Ordering::SeqCst));
         match &self.shared.table {
             Some(table) => table.cap_tats(cap),
             None => {

@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::future::{Refund, ResponseFuture};
 use super::gcra::Step;
-use super::layer::Shared;
+use super::layer::{Reserved, Shared};
 use super::{Global, KeyFn, MissingKey, NoHeaders, ResponseHeaders};
 use crate::rejection::{Rejection, RejectionKind};
 
@@ -90,10 +90,10 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
         let now = shared.clock.now_nanos();
-        let (step, tat, now, hash) = match &shared.table {
+        let (step, tat, now, hash, gen) = match &shared.table {
             None => {
                 let (step, tat, now) = shared.check_global(now, self.max_wait_ns);
-                (step, tat, now, None)
+                (step, tat, now, None, None)
             }
             Some(table) => {
                 let Some(key) = self.key.key(&req) else {
@@ -112,7 +112,7 @@ where
                     self.max_wait_ns,
                     shared.span(),
                 );
-                (c.step, c.tat, c.now, Some(hash))
+                (c.step, c.tat, c.now, Some(hash), Some(c.gen))
             }
         };
         match step {
@@ -125,7 +125,7 @@ where
                 };
                 ResponseFuture::called(self.inner.call(req), slot)
             }
-            Step::Admit { wait_ns, .. } => self.wait_for_turn(req, wait_ns, tat, now, hash),
+            Step::Admit { wait_ns, .. } => self.wait_for_turn(req, wait_ns, tat, now, hash, gen),
             Step::Reject { retry_after_ns } => {
                 // Dropped as refused: the marks of a layer above say the request never ran.
                 crate::util::stamp::refuse(req);
@@ -148,6 +148,7 @@ impl<S, K, H> RateLimit<S, K, H> {
         tat: u64,
         now: u64,
         hash: Option<u64>,
+        gen: Option<u64>,
     ) -> ResponseFuture<S, Req, H>
     where
         S: Service<Req> + Clone,
@@ -172,9 +173,13 @@ impl<S, K, H> RateLimit<S, K, H> {
             new_tat: tat,
             interval: shared.params().0,
             wake: now.saturating_add(wait_ns),
-            epoch: shared
-                .quota_epoch
-                .load(std::sync::atomic::Ordering::Acquire),
+            reserved: Reserved {
+                at: now,
+                epoch: shared
+                    .quota_epoch
+                    .load(std::sync::atomic::Ordering::Acquire),
+                gen,
+            },
         };
         let wait = (wait_ns > 0).then(|| Duration::from_nanos(wait_ns));
         ResponseFuture::waiting(wait, ready, req, slot, refund)
@@ -216,7 +221,11 @@ impl<S, K, H> RateLimit<S, K, H> {
                     new_tat: 0,
                     interval: 0,
                     wake: 0,
-                    epoch: 0,
+                    reserved: Reserved {
+                        at: 0,
+                        epoch: 0,
+                        gen: None,
+                    },
                 };
                 ResponseFuture::waiting(None, svc, req, H::Slot::default(), refund)
             }
